@@ -1,0 +1,55 @@
+// The attnkit entry points.
+//
+//   Status s = attnkit::attention_forward(q, k, v, spec, out, lse);
+//
+// q [B, Hq, Nq, d], k [B, Hk, Nk, d], v [B, Hk, Nk, dv], out [B, Hq, Nq, dv] in BHND
+// (BNHD: [B, N, H, D]; varlen with cu_seqlens: [total, H, D]). Any strides with a unit inner one.
+#pragma once
+#include <cstdint>
+
+#include "attnkit/spec.h"
+#include "attnkit/status.h"
+#include "attnkit/tensor.h"
+
+namespace attnkit {
+
+inline constexpr int64_t kMaxHeadDim = 256;
+
+// Attention statistics without materializing P (MECHANISMS.md 1.4), softmax family only.
+// Each view is optional. row_max, entropy: fp32 [B, Hq, Nq]. col_mass: fp32 [B, Hq, Nk]
+// (or [B, Hk, Nk] with col_mass_group_sum), summed over query rows [q_begin, q_end).
+struct AttentionStats {
+  TensorView row_max;
+  TensorView entropy;
+  TensorView col_mass;
+  int64_t col_mass_q_begin = 0;
+  int64_t col_mass_q_end = -1;       // -1: all rows
+  bool col_mass_group_sum = false;
+  bool any() const { return row_max.defined() || entropy.defined() || col_mass.defined(); }
+};
+
+struct Options {
+  int num_threads = 0;               // CPU: 0 uses every available thread
+  bool deterministic = false;
+  void* stream = nullptr;            // CUDA stream (cudaStream_t)
+};
+
+// The per-row value the backward pass needs (row_stat): fp32 [B, Hq, Nq] (varlen: [Hq, total_q]).
+// Softmax family: LSE. Normalized kernel: the row sum. ReLA: the output RMS. Sigmoid: none.
+Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const AttentionSpec& spec, const TensorView& out,
+                         const TensorView& row_stat = {}, const AttentionStats& stats = {},
+                         const Options& options = {});
+
+// The same checks as attention_forward, without running: says why a call cannot run.
+Status can_run(const TensorView& q, const TensorView& k, const TensorView& v,
+               const AttentionSpec& spec, const TensorView& out, const TensorView& row_stat = {},
+               const AttentionStats& stats = {}, const Options& options = {});
+
+// The float64 oracle (src/reference): same contract, full N x N matrices, any dtype in,
+// computes in float64. For tests and tools, never a fast path.
+Status reference_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const AttentionSpec& spec, const TensorView& out,
+                         const TensorView& row_stat = {}, const AttentionStats& stats = {});
+
+}  // namespace attnkit

@@ -1,0 +1,23 @@
+// What each backend supports: the rows of `attnkit list` (mechanism x backend x pass x dtypes).
+#pragma once
+#include <string>
+#include <vector>
+
+namespace attnkit {
+
+struct SupportRow {
+  std::string mechanism;  // the spec vocabulary of shared/golden (causal, sliding_window, ...)
+  std::string category;   // mask, score_mod, normalizer, epilogue, layout, sparse
+  std::string backend;    // reference, cpu
+  bool forward = false;
+  bool backward = false;
+  std::vector<std::string> dtypes;
+};
+
+// Every (mechanism, backend) row, from the backends' registries.
+std::vector<SupportRow> support_matrix();
+
+// The SIMD target the CPU kernels dispatch to on this machine.
+std::string cpu_simd_target();
+
+}  // namespace attnkit

@@ -1,0 +1,276 @@
+// Mask policies (MECHANISMS.md 1.1): which pairs (i, j) are allowed.
+//
+// Two hooks, used by the float64 reference, the CPU kernels and (later) the CUDA kernels:
+//   allowed(node, i, j)     one pair; i is the query index within its sequence, j the key index
+//   classify(node, qt, kt)  a whole tile pair: empty, partial or full. It must be conservative
+//                           (never empty or full when it is not); the BlockMask builder refines
+//                           partial tiles exactly, so "partial" is always a correct answer.
+// Position rules use the aligned query index i' = i + offset (offset = Nk - Nq bottom-right).
+#pragma once
+#include <cstdint>
+
+#include "attnkit/spec.h"
+#include "attnkit/variant/common.h"
+
+namespace attnkit {
+
+enum class TileClass : uint8_t { kEmpty = 0, kPartial = 1, kFull = 2 };
+
+// Segment ids of one document mask, resolved to memory (int32, batch stride may be 0).
+struct SegmentIds {
+  const int32_t* q = nullptr;
+  const int32_t* k = nullptr;
+  int64_t q_batch_stride = 0, q_stride = 1;
+  int64_t k_batch_stride = 0, k_stride = 1;
+  int32_t last = 0;  // block attention: the highest query segment id of the batch element
+};
+
+// A tile of tokens: `count` tokens, either start..start+count-1 or tokens[0..count).
+struct TileTokens {
+  const int32_t* tokens = nullptr;
+  int64_t start = 0, count = 0;
+  int64_t lo = 0, hi = -1;  // min and max token index
+  ATTNKIT_HD int64_t at(int64_t t) const { return tokens ? tokens[t] : start + t; }
+};
+
+// Everything the mask hooks read, for one batch element and one sequence.
+struct MaskEval {
+  const MaskNode* nodes = nullptr;
+  const int64_t* globals = nullptr;
+  const SegmentIds* segments = nullptr;  // indexed by MaskNode::seg_q
+  int64_t offset = 0;                    // aligned query index i' = i + offset
+
+  ATTNKIT_HD bool is_global(const MaskNode& n, int64_t x) const {
+    for (int32_t g = 0; g < n.globals_count; ++g)
+      if (globals[n.globals_begin + g] == x) return true;
+    return false;
+  }
+  ATTNKIT_HD int32_t seg_q(const MaskNode& n, int64_t i) const {
+    const SegmentIds& s = segments[n.seg_q];
+    return s.q[i * s.q_stride];
+  }
+  ATTNKIT_HD int32_t seg_k(const MaskNode& n, int64_t j) const {
+    const SegmentIds& s = segments[n.seg_q];
+    return s.k[j * s.k_stride];
+  }
+
+  // Per-dimension neighborhood window of NATTEN: the key range [lo, hi] (in coordinates of the
+  // query's dilation group) for query coordinate x.
+  ATTNKIT_HD static void na_window(int64_t x, int64_t extent, int64_t k, int64_t dl, bool causal,
+                                   int64_t* lo, int64_t* hi) {
+    const int64_t g = x % dl, u = x / dl;
+    const int64_t len = (extent - g + dl - 1) / dl;
+    if (causal) {
+      *lo = imax(0, u - k + 1);
+      *hi = u;
+    } else {
+      *lo = imin(imax(u - k / 2, 0), imax(len - k, 0));
+      *hi = *lo + k - 1;
+    }
+  }
+  ATTNKIT_HD static bool na_dim(int64_t xq, int64_t xk, int64_t extent, int64_t k, int64_t dl,
+                                bool causal) {
+    if (xq % dl != xk % dl) return false;
+    int64_t lo, hi;
+    na_window(xq, extent, k, dl, causal, &lo, &hi);
+    const int64_t u = xk / dl;
+    return u >= lo && u <= hi;
+  }
+  // Row-major coordinates of flat index x on the node's grid.
+  ATTNKIT_HD static void coords(const MaskNode& n, int64_t x, int64_t* c) {
+    for (int d = n.ndim - 1; d >= 0; --d) {
+      c[d] = x % n.shape[d];
+      x /= n.shape[d];
+    }
+  }
+
+  ATTNKIT_HD bool allowed(int32_t id, int64_t i, int64_t j) const {
+    const MaskNode& n = nodes[id];
+    const int64_t ia = i + offset;
+    switch (n.kind) {
+      case MaskKind::kNone: return true;
+      case MaskKind::kCausal: return j <= ia;
+      case MaskKind::kSlidingWindow: return j >= ia - n.a && j <= ia + n.b;
+      case MaskKind::kGlobalWindow:
+        return (j >= ia - n.a && j <= ia + n.b) || is_global(n, j) || is_global(n, ia);
+      case MaskKind::kChunked:
+        return floor_div(ia, n.a) == floor_div(j, n.a) && (!n.causal || j <= ia);
+      case MaskKind::kDocument:
+        return seg_q(n, i) == seg_k(n, j) && (!n.causal || j <= ia);
+      case MaskKind::kBlockAttention: {
+        const int32_t sq = seg_q(n, i);
+        return j <= ia && (sq == seg_k(n, j) || sq == segments[n.seg_q].last);
+      }
+      case MaskKind::kPrefixLM: return j < n.a || j <= ia;
+      case MaskKind::kNeighborhood: {
+        int64_t cq[kMaxGridDims], ck[kMaxGridDims];
+        coords(n, i, cq);
+        coords(n, j, ck);
+        for (int d = 0; d < n.ndim; ++d)
+          if (!na_dim(cq[d], ck[d], n.shape[d], n.kernel[d], n.dilation[d], n.dim_causal[d]))
+            return false;
+        return true;
+      }
+      case MaskKind::kMaxvitBlock: {
+        int64_t cq[kMaxGridDims], ck[kMaxGridDims];
+        coords(n, i, cq);
+        coords(n, j, ck);
+        return cq[0] / n.a == ck[0] / n.a && cq[1] / n.a == ck[1] / n.a;
+      }
+      case MaskKind::kMaxvitGrid: {
+        int64_t cq[kMaxGridDims], ck[kMaxGridDims];
+        coords(n, i, cq);
+        coords(n, j, ck);
+        const int64_t ph = n.shape[0] / n.a, pw = n.shape[1] / n.a;
+        return cq[0] % ph == ck[0] % ph && cq[1] % pw == ck[1] % pw;
+      }
+      case MaskKind::kAnd: return allowed(n.child0, i, j) && allowed(n.child1, i, j);
+      case MaskKind::kOr: return allowed(n.child0, i, j) || allowed(n.child1, i, j);
+      case MaskKind::kNot: return !allowed(n.child0, i, j);
+    }
+    return false;
+  }
+  ATTNKIT_HD bool allowed(int64_t i, int64_t j) const { return allowed(0, i, j); }
+
+  // ---- tile classification -------------------------------------------------------------
+  // 1-D rule "lo(i') <= j <= hi(i')" with both bounds non-decreasing in i'.
+  ATTNKIT_HD static TileClass band(int64_t qlo, int64_t qhi, int64_t klo, int64_t khi,
+                                   int64_t left, int64_t right) {
+    if (khi < qlo - left || klo > qhi + right) return TileClass::kEmpty;
+    if (klo >= qhi - left && khi <= qlo + right) return TileClass::kFull;
+    return TileClass::kPartial;
+  }
+  ATTNKIT_HD static TileClass both(TileClass a, TileClass b) {
+    if (a == TileClass::kEmpty || b == TileClass::kEmpty) return TileClass::kEmpty;
+    if (a == TileClass::kFull && b == TileClass::kFull) return TileClass::kFull;
+    return TileClass::kPartial;
+  }
+  ATTNKIT_HD static TileClass either(TileClass a, TileClass b) {
+    if (a == TileClass::kFull || b == TileClass::kFull) return TileClass::kFull;
+    if (a == TileClass::kEmpty && b == TileClass::kEmpty) return TileClass::kEmpty;
+    return TileClass::kPartial;
+  }
+  ATTNKIT_HD void seg_range(const MaskNode& n, const TileTokens& t, bool query, int32_t* lo,
+                            int32_t* hi) const {
+    *lo = INT32_MAX;
+    *hi = INT32_MIN;
+    for (int64_t x = 0; x < t.count; ++x) {
+      const int32_t s = query ? seg_q(n, t.at(x)) : seg_k(n, t.at(x));
+      *lo = s < *lo ? s : *lo;
+      *hi = s > *hi ? s : *hi;
+    }
+  }
+  ATTNKIT_HD void grid_box(const MaskNode& n, const TileTokens& t, int64_t* lo, int64_t* hi) const {
+    for (int d = 0; d < n.ndim; ++d) {
+      lo[d] = INT64_MAX;
+      hi[d] = INT64_MIN;
+    }
+    for (int64_t x = 0; x < t.count; ++x) {
+      int64_t c[kMaxGridDims];
+      coords(n, t.at(x), c);
+      for (int d = 0; d < n.ndim; ++d) {
+        lo[d] = imin(lo[d], c[d]);
+        hi[d] = imax(hi[d], c[d]);
+      }
+    }
+  }
+
+  ATTNKIT_HD TileClass classify(int32_t id, const TileTokens& qt, const TileTokens& kt) const {
+    const MaskNode& n = nodes[id];
+    const int64_t qlo = qt.lo + offset, qhi = qt.hi + offset, klo = kt.lo, khi = kt.hi;
+    const TileClass causal = band(qlo, qhi, klo, khi, INT64_MAX / 4, 0);
+    switch (n.kind) {
+      case MaskKind::kNone: return TileClass::kFull;
+      case MaskKind::kCausal: return causal;
+      case MaskKind::kSlidingWindow: return band(qlo, qhi, klo, khi, n.a, n.b);
+      case MaskKind::kGlobalWindow: {
+        const TileClass w = band(qlo, qhi, klo, khi, n.a, n.b);
+        if (w == TileClass::kFull) return w;
+        for (int32_t g = 0; g < n.globals_count; ++g) {
+          const int64_t x = globals[n.globals_begin + g];
+          if ((x >= klo && x <= khi) || (x >= qlo && x <= qhi)) return TileClass::kPartial;
+        }
+        return w;
+      }
+      case MaskKind::kChunked: {
+        const int64_t a = floor_div(qlo, n.a), b = floor_div(qhi, n.a);
+        const int64_t c = floor_div(klo, n.a), d = floor_div(khi, n.a);
+        TileClass t = (b < c || a > d) ? TileClass::kEmpty
+                      : (a == b && b == c && c == d) ? TileClass::kFull : TileClass::kPartial;
+        return n.causal ? both(t, causal) : t;
+      }
+      case MaskKind::kDocument: {
+        int32_t a, b, c, d;
+        seg_range(n, qt, true, &a, &b);
+        seg_range(n, kt, false, &c, &d);
+        TileClass t = (b < c || a > d) ? TileClass::kEmpty
+                      : (a == b && b == c && c == d) ? TileClass::kFull : TileClass::kPartial;
+        return n.causal ? both(t, causal) : t;
+      }
+      case MaskKind::kBlockAttention: {
+        if (causal == TileClass::kEmpty) return causal;
+        int32_t a, b, c, d;
+        seg_range(n, qt, true, &a, &b);
+        seg_range(n, kt, false, &c, &d);
+        const int32_t last = segments[n.seg_q].last;
+        if (a == last && b == last) return causal;  // the last segment sees every earlier token
+        const TileClass t = (b < c || a > d) && (b < last) ? TileClass::kEmpty
+                            : (a == b && b == c && c == d) ? TileClass::kFull : TileClass::kPartial;
+        return both(t, causal);
+      }
+      case MaskKind::kPrefixLM:
+        if (khi < n.a) return TileClass::kFull;
+        return either(causal, klo >= n.a ? TileClass::kEmpty : TileClass::kPartial);
+      case MaskKind::kNeighborhood: {
+        int64_t ql[kMaxGridDims], qh[kMaxGridDims], kl[kMaxGridDims], kh[kMaxGridDims];
+        grid_box(n, qt, ql, qh);
+        grid_box(n, kt, kl, kh);
+        TileClass t = TileClass::kFull;
+        for (int d = 0; d < n.ndim; ++d) {
+          // Union and intersection of the key windows of the query coordinates in the box.
+          int64_t ulo = INT64_MAX, uhi = INT64_MIN, ilo = INT64_MIN, ihi = INT64_MAX;
+          for (int64_t x = ql[d]; x <= qh[d]; ++x) {
+            int64_t lo, hi;
+            na_window(x, n.shape[d], n.kernel[d], n.dilation[d], n.dim_causal[d], &lo, &hi);
+            const int64_t g = x % n.dilation[d];
+            lo = lo * n.dilation[d] + g;
+            hi = hi * n.dilation[d] + g;
+            ulo = imin(ulo, lo);
+            uhi = imax(uhi, hi);
+            ilo = imax(ilo, lo);
+            ihi = imin(ihi, hi);
+          }
+          if (kh[d] < ulo || kl[d] > uhi) return TileClass::kEmpty;
+          if (!(n.dilation[d] == 1 && kl[d] >= ilo && kh[d] <= ihi)) t = TileClass::kPartial;
+        }
+        return t;
+      }
+      case MaskKind::kMaxvitBlock: {
+        int64_t ql[kMaxGridDims], qh[kMaxGridDims], kl[kMaxGridDims], kh[kMaxGridDims];
+        grid_box(n, qt, ql, qh);
+        grid_box(n, kt, kl, kh);
+        TileClass t = TileClass::kFull;
+        for (int d = 0; d < 2; ++d) {
+          const int64_t a = ql[d] / n.a, b = qh[d] / n.a, c = kl[d] / n.a, e = kh[d] / n.a;
+          if (b < c || a > e) return TileClass::kEmpty;
+          if (!(a == b && b == c && c == e)) t = TileClass::kPartial;
+        }
+        return t;
+      }
+      case MaskKind::kMaxvitGrid: return TileClass::kPartial;
+      case MaskKind::kAnd: return both(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
+      case MaskKind::kOr: return either(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
+      case MaskKind::kNot: {
+        const TileClass c = classify(n.child0, qt, kt);
+        return c == TileClass::kFull    ? TileClass::kEmpty
+               : c == TileClass::kEmpty ? TileClass::kFull : TileClass::kPartial;
+      }
+    }
+    return TileClass::kPartial;
+  }
+  ATTNKIT_HD TileClass classify(const TileTokens& qt, const TileTokens& kt) const {
+    return classify(0, qt, kt);
+  }
+};
+
+}  // namespace attnkit

@@ -1,0 +1,74 @@
+// Score modification policies (MECHANISMS.md 1.2), resolved for one (batch, query head).
+//
+// Hook: score(s, i, ia, j) -> s', with i the query index, ia = i' its aligned index and j the
+// key index, all within the sequence. Order: additive terms, then softcap. The low-rank bias is
+// not a hook on the fast paths: the CPU kernel fuses it as extra head dims of Q and K
+// (Q' = [scale q, u], K' = [k, w]); the reference calls it here.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "attnkit/spec.h"
+#include "attnkit/variant/common.h"
+
+namespace attnkit {
+
+// T5's relative position bucket of rel = j - i' (MECHANISMS.md 1.2).
+ATTNKIT_HD int64_t t5_bucket(int64_t rel, bool bidirectional, int64_t num_buckets,
+                             int64_t max_distance) {
+  int64_t n = -rel, ret = 0, nb = num_buckets;
+  if (bidirectional) {
+    nb /= 2;
+    ret = n < 0 ? nb : 0;
+    n = n < 0 ? -n : n;
+  } else {
+    n = n > 0 ? n : 0;
+  }
+  const int64_t e = nb / 2;
+  if (n < e) return ret + n;
+  const double x = std::log(static_cast<double>(n) / static_cast<double>(e)) /
+                   std::log(static_cast<double>(max_distance) / static_cast<double>(e)) *
+                   static_cast<double>(nb - e);
+  const int64_t large = e + static_cast<int64_t>(x);
+  return ret + (large < nb - 1 ? large : nb - 1);
+}
+
+// Default ALiBi slope of query head h among H: 2^(-8 (h + 1) / H).
+ATTNKIT_HD double alibi_default_slope(int64_t h, int64_t num_heads) {
+  return std::exp2(-8.0 * static_cast<double>(h + 1) / static_cast<double>(num_heads));
+}
+
+// One (batch, query head) of ScoreMods, with tensors resolved to fp32/fp64 row pointers.
+template <class T>
+struct ScoreModEval {
+  T softcap = 0;
+  AlibiMode alibi = AlibiMode::kOff;
+  T slope = 0;
+  const T* bias = nullptr;  // bias[i * bias_si + j * bias_sj]
+  int64_t bias_si = 0, bias_sj = 0;
+  const T* u = nullptr;     // low-rank: u[i * rank + r], w[j * rank + r]
+  const T* w = nullptr;
+  int64_t rank = 0;
+  RelativeBucketKind relative = RelativeBucketKind::kOff;
+  const T* table = nullptr;     // this head's row of the relative table
+  const int32_t* bucket_of = nullptr;  // bucket of rel = j - i', indexed by rel + bucket_origin
+  int64_t bucket_origin = 0;
+  const T* forget_c = nullptr;  // c = cumsum(log f) over key positions
+
+  ATTNKIT_HD T score(T s, int64_t i, int64_t ia, int64_t j) const {
+    if (bias) s += bias[i * bias_si + j * bias_sj];
+    if (u) {
+      T acc = 0;
+      for (int64_t r = 0; r < rank; ++r) acc += u[i * rank + r] * w[j * rank + r];
+      s += acc;
+    }
+    if (alibi == AlibiMode::kCausal) s -= slope * static_cast<T>(ia - j);
+    if (alibi == AlibiMode::kSymmetric) s -= slope * static_cast<T>(ia > j ? ia - j : j - ia);
+    if (relative != RelativeBucketKind::kOff) s += table[bucket_of[j - ia + bucket_origin]];
+    if (forget_c) s += forget_c[ia] - forget_c[j];
+    if (softcap != 0) s = softcap * std::tanh(s / softcap);
+    return s;
+  }
+};
+
+}  // namespace attnkit

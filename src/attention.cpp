@@ -1,0 +1,26 @@
+// The public entry points: validate once (src/core), then run on the tensors' backend.
+#include "attnkit/attention.h"
+
+#include "core/problem.h"
+#include "cpu/forward.h"
+
+namespace attnkit {
+
+Status can_run(const TensorView& q, const TensorView& k, const TensorView& v,
+               const AttentionSpec& spec, const TensorView& out, const TensorView& row_stat,
+               const AttentionStats& stats, const Options& options) {
+  core::Problem p;
+  return core::validate_and_resolve(q, k, v, spec, out, row_stat, stats, options, false, &p);
+}
+
+Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const AttentionSpec& spec, const TensorView& out,
+                         const TensorView& row_stat, const AttentionStats& stats,
+                         const Options& options) {
+  core::Problem p;
+  Status s = core::validate_and_resolve(q, k, v, spec, out, row_stat, stats, options, false, &p);
+  if (!s.ok()) return s;
+  return cpu::forward(p);
+}
+
+}  // namespace attnkit

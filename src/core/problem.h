@@ -1,0 +1,77 @@
+// A validated attention call, resolved to what every backend needs: per-sequence extents,
+// row addressing of each operand (layout and varlen live here, not in the variants), and the
+// mask's data per batch element. Built once by validate_and_resolve().
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "attnkit/attention.h"
+#include "attnkit/variant/masks.h"
+
+namespace attnkit::core {
+
+// Rows of a [B, H, N, D]-like operand: row (b, h, n) starts at data + b*sb + h*sh + n*sn elements.
+struct RowOperand {
+  char* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t sb = 0, sh = 0, sn = 0;
+  bool defined() const { return data != nullptr; }
+  void* row(int64_t b, int64_t h, int64_t n) const {
+    return data + (b * sb + h * sh + n * sn) * dtype_size(dtype);
+  }
+};
+
+// A per-row fp32 value [B, H, N] (varlen [H, total]).
+struct StatOperand {
+  float* data = nullptr;
+  int64_t sb = 0, sh = 0, sn = 0;
+  bool defined() const { return data != nullptr; }
+  float& at(int64_t b, int64_t h, int64_t n) const { return data[b * sb + h * sh + n * sn]; }
+};
+
+// One packed sequence (or one batch element): rows q_start.. of q, k_start.. of k.
+struct Sequence {
+  int64_t q_start = 0, nq = 0, k_start = 0, nk = 0;
+  int64_t offset = 0;  // aligned query index i' = i + offset
+};
+
+struct Problem {
+  int64_t batch = 0, hq = 0, hk = 0, d = 0, dv = 0, group = 1;
+  int64_t max_nq = 0, max_nk = 0;
+  bool varlen = false;
+  std::vector<Sequence> seqs;  // one per batch element
+  RowOperand q, k, v, out, gate;  // gate: elementwise gate, addressed like out
+  StatOperand row_stat, gate_head, row_max, entropy, col_mass;
+  int64_t col_q_begin = 0, col_q_end = 0;
+  bool col_group_sum = false;
+  float scale = 1.f;
+  double scale64 = 1.0;  // the same scale in float64 (the default 1/sqrt(d) is not a float)
+  const AttentionSpec* spec = nullptr;
+  int num_threads = 1;
+
+  // Mask data: SegmentIds for each batch element (batch x mask.segments.size()).
+  std::vector<SegmentIds> segment_ids;
+  bool mask_per_batch = false;  // the mask reads per-batch data (segment ids of shape [B, N])
+  MaskEval mask_eval(int64_t b) const {
+    MaskEval e;
+    e.nodes = spec->mask.nodes.data();
+    e.globals = spec->mask.globals.data();
+    e.segments = segment_ids.empty() ? nullptr : &segment_ids[b * spec->mask.segments.size()];
+    e.offset = seqs[b].offset;
+    return e;
+  }
+  bool softmax_family() const {
+    return spec->normalizer.kind == NormalizerKind::kSoftmax ||
+           spec->normalizer.kind == NormalizerKind::kSoftmaxSink;
+  }
+};
+
+// Checks every rule of the call (DESIGN.md "Errors"), then fills `p`. `backend` names who asks
+// ("cpu", "reference") for backend-specific limits.
+Status validate_and_resolve(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const AttentionSpec& spec, const TensorView& out,
+                            const TensorView& row_stat, const AttentionStats& stats,
+                            const Options& options, bool allow_f64, Problem* p);
+
+}  // namespace attnkit::core

@@ -1,0 +1,651 @@
+// CPU forward attention: FlashAttention-2's tiled online softmax on SIMD (Google Highway,
+// dispatched at run time) and OpenMP threads, for every tier-1 mask, score mod and normalizer.
+//
+// Data flow, per call:
+//   1. A BlockMask per distinct mask instance (core/block_mask.h): the key tiles each query tile
+//      visits, full or partial with exact bits. Tiles hold 64 tokens (grid boxes for 2-D/3-D
+//      neighborhood masks), so work follows the number of allowed pairs.
+//   2. Pack, once per (batch, kv head) and key tile: K^T as fp32 [d][64] (the B operand of
+//      S = Q K^T) and V as fp32 [64][dv_pad] (zero padded), converting bf16/fp16 on the way.
+//      A low-rank bias is fused here as extra head dims: Q' = [scale q, u], K' = [k, w].
+//   3. One task per (batch, query head, query tile): Q' tile packed as fp32 [64][d'] with the
+//      scale folded in; for each visited key tile: S = Q' K'^T (register-blocked 6 x 2-vector
+//      microkernel), score mods (general path only), element mask (partial tiles only), the
+//      normalizer's tile step (online max / exp / sums for softmax), then O = alpha O + P V with
+//      the same microkernel. O (64 x dv_pad fp32), S and the row state stay in L1/L2; nothing of
+//      size N x N is ever stored. Epilogue: normalize, ReLA RMS, gate, LSE and statistics.
+//   4. Column mass (only when asked): a second pass recomputes P = exp(S - LSE) per tile.
+// Reads Q, K, V once per task group; writes O once. FLOPs: 4 d pairs per allowed pair
+// (2 d for Q K^T, 2 dv for P V), the GEMM rate bounds it.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/forward.cc"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+#include <hwy/aligned_allocator.h>
+#include <hwy/contrib/math/math-inl.h>
+
+#include "attnkit/variant/normalizers.h"
+#include "core/block_mask.h"
+#include "core/convert.h"
+#include "core/score_tables.h"
+#include "cpu/forward.h"
+#include "cpu/parallel.h"
+
+#ifndef ATTNKIT_CPU_FORWARD_SHARED
+#define ATTNKIT_CPU_FORWARD_SHARED
+namespace attnkit::cpu {
+
+constexpr int64_t kTile = core::kTileTokens;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Packed K/V are built for at most this many bytes of units at a time.
+constexpr int64_t kPackBudgetBytes = int64_t{256} << 20;
+
+// Everything a task reads, resolved once per call.
+struct FwdCall {
+  const core::Problem* p = nullptr;
+  std::vector<core::BlockMask> masks;
+  std::vector<int32_t> mask_of_batch;
+  std::vector<core::ScoreTables<float>> tables;  // per batch element
+  std::vector<float> beta;                       // sigmoid beta per batch element
+  bool lowrank = false;
+  int64_t d_eff = 0, dv_pad = 0, heads_per_unit = 1, units_per_batch = 0;
+  // Packed K/V of the units [unit_begin, unit_end): unit u at (u - unit_begin) * unit_floats.
+  hwy::AlignedFreeUniquePtr<float[]> packed;
+  int64_t unit_floats = 0, k_tile_floats = 0, v_tile_floats = 0, max_k_tiles = 0;
+  int64_t unit_begin = 0, unit_end = 0;
+  std::vector<float> lse;  // [B][Hq][max_nq] when column mass is asked for
+  int threads = 1;
+
+  const core::BlockMask& mask(int64_t b) const { return masks[mask_of_batch[b]]; }
+  float* k_tile(int64_t unit, int64_t t) {
+    return packed.get() + (unit - unit_begin) * unit_floats + t * k_tile_floats;
+  }
+  float* v_tile(int64_t unit, int64_t t) {
+    return packed.get() + (unit - unit_begin) * unit_floats + max_k_tiles * k_tile_floats +
+           t * v_tile_floats;
+  }
+};
+
+// Converts n elements of a row to fp32, times mul.
+inline void load_row(const void* src, DType t, int64_t n, float mul, float* dst) {
+  switch (t) {
+    case DType::kF32: {
+      const float* s = static_cast<const float*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = s[i] * mul;
+      break;
+    }
+    case DType::kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = core::bf16_to_float(s[i]) * mul;
+      break;
+    }
+    case DType::kF16: {
+      const _Float16* s = static_cast<const _Float16*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]) * mul;
+      break;
+    }
+    default:
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(core::load_as_double(src, t, i)) * mul;
+  }
+}
+inline void store_row(const float* src, int64_t n, DType t, void* dst) {
+  switch (t) {
+    case DType::kF32: std::memcpy(dst, src, n * sizeof(float)); break;
+    case DType::kBF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = core::float_to_bf16(src[i]);
+      break;
+    }
+    case DType::kF16: {
+      _Float16* d = static_cast<_Float16*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(src[i]);
+      break;
+    }
+    default:
+      for (int64_t i = 0; i < n; ++i) core::store_from_double(dst, t, i, src[i]);
+  }
+}
+
+}  // namespace attnkit::cpu
+#endif  // ATTNKIT_CPU_FORWARD_SHARED
+
+HWY_BEFORE_NAMESPACE();
+namespace attnkit::cpu {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+// C[rows x ncols] = (alpha * C or 0) + A[rows x kdim] B[kdim x ncols]; ncols a multiple of
+// 2 vectors. Register block: R rows x 2 vectors, B rows streamed, A elements broadcast.
+template <int R>
+HWY_INLINE void gemm_rows(const float* HWY_RESTRICT A, size_t lda, const float* HWY_RESTRICT B,
+                          size_t ldb, size_t kdim, float* HWY_RESTRICT C, size_t ldc,
+                          size_t ncols, const float* alpha, bool load_c) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  for (size_t c0 = 0; c0 < ncols; c0 += 2 * N) {
+    VF acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) {
+      if (load_c) {
+        acc0[r] = hn::LoadU(d, C + r * ldc + c0);
+        acc1[r] = hn::LoadU(d, C + r * ldc + c0 + N);
+        if (alpha) {
+          const VF a = hn::Set(d, alpha[r]);
+          acc0[r] = hn::Mul(acc0[r], a);
+          acc1[r] = hn::Mul(acc1[r], a);
+        }
+      } else {
+        acc0[r] = hn::Zero(d);
+        acc1[r] = hn::Zero(d);
+      }
+    }
+    const float* b = B + c0;
+    for (size_t k = 0; k < kdim; ++k, b += ldb) {
+      const VF b0 = hn::LoadU(d, b), b1 = hn::LoadU(d, b + N);
+      for (int r = 0; r < R; ++r) {
+        const VF a = hn::Set(d, A[r * lda + k]);
+        acc0[r] = hn::MulAdd(a, b0, acc0[r]);
+        acc1[r] = hn::MulAdd(a, b1, acc1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      hn::StoreU(acc0[r], d, C + r * ldc + c0);
+      hn::StoreU(acc1[r], d, C + r * ldc + c0 + N);
+    }
+  }
+}
+
+constexpr int kGemmRows = 6;
+
+HWY_INLINE void gemm(const float* A, size_t lda, const float* B, size_t ldb, size_t kdim, float* C,
+                     size_t ldc, size_t rows, size_t ncols, const float* alpha, bool load_c) {
+  size_t r = 0;
+  for (; r + kGemmRows <= rows; r += kGemmRows)
+    gemm_rows<kGemmRows>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols,
+                         alpha ? alpha + r : nullptr, load_c);
+  const float* ar = alpha ? alpha + r : nullptr;
+  switch (rows - r) {
+    case 5: gemm_rows<5>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c); break;
+    case 4: gemm_rows<4>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c); break;
+    case 3: gemm_rows<3>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c); break;
+    case 2: gemm_rows<2>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c); break;
+    case 1: gemm_rows<1>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c); break;
+    default: break;
+  }
+}
+
+HWY_INLINE size_t vec_pad(int64_t n) {
+  const size_t step = 2 * hn::Lanes(DF());
+  return (static_cast<size_t>(n) + step - 1) / step * step;
+}
+
+// Per-worker scratch of a task.
+struct Scratch {
+  hwy::AlignedFreeUniquePtr<float[]> q, s, o;
+  std::vector<float> m, l, es, rmax, alpha, lscale;
+  explicit Scratch(const FwdCall& c)
+      : q(hwy::AllocateAligned<float>(kTile * c.d_eff)),
+        s(hwy::AllocateAligned<float>(kTile * kTile)),
+        o(hwy::AllocateAligned<float>(kTile * c.dv_pad)),
+        m(kTile), l(kTile), es(kTile), rmax(kTile), alpha(kTile), lscale(kTile) {}
+};
+
+// Step 2: pack key tile t of a unit.
+void pack_kv(FwdCall& c, int64_t unit, int64_t t) {
+  const core::Problem& p = *c.p;
+  const int64_t b = unit / c.units_per_batch, u = unit % c.units_per_batch;
+  const int64_t hk = c.lowrank ? u / p.group : u;
+  const core::Sequence& s = p.seqs[b];
+  const core::BlockMask& bm = c.mask(b);
+  if (t >= bm.k.num_tiles()) return;
+  const TileTokens kt = bm.k.tile(t);
+  float* kp = c.k_tile(unit, t);
+  float* vp = c.v_tile(unit, t);
+  std::fill(kp, kp + c.k_tile_floats, 0.f);
+  std::fill(vp, vp + c.v_tile_floats, 0.f);
+  std::vector<float> row(std::max(c.d_eff, p.dv));
+  const TensorView& w = p.spec->mods.low_rank_w;
+  for (int64_t x = 0; x < kt.count; ++x) {
+    const int64_t j = kt.at(x);
+    load_row(p.k.row(b, hk, s.k_start + j), p.k.dtype, p.d, 1.f, row.data());
+    if (c.lowrank)
+      for (int64_t r = 0; r < c.d_eff - p.d; ++r)
+        row[p.d + r] = static_cast<const float*>(
+            w.data)[b * w.strides[0] + u * w.strides[1] + j * w.strides[2] + r * w.strides[3]];
+    for (int64_t e = 0; e < c.d_eff; ++e) kp[e * kTile + x] = row[e];
+    load_row(p.v.row(b, hk, s.k_start + j), p.v.dtype, p.dv, 1.f, vp + x * c.dv_pad);
+  }
+}
+
+// The element mask of a partial tile, and the padding columns of a short key tile: -inf.
+HWY_INLINE void apply_bits(float* HWY_RESTRICT srow, uint64_t word) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  const VF ninf = hn::Set(d, kNegInf);
+  for (size_t c = 0; c < kTile; c += N) {
+    uint8_t bytes[8];
+    const uint64_t chunk = word >> c;
+    std::memcpy(bytes, &chunk, 8);
+    const auto keep = hn::LoadMaskBits(d, bytes);
+    hn::StoreU(hn::IfThenElse(keep, hn::LoadU(d, srow + c), ninf), d, srow + c);
+  }
+}
+
+HWY_INLINE float reduce_max(const float* x) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  VF m = hn::LoadU(d, x);
+  for (size_t c = N; c < kTile; c += N) m = hn::Max(m, hn::LoadU(d, x + c));
+  return hn::GetLane(hn::MaxOfLanes(d, m));
+}
+
+// Step 3: one (batch, query head, query tile).
+template <NormalizerKind kNorm, bool kMods>
+void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
+  const core::Problem& p = *c.p;
+  const AttentionSpec& spec = *p.spec;
+  const Normalizer& norm = spec.normalizer;
+  const core::Sequence& s = p.seqs[b];
+  const core::BlockMask& bm = c.mask(b);
+  const TileTokens qt = bm.q.tile(t);
+  const int64_t rows = qt.count;
+  const int64_t unit = b * c.units_per_batch + (c.lowrank ? h : h / p.group);
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  constexpr bool kSoftmax = kNorm == NormalizerKind::kSoftmax || kNorm == NormalizerKind::kSoftmaxSink;
+
+  // Q' tile (scale folded in; low-rank u appended unscaled).
+  const TensorView& u = spec.mods.low_rank_u;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = qt.at(r);
+    float* qr = w.q.get() + r * c.d_eff;
+    load_row(p.q.row(b, h, s.q_start + i), p.q.dtype, p.d, p.scale, qr);
+    if (c.lowrank)
+      for (int64_t e = 0; e < c.d_eff - p.d; ++e)
+        qr[p.d + e] = static_cast<const float*>(
+            u.data)[b * u.strides[0] + h * u.strides[1] + i * u.strides[2] + e * u.strides[3]];
+  }
+  const float sink = kNorm == NormalizerKind::kSoftmaxSink
+                         ? static_cast<const float*>(norm.sinks.data)[h * norm.sinks.strides[0]]
+                         : kNegInf;
+  for (int64_t r = 0; r < rows; ++r) {
+    w.m[r] = sink;
+    w.l[r] = kNorm == NormalizerKind::kSoftmaxSink ? 1.f : 0.f;
+    w.es[r] = 0.f;
+    w.rmax[r] = kNegInf;
+    w.alpha[r] = 1.f;
+    if (kNorm == NormalizerKind::kKernel && norm.length_scale)
+      w.lscale[r] = length_scale<float>(bm.allowed_keys[qt.at(r)]);
+  }
+  std::fill(w.o.get(), w.o.get() + rows * c.dv_pad, 0.f);
+
+  ScoreModEval<float> mods;
+  const TensorView& bias = spec.mods.bias;
+  const char* bias_base = nullptr;
+  int64_t bias_si = 0, bias_sj = 0;
+  if constexpr (kMods) {
+    mods = core::resolve_score_mods(p, c.tables[b], b, h, false);
+    if (bias.defined()) {
+      bias_base = static_cast<const char*>(bias.data) +
+                  ((bias.shape[0] == 1 ? 0 : b) * bias.strides[0] +
+                   (bias.shape[1] == 1 ? 0 : h) * bias.strides[1]) * dtype_size(bias.dtype);
+      bias_si = bias.strides[2];
+      bias_sj = bias.strides[3];
+    }
+  }
+  const bool want_entropy = p.entropy.defined();
+  const float beta = c.beta[b];
+
+  float* S = w.s.get();
+  for (int64_t e = bm.row_begin[t]; e < bm.row_begin[t + 1]; ++e) {
+    const core::BlockEntry& ent = bm.entries[e];
+    const TileTokens kt = bm.k.tile(ent.k_tile);
+    gemm(w.q.get(), c.d_eff, c.k_tile(unit, ent.k_tile), kTile, c.d_eff, S, kTile, rows, kTile,
+         nullptr, false);
+    if constexpr (kMods) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = qt.at(r);
+        float* sr = S + r * kTile;
+        for (int64_t x = 0; x < kt.count; ++x) {
+          const int64_t j = kt.at(x);
+          float v = sr[x];
+          if (bias_base)
+            v += bias.dtype == DType::kF32
+                     ? reinterpret_cast<const float*>(bias_base)[i * bias_si + j * bias_sj]
+                     : static_cast<float>(core::load_as_double(bias_base, bias.dtype,
+                                                               i * bias_si + j * bias_sj));
+          sr[x] = mods.score(v, i, i + s.offset, j);
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = S + r * kTile;
+      if (kNorm == NormalizerKind::kKernel && norm.length_scale) {
+        const float f = w.lscale[r];
+        for (int64_t x = 0; x < kTile; ++x) sr[x] = f == 0.f ? 0.f : sr[x] * f;
+      }
+      if (ent.cls == TileClass::kPartial)
+        apply_bits(sr, bm.bits[ent.bits + r]);
+      else if (kt.count < kTile)
+        apply_bits(sr, (uint64_t{1} << kt.count) - 1);
+    }
+    // The normalizer's tile step: S -> P in place.
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = S + r * kTile;
+      if constexpr (kSoftmax) {
+        const float mx = reduce_max(sr);
+        w.rmax[r] = std::max(w.rmax[r], mx);
+        const float m_new = std::max(w.m[r], mx);
+        if (m_new == kNegInf) {
+          std::fill(sr, sr + kTile, 0.f);
+          w.alpha[r] = 1.f;
+          continue;
+        }
+        const float alpha = w.m[r] == kNegInf ? 0.f : std::exp(w.m[r] - m_new);
+        const VF vm = hn::Set(d, m_new);
+        VF sum = hn::Zero(d), esum = hn::Zero(d);
+        for (size_t x = 0; x < kTile; x += N) {
+          const VF sv = hn::LoadU(d, sr + x);
+          const VF pv = hn::Exp(d, hn::Sub(sv, vm));
+          sum = hn::Add(sum, pv);
+          if (want_entropy)
+            esum = hn::Add(esum, hn::IfThenElseZero(hn::Gt(sv, hn::Set(d, kNegInf)), hn::Mul(pv, hn::Sub(sv, vm))));
+          hn::StoreU(pv, d, sr + x);
+        }
+        // es = sum_j exp(s_j - m) (s_j - m), rescaled when m moves (no cancellation at large
+        // logits: entropy = log(l) - es / l).
+        if (want_entropy)
+          w.es[r] = alpha * (w.es[r] + (w.m[r] == kNegInf ? 0.f : (w.m[r] - m_new) * w.l[r])) +
+                    hn::GetLane(hn::SumOfLanes(d, esum));
+        w.l[r] = w.l[r] * alpha + hn::GetLane(hn::SumOfLanes(d, sum));
+        w.m[r] = m_new;
+        w.alpha[r] = alpha;
+      } else {
+        const VF zero = hn::Zero(d), ninf = hn::Set(d, kNegInf);
+        VF sum = zero;
+        for (size_t x = 0; x < kTile; x += N) {
+          const VF sv = hn::LoadU(d, sr + x);
+          const auto live = hn::Gt(sv, ninf);
+          VF pv;
+          if constexpr (kNorm == NormalizerKind::kSigmoid) {
+            const VF z = hn::Add(sv, hn::Set(d, beta));
+            const VF ez = hn::Exp(d, hn::Neg(hn::Abs(z)));  // exp(-|z|) in (0, 1]
+            const VF one = hn::Set(d, 1.f);
+            pv = hn::Div(hn::IfThenElse(hn::Ge(z, zero), one, ez), hn::Add(one, ez));
+          } else if constexpr (kNorm == NormalizerKind::kKernel) {
+            VF f = hn::Max(sv, zero);
+            if (norm.feature == KernelFeature::kSoftplus)
+              f = hn::Add(f, hn::Log1p(d, hn::Exp(d, hn::Neg(hn::Abs(sv)))));
+            if (norm.power == 2.f) {
+              f = hn::Mul(f, f);
+            } else if (norm.power != 1.f) {
+              const auto pos = hn::Gt(f, zero);
+              f = hn::IfThenElseZero(
+                  pos, hn::Exp(d, hn::Mul(hn::Set(d, norm.power),
+                                          hn::Log(d, hn::IfThenElse(pos, f, hn::Set(d, 1.f))))));
+            }
+            pv = f;
+          } else {  // ReLA
+            pv = hn::Max(sv, zero);
+          }
+          pv = hn::IfThenElseZero(live, pv);
+          sum = hn::Add(sum, pv);
+          hn::StoreU(pv, d, sr + x);
+        }
+        if constexpr (kNorm == NormalizerKind::kKernel) w.l[r] += hn::GetLane(hn::SumOfLanes(d, sum));
+      }
+    }
+    gemm(S, kTile, c.v_tile(unit, ent.k_tile), c.dv_pad, kt.count, w.o.get(), c.dv_pad, rows,
+         c.dv_pad, kSoftmax ? w.alpha.data() : nullptr, true);
+  }
+
+  // Epilogue.
+  const TensorView& gain = norm.rela_gain;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = qt.at(r), row = s.q_start + i;
+    float* o = w.o.get() + r * c.dv_pad;
+    float stat = 0.f;
+    if constexpr (kSoftmax) {
+      const float l = w.l[r];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      for (int64_t x = 0; x < p.dv; ++x) o[x] *= inv;
+      stat = l > 0.f ? w.m[r] + std::log(l) : kNegInf;
+      if (p.row_max.defined()) p.row_max.at(b, h, row) = w.rmax[r];
+      if (p.entropy.defined()) {
+        float ent = 0.f;
+        if (std::isfinite(stat)) {
+          ent = std::log(l) - w.es[r] / l;
+        }
+        p.entropy.at(b, h, row) = ent;
+      }
+      if (!c.lse.empty()) c.lse[(b * p.hq + h) * p.max_nq + i] = stat;
+    } else if constexpr (kNorm == NormalizerKind::kKernel) {
+      const float l = w.l[r];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      for (int64_t x = 0; x < p.dv; ++x) o[x] *= inv;
+      stat = l;
+    } else if constexpr (kNorm == NormalizerKind::kReLA) {
+      double ms = 0;
+      for (int64_t x = 0; x < p.dv; ++x) ms += static_cast<double>(o[x]) * o[x];
+      const float rms = static_cast<float>(std::sqrt(ms / p.dv + norm.rela_eps));
+      for (int64_t x = 0; x < p.dv; ++x)
+        o[x] = static_cast<const float*>(gain.data)[x * gain.strides[0]] * o[x] / rms;
+      stat = rms;
+    }
+    if (spec.gate_kind == GateKind::kElementwise) {
+      float g[kMaxHeadDim];
+      load_row(p.gate.row(b, h, row), p.gate.dtype, p.dv, 1.f, g);
+      for (int64_t x = 0; x < p.dv; ++x) o[x] *= sigmoid(g[x]);
+    } else if (spec.gate_kind == GateKind::kPerHead) {
+      const float g = sigmoid(p.gate_head.at(b, h, row));
+      for (int64_t x = 0; x < p.dv; ++x) o[x] *= g;
+    }
+    store_row(o, p.dv, p.out.dtype, p.out.row(b, h, row));
+    if (p.row_stat.defined()) p.row_stat.at(b, h, row) = stat;
+  }
+}
+
+// Step 4: column mass of (b, kv group or head): P = exp(S - LSE) summed over query rows.
+template <bool kMods>
+void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<double>& mass) {
+  const core::Problem& p = *c.p;
+  const AttentionSpec& spec = *p.spec;
+  const core::Sequence& s = p.seqs[b];
+  const core::BlockMask& bm = c.mask(b);
+  const int64_t unit = b * c.units_per_batch + (c.lowrank ? h : h / p.group);
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  ScoreModEval<float> mods;
+  if constexpr (kMods) mods = core::resolve_score_mods(p, c.tables[b], b, h, false);
+  const TensorView& u = spec.mods.low_rank_u;
+  float* S = w.s.get();
+  for (int64_t t = 0; t < bm.q.num_tiles(); ++t) {
+    const TileTokens qt = bm.q.tile(t);
+    const int64_t rows = qt.count;
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = qt.at(r);
+      w.m[r] = (i >= p.col_q_begin && i < p.col_q_end) ? c.lse[(b * p.hq + h) * p.max_nq + i]
+                                                       : kNegInf;
+      any = any || w.m[r] != kNegInf;
+      float* qr = w.q.get() + r * c.d_eff;
+      load_row(p.q.row(b, h, s.q_start + i), p.q.dtype, p.d, p.scale, qr);
+      if (c.lowrank)
+        for (int64_t e = 0; e < c.d_eff - p.d; ++e)
+          qr[p.d + e] = static_cast<const float*>(
+              u.data)[b * u.strides[0] + h * u.strides[1] + i * u.strides[2] + e * u.strides[3]];
+    }
+    if (!any) continue;
+    for (int64_t e = bm.row_begin[t]; e < bm.row_begin[t + 1]; ++e) {
+      const core::BlockEntry& ent = bm.entries[e];
+      const TileTokens kt = bm.k.tile(ent.k_tile);
+      gemm(w.q.get(), c.d_eff, c.k_tile(unit, ent.k_tile), kTile, c.d_eff, S, kTile, rows, kTile,
+           nullptr, false);
+      VF colsum[kTile / 4];
+      for (size_t x = 0; x < kTile; x += N) colsum[x / N] = hn::Zero(d);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* sr = S + r * kTile;
+        if (w.m[r] == kNegInf) continue;
+        if constexpr (kMods) {
+          const int64_t i = qt.at(r);
+          for (int64_t x = 0; x < kt.count; ++x) {
+            const int64_t j = kt.at(x);
+            float v = sr[x];
+            if (spec.mods.bias.defined()) v += core::bias_at<float>(spec.mods.bias, b, h, i, j);
+            sr[x] = mods.score(v, i, i + s.offset, j);
+          }
+        }
+        if (ent.cls == TileClass::kPartial)
+          apply_bits(sr, bm.bits[ent.bits + r]);
+        else if (kt.count < kTile)
+          apply_bits(sr, (uint64_t{1} << kt.count) - 1);
+        const VF lse = hn::Set(d, w.m[r]);
+        for (size_t x = 0; x < kTile; x += N)
+          colsum[x / N] = hn::Add(colsum[x / N], hn::Exp(d, hn::Sub(hn::LoadU(d, sr + x), lse)));
+      }
+      float cs[kTile];
+      for (size_t x = 0; x < kTile; x += N) hn::StoreU(colsum[x / N], d, cs + x);
+      for (int64_t x = 0; x < kt.count; ++x) mass[kt.at(x)] += cs[x];
+    }
+  }
+}
+
+constexpr bool is_softmax_family(NormalizerKind k) {
+  return k == NormalizerKind::kSoftmax || k == NormalizerKind::kSoftmaxSink;
+}
+
+// Runs the tasks of the batch elements whose K/V are packed: [batch_begin, batch_end).
+template <NormalizerKind kNorm, bool kMods>
+void run_packed(FwdCall& c, std::vector<std::unique_ptr<Scratch>>& scratch, int64_t batch_begin,
+                int64_t batch_end) {
+  const core::Problem& p = *c.p;
+  int64_t qtiles = 0;
+  for (const core::BlockMask& m : c.masks) qtiles = std::max(qtiles, m.q.num_tiles());
+  const int64_t batches = batch_end - batch_begin;
+  parallel_for(batches * p.hq * qtiles, c.threads, [&](int64_t task, int worker) {
+    const int64_t t = task % qtiles;
+    const int64_t h = (task / qtiles) % p.hq;
+    const int64_t b = batch_begin + task / (qtiles * p.hq);
+    if (t < c.mask(b).q.num_tiles()) attend_tile<kNorm, kMods>(c, *scratch[worker], b, h, t);
+  });
+  if constexpr (is_softmax_family(kNorm)) {
+    if (!p.col_mass.defined()) return;
+    // Column mass: one task per (batch, kv head), its query heads in order (deterministic sums).
+    parallel_for(batches * p.hk, c.threads, [&](int64_t task, int worker) {
+      const int64_t b = batch_begin + task / p.hk, hk = task % p.hk;
+      const int64_t nk = p.seqs[b].nk;
+      std::vector<double> group(nk, 0.0);
+      for (int64_t g = 0; g < p.group; ++g) {
+        const int64_t h = hk * p.group + g;
+        std::vector<double> mass(nk, 0.0);
+        column_mass<kMods>(c, *scratch[worker], b, h, mass);
+        for (int64_t j = 0; j < nk; ++j) {
+          if (p.col_group_sum) group[j] += mass[j];
+          else p.col_mass.at(b, h, j) = static_cast<float>(mass[j]);
+        }
+      }
+      if (p.col_group_sum)
+        for (int64_t j = 0; j < nk; ++j) p.col_mass.at(b, hk, j) = static_cast<float>(group[j]);
+    });
+  }
+}
+
+// The one runtime-to-compile-time dispatch site of the CPU forward pass: normalizer x
+// (score mods present). The instantiation table is src/cpu/registry.cc.
+template <class F>
+void dispatch(NormalizerKind norm, bool mods, F&& f) {
+  auto with_mods = [&](auto kn) {
+    if (mods) f(kn, std::true_type{});
+    else f(kn, std::false_type{});
+  };
+  switch (norm) {
+    case NormalizerKind::kSoftmax: with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSoftmax>{}); break;
+    case NormalizerKind::kSoftmaxSink: with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSoftmaxSink>{}); break;
+    case NormalizerKind::kSigmoid: with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSigmoid>{}); break;
+    case NormalizerKind::kKernel: with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kKernel>{}); break;
+    case NormalizerKind::kReLA: with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kReLA>{}); break;
+  }
+}
+
+Status ForwardImpl(const core::Problem& p) {
+  const AttentionSpec& spec = *p.spec;
+  FwdCall c;
+  c.p = &p;
+  c.threads = resolve_threads(p.num_threads);
+  c.lowrank = spec.mods.low_rank_u.defined();
+  c.d_eff = p.d + (c.lowrank ? spec.mods.low_rank_u.shape[3] : 0);
+  c.dv_pad = static_cast<int64_t>(vec_pad(p.dv));
+  c.heads_per_unit = c.lowrank ? 1 : p.group;
+  c.units_per_batch = c.lowrank ? p.hq : p.hk;
+  const bool count_rows = spec.normalizer.kind == NormalizerKind::kKernel && spec.normalizer.length_scale;
+  if (core::block_mask_per_batch(p)) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      c.masks.push_back(core::build_block_mask(p, b, count_rows, c.threads));
+      c.mask_of_batch.push_back(static_cast<int32_t>(b));
+    }
+  } else {
+    c.masks.push_back(core::build_block_mask(p, 0, count_rows, c.threads));
+    c.mask_of_batch.assign(p.batch, 0);
+  }
+  const ScoreMods& m = spec.mods;
+  const bool mods = m.softcap != 0.f || m.alibi != AlibiMode::kOff || m.bias.defined() ||
+                    m.relative != RelativeBucketKind::kOff || m.forget_log_f.defined();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (mods) c.tables.push_back(core::build_score_tables<float>(p, b, false));
+    c.beta.push_back(spec.normalizer.beta ? *spec.normalizer.beta
+                                          : -std::log(static_cast<float>(p.seqs[b].nk)));
+  }
+  for (const core::BlockMask& bm : c.masks) c.max_k_tiles = std::max(c.max_k_tiles, bm.k.num_tiles());
+  c.k_tile_floats = c.d_eff * kTile;
+  c.v_tile_floats = kTile * c.dv_pad;
+  c.unit_floats = c.max_k_tiles * (c.k_tile_floats + c.v_tile_floats);
+  if (p.col_mass.defined()) c.lse.assign(p.batch * p.hq * p.max_nq, kNegInf);
+
+  std::vector<std::unique_ptr<Scratch>> scratch;
+  for (int i = 0; i < c.threads; ++i) scratch.push_back(std::make_unique<Scratch>(c));
+
+  // Whole batch elements at a time, as many as fit the packing budget (at least one).
+  const int64_t batch_bytes = c.units_per_batch * c.unit_floats * int64_t{sizeof(float)};
+  const int64_t per_chunk = std::max<int64_t>(1, kPackBudgetBytes / std::max<int64_t>(1, batch_bytes));
+  c.packed = hwy::AllocateAligned<float>(std::min(per_chunk, p.batch) * c.units_per_batch * c.unit_floats);
+  if (!c.packed) return Status(StatusCode::kInternal, "cpu forward: out of memory for packed K/V");
+  for (int64_t b0 = 0; b0 < p.batch; b0 += per_chunk) {
+    const int64_t b1 = std::min(p.batch, b0 + per_chunk);
+    c.unit_begin = b0 * c.units_per_batch;
+    c.unit_end = b1 * c.units_per_batch;
+    const int64_t units = c.unit_end - c.unit_begin;
+    parallel_for(units * c.max_k_tiles, c.threads, [&](int64_t task, int) {
+      pack_kv(c, c.unit_begin + task / c.max_k_tiles, task % c.max_k_tiles);
+    });
+    dispatch(spec.normalizer.kind, mods, [&](auto kn, auto km) {
+      run_packed<decltype(kn)::value, decltype(km)::value>(c, scratch, b0, b1);
+    });
+  }
+  return {};
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace attnkit::cpu
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace attnkit::cpu {
+
+HWY_EXPORT(ForwardImpl);
+
+Status forward(const core::Problem& p) { return HWY_DYNAMIC_DISPATCH(ForwardImpl)(p); }
+
+std::string simd_target() {
+  return hwy::TargetName(hwy::SupportedAndGeneratedTargets()[0]);
+}
+
+}  // namespace attnkit::cpu
+#endif  // HWY_ONCE
