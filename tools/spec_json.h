@@ -68,3 +68,33 @@ double rel_error(const std::vector<double>& x, const std::vector<double>& ref);
 double max_abs_error(const std::vector<double>& x, const std::vector<double>& ref);
 
 }  // namespace attnkit::tools
+
+namespace attnkit::tools {
+
+// One mechanism at one shape and dtype, run on the CPU and checked against the float64 oracle
+// (on the same low-precision inputs). Tolerance per dtype: tolerance_for().
+struct CheckResult {
+  bool ok = false;
+  std::string mechanism, dtype, error;  // error: why it failed (empty when ok)
+  Dims dims;
+  double rel_err = 0, max_abs = 0, stat_err = 0, tol = 0;
+  double ms = 0;                         // CPU forward time of this one run
+};
+struct CheckOptions {
+  DType dtype = DType::kF32;
+  Dims dims;
+  double input_scale = 1.0;
+  uint64_t seed = 1;
+  bool bnhd = false;
+  int threads = 0;
+  bool stats = true;
+};
+double tolerance_for(DType t);
+CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& opt);
+
+// Builds an instance of a named mechanism with random inputs; "" or an error message.
+std::string make_instance(const std::string& mechanism, const CheckOptions& opt, Instance& inst);
+
+DType parse_dtype(const std::string& s, bool* ok);
+
+}  // namespace attnkit::tools

@@ -433,7 +433,7 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
     if (ops[i]->dtype != q.dtype)
       return fail(StatusCode::kTypeError, names[i], ".dtype = ", dtype_name(ops[i]->dtype),
                   " but q.dtype = ", dtype_name(q.dtype), ": q, k and v need the same dtype");
-  if (out.dtype != q.dtype && out.dtype != DType::kF32)
+  if (out.dtype != q.dtype && out.dtype != DType::kF32 && !(allow_f64 && out.dtype == DType::kF64))
     return fail(StatusCode::kTypeError, "out.dtype = ", dtype_name(out.dtype),
                 ": must be q's dtype (", dtype_name(q.dtype), ") or fp32");
 

@@ -25,15 +25,20 @@ void reference_head(const core::Problem& p, const core::ScoreTables<double>& tab
   const ScoreModEval<double> mods = core::resolve_score_mods(p, tables, b, h, true);
   const Normalizer& norm = spec.normalizer;
 
-  auto qv = [&](int64_t i, int64_t c) {
-    return core::load_as_double(p.q.row(b, h, s.q_start + i), p.q.dtype, c);
+  // Widen this head's rows to float64 once.
+  auto widen = [&](const core::RowOperand& x, int64_t head, int64_t start, int64_t n, int64_t dim) {
+    std::vector<double> m(n * dim);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < dim; ++c)
+        m[r * dim + c] = core::load_as_double(x.row(b, head, start + r), x.dtype, c);
+    return m;
   };
-  auto kv = [&](int64_t j, int64_t c) {
-    return core::load_as_double(p.k.row(b, hk, s.k_start + j), p.k.dtype, c);
-  };
-  auto vv = [&](int64_t j, int64_t c) {
-    return core::load_as_double(p.v.row(b, hk, s.k_start + j), p.v.dtype, c);
-  };
+  const std::vector<double> Q = widen(p.q, h, s.q_start, nq, p.d);
+  const std::vector<double> K = widen(p.k, hk, s.k_start, nk, p.d);
+  const std::vector<double> V = widen(p.v, hk, s.k_start, nk, p.dv);
+  auto qv = [&](int64_t i, int64_t c) { return Q[i * p.d + c]; };
+  auto kv = [&](int64_t j, int64_t c) { return K[j * p.d + c]; };
+  auto vv = [&](int64_t j, int64_t c) { return V[j * p.dv + c]; };
 
   std::vector<double> S(nq * nk), P(nq * nk, 0.0);
   std::vector<char> A(nq * nk);

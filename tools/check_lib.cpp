@@ -1,0 +1,128 @@
+// check_mechanism(): one mechanism, shape and dtype through the CPU path and the float64 oracle.
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "spec_json.h"
+
+namespace attnkit::tools {
+
+double tolerance_for(DType t) {
+  // DESIGN.md: about 1e-5 for fp32 and 1e-2 for bf16 in practice; fp16 has 3 more mantissa bits.
+  switch (t) {
+    case DType::kBF16: return 1e-2;
+    case DType::kF16: return 2e-3;
+    default: return 1e-5;
+  }
+}
+
+DType parse_dtype(const std::string& s, bool* ok) {
+  *ok = true;
+  if (s == "fp32" || s == "float32") return DType::kF32;
+  if (s == "bf16" || s == "bfloat16") return DType::kBF16;
+  if (s == "fp16" || s == "float16") return DType::kF16;
+  *ok = false;
+  return DType::kF32;
+}
+
+// A BNHD copy of a BHND tensor (same values, other strides).
+static OwnedTensor to_bnhd(const OwnedTensor& t) {
+  const TensorView& v = t.view;
+  OwnedTensor o = OwnedTensor::zeros(v.dtype, {v.shape[0], v.shape[2], v.shape[1], v.shape[3]});
+  const int es = dtype_size(v.dtype);
+  for (int64_t b = 0; b < v.shape[0]; ++b)
+    for (int64_t h = 0; h < v.shape[1]; ++h)
+      for (int64_t n = 0; n < v.shape[2]; ++n)
+        std::memcpy(o.bytes.data() + (((b * v.shape[2] + n) * v.shape[1] + h) * v.shape[3]) * es,
+                    t.bytes.data() + (((b * v.shape[1] + h) * v.shape[2] + n) * v.shape[3]) * es,
+                    v.shape[3] * es);
+  return o;
+}
+
+std::string make_instance(const std::string& mechanism, const CheckOptions& opt, Instance& inst) {
+  const json spec = mechanism_spec(mechanism, opt.dims);
+  if (spec.is_null()) return "mechanism '" + mechanism + "' does not apply to this shape";
+  inst.dims = opt.dims;
+  inst.dtype = opt.dtype;
+  make_random_qkv(inst, opt.input_scale, opt.seed);
+  std::string err = build_spec(spec, inst, random_extras(opt.seed + 7));
+  if (!err.empty()) return err;
+  if (opt.bnhd) {
+    inst.q = to_bnhd(inst.q);
+    inst.k = to_bnhd(inst.k);
+    inst.v = to_bnhd(inst.v);
+    inst.spec.layout = Layout::kBNHD;
+    if (inst.spec.gate_kind == GateKind::kElementwise) {  // addressed like out
+      inst.extras["gate"] = to_bnhd(inst.extras["gate"]);
+      inst.spec.gate = inst.extras["gate"].view;
+    }
+  }
+  return "";
+}
+
+CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& opt) {
+  CheckResult r;
+  r.mechanism = mechanism;
+  r.dtype = dtype_name(opt.dtype);
+  r.dims = opt.dims;
+  r.tol = tolerance_for(opt.dtype);
+  Instance inst;
+  std::string err = make_instance(mechanism, opt, inst);
+  if (!err.empty()) {
+    r.error = err;
+    return r;
+  }
+  Outputs fast = make_outputs(inst, opt.stats), ref = make_outputs(inst, opt.stats);
+  if (opt.bnhd) {
+    fast.out = to_bnhd(fast.out);
+    ref.out = to_bnhd(ref.out);
+  }
+  Options o;
+  o.num_threads = opt.threads;
+  const auto t0 = std::chrono::steady_clock::now();
+  Status s = attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, fast.out.view,
+                               fast.row_stat.view, stats_views(fast), o);
+  r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  if (!s.ok()) {
+    r.error = "cpu: " + s.message();
+    return r;
+  }
+  ref.out = OwnedTensor::zeros(DType::kF64, {opt.dims.batch, opt.dims.hq, opt.dims.nq, opt.dims.dv});
+  if (opt.bnhd) ref.out = to_bnhd(ref.out);
+  s = reference_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, ref.out.view,
+                        ref.row_stat.view, stats_views(ref));
+  if (!s.ok()) {
+    r.error = "reference: " + s.message();
+    return r;
+  }
+  const std::vector<double> x = fast.out.to_doubles(), y = ref.out.to_doubles();
+  for (double v : x)
+    if (std::isnan(v)) {
+      r.error = "NaN in the output";
+      return r;
+    }
+  r.rel_err = rel_error(x, y);
+  r.max_abs = max_abs_error(x, y);
+  // Per-row statistics (fp32 outputs on both sides): relative to max(1, |ref|).
+  auto stat_err = [](const OwnedTensor& a, const OwnedTensor& b) {
+    if (!a.view.defined()) return 0.0;
+    const std::vector<double> u = a.to_doubles(), w = b.to_doubles();
+    double m = 0;
+    for (size_t i = 0; i < u.size(); ++i) {
+      if (u[i] == w[i]) continue;
+      const double e = std::abs(u[i] - w[i]) / std::max(1.0, std::abs(w[i]));
+      m = std::isnan(e) ? INFINITY : std::max(m, e);
+    }
+    return m;
+  };
+  r.stat_err = std::max({stat_err(fast.row_stat, ref.row_stat), stat_err(fast.row_max, ref.row_max),
+                         stat_err(fast.entropy, ref.entropy), stat_err(fast.col_mass, ref.col_mass)});
+  const double stat_tol = 1e-4 * std::max(1.0, opt.input_scale * opt.input_scale);
+  r.ok = r.rel_err <= r.tol && r.stat_err <= stat_tol;
+  if (!r.ok)
+    r.error = "rel_err " + std::to_string(r.rel_err) + " (tol " + std::to_string(r.tol) +
+              "), stat_err " + std::to_string(r.stat_err) + " (tol " + std::to_string(stat_tol) + ")";
+  return r;
+}
+
+}  // namespace attnkit::tools
