@@ -1,0 +1,157 @@
+// BlockMask: visited tiles follow the mask's density; exact allowed-pair counts; varlen and
+// fully masked rows through the public API.
+#include <cmath>
+
+#include <gtest/gtest.h>
+
+#include "core/block_mask.h"
+#include "spec_json.h"
+
+namespace attnkit::tools {
+namespace {
+
+core::BlockMask mask_of(const std::string& mech, Dims d, Instance& inst) {
+  CheckOptions opt;
+  opt.dims = d;
+  EXPECT_EQ(make_instance(mech, opt, inst), "");
+  Outputs o = make_outputs(inst, false);
+  core::Problem p;
+  EXPECT_TRUE(core::validate_and_resolve(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
+                                         {}, {}, {}, false, &p).ok());
+  return core::build_block_mask(p, 0, false, 2);
+}
+
+TEST(BlockMask, CausalVisitsTheLowerTriangle) {
+  Instance inst;
+  const core::BlockMask bm = mask_of("causal", {1, 1, 1, 1024, 1024, 8, 8}, inst);
+  EXPECT_EQ(bm.visited_tiles, 16 * 17 / 2);
+  EXPECT_EQ(bm.partial_tiles, 16);
+  EXPECT_EQ(bm.allowed_pairs, 1024 * 1025 / 2);
+}
+
+TEST(BlockMask, SlidingWindowCostFollowsTheWindow) {
+  Instance inst;
+  const core::BlockMask bm = mask_of("sliding_window", {1, 1, 1, 4096, 4096, 8, 8}, inst);
+  // window 1024 left, causal: a 64-row tile touches at most 1024/64 + 2 key tiles.
+  EXPECT_LE(bm.visited_tiles, 64 * (1024 / 64 + 2));
+  int64_t pairs = 0;
+  for (int64_t i = 0; i < 4096; ++i) pairs += std::min<int64_t>(i, 1024) + 1;
+  EXPECT_EQ(bm.allowed_pairs, pairs);
+}
+
+TEST(BlockMask, Neighborhood2dTilesFollowTheGrid) {
+  Instance inst;
+  const core::BlockMask bm = mask_of("neighborhood_2d", {1, 1, 1, 4096, 4096, 8, 8}, inst);
+  EXPECT_EQ(bm.allowed_pairs, 4096 * 169);  // every query has exactly 13 x 13 neighbours
+  // 8 x 8 query boxes reach at most 3 x 3 key boxes: 576 of the 4096 tile pairs.
+  EXPECT_LE(bm.visited_tiles, 64 * 9);
+  EXPECT_GE(bm.visited_tiles, 64 * 4);
+}
+
+TEST(BlockMask, DocumentSkipsOtherDocuments) {
+  Instance inst;
+  const core::BlockMask bm = mask_of("document", {1, 1, 1, 1024, 1024, 8, 8}, inst);
+  // 4 documents of 256 tokens (4 tiles each), causal inside: 4 x (4 * 5 / 2) tiles.
+  EXPECT_EQ(bm.visited_tiles, 4 * 10);
+  EXPECT_EQ(bm.allowed_pairs, 4 * (256 * 257 / 2));
+}
+
+TEST(BlockMask, DenseIsFull) {
+  Instance inst;
+  const core::BlockMask bm = mask_of("dense", {1, 1, 1, 200, 130, 8, 8}, inst);
+  EXPECT_EQ(bm.visited_tiles, 4 * 3);
+  EXPECT_EQ(bm.partial_tiles, 0);
+  EXPECT_EQ(bm.allowed_pairs, 200 * 130);
+}
+
+// Varlen: packed sequences give the same rows as separate calls.
+TEST(Varlen, MatchesSeparateSequences) {
+  const std::vector<int32_t> cq = {0, 5, 5 + 70, 5 + 70 + 129}, ck = {0, 9, 9 + 70, 9 + 70 + 100};
+  const int64_t hq = 4, hk = 2, d = 40, dv = 24;
+  OwnedTensor q = random_tensor(DType::kF32, {cq.back(), hq, d}, 1.0, 1);
+  OwnedTensor k = random_tensor(DType::kF32, {ck.back(), hk, d}, 1.0, 2);
+  OwnedTensor v = random_tensor(DType::kF32, {ck.back(), hk, dv}, 1.0, 3);
+  OwnedTensor out = OwnedTensor::zeros(DType::kF32, {cq.back(), hq, dv});
+  OwnedTensor ref = OwnedTensor::zeros(DType::kF64, {cq.back(), hq, dv});
+  OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {hq, cq.back()});
+  OwnedTensor lse_ref = OwnedTensor::zeros(DType::kF32, {hq, cq.back()});
+  OwnedTensor cu_q = OwnedTensor::from_ints(cq, {4}), cu_k = OwnedTensor::from_ints(ck, {4});
+  for (Mask m : {Mask::none(), Mask::causal(), Mask::sliding_window(7, 3)}) {
+    AttentionSpec spec;
+    spec.mask = m;
+    spec.cu_seqlens_q = cu_q.view;
+    spec.cu_seqlens_kv = cu_k.view;
+    ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view, lse.view).ok());
+    ASSERT_TRUE(reference_forward(q.view, k.view, v.view, spec, ref.view, lse_ref.view).ok());
+    EXPECT_LE(rel_error(out.to_doubles(), ref.to_doubles()), 1e-5);
+    EXPECT_LE(max_abs_error(lse.to_doubles(), lse_ref.to_doubles()), 1e-4);
+  }
+  // Each sequence against its own un-packed call through the oracle.
+  AttentionSpec spec;
+  spec.mask = Mask::causal();
+  spec.cu_seqlens_q = cu_q.view;
+  spec.cu_seqlens_kv = cu_k.view;
+  ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view).ok());
+  const std::vector<double> packed = out.to_doubles();
+  for (int s = 0; s < 3; ++s) {
+    TensorView qs = q.view, ks = k.view, vs = v.view, os;
+    OwnedTensor one = OwnedTensor::zeros(DType::kF64, {1, cq[s + 1] - cq[s], hq, dv});
+    auto slice = [](TensorView t, int64_t start, int64_t n) {
+      TensorView r = t;
+      r.data = static_cast<float*>(t.data) + start * t.strides[0];
+      r.ndim = 4;
+      r.shape[3] = t.shape[2];
+      r.shape[2] = t.shape[1];
+      r.shape[1] = n;
+      r.shape[0] = 1;
+      r.strides[3] = t.strides[2];
+      r.strides[2] = t.strides[1];
+      r.strides[1] = t.strides[0];
+      r.strides[0] = n * t.strides[0];
+      return r;
+    };
+    AttentionSpec one_spec;
+    one_spec.mask = Mask::causal();
+    one_spec.layout = Layout::kBNHD;
+    ASSERT_TRUE(reference_forward(slice(qs, cq[s], cq[s + 1] - cq[s]), slice(ks, ck[s], ck[s + 1] - ck[s]),
+                                  slice(vs, ck[s], ck[s + 1] - ck[s]), one_spec, one.view).ok());
+    const std::vector<double> want = one.to_doubles();
+    std::vector<double> got(packed.begin() + cq[s] * hq * dv, packed.begin() + cq[s + 1] * hq * dv);
+    EXPECT_LE(rel_error(got, want), 1e-5) << "sequence " << s;
+  }
+}
+
+// Rows with no allowed key: output 0, LSE -inf (sink_h with sinks), never NaN.
+TEST(FullyMasked, ZeroOutputAndMinusInfLse) {
+  for (bool sink : {false, true}) {
+    Instance inst;
+    CheckOptions opt;
+    opt.dims = {1, 2, 2, 150, 37, 16, 16};  // causal bottom-right: rows 0..112 see nothing
+    ASSERT_EQ(make_instance(sink ? "sink" : "causal", opt, inst), "");
+    Outputs o = make_outputs(inst, true);
+    ASSERT_TRUE(attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
+                                  o.row_stat.view, stats_views(o)).ok());
+    const std::vector<double> out = o.out.to_doubles(), lse = o.row_stat.to_doubles();
+    const std::vector<double> ent = o.entropy.to_doubles();
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t i = 0; i < 150; ++i) {
+        const double l = lse[h * 150 + i];
+        ASSERT_FALSE(std::isnan(l));
+        ASSERT_FALSE(std::isnan(ent[h * 150 + i]));
+        if (i < 150 - 37) {
+          if (sink) {
+            EXPECT_EQ(l, reinterpret_cast<const float*>(inst.extras["sinks"].bytes.data())[h]);
+          } else {
+            EXPECT_EQ(l, -INFINITY);
+          }
+          EXPECT_EQ(ent[h * 150 + i], 0.0);
+          for (int64_t c = 0; c < 16; ++c) EXPECT_EQ(out[(h * 150 + i) * 16 + c], 0.0);
+        } else {
+          EXPECT_TRUE(std::isfinite(l));
+        }
+      }
+  }
+}
+
+}  // namespace
+}  // namespace attnkit::tools

@@ -1,0 +1,148 @@
+// The attnkit CLI: list (support matrix), run (one mechanism and shape), check (oracle sweep),
+// bench (timed suites).
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "attnkit/registry.h"
+#include "bench.h"
+#include "core/block_mask.h"
+#include "spec_json.h"
+
+namespace attnkit::tools {
+int run_check(bool as_json, int threads);
+}
+
+using namespace attnkit;
+using namespace attnkit::tools;
+
+static int cmd_list(bool as_json) {
+  const std::vector<SupportRow> rows = support_matrix();
+  if (as_json) {
+    json arr = json::array();
+    for (const SupportRow& r : rows)
+      arr.push_back({{"mechanism", r.mechanism}, {"category", r.category}, {"backend", r.backend},
+                     {"forward", r.forward}, {"backward", r.backward}, {"dtypes", r.dtypes}});
+    std::printf("%s\n", json{{"cpu_simd_target", cpu_simd_target()}, {"rows", arr}}.dump(1).c_str());
+    return 0;
+  }
+  std::printf("CPU SIMD target on this machine: %s\n", cpu_simd_target().c_str());
+  std::printf("%-18s %-11s %-10s %-4s %-4s %s\n", "mechanism", "category", "backend", "fwd", "bwd", "dtypes");
+  for (const SupportRow& r : rows) {
+    std::string dt;
+    for (const std::string& d : r.dtypes) dt += (dt.empty() ? "" : ",") + d;
+    std::printf("%-18s %-11s %-10s %-4s %-4s %s\n", r.mechanism.c_str(), r.category.c_str(),
+                r.backend.c_str(), r.forward ? "yes" : "-", r.backward ? "yes" : "-", dt.c_str());
+  }
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  CLI::App app{"attnkit: attention mechanisms on CPUs (and soon GPUs)"};
+  app.require_subcommand(1);
+  bool as_json = false;
+
+  auto* list = app.add_subcommand("list", "the support matrix: mechanism x backend x pass x dtypes");
+  list->add_flag("--json", as_json, "print JSON");
+
+  auto* run = app.add_subcommand("run", "run one mechanism at one shape; time, GFLOP/s, error");
+  std::string mech = "dense", dtype_s = "fp32";
+  Dims dims{1, 8, 8, 1024, 1024, 128, 128};
+  int threads = 0, reps = 5;
+  bool no_check = false, bnhd = false;
+  run->add_option("-m,--mechanism", mech, "mechanism name (see `attnkit run --mechanisms`)");
+  run->add_option("--dtype", dtype_s, "fp32, bf16 or fp16");
+  run->add_option("--b", dims.batch, "batch");
+  run->add_option("--hq", dims.hq, "num_heads_q");
+  run->add_option("--hk", dims.hk, "num_heads_kv");
+  run->add_option("--nq", dims.nq, "seqlen_q");
+  run->add_option("--nk", dims.nk, "seqlen_kv");
+  run->add_option("--d", dims.d, "head_dim");
+  run->add_option("--dv", dims.dv, "head_dim_v");
+  run->add_option("--threads", threads, "threads (0: all)");
+  run->add_option("--reps", reps, "timed repetitions (median)");
+  run->add_flag("--no-check", no_check, "skip the comparison with the float64 oracle");
+  run->add_flag("--bnhd", bnhd, "BNHD layout");
+  run->add_flag("--json", as_json, "print JSON");
+  bool list_mechs = false;
+  run->add_flag("--mechanisms", list_mechs, "list the mechanism names and exit");
+
+  auto* check = app.add_subcommand("check", "every mechanism against the float64 oracle; exit 1 on failure");
+  check->add_flag("--json", as_json, "print JSON");
+  check->add_option("--threads", threads, "threads (0: all)");
+
+  auto* bench = app.add_subcommand("bench", "timed suites (quick: < 1 minute; full: the headline shapes)");
+  std::string suite = "quick", json_file;
+  bench->add_option("--suite", suite, "quick or full");
+  bench->add_option("--json", json_file, "write the records to this file");
+  bench->add_option("--threads", threads, "override the thread count");
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (*list) return cmd_list(as_json);
+  if (*check) return run_check(as_json, threads);
+  if (*bench) return run_bench(suite, json_file, threads);
+  if (*run) {
+    if (list_mechs) {
+      for (const std::string& m : mechanism_names()) std::printf("%s\n", m.c_str());
+      return 0;
+    }
+    bool ok = false;
+    CheckOptions opt;
+    opt.dtype = parse_dtype(dtype_s, &ok);
+    if (!ok) {
+      std::fprintf(stderr, "--dtype %s: must be fp32, bf16 or fp16\n", dtype_s.c_str());
+      return 2;
+    }
+    opt.dims = dims;
+    opt.threads = threads;
+    opt.bnhd = bnhd;
+    Instance inst;
+    const std::string err = make_instance(mech, opt, inst);
+    if (!err.empty()) {
+      std::fprintf(stderr, "%s\n", err.c_str());
+      return 2;
+    }
+    Outputs o = make_outputs(inst, false);
+    Options op;
+    op.num_threads = threads;
+    std::vector<double> t;
+    for (int r = 0; r <= reps; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      Status s = attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
+                                   o.row_stat.view, {}, op);
+      if (!s.ok()) {
+        std::fprintf(stderr, "error (%s): %s\n", status_code_name(s.code()), s.message().c_str());
+        return 1;
+      }
+      if (r > 0)
+        t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(t.begin(), t.end());
+    const double ms = t[t.size() / 2];
+    core::Problem p;
+    (void)core::validate_and_resolve(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
+                                     {}, {}, {}, false, &p).ok();
+    int64_t pairs = 0;
+    for (int64_t b = 0; b < p.batch; ++b) pairs += core::build_block_mask(p, b, false, 1).allowed_pairs;
+    pairs *= dims.hq;
+    const double gflops = 2.0 * pairs * double(dims.d + dims.dv) / (ms * 1e6);
+    double rel = -1;
+    if (!no_check) rel = check_mechanism(mech, opt).rel_err;
+    if (as_json) {
+      std::printf("%s\n", json{{"mechanism", mech}, {"dtype", dtype_s}, {"b", dims.batch}, {"hq", dims.hq},
+                               {"hk", dims.hk}, {"nq", dims.nq}, {"nk", dims.nk}, {"d", dims.d},
+                               {"dv", dims.dv}, {"threads", threads}, {"ms", ms}, {"gflops", gflops},
+                               {"allowed_pairs", pairs}, {"rel_err", rel}}.dump().c_str());
+    } else {
+      std::printf("%s %s b=%ld hq=%ld hk=%ld nq=%ld nk=%ld d=%ld dv=%ld: %.3f ms, %.1f GFLOP/s",
+                  mech.c_str(), dtype_s.c_str(), long(dims.batch), long(dims.hq), long(dims.hk),
+                  long(dims.nq), long(dims.nk), long(dims.d), long(dims.dv), ms, gflops);
+      if (rel >= 0) std::printf(", rel_err %.2e", rel);
+      std::printf("\n");
+    }
+    return 0;
+  }
+  return 0;
+}

@@ -1,0 +1,182 @@
+// `attnkit bench --suite quick|full [--json FILE]`.
+// quick: every tier-1 mechanism at a small shape (b 1, 4 query / 2 kv heads, N 512, d 64), fp32
+//        and bf16, with the error against the float64 oracle at the same shape (under a minute).
+// full:  the headline shapes (b 1, 8 heads, d 128, N 4096; 2 and 1 threads): dense,
+//        causal, sliding_window (1024, causal), neighborhood_2d (64 x 64, 13 x 13), document
+//        (4 equal, causal); error measured on the same mechanism at N 1024 (err_n).
+// Each record also carries the square 4096 OpenBLAS sgemm rate with the same thread count.
+#include "bench.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <vector>
+
+#include "core/block_mask.h"
+#include "core/problem.h"
+#include "spec_json.h"
+
+extern "C" void openblas_set_num_threads(int);
+
+namespace attnkit::tools {
+namespace {
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+double sgemm_gflops(int threads) {
+  const int n = 4096;
+  std::vector<float> a(size_t(n) * n), b(size_t(n) * n), c(size_t(n) * n);
+  for (size_t i = 0; i < a.size(); ++i) {
+    a[i] = static_cast<float>((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+    b[i] = static_cast<float>((i * 40503u) % 1000) * 1e-3f - 0.5f;
+  }
+  openblas_set_num_threads(threads);
+  std::vector<double> t;
+  for (int rep = 0; rep < 4; ++rep) {
+    const double t0 = now_ms();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, a.data(), n, b.data(), n,
+                0.f, c.data(), n);
+    if (rep > 0) t.push_back(now_ms() - t0);
+  }
+  return 2.0 * n * n * double(n) / (median(t) * 1e6);
+}
+
+struct Record {
+  std::string mechanism, dtype;
+  Dims d;
+  int threads = 1;
+  double density = 0, ms = 0, gflops = 0, rel_err = 0, sgemm = 0;
+  int64_t err_n = 0;
+};
+
+// Allowed pairs of the instance (exact, from its BlockMask), over all batch elements.
+int64_t allowed_pairs(const Instance& inst) {
+  Outputs o = make_outputs(inst, false);
+  core::Problem p;
+  if (!core::validate_and_resolve(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view, {},
+                                  {}, {}, false, &p).ok())
+    return 0;
+  int64_t pairs = 0;
+  for (int64_t b = 0; b < p.batch; ++b) pairs += core::build_block_mask(p, b, false, 1).allowed_pairs;
+  return pairs;
+}
+
+bool time_one(const std::string& mech, DType dtype, const Dims& dims, int threads, int64_t err_n,
+              double sgemm, Record* rec) {
+  CheckOptions opt;
+  opt.dtype = dtype;
+  opt.dims = dims;
+  opt.threads = threads;
+  Instance inst;
+  if (!make_instance(mech, opt, inst).empty()) return false;
+  Outputs o = make_outputs(inst, false);
+  Options op;
+  op.num_threads = threads;
+  std::vector<double> t;
+  double total = 0;
+  for (int rep = 0; rep < 25 && (rep < 3 || total < 1500); ++rep) {
+    const double t0 = now_ms();
+    Status s = attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
+                                 o.row_stat.view, {}, op);
+    const double dt = now_ms() - t0;
+    if (!s.ok()) {
+      std::fprintf(stderr, "%s: %s\n", mech.c_str(), s.message().c_str());
+      return false;
+    }
+    if (rep > 0) t.push_back(dt);  // the first run warms caches and pages
+    total += dt;
+  }
+  const int64_t pairs = allowed_pairs(inst) * dims.hq;
+  rec->mechanism = mech;
+  rec->dtype = dtype_name(dtype);
+  rec->d = dims;
+  rec->threads = threads;
+  rec->ms = median(t);
+  rec->density = double(pairs) / double(dims.batch * dims.hq * dims.nq * dims.nk);
+  rec->gflops = 2.0 * pairs * double(dims.d + dims.dv) / (rec->ms * 1e6);
+  rec->sgemm = sgemm;
+  // Error against the oracle at the same shape, or at N = err_n for large shapes.
+  CheckOptions eo = opt;
+  if (err_n > 0 && err_n < dims.nk) {
+    eo.dims.nq = eo.dims.nk = err_n;
+    eo.dims.hq = std::min<int64_t>(eo.dims.hq, 2);
+    eo.dims.hk = std::min<int64_t>(eo.dims.hk, eo.dims.hq);
+  }
+  eo.stats = false;
+  rec->rel_err = check_mechanism(mech, eo).rel_err;
+  rec->err_n = eo.dims.nk;
+  return true;
+}
+
+}  // namespace
+
+int run_bench(const std::string& suite, const std::string& json_file, int threads_override) {
+  std::vector<Record> records;
+  std::vector<std::tuple<std::string, DType, Dims, int, int64_t>> plan;
+  if (suite == "quick") {
+    const int threads = threads_override > 0 ? threads_override : 2;
+    const Dims dims{1, 4, 2, 512, 512, 64, 64};
+    for (DType t : {DType::kF32, DType::kBF16})
+      for (const std::string& m : mechanism_names()) plan.emplace_back(m, t, dims, threads, 0);
+  } else if (suite == "full") {
+    const Dims dims{1, 8, 8, 4096, 4096, 128, 128};
+    std::vector<int> thread_counts = {2, 1};
+    if (threads_override > 0) thread_counts = {threads_override};
+    for (int th : thread_counts)
+      for (DType t : {DType::kF32, DType::kBF16})
+        for (const char* m : {"dense", "causal", "sliding_window", "neighborhood_2d", "document"})
+          plan.emplace_back(m, t, dims, th, 1024);
+  } else {
+    std::fprintf(stderr, "unknown suite '%s' (quick or full)\n", suite.c_str());
+    return 2;
+  }
+  std::vector<std::pair<int, double>> sgemm;
+  auto sgemm_for = [&](int th) {
+    for (auto& [t, g] : sgemm)
+      if (t == th) return g;
+    std::fprintf(stderr, "timing the 4096^3 OpenBLAS sgemm on %d thread(s)...\n", th);
+    sgemm.emplace_back(th, sgemm_gflops(th));
+    return sgemm.back().second;
+  };
+  std::printf("%-26s %-5s %3s %5s %5s %4s %4s %3s %7s %9s %8s %9s %6s\n", "mechanism", "dtype", "hq",
+              "nq", "nk", "d", "dv", "thr", "density", "ms", "GFLOP/s", "rel_err", "sgemm%");
+  size_t done = 0;
+  for (auto& [m, t, dims, th, err_n] : plan) {
+    Record r;
+    const double sg = sgemm_for(th);
+    ++done;
+    if (!time_one(m, t, dims, th, err_n, sg, &r)) continue;
+    std::printf("%-26s %-5s %3ld %5ld %5ld %4ld %4ld %3d %7.4f %9.3f %8.1f %9.2e %5.0f%%\n",
+                r.mechanism.c_str(), r.dtype.c_str(), long(dims.hq), long(dims.nq), long(dims.nk),
+                long(dims.d), long(dims.dv), th, r.density, r.ms, r.gflops, r.rel_err,
+                100.0 * r.gflops / r.sgemm);
+    std::fflush(stdout);
+    if (plan.size() > 12) std::fprintf(stderr, "[%zu/%zu]\r", done, plan.size());
+    records.push_back(r);
+  }
+  for (auto& [th, g] : sgemm) std::printf("OpenBLAS sgemm 4096^3, %d thread(s): %.1f GFLOP/s\n", th, g);
+  if (!json_file.empty()) {
+    json arr = json::array();
+    for (const Record& r : records)
+      arr.push_back({{"mechanism", r.mechanism}, {"backend", "cpu"}, {"dtype", r.dtype},
+                     {"pass", "fwd"}, {"b", r.d.batch}, {"hq", r.d.hq}, {"hk", r.d.hk},
+                     {"nq", r.d.nq}, {"nk", r.d.nk}, {"d", r.d.d}, {"dv", r.d.dv},
+                     {"threads", r.threads}, {"density", r.density}, {"ms", r.ms},
+                     {"gflops", r.gflops}, {"rel_err", r.rel_err}, {"err_n", r.err_n},
+                     {"sgemm_gflops", r.sgemm}});
+    std::ofstream(json_file) << arr.dump(1) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace attnkit::tools
