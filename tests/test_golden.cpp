@@ -41,7 +41,9 @@ Instance load_case(const json& c, DType dtype) {
   inst.v = OwnedTensor::from_doubles(floats(c.at("v")), dtype, sv);
   const std::string err = build_spec(c.at("spec"), inst, [&](const std::string& name, const std::vector<int64_t>& want) {
     const json& e = c.at(name);
-    if (name != "bias") EXPECT_EQ(shape(e), want) << name;  // a bias may broadcast
+    if (name != "bias") {  // a bias may broadcast
+      EXPECT_EQ(shape(e), want) << name;
+    }
     return OwnedTensor::from_doubles(numbers(e), DType::kF32, shape(e));
   });
   EXPECT_EQ(err, "");
