@@ -84,8 +84,18 @@ BlockMask build_block_mask(const Problem& p, int64_t b, bool count_rows, int num
   bm.q = g ? grid_tiling(*g) : linear_tiling(s.nq);
   bm.k = g ? grid_tiling(*g) : linear_tiling(s.nk);
   const int64_t nqt = bm.q.num_tiles(), nkt = bm.k.num_tiles();
+  // Tiles with their grid boxes precomputed (classify reads them).
+  auto with_box = [&](TileTokens t) {
+    if (g) {
+      const MaskEval none{};
+      none.grid_box(*g, t, t.box_lo, t.box_hi);
+      t.box_ndim = g->ndim;
+      for (int d = 0; d < g->ndim; ++d) t.box_shape[d] = g->shape[d];
+    }
+    return t;
+  };
   std::vector<TileTokens> ktiles(nkt);
-  for (int64_t u = 0; u < nkt; ++u) ktiles[u] = bm.k.tile(u);
+  for (int64_t u = 0; u < nkt; ++u) ktiles[u] = with_box(bm.k.tile(u));
 
   // Per query tile, in parallel; then concatenated in tile order.
   std::vector<std::vector<BlockEntry>> rows(nqt);
@@ -95,7 +105,7 @@ BlockMask build_block_mask(const Problem& p, int64_t b, bool count_rows, int num
   const bool trivial = p.spec->mask.is_none();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t t = 0; t < nqt; ++t) {
-    const TileTokens qt = bm.q.tile(t);
+    const TileTokens qt = with_box(bm.q.tile(t));
     for (int64_t u = 0; u < nkt; ++u) {
       const TileTokens& kt = ktiles[u];
       TileClass c = trivial ? TileClass::kFull : eval.classify(qt, kt);
@@ -105,11 +115,10 @@ BlockMask build_block_mask(const Problem& p, int64_t b, bool count_rows, int num
         const size_t at = words[t].size();
         uint64_t any = 0, all = ~uint64_t{0};
         const uint64_t full_row = kt.count == 64 ? ~uint64_t{0} : ((uint64_t{1} << kt.count) - 1);
+        uint64_t tile[kTileTokens];
+        eval.tile_bits(0, qt, kt, tile);
         for (int64_t r = 0; r < qt.count; ++r) {
-          const int64_t i = qt.at(r);
-          uint64_t w = 0;
-          for (int64_t x = 0; x < kt.count; ++x)
-            if (eval.allowed(i, kt.at(x))) w |= uint64_t{1} << x;
+          const uint64_t w = tile[r];
           words[t].push_back(w);
           any |= w;
           all &= w | ~full_row;

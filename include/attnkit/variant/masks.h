@@ -30,6 +30,10 @@ struct TileTokens {
   const int32_t* tokens = nullptr;
   int64_t start = 0, count = 0;
   int64_t lo = 0, hi = -1;  // min and max token index
+  // Optional: the tile's bounding box on a grid of shape box_shape (box_ndim 0: not computed).
+  int box_ndim = 0;
+  int64_t box_shape[kMaxGridDims] = {1, 1, 1};
+  int64_t box_lo[kMaxGridDims] = {0, 0, 0}, box_hi[kMaxGridDims] = {0, 0, 0};
   ATTNKIT_HD int64_t at(int64_t t) const { return tokens ? tokens[t] : start + t; }
 };
 
@@ -161,6 +165,15 @@ struct MaskEval {
     }
   }
   ATTNKIT_HD void grid_box(const MaskNode& n, const TileTokens& t, int64_t* lo, int64_t* hi) const {
+    bool cached = t.box_ndim == n.ndim;
+    for (int d = 0; cached && d < n.ndim; ++d) cached = t.box_shape[d] == n.shape[d];
+    if (cached) {
+      for (int d = 0; d < n.ndim; ++d) {
+        lo[d] = t.box_lo[d];
+        hi[d] = t.box_hi[d];
+      }
+      return;
+    }
     for (int d = 0; d < n.ndim; ++d) {
       lo[d] = INT64_MAX;
       hi[d] = INT64_MIN;
@@ -270,6 +283,62 @@ struct MaskEval {
   }
   ATTNKIT_HD TileClass classify(const TileTokens& qt, const TileTokens& kt) const {
     return classify(0, qt, kt);
+  }
+
+  // ---- exact bits of a tile pair (rows[r] bit x: allowed(q token r, k token x)) --------------
+  // The same answer as `allowed` per element; grid masks and combinators work a row at a time
+  // (the query's window once per row, key coordinates once per tile).
+  static constexpr int kMaxTileTokens = 64;
+  ATTNKIT_HD void tile_bits(int32_t id, const TileTokens& qt, const TileTokens& kt,
+                            uint64_t* rows) const {
+    const MaskNode& n = nodes[id];
+    const uint64_t full = kt.count >= 64 ? ~uint64_t{0} : ((uint64_t{1} << kt.count) - 1);
+    switch (n.kind) {
+      case MaskKind::kAnd:
+      case MaskKind::kOr: {
+        uint64_t other[kMaxTileTokens];
+        tile_bits(n.child0, qt, kt, rows);
+        tile_bits(n.child1, qt, kt, other);
+        for (int64_t r = 0; r < qt.count; ++r)
+          rows[r] = n.kind == MaskKind::kAnd ? (rows[r] & other[r]) : (rows[r] | other[r]);
+        return;
+      }
+      case MaskKind::kNot:
+        tile_bits(n.child0, qt, kt, rows);
+        for (int64_t r = 0; r < qt.count; ++r) rows[r] = ~rows[r] & full;
+        return;
+      case MaskKind::kNeighborhood: {
+        int64_t ck[kMaxTileTokens][kMaxGridDims];
+        for (int64_t x = 0; x < kt.count; ++x) coords(n, kt.at(x), ck[x]);
+        for (int64_t r = 0; r < qt.count; ++r) {
+          int64_t cq[kMaxGridDims], lo[kMaxGridDims], hi[kMaxGridDims];
+          coords(n, qt.at(r), cq);
+          for (int d = 0; d < n.ndim; ++d) {
+            na_window(cq[d], n.shape[d], n.kernel[d], n.dilation[d], n.dim_causal[d], &lo[d], &hi[d]);
+            const int64_t g = cq[d] % n.dilation[d];  // key coordinate range of the window
+            lo[d] = lo[d] * n.dilation[d] + g;
+            hi[d] = hi[d] * n.dilation[d] + g;
+          }
+          uint64_t w = 0;
+          for (int64_t x = 0; x < kt.count; ++x) {
+            bool ok = true;
+            for (int d = 0; d < n.ndim; ++d)
+              ok = ok && ck[x][d] >= lo[d] && ck[x][d] <= hi[d] &&
+                   (n.dilation[d] == 1 || (ck[x][d] - lo[d]) % n.dilation[d] == 0);
+            w |= static_cast<uint64_t>(ok) << x;
+          }
+          rows[r] = w;
+        }
+        return;
+      }
+      default:
+        for (int64_t r = 0; r < qt.count; ++r) {
+          const int64_t i = qt.at(r);
+          uint64_t w = 0;
+          for (int64_t x = 0; x < kt.count; ++x) w |= static_cast<uint64_t>(allowed(id, i, kt.at(x))) << x;
+          rows[r] = w;
+        }
+    }
   }
 };
 
