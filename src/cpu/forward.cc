@@ -225,6 +225,21 @@ void pack_kv(FwdCall& c, int64_t unit, int64_t t) {
   }
 }
 
+// The Q' tile of (b, h): fp32 [rows][d'], scale folded in, low-rank u appended unscaled.
+void pack_q(const FwdCall& c, float* q, int64_t b, int64_t h, const TileTokens& qt) {
+  const core::Problem& p = *c.p;
+  const TensorView& u = p.spec->mods.low_rank_u;
+  for (int64_t r = 0; r < qt.count; ++r) {
+    const int64_t i = qt.at(r);
+    float* qr = q + r * c.d_eff;
+    load_row(p.q.row(b, h, p.seqs[b].q_start + i), p.q.dtype, p.d, p.scale, qr);
+    if (c.lowrank)
+      for (int64_t e = 0; e < c.d_eff - p.d; ++e)
+        qr[p.d + e] = static_cast<const float*>(
+            u.data)[b * u.strides[0] + h * u.strides[1] + i * u.strides[2] + e * u.strides[3]];
+  }
+}
+
 // The element mask of a partial tile, and the padding columns of a short key tile: -inf.
 HWY_INLINE void apply_bits(float* HWY_RESTRICT srow, uint64_t word) {
   const DF d;
@@ -262,17 +277,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
   const size_t N = hn::Lanes(d);
   constexpr bool kSoftmax = kNorm == NormalizerKind::kSoftmax || kNorm == NormalizerKind::kSoftmaxSink;
 
-  // Q' tile (scale folded in; low-rank u appended unscaled).
-  const TensorView& u = spec.mods.low_rank_u;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = qt.at(r);
-    float* qr = w.q.get() + r * c.d_eff;
-    load_row(p.q.row(b, h, s.q_start + i), p.q.dtype, p.d, p.scale, qr);
-    if (c.lowrank)
-      for (int64_t e = 0; e < c.d_eff - p.d; ++e)
-        qr[p.d + e] = static_cast<const float*>(
-            u.data)[b * u.strides[0] + h * u.strides[1] + i * u.strides[2] + e * u.strides[3]];
-  }
+  pack_q(c, w.q.get(), b, h, qt);
   const float sink = kNorm == NormalizerKind::kSoftmaxSink
                          ? static_cast<const float*>(norm.sinks.data)[h * norm.sinks.strides[0]]
                          : kNegInf;
@@ -465,7 +470,6 @@ void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<doubl
   const size_t N = hn::Lanes(d);
   ScoreModEval<float> mods;
   if constexpr (kMods) mods = core::resolve_score_mods(p, c.tables[b], b, h, false);
-  const TensorView& u = spec.mods.low_rank_u;
   float* S = w.s.get();
   for (int64_t t = 0; t < bm.q.num_tiles(); ++t) {
     const TileTokens qt = bm.q.tile(t);
@@ -476,14 +480,9 @@ void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<doubl
       w.m[r] = (i >= p.col_q_begin && i < p.col_q_end) ? c.lse[(b * p.hq + h) * p.max_nq + i]
                                                        : kNegInf;
       any = any || w.m[r] != kNegInf;
-      float* qr = w.q.get() + r * c.d_eff;
-      load_row(p.q.row(b, h, s.q_start + i), p.q.dtype, p.d, p.scale, qr);
-      if (c.lowrank)
-        for (int64_t e = 0; e < c.d_eff - p.d; ++e)
-          qr[p.d + e] = static_cast<const float*>(
-              u.data)[b * u.strides[0] + h * u.strides[1] + i * u.strides[2] + e * u.strides[3]];
     }
     if (!any) continue;
+    pack_q(c, w.q.get(), b, h, qt);
     for (int64_t e = bm.row_begin[t]; e < bm.row_begin[t + 1]; ++e) {
       const core::BlockEntry& ent = bm.entries[e];
       const TileTokens kt = bm.k.tile(ent.k_tile);
