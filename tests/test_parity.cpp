@@ -2,6 +2,8 @@
 // oracle on random inputs (several scales, odd sizes, Nq != Nk, GQA/MQA, BNHD, dv != d).
 #include <gtest/gtest.h>
 
+#include "attnkit/variant/score_mods.h"
+#include "core/convert.h"
 #include "spec_json.h"
 
 namespace attnkit::tools {
@@ -76,6 +78,44 @@ TEST(Threads, SameResultAnyThreadCount) {
       if (first.empty()) first = o.out.to_doubles();
       else EXPECT_EQ(first, o.out.to_doubles()) << mech << " threads " << threads;
     }
+  }
+}
+
+
+// The policies' dtype decode (used for a bias in q's dtype) agrees with the compiler's
+// conversions on every 16-bit pattern.
+TEST(Policies, HalfAndBfloatDecodeEveryPattern) {
+  for (uint32_t x = 0; x < 65536; ++x) {
+    const uint16_t h = static_cast<uint16_t>(x);
+    const float f16 = load_float<float>(&h, DType::kF16, 0), want16 = core::f16_to_float(h);
+    const float b16 = load_float<float>(&h, DType::kBF16, 0), wantb = core::bf16_to_float(h);
+    if (std::isnan(want16)) EXPECT_TRUE(std::isnan(f16)) << x;
+    else EXPECT_EQ(f16, want16) << x;
+    if (std::isnan(wantb)) EXPECT_TRUE(std::isnan(b16)) << x;
+    else EXPECT_EQ(b16, wantb) << x;
+  }
+}
+
+// A bias given in q's dtype (bf16, fp16) equals the same values given in fp32.
+TEST(Policies, BiasInInputDtype) {
+  for (DType t : {DType::kBF16, DType::kF16}) {
+    Instance inst;
+    CheckOptions opt;
+    opt.dtype = t;
+    opt.dims = {2, 2, 1, 70, 90, 32, 32};
+    ASSERT_EQ(make_instance("bias", opt, inst), "");
+    const std::vector<double> vals = inst.extras["bias"].to_doubles();
+    OwnedTensor low = OwnedTensor::from_doubles(vals, t, {2, 2, 70, 90});
+    OwnedTensor wide = OwnedTensor::from_doubles(low.to_doubles(), DType::kF32, {2, 2, 70, 90});
+    Outputs a = make_outputs(inst, false), b = make_outputs(inst, false);
+    inst.spec.mods.bias = low.view;
+    ASSERT_TRUE(attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, a.out.view).ok());
+    OwnedTensor ref = OwnedTensor::zeros(DType::kF64, {2, 2, 70, 32});
+    ASSERT_TRUE(reference_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, ref.view).ok());
+    inst.spec.mods.bias = wide.view;
+    ASSERT_TRUE(attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, b.out.view).ok());
+    EXPECT_EQ(a.out.to_doubles(), b.out.to_doubles()) << dtype_name(t);
+    EXPECT_LE(rel_error(a.out.to_doubles(), ref.to_doubles()), tolerance_for(t)) << dtype_name(t);
   }
 }
 

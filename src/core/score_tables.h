@@ -19,7 +19,6 @@ struct ScoreTables {
   std::vector<T> slopes;           // [hq]
   std::vector<T> table;            // [hq][buckets]
   int64_t buckets = 0;
-  std::vector<T> bias;             // [hq or 1][nq][nk] for one batch element (reference only)
   std::vector<T> lowrank_u, lowrank_w;  // [hq][n][r] (reference only)
   int64_t rank = 0;
 };
@@ -84,8 +83,8 @@ ScoreTables<T> build_score_tables(const Problem& p, int64_t b, bool dense_extras
   return t;
 }
 
-// Resolves the score mods of (b, h) for the tables of batch element b. The bias is read through
-// `bias` (a [nq][nk] matrix of this head, or null).
+// Resolves the score mods of (b, h) for the tables of batch element b (the bias is read in
+// place, broadcast dims of size 1).
 template <class T>
 ScoreModEval<T> resolve_score_mods(const Problem& p, const ScoreTables<T>& t, int64_t b, int64_t h,
                                    bool with_lowrank) {
@@ -102,21 +101,21 @@ ScoreModEval<T> resolve_score_mods(const Problem& p, const ScoreTables<T>& t, in
     e.bucket_origin = t.bucket_origin;
   }
   if (!t.forget_c.empty()) e.forget_c = t.forget_c.data() + h * s.nk;
+  if (m.bias.defined()) {
+    const TensorView& bias = m.bias;
+    e.bias = static_cast<const char*>(bias.data) +
+             ((bias.shape[0] == 1 ? 0 : b) * bias.strides[0] +
+              (bias.shape[1] == 1 ? 0 : h) * bias.strides[1]) * dtype_size(bias.dtype);
+    e.bias_dtype = bias.dtype;
+    e.bias_si = bias.strides[2];
+    e.bias_sj = bias.strides[3];
+  }
   if (with_lowrank && t.rank > 0) {
     e.u = t.lowrank_u.data() + h * s.nq * t.rank;
     e.w = t.lowrank_w.data() + h * s.nk * t.rank;
     e.rank = t.rank;
   }
   return e;
-}
-
-// Reads bias[b, h, i, j] (broadcast dims have size 1) as T.
-template <class T>
-T bias_at(const TensorView& bias, int64_t b, int64_t h, int64_t i, int64_t j) {
-  const int64_t off = (bias.shape[0] == 1 ? 0 : b) * bias.strides[0] +
-                      (bias.shape[1] == 1 ? 0 : h) * bias.strides[1] + i * bias.strides[2] +
-                      j * bias.strides[3];
-  return static_cast<T>(load_as_double(bias.data, bias.dtype, off));
 }
 
 }  // namespace attnkit::core

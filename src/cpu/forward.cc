@@ -55,11 +55,11 @@ struct FwdCall {
   std::vector<core::ScoreTables<float>> tables;  // per batch element
   std::vector<float> beta;                       // sigmoid beta per batch element
   bool lowrank = false;
-  int64_t d_eff = 0, dv_pad = 0, heads_per_unit = 1, units_per_batch = 0;
-  // Packed K/V of the units [unit_begin, unit_end): unit u at (u - unit_begin) * unit_floats.
+  int64_t d_eff = 0, dv_pad = 0, units_per_batch = 0;
+  // Packed K/V of the units from unit_begin on: unit u at (u - unit_begin) * unit_floats.
   hwy::AlignedFreeUniquePtr<float[]> packed;
   int64_t unit_floats = 0, k_tile_floats = 0, v_tile_floats = 0, max_k_tiles = 0;
-  int64_t unit_begin = 0, unit_end = 0;
+  int64_t unit_begin = 0;
   std::vector<float> lse;  // [B][Hq][max_nq] when column mass is asked for
   int threads = 1;
 
@@ -254,6 +254,31 @@ HWY_INLINE void apply_bits(float* HWY_RESTRICT srow, uint64_t word) {
   }
 }
 
+// The S tile after Q' K'^T, in order: score mods (general path), an optional per-row factor
+// (the kernel normalizer's length scale; 0 gives 0), then the element mask of a partial tile and
+// the padding columns of a short key tile (-inf). Rows whose skip[r] is -inf are left alone.
+template <bool kMods>
+void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const TileTokens& qt,
+                const TileTokens& kt, const core::BlockMask& bm, const core::BlockEntry& ent,
+                const float* prescale, const float* skip) {
+  for (int64_t r = 0; r < qt.count; ++r) {
+    if (skip && skip[r] == kNegInf) continue;
+    float* sr = S + r * kTile;
+    if constexpr (kMods) {
+      const int64_t i = qt.at(r);
+      for (int64_t x = 0; x < kt.count; ++x) sr[x] = mods.score(sr[x], i, i + offset, kt.at(x));
+    }
+    if (prescale) {
+      const float f = prescale[r];
+      for (int64_t x = 0; x < kTile; ++x) sr[x] = f == 0.f ? 0.f : sr[x] * f;
+    }
+    if (ent.cls == TileClass::kPartial)
+      apply_bits(sr, bm.bits[ent.bits + r]);
+    else if (kt.count < kTile)
+      apply_bits(sr, (uint64_t{1} << kt.count) - 1);
+  }
+}
+
 HWY_INLINE float reduce_max(const float* x) {
   const DF d;
   const size_t N = hn::Lanes(d);
@@ -293,19 +318,9 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
   std::fill(w.o.get(), w.o.get() + rows * c.dv_pad, 0.f);
 
   ScoreModEval<float> mods;
-  const TensorView& bias = spec.mods.bias;
-  const char* bias_base = nullptr;
-  int64_t bias_si = 0, bias_sj = 0;
-  if constexpr (kMods) {
-    mods = core::resolve_score_mods(p, c.tables[b], b, h, false);
-    if (bias.defined()) {
-      bias_base = static_cast<const char*>(bias.data) +
-                  ((bias.shape[0] == 1 ? 0 : b) * bias.strides[0] +
-                   (bias.shape[1] == 1 ? 0 : h) * bias.strides[1]) * dtype_size(bias.dtype);
-      bias_si = bias.strides[2];
-      bias_sj = bias.strides[3];
-    }
-  }
+  if constexpr (kMods) mods = core::resolve_score_mods(p, c.tables[b], b, h, false);
+  const float* prescale =
+      kNorm == NormalizerKind::kKernel && norm.length_scale ? w.lscale.data() : nullptr;
   const bool want_entropy = p.entropy.defined();
   const float beta = c.beta[b];
 
@@ -315,33 +330,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
     const TileTokens kt = bm.k.tile(ent.k_tile);
     gemm(w.q.get(), c.d_eff, c.k_tile(unit, ent.k_tile), kTile, c.d_eff, S, kTile, rows, kTile,
          nullptr, false);
-    if constexpr (kMods) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = qt.at(r);
-        float* sr = S + r * kTile;
-        for (int64_t x = 0; x < kt.count; ++x) {
-          const int64_t j = kt.at(x);
-          float v = sr[x];
-          if (bias_base)
-            v += bias.dtype == DType::kF32
-                     ? reinterpret_cast<const float*>(bias_base)[i * bias_si + j * bias_sj]
-                     : static_cast<float>(core::load_as_double(bias_base, bias.dtype,
-                                                               i * bias_si + j * bias_sj));
-          sr[x] = mods.score(v, i, i + s.offset, j);
-        }
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      float* sr = S + r * kTile;
-      if (kNorm == NormalizerKind::kKernel && norm.length_scale) {
-        const float f = w.lscale[r];
-        for (int64_t x = 0; x < kTile; ++x) sr[x] = f == 0.f ? 0.f : sr[x] * f;
-      }
-      if (ent.cls == TileClass::kPartial)
-        apply_bits(sr, bm.bits[ent.bits + r]);
-      else if (kt.count < kTile)
-        apply_bits(sr, (uint64_t{1} << kt.count) - 1);
-    }
+    score_tile<kMods>(S, mods, s.offset, qt, kt, bm, ent, prescale, nullptr);
     // The normalizer's tile step: S -> P in place.
     for (int64_t r = 0; r < rows; ++r) {
       float* sr = S + r * kTile;
@@ -462,7 +451,6 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
 template <bool kMods>
 void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<double>& mass) {
   const core::Problem& p = *c.p;
-  const AttentionSpec& spec = *p.spec;
   const core::Sequence& s = p.seqs[b];
   const core::BlockMask& bm = c.mask(b);
   const int64_t unit = b * c.units_per_batch + (c.lowrank ? h : h / p.group);
@@ -488,30 +476,16 @@ void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<doubl
       const TileTokens kt = bm.k.tile(ent.k_tile);
       gemm(w.q.get(), c.d_eff, c.k_tile(unit, ent.k_tile), kTile, c.d_eff, S, kTile, rows, kTile,
            nullptr, false);
-      VF colsum[kTile / 4];
-      for (size_t x = 0; x < kTile; x += N) colsum[x / N] = hn::Zero(d);
+      score_tile<kMods>(S, mods, s.offset, qt, kt, bm, ent, nullptr, w.m.data());
+      HWY_ALIGN float cs[kTile] = {};  // column sums of this tile pair, any vector width
       for (int64_t r = 0; r < rows; ++r) {
-        float* sr = S + r * kTile;
+        const float* sr = S + r * kTile;
         if (w.m[r] == kNegInf) continue;
-        if constexpr (kMods) {
-          const int64_t i = qt.at(r);
-          for (int64_t x = 0; x < kt.count; ++x) {
-            const int64_t j = kt.at(x);
-            float v = sr[x];
-            if (spec.mods.bias.defined()) v += core::bias_at<float>(spec.mods.bias, b, h, i, j);
-            sr[x] = mods.score(v, i, i + s.offset, j);
-          }
-        }
-        if (ent.cls == TileClass::kPartial)
-          apply_bits(sr, bm.bits[ent.bits + r]);
-        else if (kt.count < kTile)
-          apply_bits(sr, (uint64_t{1} << kt.count) - 1);
         const VF lse = hn::Set(d, w.m[r]);
         for (size_t x = 0; x < kTile; x += N)
-          colsum[x / N] = hn::Add(colsum[x / N], hn::Exp(d, hn::Sub(hn::LoadU(d, sr + x), lse)));
+          hn::Store(hn::Add(hn::Load(d, cs + x), hn::Exp(d, hn::Sub(hn::LoadU(d, sr + x), lse))),
+                    d, cs + x);
       }
-      float cs[kTile];
-      for (size_t x = 0; x < kTile; x += N) hn::StoreU(colsum[x / N], d, cs + x);
       for (int64_t x = 0; x < kt.count; ++x) mass[kt.at(x)] += cs[x];
     }
   }
@@ -582,7 +556,6 @@ Status ForwardImpl(const core::Problem& p) {
   c.lowrank = spec.mods.low_rank_u.defined();
   c.d_eff = p.d + (c.lowrank ? spec.mods.low_rank_u.shape[3] : 0);
   c.dv_pad = static_cast<int64_t>(vec_pad(p.dv));
-  c.heads_per_unit = c.lowrank ? 1 : p.group;
   c.units_per_batch = c.lowrank ? p.hq : p.hk;
   const bool count_rows = spec.normalizer.kind == NormalizerKind::kKernel && spec.normalizer.length_scale;
   if (core::block_mask_per_batch(p)) {
@@ -619,8 +592,7 @@ Status ForwardImpl(const core::Problem& p) {
   for (int64_t b0 = 0; b0 < p.batch; b0 += per_chunk) {
     const int64_t b1 = std::min(p.batch, b0 + per_chunk);
     c.unit_begin = b0 * c.units_per_batch;
-    c.unit_end = b1 * c.units_per_batch;
-    const int64_t units = c.unit_end - c.unit_begin;
+    const int64_t units = (b1 - b0) * c.units_per_batch;
     parallel_for(units * c.max_k_tiles, c.threads, [&](int64_t task, int) {
       pack_kv(c, c.unit_begin + task / c.max_k_tiles, task % c.max_k_tiles);
     });

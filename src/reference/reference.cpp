@@ -47,9 +47,7 @@ void reference_head(const core::Problem& p, const core::ScoreTables<double>& tab
     for (int64_t j = 0; j < nk; ++j) {
       double dot = 0;
       for (int64_t c = 0; c < p.d; ++c) dot += qv(i, c) * kv(j, c);
-      double x = p.scale64 * dot;
-      if (spec.mods.bias.defined()) x += core::bias_at<double>(spec.mods.bias, b, h, i, j);
-      S[i * nk + j] = mods.score(x, i, i + s.offset, j);
+      S[i * nk + j] = mods.score(p.scale64 * dot, i, i + s.offset, j);
       A[i * nk + j] = mask.allowed(i, j);
       n_allowed[i] += A[i * nk + j];
     }

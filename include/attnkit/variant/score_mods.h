@@ -7,6 +7,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "attnkit/spec.h"
 #include "attnkit/variant/common.h"
@@ -38,13 +39,38 @@ ATTNKIT_HD double alibi_default_slope(int64_t h, int64_t num_heads) {
   return std::exp2(-8.0 * static_cast<double>(h + 1) / static_cast<double>(num_heads));
 }
 
-// One (batch, query head) of ScoreMods, with tensors resolved to fp32/fp64 row pointers.
+// One element of a floating-point tensor as T (fp32, fp64, bf16, fp16).
+template <class T>
+ATTNKIT_HD T load_float(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::kF32: return static_cast<T>(static_cast<const float*>(p)[i]);
+    case DType::kF64: return static_cast<T>(static_cast<const double*>(p)[i]);
+    case DType::kBF16: {
+      const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
+      float f;
+      std::memcpy(&f, &u, 4);
+      return static_cast<T>(f);
+    }
+    case DType::kF16: {
+      const uint16_t h = static_cast<const uint16_t*>(p)[i];
+      const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+      const double mag = e == 0    ? std::ldexp(static_cast<double>(m), -24)
+                         : e == 31 ? (m ? NAN : INFINITY)
+                                   : std::ldexp(static_cast<double>(m | 0x400), e - 25);
+      return static_cast<T>((h & 0x8000) ? -mag : mag);
+    }
+    default: return T(0);
+  }
+}
+
+// One (batch, query head) of ScoreMods, with tensors resolved to row pointers.
 template <class T>
 struct ScoreModEval {
   T softcap = 0;
   AlibiMode alibi = AlibiMode::kOff;
   T slope = 0;
-  const T* bias = nullptr;  // bias[i * bias_si + j * bias_sj]
+  const void* bias = nullptr;  // this (b, h) of the bias: element i * bias_si + j * bias_sj
+  DType bias_dtype = DType::kF32;
   int64_t bias_si = 0, bias_sj = 0;
   const T* u = nullptr;     // low-rank: u[i * rank + r], w[j * rank + r]
   const T* w = nullptr;
@@ -56,7 +82,7 @@ struct ScoreModEval {
   const T* forget_c = nullptr;  // c = cumsum(log f) over key positions
 
   ATTNKIT_HD T score(T s, int64_t i, int64_t ia, int64_t j) const {
-    if (bias) s += bias[i * bias_si + j * bias_sj];
+    if (bias) s += load_float<T>(bias, bias_dtype, i * bias_si + j * bias_sj);
     if (u) {
       T acc = 0;
       for (int64_t r = 0; r < rank; ++r) acc += u[i * rank + r] * w[j * rank + r];
