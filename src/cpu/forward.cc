@@ -603,6 +603,9 @@ Status ForwardImpl(const core::Problem& p) {
   return {};
 }
 
+// The name of the target this code was compiled for (dispatched: the one that runs).
+const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
+
 }  // namespace HWY_NAMESPACE
 }  // namespace attnkit::cpu
 HWY_AFTER_NAMESPACE();
@@ -614,9 +617,11 @@ HWY_EXPORT(ForwardImpl);
 
 Status forward(const core::Problem& p) { return HWY_DYNAMIC_DISPATCH(ForwardImpl)(p); }
 
-std::string simd_target() {
-  return hwy::TargetName(hwy::SupportedAndGeneratedTargets()[0]);
-}
+HWY_EXPORT(TargetNameImpl);
+
+std::string simd_target() { return HWY_DYNAMIC_DISPATCH(TargetNameImpl)(); }
+
+std::vector<int64_t> simd_targets() { return hwy::SupportedAndGeneratedTargets(); }
 
 }  // namespace attnkit::cpu
 #endif  // HWY_ONCE
