@@ -153,5 +153,58 @@ TEST(FullyMasked, ZeroOutputAndMinusInfLse) {
   }
 }
 
+
+// Every visited tile's bits (fast paths included) equal the per-element allowed hook, and every
+// skipped tile has no allowed pair: grids in 1-3 dims, causal dims, dilation, odd box edges.
+TEST(BlockMask, BitsMatchElementRule) {
+  struct G {
+    std::vector<int64_t> shape, kernel, dilation;
+    std::vector<bool> causal;
+  };
+  const G grids[] = {{{20, 27}, {5, 7}, {1, 1}, {false, false}},
+                     {{13, 70}, {13, 3}, {1, 1}, {false, true}},
+                     {{9, 10, 11}, {3, 5, 3}, {1, 1, 1}, {true, false, false}},
+                     {{16, 18}, {3, 3}, {2, 3}, {false, false}},
+                     {{1, 100}, {1, 9}, {1, 1}, {false, false}},
+                     {{5, 6}, {3, 5}, {1, 1}, {true, false}}};
+  for (const G& g : grids) {
+    int64_t n = 1;
+    for (int64_t x : g.shape) n *= x;
+    OwnedTensor q = random_tensor(DType::kF32, {1, 1, n, 8}, 1.0, 1);
+    OwnedTensor out = OwnedTensor::zeros(DType::kF32, {1, 1, n, 8});
+    AttentionSpec spec;
+    spec.mask = Mask::neighborhood(g.shape, g.kernel, g.dilation, g.causal);
+    core::Problem p;
+    ASSERT_TRUE(core::validate_and_resolve(q.view, q.view, q.view, spec, out.view, {}, {}, {}, false, &p).ok());
+    const core::BlockMask bm = core::build_block_mask(p, 0, false, 1);
+    const MaskEval e = p.mask_eval(0);
+    int64_t pairs = 0;
+    for (int64_t t = 0; t < bm.q.num_tiles(); ++t) {
+      const TileTokens qt = bm.q.tile(t);
+      std::vector<int> seen(bm.k.num_tiles(), 0);
+      for (int64_t x = bm.row_begin[t]; x < bm.row_begin[t + 1]; ++x) {
+        const core::BlockEntry& ent = bm.entries[x];
+        seen[ent.k_tile] = 1;
+        const TileTokens kt = bm.k.tile(ent.k_tile);
+        for (int64_t r = 0; r < qt.count; ++r)
+          for (int64_t c = 0; c < kt.count; ++c) {
+            const bool want = e.allowed(qt.at(r), kt.at(c));
+            const bool got = ent.cls == TileClass::kFull || ((bm.bits[ent.bits + r] >> c) & 1);
+            ASSERT_EQ(got, want) << "grid " << g.shape.size() << "-D, tile " << t << " row " << r;
+          }
+      }
+      for (int64_t u = 0; u < bm.k.num_tiles(); ++u) {
+        if (seen[u]) continue;
+        const TileTokens kt = bm.k.tile(u);
+        for (int64_t r = 0; r < qt.count; ++r)
+          for (int64_t c = 0; c < kt.count; ++c) ASSERT_FALSE(e.allowed(qt.at(r), kt.at(c)));
+      }
+    }
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) pairs += e.allowed(i, j);
+    EXPECT_EQ(bm.allowed_pairs, pairs);
+  }
+}
+
 }  // namespace
 }  // namespace attnkit::tools

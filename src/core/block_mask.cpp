@@ -90,6 +90,7 @@ BlockMask build_block_mask(const Problem& p, int64_t b, bool count_rows, int num
       const MaskEval none{};
       none.grid_box(*g, t, t.box_lo, t.box_hi);
       t.box_ndim = g->ndim;
+      t.box_exact = true;  // grid_tiling lays tiles out as row-major boxes
       for (int d = 0; d < g->ndim; ++d) t.box_shape[d] = g->shape[d];
     }
     return t;
@@ -103,7 +104,9 @@ BlockMask build_block_mask(const Problem& p, int64_t b, bool count_rows, int num
   std::vector<int64_t> pairs(nqt, 0);
   if (count_rows) bm.allowed_keys.assign(s.nq, 0);
   const bool trivial = p.spec->mask.is_none();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  // Threads only pay off for many tile pairs (a team costs more than ~1000 classifications).
+  const int threads = nqt * nkt >= 16384 ? num_threads : 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t t = 0; t < nqt; ++t) {
     const TileTokens qt = with_box(bm.q.tile(t));
     for (int64_t u = 0; u < nkt; ++u) {

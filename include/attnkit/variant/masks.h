@@ -31,7 +31,9 @@ struct TileTokens {
   int64_t start = 0, count = 0;
   int64_t lo = 0, hi = -1;  // min and max token index
   // Optional: the tile's bounding box on a grid of shape box_shape (box_ndim 0: not computed).
+  // box_exact: the tile is exactly that box, its tokens in row-major order (grid tilings).
   int box_ndim = 0;
+  bool box_exact = false;
   int64_t box_shape[kMaxGridDims] = {1, 1, 1};
   int64_t box_lo[kMaxGridDims] = {0, 0, 0}, box_hi[kMaxGridDims] = {0, 0, 0};
   ATTNKIT_HD int64_t at(int64_t t) const { return tokens ? tokens[t] : start + t; }
@@ -62,8 +64,9 @@ struct MaskEval {
   // query's dilation group) for query coordinate x.
   ATTNKIT_HD static void na_window(int64_t x, int64_t extent, int64_t k, int64_t dl, bool causal,
                                    int64_t* lo, int64_t* hi) {
-    const int64_t g = x % dl, u = x / dl;
-    const int64_t len = (extent - g + dl - 1) / dl;
+    // dl == 1 (the common case) needs no division.
+    const int64_t g = dl == 1 ? 0 : x % dl, u = dl == 1 ? x : x / dl;
+    const int64_t len = dl == 1 ? extent : (extent - g + dl - 1) / dl;
     if (causal) {
       *lo = imax(0, u - k + 1);
       *hi = u;
@@ -245,9 +248,11 @@ struct MaskEval {
           for (int64_t x = ql[d]; x <= qh[d]; ++x) {
             int64_t lo, hi;
             na_window(x, n.shape[d], n.kernel[d], n.dilation[d], n.dim_causal[d], &lo, &hi);
-            const int64_t g = x % n.dilation[d];
-            lo = lo * n.dilation[d] + g;
-            hi = hi * n.dilation[d] + g;
+            if (n.dilation[d] > 1) {
+              const int64_t g = x % n.dilation[d];
+              lo = lo * n.dilation[d] + g;
+              hi = hi * n.dilation[d] + g;
+            }
             ulo = imin(ulo, lo);
             uhi = imax(uhi, hi);
             ilo = imax(ilo, lo);
@@ -285,6 +290,56 @@ struct MaskEval {
     return classify(0, qt, kt);
   }
 
+  // Neighborhood bits when both tiles are exact row-major boxes of the node's grid and every
+  // dilation is 1: a row's allowed keys in the key box are a sub-box, so its bits are a few
+  // shifted runs. Returns false when the fast path does not apply.
+  ATTNKIT_HD bool box_bits(const MaskNode& n, const TileTokens& qt, const TileTokens& kt,
+                           uint64_t* rows) const {
+    auto exact = [&](const TileTokens& t) {
+      if (!t.box_exact || t.box_ndim != n.ndim) return false;
+      for (int d = 0; d < n.ndim; ++d)
+        if (t.box_shape[d] != n.shape[d] || n.dilation[d] != 1) return false;
+      return true;
+    };
+    if (!exact(qt) || !exact(kt)) return false;
+    int64_t qext[kMaxGridDims] = {1, 1, 1}, kext[kMaxGridDims] = {1, 1, 1};
+    for (int d = 0; d < n.ndim; ++d) {
+      qext[d] = qt.box_hi[d] - qt.box_lo[d] + 1;
+      kext[d] = kt.box_hi[d] - kt.box_lo[d] + 1;
+    }
+    for (int64_t r = 0; r < qt.count; ++r) {
+      // Coordinates of query r from its place in the row-major box.
+      int64_t c[kMaxGridDims], lo[kMaxGridDims], hi[kMaxGridDims], rem = r;
+      for (int d = n.ndim - 1; d >= 0; --d) {
+        c[d] = qt.box_lo[d] + rem % qext[d];
+        rem /= qext[d];
+      }
+      bool empty = false;
+      for (int d = 0; d < n.ndim; ++d) {
+        na_window(c[d], n.shape[d], n.kernel[d], 1, n.dim_causal[d], &lo[d], &hi[d]);
+        lo[d] = imax(lo[d], kt.box_lo[d]) - kt.box_lo[d];  // in key-box coordinates
+        hi[d] = imin(hi[d], kt.box_hi[d]) - kt.box_lo[d];
+        empty = empty || lo[d] > hi[d];
+      }
+      uint64_t w = 0;
+      if (!empty) {
+        const int last = n.ndim - 1;
+        const int64_t len = hi[last] - lo[last] + 1;  // 1 to 64
+        const uint64_t run = (len >= 64 ? ~uint64_t{0} : ((uint64_t{1} << len) - 1)) << lo[last];
+        if (n.ndim == 1) {
+          w = run;
+        } else if (n.ndim == 2) {
+          for (int64_t y = lo[0]; y <= hi[0]; ++y) w |= run << (y * kext[1]);
+        } else {
+          for (int64_t z = lo[0]; z <= hi[0]; ++z)
+            for (int64_t y = lo[1]; y <= hi[1]; ++y) w |= run << ((z * kext[1] + y) * kext[2]);
+        }
+      }
+      rows[r] = w;
+    }
+    return true;
+  }
+
   // ---- exact bits of a tile pair (rows[r] bit x: allowed(q token r, k token x)) --------------
   // The same answer as `allowed` per element; grid masks and combinators work a row at a time
   // (the query's window once per row, key coordinates once per tile).
@@ -308,6 +363,7 @@ struct MaskEval {
         for (int64_t r = 0; r < qt.count; ++r) rows[r] = ~rows[r] & full;
         return;
       case MaskKind::kNeighborhood: {
+        if (box_bits(n, qt, kt, rows)) return;
         int64_t ck[kMaxTileTokens][kMaxGridDims];
         for (int64_t x = 0; x < kt.count; ++x) coords(n, kt.at(x), ck[x]);
         for (int64_t r = 0; r < qt.count; ++r) {
@@ -315,9 +371,11 @@ struct MaskEval {
           coords(n, qt.at(r), cq);
           for (int d = 0; d < n.ndim; ++d) {
             na_window(cq[d], n.shape[d], n.kernel[d], n.dilation[d], n.dim_causal[d], &lo[d], &hi[d]);
-            const int64_t g = cq[d] % n.dilation[d];  // key coordinate range of the window
-            lo[d] = lo[d] * n.dilation[d] + g;
-            hi[d] = hi[d] * n.dilation[d] + g;
+            if (n.dilation[d] > 1) {  // key coordinate range of the window
+              const int64_t g = cq[d] % n.dilation[d];
+              lo[d] = lo[d] * n.dilation[d] + g;
+              hi[d] = hi[d] * n.dilation[d] + g;
+            }
           }
           uint64_t w = 0;
           for (int64_t x = 0; x < kt.count; ++x) {
