@@ -5,6 +5,8 @@
 //        causal, sliding_window (1024, causal), neighborhood_2d (64 x 64, 13 x 13), document
 //        (4 equal, causal); error measured on the same mechanism at N 1024 (err_n).
 // Each record also carries the square 4096 OpenBLAS sgemm rate with the same thread count.
+// Cases of one thread count and the sgemm are timed round-robin (one run each per round; quick
+// 9 rounds, full 5) and reported as medians, so ratios hold on a shared, noisy machine.
 #include "bench.h"
 
 #include <cblas.h>
@@ -13,6 +15,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <vector>
 
 #include "core/block_mask.h"
@@ -33,20 +36,26 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-double sgemm_gflops(int threads) {
+// Square 4096 sgemm rate of `reps` timed runs (median); the matrices persist across calls.
+double sgemm_gflops(int threads, int reps) {
   const int n = 4096;
-  std::vector<float> a(size_t(n) * n), b(size_t(n) * n), c(size_t(n) * n);
-  for (size_t i = 0; i < a.size(); ++i) {
-    a[i] = static_cast<float>((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
-    b[i] = static_cast<float>((i * 40503u) % 1000) * 1e-3f - 0.5f;
+  static std::vector<float> a, b, c;
+  if (a.empty()) {
+    a.resize(size_t(n) * n);
+    b.resize(size_t(n) * n);
+    c.resize(size_t(n) * n);
+    for (size_t i = 0; i < a.size(); ++i) {
+      a[i] = static_cast<float>((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+      b[i] = static_cast<float>((i * 40503u) % 1000) * 1e-3f - 0.5f;
+    }
   }
   openblas_set_num_threads(threads);
   std::vector<double> t;
-  for (int rep = 0; rep < 4; ++rep) {
+  for (int rep = 0; rep < reps; ++rep) {
     const double t0 = now_ms();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, a.data(), n, b.data(), n,
                 0.f, c.data(), n);
-    if (rep > 0) t.push_back(now_ms() - t0);
+    t.push_back(now_ms() - t0);
   }
   return 2.0 * n * n * double(n) / (median(t) * 1e6);
 }
@@ -71,51 +80,64 @@ int64_t allowed_pairs(const Instance& inst) {
   return pairs;
 }
 
-bool time_one(const std::string& mech, DType dtype, const Dims& dims, int threads, int64_t err_n,
-              double sgemm, Record* rec) {
-  CheckOptions opt;
-  opt.dtype = dtype;
-  opt.dims = dims;
-  opt.threads = threads;
+// One benchmark case with its inputs, timed in rounds with the others of its thread count.
+struct Case {
+  std::string mech;
+  DType dtype = DType::kF32;
+  Dims dims;
+  int threads = 1;
+  int64_t err_n = 0;
   Instance inst;
-  if (!make_instance(mech, opt, inst).empty()) return false;
-  Outputs o = make_outputs(inst, false);
-  Options op;
-  op.num_threads = threads;
+  Outputs out;
   std::vector<double> t;
-  double total = 0;
-  for (int rep = 0; rep < 25 && (rep < 3 || total < 1500); ++rep) {
-    const double t0 = now_ms();
-    Status s = attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
-                                 o.row_stat.view, {}, op);
-    const double dt = now_ms() - t0;
-    if (!s.ok()) {
-      std::fprintf(stderr, "%s: %s\n", mech.c_str(), s.message().c_str());
-      return false;
-    }
-    if (rep > 0) t.push_back(dt);  // the first run warms caches and pages
-    total += dt;
-  }
-  const int64_t pairs = allowed_pairs(inst) * dims.hq;
-  rec->mechanism = mech;
-  rec->dtype = dtype_name(dtype);
-  rec->d = dims;
-  rec->threads = threads;
-  rec->ms = median(t);
-  rec->density = double(pairs) / double(dims.batch * dims.hq * dims.nq * dims.nk);
-  rec->gflops = 2.0 * pairs * double(dims.d + dims.dv) / (rec->ms * 1e6);
-  rec->sgemm = sgemm;
-  // Error against the oracle at the same shape, or at N = err_n for large shapes.
-  CheckOptions eo = opt;
-  if (err_n > 0 && err_n < dims.nk) {
-    eo.dims.nq = eo.dims.nk = err_n;
+};
+
+bool prepare(Case& c) {
+  CheckOptions opt;
+  opt.dtype = c.dtype;
+  opt.dims = c.dims;
+  opt.threads = c.threads;
+  if (!make_instance(c.mech, opt, c.inst).empty()) return false;
+  c.out = make_outputs(c.inst, false);
+  return true;
+}
+
+bool run_once(Case& c) {
+  Options op;
+  op.num_threads = c.threads;
+  const double t0 = now_ms();
+  Status s = attention_forward(c.inst.q.view, c.inst.k.view, c.inst.v.view, c.inst.spec,
+                               c.out.out.view, c.out.row_stat.view, {}, op);
+  c.t.push_back(now_ms() - t0);
+  if (!s.ok()) std::fprintf(stderr, "%s: %s\n", c.mech.c_str(), s.message().c_str());
+  return s.ok();
+}
+
+Record finish(Case& c, double sgemm) {
+  Record r;
+  const int64_t pairs = allowed_pairs(c.inst) * c.dims.hq;
+  r.mechanism = c.mech;
+  r.dtype = dtype_name(c.dtype);
+  r.d = c.dims;
+  r.threads = c.threads;
+  r.ms = median(c.t);
+  r.density = double(pairs) / double(c.dims.batch * c.dims.hq * c.dims.nq * c.dims.nk);
+  r.gflops = 2.0 * pairs * double(c.dims.d + c.dims.dv) / (r.ms * 1e6);
+  r.sgemm = sgemm;
+  // Error against the oracle at the same shape, or at N = err_n (2 heads) for large shapes.
+  CheckOptions eo;
+  eo.dtype = c.dtype;
+  eo.dims = c.dims;
+  eo.threads = c.threads;
+  if (c.err_n > 0 && c.err_n < c.dims.nk) {
+    eo.dims.nq = eo.dims.nk = c.err_n;
     eo.dims.hq = std::min<int64_t>(eo.dims.hq, 2);
     eo.dims.hk = std::min<int64_t>(eo.dims.hk, eo.dims.hq);
   }
   eo.stats = false;
-  rec->rel_err = check_mechanism(mech, eo).rel_err;
-  rec->err_n = eo.dims.nk;
-  return true;
+  r.rel_err = check_mechanism(c.mech, eo).rel_err;
+  r.err_n = eo.dims.nk;
+  return r;
 }
 
 }  // namespace
@@ -140,29 +162,48 @@ int run_bench(const std::string& suite, const std::string& json_file, int thread
     std::fprintf(stderr, "unknown suite '%s' (quick or full)\n", suite.c_str());
     return 2;
   }
+  // Cases of one thread count are timed round-robin, the square sgemm among them: one run of
+  // each per round, medians over the rounds, so every ratio comes from the same conditions.
+  const int rounds = suite == "quick" ? 9 : 5;
   std::vector<std::pair<int, double>> sgemm;
-  auto sgemm_for = [&](int th) {
-    for (auto& [t, g] : sgemm)
-      if (t == th) return g;
-    std::fprintf(stderr, "timing the 4096^3 OpenBLAS sgemm on %d thread(s)...\n", th);
-    sgemm.emplace_back(th, sgemm_gflops(th));
-    return sgemm.back().second;
-  };
   std::printf("%-26s %-5s %3s %5s %5s %4s %4s %3s %7s %9s %8s %9s %6s\n", "mechanism", "dtype", "hq",
               "nq", "nk", "d", "dv", "thr", "density", "ms", "GFLOP/s", "rel_err", "sgemm%");
-  size_t done = 0;
-  for (auto& [m, t, dims, th, err_n] : plan) {
-    Record r;
-    const double sg = sgemm_for(th);
-    ++done;
-    if (!time_one(m, t, dims, th, err_n, sg, &r)) continue;
-    std::printf("%-26s %-5s %3ld %5ld %5ld %4ld %4ld %3d %7.4f %9.3f %8.1f %9.2e %5.0f%%\n",
-                r.mechanism.c_str(), r.dtype.c_str(), long(dims.hq), long(dims.nq), long(dims.nk),
-                long(dims.d), long(dims.dv), th, r.density, r.ms, r.gflops, r.rel_err,
-                100.0 * r.gflops / r.sgemm);
-    std::fflush(stdout);
-    if (plan.size() > 12) std::fprintf(stderr, "[%zu/%zu]\r", done, plan.size());
-    records.push_back(r);
+  std::vector<int> thread_counts;
+  for (auto& [m, t, dims, th, err_n] : plan)
+    if (std::find(thread_counts.begin(), thread_counts.end(), th) == thread_counts.end())
+      thread_counts.push_back(th);
+  for (int th : thread_counts) {
+    std::vector<std::unique_ptr<Case>> cases;
+    for (auto& [m, t, dims, cth, err_n] : plan) {
+      if (cth != th) continue;
+      auto c = std::make_unique<Case>();
+      c->mech = m;
+      c->dtype = t;
+      c->dims = dims;
+      c->threads = th;
+      c->err_n = err_n;
+      if (prepare(*c) && run_once(*c)) {  // the first run warms caches and pages
+        c->t.clear();
+        cases.push_back(std::move(c));
+      }
+    }
+    std::vector<double> sg;
+    for (int round = 0; round < rounds; ++round) {
+      std::fprintf(stderr, "[%d threads: round %d/%d]\r", th, round + 1, rounds);
+      if (suite == "full" || round < 3) sg.push_back(sgemm_gflops(th, 1));
+      for (auto& c : cases) run_once(*c);
+    }
+    const double sgemm_rate = median(sg);
+    sgemm.emplace_back(th, sgemm_rate);
+    for (auto& c : cases) {
+      const Record r = finish(*c, sgemm_rate);
+      std::printf("%-26s %-5s %3ld %5ld %5ld %4ld %4ld %3d %7.4f %9.3f %8.1f %9.2e %5.0f%%\n",
+                  r.mechanism.c_str(), r.dtype.c_str(), long(r.d.hq), long(r.d.nq), long(r.d.nk),
+                  long(r.d.d), long(r.d.dv), th, r.density, r.ms, r.gflops, r.rel_err,
+                  100.0 * r.gflops / r.sgemm);
+      std::fflush(stdout);
+      records.push_back(r);
+    }
   }
   for (auto& [th, g] : sgemm) std::printf("OpenBLAS sgemm 4096^3, %d thread(s): %.1f GFLOP/s\n", th, g);
   if (!json_file.empty()) {

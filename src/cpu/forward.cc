@@ -315,7 +315,10 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
     if (kNorm == NormalizerKind::kKernel && norm.length_scale)
       w.lscale[r] = length_scale<float>(bm.allowed_keys[qt.at(r)]);
   }
-  std::fill(w.o.get(), w.o.get() + rows * c.dv_pad, 0.f);
+  // O is written by the first visited tile's P V (no load); a row of a q tile without any
+  // visited key tile is zeroed here.
+  const bool no_tiles = bm.row_begin[t] == bm.row_begin[t + 1];
+  if (no_tiles) std::fill(w.o.get(), w.o.get() + rows * c.dv_pad, 0.f);
 
   ScoreModEval<float> mods;
   if constexpr (kMods) mods = core::resolve_score_mods(p, c.tables[b], b, h, false);
@@ -397,8 +400,12 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
         if constexpr (kNorm == NormalizerKind::kKernel) w.l[r] += hn::GetLane(hn::SumOfLanes(d, sum));
       }
     }
+    // O = alpha O + P V; the rescale is skipped when no row's running max moved.
+    bool rescale = false;
+    if constexpr (kSoftmax)
+      for (int64_t r = 0; r < rows && !rescale; ++r) rescale = w.alpha[r] != 1.f;
     gemm(S, kTile, c.v_tile(unit, ent.k_tile), c.dv_pad, kt.count, w.o.get(), c.dv_pad, rows,
-         c.dv_pad, kSoftmax ? w.alpha.data() : nullptr, true);
+         c.dv_pad, rescale ? w.alpha.data() : nullptr, e != bm.row_begin[t]);
   }
 
   // Epilogue.
