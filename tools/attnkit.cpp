@@ -77,12 +77,14 @@ int main(int argc, char** argv) {
   bench->add_option("--suite", suite, "quick or full");
   bench->add_option("--json", json_file, "write the records to this file");
   bench->add_option("--threads", threads, "override the thread count");
+  std::vector<std::string> only;
+  bench->add_option("--only", only, "only these mechanisms of the suite")->delimiter(',');
 
   CLI11_PARSE(app, argc, argv);
 
   if (*list) return cmd_list(as_json);
   if (*check) return run_check(as_json, threads);
-  if (*bench) return run_bench(suite, json_file, threads);
+  if (*bench) return run_bench(suite, json_file, threads, only);
   if (*run) {
     if (list_mechs) {
       for (const std::string& m : mechanism_names()) std::printf("%s\n", m.c_str());

@@ -142,7 +142,8 @@ Record finish(Case& c, double sgemm) {
 
 }  // namespace
 
-int run_bench(const std::string& suite, const std::string& json_file, int threads_override) {
+int run_bench(const std::string& suite, const std::string& json_file, int threads_override,
+              const std::vector<std::string>& only) {
   std::vector<Record> records;
   std::vector<std::tuple<std::string, DType, Dims, int, int64_t>> plan;
   if (suite == "quick") {
@@ -162,6 +163,10 @@ int run_bench(const std::string& suite, const std::string& json_file, int thread
     std::fprintf(stderr, "unknown suite '%s' (quick or full)\n", suite.c_str());
     return 2;
   }
+  if (!only.empty())
+    std::erase_if(plan, [&](const auto& e) {
+      return std::find(only.begin(), only.end(), std::get<0>(e)) == only.end();
+    });
   // Cases of one thread count are timed round-robin, the square sgemm among them: one run of
   // each per round, medians over the rounds, so every ratio comes from the same conditions.
   const int rounds = suite == "quick" ? 9 : 5;

@@ -57,7 +57,7 @@ struct FwdCall {
   bool lowrank = false;
   int64_t d_eff = 0, dv_pad = 0, units_per_batch = 0;
   // Packed K/V of the units from unit_begin on: unit u at (u - unit_begin) * unit_floats.
-  hwy::AlignedFreeUniquePtr<float[]> packed;
+  float* packed = nullptr;  // the calling thread's workspace (packed_workspace)
   int64_t unit_floats = 0, k_tile_floats = 0, v_tile_floats = 0, max_k_tiles = 0;
   int64_t unit_begin = 0;
   std::vector<float> lse;  // [B][Hq][max_nq] when column mass is asked for
@@ -65,13 +65,25 @@ struct FwdCall {
 
   const core::BlockMask& mask(int64_t b) const { return masks[mask_of_batch[b]]; }
   float* k_tile(int64_t unit, int64_t t) {
-    return packed.get() + (unit - unit_begin) * unit_floats + t * k_tile_floats;
+    return packed + (unit - unit_begin) * unit_floats + t * k_tile_floats;
   }
   float* v_tile(int64_t unit, int64_t t) {
-    return packed.get() + (unit - unit_begin) * unit_floats + max_k_tiles * k_tile_floats +
+    return packed + (unit - unit_begin) * unit_floats + max_k_tiles * k_tile_floats +
            t * v_tile_floats;
   }
 };
+
+// The packed K/V workspace of the calling thread: kept between calls (at most the packing
+// budget, 256 MiB, per calling thread), so repeated calls do not fault in fresh pages.
+inline float* packed_workspace(int64_t floats) {
+  static thread_local hwy::AlignedFreeUniquePtr<float[]> buf;
+  static thread_local int64_t size = 0;
+  if (floats > size) {
+    buf = hwy::AllocateAligned<float>(floats);
+    size = buf ? floats : 0;
+  }
+  return buf.get();
+}
 
 // Converts n elements of a row to fp32, times mul.
 inline void load_row(const void* src, DType t, int64_t n, float mul, float* dst) {
@@ -594,7 +606,7 @@ Status ForwardImpl(const core::Problem& p) {
   // Whole batch elements at a time, as many as fit the packing budget (at least one).
   const int64_t batch_bytes = c.units_per_batch * c.unit_floats * int64_t{sizeof(float)};
   const int64_t per_chunk = std::max<int64_t>(1, kPackBudgetBytes / std::max<int64_t>(1, batch_bytes));
-  c.packed = hwy::AllocateAligned<float>(std::min(per_chunk, p.batch) * c.units_per_batch * c.unit_floats);
+  c.packed = packed_workspace(std::min(per_chunk, p.batch) * c.units_per_batch * c.unit_floats);
   if (!c.packed) return Status(StatusCode::kInternal, "cpu forward: out of memory for packed K/V");
   for (int64_t b0 = 0; b0 < p.batch; b0 += per_chunk) {
     const int64_t b1 = std::min(p.batch, b0 + per_chunk);
