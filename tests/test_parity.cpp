@@ -119,5 +119,24 @@ TEST(Policies, BiasInInputDtype) {
   }
 }
 
+
+// The naive low-precision computation behind the tolerance rule really is low precision (else
+// the rule would be vacuous) and close to exact in fp32.
+TEST(Tolerance, NaiveComputationIsLowPrecision) {
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+    CheckOptions opt;
+    opt.dtype = t;
+    opt.dims = {1, 4, 2, 129, 129, 64, 64};
+    const CheckResult r = check_mechanism("causal", opt);
+    ASSERT_TRUE(r.ok) << r.error;
+    if (t == DType::kF32) {
+      EXPECT_LT(r.naive_err, 1e-6);
+    } else {
+      EXPECT_GT(r.naive_err, t == DType::kBF16 ? 1e-3 : 1e-4) << dtype_name(t);
+      EXPECT_LT(r.tol, tolerance_for(t)) << dtype_name(t);  // the rule is the binding one
+    }
+  }
+}
+
 }  // namespace
 }  // namespace attnkit::tools

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "reference/reference.h"
 #include "spec_json.h"
 
 namespace attnkit::tools {
@@ -95,7 +96,22 @@ CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& op
     r.error = "reference: " + s.message();
     return r;
   }
+  // DESIGN.md's rule: at most 2x the error of a naive computation in the input dtype, plus a
+  // floor of 1e-6; never looser than the fixed per-dtype tolerance. Applied to bf16 and fp16,
+  // where the naive error is the sum of many roundings of S and P and so is stable. In fp32 at
+  // large logits (|s| ~ 1e3) one run's error is one or two roundings of the top scores: over
+  // seeds the fast / naive ratio ranged from 0.3 to 7 both ways, so fp32 keeps its fixed 1e-5.
+  Outputs naive = make_outputs(inst, false);
+  if (opt.bnhd) naive.out = to_bnhd(naive.out);
+  s = reference::forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, naive.out.view,
+                         naive.row_stat.view, {}, opt.dtype);
+  if (!s.ok()) {
+    r.error = "naive reference: " + s.message();
+    return r;
+  }
   const std::vector<double> x = fast.out.to_doubles(), y = ref.out.to_doubles();
+  r.naive_err = rel_error(naive.out.to_doubles(), y);
+  if (opt.dtype != DType::kF32) r.tol = std::min(r.tol, 2 * r.naive_err + 1e-6);
   for (double v : x)
     if (std::isnan(v)) {
       r.error = "NaN in the output";
@@ -121,6 +137,7 @@ CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& op
   r.ok = r.rel_err <= r.tol && r.stat_err <= stat_tol;
   if (!r.ok)
     r.error = "rel_err " + std::to_string(r.rel_err) + " (tol " + std::to_string(r.tol) +
+              ", naive " + std::to_string(r.naive_err) +
               "), stat_err " + std::to_string(r.stat_err) + " (tol " + std::to_string(stat_tol) + ")";
   return r;
 }

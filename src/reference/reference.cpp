@@ -10,14 +10,20 @@
 #include "core/convert.h"
 #include "core/problem.h"
 #include "core/score_tables.h"
+#include "reference/reference.h"
 
 namespace attnkit {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
+// `rounding` kF64: the exact oracle. Another dtype: the naive low-precision computation of
+// DESIGN.md's tolerance rule (scores, probabilities and both products rounded to that dtype,
+// dot products and P V accumulated in fp32).
 void reference_head(const core::Problem& p, const core::ScoreTables<double>& tables, int64_t b,
-                    int64_t h, std::vector<double>* col_mass) {
+                    int64_t h, std::vector<double>* col_mass, DType rounding) {
+  const bool naive = rounding != DType::kF64;
+  auto rnd = [&](double x) { return naive ? core::round_to(rounding, x) : x; };
   const AttentionSpec& spec = *p.spec;
   const core::Sequence& s = p.seqs[b];
   const int64_t nq = s.nq, nk = s.nk, hk = h / p.group;
@@ -46,8 +52,14 @@ void reference_head(const core::Problem& p, const core::ScoreTables<double>& tab
   for (int64_t i = 0; i < nq; ++i)
     for (int64_t j = 0; j < nk; ++j) {
       double dot = 0;
-      for (int64_t c = 0; c < p.d; ++c) dot += qv(i, c) * kv(j, c);
-      S[i * nk + j] = mods.score(p.scale64 * dot, i, i + s.offset, j);
+      if (naive) {
+        float acc = 0.f;
+        for (int64_t c = 0; c < p.d; ++c) acc += static_cast<float>(qv(i, c)) * static_cast<float>(kv(j, c));
+        dot = rnd(acc);
+      } else {
+        for (int64_t c = 0; c < p.d; ++c) dot += qv(i, c) * kv(j, c);
+      }
+      S[i * nk + j] = rnd(mods.score(rnd(p.scale64 * dot), i, i + s.offset, j));
       A[i * nk + j] = mask.allowed(i, j);
       n_allowed[i] += A[i * nk + j];
     }
@@ -115,12 +127,16 @@ void reference_head(const core::Problem& p, const core::ScoreTables<double>& tab
     }
   }
 
+  if (naive)
+    for (double& x : P) x = rnd(x);
   std::vector<double> o(p.dv);
   for (int64_t i = 0; i < nq; ++i) {
     std::fill(o.begin(), o.end(), 0.0);
     for (int64_t j = 0; j < nk; ++j)
       if (P[i * nk + j] != 0)
-        for (int64_t c = 0; c < p.dv; ++c) o[c] += P[i * nk + j] * vv(j, c);
+        for (int64_t c = 0; c < p.dv; ++c)
+          o[c] = naive ? static_cast<float>(o[c] + static_cast<float>(rnd(P[i * nk + j] * vv(j, c))))
+                       : o[c] + P[i * nk + j] * vv(j, c);
     if (norm.kind == NormalizerKind::kReLA) {
       double ms = 0;
       for (double x : o) ms += x * x;
@@ -151,6 +167,14 @@ void reference_head(const core::Problem& p, const core::ScoreTables<double>& tab
 Status reference_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                          const AttentionSpec& spec, const TensorView& out,
                          const TensorView& row_stat, const AttentionStats& stats) {
+  return reference::forward(q, k, v, spec, out, row_stat, stats, DType::kF64);
+}
+
+namespace reference {
+
+Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
+               const AttentionSpec& spec, const TensorView& out, const TensorView& row_stat,
+               const AttentionStats& stats, DType rounding) {
   core::Problem p;
   Status st = core::validate_and_resolve(q, k, v, spec, out, row_stat, stats, Options{}, true, &p);
   if (!st.ok()) return st;
@@ -161,7 +185,7 @@ Status reference_forward(const TensorView& q, const TensorView& k, const TensorV
       for (int64_t g = 0; g < p.group; ++g) {
         const int64_t h = hk * p.group + g;
         std::vector<double> mass(p.seqs[b].nk, 0.0);
-        reference_head(p, tables, b, h, p.col_mass.defined() ? &mass : nullptr);
+        reference_head(p, tables, b, h, p.col_mass.defined() ? &mass : nullptr, rounding);
         if (!p.col_mass.defined()) continue;
         if (p.col_group_sum) {
           for (size_t j = 0; j < mass.size(); ++j) group_mass[j] += mass[j];
@@ -178,4 +202,5 @@ Status reference_forward(const TensorView& q, const TensorView& k, const TensorV
   return {};
 }
 
+}  // namespace reference
 }  // namespace attnkit
