@@ -3,7 +3,7 @@
 # Idempotent: a second run installs nothing and does not touch the network.
 set -euo pipefail
 pkgs=(cmake ninja-build g++ pkg-config libhwy-dev libgtest-dev libgmock-dev libbenchmark-dev
-      libcli11-dev nlohmann-json3-dev libopenblas-dev)
+      libcli11-dev nlohmann-json3-dev libopenblas-dev clang-format)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,8 +1,8 @@
 // BlockMask: visited tiles follow the mask's density; exact allowed-pair counts; varlen and
 // fully masked rows through the public API.
-#include <cmath>
-
 #include <gtest/gtest.h>
+
+#include <cmath>
 
 #include "core/block_mask.h"
 #include "spec_json.h"
@@ -16,8 +16,9 @@ core::BlockMask mask_of(const std::string& mech, Dims d, Instance& inst) {
   EXPECT_EQ(make_instance(mech, opt, inst), "");
   Outputs o = make_outputs(inst, false);
   core::Problem p;
-  EXPECT_TRUE(core::validate_and_resolve(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
-                                         {}, {}, {}, false, &p).ok());
+  EXPECT_TRUE(core::validate_and_resolve(inst.q.view, inst.k.view, inst.v.view, inst.spec,
+                                         o.out.view, {}, {}, {}, false, &p)
+                  .ok());
   return core::build_block_mask(p, 0, false, 2);
 }
 
@@ -113,8 +114,10 @@ TEST(Varlen, MatchesSeparateSequences) {
     AttentionSpec one_spec;
     one_spec.mask = Mask::causal();
     one_spec.layout = Layout::kBNHD;
-    ASSERT_TRUE(reference_forward(slice(qs, cq[s], cq[s + 1] - cq[s]), slice(ks, ck[s], ck[s + 1] - ck[s]),
-                                  slice(vs, ck[s], ck[s + 1] - ck[s]), one_spec, one.view).ok());
+    ASSERT_TRUE(reference_forward(slice(qs, cq[s], cq[s + 1] - cq[s]),
+                                  slice(ks, ck[s], ck[s + 1] - ck[s]),
+                                  slice(vs, ck[s], ck[s + 1] - ck[s]), one_spec, one.view)
+                    .ok());
     const std::vector<double> want = one.to_doubles();
     std::vector<double> got(packed.begin() + cq[s] * hq * dv, packed.begin() + cq[s + 1] * hq * dv);
     EXPECT_LE(rel_error(got, want), 1e-5) << "sequence " << s;
@@ -130,7 +133,8 @@ TEST(FullyMasked, ZeroOutputAndMinusInfLse) {
     ASSERT_EQ(make_instance(sink ? "sink" : "causal", opt, inst), "");
     Outputs o = make_outputs(inst, true);
     ASSERT_TRUE(attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
-                                  o.row_stat.view, stats_views(o)).ok());
+                                  o.row_stat.view, stats_views(o))
+                    .ok());
     const std::vector<double> out = o.out.to_doubles(), lse = o.row_stat.to_doubles();
     const std::vector<double> ent = o.entropy.to_doubles();
     for (int64_t h = 0; h < 2; ++h)
@@ -153,7 +157,6 @@ TEST(FullyMasked, ZeroOutputAndMinusInfLse) {
   }
 }
 
-
 // Every visited tile's bits (fast paths included) equal the per-element allowed hook, and every
 // skipped tile has no allowed pair: grids in 1-3 dims, causal dims, dilation, odd box edges.
 TEST(BlockMask, BitsMatchElementRule) {
@@ -175,7 +178,9 @@ TEST(BlockMask, BitsMatchElementRule) {
     AttentionSpec spec;
     spec.mask = Mask::neighborhood(g.shape, g.kernel, g.dilation, g.causal);
     core::Problem p;
-    ASSERT_TRUE(core::validate_and_resolve(q.view, q.view, q.view, spec, out.view, {}, {}, {}, false, &p).ok());
+    ASSERT_TRUE(
+        core::validate_and_resolve(q.view, q.view, q.view, spec, out.view, {}, {}, {}, false, &p)
+            .ok());
     const core::BlockMask bm = core::build_block_mask(p, 0, false, 1);
     const MaskEval e = p.mask_eval(0);
     int64_t pairs = 0;

@@ -3,6 +3,8 @@
 // (1) fail, (2) with the expected StatusCode, and (3) with a message that names the argument.
 // A few control tests show that the same fixtures, made valid, return ok, so the negative
 // tests fail when a rule stops being enforced rather than passing vacuously.
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <cstdint>
 #include <deque>
@@ -10,8 +12,6 @@
 #include <limits>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "attnkit/attention.h"
 
@@ -63,9 +63,7 @@ class Call {
   }
 
   Status check() const { return can_run(q, k, v, spec, out, row_stat, stats, options); }
-  Status forward() const {
-    return attention_forward(q, k, v, spec, out, row_stat, stats, options);
-  }
+  Status forward() const { return attention_forward(q, k, v, spec, out, row_stat, stats, options); }
 
   TensorView q, k, v, out;
   AttentionSpec spec;
@@ -118,10 +116,10 @@ void expect_ok(const Call& c) {
   EXPECT_TRUE(ran.ok()) << "attention_forward: " << ran.message();
 }
 
-#define EXPECT_ACCEPTED(call)       \
-  do {                              \
-    SCOPED_TRACE("expecting ok");   \
-    expect_ok((call));              \
+#define EXPECT_ACCEPTED(call)     \
+  do {                            \
+    SCOPED_TRACE("expecting ok"); \
+    expect_ok((call));            \
   } while (0)
 
 // ---------------------------------------------------------------- controls (must be ok)
@@ -131,12 +129,11 @@ TEST(Errors, ValidCallIsOk) {
   EXPECT_ACCEPTED(c);
   // The output was written and is finite.
   const float* o = static_cast<const float*>(c.out.data);
-  for (int64_t i = 0; i < c.out.numel(); ++i) ASSERT_TRUE(std::isfinite(o[i])) << "out[" << i << "]";
+  for (int64_t i = 0; i < c.out.numel(); ++i)
+    ASSERT_TRUE(std::isfinite(o[i])) << "out[" << i << "]";
 }
 
-TEST(Errors, ValidVarlenIsOk) {
-  EXPECT_ACCEPTED(Call::varlen(6, 6, 2, 8, {0, 2, 6}, {0, 3, 6}));
-}
+TEST(Errors, ValidVarlenIsOk) { EXPECT_ACCEPTED(Call::varlen(6, 6, 2, 8, {0, 2, 6}, {0, 3, 6})); }
 
 TEST(Errors, ValidFeatureConfigsAreOk) {
   {

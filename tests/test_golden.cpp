@@ -1,8 +1,8 @@
 // Every case of shared/golden/attention_tier1.json (an independent float64 NumPy reading of
 // MECHANISMS.md) through the float64 oracle and through the public API's fp32 CPU path.
-#include <fstream>
-
 #include <gtest/gtest.h>
+
+#include <fstream>
 
 #include "spec_json.h"
 
@@ -39,13 +39,14 @@ Instance load_case(const json& c, DType dtype) {
   inst.q = OwnedTensor::from_doubles(floats(c.at("q")), dtype, sq);
   inst.k = OwnedTensor::from_doubles(floats(c.at("k")), dtype, sk);
   inst.v = OwnedTensor::from_doubles(floats(c.at("v")), dtype, sv);
-  const std::string err = build_spec(c.at("spec"), inst, [&](const std::string& name, const std::vector<int64_t>& want) {
-    const json& e = c.at(name);
-    if (name != "bias") {  // a bias may broadcast
-      EXPECT_EQ(shape(e), want) << name;
-    }
-    return OwnedTensor::from_doubles(numbers(e), DType::kF32, shape(e));
-  });
+  const std::string err = build_spec(
+      c.at("spec"), inst, [&](const std::string& name, const std::vector<int64_t>& want) {
+        const json& e = c.at(name);
+        if (name != "bias") {  // a bias may broadcast
+          EXPECT_EQ(shape(e), want) << name;
+        }
+        return OwnedTensor::from_doubles(numbers(e), DType::kF32, shape(e));
+      });
   EXPECT_EQ(err, "");
   return inst;
 }
@@ -68,9 +69,10 @@ void check_against(const json& c, bool reference) {
   Instance inst = load_case(c, reference ? DType::kF64 : DType::kF32);
   Outputs o = make_outputs(inst, true);
   const AttentionStats st = stats_views(o);
-  const Status s = reference
-      ? reference_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view, o.row_stat.view, st)
-      : attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view, o.row_stat.view, st);
+  const Status s = reference ? reference_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec,
+                                                 o.out.view, o.row_stat.view, st)
+                             : attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec,
+                                                 o.out.view, o.row_stat.view, st);
   ASSERT_TRUE(s.ok()) << s.message();
   // The oracle agrees to the 12 digits of the file; the fp32 path to fp32 accuracy.
   const double tol = reference ? 1e-9 : 2e-6;
@@ -91,7 +93,8 @@ void check_against(const json& c, bool reference) {
     for (double x : rm) big = std::isfinite(x) ? std::max(big, std::abs(x)) : big;
     const double stol = reference ? 1e-6 : 2e-5 + 2e-7 * big;
     EXPECT_LE(max_rel_error(o.row_max.to_doubles(), numbers(gs.at("row_max"))), 1e-6) << "row_max";
-    EXPECT_LE(max_rel_error(o.entropy.to_doubles(), numbers(gs.at("entropy"))), reference ? 1e-6 : 2e-5)
+    EXPECT_LE(max_rel_error(o.entropy.to_doubles(), numbers(gs.at("entropy"))),
+              reference ? 1e-6 : 2e-5)
         << "entropy";
     EXPECT_LE(max_rel_error(o.col_mass.to_doubles(), numbers(gs.at("col_mass"))), stol)
         << "col_mass";

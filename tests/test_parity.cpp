@@ -53,12 +53,10 @@ std::vector<Param> params() {
   return out;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    All, Parity, ::testing::ValuesIn(params()),
-    [](const auto& info) {
-      return std::get<0>(info.param) + "_" + dtype_name(std::get<1>(info.param)) + "_" +
-             kShapes[std::get<2>(info.param)].name;
-    });
+INSTANTIATE_TEST_SUITE_P(All, Parity, ::testing::ValuesIn(params()), [](const auto& info) {
+  return std::get<0>(info.param) + "_" + dtype_name(std::get<1>(info.param)) + "_" +
+         kShapes[std::get<2>(info.param)].name;
+});
 
 // Thread counts must not change results beyond rounding (and 1 vs 2 threads are bit-identical:
 // every task owns its rows).
@@ -74,13 +72,15 @@ TEST(Threads, SameResultAnyThreadCount) {
       Options op;
       op.num_threads = threads;
       ASSERT_TRUE(attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
-                                    o.row_stat.view, {}, op).ok());
-      if (first.empty()) first = o.out.to_doubles();
-      else EXPECT_EQ(first, o.out.to_doubles()) << mech << " threads " << threads;
+                                    o.row_stat.view, {}, op)
+                      .ok());
+      if (first.empty())
+        first = o.out.to_doubles();
+      else
+        EXPECT_EQ(first, o.out.to_doubles()) << mech << " threads " << threads;
     }
   }
 }
-
 
 // The policies' dtype decode (used for a bias in q's dtype) agrees with the compiler's
 // conversions on every 16-bit pattern.
@@ -89,10 +89,14 @@ TEST(Policies, HalfAndBfloatDecodeEveryPattern) {
     const uint16_t h = static_cast<uint16_t>(x);
     const float f16 = load_float<float>(&h, DType::kF16, 0), want16 = core::f16_to_float(h);
     const float b16 = load_float<float>(&h, DType::kBF16, 0), wantb = core::bf16_to_float(h);
-    if (std::isnan(want16)) EXPECT_TRUE(std::isnan(f16)) << x;
-    else EXPECT_EQ(f16, want16) << x;
-    if (std::isnan(wantb)) EXPECT_TRUE(std::isnan(b16)) << x;
-    else EXPECT_EQ(b16, wantb) << x;
+    if (std::isnan(want16))
+      EXPECT_TRUE(std::isnan(f16)) << x;
+    else
+      EXPECT_EQ(f16, want16) << x;
+    if (std::isnan(wantb))
+      EXPECT_TRUE(std::isnan(b16)) << x;
+    else
+      EXPECT_EQ(b16, wantb) << x;
   }
 }
 
@@ -109,16 +113,17 @@ TEST(Policies, BiasInInputDtype) {
     OwnedTensor wide = OwnedTensor::from_doubles(low.to_doubles(), DType::kF32, {2, 2, 70, 90});
     Outputs a = make_outputs(inst, false), b = make_outputs(inst, false);
     inst.spec.mods.bias = low.view;
-    ASSERT_TRUE(attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, a.out.view).ok());
+    ASSERT_TRUE(
+        attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, a.out.view).ok());
     OwnedTensor ref = OwnedTensor::zeros(DType::kF64, {2, 2, 70, 32});
     ASSERT_TRUE(reference_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, ref.view).ok());
     inst.spec.mods.bias = wide.view;
-    ASSERT_TRUE(attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, b.out.view).ok());
+    ASSERT_TRUE(
+        attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, b.out.view).ok());
     EXPECT_EQ(a.out.to_doubles(), b.out.to_doubles()) << dtype_name(t);
     EXPECT_LE(rel_error(a.out.to_doubles(), ref.to_doubles()), tolerance_for(t)) << dtype_name(t);
   }
 }
-
 
 // The naive low-precision computation behind the tolerance rule really is low precision (else
 // the rule would be vacuous) and close to exact in fp32.

@@ -1,10 +1,9 @@
 // Every compiled SIMD target of the CPU kernels that this machine can run (Highway's forced
 // targets), against the float64 oracle: each mechanism once, with statistics, odd sizes.
+#include <gtest/gtest.h>
 #include <hwy/targets.h>
 
 #include <cstdio>
-
-#include <gtest/gtest.h>
 
 #include "attnkit/registry.h"
 #include "cpu/forward.h"

@@ -22,13 +22,19 @@ static int cmd_list(bool as_json) {
   if (as_json) {
     json arr = json::array();
     for (const SupportRow& r : rows)
-      arr.push_back({{"mechanism", r.mechanism}, {"category", r.category}, {"backend", r.backend},
-                     {"forward", r.forward}, {"backward", r.backward}, {"dtypes", r.dtypes}});
-    std::printf("%s\n", json{{"cpu_simd_target", cpu_simd_target()}, {"rows", arr}}.dump(1).c_str());
+      arr.push_back({{"mechanism", r.mechanism},
+                     {"category", r.category},
+                     {"backend", r.backend},
+                     {"forward", r.forward},
+                     {"backward", r.backward},
+                     {"dtypes", r.dtypes}});
+    std::printf("%s\n",
+                json{{"cpu_simd_target", cpu_simd_target()}, {"rows", arr}}.dump(1).c_str());
     return 0;
   }
   std::printf("CPU SIMD target on this machine: %s\n", cpu_simd_target().c_str());
-  std::printf("%-18s %-11s %-10s %-4s %-4s %s\n", "mechanism", "category", "backend", "fwd", "bwd", "dtypes");
+  std::printf("%-18s %-11s %-10s %-4s %-4s %s\n", "mechanism", "category", "backend", "fwd", "bwd",
+              "dtypes");
   for (const SupportRow& r : rows) {
     std::string dt;
     for (const std::string& d : r.dtypes) dt += (dt.empty() ? "" : ",") + d;
@@ -43,7 +49,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   bool as_json = false;
 
-  auto* list = app.add_subcommand("list", "the support matrix: mechanism x backend x pass x dtypes");
+  auto* list =
+      app.add_subcommand("list", "the support matrix: mechanism x backend x pass x dtypes");
   list->add_flag("--json", as_json, "print JSON");
 
   auto* run = app.add_subcommand("run", "run one mechanism at one shape; time, GFLOP/s, error");
@@ -68,11 +75,13 @@ int main(int argc, char** argv) {
   bool list_mechs = false;
   run->add_flag("--mechanisms", list_mechs, "list the mechanism names and exit");
 
-  auto* check = app.add_subcommand("check", "every mechanism against the float64 oracle; exit 1 on failure");
+  auto* check =
+      app.add_subcommand("check", "every mechanism against the float64 oracle; exit 1 on failure");
   check->add_flag("--json", as_json, "print JSON");
   check->add_option("--threads", threads, "threads (0: all)");
 
-  auto* bench = app.add_subcommand("bench", "timed suites (quick: < 1 minute; full: the headline shapes)");
+  auto* bench =
+      app.add_subcommand("bench", "timed suites (quick: < 1 minute; full: the headline shapes)");
   std::string suite = "quick", json_file;
   bench->add_option("--suite", suite, "quick or full");
   bench->add_option("--json", json_file, "write the records to this file");
@@ -119,24 +128,39 @@ int main(int argc, char** argv) {
         return 1;
       }
       if (r > 0)
-        t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                        .count());
     }
     std::sort(t.begin(), t.end());
     const double ms = t[t.size() / 2];
     core::Problem p;
     (void)core::validate_and_resolve(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
-                                     {}, {}, {}, false, &p).ok();
+                                     {}, {}, {}, false, &p)
+        .ok();
     int64_t pairs = 0;
-    for (int64_t b = 0; b < p.batch; ++b) pairs += core::build_block_mask(p, b, false, 1).allowed_pairs;
+    for (int64_t b = 0; b < p.batch; ++b)
+      pairs += core::build_block_mask(p, b, false, 1).allowed_pairs;
     pairs *= dims.hq;
     const double gflops = 2.0 * pairs * double(dims.d + dims.dv) / (ms * 1e6);
     double rel = -1;
     if (!no_check) rel = check_mechanism(mech, opt).rel_err;
     if (as_json) {
-      std::printf("%s\n", json{{"mechanism", mech}, {"dtype", dtype_s}, {"b", dims.batch}, {"hq", dims.hq},
-                               {"hk", dims.hk}, {"nq", dims.nq}, {"nk", dims.nk}, {"d", dims.d},
-                               {"dv", dims.dv}, {"threads", threads}, {"ms", ms}, {"gflops", gflops},
-                               {"allowed_pairs", pairs}, {"rel_err", rel}}.dump().c_str());
+      std::printf("%s\n", json{{"mechanism", mech},
+                               {"dtype", dtype_s},
+                               {"b", dims.batch},
+                               {"hq", dims.hq},
+                               {"hk", dims.hk},
+                               {"nq", dims.nq},
+                               {"nk", dims.nk},
+                               {"d", dims.d},
+                               {"dv", dims.dv},
+                               {"threads", threads},
+                               {"ms", ms},
+                               {"gflops", gflops},
+                               {"allowed_pairs", pairs},
+                               {"rel_err", rel}}
+                              .dump()
+                              .c_str());
     } else {
       std::printf("%s %s b=%ld hq=%ld hk=%ld nq=%ld nk=%ld d=%ld dv=%ld: %.3f ms, %.1f GFLOP/s",
                   mech.c_str(), dtype_s.c_str(), long(dims.batch), long(dims.hq), long(dims.hk),

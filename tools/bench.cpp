@@ -28,7 +28,9 @@ namespace attnkit::tools {
 namespace {
 
 double now_ms() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 double median(std::vector<double> v) {
@@ -73,10 +75,12 @@ int64_t allowed_pairs(const Instance& inst) {
   Outputs o = make_outputs(inst, false);
   core::Problem p;
   if (!core::validate_and_resolve(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view, {},
-                                  {}, {}, false, &p).ok())
+                                  {}, {}, false, &p)
+           .ok())
     return 0;
   int64_t pairs = 0;
-  for (int64_t b = 0; b < p.batch; ++b) pairs += core::build_block_mask(p, b, false, 1).allowed_pairs;
+  for (int64_t b = 0; b < p.batch; ++b)
+    pairs += core::build_block_mask(p, b, false, 1).allowed_pairs;
   return pairs;
 }
 
@@ -171,8 +175,8 @@ int run_bench(const std::string& suite, const std::string& json_file, int thread
   // each per round, medians over the rounds, so every ratio comes from the same conditions.
   const int rounds = suite == "quick" ? 9 : 5;
   std::vector<std::pair<int, double>> sgemm;
-  std::printf("%-26s %-5s %3s %5s %5s %4s %4s %3s %7s %9s %8s %9s %6s\n", "mechanism", "dtype", "hq",
-              "nq", "nk", "d", "dv", "thr", "density", "ms", "GFLOP/s", "rel_err", "sgemm%");
+  std::printf("%-26s %-5s %3s %5s %5s %4s %4s %3s %7s %9s %8s %9s %6s\n", "mechanism", "dtype",
+              "hq", "nq", "nk", "d", "dv", "thr", "density", "ms", "GFLOP/s", "rel_err", "sgemm%");
   std::vector<int> thread_counts;
   for (auto& [m, t, dims, th, err_n] : plan)
     if (std::find(thread_counts.begin(), thread_counts.end(), th) == thread_counts.end())
@@ -210,15 +214,28 @@ int run_bench(const std::string& suite, const std::string& json_file, int thread
       records.push_back(r);
     }
   }
-  for (auto& [th, g] : sgemm) std::printf("OpenBLAS sgemm 4096^3, %d thread(s): %.1f GFLOP/s\n", th, g);
+  for (auto& [th, g] : sgemm)
+    std::printf("OpenBLAS sgemm 4096^3, %d thread(s): %.1f GFLOP/s\n", th, g);
   if (!json_file.empty()) {
     json arr = json::array();
     for (const Record& r : records)
-      arr.push_back({{"mechanism", r.mechanism}, {"backend", "cpu"}, {"dtype", r.dtype},
-                     {"pass", "fwd"}, {"b", r.d.batch}, {"hq", r.d.hq}, {"hk", r.d.hk},
-                     {"nq", r.d.nq}, {"nk", r.d.nk}, {"d", r.d.d}, {"dv", r.d.dv},
-                     {"threads", r.threads}, {"density", r.density}, {"ms", r.ms},
-                     {"gflops", r.gflops}, {"rel_err", r.rel_err}, {"err_n", r.err_n},
+      arr.push_back({{"mechanism", r.mechanism},
+                     {"backend", "cpu"},
+                     {"dtype", r.dtype},
+                     {"pass", "fwd"},
+                     {"b", r.d.batch},
+                     {"hq", r.d.hq},
+                     {"hk", r.d.hk},
+                     {"nq", r.d.nq},
+                     {"nk", r.d.nk},
+                     {"d", r.d.d},
+                     {"dv", r.d.dv},
+                     {"threads", r.threads},
+                     {"density", r.density},
+                     {"ms", r.ms},
+                     {"gflops", r.gflops},
+                     {"rel_err", r.rel_err},
+                     {"err_n", r.err_n},
                      {"sgemm_gflops", r.sgemm}});
     std::ofstream(json_file) << arr.dump(1) << "\n";
   }

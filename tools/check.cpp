@@ -6,7 +6,8 @@
 namespace attnkit::tools {
 
 int run_check(bool as_json, int threads) {
-  const Dims shapes[] = {{2, 4, 2, 97, 97, 40, 40}, {1, 2, 1, 33, 70, 64, 48}, {1, 3, 3, 64, 64, 72, 72}};
+  const Dims shapes[] = {
+      {2, 4, 2, 97, 97, 40, 40}, {1, 2, 1, 33, 70, 64, 48}, {1, 3, 3, 64, 64, 72, 72}};
   json results = json::array();
   int failures = 0, total = 0;
   for (const std::string& m : mechanism_names())
@@ -22,16 +23,29 @@ int run_check(bool as_json, int threads) {
         ++total;
         failures += !r.ok;
         if (as_json) {
-          results.push_back({{"mechanism", m}, {"dtype", r.dtype}, {"ok", r.ok}, {"rel_err", r.rel_err},
-                             {"tol", r.tol}, {"stat_err", r.stat_err}, {"nq", d.nq}, {"nk", d.nk},
-                             {"d", d.d}, {"dv", d.dv}, {"hq", d.hq}, {"hk", d.hk}, {"error", r.error}});
+          results.push_back({{"mechanism", m},
+                             {"dtype", r.dtype},
+                             {"ok", r.ok},
+                             {"rel_err", r.rel_err},
+                             {"tol", r.tol},
+                             {"stat_err", r.stat_err},
+                             {"nq", d.nq},
+                             {"nk", d.nk},
+                             {"d", d.d},
+                             {"dv", d.dv},
+                             {"hq", d.hq},
+                             {"hk", d.hk},
+                             {"error", r.error}});
         } else if (!r.ok) {
           std::printf("FAIL %-26s %-5s nq=%ld nk=%ld d=%ld: %s\n", m.c_str(), r.dtype.c_str(),
                       long(d.nq), long(d.nk), long(d.d), r.error.c_str());
         }
       }
   if (as_json) {
-    std::printf("%s\n", json{{"passed", total - failures}, {"failed", failures}, {"results", results}}.dump(1).c_str());
+    std::printf("%s\n",
+                json{{"passed", total - failures}, {"failed", failures}, {"results", results}}
+                    .dump(1)
+                    .c_str());
   } else {
     std::printf("%d passed, %d failed\n", total - failures, failures);
   }

@@ -11,9 +11,12 @@ namespace attnkit::tools {
 double tolerance_for(DType t) {
   // DESIGN.md: about 1e-5 for fp32 and 1e-2 for bf16 in practice; fp16 has 3 more mantissa bits.
   switch (t) {
-    case DType::kBF16: return 1e-2;
-    case DType::kF16: return 2e-3;
-    default: return 1e-5;
+    case DType::kBF16:
+      return 1e-2;
+    case DType::kF16:
+      return 2e-3;
+    default:
+      return 1e-5;
   }
 }
 
@@ -88,7 +91,8 @@ CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& op
     r.error = "cpu: " + s.message();
     return r;
   }
-  ref.out = OwnedTensor::zeros(DType::kF64, {opt.dims.batch, opt.dims.hq, opt.dims.nq, opt.dims.dv});
+  ref.out =
+      OwnedTensor::zeros(DType::kF64, {opt.dims.batch, opt.dims.hq, opt.dims.nq, opt.dims.dv});
   if (opt.bnhd) ref.out = to_bnhd(ref.out);
   s = reference_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, ref.out.view,
                         ref.row_stat.view, stats_views(ref));
@@ -131,14 +135,15 @@ CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& op
     }
     return m;
   };
-  r.stat_err = std::max({stat_err(fast.row_stat, ref.row_stat), stat_err(fast.row_max, ref.row_max),
-                         stat_err(fast.entropy, ref.entropy), stat_err(fast.col_mass, ref.col_mass)});
+  r.stat_err =
+      std::max({stat_err(fast.row_stat, ref.row_stat), stat_err(fast.row_max, ref.row_max),
+                stat_err(fast.entropy, ref.entropy), stat_err(fast.col_mass, ref.col_mass)});
   const double stat_tol = 1e-4 * std::max(1.0, opt.input_scale * opt.input_scale);
   r.ok = r.rel_err <= r.tol && r.stat_err <= stat_tol;
   if (!r.ok)
     r.error = "rel_err " + std::to_string(r.rel_err) + " (tol " + std::to_string(r.tol) +
-              ", naive " + std::to_string(r.naive_err) +
-              "), stat_err " + std::to_string(r.stat_err) + " (tol " + std::to_string(stat_tol) + ")";
+              ", naive " + std::to_string(r.naive_err) + "), stat_err " +
+              std::to_string(r.stat_err) + " (tol " + std::to_string(stat_tol) + ")";
   return r;
 }
 

@@ -24,7 +24,8 @@ OwnedTensor OwnedTensor::zeros(DType dtype, std::vector<int64_t> shape) {
   return t;
 }
 
-OwnedTensor OwnedTensor::from_doubles(const std::vector<double>& x, DType dtype, std::vector<int64_t> shape) {
+OwnedTensor OwnedTensor::from_doubles(const std::vector<double>& x, DType dtype,
+                                      std::vector<int64_t> shape) {
   OwnedTensor t = zeros(dtype, std::move(shape));
   for (size_t i = 0; i < x.size(); ++i) core::store_from_double(t.bytes.data(), dtype, i, x[i]);
   return t;
@@ -131,7 +132,8 @@ Mask parse_mask(const json& m, Instance& inst, std::string& err, const json* who
         return Mask::document(tq.view, tk.view, s.value("causal", false));
       }
       if (kind == "block_attention") {
-        OwnedTensor& t = segments(inst, "segments" + std::to_string(inst.extras.size()), s.at("segments"));
+        OwnedTensor& t =
+            segments(inst, "segments" + std::to_string(inst.extras.size()), s.at("segments"));
         return Mask::block_attention(t.view);
       }
       if (kind == "prefix_lm") return Mask::prefix_lm(s.at("prefix"));
@@ -261,12 +263,38 @@ std::string build_spec(const json& s, Instance& inst, const ExtraSource& extras)
 }
 
 std::vector<std::string> mechanism_names() {
-  return {"dense", "causal", "causal_top_left", "sliding_window", "global_window", "chunked",
-          "document", "block_attention", "prefix_lm", "neighborhood_1d", "neighborhood_2d",
-          "neighborhood_3d", "maxvit_block", "maxvit_grid", "and_causal_document", "or_window_chunked",
-          "not_causal", "softcap", "alibi", "alibi_symmetric", "bias", "low_rank_bias",
-          "relative_t5", "relative_clipped", "forget_gate", "sink", "sigmoid", "kernel_softplus",
-          "kernel_relu_length_scale", "rela", "gate", "gate_per_head"};
+  return {"dense",
+          "causal",
+          "causal_top_left",
+          "sliding_window",
+          "global_window",
+          "chunked",
+          "document",
+          "block_attention",
+          "prefix_lm",
+          "neighborhood_1d",
+          "neighborhood_2d",
+          "neighborhood_3d",
+          "maxvit_block",
+          "maxvit_grid",
+          "and_causal_document",
+          "or_window_chunked",
+          "not_causal",
+          "softcap",
+          "alibi",
+          "alibi_symmetric",
+          "bias",
+          "low_rank_bias",
+          "relative_t5",
+          "relative_clipped",
+          "forget_gate",
+          "sink",
+          "sigmoid",
+          "kernel_softplus",
+          "kernel_relu_length_scale",
+          "rela",
+          "gate",
+          "gate_per_head"};
 }
 
 namespace {
@@ -296,7 +324,9 @@ json mechanism_spec(const std::string& name, const Dims& d) {
   if (name == "causal_top_left") return {{"mask", "causal"}, {"alignment", "top_left"}};
   if (name == "sliding_window") return {{"mask", "sliding_window"}, {"left", window}, {"right", 0}};
   if (name == "global_window")
-    return {{"mask", "global_window"}, {"left", window / 2}, {"right", window / 2},
+    return {{"mask", "global_window"},
+            {"left", window / 2},
+            {"right", window / 2},
             {"globals", std::vector<int64_t>{0, n / 2}}};
   if (name == "chunked") return {{"mask", "chunked"}, {"chunk", window}, {"causal", true}};
   if (name == "document" || name == "block_attention") {
@@ -307,20 +337,28 @@ json mechanism_spec(const std::string& name, const Dims& d) {
   if (name.rfind("neighborhood", 0) == 0 || name.rfind("maxvit", 0) == 0) {
     if (d.nq != d.nk) return {};
     if (name == "neighborhood_1d")
-      return {{"mask", "neighborhood"}, {"shape", {n}}, {"kernel", {odd_at_most(13, n)}},
-              {"dilation", {1}}, {"causal", {false}}};
+      return {{"mask", "neighborhood"},
+              {"shape", {n}},
+              {"kernel", {odd_at_most(13, n)}},
+              {"dilation", {1}},
+              {"causal", {false}}};
     const int64_t rows = grid_rows(n), cols = n / rows;
     if (name == "neighborhood_2d")
-      return {{"mask", "neighborhood"}, {"shape", {rows, cols}},
-              {"kernel", {odd_at_most(13, rows), odd_at_most(13, cols)}}, {"dilation", {1, 1}},
+      return {{"mask", "neighborhood"},
+              {"shape", {rows, cols}},
+              {"kernel", {odd_at_most(13, rows), odd_at_most(13, cols)}},
+              {"dilation", {1, 1}},
               {"causal", {false, false}}};
     if (name == "neighborhood_3d") {
       const int64_t a = grid_rows(rows), b = rows / a;
-      return {{"mask", "neighborhood"}, {"shape", {a, b, cols}},
+      return {{"mask", "neighborhood"},
+              {"shape", {a, b, cols}},
               {"kernel", {odd_at_most(5, a), odd_at_most(5, b), odd_at_most(5, cols)}},
-              {"dilation", {1, 1, 1}}, {"causal", {false, false, false}}};
+              {"dilation", {1, 1, 1}},
+              {"causal", {false, false, false}}};
     }
-    if (name == "maxvit_block") return {{"mask", "maxvit_block"}, {"shape", {rows, cols}}, {"window", 8}};
+    if (name == "maxvit_block")
+      return {{"mask", "maxvit_block"}, {"shape", {rows, cols}}, {"window", 8}};
     if (name == "maxvit_grid") {
       int64_t g = 1;
       for (int64_t x = 1; x <= 8; ++x)
@@ -333,7 +371,8 @@ json mechanism_spec(const std::string& name, const Dims& d) {
     return {{"mask", "and"}, {"of", {"causal", {{"document", segments_json(n, 3)}}}}};
   }
   if (name == "or_window_chunked")
-    return {{"mask", "or"}, {"of", {{{"sliding_window", {window / 4, window / 4}}}, {{"chunked", window}}}}};
+    return {{"mask", "or"},
+            {"of", {{{"sliding_window", {window / 4, window / 4}}}, {{"chunked", window}}}}};
   if (name == "not_causal") return {{"mask", "not"}, {"of", "causal"}};
   if (name == "softcap") return {{"mask", "causal"}, {"score_mod", {{"softcap", 5.0}}}};
   if (name == "alibi") return {{"mask", "causal"}, {"score_mod", {{"alibi", "default"}}}};
@@ -343,7 +382,11 @@ json mechanism_spec(const std::string& name, const Dims& d) {
   if (name == "low_rank_bias") return {{"mask", "causal"}, {"score_mod", "low_rank_bias"}};
   if (name == "relative_t5")
     return {{"mask", "none"},
-            {"score_mod", {{"relative_buckets", "t5"}, {"bidirectional", true}, {"num_buckets", 32}, {"max_distance", 128}}}};
+            {"score_mod",
+             {{"relative_buckets", "t5"},
+              {"bidirectional", true},
+              {"num_buckets", 32},
+              {"max_distance", 128}}}};
   if (name == "relative_clipped")
     return {{"mask", "causal"}, {"score_mod", {{"relative_buckets", "clipped"}, {"max", 16}}}};
   if (name == "forget_gate") {
@@ -353,9 +396,11 @@ json mechanism_spec(const std::string& name, const Dims& d) {
   if (name == "sink") return {{"mask", "causal"}, {"normalizer", "sink"}};
   if (name == "sigmoid") return {{"mask", "causal"}, {"normalizer", "sigmoid"}};
   if (name == "kernel_softplus")
-    return {{"mask", "none"}, {"normalizer", {{"kernel", "softplus"}, {"power", 1.5}, {"length_scale", false}}}};
+    return {{"mask", "none"},
+            {"normalizer", {{"kernel", "softplus"}, {"power", 1.5}, {"length_scale", false}}}};
   if (name == "kernel_relu_length_scale")
-    return {{"mask", "causal"}, {"normalizer", {{"kernel", "relu"}, {"power", 2.0}, {"length_scale", true}}}};
+    return {{"mask", "causal"},
+            {"normalizer", {{"kernel", "relu"}, {"power", 2.0}, {"length_scale", true}}}};
   if (name == "rela") return {{"mask", "causal"}, {"normalizer", "rela"}};
   if (name == "gate") return {{"mask", "causal"}, {"gate", "elementwise"}};
   if (name == "gate_per_head") return {{"mask", "none"}, {"gate", "per_head"}};

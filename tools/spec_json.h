@@ -3,10 +3,9 @@
 #pragma once
 #include <functional>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "attnkit/attention.h"
 
@@ -19,7 +18,8 @@ struct OwnedTensor {
   std::vector<unsigned char> bytes;
   TensorView view;
   static OwnedTensor zeros(DType dtype, std::vector<int64_t> shape);
-  static OwnedTensor from_doubles(const std::vector<double>& x, DType dtype, std::vector<int64_t> shape);
+  static OwnedTensor from_doubles(const std::vector<double>& x, DType dtype,
+                                  std::vector<int64_t> shape);
   static OwnedTensor from_ints(const std::vector<int32_t>& x, std::vector<int64_t> shape);
   std::vector<double> to_doubles() const;  // in logical (row-major shape) order
 };
@@ -30,7 +30,8 @@ struct Dims {
 
 // Supplies an extra input tensor by name ("bias", "u", "w", "table", "log_f", "sinks", "gain",
 // "gate") and its expected shape: from a golden case, or random.
-using ExtraSource = std::function<OwnedTensor(const std::string& name, const std::vector<int64_t>& shape)>;
+using ExtraSource =
+    std::function<OwnedTensor(const std::string& name, const std::vector<int64_t>& shape)>;
 
 // A whole problem: spec + inputs + the tensors the spec refers to.
 struct Instance {
@@ -79,8 +80,8 @@ struct CheckResult {
   std::string mechanism, dtype, error;  // error: why it failed (empty when ok)
   Dims dims;
   double rel_err = 0, max_abs = 0, stat_err = 0, tol = 0;
-  double naive_err = 0;                  // error of the naive low-precision computation
-  double ms = 0;                         // CPU forward time of this one run
+  double naive_err = 0;  // error of the naive low-precision computation
+  double ms = 0;         // CPU forward time of this one run
 };
 struct CheckOptions {
   DType dtype = DType::kF32;

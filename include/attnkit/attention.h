@@ -23,15 +23,15 @@ struct AttentionStats {
   TensorView entropy;
   TensorView col_mass;
   int64_t col_mass_q_begin = 0;
-  int64_t col_mass_q_end = -1;       // -1: all rows
+  int64_t col_mass_q_end = -1;  // -1: all rows
   bool col_mass_group_sum = false;
   bool any() const { return row_max.defined() || entropy.defined() || col_mass.defined(); }
 };
 
 struct Options {
-  int num_threads = 0;               // CPU: 0 uses every available thread
+  int num_threads = 0;  // CPU: 0 uses every available thread
   bool deterministic = false;
-  void* stream = nullptr;            // CUDA stream (cudaStream_t)
+  void* stream = nullptr;  // CUDA stream (cudaStream_t)
 };
 
 // The per-row value the backward pass needs (row_stat): fp32 [B, Hq, Nq] (varlen: [Hq, total_q]).

@@ -15,8 +15,20 @@ enum class Layout : uint8_t { kBHND, kBNHD };
 enum class Alignment : uint8_t { kBottomRight, kTopLeft };
 
 enum class MaskKind : uint8_t {
-  kNone, kCausal, kSlidingWindow, kGlobalWindow, kChunked, kDocument, kBlockAttention,
-  kPrefixLM, kNeighborhood, kMaxvitBlock, kMaxvitGrid, kAnd, kOr, kNot,
+  kNone,
+  kCausal,
+  kSlidingWindow,
+  kGlobalWindow,
+  kChunked,
+  kDocument,
+  kBlockAttention,
+  kPrefixLM,
+  kNeighborhood,
+  kMaxvitBlock,
+  kMaxvitGrid,
+  kAnd,
+  kOr,
+  kNot,
 };
 const char* mask_kind_name(MaskKind k);
 
@@ -78,19 +90,19 @@ enum class RelativeBucketKind : uint8_t { kOff, kT5, kClipped };
 // Score modifications (MECHANISMS.md 1.2), applied in this order: additive terms
 // (bias, low-rank bias, ALiBi, relative buckets, forget gate), then softcap, then the mask.
 struct ScoreMods {
-  float softcap = 0.f;               // 0: off; else s -> c * tanh(s / c)
+  float softcap = 0.f;  // 0: off; else s -> c * tanh(s / c)
   AlibiMode alibi = AlibiMode::kOff;
-  TensorView alibi_slopes;           // optional fp32 [Hq]; default m_h = 2^(-8(h+1)/Hq)
-  TensorView bias;                   // [B or 1, Hq or 1, Nq, Nk]
-  TensorView low_rank_u;             // [B, Hq, Nq, r]
-  TensorView low_rank_w;             // [B, Hq, Nk, r]
+  TensorView alibi_slopes;  // optional fp32 [Hq]; default m_h = 2^(-8(h+1)/Hq)
+  TensorView bias;          // [B or 1, Hq or 1, Nq, Nk]
+  TensorView low_rank_u;    // [B, Hq, Nq, r]
+  TensorView low_rank_w;    // [B, Hq, Nk, r]
   RelativeBucketKind relative = RelativeBucketKind::kOff;
-  bool bidirectional = true;         // T5
-  int64_t num_buckets = 32;          // T5
-  int64_t max_distance = 128;        // T5
-  int64_t clip = 0;                  // clipped distance: table has 2*clip+1 entries
-  TensorView relative_table;         // fp32 [Hq, buckets]
-  TensorView forget_log_f;           // fp32 [B, Hq, Nk], log f in (-inf, 0]
+  bool bidirectional = true;   // T5
+  int64_t num_buckets = 32;    // T5
+  int64_t max_distance = 128;  // T5
+  int64_t clip = 0;            // clipped distance: table has 2*clip+1 entries
+  TensorView relative_table;   // fp32 [Hq, buckets]
+  TensorView forget_log_f;     // fp32 [B, Hq, Nk], log f in (-inf, 0]
 
   bool any() const {
     return softcap != 0.f || alibi != AlibiMode::kOff || bias.defined() || low_rank_u.defined() ||
@@ -105,12 +117,12 @@ const char* normalizer_name(NormalizerKind k);
 // Normalizers (MECHANISMS.md 1.3).
 struct Normalizer {
   NormalizerKind kind = NormalizerKind::kSoftmax;
-  TensorView sinks;                   // kSoftmaxSink: fp32 [Hq]
-  std::optional<float> beta;          // kSigmoid: default -log(Nk) (per sequence)
+  TensorView sinks;                                  // kSoftmaxSink: fp32 [Hq]
+  std::optional<float> beta;                         // kSigmoid: default -log(Nk) (per sequence)
   KernelFeature feature = KernelFeature::kSoftplus;  // kKernel
-  float power = 1.f;                  // kKernel, > 0
-  bool length_scale = false;          // kKernel: s -> s * log(n_i)
-  TensorView rela_gain;               // kReLA: fp32 [dv]
+  float power = 1.f;                                 // kKernel, > 0
+  bool length_scale = false;                         // kKernel: s -> s * log(n_i)
+  TensorView rela_gain;                              // kReLA: fp32 [dv]
   float rela_eps = 1e-6f;
 };
 
@@ -119,13 +131,13 @@ enum class GateKind : uint8_t { kNone, kElementwise, kPerHead };
 struct AttentionSpec {
   Mask mask;
   Alignment alignment = Alignment::kBottomRight;
-  std::optional<float> scale;        // default 1/sqrt(head_dim)
+  std::optional<float> scale;  // default 1/sqrt(head_dim)
   ScoreMods mods;
   Normalizer normalizer;
   GateKind gate_kind = GateKind::kNone;
-  TensorView gate;                   // elementwise: like out; per head: [B, Hq, Nq] (varlen [total, Hq])
+  TensorView gate;  // elementwise: like out; per head: [B, Hq, Nq] (varlen [total, Hq])
   Layout layout = Layout::kBHND;
-  TensorView cu_seqlens_q;           // int32 [B + 1], with cu_seqlens_kv: varlen packed sequences
+  TensorView cu_seqlens_q;  // int32 [B + 1], with cu_seqlens_kv: varlen packed sequences
   TensorView cu_seqlens_kv;
 };
 

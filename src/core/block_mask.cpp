@@ -1,9 +1,9 @@
 #include "core/block_mask.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <bit>
-
-#include <omp.h>
 
 namespace attnkit::core {
 

@@ -32,10 +32,10 @@ struct BlockMask {
   Tiling q, k;
   std::vector<int64_t> row_begin;  // entries of q tile t: [row_begin[t], row_begin[t + 1])
   std::vector<BlockEntry> entries;
-  std::vector<uint64_t> bits;      // partial tiles: one 64-bit word per query row of the tile
+  std::vector<uint64_t> bits;         // partial tiles: one 64-bit word per query row of the tile
   std::vector<int32_t> allowed_keys;  // per query token (only when asked for)
   int64_t visited_tiles = 0, partial_tiles = 0, full_tiles = 0;
-  int64_t allowed_pairs = 0;       // exact count of allowed (i, j)
+  int64_t allowed_pairs = 0;  // exact count of allowed (i, j)
 };
 
 // Builds the BlockMask of batch element b. `count_rows` fills allowed_keys.

@@ -35,30 +35,49 @@ inline uint16_t float_to_f16(float f) {
 
 inline double load_as_double(const void* p, DType t, int64_t i) {
   switch (t) {
-    case DType::kF32: return static_cast<const float*>(p)[i];
-    case DType::kF64: return static_cast<const double*>(p)[i];
-    case DType::kBF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-    case DType::kF16: return f16_to_float(static_cast<const uint16_t*>(p)[i]);
-    case DType::kI32: return static_cast<const int32_t*>(p)[i];
+    case DType::kF32:
+      return static_cast<const float*>(p)[i];
+    case DType::kF64:
+      return static_cast<const double*>(p)[i];
+    case DType::kBF16:
+      return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::kF16:
+      return f16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::kI32:
+      return static_cast<const int32_t*>(p)[i];
   }
   return 0;
 }
 inline void store_from_double(void* p, DType t, int64_t i, double x) {
   switch (t) {
-    case DType::kF32: static_cast<float*>(p)[i] = static_cast<float>(x); break;
-    case DType::kF64: static_cast<double*>(p)[i] = x; break;
-    case DType::kBF16: static_cast<uint16_t*>(p)[i] = float_to_bf16(static_cast<float>(x)); break;
-    case DType::kF16: static_cast<uint16_t*>(p)[i] = float_to_f16(static_cast<float>(x)); break;
-    case DType::kI32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(x); break;
+    case DType::kF32:
+      static_cast<float*>(p)[i] = static_cast<float>(x);
+      break;
+    case DType::kF64:
+      static_cast<double*>(p)[i] = x;
+      break;
+    case DType::kBF16:
+      static_cast<uint16_t*>(p)[i] = float_to_bf16(static_cast<float>(x));
+      break;
+    case DType::kF16:
+      static_cast<uint16_t*>(p)[i] = float_to_f16(static_cast<float>(x));
+      break;
+    case DType::kI32:
+      static_cast<int32_t*>(p)[i] = static_cast<int32_t>(x);
+      break;
   }
 }
 // Rounds x to dtype t and back (what storing in t loses).
 inline double round_to(DType t, double x) {
   switch (t) {
-    case DType::kF32: return static_cast<float>(x);
-    case DType::kBF16: return bf16_to_float(float_to_bf16(static_cast<float>(x)));
-    case DType::kF16: return f16_to_float(float_to_f16(static_cast<float>(x)));
-    default: return x;
+    case DType::kF32:
+      return static_cast<float>(x);
+    case DType::kBF16:
+      return bf16_to_float(float_to_bf16(static_cast<float>(x)));
+    case DType::kF16:
+      return f16_to_float(float_to_f16(static_cast<float>(x)));
+    default:
+      return x;
   }
 }
 

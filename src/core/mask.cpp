@@ -81,11 +81,13 @@ Mask Mask::neighborhood(std::vector<int64_t> shape, std::vector<int64_t> kernel,
   // A kernel or dilation list of the wrong rank is flagged through b (validation names it).
   n.b = (kernel.size() != shape.size() || (!dilation.empty() && dilation.size() != shape.size()) ||
          (!causal.empty() && causal.size() != shape.size()))
-            ? 1 : 0;
+            ? 1
+            : 0;
   return leaf(n);
 }
 Mask Mask::maxvit_block(int64_t height, int64_t width, int64_t window) {
-  return leaf({.kind = MaskKind::kMaxvitBlock, .a = window, .ndim = 2, .shape = {height, width, 1}});
+  return leaf(
+      {.kind = MaskKind::kMaxvitBlock, .a = window, .ndim = 2, .shape = {height, width, 1}});
 }
 Mask Mask::maxvit_grid(int64_t height, int64_t width, int64_t grid) {
   return leaf({.kind = MaskKind::kMaxvitGrid, .a = grid, .ndim = 2, .shape = {height, width, 1}});

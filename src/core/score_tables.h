@@ -15,9 +15,9 @@ template <class T>
 struct ScoreTables {
   std::vector<int32_t> bucket_of;  // bucket of rel = j - i', index rel + origin
   int64_t bucket_origin = 0;
-  std::vector<T> forget_c;         // [hq][nk] prefix sums of log f, per batch element
-  std::vector<T> slopes;           // [hq]
-  std::vector<T> table;            // [hq][buckets]
+  std::vector<T> forget_c;  // [hq][nk] prefix sums of log f, per batch element
+  std::vector<T> slopes;    // [hq]
+  std::vector<T> table;     // [hq][buckets]
   int64_t buckets = 0;
   std::vector<T> lowrank_u, lowrank_w;  // [hq][n][r] (reference only)
   int64_t rank = 0;
@@ -31,9 +31,10 @@ ScoreTables<T> build_score_tables(const Problem& p, int64_t b, bool dense_extras
   if (m.alibi != AlibiMode::kOff) {
     t.slopes.resize(p.hq);
     for (int64_t h = 0; h < p.hq; ++h)
-      t.slopes[h] = m.alibi_slopes.defined()
-                        ? static_cast<const float*>(m.alibi_slopes.data)[h * m.alibi_slopes.strides[0]]
-                        : static_cast<T>(alibi_default_slope(h, p.hq));
+      t.slopes[h] =
+          m.alibi_slopes.defined()
+              ? static_cast<const float*>(m.alibi_slopes.data)[h * m.alibi_slopes.strides[0]]
+              : static_cast<T>(alibi_default_slope(h, p.hq));
   }
   if (m.relative != RelativeBucketKind::kOff) {
     t.bucket_origin = s.offset + s.nq - 1;
@@ -41,10 +42,13 @@ ScoreTables<T> build_score_tables(const Problem& p, int64_t b, bool dense_extras
     t.bucket_of.resize(n);
     for (int64_t x = 0; x < n; ++x) {
       const int64_t rel = x - t.bucket_origin;
-      t.bucket_of[x] = static_cast<int32_t>(
-          m.relative == RelativeBucketKind::kT5
-              ? t5_bucket(rel, m.bidirectional, m.num_buckets, m.max_distance)
-              : (rel < -m.clip ? -m.clip : rel > m.clip ? m.clip : rel) + m.clip);
+      t.bucket_of[x] =
+          static_cast<int32_t>(m.relative == RelativeBucketKind::kT5
+                                   ? t5_bucket(rel, m.bidirectional, m.num_buckets, m.max_distance)
+                                   : (rel < -m.clip  ? -m.clip
+                                      : rel > m.clip ? m.clip
+                                                     : rel) +
+                                         m.clip);
     }
     const TensorView& tab = m.relative_table;
     t.buckets = tab.shape[1];
@@ -60,7 +64,8 @@ ScoreTables<T> build_score_tables(const Problem& p, int64_t b, bool dense_extras
     for (int64_t h = 0; h < p.hq; ++h) {
       double c = 0;
       for (int64_t j = 0; j < s.nk; ++j) {
-        c += static_cast<const float*>(f.data)[b * f.strides[0] + h * f.strides[1] + j * f.strides[2]];
+        c += static_cast<const float*>(
+            f.data)[b * f.strides[0] + h * f.strides[1] + j * f.strides[2]];
         t.forget_c[h * s.nk + j] = static_cast<T>(c);
       }
     }
@@ -103,9 +108,10 @@ ScoreModEval<T> resolve_score_mods(const Problem& p, const ScoreTables<T>& t, in
   if (!t.forget_c.empty()) e.forget_c = t.forget_c.data() + h * s.nk;
   if (m.bias.defined()) {
     const TensorView& bias = m.bias;
-    e.bias = static_cast<const char*>(bias.data) +
-             ((bias.shape[0] == 1 ? 0 : b) * bias.strides[0] +
-              (bias.shape[1] == 1 ? 0 : h) * bias.strides[1]) * dtype_size(bias.dtype);
+    e.bias =
+        static_cast<const char*>(bias.data) + ((bias.shape[0] == 1 ? 0 : b) * bias.strides[0] +
+                                               (bias.shape[1] == 1 ? 0 : h) * bias.strides[1]) *
+                                                  dtype_size(bias.dtype);
     e.bias_dtype = bias.dtype;
     e.bias_si = bias.strides[2];
     e.bias_sj = bias.strides[3];

@@ -15,10 +15,10 @@ Status fail(StatusCode code, const A&... parts) {
   (os << ... << parts);
   return Status(code, os.str());
 }
-#define ATTNKIT_RETURN_IF_ERROR(expr)  \
-  do {                                 \
-    Status s_ = (expr);                \
-    if (!s_.ok()) return s_;           \
+#define ATTNKIT_RETURN_IF_ERROR(expr) \
+  do {                                \
+    Status s_ = (expr);               \
+    if (!s_.ok()) return s_;          \
   } while (0)
 
 std::string shape_str(const TensorView& t) {
@@ -39,7 +39,8 @@ Status check_tensor(const TensorView& t, const char* name, bool inner_unit = tru
     return fail(StatusCode::kInvalidArgument, name, ".ndim = ", t.ndim, ": must be 1 to ",
                 kMaxTensorDims);
   if (t.device != Device::kCPU)
-    return fail(StatusCode::kTypeError, name, " is on a CUDA device: this build has only the CPU "
+    return fail(StatusCode::kTypeError, name,
+                " is on a CUDA device: this build has only the CPU "
                 "backend, so every tensor must be on the CPU");
   int64_t n = 1;
   for (int i = 0; i < t.ndim; ++i) {
@@ -54,8 +55,8 @@ Status check_tensor(const TensorView& t, const char* name, bool inner_unit = tru
                   ": strides must not be negative");
   }
   if (inner_unit && t.shape[t.ndim - 1] > 1 && t.strides[t.ndim - 1] != 1)
-    return fail(StatusCode::kInvalidArgument, name, ".strides[", t.ndim - 1, "] = ",
-                t.strides[t.ndim - 1], ": the innermost dimension needs unit stride");
+    return fail(StatusCode::kInvalidArgument, name, ".strides[", t.ndim - 1,
+                "] = ", t.strides[t.ndim - 1], ": the innermost dimension needs unit stride");
   if (t.data == nullptr)
     return fail(StatusCode::kInvalidArgument, name, ".data is null for a tensor of shape ",
                 shape_str(t));
@@ -84,7 +85,10 @@ Status check_shape(const TensorView& t, const char* name, std::initializer_list<
   i = 0;
   for (int64_t w : want) {
     os << (i++ ? ", " : "");
-    if (w < 0) os << "*"; else os << w;
+    if (w < 0)
+      os << "*";
+    else
+      os << w;
   }
   os << "]";
   return fail(StatusCode::kInvalidArgument, name, ".shape = ", shape_str(t), ": must be ", os.str(),
@@ -150,9 +154,9 @@ Status check_cu_seqlens(const TensorView& cu, const char* name, int64_t total, i
     return fail(StatusCode::kInvalidArgument, name, ".shape = ", shape_str(cu),
                 ": must be [batch + 1] with batch >= 1");
   if (batch_hint >= 0 && cu.shape[0] != batch_hint + 1)
-    return fail(StatusCode::kInvalidArgument, name, ".shape[0] = ", cu.shape[0],
-                ": cu_seqlens_q and cu_seqlens_kv need the same length (batch + 1 = ",
-                batch_hint + 1, ")");
+    return fail(
+        StatusCode::kInvalidArgument, name, ".shape[0] = ", cu.shape[0],
+        ": cu_seqlens_q and cu_seqlens_kv need the same length (batch + 1 = ", batch_hint + 1, ")");
   const int32_t* c = static_cast<const int32_t*>(cu.data);
   starts->resize(cu.shape[0]);
   for (int64_t i = 0; i < cu.shape[0]; ++i) {
@@ -234,17 +238,17 @@ Status check_mask(const AttentionSpec& spec, const Problem& p) {
             return fail(StatusCode::kInvalidArgument, "neighborhood shape[", d, "] = ", n.shape[d],
                         ": must be >= 1");
           if (n.kernel[d] < 1)
-            return fail(StatusCode::kInvalidArgument, "neighborhood kernel[", d, "] = ",
-                        n.kernel[d], ": must be >= 1");
+            return fail(StatusCode::kInvalidArgument, "neighborhood kernel[", d,
+                        "] = ", n.kernel[d], ": must be >= 1");
           if (!n.dim_causal[d] && n.kernel[d] % 2 == 0)
-            return fail(StatusCode::kInvalidArgument, "neighborhood kernel[", d, "] = ",
-                        n.kernel[d], ": must be odd for a non-causal dim");
+            return fail(StatusCode::kInvalidArgument, "neighborhood kernel[", d,
+                        "] = ", n.kernel[d], ": must be odd for a non-causal dim");
           if (n.dilation[d] < 1)
-            return fail(StatusCode::kInvalidArgument, "neighborhood dilation[", d, "] = ",
-                        n.dilation[d], ": must be >= 1");
+            return fail(StatusCode::kInvalidArgument, "neighborhood dilation[", d,
+                        "] = ", n.dilation[d], ": must be >= 1");
           if (n.kernel[d] * n.dilation[d] > n.shape[d])
-            return fail(StatusCode::kInvalidArgument, "neighborhood kernel[", d, "] * dilation[",
-                        d, "] = ", n.kernel[d] * n.dilation[d], " > shape[", d, "] = ", n.shape[d],
+            return fail(StatusCode::kInvalidArgument, "neighborhood kernel[", d, "] * dilation[", d,
+                        "] = ", n.kernel[d] * n.dilation[d], " > shape[", d, "] = ", n.shape[d],
                         ": kernel * dilation must not exceed the extent");
           tokens *= n.shape[d];
         }
@@ -274,13 +278,15 @@ Status check_mask(const AttentionSpec& spec, const Problem& p) {
       case MaskKind::kOr:
         if (bad_child(n.child0) || bad_child(n.child1) || n.child0 <= static_cast<int32_t>(id) ||
             n.child1 <= static_cast<int32_t>(id))
-          return fail(StatusCode::kInvalidArgument, kind, " mask node ", id, " has invalid children");
+          return fail(StatusCode::kInvalidArgument, kind, " mask node ", id,
+                      " has invalid children");
         break;
       case MaskKind::kNot:
         if (bad_child(n.child0) || n.child0 <= static_cast<int32_t>(id))
           return fail(StatusCode::kInvalidArgument, "not mask node ", id, " has an invalid child");
         break;
-      default: break;
+      default:
+        break;
     }
   }
   return {};
@@ -296,7 +302,8 @@ Status check_mods(const AttentionSpec& spec, const Problem& p, DType in) {
       return fail(StatusCode::kInvalidArgument, "alibi_slopes given but alibi is off");
     ATTNKIT_RETURN_IF_ERROR(check_tensor(m.alibi_slopes, "alibi_slopes", false));
     ATTNKIT_RETURN_IF_ERROR(check_dtype(m.alibi_slopes, "alibi_slopes", DType::kF32));
-    ATTNKIT_RETURN_IF_ERROR(check_shape(m.alibi_slopes, "alibi_slopes", {p.hq}, "one per query head"));
+    ATTNKIT_RETURN_IF_ERROR(
+        check_shape(m.alibi_slopes, "alibi_slopes", {p.hq}, "one per query head"));
   }
   const bool tensor_mods = m.bias.defined() || m.low_rank_u.defined() || m.forget_log_f.defined();
   if (p.varlen && tensor_mods)
@@ -327,8 +334,8 @@ Status check_mods(const AttentionSpec& spec, const Problem& p, DType in) {
     ATTNKIT_RETURN_IF_ERROR(
         check_shape(m.low_rank_w, "low_rank_w", {p.batch, p.hq, p.max_nk, r}, "[B, Hq, Nk, r]"));
     if (p.d + r > kMaxHeadDim)
-      return fail(StatusCode::kInvalidArgument, "low-rank bias rank r = ", r, " with head_dim = ",
-                  p.d, ": head_dim + r must be <= ", kMaxHeadDim);
+      return fail(StatusCode::kInvalidArgument, "low-rank bias rank r = ", r,
+                  " with head_dim = ", p.d, ": head_dim + r must be <= ", kMaxHeadDim);
   }
   if (m.relative != RelativeBucketKind::kOff) {
     int64_t buckets = 0;
@@ -356,8 +363,8 @@ Status check_mods(const AttentionSpec& spec, const Problem& p, DType in) {
   if (m.forget_log_f.defined()) {
     ATTNKIT_RETURN_IF_ERROR(check_tensor(m.forget_log_f, "forget_log_f"));
     ATTNKIT_RETURN_IF_ERROR(check_dtype(m.forget_log_f, "forget_log_f", DType::kF32));
-    ATTNKIT_RETURN_IF_ERROR(check_shape(m.forget_log_f, "forget_log_f",
-                                        {p.batch, p.hq, p.max_nk}, "[B, Hq, Nk]"));
+    ATTNKIT_RETURN_IF_ERROR(
+        check_shape(m.forget_log_f, "forget_log_f", {p.batch, p.hq, p.max_nk}, "[B, Hq, Nk]"));
     if (p.max_nq > p.max_nk)
       return fail(StatusCode::kInvalidArgument, "forget gate with seqlen_q = ", p.max_nq,
                   " > seqlen_kv = ", p.max_nk, ": aligned query positions must be key positions");
@@ -374,8 +381,8 @@ Status check_normalizer(const AttentionSpec& spec, const Problem& p) {
     ATTNKIT_RETURN_IF_ERROR(check_dtype(n.sinks, "sinks", DType::kF32));
     ATTNKIT_RETURN_IF_ERROR(check_shape(n.sinks, "sinks", {p.hq}, "one per query head"));
   } else if (n.sinks.defined()) {
-    return fail(StatusCode::kInvalidArgument, "sinks given with normalizer ", normalizer_name(n.kind),
-                ": sinks select the sink normalizer");
+    return fail(StatusCode::kInvalidArgument, "sinks given with normalizer ",
+                normalizer_name(n.kind), ": sinks select the sink normalizer");
   }
   if (n.beta && (n.kind != NormalizerKind::kSigmoid || !std::isfinite(*n.beta)))
     return fail(StatusCode::kInvalidArgument, "beta = ", *n.beta,
@@ -413,14 +420,13 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
     return fail(StatusCode::kInvalidArgument,
                 "cu_seqlens_q and cu_seqlens_kv must be given together");
   const int want_ndim = varlen ? 3 : 4;
-  const char* layout_name = varlen ? "[total, H, D] (varlen)"
+  const char* layout_name = varlen                         ? "[total, H, D] (varlen)"
                             : spec.layout == Layout::kBHND ? "[B, H, N, D] (BHND)"
                                                            : "[B, N, H, D] (BNHD)";
   const TensorView* ops[4] = {&q, &k, &v, &out};
   const char* names[4] = {"q", "k", "v", "out"};
   for (int i = 0; i < 4; ++i) {
-    if (!ops[i]->defined())
-      return fail(StatusCode::kInvalidArgument, names[i], " is missing");
+    if (!ops[i]->defined()) return fail(StatusCode::kInvalidArgument, names[i], " is missing");
     ATTNKIT_RETURN_IF_ERROR(check_tensor(*ops[i], names[i]));
     if (ops[i]->ndim != want_ndim)
       return fail(StatusCode::kInvalidArgument, names[i], ".ndim = ", ops[i]->ndim, ": must be ",
@@ -465,8 +471,8 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
   if (dvv.d > kMaxHeadDim)
     return fail(StatusCode::kInvalidArgument, "head_dim_v = ", dvv.d, ": must be <= ", kMaxHeadDim);
   if (dout.d != dvv.d)
-    return fail(StatusCode::kInvalidArgument, "out.head_dim = ", dout.d, " but v.head_dim = ",
-                dvv.d, ": out needs head_dim_v columns");
+    return fail(StatusCode::kInvalidArgument, "out.head_dim = ", dout.d,
+                " but v.head_dim = ", dvv.d, ": out needs head_dim_v columns");
   if (dq.n > INT32_MAX || dk.n > INT32_MAX)
     return fail(StatusCode::kInvalidArgument, "seqlen = ", dq.n > dk.n ? dq.n : dk.n,
                 ": sequences longer than 2^31 - 1 tokens are not supported");
@@ -485,7 +491,8 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
   r.group = dq.h / dk.h;
   r.d = dq.d;
   r.dv = dvv.d;
-  r.scale64 = spec.scale ? static_cast<double>(*spec.scale) : 1.0 / std::sqrt(static_cast<double>(dq.d));
+  r.scale64 =
+      spec.scale ? static_cast<double>(*spec.scale) : 1.0 / std::sqrt(static_cast<double>(dq.d));
   r.scale = static_cast<float>(r.scale64);
   if (varlen) {
     std::vector<int64_t> cq, ck;
@@ -554,7 +561,8 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
   if (stats.any()) {
     if (!r.softmax_family())
       return fail(StatusCode::kInvalidArgument, "attention statistics with normalizer ",
-                  normalizer_name(spec.normalizer.kind), ": statistics are defined for the "
+                  normalizer_name(spec.normalizer.kind),
+                  ": statistics are defined for the "
                   "softmax family only");
     if (stats.row_max.defined()) {
       ATTNKIT_RETURN_IF_ERROR(check_row_output(stats.row_max, "row_max", r, dq.n));
@@ -571,13 +579,13 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
       ATTNKIT_RETURN_IF_ERROR(check_tensor(c, "col_mass", false));
       ATTNKIT_RETURN_IF_ERROR(check_dtype(c, "col_mass", DType::kF32));
       const int64_t heads = stats.col_mass_group_sum ? r.hk : r.hq;
-      ATTNKIT_RETURN_IF_ERROR(check_shape(c, "col_mass", {r.batch, heads, r.max_nk},
-                                          stats.col_mass_group_sum ? "[B, Hk, Nk] (group sum)"
-                                                                   : "[B, Hq, Nk]"));
+      ATTNKIT_RETURN_IF_ERROR(
+          check_shape(c, "col_mass", {r.batch, heads, r.max_nk},
+                      stats.col_mass_group_sum ? "[B, Hk, Nk] (group sum)" : "[B, Hq, Nk]"));
       const int64_t end = stats.col_mass_q_end < 0 ? r.max_nq : stats.col_mass_q_end;
       if (stats.col_mass_q_begin < 0 || stats.col_mass_q_begin > end || end > r.max_nq)
-        return fail(StatusCode::kInvalidArgument, "col_mass query range [",
-                    stats.col_mass_q_begin, ", ", end, "): must lie within [0, ", r.max_nq, "]");
+        return fail(StatusCode::kInvalidArgument, "col_mass query range [", stats.col_mass_q_begin,
+                    ", ", end, "): must lie within [0, ", r.max_nq, "]");
       r.col_mass.data = static_cast<float*>(c.data);
       r.col_mass.sb = c.strides[0];
       r.col_mass.sh = c.strides[1];

@@ -24,12 +24,16 @@
 #include <memory>
 #include <vector>
 
+// Highway's per-target compilation: this file is re-included once per SIMD target; the order
+// of these includes matters.
+// clang-format off
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/forward.cc"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 #include <hwy/aligned_allocator.h>
 #include <hwy/contrib/math/math-inl.h>
+// clang-format on
 
 #include "attnkit/variant/normalizers.h"
 #include "core/block_mask.h"
@@ -104,12 +108,15 @@ inline void load_row(const void* src, DType t, int64_t n, float mul, float* dst)
       break;
     }
     default:
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(core::load_as_double(src, t, i)) * mul;
+      for (int64_t i = 0; i < n; ++i)
+        dst[i] = static_cast<float>(core::load_as_double(src, t, i)) * mul;
   }
 }
 inline void store_row(const float* src, int64_t n, DType t, void* dst) {
   switch (t) {
-    case DType::kF32: std::memcpy(dst, src, n * sizeof(float)); break;
+    case DType::kF32:
+      std::memcpy(dst, src, n * sizeof(float));
+      break;
     case DType::kBF16: {
       uint16_t* d = static_cast<uint16_t*>(dst);
       for (int64_t i = 0; i < n; ++i) d[i] = core::float_to_bf16(src[i]);
@@ -139,8 +146,8 @@ using VF = hn::Vec<DF>;
 // 2 vectors. Register block: R rows x 2 vectors, B rows streamed, A elements broadcast.
 template <int R>
 HWY_INLINE void gemm_rows(const float* HWY_RESTRICT A, size_t lda, const float* HWY_RESTRICT B,
-                          size_t ldb, size_t kdim, float* HWY_RESTRICT C, size_t ldc,
-                          size_t ncols, const float* alpha, bool load_c) {
+                          size_t ldb, size_t kdim, float* HWY_RESTRICT C, size_t ldc, size_t ncols,
+                          const float* alpha, bool load_c) {
   const DF d;
   const size_t N = hn::Lanes(d);
   for (size_t c0 = 0; c0 < ncols; c0 += 2 * N) {
@@ -185,12 +192,23 @@ HWY_INLINE void gemm(const float* A, size_t lda, const float* B, size_t ldb, siz
                          alpha ? alpha + r : nullptr, load_c);
   const float* ar = alpha ? alpha + r : nullptr;
   switch (rows - r) {
-    case 5: gemm_rows<5>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c); break;
-    case 4: gemm_rows<4>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c); break;
-    case 3: gemm_rows<3>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c); break;
-    case 2: gemm_rows<2>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c); break;
-    case 1: gemm_rows<1>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c); break;
-    default: break;
+    case 5:
+      gemm_rows<5>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c);
+      break;
+    case 4:
+      gemm_rows<4>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c);
+      break;
+    case 3:
+      gemm_rows<3>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c);
+      break;
+    case 2:
+      gemm_rows<2>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c);
+      break;
+    case 1:
+      gemm_rows<1>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c);
+      break;
+    default:
+      break;
   }
 }
 
@@ -207,7 +225,12 @@ struct Scratch {
       : q(hwy::AllocateAligned<float>(kTile * c.d_eff)),
         s(hwy::AllocateAligned<float>(kTile * kTile)),
         o(hwy::AllocateAligned<float>(kTile * c.dv_pad)),
-        m(kTile), l(kTile), es(kTile), rmax(kTile), alpha(kTile), lscale(kTile) {}
+        m(kTile),
+        l(kTile),
+        es(kTile),
+        rmax(kTile),
+        alpha(kTile),
+        lscale(kTile) {}
 };
 
 // Step 2: pack key tile t of a unit.
@@ -312,7 +335,8 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
   const int64_t unit = b * c.units_per_batch + (c.lowrank ? h : h / p.group);
   const DF d;
   const size_t N = hn::Lanes(d);
-  constexpr bool kSoftmax = kNorm == NormalizerKind::kSoftmax || kNorm == NormalizerKind::kSoftmaxSink;
+  constexpr bool kSoftmax =
+      kNorm == NormalizerKind::kSoftmax || kNorm == NormalizerKind::kSoftmaxSink;
 
   pack_q(c, w.q.get(), b, h, qt);
   const float sink = kNorm == NormalizerKind::kSoftmaxSink
@@ -366,7 +390,8 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
           const VF pv = hn::Exp(d, hn::Sub(sv, vm));
           sum = hn::Add(sum, pv);
           if (want_entropy)
-            esum = hn::Add(esum, hn::IfThenElseZero(hn::Gt(sv, hn::Set(d, kNegInf)), hn::Mul(pv, hn::Sub(sv, vm))));
+            esum = hn::Add(esum, hn::IfThenElseZero(hn::Gt(sv, hn::Set(d, kNegInf)),
+                                                    hn::Mul(pv, hn::Sub(sv, vm))));
           hn::StoreU(pv, d, sr + x);
         }
         // es = sum_j exp(s_j - m) (s_j - m), rescaled when m moves (no cancellation at large
@@ -409,7 +434,8 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
           sum = hn::Add(sum, pv);
           hn::StoreU(pv, d, sr + x);
         }
-        if constexpr (kNorm == NormalizerKind::kKernel) w.l[r] += hn::GetLane(hn::SumOfLanes(d, sum));
+        if constexpr (kNorm == NormalizerKind::kKernel)
+          w.l[r] += hn::GetLane(hn::SumOfLanes(d, sum));
       }
     }
     // O = alpha O + P V; the rescale is skipped when no row's running max moved.
@@ -484,8 +510,8 @@ void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<doubl
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = qt.at(r);
-      w.m[r] = (i >= p.col_q_begin && i < p.col_q_end) ? c.lse[(b * p.hq + h) * p.max_nq + i]
-                                                       : kNegInf;
+      w.m[r] =
+          (i >= p.col_q_begin && i < p.col_q_end) ? c.lse[(b * p.hq + h) * p.max_nq + i] : kNegInf;
       any = any || w.m[r] != kNegInf;
     }
     if (!any) continue;
@@ -502,8 +528,8 @@ void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<doubl
         if (w.m[r] == kNegInf) continue;
         const VF lse = hn::Set(d, w.m[r]);
         for (size_t x = 0; x < kTile; x += N)
-          hn::Store(hn::Add(hn::Load(d, cs + x), hn::Exp(d, hn::Sub(hn::LoadU(d, sr + x), lse))),
-                    d, cs + x);
+          hn::Store(hn::Add(hn::Load(d, cs + x), hn::Exp(d, hn::Sub(hn::LoadU(d, sr + x), lse))), d,
+                    cs + x);
       }
       for (int64_t x = 0; x < kt.count; ++x) mass[kt.at(x)] += cs[x];
     }
@@ -540,8 +566,10 @@ void run_packed(FwdCall& c, std::vector<std::unique_ptr<Scratch>>& scratch, int6
         std::vector<double> mass(nk, 0.0);
         column_mass<kMods>(c, *scratch[worker], b, h, mass);
         for (int64_t j = 0; j < nk; ++j) {
-          if (p.col_group_sum) group[j] += mass[j];
-          else p.col_mass.at(b, h, j) = static_cast<float>(mass[j]);
+          if (p.col_group_sum)
+            group[j] += mass[j];
+          else
+            p.col_mass.at(b, h, j) = static_cast<float>(mass[j]);
         }
       }
       if (p.col_group_sum)
@@ -555,15 +583,27 @@ void run_packed(FwdCall& c, std::vector<std::unique_ptr<Scratch>>& scratch, int6
 template <class F>
 void dispatch(NormalizerKind norm, bool mods, F&& f) {
   auto with_mods = [&](auto kn) {
-    if (mods) f(kn, std::true_type{});
-    else f(kn, std::false_type{});
+    if (mods)
+      f(kn, std::true_type{});
+    else
+      f(kn, std::false_type{});
   };
   switch (norm) {
-    case NormalizerKind::kSoftmax: with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSoftmax>{}); break;
-    case NormalizerKind::kSoftmaxSink: with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSoftmaxSink>{}); break;
-    case NormalizerKind::kSigmoid: with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSigmoid>{}); break;
-    case NormalizerKind::kKernel: with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kKernel>{}); break;
-    case NormalizerKind::kReLA: with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kReLA>{}); break;
+    case NormalizerKind::kSoftmax:
+      with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSoftmax>{});
+      break;
+    case NormalizerKind::kSoftmaxSink:
+      with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSoftmaxSink>{});
+      break;
+    case NormalizerKind::kSigmoid:
+      with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSigmoid>{});
+      break;
+    case NormalizerKind::kKernel:
+      with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kKernel>{});
+      break;
+    case NormalizerKind::kReLA:
+      with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kReLA>{});
+      break;
   }
 }
 
@@ -576,7 +616,8 @@ Status ForwardImpl(const core::Problem& p) {
   c.d_eff = p.d + (c.lowrank ? spec.mods.low_rank_u.shape[3] : 0);
   c.dv_pad = static_cast<int64_t>(vec_pad(p.dv));
   c.units_per_batch = c.lowrank ? p.hq : p.hk;
-  const bool count_rows = spec.normalizer.kind == NormalizerKind::kKernel && spec.normalizer.length_scale;
+  const bool count_rows =
+      spec.normalizer.kind == NormalizerKind::kKernel && spec.normalizer.length_scale;
   if (core::block_mask_per_batch(p)) {
     for (int64_t b = 0; b < p.batch; ++b) {
       c.masks.push_back(core::build_block_mask(p, b, count_rows, c.threads));
@@ -594,7 +635,8 @@ Status ForwardImpl(const core::Problem& p) {
     c.beta.push_back(spec.normalizer.beta ? *spec.normalizer.beta
                                           : -std::log(static_cast<float>(p.seqs[b].nk)));
   }
-  for (const core::BlockMask& bm : c.masks) c.max_k_tiles = std::max(c.max_k_tiles, bm.k.num_tiles());
+  for (const core::BlockMask& bm : c.masks)
+    c.max_k_tiles = std::max(c.max_k_tiles, bm.k.num_tiles());
   c.k_tile_floats = c.d_eff * kTile;
   c.v_tile_floats = kTile * c.dv_pad;
   c.unit_floats = c.max_k_tiles * (c.k_tile_floats + c.v_tile_floats);
@@ -605,7 +647,8 @@ Status ForwardImpl(const core::Problem& p) {
 
   // Whole batch elements at a time, as many as fit the packing budget (at least one).
   const int64_t batch_bytes = c.units_per_batch * c.unit_floats * int64_t{sizeof(float)};
-  const int64_t per_chunk = std::max<int64_t>(1, kPackBudgetBytes / std::max<int64_t>(1, batch_bytes));
+  const int64_t per_chunk =
+      std::max<int64_t>(1, kPackBudgetBytes / std::max<int64_t>(1, batch_bytes));
   c.packed = packed_workspace(std::min(per_chunk, p.batch) * c.units_per_batch * c.unit_floats);
   if (!c.packed) return Status(StatusCode::kInternal, "cpu forward: out of memory for packed K/V");
   for (int64_t b0 = 0; b0 < p.batch; b0 += per_chunk) {

@@ -1,9 +1,9 @@
 // parallel_for(n, threads, [&](task, worker)): OpenMP behind one helper, dynamic scheduling;
 // `worker` indexes per-thread scratch.
 #pragma once
-#include <cstdint>
-
 #include <omp.h>
+
+#include <cstdint>
 
 namespace attnkit::cpu {
 

@@ -1,6 +1,8 @@
 // The float64 oracle: every tier-1 item of MECHANISMS.md 1.1-1.5, computed with full N x N
 // matrices straight from the definitions, through the same variant policies (masks, score mods,
 // normalizer formulas) as the fast kernels. Simple and obviously right; never a fast path.
+#include "reference/reference.h"
+
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -10,7 +12,6 @@
 #include "core/convert.h"
 #include "core/problem.h"
 #include "core/score_tables.h"
-#include "reference/reference.h"
 
 namespace attnkit {
 namespace {
@@ -54,7 +55,8 @@ void reference_head(const core::Problem& p, const core::ScoreTables<double>& tab
       double dot = 0;
       if (naive) {
         float acc = 0.f;
-        for (int64_t c = 0; c < p.d; ++c) acc += static_cast<float>(qv(i, c)) * static_cast<float>(kv(j, c));
+        for (int64_t c = 0; c < p.d; ++c)
+          acc += static_cast<float>(qv(i, c)) * static_cast<float>(kv(j, c));
         dot = rnd(acc);
       } else {
         for (int64_t c = 0; c < p.d; ++c) dot += qv(i, c) * kv(j, c);
@@ -135,8 +137,9 @@ void reference_head(const core::Problem& p, const core::ScoreTables<double>& tab
     for (int64_t j = 0; j < nk; ++j)
       if (P[i * nk + j] != 0)
         for (int64_t c = 0; c < p.dv; ++c)
-          o[c] = naive ? static_cast<float>(o[c] + static_cast<float>(rnd(P[i * nk + j] * vv(j, c))))
-                       : o[c] + P[i * nk + j] * vv(j, c);
+          o[c] = naive
+                     ? static_cast<float>(o[c] + static_cast<float>(rnd(P[i * nk + j] * vv(j, c))))
+                     : o[c] + P[i * nk + j] * vv(j, c);
     if (norm.kind == NormalizerKind::kReLA) {
       double ms = 0;
       for (double x : o) ms += x * x;

@@ -95,9 +95,12 @@ struct MaskEval {
     const MaskNode& n = nodes[id];
     const int64_t ia = i + offset;
     switch (n.kind) {
-      case MaskKind::kNone: return true;
-      case MaskKind::kCausal: return j <= ia;
-      case MaskKind::kSlidingWindow: return j >= ia - n.a && j <= ia + n.b;
+      case MaskKind::kNone:
+        return true;
+      case MaskKind::kCausal:
+        return j <= ia;
+      case MaskKind::kSlidingWindow:
+        return j >= ia - n.a && j <= ia + n.b;
       case MaskKind::kGlobalWindow:
         return (j >= ia - n.a && j <= ia + n.b) || is_global(n, j) || is_global(n, ia);
       case MaskKind::kChunked:
@@ -108,7 +111,8 @@ struct MaskEval {
         const int32_t sq = seg_q(n, i);
         return j <= ia && (sq == seg_k(n, j) || sq == segments[n.seg_q].last);
       }
-      case MaskKind::kPrefixLM: return j < n.a || j <= ia;
+      case MaskKind::kPrefixLM:
+        return j < n.a || j <= ia;
       case MaskKind::kNeighborhood: {
         int64_t cq[kMaxGridDims], ck[kMaxGridDims];
         coords(n, i, cq);
@@ -131,9 +135,12 @@ struct MaskEval {
         const int64_t ph = n.shape[0] / n.a, pw = n.shape[1] / n.a;
         return cq[0] % ph == ck[0] % ph && cq[1] % pw == ck[1] % pw;
       }
-      case MaskKind::kAnd: return allowed(n.child0, i, j) && allowed(n.child1, i, j);
-      case MaskKind::kOr: return allowed(n.child0, i, j) || allowed(n.child1, i, j);
-      case MaskKind::kNot: return !allowed(n.child0, i, j);
+      case MaskKind::kAnd:
+        return allowed(n.child0, i, j) && allowed(n.child1, i, j);
+      case MaskKind::kOr:
+        return allowed(n.child0, i, j) || allowed(n.child1, i, j);
+      case MaskKind::kNot:
+        return !allowed(n.child0, i, j);
     }
     return false;
   }
@@ -141,8 +148,8 @@ struct MaskEval {
 
   // ---- tile classification -------------------------------------------------------------
   // 1-D rule "lo(i') <= j <= hi(i')" with both bounds non-decreasing in i'.
-  ATTNKIT_HD static TileClass band(int64_t qlo, int64_t qhi, int64_t klo, int64_t khi,
-                                   int64_t left, int64_t right) {
+  ATTNKIT_HD static TileClass band(int64_t qlo, int64_t qhi, int64_t klo, int64_t khi, int64_t left,
+                                   int64_t right) {
     if (khi < qlo - left || klo > qhi + right) return TileClass::kEmpty;
     if (klo >= qhi - left && khi <= qlo + right) return TileClass::kFull;
     return TileClass::kPartial;
@@ -196,9 +203,12 @@ struct MaskEval {
     const int64_t qlo = qt.lo + offset, qhi = qt.hi + offset, klo = kt.lo, khi = kt.hi;
     const TileClass causal = band(qlo, qhi, klo, khi, INT64_MAX / 4, 0);
     switch (n.kind) {
-      case MaskKind::kNone: return TileClass::kFull;
-      case MaskKind::kCausal: return causal;
-      case MaskKind::kSlidingWindow: return band(qlo, qhi, klo, khi, n.a, n.b);
+      case MaskKind::kNone:
+        return TileClass::kFull;
+      case MaskKind::kCausal:
+        return causal;
+      case MaskKind::kSlidingWindow:
+        return band(qlo, qhi, klo, khi, n.a, n.b);
       case MaskKind::kGlobalWindow: {
         const TileClass w = band(qlo, qhi, klo, khi, n.a, n.b);
         if (w == TileClass::kFull) return w;
@@ -211,16 +221,18 @@ struct MaskEval {
       case MaskKind::kChunked: {
         const int64_t a = floor_div(qlo, n.a), b = floor_div(qhi, n.a);
         const int64_t c = floor_div(klo, n.a), d = floor_div(khi, n.a);
-        TileClass t = (b < c || a > d) ? TileClass::kEmpty
-                      : (a == b && b == c && c == d) ? TileClass::kFull : TileClass::kPartial;
+        TileClass t = (b < c || a > d)               ? TileClass::kEmpty
+                      : (a == b && b == c && c == d) ? TileClass::kFull
+                                                     : TileClass::kPartial;
         return n.causal ? both(t, causal) : t;
       }
       case MaskKind::kDocument: {
         int32_t a, b, c, d;
         seg_range(n, qt, true, &a, &b);
         seg_range(n, kt, false, &c, &d);
-        TileClass t = (b < c || a > d) ? TileClass::kEmpty
-                      : (a == b && b == c && c == d) ? TileClass::kFull : TileClass::kPartial;
+        TileClass t = (b < c || a > d)               ? TileClass::kEmpty
+                      : (a == b && b == c && c == d) ? TileClass::kFull
+                                                     : TileClass::kPartial;
         return n.causal ? both(t, causal) : t;
       }
       case MaskKind::kBlockAttention: {
@@ -231,7 +243,8 @@ struct MaskEval {
         const int32_t last = segments[n.seg_q].last;
         if (a == last && b == last) return causal;  // the last segment sees every earlier token
         const TileClass t = (b < c || a > d) && (b < last) ? TileClass::kEmpty
-                            : (a == b && b == c && c == d) ? TileClass::kFull : TileClass::kPartial;
+                            : (a == b && b == c && c == d) ? TileClass::kFull
+                                                           : TileClass::kPartial;
         return both(t, causal);
       }
       case MaskKind::kPrefixLM:
@@ -275,13 +288,17 @@ struct MaskEval {
         }
         return t;
       }
-      case MaskKind::kMaxvitGrid: return TileClass::kPartial;
-      case MaskKind::kAnd: return both(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
-      case MaskKind::kOr: return either(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
+      case MaskKind::kMaxvitGrid:
+        return TileClass::kPartial;
+      case MaskKind::kAnd:
+        return both(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
+      case MaskKind::kOr:
+        return either(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
       case MaskKind::kNot: {
         const TileClass c = classify(n.child0, qt, kt);
         return c == TileClass::kFull    ? TileClass::kEmpty
-               : c == TileClass::kEmpty ? TileClass::kFull : TileClass::kPartial;
+               : c == TileClass::kEmpty ? TileClass::kFull
+                                        : TileClass::kPartial;
       }
     }
     return TileClass::kPartial;
@@ -370,7 +387,8 @@ struct MaskEval {
           int64_t cq[kMaxGridDims], lo[kMaxGridDims], hi[kMaxGridDims];
           coords(n, qt.at(r), cq);
           for (int d = 0; d < n.ndim; ++d) {
-            na_window(cq[d], n.shape[d], n.kernel[d], n.dilation[d], n.dim_causal[d], &lo[d], &hi[d]);
+            na_window(cq[d], n.shape[d], n.kernel[d], n.dilation[d], n.dim_causal[d], &lo[d],
+                      &hi[d]);
             if (n.dilation[d] > 1) {  // key coordinate range of the window
               const int64_t g = cq[d] % n.dilation[d];
               lo[d] = lo[d] * n.dilation[d] + g;
@@ -393,7 +411,8 @@ struct MaskEval {
         for (int64_t r = 0; r < qt.count; ++r) {
           const int64_t i = qt.at(r);
           uint64_t w = 0;
-          for (int64_t x = 0; x < kt.count; ++x) w |= static_cast<uint64_t>(allowed(id, i, kt.at(x))) << x;
+          for (int64_t x = 0; x < kt.count; ++x)
+            w |= static_cast<uint64_t>(allowed(id, i, kt.at(x))) << x;
           rows[r] = w;
         }
     }

@@ -43,8 +43,10 @@ ATTNKIT_HD double alibi_default_slope(int64_t h, int64_t num_heads) {
 template <class T>
 ATTNKIT_HD T load_float(const void* p, DType t, int64_t i) {
   switch (t) {
-    case DType::kF32: return static_cast<T>(static_cast<const float*>(p)[i]);
-    case DType::kF64: return static_cast<T>(static_cast<const double*>(p)[i]);
+    case DType::kF32:
+      return static_cast<T>(static_cast<const float*>(p)[i]);
+    case DType::kF64:
+      return static_cast<T>(static_cast<const double*>(p)[i]);
     case DType::kBF16: {
       const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
       float f;
@@ -59,7 +61,8 @@ ATTNKIT_HD T load_float(const void* p, DType t, int64_t i) {
                                    : std::ldexp(static_cast<double>(m | 0x400), e - 25);
       return static_cast<T>((h & 0x8000) ? -mag : mag);
     }
-    default: return T(0);
+    default:
+      return T(0);
   }
 }
 
@@ -72,11 +75,11 @@ struct ScoreModEval {
   const void* bias = nullptr;  // this (b, h) of the bias: element i * bias_si + j * bias_sj
   DType bias_dtype = DType::kF32;
   int64_t bias_si = 0, bias_sj = 0;
-  const T* u = nullptr;     // low-rank: u[i * rank + r], w[j * rank + r]
+  const T* u = nullptr;  // low-rank: u[i * rank + r], w[j * rank + r]
   const T* w = nullptr;
   int64_t rank = 0;
   RelativeBucketKind relative = RelativeBucketKind::kOff;
-  const T* table = nullptr;     // this head's row of the relative table
+  const T* table = nullptr;            // this head's row of the relative table
   const int32_t* bucket_of = nullptr;  // bucket of rel = j - i', indexed by rel + bucket_origin
   int64_t bucket_origin = 0;
   const T* forget_c = nullptr;  // c = cumsum(log f) over key positions
