@@ -46,6 +46,22 @@ Status can_run(const TensorView& q, const TensorView& k, const TensorView& v,
                const AttentionSpec& spec, const TensorView& out, const TensorView& row_stat = {},
                const AttentionStats& stats = {}, const Options& options = {});
 
+// Gradients of attention (the backward pass). dq, dk, dv are required and shaped like q, k, v
+// (dk, dv summed over the query heads of a KV group); each other view is optional and shaped like
+// the input it differentiates (dbias: like spec.mods.bias, summed over its broadcast dims;
+// dbeta: [1] for the sigmoid normalizer's beta). Gradient dtypes: fp32 or fp64.
+struct AttentionGrads {
+  TensorView dq, dk, dv;
+  TensorView dbias, dlow_rank_u, dlow_rank_w, drelative_table, dforget_log_f, dalibi_slopes;
+  TensorView dsinks, dbeta, drela_gain, dgate;
+};
+
+// The float64 oracle of the backward pass (src/reference): recomputes the forward from q, k, v
+// and returns every gradient asked for in `grads`, given grad_out (shaped like out).
+Status reference_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                          const TensorView& grad_out, const AttentionSpec& spec,
+                          const AttentionGrads& grads);
+
 // The float64 oracle (src/reference): same contract, full N x N matrices, any dtype in,
 // computes in float64. For tests and tools, never a fast path.
 Status reference_forward(const TensorView& q, const TensorView& k, const TensorView& v,

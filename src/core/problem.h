@@ -67,6 +67,17 @@ struct Problem {
   }
 };
 
+// The operands of a backward call, resolved like the forward's.
+struct GradOperands {
+  RowOperand grad_out, dq, dk, dv;
+};
+
+// Checks grad_out and every gradient view against the forward problem `p` (already resolved):
+// shapes like their inputs, fp32 or fp64, a gradient only for an input the spec has.
+Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k,
+                      const TensorView& v, const TensorView& grad_out, const AttentionGrads& grads,
+                      GradOperands* out);
+
 // Checks every rule of the call (DESIGN.md "Errors"), then fills `p`. `backend` names who asks
 // ("cpu", "reference") for backend-specific limits.
 Status validate_and_resolve(const TensorView& q, const TensorView& k, const TensorView& v,

@@ -621,4 +621,79 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
   return {};
 }
 
+Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k,
+                      const TensorView& v, const TensorView& grad_out, const AttentionGrads& g,
+                      GradOperands* out) {
+  const AttentionSpec& spec = *p.spec;
+  auto same_shape = [](const TensorView& a, const TensorView& b) {
+    if (a.ndim != b.ndim) return false;
+    for (int i = 0; i < a.ndim; ++i)
+      if (a.shape[i] != b.shape[i]) return false;
+    return true;
+  };
+  auto grad_like = [&](const TensorView& grad, const char* name, const TensorView& input,
+                       const char* input_name, bool required) -> Status {
+    if (!grad.defined()) {
+      if (required) return fail(StatusCode::kInvalidArgument, name, " is missing: it is required");
+      return {};
+    }
+    if (!input.defined())
+      return fail(StatusCode::kInvalidArgument, name, " given but the spec has no ", input_name);
+    ATTNKIT_RETURN_IF_ERROR(check_tensor(grad, name, false));
+    if (grad.dtype != DType::kF32 && grad.dtype != DType::kF64)
+      return fail(StatusCode::kTypeError, name, ".dtype = ", dtype_name(grad.dtype),
+                  ": gradients are fp32 or fp64");
+    if (!same_shape(grad, input))
+      return fail(StatusCode::kInvalidArgument, name, ".shape = ", shape_str(grad), " but ",
+                  input_name, ".shape = ", shape_str(input), ": a gradient has its input's shape");
+    return {};
+  };
+  TensorView out_like = q;  // grad_out has out's shape: q's with head_dim_v
+  out_like.shape[out_like.ndim - 1] = p.dv;
+  ATTNKIT_RETURN_IF_ERROR(check_tensor(grad_out, "grad_out"));
+  if (!same_shape(grad_out, out_like))
+    return fail(StatusCode::kInvalidArgument, "grad_out.shape = ", shape_str(grad_out),
+                ": must be out's shape ", shape_str(out_like));
+  if (!is_float(grad_out.dtype))
+    return fail(StatusCode::kTypeError, "grad_out.dtype = ", dtype_name(grad_out.dtype),
+                ": must be a floating-point dtype");
+  ATTNKIT_RETURN_IF_ERROR(grad_like(g.dq, "dq", q, "q", true));
+  ATTNKIT_RETURN_IF_ERROR(grad_like(g.dk, "dk", k, "k", true));
+  ATTNKIT_RETURN_IF_ERROR(grad_like(g.dv, "dv", v, "v", true));
+  for (const TensorView* t : {&g.dq, &g.dk, &g.dv})
+    if (t->strides[t->ndim - 1] != 1)
+      return fail(StatusCode::kInvalidArgument, "dq, dk and dv need a unit inner stride");
+  const ScoreMods& m = spec.mods;
+  ATTNKIT_RETURN_IF_ERROR(grad_like(g.dbias, "dbias", m.bias, "bias", false));
+  ATTNKIT_RETURN_IF_ERROR(
+      grad_like(g.dlow_rank_u, "dlow_rank_u", m.low_rank_u, "low_rank_u", false));
+  ATTNKIT_RETURN_IF_ERROR(
+      grad_like(g.dlow_rank_w, "dlow_rank_w", m.low_rank_w, "low_rank_w", false));
+  ATTNKIT_RETURN_IF_ERROR(
+      grad_like(g.drelative_table, "drelative_table", m.relative_table, "relative_table", false));
+  ATTNKIT_RETURN_IF_ERROR(
+      grad_like(g.dforget_log_f, "dforget_log_f", m.forget_log_f, "forget_log_f", false));
+  ATTNKIT_RETURN_IF_ERROR(
+      grad_like(g.dalibi_slopes, "dalibi_slopes", m.alibi_slopes, "alibi_slopes", false));
+  ATTNKIT_RETURN_IF_ERROR(grad_like(g.dsinks, "dsinks", spec.normalizer.sinks, "sinks", false));
+  ATTNKIT_RETURN_IF_ERROR(
+      grad_like(g.drela_gain, "drela_gain", spec.normalizer.rela_gain, "rela_gain", false));
+  ATTNKIT_RETURN_IF_ERROR(grad_like(g.dgate, "dgate", spec.gate, "gate", false));
+  if (g.dbeta.defined()) {
+    if (spec.normalizer.kind != NormalizerKind::kSigmoid)
+      return fail(StatusCode::kInvalidArgument, "dbeta given with normalizer ",
+                  normalizer_name(spec.normalizer.kind), ": beta belongs to sigmoid");
+    ATTNKIT_RETURN_IF_ERROR(check_tensor(g.dbeta, "dbeta", false));
+    ATTNKIT_RETURN_IF_ERROR(check_shape(g.dbeta, "dbeta", {1}, "one scalar"));
+    if (g.dbeta.dtype != DType::kF32 && g.dbeta.dtype != DType::kF64)
+      return fail(StatusCode::kTypeError, "dbeta.dtype = ", dtype_name(g.dbeta.dtype),
+                  ": gradients are fp32 or fp64");
+  }
+  out->grad_out = rows_of(grad_out, p.varlen, spec.layout);
+  out->dq = rows_of(g.dq, p.varlen, spec.layout);
+  out->dk = rows_of(g.dk, p.varlen, spec.layout);
+  out->dv = rows_of(g.dv, p.varlen, spec.layout);
+  return {};
+}
+
 }  // namespace attnkit::core

@@ -3,6 +3,8 @@
 // masks are run-time data (BlockMask + bits), so every mask runs on every instantiation.
 #include "attnkit/registry.h"
 
+#include <string>
+
 #include "cpu/forward.h"
 
 namespace attnkit {
@@ -54,8 +56,10 @@ constexpr Mech kTier1[] = {
 std::vector<SupportRow> support_matrix() {
   std::vector<SupportRow> rows;
   for (const Mech& m : kTier1) {
-    rows.push_back(
-        {m.name, m.category, "reference", true, false, {"fp32", "bf16", "fp16", "fp64"}});
+    // The oracle computes every mask densely (no block-sparse execution), forward and backward.
+    if (std::string(m.category) != "sparse")
+      rows.push_back(
+          {m.name, m.category, "reference", true, true, {"fp32", "bf16", "fp16", "fp64"}});
     rows.push_back({m.name, m.category, "cpu", true, false, {"fp32", "bf16", "fp16"}});
   }
   return rows;

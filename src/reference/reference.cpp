@@ -7,32 +7,27 @@
 #include <limits>
 #include <vector>
 
-#include "attnkit/attention.h"
 #include "attnkit/variant/normalizers.h"
 #include "core/convert.h"
-#include "core/problem.h"
-#include "core/score_tables.h"
 
-namespace attnkit {
+namespace attnkit::reference {
 namespace {
-
 constexpr double kInf = std::numeric_limits<double>::infinity();
+}  // namespace
 
-// `rounding` kF64: the exact oracle. Another dtype: the naive low-precision computation of
-// DESIGN.md's tolerance rule (scores, probabilities and both products rounded to that dtype,
-// dot products and P V accumulated in fp32).
-void reference_head(const core::Problem& p, const core::ScoreTables<double>& tables, int64_t b,
-                    int64_t h, std::vector<double>* col_mass, DType rounding) {
+HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>& tables, int64_t b,
+                         int64_t h, DType rounding) {
+  const AttentionSpec& spec = *p.spec;
+  const Normalizer& norm = spec.normalizer;
+  const core::Sequence& s = p.seqs[b];
   const bool naive = rounding != DType::kF64;
   auto rnd = [&](double x) { return naive ? core::round_to(rounding, x) : x; };
-  const AttentionSpec& spec = *p.spec;
-  const core::Sequence& s = p.seqs[b];
-  const int64_t nq = s.nq, nk = s.nk, hk = h / p.group;
+  HeadForward f;
+  const int64_t nq = f.nq = s.nq, nk = f.nk = s.nk;
+  f.hk = h / p.group;
   const MaskEval mask = p.mask_eval(b);
-  const ScoreModEval<double> mods = core::resolve_score_mods(p, tables, b, h, true);
-  const Normalizer& norm = spec.normalizer;
+  f.mods = core::resolve_score_mods(p, tables, b, h, true);
 
-  // Widen this head's rows to float64 once.
   auto widen = [&](const core::RowOperand& x, int64_t head, int64_t start, int64_t n, int64_t dim) {
     std::vector<double> m(n * dim);
     for (int64_t r = 0; r < n; ++r)
@@ -40,86 +35,75 @@ void reference_head(const core::Problem& p, const core::ScoreTables<double>& tab
         m[r * dim + c] = core::load_as_double(x.row(b, head, start + r), x.dtype, c);
     return m;
   };
-  const std::vector<double> Q = widen(p.q, h, s.q_start, nq, p.d);
-  const std::vector<double> K = widen(p.k, hk, s.k_start, nk, p.d);
-  const std::vector<double> V = widen(p.v, hk, s.k_start, nk, p.dv);
-  auto qv = [&](int64_t i, int64_t c) { return Q[i * p.d + c]; };
-  auto kv = [&](int64_t j, int64_t c) { return K[j * p.d + c]; };
-  auto vv = [&](int64_t j, int64_t c) { return V[j * p.dv + c]; };
+  f.Q = widen(p.q, h, s.q_start, nq, p.d);
+  f.K = widen(p.k, f.hk, s.k_start, nk, p.d);
+  f.V = widen(p.v, f.hk, s.k_start, nk, p.dv);
 
-  std::vector<double> S(nq * nk), P(nq * nk, 0.0);
-  std::vector<char> A(nq * nk);
-  std::vector<int64_t> n_allowed(nq, 0);
+  f.T.assign(nq * nk, 0.0);
+  f.S.assign(nq * nk, 0.0);
+  f.P.assign(nq * nk, 0.0);
+  f.A.assign(nq * nk, 0);
+  f.n_allowed.assign(nq, 0);
   for (int64_t i = 0; i < nq; ++i)
     for (int64_t j = 0; j < nk; ++j) {
       double dot = 0;
       if (naive) {
         float acc = 0.f;
         for (int64_t c = 0; c < p.d; ++c)
-          acc += static_cast<float>(qv(i, c)) * static_cast<float>(kv(j, c));
+          acc += static_cast<float>(f.Q[i * p.d + c]) * static_cast<float>(f.K[j * p.d + c]);
         dot = rnd(acc);
       } else {
-        for (int64_t c = 0; c < p.d; ++c) dot += qv(i, c) * kv(j, c);
+        for (int64_t c = 0; c < p.d; ++c) dot += f.Q[i * p.d + c] * f.K[j * p.d + c];
       }
-      S[i * nk + j] = rnd(mods.score(rnd(p.scale64 * dot), i, i + s.offset, j));
-      A[i * nk + j] = mask.allowed(i, j);
-      n_allowed[i] += A[i * nk + j];
+      const int64_t x = i * nk + j;
+      f.T[x] = f.mods.additive(rnd(p.scale64 * dot), i, i + s.offset, j);
+      f.S[x] = rnd(f.mods.cap(f.T[x]));
+      f.A[x] = mask.allowed(i, j);
+      f.n_allowed[i] += f.A[x];
     }
 
-  std::vector<double> stat(nq, 0.0), lse(nq, -kInf);
-  const double sink = norm.kind == NormalizerKind::kSoftmaxSink
-                          ? static_cast<const float*>(norm.sinks.data)[h * norm.sinks.strides[0]]
-                          : -kInf;
+  f.lse.assign(nq, -kInf);
+  f.row_sum.assign(nq, 0.0);
+  f.length_scale.assign(nq, 1.0);
+  f.sink = norm.kind == NormalizerKind::kSoftmaxSink
+               ? static_cast<const float*>(norm.sinks.data)[h * norm.sinks.strides[0]]
+               : -kInf;
+  f.beta = norm.beta ? *norm.beta : -std::log(static_cast<double>(nk));
+  if (norm.kind == NormalizerKind::kKernel) f.W.assign(nq * nk, 0.0);
   for (int64_t i = 0; i < nq; ++i) {
-    double* Si = &S[i * nk];
-    double* Pi = &P[i * nk];
-    const char* Ai = &A[i * nk];
+    const double* Si = &f.S[i * nk];
+    double* Pi = &f.P[i * nk];
+    const char* Ai = &f.A[i * nk];
     switch (norm.kind) {
       case NormalizerKind::kSoftmax:
       case NormalizerKind::kSoftmaxSink: {
-        double m = sink, rmax = -kInf;
+        double m = f.sink;
         for (int64_t j = 0; j < nk; ++j)
-          if (Ai[j]) {
-            m = std::max(m, Si[j]);
-            rmax = std::max(rmax, Si[j]);
-          }
-        double l = std::isfinite(sink) ? std::exp(sink - m) : 0.0;
+          if (Ai[j]) m = std::max(m, Si[j]);
+        double l = std::isfinite(f.sink) ? std::exp(f.sink - m) : 0.0;
         for (int64_t j = 0; j < nk; ++j)
           if (Ai[j] && Si[j] > -kInf) l += std::exp(Si[j] - m);
-        lse[i] = l > 0 ? m + std::log(l) : -kInf;
-        double ps = 0;
+        f.lse[i] = l > 0 ? m + std::log(l) : -kInf;
         for (int64_t j = 0; j < nk; ++j)
-          if (Ai[j] && l > 0 && Si[j] > -kInf) {
-            Pi[j] = std::exp(Si[j] - lse[i]);
-            ps += Pi[j] * Si[j];
-          }
-        double ent = 0;
-        if (std::isfinite(lse[i])) {
-          ent = lse[i] - ps;
-          if (std::isfinite(sink)) ent -= std::exp(sink - lse[i]) * sink;
-        }
-        stat[i] = lse[i];
-        if (p.row_max.defined()) p.row_max.at(b, h, s.q_start + i) = static_cast<float>(rmax);
-        if (p.entropy.defined()) p.entropy.at(b, h, s.q_start + i) = static_cast<float>(ent);
+          if (Ai[j] && l > 0 && Si[j] > -kInf) Pi[j] = std::exp(Si[j] - f.lse[i]);
         break;
       }
-      case NormalizerKind::kSigmoid: {
-        const double beta = norm.beta ? *norm.beta : -std::log(static_cast<double>(nk));
+      case NormalizerKind::kSigmoid:
         for (int64_t j = 0; j < nk; ++j)
-          if (Ai[j]) Pi[j] = sigmoid(Si[j] + beta);
+          if (Ai[j]) Pi[j] = sigmoid(Si[j] + f.beta);
         break;
-      }
       case NormalizerKind::kKernel: {
-        const double ls = norm.length_scale ? length_scale<double>(n_allowed[i]) : 1.0;
+        const double ls = norm.length_scale ? length_scale<double>(f.n_allowed[i]) : 1.0;
+        f.length_scale[i] = ls;
         double l = 0;
         for (int64_t j = 0; j < nk; ++j)
           if (Ai[j]) {
-            Pi[j] = kernel_weight<double>(norm.length_scale ? (ls == 0 ? 0.0 : Si[j] * ls) : Si[j],
-                                          norm.feature, norm.power);
-            l += Pi[j];
+            f.W[i * nk + j] =
+                kernel_weight<double>(ls == 0 ? 0.0 : Si[j] * ls, norm.feature, norm.power);
+            l += f.W[i * nk + j];
           }
-        for (int64_t j = 0; j < nk; ++j) Pi[j] = l > 0 ? Pi[j] / l : 0.0;
-        stat[i] = l;
+        for (int64_t j = 0; j < nk; ++j) Pi[j] = l > 0 ? f.W[i * nk + j] / l : 0.0;
+        f.row_sum[i] = l;
         break;
       }
       case NormalizerKind::kReLA:
@@ -128,52 +112,82 @@ void reference_head(const core::Problem& p, const core::ScoreTables<double>& tab
         break;
     }
   }
-
   if (naive)
-    for (double& x : P) x = rnd(x);
-  std::vector<double> o(p.dv);
+    for (double& x : f.P) x = rnd(x);
+
+  f.O.assign(nq * p.dv, 0.0);
+  f.O_final.assign(nq * p.dv, 0.0);
+  f.rms.assign(nq, 1.0);
   for (int64_t i = 0; i < nq; ++i) {
-    std::fill(o.begin(), o.end(), 0.0);
-    for (int64_t j = 0; j < nk; ++j)
-      if (P[i * nk + j] != 0)
-        for (int64_t c = 0; c < p.dv; ++c)
-          o[c] = naive
-                     ? static_cast<float>(o[c] + static_cast<float>(rnd(P[i * nk + j] * vv(j, c))))
-                     : o[c] + P[i * nk + j] * vv(j, c);
+    double* o = &f.O[i * p.dv];
+    for (int64_t j = 0; j < nk; ++j) {
+      const double pij = f.P[i * nk + j];
+      if (pij == 0) continue;
+      for (int64_t c = 0; c < p.dv; ++c)
+        o[c] = naive ? static_cast<float>(o[c] + static_cast<float>(rnd(pij * f.V[j * p.dv + c])))
+                     : o[c] + pij * f.V[j * p.dv + c];
+    }
+    double* of = &f.O_final[i * p.dv];
+    for (int64_t c = 0; c < p.dv; ++c) of[c] = o[c];
     if (norm.kind == NormalizerKind::kReLA) {
       double ms = 0;
-      for (double x : o) ms += x * x;
-      const double rms = std::sqrt(ms / static_cast<double>(p.dv) + norm.rela_eps);
+      for (int64_t c = 0; c < p.dv; ++c) ms += o[c] * o[c];
+      f.rms[i] = std::sqrt(ms / static_cast<double>(p.dv) + norm.rela_eps);
       for (int64_t c = 0; c < p.dv; ++c)
-        o[c] = static_cast<const float*>(norm.rela_gain.data)[c * norm.rela_gain.strides[0]] *
-               o[c] / rms;
-      stat[i] = rms;
+        of[c] = static_cast<const float*>(norm.rela_gain.data)[c * norm.rela_gain.strides[0]] *
+                o[c] / f.rms[i];
     }
     if (spec.gate_kind == GateKind::kElementwise) {
       const void* g = p.gate.row(b, h, s.q_start + i);
-      for (int64_t c = 0; c < p.dv; ++c) o[c] *= sigmoid(core::load_as_double(g, p.gate.dtype, c));
+      for (int64_t c = 0; c < p.dv; ++c) of[c] *= sigmoid(core::load_as_double(g, p.gate.dtype, c));
     } else if (spec.gate_kind == GateKind::kPerHead) {
       const double g = sigmoid<double>(p.gate_head.at(b, h, s.q_start + i));
-      for (double& x : o) x *= g;
+      for (int64_t c = 0; c < p.dv; ++c) of[c] *= g;
     }
-    void* dst = p.out.row(b, h, s.q_start + i);
-    for (int64_t c = 0; c < p.dv; ++c) core::store_from_double(dst, p.out.dtype, c, o[c]);
-    if (p.row_stat.defined()) p.row_stat.at(b, h, s.q_start + i) = static_cast<float>(stat[i]);
+  }
+  return f;
+}
+
+namespace {
+
+// Writes the outputs of one head: out, row_stat, row_max, entropy; adds its column mass.
+void write_head(const core::Problem& p, const HeadForward& f, int64_t b, int64_t h,
+                std::vector<double>* col_mass) {
+  const core::Sequence& s = p.seqs[b];
+  const NormalizerKind kind = p.spec->normalizer.kind;
+  for (int64_t i = 0; i < f.nq; ++i) {
+    const int64_t row = s.q_start + i;
+    void* dst = p.out.row(b, h, row);
+    for (int64_t c = 0; c < p.dv; ++c)
+      core::store_from_double(dst, p.out.dtype, c, f.O_final[i * p.dv + c]);
+    if (p.row_stat.defined()) {
+      const double stat = kind == NormalizerKind::kKernel ? f.row_sum[i]
+                          : kind == NormalizerKind::kReLA ? f.rms[i]
+                                                          : f.lse[i];
+      p.row_stat.at(b, h, row) = static_cast<float>(stat);
+    }
+    if (!p.softmax_family()) continue;
+    double rmax = -kInf, ps = 0;
+    for (int64_t j = 0; j < f.nk; ++j) {
+      const int64_t x = i * f.nk + j;
+      if (!f.A[x]) continue;
+      rmax = std::max(rmax, f.S[x]);
+      if (f.P[x] > 0) ps += f.P[x] * f.S[x];
+    }
+    double ent = 0;  // a row with nothing to attend has entropy 0
+    if (std::isfinite(f.lse[i])) {
+      ent = f.lse[i] - ps;
+      if (std::isfinite(f.sink)) ent -= std::exp(f.sink - f.lse[i]) * f.sink;
+    }
+    if (p.row_max.defined()) p.row_max.at(b, h, row) = static_cast<float>(rmax);
+    if (p.entropy.defined()) p.entropy.at(b, h, row) = static_cast<float>(ent);
   }
   if (col_mass)
-    for (int64_t i = p.col_q_begin; i < std::min(p.col_q_end, nq); ++i)
-      for (int64_t j = 0; j < nk; ++j) (*col_mass)[j] += P[i * nk + j];
+    for (int64_t i = p.col_q_begin; i < std::min(p.col_q_end, f.nq); ++i)
+      for (int64_t j = 0; j < f.nk; ++j) (*col_mass)[j] += f.P[i * f.nk + j];
 }
 
 }  // namespace
-
-Status reference_forward(const TensorView& q, const TensorView& k, const TensorView& v,
-                         const AttentionSpec& spec, const TensorView& out,
-                         const TensorView& row_stat, const AttentionStats& stats) {
-  return reference::forward(q, k, v, spec, out, row_stat, stats, DType::kF64);
-}
-
-namespace reference {
 
 Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
                const AttentionSpec& spec, const TensorView& out, const TensorView& row_stat,
@@ -188,12 +202,13 @@ Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
       for (int64_t g = 0; g < p.group; ++g) {
         const int64_t h = hk * p.group + g;
         std::vector<double> mass(p.seqs[b].nk, 0.0);
-        reference_head(p, tables, b, h, p.col_mass.defined() ? &mass : nullptr, rounding);
+        write_head(p, forward_head(p, tables, b, h, rounding), b, h,
+                   p.col_mass.defined() ? &mass : nullptr);
         if (!p.col_mass.defined()) continue;
-        if (p.col_group_sum) {
-          for (size_t j = 0; j < mass.size(); ++j) group_mass[j] += mass[j];
-        } else {
-          for (size_t j = 0; j < mass.size(); ++j)
+        for (size_t j = 0; j < mass.size(); ++j) {
+          if (p.col_group_sum)
+            group_mass[j] += mass[j];
+          else
             p.col_mass.at(b, h, j) = static_cast<float>(mass[j]);
         }
       }
@@ -205,5 +220,14 @@ Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
   return {};
 }
 
-}  // namespace reference
+}  // namespace attnkit::reference
+
+namespace attnkit {
+
+Status reference_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const AttentionSpec& spec, const TensorView& out,
+                         const TensorView& row_stat, const AttentionStats& stats) {
+  return reference::forward(q, k, v, spec, out, row_stat, stats, DType::kF64);
+}
+
 }  // namespace attnkit

@@ -1,10 +1,36 @@
-// The oracle's internal entry: the exact float64 computation (rounding = kF64), or the naive
-// low-precision one that DESIGN.md's tolerance rule compares against (rounding = the input
-// dtype). The public reference_forward() is the exact one.
+// The oracle's internals: one (batch, query head) of the forward pass with every float64
+// intermediate kept (HeadForward), shared by the forward and backward oracles; and the entry
+// that also runs the naive low-precision computation of DESIGN.md's tolerance rule.
 #pragma once
+#include <vector>
+
 #include "attnkit/attention.h"
+#include "core/problem.h"
+#include "core/score_tables.h"
 
 namespace attnkit::reference {
+
+// Forward of one (b, h) in float64, [nq][nk] row-major matrices.
+struct HeadForward {
+  int64_t nq = 0, nk = 0, hk = 0;
+  std::vector<double> Q, K, V;  // this head's rows, widened
+  std::vector<double> T;        // scale q.k + additive terms (before softcap)
+  std::vector<double> S;        // final scores (after softcap)
+  std::vector<char> A;          // allowed
+  std::vector<double> P;        // normalized weights (0 where not allowed)
+  std::vector<double> W;        // kernel normalizer: unnormalized weights f(s')^p
+  std::vector<double> lse, row_sum, length_scale, rms;  // per row, where the normalizer has them
+  std::vector<int64_t> n_allowed;
+  std::vector<double> O;        // P V
+  std::vector<double> O_final;  // after ReLA and the gate
+  double sink = 0, beta = 0;    // sink logit (kSoftmaxSink), sigmoid beta
+  ScoreModEval<double> mods;
+};
+
+// `rounding` kF64: exact. Another dtype: the naive computation in that dtype (scores,
+// probabilities and both products rounded to it; dot products and P V accumulated in fp32).
+HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>& tables, int64_t b,
+                         int64_t h, DType rounding);
 
 Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
                const AttentionSpec& spec, const TensorView& out, const TensorView& row_stat,

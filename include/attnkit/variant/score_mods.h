@@ -85,6 +85,17 @@ struct ScoreModEval {
   const T* forget_c = nullptr;  // c = cumsum(log f) over key positions
 
   ATTNKIT_HD T score(T s, int64_t i, int64_t ia, int64_t j) const {
+    return cap(additive(s, i, ia, j));
+  }
+  // The softcap alone (the last step), and its derivative d cap(t) / dt.
+  ATTNKIT_HD T cap(T t) const { return softcap != 0 ? softcap * std::tanh(t / softcap) : t; }
+  ATTNKIT_HD T cap_grad(T t) const {
+    if (softcap == 0) return T(1);
+    const T th = std::tanh(t / softcap);
+    return T(1) - th * th;
+  }
+  // Every additive term (bias, low-rank bias, ALiBi, relative buckets, forget gate).
+  ATTNKIT_HD T additive(T s, int64_t i, int64_t ia, int64_t j) const {
     if (bias) s += load_float<T>(bias, bias_dtype, i * bias_si + j * bias_sj);
     if (u) {
       T acc = 0;
@@ -95,7 +106,6 @@ struct ScoreModEval {
     if (alibi == AlibiMode::kSymmetric) s -= slope * static_cast<T>(ia > j ? ia - j : j - ia);
     if (relative != RelativeBucketKind::kOff) s += table[bucket_of[j - ia + bucket_origin]];
     if (forget_c) s += forget_c[ia] - forget_c[j];
-    if (softcap != 0) s = softcap * std::tanh(s / softcap);
     return s;
   }
 };
