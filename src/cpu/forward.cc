@@ -41,15 +41,12 @@
 #include "core/score_tables.h"
 #include "cpu/forward.h"
 #include "cpu/parallel.h"
+#include "cpu/tile_common.h"
+#include "cpu/tile_ops-inl.h"
 
-#ifndef ATTNKIT_CPU_FORWARD_SHARED
-#define ATTNKIT_CPU_FORWARD_SHARED
+#ifndef ATTNKIT_CPU_FORWARD_CALL
+#define ATTNKIT_CPU_FORWARD_CALL
 namespace attnkit::cpu {
-
-constexpr int64_t kTile = core::kTileTokens;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Packed K/V are built for at most this many bytes of units at a time.
-constexpr int64_t kPackBudgetBytes = int64_t{256} << 20;
 
 // Everything a task reads, resolved once per call.
 struct FwdCall {
@@ -77,145 +74,12 @@ struct FwdCall {
   }
 };
 
-// The packed K/V workspace of the calling thread: kept between calls (at most the packing
-// budget, 256 MiB, per calling thread), so repeated calls do not fault in fresh pages.
-inline float* packed_workspace(int64_t floats) {
-  static thread_local hwy::AlignedFreeUniquePtr<float[]> buf;
-  static thread_local int64_t size = 0;
-  if (floats > size) {
-    buf = hwy::AllocateAligned<float>(floats);
-    size = buf ? floats : 0;
-  }
-  return buf.get();
-}
-
-// Converts n elements of a row to fp32, times mul.
-inline void load_row(const void* src, DType t, int64_t n, float mul, float* dst) {
-  switch (t) {
-    case DType::kF32: {
-      const float* s = static_cast<const float*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = s[i] * mul;
-      break;
-    }
-    case DType::kBF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = core::bf16_to_float(s[i]) * mul;
-      break;
-    }
-    case DType::kF16: {
-      const _Float16* s = static_cast<const _Float16*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]) * mul;
-      break;
-    }
-    default:
-      for (int64_t i = 0; i < n; ++i)
-        dst[i] = static_cast<float>(core::load_as_double(src, t, i)) * mul;
-  }
-}
-inline void store_row(const float* src, int64_t n, DType t, void* dst) {
-  switch (t) {
-    case DType::kF32:
-      std::memcpy(dst, src, n * sizeof(float));
-      break;
-    case DType::kBF16: {
-      uint16_t* d = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = core::float_to_bf16(src[i]);
-      break;
-    }
-    case DType::kF16: {
-      _Float16* d = static_cast<_Float16*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(src[i]);
-      break;
-    }
-    default:
-      for (int64_t i = 0; i < n; ++i) core::store_from_double(dst, t, i, src[i]);
-  }
-}
-
 }  // namespace attnkit::cpu
-#endif  // ATTNKIT_CPU_FORWARD_SHARED
+#endif  // ATTNKIT_CPU_FORWARD_CALL
 
 HWY_BEFORE_NAMESPACE();
 namespace attnkit::cpu {
 namespace HWY_NAMESPACE {
-namespace hn = hwy::HWY_NAMESPACE;
-using DF = hn::ScalableTag<float>;
-using VF = hn::Vec<DF>;
-
-// C[rows x ncols] = (alpha * C or 0) + A[rows x kdim] B[kdim x ncols]; ncols a multiple of
-// 2 vectors. Register block: R rows x 2 vectors, B rows streamed, A elements broadcast.
-template <int R>
-HWY_INLINE void gemm_rows(const float* HWY_RESTRICT A, size_t lda, const float* HWY_RESTRICT B,
-                          size_t ldb, size_t kdim, float* HWY_RESTRICT C, size_t ldc, size_t ncols,
-                          const float* alpha, bool load_c) {
-  const DF d;
-  const size_t N = hn::Lanes(d);
-  for (size_t c0 = 0; c0 < ncols; c0 += 2 * N) {
-    VF acc0[R], acc1[R];
-    for (int r = 0; r < R; ++r) {
-      if (load_c) {
-        acc0[r] = hn::LoadU(d, C + r * ldc + c0);
-        acc1[r] = hn::LoadU(d, C + r * ldc + c0 + N);
-        if (alpha) {
-          const VF a = hn::Set(d, alpha[r]);
-          acc0[r] = hn::Mul(acc0[r], a);
-          acc1[r] = hn::Mul(acc1[r], a);
-        }
-      } else {
-        acc0[r] = hn::Zero(d);
-        acc1[r] = hn::Zero(d);
-      }
-    }
-    const float* b = B + c0;
-    for (size_t k = 0; k < kdim; ++k, b += ldb) {
-      const VF b0 = hn::LoadU(d, b), b1 = hn::LoadU(d, b + N);
-      for (int r = 0; r < R; ++r) {
-        const VF a = hn::Set(d, A[r * lda + k]);
-        acc0[r] = hn::MulAdd(a, b0, acc0[r]);
-        acc1[r] = hn::MulAdd(a, b1, acc1[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      hn::StoreU(acc0[r], d, C + r * ldc + c0);
-      hn::StoreU(acc1[r], d, C + r * ldc + c0 + N);
-    }
-  }
-}
-
-constexpr int kGemmRows = 6;
-
-HWY_INLINE void gemm(const float* A, size_t lda, const float* B, size_t ldb, size_t kdim, float* C,
-                     size_t ldc, size_t rows, size_t ncols, const float* alpha, bool load_c) {
-  size_t r = 0;
-  for (; r + kGemmRows <= rows; r += kGemmRows)
-    gemm_rows<kGemmRows>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols,
-                         alpha ? alpha + r : nullptr, load_c);
-  const float* ar = alpha ? alpha + r : nullptr;
-  switch (rows - r) {
-    case 5:
-      gemm_rows<5>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c);
-      break;
-    case 4:
-      gemm_rows<4>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c);
-      break;
-    case 3:
-      gemm_rows<3>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c);
-      break;
-    case 2:
-      gemm_rows<2>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c);
-      break;
-    case 1:
-      gemm_rows<1>(A + r * lda, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar, load_c);
-      break;
-    default:
-      break;
-  }
-}
-
-HWY_INLINE size_t vec_pad(int64_t n) {
-  const size_t step = 2 * hn::Lanes(DF());
-  return (static_cast<size_t>(n) + step - 1) / step * step;
-}
 
 // Per-worker scratch of a task.
 struct Scratch {
@@ -273,53 +137,6 @@ void pack_q(const FwdCall& c, float* q, int64_t b, int64_t h, const TileTokens& 
         qr[p.d + e] = static_cast<const float*>(
             u.data)[b * u.strides[0] + h * u.strides[1] + i * u.strides[2] + e * u.strides[3]];
   }
-}
-
-// The element mask of a partial tile, and the padding columns of a short key tile: -inf.
-HWY_INLINE void apply_bits(float* HWY_RESTRICT srow, uint64_t word) {
-  const DF d;
-  const size_t N = hn::Lanes(d);
-  const VF ninf = hn::Set(d, kNegInf);
-  for (size_t c = 0; c < kTile; c += N) {
-    uint8_t bytes[8];
-    const uint64_t chunk = word >> c;
-    std::memcpy(bytes, &chunk, 8);
-    const auto keep = hn::LoadMaskBits(d, bytes);
-    hn::StoreU(hn::IfThenElse(keep, hn::LoadU(d, srow + c), ninf), d, srow + c);
-  }
-}
-
-// The S tile after Q' K'^T, in order: score mods (general path), an optional per-row factor
-// (the kernel normalizer's length scale; 0 gives 0), then the element mask of a partial tile and
-// the padding columns of a short key tile (-inf). Rows whose skip[r] is -inf are left alone.
-template <bool kMods>
-void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const TileTokens& qt,
-                const TileTokens& kt, const core::BlockMask& bm, const core::BlockEntry& ent,
-                const float* prescale, const float* skip) {
-  for (int64_t r = 0; r < qt.count; ++r) {
-    if (skip && skip[r] == kNegInf) continue;
-    float* sr = S + r * kTile;
-    if constexpr (kMods) {
-      const int64_t i = qt.at(r);
-      for (int64_t x = 0; x < kt.count; ++x) sr[x] = mods.score(sr[x], i, i + offset, kt.at(x));
-    }
-    if (prescale) {
-      const float f = prescale[r];
-      for (int64_t x = 0; x < kTile; ++x) sr[x] = f == 0.f ? 0.f : sr[x] * f;
-    }
-    if (ent.cls == TileClass::kPartial)
-      apply_bits(sr, bm.bits[ent.bits + r]);
-    else if (kt.count < kTile)
-      apply_bits(sr, (uint64_t{1} << kt.count) - 1);
-  }
-}
-
-HWY_INLINE float reduce_max(const float* x) {
-  const DF d;
-  const size_t N = hn::Lanes(d);
-  VF m = hn::LoadU(d, x);
-  for (size_t c = N; c < kTile; c += N) m = hn::Max(m, hn::LoadU(d, x + c));
-  return hn::GetLane(hn::MaxOfLanes(d, m));
 }
 
 // Step 3: one (batch, query head, query tile).
@@ -649,7 +466,7 @@ Status ForwardImpl(const core::Problem& p) {
   const int64_t batch_bytes = c.units_per_batch * c.unit_floats * int64_t{sizeof(float)};
   const int64_t per_chunk =
       std::max<int64_t>(1, kPackBudgetBytes / std::max<int64_t>(1, batch_bytes));
-  c.packed = packed_workspace(std::min(per_chunk, p.batch) * c.units_per_batch * c.unit_floats);
+  c.packed = thread_workspace(0, std::min(per_chunk, p.batch) * c.units_per_batch * c.unit_floats);
   if (!c.packed) return Status(StatusCode::kInternal, "cpu forward: out of memory for packed K/V");
   for (int64_t b0 = 0; b0 < p.batch; b0 += per_chunk) {
     const int64_t b1 = std::min(p.batch, b0 + per_chunk);

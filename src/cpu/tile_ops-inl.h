@@ -1,0 +1,157 @@
+// Per-SIMD-target building blocks of the CPU kernels (included once per Highway target by
+// forward.cc and backward.cc): the register-blocked GEMM microkernel over 64-token tiles, the
+// element mask of a tile, row reductions.
+#if defined(ATTNKIT_CPU_TILE_OPS_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef ATTNKIT_CPU_TILE_OPS_INL_H_
+#undef ATTNKIT_CPU_TILE_OPS_INL_H_
+#else
+#define ATTNKIT_CPU_TILE_OPS_INL_H_
+#endif
+
+#include <hwy/highway.h>
+
+#include "attnkit/variant/score_mods.h"
+#include "cpu/tile_common.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace attnkit::cpu {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+// C[rows x ncols] = (alpha * C or 0) + A[rows x kdim] B[kdim x ncols]; ncols a multiple of
+// 2 vectors. Register block: R rows x 2 vectors, B rows streamed, A elements broadcast.
+// A(r, k) is A[r * lda + k], or A[k * lda + r] with kTransA (A stored transposed).
+template <int R, bool kTransA = false>
+HWY_INLINE void gemm_rows(const float* HWY_RESTRICT A, size_t lda, const float* HWY_RESTRICT B,
+                          size_t ldb, size_t kdim, float* HWY_RESTRICT C, size_t ldc, size_t ncols,
+                          const float* alpha, bool load_c) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  for (size_t c0 = 0; c0 < ncols; c0 += 2 * N) {
+    VF acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) {
+      if (load_c) {
+        acc0[r] = hn::LoadU(d, C + r * ldc + c0);
+        acc1[r] = hn::LoadU(d, C + r * ldc + c0 + N);
+        if (alpha) {
+          const VF a = hn::Set(d, alpha[r]);
+          acc0[r] = hn::Mul(acc0[r], a);
+          acc1[r] = hn::Mul(acc1[r], a);
+        }
+      } else {
+        acc0[r] = hn::Zero(d);
+        acc1[r] = hn::Zero(d);
+      }
+    }
+    const float* b = B + c0;
+    for (size_t k = 0; k < kdim; ++k, b += ldb) {
+      const VF b0 = hn::LoadU(d, b), b1 = hn::LoadU(d, b + N);
+      for (int r = 0; r < R; ++r) {
+        const VF a = hn::Set(d, kTransA ? A[k * lda + r] : A[r * lda + k]);
+        acc0[r] = hn::MulAdd(a, b0, acc0[r]);
+        acc1[r] = hn::MulAdd(a, b1, acc1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      hn::StoreU(acc0[r], d, C + r * ldc + c0);
+      hn::StoreU(acc1[r], d, C + r * ldc + c0 + N);
+    }
+  }
+}
+
+constexpr int kGemmRows = 6;
+
+template <bool kTransA = false>
+HWY_INLINE void gemm(const float* A, size_t lda, const float* B, size_t ldb, size_t kdim, float* C,
+                     size_t ldc, size_t rows, size_t ncols, const float* alpha, bool load_c) {
+  const size_t row_step = kTransA ? 1 : lda;  // where row r of A starts
+  size_t r = 0;
+  for (; r + kGemmRows <= rows; r += kGemmRows)
+    gemm_rows<kGemmRows, kTransA>(A + r * row_step, lda, B, ldb, kdim, C + r * ldc, ldc, ncols,
+                                  alpha ? alpha + r : nullptr, load_c);
+  const float* ar = alpha ? alpha + r : nullptr;
+  switch (rows - r) {
+    case 5:
+      gemm_rows<5, kTransA>(A + r * row_step, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar,
+                            load_c);
+      break;
+    case 4:
+      gemm_rows<4, kTransA>(A + r * row_step, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar,
+                            load_c);
+      break;
+    case 3:
+      gemm_rows<3, kTransA>(A + r * row_step, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar,
+                            load_c);
+      break;
+    case 2:
+      gemm_rows<2, kTransA>(A + r * row_step, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar,
+                            load_c);
+      break;
+    case 1:
+      gemm_rows<1, kTransA>(A + r * row_step, lda, B, ldb, kdim, C + r * ldc, ldc, ncols, ar,
+                            load_c);
+      break;
+    default:
+      break;
+  }
+}
+
+HWY_INLINE size_t vec_pad(int64_t n) {
+  const size_t step = 2 * hn::Lanes(DF());
+  return (static_cast<size_t>(n) + step - 1) / step * step;
+}
+
+// The element mask of a partial tile, and the padding columns of a short key tile: -inf.
+HWY_INLINE void apply_bits(float* HWY_RESTRICT srow, uint64_t word) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  const VF ninf = hn::Set(d, kNegInf);
+  for (size_t c = 0; c < kTile; c += N) {
+    uint8_t bytes[8];
+    const uint64_t chunk = word >> c;
+    std::memcpy(bytes, &chunk, 8);
+    const auto keep = hn::LoadMaskBits(d, bytes);
+    hn::StoreU(hn::IfThenElse(keep, hn::LoadU(d, srow + c), ninf), d, srow + c);
+  }
+}
+
+// The S tile after Q' K'^T, in order: score mods (general path), an optional per-row factor
+// (the kernel normalizer's length scale; 0 gives 0), then the element mask of a partial tile and
+// the padding columns of a short key tile (-inf). Rows whose skip[r] is -inf are left alone.
+template <bool kMods>
+void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const TileTokens& qt,
+                const TileTokens& kt, const core::BlockMask& bm, const core::BlockEntry& ent,
+                const float* prescale, const float* skip) {
+  for (int64_t r = 0; r < qt.count; ++r) {
+    if (skip && skip[r] == kNegInf) continue;
+    float* sr = S + r * kTile;
+    if constexpr (kMods) {
+      const int64_t i = qt.at(r);
+      for (int64_t x = 0; x < kt.count; ++x) sr[x] = mods.score(sr[x], i, i + offset, kt.at(x));
+    }
+    if (prescale) {
+      const float f = prescale[r];
+      for (int64_t x = 0; x < kTile; ++x) sr[x] = f == 0.f ? 0.f : sr[x] * f;
+    }
+    if (ent.cls == TileClass::kPartial)
+      apply_bits(sr, bm.bits[ent.bits + r]);
+    else if (kt.count < kTile)
+      apply_bits(sr, (uint64_t{1} << kt.count) - 1);
+  }
+}
+
+HWY_INLINE float reduce_max(const float* x) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  VF m = hn::LoadU(d, x);
+  for (size_t c = N; c < kTile; c += N) m = hn::Max(m, hn::LoadU(d, x + c));
+  return hn::GetLane(hn::MaxOfLanes(d, m));
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace attnkit::cpu
+HWY_AFTER_NAMESPACE();
+
+#endif  // ATTNKIT_CPU_TILE_OPS_INL_H_
