@@ -2,6 +2,7 @@
 #include "attnkit/attention.h"
 
 #include "core/problem.h"
+#include "cpu/backward.h"
 #include "cpu/forward.h"
 
 namespace attnkit {
@@ -21,6 +22,21 @@ Status attention_forward(const TensorView& q, const TensorView& k, const TensorV
   Status s = core::validate_and_resolve(q, k, v, spec, out, row_stat, stats, options, false, &p);
   if (!s.ok()) return s;
   return cpu::forward(p);
+}
+
+Status attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                          const TensorView& out, const TensorView& row_stat,
+                          const TensorView& grad_out, const AttentionSpec& spec,
+                          const AttentionGrads& grads, const Options& options) {
+  core::Problem p;
+  Status s = core::validate_and_resolve(q, k, v, spec, out, row_stat, {}, options, false, &p);
+  if (!s.ok()) return s;
+  core::GradOperands g;
+  s = core::validate_grads(p, q, k, v, grad_out, grads, &g);
+  if (!s.ok()) return s;
+  s = cpu::backward_supports(p);
+  if (!s.ok()) return s;
+  return cpu::backward(p, g, grads);
 }
 
 }  // namespace attnkit

@@ -71,6 +71,9 @@ int main(int argc, char** argv) {
   run->add_option("--reps", reps, "timed repetitions (median)");
   run->add_flag("--no-check", no_check, "skip the comparison with the float64 oracle");
   run->add_flag("--bnhd", bnhd, "BNHD layout");
+  bool backward = false;
+  run->add_flag("--backward", backward,
+                "time the backward pass (GFLOP/s count 2.5x the forward FLOPs)");
   run->add_flag("--json", as_json, "print JSON");
   bool list_mechs = false;
   run->add_flag("--mechanisms", list_mechs, "list the mechanism names and exit");
@@ -116,13 +119,36 @@ int main(int argc, char** argv) {
       return 2;
     }
     Outputs o = make_outputs(inst, false);
+    if (bnhd) o.out = OwnedTensor::zeros(opt.dtype, {dims.batch, dims.nq, dims.hq, dims.dv});
     Options op;
     op.num_threads = threads;
+    // For --backward: the forward's out and LSE once, then the backward is timed.
+    auto like = [](const OwnedTensor& x) {
+      return OwnedTensor::zeros(DType::kF32,
+                                std::vector<int64_t>(x.view.shape, x.view.shape + x.view.ndim));
+    };
+    OwnedTensor go, dq, dk, dv;
+    if (backward) {
+      Status s = attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
+                                   o.row_stat.view, {}, op);
+      if (!s.ok()) {
+        std::fprintf(stderr, "error (%s): %s\n", status_code_name(s.code()), s.message().c_str());
+        return 1;
+      }
+      go = random_tensor(opt.dtype, std::vector<int64_t>(o.out.view.shape, o.out.view.shape + 4),
+                         1.0, 5);
+      dq = like(inst.q);
+      dk = like(inst.k);
+      dv = like(inst.v);
+    }
     std::vector<double> t;
     for (int r = 0; r <= reps; ++r) {
       const auto t0 = std::chrono::steady_clock::now();
-      Status s = attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
-                                   o.row_stat.view, {}, op);
+      Status s = backward ? attention_backward(inst.q.view, inst.k.view, inst.v.view, o.out.view,
+                                               o.row_stat.view, go.view, inst.spec,
+                                               {dq.view, dk.view, dv.view}, op)
+                          : attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec,
+                                              o.out.view, o.row_stat.view, {}, op);
       if (!s.ok()) {
         std::fprintf(stderr, "error (%s): %s\n", status_code_name(s.code()), s.message().c_str());
         return 1;
@@ -141,9 +167,11 @@ int main(int argc, char** argv) {
     for (int64_t b = 0; b < p.batch; ++b)
       pairs += core::build_block_mask(p, b, false, 1).allowed_pairs;
     pairs *= dims.hq;
-    const double gflops = 2.0 * pairs * double(dims.d + dims.dv) / (ms * 1e6);
+    const double gflops =
+        (backward ? 2.5 : 1.0) * 2.0 * pairs * double(dims.d + dims.dv) / (ms * 1e6);
     double rel = -1;
-    if (!no_check) rel = check_mechanism(mech, opt).rel_err;
+    if (!no_check)
+      rel = backward ? check_backward(mech, opt).rel_err : check_mechanism(mech, opt).rel_err;
     if (as_json) {
       std::printf("%s\n", json{{"mechanism", mech},
                                {"dtype", dtype_s},
@@ -162,9 +190,10 @@ int main(int argc, char** argv) {
                               .dump()
                               .c_str());
     } else {
-      std::printf("%s %s b=%ld hq=%ld hk=%ld nq=%ld nk=%ld d=%ld dv=%ld: %.3f ms, %.1f GFLOP/s",
-                  mech.c_str(), dtype_s.c_str(), long(dims.batch), long(dims.hq), long(dims.hk),
-                  long(dims.nq), long(dims.nk), long(dims.d), long(dims.dv), ms, gflops);
+      std::printf("%s %s %s b=%ld hq=%ld hk=%ld nq=%ld nk=%ld d=%ld dv=%ld: %.3f ms, %.1f GFLOP/s",
+                  mech.c_str(), backward ? "bwd" : "fwd", dtype_s.c_str(), long(dims.batch),
+                  long(dims.hq), long(dims.hk), long(dims.nq), long(dims.nk), long(dims.d),
+                  long(dims.dv), ms, gflops);
       if (rel >= 0) std::printf(", rel_err %.2e", rel);
       std::printf("\n");
     }

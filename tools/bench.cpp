@@ -68,6 +68,7 @@ struct Record {
   int threads = 1;
   double density = 0, ms = 0, gflops = 0, rel_err = 0, sgemm = 0;
   int64_t err_n = 0;
+  bool bwd = false;
 };
 
 // Allowed pairs of the instance (exact, from its BlockMask), over all batch elements.
@@ -91,8 +92,10 @@ struct Case {
   Dims dims;
   int threads = 1;
   int64_t err_n = 0;
+  bool bwd = false;  // the backward pass (the forward's out and LSE made once in prepare)
   Instance inst;
   Outputs out;
+  OwnedTensor grad_out, dq, dk, dv;
   std::vector<double> t;
 };
 
@@ -103,6 +106,19 @@ bool prepare(Case& c) {
   opt.threads = c.threads;
   if (!make_instance(c.mech, opt, c.inst).empty()) return false;
   c.out = make_outputs(c.inst, false);
+  if (c.bwd) {
+    Options op;
+    op.num_threads = c.threads;
+    if (!attention_forward(c.inst.q.view, c.inst.k.view, c.inst.v.view, c.inst.spec, c.out.out.view,
+                           c.out.row_stat.view, {}, op)
+             .ok())
+      return false;
+    const Dims& d = c.dims;
+    c.grad_out = random_tensor(c.dtype, {d.batch, d.hq, d.nq, d.dv}, 1.0, 5);
+    c.dq = OwnedTensor::zeros(DType::kF32, {d.batch, d.hq, d.nq, d.d});
+    c.dk = OwnedTensor::zeros(DType::kF32, {d.batch, d.hk, d.nk, d.d});
+    c.dv = OwnedTensor::zeros(DType::kF32, {d.batch, d.hk, d.nk, d.dv});
+  }
   return true;
 }
 
@@ -110,8 +126,11 @@ bool run_once(Case& c) {
   Options op;
   op.num_threads = c.threads;
   const double t0 = now_ms();
-  Status s = attention_forward(c.inst.q.view, c.inst.k.view, c.inst.v.view, c.inst.spec,
-                               c.out.out.view, c.out.row_stat.view, {}, op);
+  Status s = c.bwd ? attention_backward(c.inst.q.view, c.inst.k.view, c.inst.v.view, c.out.out.view,
+                                        c.out.row_stat.view, c.grad_out.view, c.inst.spec,
+                                        {c.dq.view, c.dk.view, c.dv.view}, op)
+                   : attention_forward(c.inst.q.view, c.inst.k.view, c.inst.v.view, c.inst.spec,
+                                       c.out.out.view, c.out.row_stat.view, {}, op);
   c.t.push_back(now_ms() - t0);
   if (!s.ok()) std::fprintf(stderr, "%s: %s\n", c.mech.c_str(), s.message().c_str());
   return s.ok();
@@ -126,7 +145,9 @@ Record finish(Case& c, double sgemm) {
   r.threads = c.threads;
   r.ms = median(c.t);
   r.density = double(pairs) / double(c.dims.batch * c.dims.hq * c.dims.nq * c.dims.nk);
-  r.gflops = 2.0 * pairs * double(c.dims.d + c.dims.dv) / (r.ms * 1e6);
+  // Backward records count 2.5x the forward FLOPs of the allowed pairs (the convention).
+  r.gflops = (c.bwd ? 2.5 : 1.0) * 2.0 * pairs * double(c.dims.d + c.dims.dv) / (r.ms * 1e6);
+  r.bwd = c.bwd;
   r.sgemm = sgemm;
   // Error against the oracle at the same shape, or at N = err_n (2 heads) for large shapes.
   CheckOptions eo;
@@ -139,7 +160,7 @@ Record finish(Case& c, double sgemm) {
     eo.dims.hk = std::min<int64_t>(eo.dims.hk, eo.dims.hq);
   }
   eo.stats = false;
-  r.rel_err = check_mechanism(c.mech, eo).rel_err;
+  r.rel_err = c.bwd ? check_backward(c.mech, eo).rel_err : check_mechanism(c.mech, eo).rel_err;
   r.err_n = eo.dims.nk;
   return r;
 }
@@ -149,20 +170,26 @@ Record finish(Case& c, double sgemm) {
 int run_bench(const std::string& suite, const std::string& json_file, int threads_override,
               const std::vector<std::string>& only) {
   std::vector<Record> records;
-  std::vector<std::tuple<std::string, DType, Dims, int, int64_t>> plan;
+  std::vector<std::tuple<std::string, DType, Dims, int, int64_t, bool>> plan;  // ..., bwd
   if (suite == "quick") {
     const int threads = threads_override > 0 ? threads_override : 2;
     const Dims dims{1, 4, 2, 512, 512, 64, 64};
     for (DType t : {DType::kF32, DType::kBF16})
-      for (const std::string& m : mechanism_names()) plan.emplace_back(m, t, dims, threads, 0);
+      for (const std::string& m : mechanism_names())
+        plan.emplace_back(m, t, dims, threads, 0, false);
+    for (DType t : {DType::kF32, DType::kBF16})
+      for (const char* m :
+           {"dense", "causal", "sliding_window", "neighborhood_2d", "document", "sink"})
+        plan.emplace_back(m, t, dims, threads, 0, true);
   } else if (suite == "full") {
     const Dims dims{1, 8, 8, 4096, 4096, 128, 128};
     std::vector<int> thread_counts = {2, 1};
     if (threads_override > 0) thread_counts = {threads_override};
     for (int th : thread_counts)
       for (DType t : {DType::kF32, DType::kBF16})
-        for (const char* m : {"dense", "causal", "sliding_window", "neighborhood_2d", "document"})
-          plan.emplace_back(m, t, dims, th, 1024);
+        for (bool bwd : {false, true})
+          for (const char* m : {"dense", "causal", "sliding_window", "neighborhood_2d", "document"})
+            plan.emplace_back(m, t, dims, th, 1024, bwd);
   } else {
     std::fprintf(stderr, "unknown suite '%s' (quick or full)\n", suite.c_str());
     return 2;
@@ -175,15 +202,16 @@ int run_bench(const std::string& suite, const std::string& json_file, int thread
   // each per round, medians over the rounds, so every ratio comes from the same conditions.
   const int rounds = suite == "quick" ? 9 : 5;
   std::vector<std::pair<int, double>> sgemm;
-  std::printf("%-26s %-5s %3s %5s %5s %4s %4s %3s %7s %9s %8s %9s %6s\n", "mechanism", "dtype",
-              "hq", "nq", "nk", "d", "dv", "thr", "density", "ms", "GFLOP/s", "rel_err", "sgemm%");
+  std::printf("%-22s %-4s %-5s %3s %5s %5s %4s %4s %3s %7s %9s %8s %9s %6s\n", "mechanism", "pass",
+              "dtype", "hq", "nq", "nk", "d", "dv", "thr", "density", "ms", "GFLOP/s", "rel_err",
+              "sgemm%");
   std::vector<int> thread_counts;
-  for (auto& [m, t, dims, th, err_n] : plan)
+  for (auto& [m, t, dims, th, err_n, bwd] : plan)
     if (std::find(thread_counts.begin(), thread_counts.end(), th) == thread_counts.end())
       thread_counts.push_back(th);
   for (int th : thread_counts) {
     std::vector<std::unique_ptr<Case>> cases;
-    for (auto& [m, t, dims, cth, err_n] : plan) {
+    for (auto& [m, t, dims, cth, err_n, bwd] : plan) {
       if (cth != th) continue;
       auto c = std::make_unique<Case>();
       c->mech = m;
@@ -191,6 +219,7 @@ int run_bench(const std::string& suite, const std::string& json_file, int thread
       c->dims = dims;
       c->threads = th;
       c->err_n = err_n;
+      c->bwd = bwd;
       if (prepare(*c) && run_once(*c)) {  // the first run warms caches and pages
         c->t.clear();
         cases.push_back(std::move(c));
@@ -206,10 +235,10 @@ int run_bench(const std::string& suite, const std::string& json_file, int thread
     sgemm.emplace_back(th, sgemm_rate);
     for (auto& c : cases) {
       const Record r = finish(*c, sgemm_rate);
-      std::printf("%-26s %-5s %3ld %5ld %5ld %4ld %4ld %3d %7.4f %9.3f %8.1f %9.2e %5.0f%%\n",
-                  r.mechanism.c_str(), r.dtype.c_str(), long(r.d.hq), long(r.d.nq), long(r.d.nk),
-                  long(r.d.d), long(r.d.dv), th, r.density, r.ms, r.gflops, r.rel_err,
-                  100.0 * r.gflops / r.sgemm);
+      std::printf("%-22s %-4s %-5s %3ld %5ld %5ld %4ld %4ld %3d %7.4f %9.3f %8.1f %9.2e %5.0f%%\n",
+                  r.mechanism.c_str(), r.bwd ? "bwd" : "fwd", r.dtype.c_str(), long(r.d.hq),
+                  long(r.d.nq), long(r.d.nk), long(r.d.d), long(r.d.dv), th, r.density, r.ms,
+                  r.gflops, r.rel_err, 100.0 * r.gflops / r.sgemm);
       std::fflush(stdout);
       records.push_back(r);
     }
@@ -222,7 +251,7 @@ int run_bench(const std::string& suite, const std::string& json_file, int thread
       arr.push_back({{"mechanism", r.mechanism},
                      {"backend", "cpu"},
                      {"dtype", r.dtype},
-                     {"pass", "fwd"},
+                     {"pass", r.bwd ? "bwd" : "fwd"},
                      {"b", r.d.batch},
                      {"hq", r.d.hq},
                      {"hk", r.d.hk},

@@ -1,5 +1,6 @@
 // `attnkit check`: every mechanism x dtype against the float64 oracle on random small shapes.
 #include <cstdio>
+#include <string>
 
 #include "spec_json.h"
 
@@ -41,12 +42,53 @@ int run_check(bool as_json, int threads) {
                       long(d.nq), long(d.nk), long(d.d), r.error.c_str());
         }
       }
+  // The backward pass of every mechanism the CPU backend differentiates (the others answer
+  // kNotImplemented and are counted as not covered, never as passed).
+  int not_covered = 0;
+  for (const std::string& m : mechanism_names())
+    for (DType t : {DType::kF32, DType::kBF16, DType::kF16})
+      for (const Dims& d : shapes) {
+        if (mechanism_spec(m, d).is_null()) continue;
+        CheckOptions opt;
+        opt.dtype = t;
+        opt.dims = d;
+        opt.threads = threads;
+        opt.seed = 7 + total;
+        const CheckResult r = check_backward(m, opt);
+        if (r.error.find("not implemented yet") != std::string::npos) {
+          ++not_covered;
+          continue;
+        }
+        ++total;
+        failures += !r.ok;
+        if (as_json) {
+          results.push_back({{"mechanism", m},
+                             {"pass", "bwd"},
+                             {"dtype", r.dtype},
+                             {"ok", r.ok},
+                             {"rel_err", r.rel_err},
+                             {"tol", r.tol},
+                             {"nq", d.nq},
+                             {"nk", d.nk},
+                             {"d", d.d},
+                             {"dv", d.dv},
+                             {"hq", d.hq},
+                             {"hk", d.hk},
+                             {"error", r.error}});
+        } else if (!r.ok) {
+          std::printf("FAIL bwd %-22s %-5s nq=%ld nk=%ld d=%ld: %s\n", m.c_str(), r.dtype.c_str(),
+                      long(d.nq), long(d.nk), long(d.d), r.error.c_str());
+        }
+      }
   if (as_json) {
-    std::printf("%s\n",
-                json{{"passed", total - failures}, {"failed", failures}, {"results", results}}
-                    .dump(1)
-                    .c_str());
+    std::printf("%s\n", json{{"passed", total - failures},
+                             {"failed", failures},
+                             {"backward_not_implemented", not_covered},
+                             {"results", results}}
+                            .dump(1)
+                            .c_str());
   } else {
+    std::printf("(the cpu backward does not cover %d of the cases yet)\n", not_covered);
     std::printf("%d passed, %d failed\n", total - failures, failures);
   }
   return failures ? 1 : 0;

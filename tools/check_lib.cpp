@@ -1,4 +1,5 @@
 // check_mechanism(): one mechanism, shape and dtype through the CPU path and the float64 oracle.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -144,6 +145,112 @@ CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& op
     r.error = "rel_err " + std::to_string(r.rel_err) + " (tol " + std::to_string(r.tol) +
               ", naive " + std::to_string(r.naive_err) + "), stat_err " +
               std::to_string(r.stat_err) + " (tol " + std::to_string(stat_tol) + ")";
+  return r;
+}
+
+double backward_tolerance_for(DType t) {
+  return t == DType::kF32 ? 2e-5 : t == DType::kBF16 ? 2e-2 : 3e-3;
+}
+
+CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt) {
+  CheckResult r;
+  r.mechanism = mechanism;
+  r.dtype = dtype_name(opt.dtype);
+  r.dims = opt.dims;
+  r.tol = backward_tolerance_for(opt.dtype);
+  Instance inst;
+  std::string err = make_instance(mechanism, opt, inst);
+  if (!err.empty()) {
+    r.error = err;
+    return r;
+  }
+  const Dims& d = opt.dims;
+  const std::vector<int64_t> out_shape = opt.bnhd ? std::vector<int64_t>{d.batch, d.nq, d.hq, d.dv}
+                                                  : std::vector<int64_t>{d.batch, d.hq, d.nq, d.dv};
+  Outputs o = make_outputs(inst, false);
+  o.out = OwnedTensor::zeros(opt.dtype, out_shape);
+  const OwnedTensor go = random_tensor(opt.dtype, out_shape, 1.0, opt.seed + 31);
+  Options op;
+  op.num_threads = opt.threads;
+  Status s = attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
+                               o.row_stat.view, {}, op);
+  if (!s.ok()) {
+    r.error = "cpu forward: " + s.message();
+    return r;
+  }
+  auto like = [](const OwnedTensor& t, DType dt) {
+    return OwnedTensor::zeros(dt, std::vector<int64_t>(t.view.shape, t.view.shape + t.view.ndim));
+  };
+  const bool sinks = inst.spec.normalizer.kind == NormalizerKind::kSoftmaxSink;
+  OwnedTensor fq = like(inst.q, DType::kF32), fk = like(inst.k, DType::kF32),
+              fv = like(inst.v, DType::kF32), fs;
+  OwnedTensor rq = like(inst.q, DType::kF64), rk = like(inst.k, DType::kF64),
+              rv = like(inst.v, DType::kF64), rs;
+  AttentionGrads fg{fq.view, fk.view, fv.view}, rg{rq.view, rk.view, rv.view};
+  if (sinks) {
+    fs = OwnedTensor::zeros(DType::kF32, {d.hq});
+    rs = OwnedTensor::zeros(DType::kF64, {d.hq});
+    fg.dsinks = fs.view;
+    rg.dsinks = rs.view;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  s = attention_backward(inst.q.view, inst.k.view, inst.v.view, o.out.view, o.row_stat.view,
+                         go.view, inst.spec, fg, op);
+  r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  if (!s.ok()) {
+    r.error = "cpu backward: " + s.message();
+    return r;
+  }
+  s = reference_backward(inst.q.view, inst.k.view, inst.v.view, go.view, inst.spec, rg);
+  if (!s.ok()) {
+    r.error = "reference backward: " + s.message();
+    return r;
+  }
+  auto norm2 = [](const std::vector<double>& x) {
+    double n = 0;
+    for (double e : x) n += e * e;
+    return n;
+  };
+  const std::vector<double> aq = fq.to_doubles(), ak = fk.to_doubles(), av = fv.to_doubles();
+  const std::vector<double> bq = rq.to_doubles(), bk = rk.to_doubles(), bv = rv.to_doubles();
+  const double scale = std::sqrt(norm2(bq) + norm2(bk) + norm2(bv));
+  auto part = [&](const std::vector<double>& x, const std::vector<double>& y) {
+    double n = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      if (std::isnan(x[i])) return static_cast<double>(INFINITY);
+      n += (x[i] - y[i]) * (x[i] - y[i]);
+    }
+    return scale > 0 ? std::sqrt(n) / scale : std::sqrt(n);
+  };
+  r.rel_err = std::max({part(aq, bq), part(ak, bk), part(av, bv)});
+  if (sinks) {
+    // dsink_h = -sum_i exp(sink_h - LSE_i) D_i sums terms of both signs; its error is measured
+    // against the magnitude of its terms, M_h = sum_i exp(sink_h - LSE_i) |D_i|, with
+    // D_i = dO_i . O_i from this run (BHND layout only; BNHD falls back to relative error).
+    const std::vector<double> fsd = fs.to_doubles(), rsd = rs.to_doubles();
+    if (!opt.bnhd) {
+      const std::vector<double> ov = o.out.to_doubles(), gv = go.to_doubles();
+      const std::vector<double> lv = o.row_stat.to_doubles(),
+                                sv = inst.extras["sinks"].to_doubles();
+      for (int64_t h = 0; h < d.hq; ++h) {
+        double m = 0;
+        for (int64_t b = 0; b < d.batch; ++b)
+          for (int64_t i = 0; i < d.nq; ++i) {
+            const int64_t row = (b * d.hq + h) * d.nq + i;
+            double di = 0;
+            for (int64_t c = 0; c < d.dv; ++c) di += ov[row * d.dv + c] * gv[row * d.dv + c];
+            if (std::isfinite(lv[row])) m += std::exp(sv[h] - lv[row]) * std::abs(di);
+          }
+        r.stat_err = std::max(r.stat_err, std::abs(fsd[h] - rsd[h]) / std::max(m, 1e-30));
+      }
+    } else {
+      r.stat_err = rel_error(fsd, rsd);
+    }
+  }
+  r.ok = r.rel_err <= r.tol && r.stat_err <= r.tol;
+  if (!r.ok)
+    r.error = "gradient error " + std::to_string(r.rel_err) + ", dsinks error " +
+              std::to_string(r.stat_err) + " (tol " + std::to_string(r.tol) + ")";
   return r;
 }
 

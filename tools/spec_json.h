@@ -95,6 +95,13 @@ struct CheckOptions {
 double tolerance_for(DType t);
 CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& opt);
 
+// The backward pass of a mechanism on the CPU against the float64 backward oracle: the largest
+// error of dq, dk, dv (and dsinks), each relative to the norm of the whole gradient (a part that
+// vanishes by cancellation is judged at the gradient's scale). Tolerance: fp32 2e-5, fp16 3e-3,
+// bf16 2e-2 (the forward's output, rounded to the input dtype, enters D = dO . O).
+CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt);
+double backward_tolerance_for(DType t);
+
 // Builds an instance of a named mechanism with random inputs; "" or an error message.
 std::string make_instance(const std::string& mechanism, const CheckOptions& opt, Instance& inst);
 

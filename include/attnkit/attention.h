@@ -56,6 +56,16 @@ struct AttentionGrads {
   TensorView dsinks, dbeta, drela_gain, dgate;
 };
 
+// The backward pass: gradients of out (given grad_out) for q, k, v and the extras in `grads`.
+// `out` and `row_stat` (the LSE) are the forward's. CPU backend: the softmax and sink
+// normalizers with every mask, GQA/MQA, varlen, dv != d, both layouts, fp32/bf16/fp16 inputs;
+// score mods, gates and the other normalizers answer kNotImplemented for now. Gradients are
+// bit-identical for any thread count (Options::deterministic costs nothing).
+Status attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                          const TensorView& out, const TensorView& row_stat,
+                          const TensorView& grad_out, const AttentionSpec& spec,
+                          const AttentionGrads& grads, const Options& options = {});
+
 // The float64 oracle of the backward pass (src/reference): recomputes the forward from q, k, v
 // and returns every gradient asked for in `grads`, given grad_out (shaped like out).
 Status reference_backward(const TensorView& q, const TensorView& k, const TensorView& v,

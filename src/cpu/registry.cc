@@ -13,43 +13,44 @@ namespace {
 struct Mech {
   const char* name;
   const char* category;
+  bool cpu_backward;  // src/cpu/backward.cc: softmax family, every mask, no score mods or gate
 };
 constexpr Mech kTier1[] = {
-    {"dense", "mask"},
-    {"causal", "mask"},
-    {"sliding_window", "mask"},
-    {"global_window", "mask"},
-    {"chunked", "mask"},
-    {"document", "mask"},
-    {"block_attention", "mask"},
-    {"prefix_lm", "mask"},
-    {"neighborhood", "mask"},
-    {"maxvit_block", "mask"},
-    {"maxvit_grid", "mask"},
-    {"and", "mask"},
-    {"or", "mask"},
-    {"not", "mask"},
-    {"scale", "score_mod"},
-    {"softcap", "score_mod"},
-    {"alibi", "score_mod"},
-    {"bias", "score_mod"},
-    {"low_rank_bias", "score_mod"},
-    {"relative_buckets", "score_mod"},
-    {"forget_gate", "score_mod"},
-    {"softmax", "normalizer"},
-    {"sink", "normalizer"},
-    {"sigmoid", "normalizer"},
-    {"kernel", "normalizer"},
-    {"rela", "normalizer"},
-    {"lse", "epilogue"},
-    {"gate", "epilogue"},
-    {"row_stats", "epilogue"},
-    {"col_mass", "epilogue"},
-    {"gqa", "layout"},
-    {"bnhd", "layout"},
-    {"varlen", "layout"},
-    {"dv_ne_d", "layout"},
-    {"block_sparse", "sparse"},
+    {"dense", "mask", true},
+    {"causal", "mask", true},
+    {"sliding_window", "mask", true},
+    {"global_window", "mask", true},
+    {"chunked", "mask", true},
+    {"document", "mask", true},
+    {"block_attention", "mask", true},
+    {"prefix_lm", "mask", true},
+    {"neighborhood", "mask", true},
+    {"maxvit_block", "mask", true},
+    {"maxvit_grid", "mask", true},
+    {"and", "mask", true},
+    {"or", "mask", true},
+    {"not", "mask", true},
+    {"scale", "score_mod", true},
+    {"softcap", "score_mod", false},
+    {"alibi", "score_mod", false},
+    {"bias", "score_mod", false},
+    {"low_rank_bias", "score_mod", false},
+    {"relative_buckets", "score_mod", false},
+    {"forget_gate", "score_mod", false},
+    {"softmax", "normalizer", true},
+    {"sink", "normalizer", true},
+    {"sigmoid", "normalizer", false},
+    {"kernel", "normalizer", false},
+    {"rela", "normalizer", false},
+    {"lse", "epilogue", true},
+    {"gate", "epilogue", false},
+    {"row_stats", "epilogue", false},
+    {"col_mass", "epilogue", false},
+    {"gqa", "layout", true},
+    {"bnhd", "layout", true},
+    {"varlen", "layout", true},
+    {"dv_ne_d", "layout", true},
+    {"block_sparse", "sparse", true},
 };
 }  // namespace
 
@@ -60,7 +61,7 @@ std::vector<SupportRow> support_matrix() {
     if (std::string(m.category) != "sparse")
       rows.push_back(
           {m.name, m.category, "reference", true, true, {"fp32", "bf16", "fp16", "fp64"}});
-    rows.push_back({m.name, m.category, "cpu", true, false, {"fp32", "bf16", "fp16"}});
+    rows.push_back({m.name, m.category, "cpu", true, m.cpu_backward, {"fp32", "bf16", "fp16"}});
   }
   return rows;
 }
