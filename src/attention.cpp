@@ -24,17 +24,36 @@ Status attention_forward(const TensorView& q, const TensorView& k, const TensorV
   return cpu::forward(p);
 }
 
+namespace {
+Status check_backward_call(const TensorView& q, const TensorView& k, const TensorView& v,
+                           const TensorView& out, const TensorView& row_stat,
+                           const TensorView& grad_out, const AttentionSpec& spec,
+                           const AttentionGrads& grads, const Options& options, core::Problem* p,
+                           core::GradOperands* g) {
+  Status s = core::validate_and_resolve(q, k, v, spec, out, row_stat, {}, options, false, p);
+  if (!s.ok()) return s;
+  s = core::validate_grads(*p, q, k, v, grad_out, grads, g);
+  if (!s.ok()) return s;
+  return cpu::backward_supports(*p);
+}
+}  // namespace
+
+Status can_run_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                        const TensorView& out, const TensorView& row_stat,
+                        const TensorView& grad_out, const AttentionSpec& spec,
+                        const AttentionGrads& grads, const Options& options) {
+  core::Problem p;
+  core::GradOperands g;
+  return check_backward_call(q, k, v, out, row_stat, grad_out, spec, grads, options, &p, &g);
+}
+
 Status attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                           const TensorView& out, const TensorView& row_stat,
                           const TensorView& grad_out, const AttentionSpec& spec,
                           const AttentionGrads& grads, const Options& options) {
   core::Problem p;
-  Status s = core::validate_and_resolve(q, k, v, spec, out, row_stat, {}, options, false, &p);
-  if (!s.ok()) return s;
   core::GradOperands g;
-  s = core::validate_grads(p, q, k, v, grad_out, grads, &g);
-  if (!s.ok()) return s;
-  s = cpu::backward_supports(p);
+  Status s = check_backward_call(q, k, v, out, row_stat, grad_out, spec, grads, options, &p, &g);
   if (!s.ok()) return s;
   return cpu::backward(p, g, grads);
 }

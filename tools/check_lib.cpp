@@ -198,6 +198,7 @@ CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt
                          go.view, inst.spec, fg, op);
   r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   if (!s.ok()) {
+    r.not_covered = s.code() == StatusCode::kNotImplemented;
     r.error = "cpu backward: " + s.message();
     return r;
   }
@@ -252,6 +253,22 @@ CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt
     r.error = "gradient error " + std::to_string(r.rel_err) + ", dsinks error " +
               std::to_string(r.stat_err) + " (tol " + std::to_string(r.tol) + ")";
   return r;
+}
+
+bool backward_covered(const std::string& mechanism, const Dims& dims) {
+  CheckOptions opt;
+  opt.dims = dims;
+  Instance inst;
+  if (!make_instance(mechanism, opt, inst).empty()) return false;
+  Outputs o = make_outputs(inst, false);
+  auto like = [](const OwnedTensor& t) {
+    return OwnedTensor::zeros(DType::kF32,
+                              std::vector<int64_t>(t.view.shape, t.view.shape + t.view.ndim));
+  };
+  const OwnedTensor dq = like(inst.q), dk = like(inst.k), dv = like(inst.v);
+  return can_run_backward(inst.q.view, inst.k.view, inst.v.view, o.out.view, o.row_stat.view,
+                          o.out.view, inst.spec, {dq.view, dk.view, dv.view})
+      .ok();
 }
 
 }  // namespace attnkit::tools

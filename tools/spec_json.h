@@ -80,8 +80,9 @@ struct CheckResult {
   std::string mechanism, dtype, error;  // error: why it failed (empty when ok)
   Dims dims;
   double rel_err = 0, max_abs = 0, stat_err = 0, tol = 0;
-  double naive_err = 0;  // error of the naive low-precision computation
-  double ms = 0;         // CPU forward time of this one run
+  double naive_err = 0;      // error of the naive low-precision computation
+  bool not_covered = false;  // the backend answered kNotImplemented
+  double ms = 0;             // CPU forward time of this one run
 };
 struct CheckOptions {
   DType dtype = DType::kF32;
@@ -101,6 +102,8 @@ CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& op
 // bf16 2e-2 (the forward's output, rounded to the input dtype, enters D = dO . O).
 CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt);
 double backward_tolerance_for(DType t);
+// Whether the CPU backward differentiates this mechanism (can_run_backward says ok).
+bool backward_covered(const std::string& mechanism, const Dims& dims);
 
 // Builds an instance of a named mechanism with random inputs; "" or an error message.
 std::string make_instance(const std::string& mechanism, const CheckOptions& opt, Instance& inst);

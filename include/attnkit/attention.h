@@ -66,6 +66,13 @@ Status attention_backward(const TensorView& q, const TensorView& k, const Tensor
                           const TensorView& grad_out, const AttentionSpec& spec,
                           const AttentionGrads& grads, const Options& options = {});
 
+// The same checks as attention_backward, without running (kNotImplemented names what the
+// backend does not differentiate yet).
+Status can_run_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                        const TensorView& out, const TensorView& row_stat,
+                        const TensorView& grad_out, const AttentionSpec& spec,
+                        const AttentionGrads& grads, const Options& options = {});
+
 // The float64 oracle of the backward pass (src/reference): recomputes the forward from q, k, v
 // and returns every gradient asked for in `grads`, given grad_out (shaped like out).
 Status reference_backward(const TensorView& q, const TensorView& k, const TensorView& v,

@@ -167,4 +167,18 @@ BlockMask build_block_mask(const Problem& p, int64_t b, bool count_rows, int num
   return bm;
 }
 
+BlockMaskSet build_block_masks(const Problem& p, bool count_rows, int num_threads) {
+  BlockMaskSet set;
+  if (block_mask_per_batch(p)) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      set.masks.push_back(build_block_mask(p, b, count_rows, num_threads));
+      set.mask_of_batch.push_back(static_cast<int32_t>(b));
+    }
+  } else {
+    set.masks.push_back(build_block_mask(p, 0, count_rows, num_threads));
+    set.mask_of_batch.assign(p.batch, 0);
+  }
+  return set;
+}
+
 }  // namespace attnkit::core

@@ -38,6 +38,15 @@ struct BlockMask {
   int64_t allowed_pairs = 0;  // exact count of allowed (i, j)
 };
 
+// The BlockMasks of a call: one per batch element when masks differ across the batch (segment
+// ids of shape [B, N], varlen sequences of different lengths), else one shared.
+struct BlockMaskSet {
+  std::vector<BlockMask> masks;
+  std::vector<int32_t> mask_of_batch;
+  const BlockMask& of(int64_t b) const { return masks[mask_of_batch[b]]; }
+};
+BlockMaskSet build_block_masks(const Problem& p, bool count_rows, int num_threads);
+
 // Builds the BlockMask of batch element b. `count_rows` fills allowed_keys.
 BlockMask build_block_mask(const Problem& p, int64_t b, bool count_rows, int num_threads);
 

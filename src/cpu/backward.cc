@@ -44,8 +44,7 @@ struct Visit {
 struct BwdCall {
   const core::Problem* p = nullptr;
   const core::GradOperands* g = nullptr;
-  std::vector<core::BlockMask> masks;
-  std::vector<int32_t> mask_of_batch;
+  core::BlockMaskSet masks;
   std::vector<std::vector<std::vector<Visit>>> by_key;  // [mask][key tile] -> visits
   std::vector<float> D;                                 // [b][hq][max_nq]
   int64_t d_pad = 0, dv_pad = 0, max_k_tiles = 0, unit_floats = 0;
@@ -54,7 +53,7 @@ struct BwdCall {
   int64_t unit_begin = 0;  // packed units: (b, hk) from unit_begin on
   int threads = 1;
 
-  const core::BlockMask& mask(int64_t b) const { return masks[mask_of_batch[b]]; }
+  const core::BlockMask& mask(int64_t b) const { return masks.of(b); }
   float* k_t(int64_t unit, int64_t t) {
     return packed + (unit - unit_begin) * unit_floats + t * kt_floats;
   }
@@ -167,7 +166,7 @@ void key_tile(BwdCall& c, BwdScratch& w, int64_t unit, int64_t u) {
   std::fill(dV, dV + kTile * c.dv_pad, 0.f);
   for (int64_t g = 0; g < p.group; ++g) {
     const int64_t h = hk * p.group + g;
-    for (const Visit& vis : c.by_key[c.mask_of_batch[b]][u]) {
+    for (const Visit& vis : c.by_key[c.masks.mask_of_batch[b]][u]) {
       const TileTokens qt = bm.q.tile(vis.q_tile);
       pack_rows(c, w, b, h, qt);
       tile_grads(c, w, b, h, qt, kt, bm.entries[vis.entry], unit);
@@ -217,16 +216,8 @@ Status BackwardImpl(const core::Problem& p, const core::GradOperands& g,
   c.threads = resolve_threads(p.num_threads);
   c.d_pad = static_cast<int64_t>(vec_pad(p.d));
   c.dv_pad = static_cast<int64_t>(vec_pad(p.dv));
-  if (core::block_mask_per_batch(p)) {
-    for (int64_t b = 0; b < p.batch; ++b) {
-      c.masks.push_back(core::build_block_mask(p, b, false, c.threads));
-      c.mask_of_batch.push_back(static_cast<int32_t>(b));
-    }
-  } else {
-    c.masks.push_back(core::build_block_mask(p, 0, false, c.threads));
-    c.mask_of_batch.assign(p.batch, 0);
-  }
-  for (const core::BlockMask& bm : c.masks) {
+  c.masks = core::build_block_masks(p, false, c.threads);
+  for (const core::BlockMask& bm : c.masks.masks) {
     std::vector<std::vector<Visit>> keys(bm.k.num_tiles());
     for (int64_t t = 0; t < bm.q.num_tiles(); ++t)
       for (int64_t e = bm.row_begin[t]; e < bm.row_begin[t + 1]; ++e)
@@ -275,7 +266,7 @@ Status BackwardImpl(const core::Problem& p, const core::GradOperands& g,
   c.packed = thread_workspace(1, std::min(per_chunk, p.batch) * p.hk * c.unit_floats);
   if (!c.packed) return Status(StatusCode::kInternal, "cpu backward: out of memory for packed K/V");
   int64_t q_tiles = 0;
-  for (const core::BlockMask& bm : c.masks) q_tiles = std::max(q_tiles, bm.q.num_tiles());
+  for (const core::BlockMask& bm : c.masks.masks) q_tiles = std::max(q_tiles, bm.q.num_tiles());
   for (int64_t b0 = 0; b0 < p.batch; b0 += per_chunk) {
     const int64_t b1 = std::min(p.batch, b0 + per_chunk);
     c.unit_begin = b0 * p.hk;

@@ -51,8 +51,7 @@ namespace attnkit::cpu {
 // Everything a task reads, resolved once per call.
 struct FwdCall {
   const core::Problem* p = nullptr;
-  std::vector<core::BlockMask> masks;
-  std::vector<int32_t> mask_of_batch;
+  core::BlockMaskSet masks;
   std::vector<core::ScoreTables<float>> tables;  // per batch element
   std::vector<float> beta;                       // sigmoid beta per batch element
   bool lowrank = false;
@@ -64,7 +63,7 @@ struct FwdCall {
   std::vector<float> lse;  // [B][Hq][max_nq] when column mass is asked for
   int threads = 1;
 
-  const core::BlockMask& mask(int64_t b) const { return masks[mask_of_batch[b]]; }
+  const core::BlockMask& mask(int64_t b) const { return masks.of(b); }
   float* k_tile(int64_t unit, int64_t t) {
     return packed + (unit - unit_begin) * unit_floats + t * k_tile_floats;
   }
@@ -363,7 +362,7 @@ void run_packed(FwdCall& c, std::vector<std::unique_ptr<Scratch>>& scratch, int6
                 int64_t batch_end) {
   const core::Problem& p = *c.p;
   int64_t qtiles = 0;
-  for (const core::BlockMask& m : c.masks) qtiles = std::max(qtiles, m.q.num_tiles());
+  for (const core::BlockMask& m : c.masks.masks) qtiles = std::max(qtiles, m.q.num_tiles());
   const int64_t batches = batch_end - batch_begin;
   parallel_for(batches * p.hq * qtiles, c.threads, [&](int64_t task, int worker) {
     const int64_t t = task % qtiles;
@@ -435,15 +434,7 @@ Status ForwardImpl(const core::Problem& p) {
   c.units_per_batch = c.lowrank ? p.hq : p.hk;
   const bool count_rows =
       spec.normalizer.kind == NormalizerKind::kKernel && spec.normalizer.length_scale;
-  if (core::block_mask_per_batch(p)) {
-    for (int64_t b = 0; b < p.batch; ++b) {
-      c.masks.push_back(core::build_block_mask(p, b, count_rows, c.threads));
-      c.mask_of_batch.push_back(static_cast<int32_t>(b));
-    }
-  } else {
-    c.masks.push_back(core::build_block_mask(p, 0, count_rows, c.threads));
-    c.mask_of_batch.assign(p.batch, 0);
-  }
+  c.masks = core::build_block_masks(p, count_rows, c.threads);
   const ScoreMods& m = spec.mods;
   const bool mods = m.softcap != 0.f || m.alibi != AlibiMode::kOff || m.bias.defined() ||
                     m.relative != RelativeBucketKind::kOff || m.forget_log_f.defined();
@@ -452,7 +443,7 @@ Status ForwardImpl(const core::Problem& p) {
     c.beta.push_back(spec.normalizer.beta ? *spec.normalizer.beta
                                           : -std::log(static_cast<float>(p.seqs[b].nk)));
   }
-  for (const core::BlockMask& bm : c.masks)
+  for (const core::BlockMask& bm : c.masks.masks)
     c.max_k_tiles = std::max(c.max_k_tiles, bm.k.num_tiles());
   c.k_tile_floats = c.d_eff * kTile;
   c.v_tile_floats = kTile * c.dv_pad;
