@@ -1,6 +1,7 @@
-// The CPU backward pass against the float64 backward oracle: every mask mechanism and the sink
-// normalizer, fp32 / bf16 / fp16 inputs, GQA, Nq != Nk both ways, odd sizes, BNHD, varlen;
-// fully masked rows; bit-identical gradients for any thread count; unsupported specs refused.
+// The CPU backward pass against the float64 backward oracle: every mechanism (masks, score mods
+// with their gradients, normalizers, gates), fp32 / bf16 / fp16 inputs, GQA, Nq != Nk both ways,
+// odd sizes, BNHD, varlen; fully masked rows; bit-identical gradients for any thread count;
+// a missing row_stat refused.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -20,9 +21,8 @@ const Shape kShapes[] = {{"gqa_n129_d40", {2, 4, 2, 129, 129, 40, 40}, false},
                          {"nq37_nk150_dv24", {1, 2, 1, 37, 150, 64, 24}, false},
                          {"nq150_nk37", {1, 2, 2, 150, 37, 32, 32}, false}};
 
-struct Result {
-  std::vector<double> dq, dk, dv, dsinks;
-};
+// Every gradient of one backward run: dq, dk, dv, then the spec's extras (extra_grads order).
+using Result = std::vector<std::vector<double>>;
 
 // Forward on the CPU, then the CPU backward, for one instance.
 Result cpu_grads(const Instance& inst, const OwnedTensor& grad_out, int threads) {
@@ -39,17 +39,21 @@ Result cpu_grads(const Instance& inst, const OwnedTensor& grad_out, int threads)
     return OwnedTensor::zeros(DType::kF32,
                               std::vector<int64_t>(t.view.shape, t.view.shape + t.view.ndim));
   };
-  OwnedTensor dq = like(inst.q), dk = like(inst.k), dv = like(inst.v), ds;
-  AttentionGrads g{dq.view, dk.view, dv.view};
-  if (inst.spec.normalizer.kind == NormalizerKind::kSoftmaxSink) {
-    ds = OwnedTensor::zeros(DType::kF32, {d.hq});
-    g.dsinks = ds.view;
+  std::vector<OwnedTensor> grads;
+  grads.push_back(like(inst.q));
+  grads.push_back(like(inst.k));
+  grads.push_back(like(inst.v));
+  AttentionGrads g{grads[0].view, grads[1].view, grads[2].view};
+  for (const ExtraGrad& e : extra_grads(inst.spec)) {
+    grads.push_back(OwnedTensor::zeros(DType::kF32, e.shape));
+    g.*e.member = grads.back().view;
   }
   const Status s = attention_backward(inst.q.view, inst.k.view, inst.v.view, o.out.view,
                                       o.row_stat.view, grad_out.view, inst.spec, g, op);
   EXPECT_TRUE(s.ok()) << s.message();
-  return {dq.to_doubles(), dk.to_doubles(), dv.to_doubles(),
-          ds.view.defined() ? ds.to_doubles() : std::vector<double>{}};
+  Result r;
+  for (const OwnedTensor& t : grads) r.push_back(t.to_doubles());
+  return r;
 }
 
 OwnedTensor make_grad_out(const Instance& inst) {
@@ -92,18 +96,16 @@ INSTANTIATE_TEST_SUITE_P(All, Backward, ::testing::ValuesIn(params()), [](const 
          kShapes[std::get<2>(info.param)].name;
 });
 
-// The covered set is what the docs promise: every mask mechanism and the sink normalizer.
-TEST(BackwardCoverage, EveryMaskAndSink) {
-  for (const char* m :
-       {"dense", "causal", "causal_top_left", "sliding_window", "global_window", "chunked",
-        "document", "block_attention", "prefix_lm", "neighborhood_2d", "maxvit_block",
-        "maxvit_grid", "and_causal_document", "or_window_chunked", "not_causal", "sink"})
+// The CPU backward covers every mechanism (the docs promise it).
+TEST(BackwardCoverage, EveryMechanism) {
+  for (const std::string& m : mechanism_names())
     EXPECT_TRUE(backward_covered(m, {1, 2, 2, 16, 16, 8, 8})) << m;
 }
 
-// Bit-identical gradients across thread counts.
+// Bit-identical gradients (every one, extras included) across thread counts.
 TEST(BackwardDeterminism, SameBitsForAnyThreadCount) {
-  for (const char* mech : {"causal", "neighborhood_2d", "sink"}) {
+  for (const char* mech : {"causal", "neighborhood_2d", "sink", "bias_broadcast", "alibi_slopes",
+                           "relative_t5", "forget_gate", "low_rank_bias", "sigmoid", "rela"}) {
     CheckOptions opt;
     opt.dims = {2, 4, 2, 196, 196, 64, 64};
     Instance inst;
@@ -112,60 +114,105 @@ TEST(BackwardDeterminism, SameBitsForAnyThreadCount) {
     const Result one = cpu_grads(inst, go, 1);
     for (int threads : {2, 3}) {
       const Result more = cpu_grads(inst, go, threads);
-      EXPECT_EQ(one.dq, more.dq) << mech << " " << threads;
-      EXPECT_EQ(one.dk, more.dk) << mech << " " << threads;
-      EXPECT_EQ(one.dv, more.dv) << mech << " " << threads;
+      ASSERT_EQ(one.size(), more.size());
+      for (size_t i = 0; i < one.size(); ++i)
+        EXPECT_EQ(one[i], more[i]) << mech << " " << threads << " gradient " << i;
     }
   }
 }
 
-// Rows with no allowed key get zero dq; keys no query sees get zero dk, dv.
+// Rows with no allowed key get zero dq (and zero dbias rows), and no gradient has a NaN, for
+// every normalizer.
 TEST(BackwardFullyMasked, ZeroGradients) {
-  CheckOptions opt;
-  opt.dims = {1, 2, 2, 150, 37, 16, 16};  // causal bottom-right: rows 0..112 see nothing
-  Instance inst;
-  ASSERT_EQ(make_instance("causal", opt, inst), "");
-  const Result r = cpu_grads(inst, make_grad_out(inst), 2);
-  for (int64_t h = 0; h < 2; ++h)
-    for (int64_t i = 0; i < 113; ++i)
-      for (int64_t c = 0; c < 16; ++c) ASSERT_EQ(r.dq[(h * 150 + i) * 16 + c], 0.0);
+  for (const char* mech : {"causal", "sink", "sigmoid", "kernel_relu_length_scale", "rela", "gate",
+                           "softcap", "alibi_slopes", "bias_broadcast"}) {
+    CheckOptions opt;
+    opt.dims = {1, 2, 2, 150, 37, 16, 16};  // causal bottom-right: rows 0..112 see nothing
+    Instance inst;
+    ASSERT_EQ(make_instance(mech, opt, inst), "");
+    const Result r = cpu_grads(inst, make_grad_out(inst), 2);
+    for (const std::vector<double>& g : r)
+      for (double x : g) ASSERT_FALSE(std::isnan(x)) << mech;
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t i = 0; i < 113; ++i)
+        for (int64_t c = 0; c < 16; ++c) ASSERT_EQ(r[0][(h * 150 + i) * 16 + c], 0.0) << mech;
+    if (std::string(mech) == "bias_broadcast") {  // dbias [1, 1, 150, 37]
+      for (int64_t x = 0; x < 113 * 37; ++x) ASSERT_EQ(r[3][x], 0.0);
+    }
+  }
 }
 
-// Varlen through the CPU backward against the oracle.
+// Varlen through the CPU backward against the oracle, with per-sequence normalizers and gates.
 TEST(BackwardVarlen, MatchesOracle) {
   const std::vector<int32_t> cq = {0, 5, 75, 204}, ck = {0, 9, 79, 179};
-  const int64_t hq = 4, hk = 2, d = 40, dv = 24;
-  OwnedTensor q = random_tensor(DType::kF32, {cq.back(), hq, d}, 1.0, 1);
-  OwnedTensor k = random_tensor(DType::kF32, {ck.back(), hk, d}, 1.0, 2);
-  OwnedTensor v = random_tensor(DType::kF32, {ck.back(), hk, dv}, 1.0, 3);
-  OwnedTensor out = OwnedTensor::zeros(DType::kF32, {cq.back(), hq, dv});
-  OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {hq, cq.back()});
-  OwnedTensor go = random_tensor(DType::kF32, {cq.back(), hq, dv}, 1.0, 4);
+  const int64_t hq = 4, hk = 2, d = 40, dv = 24, tq = cq.back(), tk = ck.back();
+  OwnedTensor q = random_tensor(DType::kF32, {tq, hq, d}, 1.0, 1);
+  OwnedTensor k = random_tensor(DType::kF32, {tk, hk, d}, 1.0, 2);
+  OwnedTensor v = random_tensor(DType::kF32, {tk, hk, dv}, 1.0, 3);
+  OwnedTensor go = random_tensor(DType::kF32, {tq, hq, dv}, 1.0, 4);
+  OwnedTensor gate = random_tensor(DType::kF32, {tq, hq, dv}, 1.0, 5);
+  OwnedTensor gate_head = random_tensor(DType::kF32, {hq, tq}, 1.0, 6);
+  OwnedTensor slopes = OwnedTensor::from_doubles({0.5, 0.25, 0.125, 0.0625}, DType::kF32, {hq});
+  OwnedTensor gain = OwnedTensor::from_doubles(std::vector<double>(dv, 1.1), DType::kF32, {dv});
   OwnedTensor cu_q = OwnedTensor::from_ints(cq, {4}), cu_k = OwnedTensor::from_ints(ck, {4});
-  AttentionSpec spec;
-  spec.mask = Mask::causal();
-  spec.cu_seqlens_q = cu_q.view;
-  spec.cu_seqlens_kv = cu_k.view;
-  ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view, lse.view).ok());
-  OwnedTensor dq = OwnedTensor::zeros(DType::kF32, {cq.back(), hq, d});
-  OwnedTensor dk = OwnedTensor::zeros(DType::kF32, {ck.back(), hk, d});
-  OwnedTensor dvv = OwnedTensor::zeros(DType::kF32, {ck.back(), hk, dv});
-  OwnedTensor rq = OwnedTensor::zeros(DType::kF64, {cq.back(), hq, d});
-  OwnedTensor rk = OwnedTensor::zeros(DType::kF64, {ck.back(), hk, d});
-  OwnedTensor rv = OwnedTensor::zeros(DType::kF64, {ck.back(), hk, dv});
-  ASSERT_TRUE(attention_backward(q.view, k.view, v.view, out.view, lse.view, go.view, spec,
-                                 {dq.view, dk.view, dvv.view})
-                  .ok());
-  ASSERT_TRUE(
-      reference_backward(q.view, k.view, v.view, go.view, spec, {rq.view, rk.view, rv.view}).ok());
-  EXPECT_LE(rel_error(dq.to_doubles(), rq.to_doubles()), 2e-5);
-  EXPECT_LE(rel_error(dk.to_doubles(), rk.to_doubles()), 2e-5);
-  EXPECT_LE(rel_error(dvv.to_doubles(), rv.to_doubles()), 2e-5);
+  for (int variant = 0; variant < 4; ++variant) {
+    AttentionSpec spec;
+    spec.mask = Mask::causal();
+    spec.cu_seqlens_q = cu_q.view;
+    spec.cu_seqlens_kv = cu_k.view;
+    std::vector<std::pair<TensorView AttentionGrads::*, std::vector<int64_t>>> extras;
+    if (variant == 1) {  // sigmoid, per-head gate
+      spec.normalizer.kind = NormalizerKind::kSigmoid;
+      spec.gate_kind = GateKind::kPerHead;
+      spec.gate = gate_head.view;
+      extras = {{&AttentionGrads::dgate, {hq, tq}}, {&AttentionGrads::dbeta, {1}}};
+    } else if (variant == 2) {  // ReLA, elementwise gate
+      spec.normalizer.kind = NormalizerKind::kReLA;
+      spec.normalizer.rela_gain = gain.view;
+      spec.gate_kind = GateKind::kElementwise;
+      spec.gate = gate.view;
+      extras = {{&AttentionGrads::dgate, {tq, hq, dv}}, {&AttentionGrads::drela_gain, {dv}}};
+    } else if (variant == 3) {  // normalized kernel with length scale, ALiBi slopes, softcap
+      spec.normalizer.kind = NormalizerKind::kKernel;
+      spec.normalizer.feature = KernelFeature::kReLU;
+      spec.normalizer.power = 2.f;
+      spec.normalizer.length_scale = true;
+      spec.mods.alibi = AlibiMode::kCausal;
+      spec.mods.alibi_slopes = slopes.view;
+      spec.mods.softcap = 5.f;
+      extras = {{&AttentionGrads::dalibi_slopes, {hq}}};
+    }
+    const bool stat = spec.normalizer.kind != NormalizerKind::kSigmoid;
+    OwnedTensor out = OwnedTensor::zeros(DType::kF32, {tq, hq, dv});
+    OwnedTensor row_stat = stat ? OwnedTensor::zeros(DType::kF32, {hq, tq}) : OwnedTensor{};
+    ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view, row_stat.view).ok());
+    std::vector<OwnedTensor> fast, ref;
+    for (DType t : {DType::kF32, DType::kF64}) {
+      std::vector<OwnedTensor>& x = t == DType::kF32 ? fast : ref;
+      x.push_back(OwnedTensor::zeros(t, {tq, hq, d}));
+      x.push_back(OwnedTensor::zeros(t, {tk, hk, d}));
+      x.push_back(OwnedTensor::zeros(t, {tk, hk, dv}));
+      for (const auto& e : extras) x.push_back(OwnedTensor::zeros(t, e.second));
+    }
+    AttentionGrads fg{fast[0].view, fast[1].view, fast[2].view};
+    AttentionGrads rg{ref[0].view, ref[1].view, ref[2].view};
+    for (size_t i = 0; i < extras.size(); ++i) {
+      fg.*extras[i].first = fast[3 + i].view;
+      rg.*extras[i].first = ref[3 + i].view;
+    }
+    const Status s =
+        attention_backward(q.view, k.view, v.view, out.view, row_stat.view, go.view, spec, fg);
+    ASSERT_TRUE(s.ok()) << s.message();
+    ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, rg).ok());
+    for (size_t i = 0; i < fast.size(); ++i)
+      EXPECT_LE(rel_error(fast[i].to_doubles(), ref[i].to_doubles()), i < 3 ? 2e-5 : 1e-4)
+          << "variant " << variant << " gradient " << i;
+  }
 }
 
-// What the CPU backward does not do yet is refused with a reason, never run.
-TEST(BackwardUnsupported, NamedNotImplemented) {
-  for (const char* mech : {"softcap", "bias", "sigmoid", "rela", "gate", "kernel_softplus"}) {
+// The softmax family and the normalized kernel need the forward's row statistic.
+TEST(BackwardRowStat, MissingIsRefused) {
+  for (const char* mech : {"causal", "sink", "kernel_softplus"}) {
     CheckOptions opt;
     opt.dims = {1, 2, 2, 16, 16, 8, 8};
     Instance inst;
@@ -175,11 +222,10 @@ TEST(BackwardUnsupported, NamedNotImplemented) {
     OwnedTensor dq = OwnedTensor::zeros(DType::kF32, {1, 2, 16, 8});
     OwnedTensor dk = OwnedTensor::zeros(DType::kF32, {1, 2, 16, 8});
     OwnedTensor dv = OwnedTensor::zeros(DType::kF32, {1, 2, 16, 8});
-    const Status s =
-        attention_backward(inst.q.view, inst.k.view, inst.v.view, o.out.view, o.row_stat.view,
-                           go.view, inst.spec, {dq.view, dk.view, dv.view});
-    EXPECT_EQ(s.code(), StatusCode::kNotImplemented) << mech << ": " << s.message();
-    EXPECT_NE(s.message().find("cpu backward"), std::string::npos) << s.message();
+    const Status s = attention_backward(inst.q.view, inst.k.view, inst.v.view, o.out.view, {},
+                                        go.view, inst.spec, {dq.view, dk.view, dv.view});
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << mech << ": " << s.message();
+    EXPECT_NE(s.message().find("row_stat"), std::string::npos) << s.message();
   }
 }
 

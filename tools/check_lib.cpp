@@ -152,6 +152,49 @@ double backward_tolerance_for(DType t) {
   return t == DType::kF32 ? 2e-5 : t == DType::kBF16 ? 2e-2 : 3e-3;
 }
 
+std::vector<ExtraGrad> extra_grads(const AttentionSpec& spec) {
+  std::vector<ExtraGrad> e;
+  auto add = [&](const char* name, TensorView AttentionGrads::*member, const TensorView& input) {
+    if (input.defined())
+      e.push_back({name, member, std::vector<int64_t>(input.shape, input.shape + input.ndim)});
+  };
+  const ScoreMods& m = spec.mods;
+  add("dbias", &AttentionGrads::dbias, m.bias);
+  add("dlow_rank_u", &AttentionGrads::dlow_rank_u, m.low_rank_u);
+  add("dlow_rank_w", &AttentionGrads::dlow_rank_w, m.low_rank_w);
+  add("drelative_table", &AttentionGrads::drelative_table, m.relative_table);
+  add("dforget_log_f", &AttentionGrads::dforget_log_f, m.forget_log_f);
+  add("dalibi_slopes", &AttentionGrads::dalibi_slopes, m.alibi_slopes);
+  add("dsinks", &AttentionGrads::dsinks, spec.normalizer.sinks);
+  add("drela_gain", &AttentionGrads::drela_gain, spec.normalizer.rela_gain);
+  add("dgate", &AttentionGrads::dgate, spec.gate);
+  if (spec.normalizer.kind == NormalizerKind::kSigmoid)
+    e.push_back({"dbeta", &AttentionGrads::dbeta, {1}});
+  return e;
+}
+
+double ExtraGrad::magnitude(Instance& inst, const Outputs& o, const OwnedTensor& grad_out) const {
+  // dsink_h = -sum_i exp(sink_h - LSE_i) D_i: M_h = sum_i exp(sink_h - LSE_i) |D_i| with
+  // D_i = dO_i . O_i from this run (BHND layout).
+  if (std::string(name) != "dsinks" || inst.spec.layout != Layout::kBHND) return 0;
+  const Dims& d = inst.dims;
+  const std::vector<double> ov = o.out.to_doubles(), gv = grad_out.to_doubles();
+  const std::vector<double> lv = o.row_stat.to_doubles(), sv = inst.extras["sinks"].to_doubles();
+  double m2 = 0;
+  for (int64_t h = 0; h < d.hq; ++h) {
+    double m = 0;
+    for (int64_t b = 0; b < d.batch; ++b)
+      for (int64_t i = 0; i < d.nq; ++i) {
+        const int64_t row = (b * d.hq + h) * d.nq + i;
+        double di = 0;
+        for (int64_t c = 0; c < d.dv; ++c) di += ov[row * d.dv + c] * gv[row * d.dv + c];
+        if (std::isfinite(lv[row])) m += std::exp(sv[h] - lv[row]) * std::abs(di);
+      }
+    m2 += m * m;
+  }
+  return std::sqrt(m2);
+}
+
 CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt) {
   CheckResult r;
   r.mechanism = mechanism;
@@ -181,17 +224,20 @@ CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt
   auto like = [](const OwnedTensor& t, DType dt) {
     return OwnedTensor::zeros(dt, std::vector<int64_t>(t.view.shape, t.view.shape + t.view.ndim));
   };
-  const bool sinks = inst.spec.normalizer.kind == NormalizerKind::kSoftmaxSink;
   OwnedTensor fq = like(inst.q, DType::kF32), fk = like(inst.k, DType::kF32),
-              fv = like(inst.v, DType::kF32), fs;
+              fv = like(inst.v, DType::kF32);
   OwnedTensor rq = like(inst.q, DType::kF64), rk = like(inst.k, DType::kF64),
-              rv = like(inst.v, DType::kF64), rs;
+              rv = like(inst.v, DType::kF64);
   AttentionGrads fg{fq.view, fk.view, fv.view}, rg{rq.view, rk.view, rv.view};
-  if (sinks) {
-    fs = OwnedTensor::zeros(DType::kF32, {d.hq});
-    rs = OwnedTensor::zeros(DType::kF64, {d.hq});
-    fg.dsinks = fs.view;
-    rg.dsinks = rs.view;
+  const std::vector<ExtraGrad> extras = extra_grads(inst.spec);
+  std::vector<OwnedTensor> fx, rx;
+  for (const ExtraGrad& e : extras) {
+    fx.push_back(OwnedTensor::zeros(DType::kF32, e.shape));
+    rx.push_back(OwnedTensor::zeros(DType::kF64, e.shape));
+  }
+  for (size_t i = 0; i < extras.size(); ++i) {
+    fg.*extras[i].member = fx[i].view;
+    rg.*extras[i].member = rx[i].view;
   }
   const auto t0 = std::chrono::steady_clock::now();
   s = attention_backward(inst.q.view, inst.k.view, inst.v.view, o.out.view, o.row_stat.view,
@@ -212,10 +258,8 @@ CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt
     for (double e : x) n += e * e;
     return n;
   };
-  const std::vector<double> aq = fq.to_doubles(), ak = fk.to_doubles(), av = fv.to_doubles();
-  const std::vector<double> bq = rq.to_doubles(), bk = rk.to_doubles(), bv = rv.to_doubles();
-  const double scale = std::sqrt(norm2(bq) + norm2(bk) + norm2(bv));
-  auto part = [&](const std::vector<double>& x, const std::vector<double>& y) {
+  // The error of x against y relative to `scale` (NaN: infinite).
+  auto error_of = [](const std::vector<double>& x, const std::vector<double>& y, double scale) {
     double n = 0;
     for (size_t i = 0; i < x.size(); ++i) {
       if (std::isnan(x[i])) return static_cast<double>(INFINITY);
@@ -223,34 +267,24 @@ CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt
     }
     return scale > 0 ? std::sqrt(n) / scale : std::sqrt(n);
   };
-  r.rel_err = std::max({part(aq, bq), part(ak, bk), part(av, bv)});
-  if (sinks) {
-    // dsink_h = -sum_i exp(sink_h - LSE_i) D_i sums terms of both signs; its error is measured
-    // against the magnitude of its terms, M_h = sum_i exp(sink_h - LSE_i) |D_i|, with
-    // D_i = dO_i . O_i from this run (BHND layout only; BNHD falls back to relative error).
-    const std::vector<double> fsd = fs.to_doubles(), rsd = rs.to_doubles();
-    if (!opt.bnhd) {
-      const std::vector<double> ov = o.out.to_doubles(), gv = go.to_doubles();
-      const std::vector<double> lv = o.row_stat.to_doubles(),
-                                sv = inst.extras["sinks"].to_doubles();
-      for (int64_t h = 0; h < d.hq; ++h) {
-        double m = 0;
-        for (int64_t b = 0; b < d.batch; ++b)
-          for (int64_t i = 0; i < d.nq; ++i) {
-            const int64_t row = (b * d.hq + h) * d.nq + i;
-            double di = 0;
-            for (int64_t c = 0; c < d.dv; ++c) di += ov[row * d.dv + c] * gv[row * d.dv + c];
-            if (std::isfinite(lv[row])) m += std::exp(sv[h] - lv[row]) * std::abs(di);
-          }
-        r.stat_err = std::max(r.stat_err, std::abs(fsd[h] - rsd[h]) / std::max(m, 1e-30));
-      }
-    } else {
-      r.stat_err = rel_error(fsd, rsd);
-    }
+  const std::vector<double> aq = fq.to_doubles(), ak = fk.to_doubles(), av = fv.to_doubles();
+  const std::vector<double> bq = rq.to_doubles(), bk = rk.to_doubles(), bv = rv.to_doubles();
+  const double scale = std::sqrt(norm2(bq) + norm2(bk) + norm2(bv));
+  r.rel_err = std::max({error_of(aq, bq, scale), error_of(ak, bk, scale), error_of(av, bv, scale)});
+  // Each extra against its own norm, or against the magnitude of the terms it sums where that
+  // is larger (dsinks, dslopes, dtable, dbeta, ... sum terms of both signs over many pairs).
+  std::string worst;
+  for (size_t i = 0; i < extras.size(); ++i) {
+    const std::vector<double> a = fx[i].to_doubles(), b = rx[i].to_doubles();
+    const double e =
+        error_of(a, b, std::max(std::sqrt(norm2(b)), extras[i].magnitude(inst, o, go)));
+    if (e > r.stat_err || worst.empty()) worst = extras[i].name;
+    r.stat_err = std::max(r.stat_err, e);
   }
   r.ok = r.rel_err <= r.tol && r.stat_err <= r.tol;
   if (!r.ok)
-    r.error = "gradient error " + std::to_string(r.rel_err) + ", dsinks error " +
+    r.error = "gradient error " + std::to_string(r.rel_err) + ", " +
+              (extras.empty() ? std::string("no extras") : worst) + " error " +
               std::to_string(r.stat_err) + " (tol " + std::to_string(r.tol) + ")";
   return r;
 }

@@ -76,13 +76,13 @@ ExtraSource random_extras(uint64_t seed) {
   return [seed](const std::string& name, const std::vector<int64_t>& shape) {
     uint64_t h = seed;
     for (char c : name) h = h * 131 + static_cast<unsigned char>(c);
-    if (name == "log_f") {  // log f with f in [0.5, 1)
+    if (name == "log_f" || name == "slopes") {  // log f, f in [0.5, 1); slopes in [0.05, 1)
       std::mt19937_64 rng(h);
-      std::uniform_real_distribution<double> u(0.5, 1.0);
+      std::uniform_real_distribution<double> u(name == "log_f" ? 0.5 : 0.05, 1.0);
       int64_t n = 1;
       for (int64_t s : shape) n *= s;
       std::vector<double> x(n);
-      for (double& v : x) v = std::log(u(rng));
+      for (double& v : x) v = name == "log_f" ? std::log(u(rng)) : u(rng);
       return OwnedTensor::from_doubles(x, DType::kF32, shape);
     }
     if (name == "gain") {
@@ -212,6 +212,8 @@ std::string build_spec(const json& s, Instance& inst, const ExtraSource& extras)
       mods.softcap = m.at("softcap").get<float>();
     } else if (m.is_object() && m.contains("alibi")) {
       mods.alibi = m.value("symmetric", false) ? AlibiMode::kSymmetric : AlibiMode::kCausal;
+      if (m.at("alibi") == "tensor")  // learnable slopes, one per query head
+        mods.alibi_slopes = put(inst, "slopes", extras("slopes", {d.hq})).view;
     } else if (m.is_object() && m.contains("relative_buckets")) {
       if (m.at("relative_buckets") == "t5") {
         mods.relative = RelativeBucketKind::kT5;
@@ -283,7 +285,9 @@ std::vector<std::string> mechanism_names() {
           "softcap",
           "alibi",
           "alibi_symmetric",
+          "alibi_slopes",
           "bias",
+          "bias_broadcast",
           "low_rank_bias",
           "relative_t5",
           "relative_clipped",
@@ -378,7 +382,10 @@ json mechanism_spec(const std::string& name, const Dims& d) {
   if (name == "alibi") return {{"mask", "causal"}, {"score_mod", {{"alibi", "default"}}}};
   if (name == "alibi_symmetric")
     return {{"mask", "none"}, {"score_mod", {{"alibi", "default"}, {"symmetric", true}}}};
+  if (name == "alibi_slopes") return {{"mask", "causal"}, {"score_mod", {{"alibi", "tensor"}}}};
   if (name == "bias") return {{"mask", "none"}, {"score_mod", "bias"}};
+  if (name == "bias_broadcast")  // one [Nq, Nk] bias shared by every batch element and head
+    return {{"mask", "causal"}, {"score_mod", "bias"}, {"bias_shape", {1, 1, d.nq, d.nk}}};
   if (name == "low_rank_bias") return {{"mask", "causal"}, {"score_mod", "low_rank_bias"}};
   if (name == "relative_t5")
     return {{"mask", "none"},

@@ -96,9 +96,20 @@ struct CheckOptions {
 double tolerance_for(DType t);
 CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& opt);
 
+// A learnable extra of a spec and its gradient: name, member of AttentionGrads, shape, and the
+// magnitude its error is judged against when the gradient is a sum with cancellation.
+struct ExtraGrad {
+  const char* name;
+  TensorView AttentionGrads::*member;
+  std::vector<int64_t> shape;
+  double magnitude(Instance& inst, const Outputs& o, const OwnedTensor& grad_out) const;
+};
+std::vector<ExtraGrad> extra_grads(const AttentionSpec& spec);
+
 // The backward pass of a mechanism on the CPU against the float64 backward oracle: the largest
-// error of dq, dk, dv (and dsinks), each relative to the norm of the whole gradient (a part that
-// vanishes by cancellation is judged at the gradient's scale). Tolerance: fp32 2e-5, fp16 3e-3,
+// error of dq, dk, dv, each relative to the norm of the whole gradient (a part that
+// vanishes by cancellation is judged at the gradient's scale), and of every extra gradient
+// (ExtraGrad): rel_err holds the first, stat_err the second. Tolerance: fp32 2e-5, fp16 3e-3,
 // bf16 2e-2 (the forward's output, rounded to the input dtype, enters D = dO . O).
 CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt);
 double backward_tolerance_for(DType t);

@@ -57,9 +57,11 @@ struct AttentionGrads {
 };
 
 // The backward pass: gradients of out (given grad_out) for q, k, v and the extras in `grads`.
-// `out` and `row_stat` (the LSE) are the forward's. CPU backend: the softmax and sink
-// normalizers with every mask, GQA/MQA, varlen, dv != d, both layouts, fp32/bf16/fp16 inputs;
-// score mods, gates and the other normalizers answer kNotImplemented for now. Gradients are
+// `out` and `row_stat` are the forward's: row_stat is required for the softmax family (LSE) and
+// the normalized kernel (row sum); sigmoid has none and ReLA recomputes what it needs (its RMS
+// row_stat may be omitted). CPU backend: every tier-1 mechanism (masks, score mods, normalizers,
+// gates), GQA/MQA, varlen, dv != d, both layouts, fp32/bf16/fp16 inputs; the attention
+// statistics (row_max, entropy, col_mass) are outputs, not differentiated. Gradients are
 // bit-identical for any thread count (Options::deterministic costs nothing).
 Status attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                           const TensorView& out, const TensorView& row_stat,

@@ -104,8 +104,11 @@ struct ScoreMods {
   TensorView relative_table;   // fp32 [Hq, buckets]
   TensorView forget_log_f;     // fp32 [B, Hq, Nk], log f in (-inf, 0]
 
-  bool any() const {
-    return softcap != 0.f || alibi != AlibiMode::kOff || bias.defined() || low_rank_u.defined() ||
+  bool any() const { return per_element() || low_rank_u.defined(); }
+  // The mods applied element by element on the fast paths (the low-rank bias is fused as extra
+  // head dims instead).
+  bool per_element() const {
+    return softcap != 0.f || alibi != AlibiMode::kOff || bias.defined() ||
            relative != RelativeBucketKind::kOff || forget_log_f.defined();
   }
 };

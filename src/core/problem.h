@@ -49,6 +49,9 @@ struct Problem {
   double scale64 = 1.0;  // the same scale in float64 (the default 1/sqrt(d) is not a float)
   const AttentionSpec* spec = nullptr;
   int num_threads = 1;
+  // Internal (the CPU backward's recompute for ReLA): out receives O before ReLA's RMS
+  // normalization and before the gate.
+  bool raw_output = false;
 
   // Mask data: SegmentIds for each batch element (batch x mask.segments.size()).
   std::vector<SegmentIds> segment_ids;
@@ -70,6 +73,9 @@ struct Problem {
 // The operands of a backward call, resolved like the forward's.
 struct GradOperands {
   RowOperand grad_out, dq, dk, dv;
+  // The gate's gradient when asked for: elementwise, addressed like out; per head, one element
+  // per row (row(b, h, n) points at it).
+  RowOperand dgate;
 };
 
 // Checks grad_out and every gradient view against the forward problem `p` (already resolved):

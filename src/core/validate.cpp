@@ -693,6 +693,17 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
   out->dq = rows_of(g.dq, p.varlen, spec.layout);
   out->dk = rows_of(g.dk, p.varlen, spec.layout);
   out->dv = rows_of(g.dv, p.varlen, spec.layout);
+  if (g.dgate.defined()) {
+    if (spec.gate_kind == GateKind::kElementwise) {
+      out->dgate = rows_of(g.dgate, p.varlen, spec.layout);
+    } else {  // [B, Hq, Nq] (varlen [Hq, total_q]): rows of one element
+      out->dgate.data = static_cast<char*>(g.dgate.data);
+      out->dgate.dtype = g.dgate.dtype;
+      out->dgate.sb = p.varlen ? 0 : g.dgate.strides[0];
+      out->dgate.sh = g.dgate.strides[p.varlen ? 0 : 1];
+      out->dgate.sn = g.dgate.strides[p.varlen ? 1 : 2];
+    }
+  }
   return {};
 }
 

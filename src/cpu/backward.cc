@@ -1,15 +1,28 @@
-// CPU backward attention for the softmax family (softmax, softmax with sink): FlashAttention-2's
-// recompute, no N x N buffer, every mask through the same BlockMask as the forward pass.
+// CPU backward attention for every tier-1 mechanism: FlashAttention-2's recompute, no N x N
+// buffer, every mask through the same BlockMask as the forward pass, the score mods and
+// normalizers through the same policies (MECHANISMS.md 1.1-1.5; the oracle's chain rule is
+// src/reference/reference_backward.cpp).
 //
 // Data flow, per call:
-//   0. Per row: D_i = dO_i . O_i (and dsink_h = -sum_i exp(sink_h - LSE_i) D_i).
-//   1. Pack, once per (batch, kv head) and key tile: K^T [d][64] and V^T [dv][64] (B operands of
-//      S = Q' K^T and dP = dO V^T) and K [64][d_pad] (B operand of dQ = dS K).
-//   2. Pass A, one task per (batch, kv head, key tile): for each query head of the group and each
-//      query tile that visits the key tile (the BlockMask transposed): S, P = exp(S - LSE),
-//      dV += P^T dO, dP = dO V^T, dS = P (dP - D), dK += dS^T Q'. The task owns its dK, dV rows.
-//   3. Pass B, one task per (batch, query head, query tile): the same S, P, dP, dS for each
-//      visited key tile, dQ += dS K. The task owns its dQ rows.
+//   0. Per row, the epilogue backwards: the gate (dG = dO out (1 - sigmoid G); dO <- dO sigmoid G),
+//      ReLA (O recomputed by the forward pass without its RMS normalization; dgain; dO through
+//      the RMS), D_i = dO_i . out_i for softmax and the normalized kernel (the gate cancels:
+//      dO1 . O1 = dO . out), dsink_h = -sum_i exp(sink_h - LSE_i) D_i.
+//   1. Pack, once per unit and key tile: K'^T [d'][64] and V^T [dv][64] (B operands of
+//      S = Q' K'^T and dP = dO V^T) and K' [64][d'_pad] (B operand of dQ' = dT K'). A unit is a
+//      (batch, kv head), or a (batch, query head) with a low-rank bias, which is fused as extra
+//      head dims as in the forward pass: Q' = [scale q, u], K' = [k, w].
+//   2. Per visited tile pair, in both passes: S = Q' K'^T, score mods and element mask; dP = dO
+//   V^T;
+//      the normalizer's backward per row (P, the weights that multiply V, and dS); through the
+//      softcap, dT = dS (1 - (S / c)^2).
+//   3. Pass A, one task per (batch, kv head, key tile): for each query head of the group and each
+//      query tile that visits the key tile (the BlockMask transposed): dV += P^T dO,
+//      dK' += dT^T Q' (dk; dw per query head), column sums of dT (forget gate).
+//   4. Pass B, one task per (batch, query head, query tile), or per query tile of the heads and
+//      batch elements that share a broadcast bias slice: dQ' += dT K' (dq; du), and what a row
+//      owns: dBias, the row sums of dT (forget gate) and partial sums of dslopes, dtable and dbeta
+//      per (batch, head, query tile), reduced in a fixed order at the end.
 // No atomics and a fixed order inside every task: gradients are bit-identical for any thread
 // count (the `deterministic` option costs nothing here). Recomputing S and dP in both passes
 // makes 7 tile GEMMs per visited tile pair against the 5 of a single pass with atomics.
@@ -26,7 +39,10 @@
 #include <hwy/contrib/math/math-inl.h>
 // clang-format on
 
+#include "attnkit/variant/normalizers.h"
+#include "core/score_tables.h"
 #include "cpu/backward.h"
+#include "cpu/forward.h"
 #include "cpu/parallel.h"
 #include "cpu/tile_common.h"
 #include "cpu/tile_ops-inl.h"
@@ -41,19 +57,35 @@ struct Visit {
   int64_t entry;
 };
 
+// Slots of the per-(batch, head, query tile) partial sums.
+constexpr int64_t kPartSlopes = 0, kPartBeta = 1, kPartTable = 2;
+
 struct BwdCall {
   const core::Problem* p = nullptr;
   const core::GradOperands* g = nullptr;
+  const AttentionGrads* grads = nullptr;
   core::BlockMaskSet masks;
   std::vector<std::vector<std::vector<Visit>>> by_key;  // [mask][key tile] -> visits
-  std::vector<float> D;                                 // [b][hq][max_nq]
-  int64_t d_pad = 0, dv_pad = 0, max_k_tiles = 0, unit_floats = 0;
-  int64_t kt_floats = 0, vt_floats = 0, kr_floats = 0;
+  std::vector<core::ScoreTables<float>> tables;         // per batch element (score mods)
+  std::vector<float> beta;                              // sigmoid's beta per batch element
+  bool lowrank = false;
+  int64_t d_eff = 0, d_pad = 0, dv_pad = 0, units_per_batch = 0, max_k_tiles = 0, q_tiles = 0;
+  int64_t unit_floats = 0, kt_floats = 0, vt_floats = 0, kr_floats = 0;
   float* packed = nullptr;
-  int64_t unit_begin = 0;  // packed units: (b, hk) from unit_begin on
+  int64_t unit_begin = 0;  // packed units: from unit_begin on
   int threads = 1;
+  core::RowOperand dout;        // dO before the gate and ReLA (grad_out when there are none)
+  std::vector<float> dout_buf;  // its storage when it is not grad_out
+  std::vector<float> D;         // [b][hq][max_nq]
+  std::vector<double> part;     // [b][hq][q tile][part_width]: dslopes, dbeta, dtable...
+  int64_t part_width = 0;
+  std::vector<double> dc;  // forget gate, d c = d(prefix sums of log f): [b][hq][max_nk]
+  std::vector<std::vector<int64_t>> row_groups;  // pass B: (b * hq + h) sharing a dbias slice
 
   const core::BlockMask& mask(int64_t b) const { return masks.of(b); }
+  int64_t unit(int64_t b, int64_t h) const {
+    return b * units_per_batch + (lowrank ? h : h / p->group);
+  }
   float* k_t(int64_t unit, int64_t t) {
     return packed + (unit - unit_begin) * unit_floats + t * kt_floats;
   }
@@ -64,11 +96,40 @@ struct BwdCall {
     return packed + (unit - unit_begin) * unit_floats + max_k_tiles * (kt_floats + vt_floats) +
            t * kr_floats;
   }
-  float lse(int64_t b, int64_t h, int64_t i) const {
+  float stat(int64_t b, int64_t h, int64_t i) const {
     return p->row_stat.at(b, h, p->seqs[b].q_start + i);
   }
   float d_row(int64_t b, int64_t h, int64_t i) const { return D[(b * p->hq + h) * p->max_nq + i]; }
+  double* part_of(int64_t b, int64_t h, int64_t t) {
+    return part.empty() ? nullptr : &part[((b * p->hq + h) * q_tiles + t) * part_width];
+  }
 };
+
+// An fp32 [B, Hq, N, dim] buffer addressed like out (under varlen, [total_q, Hq, dim]).
+inline core::RowOperand scratch_rows(const core::Problem& p, int64_t dim, std::vector<float>& buf) {
+  int64_t rows = p.max_nq, batches = p.batch;
+  if (p.varlen) {
+    rows = 0;
+    for (const core::Sequence& s : p.seqs) rows = std::max(rows, s.q_start + s.nq);
+    batches = 1;
+  }
+  buf.assign(batches * p.hq * rows * dim, 0.f);
+  core::RowOperand r;
+  r.data = reinterpret_cast<char*>(buf.data());
+  r.dtype = DType::kF32;
+  r.sb = p.varlen ? 0 : p.hq * rows * dim;
+  r.sh = rows * dim;
+  r.sn = dim;
+  return r;
+}
+
+// Element `off` of a gradient tensor (fp32 or fp64): += v.
+inline void add_at(const TensorView& t, int64_t off, double v) {
+  if (t.dtype == DType::kF32)
+    static_cast<float*>(t.data)[off] += static_cast<float>(v);
+  else
+    static_cast<double*>(t.data)[off] += v;
+}
 
 }  // namespace attnkit::cpu
 #endif  // ATTNKIT_CPU_BACKWARD_CALL
@@ -88,10 +149,11 @@ struct BwdScratch {
         acc1(hwy::AllocateAligned<float>(kTile * std::max(c.d_pad, c.dv_pad))) {}
 };
 
-// Step 1: the packed tiles of key tile t of unit (b, hk).
+// Step 1: the packed tiles of key tile t of a unit.
 void pack_tile(BwdCall& c, int64_t unit, int64_t t) {
   const core::Problem& p = *c.p;
-  const int64_t b = unit / p.hk, hk = unit % p.hk;
+  const int64_t b = unit / c.units_per_batch, u = unit % c.units_per_batch;
+  const int64_t hk = c.lowrank ? u / p.group : u;
   const core::BlockMask& bm = c.mask(b);
   if (t >= bm.k.num_tiles()) return;
   const TileTokens kt = bm.k.tile(t);
@@ -99,82 +161,219 @@ void pack_tile(BwdCall& c, int64_t unit, int64_t t) {
   std::fill(kT, kT + c.kt_floats, 0.f);
   std::fill(vT, vT + c.vt_floats, 0.f);
   std::fill(kr, kr + c.kr_floats, 0.f);
-  std::vector<float> row(std::max(p.d, p.dv));
+  std::vector<float> row(p.dv);
+  const TensorView& w = p.spec->mods.low_rank_w;
   for (int64_t x = 0; x < kt.count; ++x) {
-    const int64_t j = p.seqs[b].k_start + kt.at(x);
-    load_row(p.k.row(b, hk, j), p.k.dtype, p.d, 1.f, kr + x * c.d_pad);
-    for (int64_t e = 0; e < p.d; ++e) kT[e * kTile + x] = kr[x * c.d_pad + e];
-    load_row(p.v.row(b, hk, j), p.v.dtype, p.dv, 1.f, row.data());
+    const int64_t j = kt.at(x), jr = p.seqs[b].k_start + j;
+    float* k = kr + x * c.d_pad;
+    load_row(p.k.row(b, hk, jr), p.k.dtype, p.d, 1.f, k);
+    for (int64_t e = p.d; e < c.d_eff; ++e)
+      k[e] = static_cast<const float*>(w.data)[b * w.strides[0] + u * w.strides[1] +
+                                               j * w.strides[2] + (e - p.d) * w.strides[3]];
+    for (int64_t e = 0; e < c.d_eff; ++e) kT[e * kTile + x] = k[e];
+    load_row(p.v.row(b, hk, jr), p.v.dtype, p.dv, 1.f, row.data());
     for (int64_t e = 0; e < p.dv; ++e) vT[e * kTile + x] = row[e];
   }
 }
 
-// Q' (scaled) and dO of a query tile, zero-padded to d_pad / dv_pad columns and 64 rows.
+// Q' = [scale q, u] and dO of a query tile, zero-padded to d'_pad / dv_pad columns and 64 rows.
 void pack_rows(const BwdCall& c, BwdScratch& w, int64_t b, int64_t h, const TileTokens& qt) {
   const core::Problem& p = *c.p;
+  const TensorView& u = p.spec->mods.low_rank_u;
   std::fill(w.q.get(), w.q.get() + kTile * c.d_pad, 0.f);
   std::fill(w.dout.get(), w.dout.get() + kTile * c.dv_pad, 0.f);
   for (int64_t r = 0; r < qt.count; ++r) {
-    const int64_t row = p.seqs[b].q_start + qt.at(r);
-    load_row(p.q.row(b, h, row), p.q.dtype, p.d, p.scale, w.q.get() + r * c.d_pad);
-    load_row(c.g->grad_out.row(b, h, row), c.g->grad_out.dtype, p.dv, 1.f,
-             w.dout.get() + r * c.dv_pad);
+    const int64_t i = qt.at(r), row = p.seqs[b].q_start + i;
+    float* q = w.q.get() + r * c.d_pad;
+    load_row(p.q.row(b, h, row), p.q.dtype, p.d, p.scale, q);
+    for (int64_t e = p.d; e < c.d_eff; ++e)
+      q[e] = static_cast<const float*>(u.data)[b * u.strides[0] + h * u.strides[1] +
+                                               i * u.strides[2] + (e - p.d) * u.strides[3]];
+    load_row(c.dout.row(b, h, row), c.dout.dtype, p.dv, 1.f, w.dout.get() + r * c.dv_pad);
   }
 }
 
-// S, P = exp(S - LSE) into w.s, then dP = dO V^T and dS = P (dP - D) into w.dp.
-void tile_grads(BwdCall& c, BwdScratch& w, int64_t b, int64_t h, const TileTokens& qt,
-                const TileTokens& kt, const core::BlockEntry& ent, int64_t unit) {
-  const core::Problem& p = *c.p;
-  const core::BlockMask& bm = c.mask(b);
-  const int64_t rows = qt.count;
+// The normalizer's backward on one row of a tile, in place: S (after score mods; -inf where
+// masked) -> P, the weights that multiply V; dP -> dT, the gradient of the score before the
+// softcap. Adds sum_j dS_j to *dbeta when given (sigmoid).
+template <NormalizerKind kNorm>
+void row_grads(const BwdCall& c, float* HWY_RESTRICT sr, float* HWY_RESTRICT dr, int64_t b,
+               int64_t h, int64_t i, float softcap, double* dbeta) {
+  const Normalizer& norm = c.p->spec->normalizer;
   const DF d;
   const size_t N = hn::Lanes(d);
+  const VF zero = hn::Zero(d), one = hn::Set(d, 1.f), ninf = hn::Set(d, kNegInf);
+  float lse = 0.f, inv_l = 0.f, ls = 1.f;
+  if constexpr (is_softmax_family(kNorm)) {
+    lse = c.stat(b, h, i);
+    if (lse == kNegInf)
+      inv_l = 0.f;  // a row with no allowed key: no gradient
+    else
+      inv_l = 1.f;
+  } else if constexpr (kNorm == NormalizerKind::kKernel) {
+    const float l = c.stat(b, h, i);
+    inv_l = l > 0.f ? 1.f / l : 0.f;
+    if (norm.length_scale) ls = length_scale<float>(c.mask(b).allowed_keys[i]);
+  } else {
+    inv_l = 1.f;
+  }
+  if (inv_l == 0.f) {
+    std::fill(sr, sr + kTile, 0.f);
+    std::fill(dr, dr + kTile, 0.f);
+    return;
+  }
+  const VF vD = hn::Set(
+      d, is_softmax_family(kNorm) || kNorm == NormalizerKind::kKernel ? c.d_row(b, h, i) : 0.f);
+  const VF vcap = hn::Set(d, softcap), vinv_cap = hn::Set(d, softcap != 0.f ? 1.f / softcap : 0.f);
+  VF dsum = zero;
+  for (size_t x = 0; x < kTile; x += N) {
+    const VF s = hn::LoadU(d, sr + x), dp = hn::LoadU(d, dr + x);
+    VF pv, ds;
+    if constexpr (is_softmax_family(kNorm)) {
+      pv = hn::Exp(d, hn::Sub(s, hn::Set(d, lse)));
+      ds = hn::Mul(pv, hn::Sub(dp, vD));
+    } else if constexpr (kNorm == NormalizerKind::kSigmoid) {
+      const VF z = hn::Add(s, hn::Set(d, c.beta[b]));
+      const VF ez = hn::Exp(d, hn::Neg(hn::Abs(z)));  // exp(-|z|) in [0, 1]
+      pv = hn::Div(hn::IfThenElse(hn::Ge(z, zero), one, ez), hn::Add(one, ez));
+      pv = hn::IfThenElseZero(hn::Gt(s, ninf), pv);
+      ds = hn::Mul(dp, hn::Mul(pv, hn::Sub(one, pv)));
+      dsum = hn::Add(dsum, ds);
+    } else if constexpr (kNorm == NormalizerKind::kKernel) {
+      const auto live = hn::Gt(s, ninf);
+      const VF sp = hn::IfThenElseZero(live, hn::Mul(s, hn::Set(d, ls)));  // s' = s ls
+      VF f, df;
+      if (norm.feature == KernelFeature::kSoftplus) {
+        const VF ez = hn::Exp(d, hn::Neg(hn::Abs(sp)));
+        f = hn::Add(hn::Max(sp, zero), hn::Log1p(d, ez));
+        df = hn::Div(hn::IfThenElse(hn::Ge(sp, zero), one, ez), hn::Add(one, ez));
+      } else {
+        f = hn::Max(sp, zero);
+        df = one;
+      }
+      const auto pos = hn::And(live, hn::Gt(f, zero));
+      VF fp, fpm1;  // f^p and f^(p - 1)
+      if (norm.power == 1.f) {
+        fp = f;
+        fpm1 = one;
+      } else if (norm.power == 2.f) {
+        fp = hn::Mul(f, f);
+        fpm1 = f;
+      } else {
+        const VF lg = hn::Log(d, hn::IfThenElse(pos, f, one));
+        fp = hn::Exp(d, hn::Mul(hn::Set(d, norm.power), lg));
+        fpm1 = hn::Exp(d, hn::Mul(hn::Set(d, norm.power - 1.f), lg));
+      }
+      const VF vinv = hn::Set(d, inv_l);
+      pv = hn::IfThenElseZero(pos, hn::Mul(fp, vinv));
+      ds = hn::Mul(hn::Mul(hn::Sub(dp, vD), vinv),
+                   hn::Mul(hn::Mul(hn::Set(d, norm.power * ls), fpm1), df));
+      ds = hn::IfThenElseZero(pos, ds);
+    } else {  // ReLA
+      pv = hn::Max(s, zero);
+      ds = hn::IfThenElseZero(hn::Gt(s, zero), dp);
+    }
+    if (softcap != 0.f) {  // S = c tanh(T / c): dT = dS (1 - (S / c)^2); masked S clamp to 0
+      const VF t = hn::Mul(hn::Min(hn::Max(s, hn::Neg(vcap)), vcap), vinv_cap);
+      ds = hn::Mul(ds, hn::NegMulAdd(t, t, one));
+    }
+    hn::StoreU(pv, d, sr + x);
+    hn::StoreU(ds, d, dr + x);
+  }
+  if (dbeta) *dbeta += hn::GetLane(hn::SumOfLanes(d, dsum));
+}
+
+// Step 2 for one tile pair: P into w.s, dT into w.dp.
+template <NormalizerKind kNorm, bool kMods>
+void tile_grads(BwdCall& c, BwdScratch& w, int64_t b, int64_t h, const TileTokens& qt,
+                const TileTokens& kt, const core::BlockEntry& ent, int64_t unit,
+                const ScoreModEval<float>& mods, double* dbeta) {
+  const core::Problem& p = *c.p;
   float *S = w.s.get(), *dP = w.dp.get();
-  gemm(w.q.get(), c.d_pad, c.k_t(unit, ent.k_tile), kTile, p.d, S, kTile, rows, kTile, nullptr,
-       false);
-  score_tile<false>(S, ScoreModEval<float>{}, 0, qt, kt, bm, ent, nullptr, nullptr);
-  gemm(w.dout.get(), c.dv_pad, c.v_t(unit, ent.k_tile), kTile, p.dv, dP, kTile, rows, kTile,
+  gemm(w.q.get(), c.d_pad, c.k_t(unit, ent.k_tile), kTile, c.d_eff, S, kTile, qt.count, kTile,
        nullptr, false);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = qt.at(r);
-    const float lse = c.lse(b, h, i);
-    float *sr = S + r * kTile, *dr = dP + r * kTile;
-    if (lse == kNegInf) {  // a row with no allowed key: no gradient
-      std::fill(sr, sr + kTile, 0.f);
-      std::fill(dr, dr + kTile, 0.f);
-      continue;
+  score_tile<kMods>(S, mods, p.seqs[b].offset, qt, kt, c.mask(b), ent, nullptr, nullptr);
+  gemm(w.dout.get(), c.dv_pad, c.v_t(unit, ent.k_tile), kTile, p.dv, dP, kTile, qt.count, kTile,
+       nullptr, false);
+  for (int64_t r = 0; r < qt.count; ++r)
+    row_grads<kNorm>(c, S + r * kTile, dP + r * kTile, b, h, qt.at(r), mods.softcap, dbeta);
+}
+
+// Pass B's extras of one tile pair from dT (w.dp): dBias, the forget gate's row sums, and the
+// partial sums of dslopes and dtable.
+void row_extras(BwdCall& c, const float* dT, int64_t b, int64_t h, const TileTokens& qt,
+                const TileTokens& kt, const ScoreModEval<float>& mods, double* part) {
+  const core::Problem& p = *c.p;
+  const AttentionGrads& g = *c.grads;
+  const int64_t offset = p.seqs[b].offset;
+  const TensorView& db = g.dbias;
+  const int64_t db_base = db.defined() ? (db.shape[0] == 1 ? 0 : b) * db.strides[0] +
+                                             (db.shape[1] == 1 ? 0 : h) * db.strides[1]
+                                       : 0;
+  const bool slopes = g.dalibi_slopes.defined(), table = g.drelative_table.defined();
+  for (int64_t r = 0; r < qt.count; ++r) {
+    const int64_t i = qt.at(r), ia = i + offset;
+    const float* row = dT + r * kTile;
+    double sum = 0;
+    for (int64_t x = 0; x < kt.count; ++x) {
+      const double v = row[x];
+      if (v == 0) continue;
+      const int64_t j = kt.at(x);
+      if (db.defined()) add_at(db, db_base + i * db.strides[2] + j * db.strides[3], v);
+      if (slopes)
+        part[kPartSlopes] -=
+            v * static_cast<double>(mods.alibi == AlibiMode::kCausal ? ia - j
+                                                                     : (ia > j ? ia - j : j - ia));
+      if (table) part[kPartTable + mods.bucket_of[j - ia + mods.bucket_origin]] += v;
+      sum += v;
     }
-    const VF vl = hn::Set(d, lse), vd = hn::Set(d, c.d_row(b, h, i));
-    for (size_t x = 0; x < kTile; x += N) {
-      const VF pv = hn::Exp(d, hn::Sub(hn::LoadU(d, sr + x), vl));
-      hn::StoreU(pv, d, sr + x);
-      hn::StoreU(hn::Mul(pv, hn::Sub(hn::LoadU(d, dr + x), vd)), d, dr + x);
-    }
+    if (!c.dc.empty()) c.dc[(b * p.hq + h) * p.max_nk + ia] += sum;
   }
 }
 
-// Step 2: dK and dV of key tile u of unit (b, hk).
-void key_tile(BwdCall& c, BwdScratch& w, int64_t unit, int64_t u) {
+// Step 3 (pass A): dK and dV of key tile u of (b, hk); dw and the forget gate's column sums.
+template <NormalizerKind kNorm, bool kMods>
+void key_tile(BwdCall& c, BwdScratch& w, int64_t b, int64_t hk, int64_t u) {
   const core::Problem& p = *c.p;
-  const int64_t b = unit / p.hk, hk = unit % p.hk;
   const core::BlockMask& bm = c.mask(b);
   if (u >= bm.k.num_tiles()) return;
   const TileTokens kt = bm.k.tile(u);
+  const TensorView& dw = c.grads->dlow_rank_w;
   float *dK = w.acc0.get(), *dV = w.acc1.get();
   std::fill(dK, dK + kTile * c.d_pad, 0.f);
   std::fill(dV, dV + kTile * c.dv_pad, 0.f);
   for (int64_t g = 0; g < p.group; ++g) {
-    const int64_t h = hk * p.group + g;
+    const int64_t h = hk * p.group + g, unit = c.unit(b, h);
+    ScoreModEval<float> mods;
+    if constexpr (kMods) mods = core::resolve_score_mods(p, c.tables[b], b, h, false);
     for (const Visit& vis : c.by_key[c.masks.mask_of_batch[b]][u]) {
       const TileTokens qt = bm.q.tile(vis.q_tile);
       pack_rows(c, w, b, h, qt);
-      tile_grads(c, w, b, h, qt, kt, bm.entries[vis.entry], unit);
-      // dV += P^T dO, dK += dS^T Q' (Q' carries the scale).
+      tile_grads<kNorm, kMods>(c, w, b, h, qt, kt, bm.entries[vis.entry], unit, mods, nullptr);
+      // dV += P^T dO, dK' += dT^T Q' (Q' carries the scale).
       gemm<true>(w.s.get(), kTile, w.dout.get(), c.dv_pad, qt.count, dV, c.dv_pad, kt.count,
                  c.dv_pad, nullptr, true);
       gemm<true>(w.dp.get(), kTile, w.q.get(), c.d_pad, qt.count, dK, c.d_pad, kt.count, c.d_pad,
                  nullptr, true);
+      if (!c.dc.empty()) {  // t = ... + c[i'] - c[j]: the key side
+        for (int64_t x = 0; x < kt.count; ++x) {
+          double sum = 0;
+          for (int64_t r = 0; r < qt.count; ++r) sum += w.dp[r * kTile + x];
+          c.dc[(b * p.hq + h) * p.max_nk + kt.at(x)] -= sum;
+        }
+      }
+    }
+    if (c.lowrank) {  // dK' columns d.. are this query head's dw
+      for (int64_t x = 0; x < kt.count; ++x) {
+        float* dkx = dK + x * c.d_pad;
+        if (dw.defined())
+          for (int64_t e = p.d; e < c.d_eff; ++e)
+            core::store_from_double(dw.data, dw.dtype,
+                                    b * dw.strides[0] + h * dw.strides[1] +
+                                        kt.at(x) * dw.strides[2] + (e - p.d) * dw.strides[3],
+                                    dkx[e]);
+        std::fill(dkx + p.d, dkx + c.d_eff, 0.f);
+      }
     }
   }
   for (int64_t x = 0; x < kt.count; ++x) {
@@ -184,39 +383,118 @@ void key_tile(BwdCall& c, BwdScratch& w, int64_t unit, int64_t u) {
   }
 }
 
-// Step 3: dQ of query tile t of (b, h).
+// Step 4 (pass B): dQ (and du) of query tile t of (b, h), and the row-owned extras.
+template <NormalizerKind kNorm, bool kMods>
 void query_tile(BwdCall& c, BwdScratch& w, int64_t b, int64_t h, int64_t t) {
   const core::Problem& p = *c.p;
+  const AttentionGrads& g = *c.grads;
   const core::BlockMask& bm = c.mask(b);
   if (t >= bm.q.num_tiles()) return;
   const TileTokens qt = bm.q.tile(t);
-  const int64_t unit = b * p.hk + h / p.group;
+  const int64_t unit = c.unit(b, h);
+  ScoreModEval<float> mods;
+  if constexpr (kMods) mods = core::resolve_score_mods(p, c.tables[b], b, h, false);
+  double* part = c.part_of(b, h, t);
+  double* dbeta = kNorm == NormalizerKind::kSigmoid && part ? part + kPartBeta : nullptr;
+  const bool extras = g.dbias.defined() || g.dalibi_slopes.defined() ||
+                      g.drelative_table.defined() || !c.dc.empty();
   float* dQ = w.acc0.get();
   std::fill(dQ, dQ + kTile * c.d_pad, 0.f);
   pack_rows(c, w, b, h, qt);
   for (int64_t e = bm.row_begin[t]; e < bm.row_begin[t + 1]; ++e) {
     const core::BlockEntry& ent = bm.entries[e];
     const TileTokens kt = bm.k.tile(ent.k_tile);
-    tile_grads(c, w, b, h, qt, kt, ent, unit);
+    tile_grads<kNorm, kMods>(c, w, b, h, qt, kt, ent, unit, mods, dbeta);
     gemm(w.dp.get(), kTile, c.k_rows(unit, ent.k_tile), c.d_pad, kt.count, dQ, c.d_pad, qt.count,
          c.d_pad, nullptr, true);
+    if (extras) row_extras(c, w.dp.get(), b, h, qt, kt, mods, part);
   }
+  const TensorView& du = g.dlow_rank_u;
   for (int64_t r = 0; r < qt.count; ++r) {
+    const int64_t i = qt.at(r);
     float* dq = dQ + r * c.d_pad;
+    if (du.defined())
+      for (int64_t e = p.d; e < c.d_eff; ++e)
+        core::store_from_double(
+            du.data, du.dtype,
+            b * du.strides[0] + h * du.strides[1] + i * du.strides[2] + (e - p.d) * du.strides[3],
+            dq[e]);
     for (int64_t e = 0; e < p.d; ++e) dq[e] *= p.scale;
-    store_row(dq, p.d, c.g->dq.dtype, c.g->dq.row(b, h, p.seqs[b].q_start + qt.at(r)));
+    store_row(dq, p.d, c.g->dq.dtype, c.g->dq.row(b, h, p.seqs[b].q_start + i));
+  }
+}
+
+// Step 0: dO through the gate and ReLA, D, dG and the partial dgain of (b, h).
+void epilogue_rows(BwdCall& c, int64_t b, int64_t h, const core::RowOperand& raw_o, double* dgain) {
+  const core::Problem& p = *c.p;
+  const AttentionSpec& spec = *p.spec;
+  const Normalizer& norm = spec.normalizer;
+  const core::RowOperand& dg = c.g->dgate;
+  const int64_t dv = p.dv;
+  std::vector<float> o(dv), go(dv), gate(dv), dgv(dv), raw(dv);
+  for (int64_t i = 0; i < p.seqs[b].nq; ++i) {
+    const int64_t row = p.seqs[b].q_start + i;
+    load_row(p.out.row(b, h, row), p.out.dtype, dv, 1.f, o.data());
+    load_row(c.g->grad_out.row(b, h, row), c.g->grad_out.dtype, dv, 1.f, go.data());
+    double acc = 0;
+    for (int64_t e = 0; e < dv; ++e) acc += static_cast<double>(o[e]) * go[e];
+    c.D[(b * p.hq + h) * p.max_nq + i] = static_cast<float>(acc);
+    // out = sigmoid(G) O1: dG = dO O1 sigmoid'(G) = dO out (1 - sigmoid(G)); dO1 = dO sigmoid(G).
+    if (spec.gate_kind == GateKind::kElementwise) {
+      load_row(p.gate.row(b, h, row), p.gate.dtype, dv, 1.f, gate.data());
+      for (int64_t e = 0; e < dv; ++e) {
+        const float sg = sigmoid(gate[e]);
+        dgv[e] = go[e] * o[e] * (1.f - sg);
+        go[e] *= sg;
+      }
+      if (dg.defined()) store_row(dgv.data(), dv, dg.dtype, dg.row(b, h, row));
+    } else if (spec.gate_kind == GateKind::kPerHead) {
+      const float sg = sigmoid(p.gate_head.at(b, h, row));
+      double dot = 0;
+      for (int64_t e = 0; e < dv; ++e) {
+        dot += static_cast<double>(go[e]) * o[e];
+        go[e] *= sg;
+      }
+      if (dg.defined()) core::store_from_double(dg.row(b, h, row), dg.dtype, 0, dot * (1 - sg));
+    }
+    // O1 = gain O / r, r = sqrt(mean(O^2) + eps):
+    // dO = gain dO1 / r - O (sum_k gain_k dO1_k O_k) / (dv r^3); dgain += dO1 O / r.
+    if (norm.kind == NormalizerKind::kReLA) {
+      load_row(raw_o.row(b, h, row), DType::kF32, dv, 1.f, raw.data());
+      double ms = 0, dot = 0;
+      for (int64_t e = 0; e < dv; ++e) ms += static_cast<double>(raw[e]) * raw[e];
+      const double r = std::sqrt(ms / dv + norm.rela_eps);
+      const float* gain = static_cast<const float*>(norm.rela_gain.data);
+      const int64_t gs = norm.rela_gain.strides[0];
+      for (int64_t e = 0; e < dv; ++e) {
+        dot += static_cast<double>(gain[e * gs]) * go[e] * raw[e];
+        if (dgain) dgain[e] += static_cast<double>(go[e]) * raw[e] / r;
+      }
+      const double k = dot / (dv * r * r * r);
+      for (int64_t e = 0; e < dv; ++e)
+        go[e] = static_cast<float>(gain[e * gs] * go[e] / r - raw[e] * k);
+    }
+    if (!c.dout_buf.empty()) store_row(go.data(), dv, DType::kF32, c.dout.row(b, h, row));
   }
 }
 
 Status BackwardImpl(const core::Problem& p, const core::GradOperands& g,
                     const AttentionGrads& grads) {
+  const AttentionSpec& spec = *p.spec;
+  const Normalizer& norm = spec.normalizer;
   BwdCall c;
   c.p = &p;
   c.g = &g;
+  c.grads = &grads;
   c.threads = resolve_threads(p.num_threads);
-  c.d_pad = static_cast<int64_t>(vec_pad(p.d));
+  c.lowrank = spec.mods.low_rank_u.defined();
+  c.d_eff = p.d + (c.lowrank ? spec.mods.low_rank_u.shape[3] : 0);
+  c.d_pad = static_cast<int64_t>(vec_pad(c.d_eff));
   c.dv_pad = static_cast<int64_t>(vec_pad(p.dv));
-  c.masks = core::build_block_masks(p, false, c.threads);
+  c.units_per_batch = c.lowrank ? p.hq : p.hk;
+  const bool mods = spec.mods.per_element();
+  const bool count_rows = norm.kind == NormalizerKind::kKernel && norm.length_scale;
+  c.masks = core::build_block_masks(p, count_rows, c.threads);
   for (const core::BlockMask& bm : c.masks.masks) {
     std::vector<std::vector<Visit>> keys(bm.k.num_tiles());
     for (int64_t t = 0; t < bm.q.num_tiles(); ++t)
@@ -224,64 +502,157 @@ Status BackwardImpl(const core::Problem& p, const core::GradOperands& g,
         keys[bm.entries[e].k_tile].push_back({static_cast<int32_t>(t), e});
     c.by_key.push_back(std::move(keys));
     c.max_k_tiles = std::max(c.max_k_tiles, bm.k.num_tiles());
+    c.q_tiles = std::max(c.q_tiles, bm.q.num_tiles());
   }
-  // Step 0: D = rowsum(dO * O); dsinks.
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (mods) c.tables.push_back(core::build_score_tables<float>(p, b, false));
+    c.beta.push_back(norm.beta ? *norm.beta : -std::log(static_cast<float>(p.seqs[b].nk)));
+  }
+
+  // Step 0. ReLA needs O itself: the forward pass recomputes it without the RMS and the gate.
+  std::vector<float> raw_buf;
+  core::RowOperand raw_o;
+  if (norm.kind == NormalizerKind::kReLA) {
+    core::Problem fp = p;
+    raw_o = scratch_rows(p, p.dv, raw_buf);
+    fp.out = raw_o;
+    fp.row_stat = {};
+    fp.row_max = {};
+    fp.entropy = {};
+    fp.col_mass = {};
+    fp.raw_output = true;
+    const Status st = forward(fp);
+    if (!st.ok()) return st;
+  }
+  c.dout = g.grad_out;
+  if (spec.gate_kind != GateKind::kNone || norm.kind == NormalizerKind::kReLA)
+    c.dout = scratch_rows(p, p.dv, c.dout_buf);
   c.D.assign(p.batch * p.hq * p.max_nq, 0.f);
+  std::vector<double> dgain;
+  if (grads.drela_gain.defined()) dgain.assign(p.batch * p.hq * p.dv, 0.0);
   parallel_for(p.batch * p.hq, c.threads, [&](int64_t task, int) {
-    const int64_t b = task / p.hq, h = task % p.hq;
-    std::vector<float> o(p.dv), go(p.dv);
-    for (int64_t i = 0; i < p.seqs[b].nq; ++i) {
-      const int64_t row = p.seqs[b].q_start + i;
-      load_row(p.out.row(b, h, row), p.out.dtype, p.dv, 1.f, o.data());
-      load_row(g.grad_out.row(b, h, row), g.grad_out.dtype, p.dv, 1.f, go.data());
-      double acc = 0;
-      for (int64_t e = 0; e < p.dv; ++e) acc += static_cast<double>(o[e]) * go[e];
-      c.D[(b * p.hq + h) * p.max_nq + i] = static_cast<float>(acc);
-    }
+    epilogue_rows(c, task / p.hq, task % p.hq, raw_o,
+                  dgain.empty() ? nullptr : &dgain[task * p.dv]);
   });
   if (grads.dsinks.defined()) {
-    const Normalizer& n = p.spec->normalizer;
     for (int64_t h = 0; h < p.hq; ++h) {
-      const double sink = static_cast<const float*>(n.sinks.data)[h * n.sinks.strides[0]];
+      const double sink = static_cast<const float*>(norm.sinks.data)[h * norm.sinks.strides[0]];
       double acc = 0;
       for (int64_t b = 0; b < p.batch; ++b)
         for (int64_t i = 0; i < p.seqs[b].nq; ++i) {
-          const double lse = c.lse(b, h, i);
+          const double lse = c.stat(b, h, i);
           if (std::isfinite(lse)) acc -= std::exp(sink - lse) * c.d_row(b, h, i);
         }
       core::store_from_double(grads.dsinks.data, grads.dsinks.dtype, h * grads.dsinks.strides[0],
                               acc);
     }
   }
-  c.kt_floats = p.d * kTile;
+  if (!dgain.empty())
+    for (int64_t e = 0; e < p.dv; ++e) {
+      double acc = 0;
+      for (int64_t bh = 0; bh < p.batch * p.hq; ++bh) acc += dgain[bh * p.dv + e];
+      core::store_from_double(grads.drela_gain.data, grads.drela_gain.dtype,
+                              e * grads.drela_gain.strides[0], acc);
+    }
+
+  // The extras' accumulators; dbias is summed into in place, so it starts at zero.
+  const TensorView& db = grads.dbias;
+  if (db.defined())
+    for (int64_t x0 = 0; x0 < db.shape[0]; ++x0)
+      for (int64_t x1 = 0; x1 < db.shape[1]; ++x1)
+        for (int64_t x2 = 0; x2 < db.shape[2]; ++x2)
+          for (int64_t x3 = 0; x3 < db.shape[3]; ++x3)
+            core::store_from_double(
+                db.data, db.dtype,
+                x0 * db.strides[0] + x1 * db.strides[1] + x2 * db.strides[2] + x3 * db.strides[3],
+                0.0);
+  const int64_t buckets = grads.drelative_table.defined() ? grads.drelative_table.shape[1] : 0;
+  if (grads.dalibi_slopes.defined() || grads.dbeta.defined() || buckets > 0) {
+    c.part_width = kPartTable + buckets;
+    c.part.assign(p.batch * p.hq * c.q_tiles * c.part_width, 0.0);
+  }
+  if (grads.dforget_log_f.defined()) c.dc.assign(p.batch * p.hq * p.max_nk, 0.0);
+  // Pass B's groups: the (b, h) that add into one dbias slice run in one task, in order.
+  {
+    const bool share_b = db.defined() && db.shape[0] == 1,
+               share_h = db.defined() && db.shape[1] == 1;
+    std::vector<std::vector<int64_t>> by_slice(p.batch * p.hq);
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.hq; ++h)
+        by_slice[(share_b ? 0 : b) * p.hq + (share_h ? 0 : h)].push_back(b * p.hq + h);
+    for (auto& s : by_slice)
+      if (!s.empty()) c.row_groups.push_back(std::move(s));
+  }
+
+  c.kt_floats = c.d_eff * kTile;
   c.vt_floats = p.dv * kTile;
   c.kr_floats = kTile * c.d_pad;
   c.unit_floats = c.max_k_tiles * (c.kt_floats + c.vt_floats + c.kr_floats);
   std::vector<std::unique_ptr<BwdScratch>> scratch;
   for (int i = 0; i < c.threads; ++i) scratch.push_back(std::make_unique<BwdScratch>(c));
 
-  const int64_t batch_bytes = p.hk * c.unit_floats * int64_t{sizeof(float)};
-  const int64_t per_chunk =
-      std::max<int64_t>(1, kPackBudgetBytes / std::max<int64_t>(1, batch_bytes));
-  c.packed = thread_workspace(1, std::min(per_chunk, p.batch) * p.hk * c.unit_floats);
-  if (!c.packed) return Status(StatusCode::kInternal, "cpu backward: out of memory for packed K/V");
-  int64_t q_tiles = 0;
-  for (const core::BlockMask& bm : c.masks.masks) q_tiles = std::max(q_tiles, bm.q.num_tiles());
-  for (int64_t b0 = 0; b0 < p.batch; b0 += per_chunk) {
-    const int64_t b1 = std::min(p.batch, b0 + per_chunk);
-    c.unit_begin = b0 * p.hk;
-    const int64_t units = (b1 - b0) * p.hk;
-    parallel_for(units * c.max_k_tiles, c.threads, [&](int64_t task, int) {
-      pack_tile(c, c.unit_begin + task / c.max_k_tiles, task % c.max_k_tiles);
-    });
-    parallel_for(units * c.max_k_tiles, c.threads, [&](int64_t task, int worker) {
-      key_tile(c, *scratch[worker], c.unit_begin + task / c.max_k_tiles, task % c.max_k_tiles);
-    });
-    parallel_for((b1 - b0) * p.hq * q_tiles, c.threads, [&](int64_t task, int worker) {
-      const int64_t t = task % q_tiles, h = (task / q_tiles) % p.hq;
-      query_tile(c, *scratch[worker], b0 + task / (q_tiles * p.hq), h, t);
-    });
+  const bool ok = for_each_packed_chunk(
+      p.batch, c.units_per_batch, c.unit_floats, 1, c.packed, c.unit_begin,
+      [&](int64_t b0, int64_t b1) {
+        const int64_t units = (b1 - b0) * c.units_per_batch;
+        parallel_for(units * c.max_k_tiles, c.threads, [&](int64_t task, int) {
+          pack_tile(c, c.unit_begin + task / c.max_k_tiles, task % c.max_k_tiles);
+        });
+        dispatch(norm.kind, mods, [&](auto kn, auto km) {
+          constexpr NormalizerKind kNorm = decltype(kn)::value;
+          constexpr bool kMods = decltype(km)::value;
+          const int64_t kv = (b1 - b0) * p.hk;
+          parallel_for(kv * c.max_k_tiles, c.threads, [&](int64_t task, int worker) {
+            const int64_t bh = task / c.max_k_tiles;
+            key_tile<kNorm, kMods>(c, *scratch[worker], b0 + bh / p.hk, bh % p.hk,
+                                   task % c.max_k_tiles);
+          });
+          parallel_for(static_cast<int64_t>(c.row_groups.size()) * c.q_tiles, c.threads,
+                       [&](int64_t task, int worker) {
+                         for (int64_t bh : c.row_groups[task / c.q_tiles]) {
+                           const int64_t b = bh / p.hq;
+                           if (b >= b0 && b < b1)
+                             query_tile<kNorm, kMods>(c, *scratch[worker], b, bh % p.hq,
+                                                      task % c.q_tiles);
+                         }
+                       });
+        });
+      });
+  if (!ok) return Status(StatusCode::kInternal, "cpu backward: out of memory for packed K/V");
+
+  // Reductions of the partial sums, in a fixed order.
+  auto part_sum = [&](int64_t h, int64_t slot) {
+    double acc = 0;
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t t = 0; t < c.q_tiles; ++t) acc += c.part_of(b, h, t)[slot];
+    return acc;
+  };
+  if (grads.dalibi_slopes.defined())
+    for (int64_t h = 0; h < p.hq; ++h)
+      core::store_from_double(grads.dalibi_slopes.data, grads.dalibi_slopes.dtype,
+                              h * grads.dalibi_slopes.strides[0], part_sum(h, kPartSlopes));
+  if (grads.dbeta.defined()) {
+    double acc = 0;
+    for (int64_t h = 0; h < p.hq; ++h) acc += part_sum(h, kPartBeta);
+    core::store_from_double(grads.dbeta.data, grads.dbeta.dtype, 0, acc);
   }
+  const TensorView& dt = grads.drelative_table;
+  for (int64_t h = 0; h < p.hq && buckets > 0; ++h)
+    for (int64_t x = 0; x < buckets; ++x)
+      core::store_from_double(dt.data, dt.dtype, h * dt.strides[0] + x * dt.strides[1],
+                              part_sum(h, kPartTable + x));
+  // Forget gate: d log f_m = sum_{n >= m} dc_n (c is a prefix sum over key positions).
+  const TensorView& df = grads.dforget_log_f;
+  if (df.defined())
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.hq; ++h) {
+        double acc = 0;
+        for (int64_t m = p.seqs[b].nk - 1; m >= 0; --m) {
+          acc += c.dc[(b * p.hq + h) * p.max_nk + m];
+          core::store_from_double(df.data, df.dtype,
+                                  b * df.strides[0] + h * df.strides[1] + m * df.strides[2], acc);
+        }
+      }
   return {};
 }
 
@@ -295,21 +666,13 @@ namespace attnkit::cpu {
 HWY_EXPORT(BackwardImpl);
 
 Status backward_supports(const core::Problem& p) {
-  const AttentionSpec& s = *p.spec;
-  if (!p.softmax_family())
-    return Status(StatusCode::kNotImplemented,
-                  std::string("cpu backward: normalizer ") + normalizer_name(s.normalizer.kind) +
-                      " is not implemented yet (softmax and sink are)");
-  if (s.mods.any())
-    return Status(StatusCode::kNotImplemented,
-                  "cpu backward: score mods (softcap, ALiBi, bias, low-rank bias, relative "
-                  "buckets, forget gate) are not implemented yet");
-  if (s.gate_kind != GateKind::kNone)
-    return Status(StatusCode::kNotImplemented,
-                  "cpu backward: the output gate is not implemented yet");
-  if (!p.row_stat.defined())
+  const NormalizerKind n = p.spec->normalizer.kind;
+  if ((p.softmax_family() || n == NormalizerKind::kKernel) && !p.row_stat.defined())
     return Status(StatusCode::kInvalidArgument,
-                  "row_stat is missing: the backward pass needs the forward's LSE");
+                  p.softmax_family()
+                      ? "row_stat is missing: the backward pass needs the forward's LSE"
+                      : "row_stat is missing: the backward pass needs the forward's row sum "
+                        "(normalized kernel)");
   return {};
 }
 

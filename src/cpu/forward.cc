@@ -264,6 +264,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
 
   // Epilogue.
   const TensorView& gain = norm.rela_gain;
+  const GateKind gate = p.raw_output ? GateKind::kNone : spec.gate_kind;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = qt.at(r), row = s.q_start + i;
     float* o = w.o.get() + r * c.dv_pad;
@@ -288,6 +289,10 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
       for (int64_t x = 0; x < p.dv; ++x) o[x] *= inv;
       stat = l;
     } else if constexpr (kNorm == NormalizerKind::kReLA) {
+      if (p.raw_output) {  // the backward's recompute wants O itself
+        store_row(o, p.dv, p.out.dtype, p.out.row(b, h, row));
+        continue;
+      }
       double ms = 0;
       for (int64_t x = 0; x < p.dv; ++x) ms += static_cast<double>(o[x]) * o[x];
       const float rms = static_cast<float>(std::sqrt(ms / p.dv + norm.rela_eps));
@@ -295,11 +300,11 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
         o[x] = static_cast<const float*>(gain.data)[x * gain.strides[0]] * o[x] / rms;
       stat = rms;
     }
-    if (spec.gate_kind == GateKind::kElementwise) {
+    if (gate == GateKind::kElementwise) {
       float g[kMaxHeadDim];
       load_row(p.gate.row(b, h, row), p.gate.dtype, p.dv, 1.f, g);
       for (int64_t x = 0; x < p.dv; ++x) o[x] *= sigmoid(g[x]);
-    } else if (spec.gate_kind == GateKind::kPerHead) {
+    } else if (gate == GateKind::kPerHead) {
       const float g = sigmoid(p.gate_head.at(b, h, row));
       for (int64_t x = 0; x < p.dv; ++x) o[x] *= g;
     }
@@ -352,10 +357,6 @@ void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<doubl
   }
 }
 
-constexpr bool is_softmax_family(NormalizerKind k) {
-  return k == NormalizerKind::kSoftmax || k == NormalizerKind::kSoftmaxSink;
-}
-
 // Runs the tasks of the batch elements whose K/V are packed: [batch_begin, batch_end).
 template <NormalizerKind kNorm, bool kMods>
 void run_packed(FwdCall& c, std::vector<std::unique_ptr<Scratch>>& scratch, int64_t batch_begin,
@@ -394,35 +395,6 @@ void run_packed(FwdCall& c, std::vector<std::unique_ptr<Scratch>>& scratch, int6
   }
 }
 
-// The one runtime-to-compile-time dispatch site of the CPU forward pass: normalizer x
-// (score mods present). The instantiation table is src/cpu/registry.cc.
-template <class F>
-void dispatch(NormalizerKind norm, bool mods, F&& f) {
-  auto with_mods = [&](auto kn) {
-    if (mods)
-      f(kn, std::true_type{});
-    else
-      f(kn, std::false_type{});
-  };
-  switch (norm) {
-    case NormalizerKind::kSoftmax:
-      with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSoftmax>{});
-      break;
-    case NormalizerKind::kSoftmaxSink:
-      with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSoftmaxSink>{});
-      break;
-    case NormalizerKind::kSigmoid:
-      with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kSigmoid>{});
-      break;
-    case NormalizerKind::kKernel:
-      with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kKernel>{});
-      break;
-    case NormalizerKind::kReLA:
-      with_mods(std::integral_constant<NormalizerKind, NormalizerKind::kReLA>{});
-      break;
-  }
-}
-
 Status ForwardImpl(const core::Problem& p) {
   const AttentionSpec& spec = *p.spec;
   FwdCall c;
@@ -435,9 +407,7 @@ Status ForwardImpl(const core::Problem& p) {
   const bool count_rows =
       spec.normalizer.kind == NormalizerKind::kKernel && spec.normalizer.length_scale;
   c.masks = core::build_block_masks(p, count_rows, c.threads);
-  const ScoreMods& m = spec.mods;
-  const bool mods = m.softcap != 0.f || m.alibi != AlibiMode::kOff || m.bias.defined() ||
-                    m.relative != RelativeBucketKind::kOff || m.forget_log_f.defined();
+  const bool mods = spec.mods.per_element();
   for (int64_t b = 0; b < p.batch; ++b) {
     if (mods) c.tables.push_back(core::build_score_tables<float>(p, b, false));
     c.beta.push_back(spec.normalizer.beta ? *spec.normalizer.beta
@@ -453,23 +423,18 @@ Status ForwardImpl(const core::Problem& p) {
   std::vector<std::unique_ptr<Scratch>> scratch;
   for (int i = 0; i < c.threads; ++i) scratch.push_back(std::make_unique<Scratch>(c));
 
-  // Whole batch elements at a time, as many as fit the packing budget (at least one).
-  const int64_t batch_bytes = c.units_per_batch * c.unit_floats * int64_t{sizeof(float)};
-  const int64_t per_chunk =
-      std::max<int64_t>(1, kPackBudgetBytes / std::max<int64_t>(1, batch_bytes));
-  c.packed = thread_workspace(0, std::min(per_chunk, p.batch) * c.units_per_batch * c.unit_floats);
-  if (!c.packed) return Status(StatusCode::kInternal, "cpu forward: out of memory for packed K/V");
-  for (int64_t b0 = 0; b0 < p.batch; b0 += per_chunk) {
-    const int64_t b1 = std::min(p.batch, b0 + per_chunk);
-    c.unit_begin = b0 * c.units_per_batch;
-    const int64_t units = (b1 - b0) * c.units_per_batch;
-    parallel_for(units * c.max_k_tiles, c.threads, [&](int64_t task, int) {
-      pack_kv(c, c.unit_begin + task / c.max_k_tiles, task % c.max_k_tiles);
-    });
-    dispatch(spec.normalizer.kind, mods, [&](auto kn, auto km) {
-      run_packed<decltype(kn)::value, decltype(km)::value>(c, scratch, b0, b1);
-    });
-  }
+  const bool ok = for_each_packed_chunk(
+      p.batch, c.units_per_batch, c.unit_floats, 0, c.packed, c.unit_begin,
+      [&](int64_t b0, int64_t b1) {
+        const int64_t units = (b1 - b0) * c.units_per_batch;
+        parallel_for(units * c.max_k_tiles, c.threads, [&](int64_t task, int) {
+          pack_kv(c, c.unit_begin + task / c.max_k_tiles, task % c.max_k_tiles);
+        });
+        dispatch(spec.normalizer.kind, mods, [&](auto kn, auto km) {
+          run_packed<decltype(kn)::value, decltype(km)::value>(c, scratch, b0, b1);
+        });
+      });
+  if (!ok) return Status(StatusCode::kInternal, "cpu forward: out of memory for packed K/V");
   return {};
 }
 

@@ -13,7 +13,7 @@ namespace {
 struct Mech {
   const char* name;
   const char* category;
-  bool cpu_backward;  // src/cpu/backward.cc: softmax family, every mask, no score mods or gate
+  bool cpu_backward;  // src/cpu/backward.cc (row_stats and col_mass: not differentiated)
 };
 constexpr Mech kTier1[] = {
     {"dense", "mask", true},
@@ -31,21 +31,21 @@ constexpr Mech kTier1[] = {
     {"or", "mask", true},
     {"not", "mask", true},
     {"scale", "score_mod", true},
-    {"softcap", "score_mod", false},
-    {"alibi", "score_mod", false},
-    {"bias", "score_mod", false},
-    {"low_rank_bias", "score_mod", false},
-    {"relative_buckets", "score_mod", false},
-    {"forget_gate", "score_mod", false},
+    {"softcap", "score_mod", true},
+    {"alibi", "score_mod", true},
+    {"bias", "score_mod", true},
+    {"low_rank_bias", "score_mod", true},
+    {"relative_buckets", "score_mod", true},
+    {"forget_gate", "score_mod", true},
     {"softmax", "normalizer", true},
     {"sink", "normalizer", true},
-    {"sigmoid", "normalizer", false},
-    {"kernel", "normalizer", false},
-    {"rela", "normalizer", false},
+    {"sigmoid", "normalizer", true},
+    {"kernel", "normalizer", true},
+    {"rela", "normalizer", true},
     {"lse", "epilogue", true},
-    {"gate", "epilogue", false},
-    {"row_stats", "epilogue", false},
-    {"col_mass", "epilogue", false},
+    {"gate", "epilogue", true},
+    {"row_stats", "epilogue", true},
+    {"col_mass", "epilogue", true},
     {"gqa", "layout", true},
     {"bnhd", "layout", true},
     {"varlen", "layout", true},
