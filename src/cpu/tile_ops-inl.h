@@ -8,6 +8,7 @@
 #define ATTNKIT_CPU_TILE_OPS_INL_H_
 #endif
 
+#include <hwy/contrib/math/math-inl.h>
 #include <hwy/highway.h>
 
 #include "attnkit/variant/score_mods.h"
@@ -129,7 +130,15 @@ void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const
     float* sr = S + r * kTile;
     if constexpr (kMods) {
       const int64_t i = qt.at(r);
-      for (int64_t x = 0; x < kt.count; ++x) sr[x] = mods.score(sr[x], i, i + offset, kt.at(x));
+      if (mods.has_additive())
+        for (int64_t x = 0; x < kt.count; ++x)
+          sr[x] = mods.additive(sr[x], i, i + offset, kt.at(x));
+      if (mods.softcap != 0.f) {  // c tanh(t / c), on vectors
+        const DF d;
+        const VF c = hn::Set(d, mods.softcap), inv = hn::Set(d, 1.f / mods.softcap);
+        for (size_t x = 0; x < kTile; x += hn::Lanes(d))
+          hn::StoreU(hn::Mul(c, hn::Tanh(d, hn::Mul(hn::LoadU(d, sr + x), inv))), d, sr + x);
+      }
     }
     if (prescale) {
       const float f = prescale[r];

@@ -94,6 +94,11 @@ struct ScoreModEval {
     const T th = std::tanh(t / softcap);
     return T(1) - th * th;
   }
+  // Whether any additive term is present (the fast paths skip the element loop otherwise).
+  ATTNKIT_HD bool has_additive() const {
+    return bias || u || alibi != AlibiMode::kOff || relative != RelativeBucketKind::kOff ||
+           forget_c;
+  }
   // Every additive term (bias, low-rank bias, ALiBi, relative buckets, forget gate).
   ATTNKIT_HD T additive(T s, int64_t i, int64_t ia, int64_t j) const {
     if (bias) s += load_float<T>(bias, bias_dtype, i * bias_si + j * bias_sj);
