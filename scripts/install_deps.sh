@@ -15,3 +15,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Python: the extension's build (nanobind) and its tests (NumPy, pytest), from PyPI, only what is
+# missing. PyTorch and transformers are not installed here (gigabytes): their tests skip.
+if command -v python3 >/dev/null; then
+  py_missing=()
+  for mod in nanobind:nanobind numpy:numpy pytest:pytest scikit_build_core:scikit-build-core; do
+    python3 -c "import ${mod%%:*}" 2>/dev/null || py_missing+=("${mod##*:}")
+  done
+  if [ ${#py_missing[@]} -gt 0 ]; then
+    echo "installing from PyPI: ${py_missing[*]}"
+    python3 -m pip install -q --disable-pip-version-check "${py_missing[@]}" 2>&1 | grep -v "as the 'root' user" || true
+  fi
+fi

@@ -31,10 +31,10 @@ ScoreTables<T> build_score_tables(const Problem& p, int64_t b, bool dense_extras
   if (m.alibi != AlibiMode::kOff) {
     t.slopes.resize(p.hq);
     for (int64_t h = 0; h < p.hq; ++h)
-      t.slopes[h] =
-          m.alibi_slopes.defined()
-              ? static_cast<const float*>(m.alibi_slopes.data)[h * m.alibi_slopes.strides[0]]
-              : static_cast<T>(alibi_default_slope(h, p.hq));
+      t.slopes[h] = m.alibi_slopes.defined()
+                        ? static_cast<T>(load_as_double(m.alibi_slopes.data, m.alibi_slopes.dtype,
+                                                        h * m.alibi_slopes.strides[0]))
+                        : static_cast<T>(alibi_default_slope(h, p.hq));
   }
   if (m.relative != RelativeBucketKind::kOff) {
     t.bucket_origin = s.offset + s.nq - 1;
@@ -55,8 +55,8 @@ ScoreTables<T> build_score_tables(const Problem& p, int64_t b, bool dense_extras
     t.table.resize(p.hq * t.buckets);
     for (int64_t h = 0; h < p.hq; ++h)
       for (int64_t x = 0; x < t.buckets; ++x)
-        t.table[h * t.buckets + x] =
-            static_cast<const float*>(tab.data)[h * tab.strides[0] + x * tab.strides[1]];
+        t.table[h * t.buckets + x] = static_cast<T>(
+            load_as_double(tab.data, tab.dtype, h * tab.strides[0] + x * tab.strides[1]));
   }
   if (m.forget_log_f.defined()) {
     const TensorView& f = m.forget_log_f;
@@ -64,8 +64,8 @@ ScoreTables<T> build_score_tables(const Problem& p, int64_t b, bool dense_extras
     for (int64_t h = 0; h < p.hq; ++h) {
       double c = 0;
       for (int64_t j = 0; j < s.nk; ++j) {
-        c += static_cast<const float*>(
-            f.data)[b * f.strides[0] + h * f.strides[1] + j * f.strides[2]];
+        c +=
+            load_as_double(f.data, f.dtype, b * f.strides[0] + h * f.strides[1] + j * f.strides[2]);
         t.forget_c[h * s.nk + j] = static_cast<T>(c);
       }
     }
@@ -78,11 +78,13 @@ ScoreTables<T> build_score_tables(const Problem& p, int64_t b, bool dense_extras
     for (int64_t h = 0; h < p.hq; ++h)
       for (int64_t r = 0; r < t.rank; ++r) {
         for (int64_t i = 0; i < s.nq; ++i)
-          t.lowrank_u[(h * s.nq + i) * t.rank + r] = static_cast<const float*>(
-              u.data)[b * u.strides[0] + h * u.strides[1] + i * u.strides[2] + r * u.strides[3]];
+          t.lowrank_u[(h * s.nq + i) * t.rank + r] = static_cast<T>(load_as_double(
+              u.data, u.dtype,
+              b * u.strides[0] + h * u.strides[1] + i * u.strides[2] + r * u.strides[3]));
         for (int64_t j = 0; j < s.nk; ++j)
-          t.lowrank_w[(h * s.nk + j) * t.rank + r] = static_cast<const float*>(
-              w.data)[b * w.strides[0] + h * w.strides[1] + j * w.strides[2] + r * w.strides[3]];
+          t.lowrank_w[(h * s.nk + j) * t.rank + r] = static_cast<T>(load_as_double(
+              w.data, w.dtype,
+              b * w.strides[0] + h * w.strides[1] + j * w.strides[2] + r * w.strides[3]));
       }
   }
   return t;

@@ -101,6 +101,14 @@ Status check_dtype(const TensorView& t, const char* name, DType want) {
               dtype_name(want));
 }
 
+// A learnable parameter tensor (slopes, tables, factors, sinks, gain): fp32, or fp64 when the
+// inputs are fp64 (the oracle, for gradient checks).
+Status check_param_dtype(const TensorView& t, const char* name, DType in) {
+  if (t.dtype == DType::kF32 || (t.dtype == DType::kF64 && in == DType::kF64)) return {};
+  return fail(StatusCode::kTypeError, name, ".dtype = ", dtype_name(t.dtype),
+              ": must be float32 (float64 when q is float64)");
+}
+
 // Resolves a [B, H, N, D] operand (or [total, H, D] under varlen) to row addressing.
 RowOperand rows_of(const TensorView& t, bool varlen, Layout layout) {
   RowOperand r;
@@ -301,7 +309,7 @@ Status check_mods(const AttentionSpec& spec, const Problem& p, DType in) {
     if (m.alibi == AlibiMode::kOff)
       return fail(StatusCode::kInvalidArgument, "alibi_slopes given but alibi is off");
     ATTNKIT_RETURN_IF_ERROR(check_tensor(m.alibi_slopes, "alibi_slopes", false));
-    ATTNKIT_RETURN_IF_ERROR(check_dtype(m.alibi_slopes, "alibi_slopes", DType::kF32));
+    ATTNKIT_RETURN_IF_ERROR(check_param_dtype(m.alibi_slopes, "alibi_slopes", in));
     ATTNKIT_RETURN_IF_ERROR(
         check_shape(m.alibi_slopes, "alibi_slopes", {p.hq}, "one per query head"));
   }
@@ -326,8 +334,8 @@ Status check_mods(const AttentionSpec& spec, const Problem& p, DType in) {
   if (m.low_rank_u.defined()) {
     ATTNKIT_RETURN_IF_ERROR(check_tensor(m.low_rank_u, "low_rank_u"));
     ATTNKIT_RETURN_IF_ERROR(check_tensor(m.low_rank_w, "low_rank_w"));
-    ATTNKIT_RETURN_IF_ERROR(check_dtype(m.low_rank_u, "low_rank_u", DType::kF32));
-    ATTNKIT_RETURN_IF_ERROR(check_dtype(m.low_rank_w, "low_rank_w", DType::kF32));
+    ATTNKIT_RETURN_IF_ERROR(check_param_dtype(m.low_rank_u, "low_rank_u", in));
+    ATTNKIT_RETURN_IF_ERROR(check_param_dtype(m.low_rank_w, "low_rank_w", in));
     const int64_t r = m.low_rank_u.shape[m.low_rank_u.ndim - 1];
     ATTNKIT_RETURN_IF_ERROR(
         check_shape(m.low_rank_u, "low_rank_u", {p.batch, p.hq, p.max_nq, -1}, "[B, Hq, Nq, r]"));
@@ -356,13 +364,13 @@ Status check_mods(const AttentionSpec& spec, const Problem& p, DType in) {
     if (!m.relative_table.defined())
       return fail(StatusCode::kInvalidArgument, "relative buckets need relative_table");
     ATTNKIT_RETURN_IF_ERROR(check_tensor(m.relative_table, "relative_table"));
-    ATTNKIT_RETURN_IF_ERROR(check_dtype(m.relative_table, "relative_table", DType::kF32));
+    ATTNKIT_RETURN_IF_ERROR(check_param_dtype(m.relative_table, "relative_table", in));
     ATTNKIT_RETURN_IF_ERROR(
         check_shape(m.relative_table, "relative_table", {p.hq, buckets}, "[Hq, buckets]"));
   }
   if (m.forget_log_f.defined()) {
     ATTNKIT_RETURN_IF_ERROR(check_tensor(m.forget_log_f, "forget_log_f"));
-    ATTNKIT_RETURN_IF_ERROR(check_dtype(m.forget_log_f, "forget_log_f", DType::kF32));
+    ATTNKIT_RETURN_IF_ERROR(check_param_dtype(m.forget_log_f, "forget_log_f", in));
     ATTNKIT_RETURN_IF_ERROR(
         check_shape(m.forget_log_f, "forget_log_f", {p.batch, p.hq, p.max_nk}, "[B, Hq, Nk]"));
     if (p.max_nq > p.max_nk)
@@ -372,13 +380,13 @@ Status check_mods(const AttentionSpec& spec, const Problem& p, DType in) {
   return {};
 }
 
-Status check_normalizer(const AttentionSpec& spec, const Problem& p) {
+Status check_normalizer(const AttentionSpec& spec, const Problem& p, DType in) {
   const Normalizer& n = spec.normalizer;
   if (n.kind == NormalizerKind::kSoftmaxSink) {
     if (!n.sinks.defined())
       return fail(StatusCode::kInvalidArgument, "normalizer sink needs sinks (fp32 [Hq])");
     ATTNKIT_RETURN_IF_ERROR(check_tensor(n.sinks, "sinks", false));
-    ATTNKIT_RETURN_IF_ERROR(check_dtype(n.sinks, "sinks", DType::kF32));
+    ATTNKIT_RETURN_IF_ERROR(check_param_dtype(n.sinks, "sinks", in));
     ATTNKIT_RETURN_IF_ERROR(check_shape(n.sinks, "sinks", {p.hq}, "one per query head"));
   } else if (n.sinks.defined()) {
     return fail(StatusCode::kInvalidArgument, "sinks given with normalizer ",
@@ -393,7 +401,7 @@ Status check_normalizer(const AttentionSpec& spec, const Problem& p) {
     if (!n.rela_gain.defined())
       return fail(StatusCode::kInvalidArgument, "normalizer rela needs rela_gain (fp32 [dv])");
     ATTNKIT_RETURN_IF_ERROR(check_tensor(n.rela_gain, "rela_gain", false));
-    ATTNKIT_RETURN_IF_ERROR(check_dtype(n.rela_gain, "rela_gain", DType::kF32));
+    ATTNKIT_RETURN_IF_ERROR(check_param_dtype(n.rela_gain, "rela_gain", in));
     ATTNKIT_RETURN_IF_ERROR(check_shape(n.rela_gain, "rela_gain", {p.dv}, "one per value dim"));
     if (!(n.rela_eps > 0))
       return fail(StatusCode::kInvalidArgument, "rela_eps = ", n.rela_eps, ": must be > 0");
@@ -520,7 +528,7 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
 
   ATTNKIT_RETURN_IF_ERROR(check_mask(spec, r));
   ATTNKIT_RETURN_IF_ERROR(check_mods(spec, r, q.dtype));
-  ATTNKIT_RETURN_IF_ERROR(check_normalizer(spec, r));
+  ATTNKIT_RETURN_IF_ERROR(check_normalizer(spec, r, q.dtype));
 
   switch (spec.gate_kind) {
     case GateKind::kNone:

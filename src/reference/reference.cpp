@@ -66,7 +66,7 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
   f.row_sum.assign(nq, 0.0);
   f.length_scale.assign(nq, 1.0);
   f.sink = norm.kind == NormalizerKind::kSoftmaxSink
-               ? static_cast<const float*>(norm.sinks.data)[h * norm.sinks.strides[0]]
+               ? core::load_as_double(norm.sinks.data, norm.sinks.dtype, h * norm.sinks.strides[0])
                : -kInf;
   f.beta = norm.beta ? *norm.beta : -std::log(static_cast<double>(nk));
   if (norm.kind == NormalizerKind::kKernel) f.W.assign(nq * nk, 0.0);
@@ -134,7 +134,8 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
       for (int64_t c = 0; c < p.dv; ++c) ms += o[c] * o[c];
       f.rms[i] = std::sqrt(ms / static_cast<double>(p.dv) + norm.rela_eps);
       for (int64_t c = 0; c < p.dv; ++c)
-        of[c] = static_cast<const float*>(norm.rela_gain.data)[c * norm.rela_gain.strides[0]] *
+        of[c] = core::load_as_double(norm.rela_gain.data, norm.rela_gain.dtype,
+                                     c * norm.rela_gain.strides[0]) *
                 o[c] / f.rms[i];
     }
     if (spec.gate_kind == GateKind::kElementwise) {

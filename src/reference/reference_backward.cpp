@@ -84,11 +84,11 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
         const double* o = &f.O[i * dv];
         for (int64_t c = 0; c < dv; ++c) dOi[c] = core::load_as_double(go, ops.grad_out.dtype, c);
         for (int64_t c = 0; c < dv; ++c)
-          o1[c] =
-              norm.kind == NormalizerKind::kReLA
-                  ? static_cast<const float*>(norm.rela_gain.data)[c * norm.rela_gain.strides[0]] *
-                        o[c] / f.rms[i]
-                  : o[c];
+          o1[c] = norm.kind == NormalizerKind::kReLA
+                      ? core::load_as_double(norm.rela_gain.data, norm.rela_gain.dtype,
+                                             c * norm.rela_gain.strides[0]) *
+                            o[c] / f.rms[i]
+                      : o[c];
         if (spec.gate_kind == GateKind::kElementwise) {
           const void* gr = p.gate.row(b, h, row);
           for (int64_t c = 0; c < dv; ++c) {
@@ -121,14 +121,14 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
           const double r = f.rms[i];
           double dot = 0;
           for (int64_t c = 0; c < dv; ++c) {
-            const double gain =
-                static_cast<const float*>(norm.rela_gain.data)[c * norm.rela_gain.strides[0]];
+            const double gain = core::load_as_double(norm.rela_gain.data, norm.rela_gain.dtype,
+                                                     c * norm.rela_gain.strides[0]);
             if (dgain.on()) dgain.x[c] += dOi[c] * o[c] / r;
             dot += gain * dOi[c] * o[c];
           }
           for (int64_t c = 0; c < dv; ++c) {
-            const double gain =
-                static_cast<const float*>(norm.rela_gain.data)[c * norm.rela_gain.strides[0]];
+            const double gain = core::load_as_double(norm.rela_gain.data, norm.rela_gain.dtype,
+                                                     c * norm.rela_gain.strides[0]);
             dOi[c] = gain * dOi[c] / r - o[c] * dot / (static_cast<double>(dv) * r * r * r);
           }
         }

@@ -1,0 +1,184 @@
+"""The PyTorch path: the attnkit::attention custom op against torch's SDPA, autograd for q, k,
+v and every learnable extra (gradcheck in float64 through the oracle), torch.compile with
+fullgraph=True, opcheck, and CUDA tensors refused with a TypeError naming the rule. Skipped where
+PyTorch is not installed (CI); run on the GPU machine (docs/python.md)."""
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+import attnkit  # noqa: E402
+from attnkit import masks, normalizers, score_mods  # noqa: E402
+
+torch.manual_seed(0)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def sdpa(q, k, v, causal=False, bias=None, scale=None):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if causal:  # bottom-right, as attnkit's default
+        nq, nk = q.shape[2], k.shape[2]
+        allowed = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+        m = torch.zeros(nq, nk, dtype=q.dtype).masked_fill(~allowed, -math.inf)
+        bias = m if bias is None else bias + m
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_matches_sdpa(causal, dtype):
+    q = torch.randn(2, 4, 70, 64, dtype=dtype)
+    k, v = torch.randn(2, 2, 70, 64, dtype=dtype), torch.randn(2, 2, 70, 64, dtype=dtype)
+    out, lse = attnkit.attention(q, k, v, causal=causal, return_lse=True)
+    ref = sdpa(q.float(), k.float(), v.float(), causal)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (2, 4, 70)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_autograd_matches_sdpa():
+    q = torch.randn(2, 4, 45, 32, requires_grad=True)
+    k = torch.randn(2, 2, 50, 32, requires_grad=True)
+    v = torch.randn(2, 2, 50, 24, requires_grad=True)
+    bias = torch.randn(1, 4, 45, 50, requires_grad=True)
+    go = torch.randn(2, 4, 45, 24)
+    out = attnkit.attention(q, k, v, causal=True, score_mod=score_mods.Bias(bias))
+    grads = torch.autograd.grad(out, (q, k, v, bias), go)
+    q64, k64, v64, b64 = (t.detach().double().requires_grad_() for t in (q, k, v, bias))
+    ref = sdpa(q64, k64, v64, True, bias=b64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64, b64), go.double())
+    assert rel(out, ref) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        assert rel(g, r) < 1e-4
+
+
+def _cases(n, h, dv):
+    ids = torch.tensor([0] * (n // 2) + [1] * (n - n // 2), dtype=torch.int32)
+    p = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)
+    return {
+        "causal": lambda: dict(causal=True),
+        "document_window": lambda: dict(mask=masks.Document(ids) & masks.SlidingWindow(2, 1)),
+        "bias": lambda: dict(score_mod=score_mods.Bias(p(1, h, n, n))),
+        "sinks": lambda: dict(causal=True, sinks=p(h)),
+        "softcap_alibi_slopes": lambda: dict(causal=True, score_mod=[
+            score_mods.ALiBi((torch.rand(h, dtype=torch.float64) + 0.1).requires_grad_()),
+            score_mods.Softcap(3.0)]),
+        "relative": lambda: dict(score_mod=score_mods.RelativeBuckets(p(h, 9), "clipped", clip=4)),
+        "forget": lambda: dict(causal=True, score_mod=score_mods.ForgetGate(
+            (-torch.rand(1, h, n, dtype=torch.float64)).requires_grad_())),
+        "low_rank": lambda: dict(score_mod=score_mods.LowRankBias(p(1, h, n, 2), p(1, h, n, 2))),
+        "sigmoid_beta": lambda: dict(causal=True, normalizer=normalizers.Sigmoid(p(1))),
+        "kernel": lambda: dict(normalizer=normalizers.Kernel("softplus", 1.5)),
+        "rela_gain": lambda: dict(causal=True, normalizer=normalizers.ReLA(
+            (1 + 0.1 * torch.randn(dv, dtype=torch.float64)).requires_grad_())),
+        "gate": lambda: dict(causal=True, gate=p(1, h, n, dv)),
+        "gate_per_head": lambda: dict(gate=p(1, h, n)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases(6, 2, 3)))
+def test_gradcheck_float64(name):
+    n, h, d, dv = 6, 2, 4, 3
+    kw = _cases(n, h, dv)[name]()
+    q = torch.randn(1, h, n, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, h, n, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, h, n, dv, dtype=torch.float64, requires_grad=True)
+    extras = [t for t in _leaves(kw) if t.requires_grad]
+
+    def f(q, k, v, *ex):
+        swapped = _swap(kw, dict(zip(map(id, extras), ex)))
+        return attnkit.attention(q, k, v, **swapped)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, *extras), atol=1e-6, rtol=1e-5)
+
+
+def _leaves(x):
+    if torch.is_tensor(x):
+        yield x
+    elif isinstance(x, dict):
+        for val in x.values():
+            yield from _leaves(val)
+    elif isinstance(x, (list, tuple)):
+        for val in x:
+            yield from _leaves(val)
+    elif hasattr(x, "__dict__"):
+        yield from _leaves(vars(x))
+
+
+def _swap(x, by_id):
+    """A copy of the kwargs with the leaf tensors replaced (gradcheck perturbs its own inputs)."""
+    if torch.is_tensor(x):
+        return by_id.get(id(x), x)
+    if isinstance(x, dict):
+        return {key: _swap(val, by_id) for key, val in x.items()}
+    if isinstance(x, list):
+        return [_swap(val, by_id) for val in x]
+    if isinstance(x, tuple):
+        return tuple(_swap(val, by_id) for val in x)
+    if hasattr(x, "__dict__") and not isinstance(x, type):
+        obj = object.__new__(type(x))
+        obj.__dict__.update({key: _swap(val, by_id) for key, val in vars(x).items()})
+        return obj
+    return x
+
+
+def test_bf16_grads_have_input_dtype():
+    q = torch.randn(1, 2, 40, 32, dtype=torch.bfloat16, requires_grad=True)
+    sinks = torch.randn(2, requires_grad=True)
+    out = attnkit.attention(q, q, q, causal=True, sinks=sinks)
+    out.float().square().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and sinks.grad.dtype == torch.float32
+    assert torch.isfinite(q.grad.float()).all() and torch.isfinite(sinks.grad).all()
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = (torch.randn(2, 4, 64, 32, requires_grad=True) for _ in range(3))
+    slopes = torch.rand(4) + 0.1
+
+    def f(q, k, v):
+        out = attnkit.attention(q, k, v, window=(16, 0),
+                                score_mod=[score_mods.Softcap(20.0), score_mods.ALiBi(slopes)])
+        return out.square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    assert torch.allclose(loss, loss_e)
+    for g, e in zip(grads, grads_e):
+        assert torch.allclose(g, e)
+
+
+def test_opcheck():
+    from attnkit import _spec
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 20, 20, requires_grad=True)
+    spec = _spec.build(q=q, v=v, causal=True, window=None, mask=None,
+                       score_mod=score_mods.Bias(bias), normalizer="softmax", scale=None,
+                       sinks=None, gate=None, cu_seqlens_q=None, cu_seqlens_kv=None,
+                       layout="bhnd", alignment="bottom_right")
+    text, tensors, _ = _spec.encode(spec)
+    torch.library.opcheck(torch.ops.attnkit.attention.default, (q, k, v, text, tensors, 0))
+
+
+def test_errors_cross_as_python_exceptions():
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="window"):
+        attnkit.attention(q, q, q, window=(-1, 0))
+    with pytest.raises(TypeError):
+        attnkit.attention(q.int(), q.int(), q.int())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_tensors_refused_until_the_cuda_backend():
+    q = torch.randn(1, 2, 16, 8, device="cuda")
+    with pytest.raises((TypeError, NotImplementedError), match="CUDA"):
+        attnkit.attention(q, q, q)
