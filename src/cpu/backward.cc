@@ -103,6 +103,13 @@ struct BwdCall {
   double* part_of(int64_t b, int64_t h, int64_t t) {
     return part.empty() ? nullptr : &part[((b * p->hq + h) * q_tiles + t) * part_width];
   }
+  // One slot of the partial sums of query head h, summed over batch and query tiles in order.
+  double part_sum(int64_t h, int64_t slot) {
+    double acc = 0;
+    for (int64_t b = 0; b < p->batch; ++b)
+      for (int64_t t = 0; t < q_tiles; ++t) acc += part_of(b, h, t)[slot];
+    return acc;
+  }
 };
 
 // An fp32 [B, Hq, N, dim] buffer addressed like out (under varlen, [total_q, Hq, dim]).
@@ -424,6 +431,26 @@ void query_tile(BwdCall& c, BwdScratch& w, int64_t b, int64_t h, int64_t t) {
   }
 }
 
+// Steps 3 and 4 for the batch elements whose K/V are packed: [b0, b1).
+template <NormalizerKind kNorm, bool kMods>
+void run_passes(BwdCall& c, std::vector<std::unique_ptr<BwdScratch>>& scratch, int64_t b0,
+                int64_t b1) {
+  const core::Problem& p = *c.p;
+  const int64_t key_tasks = (b1 - b0) * p.hk * c.max_k_tiles;
+  parallel_for(key_tasks, c.threads, [&](int64_t task, int worker) {
+    const int64_t bh = task / c.max_k_tiles;
+    key_tile<kNorm, kMods>(c, *scratch[worker], b0 + bh / p.hk, bh % p.hk, task % c.max_k_tiles);
+  });
+  const int64_t row_tasks = static_cast<int64_t>(c.row_groups.size()) * c.q_tiles;
+  parallel_for(row_tasks, c.threads, [&](int64_t task, int worker) {
+    for (int64_t bh : c.row_groups[task / c.q_tiles]) {
+      const int64_t b = bh / p.hq;
+      if (b >= b0 && b < b1)
+        query_tile<kNorm, kMods>(c, *scratch[worker], b, bh % p.hq, task % c.q_tiles);
+    }
+  });
+}
+
 // Step 0: dO through the gate and ReLA, D, dG and the partial dgain of (b, h).
 void epilogue_rows(BwdCall& c, int64_t b, int64_t h, const core::RowOperand& raw_o, double* dgain) {
   const core::Problem& p = *c.p;
@@ -599,48 +626,26 @@ Status BackwardImpl(const core::Problem& p, const core::GradOperands& g,
           pack_tile(c, c.unit_begin + task / c.max_k_tiles, task % c.max_k_tiles);
         });
         dispatch(norm.kind, mods, [&](auto kn, auto km) {
-          constexpr NormalizerKind kNorm = decltype(kn)::value;
-          constexpr bool kMods = decltype(km)::value;
-          const int64_t kv = (b1 - b0) * p.hk;
-          parallel_for(kv * c.max_k_tiles, c.threads, [&](int64_t task, int worker) {
-            const int64_t bh = task / c.max_k_tiles;
-            key_tile<kNorm, kMods>(c, *scratch[worker], b0 + bh / p.hk, bh % p.hk,
-                                   task % c.max_k_tiles);
-          });
-          parallel_for(static_cast<int64_t>(c.row_groups.size()) * c.q_tiles, c.threads,
-                       [&](int64_t task, int worker) {
-                         for (int64_t bh : c.row_groups[task / c.q_tiles]) {
-                           const int64_t b = bh / p.hq;
-                           if (b >= b0 && b < b1)
-                             query_tile<kNorm, kMods>(c, *scratch[worker], b, bh % p.hq,
-                                                      task % c.q_tiles);
-                         }
-                       });
+          run_passes<decltype(kn)::value, decltype(km)::value>(c, scratch, b0, b1);
         });
       });
   if (!ok) return Status(StatusCode::kInternal, "cpu backward: out of memory for packed K/V");
 
   // Reductions of the partial sums, in a fixed order.
-  auto part_sum = [&](int64_t h, int64_t slot) {
-    double acc = 0;
-    for (int64_t b = 0; b < p.batch; ++b)
-      for (int64_t t = 0; t < c.q_tiles; ++t) acc += c.part_of(b, h, t)[slot];
-    return acc;
-  };
   if (grads.dalibi_slopes.defined())
     for (int64_t h = 0; h < p.hq; ++h)
       core::store_from_double(grads.dalibi_slopes.data, grads.dalibi_slopes.dtype,
-                              h * grads.dalibi_slopes.strides[0], part_sum(h, kPartSlopes));
+                              h * grads.dalibi_slopes.strides[0], c.part_sum(h, kPartSlopes));
   if (grads.dbeta.defined()) {
     double acc = 0;
-    for (int64_t h = 0; h < p.hq; ++h) acc += part_sum(h, kPartBeta);
+    for (int64_t h = 0; h < p.hq; ++h) acc += c.part_sum(h, kPartBeta);
     core::store_from_double(grads.dbeta.data, grads.dbeta.dtype, 0, acc);
   }
   const TensorView& dt = grads.drelative_table;
   for (int64_t h = 0; h < p.hq && buckets > 0; ++h)
     for (int64_t x = 0; x < buckets; ++x)
       core::store_from_double(dt.data, dt.dtype, h * dt.strides[0] + x * dt.strides[1],
-                              part_sum(h, kPartTable + x));
+                              c.part_sum(h, kPartTable + x));
   // Forget gate: d log f_m = sum_{n >= m} dc_n (c is a prefix sum over key positions).
   const TensorView& df = grads.dforget_log_f;
   if (df.defined())
