@@ -51,7 +51,7 @@ def main():
             return torch.empty_like(a)
 
         empty.register_fake(lambda a, b, c: torch.empty_like(a))
-        empty.register_autograd(lambda ctx, g: (g, g, g), setup_context=lambda ctx, i, o: None)
+        empty.register_autograd(lambda ctx, g: (g, g, g), setup_context=lambda ctx, inputs, output: None)
         t_empty = median_us(lambda: empty(tq, tk, tv), n=500)
         t_ak = median_us(lambda: attnkit.attention(tq, tk, tv, threads=1), n=500)
         with torch.no_grad():

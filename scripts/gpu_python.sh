@@ -14,10 +14,11 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNKIT_BUILD_TEST
   -DATTNKIT_BUILD_TOOLS=OFF -DATTNKIT_BUILD_PYTHON=ON -DHWY_ROOT="$hwy_root" \
   -DPython_EXECUTABLE="$(command -v python3)" > "$out/cmake.log" 2>&1 || { tail -30 "$out/cmake.log"; exit 1; }
 cmake --build build-gpu -j "$(nproc)" > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
-PYTHONPATH=build-gpu/python python3 -m pytest -v -p no:cacheprovider python/tests > "$out/pytest.log" 2>&1
+PYTHONPATH=build-gpu/python python3 bench/diag_errors.py | tee "$out/diag.txt"
+ldd build-gpu/python/attnkit/_ext*.so | grep -E "stdc|gcc_s|gomp|hwy"
+PYTHONPATH=build-gpu/python python3 -m pytest -v -n 4 -p no:cacheprovider python/tests > "$out/pytest.log" 2>&1
 rc=$?
-grep -E "PASSED|FAILED|SKIPPED|ERROR" "$out/pytest.log" | sed 's/ *\[.*%\]//' | awk '{print $NF}' | sort | uniq -c
-grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -20
+grep -E "^(FAILED|ERROR)|crashed" "$out/pytest.log" | head -20
 tail -3 "$out/pytest.log"
 PYTHONPATH=build-gpu/python OMP_NUM_THREADS=1 python3 bench/python_overhead.py | tee "$out/overhead.txt"
 exit $rc

@@ -9,9 +9,14 @@ NumPy arrays and PyTorch tensors cross into C++ through DLPack without copies. P
 go through the ``attnkit::attention`` custom op (autograd, torch.compile). Hugging Face
 transformers models run on attnkit after ``attnkit.integrations.transformers.register()``.
 """
+import sys as _sys
+
 from . import masks, normalizers, score_mods
 from ._api import attention, attention_backward, cpu_simd_target, support_matrix
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_backward", "masks", "normalizers", "score_mods",
            "support_matrix", "cpu_simd_target"]
+
+if "torch" in _sys.modules:  # register the custom ops now (torch.compile then sees no import)
+    from . import _torch  # noqa: F401
