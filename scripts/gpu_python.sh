@@ -21,4 +21,5 @@ rc=$?
 grep -E "^(FAILED|ERROR)|crashed" "$out/pytest.log" | head -20
 tail -3 "$out/pytest.log"
 PYTHONPATH=build-gpu/python OMP_NUM_THREADS=1 python3 bench/python_overhead.py | tee "$out/overhead.txt"
+PYTHONPATH=build-gpu/python OMP_NUM_THREADS=1 python3 bench/python_profile.py > "$out/profile.txt" 2>&1; grep -A22 "tottime" "$out/profile.txt" | cut -c1-150
 exit $rc

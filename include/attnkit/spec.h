@@ -121,7 +121,7 @@ const char* normalizer_name(NormalizerKind k);
 struct Normalizer {
   NormalizerKind kind = NormalizerKind::kSoftmax;
   TensorView sinks;                                  // kSoftmaxSink: fp32 [Hq]
-  std::optional<float> beta;                         // kSigmoid: default -log(Nk) (per sequence)
+  std::optional<double> beta;                        // kSigmoid: default -log(Nk) (per sequence)
   KernelFeature feature = KernelFeature::kSoftplus;  // kKernel
   float power = 1.f;                                 // kKernel, > 0
   bool length_scale = false;                         // kKernel: s -> s * log(n_i)

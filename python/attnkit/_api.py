@@ -59,7 +59,7 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     row_stat = None if stat_shape is None else np.empty(stat_shape, dtype=np.float32)
     if spec.get("beta") is not None:
         spec["beta"] = float(np.asarray(spec["beta"]).reshape(-1)[0])
-    _ext.forward(q, k, v, out, row_stat, spec, threads)
+    _spec.check(_ext.forward(q, k, v, out, row_stat, spec, threads))
     return (out, row_stat) if return_lse else out
 
 
@@ -101,7 +101,7 @@ def attention_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, grad_out: Any
                              f"(available: {sorted(inputs)})")
         shape = (1,) if g == "dbeta" else inputs[g].shape
         result[g] = np.zeros(shape, dtype=gdt)
-    _ext.backward(q, k, v, out, lse, grad_out, spec, result, threads)
+    _spec.check(_ext.backward(q, k, v, out, lse, grad_out, spec, result, threads))
     return result
 
 

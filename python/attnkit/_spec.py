@@ -19,6 +19,16 @@ GRAD_OF = {"bias": "dbias", "low_rank_u": "dlow_rank_u", "low_rank_w": "dlow_ran
            "gate": "dgate", "beta": "dbeta"}
 
 
+_ERRORS = {"ValueError": ValueError, "TypeError": TypeError,
+           "NotImplementedError": NotImplementedError, "RuntimeError": RuntimeError}
+
+
+def check(err: Any) -> None:
+    """Raises what attnkit._ext returned for a failed call: (exception name, message)."""
+    if err is not None:
+        raise _ERRORS[err[0]](err[1])
+
+
 def is_tensor_like(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, (int, float))
 
@@ -141,11 +151,13 @@ def _dec(x: Any, tensors: Sequence[Any]) -> Any:
     return x
 
 
-def decode(text: str, tensors: Sequence[Any]) -> Dict[str, Any]:
-    spec = _dec(json.loads(text), tensors)
-    if is_tensor_like(spec.get("beta")):  # a learnable beta: its value enters the spec
-        spec["beta"] = float(spec["beta"].reshape(-1)[0])
-    return spec
+def decode(text: str, tensors: Sequence[Any], convert: Any = None) -> Dict[str, Any]:
+    """The spec dict of an encoded spec; each tensor passed through convert() when given."""
+    raw = json.loads(text)
+    beta = raw.get("beta")
+    if isinstance(beta, dict):  # a learnable beta: its value enters the spec
+        raw["beta"] = float(tensors[beta["$t"]].reshape(-1)[0])
+    return _dec(raw, tensors if convert is None else [convert(t) for t in tensors])
 
 
 def tensor_names(text: str) -> List[str]:

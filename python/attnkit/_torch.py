@@ -11,6 +11,17 @@ from . import _ext
 from . import _spec
 
 
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16",
+           torch.float64: "f64", torch.int32: "i32"}
+
+
+def _raw(t: torch.Tensor):
+    """A tensor as attnkit._ext's raw view: no DLPack round trip (microseconds per tensor)."""
+    dev = t.device
+    return (t.data_ptr(), _DTYPES.get(t.dtype, str(t.dtype)), 2 if dev.type == "cuda" else 1,
+            dev.index or 0, tuple(t.shape), t.stride())
+
+
 def _outputs(q: torch.Tensor, v: torch.Tensor, spec: Dict[str, Any]):
     out_shape, stat_shape = _spec.output_shapes(q, v, spec)
     out = q.new_empty(out_shape)
@@ -21,9 +32,10 @@ def _outputs(q: torch.Tensor, v: torch.Tensor, spec: Dict[str, Any]):
 @torch.library.custom_op("attnkit::attention", mutates_args=(), device_types=None)
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str,
                   tensors: List[torch.Tensor], threads: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    s = _spec.decode(spec, tensors)
+    s = _spec.decode(spec, tensors, _raw)
     out, stat = _outputs(q, v, s)
-    _ext.forward(q, k, v, out, stat if stat.numel() > 0 else None, s, threads)
+    _spec.check(_ext.forward(_raw(q), _raw(k), _raw(v), _raw(out),
+                             _raw(stat) if stat.numel() > 0 else None, s, threads))
     return out, stat
 
 
@@ -37,7 +49,7 @@ def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, stat: torch.Tensor, grad_out: torch.Tensor,
                            spec: str, tensors: List[torch.Tensor], needs: List[bool],
                            threads: int) -> List[torch.Tensor]:
-    s = _spec.decode(spec, tensors)
+    s = _spec.decode(spec, tensors, _raw)
     names = _spec.tensor_names(spec)
     gdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     grads = {"dq": q.new_zeros(q.shape, dtype=gdt), "dk": k.new_zeros(k.shape, dtype=gdt),
@@ -50,8 +62,10 @@ def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         grads[g] = t.new_zeros((1,) if name == "beta" else t.shape, dtype=gdt)
         extra.append(g)
-    _ext.backward(q, k, v, out, stat if stat.numel() > 0 else None, grad_out.contiguous(), s,
-                  grads, threads)
+    grad_out = grad_out.contiguous()
+    _spec.check(_ext.backward(_raw(q), _raw(k), _raw(v), _raw(out),
+                              _raw(stat) if stat.numel() > 0 else None, _raw(grad_out), s,
+                              {name: _raw(t) for name, t in grads.items()}, threads))
     result = [grads["dq"].to(q.dtype), grads["dk"].to(k.dtype), grads["dv"].to(v.dtype)]
     for t, g in zip(tensors, extra):
         result.append(q.new_empty(0) if g is None else grads[g].reshape(t.shape).to(t.dtype))

@@ -30,6 +30,7 @@ struct Call {
 
   TensorView view(nb::handle h, const char* name) {
     if (h.is_none()) return {};
+    if (nb::isinstance<nb::tuple>(h)) return raw_view(nb::borrow<nb::tuple>(h), name);
     Array a;
     if (!nb::try_cast(h, a))
       throw nb::type_error((std::string(name) + ": expected an array or tensor (DLPack)").c_str());
@@ -69,6 +70,45 @@ struct Call {
     }
     arrays.push_back(std::move(a));
     return t;
+  }
+
+  // A tensor described by the caller (PyTorch's fast path, python/attnkit/_torch.py): (data
+  // pointer, dtype "f32" | "bf16" | "f16" | "f64" | "i32", device 1 = CPU | 2 = CUDA, device
+  // index, shape, strides in elements). The caller keeps the tensor alive during the call.
+  TensorView raw_view(const nb::tuple& t, const char* name) {
+    if (t.size() != 6)
+      throw nb::type_error((std::string(name) + ": expected an array or tensor").c_str());
+    TensorView v;
+    v.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(t[0]));
+    const std::string dt = nb::cast<std::string>(t[1]);
+    if (dt == "f32")
+      v.dtype = DType::kF32;
+    else if (dt == "bf16")
+      v.dtype = DType::kBF16;
+    else if (dt == "f16")
+      v.dtype = DType::kF16;
+    else if (dt == "f64")
+      v.dtype = DType::kF64;
+    else if (dt == "i32")
+      v.dtype = DType::kI32;
+    else
+      throw nb::type_error((std::string(name) + ": dtype " + dt +
+                            " not supported (float32, bfloat16, float16, float64, int32)")
+                               .c_str());
+    v.device = nb::cast<int>(t[2]) == 2 ? Device::kCUDA : Device::kCPU;
+    v.device_index = nb::cast<int>(t[3]);
+    const nb::sequence shape = nb::borrow<nb::sequence>(t[4]);
+    const nb::sequence strides = nb::borrow<nb::sequence>(t[5]);
+    const size_t ndim = nb::len(shape);
+    if (ndim < 1 || ndim > static_cast<size_t>(kMaxTensorDims) || nb::len(strides) != ndim)
+      throw nb::value_error(
+          (std::string(name) + ".ndim = " + std::to_string(ndim) + ": must be 1 to 4").c_str());
+    v.ndim = static_cast<int>(ndim);
+    for (size_t i = 0; i < ndim; ++i) {
+      v.shape[i] = nb::cast<int64_t>(shape[i]);
+      v.strides[i] = nb::cast<int64_t>(strides[i]);
+    }
+    return v;
   }
 
   Mask mask(nb::handle node) {
@@ -169,7 +209,7 @@ struct Call {
       } else if (is("sinks")) {
         n.sinks = view(value, "sinks");
       } else if (is("beta")) {
-        n.beta = f32();
+        n.beta = nb::cast<double>(value);
       } else if (is("feature")) {
         n.feature = str() == "relu" ? KernelFeature::kReLU : KernelFeature::kSoftplus;
       } else if (is("power")) {
@@ -199,23 +239,26 @@ struct Call {
   }
 };
 
-[[noreturn]] void raise(const Status& s) {
-  PyObject* type = PyExc_RuntimeError;
+// A failed Status as (exception name, message) for python/attnkit/_api.py to raise (ValueError,
+// TypeError, NotImplementedError, RuntimeError); None when ok. Returned rather than thrown: the
+// Python side raises, so no C++ exception crosses the module for a bad argument.
+nb::object status_result(const Status& s) {
+  if (s.ok()) return nb::none();
+  const char* type = "RuntimeError";
   switch (s.code()) {
     case StatusCode::kInvalidArgument:
-      type = PyExc_ValueError;
+      type = "ValueError";
       break;
     case StatusCode::kTypeError:
-      type = PyExc_TypeError;
+      type = "TypeError";
       break;
     case StatusCode::kNotImplemented:
-      type = PyExc_NotImplementedError;
+      type = "NotImplementedError";
       break;
     default:
       break;
   }
-  PyErr_SetString(type, s.message().c_str());
-  throw nb::python_error();
+  return nb::make_tuple(type, s.message());
 }
 
 Options options_of(int threads) {
@@ -226,8 +269,8 @@ Options options_of(int threads) {
 
 bool any_f64(const TensorView& q) { return q.dtype == DType::kF64; }
 
-void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle row_stat,
-             const nb::dict& spec_dict, int threads) {
+nb::object forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle row_stat,
+                   const nb::dict& spec_dict, int threads) {
   Call c;
   const TensorView tq = c.view(q, "q"), tk = c.view(k, "k"), tv = c.view(v, "v");
   const TensorView to = c.view(out, "out"), ts = c.view(row_stat, "row_stat");
@@ -239,12 +282,13 @@ void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handl
     s = any_f64(tq) ? reference_forward(tq, tk, tv, spec, to, ts)
                     : attention_forward(tq, tk, tv, spec, to, ts, {}, options_of(threads));
   }
-  if (!s.ok()) raise(s);
+  return status_result(s);
 }
 
 // grads: dict name -> array ("dq", "dk", "dv", "dbias", "dsinks", ...), each written.
-void backward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle row_stat,
-              nb::handle grad_out, const nb::dict& spec_dict, const nb::dict& grads, int threads) {
+nb::object backward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle row_stat,
+                    nb::handle grad_out, const nb::dict& spec_dict, const nb::dict& grads,
+                    int threads) {
   Call c;
   const TensorView tq = c.view(q, "q"), tk = c.view(k, "k"), tv = c.view(v, "v");
   const TensorView to = c.view(out, "out"), ts = c.view(row_stat, "row_stat");
@@ -274,7 +318,7 @@ void backward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::hand
     s = any_f64(tq) ? reference_backward(tq, tk, tv, tg, spec, g)
                     : attention_backward(tq, tk, tv, to, ts, tg, spec, g, options_of(threads));
   }
-  if (!s.ok()) raise(s);
+  return status_result(s);
 }
 
 // The C++ call alone, timed in C++ (median of `reps` runs, microseconds): the baseline of the
@@ -291,7 +335,7 @@ double cpp_forward_us(nb::handle q, nb::handle k, nb::handle v, nb::handle out,
     const Status s = attention_forward(tq, tk, tv, spec, to, {}, {}, options_of(threads));
     us.push_back(
         std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
-    if (!s.ok()) raise(s);
+    if (!s.ok()) throw nb::value_error(s.message().c_str());
   }
   std::nth_element(us.begin(), us.begin() + us.size() / 2, us.end());
   return us[us.size() / 2];

@@ -40,9 +40,10 @@ struct Problem {
   int64_t batch = 0, hq = 0, hk = 0, d = 0, dv = 0, group = 1;
   int64_t max_nq = 0, max_nk = 0;
   bool varlen = false;
-  std::vector<Sequence> seqs;     // one per batch element
-  RowOperand q, k, v, out, gate;  // gate: elementwise gate, addressed like out
-  StatOperand row_stat, gate_head, row_max, entropy, col_mass;
+  std::vector<Sequence> seqs;  // one per batch element
+  // gate: elementwise, addressed like out; per head, one element per row (row(b, h, n) is it)
+  RowOperand q, k, v, out, gate;
+  StatOperand row_stat, row_max, entropy, col_mass;
   int64_t col_q_begin = 0, col_q_end = 0;
   bool col_group_sum = false;
   float scale = 1.f;

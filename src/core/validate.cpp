@@ -553,8 +553,22 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
     case GateKind::kPerHead:
       if (!spec.gate.defined())
         return fail(StatusCode::kInvalidArgument, "gate_kind per_head needs a gate tensor");
-      ATTNKIT_RETURN_IF_ERROR(check_row_output(spec.gate, "gate", r, dq.n));
-      r.gate_head = stat_of(spec.gate, varlen);
+      ATTNKIT_RETURN_IF_ERROR(check_tensor(spec.gate, "gate", false));
+      if (spec.gate.dtype != q.dtype && spec.gate.dtype != DType::kF32)
+        return fail(StatusCode::kTypeError, "gate.dtype = ", dtype_name(spec.gate.dtype),
+                    ": must be fp32 or q's dtype");
+      if (varlen)
+        ATTNKIT_RETURN_IF_ERROR(
+            check_shape(spec.gate, "gate", {r.hq, dq.n}, "[Hq, total_q] under varlen"));
+      else
+        ATTNKIT_RETURN_IF_ERROR(
+            check_shape(spec.gate, "gate", {r.batch, r.hq, r.max_nq}, "[B, Hq, Nq]"));
+      // One element per row: row(b, h, n) points at it.
+      r.gate.data = static_cast<char*>(spec.gate.data);
+      r.gate.dtype = spec.gate.dtype;
+      r.gate.sb = varlen ? 0 : spec.gate.strides[0];
+      r.gate.sh = spec.gate.strides[varlen ? 0 : 1];
+      r.gate.sn = spec.gate.strides[varlen ? 1 : 2];
       break;
   }
 

@@ -476,7 +476,7 @@ void epilogue_rows(BwdCall& c, int64_t b, int64_t h, const core::RowOperand& raw
       }
       if (dg.defined()) store_row(dgv.data(), dv, dg.dtype, dg.row(b, h, row));
     } else if (spec.gate_kind == GateKind::kPerHead) {
-      const float sg = sigmoid(p.gate_head.at(b, h, row));
+      const float sg = sigmoid(load_float<float>(p.gate.row(b, h, row), p.gate.dtype, 0));
       double dot = 0;
       for (int64_t e = 0; e < dv; ++e) {
         dot += static_cast<double>(go[e]) * o[e];
@@ -533,7 +533,8 @@ Status BackwardImpl(const core::Problem& p, const core::GradOperands& g,
   }
   for (int64_t b = 0; b < p.batch; ++b) {
     if (mods) c.tables.push_back(core::build_score_tables<float>(p, b, false));
-    c.beta.push_back(norm.beta ? *norm.beta : -std::log(static_cast<float>(p.seqs[b].nk)));
+    c.beta.push_back(norm.beta ? static_cast<float>(*norm.beta)
+                               : -std::log(static_cast<float>(p.seqs[b].nk)));
   }
 
   // Step 0. ReLA needs O itself: the forward pass recomputes it without the RMS and the gate.

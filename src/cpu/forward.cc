@@ -305,7 +305,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
       load_row(p.gate.row(b, h, row), p.gate.dtype, p.dv, 1.f, g);
       for (int64_t x = 0; x < p.dv; ++x) o[x] *= sigmoid(g[x]);
     } else if (gate == GateKind::kPerHead) {
-      const float g = sigmoid(p.gate_head.at(b, h, row));
+      const float g = sigmoid(load_float<float>(p.gate.row(b, h, row), p.gate.dtype, 0));
       for (int64_t x = 0; x < p.dv; ++x) o[x] *= g;
     }
     store_row(o, p.dv, p.out.dtype, p.out.row(b, h, row));
@@ -410,7 +410,7 @@ Status ForwardImpl(const core::Problem& p) {
   const bool mods = spec.mods.per_element();
   for (int64_t b = 0; b < p.batch; ++b) {
     if (mods) c.tables.push_back(core::build_score_tables<float>(p, b, false));
-    c.beta.push_back(spec.normalizer.beta ? *spec.normalizer.beta
+    c.beta.push_back(spec.normalizer.beta ? static_cast<float>(*spec.normalizer.beta)
                                           : -std::log(static_cast<float>(p.seqs[b].nk)));
   }
   for (const core::BlockMask& bm : c.masks.masks)

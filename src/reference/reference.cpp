@@ -142,7 +142,8 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
       const void* g = p.gate.row(b, h, s.q_start + i);
       for (int64_t c = 0; c < p.dv; ++c) of[c] *= sigmoid(core::load_as_double(g, p.gate.dtype, c));
     } else if (spec.gate_kind == GateKind::kPerHead) {
-      const double g = sigmoid<double>(p.gate_head.at(b, h, s.q_start + i));
+      const double g =
+          sigmoid<double>(core::load_as_double(p.gate.row(b, h, s.q_start + i), p.gate.dtype, 0));
       for (int64_t c = 0; c < p.dv; ++c) of[c] *= g;
     }
   }

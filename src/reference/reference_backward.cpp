@@ -105,7 +105,8 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
             dOi[c] *= g;
           }
         } else if (spec.gate_kind == GateKind::kPerHead) {
-          const double g = sigmoid<double>(p.gate_head.at(b, h, row));
+          const double g =
+              sigmoid<double>(core::load_as_double(p.gate.row(b, h, row), p.gate.dtype, 0));
           double acc = 0;
           for (int64_t c = 0; c < dv; ++c) {
             acc += dOi[c] * o1[c];
