@@ -56,7 +56,11 @@ def main():
         t_ak = median_us(lambda: attnkit.attention(tq, tk, tv, threads=1), n=500)
         with torch.no_grad():
             t_ak_ng = median_us(lambda: attnkit.attention(tq, tk, tv, threads=1), n=500)
+        from attnkit import _spec
+        text, tensors, _ = _spec.encode({})
+        t_op = median_us(lambda: torch.ops.attnkit.attention(tq, tk, tv, text, tensors, 1), n=500)
         rows.append(("empty torch.library op with autograd", t_empty))
+        rows.append(("torch.ops.attnkit.attention (the custom op)", t_op))
         rows.append(("attnkit.attention, PyTorch (requires_grad)", t_ak))
         rows.append(("attnkit.attention, PyTorch (no_grad)", t_ak_ng))
         rows.append(("  PyTorch path above the C++ call", t_ak - cpp))

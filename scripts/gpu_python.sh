@@ -16,6 +16,7 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNKIT_BUILD_TEST
 cmake --build build-gpu -j "$(nproc)" > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 PYTHONPATH=build-gpu/python python3 bench/diag_errors.py | tee "$out/diag.txt"
 ldd build-gpu/python/attnkit/_ext*.so | grep -E "stdc|gcc_s|gomp|hwy"
+PYTHONPATH=build-gpu/python timeout 120 cuda-gdb -batch -ex run -ex bt --args python3 -c "import numpy as np, attnkit; q = np.random.rand(1, 2, 16, 8).astype(np.float32); attnkit.attention(q, q, q, window=(-3, 0))" 2>&1 | grep -E "^#|signal" | cut -c1-220 | head -24
 PYTHONPATH=build-gpu/python python3 -m pytest -v -n 4 -p no:cacheprovider python/tests > "$out/pytest.log" 2>&1
 rc=$?
 grep -E "^(FAILED|ERROR)|crashed" "$out/pytest.log" | head -20

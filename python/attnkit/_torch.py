@@ -29,8 +29,7 @@ def _outputs(q: torch.Tensor, v: torch.Tensor, spec: Dict[str, Any]):
     return out, stat
 
 
-@torch.library.custom_op("attnkit::attention", mutates_args=(), device_types=None)
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str,
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str,
                   tensors: List[torch.Tensor], threads: int) -> Tuple[torch.Tensor, torch.Tensor]:
     s = _spec.decode(spec, tensors, _raw)
     out, stat = _outputs(q, v, s)
@@ -39,13 +38,15 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str,
     return out, stat
 
 
+_attention_op = torch.library.custom_op("attnkit::attention", _attention_impl, mutates_args=())
+
+
 @_attention_op.register_fake
 def _(q, k, v, spec, tensors, threads):
     return _outputs(q, v, _spec.decode_shapes(spec))
 
 
-@torch.library.custom_op("attnkit::attention_backward", mutates_args=(), device_types=None)
-def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _attention_backward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, stat: torch.Tensor, grad_out: torch.Tensor,
                            spec: str, tensors: List[torch.Tensor], needs: List[bool],
                            threads: int) -> List[torch.Tensor]:
@@ -70,6 +71,10 @@ def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for t, g in zip(tensors, extra):
         result.append(q.new_empty(0) if g is None else grads[g].reshape(t.shape).to(t.dtype))
     return result
+
+
+_attention_backward_op = torch.library.custom_op("attnkit::attention_backward",
+                                                 _attention_backward_impl, mutates_args=())
 
 
 @_attention_backward_op.register_fake
@@ -102,7 +107,75 @@ def _backward(ctx, grad_out, grad_stat):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _flatten(spec: Dict[str, Any]):
+    """The spec with its tensors as raw views (a learnable beta as its value), the tensors, and
+    the spec key of each."""
+    tensors: List[torch.Tensor] = []
+    names: List[str] = []
+
+    def conv(x, key):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+            names.append(key)
+            return float(x.reshape(-1)[0]) if key == "beta" else _raw(x)
+        if isinstance(x, tuple):
+            return tuple(conv(e, key) for e in x)
+        return x
+
+    return {key: conv(val, key) for key, val in spec.items()}, tensors, names
+
+
+def _eager_forward(q, k, v, raw_spec, threads):
+    out, stat = _outputs(q, v, raw_spec)
+    _spec.check(_ext.forward(_raw(q), _raw(k), _raw(v), _raw(out),
+                             _raw(stat) if stat.numel() > 0 else None, raw_spec, threads))
+    return out, stat
+
+
+class _Attention(torch.autograd.Function):
+    """Eager autograd: the same C++ forward and backward as the custom ops, without the
+    dispatcher's per-call work (torch.compile traces the custom ops instead)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call, *tensors):
+        raw_spec, names, threads = call
+        out, stat = _eager_forward(q, k, v, raw_spec, threads)
+        ctx.save_for_backward(q, k, v, out, stat, *tensors)
+        ctx.call = call
+        ctx.mark_non_differentiable(stat)
+        return out, stat
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_stat):
+        q, k, v, out, stat, *tensors = ctx.saved_tensors
+        raw_spec, names, threads = ctx.call
+        needs = ctx.needs_input_grad[4:]
+        gdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        grads = {"dq": q.new_zeros(q.shape, dtype=gdt), "dk": k.new_zeros(k.shape, dtype=gdt),
+                 "dv": v.new_zeros(v.shape, dtype=gdt)}
+        keys = []
+        for t, name, need in zip(tensors, names, needs):
+            g = _spec.GRAD_OF.get(name) if need else None
+            if g is not None:
+                grads[g] = t.new_zeros((1,) if name == "beta" else t.shape, dtype=gdt)
+            keys.append(g)
+        grad_out = grad_out.contiguous()
+        _spec.check(_ext.backward(_raw(q), _raw(k), _raw(v), _raw(out),
+                                  _raw(stat) if stat.numel() > 0 else None, _raw(grad_out),
+                                  raw_spec, {n: _raw(t) for n, t in grads.items()}, threads))
+        extras = [None if g is None else grads[g].reshape(t.shape).to(t.dtype)
+                  for t, g in zip(tensors, keys)]
+        return (grads["dq"].to(q.dtype), grads["dk"].to(k.dtype), grads["dv"].to(v.dtype), None,
+                *extras)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Dict[str, Any],
               threads: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    text, tensors, names = _spec.encode(spec)
-    return torch.ops.attnkit.attention(q, k, v, text, tensors, threads)
+    if torch.compiler.is_compiling():  # traced: the custom ops (autograd and fake tensors)
+        text, tensors, _ = _spec.encode(spec)
+        return torch.ops.attnkit.attention(q, k, v, text, tensors, threads)
+    raw_spec, tensors, names = _flatten(spec)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
+                                    any(t.requires_grad for t in tensors)):
+        return _Attention.apply(q, k, v, (raw_spec, names, threads), *tensors)
+    return _eager_forward(q, k, v, raw_spec, threads)

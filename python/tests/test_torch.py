@@ -157,6 +157,24 @@ def test_torch_compile_fullgraph():
         assert torch.allclose(g, e)
 
 
+def test_custom_op_autograd_matches_eager():
+    from attnkit import _spec
+    q, k, v = (torch.randn(1, 2, 30, 16, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(2, requires_grad=True)
+    spec = _spec.build(q=q, v=v, causal=True, window=None, mask=None, score_mod=None,
+                       normalizer="softmax", scale=None, sinks=sinks, gate=None,
+                       cu_seqlens_q=None, cu_seqlens_kv=None, layout="bhnd",
+                       alignment="bottom_right")
+    text, tensors, _ = _spec.encode(spec)
+    out_op, _ = torch.ops.attnkit.attention(q, k, v, text, tensors, 0)
+    out = attnkit.attention(q, k, v, causal=True, sinks=sinks)
+    g_op = torch.autograd.grad(out_op.sum(), (q, k, v, sinks))
+    g = torch.autograd.grad(out.sum(), (q, k, v, sinks))
+    assert torch.equal(out_op, out)
+    for a, b in zip(g_op, g):
+        assert torch.equal(a, b)
+
+
 def test_opcheck():
     from attnkit import _spec
     q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
