@@ -2,18 +2,35 @@
 // argument, its value and the rule. On success, resolves the call into a core::Problem.
 #include <climits>
 #include <cmath>
-#include <sstream>
+#include <cstdio>
+#include <string>
+#include <type_traits>
 
 #include "core/problem.h"
 
 namespace attnkit::core {
 namespace {
 
+// Message text without iostreams: a toolchain that links parts of libstdc++ statically into an
+// extension module (seen with the GPU machine's g++ 13) can leave their locale uninitialized.
+void append(std::string& s, const std::string& x) { s += x; }
+void append(std::string& s, const char* x) { s += x; }
+template <class T>
+requires std::is_integral_v<T>
+void append(std::string& s, T x) { s += std::to_string(x); }
+template <class T>
+requires std::is_floating_point_v<T>
+void append(std::string& s, T x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", static_cast<double>(x));
+  s += buf;
+}
+
 template <class... A>
 Status fail(StatusCode code, const A&... parts) {
-  std::ostringstream os;
-  (os << ... << parts);
-  return Status(code, os.str());
+  std::string msg;
+  (append(msg, parts), ...);
+  return Status(code, std::move(msg));
 }
 #define ATTNKIT_RETURN_IF_ERROR(expr) \
   do {                                \
@@ -22,11 +39,9 @@ Status fail(StatusCode code, const A&... parts) {
   } while (0)
 
 std::string shape_str(const TensorView& t) {
-  std::ostringstream os;
-  os << "[";
-  for (int i = 0; i < t.ndim; ++i) os << (i ? ", " : "") << t.shape[i];
-  os << "]";
-  return os.str();
+  std::string s = "[";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + "]";
 }
 
 bool is_float(DType t) {
@@ -80,18 +95,14 @@ Status check_shape(const TensorView& t, const char* name, std::initializer_list<
     ++i;
   }
   if (ok) return {};
-  std::ostringstream os;
-  os << "[";
+  std::string rule = "[";
   i = 0;
   for (int64_t w : want) {
-    os << (i++ ? ", " : "");
-    if (w < 0)
-      os << "*";
-    else
-      os << w;
+    rule += i++ ? ", " : "";
+    rule += w < 0 ? std::string("*") : std::to_string(w);
   }
-  os << "]";
-  return fail(StatusCode::kInvalidArgument, name, ".shape = ", shape_str(t), ": must be ", os.str(),
+  rule += "]";
+  return fail(StatusCode::kInvalidArgument, name, ".shape = ", shape_str(t), ": must be ", rule,
               " (", what, ")");
 }
 
