@@ -72,8 +72,9 @@ int main(int argc, char** argv) {
   run->add_flag("--no-check", no_check, "skip the comparison with the float64 oracle");
   run->add_flag("--bnhd", bnhd, "BNHD layout");
   bool backward = false;
-  run->add_flag("--backward", backward,
-                "time the backward pass (GFLOP/s count 2.5x the forward FLOPs)");
+  run->add_flag(
+      "--backward", backward,
+      "time the backward pass with every gradient (GFLOP/s count 2.5x the forward FLOPs)");
   run->add_flag("--json", as_json, "print JSON");
   bool list_mechs = false;
   run->add_flag("--mechanisms", list_mechs, "list the mechanism names and exit");
@@ -128,6 +129,8 @@ int main(int argc, char** argv) {
                                 std::vector<int64_t>(x.view.shape, x.view.shape + x.view.ndim));
     };
     OwnedTensor go, dq, dk, dv;
+    AttentionGrads grads;
+    std::vector<OwnedTensor> extra;  // every learnable extra's gradient, as a trainer asks for
     if (backward) {
       Status s = attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
                                    o.row_stat.view, {}, op);
@@ -140,13 +143,19 @@ int main(int argc, char** argv) {
       dq = like(inst.q);
       dk = like(inst.k);
       dv = like(inst.v);
+      grads = {dq.view, dk.view, dv.view};
+      const std::vector<ExtraGrad> extras = extra_grads(inst.spec);
+      extra.reserve(extras.size());
+      for (const ExtraGrad& e : extras) {
+        extra.push_back(OwnedTensor::zeros(DType::kF32, e.shape));
+        grads.*e.member = extra.back().view;
+      }
     }
     std::vector<double> t;
     for (int r = 0; r <= reps; ++r) {
       const auto t0 = std::chrono::steady_clock::now();
       Status s = backward ? attention_backward(inst.q.view, inst.k.view, inst.v.view, o.out.view,
-                                               o.row_stat.view, go.view, inst.spec,
-                                               {dq.view, dk.view, dv.view}, op)
+                                               o.row_stat.view, go.view, inst.spec, grads, op)
                           : attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec,
                                               o.out.view, o.row_stat.view, {}, op);
       if (!s.ok()) {
