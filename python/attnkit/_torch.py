@@ -46,31 +46,34 @@ def _(q, k, v, spec, tensors, threads):
     return _outputs(q, v, _spec.decode_shapes(spec))
 
 
-def _attention_backward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, stat: torch.Tensor, grad_out: torch.Tensor,
-                           spec: str, tensors: List[torch.Tensor], needs: List[bool],
-                           threads: int) -> List[torch.Tensor]:
-    s = _spec.decode(spec, tensors, _raw)
-    names = _spec.tensor_names(spec)
+def _grads(q, k, v, out, stat, grad_out, raw_spec, tensors, names, needs, threads):
+    """The C++ backward: (dq, dk, dv) in the inputs' dtypes, and per spec tensor its gradient
+    (None where not asked for or not learnable)."""
     gdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     grads = {"dq": q.new_zeros(q.shape, dtype=gdt), "dk": k.new_zeros(k.shape, dtype=gdt),
              "dv": v.new_zeros(v.shape, dtype=gdt)}
-    extra = []
+    keys = []
     for t, name, need in zip(tensors, names, needs):
         g = _spec.GRAD_OF.get(name) if need else None
-        if g is None:
-            extra.append(None)
-            continue
-        grads[g] = t.new_zeros((1,) if name == "beta" else t.shape, dtype=gdt)
-        extra.append(g)
+        if g is not None:
+            grads[g] = t.new_zeros((1,) if name == "beta" else t.shape, dtype=gdt)
+        keys.append(g)
     grad_out = grad_out.contiguous()
     _spec.check(_ext.backward(_raw(q), _raw(k), _raw(v), _raw(out),
-                              _raw(stat) if stat.numel() > 0 else None, _raw(grad_out), s,
-                              {name: _raw(t) for name, t in grads.items()}, threads))
-    result = [grads["dq"].to(q.dtype), grads["dk"].to(k.dtype), grads["dv"].to(v.dtype)]
-    for t, g in zip(tensors, extra):
-        result.append(q.new_empty(0) if g is None else grads[g].reshape(t.shape).to(t.dtype))
-    return result
+                              _raw(stat) if stat.numel() > 0 else None, _raw(grad_out),
+                              raw_spec, {n: _raw(t) for n, t in grads.items()}, threads))
+    extras = [None if g is None else grads[g].reshape(t.shape).to(t.dtype)
+              for t, g in zip(tensors, keys)]
+    return (grads["dq"].to(q.dtype), grads["dk"].to(k.dtype), grads["dv"].to(v.dtype)), extras
+
+
+def _attention_backward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, stat: torch.Tensor, grad_out: torch.Tensor,
+                             spec: str, tensors: List[torch.Tensor], needs: List[bool],
+                             threads: int) -> List[torch.Tensor]:
+    dqkv, extras = _grads(q, k, v, out, stat, grad_out, _spec.decode(spec, tensors, _raw),
+                          tensors, _spec.tensor_names(spec), needs, threads)
+    return [*dqkv, *(q.new_empty(0) if g is None else g for g in extras)]
 
 
 _attention_backward_op = torch.library.custom_op("attnkit::attention_backward",
@@ -149,24 +152,9 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_stat):
         q, k, v, out, stat, *tensors = ctx.saved_tensors
         raw_spec, names, threads = ctx.call
-        needs = ctx.needs_input_grad[4:]
-        gdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        grads = {"dq": q.new_zeros(q.shape, dtype=gdt), "dk": k.new_zeros(k.shape, dtype=gdt),
-                 "dv": v.new_zeros(v.shape, dtype=gdt)}
-        keys = []
-        for t, name, need in zip(tensors, names, needs):
-            g = _spec.GRAD_OF.get(name) if need else None
-            if g is not None:
-                grads[g] = t.new_zeros((1,) if name == "beta" else t.shape, dtype=gdt)
-            keys.append(g)
-        grad_out = grad_out.contiguous()
-        _spec.check(_ext.backward(_raw(q), _raw(k), _raw(v), _raw(out),
-                                  _raw(stat) if stat.numel() > 0 else None, _raw(grad_out),
-                                  raw_spec, {n: _raw(t) for n, t in grads.items()}, threads))
-        extras = [None if g is None else grads[g].reshape(t.shape).to(t.dtype)
-                  for t, g in zip(tensors, keys)]
-        return (grads["dq"].to(q.dtype), grads["dk"].to(k.dtype), grads["dv"].to(v.dtype), None,
-                *extras)
+        dqkv, extras = _grads(q, k, v, out, stat, grad_out, raw_spec, tensors, names,
+                              ctx.needs_input_grad[4:], threads)
+        return (*dqkv, None, *extras)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Dict[str, Any],
