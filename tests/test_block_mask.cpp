@@ -19,7 +19,7 @@ core::BlockMask mask_of(const std::string& mech, Dims d, Instance& inst) {
   EXPECT_TRUE(core::validate_and_resolve(inst.q.view, inst.k.view, inst.v.view, inst.spec,
                                          o.out.view, {}, {}, {}, false, &p)
                   .ok());
-  return core::build_block_mask(p, 0, false, 2);
+  return core::build_block_mask(p, 0, 0, false, 2);
 }
 
 TEST(BlockMask, CausalVisitsTheLowerTriangle) {
@@ -181,8 +181,8 @@ TEST(BlockMask, BitsMatchElementRule) {
     ASSERT_TRUE(
         core::validate_and_resolve(q.view, q.view, q.view, spec, out.view, {}, {}, {}, false, &p)
             .ok());
-    const core::BlockMask bm = core::build_block_mask(p, 0, false, 1);
-    const MaskEval e = p.mask_eval(0);
+    const core::BlockMask bm = core::build_block_mask(p, 0, 0, false, 1);
+    const MaskEval e = p.mask_eval(0, 0);
     int64_t pairs = 0;
     for (int64_t t = 0; t < bm.q.num_tiles(); ++t) {
       const TileTokens qt = bm.q.tile(t);
@@ -209,6 +209,46 @@ TEST(BlockMask, BitsMatchElementRule) {
       for (int64_t j = 0; j < n; ++j) pairs += e.allowed(i, j);
     EXPECT_EQ(bm.allowed_pairs, pairs);
   }
+}
+
+// A per-head block map of 64-token blocks: each head visits exactly its nonzero cells, all full.
+TEST(BlockMask, BlockMapVisitsItsCellsPerHead) {
+  const int64_t n = 512, blocks = n / 64, hq = 3;
+  std::vector<int32_t> cells(hq * blocks * blocks);
+  for (size_t x = 0; x < cells.size(); ++x) cells[x] = (x * 7 + x / 5) % 3 == 0;
+  OwnedTensor map = OwnedTensor::from_ints(cells, {1, hq, blocks, blocks});
+  OwnedTensor q = random_tensor(DType::kF32, {1, hq, n, 16}, 1.0, 3);
+  OwnedTensor out = OwnedTensor::zeros(DType::kF32, {1, hq, n, 16});
+  AttentionSpec spec;
+  spec.mask = Mask::block_map(map.view, 64, 64);
+  core::Problem p;
+  ASSERT_TRUE(
+      core::validate_and_resolve(q.view, q.view, q.view, spec, out.view, {}, {}, {}, false, &p)
+          .ok());
+  ASSERT_TRUE(p.mask_per_head);
+  const core::BlockMaskSet set = core::build_block_masks(p, false, 1);
+  int64_t total = 0;
+  for (int64_t h = 0; h < hq; ++h) {
+    int64_t on = 0;
+    for (int64_t x = 0; x < blocks * blocks; ++x) on += cells[h * blocks * blocks + x];
+    const core::BlockMask& bm = set.of(0, h);
+    EXPECT_EQ(bm.visited_tiles, on) << h;
+    EXPECT_EQ(bm.full_tiles, on) << h;
+    EXPECT_EQ(bm.allowed_pairs, on * 64 * 64) << h;
+    total += bm.allowed_pairs;
+  }
+  EXPECT_EQ(core::allowed_pairs(p), total);
+}
+
+TEST(BlockMask, BlockMapShapeIsChecked) {
+  OwnedTensor map = OwnedTensor::from_ints(std::vector<int32_t>(2 * 3, 1), {1, 1, 2, 3});
+  OwnedTensor q = random_tensor(DType::kF32, {1, 2, 128, 16}, 1.0, 3);
+  OwnedTensor out = OwnedTensor::zeros(DType::kF32, {1, 2, 128, 16});
+  AttentionSpec spec;
+  spec.mask = Mask::block_map(map.view, 64, 64);  // needs [.., 2, 2]
+  const Status s = attention_forward(q.view, q.view, q.view, spec, out.view);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("block_map.shape"), std::string::npos) << s.message();
 }
 
 }  // namespace

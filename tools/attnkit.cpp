@@ -172,10 +172,7 @@ int main(int argc, char** argv) {
     (void)core::validate_and_resolve(inst.q.view, inst.k.view, inst.v.view, inst.spec, o.out.view,
                                      {}, {}, {}, false, &p)
         .ok();
-    int64_t pairs = 0;
-    for (int64_t b = 0; b < p.batch; ++b)
-      pairs += core::build_block_mask(p, b, false, 1).allowed_pairs;
-    pairs *= dims.hq;
+    const int64_t pairs = core::allowed_pairs(p);
     const double gflops =
         (backward ? 2.5 : 1.0) * 2.0 * pairs * double(dims.d + dims.dv) / (ms * 1e6);
     double rel = -1;

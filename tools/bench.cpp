@@ -71,7 +71,7 @@ struct Record {
   bool bwd = false;
 };
 
-// Allowed pairs of the instance (exact, from its BlockMask), over all batch elements.
+// Allowed pairs of the instance (exact, from its BlockMasks), over all batch elements and heads.
 int64_t allowed_pairs(const Instance& inst) {
   Outputs o = make_outputs(inst, false);
   core::Problem p;
@@ -79,10 +79,7 @@ int64_t allowed_pairs(const Instance& inst) {
                                   {}, {}, false, &p)
            .ok())
     return 0;
-  int64_t pairs = 0;
-  for (int64_t b = 0; b < p.batch; ++b)
-    pairs += core::build_block_mask(p, b, false, 1).allowed_pairs;
-  return pairs;
+  return core::allowed_pairs(p);
 }
 
 // One benchmark case with its inputs, timed in rounds with the others of its thread count.
@@ -138,7 +135,7 @@ bool run_once(Case& c) {
 
 Record finish(Case& c, double sgemm) {
   Record r;
-  const int64_t pairs = allowed_pairs(c.inst) * c.dims.hq;
+  const int64_t pairs = allowed_pairs(c.inst);
   r.mechanism = c.mech;
   r.dtype = dtype_name(c.dtype);
   r.d = c.dims;

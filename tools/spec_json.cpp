@@ -131,6 +131,17 @@ Mask parse_mask(const json& m, Instance& inst, std::string& err, const json* who
         OwnedTensor& tk = segments(inst, "segments_k" + tag, s.at("segments_k"));
         return Mask::document(tq.view, tk.view, s.value("causal", false));
       }
+      if (kind == "block_map") {  // a random half of the blocks, per batch element and head
+        const int64_t bq = s.value("block_q", 64), bk = s.value("block_k", 64);
+        const Dims& d = inst.dims;
+        const int64_t rows = (d.nq + bq - 1) / bq, cols = (d.nk + bk - 1) / bk;
+        std::mt19937 rng(static_cast<uint32_t>(s.value("seed", 1234)));
+        std::vector<int32_t> cells(d.batch * d.hq * rows * cols);
+        for (int32_t& c : cells) c = static_cast<int32_t>(rng() & 1);
+        OwnedTensor& t =
+            put(inst, "block_map", OwnedTensor::from_ints(cells, {d.batch, d.hq, rows, cols}));
+        return Mask::block_map(t.view, bq, bk);
+      }
       if (kind == "block_attention") {
         OwnedTensor& t =
             segments(inst, "segments" + std::to_string(inst.extras.size()), s.at("segments"));
@@ -282,6 +293,7 @@ std::vector<std::string> mechanism_names() {
           "and_causal_document",
           "or_window_chunked",
           "not_causal",
+          "block_map",
           "softcap",
           "alibi",
           "alibi_symmetric",
@@ -378,6 +390,8 @@ json mechanism_spec(const std::string& name, const Dims& d) {
     return {{"mask", "or"},
             {"of", {{{"sliding_window", {window / 4, window / 4}}}, {{"chunked", window}}}}};
   if (name == "not_causal") return {{"mask", "not"}, {"of", "causal"}};
+  if (name == "block_map")  // per-head block-sparse map, 16 x 32 token blocks (not tile-aligned)
+    return {{"mask", "block_map"}, {"block_q", 16}, {"block_k", 32}};
   if (name == "softcap") return {{"mask", "causal"}, {"score_mod", {{"softcap", 5.0}}}};
   if (name == "alibi") return {{"mask", "causal"}, {"score_mod", {{"alibi", "default"}}}};
   if (name == "alibi_symmetric")

@@ -29,6 +29,7 @@ enum class MaskKind : uint8_t {
   kAnd,
   kOr,
   kNot,
+  kBlockMap,
 };
 const char* mask_kind_name(MaskKind k);
 
@@ -49,6 +50,8 @@ struct MaskNode {
   int32_t globals_begin = 0, globals_count = 0;
   // document / block-attention: indices into Mask::segments (-1: none)
   int32_t seg_q = -1, seg_k = -1;
+  // block map: index into Mask::block_maps (-1: none); a = query block, b = key block
+  int32_t map = -1;
   // children of and / or / not (indices into Mask::nodes)
   int32_t child0 = -1, child1 = -1;
 };
@@ -73,6 +76,11 @@ class Mask {
                            std::vector<int64_t> dilation = {}, std::vector<bool> causal = {});
   static Mask maxvit_block(int64_t height, int64_t width, int64_t window);
   static Mask maxvit_grid(int64_t height, int64_t width, int64_t grid);
+  // A block-sparse map (MECHANISMS.md 2.1, as a selection algorithm such as MoBA or
+  // SeerAttention produces it): int32 [B or 1, Hq or 1, ceil(Nq / block_q), ceil(Nk / block_k)],
+  // nonzero where query block i / block_q may see key block j / block_k. Per batch element and
+  // head.
+  static Mask block_map(TensorView map, int64_t block_q = 64, int64_t block_k = 64);
 
   friend Mask operator&(const Mask& x, const Mask& y);
   friend Mask operator|(const Mask& x, const Mask& y);
@@ -82,6 +90,7 @@ class Mask {
   std::vector<MaskNode> nodes{MaskNode{}};
   std::vector<int64_t> globals;
   std::vector<TensorView> segments;
+  std::vector<TensorView> block_maps;
 };
 
 enum class AlibiMode : uint8_t { kOff, kCausal, kSymmetric };

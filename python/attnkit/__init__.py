@@ -13,9 +13,10 @@ import sys as _sys
 
 from . import masks, normalizers, score_mods
 from ._api import attention, attention_backward, cpu_simd_target, support_matrix
+from .masks import BlockMask
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_backward", "masks", "normalizers", "score_mods",
+__all__ = ["attention", "attention_backward", "BlockMask", "masks", "normalizers", "score_mods",
            "support_matrix", "cpu_simd_target"]
 
 if "torch" in _sys.modules:  # register the custom ops now (torch.compile then sees no import)

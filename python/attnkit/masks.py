@@ -165,5 +165,22 @@ class MaxViTGrid(Mask):
         return ("maxvit_grid",) + self.args
 
 
+class BlockMask(Mask):
+    """A block-sparse map (MECHANISMS.md 2.1), as MoBA or SeerAttention select it: int32
+    ``[B or 1, Hq or 1, ceil(Nq / block_q), ceil(Nk / block_k)]``, nonzero where query block
+    ``i // block_q`` may see key block ``j // block_k``. Per batch element and head; combine it
+    with other masks (``BlockMask(m) & Causal()``). Work follows the allowed blocks."""
+
+    def __init__(self, block_map: Any, block_size: Any = 64):
+        bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
+        self.block_map, self.block_q, self.block_k = block_map, int(bq), int(bk)
+
+    def _node(self):
+        return ("block_map", self.block_map, self.block_q, self.block_k)
+
+    def __repr__(self) -> str:
+        return f"BlockMask(block_size=({self.block_q}, {self.block_k}))"
+
+
 __all__ = ["Mask", "NoMask", "Causal", "SlidingWindow", "GlobalWindow", "Chunked", "Document",
-           "BlockAttention", "PrefixLM", "Neighborhood", "MaxViTBlock", "MaxViTGrid"]
+           "BlockAttention", "PrefixLM", "Neighborhood", "MaxViTBlock", "MaxViTGrid", "BlockMask"]

@@ -131,6 +131,7 @@ struct Call {
       return Mask::neighborhood(ints(1), ints(2), ints(3), nb::cast<std::vector<bool>>(n[4]));
     if (kind == "maxvit_block") return Mask::maxvit_block(i64(1), i64(2), i64(3));
     if (kind == "maxvit_grid") return Mask::maxvit_grid(i64(1), i64(2), i64(3));
+    if (kind == "block_map") return Mask::block_map(view(n[1], "block_map"), i64(2), i64(3));
     if (kind == "and") return mask(n[1]) & mask(n[2]);
     if (kind == "or") return mask(n[1]) | mask(n[2]);
     if (kind == "not") return !mask(n[1]);

@@ -59,6 +59,10 @@ def spec_cases(n, hq, dv):
         "block_attention": dict(mask=masks.BlockAttention(ids)),
         "prefix_lm": dict(mask=masks.PrefixLM(n // 3)),
         "neighborhood": dict(mask=masks.Neighborhood((6, n // 6), (3, 3))),
+        "block_map": dict(mask=attnkit.BlockMask(
+            (RNG.random((2, hq, -(-n // 8), -(-n // 16))) < 0.5).astype(np.int32), (8, 16))),
+        "block_map_causal": dict(mask=masks.BlockMask(
+            (RNG.random((1, 1, 3, 3)) < 0.7).astype(np.int32), 12) & masks.Causal()),
         "softcap": dict(causal=True, score_mod=score_mods.Softcap(5.0)),
         "alibi": dict(causal=True, score_mod=score_mods.ALiBi()),
         "alibi_slopes": dict(score_mod=score_mods.ALiBi(rand(hq) ** 2, symmetric=True)),
@@ -134,7 +138,8 @@ def test_row_stats_per_normalizer():
     assert rms.shape == (1, 2, 16) and (rms > 0).all()
 
 
-@pytest.mark.parametrize("name", ["causal", "bias", "sink", "gate", "alibi_slopes", "sigmoid",
+@pytest.mark.parametrize("name", ["causal", "block_map", "bias", "sink", "gate", "alibi_slopes",
+                                  "sigmoid",
                                   "t5", "forget", "low_rank", "rela", "kernel"])
 def test_backward_against_oracle(name):
     b, hq, hk, n, d, dv = 2, 4, 2, 36, 32, 24

@@ -65,6 +65,8 @@ def _cases(n, h, dv):
     return {
         "causal": lambda: dict(causal=True),
         "document_window": lambda: dict(mask=masks.Document(ids) & masks.SlidingWindow(2, 1)),
+        "block_map": lambda: dict(mask=attnkit.BlockMask(
+            torch.tensor([[[[1, 0], [1, 1]], [[0, 1], [1, 0]]]], dtype=torch.int32), 3)),
         "bias": lambda: dict(score_mod=score_mods.Bias(p(1, h, n, n))),
         "sinks": lambda: dict(causal=True, sinks=p(h)),
         "softcap_alibi_slopes": lambda: dict(causal=True, score_mod=[

@@ -76,9 +76,10 @@ bool block_mask_per_batch(const Problem& p) {
   return false;
 }
 
-BlockMask build_block_mask(const Problem& p, int64_t b, bool count_rows, int num_threads) {
+BlockMask build_block_mask(const Problem& p, int64_t b, int64_t h, bool count_rows,
+                           int num_threads) {
   const Sequence& s = p.seqs[b];
-  const MaskEval eval = p.mask_eval(b);
+  const MaskEval eval = p.mask_eval(b, h);
   BlockMask bm;
   const MaskNode* g = grid_node(p.spec->mask);
   bm.q = g ? grid_tiling(*g) : linear_tiling(s.nq);
@@ -169,16 +170,30 @@ BlockMask build_block_mask(const Problem& p, int64_t b, bool count_rows, int num
 
 BlockMaskSet build_block_masks(const Problem& p, bool count_rows, int num_threads) {
   BlockMaskSet set;
-  if (block_mask_per_batch(p)) {
-    for (int64_t b = 0; b < p.batch; ++b) {
-      set.masks.push_back(build_block_mask(p, b, count_rows, num_threads));
-      set.mask_of_batch.push_back(static_cast<int32_t>(b));
+  set.hq = p.hq;
+  const bool per_batch = block_mask_per_batch(p);
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.hq; ++h) {
+      if ((b == 0 || per_batch) && (h == 0 || p.mask_per_head)) {
+        set.masks.push_back(build_block_mask(p, b, h, count_rows, num_threads));
+        set.mask_of.push_back(static_cast<int32_t>(set.masks.size() - 1));
+      } else {  // the same mask as an earlier (batch, head)
+        set.mask_of.push_back(set.mask_of[(per_batch ? b : 0) * p.hq + (p.mask_per_head ? h : 0)]);
+      }
     }
-  } else {
-    set.masks.push_back(build_block_mask(p, 0, count_rows, num_threads));
-    set.mask_of_batch.assign(p.batch, 0);
-  }
   return set;
+}
+
+int64_t allowed_pairs(const Problem& p) {
+  int64_t pairs = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (!p.mask_per_head) {
+      pairs += p.hq * build_block_mask(p, b, 0, false, 1).allowed_pairs;
+      continue;
+    }
+    for (int64_t h = 0; h < p.hq; ++h) pairs += build_block_mask(p, b, h, false, 1).allowed_pairs;
+  }
+  return pairs;
 }
 
 }  // namespace attnkit::core

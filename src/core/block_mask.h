@@ -38,17 +38,25 @@ struct BlockMask {
   int64_t allowed_pairs = 0;  // exact count of allowed (i, j)
 };
 
-// The BlockMasks of a call: one per batch element when masks differ across the batch (segment
-// ids of shape [B, N], varlen sequences of different lengths), else one shared.
+// The BlockMasks of a call: one per (batch element, query head) when the mask differs across
+// heads (a block map per head), one per batch element when it differs across the batch (segment
+// ids of shape [B, N], varlen sequences of different lengths), else one shared. All the masks
+// of one batch element share its tilings.
 struct BlockMaskSet {
   std::vector<BlockMask> masks;
-  std::vector<int32_t> mask_of_batch;
-  const BlockMask& of(int64_t b) const { return masks[mask_of_batch[b]]; }
+  std::vector<int32_t> mask_of;  // [b * hq + h] -> index into masks
+  int64_t hq = 1;
+  int32_t index(int64_t b, int64_t h) const { return mask_of[b * hq + h]; }
+  const BlockMask& of(int64_t b, int64_t h) const { return masks[index(b, h)]; }
 };
 BlockMaskSet build_block_masks(const Problem& p, bool count_rows, int num_threads);
 
-// Builds the BlockMask of batch element b. `count_rows` fills allowed_keys.
-BlockMask build_block_mask(const Problem& p, int64_t b, bool count_rows, int num_threads);
+// Builds the BlockMask of batch element b, query head h. `count_rows` fills allowed_keys.
+BlockMask build_block_mask(const Problem& p, int64_t b, int64_t h, bool count_rows,
+                           int num_threads);
+
+// The allowed (query, key) pairs of the whole call, every batch element and query head.
+int64_t allowed_pairs(const Problem& p);
 
 // Which batch elements share a BlockMask: index of the mask to use for each batch element.
 bool block_mask_per_batch(const Problem& p);

@@ -17,16 +17,19 @@ int32_t graft(Mask& dst, const Mask& src) {
   const int32_t base = static_cast<int32_t>(dst.nodes.size());
   const int32_t gbase = static_cast<int32_t>(dst.globals.size());
   const int32_t sbase = static_cast<int32_t>(dst.segments.size());
+  const int32_t mbase = static_cast<int32_t>(dst.block_maps.size());
   for (MaskNode n : src.nodes) {
     if (n.child0 >= 0) n.child0 += base;
     if (n.child1 >= 0) n.child1 += base;
     if (n.seg_q >= 0) n.seg_q += sbase;
     if (n.seg_k >= 0) n.seg_k += sbase;
+    if (n.map >= 0) n.map += mbase;
     n.globals_begin += gbase;
     dst.nodes.push_back(n);
   }
   dst.globals.insert(dst.globals.end(), src.globals.begin(), src.globals.end());
   dst.segments.insert(dst.segments.end(), src.segments.begin(), src.segments.end());
+  dst.block_maps.insert(dst.block_maps.end(), src.block_maps.begin(), src.block_maps.end());
   return base;
 }
 
@@ -91,6 +94,12 @@ Mask Mask::maxvit_block(int64_t height, int64_t width, int64_t window) {
 }
 Mask Mask::maxvit_grid(int64_t height, int64_t width, int64_t grid) {
   return leaf({.kind = MaskKind::kMaxvitGrid, .a = grid, .ndim = 2, .shape = {height, width, 1}});
+}
+Mask Mask::block_map(TensorView map, int64_t block_q, int64_t block_k) {
+  Mask m = leaf({.kind = MaskKind::kBlockMap, .a = block_q, .b = block_k});
+  m.nodes[0].map = 0;
+  m.block_maps = {map};
+  return m;
 }
 
 Mask operator&(const Mask& x, const Mask& y) { return combine(MaskKind::kAnd, &x, &y); }

@@ -75,6 +75,8 @@ const char* mask_kind_name(MaskKind k) {
       return "maxvit_block";
     case MaskKind::kMaxvitGrid:
       return "maxvit_grid";
+    case MaskKind::kBlockMap:
+      return "block_map";
     case MaskKind::kAnd:
       return "and";
     case MaskKind::kOr:

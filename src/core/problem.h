@@ -57,11 +57,16 @@ struct Problem {
   // Mask data: SegmentIds for each batch element (batch x mask.segments.size()).
   std::vector<SegmentIds> segment_ids;
   bool mask_per_batch = false;  // the mask reads per-batch data (segment ids of shape [B, N])
-  MaskEval mask_eval(int64_t b) const {
+  // Block maps for each (batch element, query head): (b * hq + h) x mask.block_maps.size().
+  std::vector<BlockMapView> block_maps;
+  bool mask_per_head = false;  // the mask reads per-head data (a block map with Hq > 1)
+  MaskEval mask_eval(int64_t b, int64_t h) const {
     MaskEval e;
     e.nodes = spec->mask.nodes.data();
     e.globals = spec->mask.globals.data();
     e.segments = segment_ids.empty() ? nullptr : &segment_ids[b * spec->mask.segments.size()];
+    e.maps =
+        block_maps.empty() ? nullptr : &block_maps[(b * hq + h) * spec->mask.block_maps.size()];
     e.offset = seqs[b].offset;
     return e;
   }

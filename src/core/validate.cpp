@@ -293,6 +293,28 @@ Status check_mask(const AttentionSpec& spec, const Problem& p) {
                         ": both must equal the grid size");
         break;
       }
+      case MaskKind::kBlockMap: {
+        if (n.a < 1 || n.b < 1)
+          return fail(StatusCode::kInvalidArgument, "block_map block sizes (", n.a, ", ", n.b,
+                      "): must be >= 1");
+        if (n.map < 0 || n.map >= static_cast<int32_t>(m.block_maps.size()))
+          return fail(StatusCode::kInvalidArgument, "block_map mask node ", id,
+                      " has no map tensor");
+        if (p.varlen)
+          return fail(StatusCode::kNotImplemented,
+                      "block_map with cu_seqlens is not supported (give one map per batch "
+                      "element of a padded batch)");
+        const TensorView& t = m.block_maps[n.map];
+        ATTNKIT_RETURN_IF_ERROR(check_tensor(t, "block_map", false));
+        ATTNKIT_RETURN_IF_ERROR(check_dtype(t, "block_map", DType::kI32));
+        const int64_t rows = (p.max_nq + n.a - 1) / n.a, cols = (p.max_nk + n.b - 1) / n.b;
+        if (t.ndim != 4 || (t.shape[0] != 1 && t.shape[0] != p.batch) ||
+            (t.shape[1] != 1 && t.shape[1] != p.hq) || t.shape[2] != rows || t.shape[3] != cols)
+          return fail(StatusCode::kInvalidArgument, "block_map.shape = ", shape_str(t),
+                      ": must be [B or 1, Hq or 1, ", rows, ", ", cols,
+                      "] (ceil(Nq / block_q), ceil(Nk / block_k))");
+        break;
+      }
       case MaskKind::kAnd:
       case MaskKind::kOr:
         if (bad_child(n.child0) || bad_child(n.child1) || n.child0 <= static_cast<int32_t>(id) ||
@@ -648,6 +670,23 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
         for (int64_t i = 0; i < r.max_nq; ++i)
           s.last = s.q[i * s.q_stride] > s.last ? s.q[i * s.q_stride] : s.last;
       }
+    }
+  }
+  if (!m.block_maps.empty()) {
+    const size_t maps = m.block_maps.size();
+    r.block_maps.assign(r.batch * r.hq * maps, BlockMapView{});
+    for (size_t x = 0; x < maps; ++x) {
+      const TensorView& t = m.block_maps[x];
+      r.mask_per_batch = r.mask_per_batch || t.shape[0] > 1;
+      r.mask_per_head = r.mask_per_head || t.shape[1] > 1;
+      for (int64_t b = 0; b < r.batch; ++b)
+        for (int64_t h = 0; h < r.hq; ++h) {
+          BlockMapView& v = r.block_maps[(b * r.hq + h) * maps + x];
+          v.data = static_cast<const int32_t*>(t.data) + (t.shape[0] > 1 ? b * t.strides[0] : 0) +
+                   (t.shape[1] > 1 ? h * t.strides[1] : 0);
+          v.sr = t.strides[2];
+          v.sc = t.strides[3];
+        }
     }
   }
   r.num_threads = options.num_threads;

@@ -82,7 +82,7 @@ struct BwdCall {
   std::vector<double> dc;  // forget gate, d c = d(prefix sums of log f): [b][hq][max_nk]
   std::vector<std::vector<int64_t>> row_groups;  // pass B: (b * hq + h) sharing a dbias slice
 
-  const core::BlockMask& mask(int64_t b) const { return masks.of(b); }
+  const core::BlockMask& mask(int64_t b, int64_t h) const { return masks.of(b, h); }
   int64_t unit(int64_t b, int64_t h) const {
     return b * units_per_batch + (lowrank ? h : h / p->group);
   }
@@ -161,7 +161,7 @@ void pack_tile(BwdCall& c, int64_t unit, int64_t t) {
   const core::Problem& p = *c.p;
   const int64_t b = unit / c.units_per_batch, u = unit % c.units_per_batch;
   const int64_t hk = c.lowrank ? u / p.group : u;
-  const core::BlockMask& bm = c.mask(b);
+  const core::BlockMask& bm = c.mask(b, 0);  // the tilings of b are the same for every head
   if (t >= bm.k.num_tiles()) return;
   const TileTokens kt = bm.k.tile(t);
   float *kT = c.k_t(unit, t), *vT = c.v_t(unit, t), *kr = c.k_rows(unit, t);
@@ -220,7 +220,7 @@ void row_grads(const BwdCall& c, float* HWY_RESTRICT sr, float* HWY_RESTRICT dr,
   } else if constexpr (kNorm == NormalizerKind::kKernel) {
     const float l = c.stat(b, h, i);
     inv_l = l > 0.f ? 1.f / l : 0.f;
-    if (norm.length_scale) ls = length_scale<float>(c.mask(b).allowed_keys[i]);
+    if (norm.length_scale) ls = length_scale<float>(c.mask(b, h).allowed_keys[i]);
   } else {
     inv_l = 1.f;
   }
@@ -299,7 +299,7 @@ void tile_grads(BwdCall& c, BwdScratch& w, int64_t b, int64_t h, const TileToken
   float *S = w.s.get(), *dP = w.dp.get();
   gemm(w.q.get(), c.d_pad, c.k_t(unit, ent.k_tile), kTile, c.d_eff, S, kTile, qt.count, kTile,
        nullptr, false);
-  score_tile<kMods>(S, mods, p.seqs[b].offset, qt, kt, c.mask(b), ent, nullptr, nullptr);
+  score_tile<kMods>(S, mods, p.seqs[b].offset, qt, kt, c.mask(b, h), ent, nullptr, nullptr);
   gemm(w.dout.get(), c.dv_pad, c.v_t(unit, ent.k_tile), kTile, p.dv, dP, kTile, qt.count, kTile,
        nullptr, false);
   for (int64_t r = 0; r < qt.count; ++r)
@@ -342,9 +342,8 @@ void row_extras(BwdCall& c, const float* dT, int64_t b, int64_t h, const TileTok
 template <NormalizerKind kNorm, bool kMods>
 void key_tile(BwdCall& c, BwdScratch& w, int64_t b, int64_t hk, int64_t u) {
   const core::Problem& p = *c.p;
-  const core::BlockMask& bm = c.mask(b);
-  if (u >= bm.k.num_tiles()) return;
-  const TileTokens kt = bm.k.tile(u);
+  if (u >= c.mask(b, 0).k.num_tiles()) return;
+  const TileTokens kt = c.mask(b, 0).k.tile(u);  // the tilings of b are the same for every head
   const TensorView& dw = c.grads->dlow_rank_w;
   float *dK = w.acc0.get(), *dV = w.acc1.get();
   std::fill(dK, dK + kTile * c.d_pad, 0.f);
@@ -353,7 +352,8 @@ void key_tile(BwdCall& c, BwdScratch& w, int64_t b, int64_t hk, int64_t u) {
     const int64_t h = hk * p.group + g, unit = c.unit(b, h);
     ScoreModEval<float> mods;
     if constexpr (kMods) mods = core::resolve_score_mods(p, c.tables[b], b, h, false);
-    for (const Visit& vis : c.by_key[c.masks.mask_of_batch[b]][u]) {
+    const core::BlockMask& bm = c.mask(b, h);
+    for (const Visit& vis : c.by_key[c.masks.index(b, h)][u]) {
       const TileTokens qt = bm.q.tile(vis.q_tile);
       pack_rows(c, w, b, h, qt);
       tile_grads<kNorm, kMods>(c, w, b, h, qt, kt, bm.entries[vis.entry], unit, mods, nullptr);
@@ -395,7 +395,7 @@ template <NormalizerKind kNorm, bool kMods>
 void query_tile(BwdCall& c, BwdScratch& w, int64_t b, int64_t h, int64_t t) {
   const core::Problem& p = *c.p;
   const AttentionGrads& g = *c.grads;
-  const core::BlockMask& bm = c.mask(b);
+  const core::BlockMask& bm = c.mask(b, h);
   if (t >= bm.q.num_tiles()) return;
   const TileTokens qt = bm.q.tile(t);
   const int64_t unit = c.unit(b, h);

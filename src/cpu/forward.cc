@@ -63,7 +63,7 @@ struct FwdCall {
   std::vector<float> lse;  // [B][Hq][max_nq] when column mass is asked for
   int threads = 1;
 
-  const core::BlockMask& mask(int64_t b) const { return masks.of(b); }
+  const core::BlockMask& mask(int64_t b, int64_t h) const { return masks.of(b, h); }
   float* k_tile(int64_t unit, int64_t t) {
     return packed + (unit - unit_begin) * unit_floats + t * k_tile_floats;
   }
@@ -102,7 +102,7 @@ void pack_kv(FwdCall& c, int64_t unit, int64_t t) {
   const int64_t b = unit / c.units_per_batch, u = unit % c.units_per_batch;
   const int64_t hk = c.lowrank ? u / p.group : u;
   const core::Sequence& s = p.seqs[b];
-  const core::BlockMask& bm = c.mask(b);
+  const core::BlockMask& bm = c.mask(b, 0);  // the tilings of b are the same for every head
   if (t >= bm.k.num_tiles()) return;
   const TileTokens kt = bm.k.tile(t);
   float* kp = c.k_tile(unit, t);
@@ -145,7 +145,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
   const AttentionSpec& spec = *p.spec;
   const Normalizer& norm = spec.normalizer;
   const core::Sequence& s = p.seqs[b];
-  const core::BlockMask& bm = c.mask(b);
+  const core::BlockMask& bm = c.mask(b, h);
   const TileTokens qt = bm.q.tile(t);
   const int64_t rows = qt.count;
   const int64_t unit = b * c.units_per_batch + (c.lowrank ? h : h / p.group);
@@ -318,7 +318,7 @@ template <bool kMods>
 void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<double>& mass) {
   const core::Problem& p = *c.p;
   const core::Sequence& s = p.seqs[b];
-  const core::BlockMask& bm = c.mask(b);
+  const core::BlockMask& bm = c.mask(b, h);
   const int64_t unit = b * c.units_per_batch + (c.lowrank ? h : h / p.group);
   const DF d;
   const size_t N = hn::Lanes(d);
@@ -369,7 +369,7 @@ void run_packed(FwdCall& c, std::vector<std::unique_ptr<Scratch>>& scratch, int6
     const int64_t t = task % qtiles;
     const int64_t h = (task / qtiles) % p.hq;
     const int64_t b = batch_begin + task / (qtiles * p.hq);
-    if (t < c.mask(b).q.num_tiles()) attend_tile<kNorm, kMods>(c, *scratch[worker], b, h, t);
+    if (t < c.mask(b, 0).q.num_tiles()) attend_tile<kNorm, kMods>(c, *scratch[worker], b, h, t);
   });
   if constexpr (is_softmax_family(kNorm)) {
     if (!p.col_mass.defined()) return;

@@ -51,6 +51,7 @@ constexpr Mech kTier1[] = {
     {"varlen", "layout", true},
     {"dv_ne_d", "layout", true},
     {"block_sparse", "sparse", true},
+    {"block_map", "sparse", true},
 };
 }  // namespace
 
@@ -58,7 +59,7 @@ std::vector<SupportRow> support_matrix() {
   std::vector<SupportRow> rows;
   for (const Mech& m : kTier1) {
     // The oracle computes every mask densely (no block-sparse execution), forward and backward.
-    if (std::string(m.category) != "sparse")
+    if (std::string(m.name) != "block_sparse")
       rows.push_back(
           {m.name, m.category, "reference", true, true, {"fp32", "bf16", "fp16", "fp64"}});
     rows.push_back({m.name, m.category, "cpu", true, m.cpu_backward, {"fp32", "bf16", "fp16"}});

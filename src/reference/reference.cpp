@@ -25,7 +25,7 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
   HeadForward f;
   const int64_t nq = f.nq = s.nq, nk = f.nk = s.nk;
   f.hk = h / p.group;
-  const MaskEval mask = p.mask_eval(b);
+  const MaskEval mask = p.mask_eval(b, h);
   f.mods = core::resolve_score_mods(p, tables, b, h, true);
 
   auto widen = [&](const core::RowOperand& x, int64_t head, int64_t start, int64_t n, int64_t dim) {

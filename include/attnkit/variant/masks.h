@@ -39,11 +39,18 @@ struct TileTokens {
   ATTNKIT_HD int64_t at(int64_t t) const { return tokens ? tokens[t] : start + t; }
 };
 
-// Everything the mask hooks read, for one batch element and one sequence.
+// A block map of one (batch element, query head), resolved to memory.
+struct BlockMapView {
+  const int32_t* data = nullptr;  // cell (r, c) at data[r * sr + c * sc]
+  int64_t sr = 0, sc = 1;
+};
+
+// Everything the mask hooks read, for one batch element, query head and sequence.
 struct MaskEval {
   const MaskNode* nodes = nullptr;
   const int64_t* globals = nullptr;
   const SegmentIds* segments = nullptr;  // indexed by MaskNode::seg_q
+  const BlockMapView* maps = nullptr;    // indexed by MaskNode::map
   int64_t offset = 0;                    // aligned query index i' = i + offset
 
   ATTNKIT_HD bool is_global(const MaskNode& n, int64_t x) const {
@@ -134,6 +141,10 @@ struct MaskEval {
         coords(n, j, ck);
         const int64_t ph = n.shape[0] / n.a, pw = n.shape[1] / n.a;
         return cq[0] % ph == ck[0] % ph && cq[1] % pw == ck[1] % pw;
+      }
+      case MaskKind::kBlockMap: {
+        const BlockMapView& m = maps[n.map];
+        return m.data[(i / n.a) * m.sr + (j / n.b) * m.sc] != 0;
       }
       case MaskKind::kAnd:
         return allowed(n.child0, i, j) && allowed(n.child1, i, j);
@@ -290,6 +301,17 @@ struct MaskEval {
       }
       case MaskKind::kMaxvitGrid:
         return TileClass::kPartial;
+      case MaskKind::kBlockMap: {  // every cell the tile pair touches (query index, not aligned)
+        const BlockMapView& m = maps[n.map];
+        bool any = false, all = true;
+        for (int64_t r = qt.lo / n.a; r <= qt.hi / n.a; ++r)
+          for (int64_t c = klo / n.b; c <= khi / n.b; ++c) {
+            const bool on = m.data[r * m.sr + c * m.sc] != 0;
+            any = any || on;
+            all = all && on;
+          }
+        return !any ? TileClass::kEmpty : all ? TileClass::kFull : TileClass::kPartial;
+      }
       case MaskKind::kAnd:
         return both(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
       case MaskKind::kOr:
