@@ -210,21 +210,18 @@ void row_grads(const BwdCall& c, float* HWY_RESTRICT sr, float* HWY_RESTRICT dr,
   const DF d;
   const size_t N = hn::Lanes(d);
   const VF zero = hn::Zero(d), one = hn::Set(d, 1.f), ninf = hn::Set(d, kNegInf);
-  float lse = 0.f, inv_l = 0.f, ls = 1.f;
+  float lse = 0.f, inv_l = 1.f, ls = 1.f;
+  bool empty = false;  // a row with no allowed key (no weight at all): no gradient
   if constexpr (is_softmax_family(kNorm)) {
     lse = c.stat(b, h, i);
-    if (lse == kNegInf)
-      inv_l = 0.f;  // a row with no allowed key: no gradient
-    else
-      inv_l = 1.f;
+    empty = lse == kNegInf;
   } else if constexpr (kNorm == NormalizerKind::kKernel) {
     const float l = c.stat(b, h, i);
-    inv_l = l > 0.f ? 1.f / l : 0.f;
+    empty = !(l > 0.f);
+    inv_l = empty ? 0.f : 1.f / l;
     if (norm.length_scale) ls = length_scale<float>(c.mask(b, h).allowed_keys[i]);
-  } else {
-    inv_l = 1.f;
   }
-  if (inv_l == 0.f) {
+  if (empty) {
     std::fill(sr, sr + kTile, 0.f);
     std::fill(dr, dr + kTile, 0.f);
     return;
