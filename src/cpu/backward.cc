@@ -28,6 +28,7 @@
 // makes 7 tile GEMMs per visited tile pair against the 5 of a single pass with atomics.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 // Highway's per-target compilation: the order of these includes matters.
@@ -315,15 +316,30 @@ void row_extras(BwdCall& c, const float* dT, int64_t b, int64_t h, const TileTok
                                              (db.shape[1] == 1 ? 0 : h) * db.strides[1]
                                        : 0;
   const bool slopes = g.dalibi_slopes.defined(), table = g.drelative_table.defined();
+  // dbias rows on vectors: an fp32 dbias with unit key stride and a run of consecutive keys.
+  const bool bias_rows =
+      db.defined() && db.dtype == DType::kF32 && db.strides[3] == 1 && !kt.tokens;
+  const bool per_element = (db.defined() && !bias_rows) || slopes || table || !c.dc.empty();
+  const DF d;
+  const size_t N = hn::Lanes(d);
   for (int64_t r = 0; r < qt.count; ++r) {
     const int64_t i = qt.at(r), ia = i + offset;
     const float* row = dT + r * kTile;
+    if (bias_rows) {
+      float* dst = static_cast<float*>(db.data) + db_base + i * db.strides[2] + kt.start;
+      int64_t x = 0;
+      for (; x + static_cast<int64_t>(N) <= kt.count; x += N)
+        hn::StoreU(hn::Add(hn::LoadU(d, dst + x), hn::LoadU(d, row + x)), d, dst + x);
+      for (; x < kt.count; ++x) dst[x] += row[x];
+    }
+    if (!per_element) continue;
     double sum = 0;
     for (int64_t x = 0; x < kt.count; ++x) {
       const double v = row[x];
       if (v == 0) continue;
       const int64_t j = kt.at(x);
-      if (db.defined()) add_at(db, db_base + i * db.strides[2] + j * db.strides[3], v);
+      if (db.defined() && !bias_rows)
+        add_at(db, db_base + i * db.strides[2] + j * db.strides[3], v);
       if (slopes)
         part[kPartSlopes] -=
             v * static_cast<double>(mods.alibi == AlibiMode::kCausal ? ia - j
@@ -582,15 +598,20 @@ Status BackwardImpl(const core::Problem& p, const core::GradOperands& g,
 
   // The extras' accumulators; dbias is summed into in place, so it starts at zero.
   const TensorView& db = grads.dbias;
-  if (db.defined())
+  if (db.defined()) {
+    const int es = dtype_size(db.dtype);  // fp32 or fp64: zero bits are 0.0 either way
     for (int64_t x0 = 0; x0 < db.shape[0]; ++x0)
       for (int64_t x1 = 0; x1 < db.shape[1]; ++x1)
-        for (int64_t x2 = 0; x2 < db.shape[2]; ++x2)
-          for (int64_t x3 = 0; x3 < db.shape[3]; ++x3)
-            core::store_from_double(
-                db.data, db.dtype,
-                x0 * db.strides[0] + x1 * db.strides[1] + x2 * db.strides[2] + x3 * db.strides[3],
-                0.0);
+        for (int64_t x2 = 0; x2 < db.shape[2]; ++x2) {
+          char* row = static_cast<char*>(db.data) +
+                      (x0 * db.strides[0] + x1 * db.strides[1] + x2 * db.strides[2]) * es;
+          if (db.strides[3] == 1)
+            std::memset(row, 0, db.shape[3] * es);
+          else
+            for (int64_t x3 = 0; x3 < db.shape[3]; ++x3)
+              std::memset(row + x3 * db.strides[3] * es, 0, es);
+        }
+  }
   const int64_t buckets = grads.drelative_table.defined() ? grads.drelative_table.shape[1] : 0;
   if (grads.dalibi_slopes.defined() || grads.dbeta.defined() || buckets > 0) {
     c.part_width = kPartTable + buckets;

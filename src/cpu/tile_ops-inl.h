@@ -118,6 +118,33 @@ HWY_INLINE void apply_bits(float* HWY_RESTRICT srow, uint64_t word) {
   }
 }
 
+// The additive terms on vectors where the key tile is a run of consecutive keys and the terms
+// are an fp32 bias with unit key stride and / or ALiBi (the common cases); false otherwise (the
+// caller then takes the scalar loop). Same arithmetic as ScoreModEval::additive.
+HWY_INLINE bool vector_additive(float* HWY_RESTRICT sr, const ScoreModEval<float>& m, int64_t i,
+                                int64_t ia, const TileTokens& kt) {
+  if (kt.tokens || m.u || m.relative != RelativeBucketKind::kOff || m.forget_c) return false;
+  if (m.bias && (m.bias_dtype != DType::kF32 || m.bias_sj != 1)) return false;
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  const int64_t j0 = kt.start, count = kt.count;
+  const float* brow = m.bias ? static_cast<const float*>(m.bias) + i * m.bias_si + j0 : nullptr;
+  const VF slope = hn::Set(d, m.slope);
+  const VF rel0 = hn::Sub(hn::Iota(d, static_cast<float>(j0)), hn::Set(d, static_cast<float>(ia)));
+  int64_t x = 0;
+  for (; x + static_cast<int64_t>(N) <= count; x += N) {
+    VF v = hn::LoadU(d, sr + x);
+    if (brow) v = hn::Add(v, hn::LoadU(d, brow + x));
+    if (m.alibi != AlibiMode::kOff) {  // rel = j - i': causal -slope (i' - j), else -slope |j - i'|
+      const VF rel = hn::Add(rel0, hn::Set(d, static_cast<float>(x)));
+      v = hn::MulAdd(slope, m.alibi == AlibiMode::kCausal ? rel : hn::Neg(hn::Abs(rel)), v);
+    }
+    hn::StoreU(v, d, sr + x);
+  }
+  for (; x < count; ++x) sr[x] = m.additive(sr[x], i, ia, j0 + x);
+  return true;
+}
+
 // The S tile after Q' K'^T, in order: score mods (general path), an optional per-row factor
 // (the kernel normalizer's length scale; 0 gives 0), then the element mask of a partial tile and
 // the padding columns of a short key tile (-inf). Rows whose skip[r] is -inf are left alone.
@@ -130,9 +157,11 @@ void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const
     float* sr = S + r * kTile;
     if constexpr (kMods) {
       const int64_t i = qt.at(r);
-      if (mods.has_additive())
-        for (int64_t x = 0; x < kt.count; ++x)
-          sr[x] = mods.additive(sr[x], i, i + offset, kt.at(x));
+      if (mods.has_additive()) {
+        if (!vector_additive(sr, mods, i, i + offset, kt))
+          for (int64_t x = 0; x < kt.count; ++x)
+            sr[x] = mods.additive(sr[x], i, i + offset, kt.at(x));
+      }
       if (mods.softcap != 0.f) {  // c tanh(t / c), on vectors
         const DF d;
         const VF c = hn::Set(d, mods.softcap), inv = hn::Set(d, 1.f / mods.softcap);
