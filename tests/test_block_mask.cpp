@@ -251,5 +251,20 @@ TEST(BlockMask, BlockMapShapeIsChecked) {
   EXPECT_NE(s.message().find("block_map.shape"), std::string::npos) << s.message();
 }
 
+// Packed varlen sequences have no per-sequence map layout yet: refused with the reason.
+TEST(BlockMask, BlockMapWithVarlenIsRefused) {
+  OwnedTensor map = OwnedTensor::from_ints(std::vector<int32_t>(4, 1), {1, 1, 2, 2});
+  OwnedTensor q = random_tensor(DType::kF32, {100, 2, 16}, 1.0, 3);
+  OwnedTensor out = OwnedTensor::zeros(DType::kF32, {100, 2, 16});
+  OwnedTensor cu = OwnedTensor::from_ints({0, 40, 100}, {3});
+  AttentionSpec spec;
+  spec.mask = Mask::block_map(map.view, 64, 64);
+  spec.cu_seqlens_q = cu.view;
+  spec.cu_seqlens_kv = cu.view;
+  const Status s = attention_forward(q.view, q.view, q.view, spec, out.view);
+  EXPECT_EQ(s.code(), StatusCode::kNotImplemented) << s.message();
+  EXPECT_NE(s.message().find("block_map with cu_seqlens"), std::string::npos) << s.message();
+}
+
 }  // namespace
 }  // namespace attnkit::tools
