@@ -4,6 +4,9 @@
 #include "core/problem.h"
 #include "cpu/backward.h"
 #include "cpu/forward.h"
+#if defined(ATTNKIT_WITH_CUDA)
+#include "cuda/forward.h"
+#endif
 
 namespace attnkit {
 
@@ -11,7 +14,11 @@ Status can_run(const TensorView& q, const TensorView& k, const TensorView& v,
                const AttentionSpec& spec, const TensorView& out, const TensorView& row_stat,
                const AttentionStats& stats, const Options& options) {
   core::Problem p;
-  return core::validate_and_resolve(q, k, v, spec, out, row_stat, stats, options, false, &p);
+  Status s = core::validate_and_resolve(q, k, v, spec, out, row_stat, stats, options, false, &p);
+#if defined(ATTNKIT_WITH_CUDA)
+  if (s.ok() && p.device == Device::kCUDA) return cuda::forward_supports(p);
+#endif
+  return s;
 }
 
 Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -21,6 +28,9 @@ Status attention_forward(const TensorView& q, const TensorView& k, const TensorV
   core::Problem p;
   Status s = core::validate_and_resolve(q, k, v, spec, out, row_stat, stats, options, false, &p);
   if (!s.ok()) return s;
+#if defined(ATTNKIT_WITH_CUDA)
+  if (p.device == Device::kCUDA) return cuda::forward(p);
+#endif
   return cpu::forward(p);
 }
 
@@ -34,6 +44,9 @@ Status check_backward_call(const TensorView& q, const TensorView& k, const Tenso
   if (!s.ok()) return s;
   s = core::validate_grads(*p, q, k, v, grad_out, grads, g);
   if (!s.ok()) return s;
+  if (p->device == Device::kCUDA)
+    return Status(StatusCode::kNotImplemented,
+                  "cuda backend: the backward pass is not on CUDA yet (run it on CPU tensors)");
   return cpu::backward_supports(*p);
 }
 }  // namespace

@@ -11,7 +11,7 @@
 #include "spec_json.h"
 
 namespace attnkit::tools {
-int run_check(bool as_json, int threads);
+int run_check(bool as_json, int threads, const std::string& device);
 }
 
 using namespace attnkit;
@@ -83,6 +83,9 @@ int main(int argc, char** argv) {
       app.add_subcommand("check", "every mechanism against the float64 oracle; exit 1 on failure");
   check->add_flag("--json", as_json, "print JSON");
   check->add_option("--threads", threads, "threads (0: all)");
+  std::string check_device = "cpu";
+  check->add_option("--device", check_device, "cpu, or cuda (the GPU forward; inputs copied there)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
 
   auto* bench =
       app.add_subcommand("bench", "timed suites (quick: < 1 minute; full: the headline shapes)");
@@ -96,7 +99,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (*list) return cmd_list(as_json);
-  if (*check) return run_check(as_json, threads);
+  if (*check) return run_check(as_json, threads, check_device);
   if (*bench) return run_bench(suite, json_file, threads, only);
   if (*run) {
     if (list_mechs) {

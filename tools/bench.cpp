@@ -9,7 +9,9 @@
 // 9 rounds, full 5) and reported as medians, so ratios hold on a shared, noisy machine.
 #include "bench.h"
 
+#if defined(ATTNKIT_HAVE_BLAS)
 #include <cblas.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -39,7 +41,11 @@ double median(std::vector<double> v) {
 }
 
 // Square 4096 sgemm rate of `reps` timed runs (median); the matrices persist across calls.
+// 0 in a build without OpenBLAS (a GPU host without Debian's packages).
 double sgemm_gflops(int threads, int reps) {
+#if !defined(ATTNKIT_HAVE_BLAS)
+  return 0 * threads * reps;
+#else
   const int n = 4096;
   static std::vector<float> a, b, c;
   if (a.empty()) {
@@ -60,6 +66,7 @@ double sgemm_gflops(int threads, int reps) {
     t.push_back(now_ms() - t0);
   }
   return 2.0 * n * n * double(n) / (median(t) * 1e6);
+#endif
 }
 
 struct Record {

@@ -91,7 +91,8 @@ struct CheckOptions {
   uint64_t seed = 1;
   bool bnhd = false;
   int threads = 0;
-  bool stats = true;
+  bool stats = true;             // CPU only: the CUDA kernels have no attention statistics yet
+  Device device = Device::kCPU;  // kCUDA: inputs are copied to the GPU, outputs back
 };
 double tolerance_for(DType t);
 CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& opt);

@@ -33,8 +33,9 @@ def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str
                   tensors: List[torch.Tensor], threads: int) -> Tuple[torch.Tensor, torch.Tensor]:
     s = _spec.decode(spec, tensors, _raw)
     out, stat = _outputs(q, v, s)
+    stream = torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0
     _spec.check(_ext.forward(_raw(q), _raw(k), _raw(v), _raw(out),
-                             _raw(stat) if stat.numel() > 0 else None, s, threads))
+                             _raw(stat) if stat.numel() > 0 else None, s, threads, stream))
     return out, stat
 
 
@@ -130,8 +131,9 @@ def _flatten(spec: Dict[str, Any]):
 
 def _eager_forward(q, k, v, raw_spec, threads):
     out, stat = _outputs(q, v, raw_spec)
+    stream = torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0
     _spec.check(_ext.forward(_raw(q), _raw(k), _raw(v), _raw(out),
-                             _raw(stat) if stat.numel() > 0 else None, raw_spec, threads))
+                             _raw(stat) if stat.numel() > 0 else None, raw_spec, threads, stream))
     return out, stat
 
 

@@ -262,16 +262,17 @@ nb::object status_result(const Status& s) {
   return nb::make_tuple(type, s.message());
 }
 
-Options options_of(int threads) {
+Options options_of(int threads, uintptr_t stream = 0) {
   Options o;
   o.num_threads = threads;
+  o.stream = reinterpret_cast<void*>(stream);
   return o;
 }
 
 bool any_f64(const TensorView& q) { return q.dtype == DType::kF64; }
 
 nb::object forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle row_stat,
-                   const nb::dict& spec_dict, int threads) {
+                   const nb::dict& spec_dict, int threads, uintptr_t stream) {
   Call c;
   const TensorView tq = c.view(q, "q"), tk = c.view(k, "k"), tv = c.view(v, "v");
   const TensorView to = c.view(out, "out"), ts = c.view(row_stat, "row_stat");
@@ -281,7 +282,7 @@ nb::object forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb:
     nb::gil_scoped_release release;
     // float64 runs the float64 oracle (src/reference): exact, for gradient checks.
     s = any_f64(tq) ? reference_forward(tq, tk, tv, spec, to, ts)
-                    : attention_forward(tq, tk, tv, spec, to, ts, {}, options_of(threads));
+                    : attention_forward(tq, tk, tv, spec, to, ts, {}, options_of(threads, stream));
   }
   return status_result(s);
 }
@@ -359,7 +360,8 @@ NB_MODULE(_ext, m) {
   using namespace attnkit::python;
   m.doc() = "attnkit's C++ API over DLPack tensors (use the attnkit package, not this module)";
   m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
-        nb::arg("row_stat").none(), nb::arg("spec"), nb::arg("threads") = 0);
+        nb::arg("row_stat").none(), nb::arg("spec"), nb::arg("threads") = 0,
+        nb::arg("stream") = 0);
   m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out").none(),
         nb::arg("row_stat").none(), nb::arg("grad_out"), nb::arg("spec"), nb::arg("grads"),
         nb::arg("threads") = 0);

@@ -198,7 +198,30 @@ def test_errors_cross_as_python_exceptions():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_tensors_refused_until_the_cuda_backend():
-    q = torch.randn(1, 2, 16, 8, device="cuda")
-    with pytest.raises((TypeError, NotImplementedError), match="CUDA"):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_forward_matches_the_cpu(dtype):
+    torch.manual_seed(3)
+    q = torch.randn(2, 4, 100, 64, device="cuda", dtype=dtype)
+    k = torch.randn(2, 2, 130, 64, device="cuda", dtype=dtype)
+    v = torch.randn(2, 2, 130, 64, device="cuda", dtype=dtype)
+    for kw in [dict(causal=True), dict(window=(32, 0)), dict(score_mod=attnkit.score_mods.Softcap(20.0))]:
+        out, lse = attnkit.attention(q, k, v, return_lse=True, **kw)
+        assert out.is_cuda and out.dtype == dtype
+        ref, ref_lse = attnkit.attention(q.cpu().float(), k.cpu().float(), v.cpu().float(),
+                                         return_lse=True, **kw)
+        err = (out.cpu().float() - ref).norm() / ref.norm()
+        assert err < 1e-2, (kw, float(err))
+        assert torch.allclose(lse.cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_errors_name_the_rule():
+    q = torch.randn(1, 2, 16, 64, device="cuda")  # fp32: CPU only
+    with pytest.raises(TypeError, match="bf16 or fp16"):
         attnkit.attention(q, q, q)
+    qb = q.bfloat16().requires_grad_()
+    out = attnkit.attention(qb, qb, qb)  # the forward runs; the backward is not on CUDA yet
+    with pytest.raises(NotImplementedError, match="backward"):
+        out.sum().backward()
+    with pytest.raises(TypeError, match="on cpu but q is on cuda"):
+        attnkit.attention(qb.detach(), qb.detach().cpu(), qb.detach())

@@ -50,6 +50,9 @@ struct Problem {
   double scale64 = 1.0;  // the same scale in float64 (the default 1/sqrt(d) is not a float)
   const AttentionSpec* spec = nullptr;
   int num_threads = 1;
+  Device device = Device::kCPU;  // where every tensor lives (q's device)
+  int device_index = 0;
+  void* stream = nullptr;  // CUDA: the stream to run on
   // Internal (the CPU backward's recompute for ReLA): out receives O before ReLA's RMS
   // normalization and before the gate.
   bool raw_output = false;

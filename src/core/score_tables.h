@@ -121,7 +121,7 @@ ScoreModEval<T> resolve_score_mods(const Problem& p, const ScoreTables<T>& t, in
   if (with_lowrank && t.rank > 0) {
     e.u = t.lowrank_u.data() + h * s.nq * t.rank;
     e.w = t.lowrank_w.data() + h * s.nk * t.rank;
-    e.rank = t.rank;
+    e.rank = e.u_stride = e.w_stride = t.rank;
   }
   return e;
 }

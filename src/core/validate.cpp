@@ -6,10 +6,22 @@
 #include <string>
 #include <type_traits>
 
+#include "core/device.h"
 #include "core/problem.h"
 
 namespace attnkit::core {
 namespace {
+
+// The device of the call (q's): every tensor argument must live there.
+struct CallDevice {
+  Device device = Device::kCPU;
+  int index = 0;
+};
+thread_local CallDevice t_call_device;
+
+std::string device_str(Device d, int index) {
+  return d == Device::kCPU ? std::string("cpu") : "cuda:" + std::to_string(index);
+}
 
 // Message text without iostreams: a toolchain that links parts of libstdc++ statically into an
 // extension module (seen with the GPU machine's g++ 13) can leave their locale uninitialized.
@@ -48,15 +60,21 @@ bool is_float(DType t) {
   return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16 || t == DType::kF64;
 }
 
-// Common checks of any tensor argument: present, CPU, sizes positive, unit inner stride.
+// Common checks of any tensor argument: present, on the call's device, sizes positive, unit
+// inner stride.
 Status check_tensor(const TensorView& t, const char* name, bool inner_unit = true) {
   if (t.ndim < 1 || t.ndim > kMaxTensorDims)
     return fail(StatusCode::kInvalidArgument, name, ".ndim = ", t.ndim, ": must be 1 to ",
                 kMaxTensorDims);
-  if (t.device != Device::kCPU)
+  if (t.device == Device::kCUDA && !cuda_backend_built())
     return fail(StatusCode::kTypeError, name,
                 " is on a CUDA device: this build has only the CPU "
                 "backend, so every tensor must be on the CPU");
+  const CallDevice& call = t_call_device;
+  if (t.device != call.device || (t.device == Device::kCUDA && t.device_index != call.index))
+    return fail(StatusCode::kTypeError, name, " is on ", device_str(t.device, t.device_index),
+                " but q is on ", device_str(call.device, call.index),
+                ": every tensor of a call must be on q's device");
   int64_t n = 1;
   for (int i = 0; i < t.ndim; ++i) {
     if (t.shape[i] < 1)
@@ -176,10 +194,11 @@ Status check_cu_seqlens(const TensorView& cu, const char* name, int64_t total, i
     return fail(
         StatusCode::kInvalidArgument, name, ".shape[0] = ", cu.shape[0],
         ": cu_seqlens_q and cu_seqlens_kv need the same length (batch + 1 = ", batch_hint + 1, ")");
-  const int32_t* c = static_cast<const int32_t*>(cu.data);
+  std::vector<int32_t> c;
+  ATTNKIT_RETURN_IF_ERROR(read_int32(cu, &c));
   starts->resize(cu.shape[0]);
   for (int64_t i = 0; i < cu.shape[0]; ++i) {
-    const int64_t x = c[i * cu.strides[0]];
+    const int64_t x = c[i];
     (*starts)[i] = x;
     if (i == 0 && x != 0)
       return fail(StatusCode::kInvalidArgument, name, "[0] = ", x, ": must be 0");
@@ -457,6 +476,7 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
                             const TensorView& row_stat, const AttentionStats& stats,
                             const Options& options, bool allow_f64, Problem* p) {
   const bool varlen = spec.cu_seqlens_q.defined() || spec.cu_seqlens_kv.defined();
+  t_call_device = {q.device, q.device_index};
   if (spec.cu_seqlens_q.defined() != spec.cu_seqlens_kv.defined())
     return fail(StatusCode::kInvalidArgument,
                 "cu_seqlens_q and cu_seqlens_kv must be given together");
@@ -660,15 +680,20 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
       const TensorView& tq = m.segments[n.seg_q];
       const TensorView& tk = m.segments[n.seg_k];
       r.mask_per_batch = r.mask_per_batch || tq.ndim == 2 || tk.ndim == 2;
+      // The highest query segment id of each batch element (block attention's last segment).
+      std::vector<int32_t> ids;
+      ATTNKIT_RETURN_IF_ERROR(read_int32(tq, &ids));
       for (int64_t b = 0; b < r.batch; ++b) {
         SegmentIds& s = r.segment_ids[b * m.segments.size() + n.seg_q];
         s.q_stride = tq.strides[tq.ndim - 1];
         s.k_stride = tk.strides[tk.ndim - 1];
-        s.q = static_cast<const int32_t*>(tq.data) + (tq.ndim == 2 ? b * tq.strides[0] : 0);
-        s.k = static_cast<const int32_t*>(tk.data) + (tk.ndim == 2 ? b * tk.strides[0] : 0);
+        s.q_batch_stride = tq.ndim == 2 ? tq.strides[0] : 0;
+        s.k_batch_stride = tk.ndim == 2 ? tk.strides[0] : 0;
+        s.q = static_cast<const int32_t*>(tq.data) + b * s.q_batch_stride;
+        s.k = static_cast<const int32_t*>(tk.data) + b * s.k_batch_stride;
         s.last = INT32_MIN;
-        for (int64_t i = 0; i < r.max_nq; ++i)
-          s.last = s.q[i * s.q_stride] > s.last ? s.q[i * s.q_stride] : s.last;
+        const int32_t* row = ids.data() + (tq.ndim == 2 ? b * r.max_nq : 0);
+        for (int64_t i = 0; i < r.max_nq; ++i) s.last = row[i] > s.last ? row[i] : s.last;
       }
     }
   }
@@ -690,6 +715,9 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
     }
   }
   r.num_threads = options.num_threads;
+  r.device = q.device;
+  r.device_index = q.device_index;
+  r.stream = options.stream;
   return {};
 }
 

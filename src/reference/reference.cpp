@@ -197,6 +197,9 @@ Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
   core::Problem p;
   Status st = core::validate_and_resolve(q, k, v, spec, out, row_stat, stats, Options{}, true, &p);
   if (!st.ok()) return st;
+  if (p.device != Device::kCPU)
+    return Status(StatusCode::kTypeError,
+                  "q is on a CUDA device: the float64 oracle reads host memory (copy to the CPU)");
   for (int64_t b = 0; b < p.batch; ++b) {
     const core::ScoreTables<double> tables = core::build_score_tables<double>(p, b, true);
     for (int64_t hk = 0; hk < p.hk; ++hk) {

@@ -54,6 +54,9 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
   out_like.dtype = q.dtype;
   Status st = core::validate_and_resolve(q, k, v, spec, out_like, {}, {}, Options{}, true, &p);
   if (!st.ok()) return st;
+  if (p.device != Device::kCPU)
+    return Status(StatusCode::kTypeError,
+                  "q is on a CUDA device: the float64 oracle reads host memory (copy to the CPU)");
   core::GradOperands ops;
   st = core::validate_grads(p, q, k, v, grad_out, grads, &ops);
   if (!st.ok()) return st;

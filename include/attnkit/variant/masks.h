@@ -100,6 +100,51 @@ struct MaskEval {
 
   ATTNKIT_HD bool allowed(int32_t id, int64_t i, int64_t j) const {
     const MaskNode& n = nodes[id];
+    switch (n.kind) {
+      case MaskKind::kAnd:
+        return allowed(n.child0, i, j) && allowed(n.child1, i, j);
+      case MaskKind::kOr:
+        return allowed(n.child0, i, j) || allowed(n.child1, i, j);
+      case MaskKind::kNot:
+        return !allowed(n.child0, i, j);
+      default:
+        return allowed_leaf(n, i, j);
+    }
+  }
+  ATTNKIT_HD bool allowed(int64_t i, int64_t j) const { return allowed(0, i, j); }
+
+  // Non-recursive forms for GPU kernels (a recursive device function has a stack that cannot be
+  // sized statically). Every child has a larger index than its parent, as the Mask builders make
+  // them, so one pass from the last node back to the root evaluates the tree.
+  static constexpr int kMaxFlatNodes = 16;
+  ATTNKIT_HD bool allowed_flat(int32_t count, int64_t i, int64_t j) const {
+    if (count == 1) return allowed_leaf(nodes[0], i, j);
+    bool val[kMaxFlatNodes];
+    for (int32_t id = count - 1; id >= 0; --id) {
+      const MaskNode& n = nodes[id];
+      val[id] = n.kind == MaskKind::kAnd   ? val[n.child0] && val[n.child1]
+                : n.kind == MaskKind::kOr  ? val[n.child0] || val[n.child1]
+                : n.kind == MaskKind::kNot ? !val[n.child0]
+                                           : allowed_leaf(n, i, j);
+    }
+    return val[0];
+  }
+  ATTNKIT_HD TileClass classify_flat(int32_t count, const TileTokens& qt,
+                                     const TileTokens& kt) const {
+    if (count == 1) return classify_leaf(nodes[0], qt, kt);
+    TileClass val[kMaxFlatNodes];
+    for (int32_t id = count - 1; id >= 0; --id) {
+      const MaskNode& n = nodes[id];
+      val[id] = n.kind == MaskKind::kAnd   ? both(val[n.child0], val[n.child1])
+                : n.kind == MaskKind::kOr  ? either(val[n.child0], val[n.child1])
+                : n.kind == MaskKind::kNot ? invert(val[n.child0])
+                                           : classify_leaf(n, qt, kt);
+    }
+    return val[0];
+  }
+
+  // One leaf node (no combinators).
+  ATTNKIT_HD bool allowed_leaf(const MaskNode& n, int64_t i, int64_t j) const {
     const int64_t ia = i + offset;
     switch (n.kind) {
       case MaskKind::kNone:
@@ -146,16 +191,10 @@ struct MaskEval {
         const BlockMapView& m = maps[n.map];
         return m.data[(i / n.a) * m.sr + (j / n.b) * m.sc] != 0;
       }
-      case MaskKind::kAnd:
-        return allowed(n.child0, i, j) && allowed(n.child1, i, j);
-      case MaskKind::kOr:
-        return allowed(n.child0, i, j) || allowed(n.child1, i, j);
-      case MaskKind::kNot:
-        return !allowed(n.child0, i, j);
+      default:  // combinators are not leaves
+        return false;
     }
-    return false;
   }
-  ATTNKIT_HD bool allowed(int64_t i, int64_t j) const { return allowed(0, i, j); }
 
   // ---- tile classification -------------------------------------------------------------
   // 1-D rule "lo(i') <= j <= hi(i')" with both bounds non-decreasing in i'.
@@ -209,8 +248,27 @@ struct MaskEval {
     }
   }
 
+  ATTNKIT_HD static TileClass invert(TileClass c) {
+    return c == TileClass::kFull    ? TileClass::kEmpty
+           : c == TileClass::kEmpty ? TileClass::kFull
+                                    : TileClass::kPartial;
+  }
+
   ATTNKIT_HD TileClass classify(int32_t id, const TileTokens& qt, const TileTokens& kt) const {
     const MaskNode& n = nodes[id];
+    switch (n.kind) {
+      case MaskKind::kAnd:
+        return both(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
+      case MaskKind::kOr:
+        return either(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
+      case MaskKind::kNot:
+        return invert(classify(n.child0, qt, kt));
+      default:
+        return classify_leaf(n, qt, kt);
+    }
+  }
+  ATTNKIT_HD TileClass classify_leaf(const MaskNode& n, const TileTokens& qt,
+                                     const TileTokens& kt) const {
     const int64_t qlo = qt.lo + offset, qhi = qt.hi + offset, klo = kt.lo, khi = kt.hi;
     const TileClass causal = band(qlo, qhi, klo, khi, INT64_MAX / 4, 0);
     switch (n.kind) {
@@ -312,18 +370,9 @@ struct MaskEval {
           }
         return !any ? TileClass::kEmpty : all ? TileClass::kFull : TileClass::kPartial;
       }
-      case MaskKind::kAnd:
-        return both(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
-      case MaskKind::kOr:
-        return either(classify(n.child0, qt, kt), classify(n.child1, qt, kt));
-      case MaskKind::kNot: {
-        const TileClass c = classify(n.child0, qt, kt);
-        return c == TileClass::kFull    ? TileClass::kEmpty
-               : c == TileClass::kEmpty ? TileClass::kFull
-                                        : TileClass::kPartial;
-      }
+      default:  // combinators are not leaves
+        return TileClass::kPartial;
     }
-    return TileClass::kPartial;
   }
   ATTNKIT_HD TileClass classify(const TileTokens& qt, const TileTokens& kt) const {
     return classify(0, qt, kt);

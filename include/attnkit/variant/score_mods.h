@@ -75,13 +75,16 @@ struct ScoreModEval {
   const void* bias = nullptr;  // this (b, h) of the bias: element i * bias_si + j * bias_sj
   DType bias_dtype = DType::kF32;
   int64_t bias_si = 0, bias_sj = 0;
-  const T* u = nullptr;  // low-rank: u[i * rank + r], w[j * rank + r]
+  const T* u = nullptr;  // low-rank: u[i * u_stride + r], w[j * w_stride + r]
   const T* w = nullptr;
-  int64_t rank = 0;
+  int64_t rank = 0, u_stride = 0, w_stride = 0;
   RelativeBucketKind relative = RelativeBucketKind::kOff;
   const T* table = nullptr;            // this head's row of the relative table
   const int32_t* bucket_of = nullptr;  // bucket of rel = j - i', indexed by rel + bucket_origin
   int64_t bucket_origin = 0;
+  // Without a bucket_of table (the CUDA kernels) the bucket is computed from the definition.
+  bool bidirectional = true;
+  int64_t num_buckets = 0, max_distance = 0, clip = 0;
   const T* forget_c = nullptr;  // c = cumsum(log f) over key positions
 
   ATTNKIT_HD T score(T s, int64_t i, int64_t ia, int64_t j) const {
@@ -94,6 +97,12 @@ struct ScoreModEval {
     const T th = std::tanh(t / softcap);
     return T(1) - th * th;
   }
+  // The relative-position bucket of rel = j - i' (MECHANISMS.md 1.2).
+  ATTNKIT_HD int64_t bucket(int64_t rel) const {
+    if (relative == RelativeBucketKind::kT5)
+      return t5_bucket(rel, bidirectional, num_buckets, max_distance);
+    return (rel < -clip ? -clip : rel > clip ? clip : rel) + clip;
+  }
   // Whether any additive term is present (the fast paths skip the element loop otherwise).
   ATTNKIT_HD bool has_additive() const {
     return bias || u || alibi != AlibiMode::kOff || relative != RelativeBucketKind::kOff ||
@@ -104,12 +113,13 @@ struct ScoreModEval {
     if (bias) s += load_float<T>(bias, bias_dtype, i * bias_si + j * bias_sj);
     if (u) {
       T acc = 0;
-      for (int64_t r = 0; r < rank; ++r) acc += u[i * rank + r] * w[j * rank + r];
+      for (int64_t r = 0; r < rank; ++r) acc += u[i * u_stride + r] * w[j * w_stride + r];
       s += acc;
     }
     if (alibi == AlibiMode::kCausal) s -= slope * static_cast<T>(ia - j);
     if (alibi == AlibiMode::kSymmetric) s -= slope * static_cast<T>(ia > j ? ia - j : j - ia);
-    if (relative != RelativeBucketKind::kOff) s += table[bucket_of[j - ia + bucket_origin]];
+    if (relative != RelativeBucketKind::kOff)
+      s += table[bucket_of ? bucket_of[j - ia + bucket_origin] : bucket(j - ia)];
     if (forget_c) s += forget_c[ia] - forget_c[j];
     return s;
   }

@@ -1,0 +1,170 @@
+"""attnkit's CUDA forward beside its peers on the same GPU, in one process (issue 5's table).
+
+Every case first checks attnkit against PyTorch's float32 math on the same inputs (relative
+Frobenius error), then times attnkit and the peers with triton's do_bench (median of the
+repetitions). Peers: SDPA's FlashAttention-2 and cuDNN backends (dense, causal), FlexAttention
+(masks and score mods), SDPA's mem-efficient backend (dense bias).
+Usage: python3 bench/gpu/bench.py [--quick] (attnkit importable: PYTHONPATH=build/python);
+writes $OUT/gpu_bench.json. FLOPs count allowed pairs only (4 * pairs * d).
+"""
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+import attnkit
+
+QUICK = "--quick" in sys.argv
+OUT = os.environ.get("OUT", "/tmp")
+dev = "cuda"
+rows = []
+
+
+def emit(**kw):
+    rows.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def bench(fn):
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def rel_err(out, ref):
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def math_ref(q, k, v, mask=None, bias=None, softcap=None):
+    """float32 attention on [B, H, N, d] with an optional boolean mask [Nq, Nk]."""
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias.float()
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0) @ v.float()
+
+
+def dense():
+    for d, h in [(128, 16), (64, 32)]:
+        for n in ([4096] if QUICK else [1024, 4096, 16384]):
+            b = max(1, 16384 // n)
+            q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+            for causal in (False, True):
+                flops = 4 * b * h * n * n * d / (2 if causal else 1)
+                out = attnkit.attention(q, k, v, causal=causal)
+                if n <= 4096:
+                    m = torch.ones(n, n, dtype=torch.bool, device=dev).tril() if causal else None
+                    ref = math_ref(q[:1, :4], k[:1, :4], v[:1, :4], m)
+                    err = rel_err(out[:1, :4], ref)
+                else:
+                    err = None
+                res = dict(case="dense", d=d, h=h, n=n, b=b, causal=causal, rel_err=err)
+                res["attnkit"] = flops / bench(lambda: attnkit.attention(q, k, v, causal=causal)) / 1e9
+                for name, be in [("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+                    with sdpa_kernel(be):
+                        ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                    res[name] = flops / ms / 1e9
+                res["vs_fa2"] = res["attnkit"] / res["fa2"]
+                res["vs_cudnn"] = res["attnkit"] / res["cudnn"]
+                emit(**res)
+            del q, k, v
+
+
+def masked():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    fa = torch.compile(flex_attention, dynamic=False)
+    n, b, h, d = 8192, 2, 16, 128
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    docs = torch.tensor([0] * 3000 + [1] * 2000 + [2] * 3192, device=dev, dtype=torch.int32)
+    qi = torch.arange(n, device=dev)[:, None]
+    ki = torch.arange(n, device=dev)[None, :]
+    slopes = torch.exp2(-8 * torch.arange(1, h + 1, device=dev) / h)
+    cases = {
+        "causal": (lambda bb, hh, i, j: i >= j, dict(causal=True), None),
+        "sliding1024-causal": (lambda bb, hh, i, j: (i >= j) & (i - j <= 1024),
+                               dict(window=(1024, 0)), None),
+        "document-causal": (lambda bb, hh, i, j: (docs[i] == docs[j]) & (i >= j),
+                            dict(mask=attnkit.masks.Causal() & attnkit.masks.Document(docs)), None),
+        "softcap30": (None, dict(score_mod=attnkit.score_mods.Softcap(30.0)),
+                      lambda s, bb, hh, i, j: 30 * torch.tanh(s / 30)),
+        "alibi-causal": (lambda bb, hh, i, j: i >= j,
+                         dict(causal=True, score_mod=attnkit.score_mods.ALiBi()),
+                         lambda s, bb, hh, i, j: s - slopes[hh] * (i - j)),
+    }
+    for name, (mm, kw, sm) in cases.items():
+        frac = mm(0, 0, qi, ki).float().mean().item() if mm else 1.0
+        flops = 4 * b * h * n * n * d * frac
+        bm = create_block_mask(mm, None, None, n, n, device=dev) if mm else None
+        out = attnkit.attention(q, k, v, **kw)
+        ref = fa(q, k, v, block_mask=bm, score_mod=sm)
+        res = dict(case="masked", mask=name, n=n, b=b, h=h, d=d, density=frac,
+                   rel_err_vs_flex=rel_err(out, ref))
+        res["attnkit"] = flops / bench(lambda: attnkit.attention(q, k, v, **kw)) / 1e9
+        res["flex"] = flops / bench(lambda: fa(q, k, v, block_mask=bm, score_mod=sm)) / 1e9
+        res["vs_flex"] = res["attnkit"] / res["flex"]
+        emit(**res)
+    del q, k, v
+
+
+def neighborhood():
+    # 2-D neighborhood 13 x 13 on a 64 x 128 grid (8192 tokens) against dense attention.
+    b, h, d, n = 2, 16, 128, 64 * 128
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    na = attnkit.masks.Neighborhood((64, 128), kernel=(13, 13))
+    ms_na = bench(lambda: attnkit.attention(q, k, v, mask=na))
+    ms_dense = bench(lambda: attnkit.attention(q, k, v))
+    emit(case="neighborhood_2d", grid=[64, 128], kernel=[13, 13], n=n, b=b, h=h, d=d,
+         attnkit_ms=ms_na, dense_ms=ms_dense, speedup_vs_dense=ms_dense / ms_na)
+
+
+def bias():
+    b, h, n, d = 2, 16, 4096, 128
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    bias_t = torch.randn(b, h, n, n, device=dev, dtype=torch.bfloat16)
+    flops = 4 * b * h * n * n * d
+    out = attnkit.attention(q, k, v, score_mod=attnkit.score_mods.Bias(bias_t))
+    ref = math_ref(q[:1, :2], k[:1, :2], v[:1, :2], bias=bias_t[:1, :2])
+    res = dict(case="bias", n=n, b=b, h=h, d=d, rel_err=rel_err(out[:1, :2], ref))
+    res["attnkit"] = flops / bench(
+        lambda: attnkit.attention(q, k, v, score_mod=attnkit.score_mods.Bias(bias_t))) / 1e9
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        res["mem_efficient"] = flops / bench(
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias_t)) / 1e9
+    res["vs_mem_efficient"] = res["attnkit"] / res["mem_efficient"]
+    emit(**res)
+
+
+if __name__ == "__main__":
+    print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    for part in (dense, masked, neighborhood, bias):
+        try:
+            part()
+        except Exception as e:  # report and go on: one broken case must not hide the others
+            emit(case=part.__name__, error=repr(e)[:400])
+    with open(os.path.join(OUT, "gpu_bench.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+    print("\n%-34s %9s %9s %9s %9s" % ("case", "attnkit", "peer", "ratio", "rel_err"))
+    for r in rows:
+        if "error" in r:
+            print("%-34s ERROR %s" % (r["case"], r["error"][:80]))
+        elif r["case"] == "dense":
+            tag = "dense d%d n%d%s" % (r["d"], r["n"], " causal" if r["causal"] else "")
+            print("%-34s %9.0f %9.0f %9.2f %9s  (fa2 %.0f, x%.2f)" % (
+                tag + " vs cudnn", r["attnkit"], r["cudnn"], r["vs_cudnn"],
+                "%.1e" % r["rel_err"] if r["rel_err"] is not None else "-", r["fa2"], r["vs_fa2"]))
+        elif r["case"] == "masked":
+            print("%-34s %9.0f %9.0f %9.2f %9.1e" % (r["mask"] + " vs flex", r["attnkit"], r["flex"],
+                                                     r["vs_flex"], r["rel_err_vs_flex"]))
+        elif r["case"] == "neighborhood_2d":
+            print("%-34s %8.3fms %7.3fms %9.2f" % ("neighborhood 13x13 vs dense", r["attnkit_ms"],
+                                                   r["dense_ms"], r["speedup_vs_dense"]))
+        elif r["case"] == "bias":
+            print("%-34s %9.0f %9.0f %9.2f %9.1e" % ("bias vs mem-efficient", r["attnkit"],
+                                                     r["mem_efficient"], r["vs_mem_efficient"],
+                                                     r["rel_err"]))

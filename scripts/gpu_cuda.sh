@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The CUDA backend on an H100 host: builds the library with its CUDA kernels, the CLI, the tests
+# and the Python extension; runs the CUDA tests (test_cuda: every mechanism against the float64
+# oracle), `attnkit check --device cuda`, the PyTorch CUDA tests, then bench/gpu/bench.py
+# (attnkit beside FlashAttention-2, cuDNN, FlexAttention and the mem-efficient backend).
+# Debian's packages missing there come from .carry (Highway, nlohmann-json, CLI11, GoogleTest).
+# Usage: bash scripts/gpu_cuda.sh OUT_DIR [--quick] [--sanitize] [--no-bench]   (results: docs/perf/gpu.md)
+set -uo pipefail
+out=${1:-/tmp/attnkit_gpu}
+shift || true
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+hwy_root=${HWY_ROOT:-$PWD/.carry/hwy}
+deps=${DEPS_ROOT:-$PWD/.carry/deps}
+export LD_LIBRARY_PATH=$hwy_root/lib:${LD_LIBRARY_PATH:-}
+t0=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNKIT_BUILD_PYTHON=ON \
+  -DHWY_ROOT="$hwy_root" -Dnlohmann_json_DIR="$deps/share/cmake/nlohmann_json" \
+  -DCLI11_DIR="$deps/share/cmake/CLI11" -DGTest_DIR="$deps/lib/x86_64-linux-gnu/cmake/GTest" \
+  -DPython_EXECUTABLE="$(command -v python3)" > /tmp/cmake.log 2>&1 || { tail -30 /tmp/cmake.log; exit 1; }
+cmake --build build-gpu -j "$(nproc)" --target attnkit_cli test_cuda _ext attnkit_python_files > /tmp/build.log 2>&1 || { grep -E "error|FAILED" /tmp/build.log | head -30; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"; grep -E "spill|C7509" /tmp/build.log | sort | uniq -c | cut -c1-200 | head
+rc=0
+build-gpu/tests/test_cuda --gtest_brief=1 > "$out/test_cuda.log" 2>&1 || rc=1
+grep -E "FAILED|PASSED|rel_err" "$out/test_cuda.log" | head -40
+build-gpu/attnkit check --device cuda > "$out/check.log" 2>&1 || rc=1
+tail -12 "$out/check.log"
+PYTHONPATH=build-gpu/python python3 -m pytest -q -p no:cacheprovider python/tests/test_torch.py -k cuda > "$out/pytest_cuda.log" 2>&1 || rc=1
+tail -3 "$out/pytest_cuda.log"
+if [[ " $* " == *" --sanitize "* ]]; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/tests/test_cuda \
+      --gtest_filter='All/CudaOracle.MatchesOracle/dense:All/CudaOracle.MatchesOracle/document:All/CudaOracle.MatchesOracle/sigmoid:All/CudaOracle.MatchesOracle/gate' \
+      > "$out/sanitize_$tool.log" 2>&1; echo "compute-sanitizer $tool: rc $?"; tail -2 "$out/sanitize_$tool.log"
+  done
+fi
+if [[ " $* " != *" --no-bench "* ]]; then
+  PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py "$@" > "$out/bench.log" 2>&1 || rc=1
+  sed -n '/^case /,$p' "$out/bench.log"; grep -E "Error|error" "$out/bench.log" | head -5
+fi
+exit $rc

@@ -1,0 +1,293 @@
+// The CUDA forward pass: checks what the kernels support, resolves the problem into FwdParams and
+// launches the instantiation for (dtype, head_dim, head_dim_v) listed in the generated table.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "cuda/forward.h"
+#include "cuda/fwd_params.h"
+
+namespace attnkit::cuda {
+
+template <class T, int kD, int kDV, bool kGeneral>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream);
+
+namespace {
+
+using LaunchFn = cudaError_t (*)(const FwdParams&, cudaStream_t);
+struct Instance {
+  DType dtype;
+  int d, dv;
+  LaunchFn fast, general;
+};
+
+#define ATK_FWD(T, DT, D, DV) {DT, D, DV, &launch_fwd<T, D, DV, false>, &launch_fwd<T, D, DV, true>},
+constexpr Instance kInstances[] = {
+#include "fwd_table.inc"
+};
+#undef ATK_FWD
+
+const Instance* find_instance(DType t, int64_t d, int64_t dv) {
+  for (const Instance& x : kInstances)
+    if (x.dtype == t && x.d == d && x.dv == dv) return &x;
+  return nullptr;
+}
+
+template <class... A>
+Status fail(StatusCode code, const A&... parts) {
+  std::string msg = "cuda backend: ";
+  ((msg += parts), ...);
+  return Status(code, std::move(msg));
+}
+std::string str(int64_t x) { return std::to_string(x); }
+
+bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+// q, k, v rows are copied 16 bytes at a time: 16-byte aligned base and row strides.
+Status check_rows(const core::RowOperand& r, const char* name, int elems) {
+  const int es = dtype_size(r.dtype);
+  if (!aligned(r.data, elems * es) || r.sb % elems || r.sh % elems || r.sn % elems)
+    return fail(StatusCode::kInvalidArgument, name, ": the CUDA kernels need a ",
+                str(elems * es), "-byte aligned pointer and batch, head and row strides that are ",
+                "multiples of ", str(elems), " elements (sb ", str(r.sb), ", sh ", str(r.sh),
+                ", sn ", str(r.sn), ")");
+  return {};
+}
+
+// The band [i' - left, i' + right] of masks the fast kernel handles, or false.
+bool band_of(const Mask& m, int64_t* left, int64_t* right) {
+  constexpr int64_t kInf = int64_t{1} << 40;
+  if (m.nodes.size() != 1) return false;
+  const MaskNode& n = m.nodes[0];
+  switch (n.kind) {
+    case MaskKind::kNone:
+      *left = *right = kInf;
+      return true;
+    case MaskKind::kCausal:
+      *left = kInf;
+      *right = 0;
+      return true;
+    case MaskKind::kSlidingWindow:
+      *left = n.a;
+      *right = n.b;
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+std::vector<std::pair<int, int>> built_head_dims() {
+  std::vector<std::pair<int, int>> v;
+  for (const Instance& x : kInstances)
+    if (x.dtype == DType::kBF16) v.emplace_back(x.d, x.dv);
+  return v;
+}
+std::vector<std::string> built_dtypes() {
+  std::vector<std::string> v;
+  for (const Instance& x : kInstances) {
+    const std::string n = x.dtype == DType::kBF16 ? "bf16" : "fp16";
+    bool seen = false;
+    for (const std::string& s : v) seen = seen || s == n;
+    if (!seen) v.push_back(n);
+  }
+  return v;
+}
+
+Status forward_supports(const core::Problem& p) {
+  const AttentionSpec& spec = *p.spec;
+  if (p.q.dtype != DType::kBF16 && p.q.dtype != DType::kF16)
+    return fail(StatusCode::kTypeError, "q.dtype = ", dtype_name(p.q.dtype),
+                ": the CUDA kernels take bf16 or fp16 (fp32 and fp64 run on the CPU)");
+  if (!find_instance(p.q.dtype, p.d, p.dv)) {
+    std::string built;
+    for (const auto& [d, dv] : built_head_dims())
+      built += (built.empty() ? "" : ", ") + (d == dv ? str(d) : str(d) + "/" + str(dv));
+    return fail(StatusCode::kNotImplemented, "head_dim = ", str(p.d), ", head_dim_v = ", str(p.dv),
+                " is not built for ", dtype_name(p.q.dtype), " (built: ", built,
+                "; CMake option ATTNKIT_HEAD_DIMS adds more)");
+  }
+  Status s = check_rows(p.q, "q", 8);
+  if (s.ok()) s = check_rows(p.k, "k", 8);
+  if (s.ok()) s = check_rows(p.v, "v", 8);
+  if (s.ok()) s = check_rows(p.out, "out", 2);
+  if (!s.ok()) return s;
+  if (p.row_max.defined() || p.entropy.defined() || p.col_mass.defined())
+    return fail(StatusCode::kNotImplemented,
+                "attention statistics (row_max, entropy, col_mass) are not on CUDA yet");
+  if (spec.mods.forget_log_f.defined())
+    return fail(StatusCode::kNotImplemented, "the forget gate is not on CUDA yet");
+  const Mask& m = spec.mask;
+  if (m.nodes.size() > kMaxMaskNodes || m.globals.size() > kMaxMaskGlobals ||
+      m.segments.size() > kMaxMaskSegments || m.block_maps.size() > kMaxBlockMaps)
+    return fail(StatusCode::kNotImplemented, "the mask has ", str(m.nodes.size()), " nodes, ",
+                str(m.globals.size()), " global tokens, ", str(m.segments.size()),
+                " segment tensors and ", str(m.block_maps.size()),
+                " block maps: the CUDA kernels take at most ", str(kMaxMaskNodes), ", ",
+                str(kMaxMaskGlobals), ", ", str(kMaxMaskSegments), " and ", str(kMaxBlockMaps));
+  for (size_t id = 0; id < m.nodes.size(); ++id) {
+    const MaskNode& n = m.nodes[id];
+    const bool combinator =
+        n.kind == MaskKind::kAnd || n.kind == MaskKind::kOr || n.kind == MaskKind::kNot;
+    if (combinator && (n.child0 <= static_cast<int32_t>(id) ||
+                       (n.kind != MaskKind::kNot && n.child1 <= static_cast<int32_t>(id))))
+      return fail(StatusCode::kInvalidArgument, "mask node ", str(id),
+                  " has a child at a smaller index: the CUDA kernels evaluate the tree from the "
+                  "last node to the root (the Mask builders order nodes so)");
+  }
+  for (const MaskNode& n : m.nodes)
+    if (n.kind == MaskKind::kBlockAttention && p.batch > 8)
+      return fail(StatusCode::kNotImplemented, "block attention with batch = ", str(p.batch),
+                  ": the CUDA kernels take at most 8 batch elements");
+  if (p.varlen)
+    for (const TensorView* t : {&spec.cu_seqlens_q, &spec.cu_seqlens_kv})
+      if (t->strides[0] != 1)
+        return fail(StatusCode::kInvalidArgument,
+                    "cu_seqlens must be contiguous (stride 1) for the CUDA kernels");
+  if (p.batch > 65535 || p.hq > 65535)
+    return fail(StatusCode::kInvalidArgument, "batch = ", str(p.batch), ", heads = ", str(p.hq),
+                ": the CUDA kernels take at most 65535 of each");
+  return {};
+}
+
+Status forward(const core::Problem& p) {
+  Status st = forward_supports(p);
+  if (!st.ok()) return st;
+  const AttentionSpec& spec = *p.spec;
+  const Instance& inst = *find_instance(p.q.dtype, p.d, p.dv);
+
+  FwdParams f;
+  f.q = p.q.data;
+  f.k = p.k.data;
+  f.v = p.v.data;
+  f.out = p.out.data;
+  f.q_sb = p.q.sb, f.q_sh = p.q.sh, f.q_sn = p.q.sn;
+  f.k_sb = p.k.sb, f.k_sh = p.k.sh, f.k_sn = p.k.sn;
+  f.v_sb = p.v.sb, f.v_sh = p.v.sh, f.v_sn = p.v.sn;
+  f.o_sb = p.out.sb, f.o_sh = p.out.sh, f.o_sn = p.out.sn;
+  f.out_dtype = p.out.dtype;
+  f.row_stat = p.row_stat.data;
+  f.st_sb = p.row_stat.sb, f.st_sh = p.row_stat.sh, f.st_sn = p.row_stat.sn;
+  f.batch = static_cast<int>(p.batch);
+  f.hq = static_cast<int>(p.hq);
+  f.hk = static_cast<int>(p.hk);
+  f.group = static_cast<int>(p.group);
+  f.d = static_cast<int>(p.d);
+  f.dv = static_cast<int>(p.dv);
+  f.nq = static_cast<int>(p.seqs[0].nq);
+  f.nk = static_cast<int>(p.seqs[0].nk);
+  if (p.varlen) {
+    f.cu_q = static_cast<const int32_t*>(spec.cu_seqlens_q.data);
+    f.cu_k = static_cast<const int32_t*>(spec.cu_seqlens_kv.data);
+  }
+  f.bottom_right = spec.alignment == Alignment::kBottomRight;
+  f.num_q_tiles = static_cast<int>((p.max_nq + 127) / 128);
+  f.scale = p.scale;
+  f.scale_log2 = static_cast<float>(p.scale64 * kLog2e);
+
+  // Mask.
+  const Mask& m = spec.mask;
+  const bool band = band_of(m, &f.band_left, &f.band_right);
+  f.num_nodes = static_cast<int>(m.nodes.size());
+  for (size_t i = 0; i < m.nodes.size(); ++i) f.nodes[i] = m.nodes[i];
+  for (size_t i = 0; i < m.globals.size(); ++i) f.globals[i] = m.globals[i];
+  f.num_segments = static_cast<int>(m.segments.size());
+  for (const MaskNode& n : m.nodes) {
+    if (n.seg_q < 0) continue;
+    const size_t nseg = m.segments.size();
+    const SegmentIds& s0 = p.segment_ids[n.seg_q];
+    SegmentTemplate& t = f.segments[n.seg_q];
+    t.q = s0.q;
+    t.k = s0.k;
+    t.q_sb = s0.q_batch_stride;
+    t.k_sb = s0.k_batch_stride;
+    t.q_s = s0.q_stride;
+    t.k_s = s0.k_stride;
+    for (int64_t b = 0; b < p.batch && b < 8; ++b) t.last[b] = p.segment_ids[b * nseg + n.seg_q].last;
+  }
+  f.num_maps = static_cast<int>(m.block_maps.size());
+  for (size_t x = 0; x < m.block_maps.size(); ++x) {
+    const TensorView& t = m.block_maps[x];
+    f.maps[x].data = static_cast<const int32_t*>(t.data);
+    f.maps[x].sb = t.shape[0] > 1 ? t.strides[0] : 0;
+    f.maps[x].sh = t.shape[1] > 1 ? t.strides[1] : 0;
+    f.maps[x].sr = t.strides[2];
+    f.maps[x].sc = t.strides[3];
+  }
+
+  // Score mods.
+  const ScoreMods& mods = spec.mods;
+  f.has_mods = mods.any();
+  f.softcap = mods.softcap;
+  f.alibi = mods.alibi;
+  if (mods.alibi_slopes.defined()) {
+    f.alibi_slopes = static_cast<const float*>(mods.alibi_slopes.data);
+    f.slopes_s = mods.alibi_slopes.strides[0];
+  }
+  if (mods.bias.defined()) {
+    const TensorView& t = mods.bias;
+    f.bias = t.data;
+    f.bias_dtype = t.dtype;
+    f.bias_sb = t.shape[0] > 1 ? t.strides[0] : 0;
+    f.bias_sh = t.shape[1] > 1 ? t.strides[1] : 0;
+    f.bias_si = t.strides[2];
+    f.bias_sj = t.strides[3];
+  }
+  f.relative = mods.relative;
+  if (mods.relative != RelativeBucketKind::kOff) {
+    f.bidirectional = mods.bidirectional;
+    f.num_buckets = mods.num_buckets;
+    f.max_distance = mods.max_distance;
+    f.clip = mods.clip;
+    f.table = static_cast<const float*>(mods.relative_table.data);
+    f.table_sh = mods.relative_table.strides[0];
+  }
+  if (mods.low_rank_u.defined()) {
+    const TensorView &u = mods.low_rank_u, &w = mods.low_rank_w;
+    f.lowrank_u = static_cast<const float*>(u.data);
+    f.lowrank_w = static_cast<const float*>(w.data);
+    f.rank = u.shape[3];
+    f.u_sb = u.strides[0], f.u_sh = u.strides[1], f.u_sn = u.strides[2];
+    f.w_sb = w.strides[0], f.w_sh = w.strides[1], f.w_sn = w.strides[2];
+  }
+
+  // Normalizer and gate.
+  const Normalizer& n = spec.normalizer;
+  f.norm = n.kind;
+  if (n.kind == NormalizerKind::kSoftmaxSink) {
+    f.sinks = static_cast<const float*>(n.sinks.data);
+    f.sinks_s = n.sinks.strides[0];
+  }
+  f.has_beta = n.beta.has_value();
+  f.beta = n.beta ? static_cast<float>(*n.beta) : 0.f;
+  f.feature = n.feature;
+  f.power = n.power;
+  f.length_scale = n.length_scale;
+  if (n.kind == NormalizerKind::kReLA) {
+    f.gain = static_cast<const float*>(n.rela_gain.data);
+    f.gain_s = n.rela_gain.strides[0];
+  }
+  f.rela_eps = n.rela_eps;
+  f.gate = spec.gate_kind;
+  if (spec.gate_kind != GateKind::kNone) {
+    f.gate_ptr = p.gate.data;
+    f.gate_dtype = p.gate.dtype;
+    f.g_sb = p.gate.sb, f.g_sh = p.gate.sh, f.g_sn = p.gate.sn;
+  }
+
+  const bool fast = band && !f.has_mods && p.softmax_family() && spec.gate_kind == GateKind::kNone;
+  int previous = 0;
+  (void)cudaGetDevice(&previous);
+  if (previous != p.device_index) (void)cudaSetDevice(p.device_index);
+  const cudaError_t e =
+      (fast ? inst.fast : inst.general)(f, static_cast<cudaStream_t>(p.stream));
+  if (previous != p.device_index) (void)cudaSetDevice(previous);
+  if (e != cudaSuccess)
+    return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
+  return {};
+}
+
+}  // namespace attnkit::cuda

@@ -1,0 +1,100 @@
+// The forward kernel's arguments: one plain struct passed by value (__grid_constant__), so the
+// mask tree, its globals and every pointer travel with the launch and no device allocation is
+// needed. Pointers are device pointers; strides count elements.
+#pragma once
+#include <cstdint>
+
+#include "attnkit/spec.h"
+
+namespace attnkit::cuda {
+
+inline constexpr int kMaxMaskNodes = 16;
+inline constexpr int kMaxMaskGlobals = 64;
+inline constexpr int kMaxMaskSegments = 4;
+inline constexpr int kMaxBlockMaps = 4;
+
+// A segment-id pair of a document-like mask node: batch element b reads q + b * q_sb.
+struct SegmentTemplate {
+  const int32_t* q = nullptr;
+  const int32_t* k = nullptr;
+  int64_t q_sb = 0, q_s = 1, k_sb = 0, k_s = 1;
+  int32_t last[8] = {};  // block attention's last segment for the first 8 batch elements
+  bool last_known = false;
+};
+
+// A block map: (b, h) reads data + b * sb + h * sh (0 for broadcast dims).
+struct BlockMapTemplate {
+  const int32_t* data = nullptr;
+  int64_t sb = 0, sh = 0, sr = 0, sc = 1;
+};
+
+struct FwdParams {
+  // q, k, v, out and the gate: row (b, h, n) at ptr + b * sb + h * sh + n * sn.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  int64_t q_sb = 0, q_sh = 0, q_sn = 0, k_sb = 0, k_sh = 0, k_sn = 0;
+  int64_t v_sb = 0, v_sh = 0, v_sn = 0, o_sb = 0, o_sh = 0, o_sn = 0;
+  DType out_dtype = DType::kBF16;
+  float* row_stat = nullptr;
+  int64_t st_sb = 0, st_sh = 0, st_sn = 0;
+
+  int batch = 0, hq = 0, hk = 0, group = 1, d = 0, dv = 0;
+  int nq = 0, nk = 0;             // per sequence without varlen
+  const int32_t* cu_q = nullptr;  // varlen: device cu_seqlens (rows of q and k start there)
+  const int32_t* cu_k = nullptr;
+  bool bottom_right = true;             // aligned query index i' = i + (nk - nq)
+  int num_q_tiles = 0;                  // of the longest query sequence
+  float scale = 1.f, scale_log2 = 1.f;  // scale and scale * log2(e)
+
+  // Masks. The fast kernel knows only bands: allowed(i, j) = i' - left <= j <= i' + right
+  // (left, right may be "infinite"). The general kernel evaluates the mask tree.
+  int64_t band_left = 0, band_right = 0;
+  int num_nodes = 1;
+  MaskNode nodes[kMaxMaskNodes];
+  int64_t globals[kMaxMaskGlobals] = {};
+  SegmentTemplate segments[kMaxMaskSegments];
+  int num_segments = 0;
+  BlockMapTemplate maps[kMaxBlockMaps];
+  int num_maps = 0;
+
+  // Score mods (general kernel).
+  bool has_mods = false;
+  float softcap = 0.f;
+  AlibiMode alibi = AlibiMode::kOff;
+  const float* alibi_slopes = nullptr;  // null: the default slopes
+  int64_t slopes_s = 0;
+  const void* bias = nullptr;
+  DType bias_dtype = DType::kF32;
+  int64_t bias_sb = 0, bias_sh = 0, bias_si = 0, bias_sj = 0;  // 0 on broadcast dims
+  RelativeBucketKind relative = RelativeBucketKind::kOff;
+  bool bidirectional = true;
+  int64_t num_buckets = 0, max_distance = 0, clip = 0;
+  const float* table = nullptr;
+  int64_t table_sh = 0;
+  const float* lowrank_u = nullptr;
+  const float* lowrank_w = nullptr;
+  int64_t rank = 0, u_sb = 0, u_sh = 0, u_sn = 0, w_sb = 0, w_sh = 0, w_sn = 0;
+
+  // Normalizer.
+  NormalizerKind norm = NormalizerKind::kSoftmax;
+  const float* sinks = nullptr;
+  int64_t sinks_s = 0;
+  bool has_beta = false;
+  float beta = 0.f;
+  KernelFeature feature = KernelFeature::kSoftplus;
+  float power = 1.f;
+  bool length_scale = false;
+  const float* gain = nullptr;
+  int64_t gain_s = 0;
+  float rela_eps = 1e-6f;
+
+  // Output gate: elementwise (addressed like out) or per head (one element per row).
+  GateKind gate = GateKind::kNone;
+  const void* gate_ptr = nullptr;
+  DType gate_dtype = DType::kF32;
+  int64_t g_sb = 0, g_sh = 0, g_sn = 0;
+};
+
+}  // namespace attnkit::cuda

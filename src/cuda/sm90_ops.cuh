@@ -1,0 +1,92 @@
+// sm_90a building blocks of the CUDA kernels: shared-memory tiles in the 128-byte swizzled layout
+// that wgmma reads, their descriptors, asynchronous copies, and the warpgroup MMA fences.
+//
+// A tile of R rows x C columns of 16-bit elements is stored as C/64 panels of R rows x 128 bytes;
+// within a panel the 16-byte chunk c of row r sits at r * 128 + ((c ^ (r % 8)) * 16). Each panel
+// starts on a 1024-byte boundary. For wgmma this is the canonical 128B-swizzle layout: K-major
+// (rows = M or N, columns = K) with SBO = 1024 bytes between 8-row groups, and MN-major (rows =
+// K, columns = N) with LBO = the panel stride between 64-column groups.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/wgmma_ops.cuh"
+
+namespace attnkit::cuda {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Byte offset of element (r, c) of a swizzled tile with R rows.
+__device__ __forceinline__ uint32_t swizzled_offset(int rows, int r, int c) {
+  const int panel = c >> 6, chunk = (c >> 3) & 7;
+  return panel * rows * 128 + r * 128 + ((chunk ^ (r & 7)) << 4) + ((c & 7) << 1);
+}
+
+// 16-byte copy global -> shared; `valid` false fills the 16 bytes with zeros.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Orders this thread's generic-proxy shared-memory writes before async-proxy reads (wgmma).
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// A shared-memory matrix descriptor for the 128B-swizzled layout.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo_bytes,
+                                              uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of accumulator registers across the async MMA.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// The 16-bit element types and their packing.
+template <class T>
+struct ElemTraits;
+template <>
+struct ElemTraits<__nv_bfloat16> {
+  using Tag = Elem_bf16;
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+template <>
+struct ElemTraits<__half> {
+  using Tag = Elem_f16;
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+}  // namespace attnkit::cuda

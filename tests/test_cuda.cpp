@@ -1,0 +1,168 @@
+// The CUDA backend: every mechanism against the float64 oracle on the GPU (skipped without one),
+// and the rules of a CUDA call, checked by can_run without touching device memory (these run
+// everywhere the backend is built, CI included).
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "attnkit/attention.h"
+#include "device_mirror.h"
+#include "spec_json.h"
+
+namespace attnkit {
+namespace {
+
+using tools::CheckOptions;
+using tools::CheckResult;
+using tools::Dims;
+
+// Mechanisms the CUDA forward does not run yet (answered kNotImplemented).
+bool cuda_gap(const std::string& m) { return m == "forget_gate"; }
+
+struct Case {
+  DType dtype;
+  Dims dims;
+  bool bnhd;
+};
+
+class CudaOracle : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaOracle, MatchesOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const std::string mech = GetParam();
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 197, 197, 64, 64}, false},
+      {DType::kF16, {1, 2, 1, 77, 301, 128, 128}, false},
+      {DType::kBF16, {1, 3, 3, 300, 130, 128, 128}, true},
+      {DType::kF16, {2, 2, 2, 129, 129, 64, 64}, true},
+  };
+  int seed = 11;
+  for (const Case& c : cases) {
+    if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+    for (double scale : {1.0, 4.0}) {
+      CheckOptions opt;
+      opt.dtype = c.dtype;
+      opt.dims = c.dims;
+      opt.bnhd = c.bnhd;
+      opt.input_scale = scale;
+      opt.seed = seed++;
+      opt.device = Device::kCUDA;
+      const CheckResult r = tools::check_mechanism(mech, opt);
+      if (cuda_gap(mech)) {
+        EXPECT_TRUE(r.not_covered) << r.error;
+        continue;
+      }
+      EXPECT_TRUE(r.ok) << mech << " " << r.dtype << " nq=" << c.dims.nq << " nk=" << c.dims.nk
+                        << " d=" << c.dims.d << " bnhd=" << c.bnhd << " scale=" << scale << ": "
+                        << r.error;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, CudaOracle, ::testing::ValuesIn(tools::mechanism_names()),
+                         [](const auto& info) { return info.param; });
+
+// A fake device address: can_run validates without reading device memory.
+TensorView device_view(DType t, std::initializer_list<int64_t> shape, uintptr_t addr = 1 << 20) {
+  TensorView v = TensorView::contiguous(reinterpret_cast<void*>(addr), t, shape, Device::kCUDA);
+  return v;
+}
+
+Status run_check(const TensorView& q, const TensorView& k, const TensorView& v,
+                 const TensorView& out, const AttentionSpec& spec = {}) {
+  return can_run(q, k, v, spec, out);
+}
+
+TEST(CudaRules, Fp32IsRefusedWithTheDtypeRule) {
+  const auto q = device_view(DType::kF32, {1, 2, 64, 64});
+  const Status s = run_check(q, q, q, q);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kTypeError);
+  EXPECT_NE(s.message().find("bf16 or fp16"), std::string::npos) << s.message();
+}
+
+TEST(CudaRules, MixedDevicesNameTheTensor) {
+  const auto q = device_view(DType::kBF16, {1, 2, 64, 64});
+  std::vector<uint16_t> host(2 * 64 * 64, 0x3f80);
+  const auto k = TensorView::contiguous(host.data(), DType::kBF16, {1, 2, 64, 64});
+  const Status s = run_check(q, k, q, q);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kTypeError);
+  EXPECT_NE(s.message().find("k is on cpu but q is on cuda:0"), std::string::npos) << s.message();
+}
+
+TEST(CudaRules, OtherDeviceIndexIsRefused) {
+  const auto q = device_view(DType::kBF16, {1, 2, 64, 64});
+  auto v = q;
+  v.device_index = 1;
+  const Status s = run_check(q, q, v, q);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("v is on cuda:1"), std::string::npos) << s.message();
+}
+
+TEST(CudaRules, HeadDimNotBuiltIsNamed) {
+  const auto q = device_view(DType::kBF16, {1, 2, 64, 72});
+  const Status s = run_check(q, q, q, q);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
+  EXPECT_NE(s.message().find("head_dim = 72"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("ATTNKIT_HEAD_DIMS"), std::string::npos) << s.message();
+}
+
+TEST(CudaRules, MisalignedRowsAreRefused) {
+  auto q = device_view(DType::kBF16, {1, 2, 64, 64});
+  auto k = q;
+  k.data = reinterpret_cast<void*>((1 << 20) + 2);  // 2-byte aligned
+  Status s = run_check(q, k, q, q);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("k: the CUDA kernels need a 16-byte aligned pointer"),
+            std::string::npos)
+      << s.message();
+  auto v = q;  // rows padded to 68 elements: a row stride that is not a multiple of 8
+  v.strides[2] = 68;
+  v.strides[1] = 68 * 64;
+  v.strides[0] = 2 * 68 * 64;
+  s = run_check(q, q, v, q);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("v: the CUDA kernels need"), std::string::npos) << s.message();
+}
+
+TEST(CudaRules, StatisticsAndForgetGateAreNotImplemented) {
+  const auto q = device_view(DType::kBF16, {1, 2, 64, 64});
+  AttentionStats st;
+  st.row_max = device_view(DType::kF32, {1, 2, 64});
+  Status s = can_run(q, q, q, {}, q, {}, st);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
+  EXPECT_NE(s.message().find("statistics"), std::string::npos) << s.message();
+  AttentionSpec spec;
+  spec.mods.forget_log_f = device_view(DType::kF32, {1, 2, 64});
+  s = can_run(q, q, q, spec, q);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
+  EXPECT_NE(s.message().find("forget gate"), std::string::npos) << s.message();
+}
+
+TEST(CudaRules, BackwardIsNotImplementedYet) {
+  const auto q = device_view(DType::kBF16, {1, 2, 64, 64});
+  const auto lse = device_view(DType::kF32, {1, 2, 64});
+  AttentionGrads g;
+  g.dq = g.dk = g.dv = device_view(DType::kF32, {1, 2, 64, 64});
+  const Status s = can_run_backward(q, q, q, q, lse, q, {}, g);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
+  EXPECT_NE(s.message().find("backward"), std::string::npos) << s.message();
+}
+
+TEST(CudaRules, AValidCallPasses) {
+  const auto q = device_view(DType::kBF16, {2, 4, 100, 128});
+  const auto k = device_view(DType::kBF16, {2, 2, 300, 128});
+  AttentionSpec spec;
+  spec.mask = Mask::causal();
+  const Status s = can_run(q, k, k, spec, q);
+  EXPECT_TRUE(s.ok()) << s.message();
+}
+
+}  // namespace
+}  // namespace attnkit
