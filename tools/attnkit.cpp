@@ -28,11 +28,16 @@ static int cmd_list(bool as_json) {
                      {"forward", r.forward},
                      {"backward", r.backward},
                      {"dtypes", r.dtypes}});
-    std::printf("%s\n",
-                json{{"cpu_simd_target", cpu_simd_target()}, {"rows", arr}}.dump(1).c_str());
+    std::printf("%s\n", json{{"cpu_simd_target", cpu_simd_target()},
+                             {"cuda_build", cuda_build_info()},
+                             {"rows", arr}}
+                            .dump(1)
+                            .c_str());
     return 0;
   }
   std::printf("CPU SIMD target on this machine: %s\n", cpu_simd_target().c_str());
+  if (!cuda_build_info().empty())
+    std::printf("CUDA kernels in this build: %s\n", cuda_build_info().c_str());
   std::printf("%-18s %-11s %-10s %-4s %-4s %s\n", "mechanism", "category", "backend", "fwd", "bwd",
               "dtypes");
   for (const SupportRow& r : rows) {

@@ -20,4 +20,8 @@ std::vector<SupportRow> support_matrix();
 // The SIMD target the CPU kernels dispatch to on this machine.
 std::string cpu_simd_target();
 
+// The CUDA kernels this build has ("sm_90a; bf16, fp16; head dims 64, 128"), or "" without the
+// CUDA backend.
+std::string cuda_build_info();
+
 }  // namespace attnkit

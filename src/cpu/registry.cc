@@ -6,6 +6,9 @@
 #include <string>
 
 #include "cpu/forward.h"
+#if defined(ATTNKIT_WITH_CUDA)
+#include "cuda/forward.h"
+#endif
 
 namespace attnkit {
 
@@ -63,10 +66,30 @@ std::vector<SupportRow> support_matrix() {
       rows.push_back(
           {m.name, m.category, "reference", true, true, {"fp32", "bf16", "fp16", "fp64"}});
     rows.push_back({m.name, m.category, "cpu", true, m.cpu_backward, {"fp32", "bf16", "fp16"}});
+#if defined(ATTNKIT_WITH_CUDA)
+    // The CUDA forward (src/cuda): every tier-1 mechanism but the forget gate and the attention
+    // statistics; no backward yet. Head dims: cuda::built_head_dims().
+    const std::string name = m.name;
+    const bool cuda_fwd = name != "forget_gate" && name != "row_stats" && name != "col_mass";
+    rows.push_back({m.name, m.category, "cuda", cuda_fwd, false, cuda::built_dtypes()});
+#endif
   }
   return rows;
 }
 
 std::string cpu_simd_target() { return cpu::simd_target(); }
+
+std::string cuda_build_info() {
+#if defined(ATTNKIT_WITH_CUDA)
+  std::string s = "sm_90a; ";
+  for (const std::string& t : cuda::built_dtypes()) s += t + ", ";
+  s.replace(s.size() - 2, 2, "; head dims ");
+  for (const auto& [d, dv] : cuda::built_head_dims())
+    s += (d == dv ? std::to_string(d) : std::to_string(d) + "x" + std::to_string(dv)) + ", ";
+  return s.substr(0, s.size() - 2);
+#else
+  return "";
+#endif
+}
 
 }  // namespace attnkit

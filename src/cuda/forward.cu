@@ -7,12 +7,17 @@
 #include <string>
 
 #include "cuda/forward.h"
+#include "cuda/fwd_kernel.cuh"
 #include "cuda/fwd_params.h"
 
 namespace attnkit::cuda {
 
-template <class T, int kD, int kDV, bool kGeneral>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream);
+// The kernels are instantiated in the generated fwd_*.cu files, not here.
+#define ATK_FWD(T, DT, D, DV)                                                            \
+  extern template cudaError_t launch_fwd<T, D, DV, false>(const FwdParams&, cudaStream_t); \
+  extern template cudaError_t launch_fwd<T, D, DV, true>(const FwdParams&, cudaStream_t);
+#include "fwd_table.inc"
+#undef ATK_FWD
 
 namespace {
 
@@ -110,11 +115,12 @@ Status forward_supports(const core::Problem& p) {
                 " is not built for ", dtype_name(p.q.dtype), " (built: ", built,
                 "; CMake option ATTNKIT_HEAD_DIMS adds more)");
   }
-  Status s = check_rows(p.q, "q", 8);
-  if (s.ok()) s = check_rows(p.k, "k", 8);
-  if (s.ok()) s = check_rows(p.v, "v", 8);
-  if (s.ok()) s = check_rows(p.out, "out", 2);
-  if (!s.ok()) return s;
+  const std::pair<const core::RowOperand*, const char*> rows[] = {
+      {&p.q, "q"}, {&p.k, "k"}, {&p.v, "v"}, {&p.out, "out"}};
+  for (const auto& [r, name] : rows) {
+    Status s = check_rows(*r, name, r == &p.out ? 2 : 8);
+    if (!s.ok()) return s;
+  }
   if (p.row_max.defined() || p.entropy.defined() || p.col_mass.defined())
     return fail(StatusCode::kNotImplemented,
                 "attention statistics (row_max, entropy, col_mass) are not on CUDA yet");
@@ -278,12 +284,40 @@ Status forward(const core::Problem& p) {
     f.g_sb = p.gate.sb, f.g_sh = p.gate.sh, f.g_sn = p.gate.sn;
   }
 
-  const bool fast = band && !f.has_mods && p.softmax_family() && spec.gate_kind == GateKind::kNone;
+  // The fast kernel folds the scale into the exponent and takes row maxima of raw dot
+  // products: that needs scale > 0.
+  const bool fast = band && !f.has_mods && p.softmax_family() &&
+                    spec.gate_kind == GateKind::kNone && p.scale > 0.f;
   int previous = 0;
   (void)cudaGetDevice(&previous);
   if (previous != p.device_index) (void)cudaSetDevice(p.device_index);
-  const cudaError_t e =
-      (fast ? inst.fast : inst.general)(f, static_cast<cudaStream_t>(p.stream));
+  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  cudaError_t e = cudaSuccess;
+  if (fast) {
+    e = inst.fast(f, stream);
+  } else {
+    // The block table of the general kernel, classified on the device (stream-ordered buffer).
+    const int dp = (inst.d + 63) / 64 * 64, dvp = (inst.dv + 63) / 64 * 64;
+    const int kn = dp <= 128 && dvp <= 128 ? 128 : 64;
+    const int64_t bs = p.mask_per_batch || p.varlen ? p.batch : 1, hs = p.mask_per_head ? p.hq : 1;
+    f.tc_nkt = static_cast<int>((p.max_nk + kn - 1) / kn);
+    f.tc_sh = hs > 1 ? static_cast<int64_t>(f.num_q_tiles) * f.tc_nkt : 0;
+    f.tc_sb = bs > 1 ? hs * static_cast<int64_t>(f.num_q_tiles) * f.tc_nkt : 0;
+    void* table = nullptr;
+    e = cudaMallocAsync(&table, bs * hs * f.num_q_tiles * f.tc_nkt, stream);
+    if (e == cudaSuccess) {
+      f.tile_class = static_cast<const uint8_t*>(table);
+      const dim3 grid(f.num_q_tiles, static_cast<unsigned>(hs), static_cast<unsigned>(bs));
+      if (kn == 128)
+        classify_tiles_kernel<128, 128><<<grid, 128, 0, stream>>>(f, static_cast<uint8_t*>(table));
+      else
+        classify_tiles_kernel<128, 64><<<grid, 128, 0, stream>>>(f, static_cast<uint8_t*>(table));
+      e = cudaGetLastError();
+      if (e == cudaSuccess) e = inst.general(f, stream);
+      const cudaError_t e2 = cudaFreeAsync(table, stream);
+      if (e == cudaSuccess) e = e2;
+    }
+  }
   if (previous != p.device_index) (void)cudaSetDevice(previous);
   if (e != cudaSuccess)
     return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));

@@ -55,6 +55,14 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* base, int64_t r
   }
 }
 
+// 2^x on the special-function unit (2^-inf = 0); exp2f adds range handling the softmax does not
+// need.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
@@ -75,28 +83,43 @@ __device__ __forceinline__ float load_any(const void* p, DType t, int64_t i) {
   }
 }
 
-// The mask tree's hooks as out-of-line calls: inlining every leaf kind into the kernel at each
-// use multiplied its code (ptxas ran for minutes); the calls are not recursive, so the stack
-// size stays static.
+// The mask tree's element hook as an out-of-line call: inlining every leaf kind into the kernel
+// at each use multiplied its code (ptxas ran for minutes); the call is not recursive, so the
+// stack size stays static. Tiles are classified before the kernel (classify_tiles_kernel).
 static __device__ __noinline__ bool mask_allowed(const MaskEval& m, int count, int64_t i, int64_t j) {
   return m.allowed_flat(count, i, j);
 }
-static __device__ __noinline__ TileClass mask_classify(const MaskEval& m, int count,
-                                                       const TileTokens& qt,
-                                                const TileTokens& kt) {
-  return m.classify_flat(count, qt, kt);
-}
 
-// The per-(batch, head) state of the general kernel: the mask's data and the score mods.
-struct GeneralState {
+// The mask's data of one (batch, head): passed by address to the out-of-line mask hooks, so it
+// lives in local memory; the score mods are resolved separately and stay in registers.
+struct MaskState {
   MaskEval mask;
   SegmentIds segs[kMaxMaskSegments];
   BlockMapView maps[kMaxBlockMaps];
-  ScoreModEval<float> mods;
 };
 
-__device__ inline void resolve_general(const FwdParams& p, int b, int h, int64_t offset,
-                                       GeneralState& g) {
+// Sequence extents of batch element b.
+struct SeqExtent {
+  int64_t q_start = 0, k_start = 0;
+  int nq = 0, nk = 0;
+  int64_t offset = 0;
+};
+__device__ __forceinline__ SeqExtent seq_extent(const FwdParams& p, int b) {
+  SeqExtent e;
+  e.nq = p.nq;
+  e.nk = p.nk;
+  if (p.cu_q) {
+    e.q_start = p.cu_q[b];
+    e.nq = p.cu_q[b + 1] - p.cu_q[b];
+    e.k_start = p.cu_k[b];
+    e.nk = p.cu_k[b + 1] - p.cu_k[b];
+  }
+  e.offset = p.bottom_right ? e.nk - e.nq : 0;
+  return e;
+}
+
+__device__ inline void resolve_mask(const FwdParams& p, int b, int h, int64_t offset,
+                                    MaskState& g) {
   for (int s = 0; s < p.num_segments; ++s) {
     const SegmentTemplate& t = p.segments[s];
     g.segs[s].q = t.q + b * t.q_sb;
@@ -115,7 +138,10 @@ __device__ inline void resolve_general(const FwdParams& p, int b, int h, int64_t
   g.mask.segments = g.segs;
   g.mask.maps = g.maps;
   g.mask.offset = offset;
-  ScoreModEval<float>& e = g.mods;
+}
+
+__device__ inline ScoreModEval<float> resolve_mods(const FwdParams& p, int b, int h) {
+  ScoreModEval<float> e;
   e.softcap = p.softcap;
   e.alibi = p.alibi;
   if (p.alibi != AlibiMode::kOff)
@@ -143,6 +169,36 @@ __device__ inline void resolve_general(const FwdParams& p, int b, int h, int64_t
     e.u_stride = p.u_sn;
     e.w_stride = p.w_sn;
   }
+  return e;
+}
+
+// The general kernel's block table: one thread per (query tile, key tile) of one (b, h) (blockIdx
+// y, z), classified by the mask policy. Key tiles past the sequence are empty; a full tile that
+// the sequence ends in is partial (the kernel masks its tail).
+template <int kM, int kN>
+__global__ void classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table) {
+  const int qtile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const SeqExtent s = seq_extent(p, b);
+  MaskState ms;
+  resolve_mask(p, b, h, s.offset, ms);
+  uint8_t* row = table + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qtile) * p.tc_nkt;
+  const int m0 = qtile * kM;
+  for (int kt = threadIdx.x; kt < p.tc_nkt; kt += blockDim.x) {
+    const int n0 = kt * kN;
+    TileClass c = TileClass::kEmpty;
+    if (m0 < s.nq && n0 < s.nk) {
+      TileTokens q, k;
+      q.start = q.lo = m0;
+      q.count = min(kM, s.nq - m0);
+      q.hi = m0 + q.count - 1;
+      k.start = k.lo = n0;
+      k.count = min(kN, s.nk - n0);
+      k.hi = n0 + k.count - 1;
+      c = ms.mask.classify_flat(p.num_nodes, q, k);
+      if (c == TileClass::kFull && k.count < kN) c = TileClass::kPartial;
+    }
+    row[kt] = static_cast<uint8_t>(c);
+  }
 }
 
 template <class T, int kD, int kDV, bool kGeneral>
@@ -162,17 +218,11 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
 
   const int b = blockIdx.z, h = blockIdx.y;
   const int tile = p.num_q_tiles - 1 - static_cast<int>(blockIdx.x);  // long rows first
-  int64_t q_start = 0, k_start = 0;
-  int nq = p.nq, nk = p.nk;
-  if (p.cu_q) {
-    q_start = p.cu_q[b];
-    nq = p.cu_q[b + 1] - p.cu_q[b];
-    k_start = p.cu_k[b];
-    nk = p.cu_k[b + 1] - p.cu_k[b];
-  }
+  const SeqExtent seq = seq_extent(p, b);
+  const int64_t q_start = seq.q_start, k_start = seq.k_start, offset = seq.offset;
+  const int nq = seq.nq, nk = seq.nk;
   const int m0 = tile * kM;
   if (m0 >= nq) return;
-  const int64_t offset = p.bottom_right ? nk - nq : 0;
   const int hk = h / p.group;
   const T* qp = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + q_start * p.q_sn;
   const T* kp = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + k_start * p.k_sn;
@@ -188,9 +238,13 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
   // Key tiles to visit.
   const int num_k_tiles = (nk + kN - 1) / kN;
   int t_begin = 0, t_end = num_k_tiles;
-  GeneralState gs;
+  MaskState ms;
+  ScoreModEval<float> mods;
+  const uint8_t* tclass = nullptr;
   if constexpr (kGeneral) {
-    resolve_general(p, b, h, offset, gs);
+    resolve_mask(p, b, h, offset, ms);
+    mods = resolve_mods(p, b, h);
+    tclass = p.tile_class + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(tile) * p.tc_nkt;
   } else {
     const int64_t lo = m0 + offset - p.band_left, hi = m0 + rows - 1 + offset + p.band_right;
     t_begin = static_cast<int>(imax(lo, 0) / kN);
@@ -204,13 +258,7 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
   auto classify = [&](int t) -> TileClass {
     const int n0 = t * kN;
     if constexpr (kGeneral) {
-      TileTokens kt;
-      kt.start = n0;
-      kt.count = min(kN, nk - n0);
-      kt.lo = n0;
-      kt.hi = n0 + kt.count - 1;
-      const TileClass c = mask_classify(gs.mask, p.num_nodes, qt, kt);
-      return (c == TileClass::kFull && kt.count < kN) ? TileClass::kPartial : c;
+      return static_cast<TileClass>(tclass[t]);
     } else {
       const TileClass c = MaskEval::band(qt.lo + offset, qt.hi + offset, n0, n0 + kN - 1,
                                          p.band_left, p.band_right);
@@ -229,14 +277,18 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
   const NormalizerKind norm = kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink
                                                            : NormalizerKind::kSoftmax);
   const bool softmax = norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink;
-  // Softmax rows keep the running max in log2 units (fast) or natural units (general).
+  // Softmax rows keep the running max of the raw dot products (fast: the scale folds into the
+  // exponent's FMA) or of the modified scores (general).
   float m[2], l[2] = {0.f, 0.f};
   {
     const float sink = p.sinks ? p.sinks[h * p.sinks_s] : kNegInf;
-    m[0] = m[1] = kGeneral ? sink : sink * static_cast<float>(kLog2e);
+    m[0] = m[1] = kGeneral ? sink : sink / p.scale;
     if (p.sinks) l[0] = l[1] = 0.25f;  // exp(sink - sink), split over the quad's 4 partial sums
   }
   if (norm == NormalizerKind::kKernel) m[0] = m[1] = 0.f;  // the running max of the weights
+  const bool additive = kGeneral && p.has_mods && mods.has_additive();
+  const float cap = kGeneral ? p.softcap : 0.f, inv_cap = cap != 0.f ? 1.f / cap : 0.f;
+  const bool prescale = kGeneral && norm == NormalizerKind::kKernel && p.length_scale;
   const float beta = p.has_beta ? p.beta : -logf(static_cast<float>(nk));
   float lscale[2] = {1.f, 1.f};
 
@@ -262,7 +314,7 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
           if (j >= nk) break;
 #pragma unroll
           for (int r = 0; r < 2; ++r)
-            cnt[r] += row_i[r] < nq && (c == TileClass::kFull || mask_allowed(gs.mask, p.num_nodes, row_i[r], j));
+            cnt[r] += row_i[r] < nq && (c == TileClass::kFull || mask_allowed(ms.mask, p.num_nodes, row_i[r], j));
         }
       }
 #pragma unroll
@@ -305,7 +357,7 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
     wgmma_wait<0>();
     fence_regs(s);
 
-    // Scores: scale, score mods, mask.
+    // Scores: scale, score mods (additive terms, then the softcap), mask.
     const int n0 = t * kN;
     const bool masked = cls != TileClass::kFull;
 #pragma unroll
@@ -315,7 +367,6 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
         const int r = e / 2, j = n0 + c * 8 + col0 + (e & 1), i = row_i[r];
         float& x = s[c * 4 + e];
         if constexpr (!kGeneral) {
-          x *= p.scale_log2;
           if (masked) {
             const int64_t ia = i + offset;
             const bool ok = j < nk && j >= ia - p.band_left && j <= ia + p.band_right;
@@ -323,10 +374,11 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
           }
         } else {
           const bool ok =
-              i < nq && j < nk && (!masked || mask_allowed(gs.mask, p.num_nodes, i, j));
+              i < nq && j < nk && (!masked || mask_allowed(ms.mask, p.num_nodes, i, j));
           x *= p.scale;
-          if (ok && p.has_mods) x = gs.mods.score(x, i, i + offset, j);
-          if (lscale[r] != 1.f) x = lscale[r] == 0.f ? 0.f : x * lscale[r];
+          if (ok && additive) x = mods.additive(x, i, i + offset, j);
+          if (cap != 0.f) x = cap * tanhf(x * inv_cap);
+          if (prescale) x = lscale[r] == 0.f ? 0.f : x * lscale[r];
           x = ok ? x : kNegInf;
         }
       }
@@ -334,7 +386,7 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
 
     // Normalizer: S -> P in place; O rescaled for the softmax family.
     if (softmax) {
-      const float to2 = kGeneral ? static_cast<float>(kLog2e) : 1.f;
+      const float to2 = kGeneral ? static_cast<float>(kLog2e) : p.scale_log2;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = kNegInf;
@@ -344,7 +396,7 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
         mx = quad_max(mx);
         const float m_new = fmaxf(m[r], mx);
         const float m_use = m_new == kNegInf ? 0.f : m_new;
-        const float alpha = exp2f((m[r] - m_use) * to2);
+        const float alpha = fast_exp2((m[r] - m_use) * to2);
         const float mb = m_use * to2;
         float sum = 0.f;
 #pragma unroll
@@ -352,7 +404,7 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float& x = s[c * 4 + 2 * r + e];
-            x = exp2f(fmaf(x, to2, -mb));
+            x = fast_exp2(fmaf(x, to2, -mb));
             sum += x;
           }
         l[r] = l[r] * alpha + sum;
@@ -449,7 +501,7 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
     float stat = 0.f, mul = 1.f;
     if (softmax) {
       mul = lsum > 0.f ? 1.f / lsum : 0.f;
-      const float mnat = kGeneral ? m[r] : m[r] * static_cast<float>(kLn2);
+      const float mnat = kGeneral ? m[r] : m[r] * p.scale;
       stat = lsum > 0.f ? mnat + logf(lsum) : kNegInf;
     } else if (norm == NormalizerKind::kKernel) {
       mul = lsum > 0.f ? 1.f / lsum : 0.f;

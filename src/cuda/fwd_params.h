@@ -59,6 +59,13 @@ struct FwdParams {
   BlockMapTemplate maps[kMaxBlockMaps];
   int num_maps = 0;
 
+  // The general kernel's block table (built on the device by classify_tiles_kernel): the
+  // TileClass of (query tile, key tile) of (b, h) at tile_class[b * tc_sb + h * tc_sh + qt *
+  // tc_nkt + kt] (tc_sb / tc_sh are 0 when the mask is the same for every batch element / head).
+  const uint8_t* tile_class = nullptr;
+  int64_t tc_sb = 0, tc_sh = 0;
+  int tc_nkt = 0;
+
   // Score mods (general kernel).
   bool has_mods = false;
   float softcap = 0.f;
