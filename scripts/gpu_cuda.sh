@@ -4,7 +4,8 @@
 # oracle), `attnkit check --device cuda`, the PyTorch CUDA tests, then bench/gpu/bench.py
 # (attnkit beside FlashAttention-2, cuDNN, FlexAttention and the mem-efficient backend).
 # Debian's packages missing there come from .carry (Highway, nlohmann-json, CLI11, GoogleTest).
-# Usage: bash scripts/gpu_cuda.sh OUT_DIR [--quick] [--sanitize] [--no-bench]   (results: docs/perf/gpu.md)
+# Usage: [HEAD_DIMS="64;96;128;192;256;192x128"] bash scripts/gpu_cuda.sh OUT_DIR [--quick]
+#        [--sanitize] [--no-bench]   (results: docs/perf/gpu.md)
 set -uo pipefail
 out=${1:-/tmp/attnkit_gpu}
 shift || true
@@ -15,6 +16,7 @@ deps=${DEPS_ROOT:-$PWD/.carry/deps}
 export LD_LIBRARY_PATH=$hwy_root/lib:${LD_LIBRARY_PATH:-}
 t0=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNKIT_BUILD_PYTHON=ON \
+  -DATTNKIT_HEAD_DIMS="${HEAD_DIMS:-64;128}" \
   -DHWY_ROOT="$hwy_root" -Dnlohmann_json_DIR="$deps/share/cmake/nlohmann_json" \
   -DCLI11_DIR="$deps/share/cmake/CLI11" -DGTest_DIR="$deps/lib/x86_64-linux-gnu/cmake/GTest" \
   -DPython_EXECUTABLE="$(command -v python3)" > /tmp/cmake.log 2>&1 || { tail -30 /tmp/cmake.log; exit 1; }

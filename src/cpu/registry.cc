@@ -67,10 +67,10 @@ std::vector<SupportRow> support_matrix() {
           {m.name, m.category, "reference", true, true, {"fp32", "bf16", "fp16", "fp64"}});
     rows.push_back({m.name, m.category, "cpu", true, m.cpu_backward, {"fp32", "bf16", "fp16"}});
 #if defined(ATTNKIT_WITH_CUDA)
-    // The CUDA forward (src/cuda): every tier-1 mechanism but the forget gate and the attention
-    // statistics; no backward yet. Head dims: cuda::built_head_dims().
+    // The CUDA forward (src/cuda): every tier-1 mechanism but the attention statistics; no
+    // backward yet. Head dims: cuda::built_head_dims().
     const std::string name = m.name;
-    const bool cuda_fwd = name != "forget_gate" && name != "row_stats" && name != "col_mass";
+    const bool cuda_fwd = name != "row_stats" && name != "col_mass";
     rows.push_back({m.name, m.category, "cuda", cuda_fwd, false, cuda::built_dtypes()});
 #endif
   }

@@ -21,6 +21,31 @@ namespace attnkit::cuda {
 
 namespace {
 
+// The forget gate's prefix sums c_j = sum_{t <= j} log f_t of one (b, h) per block (blockIdx.x =
+// b * hq + h), accumulated in float64 as on the CPU: each thread sums a contiguous chunk, the
+// chunk totals are scanned, then each thread writes its chunk's prefix sums.
+__global__ void forget_prefix_kernel(const float* log_f, int64_t sb, int64_t sh, int64_t sn,
+                                     int hq, int nk, float* out, int64_t out_stride) {
+  __shared__ double totals[256];
+  const int b = blockIdx.x / hq, h = blockIdx.x % hq;
+  const float* f = log_f + b * sb + h * sh;
+  float* c = out + static_cast<int64_t>(blockIdx.x) * out_stride;
+  const int chunk = (nk + blockDim.x - 1) / blockDim.x;
+  const int lo = threadIdx.x * chunk, hi = min(nk, lo + chunk);
+  double sum = 0;
+  for (int j = lo; j < hi; ++j) sum += f[j * sn];
+  totals[threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int x = 1; x < blockDim.x; ++x) totals[x] += totals[x - 1];
+  __syncthreads();
+  double run = threadIdx.x > 0 ? totals[threadIdx.x - 1] : 0.0;
+  for (int j = lo; j < hi; ++j) {
+    run += f[j * sn];
+    c[j] = static_cast<float>(run);
+  }
+}
+
 using LaunchFn = cudaError_t (*)(const FwdParams&, cudaStream_t);
 struct Instance {
   DType dtype;
@@ -124,8 +149,6 @@ Status forward_supports(const core::Problem& p) {
   if (p.row_max.defined() || p.entropy.defined() || p.col_mass.defined())
     return fail(StatusCode::kNotImplemented,
                 "attention statistics (row_max, entropy, col_mass) are not on CUDA yet");
-  if (spec.mods.forget_log_f.defined())
-    return fail(StatusCode::kNotImplemented, "the forget gate is not on CUDA yet");
   const Mask& m = spec.mask;
   if (m.nodes.size() > kMaxMaskNodes || m.globals.size() > kMaxMaskGlobals ||
       m.segments.size() > kMaxMaskSegments || m.block_maps.size() > kMaxBlockMaps)
@@ -304,7 +327,20 @@ Status forward(const core::Problem& p) {
     f.tc_sh = hs > 1 ? static_cast<int64_t>(f.num_q_tiles) * f.tc_nkt : 0;
     f.tc_sb = bs > 1 ? hs * static_cast<int64_t>(f.num_q_tiles) * f.tc_nkt : 0;
     void* table = nullptr;
-    e = cudaMallocAsync(&table, bs * hs * f.num_q_tiles * f.tc_nkt, stream);
+    void* forget = nullptr;
+    const TensorView& lf = spec.mods.forget_log_f;
+    if (lf.defined()) {  // prefix sums of log f, one row per (b, h)
+      f.forget_stride = p.max_nk;
+      e = cudaMallocAsync(&forget, p.batch * p.hq * p.max_nk * sizeof(float), stream);
+      if (e == cudaSuccess) {
+        forget_prefix_kernel<<<static_cast<unsigned>(p.batch * p.hq), 256, 0, stream>>>(
+            static_cast<const float*>(lf.data), lf.strides[0], lf.strides[1], lf.strides[2],
+            f.hq, static_cast<int>(p.max_nk), static_cast<float*>(forget), f.forget_stride);
+        e = cudaGetLastError();
+        f.forget_c = static_cast<const float*>(forget);
+      }
+    }
+    if (e == cudaSuccess) e = cudaMallocAsync(&table, bs * hs * f.num_q_tiles * f.tc_nkt, stream);
     if (e == cudaSuccess) {
       f.tile_class = static_cast<const uint8_t*>(table);
       const dim3 grid(f.num_q_tiles, static_cast<unsigned>(hs), static_cast<unsigned>(bs));
@@ -316,6 +352,10 @@ Status forward(const core::Problem& p) {
       if (e == cudaSuccess) e = inst.general(f, stream);
       const cudaError_t e2 = cudaFreeAsync(table, stream);
       if (e == cudaSuccess) e = e2;
+    }
+    if (forget) {
+      const cudaError_t e3 = cudaFreeAsync(forget, stream);
+      if (e == cudaSuccess) e = e3;
     }
   }
   if (previous != p.device_index) (void)cudaSetDevice(previous);

@@ -162,6 +162,7 @@ __device__ inline ScoreModEval<float> resolve_mods(const FwdParams& p, int b, in
     e.max_distance = p.max_distance;
     e.clip = p.clip;
   }
+  if (p.forget_c) e.forget_c = p.forget_c + (static_cast<int64_t>(b) * p.hq + h) * p.forget_stride;
   if (p.lowrank_u) {
     e.u = p.lowrank_u + b * p.u_sb + h * p.u_sh;
     e.w = p.lowrank_w + b * p.w_sb + h * p.w_sh;

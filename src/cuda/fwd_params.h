@@ -80,6 +80,10 @@ struct FwdParams {
   int64_t num_buckets = 0, max_distance = 0, clip = 0;
   const float* table = nullptr;
   int64_t table_sh = 0;
+  // Forget gate: prefix sums c of log f over key positions, [B * Hq][forget_stride] (built on the
+  // device by forget_prefix_kernel).
+  const float* forget_c = nullptr;
+  int64_t forget_stride = 0;
   const float* lowrank_u = nullptr;
   const float* lowrank_w = nullptr;
   int64_t rank = 0, u_sb = 0, u_sh = 0, u_sn = 0, w_sb = 0, w_sh = 0, w_sn = 0;
