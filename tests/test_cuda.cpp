@@ -67,7 +67,7 @@ TEST(CudaHeadDims, EveryBuiltPairMatchesTheOracle) {
                                               {192, 192}, {256, 256}, {192, 128}};
   int ran = 0, seed = 101;
   for (const auto& [d, dv] : dims)
-    for (const char* mech : {"causal", "softcap", "document", "sink"})
+    for (const char* mech : {"causal", "softcap", "gate", "sink"})
       for (DType t : {DType::kBF16, DType::kF16}) {
         CheckOptions opt;
         opt.dtype = t;
