@@ -72,6 +72,36 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
+// One row (r of the thread's two) of an online normalization: its running max m moves to
+// m_new = max(m, the row's scores); each score x becomes weight(x, m_new); the row sum l and the
+// row of O are rescaled by rescale(m, m_new). The softmax family and the normalized kernel share it.
+template <int kN, int kDVp, class Weight, class Rescale>
+__device__ __forceinline__ void online_row(float (&s)[kN / 2], float (&o)[kDVp / 2], int r,
+                                           float lowest, float& m, float& l, Weight weight,
+                                           Rescale rescale) {
+  float mx = lowest;
+#pragma unroll
+  for (int c = 0; c < kN / 8; ++c) mx = fmaxf(mx, fmaxf(s[c * 4 + 2 * r], s[c * 4 + 2 * r + 1]));
+  const float m_new = fmaxf(m, quad_max(mx));
+  const float alpha = rescale(m, m_new);
+  float sum = 0.f;
+#pragma unroll
+  for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float& x = s[c * 4 + 2 * r + e];
+      x = weight(x, m_new);
+      sum += x;
+    }
+  l = l * alpha + sum;
+  m = m_new;
+#pragma unroll
+  for (int c = 0; c < kDVp / 8; ++c) {
+    o[c * 4 + 2 * r] *= alpha;
+    o[c * 4 + 2 * r + 1] *= alpha;
+  }
+}
+
 __device__ __forceinline__ float load_any(const void* p, DType t, int64_t i) {
   switch (t) {
     case DType::kBF16:
@@ -389,33 +419,16 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
     if (softmax) {
       const float to2 = kGeneral ? static_cast<float>(kLog2e) : p.scale_log2;
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = kNegInf;
-#pragma unroll
-        for (int c = 0; c < kN / 8; ++c)
-          mx = fmaxf(mx, fmaxf(s[c * 4 + 2 * r], s[c * 4 + 2 * r + 1]));
-        mx = quad_max(mx);
-        const float m_new = fmaxf(m[r], mx);
-        const float m_use = m_new == kNegInf ? 0.f : m_new;
-        const float alpha = fast_exp2((m[r] - m_use) * to2);
-        const float mb = m_use * to2;
-        float sum = 0.f;
-#pragma unroll
-        for (int c = 0; c < kN / 8; ++c)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[c * 4 + 2 * r + e];
-            x = fast_exp2(fmaf(x, to2, -mb));
-            sum += x;
-          }
-        l[r] = l[r] * alpha + sum;
-        m[r] = m_new;
-#pragma unroll
-        for (int c = 0; c < kDVp / 8; ++c) {
-          o[c * 4 + 2 * r] *= alpha;
-          o[c * 4 + 2 * r + 1] *= alpha;
-        }
-      }
+      for (int r = 0; r < 2; ++r)
+        online_row<kN, kDVp>(
+            s, o, r, kNegInf, m[r], l[r],
+            [&](float x, float m_new) {
+              const float m_use = m_new == kNegInf ? 0.f : m_new;
+              return fast_exp2(fmaf(x, to2, -m_use * to2));
+            },
+            [&](float m_old, float m_new) {
+              return fast_exp2((m_old - (m_new == kNegInf ? 0.f : m_new)) * to2);
+            });
     } else if constexpr (kGeneral) {
 #pragma unroll
       for (int c = 0; c < kN / 8; ++c)
@@ -437,31 +450,11 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
         // Weights are unbounded (f(s)^p): P is kept relative to the row's running max so that
         // it fits the 16-bit type of P V; O and the sum are rescaled as the max moves.
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = 0.f;
-#pragma unroll
-          for (int c = 0; c < kN / 8; ++c)
-            mx = fmaxf(mx, fmaxf(s[c * 4 + 2 * r], s[c * 4 + 2 * r + 1]));
-          const float m_new = fmaxf(m[r], quad_max(mx));
-          const float alpha = m_new > 0.f ? m[r] / m_new : 1.f;
-          const float inv = m_new > 0.f ? 1.f / m_new : 0.f;
-          float sum = 0.f;
-#pragma unroll
-          for (int c = 0; c < kN / 8; ++c)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float& x = s[c * 4 + 2 * r + e];
-              x *= inv;
-              sum += x;
-            }
-          l[r] = l[r] * alpha + sum;
-          m[r] = m_new;
-#pragma unroll
-          for (int c = 0; c < kDVp / 8; ++c) {
-            o[c * 4 + 2 * r] *= alpha;
-            o[c * 4 + 2 * r + 1] *= alpha;
-          }
-        }
+        for (int r = 0; r < 2; ++r)
+          online_row<kN, kDVp>(
+              s, o, r, 0.f, m[r], l[r],
+              [&](float x, float m_new) { return m_new > 0.f ? x / m_new : 0.f; },
+              [&](float m_old, float m_new) { return m_new > 0.f ? m_old / m_new : 1.f; });
       }
     }
 
