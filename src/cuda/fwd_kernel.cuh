@@ -23,10 +23,12 @@
 
 namespace attnkit::cuda {
 
+inline constexpr int kCtaThreads = 256;  // 2 warpgroups (and __launch_bounds__ below)
+
 template <int kD, int kDV>
 struct FwdShape {
   static constexpr int kM = 128;  // query rows per CTA: 2 warpgroups x 64
-  static constexpr int kThreads = 256;
+  static constexpr int kThreads = kCtaThreads;
   static constexpr int kDp = (kD + 63) / 64 * 64;  // head dims padded to whole 64-column panels
   static constexpr int kDVp = (kDV + 63) / 64 * 64;
   static constexpr int kN = (kDp <= 128 && kDVp <= 128) ? 128 : 64;  // keys per tile
@@ -41,12 +43,13 @@ struct FwdShape {
 
 // Loads rows [row0, row0 + R) x columns [0, Cp) of a row-major operand into a swizzled tile;
 // rows at or past `nrows` and columns at or past `ncols` are zero-filled.
+// Every thread of the CTA takes part.
 template <int R, int Cp, class T>
 __device__ __forceinline__ void load_tile(uint32_t dst, const T* base, int64_t row_stride,
                                           int row0, int nrows, int ncols) {
   constexpr int kChunksPerRow = Cp / 8, kChunks = R * kChunksPerRow;
 #pragma unroll 4
-  for (int x = threadIdx.x; x < kChunks; x += 256) {
+  for (int x = threadIdx.x; x < kChunks; x += kCtaThreads) {
     const int r = x / kChunksPerRow, ch = x % kChunksPerRow;
     const bool ok = row0 + r < nrows && ch * 8 < ncols;
     const T* src = ok ? base + static_cast<int64_t>(row0 + r) * row_stride + ch * 8 : base;

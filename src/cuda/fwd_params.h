@@ -5,10 +5,11 @@
 #include <cstdint>
 
 #include "attnkit/spec.h"
+#include "attnkit/variant/masks.h"
 
 namespace attnkit::cuda {
 
-inline constexpr int kMaxMaskNodes = 16;
+inline constexpr int kMaxMaskNodes = MaskEval::kMaxFlatNodes;  // the flat evaluation's bound
 inline constexpr int kMaxMaskGlobals = 64;
 inline constexpr int kMaxMaskSegments = 4;
 inline constexpr int kMaxBlockMaps = 4;
@@ -19,7 +20,6 @@ struct SegmentTemplate {
   const int32_t* k = nullptr;
   int64_t q_sb = 0, q_s = 1, k_sb = 0, k_s = 1;
   int32_t last[8] = {};  // block attention's last segment for the first 8 batch elements
-  bool last_known = false;
 };
 
 // A block map: (b, h) reads data + b * sb + h * sh (0 for broadcast dims).
