@@ -23,16 +23,16 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNKIT_BUILD_PYTH
 cmake --build build-gpu -j "$(nproc)" --target attnkit_cli test_cuda _ext attnkit_python_files > /tmp/build.log 2>&1 || { grep -E "error|FAILED" /tmp/build.log | head -30; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"; grep -E "spill|C7509" /tmp/build.log | sort | uniq -c | cut -c1-200 | head
 rc=0
-build-gpu/tests/test_cuda --gtest_brief=1 > "$out/test_cuda.log" 2>&1 || rc=1
+timeout 300 build-gpu/tests/test_cuda --gtest_brief=1 > "$out/test_cuda.log" 2>&1 || rc=1
 grep -E "FAILED|PASSED|rel_err" "$out/test_cuda.log" | head -40
-build-gpu/attnkit check --device cuda > "$out/check.log" 2>&1 || rc=1
+timeout 300 build-gpu/attnkit check --device cuda > "$out/check.log" 2>&1 || rc=1
 tail -12 "$out/check.log"
 PYTHONPATH=build-gpu/python python3 -m pytest -q -p no:cacheprovider python/tests/test_torch.py -k cuda > "$out/pytest_cuda.log" 2>&1 || rc=1
 tail -3 "$out/pytest_cuda.log"
 if [[ " $* " == *" --sanitize "* ]]; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/tests/test_cuda \
-      --gtest_filter='All/CudaOracle.MatchesOracle/dense:All/CudaOracle.MatchesOracle/document:All/CudaOracle.MatchesOracle/sigmoid:All/CudaOracle.MatchesOracle/gate' \
+      --gtest_filter='All/CudaOracle.MatchesOracle/dense:All/CudaOracle.MatchesOracle/sliding_window:All/CudaOracle.MatchesOracle/document:All/CudaOracle.MatchesOracle/sigmoid:All/CudaOracle.MatchesOracle/gate:CudaFastPath.*' \
       > "$out/sanitize_$tool.log" 2>&1; echo "compute-sanitizer $tool: rc $?"; tail -2 "$out/sanitize_$tool.log"
   done
 fi

@@ -66,6 +66,10 @@ def dense():
                     err = None
                 res = dict(case="dense", d=d, h=h, n=n, b=b, causal=causal, rel_err=err)
                 res["attnkit"] = flops / bench(lambda: attnkit.attention(q, k, v, causal=causal)) / 1e9
+                os.environ["ATTNKIT_CUDA_PINGPONG"] = "0"  # the same kernel without turn-taking
+                res["attnkit_no_pingpong"] = flops / bench(
+                    lambda: attnkit.attention(q, k, v, causal=causal)) / 1e9
+                del os.environ["ATTNKIT_CUDA_PINGPONG"]
                 for name, be in [("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
                     with sdpa_kernel(be):
                         ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
@@ -155,9 +159,10 @@ if __name__ == "__main__":
             print("%-34s ERROR %s" % (r["case"], r["error"][:80]))
         elif r["case"] == "dense":
             tag = "dense d%d n%d%s" % (r["d"], r["n"], " causal" if r["causal"] else "")
-            print("%-34s %9.0f %9.0f %9.2f %9s  (fa2 %.0f, x%.2f)" % (
+            print("%-34s %9.0f %9.0f %9.2f %9s  (fa2 %.0f, x%.2f; no ping-pong %.0f)" % (
                 tag + " vs cudnn", r["attnkit"], r["cudnn"], r["vs_cudnn"],
-                "%.1e" % r["rel_err"] if r["rel_err"] is not None else "-", r["fa2"], r["vs_fa2"]))
+                "%.1e" % r["rel_err"] if r["rel_err"] is not None else "-", r["fa2"], r["vs_fa2"],
+                r["attnkit_no_pingpong"]))
         elif r["case"] == "masked":
             print("%-34s %9.0f %9.0f %9.2f %9.1e" % (r["mask"] + " vs flex", r["attnkit"], r["flex"],
                                                      r["vs_flex"], r["rel_err_vs_flex"]))

@@ -1,21 +1,27 @@
 // The CUDA forward pass: checks what the kernels support, resolves the problem into FwdParams and
 // launches the instantiation for (dtype, head_dim, head_dim_v) listed in the generated table.
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/forward.h"
+#include "cuda/fwd_fast.cuh"
 #include "cuda/fwd_kernel.cuh"
 #include "cuda/fwd_params.h"
 
 namespace attnkit::cuda {
 
 // The kernels are instantiated in the generated fwd_*.cu files, not here.
-#define ATK_FWD(T, DT, D, DV)                                                            \
-  extern template cudaError_t launch_fwd<T, D, DV, false>(const FwdParams&, cudaStream_t); \
-  extern template cudaError_t launch_fwd<T, D, DV, true>(const FwdParams&, cudaStream_t);
+#define ATK_FWD(T, DT, D, DV)                                                              \
+  extern template cudaError_t launch_fwd_fast<T, D, DV>(const FwdParams&, const TmaMaps&,    \
+                                                        cudaStream_t);                       \
+  extern template cudaError_t launch_fwd_general<T, D, DV>(const FwdParams&, cudaStream_t);
 #include "fwd_table.inc"
 #undef ATK_FWD
 
@@ -46,14 +52,14 @@ __global__ void forget_prefix_kernel(const float* log_f, int64_t sb, int64_t sh,
   }
 }
 
-using LaunchFn = cudaError_t (*)(const FwdParams&, cudaStream_t);
 struct Instance {
   DType dtype;
   int d, dv;
-  LaunchFn fast, general;
+  cudaError_t (*fast)(const FwdParams&, const TmaMaps&, cudaStream_t);
+  cudaError_t (*general)(const FwdParams&, cudaStream_t);
 };
 
-#define ATK_FWD(T, DT, D, DV) {DT, D, DV, &launch_fwd<T, D, DV, false>, &launch_fwd<T, D, DV, true>},
+#define ATK_FWD(T, DT, D, DV) {DT, D, DV, &launch_fwd_fast<T, D, DV>, &launch_fwd_general<T, D, DV>},
 constexpr Instance kInstances[] = {
 #include "fwd_table.inc"
 };
@@ -106,6 +112,66 @@ bool band_of(const Mask& m, int64_t* left, int64_t* right) {
     default:
       return false;
   }
+}
+
+// The driver's tensor-map encoder, looked up once through the runtime (no link to libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                                           cudaEnableDefault, &q);
+    return e == cudaSuccess && q == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f)
+               : nullptr;
+  }();
+  return fn;
+}
+
+// A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x
+// box_rows rows in the 128-byte swizzle; reads past `rows` or `cols` fill zeros. False where the
+// copy engine cannot address it (a stride of 0 or not a multiple of 16 bytes, say).
+bool encode_rows(CUtensorMap* map, const core::RowOperand& r, int64_t cols, int64_t rows,
+                 int64_t heads, int64_t batch, int box_rows) {
+  const auto encode = tensor_map_encoder();
+  if (!encode) return false;
+  const int64_t es = dtype_size(r.dtype);
+  // The stride of an extent-1 dimension is never used; any valid value stands in.
+  auto stride = [&](int64_t s, int64_t extent) { return extent == 1 ? 16 : s * es; };
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  const int64_t strides[3] = {stride(r.sn, rows), stride(r.sh, heads), stride(r.sb, batch)};
+  cuuint64_t gstrides[3];
+  for (int x = 0; x < 3; ++x) {
+    if (strides[x] <= 0 || strides[x] % 16 || strides[x] >= (int64_t{1} << 40)) return false;
+    gstrides[x] = static_cast<cuuint64_t>(strides[x]);
+  }
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type = r.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, type, 4, r.data, dims, gstrides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The fast kernel's tensor maps of q, k, v, or false (then the general kernel runs).
+bool encode_maps(const core::Problem& p, TmaMaps* maps) {
+  int64_t rows_q = p.seqs[0].nq, rows_k = p.seqs[0].nk, batch = p.batch;
+  if (p.varlen) {
+    rows_q = rows_k = 0;
+    for (const core::Sequence& s : p.seqs) {
+      rows_q = std::max(rows_q, s.q_start + s.nq);
+      rows_k = std::max(rows_k, s.k_start + s.nk);
+    }
+    batch = 1;
+  }
+  if (rows_q <= 0 || rows_k <= 0 || rows_q >= (int64_t{1} << 31) || rows_k >= (int64_t{1} << 31))
+    return false;
+  const int kn = (p.d + 63) / 64 * 64 <= 128 && (p.dv + 63) / 64 * 64 <= 128 ? 128 : 64;
+  return encode_rows(&maps->q, p.q, p.d, rows_q, p.hq, batch, 128) &&
+         encode_rows(&maps->k, p.k, p.d, rows_k, p.hk, batch, kn) &&
+         encode_rows(&maps->v, p.v, p.dv, rows_k, p.hk, batch, kn);
 }
 
 }  // namespace
@@ -309,15 +375,19 @@ Status forward(const core::Problem& p) {
 
   // The fast kernel folds the scale into the exponent and takes row maxima of raw dot
   // products: that needs scale > 0.
+  TmaMaps maps;
   const bool fast = band && !f.has_mods && p.softmax_family() &&
-                    spec.gate_kind == GateKind::kNone && p.scale > 0.f;
+                    spec.gate_kind == GateKind::kNone && p.scale > 0.f && encode_maps(p, &maps);
+  // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
+  const char* pp = std::getenv("ATTNKIT_CUDA_PINGPONG");
+  f.pingpong = !(pp && pp[0] == '0');
   int previous = 0;
   (void)cudaGetDevice(&previous);
   if (previous != p.device_index) (void)cudaSetDevice(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;
   if (fast) {
-    e = inst.fast(f, stream);
+    e = inst.fast(f, maps, stream);
   } else {
     // The block table of the general kernel, classified on the device (stream-ordered buffer).
     const int dp = (inst.d + 63) / 64 * 64, dvp = (inst.dv + 63) / 64 * 64;

@@ -1,15 +1,13 @@
-// The CUDA forward kernel (sm_90a): FlashAttention-style tiled online softmax on warpgroup MMA.
+// The general CUDA forward kernel (sm_90a): the shared policies of include/attnkit/variant
+// evaluated at run time on a FlashAttention-style tiled online normalization.
 //
 // One CTA computes a 128-row query tile of one (batch, query head): two warpgroups of 64 rows
-// each. K and V tiles stream through a two-stage cp.async pipeline into the 128B-swizzled shared
-// layout; S = Q K^T is a shared x shared wgmma, and O += P V takes P straight from the S
-// accumulators (registers) with V read transposed from shared memory.
-//
-// Two flavors per (dtype, head dim): kGeneral = false is the plain-softmax fast path (masks that
-// are bands: none, causal, sliding window; softmax or softmax with sink; LSE). kGeneral = true
-// evaluates the shared policies of include/attnkit/variant at run time: the mask tree (tile
-// classification skips empty tiles, partial tiles are masked per element), every score mod
-// (ScoreModEval), every normalizer, and the output gate.
+// each. K and V tiles stream through a cp.async pipeline into the 128B-swizzled shared layout;
+// S = Q K^T is a shared x shared wgmma, and O += P V takes P straight from the S accumulators
+// (registers) with V read transposed from shared memory. The mask tree is classified per tile
+// before the kernel (empty tiles are skipped, partial tiles masked per element); every score mod
+// (ScoreModEval), every normalizer and the output gate are chosen at run time. The plain-softmax
+// band masks run on the warp-specialized kernel of fwd_fast.cuh instead.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -18,6 +16,7 @@
 #include "attnkit/variant/masks.h"
 #include "attnkit/variant/normalizers.h"
 #include "attnkit/variant/score_mods.h"
+#include "cuda/fwd_common.cuh"
 #include "cuda/fwd_params.h"
 #include "cuda/sm90_ops.cuh"
 
@@ -26,19 +25,14 @@ namespace attnkit::cuda {
 inline constexpr int kCtaThreads = 256;  // 2 warpgroups (and __launch_bounds__ below)
 
 template <int kD, int kDV>
-struct FwdShape {
-  static constexpr int kM = 128;  // query rows per CTA: 2 warpgroups x 64
+struct FwdShape : FwdTiles<kD, kDV> {
+  using Base = FwdTiles<kD, kDV>;
   static constexpr int kThreads = kCtaThreads;
-  static constexpr int kDp = (kD + 63) / 64 * 64;  // head dims padded to whole 64-column panels
-  static constexpr int kDVp = (kDV + 63) / 64 * 64;
-  static constexpr int kN = (kDp <= 128 && kDVp <= 128) ? 128 : 64;  // keys per tile
-  static constexpr int kQBytes = kM * kDp * 2;
-  static constexpr int kKBytes = kN * kDp * 2;
-  static constexpr int kVBytes = kN * kDVp * 2;
   // Three K/V stages where they fit (one barrier per tile: a stage is refilled two tiles after
   // its last read, and every thread has passed the barrier in between), else two.
-  static constexpr int kStages = kQBytes + 3 * (kKBytes + kVBytes) + 1024 <= 227 * 1024 ? 3 : 2;
-  static constexpr int kSmemBytes = kQBytes + kStages * (kKBytes + kVBytes) + 1024;
+  static constexpr int kStages =
+      Base::kQBytes + 3 * (Base::kKBytes + Base::kVBytes) + 1024 <= 227 * 1024 ? 3 : 2;
+  static constexpr int kSmemBytes = Base::kQBytes + kStages * (Base::kKBytes + Base::kVBytes) + 1024;
 };
 
 // Loads rows [row0, row0 + R) x columns [0, Cp) of a row-major operand into a swizzled tile;
@@ -58,64 +52,6 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const T* base, int64_t r
   }
 }
 
-// 2^x on the special-function unit (2^-inf = 0); exp2f adds range handling the softmax does not
-// need.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffff, x, 1);
-  return x + __shfl_xor_sync(0xffffffff, x, 2);
-}
-
-// One row (r of the thread's two) of an online normalization: its running max m moves to
-// m_new = max(m, the row's scores); each score x becomes weight(x, m_new); the row sum l and the
-// row of O are rescaled by rescale(m, m_new). The softmax family and the normalized kernel share it.
-template <int kN, int kDVp, class Weight, class Rescale>
-__device__ __forceinline__ void online_row(float (&s)[kN / 2], float (&o)[kDVp / 2], int r,
-                                           float lowest, float& m, float& l, Weight weight,
-                                           Rescale rescale) {
-  float mx = lowest;
-#pragma unroll
-  for (int c = 0; c < kN / 8; ++c) mx = fmaxf(mx, fmaxf(s[c * 4 + 2 * r], s[c * 4 + 2 * r + 1]));
-  const float m_new = fmaxf(m, quad_max(mx));
-  const float alpha = rescale(m, m_new);
-  float sum = 0.f;
-#pragma unroll
-  for (int c = 0; c < kN / 8; ++c)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float& x = s[c * 4 + 2 * r + e];
-      x = weight(x, m_new);
-      sum += x;
-    }
-  l = l * alpha + sum;
-  m = m_new;
-#pragma unroll
-  for (int c = 0; c < kDVp / 8; ++c) {
-    o[c * 4 + 2 * r] *= alpha;
-    o[c * 4 + 2 * r + 1] *= alpha;
-  }
-}
-
-__device__ __forceinline__ float load_any(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::kBF16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case DType::kF16:
-      return __half2float(static_cast<const __half*>(p)[i]);
-    default:
-      return static_cast<const float*>(p)[i];
-  }
-}
-
 // The mask tree's element hook as an out-of-line call: inlining every leaf kind into the kernel
 // at each use multiplied its code (ptxas ran for minutes); the call is not recursive, so the
 // stack size stays static. Tiles are classified before the kernel (classify_tiles_kernel).
@@ -130,26 +66,6 @@ struct MaskState {
   SegmentIds segs[kMaxMaskSegments];
   BlockMapView maps[kMaxBlockMaps];
 };
-
-// Sequence extents of batch element b.
-struct SeqExtent {
-  int64_t q_start = 0, k_start = 0;
-  int nq = 0, nk = 0;
-  int64_t offset = 0;
-};
-__device__ __forceinline__ SeqExtent seq_extent(const FwdParams& p, int b) {
-  SeqExtent e;
-  e.nq = p.nq;
-  e.nk = p.nk;
-  if (p.cu_q) {
-    e.q_start = p.cu_q[b];
-    e.nq = p.cu_q[b + 1] - p.cu_q[b];
-    e.k_start = p.cu_k[b];
-    e.nk = p.cu_k[b + 1] - p.cu_k[b];
-  }
-  e.offset = p.bottom_right ? e.nk - e.nq : 0;
-  return e;
-}
 
 __device__ inline void resolve_mask(const FwdParams& p, int b, int h, int64_t offset,
                                     MaskState& g) {
@@ -235,8 +151,8 @@ __global__ void classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8
   }
 }
 
-template <class T, int kD, int kDV, bool kGeneral>
-__global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
+template <class T, int kD, int kDV>
+__global__ void __launch_bounds__(256, 1) fwd_general_kernel(const __grid_constant__ FwdParams p) {
   using S = FwdShape<kD, kDV>;
   using Tag = typename ElemTraits<T>::Tag;
   constexpr int kM = S::kM, kN = S::kN, kDp = S::kDp, kDVp = S::kDVp;
@@ -264,98 +180,66 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
 
   const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, warp = (tid % 128) / 32;
   // This thread's two rows (within the CTA tile) and its column pairs within each 8-column chunk.
-  const int lr[2] = {wg * 64 + warp * 16 + lane / 4, wg * 64 + warp * 16 + lane / 4 + 8};
-  const int row_i[2] = {m0 + lr[0], m0 + lr[1]};
+  const int row_i[2] = {m0 + wg * 64 + warp * 16 + lane / 4, m0 + wg * 64 + warp * 16 + lane / 4 + 8};
   const int col0 = 2 * (lane % 4);
-  const int rows = min(kM, nq - m0);
 
-  // Key tiles to visit.
-  const int num_k_tiles = (nk + kN - 1) / kN;
-  int t_begin = 0, t_end = num_k_tiles;
+  // Key tiles to visit: the non-empty ones of the block table.
+  const int t_end = (nk + kN - 1) / kN;
   MaskState ms;
-  ScoreModEval<float> mods;
-  const uint8_t* tclass = nullptr;
-  if constexpr (kGeneral) {
-    resolve_mask(p, b, h, offset, ms);
-    mods = resolve_mods(p, b, h);
-    tclass = p.tile_class + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(tile) * p.tc_nkt;
-  } else {
-    const int64_t lo = m0 + offset - p.band_left, hi = m0 + rows - 1 + offset + p.band_right;
-    t_begin = static_cast<int>(imax(lo, 0) / kN);
-    t_end = hi < 0 ? 0 : static_cast<int>(imin(hi, nk - 1) / kN) + 1;
-  }
-  TileTokens qt;
-  qt.start = m0;
-  qt.count = rows;
-  qt.lo = m0;
-  qt.hi = m0 + rows - 1;
-  auto classify = [&](int t) -> TileClass {
-    const int n0 = t * kN;
-    if constexpr (kGeneral) {
-      return static_cast<TileClass>(tclass[t]);
-    } else {
-      const TileClass c = MaskEval::band(qt.lo + offset, qt.hi + offset, n0, n0 + kN - 1,
-                                         p.band_left, p.band_right);
-      return (c == TileClass::kFull && n0 + kN > nk) ? TileClass::kPartial : c;
-    }
-  };
+  resolve_mask(p, b, h, offset, ms);
+  const ScoreModEval<float> mods = resolve_mods(p, b, h);
+  const uint8_t* tclass =
+      p.tile_class + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(tile) * p.tc_nkt;
   auto next_tile = [&](int t, TileClass* cls) {
     for (; t < t_end; ++t) {
-      *cls = classify(t);
+      *cls = static_cast<TileClass>(tclass[t]);
       if (*cls != TileClass::kEmpty) return t;
     }
     return t_end;
   };
 
-  // Normalizer state per row.
-  const NormalizerKind norm = kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink
-                                                           : NormalizerKind::kSoftmax);
+  // Normalizer state per row; the softmax family keeps the running max of the modified scores.
+  const NormalizerKind norm = p.norm;
   const bool softmax = norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink;
-  // Softmax rows keep the running max of the raw dot products (fast: the scale folds into the
-  // exponent's FMA) or of the modified scores (general).
   float m[2], l[2] = {0.f, 0.f};
-  {
-    const float sink = p.sinks ? p.sinks[h * p.sinks_s] : kNegInf;
-    m[0] = m[1] = kGeneral ? sink : sink / p.scale;
-    if (p.sinks) l[0] = l[1] = 0.25f;  // exp(sink - sink), split over the quad's 4 partial sums
-  }
+  m[0] = m[1] = p.sinks ? p.sinks[h * p.sinks_s] : kNegInf;
+  if (p.sinks) l[0] = l[1] = 0.25f;  // exp(sink - sink), split over the quad's 4 partial sums
   if (norm == NormalizerKind::kKernel) m[0] = m[1] = 0.f;  // the running max of the weights
-  const bool additive = kGeneral && p.has_mods && mods.has_additive();
-  const float cap = kGeneral ? p.softcap : 0.f, inv_cap = cap != 0.f ? 1.f / cap : 0.f;
-  const bool prescale = kGeneral && norm == NormalizerKind::kKernel && p.length_scale;
+  const bool additive = p.has_mods && mods.has_additive();
+  const float cap = p.softcap, inv_cap = cap != 0.f ? 1.f / cap : 0.f;
+  const bool prescale = norm == NormalizerKind::kKernel && p.length_scale;
   const float beta = p.has_beta ? p.beta : -logf(static_cast<float>(nk));
   float lscale[2] = {1.f, 1.f};
 
   // Prologue: Q, then the first K/V tile.
   load_tile<kM, kDp>(sQ, qp, p.q_sn, m0, nq, p.d);
   TileClass cls = TileClass::kEmpty;
-  int t = next_tile(t_begin, &cls);
+  int t = next_tile(0, &cls);
   if (t < t_end) {
     load_tile<kN, kDp>(sK(0), kp, p.k_sn, t * kN, nk, p.d);
     load_tile<kN, kDVp>(sV(0), vp, p.v_sn, t * kN, nk, p.dv);
   }
   cp_async_commit();
 
-  if constexpr (kGeneral) {
-    // The normalized kernel's length scale needs each row's allowed-key count first.
-    if (norm == NormalizerKind::kKernel && p.length_scale) {
-      int cnt[2] = {0, 0};
-      for (int u = t; u < t_end; ++u) {
-        const TileClass c = classify(u);
-        if (c == TileClass::kEmpty) continue;
-        for (int x = lane % 4; x < kN; x += 4) {
-          const int j = u * kN + x;
-          if (j >= nk) break;
+  // The normalized kernel's length scale needs each row's allowed-key count first.
+  if (prescale) {
+    int cnt[2] = {0, 0};
+    for (int u = t; u < t_end; ++u) {
+      const TileClass c = static_cast<TileClass>(tclass[u]);
+      if (c == TileClass::kEmpty) continue;
+      for (int x = lane % 4; x < kN; x += 4) {
+        const int j = u * kN + x;
+        if (j >= nk) break;
 #pragma unroll
-          for (int r = 0; r < 2; ++r)
-            cnt[r] += row_i[r] < nq && (c == TileClass::kFull || mask_allowed(ms.mask, p.num_nodes, row_i[r], j));
-        }
+        for (int r = 0; r < 2; ++r)
+          cnt[r] += row_i[r] < nq &&
+                    (c == TileClass::kFull || mask_allowed(ms.mask, p.num_nodes, row_i[r], j));
       }
+    }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int n = static_cast<int>(quad_sum(static_cast<float>(cnt[r])));
-        lscale[r] = length_scale<float>(n);
-      }
+    for (int r = 0; r < 2; ++r) {
+      const int n = static_cast<int>(quad_sum(static_cast<float>(cnt[r])));
+      lscale[r] = length_scale<float>(n);
     }
   }
 
@@ -400,39 +284,21 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2, j = n0 + c * 8 + col0 + (e & 1), i = row_i[r];
         float& x = s[c * 4 + e];
-        if constexpr (!kGeneral) {
-          if (masked) {
-            const int64_t ia = i + offset;
-            const bool ok = j < nk && j >= ia - p.band_left && j <= ia + p.band_right;
-            x = ok ? x : kNegInf;
-          }
-        } else {
-          const bool ok =
-              i < nq && j < nk && (!masked || mask_allowed(ms.mask, p.num_nodes, i, j));
-          x *= p.scale;
-          if (ok && additive) x = mods.additive(x, i, i + offset, j);
-          if (cap != 0.f) x = cap * tanhf(x * inv_cap);
-          if (prescale) x = lscale[r] == 0.f ? 0.f : x * lscale[r];
-          x = ok ? x : kNegInf;
-        }
+        const bool ok = i < nq && j < nk && (!masked || mask_allowed(ms.mask, p.num_nodes, i, j));
+        x *= p.scale;
+        if (ok && additive) x = mods.additive(x, i, i + offset, j);
+        if (cap != 0.f) x = cap * tanhf(x * inv_cap);
+        if (prescale) x = lscale[r] == 0.f ? 0.f : x * lscale[r];
+        x = ok ? x : kNegInf;
       }
     }
 
-    // Normalizer: S -> P in place; O rescaled for the softmax family.
+    // Normalizer: S -> P in place; O rescaled as the running maxima move.
     if (softmax) {
-      const float to2 = kGeneral ? static_cast<float>(kLog2e) : p.scale_log2;
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        online_row<kN, kDVp>(
-            s, o, r, kNegInf, m[r], l[r],
-            [&](float x, float m_new) {
-              const float m_use = m_new == kNegInf ? 0.f : m_new;
-              return fast_exp2(fmaf(x, to2, -m_use * to2));
-            },
-            [&](float m_old, float m_new) {
-              return fast_exp2((m_old - (m_new == kNegInf ? 0.f : m_new)) * to2);
-            });
-    } else if constexpr (kGeneral) {
+        scale_row<kDVp>(o, r, softmax_row<kN>(s, r, static_cast<float>(kLog2e), m[r], l[r]));
+    } else {
 #pragma unroll
       for (int c = 0; c < kN / 8; ++c)
 #pragma unroll
@@ -454,22 +320,18 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
         // it fits the 16-bit type of P V; O and the sum are rescaled as the max moves.
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          online_row<kN, kDVp>(
-              s, o, r, 0.f, m[r], l[r],
-              [&](float x, float m_new) { return m_new > 0.f ? x / m_new : 0.f; },
-              [&](float m_old, float m_new) { return m_new > 0.f ? m_old / m_new : 1.f; });
+          scale_row<kDVp>(
+              o, r,
+              online_row<kN>(
+                  s, r, 0.f, m[r], l[r],
+                  [&](float x, float m_new) { return m_new > 0.f ? x / m_new : 0.f; },
+                  [&](float m_old, float m_new) { return m_new > 0.f ? m_old / m_new : 1.f; }));
       }
     }
 
     // O += P V: P from the S accumulators, 16 keys per step.
     uint32_t a[kN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) {
-      a[kk][0] = ElemTraits<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
-      a[kk][1] = ElemTraits<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
-      a[kk][2] = ElemTraits<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
-      a[kk][3] = ElemTraits<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    pack_p<T, kN>(s, a);
     fence_regs(o);
     wgmma_fence();
 #pragma unroll
@@ -489,76 +351,14 @@ __global__ void __launch_bounds__(256, 1) fwd_kernel(const __grid_constant__ Fwd
   }
   cp_async_wait<0>();
 
-  // Epilogue: normalize, row statistic, gate, store.
-  const int64_t out_es = p.out_dtype == DType::kF32 ? 4 : 2;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = row_i[r];
-    const float lsum = quad_sum(l[r]);
-    float stat = 0.f, mul = 1.f;
-    if (softmax) {
-      mul = lsum > 0.f ? 1.f / lsum : 0.f;
-      const float mnat = kGeneral ? m[r] : m[r] * p.scale;
-      stat = lsum > 0.f ? mnat + logf(lsum) : kNegInf;
-    } else if (norm == NormalizerKind::kKernel) {
-      mul = lsum > 0.f ? 1.f / lsum : 0.f;
-      stat = lsum * m[r];  // the sum of the weights themselves
-    } else if (norm == NormalizerKind::kReLA) {
-      float ss = 0.f;
-#pragma unroll
-      for (int c = 0; c < kDVp / 8; ++c)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = c * 8 + col0 + e;
-          const float x = o[c * 4 + 2 * r + e];
-          ss += col < p.dv ? x * x : 0.f;
-        }
-      const float rms = sqrtf(quad_sum(ss) / p.dv + p.rela_eps);
-      mul = 1.f / rms;
-      stat = rms;
-    }
-    if (i >= nq) continue;
-    const int64_t row = q_start + i;
-    char* orow = static_cast<char*>(p.out) + (b * p.o_sb + h * p.o_sh + row * p.o_sn) * out_es;
-    float gate_h = 1.f;
-    if (kGeneral && p.gate == GateKind::kPerHead)
-      gate_h = sigmoid(load_any(p.gate_ptr, p.gate_dtype, b * p.g_sb + h * p.g_sh + row * p.g_sn));
-#pragma unroll
-    for (int c = 0; c < kDVp / 8; ++c) {
-      const int col = c * 8 + col0;
-      if (col >= p.dv) continue;
-      float x0 = o[c * 4 + 2 * r] * mul, x1 = o[c * 4 + 2 * r + 1] * mul;
-      if constexpr (kGeneral) {
-        if (norm == NormalizerKind::kReLA) {
-          x0 *= p.gain[col * p.gain_s];
-          x1 *= p.gain[(col + 1) * p.gain_s];
-        }
-        if (p.gate == GateKind::kElementwise) {
-          const int64_t g = b * p.g_sb + h * p.g_sh + row * p.g_sn + col;
-          x0 *= sigmoid(load_any(p.gate_ptr, p.gate_dtype, g));
-          x1 *= sigmoid(load_any(p.gate_ptr, p.gate_dtype, g + 1));
-        }
-        x0 *= gate_h;
-        x1 *= gate_h;
-      }
-      if (p.out_dtype == DType::kF32) {
-        *reinterpret_cast<float2*>(orow + col * 4) = make_float2(x0, x1);
-      } else {
-        const uint32_t v = p.out_dtype == DType::kBF16 ? ElemTraits<__nv_bfloat16>::pack(x0, x1)
-                                                       : ElemTraits<__half>::pack(x0, x1);
-        *reinterpret_cast<uint32_t*>(orow + col * 2) = v;
-      }
-    }
-    if (p.row_stat && (lane % 4) == 0)
-      p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn] = stat;
-  }
+  store_rows<true, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l);
 }
 
-// Launches one flavor of the kernel on `stream`.
-template <class T, int kD, int kDV, bool kGeneral>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+// Launches the general kernel on `stream` (the block table is built by the caller).
+template <class T, int kD, int kDV>
+cudaError_t launch_fwd_general(const FwdParams& p, cudaStream_t stream) {
   using S = FwdShape<kD, kDV>;
-  auto kernel = fwd_kernel<T, kD, kDV, kGeneral>;
+  auto kernel = fwd_general_kernel<T, kD, kDV>;
   cudaError_t e =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
   if (e != cudaSuccess) return e;

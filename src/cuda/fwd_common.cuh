@@ -1,0 +1,225 @@
+// What the two CUDA forward kernels share: tile shapes, the per-row online normalization step on
+// wgmma accumulator fragments, sequence extents, and the epilogue that normalizes and stores O.
+//
+// Fragments: a warpgroup's m64nNk16 accumulator gives thread (warp w, lane l) rows
+// w * 16 + l / 4 and that + 8 (index r = 0, 1), and in each 8-column chunk c the columns
+// c * 8 + 2 * (l % 4) + {0, 1}: register c * 4 + 2 * r + e.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "attnkit/variant/normalizers.h"
+#include "cuda/fwd_params.h"
+#include "cuda/sm90_ops.cuh"
+
+namespace attnkit::cuda {
+
+// Tiles of a (D, DV) instantiation: 128 query rows (two warpgroups of 64) by kN keys.
+template <int kD, int kDV>
+struct FwdTiles {
+  static constexpr int kM = 128;
+  static constexpr int kDp = (kD + 63) / 64 * 64;  // head dims padded to whole 64-column panels
+  static constexpr int kDVp = (kDV + 63) / 64 * 64;
+  static constexpr int kN = (kDp <= 128 && kDVp <= 128) ? 128 : 64;  // keys per tile
+  static constexpr int kQBytes = kM * kDp * 2;
+  static constexpr int kKBytes = kN * kDp * 2;
+  static constexpr int kVBytes = kN * kDVp * 2;
+};
+
+// 2^x on the special-function unit (2^-inf = 0); exp2f adds range handling the softmax does not
+// need.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// One row (r of the thread's two) of an online normalization: its running max m moves to
+// m_new = max(m, the row's scores); each score x becomes weight(x, m_new); the row sum l is
+// rescaled by rescale(m, m_new) and that factor is returned for the row of O (scale_row).
+template <int kN, class Weight, class Rescale>
+__device__ __forceinline__ float online_row(float (&s)[kN / 2], int r, float lowest, float& m,
+                                            float& l, Weight weight, Rescale rescale) {
+  float mx = lowest;
+#pragma unroll
+  for (int c = 0; c < kN / 8; ++c) mx = fmaxf(mx, fmaxf(s[c * 4 + 2 * r], s[c * 4 + 2 * r + 1]));
+  const float m_new = fmaxf(m, quad_max(mx));
+  const float alpha = rescale(m, m_new);
+  float sum = 0.f;
+#pragma unroll
+  for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float& x = s[c * 4 + 2 * r + e];
+      x = weight(x, m_new);
+      sum += x;
+    }
+  l = l * alpha + sum;
+  m = m_new;
+  return alpha;
+}
+template <int kDVp>
+__device__ __forceinline__ void scale_row(float (&o)[kDVp / 2], int r, float alpha) {
+#pragma unroll
+  for (int c = 0; c < kDVp / 8; ++c) {
+    o[c * 4 + 2 * r] *= alpha;
+    o[c * 4 + 2 * r + 1] *= alpha;
+  }
+}
+
+// The softmax step of one row with the scale folded into the exponent: scores are raw dot
+// products (to2 = scale * log2 e) or already scaled (to2 = log2 e).
+template <int kN>
+__device__ __forceinline__ float softmax_row(float (&s)[kN / 2], int r, float to2, float& m,
+                                             float& l) {
+  return online_row<kN>(
+      s, r, -INFINITY, m, l,
+      [&](float x, float m_new) {
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        return fast_exp2(fmaf(x, to2, -m_use * to2));
+      },
+      [&](float m_old, float m_new) {
+        return fast_exp2((m_old - (m_new == -INFINITY ? 0.f : m_new)) * to2);
+      });
+}
+
+// P as the A operand of O += P V: 16-bit pairs of the accumulator fragment, 16 keys per k-step.
+template <class T, int kN>
+__device__ __forceinline__ void pack_p(const float (&s)[kN / 2], uint32_t (&a)[kN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+    for (int x = 0; x < 4; ++x) a[kk][x] = ElemTraits<T>::pack(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
+}
+
+// The fast kernel's masks are bands: key j is allowed for query i iff j < nk and
+// i' - left <= j <= i' + right (i' = i + offset). Masked scores become -inf.
+template <int kN>
+__device__ __forceinline__ void band_mask(float (&s)[kN / 2], const int (&row_i)[2], int n0,
+                                          int col0, int nk, int64_t offset, int64_t left,
+                                          int64_t right) {
+#pragma unroll
+  for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = n0 + c * 8 + col0 + (e & 1);
+      const int64_t ia = row_i[e / 2] + offset;
+      const bool ok = j < nk && j >= ia - left && j <= ia + right;
+      s[c * 4 + e] = ok ? s[c * 4 + e] : -INFINITY;
+    }
+}
+
+__device__ __forceinline__ float load_any(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::kBF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::kF16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+// Sequence extents of batch element b.
+struct SeqExtent {
+  int64_t q_start = 0, k_start = 0;
+  int nq = 0, nk = 0;
+  int64_t offset = 0;
+};
+__device__ __forceinline__ SeqExtent seq_extent(const FwdParams& p, int b) {
+  SeqExtent e;
+  e.nq = p.nq;
+  e.nk = p.nk;
+  if (p.cu_q) {
+    e.q_start = p.cu_q[b];
+    e.nq = p.cu_q[b + 1] - p.cu_q[b];
+    e.k_start = p.cu_k[b];
+    e.nk = p.cu_k[b + 1] - p.cu_k[b];
+  }
+  e.offset = p.bottom_right ? e.nk - e.nq : 0;
+  return e;
+}
+
+// Epilogue of a thread's two rows: normalize O by the row sum (or RMS for ReLA), write the row
+// statistic (LSE for the softmax family), apply the output gate, store. kGeneral = false knows
+// only the softmax family (m is then the max of raw dot products) and no gate.
+template <bool kGeneral, int kDVp>
+__device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind norm, int b, int h,
+                                           const SeqExtent& seq, const int (&row_i)[2],
+                                           int col0, bool lane_leads, const float (&o)[kDVp / 2],
+                                           const float (&m)[2], const float (&l)[2]) {
+  const bool softmax = norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink;
+  const int64_t out_es = p.out_dtype == DType::kF32 ? 4 : 2;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row_i[r];
+    const float lsum = quad_sum(l[r]);
+    float stat = 0.f, mul = 1.f;
+    if (softmax) {
+      mul = lsum > 0.f ? 1.f / lsum : 0.f;
+      const float mnat = kGeneral ? m[r] : m[r] * p.scale;
+      stat = lsum > 0.f ? mnat + logf(lsum) : -INFINITY;
+    } else if (norm == NormalizerKind::kKernel) {
+      mul = lsum > 0.f ? 1.f / lsum : 0.f;
+      stat = lsum * m[r];  // the sum of the weights themselves
+    } else if (norm == NormalizerKind::kReLA) {
+      float ss = 0.f;
+#pragma unroll
+      for (int c = 0; c < kDVp / 8; ++c)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = c * 8 + col0 + e;
+          const float x = o[c * 4 + 2 * r + e];
+          ss += col < p.dv ? x * x : 0.f;
+        }
+      const float rms = sqrtf(quad_sum(ss) / p.dv + p.rela_eps);
+      mul = 1.f / rms;
+      stat = rms;
+    }
+    if (i >= seq.nq) continue;
+    const int64_t row = seq.q_start + i;
+    char* orow = static_cast<char*>(p.out) + (b * p.o_sb + h * p.o_sh + row * p.o_sn) * out_es;
+    float gate_h = 1.f;
+    if (kGeneral && p.gate == GateKind::kPerHead)
+      gate_h = sigmoid(load_any(p.gate_ptr, p.gate_dtype, b * p.g_sb + h * p.g_sh + row * p.g_sn));
+#pragma unroll
+    for (int c = 0; c < kDVp / 8; ++c) {
+      const int col = c * 8 + col0;
+      if (col >= p.dv) continue;
+      float x0 = o[c * 4 + 2 * r] * mul, x1 = o[c * 4 + 2 * r + 1] * mul;
+      if constexpr (kGeneral) {
+        if (norm == NormalizerKind::kReLA) {
+          x0 *= p.gain[col * p.gain_s];
+          x1 *= p.gain[(col + 1) * p.gain_s];
+        }
+        if (p.gate == GateKind::kElementwise) {
+          const int64_t g = b * p.g_sb + h * p.g_sh + row * p.g_sn + col;
+          x0 *= sigmoid(load_any(p.gate_ptr, p.gate_dtype, g));
+          x1 *= sigmoid(load_any(p.gate_ptr, p.gate_dtype, g + 1));
+        }
+        x0 *= gate_h;
+        x1 *= gate_h;
+      }
+      if (p.out_dtype == DType::kF32) {
+        *reinterpret_cast<float2*>(orow + col * 4) = make_float2(x0, x1);
+      } else {
+        const uint32_t v = p.out_dtype == DType::kBF16 ? ElemTraits<__nv_bfloat16>::pack(x0, x1)
+                                                       : ElemTraits<__half>::pack(x0, x1);
+        *reinterpret_cast<uint32_t*>(orow + col * 2) = v;
+      }
+    }
+    if (p.row_stat && lane_leads) p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn] = stat;
+  }
+}
+
+}  // namespace attnkit::cuda
