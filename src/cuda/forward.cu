@@ -11,17 +11,17 @@
 #include <string>
 
 #include "cuda/forward.h"
-#include "cuda/fwd_fast.cuh"
 #include "cuda/fwd_kernel.cuh"
 #include "cuda/fwd_params.h"
 
 namespace attnkit::cuda {
 
 // The kernels are instantiated in the generated fwd_*.cu files, not here.
-#define ATK_FWD(T, DT, D, DV)                                                              \
-  extern template cudaError_t launch_fwd_fast<T, D, DV>(const FwdParams&, const TmaMaps&,    \
-                                                        cudaStream_t);                       \
-  extern template cudaError_t launch_fwd_general<T, D, DV>(const FwdParams&, cudaStream_t);
+#define ATK_FWD(T, DT, D, DV)                                                                 \
+  extern template cudaError_t launch_fwd<T, D, DV, false>(const FwdParams&, const TmaMaps&,     \
+                                                          cudaStream_t);                        \
+  extern template cudaError_t launch_fwd<T, D, DV, true>(const FwdParams&, const TmaMaps&,      \
+                                                         cudaStream_t);
 #include "fwd_table.inc"
 #undef ATK_FWD
 
@@ -52,14 +52,14 @@ __global__ void forget_prefix_kernel(const float* log_f, int64_t sb, int64_t sh,
   }
 }
 
+using LaunchFn = cudaError_t (*)(const FwdParams&, const TmaMaps&, cudaStream_t);
 struct Instance {
   DType dtype;
   int d, dv;
-  cudaError_t (*fast)(const FwdParams&, const TmaMaps&, cudaStream_t);
-  cudaError_t (*general)(const FwdParams&, cudaStream_t);
+  LaunchFn fast, general;
 };
 
-#define ATK_FWD(T, DT, D, DV) {DT, D, DV, &launch_fwd_fast<T, D, DV>, &launch_fwd_general<T, D, DV>},
+#define ATK_FWD(T, DT, D, DV) {DT, D, DV, &launch_fwd<T, D, DV, false>, &launch_fwd<T, D, DV, true>},
 constexpr Instance kInstances[] = {
 #include "fwd_table.inc"
 };
@@ -129,13 +129,18 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 }
 
 // A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x
-// box_rows rows in the 128-byte swizzle; reads past `rows` or `cols` fill zeros. False where the
-// copy engine cannot address it (a stride of 0 or not a multiple of 16 bytes, say).
-bool encode_rows(CUtensorMap* map, const core::RowOperand& r, int64_t cols, int64_t rows,
-                 int64_t heads, int64_t batch, int box_rows) {
+// box_rows rows in the 128-byte swizzle; reads past `rows` or `cols` fill zeros. A broadcast head
+// or batch (stride 0) becomes an extent-1 dimension whose coordinate multiplier (*hm, *bm) is 0.
+// False where the copy engine cannot address the operand.
+bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, int64_t cols,
+                 int64_t rows, int64_t heads, int64_t batch, int box_rows) {
   const auto encode = tensor_map_encoder();
   if (!encode) return false;
   const int64_t es = dtype_size(r.dtype);
+  *hm = r.sh == 0 ? 0 : 1;
+  *bm = r.sb == 0 ? 0 : 1;
+  if (r.sh == 0) heads = 1;
+  if (r.sb == 0) batch = 1;
   // The stride of an extent-1 dimension is never used; any valid value stands in.
   auto stride = [&](int64_t s, int64_t extent) { return extent == 1 ? 16 : s * es; };
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
@@ -155,8 +160,9 @@ bool encode_rows(CUtensorMap* map, const core::RowOperand& r, int64_t cols, int6
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// The fast kernel's tensor maps of q, k, v, or false (then the general kernel runs).
-bool encode_maps(const core::Problem& p, TmaMaps* maps) {
+// The kernels' tensor maps of q, k, v: the name of the operand the copy engine cannot address,
+// or null.
+const char* encode_maps(const core::Problem& p, TmaMaps* maps) {
   int64_t rows_q = p.seqs[0].nq, rows_k = p.seqs[0].nk, batch = p.batch;
   if (p.varlen) {
     rows_q = rows_k = 0;
@@ -166,12 +172,19 @@ bool encode_maps(const core::Problem& p, TmaMaps* maps) {
     }
     batch = 1;
   }
-  if (rows_q <= 0 || rows_k <= 0 || rows_q >= (int64_t{1} << 31) || rows_k >= (int64_t{1} << 31))
-    return false;
+  // Empty operands are never read; a one-row extent keeps their maps valid.
+  rows_q = std::max<int64_t>(rows_q, 1);
+  rows_k = std::max<int64_t>(rows_k, 1);
+  if (rows_q >= (int64_t{1} << 31)) return "q";
+  if (rows_k >= (int64_t{1} << 31)) return "k";
   const int kn = (p.d + 63) / 64 * 64 <= 128 && (p.dv + 63) / 64 * 64 <= 128 ? 128 : 64;
-  return encode_rows(&maps->q, p.q, p.d, rows_q, p.hq, batch, 128) &&
-         encode_rows(&maps->k, p.k, p.d, rows_k, p.hk, batch, kn) &&
-         encode_rows(&maps->v, p.v, p.dv, rows_k, p.hk, batch, kn);
+  if (!encode_rows(&maps->q, &maps->q_hm, &maps->q_bm, p.q, p.d, rows_q, p.hq, batch, 128))
+    return "q";
+  if (!encode_rows(&maps->k, &maps->k_hm, &maps->k_bm, p.k, p.d, rows_k, p.hk, batch, kn))
+    return "k";
+  if (!encode_rows(&maps->v, &maps->v_hm, &maps->v_bm, p.v, p.dv, rows_k, p.hk, batch, kn))
+    return "v";
+  return nullptr;
 }
 
 }  // namespace
@@ -376,8 +389,11 @@ Status forward(const core::Problem& p) {
   // The fast kernel folds the scale into the exponent and takes row maxima of raw dot
   // products: that needs scale > 0.
   TmaMaps maps;
+  if (const char* bad = encode_maps(p, &maps))
+    return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
+                "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   const bool fast = band && !f.has_mods && p.softmax_family() &&
-                    spec.gate_kind == GateKind::kNone && p.scale > 0.f && encode_maps(p, &maps);
+                    spec.gate_kind == GateKind::kNone && p.scale > 0.f;
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   const char* pp = std::getenv("ATTNKIT_CUDA_PINGPONG");
   f.pingpong = !(pp && pp[0] == '0');
@@ -419,7 +435,7 @@ Status forward(const core::Problem& p) {
       else
         classify_tiles_kernel<128, 64><<<grid, 128, 0, stream>>>(f, static_cast<uint8_t*>(table));
       e = cudaGetLastError();
-      if (e == cudaSuccess) e = inst.general(f, stream);
+      if (e == cudaSuccess) e = inst.general(f, maps, stream);
       const cudaError_t e2 = cudaFreeAsync(table, stream);
       if (e == cudaSuccess) e = e2;
     }

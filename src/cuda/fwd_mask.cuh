@@ -1,0 +1,182 @@
+// The general forward's run-time policies on the device: the mask tree's element hook and its
+// per-(batch, head) data, the score mods of one (batch, head), and the pre-kernel that classifies
+// every (query tile, key tile) of the block table.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "attnkit/variant/masks.h"
+#include "attnkit/variant/score_mods.h"
+#include "cuda/fwd_common.cuh"
+#include "cuda/fwd_params.h"
+
+namespace attnkit::cuda {
+
+// The mask tree's element hook as an out-of-line call: inlining every leaf kind into the kernel
+// at each use multiplied its code (ptxas ran for minutes); the call is not recursive, so the
+// stack size stays static. Tiles are classified before the kernel (classify_tiles_kernel).
+static __device__ __noinline__ bool mask_allowed(const MaskEval& m, int count, int64_t i, int64_t j) {
+  return m.allowed_flat(count, i, j);
+}
+
+// The mask's data of one (batch, head): passed by address to the out-of-line mask hooks, so it
+// lives in local memory; the score mods are resolved separately and stay in registers.
+struct MaskState {
+  MaskEval mask;
+  SegmentIds segs[kMaxMaskSegments];
+  BlockMapView maps[kMaxBlockMaps];
+};
+
+__device__ inline void resolve_mask(const FwdParams& p, int b, int h, int64_t offset,
+                                    MaskState& g) {
+  for (int s = 0; s < p.num_segments; ++s) {
+    const SegmentTemplate& t = p.segments[s];
+    g.segs[s].q = t.q + b * t.q_sb;
+    g.segs[s].k = t.k + b * t.k_sb;
+    g.segs[s].q_stride = t.q_s;
+    g.segs[s].k_stride = t.k_s;
+    g.segs[s].last = b < 8 ? t.last[b] : 0;
+  }
+  for (int m = 0; m < p.num_maps; ++m) {
+    g.maps[m].data = p.maps[m].data + b * p.maps[m].sb + h * p.maps[m].sh;
+    g.maps[m].sr = p.maps[m].sr;
+    g.maps[m].sc = p.maps[m].sc;
+  }
+  g.mask.nodes = p.nodes;
+  g.mask.globals = p.globals;
+  g.mask.segments = g.segs;
+  g.mask.maps = g.maps;
+  g.mask.offset = offset;
+}
+
+__device__ inline ScoreModEval<float> resolve_mods(const FwdParams& p, int b, int h) {
+  ScoreModEval<float> e;
+  e.softcap = p.softcap;
+  e.alibi = p.alibi;
+  if (p.alibi != AlibiMode::kOff)
+    e.slope = p.alibi_slopes ? p.alibi_slopes[h * p.slopes_s]
+                             : static_cast<float>(alibi_default_slope(h, p.hq));
+  if (p.bias) {
+    e.bias = static_cast<const char*>(p.bias) +
+             (b * p.bias_sb + h * p.bias_sh) * (p.bias_dtype == DType::kF32 ? 4 : 2);
+    e.bias_dtype = p.bias_dtype;
+    e.bias_si = p.bias_si;
+    e.bias_sj = p.bias_sj;
+  }
+  e.relative = p.relative;
+  if (p.relative != RelativeBucketKind::kOff) {
+    e.table = p.table + h * p.table_sh;
+    e.bidirectional = p.bidirectional;
+    e.num_buckets = p.num_buckets;
+    e.max_distance = p.max_distance;
+    e.clip = p.clip;
+  }
+  if (p.forget_c) e.forget_c = p.forget_c + (static_cast<int64_t>(b) * p.hq + h) * p.forget_stride;
+  if (p.lowrank_u) {
+    e.u = p.lowrank_u + b * p.u_sb + h * p.u_sh;
+    e.w = p.lowrank_w + b * p.w_sb + h * p.w_sh;
+    e.rank = p.rank;
+    e.u_stride = p.u_sn;
+    e.w_stride = p.w_sn;
+  }
+  return e;
+}
+
+// The general kernel's block table: one thread per (query tile, key tile) of one (b, h) (blockIdx
+// y, z), classified by the mask policy. Key tiles past the sequence are empty; a full tile that
+// the sequence ends in is partial (the kernel masks its tail).
+template <int kM, int kN>
+__global__ void classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table) {
+  const int qtile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const SeqExtent s = seq_extent(p, b);
+  MaskState ms;
+  resolve_mask(p, b, h, s.offset, ms);
+  uint8_t* row = table + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qtile) * p.tc_nkt;
+  const int m0 = qtile * kM;
+  for (int kt = threadIdx.x; kt < p.tc_nkt; kt += blockDim.x) {
+    const int n0 = kt * kN;
+    TileClass c = TileClass::kEmpty;
+    if (m0 < s.nq && n0 < s.nk) {
+      TileTokens q, k;
+      q.start = q.lo = m0;
+      q.count = min(kM, s.nq - m0);
+      q.hi = m0 + q.count - 1;
+      k.start = k.lo = n0;
+      k.count = min(kN, s.nk - n0);
+      k.hi = n0 + k.count - 1;
+      c = ms.mask.classify_flat(p.num_nodes, q, k);
+      if (c == TileClass::kFull && k.count < kN) c = TileClass::kPartial;
+    }
+    row[kt] = static_cast<uint8_t>(c);
+  }
+}
+
+
+// Applies f(x, r, j) to every score of a thread's accumulator fragment (row r of its two, key j).
+template <int kN, class F>
+__device__ __forceinline__ void each_score(float (&s)[kN / 2], int n0, int col0, F f) {
+#pragma unroll
+  for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f(s[c * 4 + e], e / 2, n0 + c * 8 + col0 + (e & 1));
+}
+
+// The additive score mods of ScoreModEval::additive on a tile fragment, one unrolled loop per
+// term present (a loop of every term per score made the kernel's code too large to run from the
+// instruction cache). Rows past nq and keys past nk are clamped for the reads; their scores are
+// masked afterwards.
+template <int kN>
+__device__ __forceinline__ void add_score_terms(float (&s)[kN / 2], const ScoreModEval<float>& m,
+                                                const int (&row_i)[2], int64_t offset, int n0,
+                                                int col0, int nq, int nk) {
+  const int i_of[2] = {min(row_i[0], nq - 1), min(row_i[1], nq - 1)};
+  auto key = [&](int j) { return min(j, nk - 1); };
+  if (m.bias) {
+    const int64_t es = m.bias_dtype == DType::kF32 ? 4 : 2;
+    const char* row[2] = {static_cast<const char*>(m.bias) + i_of[0] * m.bias_si * es,
+                          static_cast<const char*>(m.bias) + i_of[1] * m.bias_si * es};
+    const int64_t sj = m.bias_sj;
+    switch (m.bias_dtype) {
+      case DType::kBF16:
+        each_score<kN>(s, n0, col0, [&](float& x, int r, int j) {
+          x += __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row[r])[key(j) * sj]);
+        });
+        break;
+      case DType::kF16:
+        each_score<kN>(s, n0, col0, [&](float& x, int r, int j) {
+          x += __half2float(reinterpret_cast<const __half*>(row[r])[key(j) * sj]);
+        });
+        break;
+      default:
+        each_score<kN>(s, n0, col0, [&](float& x, int r, int j) {
+          x += reinterpret_cast<const float*>(row[r])[key(j) * sj];
+        });
+    }
+  }
+  if (m.u) {
+    each_score<kN>(s, n0, col0, [&](float& x, int r, int j) {
+      const float* u = m.u + i_of[r] * m.u_stride;
+      const float* w = m.w + key(j) * m.w_stride;
+      float acc = 0.f;
+#pragma unroll 1
+      for (int64_t k = 0; k < m.rank; ++k) acc += u[k] * w[k];
+      x += acc;
+    });
+  }
+  const int ia[2] = {static_cast<int>(row_i[0] + offset), static_cast<int>(row_i[1] + offset)};
+  if (m.alibi == AlibiMode::kCausal)
+    each_score<kN>(s, n0, col0,
+                   [&](float& x, int r, int j) { x -= m.slope * static_cast<float>(ia[r] - j); });
+  if (m.alibi == AlibiMode::kSymmetric)
+    each_score<kN>(s, n0, col0,
+                   [&](float& x, int r, int j) { x -= m.slope * static_cast<float>(abs(ia[r] - j)); });
+  if (m.relative != RelativeBucketKind::kOff)
+    each_score<kN>(s, n0, col0,
+                   [&](float& x, int r, int j) { x += m.table[m.bucket(j - ia[r])]; });
+  if (m.forget_c) {
+    const float c_i[2] = {m.forget_c[key(ia[0])], m.forget_c[key(ia[1])]};
+    each_score<kN>(s, n0, col0,
+                   [&](float& x, int r, int j) { x += c_i[r] - m.forget_c[key(j)]; });
+  }
+}
+
+}  // namespace attnkit::cuda
