@@ -680,9 +680,11 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
       const TensorView& tq = m.segments[n.seg_q];
       const TensorView& tk = m.segments[n.seg_k];
       r.mask_per_batch = r.mask_per_batch || tq.ndim == 2 || tk.ndim == 2;
-      // The highest query segment id of each batch element (block attention's last segment).
+      // The highest query segment id of each batch element (block attention's last segment):
+      // read only where needed (on a GPU the read waits for the stream).
+      const bool block = n.kind == MaskKind::kBlockAttention;
       std::vector<int32_t> ids;
-      ATTNKIT_RETURN_IF_ERROR(read_int32(tq, &ids));
+      if (block) ATTNKIT_RETURN_IF_ERROR(read_int32(tq, &ids));
       for (int64_t b = 0; b < r.batch; ++b) {
         SegmentIds& s = r.segment_ids[b * m.segments.size() + n.seg_q];
         s.q_stride = tq.strides[tq.ndim - 1];
@@ -692,6 +694,7 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
         s.q = static_cast<const int32_t*>(tq.data) + b * s.q_batch_stride;
         s.k = static_cast<const int32_t*>(tk.data) + b * s.k_batch_stride;
         s.last = INT32_MIN;
+        if (!block) continue;
         const int32_t* row = ids.data() + (tq.ndim == 2 ? b * r.max_nq : 0);
         for (int64_t i = 0; i < r.max_nq; ++i) s.last = row[i] > s.last ? row[i] : s.last;
       }

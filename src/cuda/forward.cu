@@ -52,6 +52,14 @@ __global__ void forget_prefix_kernel(const float* log_f, int64_t sb, int64_t sh,
   }
 }
 
+// The relative-position bucket of every rel in [-origin, origin] (ScoreModEval::bucket, whose
+// T5 form takes double logarithms: computed once here rather than per score in the kernel).
+__global__ void relative_bucket_kernel(ScoreModEval<float> mods, int64_t origin, int32_t* out) {
+  for (int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; x <= 2 * origin;
+       x += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[x] = static_cast<int32_t>(mods.bucket(x - origin));
+}
+
 using LaunchFn = cudaError_t (*)(const FwdParams&, const TmaMaps&, cudaStream_t);
 struct Instance {
   DType dtype;
@@ -426,14 +434,47 @@ Status forward(const core::Problem& p) {
         f.forget_c = static_cast<const float*>(forget);
       }
     }
-    if (e == cudaSuccess) e = cudaMallocAsync(&table, bs * hs * f.num_q_tiles * f.tc_nkt, stream);
+    // Element-mask bits for up to kMaxBitSlots partial tiles per query tile, within a budget of
+    // 64 MiB (partial tiles beyond it evaluate the mask tree in the kernel).
+    const int64_t rows = bs * hs * f.num_q_tiles, slot_bytes = 128 * (kn / 32) * 4;
+    f.tb_slots = static_cast<int>(std::min<int64_t>(
+        {f.tc_nkt, kMaxBitSlots, (int64_t{64} << 20) / (rows * slot_bytes)}));
+    f.tb_sq = static_cast<int64_t>(f.tb_slots) * 128 * (kn / 32);
+    f.tb_sh = hs > 1 ? f.num_q_tiles * f.tb_sq : 0;
+    f.tb_sb = bs > 1 ? hs * f.num_q_tiles * f.tb_sq : 0;
+    const int64_t table_bytes = (rows * f.tc_nkt + 255) / 256 * 256;
+    void* buckets = nullptr;
+    if (e == cudaSuccess && mods.relative != RelativeBucketKind::kOff) {
+      // rel = j - i' over every key tile and query tile touched (rows and keys padded by a tile).
+      f.bucket_origin = p.max_nq + p.max_nk + 128;
+      e = cudaMallocAsync(&buckets, (2 * f.bucket_origin + 1) * sizeof(int32_t), stream);
+      if (e == cudaSuccess) {
+        ScoreModEval<float> rb;
+        rb.relative = mods.relative;
+        rb.bidirectional = mods.bidirectional;
+        rb.num_buckets = mods.num_buckets;
+        rb.max_distance = mods.max_distance;
+        rb.clip = mods.clip;
+        relative_bucket_kernel<<<256, 256, 0, stream>>>(rb, f.bucket_origin,
+                                                        static_cast<int32_t*>(buckets));
+        e = cudaGetLastError();
+        f.bucket_of = static_cast<const int32_t*>(buckets);
+      }
+    }
+    if (e == cudaSuccess) e = cudaMallocAsync(&table, table_bytes + rows * f.tb_slots * slot_bytes, stream);
+    const size_t cls_smem = static_cast<size_t>(f.tc_nkt);
+    auto classify = kn == 128 ? &classify_tiles_kernel<128, 128> : &classify_tiles_kernel<128, 64>;
+    if (e == cudaSuccess && cls_smem > 48 * 1024)
+      e = cudaFuncSetAttribute(classify, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(cls_smem));
     if (e == cudaSuccess) {
-      f.tile_class = static_cast<const uint8_t*>(table);
-      const dim3 grid(f.num_q_tiles, static_cast<unsigned>(hs), static_cast<unsigned>(bs));
-      if (kn == 128)
-        classify_tiles_kernel<128, 128><<<grid, 128, 0, stream>>>(f, static_cast<uint8_t*>(table));
-      else
-        classify_tiles_kernel<128, 64><<<grid, 128, 0, stream>>>(f, static_cast<uint8_t*>(table));
+      uint8_t* tab = static_cast<uint8_t*>(table);
+      uint32_t* bits = reinterpret_cast<uint32_t*>(tab + table_bytes);
+      f.tile_class = tab;
+      f.tile_bits = bits;
+      const dim3 grid(static_cast<unsigned>(f.num_q_tiles * std::max(f.tb_slots, 1)),
+                      static_cast<unsigned>(hs), static_cast<unsigned>(bs));
+      classify<<<grid, 128, cls_smem, stream>>>(f, tab, bits);
       e = cudaGetLastError();
       if (e == cudaSuccess) e = inst.general(f, maps, stream);
       const cudaError_t e2 = cudaFreeAsync(table, stream);
@@ -442,6 +483,10 @@ Status forward(const core::Problem& p) {
     if (forget) {
       const cudaError_t e3 = cudaFreeAsync(forget, stream);
       if (e == cudaSuccess) e = e3;
+    }
+    if (buckets) {
+      const cudaError_t e4 = cudaFreeAsync(buckets, stream);
+      if (e == cudaSuccess) e = e4;
     }
   }
   if (previous != p.device_index) (void)cudaSetDevice(previous);

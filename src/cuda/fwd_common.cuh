@@ -35,6 +35,29 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// tanh on the special-function unit (relative error ~2^-11, below the 16-bit rounding of P);
+// the softcap takes it, as FlashAttention-3 and FlexAttention do.
+__device__ __forceinline__ float fast_tanh(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// normalizers.h's weights in float on the special-function unit, without calls: a call (or a
+// division's slow path) in the consumer loop makes ptxas spill the accumulators around it. Same
+// definitions; float accuracy (2-3 ulp) where the shared policies use the libm functions.
+__device__ __forceinline__ float fast_sigmoid(float x) {
+  const float e = __expf(-fabsf(x));
+  const float r = __fdividef(1.f, 1.f + e);
+  return x >= 0.f ? r : e * r;
+}
+__device__ __forceinline__ float fast_kernel_weight(float s, KernelFeature f, float power) {
+  const float fx = f == KernelFeature::kSoftplus ? fmaxf(s, 0.f) + log1pf(__expf(-fabsf(s)))
+                                                 : fmaxf(s, 0.f);
+  if (!(fx > 0.f)) return 0.f;
+  return power == 1.f ? fx : power == 2.f ? fx * fx : exp2f(power * __log2f(fx));
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
@@ -191,7 +214,7 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
     char* orow = static_cast<char*>(p.out) + (b * p.o_sb + h * p.o_sh + row * p.o_sn) * out_es;
     float gate_h = 1.f;
     if (kGeneral && p.gate == GateKind::kPerHead)
-      gate_h = sigmoid(load_any(p.gate_ptr, p.gate_dtype, b * p.g_sb + h * p.g_sh + row * p.g_sn));
+      gate_h = fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, b * p.g_sb + h * p.g_sh + row * p.g_sn));
 #pragma unroll
     for (int c = 0; c < kDVp / 8; ++c) {
       const int col = c * 8 + col0;
@@ -204,8 +227,8 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
         }
         if (p.gate == GateKind::kElementwise) {
           const int64_t g = b * p.g_sb + h * p.g_sh + row * p.g_sn + col;
-          x0 *= sigmoid(load_any(p.gate_ptr, p.gate_dtype, g));
-          x1 *= sigmoid(load_any(p.gate_ptr, p.gate_dtype, g + 1));
+          x0 *= fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g));
+          x1 *= fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g + 1));
         }
         x0 *= gate_h;
         x1 *= gate_h;

@@ -91,8 +91,10 @@ __global__ void __launch_bounds__(384, 1)
   // (fast), or the non-empty ones of the block table (general).
   int t_begin = 0, t_end = nk > 0 ? (nk + kN - 1) / kN : 0;
   const uint8_t* tclass = nullptr;
+  const uint32_t* tbits = nullptr;
   if constexpr (kGeneral) {
     tclass = p.tile_class + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(tile) * p.tc_nkt;
+    tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh + tile * p.tb_sq;
   } else {
     const int64_t lo = m0 + seq.offset - p.band_left, hi = m0 + rows - 1 + seq.offset + p.band_right;
     t_begin = static_cast<int>(imax(lo, 0) / kN);
@@ -222,11 +224,30 @@ __global__ void __launch_bounds__(384, 1)
         band_mask<kN>(s, row_i, n0, col0, nk, seq.offset, p.band_left, p.band_right);
     } else {
       // A partial tile's element mask, one bit per score of the thread (bit r * kN / 4 + 2 * c +
-      // e for row r, chunk c, column e), from one call site in a rolled loop: the out-of-line
-      // call saves the live registers around it, and 64 unrolled sites would multiply that code.
-      constexpr int kBitsPerRow = kN / 4;
+      // e for row r, chunk c, column e): from the precomputed bits of its slot, or else from
+      // the mask tree at one call site in a rolled loop (the out-of-line call saves the live
+      // registers around it; 64 unrolled sites would multiply that code).
+      constexpr int kBitsPerRow = kN / 4, kWords = kN / 32;
       uint64_t allow = ~uint64_t{0};
-      if (static_cast<TileClass>(tclass[t]) != TileClass::kFull) {
+      const uint8_t entry = tclass[t];
+      if (entry >= kTileBits) {
+        allow = 0;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t* w = tbits + ((entry - kTileBits) * kM + row_i[r] - m0) * kWords;
+          uint32_t word[kWords];
+#pragma unroll
+          for (int x = 0; x < kWords; ++x) word[x] = w[x];
+#pragma unroll
+          for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = c * 8 + col0 + e;
+              allow |= static_cast<uint64_t>((word[col >> 5] >> (col & 31)) & 1u)
+                       << (r * kBitsPerRow + 2 * c + e);
+            }
+        }
+      } else if (static_cast<TileClass>(entry) != TileClass::kFull) {
         allow = 0;
 #pragma unroll 1
         for (int x = 0; x < 2 * kBitsPerRow; ++x) {
@@ -243,7 +264,7 @@ __global__ void __launch_bounds__(384, 1)
       each_score<kN>(s, n0, col0, [&](float& x, int, int) { x *= scale; });
       if (additive) add_score_terms<kN>(s, mods, row_i, seq.offset, n0, col0, nq, nk);
       if (cap != 0.f)
-        each_score<kN>(s, n0, col0, [&](float& x, int, int) { x = cap * tanhf(x * inv_cap); });
+        each_score<kN>(s, n0, col0, [&](float& x, int, int) { x = cap * fast_tanh(x * inv_cap); });
       if (prescale)
         each_score<kN>(s, n0, col0,
                        [&](float& x, int r, int) { x = lscale[r] == 0.f ? 0.f : x * lscale[r]; });
@@ -267,13 +288,13 @@ __global__ void __launch_bounds__(384, 1)
       // Masked scores (-inf) weigh 0.
       if (norm == NormalizerKind::kSigmoid) {
         each_score<kN>(s, 0, 0, [&](float& x, int, int) {
-          x = x != kNegInf ? sigmoid(x + beta) : 0.f;
+          x = x != kNegInf ? fast_sigmoid(x + beta) : 0.f;
         });
       } else if (norm == NormalizerKind::kKernel) {
         const KernelFeature feature = p.feature;
         const float power = p.power;
         each_score<kN>(s, 0, 0, [&](float& x, int, int) {
-          x = x != kNegInf ? kernel_weight(x, feature, power) : 0.f;
+          x = x != kNegInf ? fast_kernel_weight(x, feature, power) : 0.f;
         });
       } else {  // ReLA
         each_score<kN>(s, 0, 0, [&](float& x, int, int) { x = x != kNegInf ? fmaxf(x, 0.f) : 0.f; });
@@ -286,8 +307,8 @@ __global__ void __launch_bounds__(384, 1)
         for (int r = 0; r < 2; ++r)
           alpha[r] = online_row<kN>(
               s, r, 0.f, m[r], l[r],
-              [&](float x, float m_new) { return m_new > 0.f ? x / m_new : 0.f; },
-              [&](float m_old, float m_new) { return m_new > 0.f ? m_old / m_new : 1.f; });
+              [&](float x, float m_new) { return m_new > 0.f ? __fdividef(x, m_new) : 0.f; },
+              [&](float m_old, float m_new) { return m_new > 0.f ? __fdividef(m_old, m_new) : 1.f; });
       }
     }
   };

@@ -69,6 +69,8 @@ __device__ inline ScoreModEval<float> resolve_mods(const FwdParams& p, int b, in
     e.num_buckets = p.num_buckets;
     e.max_distance = p.max_distance;
     e.clip = p.clip;
+    e.bucket_of = p.bucket_of;
+    e.bucket_origin = p.bucket_origin;
   }
   if (p.forget_c) e.forget_c = p.forget_c + (static_cast<int64_t>(b) * p.hq + h) * p.forget_stride;
   if (p.lowrank_u) {
@@ -81,16 +83,29 @@ __device__ inline ScoreModEval<float> resolve_mods(const FwdParams& p, int b, in
   return e;
 }
 
-// The general kernel's block table: one thread per (query tile, key tile) of one (b, h) (blockIdx
-// y, z), classified by the mask policy. Key tiles past the sequence are empty; a full tile that
-// the sequence ends in is partial (the kernel masks its tail).
+// Entries of the general kernel's block table: TileClass values (empty 0, partial 1, full 2),
+// and kTileBits + s for a partial tile whose element mask is precomputed in bit slot s of its
+// query-tile row (the kernel then reads bits instead of evaluating the mask tree per score).
+inline constexpr uint8_t kTileBits = 3;
+inline constexpr int kMaxBitSlots = 16;  // bit slots per query-tile row at most
+
+// The general kernel's block table and element-mask bits. Block (x, y, z) = (query tile *
+// bit_slots + slot, head, batch) of the table's extents; every block classifies its query tile's
+// row of key tiles (shared memory, p.tc_nkt bytes), numbers the first p.tb_slots partial tiles
+// in key order, and computes the bits of its slot: one thread per query row, a 32-bit word per
+// 32 keys. Key tiles past the sequence are empty; a full tile that the sequence ends in is
+// partial (the kernel masks its tail).
 template <int kM, int kN>
-__global__ void classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table) {
-  const int qtile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+__global__ void classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table,
+                                      uint32_t* bits) {
+  extern __shared__ uint8_t cls[];
+  __shared__ int slot_tile[kMaxBitSlots];
+  const int split = p.tb_slots > 0 ? p.tb_slots : 1;
+  const int qtile = blockIdx.x / split, part = blockIdx.x % split;
+  const int h = blockIdx.y, b = blockIdx.z;
   const SeqExtent s = seq_extent(p, b);
   MaskState ms;
   resolve_mask(p, b, h, s.offset, ms);
-  uint8_t* row = table + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qtile) * p.tc_nkt;
   const int m0 = qtile * kM;
   for (int kt = threadIdx.x; kt < p.tc_nkt; kt += blockDim.x) {
     const int n0 = kt * kN;
@@ -106,10 +121,38 @@ __global__ void classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8
       c = ms.mask.classify_flat(p.num_nodes, q, k);
       if (c == TileClass::kFull && k.count < kN) c = TileClass::kPartial;
     }
-    row[kt] = static_cast<uint8_t>(c);
+    cls[kt] = static_cast<uint8_t>(c);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int kt = 0; kt < p.tc_nkt && n < p.tb_slots; ++kt)
+      if (cls[kt] == static_cast<uint8_t>(TileClass::kPartial)) {
+        slot_tile[n] = kt;
+        cls[kt] = static_cast<uint8_t>(kTileBits + n++);
+      }
+    for (; n < kMaxBitSlots; ++n) slot_tile[n] = -1;
+  }
+  __syncthreads();
+  if (part == 0) {
+    uint8_t* row = table + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qtile) * p.tc_nkt;
+    for (int kt = threadIdx.x; kt < p.tc_nkt; kt += blockDim.x) row[kt] = cls[kt];
+  }
+  const int kt = p.tb_slots > 0 ? slot_tile[part] : -1;
+  if (kt < 0) return;
+  constexpr int kWords = kN / 32;
+  uint32_t* out = bits + b * p.tb_sb + h * p.tb_sh + qtile * p.tb_sq +
+                  (static_cast<int64_t>(part) * kM + threadIdx.x) * kWords;
+  const int i = m0 + threadIdx.x;
+  for (int w = 0; w < kWords; ++w) {
+    uint32_t word = 0;
+    for (int x = 0; x < 32; ++x) {
+      const int j = kt * kN + w * 32 + x;
+      if (i < s.nq && j < s.nk && mask_allowed(ms.mask, p.num_nodes, i, j)) word |= 1u << x;
+    }
+    out[w] = word;
   }
 }
-
 
 // Applies f(x, r, j) to every score of a thread's accumulator fragment (row r of its two, key j).
 template <int kN, class F>
@@ -171,7 +214,9 @@ __device__ __forceinline__ void add_score_terms(float (&s)[kN / 2], const ScoreM
                    [&](float& x, int r, int j) { x -= m.slope * static_cast<float>(abs(ia[r] - j)); });
   if (m.relative != RelativeBucketKind::kOff)
     each_score<kN>(s, n0, col0,
-                   [&](float& x, int r, int j) { x += m.table[m.bucket(j - ia[r])]; });
+                   [&](float& x, int r, int j) {
+                     x += m.table[m.bucket_of[j - ia[r] + m.bucket_origin]];
+                   });
   if (m.forget_c) {
     const float c_i[2] = {m.forget_c[key(ia[0])], m.forget_c[key(ia[1])]};
     each_score<kN>(s, n0, col0,

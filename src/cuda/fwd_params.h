@@ -66,6 +66,12 @@ struct FwdParams {
   const uint8_t* tile_class = nullptr;
   int64_t tc_sb = 0, tc_sh = 0;
   int tc_nkt = 0;
+  // Element-mask bits of partial tiles (table entries kTileBits + s): query row r (of the tile's
+  // kM) of slot s at tile_bits[b * tb_sb + h * tb_sh + qt * tb_sq + (s * kM + r) * kN / 32],
+  // one bit per key; tb_slots slots per query tile (0: no bits).
+  const uint32_t* tile_bits = nullptr;
+  int64_t tb_sb = 0, tb_sh = 0, tb_sq = 0;
+  int tb_slots = 0;
 
   // Score mods (general kernel).
   bool has_mods = false;
@@ -81,6 +87,10 @@ struct FwdParams {
   int64_t num_buckets = 0, max_distance = 0, clip = 0;
   const float* table = nullptr;
   int64_t table_sh = 0;
+  // The bucket of every relative position rel = j - i' at bucket_of[rel + bucket_origin] (built
+  // on the device by relative_bucket_kernel).
+  const int32_t* bucket_of = nullptr;
+  int64_t bucket_origin = 0;
   // Forget gate: prefix sums c of log f over key positions, [B * Hq][forget_stride] (built on the
   // device by forget_prefix_kernel).
   const float* forget_c = nullptr;
