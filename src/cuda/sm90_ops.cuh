@@ -1,5 +1,6 @@
 // sm_90a building blocks of the CUDA kernels: shared-memory tiles in the 128-byte swizzled layout
-// that wgmma reads, their descriptors, asynchronous copies, and the warpgroup MMA fences.
+// that wgmma reads (the layout TMA writes with CU_TENSOR_MAP_SWIZZLE_128B), their descriptors, the
+// warpgroup MMA fences, mbarriers, TMA copies, register reallocation and named barriers.
 //
 // A tile of R rows x C columns of 16-bit elements is stored as C/64 panels of R rows x 128 bytes;
 // within a panel the 16-byte chunk c of row r sits at r * 128 + ((c ^ (r % 8)) * 16). Each panel
@@ -18,30 +19,6 @@ namespace attnkit::cuda {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Byte offset of element (r, c) of a swizzled tile with R rows.
-__device__ __forceinline__ uint32_t swizzled_offset(int rows, int r, int c) {
-  const int panel = c >> 6, chunk = (c >> 3) & 7;
-  return panel * rows * 128 + r * 128 + ((chunk ^ (r & 7)) << 4) + ((c & 7) << 1);
-}
-
-// 16-byte copy global -> shared; `valid` false fills the 16 bytes with zeros.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-// Orders this thread's generic-proxy shared-memory writes before async-proxy reads (wgmma).
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 // A shared-memory matrix descriptor for the 128B-swizzled layout.
