@@ -477,6 +477,8 @@ Status forward(const core::Problem& p) {
       classify<<<grid, 128, cls_smem, stream>>>(f, tab, bits);
       e = cudaGetLastError();
       if (e == cudaSuccess) e = inst.general(f, maps, stream);
+    }
+    if (table) {
       const cudaError_t e2 = cudaFreeAsync(table, stream);
       if (e == cudaSuccess) e = e2;
     }
