@@ -5,6 +5,7 @@
 #include "cpu/backward.h"
 #include "cpu/forward.h"
 #if defined(ATTNKIT_WITH_CUDA)
+#include "cuda/backward.h"
 #include "cuda/forward.h"
 #endif
 
@@ -44,9 +45,15 @@ Status check_backward_call(const TensorView& q, const TensorView& k, const Tenso
   if (!s.ok()) return s;
   s = core::validate_grads(*p, q, k, v, grad_out, grads, g);
   if (!s.ok()) return s;
+#if defined(ATTNKIT_WITH_CUDA)
   if (p->device == Device::kCUDA)
-    return Status(StatusCode::kNotImplemented,
-                  "cuda backend: the backward pass is not on CUDA yet (run it on CPU tensors)");
+    return cuda::backward_supports(*p, *g, grads, options.deterministic);
+#endif
+  for (const auto* r : {&g->dq, &g->dk, &g->dv})
+    if (r->dtype == DType::kBF16 || r->dtype == DType::kF16)
+      return Status(StatusCode::kNotImplemented,
+                    "cpu backend: 16-bit dq, dk, dv are written by the CUDA backward only (the "
+                    "CPU writes fp32 or fp64)");
   return cpu::backward_supports(*p);
 }
 }  // namespace
@@ -68,6 +75,9 @@ Status attention_backward(const TensorView& q, const TensorView& k, const Tensor
   core::GradOperands g;
   Status s = check_backward_call(q, k, v, out, row_stat, grad_out, spec, grads, options, &p, &g);
   if (!s.ok()) return s;
+#if defined(ATTNKIT_WITH_CUDA)
+  if (p.device == Device::kCUDA) return cuda::backward(p, g, grads, options.deterministic);
+#endif
   return cpu::backward(p, g, grads);
 }
 

@@ -142,6 +142,32 @@ TEST(BackwardFullyMasked, ZeroGradients) {
   }
 }
 
+// 16-bit dq, dk, dv (the inputs' dtype) are written by the CUDA backward only: the CPU refuses
+// them by name; a dtype that is neither the inputs' nor fp32/fp64 is a type error.
+TEST(BackwardRules, SixteenBitGradientsAreCudaOnly) {
+  CheckOptions opt;
+  opt.dtype = DType::kBF16;
+  opt.dims = {1, 2, 2, 16, 16, 8, 8};
+  Instance inst;
+  ASSERT_EQ(make_instance("causal", opt, inst), "");
+  const OwnedTensor out = OwnedTensor::zeros(DType::kBF16, {1, 2, 16, 8});
+  const OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {1, 2, 16});
+  OwnedTensor dq = OwnedTensor::zeros(DType::kBF16, {1, 2, 16, 8});
+  OwnedTensor dk = OwnedTensor::zeros(DType::kF32, {1, 2, 16, 8});
+  OwnedTensor dv = OwnedTensor::zeros(DType::kF32, {1, 2, 16, 8});
+  AttentionGrads g{dq.view, dk.view, dv.view};
+  Status s = can_run_backward(inst.q.view, inst.k.view, inst.v.view, out.view, lse.view, out.view,
+                              inst.spec, g);
+  EXPECT_EQ(s.code(), StatusCode::kNotImplemented) << s.message();
+  EXPECT_NE(s.message().find("CUDA backward only"), std::string::npos) << s.message();
+  OwnedTensor dq16 = OwnedTensor::zeros(DType::kF16, {1, 2, 16, 8});
+  g.dq = dq16.view;
+  s = can_run_backward(inst.q.view, inst.k.view, inst.v.view, out.view, lse.view, out.view,
+                       inst.spec, g);
+  EXPECT_EQ(s.code(), StatusCode::kTypeError) << s.message();
+  EXPECT_NE(s.message().find("dq.dtype = fp16"), std::string::npos) << s.message();
+}
+
 // Varlen through the CPU backward against the oracle, with per-sequence normalizers and gates.
 TEST(BackwardVarlen, MatchesOracle) {
   const std::vector<int32_t> cq = {0, 5, 75, 204}, ck = {0, 9, 79, 179};

@@ -117,6 +117,71 @@ TEST(CudaGeneralPath, ManyPartialTilesPerRowMatchTheOracle) {
 INSTANTIATE_TEST_SUITE_P(All, CudaOracle, ::testing::ValuesIn(tools::mechanism_names()),
                          [](const auto& info) { return info.param; });
 
+// The backward pass on the GPU (after the GPU forward) against the float64 backward oracle:
+// dq, dk, dv and the extras the CUDA backward computes (dsinks, dgate). What it does not
+// differentiate yet must be refused by name: the normalized kernel and ReLA, and the gradients
+// of the score mods' tensors (their dq, dk, dv are still checked).
+class CudaBackward : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaBackward, MatchesOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const std::string mech = GetParam();
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 197, 197, 64, 64}, false},
+      {DType::kF16, {1, 2, 1, 77, 301, 128, 128}, false},
+      {DType::kBF16, {1, 3, 3, 300, 130, 128, 128}, true},
+  };
+  int seed = 501;
+  for (const Case& c : cases) {
+    if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+    CheckOptions opt;
+    opt.dtype = c.dtype;
+    opt.dims = c.dims;
+    opt.bnhd = c.bnhd;
+    opt.seed = seed++;
+    opt.device = Device::kCUDA;
+    const CheckResult r = tools::check_backward(mech, opt);
+    if (r.not_covered) {
+      EXPECT_NE(r.error.find("normalizer"), std::string::npos) << mech << ": " << r.error;
+      continue;
+    }
+    EXPECT_TRUE(r.ok) << mech << " " << r.dtype << " nq=" << c.dims.nq << " nk=" << c.dims.nk
+                      << " d=" << c.dims.d << " bnhd=" << c.bnhd << ": " << r.error;
+    for (const std::string& x : r.extras_not_covered)
+      EXPECT_TRUE(x != "dsinks" && x != "dgate") << mech << ": " << x << " must be computed";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, CudaBackward, ::testing::ValuesIn(tools::mechanism_names()),
+                         [](const auto& info) { return info.param; });
+
+// The backward's pipeline over many query tiles (stage wrap-arounds), GQA groups walked inside
+// one CTA, bands and sequences that end mid-tile, and the general path's element-mask bits and
+// mask-tree fallback.
+TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {1, 4, 1, 700, 1100, 128, 128}, false},
+      {DType::kF16, {2, 4, 2, 1029, 333, 64, 64}, true},
+  };
+  int seed = 601;
+  for (const Case& c : cases)
+    for (const char* mech : {"dense", "causal", "sliding_window", "document", "neighborhood_1d",
+                             "block_map", "softcap"}) {
+      if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+      CheckOptions opt;
+      opt.dtype = c.dtype;
+      opt.dims = c.dims;
+      opt.bnhd = c.bnhd;
+      opt.seed = seed++;
+      opt.device = Device::kCUDA;
+      opt.input_dtype_grads = seed % 2 == 0;  // dq, dk, dv in 16 bits (dq through a scratch)
+      const CheckResult r = tools::check_backward(mech, opt);
+      EXPECT_TRUE(r.ok) << mech << " " << r.dtype << " nq=" << c.dims.nq
+                        << " 16-bit grads=" << opt.input_dtype_grads << ": " << r.error;
+    }
+}
+
 // A fake device address: can_run validates without reading device memory.
 TensorView device_view(DType t, std::initializer_list<int64_t> shape, uintptr_t addr = 1 << 20) {
   TensorView v = TensorView::contiguous(reinterpret_cast<void*>(addr), t, shape, Device::kCUDA);
@@ -193,15 +258,62 @@ TEST(CudaRules, StatisticsAreNotImplemented) {
   EXPECT_NE(s.message().find("statistics"), std::string::npos) << s.message();
 }
 
-TEST(CudaRules, BackwardIsNotImplementedYet) {
-  const auto q = device_view(DType::kBF16, {1, 2, 64, 64});
-  const auto lse = device_view(DType::kF32, {1, 2, 64});
+// The backward's rules (can_run_backward on fake device views).
+struct BwdCall {
+  TensorView q = device_view(DType::kBF16, {1, 2, 64, 64});
+  TensorView lse = device_view(DType::kF32, {1, 2, 64});
   AttentionGrads g;
-  g.dq = g.dk = g.dv = device_view(DType::kF32, {1, 2, 64, 64});
-  const Status s = can_run_backward(q, q, q, q, lse, q, {}, g);
-  ASSERT_FALSE(s.ok());
-  EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
-  EXPECT_NE(s.message().find("backward"), std::string::npos) << s.message();
+  AttentionSpec spec;
+  Options opt;
+  BwdCall() { g.dq = g.dk = g.dv = device_view(DType::kF32, {1, 2, 64, 64}); }
+  Status check() const { return can_run_backward(q, q, q, q, lse, q, spec, g, opt); }
+};
+
+TEST(CudaBackwardRules, AValidCallPasses) {
+  BwdCall c;
+  c.spec.mask = Mask::causal();
+  const Status s = c.check();
+  EXPECT_TRUE(s.ok()) << s.message();
+}
+
+TEST(CudaBackwardRules, WhatIsNotOnCudaYetIsNamed) {
+  {
+    BwdCall c;
+    c.spec.normalizer.kind = NormalizerKind::kKernel;
+    const Status s = c.check();
+    EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
+    EXPECT_NE(s.message().find("normalizer"), std::string::npos) << s.message();
+  }
+  {
+    BwdCall c;
+    c.spec.mods.bias = device_view(DType::kF32, {1, 1, 64, 64});
+    EXPECT_TRUE(c.check().ok()) << c.check().message();  // dq, dk, dv through a bias
+    c.g.dbias = device_view(DType::kF32, {1, 1, 64, 64});
+    const Status s = c.check();
+    EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
+    EXPECT_NE(s.message().find("dbias"), std::string::npos) << s.message();
+  }
+  {
+    BwdCall c;
+    c.g.dq = device_view(DType::kF64, {1, 2, 64, 64});
+    const Status s = c.check();
+    EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
+    EXPECT_NE(s.message().find("fp32 or 16-bit gradients"), std::string::npos) << s.message();
+  }
+  {
+    BwdCall c;
+    c.opt.deterministic = true;
+    const Status s = c.check();
+    EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
+    EXPECT_NE(s.message().find("deterministic"), std::string::npos) << s.message();
+  }
+  {
+    BwdCall c;
+    c.lse = {};
+    const Status s = c.check();
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("row_stat is missing"), std::string::npos) << s.message();
+  }
 }
 
 TEST(CudaRules, AValidCallPasses) {

@@ -83,6 +83,9 @@ struct CheckResult {
   double naive_err = 0;      // error of the naive low-precision computation
   bool not_covered = false;  // the backend answered kNotImplemented
   double ms = 0;             // CPU forward time of this one run
+  // check_backward on a backend that does not compute some extras' gradients: their names (the
+  // other gradients are still checked).
+  std::vector<std::string> extras_not_covered;
 };
 struct CheckOptions {
   DType dtype = DType::kF32;
@@ -91,8 +94,9 @@ struct CheckOptions {
   uint64_t seed = 1;
   bool bnhd = false;
   int threads = 0;
-  bool stats = true;             // CPU only: the CUDA kernels have no attention statistics yet
-  Device device = Device::kCPU;  // kCUDA: inputs are copied to the GPU, outputs back
+  bool stats = true;               // CPU only: the CUDA kernels have no attention statistics yet
+  Device device = Device::kCPU;    // kCUDA: inputs are copied to the GPU, outputs back
+  bool input_dtype_grads = false;  // check_backward: dq, dk, dv in the inputs' dtype (CUDA)
 };
 double tolerance_for(DType t);
 CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& opt);
@@ -107,7 +111,8 @@ struct ExtraGrad {
 };
 std::vector<ExtraGrad> extra_grads(const AttentionSpec& spec);
 
-// The backward pass of a mechanism on the CPU against the float64 backward oracle: the largest
+// The backward pass of a mechanism (on opt.device, after that device's forward pass) against the
+// float64 backward oracle: the largest
 // error of dq, dk, dv, each relative to the norm of the whole gradient (a part that
 // vanishes by cancellation is judged at the gradient's scale), and of every extra gradient
 // (ExtraGrad): rel_err holds the first, stat_err the second. Tolerance: fp32 2e-5, fp16 3e-3,

@@ -4,7 +4,8 @@ Every case first checks attnkit against PyTorch's float32 math on the same input
 Frobenius error), then times attnkit and the peers with triton's do_bench (median of the
 repetitions). Peers: SDPA's FlashAttention-2 and cuDNN backends (dense, causal), FlexAttention
 (masks and score mods), SDPA's mem-efficient backend (dense bias).
-Usage: python3 bench/gpu/bench.py [--quick] (attnkit importable: PYTHONPATH=build/python);
+Usage: python3 bench/gpu/bench.py [--quick] [--train] (--train: only forward + backward;
+attnkit importable: PYTHONPATH=build/python);
 writes $OUT/gpu_bench.json. FLOPs count allowed pairs only (4 * pairs * d).
 """
 import json
@@ -144,9 +145,81 @@ def bias():
     emit(**res)
 
 
+def train():
+    """Forward + backward through autograd (FLOPs: 3.5x the forward's, FlashAttention's count).
+    attnkit's gradients are fp32 from the C++ backward and converted to bf16 by the PyTorch
+    wrapper; the peers return bf16 directly."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    fa = torch.compile(flex_attention, dynamic=False)
+
+    def fwd_bwd(fn, q, k, v, go):
+        def step():
+            for t in (q, k, v):
+                t.grad = None
+            fn().backward(go)
+        return bench(step)
+
+    for d, h in [(128, 16), (64, 32)]:
+        for n in ([4096] if QUICK else [1024, 4096, 16384]):
+            b = max(1, 16384 // n)
+            q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            go = torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16)
+            for causal in (False, True):
+                flops = 3.5 * 4 * b * h * n * n * d / (2 if causal else 1)
+                res = dict(case="train", d=d, h=h, n=n, b=b, causal=causal)
+                if n <= 1024:  # gradients against SDPA's math backend in fp32
+                    qs, ks, vs = (t[:1, :2].detach().float().requires_grad_() for t in (q, k, v))
+                    with sdpa_kernel(SDPBackend.MATH):
+                        F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).backward(go[:1, :2].float())
+                    qa, ka, va = (t[:1, :2].detach().clone().requires_grad_() for t in (q, k, v))
+                    attnkit.attention(qa, ka, va, causal=causal).backward(go[:1, :2])
+                    res["rel_err"] = max(rel_err(a.grad, r.grad) for a, r in ((qa, qs), (ka, ks), (va, vs)))
+                res["attnkit"] = flops / fwd_bwd(lambda: attnkit.attention(q, k, v, causal=causal),
+                                                 q, k, v, go) / 1e9
+                for name, be in [("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+                    with sdpa_kernel(be):
+                        res[name] = flops / fwd_bwd(
+                            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                            q, k, v, go) / 1e9
+                res["vs_fa2"] = res["attnkit"] / res["fa2"]
+                res["vs_cudnn"] = res["attnkit"] / res["cudnn"]
+                emit(**res)
+            del q, k, v
+    n, b, h, d = 8192, 2, 16, 128
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    go = torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16)
+    docs = torch.tensor([0] * 3000 + [1] * 2000 + [2] * 3192, device=dev, dtype=torch.int32)
+    qi = torch.arange(n, device=dev)[:, None]
+    ki = torch.arange(n, device=dev)[None, :]
+    slopes = torch.exp2(-8 * torch.arange(1, h + 1, device=dev) / h)
+    cases = {
+        "sliding1024-causal": (lambda bb, hh, i, j: (i >= j) & (i - j <= 1024),
+                               dict(window=(1024, 0)), None),
+        "document-causal": (lambda bb, hh, i, j: (docs[i] == docs[j]) & (i >= j),
+                            dict(mask=attnkit.masks.Causal() & attnkit.masks.Document(docs)), None),
+        "softcap30": (None, dict(score_mod=attnkit.score_mods.Softcap(30.0)),
+                      lambda s, bb, hh, i, j: 30 * torch.tanh(s / 30)),
+        "alibi-causal": (lambda bb, hh, i, j: i >= j,
+                         dict(causal=True, score_mod=attnkit.score_mods.ALiBi()),
+                         lambda s, bb, hh, i, j: s - slopes[hh] * (i - j)),
+    }
+    for name, (mm, kw, sm) in cases.items():
+        frac = mm(0, 0, qi, ki).float().mean().item() if mm else 1.0
+        flops = 3.5 * 4 * b * h * n * n * d * frac
+        bm = create_block_mask(mm, None, None, n, n, device=dev) if mm else None
+        res = dict(case="train_masked", mask=name, n=n, b=b, h=h, d=d, density=frac)
+        res["attnkit"] = flops / fwd_bwd(lambda: attnkit.attention(q, k, v, **kw), q, k, v, go) / 1e9
+        res["flex"] = flops / fwd_bwd(lambda: fa(q, k, v, block_mask=bm, score_mod=sm), q, k, v, go) / 1e9
+        res["vs_flex"] = res["attnkit"] / res["flex"]
+        emit(**res)
+
+
 if __name__ == "__main__":
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    for part in (dense, masked, neighborhood, bias):
+    parts = (train,) if "--train" in sys.argv else (dense, masked, neighborhood, bias, train)
+    for part in parts:
         try:
             part()
         except Exception as e:  # report and go on: one broken case must not hide the others
@@ -169,6 +242,14 @@ if __name__ == "__main__":
         elif r["case"] == "neighborhood_2d":
             print("%-34s %8.3fms %7.3fms %9.2f" % ("neighborhood 13x13 vs dense", r["attnkit_ms"],
                                                    r["dense_ms"], r["speedup_vs_dense"]))
+        elif r["case"] == "train":
+            tag = "fwd+bwd d%d n%d%s" % (r["d"], r["n"], " causal" if r["causal"] else "")
+            print("%-34s %9.0f %9.0f %9.2f %9s  (fa2 %.0f, x%.2f)" % (
+                tag + " vs cudnn", r["attnkit"], r["cudnn"], r["vs_cudnn"],
+                "%.1e" % r["rel_err"] if "rel_err" in r else "-", r["fa2"], r["vs_fa2"]))
+        elif r["case"] == "train_masked":
+            print("%-34s %9.0f %9.0f %9.2f" % ("fwd+bwd " + r["mask"] + " vs flex", r["attnkit"],
+                                               r["flex"], r["vs_flex"]))
         elif r["case"] == "bias":
             print("%-34s %9.0f %9.0f %9.2f %9.1e" % ("bias vs mem-efficient", r["attnkit"],
                                                      r["mem_efficient"], r["vs_mem_efficient"],

@@ -51,8 +51,11 @@ def _grads(q, k, v, out, stat, grad_out, raw_spec, tensors, names, needs, thread
     """The C++ backward: (dq, dk, dv) in the inputs' dtypes, and per spec tensor its gradient
     (None where not asked for or not learnable)."""
     gdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    grads = {"dq": q.new_zeros(q.shape, dtype=gdt), "dk": k.new_zeros(k.shape, dtype=gdt),
-             "dv": v.new_zeros(v.shape, dtype=gdt)}
+    if q.is_cuda:  # the CUDA backward writes every element, in the inputs' dtype
+        grads = {"dq": torch.empty_like(q), "dk": torch.empty_like(k), "dv": torch.empty_like(v)}
+    else:
+        grads = {"dq": q.new_zeros(q.shape, dtype=gdt), "dk": k.new_zeros(k.shape, dtype=gdt),
+                 "dv": v.new_zeros(v.shape, dtype=gdt)}
     keys = []
     for t, name, need in zip(tensors, names, needs):
         g = _spec.GRAD_OF.get(name) if need else None
@@ -60,9 +63,10 @@ def _grads(q, k, v, out, stat, grad_out, raw_spec, tensors, names, needs, thread
             grads[g] = t.new_zeros((1,) if name == "beta" else t.shape, dtype=gdt)
         keys.append(g)
     grad_out = grad_out.contiguous()
+    stream = torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0
     _spec.check(_ext.backward(_raw(q), _raw(k), _raw(v), _raw(out),
                               _raw(stat) if stat.numel() > 0 else None, _raw(grad_out),
-                              raw_spec, {n: _raw(t) for n, t in grads.items()}, threads))
+                              raw_spec, {n: _raw(t) for n, t in grads.items()}, threads, stream))
     extras = [None if g is None else grads[g].reshape(t.shape).to(t.dtype)
               for t, g in zip(tensors, keys)]
     return (grads["dq"].to(q.dtype), grads["dk"].to(k.dtype), grads["dv"].to(v.dtype)), extras

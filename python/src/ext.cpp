@@ -290,7 +290,7 @@ nb::object forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb:
 // grads: dict name -> array ("dq", "dk", "dv", "dbias", "dsinks", ...), each written.
 nb::object backward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle row_stat,
                     nb::handle grad_out, const nb::dict& spec_dict, const nb::dict& grads,
-                    int threads) {
+                    int threads, uintptr_t stream) {
   Call c;
   const TensorView tq = c.view(q, "q"), tk = c.view(k, "k"), tv = c.view(v, "v");
   const TensorView to = c.view(out, "out"), ts = c.view(row_stat, "row_stat");
@@ -318,7 +318,8 @@ nb::object backward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb
   {
     nb::gil_scoped_release release;
     s = any_f64(tq) ? reference_backward(tq, tk, tv, tg, spec, g)
-                    : attention_backward(tq, tk, tv, to, ts, tg, spec, g, options_of(threads));
+                    : attention_backward(tq, tk, tv, to, ts, tg, spec, g,
+                                         options_of(threads, stream));
   }
   return status_result(s);
 }
@@ -364,7 +365,7 @@ NB_MODULE(_ext, m) {
         nb::arg("stream") = 0);
   m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out").none(),
         nb::arg("row_stat").none(), nb::arg("grad_out"), nb::arg("spec"), nb::arg("grads"),
-        nb::arg("threads") = 0);
+        nb::arg("threads") = 0, nb::arg("stream") = 0);
   m.def("support_matrix", &support);
   m.def("cpp_forward_us", &cpp_forward_us, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
         nb::arg("spec"), nb::arg("threads") = 1, nb::arg("reps") = 1000);

@@ -238,13 +238,50 @@ def test_cuda_varlen_matches_the_cpu(d):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_backward_matches_the_cpu(d):
+    # Autograd on CUDA tensors (the CUDA backward) against the same on float32 CPU copies: packed
+    # uneven sequences, GQA, and the fast (causal, window) and general (softcap, sink, gate) paths.
+    torch.manual_seed(7)
+    lens_q, lens_k = [1, 300, 129, 200], [5, 300, 400, 257]
+    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
+    base = [torch.randn(sum(lens_q), 4, d), torch.randn(sum(lens_k), 2, d),
+            torch.randn(sum(lens_k), 2, d)]
+    sinks = torch.randn(4)
+    gate = torch.randn(sum(lens_q), 4, d)
+    cases = [dict(), dict(causal=True), dict(window=(100, 0)),
+             dict(causal=True, score_mod=attnkit.score_mods.Softcap(20.0)),
+             dict(sinks=sinks), dict(causal=True, gate=gate)]
+    for kw in cases:
+        grads = []
+        for dev, dt in [("cuda", torch.bfloat16), ("cpu", torch.float32)]:
+            x = [t.detach().to(dev, dt).clone().requires_grad_() for t in base]
+            extra = {}
+            for name in ("sinks", "gate"):
+                if name in kw:
+                    extra[name] = kw[name].detach().to(dev, torch.float32).clone().requires_grad_()
+            args = {**kw, **extra}
+            cu = dict(cu_seqlens_q=cu_q.to(dev), cu_seqlens_kv=cu_k.to(dev))
+            out = attnkit.attention(*x, **cu, **args)
+            go = torch.cos(torch.arange(out.numel(), dtype=torch.float32)).reshape(out.shape)
+            out.backward(go.to(dev, out.dtype))
+            grads.append([t.grad.float().cpu() for t in x] +
+                         [extra[n].grad.float().cpu() for n in sorted(extra)])
+        for g, ref in zip(*grads):
+            err = (g - ref).norm() / ref.norm()
+            assert err < 2e-2, (sorted(kw), float(err))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_errors_name_the_rule():
     q = torch.randn(1, 2, 16, 64, device="cuda")  # fp32: CPU only
     with pytest.raises(TypeError, match="bf16 or fp16"):
         attnkit.attention(q, q, q)
     qb = q.bfloat16().requires_grad_()
-    out = attnkit.attention(qb, qb, qb)  # the forward runs; the backward is not on CUDA yet
-    with pytest.raises(NotImplementedError, match="backward"):
+    # The forward runs; the normalized kernel's backward is not on CUDA yet.
+    out = attnkit.attention(qb, qb, qb, normalizer=attnkit.normalizers.Kernel())
+    with pytest.raises(NotImplementedError, match="normalizer"):
         out.sum().backward()
     with pytest.raises(TypeError, match="on cpu but q is on cuda"):
         attnkit.attention(qb.detach(), qb.detach().cpu(), qb.detach())

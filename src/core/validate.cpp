@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "core/device.h"
@@ -745,7 +746,7 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
     ATTNKIT_RETURN_IF_ERROR(check_tensor(grad, name, false));
     if (grad.dtype != DType::kF32 && grad.dtype != DType::kF64)
       return fail(StatusCode::kTypeError, name, ".dtype = ", dtype_name(grad.dtype),
-                  ": gradients are fp32 or fp64");
+                  ": gradients are fp32 or fp64 (dq, dk, dv also the inputs' 16-bit dtype)");
     if (!same_shape(grad, input))
       return fail(StatusCode::kInvalidArgument, name, ".shape = ", shape_str(grad), " but ",
                   input_name, ".shape = ", shape_str(input), ": a gradient has its input's shape");
@@ -760,9 +761,18 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
   if (!is_float(grad_out.dtype))
     return fail(StatusCode::kTypeError, "grad_out.dtype = ", dtype_name(grad_out.dtype),
                 ": must be a floating-point dtype");
-  ATTNKIT_RETURN_IF_ERROR(grad_like(g.dq, "dq", q, "q", true));
-  ATTNKIT_RETURN_IF_ERROR(grad_like(g.dk, "dk", k, "k", true));
-  ATTNKIT_RETURN_IF_ERROR(grad_like(g.dv, "dv", v, "v", true));
+  // dq, dk, dv may also take the inputs' 16-bit dtype (the CUDA backward writes it directly).
+  for (const auto& [grad, name, input, input_name] :
+       {std::tuple{&g.dq, "dq", &q, "q"}, {&g.dk, "dk", &k, "k"}, {&g.dv, "dv", &v, "v"}}) {
+    if (grad->defined() && grad->dtype == input->dtype &&
+        (grad->dtype == DType::kBF16 || grad->dtype == DType::kF16)) {
+      TensorView as_f32 = *grad;  // checked as fp32 for everything but the dtype
+      as_f32.dtype = DType::kF32;
+      ATTNKIT_RETURN_IF_ERROR(grad_like(as_f32, name, *input, input_name, true));
+    } else {
+      ATTNKIT_RETURN_IF_ERROR(grad_like(*grad, name, *input, input_name, true));
+    }
+  }
   for (const TensorView* t : {&g.dq, &g.dk, &g.dv})
     if (t->strides[t->ndim - 1] != 1)
       return fail(StatusCode::kInvalidArgument, "dq, dk and dv need a unit inner stride");

@@ -1,10 +1,8 @@
 // The CUDA forward pass: checks what the kernels support, resolves the problem into FwdParams and
 // launches the instantiation for (dtype, head_dim, head_dim_v) listed in the generated table.
-#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -12,7 +10,7 @@
 
 #include "cuda/forward.h"
 #include "cuda/fwd_kernel.cuh"
-#include "cuda/fwd_params.h"
+#include "cuda/setup.h"
 
 namespace attnkit::cuda {
 
@@ -26,39 +24,6 @@ namespace attnkit::cuda {
 #undef ATK_FWD
 
 namespace {
-
-// The forget gate's prefix sums c_j = sum_{t <= j} log f_t of one (b, h) per block (blockIdx.x =
-// b * hq + h), accumulated in float64 as on the CPU: each thread sums a contiguous chunk, the
-// chunk totals are scanned, then each thread writes its chunk's prefix sums.
-__global__ void forget_prefix_kernel(const float* log_f, int64_t sb, int64_t sh, int64_t sn,
-                                     int hq, int nk, float* out, int64_t out_stride) {
-  __shared__ double totals[256];
-  const int b = blockIdx.x / hq, h = blockIdx.x % hq;
-  const float* f = log_f + b * sb + h * sh;
-  float* c = out + static_cast<int64_t>(blockIdx.x) * out_stride;
-  const int chunk = (nk + blockDim.x - 1) / blockDim.x;
-  const int lo = threadIdx.x * chunk, hi = min(nk, lo + chunk);
-  double sum = 0;
-  for (int j = lo; j < hi; ++j) sum += f[j * sn];
-  totals[threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.x == 0)
-    for (int x = 1; x < blockDim.x; ++x) totals[x] += totals[x - 1];
-  __syncthreads();
-  double run = threadIdx.x > 0 ? totals[threadIdx.x - 1] : 0.0;
-  for (int j = lo; j < hi; ++j) {
-    run += f[j * sn];
-    c[j] = static_cast<float>(run);
-  }
-}
-
-// The relative-position bucket of every rel in [-origin, origin] (ScoreModEval::bucket, whose
-// T5 form takes double logarithms: computed once here rather than per score in the kernel).
-__global__ void relative_bucket_kernel(ScoreModEval<float> mods, int64_t origin, int32_t* out) {
-  for (int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; x <= 2 * origin;
-       x += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[x] = static_cast<int32_t>(mods.bucket(x - origin));
-}
 
 using LaunchFn = cudaError_t (*)(const FwdParams&, const TmaMaps&, cudaStream_t);
 struct Instance {
@@ -76,122 +41,6 @@ constexpr Instance kInstances[] = {
 const Instance* find_instance(DType t, int64_t d, int64_t dv) {
   for (const Instance& x : kInstances)
     if (x.dtype == t && x.d == d && x.dv == dv) return &x;
-  return nullptr;
-}
-
-template <class... A>
-Status fail(StatusCode code, const A&... parts) {
-  std::string msg = "cuda backend: ";
-  ((msg += parts), ...);
-  return Status(code, std::move(msg));
-}
-std::string str(int64_t x) { return std::to_string(x); }
-
-bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
-
-// q, k, v rows are copied 16 bytes at a time: 16-byte aligned base and row strides.
-Status check_rows(const core::RowOperand& r, const char* name, int elems) {
-  const int es = dtype_size(r.dtype);
-  if (!aligned(r.data, elems * es) || r.sb % elems || r.sh % elems || r.sn % elems)
-    return fail(StatusCode::kInvalidArgument, name, ": the CUDA kernels need a ",
-                str(elems * es), "-byte aligned pointer and batch, head and row strides that are ",
-                "multiples of ", str(elems), " elements (sb ", str(r.sb), ", sh ", str(r.sh),
-                ", sn ", str(r.sn), ")");
-  return {};
-}
-
-// The band [i' - left, i' + right] of masks the fast kernel handles, or false.
-bool band_of(const Mask& m, int64_t* left, int64_t* right) {
-  constexpr int64_t kInf = int64_t{1} << 40;
-  if (m.nodes.size() != 1) return false;
-  const MaskNode& n = m.nodes[0];
-  switch (n.kind) {
-    case MaskKind::kNone:
-      *left = *right = kInf;
-      return true;
-    case MaskKind::kCausal:
-      *left = kInf;
-      *right = 0;
-      return true;
-    case MaskKind::kSlidingWindow:
-      *left = n.a;
-      *right = n.b;
-      return true;
-    default:
-      return false;
-  }
-}
-
-// The driver's tensor-map encoder, looked up once through the runtime (no link to libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
-                                                           cudaEnableDefault, &q);
-    return e == cudaSuccess && q == cudaDriverEntryPointSuccess
-               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f)
-               : nullptr;
-  }();
-  return fn;
-}
-
-// A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x
-// box_rows rows in the 128-byte swizzle; reads past `rows` or `cols` fill zeros. A broadcast head
-// or batch (stride 0) becomes an extent-1 dimension whose coordinate multiplier (*hm, *bm) is 0.
-// False where the copy engine cannot address the operand.
-bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, int64_t cols,
-                 int64_t rows, int64_t heads, int64_t batch, int box_rows) {
-  const auto encode = tensor_map_encoder();
-  if (!encode) return false;
-  const int64_t es = dtype_size(r.dtype);
-  *hm = r.sh == 0 ? 0 : 1;
-  *bm = r.sb == 0 ? 0 : 1;
-  if (r.sh == 0) heads = 1;
-  if (r.sb == 0) batch = 1;
-  // The stride of an extent-1 dimension is never used; any valid value stands in.
-  auto stride = [&](int64_t s, int64_t extent) { return extent == 1 ? 16 : s * es; };
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
-                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
-  const int64_t strides[3] = {stride(r.sn, rows), stride(r.sh, heads), stride(r.sb, batch)};
-  cuuint64_t gstrides[3];
-  for (int x = 0; x < 3; ++x) {
-    if (strides[x] <= 0 || strides[x] % 16 || strides[x] >= (int64_t{1} << 40)) return false;
-    gstrides[x] = static_cast<cuuint64_t>(strides[x]);
-  }
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
-  const cuuint32_t unit[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType type = r.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode(map, type, 4, r.data, dims, gstrides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// The kernels' tensor maps of q, k, v: the name of the operand the copy engine cannot address,
-// or null.
-const char* encode_maps(const core::Problem& p, TmaMaps* maps) {
-  int64_t rows_q = p.seqs[0].nq, rows_k = p.seqs[0].nk, batch = p.batch;
-  if (p.varlen) {
-    rows_q = rows_k = 0;
-    for (const core::Sequence& s : p.seqs) {
-      rows_q = std::max(rows_q, s.q_start + s.nq);
-      rows_k = std::max(rows_k, s.k_start + s.nk);
-    }
-    batch = 1;
-  }
-  // Empty operands are never read; a one-row extent keeps their maps valid.
-  rows_q = std::max<int64_t>(rows_q, 1);
-  rows_k = std::max<int64_t>(rows_k, 1);
-  if (rows_q >= (int64_t{1} << 31)) return "q";
-  if (rows_k >= (int64_t{1} << 31)) return "k";
-  const int kn = (p.d + 63) / 64 * 64 <= 128 && (p.dv + 63) / 64 * 64 <= 128 ? 128 : 64;
-  if (!encode_rows(&maps->q, &maps->q_hm, &maps->q_bm, p.q, p.d, rows_q, p.hq, batch, 128))
-    return "q";
-  if (!encode_rows(&maps->k, &maps->k_hm, &maps->k_bm, p.k, p.d, rows_k, p.hk, batch, kn))
-    return "k";
-  if (!encode_rows(&maps->v, &maps->v_hm, &maps->v_bm, p.v, p.dv, rows_k, p.hk, batch, kn))
-    return "v";
   return nullptr;
 }
 
@@ -215,10 +64,8 @@ std::vector<std::string> built_dtypes() {
 }
 
 Status forward_supports(const core::Problem& p) {
-  const AttentionSpec& spec = *p.spec;
-  if (p.q.dtype != DType::kBF16 && p.q.dtype != DType::kF16)
-    return fail(StatusCode::kTypeError, "q.dtype = ", dtype_name(p.q.dtype),
-                ": the CUDA kernels take bf16 or fp16 (fp32 and fp64 run on the CPU)");
+  Status s = check_common(p);
+  if (!s.ok()) return s;
   if (!find_instance(p.q.dtype, p.d, p.dv)) {
     std::string built;
     for (const auto& [d, dv] : built_head_dims())
@@ -227,45 +74,6 @@ Status forward_supports(const core::Problem& p) {
                 " is not built for ", dtype_name(p.q.dtype), " (built: ", built,
                 "; CMake option ATTNKIT_HEAD_DIMS adds more)");
   }
-  const std::pair<const core::RowOperand*, const char*> rows[] = {
-      {&p.q, "q"}, {&p.k, "k"}, {&p.v, "v"}, {&p.out, "out"}};
-  for (const auto& [r, name] : rows) {
-    Status s = check_rows(*r, name, r == &p.out ? 2 : 8);
-    if (!s.ok()) return s;
-  }
-  if (p.row_max.defined() || p.entropy.defined() || p.col_mass.defined())
-    return fail(StatusCode::kNotImplemented,
-                "attention statistics (row_max, entropy, col_mass) are not on CUDA yet");
-  const Mask& m = spec.mask;
-  if (m.nodes.size() > kMaxMaskNodes || m.globals.size() > kMaxMaskGlobals ||
-      m.segments.size() > kMaxMaskSegments || m.block_maps.size() > kMaxBlockMaps)
-    return fail(StatusCode::kNotImplemented, "the mask has ", str(m.nodes.size()), " nodes, ",
-                str(m.globals.size()), " global tokens, ", str(m.segments.size()),
-                " segment tensors and ", str(m.block_maps.size()),
-                " block maps: the CUDA kernels take at most ", str(kMaxMaskNodes), ", ",
-                str(kMaxMaskGlobals), ", ", str(kMaxMaskSegments), " and ", str(kMaxBlockMaps));
-  for (size_t id = 0; id < m.nodes.size(); ++id) {
-    const MaskNode& n = m.nodes[id];
-    const bool combinator =
-        n.kind == MaskKind::kAnd || n.kind == MaskKind::kOr || n.kind == MaskKind::kNot;
-    if (combinator && (n.child0 <= static_cast<int32_t>(id) ||
-                       (n.kind != MaskKind::kNot && n.child1 <= static_cast<int32_t>(id))))
-      return fail(StatusCode::kInvalidArgument, "mask node ", str(id),
-                  " has a child at a smaller index: the CUDA kernels evaluate the tree from the "
-                  "last node to the root (the Mask builders order nodes so)");
-  }
-  for (const MaskNode& n : m.nodes)
-    if (n.kind == MaskKind::kBlockAttention && p.batch > 8)
-      return fail(StatusCode::kNotImplemented, "block attention with batch = ", str(p.batch),
-                  ": the CUDA kernels take at most 8 batch elements");
-  if (p.varlen)
-    for (const TensorView* t : {&spec.cu_seqlens_q, &spec.cu_seqlens_kv})
-      if (t->strides[0] != 1)
-        return fail(StatusCode::kInvalidArgument,
-                    "cu_seqlens must be contiguous (stride 1) for the CUDA kernels");
-  if (p.batch > 65535 || p.hq > 65535)
-    return fail(StatusCode::kInvalidArgument, "batch = ", str(p.batch), ", heads = ", str(p.hq),
-                ": the CUDA kernels take at most 65535 of each");
   return {};
 }
 
@@ -274,130 +82,17 @@ Status forward(const core::Problem& p) {
   if (!st.ok()) return st;
   const AttentionSpec& spec = *p.spec;
   const Instance& inst = *find_instance(p.q.dtype, p.d, p.dv);
-
   FwdParams f;
-  f.q = p.q.data;
-  f.k = p.k.data;
-  f.v = p.v.data;
-  f.out = p.out.data;
-  f.q_sb = p.q.sb, f.q_sh = p.q.sh, f.q_sn = p.q.sn;
-  f.k_sb = p.k.sb, f.k_sh = p.k.sh, f.k_sn = p.k.sn;
-  f.v_sb = p.v.sb, f.v_sh = p.v.sh, f.v_sn = p.v.sn;
-  f.o_sb = p.out.sb, f.o_sh = p.out.sh, f.o_sn = p.out.sn;
-  f.out_dtype = p.out.dtype;
-  f.row_stat = p.row_stat.data;
-  f.st_sb = p.row_stat.sb, f.st_sh = p.row_stat.sh, f.st_sn = p.row_stat.sn;
-  f.batch = static_cast<int>(p.batch);
-  f.hq = static_cast<int>(p.hq);
-  f.hk = static_cast<int>(p.hk);
-  f.group = static_cast<int>(p.group);
-  f.d = static_cast<int>(p.d);
-  f.dv = static_cast<int>(p.dv);
-  f.nq = static_cast<int>(p.seqs[0].nq);
-  f.nk = static_cast<int>(p.seqs[0].nk);
-  if (p.varlen) {
-    f.cu_q = static_cast<const int32_t*>(spec.cu_seqlens_q.data);
-    f.cu_k = static_cast<const int32_t*>(spec.cu_seqlens_kv.data);
-  }
-  f.bottom_right = spec.alignment == Alignment::kBottomRight;
-  f.num_q_tiles = static_cast<int>((p.max_nq + 127) / 128);
-  f.scale = p.scale;
-  f.scale_log2 = static_cast<float>(p.scale64 * kLog2e);
-
-  // Mask.
-  const Mask& m = spec.mask;
-  const bool band = band_of(m, &f.band_left, &f.band_right);
-  f.num_nodes = static_cast<int>(m.nodes.size());
-  for (size_t i = 0; i < m.nodes.size(); ++i) f.nodes[i] = m.nodes[i];
-  for (size_t i = 0; i < m.globals.size(); ++i) f.globals[i] = m.globals[i];
-  f.num_segments = static_cast<int>(m.segments.size());
-  for (const MaskNode& n : m.nodes) {
-    if (n.seg_q < 0) continue;
-    const size_t nseg = m.segments.size();
-    const SegmentIds& s0 = p.segment_ids[n.seg_q];
-    SegmentTemplate& t = f.segments[n.seg_q];
-    t.q = s0.q;
-    t.k = s0.k;
-    t.q_sb = s0.q_batch_stride;
-    t.k_sb = s0.k_batch_stride;
-    t.q_s = s0.q_stride;
-    t.k_s = s0.k_stride;
-    for (int64_t b = 0; b < p.batch && b < 8; ++b) t.last[b] = p.segment_ids[b * nseg + n.seg_q].last;
-  }
-  f.num_maps = static_cast<int>(m.block_maps.size());
-  for (size_t x = 0; x < m.block_maps.size(); ++x) {
-    const TensorView& t = m.block_maps[x];
-    f.maps[x].data = static_cast<const int32_t*>(t.data);
-    f.maps[x].sb = t.shape[0] > 1 ? t.strides[0] : 0;
-    f.maps[x].sh = t.shape[1] > 1 ? t.strides[1] : 0;
-    f.maps[x].sr = t.strides[2];
-    f.maps[x].sc = t.strides[3];
-  }
-
-  // Score mods.
-  const ScoreMods& mods = spec.mods;
-  f.has_mods = mods.any();
-  f.softcap = mods.softcap;
-  f.alibi = mods.alibi;
-  if (mods.alibi_slopes.defined()) {
-    f.alibi_slopes = static_cast<const float*>(mods.alibi_slopes.data);
-    f.slopes_s = mods.alibi_slopes.strides[0];
-  }
-  if (mods.bias.defined()) {
-    const TensorView& t = mods.bias;
-    f.bias = t.data;
-    f.bias_dtype = t.dtype;
-    f.bias_sb = t.shape[0] > 1 ? t.strides[0] : 0;
-    f.bias_sh = t.shape[1] > 1 ? t.strides[1] : 0;
-    f.bias_si = t.strides[2];
-    f.bias_sj = t.strides[3];
-  }
-  f.relative = mods.relative;
-  if (mods.relative != RelativeBucketKind::kOff) {
-    f.bidirectional = mods.bidirectional;
-    f.num_buckets = mods.num_buckets;
-    f.max_distance = mods.max_distance;
-    f.clip = mods.clip;
-    f.table = static_cast<const float*>(mods.relative_table.data);
-    f.table_sh = mods.relative_table.strides[0];
-  }
-  if (mods.low_rank_u.defined()) {
-    const TensorView &u = mods.low_rank_u, &w = mods.low_rank_w;
-    f.lowrank_u = static_cast<const float*>(u.data);
-    f.lowrank_w = static_cast<const float*>(w.data);
-    f.rank = u.shape[3];
-    f.u_sb = u.strides[0], f.u_sh = u.strides[1], f.u_sn = u.strides[2];
-    f.w_sb = w.strides[0], f.w_sh = w.strides[1], f.w_sn = w.strides[2];
-  }
-
-  // Normalizer and gate.
-  const Normalizer& n = spec.normalizer;
-  f.norm = n.kind;
-  if (n.kind == NormalizerKind::kSoftmaxSink) {
-    f.sinks = static_cast<const float*>(n.sinks.data);
-    f.sinks_s = n.sinks.strides[0];
-  }
-  f.has_beta = n.beta.has_value();
-  f.beta = n.beta ? static_cast<float>(*n.beta) : 0.f;
-  f.feature = n.feature;
-  f.power = n.power;
-  f.length_scale = n.length_scale;
-  if (n.kind == NormalizerKind::kReLA) {
-    f.gain = static_cast<const float*>(n.rela_gain.data);
-    f.gain_s = n.rela_gain.strides[0];
-  }
-  f.rela_eps = n.rela_eps;
-  f.gate = spec.gate_kind;
-  if (spec.gate_kind != GateKind::kNone) {
-    f.gate_ptr = p.gate.data;
-    f.gate_dtype = p.gate.dtype;
-    f.g_sb = p.gate.sb, f.g_sh = p.gate.sh, f.g_sn = p.gate.sn;
-  }
+  fill_params(p, 128, &f);
+  int64_t left = 0, right = 0;
+  const bool band = band_of(spec.mask, &left, &right);
 
   // The fast kernel folds the scale into the exponent and takes row maxima of raw dot
   // products: that needs scale > 0.
+  const int dp = (inst.d + 63) / 64 * 64, dvp = (inst.dv + 63) / 64 * 64;
+  const int kn = dp <= 128 && dvp <= 128 ? 128 : 64;
   TmaMaps maps;
-  if (const char* bad = encode_maps(p, &maps))
+  if (const char* bad = encode_maps(p, &maps, 128, kn))
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   const bool fast = band && !f.has_mods && p.softmax_family() &&
@@ -405,93 +100,18 @@ Status forward(const core::Problem& p) {
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   const char* pp = std::getenv("ATTNKIT_CUDA_PINGPONG");
   f.pingpong = !(pp && pp[0] == '0');
-  int previous = 0;
-  (void)cudaGetDevice(&previous);
-  if (previous != p.device_index) (void)cudaSetDevice(p.device_index);
+  DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;
   if (fast) {
     e = inst.fast(f, maps, stream);
   } else {
-    // The block table of the general kernel, classified on the device (stream-ordered buffer).
-    const int dp = (inst.d + 63) / 64 * 64, dvp = (inst.dv + 63) / 64 * 64;
-    const int kn = dp <= 128 && dvp <= 128 ? 128 : 64;
-    const int64_t bs = p.mask_per_batch || p.varlen ? p.batch : 1, hs = p.mask_per_head ? p.hq : 1;
-    f.tc_nkt = static_cast<int>((p.max_nk + kn - 1) / kn);
-    f.tc_sh = hs > 1 ? static_cast<int64_t>(f.num_q_tiles) * f.tc_nkt : 0;
-    f.tc_sb = bs > 1 ? hs * static_cast<int64_t>(f.num_q_tiles) * f.tc_nkt : 0;
-    void* table = nullptr;
-    void* forget = nullptr;
-    const TensorView& lf = spec.mods.forget_log_f;
-    if (lf.defined()) {  // prefix sums of log f, one row per (b, h)
-      f.forget_stride = p.max_nk;
-      e = cudaMallocAsync(&forget, p.batch * p.hq * p.max_nk * sizeof(float), stream);
-      if (e == cudaSuccess) {
-        forget_prefix_kernel<<<static_cast<unsigned>(p.batch * p.hq), 256, 0, stream>>>(
-            static_cast<const float*>(lf.data), lf.strides[0], lf.strides[1], lf.strides[2],
-            f.hq, static_cast<int>(p.max_nk), static_cast<float*>(forget), f.forget_stride);
-        e = cudaGetLastError();
-        f.forget_c = static_cast<const float*>(forget);
-      }
-    }
-    // Element-mask bits for up to kMaxBitSlots partial tiles per query tile, within a budget of
-    // 64 MiB (partial tiles beyond it evaluate the mask tree in the kernel).
-    const int64_t rows = bs * hs * f.num_q_tiles, slot_bytes = 128 * (kn / 32) * 4;
-    f.tb_slots = static_cast<int>(std::min<int64_t>(
-        {f.tc_nkt, kMaxBitSlots, (int64_t{64} << 20) / (rows * slot_bytes)}));
-    f.tb_sq = static_cast<int64_t>(f.tb_slots) * 128 * (kn / 32);
-    f.tb_sh = hs > 1 ? f.num_q_tiles * f.tb_sq : 0;
-    f.tb_sb = bs > 1 ? hs * f.num_q_tiles * f.tb_sq : 0;
-    const int64_t table_bytes = (rows * f.tc_nkt + 255) / 256 * 256;
-    void* buckets = nullptr;
-    if (e == cudaSuccess && mods.relative != RelativeBucketKind::kOff) {
-      // rel = j - i' over every key tile and query tile touched (rows and keys padded by a tile).
-      f.bucket_origin = p.max_nq + p.max_nk + 128;
-      e = cudaMallocAsync(&buckets, (2 * f.bucket_origin + 1) * sizeof(int32_t), stream);
-      if (e == cudaSuccess) {
-        ScoreModEval<float> rb;
-        rb.relative = mods.relative;
-        rb.bidirectional = mods.bidirectional;
-        rb.num_buckets = mods.num_buckets;
-        rb.max_distance = mods.max_distance;
-        rb.clip = mods.clip;
-        relative_bucket_kernel<<<256, 256, 0, stream>>>(rb, f.bucket_origin,
-                                                        static_cast<int32_t*>(buckets));
-        e = cudaGetLastError();
-        f.bucket_of = static_cast<const int32_t*>(buckets);
-      }
-    }
-    if (e == cudaSuccess) e = cudaMallocAsync(&table, table_bytes + rows * f.tb_slots * slot_bytes, stream);
-    const size_t cls_smem = static_cast<size_t>(f.tc_nkt);
-    auto classify = kn == 128 ? &classify_tiles_kernel<128, 128> : &classify_tiles_kernel<128, 64>;
-    if (e == cudaSuccess && cls_smem > 48 * 1024)
-      e = cudaFuncSetAttribute(classify, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(cls_smem));
-    if (e == cudaSuccess) {
-      uint8_t* tab = static_cast<uint8_t*>(table);
-      uint32_t* bits = reinterpret_cast<uint32_t*>(tab + table_bytes);
-      f.tile_class = tab;
-      f.tile_bits = bits;
-      const dim3 grid(static_cast<unsigned>(f.num_q_tiles * std::max(f.tb_slots, 1)),
-                      static_cast<unsigned>(hs), static_cast<unsigned>(bs));
-      classify<<<grid, 128, cls_smem, stream>>>(f, tab, bits);
-      e = cudaGetLastError();
-      if (e == cudaSuccess) e = inst.general(f, maps, stream);
-    }
-    if (table) {
-      const cudaError_t e2 = cudaFreeAsync(table, stream);
-      if (e == cudaSuccess) e = e2;
-    }
-    if (forget) {
-      const cudaError_t e3 = cudaFreeAsync(forget, stream);
-      if (e == cudaSuccess) e = e3;
-    }
-    if (buckets) {
-      const cudaError_t e4 = cudaFreeAsync(buckets, stream);
-      if (e == cudaSuccess) e = e4;
-    }
+    GeneralTables tables;
+    e = tables.build(p, 128, kn, stream, &f);
+    if (e == cudaSuccess) e = inst.general(f, maps, stream);
+    const cudaError_t e2 = tables.release(stream);
+    if (e == cudaSuccess) e = e2;
   }
-  if (previous != p.device_index) (void)cudaSetDevice(previous);
   if (e != cudaSuccess)
     return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
   return {};

@@ -5,6 +5,7 @@
 // w * 16 + l / 4 and that + 8 (index r = 0, 1), and in each 8-column chunk c the columns
 // c * 8 + 2 * (l % 4) + {0, 1}: register c * 4 + 2 * r + e.
 #pragma once
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -14,6 +15,14 @@
 #include "cuda/sm90_ops.cuh"
 
 namespace attnkit::cuda {
+
+// Tensor maps of q, k, v as 4-D tensors (column, row, head, batch) of 64-column boxes with the
+// 128-byte swizzle; rows of a varlen batch are the packed rows (batch extent 1). A broadcast
+// head or batch dimension (stride 0) has extent 1 and its coordinate multiplier 0.
+struct TmaMaps {
+  CUtensorMap q, k, v;
+  int q_hm = 1, q_bm = 1, k_hm = 1, k_bm = 1, v_hm = 1, v_bm = 1;
+};
 
 // Tiles of a (D, DV) instantiation: 128 query rows (two warpgroups of 64) by kN keys.
 template <int kD, int kDV>

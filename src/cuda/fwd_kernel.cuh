@@ -30,14 +30,6 @@
 
 namespace attnkit::cuda {
 
-// Tensor maps of q, k, v as 4-D tensors (column, row, head, batch) of 64-column boxes with the
-// 128-byte swizzle; rows of a varlen batch are the packed rows (batch extent 1). A broadcast
-// head or batch dimension (stride 0) has extent 1 and its coordinate multiplier 0.
-struct TmaMaps {
-  CUtensorMap q, k, v;
-  int q_hm = 1, q_bm = 1, k_hm = 1, k_bm = 1, v_hm = 1, v_bm = 1;
-};
-
 template <int kD, int kDV>
 struct FwdShape : FwdTiles<kD, kDV> {
   using Base = FwdTiles<kD, kDV>;
@@ -49,14 +41,6 @@ struct FwdShape : FwdTiles<kD, kDV> {
   static constexpr int kSmemBytes = Base::kQBytes + kStages * kStageBytes + 1024 + kBarBytes;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 };
-
-template <int kRegs>
-__device__ __forceinline__ void fence_regs_u(uint32_t (&r)[kRegs][4]) {
-#pragma unroll
-  for (int i = 0; i < kRegs; ++i)
-#pragma unroll
-    for (int x = 0; x < 4; ++x) asm volatile("" : "+r"(r[i][x])::"memory");
-}
 
 template <class T, int kD, int kDV, bool kGeneral>
 __global__ void __launch_bounds__(384, 1)

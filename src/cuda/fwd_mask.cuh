@@ -163,41 +163,58 @@ __device__ __forceinline__ void each_score(float (&s)[kN / 2], int n0, int col0,
     for (int e = 0; e < 4; ++e) f(s[c * 4 + e], e / 2, n0 + c * 8 + col0 + (e & 1));
 }
 
+// A fragment's coordinates: the forward's rows are queries and its columns keys; the backward's
+// transposed tiles (kT) have keys as rows and queries as columns. f(x, r, i, j) sees row r of the
+// thread's two, query i and key j.
+template <int kN, bool kT, class F>
+__device__ __forceinline__ void each_score_ij(float (&s)[kN / 2], const int (&rows)[2], int n0,
+                                              int col0, F f) {
+  each_score<kN>(s, n0, col0, [&](float& x, int r, int col) {
+    if constexpr (kT)
+      f(x, r, col, rows[r]);
+    else
+      f(x, r, rows[r], col);
+  });
+}
+
 // The additive score mods of ScoreModEval::additive on a tile fragment, one unrolled loop per
 // term present (a loop of every term per score made the kernel's code too large to run from the
-// instruction cache). Rows past nq and keys past nk are clamped for the reads; their scores are
-// masked afterwards.
-template <int kN>
+// instruction cache). `rows` are the thread's two row indices (queries, or keys when kT) and n0
+// the tile's first column. Queries past nq and keys past nk are clamped for the reads; their
+// scores are masked afterwards.
+template <int kN, bool kT = false>
 __device__ __forceinline__ void add_score_terms(float (&s)[kN / 2], const ScoreModEval<float>& m,
-                                                const int (&row_i)[2], int64_t offset, int n0,
+                                                const int (&rows)[2], int64_t offset, int n0,
                                                 int col0, int nq, int nk) {
-  const int i_of[2] = {min(row_i[0], nq - 1), min(row_i[1], nq - 1)};
+  auto query = [&](int i) { return min(i, nq - 1); };
   auto key = [&](int j) { return min(j, nk - 1); };
+  auto each = [&](auto f) { each_score_ij<kN, kT>(s, rows, n0, col0, f); };
   if (m.bias) {
-    const int64_t es = m.bias_dtype == DType::kF32 ? 4 : 2;
-    const char* row[2] = {static_cast<const char*>(m.bias) + i_of[0] * m.bias_si * es,
-                          static_cast<const char*>(m.bias) + i_of[1] * m.bias_si * es};
-    const int64_t sj = m.bias_sj;
+    const int64_t si = m.bias_si, sj = m.bias_sj;
     switch (m.bias_dtype) {
-      case DType::kBF16:
-        each_score<kN>(s, n0, col0, [&](float& x, int r, int j) {
-          x += __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row[r])[key(j) * sj]);
+      case DType::kBF16: {
+        const auto* bias = static_cast<const __nv_bfloat16*>(m.bias);
+        each([&](float& x, int, int i, int j) {
+          x += __bfloat162float(bias[query(i) * si + key(j) * sj]);
         });
         break;
-      case DType::kF16:
-        each_score<kN>(s, n0, col0, [&](float& x, int r, int j) {
-          x += __half2float(reinterpret_cast<const __half*>(row[r])[key(j) * sj]);
+      }
+      case DType::kF16: {
+        const auto* bias = static_cast<const __half*>(m.bias);
+        each([&](float& x, int, int i, int j) {
+          x += __half2float(bias[query(i) * si + key(j) * sj]);
         });
         break;
-      default:
-        each_score<kN>(s, n0, col0, [&](float& x, int r, int j) {
-          x += reinterpret_cast<const float*>(row[r])[key(j) * sj];
-        });
+      }
+      default: {
+        const auto* bias = static_cast<const float*>(m.bias);
+        each([&](float& x, int, int i, int j) { x += bias[query(i) * si + key(j) * sj]; });
+      }
     }
   }
   if (m.u) {
-    each_score<kN>(s, n0, col0, [&](float& x, int r, int j) {
-      const float* u = m.u + i_of[r] * m.u_stride;
+    each([&](float& x, int, int i, int j) {
+      const float* u = m.u + query(i) * m.u_stride;
       const float* w = m.w + key(j) * m.w_stride;
       float acc = 0.f;
 #pragma unroll 1
@@ -205,23 +222,19 @@ __device__ __forceinline__ void add_score_terms(float (&s)[kN / 2], const ScoreM
       x += acc;
     });
   }
-  const int ia[2] = {static_cast<int>(row_i[0] + offset), static_cast<int>(row_i[1] + offset)};
+  const int off = static_cast<int>(offset);
   if (m.alibi == AlibiMode::kCausal)
-    each_score<kN>(s, n0, col0,
-                   [&](float& x, int r, int j) { x -= m.slope * static_cast<float>(ia[r] - j); });
+    each([&](float& x, int, int i, int j) { x -= m.slope * static_cast<float>(i + off - j); });
   if (m.alibi == AlibiMode::kSymmetric)
-    each_score<kN>(s, n0, col0,
-                   [&](float& x, int r, int j) { x -= m.slope * static_cast<float>(abs(ia[r] - j)); });
+    each([&](float& x, int, int i, int j) { x -= m.slope * static_cast<float>(abs(i + off - j)); });
   if (m.relative != RelativeBucketKind::kOff)
-    each_score<kN>(s, n0, col0,
-                   [&](float& x, int r, int j) {
-                     x += m.table[m.bucket_of[j - ia[r] + m.bucket_origin]];
-                   });
-  if (m.forget_c) {
-    const float c_i[2] = {m.forget_c[key(ia[0])], m.forget_c[key(ia[1])]};
-    each_score<kN>(s, n0, col0,
-                   [&](float& x, int r, int j) { x += c_i[r] - m.forget_c[key(j)]; });
-  }
+    each([&](float& x, int, int i, int j) {
+      x += m.table[m.bucket_of[j - (i + off) + m.bucket_origin]];
+    });
+  if (m.forget_c)
+    each([&](float& x, int, int i, int j) {
+      x += m.forget_c[key(i + off)] - m.forget_c[key(j)];
+    });
 }
 
 }  // namespace attnkit::cuda

@@ -1,0 +1,389 @@
+// The CUDA backward pass: checks what the kernels differentiate, runs the per-row preparation
+// (D = dO . out, LSE in base 2, the gate's backward, dq zeroed, dsinks), then the kernel of
+// cuda/bwd_kernel.cuh for (dtype, head_dim, head_dim_v).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+
+#include "cuda/backward.h"
+#include "cuda/bwd_kernel.cuh"
+#include "cuda/setup.h"
+
+namespace attnkit::cuda {
+
+// The kernels are instantiated in the generated bwd_*.cu files, not here.
+#define ATK_BWD(T, DT, D, DV)                                                                 \
+  extern template cudaError_t launch_bwd<T, D, DV, false>(const BwdParams&, const BwdMaps&,     \
+                                                          cudaStream_t);                        \
+  extern template cudaError_t launch_bwd<T, D, DV, true>(const BwdParams&, const BwdMaps&,      \
+                                                         cudaStream_t);
+#include "bwd_table.inc"
+#undef ATK_BWD
+
+namespace {
+
+using LaunchFn = cudaError_t (*)(const BwdParams&, const BwdMaps&, cudaStream_t);
+struct Instance {
+  DType dtype;
+  int d, dv;
+  LaunchFn fast, general;
+};
+
+#define ATK_BWD(T, DT, D, DV) {DT, D, DV, &launch_bwd<T, D, DV, false>, &launch_bwd<T, D, DV, true>},
+constexpr Instance kInstances[] = {
+#include "bwd_table.inc"
+    {DType::kF32, 0, 0, nullptr, nullptr},  // the end (the table may be empty otherwise)
+};
+#undef ATK_BWD
+
+const Instance* find_instance(DType t, int64_t d, int64_t dv) {
+  for (const Instance& x : kInstances)
+    if (x.fast && x.dtype == t && x.d == d && x.dv == dv) return &x;
+  return nullptr;
+}
+
+// The per-row preparation's arguments (rows addressed as in FwdParams).
+struct PrepParams {
+  const void* dout = nullptr;
+  DType do_dtype = DType::kF32;
+  int64_t do_sb = 0, do_sh = 0, do_sn = 0;
+  const void* out = nullptr;
+  DType out_dtype = DType::kF32;
+  int64_t o_sb = 0, o_sh = 0, o_sn = 0;
+  const float* row_stat = nullptr;  // null: sigmoid (no LSE, no D)
+  int64_t st_sb = 0, st_sh = 0, st_sn = 0;
+  GateKind gate = GateKind::kNone;
+  const void* gate_ptr = nullptr;
+  DType gate_dtype = DType::kF32;
+  int64_t g_sb = 0, g_sh = 0, g_sn = 0;
+  void* dgate = nullptr;  // fp32 or fp64, addressed like the gate
+  DType dgate_dtype = DType::kF32;
+  int64_t dg_sb = 0, dg_sh = 0, dg_sn = 0;
+  void* dout_copy = nullptr;  // dO (gated) in the kernels' dtype, when grad_out cannot be read
+  bool copy_bf16 = true;
+  int64_t c_sb = 0, c_sh = 0, c_sn = 0;
+  float* dq = nullptr;
+  int64_t dq_sb = 0, dq_sh = 0, dq_sn = 0;
+  float* lse2 = nullptr;
+  float* dd = nullptr;
+  int64_t stat_stride = 0;
+  const float* sinks = nullptr;
+  int64_t sinks_s = 0;
+  double* dsinks = nullptr;  // [hq] sums
+  int hq = 0, d = 0, dv = 0, nq = 0, nk = 0;
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+};
+
+__device__ __forceinline__ void store_grad(void* p, DType t, int64_t i, double v) {
+  if (t == DType::kF64)
+    static_cast<double*>(p)[i] = v;
+  else
+    static_cast<float*>(p)[i] = static_cast<float>(v);
+}
+
+// One warp per query row (blockIdx = (row / 8, head, batch)): D = dO . out, LSE * log2(e), the
+// gate's backward (dO <- dO sigmoid(G); dG = dO out (1 - sigmoid(G))), the row of dq zeroed,
+// and the row's share of dsinks (-exp(sink - LSE) D). Rows past the sequence (up to the padded
+// stat_stride) get lse2 = +inf (no weight) and D = 0.
+__global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int i = blockIdx.x * 8 + warp, h = blockIdx.y, b = blockIdx.z;
+  if (i >= p.stat_stride) return;
+  int nq = p.nq;
+  int64_t q_start = 0;
+  if (p.cu_q) {
+    q_start = p.cu_q[b];
+    nq = p.cu_q[b + 1] - p.cu_q[b];
+  }
+  float* lse2 = p.lse2 + (static_cast<int64_t>(b) * p.hq + h) * p.stat_stride + i;
+  float* dd = p.dd + (static_cast<int64_t>(b) * p.hq + h) * p.stat_stride + i;
+  if (i >= nq) {
+    if (lane == 0) {
+      *lse2 = INFINITY;
+      *dd = 0.f;
+    }
+    return;
+  }
+  const int64_t row = q_start + i;
+  const int64_t o_off = b * p.o_sb + h * p.o_sh + row * p.o_sn;
+  const int64_t do_off = b * p.do_sb + h * p.do_sh + row * p.do_sn;
+  const int64_t g_row = b * p.g_sb + h * p.g_sh + row * p.g_sn;
+  const int64_t dg_row = b * p.dg_sb + h * p.dg_sh + row * p.dg_sn;
+  float gate_h = 1.f;
+  if (p.gate == GateKind::kPerHead) gate_h = fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g_row));
+  float dot = 0.f;
+  for (int c = lane; c < p.dv; c += 32) {
+    const float g = load_any(p.dout, p.do_dtype, do_off + c);
+    const float o = load_any(p.out, p.out_dtype, o_off + c);
+    dot += g * o;
+    float gd = g * gate_h;
+    if (p.gate == GateKind::kElementwise) {
+      const float sg = fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g_row + c));
+      gd = g * sg;
+      if (p.dgate) store_grad(p.dgate, p.dgate_dtype, dg_row + c, g * o * (1.f - sg));
+    }
+    if (p.dout_copy) {
+      const int64_t off = b * p.c_sb + h * p.c_sh + row * p.c_sn + c;
+      if (p.copy_bf16)
+        static_cast<__nv_bfloat16*>(p.dout_copy)[off] = __float2bfloat16(gd);
+      else
+        static_cast<__half*>(p.dout_copy)[off] = __float2half(gd);
+    }
+  }
+  for (int c = lane; c < p.d; c += 32) p.dq[b * p.dq_sb + h * p.dq_sh + row * p.dq_sn + c] = 0.f;
+#pragma unroll
+  for (int x = 16; x > 0; x /= 2) dot += __shfl_xor_sync(0xffffffff, dot, x);
+  if (lane != 0) return;
+  if (p.gate == GateKind::kPerHead && p.dgate)
+    store_grad(p.dgate, p.dgate_dtype, dg_row, dot * (1.f - gate_h));
+  if (!p.row_stat) {  // sigmoid
+    *lse2 = 0.f;
+    *dd = 0.f;
+    return;
+  }
+  const float lse = p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn];
+  *lse2 = lse == -INFINITY ? INFINITY : lse * static_cast<float>(kLog2e);
+  *dd = dot;
+  if (p.dsinks && lse != -INFINITY)
+    atomicAdd(p.dsinks + h, -exp(static_cast<double>(p.sinks[h * p.sinks_s]) - lse) * dot);
+}
+
+// dq in its 16-bit dtype from the fp32 sums (rows as in the preparation: one warp per row).
+__global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, int64_t a_sn,
+                                  void* dq, bool bf16, int64_t sb, int64_t sh, int64_t sn, int d,
+                                  int nq, const int32_t* cu_q, int64_t rows) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int i = blockIdx.x * 8 + warp, h = blockIdx.y, b = blockIdx.z;
+  if (i >= rows) return;
+  int64_t q_start = 0;
+  if (cu_q) {
+    q_start = cu_q[b];
+    nq = cu_q[b + 1] - cu_q[b];
+  }
+  if (i >= nq) return;
+  const float* src = acc + b * a_sb + h * a_sh + (q_start + i) * a_sn;
+  const int64_t off = b * sb + h * sh + (q_start + i) * sn;
+  for (int c = lane; c < d; c += 32) {
+    if (bf16)
+      static_cast<__nv_bfloat16*>(dq)[off + c] = __float2bfloat16(src[c]);
+    else
+      static_cast<__half*>(dq)[off + c] = __float2half(src[c]);
+  }
+}
+
+__global__ void store_dsinks_kernel(const double* sums, int hq, void* out, DType t, int64_t s) {
+  for (int h = threadIdx.x; h < hq; h += blockDim.x) store_grad(out, t, h * s, sums[h]);
+}
+
+}  // namespace
+
+Status backward_supports(const core::Problem& p, const core::GradOperands& g,
+                         const AttentionGrads& grads, bool deterministic) {
+  Status s = check_common(p);
+  if (!s.ok()) return s;
+  if (!find_instance(p.q.dtype, p.d, p.dv)) {
+    std::string built;
+    for (const Instance& x : kInstances)
+      if (x.fast && x.dtype == p.q.dtype)
+        built += (built.empty() ? "" : ", ") + (x.d == x.dv ? str(x.d) : str(x.d) + "/" + str(x.dv));
+    return fail(StatusCode::kNotImplemented, "backward with head_dim = ", str(p.d),
+                ", head_dim_v = ", str(p.dv), " is not built for ", dtype_name(p.q.dtype),
+                " (built: ", built, "; head dims above 128 are not differentiated on CUDA yet)");
+  }
+  const NormalizerKind n = p.spec->normalizer.kind;
+  if (n != NormalizerKind::kSoftmax && n != NormalizerKind::kSoftmaxSink &&
+      n != NormalizerKind::kSigmoid)
+    return fail(StatusCode::kNotImplemented, "the backward of normalizer ", normalizer_name(n),
+                " is not on CUDA yet (softmax, softmax with sink and sigmoid are)");
+  if (p.softmax_family() && !p.row_stat.defined())
+    return fail(StatusCode::kInvalidArgument,
+                "row_stat is missing: the backward pass needs the forward's LSE");
+  for (const auto& [r, name] : {std::pair{&g.dq, "dq"}, {&g.dk, "dk"}, {&g.dv, "dv"}})
+    if (r->dtype == DType::kF64)
+      return fail(StatusCode::kNotImplemented, name, ".dtype = ", dtype_name(r->dtype),
+                  ": the CUDA backward writes fp32 or 16-bit gradients");
+  const std::pair<const TensorView*, const char*> extras[] = {
+      {&grads.dbias, "dbias"},
+      {&grads.dlow_rank_u, "dlow_rank_u"},
+      {&grads.dlow_rank_w, "dlow_rank_w"},
+      {&grads.drelative_table, "drelative_table"},
+      {&grads.dforget_log_f, "dforget_log_f"},
+      {&grads.dalibi_slopes, "dalibi_slopes"},
+      {&grads.dbeta, "dbeta"},
+      {&grads.drela_gain, "drela_gain"}};
+  for (const auto& [t, name] : extras)
+    if (t->defined())
+      return fail(StatusCode::kNotImplemented, name,
+                  " is not computed on CUDA yet (dq, dk, dv, dsinks and dgate are)");
+  if (deterministic)
+    return fail(StatusCode::kNotImplemented,
+                "Options::deterministic: the CUDA backward adds dq with atomics, so its "
+                "low-order bits depend on the order of the additions");
+  return {};
+}
+
+Status backward(const core::Problem& p, const core::GradOperands& g, const AttentionGrads& grads,
+                bool deterministic) {
+  Status st = backward_supports(p, g, grads, deterministic);
+  if (!st.ok()) return st;
+  const AttentionSpec& spec = *p.spec;
+  const Instance& inst = *find_instance(p.q.dtype, p.d, p.dv);
+  using Shape = BwdShape<128, 128>;  // the tile sizes of every instantiation
+  constexpr int kM = Shape::kM, kN = Shape::kN;
+
+  BwdParams bp;
+  FwdParams& f = bp.f;
+  fill_params(p, kM, &f);
+  int64_t left = 0, right = 0;
+  const bool band = band_of(spec.mask, &left, &right);
+  const bool fast = band && !f.has_mods && p.softmax_family();
+  bp.stat_stride = static_cast<int64_t>(f.num_q_tiles) * kM;
+  bp.num_k_tiles = static_cast<int>((p.max_nk + kN - 1) / kN);
+  bp.dk = g.dk.data;
+  bp.dv = g.dv.data;
+  bp.dk_dtype = g.dk.dtype;
+  bp.dv_dtype = g.dv.dtype;
+  bp.dk_sb = g.dk.sb, bp.dk_sh = g.dk.sh, bp.dk_sn = g.dk.sn;
+  bp.dv_sb = g.dv.sb, bp.dv_sh = g.dv.sh, bp.dv_sn = g.dv.sn;
+  int64_t rows_q = p.max_nq, batch = p.batch;
+  if (p.varlen) {
+    rows_q = 0;
+    for (const core::Sequence& s : p.seqs) rows_q = std::max(rows_q, s.q_start + s.nq);
+    batch = 1;
+  }
+  // dq is added with fp32 atomics: into the caller's fp32 dq, or into a scratch [batch][hq]
+  // [rows_q][d] converted to the 16-bit dq afterwards.
+  const bool dq_scratch = g.dq.dtype != DType::kF32;
+  if (!dq_scratch) {
+    bp.dq = reinterpret_cast<float*>(g.dq.data);
+    bp.dq_sb = g.dq.sb, bp.dq_sh = g.dq.sh, bp.dq_sn = g.dq.sn;
+  } else {
+    bp.dq_sn = p.d;
+    bp.dq_sh = rows_q * p.d;
+    bp.dq_sb = p.varlen ? 0 : p.hq * bp.dq_sh;
+  }
+  bp.dq_pairs = bp.dq_sb % 2 == 0 && bp.dq_sh % 2 == 0 && bp.dq_sn % 2 == 0 && p.d % 2 == 0 &&
+                (dq_scratch || reinterpret_cast<uintptr_t>(g.dq.data) % 8 == 0);
+
+  // dO as the kernels read it: grad_out itself, or a gated / converted copy.
+  const bool copy = spec.gate_kind != GateKind::kNone || g.grad_out.dtype != p.q.dtype ||
+                    !check_rows(g.grad_out, "grad_out", 8).ok();
+  core::RowOperand dout = g.grad_out;
+  const int64_t copy_sn = (p.dv + 7) / 8 * 8;
+  if (copy) {
+    dout.dtype = p.q.dtype;
+    dout.sn = copy_sn;
+    dout.sh = rows_q * copy_sn;
+    dout.sb = p.varlen ? 0 : p.hq * dout.sh;
+  }
+
+  DeviceScope device(p.device_index);
+  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  // Scratch: lse2 and D per padded row, the dsinks sums, the dO copy.
+  const int64_t stat_floats = p.batch * p.hq * bp.stat_stride;
+  const int64_t copy_bytes = copy ? (batch * p.hq * rows_q * copy_sn * 2 + 255) / 256 * 256 : 0;
+  const int64_t stat_bytes = (2 * stat_floats * 4 + 255) / 256 * 256;
+  const int64_t sink_bytes = grads.dsinks.defined() ? (p.hq * 8 + 255) / 256 * 256 : 0;
+  const int64_t dq_bytes = dq_scratch ? batch * p.hq * rows_q * p.d * 4 : 0;
+  void* scratch = nullptr;
+  cudaError_t e =
+      cudaMallocAsync(&scratch, copy_bytes + stat_bytes + sink_bytes + dq_bytes, stream);
+  if (e != cudaSuccess)
+    return fail(StatusCode::kInternal, "scratch allocation failed: ", cudaGetErrorString(e));
+  char* base = static_cast<char*>(scratch);
+  if (copy) dout.data = base;
+  bp.lse2 = reinterpret_cast<float*>(base + copy_bytes);
+  bp.dd = bp.lse2 + stat_floats;
+  double* dsinks = grads.dsinks.defined()
+                       ? reinterpret_cast<double*>(base + copy_bytes + stat_bytes)
+                       : nullptr;
+  if (dsinks) e = cudaMemsetAsync(dsinks, 0, sink_bytes, stream);
+  if (dq_scratch) bp.dq = reinterpret_cast<float*>(base + copy_bytes + stat_bytes + sink_bytes);
+
+  PrepParams pp;
+  pp.dout = g.grad_out.data;
+  pp.do_dtype = g.grad_out.dtype;
+  pp.do_sb = g.grad_out.sb, pp.do_sh = g.grad_out.sh, pp.do_sn = g.grad_out.sn;
+  pp.out = p.out.data;
+  pp.out_dtype = p.out.dtype;
+  pp.o_sb = p.out.sb, pp.o_sh = p.out.sh, pp.o_sn = p.out.sn;
+  if (p.softmax_family()) {
+    pp.row_stat = p.row_stat.data;
+    pp.st_sb = p.row_stat.sb, pp.st_sh = p.row_stat.sh, pp.st_sn = p.row_stat.sn;
+  }
+  pp.gate = spec.gate_kind;
+  pp.gate_ptr = p.gate.data;
+  pp.gate_dtype = p.gate.dtype;
+  pp.g_sb = p.gate.sb, pp.g_sh = p.gate.sh, pp.g_sn = p.gate.sn;
+  if (g.dgate.defined()) {
+    pp.dgate = g.dgate.data;
+    pp.dgate_dtype = g.dgate.dtype;
+    pp.dg_sb = g.dgate.sb, pp.dg_sh = g.dgate.sh, pp.dg_sn = g.dgate.sn;
+  }
+  if (copy) {
+    pp.dout_copy = dout.data;
+    pp.copy_bf16 = p.q.dtype == DType::kBF16;
+    pp.c_sb = dout.sb, pp.c_sh = dout.sh, pp.c_sn = dout.sn;
+  }
+  pp.dq = bp.dq;
+  pp.dq_sb = bp.dq_sb, pp.dq_sh = bp.dq_sh, pp.dq_sn = bp.dq_sn;
+  pp.lse2 = const_cast<float*>(bp.lse2);
+  pp.dd = const_cast<float*>(bp.dd);
+  pp.stat_stride = bp.stat_stride;
+  pp.sinks = f.sinks;
+  pp.sinks_s = f.sinks_s;
+  pp.dsinks = dsinks;
+  pp.hq = f.hq, pp.d = f.d, pp.dv = f.dv, pp.nq = f.nq, pp.nk = f.nk;
+  pp.cu_q = f.cu_q, pp.cu_k = f.cu_k;
+  if (e == cudaSuccess) {
+    const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
+                    static_cast<unsigned>(p.batch));
+    bwd_prep_kernel<<<grid, 256, 0, stream>>>(pp);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess && dsinks) {
+    const TensorView& t = grads.dsinks;
+    store_dsinks_kernel<<<1, 256, 0, stream>>>(dsinks, static_cast<int>(p.hq), t.data, t.dtype,
+                                               t.strides[0]);
+    e = cudaGetLastError();
+  }
+
+  BwdMaps maps;
+  const char* bad = encode_maps(p, &maps.qkv, kM, kN);
+  if (!bad && !encode_rows(&maps.dout, &maps.o_hm, &maps.o_bm, dout, p.dv, std::max<int64_t>(rows_q, 1),
+                           p.hq, batch, kM))
+    bad = "grad_out";
+  if (e == cudaSuccess && !bad) {
+    if (fast) {
+      e = inst.fast(bp, maps, stream);
+    } else {
+      GeneralTables tables;
+      e = tables.build(p, kM, kN, stream, &f);
+      if (e == cudaSuccess) e = inst.general(bp, maps, stream);
+      const cudaError_t e2 = tables.release(stream);
+      if (e == cudaSuccess) e = e2;
+    }
+  }
+  if (e == cudaSuccess && !bad && dq_scratch) {
+    const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
+                    static_cast<unsigned>(p.batch));
+    convert_dq_kernel<<<grid, 256, 0, stream>>>(
+        bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, g.dq.data, g.dq.dtype == DType::kBF16, g.dq.sb,
+        g.dq.sh, g.dq.sn, f.d, f.nq, f.cu_q, bp.stat_stride);
+    e = cudaGetLastError();
+  }
+  const cudaError_t e3 = cudaFreeAsync(scratch, stream);
+  if (e == cudaSuccess) e = e3;
+  if (bad)
+    return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
+                "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
+  if (e != cudaSuccess)
+    return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
+  return {};
+}
+
+}  // namespace attnkit::cuda

@@ -1,0 +1,460 @@
+// The CUDA backward kernel (sm_90a): dK, dV and dQ of one key tile per CTA, FlashAttention-3's
+// arrangement on the forward's building blocks.
+//
+// A CTA of three warpgroups owns 128 keys of one (batch, kv head) and walks every query tile of
+// 64 rows that visits them, for each query head of the group:
+// - warpgroup 0 is the producer: one thread copies K and V of the key tile once, then Q and dO of
+//   each visiting query tile into a ring of kStages stages (TMA, full/empty mbarriers).
+// - warpgroups 1 and 2 own 64 keys each and keep dK and dV of their keys in registers. Per query
+//   tile they compute the transposed tiles S^T = K Q^T and dP^T = V dO^T (rows are keys), the
+//   weights P^T and dS^T = P^T (dP^T - D) in registers, then dV += P^T dO and dK += dS^T Q with P^T
+//   and dS^T as register operands. dS^T also goes to shared memory, where both warpgroups read it
+//   for dQ = dS K (each computes half of dQ's columns) and add their half into the fp32 dq with
+//   atomics.
+// The scale multiplies dK and dQ once at the end (dS excludes it).
+//
+// Two flavors per (dtype, head dims), as in the forward pass: kGeneral = false is softmax (or with
+// a sink) under a band mask; kGeneral = true runs every mask through the block table of
+// classify_tiles_kernel (query tiles of 64 rows), the score mods and softcap, and the sigmoid
+// normalizer.
+#pragma once
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "cuda/fwd_common.cuh"
+#include "cuda/fwd_mask.cuh"
+#include "cuda/fwd_params.h"
+#include "cuda/sm90_ops.cuh"
+
+namespace attnkit::cuda {
+
+// The backward's arguments: the forward problem (its block table built for query tiles of kM
+// rows) and the gradients' pointers: dq is fp32 (the caller's, or a scratch converted after the
+// kernel), dk and dv fp32 or 16-bit; row (b, h, n) at ptr + b * sb + h * sh + n * sn.
+struct BwdParams {
+  FwdParams f;
+  // Per (b * hq + h) row of stat_stride floats (query tiles padded): LSE * log2(e) (+inf where a
+  // row has no weight) and D = dO . out (softmax family).
+  const float* lse2 = nullptr;
+  const float* dd = nullptr;
+  int64_t stat_stride = 0;
+  float* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  DType dk_dtype = DType::kF32, dv_dtype = DType::kF32;
+  int64_t dq_sb = 0, dq_sh = 0, dq_sn = 0, dk_sb = 0, dk_sh = 0, dk_sn = 0;
+  int64_t dv_sb = 0, dv_sh = 0, dv_sn = 0;
+  bool dq_pairs = false;  // dq's pairs of columns are 8-byte aligned (vector atomics)
+  int num_k_tiles = 0;    // of the longest key sequence
+};
+
+// Tensor maps of the backward: q, k, v as in the forward (boxes of 64 query rows and 128 key rows)
+// and dO (boxes of 64 rows).
+struct BwdMaps {
+  TmaMaps qkv;
+  CUtensorMap dout;
+  int o_hm = 1, o_bm = 1;
+};
+
+template <int kD, int kDV>
+struct BwdShape {
+  static constexpr int kM = 64;   // query rows per step
+  static constexpr int kN = 128;  // keys per CTA: two consumer warpgroups of 64
+  static constexpr int kDp = (kD + 63) / 64 * 64;
+  static constexpr int kDVp = (kDV + 63) / 64 * 64;
+  static_assert(kDp <= 128 && kDVp <= 128, "the backward keeps dK and dV in registers: d <= 128");
+  static constexpr int kThreads = 384;
+  static constexpr int kKBytes = kN * kDp * 2, kVBytes = kN * kDVp * 2;
+  static constexpr int kQBytes = kM * kDp * 2, kOBytes = kM * kDVp * 2;
+  // lse2 and D of the query tile (2 * kM floats), padded so that stages start on the 1024-byte
+  // boundaries of the swizzled layout.
+  static constexpr int kStatBytes = 1024;
+  static_assert(2 * kM * 4 <= kStatBytes);
+  static constexpr int kDsBytes = kN * kM * 2;  // dS^T: 128 key rows x 64 query columns
+  static constexpr int kFixed = kKBytes + kVBytes + 2 * kDsBytes + 1024 + 128;
+  static constexpr int kStageBytes = kQBytes + kOBytes + kStatBytes;
+  static constexpr int kStages = kFixed + 3 * kStageBytes <= 227 * 1024 ? 3 : 2;
+  static constexpr int kSmemBytes = kFixed + kStages * kStageBytes;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+};
+
+// Element i of an fp32, bf16 or fp16 gradient row.
+__device__ __forceinline__ void store_grad_elem(void* row, DType t, int i, float v) {
+  switch (t) {
+    case DType::kBF16:
+      static_cast<__nv_bfloat16*>(row)[i] = __float2bfloat16(v);
+      break;
+    case DType::kF16:
+      static_cast<__half*>(row)[i] = __float2half(v);
+      break;
+    default:
+      static_cast<float*>(row)[i] = v;
+  }
+}
+
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+template <class T, int kD, int kDV, bool kGeneral>
+__global__ void __launch_bounds__(384, 1)
+    bwd_kernel(const __grid_constant__ BwdParams bp, const __grid_constant__ BwdMaps maps) {
+  using S = BwdShape<kD, kDV>;
+  using Tag = typename ElemTraits<T>::Tag;
+  constexpr int kM = S::kM, kN = S::kN, kDp = S::kDp, kDVp = S::kDVp, kStages = S::kStages;
+  constexpr int kSRegs = kM / 2;  // S^T, dP^T: 64 keys x 64 queries per warpgroup
+  constexpr int kDqN = kDp / 2;   // dQ columns per warpgroup
+  const FwdParams& p = bp.f;
+
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sK = (smem_addr(smem_raw) + 1023) & ~1023u;
+  const uint32_t sV = sK + S::kKBytes;
+  const uint32_t sDS0 = sV + S::kVBytes;
+  auto sDS = [&](int x) { return sDS0 + x * S::kDsBytes; };
+  auto sQ = [&](int st) { return sDS0 + 2 * S::kDsBytes + st * S::kStageBytes; };
+  auto sO = [&](int st) { return sQ(st) + S::kQBytes; };
+  auto sStat = [&](int st) { return sO(st) + S::kOBytes; };  // lse2[kM], then D[kM]
+  const uint32_t bars = sQ(kStages);
+  const uint32_t bar_kv = bars;
+  auto full = [&](int st) { return bars + 8 * (1 + st); };
+  auto empty = [&](int st) { return bars + 8 * (1 + kStages + st); };
+  auto phase_of = [](int it) { return static_cast<uint32_t>((it / kStages) & 1); };
+
+  const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const SeqExtent seq = seq_extent(p, b);
+  const int nq = seq.nq, nk = seq.nk;
+  const int n0 = kt * kN;
+  if (n0 >= nk) return;
+
+  // Query tiles that visit this key tile: the band's (fast) or the non-empty ones of the block
+  // table's column kt (general), for each query head of the group.
+  int qt_begin = 0, qt_end = nq > 0 ? (nq + kM - 1) / kM : 0;
+  if constexpr (!kGeneral) {
+    const int64_t lo = n0 - p.band_right - seq.offset;
+    const int64_t hi = static_cast<int64_t>(min(n0 + kN, nk)) - 1 + p.band_left - seq.offset;
+    qt_begin = static_cast<int>(imax(lo, 0) / kM);
+    if (hi < 0) qt_end = 0;
+    else if (qt_end > 0) qt_end = static_cast<int>(imin(hi, nq - 1) / kM) + 1;
+  }
+  auto entry_of = [&](int h, int qt) -> uint8_t {
+    return p.tile_class[b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qt) * p.tc_nkt + kt];
+  };
+  auto next_qt = [&](int h, int qt) {
+    if constexpr (kGeneral)
+      while (qt < qt_end && static_cast<TileClass>(entry_of(h, qt)) == TileClass::kEmpty) ++qt;
+    return qt;
+  };
+  const int h_begin = hk * p.group, h_end = h_begin + p.group;
+
+  const int tid = threadIdx.x, wg = tid / 128;
+  if (tid == 0) {
+    mbar_init(bar_kv, 1);
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(full(st), 1);
+      mbar_init(empty(st), 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // Producer.
+    regs_dec<S::kProducerRegs>();
+    if (tid == 0) {
+      tma_prefetch_map(&maps.qkv.q);
+      tma_prefetch_map(&maps.dout);
+      const int bb = p.cu_q ? 0 : b;
+      const int k_row = static_cast<int>(seq.k_start) + n0;
+      mbar_expect_tx(bar_kv, S::kKBytes + S::kVBytes);
+#pragma unroll
+      for (int c = 0; c < kDp / 64; ++c)
+        tma_load_4d(sK + c * kN * 128, &maps.qkv.k, bar_kv, c * 64, k_row, hk * maps.qkv.k_hm,
+                    bb * maps.qkv.k_bm);
+#pragma unroll
+      for (int c = 0; c < kDVp / 64; ++c)
+        tma_load_4d(sV + c * kN * 128, &maps.qkv.v, bar_kv, c * 64, k_row, hk * maps.qkv.v_hm,
+                    bb * maps.qkv.v_bm);
+      int it = 0;
+      for (int h = h_begin; h < h_end; ++h)
+        for (int qt = next_qt(h, qt_begin); qt < qt_end; qt = next_qt(h, qt + 1), ++it) {
+          const int st = it % kStages;
+          const int q_row = static_cast<int>(seq.q_start) + qt * kM;
+          mbar_wait(empty(st), phase_of(it) ^ 1);
+          mbar_expect_tx(full(st), S::kQBytes + S::kOBytes + 2 * kM * 4);
+          const int64_t stat_row = (static_cast<int64_t>(b) * p.hq + h) * bp.stat_stride + qt * kM;
+          bulk_load(sStat(st), bp.lse2 + stat_row, kM * 4, full(st));
+          bulk_load(sStat(st) + kM * 4, bp.dd + stat_row, kM * 4, full(st));
+#pragma unroll
+          for (int c = 0; c < kDp / 64; ++c)
+            tma_load_4d(sQ(st) + c * kM * 128, &maps.qkv.q, full(st), c * 64, q_row,
+                        h * maps.qkv.q_hm, bb * maps.qkv.q_bm);
+#pragma unroll
+          for (int c = 0; c < kDVp / 64; ++c)
+            tma_load_4d(sO(st) + c * kM * 128, &maps.dout, full(st), c * 64, q_row,
+                        h * maps.o_hm, bb * maps.o_bm);
+        }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup cw owns keys n0 + cw * 64 + [0, 64).
+  regs_inc<S::kConsumerRegs>();
+  const int cw = wg - 1, lane = tid % 32, warp = (tid % 128) / 32;
+  const int key_r[2] = {n0 + cw * 64 + warp * 16 + lane / 4, n0 + cw * 64 + warp * 16 + lane / 4 + 8};
+  const int col0 = 2 * (lane % 4);
+  float dk[kDp / 2], dv[kDVp / 2];
+#pragma unroll
+  for (int x = 0; x < kDp / 2; ++x) dk[x] = 0.f;
+#pragma unroll
+  for (int x = 0; x < kDVp / 2; ++x) dv[x] = 0.f;
+
+  const NormalizerKind norm =
+      kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink : NormalizerKind::kSoftmax);
+  const bool sigmoid = norm == NormalizerKind::kSigmoid;
+  const float to2 = kGeneral ? static_cast<float>(kLog2e) : p.scale_log2;
+  const float beta = p.has_beta ? p.beta : -logf(static_cast<float>(nk));
+  const float cap = kGeneral ? p.softcap : 0.f;
+  const float inv_cap = cap != 0.f ? 1.f / cap : 0.f;
+
+  auto issue_sdp = [&](float (&s)[kSRegs], float (&dp)[kSRegs], int st) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDp / 16; ++kk) {
+      const uint64_t da = smem_desc(sK + (kk / 4) * (kN * 128) + cw * 64 * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t db = smem_desc(sQ(st) + (kk / 4) * (kM * 128) + (kk % 4) * 32, 16, 1024);
+      Wgmma<kM, Tag>::ss(s, da, db, kk > 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kDVp / 16; ++kk) {
+      const uint64_t da = smem_desc(sV + (kk / 4) * (kN * 128) + cw * 64 * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t db = smem_desc(sO(st) + (kk / 4) * (kM * 128) + (kk % 4) * 32, 16, 1024);
+      Wgmma<kM, Tag>::ss(dp, da, db, kk > 0);
+    }
+    wgmma_commit();
+  };
+
+  mbar_wait(bar_kv, 0);
+  int it = 0;
+  for (int h = h_begin; h < h_end; ++h) {
+    MaskState ms;
+    ScoreModEval<float> mods;
+    bool additive = false;
+    const uint32_t* tbits = nullptr;
+    if constexpr (kGeneral) {
+      resolve_mask(p, b, h, seq.offset, ms);
+      mods = resolve_mods(p, b, h);
+      additive = p.has_mods && mods.has_additive();
+      tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
+    }
+    for (int qt = next_qt(h, qt_begin); qt < qt_end; qt = next_qt(h, qt + 1), ++it) {
+      const int st = it % kStages, m0 = qt * kM;
+      float s[kSRegs], dp[kSRegs];
+      mbar_wait(full(st), phase_of(it));
+      issue_sdp(s, dp, st);
+      wgmma_wait<0>();
+      fence_regs(s);
+      fence_regs(dp);
+
+      // Which scores are allowed: bit r * 16 + 2 * c + e for key row r, query column c * 8 +
+      // col0 + e. Keys past nk are masked here; queries past nq have lse2 = +inf (weight 0).
+      uint32_t allow = 0xffffffffu;
+      bool masked = false;
+      if constexpr (!kGeneral) {
+        const int rows = min(kM, nq - m0);
+        const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,
+                                           n0 + kN - 1, p.band_left, p.band_right);
+        masked = c != TileClass::kFull || n0 + kN > nk;
+        if (masked) {
+          allow = 0;
+#pragma unroll
+          for (int c8 = 0; c8 < kM / 8; ++c8)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = e / 2, j = key_r[r];
+              const int64_t ia = m0 + c8 * 8 + col0 + (e & 1) + seq.offset;
+              const bool ok = j < nk && j >= ia - p.band_left && j <= ia + p.band_right;
+              allow |= static_cast<uint32_t>(ok) << (r * 16 + 2 * c8 + (e & 1));
+            }
+        }
+      } else {
+        const uint8_t entry = entry_of(h, qt);
+        masked = static_cast<TileClass>(entry) != TileClass::kFull;
+        if (entry >= kTileBits) {
+          // Bits of query row i, key word (cw * 64 + warp * 16) / 32: the thread's two keys
+          // are bits b0 and b0 + 8 of it.
+          const uint32_t* w = tbits + qt * p.tb_sq + (entry - kTileBits) * kM * (kN / 32) +
+                              cw * 2 + warp / 2;
+          const int b0 = (warp % 2) * 16 + lane / 4;
+          allow = 0;
+#pragma unroll
+          for (int c8 = 0; c8 < kM / 8; ++c8)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const uint32_t word = w[(c8 * 8 + col0 + e) * (kN / 32)];
+#pragma unroll
+              for (int r = 0; r < 2; ++r)
+                allow |= ((word >> (b0 + 8 * r)) & 1u) << (r * 16 + 2 * c8 + e);
+            }
+        } else if (masked) {
+          allow = 0;
+#pragma unroll 1
+          for (int x = 0; x < 32; ++x) {
+            const int r = x / 16, y = x % 16;
+            const int i = m0 + (y / 2) * 8 + col0 + (y & 1), j = key_r[r];
+            if (i < nq && j < nk && mask_allowed(ms.mask, p.num_nodes, i, j)) allow |= 1u << x;
+          }
+        }
+        const float scale = p.scale;
+        each_score<kM>(s, 0, 0, [&](float& x, int, int) { x *= scale; });
+        if (additive) add_score_terms<kM, true>(s, mods, key_r, seq.offset, m0, col0, nq, nk);
+        if (cap != 0.f)
+          each_score<kM>(s, 0, 0, [&](float& x, int, int) { x = cap * fast_tanh(x * inv_cap); });
+      }
+
+      // P^T and dS^T in place of S^T and dP^T.
+#pragma unroll
+      for (int c8 = 0; c8 < kM / 8; ++c8) {
+        float2 l2, d2;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(l2.x), "=f"(l2.y)
+                     : "r"(sStat(st) + (c8 * 8 + col0) * 4));
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(d2.x), "=f"(d2.y)
+                     : "r"(sStat(st) + kM * 4 + (c8 * 8 + col0) * 4));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int x = c8 * 4 + e;
+          const bool ok = (!masked || ((allow >> ((e / 2) * 16 + 2 * c8 + (e & 1))) & 1)) &&
+                          m0 + c8 * 8 + col0 + (e & 1) < nq;
+          float pw, ds;
+          if (!sigmoid) {
+            pw = ok ? fast_exp2(fmaf(s[x], to2, -((e & 1) ? l2.y : l2.x))) : 0.f;
+            ds = pw * (dp[x] - ((e & 1) ? d2.y : d2.x));
+          } else {
+            pw = ok ? fast_sigmoid(s[x] + beta) : 0.f;
+            ds = dp[x] * pw * (1.f - pw);
+          }
+          if (kGeneral && cap != 0.f) {
+            const float t = s[x] * inv_cap;
+            ds *= 1.f - t * t;
+          }
+          s[x] = pw;
+          dp[x] = ds;
+        }
+      }
+      uint32_t pa[kM / 16][4], da[kM / 16][4];
+      pack_p<T, kM>(s, pa);
+      pack_p<T, kM>(dp, da);
+
+      // dS^T to shared memory (one 128B-swizzled panel: key row, 16-byte chunk c8 of queries).
+      const int x = it & 1;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int kr = cw * 64 + warp * 16 + lane / 4 + 8 * r;
+#pragma unroll
+        for (int c8 = 0; c8 < kM / 8; ++c8) {
+          const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + col0 * 2;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(da[c8 / 2][(c8 % 2) * 2 + r])
+                       : "memory");
+        }
+      }
+      fence_proxy_async_smem();
+
+      // dV += P^T dO, dK += dS^T Q (query rows are the k dimension: B operands read transposed).
+      fence_regs(dv);
+      fence_regs(dk);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk)
+        Wgmma<kDVp, Tag>::rs(dv, pa[kk], smem_desc(sO(st) + kk * 16 * 128, kM * 128, 1024), 1);
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk)
+        Wgmma<kDp, Tag>::rs(dk, da[kk], smem_desc(sQ(st) + kk * 16 * 128, kM * 128, 1024), 1);
+      wgmma_commit();
+
+      // dQ[:, cw half] = dS K: A = dS (queries x keys) and B = K (keys x head dims), both read
+      // transposed from their tiles.
+      float dq[kDqN / 2];
+      named_sync(3, 256);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kN / 16; ++kk) {
+        const uint64_t a = smem_desc(sDS(x) + kk * 16 * 128, kN * 128, 1024);
+        const uint64_t bdesc = smem_desc(
+            sK + ((cw * kDqN) / 64) * (kN * 128) + ((cw * kDqN) % 64) * 2 + kk * 16 * 128,
+            kN * 128, 1024);
+        Wgmma<kDqN, Tag>::tt(dq, a, bdesc, kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(dq);
+      fence_regs(dv);
+      fence_regs(dk);
+      fence_regs_u(pa);
+      fence_regs_u(da);
+      if (lane == 0) mbar_arrive(empty(st));
+
+      // dq += scale * dQ (rows past nq are another sequence's or padding).
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = m0 + warp * 16 + lane / 4 + 8 * r;
+        if (i >= nq) continue;
+        float* row = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + i) * bp.dq_sn;
+#pragma unroll
+        for (int c8 = 0; c8 < kDqN / 8; ++c8) {
+          const int col = cw * kDqN + c8 * 8 + col0;
+          if (col >= p.d) continue;
+          const float v0 = dq[c8 * 4 + 2 * r] * p.scale, v1 = dq[c8 * 4 + 2 * r + 1] * p.scale;
+          if (bp.dq_pairs) {
+            atomicAdd(reinterpret_cast<float2*>(row + col), make_float2(v0, v1));
+          } else {
+            atomicAdd(row + col, v0);
+            if (col + 1 < p.d) atomicAdd(row + col + 1, v1);
+          }
+        }
+      }
+    }
+  }
+
+  // dk = scale * dK, dv = dV (rows past nk are another sequence's or padding).
+  const int64_t k_es = bp.dk_dtype == DType::kF32 ? 4 : 2, v_es = bp.dv_dtype == DType::kF32 ? 4 : 2;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = key_r[r];
+    if (j >= nk) continue;
+    void* krow = static_cast<char*>(bp.dk) +
+                 (b * bp.dk_sb + hk * bp.dk_sh + (seq.k_start + j) * bp.dk_sn) * k_es;
+    void* vrow = static_cast<char*>(bp.dv) +
+                 (b * bp.dv_sb + hk * bp.dv_sh + (seq.k_start + j) * bp.dv_sn) * v_es;
+#pragma unroll
+    for (int c8 = 0; c8 < kDp / 8; ++c8)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = c8 * 8 + col0 + e;
+        if (col < p.d) store_grad_elem(krow, bp.dk_dtype, col, dk[c8 * 4 + 2 * r + e] * p.scale);
+      }
+#pragma unroll
+    for (int c8 = 0; c8 < kDVp / 8; ++c8)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = c8 * 8 + col0 + e;
+        if (col < p.dv) store_grad_elem(vrow, bp.dv_dtype, col, dv[c8 * 4 + 2 * r + e]);
+      }
+  }
+}
+
+// Launches one flavor on `stream` (the general one reads the block table built by the caller).
+template <class T, int kD, int kDV, bool kGeneral>
+cudaError_t launch_bwd(const BwdParams& p, const BwdMaps& maps, cudaStream_t stream) {
+  using S = BwdShape<kD, kDV>;
+  auto kernel = bwd_kernel<T, kD, kDV, kGeneral>;
+  cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  const dim3 grid(p.num_k_tiles, p.f.hk, p.f.batch);
+  kernel<<<grid, S::kThreads, S::kSmemBytes, stream>>>(p, maps);
+  return cudaGetLastError();
+}
+
+}  // namespace attnkit::cuda

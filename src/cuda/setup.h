@@ -1,0 +1,72 @@
+// Host-side pieces the CUDA forward and backward passes share: the checks of what the kernels
+// support, FwdParams from a validated problem, the tensor maps, and the general kernels' device
+// tables (block table with element-mask bits, forget-gate prefix sums, relative buckets).
+#pragma once
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "core/problem.h"
+#include "cuda/fwd_common.cuh"
+#include "cuda/fwd_params.h"
+
+namespace attnkit::cuda {
+
+template <class... A>
+Status fail(StatusCode code, const A&... parts) {
+  std::string msg = "cuda backend: ";
+  ((msg += parts), ...);
+  return Status(code, std::move(msg));
+}
+inline std::string str(int64_t x) { return std::to_string(x); }
+
+// The checks both passes share (dtype, alignment, mask limits, varlen, grid limits); the head
+// dims are checked against each pass's instantiations.
+Status check_common(const core::Problem& p);
+
+// Row operand alignment for the copy engine: `elems`-element aligned base and strides.
+Status check_rows(const core::RowOperand& r, const char* name, int elems);
+
+// The band [i' - left, i' + right] of masks the fast kernels handle, or false.
+bool band_of(const Mask& m, int64_t* left, int64_t* right);
+
+// FwdParams of a validated problem; num_q_tiles counts query tiles of q_tile rows.
+void fill_params(const core::Problem& p, int q_tile, FwdParams* f);
+
+// A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x
+// box_rows rows (false where the copy engine cannot address it).
+bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, int64_t cols,
+                 int64_t rows, int64_t heads, int64_t batch, int box_rows);
+// The maps of q, k, v with boxes of q_box query rows and k_box key rows: the name of the operand
+// the copy engine cannot address, or null.
+const char* encode_maps(const core::Problem& p, TmaMaps* maps, int q_box, int k_box);
+
+// The general kernels' device tables, for tiles of km query rows x kn keys, stream-ordered:
+// build() fills f's table, bits, forget and bucket fields; release() frees what build took.
+struct GeneralTables {
+  void* table = nullptr;
+  void* forget = nullptr;
+  void* buckets = nullptr;
+  cudaError_t build(const core::Problem& p, int km, int kn, cudaStream_t stream, FwdParams* f);
+  cudaError_t release(cudaStream_t stream);
+};
+
+// Makes the problem's device current for the scope.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) : device_(device) {
+    (void)cudaGetDevice(&previous_);
+    if (previous_ != device_) (void)cudaSetDevice(device_);
+  }
+  ~DeviceScope() {
+    if (previous_ != device_) (void)cudaSetDevice(previous_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int device_ = 0, previous_ = 0;
+};
+
+}  // namespace attnkit::cuda
