@@ -37,19 +37,36 @@ void expect_matches(const std::string& mech, const Case& c, double scale, uint64
                     << r.error;
 }
 
+// The backward of one mechanism on one shape on the GPU (after the GPU forward) against the
+// backward oracle.
+CheckResult backward_on_gpu(const std::string& mech, const Case& c, uint64_t seed,
+                            bool input_dtype_grads = false) {
+  CheckOptions opt;
+  opt.dtype = c.dtype;
+  opt.dims = c.dims;
+  opt.bnhd = c.bnhd;
+  opt.seed = seed;
+  opt.device = Device::kCUDA;
+  opt.input_dtype_grads = input_dtype_grads;
+  return tools::check_backward(mech, opt);
+}
+
+// Every mechanism's shapes: odd lengths, Nq != Nk both ways, GQA, BNHD, both dtypes and built
+// head dims.
+const Case kOracleCases[] = {
+    {DType::kBF16, {2, 4, 2, 197, 197, 64, 64}, false},
+    {DType::kF16, {1, 2, 1, 77, 301, 128, 128}, false},
+    {DType::kBF16, {1, 3, 3, 300, 130, 128, 128}, true},
+    {DType::kF16, {2, 2, 2, 129, 129, 64, 64}, true},
+};
+
 class CudaOracle : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaOracle, MatchesOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const std::string mech = GetParam();
-  const Case cases[] = {
-      {DType::kBF16, {2, 4, 2, 197, 197, 64, 64}, false},
-      {DType::kF16, {1, 2, 1, 77, 301, 128, 128}, false},
-      {DType::kBF16, {1, 3, 3, 300, 130, 128, 128}, true},
-      {DType::kF16, {2, 2, 2, 129, 129, 64, 64}, true},
-  };
   int seed = 11;
-  for (const Case& c : cases) {
+  for (const Case& c : kOracleCases) {
     if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
     for (double scale : {1.0, 4.0}) expect_matches(mech, c, scale, seed++);
   }
@@ -126,21 +143,10 @@ class CudaBackward : public ::testing::TestWithParam<std::string> {};
 TEST_P(CudaBackward, MatchesOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const std::string mech = GetParam();
-  const Case cases[] = {
-      {DType::kBF16, {2, 4, 2, 197, 197, 64, 64}, false},
-      {DType::kF16, {1, 2, 1, 77, 301, 128, 128}, false},
-      {DType::kBF16, {1, 3, 3, 300, 130, 128, 128}, true},
-  };
   int seed = 501;
-  for (const Case& c : cases) {
+  for (const Case& c : kOracleCases) {
     if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-    CheckOptions opt;
-    opt.dtype = c.dtype;
-    opt.dims = c.dims;
-    opt.bnhd = c.bnhd;
-    opt.seed = seed++;
-    opt.device = Device::kCUDA;
-    const CheckResult r = tools::check_backward(mech, opt);
+    const CheckResult r = backward_on_gpu(mech, c, seed++);
     if (r.not_covered) {
       EXPECT_NE(r.error.find("normalizer"), std::string::npos) << mech << ": " << r.error;
       continue;
@@ -169,16 +175,10 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
     for (const char* mech : {"dense", "causal", "sliding_window", "document", "neighborhood_1d",
                              "block_map", "softcap"}) {
       if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-      CheckOptions opt;
-      opt.dtype = c.dtype;
-      opt.dims = c.dims;
-      opt.bnhd = c.bnhd;
-      opt.seed = seed++;
-      opt.device = Device::kCUDA;
-      opt.input_dtype_grads = seed % 2 == 0;  // dq, dk, dv in 16 bits (dq through a scratch)
-      const CheckResult r = tools::check_backward(mech, opt);
+      const bool grads16 = seed % 2 == 0;  // dq, dk, dv in 16 bits (dq through a scratch)
+      const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
       EXPECT_TRUE(r.ok) << mech << " " << r.dtype << " nq=" << c.dims.nq
-                        << " 16-bit grads=" << opt.input_dtype_grads << ": " << r.error;
+                        << " 16-bit grads=" << grads16 << ": " << r.error;
     }
 }
 

@@ -81,12 +81,10 @@ def dense():
             del q, k, v
 
 
-def masked():
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    fa = torch.compile(flex_attention, dynamic=False)
-    n, b, h, d = 8192, 2, 16, 128
-    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    docs = torch.tensor([0] * 3000 + [1] * 2000 + [2] * 3192, device=dev, dtype=torch.int32)
+def masked_cases(n, h):
+    """name -> (FlexAttention mask_mod or None, attnkit keyword arguments, Flex score_mod or None,
+    density) of the masked comparisons, on N = n tokens and h heads."""
+    docs = torch.tensor([0] * 3000 + [1] * 2000 + [2] * (n - 5000), device=dev, dtype=torch.int32)
     qi = torch.arange(n, device=dev)[:, None]
     ki = torch.arange(n, device=dev)[None, :]
     slopes = torch.exp2(-8 * torch.arange(1, h + 1, device=dev) / h)
@@ -102,8 +100,16 @@ def masked():
                          dict(causal=True, score_mod=attnkit.score_mods.ALiBi()),
                          lambda s, bb, hh, i, j: s - slopes[hh] * (i - j)),
     }
-    for name, (mm, kw, sm) in cases.items():
-        frac = mm(0, 0, qi, ki).float().mean().item() if mm else 1.0
+    return {name: (mm, kw, sm, mm(0, 0, qi, ki).float().mean().item() if mm else 1.0)
+            for name, (mm, kw, sm) in cases.items()}
+
+
+def masked():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    fa = torch.compile(flex_attention, dynamic=False)
+    n, b, h, d = 8192, 2, 16, 128
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    for name, (mm, kw, sm, frac) in masked_cases(n, h).items():
         flops = 4 * b * h * n * n * d * frac
         bm = create_block_mask(mm, None, None, n, n, device=dev) if mm else None
         out = attnkit.attention(q, k, v, **kw)
@@ -190,23 +196,9 @@ def train():
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     go = torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16)
-    docs = torch.tensor([0] * 3000 + [1] * 2000 + [2] * 3192, device=dev, dtype=torch.int32)
-    qi = torch.arange(n, device=dev)[:, None]
-    ki = torch.arange(n, device=dev)[None, :]
-    slopes = torch.exp2(-8 * torch.arange(1, h + 1, device=dev) / h)
-    cases = {
-        "sliding1024-causal": (lambda bb, hh, i, j: (i >= j) & (i - j <= 1024),
-                               dict(window=(1024, 0)), None),
-        "document-causal": (lambda bb, hh, i, j: (docs[i] == docs[j]) & (i >= j),
-                            dict(mask=attnkit.masks.Causal() & attnkit.masks.Document(docs)), None),
-        "softcap30": (None, dict(score_mod=attnkit.score_mods.Softcap(30.0)),
-                      lambda s, bb, hh, i, j: 30 * torch.tanh(s / 30)),
-        "alibi-causal": (lambda bb, hh, i, j: i >= j,
-                         dict(causal=True, score_mod=attnkit.score_mods.ALiBi()),
-                         lambda s, bb, hh, i, j: s - slopes[hh] * (i - j)),
-    }
-    for name, (mm, kw, sm) in cases.items():
-        frac = mm(0, 0, qi, ki).float().mean().item() if mm else 1.0
+    for name, (mm, kw, sm, frac) in masked_cases(n, h).items():
+        if name == "causal":
+            continue  # the dense table has it
         flops = 3.5 * 4 * b * h * n * n * d * frac
         bm = create_block_mask(mm, None, None, n, n, device=dev) if mm else None
         res = dict(case="train_masked", mask=name, n=n, b=b, h=h, d=d, density=frac)

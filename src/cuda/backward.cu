@@ -232,7 +232,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (!st.ok()) return st;
   const AttentionSpec& spec = *p.spec;
   const Instance& inst = *find_instance(p.q.dtype, p.d, p.dv);
-  using Shape = BwdShape<128, 128>;  // the tile sizes of every instantiation
+  using Shape = BwdShape<128, 128, false>;  // the tile sizes of every instantiation
   constexpr int kM = Shape::kM, kN = Shape::kN;
 
   BwdParams bp;
@@ -266,8 +266,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     bp.dq_sh = rows_q * p.d;
     bp.dq_sb = p.varlen ? 0 : p.hq * bp.dq_sh;
   }
-  bp.dq_pairs = bp.dq_sb % 2 == 0 && bp.dq_sh % 2 == 0 && bp.dq_sn % 2 == 0 && p.d % 2 == 0 &&
-                (dq_scratch || reinterpret_cast<uintptr_t>(g.dq.data) % 8 == 0);
+  bp.dq_vec4 = bp.dq_sb % 4 == 0 && bp.dq_sh % 4 == 0 && bp.dq_sn % 4 == 0 && p.d % 4 == 0 &&
+               (dq_scratch || reinterpret_cast<uintptr_t>(g.dq.data) % 16 == 0);
 
   // dO as the kernels read it: grad_out itself, or a gated / converted copy.
   const bool copy = spec.gate_kind != GateKind::kNone || g.grad_out.dtype != p.q.dtype ||

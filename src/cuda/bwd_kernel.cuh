@@ -9,8 +9,10 @@
 //   tile they compute the transposed tiles S^T = K Q^T and dP^T = V dO^T (rows are keys), the
 //   weights P^T and dS^T = P^T (dP^T - D) in registers, then dV += P^T dO and dK += dS^T Q with P^T
 //   and dS^T as register operands. dS^T also goes to shared memory, where both warpgroups read it
-//   for dQ = dS K (each computes half of dQ's columns) and add their half into the fp32 dq with
-//   atomics.
+//   for dQ = dS K (each computes half of dQ's columns), which is added into the fp32 dq with
+//   atomics: by the consumers themselves (fast flavor), or (general flavor, whose consumers are
+//   short of registers) by warps 1-3 of the producer warpgroup from a shared-memory tile that
+//   named barriers hand back and forth.
 // The scale multiplies dK and dQ once at the end (dS excludes it).
 //
 // Two flavors per (dtype, head dims), as in the forward pass: kGeneral = false is softmax (or with
@@ -44,7 +46,7 @@ struct BwdParams {
   DType dk_dtype = DType::kF32, dv_dtype = DType::kF32;
   int64_t dq_sb = 0, dq_sh = 0, dq_sn = 0, dk_sb = 0, dk_sh = 0, dk_sn = 0;
   int64_t dv_sb = 0, dv_sh = 0, dv_sn = 0;
-  bool dq_pairs = false;  // dq's pairs of columns are 8-byte aligned (vector atomics)
+  bool dq_vec4 = false;  // dq's groups of 4 columns are 16-byte aligned (vector atomics)
   int num_k_tiles = 0;    // of the longest key sequence
 };
 
@@ -56,7 +58,7 @@ struct BwdMaps {
   int o_hm = 1, o_bm = 1;
 };
 
-template <int kD, int kDV>
+template <int kD, int kDV, bool kGeneral>
 struct BwdShape {
   static constexpr int kM = 64;   // query rows per step
   static constexpr int kN = 128;  // keys per CTA: two consumer warpgroups of 64
@@ -71,10 +73,14 @@ struct BwdShape {
   static constexpr int kStatBytes = 1024;
   static_assert(2 * kM * 4 <= kStatBytes);
   static constexpr int kDsBytes = kN * kM * 2;  // dS^T: 128 key rows x 64 query columns
-  static constexpr int kFixed = kKBytes + kVBytes + 2 * kDsBytes + 1024 + 128;
+  static constexpr int kDqStride = kDp + 8;  // fp32 dQ rows, padded against bank conflicts
+  static constexpr int kDqBytes = kGeneral ? kM * kDqStride * 4 : 0;  // the general flavor's
+  static constexpr int kFixed = kKBytes + kVBytes + 2 * kDsBytes + kDqBytes + 1024 + 128;
   static constexpr int kStageBytes = kQBytes + kOBytes + kStatBytes;
   static constexpr int kStages = kFixed + 3 * kStageBytes <= 227 * 1024 ? 3 : 2;
   static constexpr int kSmemBytes = kFixed + kStages * kStageBytes;
+  // What the producer warpgroup gives up (168 - 24 per thread, the launch's cap) is what the
+  // consumers take (240 - 168): setmaxnreg.inc waits for free registers, so more would hang.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 };
 
@@ -99,7 +105,7 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 template <class T, int kD, int kDV, bool kGeneral>
 __global__ void __launch_bounds__(384, 1)
     bwd_kernel(const __grid_constant__ BwdParams bp, const __grid_constant__ BwdMaps maps) {
-  using S = BwdShape<kD, kDV>;
+  using S = BwdShape<kD, kDV, kGeneral>;
   using Tag = typename ElemTraits<T>::Tag;
   constexpr int kM = S::kM, kN = S::kN, kDp = S::kDp, kDVp = S::kDVp, kStages = S::kStages;
   constexpr int kSRegs = kM / 2;  // S^T, dP^T: 64 keys x 64 queries per warpgroup
@@ -111,7 +117,8 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t sV = sK + S::kKBytes;
   const uint32_t sDS0 = sV + S::kVBytes;
   auto sDS = [&](int x) { return sDS0 + x * S::kDsBytes; };
-  auto sQ = [&](int st) { return sDS0 + 2 * S::kDsBytes + st * S::kStageBytes; };
+  const uint32_t sDQ = sDS0 + 2 * S::kDsBytes;  // fp32 [kM][kDqStride]
+  auto sQ = [&](int st) { return sDQ + S::kDqBytes + st * S::kStageBytes; };
   auto sO = [&](int st) { return sQ(st) + S::kQBytes; };
   auto sStat = [&](int st) { return sO(st) + S::kOBytes; };  // lse2[kM], then D[kM]
   const uint32_t bars = sQ(kStages);
@@ -139,12 +146,13 @@ __global__ void __launch_bounds__(384, 1)
   auto entry_of = [&](int h, int qt) -> uint8_t {
     return p.tile_class[b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qt) * p.tc_nkt + kt];
   };
-  auto next_qt = [&](int h, int qt) {
-    if constexpr (kGeneral)
-      while (qt < qt_end && static_cast<TileClass>(entry_of(h, qt)) == TileClass::kEmpty) ++qt;
-    return qt;
+  // The walk visits query tiles qt_begin.. qt_end - 1 but those skip() finds empty (general).
+  auto skip = [&](int h, int qt) {
+    if constexpr (kGeneral) return static_cast<TileClass>(entry_of(h, qt)) == TileClass::kEmpty;
+    return false;
   };
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
+  constexpr int kDqReady = 4, kDqFree = 5, kDqThreads = 256 + 96;  // named barriers
 
   const int tid = threadIdx.x, wg = tid / 128;
   if (tid == 0) {
@@ -177,10 +185,12 @@ __global__ void __launch_bounds__(384, 1)
                     bb * maps.qkv.v_bm);
       int it = 0;
       for (int h = h_begin; h < h_end; ++h)
-        for (int qt = next_qt(h, qt_begin); qt < qt_end; qt = next_qt(h, qt + 1), ++it) {
-          const int st = it % kStages;
+        for (int qt = qt_begin; qt < qt_end; ++qt) {
+          if (skip(h, qt)) continue;
+          const int st = it++ % kStages;
+          const uint32_t parity = phase_of(it - 1);
           const int q_row = static_cast<int>(seq.q_start) + qt * kM;
-          mbar_wait(empty(st), phase_of(it) ^ 1);
+          mbar_wait(empty(st), parity ^ 1);
           mbar_expect_tx(full(st), S::kQBytes + S::kOBytes + 2 * kM * 4);
           const int64_t stat_row = (static_cast<int64_t>(b) * p.hq + h) * bp.stat_stride + qt * kM;
           bulk_load(sStat(st), bp.lse2 + stat_row, kM * 4, full(st));
@@ -193,6 +203,34 @@ __global__ void __launch_bounds__(384, 1)
           for (int c = 0; c < kDVp / 64; ++c)
             tma_load_4d(sO(st) + c * kM * 128, &maps.dout, full(st), c * 64, q_row,
                         h * maps.o_hm, bb * maps.o_bm);
+        }
+    } else if (kGeneral && tid >= 32) {
+      // dq += the consumers' dQ tile, 4 columns per atomic (rows past nq are another
+      // sequence's or padding).
+      const int w = tid - 32;
+      constexpr int kGroups = kDp / 4;
+      for (int h = h_begin; h < h_end; ++h)
+        for (int qt = qt_begin; qt < qt_end; ++qt) {
+          if (skip(h, qt)) continue;
+          named_sync(kDqReady, kDqThreads);
+          for (int g = w; g < kM * kGroups; g += 96) {
+            const int row = g / kGroups, col = (g % kGroups) * 4, i = qt * kM + row;
+            if (i >= nq || col >= p.d) continue;
+            float4 v;
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                         : "r"(sDQ + (row * S::kDqStride + col) * 4));
+            float* dst = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + i) * bp.dq_sn + col;
+            if (bp.dq_vec4 && col + 4 <= p.d) {
+              asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(v.x),
+                           "f"(v.y), "f"(v.z), "f"(v.w)
+                           : "memory");
+            } else {
+              const float e[4] = {v.x, v.y, v.z, v.w};
+              for (int c = 0; c < 4 && col + c < p.d; ++c) atomicAdd(dst + c, e[c]);
+            }
+          }
+          named_arrive(kDqFree, kDqThreads);
         }
     }
     return;
@@ -247,7 +285,8 @@ __global__ void __launch_bounds__(384, 1)
       additive = p.has_mods && mods.has_additive();
       tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
     }
-    for (int qt = next_qt(h, qt_begin); qt < qt_end; qt = next_qt(h, qt + 1), ++it) {
+    for (int qt = qt_begin; qt < qt_end; ++qt) {
+      if (skip(h, qt)) continue;
       const int st = it % kStages, m0 = qt * kM;
       float s[kSRegs], dp[kSRegs];
       mbar_wait(full(st), phase_of(it));
@@ -395,27 +434,48 @@ __global__ void __launch_bounds__(384, 1)
       fence_regs_u(da);
       if (lane == 0) mbar_arrive(empty(st));
 
-      // dq += scale * dQ (rows past nq are another sequence's or padding).
+      if constexpr (kGeneral) {
+        // scale * dQ to shared memory for the dq warps, once they are done with the last tile.
+        if (it > 0) named_sync(kDqFree, kDqThreads);
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = m0 + warp * 16 + lane / 4 + 8 * r;
-        if (i >= nq) continue;
-        float* row = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + i) * bp.dq_sn;
+        for (int r = 0; r < 2; ++r) {
+          const int row = warp * 16 + lane / 4 + 8 * r;
 #pragma unroll
-        for (int c8 = 0; c8 < kDqN / 8; ++c8) {
-          const int col = cw * kDqN + c8 * 8 + col0;
-          if (col >= p.d) continue;
-          const float v0 = dq[c8 * 4 + 2 * r] * p.scale, v1 = dq[c8 * 4 + 2 * r + 1] * p.scale;
-          if (bp.dq_pairs) {
-            atomicAdd(reinterpret_cast<float2*>(row + col), make_float2(v0, v1));
-          } else {
-            atomicAdd(row + col, v0);
-            if (col + 1 < p.d) atomicAdd(row + col + 1, v1);
+          for (int c8 = 0; c8 < kDqN / 8; ++c8) {
+            const int col = cw * kDqN + c8 * 8 + col0;
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(
+                             sDQ + (row * S::kDqStride + col) * 4),
+                         "f"(dq[c8 * 4 + 2 * r] * p.scale), "f"(dq[c8 * 4 + 2 * r + 1] * p.scale)
+                         : "memory");
+          }
+        }
+        named_arrive(kDqReady, kDqThreads);
+      } else {
+        // dq += scale * dQ, two columns per atomic (rows past nq are another sequence's or
+        // padding).
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = m0 + warp * 16 + lane / 4 + 8 * r;
+          if (i >= nq) continue;
+          float* row = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + i) * bp.dq_sn;
+#pragma unroll
+          for (int c8 = 0; c8 < kDqN / 8; ++c8) {
+            const int col = cw * kDqN + c8 * 8 + col0;
+            if (col >= p.d) continue;
+            const float v0 = dq[c8 * 4 + 2 * r] * p.scale, v1 = dq[c8 * 4 + 2 * r + 1] * p.scale;
+            if (bp.dq_vec4) {  // 16-byte groups: pairs are 8-byte aligned
+              atomicAdd(reinterpret_cast<float2*>(row + col), make_float2(v0, v1));
+            } else {
+              atomicAdd(row + col, v0);
+              if (col + 1 < p.d) atomicAdd(row + col + 1, v1);
+            }
           }
         }
       }
+      ++it;
     }
   }
+  if (kGeneral && it > 0) named_sync(kDqFree, kDqThreads);  // the dq warps' last arrival
 
   // dk = scale * dK, dv = dV (rows past nk are another sequence's or padding).
   const int64_t k_es = bp.dk_dtype == DType::kF32 ? 4 : 2, v_es = bp.dv_dtype == DType::kF32 ? 4 : 2;
@@ -447,7 +507,7 @@ __global__ void __launch_bounds__(384, 1)
 // Launches one flavor on `stream` (the general one reads the block table built by the caller).
 template <class T, int kD, int kDV, bool kGeneral>
 cudaError_t launch_bwd(const BwdParams& p, const BwdMaps& maps, cudaStream_t stream) {
-  using S = BwdShape<kD, kDV>;
+  using S = BwdShape<kD, kDV, kGeneral>;
   auto kernel = bwd_kernel<T, kD, kDV, kGeneral>;
   cudaError_t e =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);

@@ -1,0 +1,80 @@
+// Two synchronization patterns of the backward kernel in isolation, for compute-sanitizer
+// racecheck: (1) a shared-memory buffer handed between warp groups with named barriers
+// (bar.arrive by the writers, bar.sync by the readers, and back); (2) a bulk copy into shared
+// memory completing on an mbarrier, read by the threads that waited on it, then refilled after
+// they arrive on an "empty" mbarrier. Both are the PTX producer/consumer forms; if racecheck
+// reports hazards here, it reports them for the kernel too.
+// Build and run: nvcc -arch=sm_90a -o /tmp/rp bench/gpu/racecheck_patterns.cu &&
+//   compute-sanitizer --tool racecheck /tmp/rp
+#include <cstdio>
+#include <cstdint>
+
+__device__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+__global__ void named_handoff(float* out, int iters) {
+  __shared__ float buf[256];
+  const int t = threadIdx.x;  // 0..63 writers (2 warps), 64..127 readers (2 warps)
+  float acc = 0.f;
+  for (int it = 0; it < iters; ++it) {
+    if (t < 64) {
+      if (it > 0) asm volatile("bar.sync 2, 128;" ::: "memory");  // buffer free
+      buf[t] = it + t;
+      buf[t + 64] = it - t;
+      asm volatile("bar.arrive 1, 128;" ::: "memory");  // buffer ready
+    } else {
+      asm volatile("bar.sync 1, 128;" ::: "memory");
+      acc += buf[t - 64] + buf[t];
+      asm volatile("bar.arrive 2, 128;" ::: "memory");
+    }
+  }
+  if (t < 64 && iters > 0) asm volatile("bar.sync 2, 128;" ::: "memory");
+  out[t] = acc;
+}
+
+__global__ void bulk_ring(const float* src, float* out, int iters) {
+  __shared__ alignas(128) float stage[2][64];
+  __shared__ alignas(8) uint64_t full[2], empty[2];
+  const int t = threadIdx.x;  // thread 0 of warp 0 copies; warps 1..2 read
+  if (t == 0)
+    for (int s = 0; s < 2; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&full[s])));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 2;" ::"r"(smem_u32(&empty[s])));
+    }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  __syncthreads();
+  auto wait = [](uint64_t* bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done)
+      asm volatile("{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p;}"
+                   : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+  };
+  float acc = 0.f;
+  for (int it = 0; it < iters; ++it) {
+    const int s = it % 2;
+    const uint32_t ph = (it / 2) & 1;
+    if (t == 0) {
+      wait(&empty[s], ph ^ 1);
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], 256;" ::"r"(smem_u32(&full[s])) : "memory");
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 256, [%2];"
+                   ::"r"(smem_u32(stage[s])), "l"(src + it * 64), "r"(smem_u32(&full[s])) : "memory");
+    } else if (t >= 32) {
+      wait(&full[s], ph);
+      acc += stage[s][t - 32] + stage[s][t - 0 - 32 + 0];
+      __syncwarp();
+      if (t % 32 == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(&empty[s])) : "memory");
+    }
+  }
+  out[t] = acc;
+}
+
+int main() {
+  float *src, *out;
+  cudaMalloc(&src, 64 * 64 * sizeof(float));
+  cudaMalloc(&out, 128 * sizeof(float));
+  cudaMemset(src, 0, 64 * 64 * sizeof(float));
+  named_handoff<<<1, 128>>>(out, 8);
+  bulk_ring<<<1, 96>>>(src, out, 16);
+  const cudaError_t e = cudaDeviceSynchronize();
+  std::printf("%s\n", cudaGetErrorString(e));
+  return e != cudaSuccess;
+}
