@@ -266,8 +266,11 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     bp.dq_sh = rows_q * p.d;
     bp.dq_sb = p.varlen ? 0 : p.hq * bp.dq_sh;
   }
+  const uintptr_t dq_addr = dq_scratch ? 0 : reinterpret_cast<uintptr_t>(g.dq.data);
+  bp.dq_pairs = bp.dq_sb % 2 == 0 && bp.dq_sh % 2 == 0 && bp.dq_sn % 2 == 0 && p.d % 2 == 0 &&
+                dq_addr % 8 == 0;
   bp.dq_vec4 = bp.dq_sb % 4 == 0 && bp.dq_sh % 4 == 0 && bp.dq_sn % 4 == 0 && p.d % 4 == 0 &&
-               (dq_scratch || reinterpret_cast<uintptr_t>(g.dq.data) % 16 == 0);
+               dq_addr % 16 == 0;
 
   // dO as the kernels read it: grad_out itself, or a gated / converted copy.
   const bool copy = spec.gate_kind != GateKind::kNone || g.grad_out.dtype != p.q.dtype ||
@@ -283,6 +286,18 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
 
   DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  // The tensor maps first: an operand the copy engine cannot address fails the call before any
+  // output is written. (The dO copy's address is set below, once its scratch exists.)
+  BwdMaps maps;
+  const char* bad = encode_maps(p, &maps.qkv, kM, kN);
+  core::RowOperand dout_probe = dout;
+  if (copy) dout_probe.data = reinterpret_cast<char*>(uintptr_t{1} << 20);  // any aligned address
+  if (!bad && !encode_rows(&maps.dout, &maps.o_hm, &maps.o_bm, dout_probe, p.dv,
+                           std::max<int64_t>(rows_q, 1), p.hq, batch, kM))
+    bad = "grad_out";
+  if (bad)
+    return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
+                "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   // Scratch: lse2 and D per padded row, the dsinks sums, the dO copy.
   const int64_t stat_floats = p.batch * p.hq * bp.stat_stride;
   const int64_t copy_bytes = copy ? (batch * p.hq * rows_q * copy_sn * 2 + 255) / 256 * 256 : 0;
@@ -295,7 +310,12 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (e != cudaSuccess)
     return fail(StatusCode::kInternal, "scratch allocation failed: ", cudaGetErrorString(e));
   char* base = static_cast<char*>(scratch);
-  if (copy) dout.data = base;
+  if (copy) {
+    dout.data = base;
+    if (!encode_rows(&maps.dout, &maps.o_hm, &maps.o_bm, dout, p.dv, std::max<int64_t>(rows_q, 1),
+                     p.hq, batch, kM))
+      e = cudaErrorInvalidValue;  // the same map as probed above, at the scratch's address
+  }
   bp.lse2 = reinterpret_cast<float*>(base + copy_bytes);
   bp.dd = bp.lse2 + stat_floats;
   double* dsinks = grads.dsinks.defined()
@@ -352,12 +372,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     e = cudaGetLastError();
   }
 
-  BwdMaps maps;
-  const char* bad = encode_maps(p, &maps.qkv, kM, kN);
-  if (!bad && !encode_rows(&maps.dout, &maps.o_hm, &maps.o_bm, dout, p.dv, std::max<int64_t>(rows_q, 1),
-                           p.hq, batch, kM))
-    bad = "grad_out";
-  if (e == cudaSuccess && !bad) {
+  if (e == cudaSuccess) {
     if (fast) {
       e = inst.fast(bp, maps, stream);
     } else {
@@ -368,7 +383,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
       if (e == cudaSuccess) e = e2;
     }
   }
-  if (e == cudaSuccess && !bad && dq_scratch) {
+  if (e == cudaSuccess && dq_scratch) {
     const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
                     static_cast<unsigned>(p.batch));
     convert_dq_kernel<<<grid, 256, 0, stream>>>(
@@ -378,9 +393,6 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   }
   const cudaError_t e3 = cudaFreeAsync(scratch, stream);
   if (e == cudaSuccess) e = e3;
-  if (bad)
-    return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
-                "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   if (e != cudaSuccess)
     return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
   return {};

@@ -46,7 +46,8 @@ struct BwdParams {
   DType dk_dtype = DType::kF32, dv_dtype = DType::kF32;
   int64_t dq_sb = 0, dq_sh = 0, dq_sn = 0, dk_sb = 0, dk_sh = 0, dk_sn = 0;
   int64_t dv_sb = 0, dv_sh = 0, dv_sn = 0;
-  bool dq_vec4 = false;  // dq's groups of 4 columns are 16-byte aligned (vector atomics)
+  bool dq_pairs = false;  // dq's pairs of columns are 8-byte aligned (float2 atomics)
+  bool dq_vec4 = false;   // and its groups of 4 columns 16-byte aligned (float4 reductions)
   int num_k_tiles = 0;    // of the longest key sequence
 };
 
@@ -463,7 +464,7 @@ __global__ void __launch_bounds__(384, 1)
             const int col = cw * kDqN + c8 * 8 + col0;
             if (col >= p.d) continue;
             const float v0 = dq[c8 * 4 + 2 * r] * p.scale, v1 = dq[c8 * 4 + 2 * r + 1] * p.scale;
-            if (bp.dq_vec4) {  // 16-byte groups: pairs are 8-byte aligned
+            if (bp.dq_pairs) {
               atomicAdd(reinterpret_cast<float2*>(row + col), make_float2(v0, v1));
             } else {
               atomicAdd(row + col, v0);
