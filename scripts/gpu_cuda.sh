@@ -11,6 +11,9 @@ out=${1:-/tmp/attnkit_gpu}
 shift || true
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+# The host CPU and whether it has the AVX-512 bf16 dot product (issue 2's bf16 target needs it).
+lscpu | sed -n 's/^Model name: *//p'
+grep -o -w -E 'avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
 hwy_root=${HWY_ROOT:-$PWD/.carry/hwy}
 deps=${DEPS_ROOT:-$PWD/.carry/deps}
 export LD_LIBRARY_PATH=$hwy_root/lib:${LD_LIBRARY_PATH:-}
