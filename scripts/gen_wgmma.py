@@ -20,27 +20,15 @@ def outs(n):
     return ", ".join(f'"+f"(d[{i}])' for i in range(n))
 
 
-def emit_ss(n, t):
+def emit_ss(n, t, name="ss", trans="0, 0"):
+    """A and B from shared memory; trans: wgmma's transpose flags of A and B."""
     r = n // 2
     print(f"""template <>
-__device__ __forceinline__ void Wgmma<{n}, Elem_{t}>::ss(float (&d)[{r}], uint64_t a, uint64_t b,
+__device__ __forceinline__ void Wgmma<{n}, Elem_{t}>::{name}(float (&d)[{r}], uint64_t a, uint64_t b,
                                                        int accumulate) {{
   asm volatile(
       "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{r + 2}, 0;\\n"
-      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{regs(r)}}}, %{r}, %{r + 1}, p, 1, 1, 0, 0;\\n}}\\n"
-      : {outs(r)}
-      : "l"(a), "l"(b), "r"(accumulate));
-}}""")
-
-
-def emit_tt(n, t):
-    r = n // 2
-    print(f"""template <>
-__device__ __forceinline__ void Wgmma<{n}, Elem_{t}>::tt(float (&d)[{r}], uint64_t a, uint64_t b,
-                                                       int accumulate) {{
-  asm volatile(
-      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{r + 2}, 0;\\n"
-      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{regs(r)}}}, %{r}, %{r + 1}, p, 1, 1, 1, 1;\\n}}\\n"
+      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{regs(r)}}}, %{r}, %{r + 1}, p, 1, 1, {trans};\\n}}\\n"
       : {outs(r)}
       : "l"(a), "l"(b), "r"(accumulate));
 }}""")
@@ -86,5 +74,5 @@ for t in TYPES:
     for n in RS_N:
         emit_rs(n, t)
     for n in TT_N:
-        emit_tt(n, t)
+        emit_ss(n, t, "tt", "1, 1")
 print("\n}  // namespace attnkit::cuda")

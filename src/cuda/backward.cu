@@ -249,12 +249,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   bp.dv_dtype = g.dv.dtype;
   bp.dk_sb = g.dk.sb, bp.dk_sh = g.dk.sh, bp.dk_sn = g.dk.sn;
   bp.dv_sb = g.dv.sb, bp.dv_sh = g.dv.sh, bp.dv_sn = g.dv.sn;
-  int64_t rows_q = p.max_nq, batch = p.batch;
-  if (p.varlen) {
-    rows_q = 0;
-    for (const core::Sequence& s : p.seqs) rows_q = std::max(rows_q, s.q_start + s.nq);
-    batch = 1;
-  }
+  const RowExtent extent = row_extent(p);
+  const int64_t rows_q = extent.rows_q, batch = extent.batch;
   // dq is added with fp32 atomics: into the caller's fp32 dq, or into a scratch [batch][hq]
   // [rows_q][d] converted to the 16-bit dq afterwards.
   const bool dq_scratch = g.dq.dtype != DType::kF32;

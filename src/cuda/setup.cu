@@ -134,19 +134,25 @@ bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, 
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-const char* encode_maps(const core::Problem& p, TmaMaps* maps, int q_box, int k_box) {
-  int64_t rows_q = p.seqs[0].nq, rows_k = p.seqs[0].nk, batch = p.batch;
+RowExtent row_extent(const core::Problem& p) {
+  RowExtent x{p.max_nq, p.max_nk, p.batch};
   if (p.varlen) {
-    rows_q = rows_k = 0;
+    x.rows_q = x.rows_k = 0;
     for (const core::Sequence& s : p.seqs) {
-      rows_q = std::max(rows_q, s.q_start + s.nq);
-      rows_k = std::max(rows_k, s.k_start + s.nk);
+      x.rows_q = std::max(x.rows_q, s.q_start + s.nq);
+      x.rows_k = std::max(x.rows_k, s.k_start + s.nk);
     }
-    batch = 1;
+    x.batch = 1;
   }
+  return x;
+}
+
+const char* encode_maps(const core::Problem& p, TmaMaps* maps, int q_box, int k_box) {
+  const RowExtent x = row_extent(p);
+  const int64_t batch = x.batch;
   // Empty operands are never read; a one-row extent keeps their maps valid.
-  rows_q = std::max<int64_t>(rows_q, 1);
-  rows_k = std::max<int64_t>(rows_k, 1);
+  const int64_t rows_q = std::max<int64_t>(x.rows_q, 1);
+  const int64_t rows_k = std::max<int64_t>(x.rows_k, 1);
   if (rows_q >= (int64_t{1} << 31)) return "q";
   if (rows_k >= (int64_t{1} << 31)) return "k";
   if (!encode_rows(&maps->q, &maps->q_hm, &maps->q_bm, p.q, p.d, rows_q, p.hq, batch, q_box))

@@ -34,6 +34,13 @@ bool band_of(const Mask& m, int64_t* left, int64_t* right);
 // FwdParams of a validated problem; num_q_tiles counts query tiles of q_tile rows.
 void fill_params(const core::Problem& p, int q_tile, FwdParams* f);
 
+// The row extents of q and k as the kernels address them: rows per batch element, or the packed
+// rows of a varlen batch (whose batch extent is then 1).
+struct RowExtent {
+  int64_t rows_q = 0, rows_k = 0, batch = 0;
+};
+RowExtent row_extent(const core::Problem& p);
+
 // A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x
 // box_rows rows (false where the copy engine cannot address it).
 bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, int64_t cols,
