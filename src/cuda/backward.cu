@@ -175,8 +175,51 @@ __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, 
   }
 }
 
-__global__ void store_dsinks_kernel(const double* sums, int hq, void* out, DType t, int64_t s) {
-  for (int h = threadIdx.x; h < hq; h += blockDim.x) store_grad(out, t, h * s, sums[h]);
+// out[x * s] = sums[x] for x < n (dsinks, dslopes, dbeta).
+__global__ void store_sums_kernel(const double* sums, int n, void* out, DType t, int64_t s) {
+  for (int x = threadIdx.x; x < n; x += blockDim.x) store_grad(out, t, x * s, sums[x]);
+}
+
+// dtable[h][x] from the kernel's [hq][kMaxBwdBuckets] sums.
+__global__ void store_table_kernel(const float* sums, int hq, int buckets, void* out, DType t,
+                                   int64_t s0, int64_t s1) {
+  for (int x = threadIdx.x; x < hq * buckets; x += blockDim.x) {
+    const int h = x / buckets, k = x % buckets;
+    store_grad(out, t, h * s0 + k * s1, sums[h * kMaxBwdBuckets + k]);
+  }
+}
+
+// The forget gate: d log f_m = sum_{n >= m} dc_n (c is the prefix sum of log f over keys), one
+// thread per (b, h) in float64.
+__global__ void forget_suffix_kernel(const float* dc, int64_t dc_stride, int batch, int hq,
+                                     int nk, const int32_t* cu_k, void* out, DType t, int64_t sb,
+                                     int64_t sh, int64_t sn) {
+  const int x = blockIdx.x * blockDim.x + threadIdx.x;
+  if (x >= batch * hq) return;
+  const int b = x / hq, h = x % hq;
+  const int n = cu_k ? cu_k[b + 1] - cu_k[b] : nk;
+  const float* row = dc + static_cast<int64_t>(x) * dc_stride;
+  double acc = 0;
+  for (int m = n - 1; m >= 0; --m) {
+    acc += row[m];
+    store_grad(out, t, b * sb + h * sh + m * sn, acc);
+  }
+}
+
+// Zeroes an fp32 4-D view (dbias before the kernel adds into it).
+__global__ void zero_view_kernel(float* base, int64_t n0, int64_t n1, int64_t n2, int64_t n3,
+                                 int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
+  const int64_t total = n0 * n1 * n2 * n3;
+  for (int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; x < total;
+       x += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t r = x;
+    const int64_t i3 = r % n3;
+    r /= n3;
+    const int64_t i2 = r % n2;
+    r /= n2;
+    const int64_t i1 = r % n1;
+    base[(r / n1) * s0 + i1 * s1 + i2 * s2 + i3 * s3] = 0.f;
+  }
 }
 
 }  // namespace
@@ -207,18 +250,21 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
       return fail(StatusCode::kNotImplemented, name, ".dtype = ", dtype_name(r->dtype),
                   ": the CUDA backward writes fp32 or 16-bit gradients");
   const std::pair<const TensorView*, const char*> extras[] = {
-      {&grads.dbias, "dbias"},
       {&grads.dlow_rank_u, "dlow_rank_u"},
       {&grads.dlow_rank_w, "dlow_rank_w"},
-      {&grads.drelative_table, "drelative_table"},
-      {&grads.dforget_log_f, "dforget_log_f"},
-      {&grads.dalibi_slopes, "dalibi_slopes"},
-      {&grads.dbeta, "dbeta"},
       {&grads.drela_gain, "drela_gain"}};
   for (const auto& [t, name] : extras)
     if (t->defined())
       return fail(StatusCode::kNotImplemented, name,
-                  " is not computed on CUDA yet (dq, dk, dv, dsinks and dgate are)");
+                  " is not computed on CUDA yet (dq, dk, dv, dbias, dalibi_slopes, "
+                  "drelative_table, dforget_log_f, dsinks, dbeta and dgate are)");
+  if (grads.dbias.defined() && grads.dbias.dtype != DType::kF32)
+    return fail(StatusCode::kNotImplemented, "dbias.dtype = ", dtype_name(grads.dbias.dtype),
+                ": the CUDA backward adds dbias in place in fp32");
+  if (grads.drelative_table.defined() && p.spec->mods.num_buckets > kMaxBwdBuckets)
+    return fail(StatusCode::kNotImplemented, "drelative_table with ",
+                str(p.spec->mods.num_buckets), " buckets: the CUDA backward sums at most ",
+                str(kMaxBwdBuckets));
   if (deterministic)
     return fail(StatusCode::kNotImplemented,
                 "Options::deterministic: the CUDA backward adds dq with atomics, so its "
@@ -363,9 +409,43 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   }
   if (e == cudaSuccess && dsinks) {
     const TensorView& t = grads.dsinks;
-    store_dsinks_kernel<<<1, 256, 0, stream>>>(dsinks, static_cast<int>(p.hq), t.data, t.dtype,
+    store_sums_kernel<<<1, 256, 0, stream>>>(dsinks, static_cast<int>(p.hq), t.data, t.dtype,
                                                t.strides[0]);
     e = cudaGetLastError();
+  }
+
+  // The score mods' gradients: dbias zeroed, then added in place; the other sums in a zeroed
+  // scratch, stored after the kernel.
+  const TensorView& gb = grads.dbias;
+  if (e == cudaSuccess && gb.defined()) {
+    bp.dbias = static_cast<float*>(gb.data);
+    bp.db_sb = gb.shape[0] > 1 ? gb.strides[0] : 0;
+    bp.db_sh = gb.shape[1] > 1 ? gb.strides[1] : 0;
+    bp.db_si = gb.strides[2];
+    bp.db_sj = gb.strides[3];
+    zero_view_kernel<<<256, 256, 0, stream>>>(bp.dbias, gb.shape[0], gb.shape[1], gb.shape[2],
+                                              gb.shape[3], gb.strides[0], gb.strides[1],
+                                              gb.strides[2], gb.strides[3]);
+    e = cudaGetLastError();
+  }
+  const bool slopes = grads.dalibi_slopes.defined(), table = grads.drelative_table.defined();
+  const bool beta = grads.dbeta.defined(), forget = grads.dforget_log_f.defined();
+  const int64_t ex_slopes = slopes ? p.hq : 0, ex_beta = beta ? 1 : 0;
+  const int64_t ex_table = table ? p.hq * kMaxBwdBuckets : 0, ex_dc = forget ? p.batch * p.hq * p.max_nk : 0;
+  const int64_t ex_bytes = (ex_slopes + ex_beta) * 8 + (ex_table + ex_dc) * 4;
+  void* ex = nullptr;
+  if (e == cudaSuccess && ex_bytes > 0) {
+    e = cudaMallocAsync(&ex, ex_bytes, stream);
+    if (e == cudaSuccess) e = cudaMemsetAsync(ex, 0, ex_bytes, stream);
+    double* d = static_cast<double*>(ex);
+    if (slopes) bp.dslopes = d;
+    if (beta) bp.dbeta = d + ex_slopes;
+    float* fl = reinterpret_cast<float*>(d + ex_slopes + ex_beta);
+    if (table) bp.dtable = fl;
+    if (forget) {
+      bp.dc = fl + ex_table;
+      bp.dc_stride = p.max_nk;
+    }
   }
 
   if (e == cudaSuccess) {
@@ -386,6 +466,35 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
         bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, g.dq.data, g.dq.dtype == DType::kBF16, g.dq.sb,
         g.dq.sh, g.dq.sn, f.d, f.nq, f.cu_q, bp.stat_stride);
     e = cudaGetLastError();
+  }
+  if (e == cudaSuccess && slopes) {
+    const TensorView& t = grads.dalibi_slopes;
+    store_sums_kernel<<<1, 256, 0, stream>>>(bp.dslopes, static_cast<int>(p.hq), t.data, t.dtype,
+                                             t.strides[0]);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess && beta) {
+    store_sums_kernel<<<1, 32, 0, stream>>>(bp.dbeta, 1, grads.dbeta.data, grads.dbeta.dtype, 1);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess && table) {
+    const TensorView& t = grads.drelative_table;
+    store_table_kernel<<<1, 256, 0, stream>>>(bp.dtable, static_cast<int>(p.hq),
+                                              static_cast<int>(t.shape[1]), t.data, t.dtype,
+                                              t.strides[0], t.strides[1]);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess && forget) {
+    const TensorView& t = grads.dforget_log_f;
+    const int n = static_cast<int>(p.batch * p.hq);
+    forget_suffix_kernel<<<(n + 127) / 128, 128, 0, stream>>>(
+        bp.dc, bp.dc_stride, static_cast<int>(p.batch), static_cast<int>(p.hq), f.nk, f.cu_k,
+        t.data, t.dtype, t.strides[0], t.strides[1], t.strides[2]);
+    e = cudaGetLastError();
+  }
+  if (ex) {
+    const cudaError_t e4 = cudaFreeAsync(ex, stream);
+    if (e == cudaSuccess) e = e4;
   }
   const cudaError_t e3 = cudaFreeAsync(scratch, stream);
   if (e == cudaSuccess) e = e3;

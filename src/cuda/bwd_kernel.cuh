@@ -48,6 +48,17 @@ struct BwdParams {
   int64_t dv_sb = 0, dv_sh = 0, dv_sn = 0;
   bool dq_pairs = false;  // dq's pairs of columns are 8-byte aligned (float2 atomics)
   bool dq_vec4 = false;   // and its groups of 4 columns 16-byte aligned (float4 reductions)
+  // Gradients of the score mods' tensors (general flavor), from g = dL/d(additive terms) per
+  // allowed pair: dbias (fp32, added in place: stride 0 on broadcast dims), and fp32 / fp64
+  // scratch sums the host stores afterwards: dslopes [hq], dtable [hq][kMaxBwdBuckets], dbeta
+  // [1], and the forget gate's dc [b * hq + h][dc_stride] (d of its prefix sums).
+  float* dbias = nullptr;
+  int64_t db_sb = 0, db_sh = 0, db_si = 0, db_sj = 0;
+  double* dslopes = nullptr;
+  float* dtable = nullptr;
+  double* dbeta = nullptr;
+  float* dc = nullptr;
+  int64_t dc_stride = 0;
   int num_k_tiles = 0;    // of the longest key sequence
 };
 
@@ -58,6 +69,8 @@ struct BwdMaps {
   CUtensorMap dout;
   int o_hm = 1, o_bm = 1;
 };
+
+inline constexpr int kMaxBwdBuckets = 256;  // relative buckets the CUDA backward differentiates
 
 template <int kD, int kDV, bool kGeneral>
 struct BwdShape {
@@ -76,7 +89,9 @@ struct BwdShape {
   static constexpr int kDsBytes = kN * kM * 2;  // dS^T: 128 key rows x 64 query columns
   static constexpr int kDqStride = kDp + 8;  // fp32 dQ rows, padded against bank conflicts
   static constexpr int kDqBytes = kGeneral ? kM * kDqStride * 4 : 0;  // the general flavor's
-  static constexpr int kFixed = kKBytes + kVBytes + 2 * kDsBytes + kDqBytes + 1024 + 128;
+  static constexpr int kTableBytes = kGeneral ? kMaxBwdBuckets * 4 : 0;  // dtable of a head
+  static constexpr int kFixed =
+      kKBytes + kVBytes + 2 * kDsBytes + kDqBytes + kTableBytes + 1024 + 128;
   static constexpr int kStageBytes = kQBytes + kOBytes + kStatBytes;
   static constexpr int kStages = kFixed + 3 * kStageBytes <= 227 * 1024 ? 3 : 2;
   static constexpr int kSmemBytes = kFixed + kStages * kStageBytes;
@@ -119,7 +134,8 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t sDS0 = sV + S::kVBytes;
   auto sDS = [&](int x) { return sDS0 + x * S::kDsBytes; };
   const uint32_t sDQ = sDS0 + 2 * S::kDsBytes;  // fp32 [kM][kDqStride]
-  auto sQ = [&](int st) { return sDQ + S::kDqBytes + st * S::kStageBytes; };
+  const uint32_t sTable = sDQ + S::kDqBytes;  // fp32 [kMaxBwdBuckets] (general)
+  auto sQ = [&](int st) { return sTable + S::kTableBytes + st * S::kStageBytes; };
   auto sO = [&](int st) { return sQ(st) + S::kQBytes; };
   auto sStat = [&](int st) { return sO(st) + S::kOBytes; };  // lse2[kM], then D[kM]
   const uint32_t bars = sQ(kStages);
@@ -275,7 +291,17 @@ __global__ void __launch_bounds__(384, 1)
 
   mbar_wait(bar_kv, 0);
   int it = 0;
+  // The extras' per-thread sums: dslopes and the forget gate's column sums per head, dbeta.
+  const bool want_table = kGeneral && bp.dtable;
+  float beta_acc = 0.f;
+  constexpr int kTableSync = 6;  // named barrier of the consumers around the dtable tile
   for (int h = h_begin; h < h_end; ++h) {
+    float slope_acc = 0.f, col_acc[2] = {0.f, 0.f};
+    if (want_table) {
+      for (int x = tid - 128; x < kMaxBwdBuckets; x += 256)
+        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(sTable + x * 4), "f"(0.f) : "memory");
+      named_sync(kTableSync, 256);
+    }
     MaskState ms;
     ScoreModEval<float> mods;
     bool additive = false;
@@ -375,12 +401,47 @@ __global__ void __launch_bounds__(384, 1)
             pw = ok ? fast_sigmoid(s[x] + beta) : 0.f;
             ds = dp[x] * pw * (1.f - pw);
           }
+          if (kGeneral && sigmoid) beta_acc += ds;  // beta is added after the softcap
           if (kGeneral && cap != 0.f) {
             const float t = s[x] * inv_cap;
             ds *= 1.f - t * t;
           }
           s[x] = pw;
           dp[x] = ds;
+        }
+      }
+      // The score mods' tensors' gradients from g = dS^T (allowed pairs only: g is 0 elsewhere),
+      // one loop per term asked for.
+      if constexpr (kGeneral) {
+        const int off = static_cast<int>(seq.offset);
+        if (bp.dbias) {
+          float* db = bp.dbias + b * bp.db_sb + h * bp.db_sh;
+          each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int, int i, int j) {
+            if (g != 0.f) atomicAdd(db + i * bp.db_si + j * bp.db_sj, g);
+          });
+        }
+        if (bp.dslopes) {
+          const bool causal = mods.alibi == AlibiMode::kCausal;
+          each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int, int i, int j) {
+            const int dist = i + off - j;
+            slope_acc -= g * static_cast<float>(causal ? dist : abs(dist));
+          });
+        }
+        if (want_table)
+          each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int, int i, int j) {
+            if (g != 0.f)
+              asm volatile("red.shared.add.f32 [%0], %1;\n" ::"r"(
+                               sTable + 4 * mods.bucket_of[j - (i + off) + mods.bucket_origin]),
+                           "f"(g)
+                           : "memory");
+          });
+        if (bp.dc) {
+          float* dc = bp.dc + (static_cast<int64_t>(b) * p.hq + h) * bp.dc_stride;
+          each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int r, int i, int) {
+            if (g == 0.f) return;
+            atomicAdd(dc + min(i + off, nk - 1), g);  // + c[i'] ...
+            col_acc[r] += g;                          // ... - c[j]
+          });
         }
       }
       uint32_t pa[kM / 16][4], da[kM / 16][4];
@@ -475,8 +536,37 @@ __global__ void __launch_bounds__(384, 1)
       }
       ++it;
     }
+    if constexpr (kGeneral) {  // this head's sums
+      if (bp.dslopes) {
+#pragma unroll
+        for (int x = 16; x > 0; x /= 2) slope_acc += __shfl_xor_sync(0xffffffff, slope_acc, x);
+        if (lane == 0) atomicAdd(bp.dslopes + h, static_cast<double>(slope_acc));
+      }
+      if (bp.dc) {
+        float* dc = bp.dc + (static_cast<int64_t>(b) * p.hq + h) * bp.dc_stride;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float sum = quad_sum(col_acc[r]);
+          if (lane % 4 == 0 && key_r[r] < nk && sum != 0.f) atomicAdd(dc + key_r[r], -sum);
+        }
+      }
+      if (want_table) {
+        named_sync(kTableSync, 256);
+        for (int x = tid - 128; x < kMaxBwdBuckets && x < p.num_buckets; x += 256) {
+          float v;
+          asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(sTable + x * 4) : "memory");
+          if (v != 0.f) atomicAdd(bp.dtable + h * kMaxBwdBuckets + x, v);
+        }
+        named_sync(kTableSync, 256);
+      }
+    }
   }
   if (kGeneral && it > 0) named_sync(kDqFree, kDqThreads);  // the dq warps' last arrival
+  if (kGeneral && bp.dbeta) {
+#pragma unroll
+    for (int x = 16; x > 0; x /= 2) beta_acc += __shfl_xor_sync(0xffffffff, beta_acc, x);
+    if (lane == 0) atomicAdd(bp.dbeta, static_cast<double>(beta_acc));
+  }
 
   // dk = scale * dK, dv = dV (rows past nk are another sequence's or padding).
   const int64_t k_es = bp.dk_dtype == DType::kF32 ? 4 : 2, v_es = bp.dv_dtype == DType::kF32 ? 4 : 2;
