@@ -281,6 +281,7 @@ TEST(CudaBackwardRules, WhatIsNotOnCudaYetIsNamed) {
   {
     BwdCall c;
     c.spec.normalizer.kind = NormalizerKind::kKernel;
+    c.spec.normalizer.length_scale = true;
     const Status s = c.check();
     EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
     EXPECT_NE(s.message().find("normalizer"), std::string::npos) << s.message();

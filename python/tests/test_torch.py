@@ -279,8 +279,8 @@ def test_cuda_errors_name_the_rule():
     with pytest.raises(TypeError, match="bf16 or fp16"):
         attnkit.attention(q, q, q)
     qb = q.bfloat16().requires_grad_()
-    # The forward runs; the normalized kernel's backward is not on CUDA yet.
-    out = attnkit.attention(qb, qb, qb, normalizer=attnkit.normalizers.Kernel())
+    # The forward runs; the normalized kernel's backward with a length scale is not on CUDA yet.
+    out = attnkit.attention(qb, qb, qb, normalizer=attnkit.normalizers.Kernel(length_scale=True))
     with pytest.raises(NotImplementedError, match="normalizer"):
         out.sum().backward()
     with pytest.raises(TypeError, match="on cpu but q is on cuda"):

@@ -54,6 +54,7 @@ struct PrepParams {
   DType out_dtype = DType::kF32;
   int64_t o_sb = 0, o_sh = 0, o_sn = 0;
   const float* row_stat = nullptr;  // null: sigmoid (no LSE, no D)
+  bool kernel_norm = false;         // row_stat is the normalized kernel's row sum
   int64_t st_sb = 0, st_sh = 0, st_sn = 0;
   GateKind gate = GateKind::kNone;
   const void* gate_ptr = nullptr;
@@ -143,6 +144,12 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
   if (!p.row_stat) {  // sigmoid
     *lse2 = 0.f;
     *dd = 0.f;
+    return;
+  }
+  if (p.kernel_norm) {  // the row sum L of the weights: 1 / L in place of the LSE
+    const float l = p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn];
+    *lse2 = l > 0.f ? 1.f / l : 0.f;
+    *dd = dot;
     return;
   }
   const float lse = p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn];
@@ -238,13 +245,16 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
                 " (built: ", built, "; head dims above 128 are not differentiated on CUDA yet)");
   }
   const NormalizerKind n = p.spec->normalizer.kind;
-  if (n != NormalizerKind::kSoftmax && n != NormalizerKind::kSoftmaxSink &&
-      n != NormalizerKind::kSigmoid)
+  if (n == NormalizerKind::kReLA)
     return fail(StatusCode::kNotImplemented, "the backward of normalizer ", normalizer_name(n),
-                " is not on CUDA yet (softmax, softmax with sink and sigmoid are)");
-  if (p.softmax_family() && !p.row_stat.defined())
-    return fail(StatusCode::kInvalidArgument,
-                "row_stat is missing: the backward pass needs the forward's LSE");
+                " is not on CUDA yet (softmax, softmax with sink, sigmoid and the normalized "
+                "kernel without length scale are)");
+  if (n == NormalizerKind::kKernel && p.spec->normalizer.length_scale)
+    return fail(StatusCode::kNotImplemented,
+                "the backward of normalizer kernel with length_scale is not on CUDA yet");
+  if ((p.softmax_family() || n == NormalizerKind::kKernel) && !p.row_stat.defined())
+    return fail(StatusCode::kInvalidArgument, "row_stat is missing: the backward pass needs the ",
+                p.softmax_family() ? "forward's LSE" : "forward's row sum (normalized kernel)");
   for (const auto& [r, name] : {std::pair{&g.dq, "dq"}, {&g.dk, "dk"}, {&g.dv, "dv"}})
     if (r->dtype == DType::kF64)
       return fail(StatusCode::kNotImplemented, name, ".dtype = ", dtype_name(r->dtype),
@@ -373,7 +383,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   pp.out = p.out.data;
   pp.out_dtype = p.out.dtype;
   pp.o_sb = p.out.sb, pp.o_sh = p.out.sh, pp.o_sn = p.out.sn;
-  if (p.softmax_family()) {
+  if (p.softmax_family() || spec.normalizer.kind == NormalizerKind::kKernel) {
+    pp.kernel_norm = spec.normalizer.kind == NormalizerKind::kKernel;
     pp.row_stat = p.row_stat.data;
     pp.st_sb = p.row_stat.sb, pp.st_sh = p.row_stat.sh, pp.st_sn = p.row_stat.sn;
   }

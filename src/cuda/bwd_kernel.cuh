@@ -267,6 +267,10 @@ __global__ void __launch_bounds__(384, 1)
   const NormalizerKind norm =
       kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink : NormalizerKind::kSoftmax);
   const bool sigmoid = norm == NormalizerKind::kSigmoid;
+  // The normalized kernel: P = w(s) / L with w = f(s)^power; the stat rows hold 1 / L.
+  const bool kernel_norm = kGeneral && norm == NormalizerKind::kKernel;
+  const KernelFeature feature = p.feature;
+  const float power = p.power;
   const float to2 = kGeneral ? static_cast<float>(kLog2e) : p.scale_log2;
   const float beta = p.has_beta ? p.beta : -logf(static_cast<float>(nk));
   const float cap = kGeneral ? p.softcap : 0.f;
@@ -394,7 +398,19 @@ __global__ void __launch_bounds__(384, 1)
           const bool ok = (!masked || ((allow >> ((e / 2) * 16 + 2 * c8 + (e & 1))) & 1)) &&
                           m0 + c8 * 8 + col0 + (e & 1) < nq;
           float pw, ds;
-          if (!sigmoid) {
+          if (kernel_norm) {
+            // dL/dw = (dO . v_j - D) / L; dw/ds = power f^(power - 1) f'(s).
+            const float inv_l = (e & 1) ? l2.y : l2.x;
+            const float w = ok ? fast_kernel_weight(s[x], feature, power) : 0.f;
+            const float fx = feature == KernelFeature::kSoftplus
+                                 ? fmaxf(s[x], 0.f) + log1pf(__expf(-fabsf(s[x])))
+                                 : fmaxf(s[x], 0.f);
+            const float dfx = feature == KernelFeature::kSoftplus ? fast_sigmoid(s[x])
+                                                                  : (s[x] > 0.f ? 1.f : 0.f);
+            pw = ok ? w * inv_l : 0.f;  // inv_l is +inf on padded rows
+            ds = w > 0.f ? (dp[x] - ((e & 1) ? d2.y : d2.x)) * inv_l * power * __fdividef(w, fx) * dfx
+                         : 0.f;
+          } else if (!sigmoid) {
             pw = ok ? fast_exp2(fmaf(s[x], to2, -((e & 1) ? l2.y : l2.x))) : 0.f;
             ds = pw * (dp[x] - ((e & 1) ? d2.y : d2.x));
           } else {
