@@ -259,18 +259,15 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
     if (r->dtype == DType::kF64)
       return fail(StatusCode::kNotImplemented, name, ".dtype = ", dtype_name(r->dtype),
                   ": the CUDA backward writes fp32 or 16-bit gradients");
-  const std::pair<const TensorView*, const char*> extras[] = {
-      {&grads.dlow_rank_u, "dlow_rank_u"},
-      {&grads.dlow_rank_w, "dlow_rank_w"},
-      {&grads.drela_gain, "drela_gain"}};
-  for (const auto& [t, name] : extras)
-    if (t->defined())
-      return fail(StatusCode::kNotImplemented, name,
-                  " is not computed on CUDA yet (dq, dk, dv, dbias, dalibi_slopes, "
-                  "drelative_table, dforget_log_f, dsinks, dbeta and dgate are)");
-  if (grads.dbias.defined() && grads.dbias.dtype != DType::kF32)
-    return fail(StatusCode::kNotImplemented, "dbias.dtype = ", dtype_name(grads.dbias.dtype),
-                ": the CUDA backward adds dbias in place in fp32");
+  if (grads.drela_gain.defined())
+    return fail(StatusCode::kNotImplemented,
+                "drela_gain is not computed on CUDA yet (ReLA has no CUDA backward)");
+  for (const auto& [t, name] : {std::pair{&grads.dbias, "dbias"},
+                                {&grads.dlow_rank_u, "dlow_rank_u"},
+                                {&grads.dlow_rank_w, "dlow_rank_w"}})
+    if (t->defined() && t->dtype != DType::kF32)
+      return fail(StatusCode::kNotImplemented, name, ".dtype = ", dtype_name(t->dtype),
+                  ": the CUDA backward adds ", name, " in place in fp32");
   if (grads.drelative_table.defined() && p.spec->mods.num_buckets > kMaxBwdBuckets)
     return fail(StatusCode::kNotImplemented, "drelative_table with ",
                 str(p.spec->mods.num_buckets), " buckets: the CUDA backward sums at most ",
@@ -438,6 +435,22 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                                               gb.shape[3], gb.strides[0], gb.strides[1],
                                               gb.strides[2], gb.strides[3]);
     e = cudaGetLastError();
+  }
+  for (const auto& [t, ptr] : {std::pair{&grads.dlow_rank_u, &bp.du}, {&grads.dlow_rank_w, &bp.dw}}) {
+    if (e != cudaSuccess || !t->defined()) continue;
+    *ptr = static_cast<float*>(t->data);
+    zero_view_kernel<<<256, 256, 0, stream>>>(*ptr, t->shape[0], t->shape[1], t->shape[2],
+                                              t->shape[3], t->strides[0], t->strides[1],
+                                              t->strides[2], t->strides[3]);
+    e = cudaGetLastError();
+  }
+  if (bp.du) {
+    const TensorView& u = grads.dlow_rank_u;
+    bp.du_sb = u.strides[0], bp.du_sh = u.strides[1], bp.du_sn = u.strides[2];
+  }
+  if (bp.dw) {
+    const TensorView& w = grads.dlow_rank_w;
+    bp.dw_sb = w.strides[0], bp.dw_sh = w.strides[1], bp.dw_sn = w.strides[2];
   }
   const bool slopes = grads.dalibi_slopes.defined(), table = grads.drelative_table.defined();
   const bool beta = grads.dbeta.defined(), forget = grads.dforget_log_f.defined();

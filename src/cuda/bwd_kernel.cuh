@@ -59,6 +59,10 @@ struct BwdParams {
   double* dbeta = nullptr;
   float* dc = nullptr;
   int64_t dc_stride = 0;
+  // Low-rank factors' gradients (fp32, added in place): dU [B, Hq, Nq, r], dW [B, Hq, Nk, r].
+  float* du = nullptr;
+  float* dw = nullptr;
+  int64_t du_sb = 0, du_sh = 0, du_sn = 0, dw_sb = 0, dw_sh = 0, dw_sn = 0;
   int num_k_tiles = 0;    // of the longest key sequence
 };
 
@@ -451,6 +455,20 @@ __global__ void __launch_bounds__(384, 1)
                            "f"(g)
                            : "memory");
           });
+        if (bp.du || bp.dw) {  // dU_i += g W_j, dW_j += g U_i (r atomics each: correct, slow)
+          const float* u = p.lowrank_u + b * p.u_sb + h * p.u_sh;
+          const float* w = p.lowrank_w + b * p.w_sb + h * p.w_sh;
+          float* du = bp.du ? bp.du + b * bp.du_sb + h * bp.du_sh : nullptr;
+          float* dw = bp.dw ? bp.dw + b * bp.dw_sb + h * bp.dw_sh : nullptr;
+          each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int, int i, int j) {
+            if (g == 0.f) return;
+#pragma unroll 1
+            for (int64_t k = 0; k < p.rank; ++k) {
+              if (du) atomicAdd(du + i * bp.du_sn + k, g * w[j * p.w_sn + k]);
+              if (dw) atomicAdd(dw + j * bp.dw_sn + k, g * u[i * p.u_sn + k]);
+            }
+          });
+        }
         if (bp.dc) {
           float* dc = bp.dc + (static_cast<int64_t>(b) * p.hq + h) * bp.dc_stride;
           each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int r, int i, int) {
