@@ -268,9 +268,9 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
     if (t->defined() && t->dtype != DType::kF32)
       return fail(StatusCode::kNotImplemented, name, ".dtype = ", dtype_name(t->dtype),
                   ": the CUDA backward adds ", name, " in place in fp32");
-  if (grads.drelative_table.defined() && p.spec->mods.num_buckets > kMaxBwdBuckets)
+  if (grads.drelative_table.defined() && grads.drelative_table.shape[1] > kMaxBwdBuckets)
     return fail(StatusCode::kNotImplemented, "drelative_table with ",
-                str(p.spec->mods.num_buckets), " buckets: the CUDA backward sums at most ",
+                str(grads.drelative_table.shape[1]), " buckets: the CUDA backward sums at most ",
                 str(kMaxBwdBuckets));
   if (deterministic)
     return fail(StatusCode::kNotImplemented,
@@ -447,10 +447,12 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (bp.du) {
     const TensorView& u = grads.dlow_rank_u;
     bp.du_sb = u.strides[0], bp.du_sh = u.strides[1], bp.du_sn = u.strides[2];
+    bp.du_sr = u.strides[3];
   }
   if (bp.dw) {
     const TensorView& w = grads.dlow_rank_w;
     bp.dw_sb = w.strides[0], bp.dw_sh = w.strides[1], bp.dw_sn = w.strides[2];
+    bp.dw_sr = w.strides[3];
   }
   const bool slopes = grads.dalibi_slopes.defined(), table = grads.drelative_table.defined();
   const bool beta = grads.dbeta.defined(), forget = grads.dforget_log_f.defined();
@@ -465,7 +467,10 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     if (slopes) bp.dslopes = d;
     if (beta) bp.dbeta = d + ex_slopes;
     float* fl = reinterpret_cast<float*>(d + ex_slopes + ex_beta);
-    if (table) bp.dtable = fl;
+    if (table) {
+      bp.dtable = fl;
+      bp.table_buckets = static_cast<int>(grads.drelative_table.shape[1]);
+    }
     if (forget) {
       bp.dc = fl + ex_table;
       bp.dc_stride = p.max_nk;

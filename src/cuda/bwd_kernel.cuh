@@ -56,13 +56,14 @@ struct BwdParams {
   int64_t db_sb = 0, db_sh = 0, db_si = 0, db_sj = 0;
   double* dslopes = nullptr;
   float* dtable = nullptr;
+  int table_buckets = 0;  // the relative table's columns (T5: num_buckets; clipped: 2 clip + 1)
   double* dbeta = nullptr;
   float* dc = nullptr;
   int64_t dc_stride = 0;
   // Low-rank factors' gradients (fp32, added in place): dU [B, Hq, Nq, r], dW [B, Hq, Nk, r].
   float* du = nullptr;
   float* dw = nullptr;
-  int64_t du_sb = 0, du_sh = 0, du_sn = 0, dw_sb = 0, dw_sh = 0, dw_sn = 0;
+  int64_t du_sb = 0, du_sh = 0, du_sn = 0, du_sr = 1, dw_sb = 0, dw_sh = 0, dw_sn = 0, dw_sr = 1;
   int num_k_tiles = 0;    // of the longest key sequence
 };
 
@@ -464,8 +465,8 @@ __global__ void __launch_bounds__(384, 1)
             if (g == 0.f) return;
 #pragma unroll 1
             for (int64_t k = 0; k < p.rank; ++k) {
-              if (du) atomicAdd(du + i * bp.du_sn + k, g * w[j * p.w_sn + k]);
-              if (dw) atomicAdd(dw + j * bp.dw_sn + k, g * u[i * p.u_sn + k]);
+              if (du) atomicAdd(du + i * bp.du_sn + k * bp.du_sr, g * w[j * p.w_sn + k]);
+              if (dw) atomicAdd(dw + j * bp.dw_sn + k * bp.dw_sr, g * u[i * p.u_sn + k]);
             }
           });
         }
@@ -586,7 +587,7 @@ __global__ void __launch_bounds__(384, 1)
       }
       if (want_table) {
         named_sync(kTableSync, 256);
-        for (int x = tid - 128; x < kMaxBwdBuckets && x < p.num_buckets; x += 256) {
+        for (int x = tid - 128; x < bp.table_buckets; x += 256) {
           float v;
           asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(sTable + x * 4) : "memory");
           if (v != 0.f) atomicAdd(bp.dtable + h * kMaxBwdBuckets + x, v);
