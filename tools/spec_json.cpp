@@ -408,8 +408,8 @@ json mechanism_spec(const std::string& name, const Dims& d) {
               {"bidirectional", true},
               {"num_buckets", 32},
               {"max_distance", 128}}}};
-  if (name == "relative_clipped")
-    return {{"mask", "causal"}, {"score_mod", {{"relative_buckets", "clipped"}, {"max", 16}}}};
+  if (name == "relative_clipped")  // no mask: every one of the 33 buckets is reached
+    return {{"mask", "none"}, {"score_mod", {{"relative_buckets", "clipped"}, {"max", 16}}}};
   if (name == "forget_gate") {
     if (d.nq > d.nk) return {};
     return {{"mask", "causal"}, {"score_mod", "forget_gate"}};
