@@ -10,6 +10,7 @@
 
 #include "cuda/backward.h"
 #include "cuda/bwd_kernel.cuh"
+#include "cuda/forward.h"
 #include "cuda/setup.h"
 
 namespace attnkit::cuda {
@@ -55,6 +56,15 @@ struct PrepParams {
   int64_t o_sb = 0, o_sh = 0, o_sn = 0;
   const float* row_stat = nullptr;  // null: sigmoid (no LSE, no D)
   bool kernel_norm = false;         // row_stat is the normalized kernel's row sum
+  // ReLA: O1 (the forward's O before the RMS, gain and gate) and what its backward needs; the
+  // copy of dO receives dO1 = d(out) / dO1.
+  const float* raw_o = nullptr;
+  int64_t r_sb = 0, r_sh = 0, r_sn = 0;
+  const float* gain = nullptr;
+  int64_t gain_s = 0;
+  float eps = 0.f;
+  float* dgain = nullptr;  // fp32 drela_gain, added into (zeroed before)
+  int64_t dgain_s = 0;
   int64_t st_sb = 0, st_sh = 0, st_sn = 0;
   GateKind gate = GateKind::kNone;
   const void* gate_ptr = nullptr;
@@ -127,12 +137,45 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
       gd = g * sg;
       if (p.dgate) store_grad(p.dgate, p.dgate_dtype, dg_row + c, g * o * (1.f - sg));
     }
-    if (p.dout_copy) {
+    if (p.dout_copy && !p.raw_o) {
       const int64_t off = b * p.c_sb + h * p.c_sh + row * p.c_sn + c;
       if (p.copy_bf16)
         static_cast<__nv_bfloat16*>(p.dout_copy)[off] = __float2bfloat16(gd);
       else
         static_cast<__half*>(p.dout_copy)[off] = __float2half(gd);
+    }
+  }
+  if (p.raw_o) {
+    // ReLA: out = gain O1 / rms (then the gate); with dY = dO gated,
+    // dO1 = gain dY / rms - O1 (sum_c dY_c gain_c O1_c) / (dv rms^3), dgain += dY O1 / rms.
+    const float* o1 = p.raw_o + b * p.r_sb + h * p.r_sh + row * p.r_sn;
+    auto gated = [&](int c) {
+      const float g = load_any(p.dout, p.do_dtype, do_off + c) * gate_h;
+      return p.gate == GateKind::kElementwise
+                 ? g * fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g_row + c))
+                 : g;
+    };
+    float ss = 0.f, sdot = 0.f;
+    for (int c = lane; c < p.dv; c += 32) {
+      ss += o1[c] * o1[c];
+      sdot += gated(c) * p.gain[c * p.gain_s] * o1[c];
+    }
+#pragma unroll
+    for (int x = 16; x > 0; x /= 2) {
+      ss += __shfl_xor_sync(0xffffffff, ss, x);
+      sdot += __shfl_xor_sync(0xffffffff, sdot, x);
+    }
+    const float rms = sqrtf(ss / p.dv + p.eps);
+    const float k3 = sdot / (p.dv * rms * rms * rms);
+    for (int c = lane; c < p.dv; c += 32) {
+      const float dy = gated(c);
+      const float d1 = p.gain[c * p.gain_s] * dy / rms - o1[c] * k3;
+      const int64_t off = b * p.c_sb + h * p.c_sh + row * p.c_sn + c;
+      if (p.copy_bf16)
+        static_cast<__nv_bfloat16*>(p.dout_copy)[off] = __float2bfloat16(d1);
+      else
+        static_cast<__half*>(p.dout_copy)[off] = __float2half(d1);
+      if (p.dgain) atomicAdd(p.dgain + c * p.dgain_s, dy * o1[c] / rms);
     }
   }
   for (int c = lane; c < p.d; c += 32) p.dq[b * p.dq_sb + h * p.dq_sh + row * p.dq_sn + c] = 0.f;
@@ -141,7 +184,7 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
   if (lane != 0) return;
   if (p.gate == GateKind::kPerHead && p.dgate)
     store_grad(p.dgate, p.dgate_dtype, dg_row, dot * (1.f - gate_h));
-  if (!p.row_stat) {  // sigmoid
+  if (!p.row_stat) {  // sigmoid, ReLA
     *lse2 = 0.f;
     *dd = 0.f;
     return;
@@ -245,10 +288,6 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
                 " (built: ", built, "; head dims above 128 are not differentiated on CUDA yet)");
   }
   const NormalizerKind n = p.spec->normalizer.kind;
-  if (n == NormalizerKind::kReLA)
-    return fail(StatusCode::kNotImplemented, "the backward of normalizer ", normalizer_name(n),
-                " is not on CUDA yet (softmax, softmax with sink, sigmoid and the normalized "
-                "kernel without length scale are)");
   if (n == NormalizerKind::kKernel && p.spec->normalizer.length_scale)
     return fail(StatusCode::kNotImplemented,
                 "the backward of normalizer kernel with length_scale is not on CUDA yet");
@@ -259,10 +298,8 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
     if (r->dtype == DType::kF64)
       return fail(StatusCode::kNotImplemented, name, ".dtype = ", dtype_name(r->dtype),
                   ": the CUDA backward writes fp32 or 16-bit gradients");
-  if (grads.drela_gain.defined())
-    return fail(StatusCode::kNotImplemented,
-                "drela_gain is not computed on CUDA yet (ReLA has no CUDA backward)");
   for (const auto& [t, name] : {std::pair{&grads.dbias, "dbias"},
+                                {&grads.drela_gain, "drela_gain"},
                                 {&grads.dlow_rank_u, "dlow_rank_u"},
                                 {&grads.dlow_rank_w, "dlow_rank_w"}})
     if (t->defined() && t->dtype != DType::kF32)
@@ -322,7 +359,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                dq_addr % 16 == 0;
 
   // dO as the kernels read it: grad_out itself, or a gated / converted copy.
-  const bool copy = spec.gate_kind != GateKind::kNone || g.grad_out.dtype != p.q.dtype ||
+  const bool rela = spec.normalizer.kind == NormalizerKind::kReLA;
+  const bool copy = spec.gate_kind != GateKind::kNone || g.grad_out.dtype != p.q.dtype || rela ||
                     !check_rows(g.grad_out, "grad_out", 8).ok();
   core::RowOperand dout = g.grad_out;
   const int64_t copy_sn = (p.dv + 7) / 8 * 8;
@@ -409,6 +447,37 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   pp.dsinks = dsinks;
   pp.hq = f.hq, pp.d = f.d, pp.dv = f.dv, pp.nq = f.nq, pp.nk = f.nk;
   pp.cu_q = f.cu_q, pp.cu_k = f.cu_k;
+  // ReLA: O1 recomputed by the forward pass (fp32, before the RMS, gain and gate), and
+  // drela_gain zeroed for the preparation's atomics.
+  void* raw = nullptr;
+  if (e == cudaSuccess && rela) {
+    core::Problem fp = p;
+    fp.out.dtype = DType::kF32;
+    fp.out.sn = p.dv;
+    fp.out.sh = rows_q * p.dv;
+    fp.out.sb = p.varlen ? 0 : p.hq * fp.out.sh;
+    fp.row_stat = {};
+    fp.raw_output = true;
+    e = cudaMallocAsync(&raw, batch * p.hq * rows_q * p.dv * 4, stream);
+    if (e == cudaSuccess) {
+      fp.out.data = static_cast<char*>(raw);
+      const Status st = forward(fp);
+      if (!st.ok()) e = cudaErrorLaunchFailure;
+    }
+    pp.raw_o = reinterpret_cast<const float*>(raw);
+    pp.r_sb = fp.out.sb, pp.r_sh = fp.out.sh, pp.r_sn = fp.out.sn;
+    pp.gain = f.gain;
+    pp.gain_s = f.gain_s;
+    pp.eps = f.rela_eps;
+    const TensorView& dg = grads.drela_gain;
+    if (e == cudaSuccess && dg.defined()) {
+      pp.dgain = static_cast<float*>(dg.data);
+      pp.dgain_s = dg.strides[0];
+      zero_view_kernel<<<1, 256, 0, stream>>>(pp.dgain, 1, 1, 1, dg.shape[0], 0, 0, 0,
+                                              dg.strides[0]);
+      e = cudaGetLastError();
+    }
+  }
   if (e == cudaSuccess) {
     const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
                     static_cast<unsigned>(p.batch));
@@ -477,6 +546,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     }
   }
 
+  bp.extras = bp.dbias || bp.dslopes || bp.dtable || bp.dc || bp.du || bp.dw;
   if (e == cudaSuccess) {
     if (fast) {
       e = inst.fast(bp, maps, stream);
@@ -524,6 +594,10 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (ex) {
     const cudaError_t e4 = cudaFreeAsync(ex, stream);
     if (e == cudaSuccess) e = e4;
+  }
+  if (raw) {
+    const cudaError_t e5 = cudaFreeAsync(raw, stream);
+    if (e == cudaSuccess) e = e5;
   }
   const cudaError_t e3 = cudaFreeAsync(scratch, stream);
   if (e == cudaSuccess) e = e3;

@@ -64,6 +64,7 @@ struct BwdParams {
   float* du = nullptr;
   float* dw = nullptr;
   int64_t du_sb = 0, du_sh = 0, du_sn = 0, du_sr = 1, dw_sb = 0, dw_sh = 0, dw_sn = 0, dw_sr = 1;
+  bool extras = false;  // any of the above (but dbeta, summed with the weights)
   int num_k_tiles = 0;    // of the longest key sequence
 };
 
@@ -274,6 +275,8 @@ __global__ void __launch_bounds__(384, 1)
   const bool sigmoid = norm == NormalizerKind::kSigmoid;
   // The normalized kernel: P = w(s) / L with w = f(s)^power; the stat rows hold 1 / L.
   const bool kernel_norm = kGeneral && norm == NormalizerKind::kKernel;
+  // ReLA: P = relu(s) unnormalized; dO is already through the RMS (the preparation's dO1).
+  const bool rela = kGeneral && norm == NormalizerKind::kReLA;
   const KernelFeature feature = p.feature;
   const float power = p.power;
   const float to2 = kGeneral ? static_cast<float>(kLog2e) : p.scale_log2;
@@ -387,95 +390,65 @@ __global__ void __launch_bounds__(384, 1)
           each_score<kM>(s, 0, 0, [&](float& x, int, int) { x = cap * fast_tanh(x * inv_cap); });
       }
 
-      // P^T and dS^T in place of S^T and dP^T.
+      // P^T and dS^T in place of S^T and dP^T: one unrolled loop per normalizer (a branch per
+      // score kept every normalizer's values live at once: spills). rule(s, dp, ok, l, dd, pw,
+      // ds) gets the score, dO . v_j, whether the pair is allowed, the row's stat (LSE in base 2,
+      // or 1 / L) and D.
+      auto weights = [&](auto rule) {
 #pragma unroll
-      for (int c8 = 0; c8 < kM / 8; ++c8) {
-        float2 l2, d2;
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                     : "=f"(l2.x), "=f"(l2.y)
-                     : "r"(sStat(st) + (c8 * 8 + col0) * 4));
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                     : "=f"(d2.x), "=f"(d2.y)
-                     : "r"(sStat(st) + kM * 4 + (c8 * 8 + col0) * 4));
+        for (int c8 = 0; c8 < kM / 8; ++c8) {
+          float2 l2, d2;
+          asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                       : "=f"(l2.x), "=f"(l2.y)
+                       : "r"(sStat(st) + (c8 * 8 + col0) * 4));
+          asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                       : "=f"(d2.x), "=f"(d2.y)
+                       : "r"(sStat(st) + kM * 4 + (c8 * 8 + col0) * 4));
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int x = c8 * 4 + e;
-          const bool ok = (!masked || ((allow >> ((e / 2) * 16 + 2 * c8 + (e & 1))) & 1)) &&
-                          m0 + c8 * 8 + col0 + (e & 1) < nq;
-          float pw, ds;
-          if (kernel_norm) {
-            // dL/dw = (dO . v_j - D) / L; dw/ds = power f^(power - 1) f'(s).
-            const float inv_l = (e & 1) ? l2.y : l2.x;
-            const float w = ok ? fast_kernel_weight(s[x], feature, power) : 0.f;
-            const float fx = feature == KernelFeature::kSoftplus
-                                 ? fmaxf(s[x], 0.f) + log1pf(__expf(-fabsf(s[x])))
-                                 : fmaxf(s[x], 0.f);
-            const float dfx = feature == KernelFeature::kSoftplus ? fast_sigmoid(s[x])
-                                                                  : (s[x] > 0.f ? 1.f : 0.f);
-            pw = ok ? w * inv_l : 0.f;  // inv_l is +inf on padded rows
-            ds = w > 0.f ? (dp[x] - ((e & 1) ? d2.y : d2.x)) * inv_l * power * __fdividef(w, fx) * dfx
-                         : 0.f;
-          } else if (!sigmoid) {
-            pw = ok ? fast_exp2(fmaf(s[x], to2, -((e & 1) ? l2.y : l2.x))) : 0.f;
-            ds = pw * (dp[x] - ((e & 1) ? d2.y : d2.x));
-          } else {
-            pw = ok ? fast_sigmoid(s[x] + beta) : 0.f;
-            ds = dp[x] * pw * (1.f - pw);
-          }
-          if (kGeneral && sigmoid) beta_acc += ds;  // beta is added after the softcap
-          if (kGeneral && cap != 0.f) {
-            const float t = s[x] * inv_cap;
-            ds *= 1.f - t * t;
-          }
-          s[x] = pw;
-          dp[x] = ds;
-        }
-      }
-      // The score mods' tensors' gradients from g = dS^T (allowed pairs only: g is 0 elsewhere),
-      // one loop per term asked for.
-      if constexpr (kGeneral) {
-        const int off = static_cast<int>(seq.offset);
-        if (bp.dbias) {
-          float* db = bp.dbias + b * bp.db_sb + h * bp.db_sh;
-          each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int, int i, int j) {
-            if (g != 0.f) atomicAdd(db + i * bp.db_si + j * bp.db_sj, g);
-          });
-        }
-        if (bp.dslopes) {
-          const bool causal = mods.alibi == AlibiMode::kCausal;
-          each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int, int i, int j) {
-            const int dist = i + off - j;
-            slope_acc -= g * static_cast<float>(causal ? dist : abs(dist));
-          });
-        }
-        if (want_table)
-          each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int, int i, int j) {
-            if (g != 0.f)
-              asm volatile("red.shared.add.f32 [%0], %1;\n" ::"r"(
-                               sTable + 4 * mods.bucket_of[j - (i + off) + mods.bucket_origin]),
-                           "f"(g)
-                           : "memory");
-          });
-        if (bp.du || bp.dw) {  // dU_i += g W_j, dW_j += g U_i (r atomics each: correct, slow)
-          const float* u = p.lowrank_u + b * p.u_sb + h * p.u_sh;
-          const float* w = p.lowrank_w + b * p.w_sb + h * p.w_sh;
-          float* du = bp.du ? bp.du + b * bp.du_sb + h * bp.du_sh : nullptr;
-          float* dw = bp.dw ? bp.dw + b * bp.dw_sb + h * bp.dw_sh : nullptr;
-          each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int, int i, int j) {
-            if (g == 0.f) return;
-#pragma unroll 1
-            for (int64_t k = 0; k < p.rank; ++k) {
-              if (du) atomicAdd(du + i * bp.du_sn + k * bp.du_sr, g * w[j * p.w_sn + k]);
-              if (dw) atomicAdd(dw + j * bp.dw_sn + k * bp.dw_sr, g * u[i * p.u_sn + k]);
+          for (int e = 0; e < 4; ++e) {
+            const int x = c8 * 4 + e;
+            const bool ok = (!masked || ((allow >> ((e / 2) * 16 + 2 * c8 + (e & 1))) & 1)) &&
+                            m0 + c8 * 8 + col0 + (e & 1) < nq;
+            float pw, ds;
+            rule(s[x], dp[x], ok, (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x, pw, ds);
+            if (kGeneral && sigmoid) beta_acc += ds;  // beta is added after the softcap
+            if (kGeneral && cap != 0.f) {
+              const float t = s[x] * inv_cap;
+              ds *= 1.f - t * t;
             }
-          });
+            s[x] = pw;
+            dp[x] = ds;
+          }
         }
-        if (bp.dc) {
-          float* dc = bp.dc + (static_cast<int64_t>(b) * p.hq + h) * bp.dc_stride;
-          each_score_ij<kM, true>(dp, key_r, m0, col0, [&](float& g, int r, int i, int) {
-            if (g == 0.f) return;
-            atomicAdd(dc + min(i + off, nk - 1), g);  // + c[i'] ...
-            col_acc[r] += g;                          // ... - c[j]
+      };
+      auto softmax_rule = [&](float sx, float dpx, bool ok, float l, float dd, float& pw,
+                              float& ds) {
+        pw = ok ? fast_exp2(fmaf(sx, to2, -l)) : 0.f;
+        ds = pw * (dpx - dd);
+      };
+      if (!kGeneral || norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink) {
+        weights(softmax_rule);
+      } else if constexpr (kGeneral) {
+        if (sigmoid) {
+          weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
+            pw = ok ? fast_sigmoid(sx + beta) : 0.f;
+            ds = dpx * pw * (1.f - pw);
+          });
+        } else if (rela) {  // P = relu(s), unnormalized; dO is already dO1
+          weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
+            pw = ok ? fmaxf(sx, 0.f) : 0.f;
+            ds = pw > 0.f ? dpx : 0.f;
+          });
+        } else {  // the normalized kernel: dL/dw = (dO . v_j - D) / L, dw/ds = p f^(p-1) f'(s)
+          weights([&](float sx, float dpx, bool ok, float inv_l, float dd, float& pw, float& ds) {
+            const float w = ok ? fast_kernel_weight(sx, feature, power) : 0.f;
+            const float fx = feature == KernelFeature::kSoftplus
+                                 ? fmaxf(sx, 0.f) + log1pf(__expf(-fabsf(sx)))
+                                 : fmaxf(sx, 0.f);
+            const float dfx =
+                feature == KernelFeature::kSoftplus ? fast_sigmoid(sx) : (sx > 0.f ? 1.f : 0.f);
+            pw = ok ? w * inv_l : 0.f;  // inv_l is +inf on padded rows
+            ds = w > 0.f ? (dpx - dd) * inv_l * power * __fdividef(w, fx) * dfx : 0.f;
           });
         }
       }
@@ -496,7 +469,51 @@ __global__ void __launch_bounds__(384, 1)
         }
       }
       fence_proxy_async_smem();
-
+      if (kGeneral && bp.extras) {
+        // The score mods' tensors' gradients from g = dS^T (0 on pairs not allowed), reading
+        // this thread's g back from the dS^T tile in one rolled loop (unrolled loops per score
+        // spilled the accumulators): dbias and the low-rank factors by atomics (the factors r
+        // per pair: correct, not fast), dslopes and the forget gate's column sums in registers,
+        // the relative table in a shared tile, the forget gate's row sums by atomics.
+        const int off = static_cast<int>(seq.offset);
+        float* db = bp.dbias ? bp.dbias + b * bp.db_sb + h * bp.db_sh : nullptr;
+        const float* u = p.lowrank_u + b * p.u_sb + h * p.u_sh;
+        const float* w = p.lowrank_w + b * p.w_sb + h * p.w_sh;
+        float* du = bp.du ? bp.du + b * bp.du_sb + h * bp.du_sh : nullptr;
+        float* dw = bp.dw ? bp.dw + b * bp.dw_sb + h * bp.dw_sh : nullptr;
+        float* dc = bp.dc ? bp.dc + (static_cast<int64_t>(b) * p.hq + h) * bp.dc_stride : nullptr;
+        const bool causal_alibi = mods.alibi == AlibiMode::kCausal;
+#pragma unroll 1
+        for (int y = 0; y < 32; ++y) {
+          const int r = y / 16, c8 = (y % 16) / 2, e = y % 2;
+          const int kr = cw * 64 + warp * 16 + lane / 4 + 8 * r;
+          const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + (col0 + e) * 2;
+          unsigned short bits;
+          asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(bits) : "r"(addr));
+          const float g = ElemTraits<T>::to_float(bits);
+          const int i = m0 + c8 * 8 + col0 + e, j = key_r[r];
+          if (g == 0.f || i >= nq || j >= nk) continue;
+          if (db) atomicAdd(db + i * bp.db_si + j * bp.db_sj, g);
+          if (bp.dslopes) {
+            const int dist = i + off - j;
+            slope_acc -= g * static_cast<float>(causal_alibi ? dist : abs(dist));
+          }
+          if (want_table)
+            asm volatile("red.shared.add.f32 [%0], %1;\n" ::"r"(
+                             sTable + 4 * mods.bucket_of[j - (i + off) + mods.bucket_origin]),
+                         "f"(g)
+                         : "memory");
+          if (dc) {
+            atomicAdd(dc + min(i + off, nk - 1), g);  // + c[i'] ...
+            (r == 0 ? col_acc[0] : col_acc[1]) += g;  // ... - c[j]
+          }
+#pragma unroll 1
+          for (int64_t k = 0; (du || dw) && k < p.rank; ++k) {
+            if (du) atomicAdd(du + i * bp.du_sn + k * bp.du_sr, g * w[j * p.w_sn + k]);
+            if (dw) atomicAdd(dw + j * bp.dw_sn + k * bp.dw_sr, g * u[i * p.u_sn + k]);
+          }
+        }
+      }
       // dV += P^T dO, dK += dS^T Q (query rows are the k dimension: B operands read transposed).
       fence_regs(dv);
       fence_regs(dk);

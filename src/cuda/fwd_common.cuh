@@ -215,7 +215,7 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
           ss += col < p.dv ? x * x : 0.f;
         }
       const float rms = sqrtf(quad_sum(ss) / p.dv + p.rela_eps);
-      mul = 1.f / rms;
+      mul = p.raw_output ? 1.f : 1.f / rms;
       stat = rms;
     }
     if (i >= seq.nq) continue;
@@ -230,7 +230,7 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
       if (col >= p.dv) continue;
       float x0 = o[c * 4 + 2 * r] * mul, x1 = o[c * 4 + 2 * r + 1] * mul;
       if constexpr (kGeneral) {
-        if (norm == NormalizerKind::kReLA) {
+        if (norm == NormalizerKind::kReLA && !p.raw_output) {
           x0 *= p.gain[col * p.gain_s];
           x1 *= p.gain[(col + 1) * p.gain_s];
         }

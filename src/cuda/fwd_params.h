@@ -47,7 +47,8 @@ struct FwdParams {
   bool bottom_right = true;             // aligned query index i' = i + (nk - nq)
   int num_q_tiles = 0;                  // of the longest query sequence
   float scale = 1.f, scale_log2 = 1.f;  // scale and scale * log2(e)
-  bool pingpong = true;  // the fast kernel's consumer warpgroups take turns at issuing
+  bool pingpong = true;     // the fast kernel's consumer warpgroups take turns at issuing
+  bool raw_output = false;  // out receives O before ReLA's RMS and gain (and no gate)
 
   // Masks. The fast kernel knows only bands: allowed(i, j) = i' - left <= j <= i' + right
   // (left, right may be "infinite"). The general kernel evaluates the mask tree.

@@ -325,7 +325,8 @@ void fill_params(const core::Problem& p, int q_tile, FwdParams* out) {
     f.gain_s = n.rela_gain.strides[0];
   }
   f.rela_eps = n.rela_eps;
-  f.gate = spec.gate_kind;
+  f.raw_output = p.raw_output;
+  f.gate = p.raw_output ? GateKind::kNone : spec.gate_kind;
   if (spec.gate_kind != GateKind::kNone) {
     f.gate_ptr = p.gate.data;
     f.gate_dtype = p.gate.dtype;

@@ -133,6 +133,9 @@ struct ElemTraits<__nv_bfloat16> {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
+  static __device__ __forceinline__ float to_float(unsigned short bits) {
+    return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
 };
 template <>
 struct ElemTraits<__half> {
@@ -140,6 +143,9 @@ struct ElemTraits<__half> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float to_float(unsigned short bits) {
+    return __half2float(__ushort_as_half(bits));
   }
 };
 
