@@ -462,7 +462,11 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     if (e == cudaSuccess) {
       fp.out.data = static_cast<char*>(raw);
       const Status st = forward(fp);
-      if (!st.ok()) e = cudaErrorLaunchFailure;
+      if (!st.ok()) {
+        (void)cudaFreeAsync(raw, stream);
+        (void)cudaFreeAsync(scratch, stream);
+        return st;
+      }
     }
     pp.raw_o = reinterpret_cast<const float*>(raw);
     pp.r_sb = fp.out.sb, pp.r_sh = fp.out.sh, pp.r_sn = fp.out.sn;

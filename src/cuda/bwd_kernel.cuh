@@ -274,7 +274,6 @@ __global__ void __launch_bounds__(384, 1)
       kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink : NormalizerKind::kSoftmax);
   const bool sigmoid = norm == NormalizerKind::kSigmoid;
   // The normalized kernel: P = w(s) / L with w = f(s)^power; the stat rows hold 1 / L.
-  const bool kernel_norm = kGeneral && norm == NormalizerKind::kKernel;
   // ReLA: P = relu(s) unnormalized; dO is already through the RMS (the preparation's dO1).
   const bool rela = kGeneral && norm == NormalizerKind::kReLA;
   const KernelFeature feature = p.feature;
@@ -483,15 +482,16 @@ __global__ void __launch_bounds__(384, 1)
         float* dw = bp.dw ? bp.dw + b * bp.dw_sb + h * bp.dw_sh : nullptr;
         float* dc = bp.dc ? bp.dc + (static_cast<int64_t>(b) * p.hq + h) * bp.dc_stride : nullptr;
         const bool causal_alibi = mods.alibi == AlibiMode::kCausal;
+        static_assert(kM == 64, "32 scores per thread: 2 key rows x 16 query columns");
 #pragma unroll 1
         for (int y = 0; y < 32; ++y) {
           const int r = y / 16, c8 = (y % 16) / 2, e = y % 2;
           const int kr = cw * 64 + warp * 16 + lane / 4 + 8 * r;
           const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + (col0 + e) * 2;
           unsigned short bits;
-          asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(bits) : "r"(addr));
-          const float g = ElemTraits<T>::to_float(bits);
-          const int i = m0 + c8 * 8 + col0 + e, j = key_r[r];
+          asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(bits) : "r"(addr) : "memory");
+          const float g = ElemTraits<T>::to_float(bits);  // dS^T as the products use it
+          const int i = m0 + c8 * 8 + col0 + e, j = key_r[0] + 8 * r;
           if (g == 0.f || i >= nq || j >= nk) continue;
           if (db) atomicAdd(db + i * bp.db_si + j * bp.db_sj, g);
           if (bp.dslopes) {
