@@ -206,6 +206,33 @@ def train():
         res["flex"] = flops / fwd_bwd(lambda: fa(q, k, v, block_mask=bm, score_mod=sm), q, k, v, go) / 1e9
         res["vs_flex"] = res["attnkit"] / res["flex"]
         emit(**res)
+    del q, k, v
+    train_bias()
+
+
+def train_bias():
+    """A learnable dense bias: forward + backward with dBias, against SDPA's mem-efficient
+    backend (the only PyTorch backend with a bias gradient)."""
+    b, h, n, d = 2, 16, 4096, 128
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    bias_t = torch.randn(b, h, n, n, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    go = torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16)
+    flops = 3.5 * 4 * b * h * n * n * d
+
+    def step(fn):
+        def run():
+            for t in (q, k, v, bias_t):
+                t.grad = None
+            fn().backward(go)
+        return flops / bench(run) / 1e9
+
+    res = dict(case="train_bias", n=n, b=b, h=h, d=d)
+    res["attnkit"] = step(lambda: attnkit.attention(q, k, v, score_mod=attnkit.score_mods.Bias(bias_t)))
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        res["mem_efficient"] = step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias_t))
+    res["vs_mem_efficient"] = res["attnkit"] / res["mem_efficient"]
+    emit(**res)
 
 
 if __name__ == "__main__":
@@ -242,6 +269,9 @@ if __name__ == "__main__":
         elif r["case"] == "train_masked":
             print("%-34s %9.0f %9.0f %9.2f" % ("fwd+bwd " + r["mask"] + " vs flex", r["attnkit"],
                                                r["flex"], r["vs_flex"]))
+        elif r["case"] == "train_bias":
+            print("%-34s %9.0f %9.0f %9.2f" % ("fwd+bwd bias+dbias vs mem-efficient", r["attnkit"],
+                                               r["mem_efficient"], r["vs_mem_efficient"]))
         elif r["case"] == "bias":
             print("%-34s %9.0f %9.0f %9.2f %9.1e" % ("bias vs mem-efficient", r["attnkit"],
                                                      r["mem_efficient"], r["vs_mem_efficient"],

@@ -274,6 +274,32 @@ def test_cuda_backward_matches_the_cpu(d):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", list(_cases(6, 2, 3)))
+def test_cuda_extras_gradients_match_the_cpu(name):
+    # Every learnable extra of the gradcheck cases (bias, sinks, ALiBi slopes, relative table,
+    # forget gate, low-rank factors, sigmoid beta, ReLA gain, gate) through autograd on CUDA
+    # (bf16 q, k, v; fp32 extras) against the same on float32 CPU copies.
+    torch.manual_seed(11)
+    n, h, d = 150, 2, 64
+    kw = _cases(n, h, d)[name]()
+    leaves = list(_leaves(kw))
+    base = [torch.randn(1, h, n, d) for _ in range(3)]
+    grads = []
+    for dev, dt in [("cuda", torch.bfloat16), ("cpu", torch.float32)]:
+        x = [t.to(dev, dt).requires_grad_() for t in base]
+        moved = {id(t): (t.detach().to(dev, torch.float32).requires_grad_() if t.requires_grad
+                         else t.to(dev)) for t in leaves}
+        extras = [moved[id(t)] for t in leaves if t.requires_grad]
+        out = attnkit.attention(*x, **_swap(kw, moved))
+        go = torch.cos(torch.arange(out.numel(), dtype=torch.float32)).reshape(out.shape)
+        out.backward(go.to(dev, out.dtype))
+        grads.append([t.grad.float().cpu() for t in x + extras])
+    for g, ref in zip(*grads):
+        err = (g - ref).norm() / ref.norm()
+        assert err < 3e-2, (name, float(err))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_errors_name_the_rule():
     q = torch.randn(1, 2, 16, 64, device="cuda")  # fp32: CPU only
     with pytest.raises(TypeError, match="bf16 or fp16"):

@@ -68,16 +68,11 @@ std::vector<SupportRow> support_matrix() {
     rows.push_back({m.name, m.category, "cpu", true, m.cpu_backward, {"fp32", "bf16", "fp16"}});
 #if defined(ATTNKIT_WITH_CUDA)
     // The CUDA forward (src/cuda): every tier-1 mechanism but the attention statistics. The
-    // backward (head dims up to 128): every mask and layout, softmax, sink and sigmoid, the
-    // softcap and the gate; the score mods whose tensors take gradients and sigmoid's beta give
-    // dq, dk, dv but not their own gradients yet, so they are listed without a backward. Head
-    // dims: cuda::built_head_dims().
+    // backward (head dims up to 128): the same, with every extra's gradient; only the normalized
+    // kernel's length scale is refused by name. Head dims: cuda::built_head_dims().
     const std::string name = m.name;
     const bool cuda_fwd = name != "row_stats" && name != "col_mass";
-    bool cuda_bwd = cuda_fwd && name != "kernel" && name != "rela";
-    for (const char* partial :
-         {"alibi", "bias", "low_rank_bias", "relative_buckets", "forget_gate", "sigmoid"})
-      cuda_bwd = cuda_bwd && name != partial;
+    const bool cuda_bwd = cuda_fwd;
     rows.push_back({m.name, m.category, "cuda", cuda_fwd, cuda_bwd, cuda::built_dtypes()});
 #endif
   }
