@@ -49,11 +49,12 @@ Status check_backward_call(const TensorView& q, const TensorView& k, const Tenso
   if (p->device == Device::kCUDA)
     return cuda::backward_supports(*p, *g, grads, options.deterministic);
 #endif
-  for (const auto* r : {&g->dq, &g->dk, &g->dv})
-    if (r->dtype == DType::kBF16 || r->dtype == DType::kF16)
-      return Status(StatusCode::kNotImplemented,
-                    "cpu backend: 16-bit dq, dk, dv are written by the CUDA backward only (the "
-                    "CPU writes fp32 or fp64)");
+  auto is16 = [](DType t) { return t == DType::kBF16 || t == DType::kF16; };
+  if (is16(g->dq.dtype) || is16(g->dk.dtype) || is16(g->dv.dtype) ||
+      (grads.dbias.defined() && is16(grads.dbias.dtype)))
+    return Status(StatusCode::kNotImplemented,
+                  "cpu backend: 16-bit dq, dk, dv, dbias are written by the CUDA backward only "
+                  "(the CPU writes fp32 or fp64)");
   return cpu::backward_supports(*p);
 }
 }  // namespace

@@ -22,9 +22,15 @@ struct Case {
   bool bnhd;
 };
 
+// A softcap on a mask's mechanism: plain softmax under a mask that is not a band runs the fast
+// kernels with the block table; a score mod sends the same mask through the general kernels.
+const tools::json kSoftcap = {{"score_mod", {{"softcap", 20.0}}}};
+
 // One mechanism on one shape on the GPU against the oracle.
-void expect_matches(const std::string& mech, const Case& c, double scale, uint64_t seed) {
+void expect_matches(const std::string& mech, const Case& c, double scale, uint64_t seed,
+                    const tools::json& with = {}) {
   CheckOptions opt;
+  opt.with = with;
   opt.dtype = c.dtype;
   opt.dims = c.dims;
   opt.bnhd = c.bnhd;
@@ -33,15 +39,16 @@ void expect_matches(const std::string& mech, const Case& c, double scale, uint64
   opt.device = Device::kCUDA;
   const CheckResult r = tools::check_mechanism(mech, opt);
   EXPECT_TRUE(r.ok) << mech << " " << r.dtype << " nq=" << c.dims.nq << " nk=" << c.dims.nk
-                    << " d=" << c.dims.d << " bnhd=" << c.bnhd << " scale=" << scale << ": "
-                    << r.error;
+                    << " d=" << c.dims.d << " bnhd=" << c.bnhd << " scale=" << scale
+                    << " with=" << with.dump() << ": " << r.error;
 }
 
 // The backward of one mechanism on one shape on the GPU (after the GPU forward) against the
 // backward oracle.
 CheckResult backward_on_gpu(const std::string& mech, const Case& c, uint64_t seed,
-                            bool input_dtype_grads = false) {
+                            bool input_dtype_grads = false, const tools::json& with = {}) {
   CheckOptions opt;
+  opt.with = with;
   opt.dtype = c.dtype;
   opt.dims = c.dims;
   opt.bnhd = c.bnhd;
@@ -114,9 +121,9 @@ TEST(CudaFastPath, LongSequencesMatchTheOracle) {
     }
 }
 
-// The general kernel's partial tiles beyond the precomputed element-mask bits (16 per query
-// tile) evaluate the mask tree in the kernel: masks with partial tiles across long rows take both
-// paths.
+// Masks with partial tiles across long rows: plain, on the fast kernel with every partial tile's
+// bits; with a softcap, on the general kernel, whose partial tiles beyond the precomputed bits
+// (16 per query tile) evaluate the mask tree in the kernel.
 TEST(CudaGeneralPath, ManyPartialTilesPerRowMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -128,6 +135,7 @@ TEST(CudaGeneralPath, ManyPartialTilesPerRowMatchTheOracle) {
     for (const char* mech : {"block_map", "neighborhood_1d", "or_window_chunked", "document"}) {
       if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
       expect_matches(mech, c, 2.0, seed++);
+      expect_matches(mech, c, 2.0, seed++, kSoftcap);
     }
 }
 
@@ -177,6 +185,11 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
       const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
       EXPECT_TRUE(r.ok) << mech << " " << r.dtype << " nq=" << c.dims.nq
                         << " 16-bit grads=" << grads16 << ": " << r.error;
+      if (std::string(mech) == "document" || std::string(mech) == "neighborhood_1d") {
+        const CheckResult g = backward_on_gpu(mech, c, seed++, grads16, kSoftcap);  // general
+        EXPECT_TRUE(g.ok) << mech << " + softcap " << g.dtype << " nq=" << c.dims.nq << ": "
+                          << g.error;
+      }
     }
 }
 
@@ -288,10 +301,17 @@ TEST(CudaBackwardRules, WhatIsNotOnCudaYetIsNamed) {
     c.spec.mods.bias = device_view(DType::kF32, {1, 1, 64, 64});
     c.g.dbias = device_view(DType::kF32, {1, 1, 64, 64});
     EXPECT_TRUE(c.check().ok()) << c.check().message();
-    c.g.dbias = device_view(DType::kF64, {1, 1, 64, 64});  // added in place: fp32 only
-    const Status s = c.check();
+    c.g.dbias = device_view(DType::kF64, {1, 1, 64, 64});  // fp32 or the bias's 16 bits
+    Status s = c.check();
     EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
     EXPECT_NE(s.message().find("dbias"), std::string::npos) << s.message();
+    c.spec.mods.bias = device_view(DType::kBF16, {1, 1, 64, 64});
+    c.g.dbias = device_view(DType::kBF16, {1, 1, 64, 64});
+    EXPECT_TRUE(c.check().ok()) << c.check().message();
+    c.g.dbias = device_view(DType::kF16, {1, 1, 64, 64});  // 16 bits: the bias's own only
+    s = c.check();
+    EXPECT_EQ(s.code(), StatusCode::kTypeError);
+    EXPECT_NE(s.message().find("dbias.dtype = fp16"), std::string::npos) << s.message();
   }
   {
     BwdCall c;

@@ -46,8 +46,9 @@ static OwnedTensor to_bnhd(const OwnedTensor& t) {
 }
 
 std::string make_instance(const std::string& mechanism, const CheckOptions& opt, Instance& inst) {
-  const json spec = mechanism_spec(mechanism, opt.dims);
+  json spec = mechanism_spec(mechanism, opt.dims);
   if (spec.is_null()) return "mechanism '" + mechanism + "' does not apply to this shape";
+  if (opt.with.is_object()) spec.update(opt.with);
   inst.dims = opt.dims;
   inst.dtype = opt.dtype;
   make_random_qkv(inst, opt.input_scale, opt.seed);

@@ -97,6 +97,7 @@ struct CheckOptions {
   bool stats = true;               // CPU only: the CUDA kernels have no attention statistics yet
   Device device = Device::kCPU;    // kCUDA: inputs are copied to the GPU, outputs back
   bool input_dtype_grads = false;  // check_backward: dq, dk, dv in the inputs' dtype (CUDA)
+  json with;  // keys merged into the mechanism's spec (e.g. a score mod on a mask's mechanism)
 };
 double tolerance_for(DType t);
 CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& opt);

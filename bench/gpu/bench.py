@@ -156,6 +156,9 @@ def train():
     attnkit's gradients are fp32 from the C++ backward and converted to bf16 by the PyTorch
     wrapper; the peers return bf16 directly."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    # The forward section's compilations fill dynamo's cache: without a reset, FlexAttention's
+    # ALiBi backward here fell back to an unfused path (8 TFLOP/s in runs 24 and 26).
+    torch._dynamo.reset()
     fa = torch.compile(flex_attention, dynamic=False)
 
     def fwd_bwd(fn, q, k, v, go):

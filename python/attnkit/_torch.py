@@ -59,7 +59,9 @@ def _grads(q, k, v, out, stat, grad_out, raw_spec, tensors, names, needs, thread
     keys = []
     for t, name, need in zip(tensors, names, needs):
         g = _spec.GRAD_OF.get(name) if need else None
-        if g is not None:
+        if g is not None and q.is_cuda and name == "bias":
+            grads[g] = torch.empty_like(t)  # written (or zeroed) by the CUDA backward, in its dtype
+        elif g is not None:
             grads[g] = t.new_zeros((1,) if name == "beta" else t.shape, dtype=gdt)
         keys.append(g)
     grad_out = grad_out.contiguous()

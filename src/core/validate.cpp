@@ -745,8 +745,9 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
       return fail(StatusCode::kInvalidArgument, name, " given but the spec has no ", input_name);
     ATTNKIT_RETURN_IF_ERROR(check_tensor(grad, name, false));
     if (grad.dtype != DType::kF32 && grad.dtype != DType::kF64)
-      return fail(StatusCode::kTypeError, name, ".dtype = ", dtype_name(grad.dtype),
-                  ": gradients are fp32 or fp64 (dq, dk, dv also the inputs' 16-bit dtype)");
+      return fail(
+          StatusCode::kTypeError, name, ".dtype = ", dtype_name(grad.dtype),
+          ": gradients are fp32 or fp64 (dq, dk, dv, dbias also their inputs' 16-bit dtype)");
     if (!same_shape(grad, input))
       return fail(StatusCode::kInvalidArgument, name, ".shape = ", shape_str(grad), " but ",
                   input_name, ".shape = ", shape_str(input), ": a gradient has its input's shape");
@@ -761,23 +762,26 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
   if (!is_float(grad_out.dtype))
     return fail(StatusCode::kTypeError, "grad_out.dtype = ", dtype_name(grad_out.dtype),
                 ": must be a floating-point dtype");
-  // dq, dk, dv may also take the inputs' 16-bit dtype (the CUDA backward writes it directly).
-  for (const auto& [grad, name, input, input_name] :
-       {std::tuple{&g.dq, "dq", &q, "q"}, {&g.dk, "dk", &k, "k"}, {&g.dv, "dv", &v, "v"}}) {
+  // dq, dk, dv and dbias may also take their inputs' 16-bit dtype (the CUDA backward writes it
+  // directly).
+  const ScoreMods& m = spec.mods;
+  for (const auto& [grad, name, input, input_name, required] :
+       {std::tuple{&g.dq, "dq", &q, "q", true},
+        {&g.dk, "dk", &k, "k", true},
+        {&g.dv, "dv", &v, "v", true},
+        {&g.dbias, "dbias", &m.bias, "bias", false}}) {
     if (grad->defined() && grad->dtype == input->dtype &&
         (grad->dtype == DType::kBF16 || grad->dtype == DType::kF16)) {
       TensorView as_f32 = *grad;  // checked as fp32 for everything but the dtype
       as_f32.dtype = DType::kF32;
-      ATTNKIT_RETURN_IF_ERROR(grad_like(as_f32, name, *input, input_name, true));
+      ATTNKIT_RETURN_IF_ERROR(grad_like(as_f32, name, *input, input_name, required));
     } else {
-      ATTNKIT_RETURN_IF_ERROR(grad_like(*grad, name, *input, input_name, true));
+      ATTNKIT_RETURN_IF_ERROR(grad_like(*grad, name, *input, input_name, required));
     }
   }
   for (const TensorView* t : {&g.dq, &g.dk, &g.dv})
     if (t->strides[t->ndim - 1] != 1)
       return fail(StatusCode::kInvalidArgument, "dq, dk and dv need a unit inner stride");
-  const ScoreMods& m = spec.mods;
-  ATTNKIT_RETURN_IF_ERROR(grad_like(g.dbias, "dbias", m.bias, "bias", false));
   ATTNKIT_RETURN_IF_ERROR(
       grad_like(g.dlow_rank_u, "dlow_rank_u", m.low_rank_u, "low_rank_u", false));
   ATTNKIT_RETURN_IF_ERROR(

@@ -17,10 +17,12 @@ namespace attnkit::cuda {
 
 // The kernels are instantiated in the generated bwd_*.cu files, not here.
 #define ATK_BWD(T, DT, D, DV)                                                                 \
-  extern template cudaError_t launch_bwd<T, D, DV, false>(const BwdParams&, const BwdMaps&,     \
-                                                          cudaStream_t);                        \
-  extern template cudaError_t launch_bwd<T, D, DV, true>(const BwdParams&, const BwdMaps&,      \
-                                                         cudaStream_t);
+  extern template cudaError_t launch_bwd<T, D, DV, false, false>(const BwdParams&,              \
+                                                                 const BwdMaps&, cudaStream_t); \
+  extern template cudaError_t launch_bwd<T, D, DV, false, true>(const BwdParams&,               \
+                                                                const BwdMaps&, cudaStream_t);  \
+  extern template cudaError_t launch_bwd<T, D, DV, true, false>(const BwdParams&,               \
+                                                                const BwdMaps&, cudaStream_t);
 #include "bwd_table.inc"
 #undef ATK_BWD
 
@@ -30,13 +32,15 @@ using LaunchFn = cudaError_t (*)(const BwdParams&, const BwdMaps&, cudaStream_t)
 struct Instance {
   DType dtype;
   int d, dv;
-  LaunchFn fast, general;
+  LaunchFn fast, tabled, general;
 };
 
-#define ATK_BWD(T, DT, D, DV) {DT, D, DV, &launch_bwd<T, D, DV, false>, &launch_bwd<T, D, DV, true>},
+#define ATK_BWD(T, DT, D, DV)                                                                \
+  {DT, D, DV, &launch_bwd<T, D, DV, false, false>, &launch_bwd<T, D, DV, false, true>,       \
+   &launch_bwd<T, D, DV, true, false>},
 constexpr Instance kInstances[] = {
 #include "bwd_table.inc"
-    {DType::kF32, 0, 0, nullptr, nullptr},  // the end (the table may be empty otherwise)
+    {DType::kF32, 0, 0, nullptr, nullptr, nullptr},  // the end (the table may be empty otherwise)
 };
 #undef ATK_BWD
 
@@ -256,9 +260,12 @@ __global__ void forget_suffix_kernel(const float* dc, int64_t dc_stride, int bat
   }
 }
 
-// Zeroes an fp32 4-D view (dbias before the kernel adds into it).
-__global__ void zero_view_kernel(float* base, int64_t n0, int64_t n1, int64_t n2, int64_t n3,
-                                 int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
+// Fills a 4-D view of dtype t (fp32, bf16, fp16) with src (contiguous fp32 of the same
+// extents) or, without src, zeros: the gradients added in place are zeroed first, and a 16-bit
+// dbias summed over broadcast dims is converted from its fp32 scratch.
+__global__ void fill_view_kernel(void* base, DType t, const float* src, int64_t n0, int64_t n1,
+                                 int64_t n2, int64_t n3, int64_t s0, int64_t s1, int64_t s2,
+                                 int64_t s3) {
   const int64_t total = n0 * n1 * n2 * n3;
   for (int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; x < total;
        x += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -268,8 +275,25 @@ __global__ void zero_view_kernel(float* base, int64_t n0, int64_t n1, int64_t n2
     const int64_t i2 = r % n2;
     r /= n2;
     const int64_t i1 = r % n1;
-    base[(r / n1) * s0 + i1 * s1 + i2 * s2 + i3 * s3] = 0.f;
+    const int64_t o = (r / n1) * s0 + i1 * s1 + i2 * s2 + i3 * s3;
+    const float v = src ? src[x] : 0.f;
+    if (t == DType::kBF16)
+      static_cast<__nv_bfloat16*>(base)[o] = __float2bfloat16(v);
+    else if (t == DType::kF16)
+      static_cast<__half*>(base)[o] = __float2half(v);
+    else
+      static_cast<float*>(base)[o] = v;
   }
+}
+
+// Launches fill_view_kernel over a 4-D view (the view's own data and dtype unless given).
+cudaError_t fill_view(const TensorView& v, const float* src, cudaStream_t stream,
+                      void* data = nullptr, DType t = DType::kF32, const int64_t* strides = nullptr) {
+  const int64_t* s = strides ? strides : v.strides;
+  fill_view_kernel<<<256, 256, 0, stream>>>(data ? data : v.data, data ? t : v.dtype, src,
+                                            v.shape[0], v.shape[1], v.shape[2], v.shape[3], s[0],
+                                            s[1], s[2], s[3]);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -298,8 +322,10 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
     if (r->dtype == DType::kF64)
       return fail(StatusCode::kNotImplemented, name, ".dtype = ", dtype_name(r->dtype),
                   ": the CUDA backward writes fp32 or 16-bit gradients");
-  for (const auto& [t, name] : {std::pair{&grads.dbias, "dbias"},
-                                {&grads.drela_gain, "drela_gain"},
+  if (grads.dbias.defined() && grads.dbias.dtype == DType::kF64)
+    return fail(StatusCode::kNotImplemented, "dbias.dtype = fp64: the CUDA backward writes dbias "
+                "in fp32 or the bias's 16-bit dtype");
+  for (const auto& [t, name] : {std::pair{&grads.drela_gain, "drela_gain"},
                                 {&grads.dlow_rank_u, "dlow_rank_u"},
                                 {&grads.dlow_rank_w, "dlow_rank_w"}})
     if (t->defined() && t->dtype != DType::kF32)
@@ -330,7 +356,9 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   fill_params(p, kM, &f);
   int64_t left = 0, right = 0;
   const bool band = band_of(spec.mask, &left, &right);
-  const bool fast = band && !f.has_mods && p.softmax_family();
+  // As in the forward: the fast kernel under a band, or under any mask whose block table gives
+  // every partial tile its bits.
+  const bool fast = !f.has_mods && p.softmax_family() && (band || GeneralTables::covers(p, kM, kN));
   bp.stat_stride = static_cast<int64_t>(f.num_q_tiles) * kM;
   bp.num_k_tiles = static_cast<int>((p.max_nk + kN - 1) / kN);
   bp.dk = g.dk.data;
@@ -477,8 +505,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     if (e == cudaSuccess && dg.defined()) {
       pp.dgain = static_cast<float*>(dg.data);
       pp.dgain_s = dg.strides[0];
-      zero_view_kernel<<<1, 256, 0, stream>>>(pp.dgain, 1, 1, 1, dg.shape[0], 0, 0, 0,
-                                              dg.strides[0]);
+      fill_view_kernel<<<1, 256, 0, stream>>>(pp.dgain, DType::kF32, nullptr, 1, 1, 1,
+                                              dg.shape[0], 0, 0, 0, dg.strides[0]);
       e = cudaGetLastError();
     }
   }
@@ -495,27 +523,36 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     e = cudaGetLastError();
   }
 
-  // The score mods' gradients: dbias zeroed, then added in place; the other sums in a zeroed
-  // scratch, stored after the kernel.
+  // The score mods' gradients. dbias without broadcast dims: stored per pair in its dtype
+  // (zeroed first only where pairs go unvisited: a mask, or packed sequences shorter than its
+  // extents); with broadcast dims: added in place in fp32 (a 16-bit dbias through an fp32
+  // scratch). The other sums in a zeroed scratch, stored after the kernel.
   const TensorView& gb = grads.dbias;
+  float* dbias_scratch = nullptr;
   if (e == cudaSuccess && gb.defined()) {
-    bp.dbias = static_cast<float*>(gb.data);
-    bp.db_sb = gb.shape[0] > 1 ? gb.strides[0] : 0;
-    bp.db_sh = gb.shape[1] > 1 ? gb.strides[1] : 0;
-    bp.db_si = gb.strides[2];
-    bp.db_sj = gb.strides[3];
-    zero_view_kernel<<<256, 256, 0, stream>>>(bp.dbias, gb.shape[0], gb.shape[1], gb.shape[2],
-                                              gb.shape[3], gb.strides[0], gb.strides[1],
-                                              gb.strides[2], gb.strides[3]);
-    e = cudaGetLastError();
+    const bool broadcast = (gb.shape[0] == 1 && p.batch > 1) || (gb.shape[1] == 1 && p.hq > 1);
+    const bool dense = spec.mask.nodes.size() == 1 && spec.mask.nodes[0].kind == MaskKind::kNone;
+    bp.dbias_direct = !broadcast;
+    bp.dbias_dtype = broadcast ? DType::kF32 : gb.dtype;
+    bp.dbias = gb.data;
+    int64_t st[4] = {gb.strides[0], gb.strides[1], gb.strides[2], gb.strides[3]};
+    if (broadcast && gb.dtype != DType::kF32) {
+      e = cudaMallocAsync(reinterpret_cast<void**>(&dbias_scratch),
+                          gb.shape[0] * gb.shape[1] * gb.shape[2] * gb.shape[3] * 4, stream);
+      bp.dbias = dbias_scratch;
+      st[3] = 1, st[2] = gb.shape[3], st[1] = st[2] * gb.shape[2], st[0] = st[1] * gb.shape[1];
+    }
+    bp.db_sb = gb.shape[0] > 1 ? st[0] : 0;
+    bp.db_sh = gb.shape[1] > 1 ? st[1] : 0;
+    bp.db_si = st[2];
+    bp.db_sj = st[3];
+    if (e == cudaSuccess && (broadcast || !dense || p.varlen))
+      e = fill_view(gb, nullptr, stream, bp.dbias, bp.dbias_dtype, st);
   }
   for (const auto& [t, ptr] : {std::pair{&grads.dlow_rank_u, &bp.du}, {&grads.dlow_rank_w, &bp.dw}}) {
     if (e != cudaSuccess || !t->defined()) continue;
     *ptr = static_cast<float*>(t->data);
-    zero_view_kernel<<<256, 256, 0, stream>>>(*ptr, t->shape[0], t->shape[1], t->shape[2],
-                                              t->shape[3], t->strides[0], t->strides[1],
-                                              t->strides[2], t->strides[3]);
-    e = cudaGetLastError();
+    e = fill_view(*t, nullptr, stream);
   }
   if (bp.du) {
     const TensorView& u = grads.dlow_rank_u;
@@ -552,12 +589,12 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
 
   bp.extras = bp.dbias || bp.dslopes || bp.dtable || bp.dc || bp.du || bp.dw;
   if (e == cudaSuccess) {
-    if (fast) {
+    if (fast && band) {
       e = inst.fast(bp, maps, stream);
     } else {
       GeneralTables tables;
-      e = tables.build(p, kM, kN, stream, &f);
-      if (e == cudaSuccess) e = inst.general(bp, maps, stream);
+      e = tables.build(p, kM, kN, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);
+      if (e == cudaSuccess) e = fast ? inst.tabled(bp, maps, stream) : inst.general(bp, maps, stream);
       const cudaError_t e2 = tables.release(stream);
       if (e == cudaSuccess) e = e2;
     }
@@ -569,6 +606,11 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
         bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, g.dq.data, g.dq.dtype == DType::kBF16, g.dq.sb,
         g.dq.sh, g.dq.sn, f.d, f.nq, f.cu_q, bp.stat_stride);
     e = cudaGetLastError();
+  }
+  if (dbias_scratch) {
+    if (e == cudaSuccess) e = fill_view(gb, dbias_scratch, stream);
+    const cudaError_t e2 = cudaFreeAsync(dbias_scratch, stream);
+    if (e == cudaSuccess) e = e2;
   }
   if (e == cudaSuccess && slopes) {
     const TensorView& t = grads.dalibi_slopes;

@@ -15,10 +15,11 @@
 //   named barriers hand back and forth.
 // The scale multiplies dK and dQ once at the end (dS excludes it).
 //
-// Two flavors per (dtype, head dims), as in the forward pass: kGeneral = false is softmax (or with
-// a sink) under a band mask; kGeneral = true runs every mask through the block table of
-// classify_tiles_kernel (query tiles of 64 rows), the score mods and softcap, and the sigmoid
-// normalizer.
+// Flavors per (dtype, head dims), as in the forward pass: kGeneral = false is softmax (or with a
+// sink) under a band mask, or with kTabled under any mask whose block table (query tiles of 64
+// rows) gives every partial tile its bits (its own instance: the table's code in the band's
+// instance cost it 10% in registers); kGeneral = true runs every mask through the block table of
+// classify_tiles_kernel, every score mod and normalizer.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -49,10 +50,14 @@ struct BwdParams {
   bool dq_pairs = false;  // dq's pairs of columns are 8-byte aligned (float2 atomics)
   bool dq_vec4 = false;   // and its groups of 4 columns 16-byte aligned (float4 reductions)
   // Gradients of the score mods' tensors (general flavor), from g = dL/d(additive terms) per
-  // allowed pair: dbias (fp32, added in place: stride 0 on broadcast dims), and fp32 / fp64
-  // scratch sums the host stores afterwards: dslopes [hq], dtable [hq][kMaxBwdBuckets], dbeta
-  // [1], and the forget gate's dc [b * hq + h][dc_stride] (d of its prefix sums).
-  float* dbias = nullptr;
+  // allowed pair: dbias, and fp32 / fp64 scratch sums the host stores afterwards: dslopes [hq],
+  // dtable [hq][kMaxBwdBuckets], dbeta [1], and the forget gate's dc [b * hq + h][dc_stride] (d
+  // of its prefix sums). dbias is stored per pair in its dtype when no dims are broadcast
+  // (dbias_direct: each element has one pair), else added in place in fp32 (stride 0 on the
+  // broadcast dims).
+  void* dbias = nullptr;
+  DType dbias_dtype = DType::kF32;
+  bool dbias_direct = false;
   int64_t db_sb = 0, db_sh = 0, db_si = 0, db_sj = 0;
   double* dslopes = nullptr;
   float* dtable = nullptr;
@@ -124,7 +129,7 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <class T, int kD, int kDV, bool kGeneral>
+template <class T, int kD, int kDV, bool kGeneral, bool kTabled>
 __global__ void __launch_bounds__(384, 1)
     bwd_kernel(const __grid_constant__ BwdParams bp, const __grid_constant__ BwdMaps maps) {
   using S = BwdShape<kD, kDV, kGeneral>;
@@ -156,10 +161,11 @@ __global__ void __launch_bounds__(384, 1)
   const int n0 = kt * kN;
   if (n0 >= nk) return;
 
-  // Query tiles that visit this key tile: the band's (fast) or the non-empty ones of the block
-  // table's column kt (general), for each query head of the group.
+  // Query tiles that visit this key tile: the band's, or the non-empty ones of the block table's
+  // column kt (general, or fast with a table), for each query head of the group.
   int qt_begin = 0, qt_end = nq > 0 ? (nq + kM - 1) / kM : 0;
-  if constexpr (!kGeneral) {
+  constexpr bool tabled = kGeneral || kTabled;
+  if constexpr (!tabled) {
     const int64_t lo = n0 - p.band_right - seq.offset;
     const int64_t hi = static_cast<int64_t>(min(n0 + kN, nk)) - 1 + p.band_left - seq.offset;
     qt_begin = static_cast<int>(imax(lo, 0) / kM);
@@ -169,9 +175,9 @@ __global__ void __launch_bounds__(384, 1)
   auto entry_of = [&](int h, int qt) -> uint8_t {
     return p.tile_class[b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qt) * p.tc_nkt + kt];
   };
-  // The walk visits query tiles qt_begin.. qt_end - 1 but those skip() finds empty (general).
+  // The walk visits query tiles qt_begin.. qt_end - 1 but those skip() finds empty (table).
   auto skip = [&](int h, int qt) {
-    if constexpr (kGeneral) return static_cast<TileClass>(entry_of(h, qt)) == TileClass::kEmpty;
+    if constexpr (tabled) return static_cast<TileClass>(entry_of(h, qt)) == TileClass::kEmpty;
     return false;
   };
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
@@ -322,6 +328,8 @@ __global__ void __launch_bounds__(384, 1)
       mods = resolve_mods(p, b, h);
       additive = p.has_mods && mods.has_additive();
       tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
+    } else if constexpr (kTabled) {
+      tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
     }
     for (int qt = qt_begin; qt < qt_end; ++qt) {
       if (skip(h, qt)) continue;
@@ -337,7 +345,12 @@ __global__ void __launch_bounds__(384, 1)
       // col0 + e. Keys past nk are masked here; queries past nq have lse2 = +inf (weight 0).
       uint32_t allow = 0xffffffffu;
       bool masked = false;
-      if constexpr (!kGeneral) {
+      if constexpr (!kGeneral && kTabled) {  // every partial tile has its bits (backward.cu)
+        const uint8_t entry = entry_of(h, qt);
+        masked = static_cast<TileClass>(entry) != TileClass::kFull;
+        if (masked)
+          allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, cw, warp, lane);
+      } else if constexpr (!kGeneral) {
         const int rows = min(kM, nq - m0);
         const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,
                                            n0 + kN - 1, p.band_left, p.band_right);
@@ -358,21 +371,7 @@ __global__ void __launch_bounds__(384, 1)
         const uint8_t entry = entry_of(h, qt);
         masked = static_cast<TileClass>(entry) != TileClass::kFull;
         if (entry >= kTileBits) {
-          // Bits of query row i, key word (cw * 64 + warp * 16) / 32: the thread's two keys
-          // are bits b0 and b0 + 8 of it.
-          const uint32_t* w = tbits + qt * p.tb_sq + (entry - kTileBits) * kM * (kN / 32) +
-                              cw * 2 + warp / 2;
-          const int b0 = (warp % 2) * 16 + lane / 4;
-          allow = 0;
-#pragma unroll
-          for (int c8 = 0; c8 < kM / 8; ++c8)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const uint32_t word = w[(c8 * 8 + col0 + e) * (kN / 32)];
-#pragma unroll
-              for (int r = 0; r < 2; ++r)
-                allow |= ((word >> (b0 + 8 * r)) & 1u) << (r * 16 + 2 * c8 + e);
-            }
+          allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, cw, warp, lane);
         } else if (masked) {
           allow = 0;
 #pragma unroll 1
@@ -471,11 +470,38 @@ __global__ void __launch_bounds__(384, 1)
       if (kGeneral && bp.extras) {
         // The score mods' tensors' gradients from g = dS^T (0 on pairs not allowed), reading
         // this thread's g back from the dS^T tile in one rolled loop (unrolled loops per score
-        // spilled the accumulators): dbias and the low-rank factors by atomics (the factors r
-        // per pair: correct, not fast), dslopes and the forget gate's column sums in registers,
+        // spilled the accumulators): dbias stored (or added by atomics when broadcast), the
+        // low-rank factors by atomics (r per pair: correct, not fast), dslopes and the forget
+        // gate's column sums in registers,
         // the relative table in a shared tile, the forget gate's row sums by atomics.
         const int off = static_cast<int>(seq.offset);
-        float* db = bp.dbias ? bp.dbias + b * bp.db_sb + h * bp.db_sh : nullptr;
+        const int64_t db_base = b * bp.db_sb + h * bp.db_sh;
+        if (bp.dbias_direct) {
+          // One element per pair (zeros included): stored in dbias's dtype, 16 bits at a time
+          // when it is the kernel's (the dS^T tile's bits as they are).
+          constexpr DType kOwn = std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16;
+          const int mode = bp.dbias_dtype == DType::kF32 ? 0 : bp.dbias_dtype == kOwn ? 1 : 2;
+#pragma unroll 1
+          for (int y = 0; y < 32; ++y) {
+            const int r = y / 16, c8 = (y % 16) / 2, e = y % 2;
+            const int kr = cw * 64 + warp * 16 + lane / 4 + 8 * r;
+            const int i = m0 + c8 * 8 + col0 + e, j = key_r[0] + 8 * r;
+            if (i >= nq || j >= nk) continue;
+            const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + (col0 + e) * 2;
+            unsigned short bits;
+            asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(bits) : "r"(addr) : "memory");
+            const int64_t o = db_base + i * bp.db_si + j * bp.db_sj;
+            const float g = ElemTraits<T>::to_float(bits);
+            if (mode == 0)
+              static_cast<float*>(bp.dbias)[o] = g;
+            else if (mode == 1)
+              static_cast<unsigned short*>(bp.dbias)[o] = bits;
+            else if (bp.dbias_dtype == DType::kBF16)
+              static_cast<__nv_bfloat16*>(bp.dbias)[o] = __float2bfloat16(g);
+            else
+              static_cast<__half*>(bp.dbias)[o] = __float2half(g);
+          }
+        }
         const float* u = p.lowrank_u + b * p.u_sb + h * p.u_sh;
         const float* w = p.lowrank_w + b * p.w_sb + h * p.w_sh;
         float* du = bp.du ? bp.du + b * bp.du_sb + h * bp.du_sh : nullptr;
@@ -493,7 +519,8 @@ __global__ void __launch_bounds__(384, 1)
           const float g = ElemTraits<T>::to_float(bits);  // dS^T as the products use it
           const int i = m0 + c8 * 8 + col0 + e, j = key_r[0] + 8 * r;
           if (g == 0.f || i >= nq || j >= nk) continue;
-          if (db) atomicAdd(db + i * bp.db_si + j * bp.db_sj, g);
+          if (bp.dbias && !bp.dbias_direct)
+            atomicAdd(static_cast<float*>(bp.dbias) + db_base + i * bp.db_si + j * bp.db_sj, g);
           if (bp.dslopes) {
             const int dist = i + off - j;
             slope_acc -= g * static_cast<float>(causal_alibi ? dist : abs(dist));
@@ -648,10 +675,10 @@ __global__ void __launch_bounds__(384, 1)
 }
 
 // Launches one flavor on `stream` (the general one reads the block table built by the caller).
-template <class T, int kD, int kDV, bool kGeneral>
+template <class T, int kD, int kDV, bool kGeneral, bool kTabled>
 cudaError_t launch_bwd(const BwdParams& p, const BwdMaps& maps, cudaStream_t stream) {
   using S = BwdShape<kD, kDV, kGeneral>;
-  auto kernel = bwd_kernel<T, kD, kDV, kGeneral>;
+  auto kernel = bwd_kernel<T, kD, kDV, kGeneral, kTabled>;
   cudaError_t e =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
   if (e != cudaSuccess) return e;

@@ -95,20 +95,23 @@ Status forward(const core::Problem& p) {
   if (const char* bad = encode_maps(p, &maps, 128, kn))
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
-  const bool fast = band && !f.has_mods && p.softmax_family() &&
-                    spec.gate_kind == GateKind::kNone && p.scale > 0.f;
+  // Plain softmax under a band runs the fast kernel alone; under any other mask, the fast kernel
+  // with the block table when every partial tile gets its bits.
+  const bool plain = !f.has_mods && p.softmax_family() && spec.gate_kind == GateKind::kNone &&
+                     p.scale > 0.f;
+  const bool fast = plain && (band || GeneralTables::covers(p, 128, kn));
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   const char* pp = std::getenv("ATTNKIT_CUDA_PINGPONG");
   f.pingpong = !(pp && pp[0] == '0');
   DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;
-  if (fast) {
+  if (fast && band) {
     e = inst.fast(f, maps, stream);
   } else {
     GeneralTables tables;
-    e = tables.build(p, 128, kn, stream, &f);
-    if (e == cudaSuccess) e = inst.general(f, maps, stream);
+    e = tables.build(p, 128, kn, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);
+    if (e == cudaSuccess) e = fast ? inst.fast(f, maps, stream) : inst.general(f, maps, stream);
     const cudaError_t e2 = tables.release(stream);
     if (e == cudaSuccess) e = e2;
   }

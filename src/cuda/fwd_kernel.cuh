@@ -13,8 +13,10 @@
 // No CTA-wide barrier is taken after the prologue.
 //
 // Two flavors per (dtype, head dims):
-// - kGeneral = false: plain softmax (or with a sink) under a band mask (none, causal, sliding
-//   window); the scale folds into the exponent.
+// - kGeneral = false: plain softmax (or with a sink); the scale folds into the exponent. The
+//   mask is a band (none, causal, sliding window), or any mask whose block table gives every
+//   partial tile its element-mask bits (p.tile_class set): empty tiles are skipped, partial ones
+//   masked by their bits.
 // - kGeneral = true: the shared policies of include/attnkit/variant at run time: the key tiles
 //   are the non-empty ones of the block table (classify_tiles_kernel), partial tiles are masked
 //   per element by the mask tree, and every score mod, normalizer and output gate is chosen at
@@ -71,12 +73,13 @@ __global__ void __launch_bounds__(384, 1)
   if (m0 >= nq) return;
   const int rows = min(kM, nq - m0);
 
-  // Key tiles to visit: those of [t_begin, t_end) that next_tile does not skip: the band's
-  // (fast), or the non-empty ones of the block table (general).
+  // Key tiles to visit: those of [t_begin, t_end) that next_tile does not skip: the band's, or
+  // the non-empty ones of the block table (general, or fast with a table).
   int t_begin = 0, t_end = nk > 0 ? (nk + kN - 1) / kN : 0;
+  const bool tabled = kGeneral || p.tile_class != nullptr;  // the forward lost nothing by it
   const uint8_t* tclass = nullptr;
   const uint32_t* tbits = nullptr;
-  if constexpr (kGeneral) {
+  if (tabled) {
     tclass = p.tile_class + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(tile) * p.tc_nkt;
     tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh + tile * p.tb_sq;
   } else {
@@ -86,7 +89,7 @@ __global__ void __launch_bounds__(384, 1)
     else if (t_end > 0) t_end = static_cast<int>(imin(hi, nk - 1) / kN) + 1;
   }
   auto next_tile = [&](int t) {
-    if constexpr (kGeneral)
+    if (tabled)
       while (t < t_end && static_cast<TileClass>(tclass[t]) == TileClass::kEmpty) ++t;
     return t;
   };
@@ -197,40 +200,38 @@ __global__ void __launch_bounds__(384, 1)
     }
   }
 
-  // Scores of key tile t: the band mask (fast) or the scale, the score mods (additive terms,
-  // then the softcap) and the mask tree on partial tiles (general). Masked scores become -inf.
+  // Scores of key tile t: the band mask or a partial tile's bits (fast), or the scale, the score
+  // mods (additive terms, then the softcap) and the mask on partial tiles (general). Masked
+  // scores become -inf.
   auto score = [&](float (&s)[kSRegs], int t) {
     const int n0 = t * kN;
     if constexpr (!kGeneral) {
-      const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,
-                                         n0 + kN - 1, p.band_left, p.band_right);
-      if (c != TileClass::kFull || n0 + kN > nk)
-        band_mask<kN>(s, row_i, n0, col0, nk, seq.offset, p.band_left, p.band_right);
+      if (tabled) {
+        const uint8_t entry = tclass[t];
+        if (entry >= kTileBits) {  // every partial tile has its bits here (see forward.cu)
+          const uint64_t allow = fwd_tile_bits<kM, kN>(tbits, entry, row_i, m0, col0);
+#pragma unroll
+          for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (!((allow >> ((e / 2) * (kN / 4) + 2 * c + (e & 1))) & 1)) s[c * 4 + e] = kNegInf;
+        }
+      } else {
+        const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,
+                                           n0 + kN - 1, p.band_left, p.band_right);
+        if (c != TileClass::kFull || n0 + kN > nk)
+          band_mask<kN>(s, row_i, n0, col0, nk, seq.offset, p.band_left, p.band_right);
+      }
     } else {
       // A partial tile's element mask, one bit per score of the thread (bit r * kN / 4 + 2 * c +
       // e for row r, chunk c, column e): from the precomputed bits of its slot, or else from
       // the mask tree at one call site in a rolled loop (the out-of-line call saves the live
       // registers around it; 64 unrolled sites would multiply that code).
-      constexpr int kBitsPerRow = kN / 4, kWords = kN / 32;
+      constexpr int kBitsPerRow = kN / 4;
       uint64_t allow = ~uint64_t{0};
       const uint8_t entry = tclass[t];
       if (entry >= kTileBits) {
-        allow = 0;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint32_t* w = tbits + ((entry - kTileBits) * kM + row_i[r] - m0) * kWords;
-          uint32_t word[kWords];
-#pragma unroll
-          for (int x = 0; x < kWords; ++x) word[x] = w[x];
-#pragma unroll
-          for (int c = 0; c < kN / 8; ++c)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = c * 8 + col0 + e;
-              allow |= static_cast<uint64_t>((word[col >> 5] >> (col & 31)) & 1u)
-                       << (r * kBitsPerRow + 2 * c + e);
-            }
-        }
+        allow = fwd_tile_bits<kM, kN>(tbits, entry, row_i, m0, col0);
       } else if (static_cast<TileClass>(entry) != TileClass::kFull) {
         allow = 0;
 #pragma unroll 1

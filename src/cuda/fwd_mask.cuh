@@ -83,11 +83,63 @@ __device__ inline ScoreModEval<float> resolve_mods(const FwdParams& p, int b, in
   return e;
 }
 
-// Entries of the general kernel's block table: TileClass values (empty 0, partial 1, full 2),
-// and kTileBits + s for a partial tile whose element mask is precomputed in bit slot s of its
-// query-tile row (the kernel then reads bits instead of evaluating the mask tree per score).
+// Entries of the block table: TileClass values (empty 0, partial 1, full 2), and kTileBits + s
+// for a partial tile whose element mask is precomputed in bit slot s of its query-tile row (the
+// kernels then read bits instead of evaluating the mask tree per score).
 inline constexpr uint8_t kTileBits = 3;
-inline constexpr int kMaxBitSlots = 16;  // bit slots per query-tile row at most
+inline constexpr int kMaxBitSlots = 255 - kTileBits;  // bit slots per query-tile row at most
+// The general kernels take bits for their first few partial tiles per query tile (the rest
+// evaluate the mask tree); the fast ones run a non-band mask only when every partial tile has
+// its bits (GeneralTables::covers).
+inline constexpr int kGeneralBitSlots = 16;
+
+// The element mask of a partial tile from its bit slot (entry >= kTileBits) for the forward's
+// fragment: bit r * kN / 4 + 2 * c + e for row r of the thread's two (queries row_i), column
+// c * 8 + col0 + e. `slots` points at the query tile's slots (whose first row is m0).
+template <int kM, int kN>
+__device__ __forceinline__ uint64_t fwd_tile_bits(const uint32_t* slots, uint8_t entry,
+                                                  const int (&row_i)[2], int m0, int col0) {
+  constexpr int kBitsPerRow = kN / 4, kWords = kN / 32;
+  uint64_t allow = 0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const uint32_t* w = slots + ((entry - kTileBits) * kM + row_i[r] - m0) * kWords;
+    uint32_t word[kWords];
+#pragma unroll
+    for (int x = 0; x < kWords; ++x) word[x] = w[x];
+#pragma unroll
+    for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = c * 8 + col0 + e;
+        allow |= static_cast<uint64_t>((word[col >> 5] >> (col & 31)) & 1u)
+                 << (r * kBitsPerRow + 2 * c + e);
+      }
+  }
+  return allow;
+}
+
+// The same for the backward's transposed fragment (keys as rows; consumer warpgroup cw owns keys
+// cw * 64..): bit r * 16 + 2 * c8 + e for key row r of the thread's two, query column c8 * 8 +
+// col0 + e. The thread's two keys are bits b0 and b0 + 8 of word (cw * 64 + warp * 16) / 32.
+template <int kM, int kN>
+__device__ __forceinline__ uint32_t bwd_tile_bits(const uint32_t* slots, uint8_t entry, int cw,
+                                                  int warp, int lane) {
+  static_assert(kM == 64, "32 scores per thread: 2 key rows x 16 query columns");
+  const int col0 = 2 * (lane % 4);
+  const uint32_t* w = slots + (entry - kTileBits) * kM * (kN / 32) + cw * 2 + warp / 2;
+  const int b0 = (warp % 2) * 16 + lane / 4;
+  uint32_t allow = 0;
+#pragma unroll
+  for (int c8 = 0; c8 < kM / 8; ++c8)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const uint32_t word = w[(c8 * 8 + col0 + e) * (kN / 32)];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) allow |= ((word >> (b0 + 8 * r)) & 1u) << (r * 16 + 2 * c8 + e);
+    }
+  return allow;
+}
 
 // The general kernel's block table and element-mask bits. Block (x, y, z) = (query tile *
 // bit_slots + slot, head, batch) of the table's extents; every block classifies its query tile's

@@ -65,14 +65,13 @@ Status check_rows(const core::RowOperand& r, const char* name, int elems) {
 // The band [i' - left, i' + right] of masks the fast kernel handles, or false.
 bool band_of(const Mask& m, int64_t* left, int64_t* right) {
   constexpr int64_t kInf = int64_t{1} << 40;
+  *left = *right = kInf;  // not a band: every key tile is in range (the block table decides)
   if (m.nodes.size() != 1) return false;
   const MaskNode& n = m.nodes[0];
   switch (n.kind) {
     case MaskKind::kNone:
-      *left = *right = kInf;
       return true;
     case MaskKind::kCausal:
-      *left = kInf;
       *right = 0;
       return true;
     case MaskKind::kSlidingWindow:
@@ -334,13 +333,43 @@ void fill_params(const core::Problem& p, int q_tile, FwdParams* out) {
   }
 }
 
-cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, cudaStream_t stream,
-                                 FwdParams* f) {
+namespace {
+
+// The table's extents: batch elements and heads with their own rows, query and key tiles.
+struct TableExtent {
+  int64_t bs = 1, hs = 1, q_tiles = 0, k_tiles = 0;
+};
+TableExtent table_extent(const core::Problem& p, int km, int kn) {
+  TableExtent t;
+  t.bs = p.mask_per_batch || p.varlen ? p.batch : 1;
+  t.hs = p.mask_per_head ? p.hq : 1;
+  t.q_tiles = (p.max_nq + km - 1) / km;
+  t.k_tiles = (p.max_nk + kn - 1) / kn;
+  return t;
+}
+
+// Bit slots per query tile: up to max_slots, within a budget of 64 MiB of bits.
+int bit_slots(const TableExtent& t, int km, int kn, int max_slots) {
+  const int64_t rows = t.bs * t.hs * t.q_tiles, slot_bytes = km * (kn / 32) * 4;
+  return static_cast<int>(std::min<int64_t>(
+      {t.k_tiles, max_slots, (int64_t{64} << 20) / std::max<int64_t>(rows * slot_bytes, 1)}));
+}
+
+}  // namespace
+
+bool GeneralTables::covers(const core::Problem& p, int km, int kn) {
+  const TableExtent t = table_extent(p, km, kn);
+  return bit_slots(t, km, kn, kMaxBitSlots) == t.k_tiles;
+}
+
+cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max_slots,
+                                 cudaStream_t stream, FwdParams* f) {
   const AttentionSpec& spec = *p.spec;
   const ScoreMods& mods = spec.mods;
   cudaError_t e = cudaSuccess;
-  const int64_t bs = p.mask_per_batch || p.varlen ? p.batch : 1, hs = p.mask_per_head ? p.hq : 1;
-  f->tc_nkt = static_cast<int>((p.max_nk + kn - 1) / kn);
+  const TableExtent ext = table_extent(p, km, kn);
+  const int64_t bs = ext.bs, hs = ext.hs;
+  f->tc_nkt = static_cast<int>(ext.k_tiles);
   f->tc_sh = hs > 1 ? static_cast<int64_t>(f->num_q_tiles) * f->tc_nkt : 0;
   f->tc_sb = bs > 1 ? hs * static_cast<int64_t>(f->num_q_tiles) * f->tc_nkt : 0;
   const TensorView& lf = spec.mods.forget_log_f;
@@ -355,11 +384,10 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, cudaStr
       f->forget_c = static_cast<const float*>(forget);
     }
   }
-  // Element-mask bits for up to kMaxBitSlots partial tiles per query tile, within a budget of
-  // 64 MiB (partial tiles beyond it evaluate the mask tree in the kernel).
+  // Element-mask bits for up to max_slots partial tiles per query tile, within a budget of 64 MiB
+  // (partial tiles beyond it evaluate the mask tree in the general kernels).
   const int64_t rows = bs * hs * f->num_q_tiles, slot_bytes = km * (kn / 32) * 4;
-  f->tb_slots = static_cast<int>(std::min<int64_t>(
-      {f->tc_nkt, kMaxBitSlots, (int64_t{64} << 20) / (rows * slot_bytes)}));
+  f->tb_slots = bit_slots(ext, km, kn, max_slots);
   f->tb_sq = static_cast<int64_t>(f->tb_slots) * km * (kn / 32);
   f->tb_sh = hs > 1 ? f->num_q_tiles * f->tb_sq : 0;
   f->tb_sb = bs > 1 ? hs * f->num_q_tiles * f->tb_sq : 0;

@@ -49,13 +49,17 @@ bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, 
 // the copy engine cannot address, or null.
 const char* encode_maps(const core::Problem& p, TmaMaps* maps, int q_box, int k_box);
 
-// The general kernels' device tables, for tiles of km query rows x kn keys, stream-ordered:
-// build() fills f's table, bits, forget and bucket fields; release() frees what build took.
+// The kernels' device tables, for tiles of km query rows x kn keys, stream-ordered: build()
+// fills f's table, bits (for up to max_slots partial tiles per query tile), forget and bucket
+// fields; release() frees what build took. covers() says whether build(.., kMaxBitSlots) gives
+// every partial tile its bits (as the fast kernels need for a mask that is not a band).
 struct GeneralTables {
   void* table = nullptr;
   void* forget = nullptr;
   void* buckets = nullptr;
-  cudaError_t build(const core::Problem& p, int km, int kn, cudaStream_t stream, FwdParams* f);
+  static bool covers(const core::Problem& p, int km, int kn);
+  cudaError_t build(const core::Problem& p, int km, int kn, int max_slots, cudaStream_t stream,
+                    FwdParams* f);
   cudaError_t release(cudaStream_t stream);
 };
 
