@@ -141,18 +141,21 @@ __device__ __forceinline__ uint32_t bwd_tile_bits(const uint32_t* slots, uint8_t
   return allow;
 }
 
-// The general kernel's block table and element-mask bits. Block (x, y, z) = (query tile *
-// bit_slots + slot, head, batch) of the table's extents; every block classifies its query tile's
-// row of key tiles (shared memory, p.tc_nkt bytes), numbers the first p.tb_slots partial tiles
-// in key order, and computes the bits of its slot: one thread per query row, a 32-bit word per
-// 32 keys. Key tiles past the sequence are empty; a full tile that the sequence ends in is
-// partial (the kernel masks its tail).
+// The block table and element-mask bits: blocks of kClassifyThreads threads, block (x, y, z) =
+// (query tile * split + part, head, batch) of the table's extents, split = min(p.tb_slots,
+// kClassifySplit) (at least 1). Every block classifies its query tile's row of key tiles (shared
+// memory, p.tc_nkt bytes) and numbers the first p.tb_slots partial tiles in key order; part 0
+// writes the row, and part x computes the bits of slots x, x + split, ...: a warp per query row
+// at a time, a lane per key, one ballot per 32-bit word. Key tiles past the sequence are empty;
+// a full tile that the sequence ends in is partial (the kernels mask its tail).
+inline constexpr int kClassifySplit = 8, kClassifyThreads = 256;
 template <int kM, int kN>
-__global__ void classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table,
-                                      uint32_t* bits) {
+__global__ void __launch_bounds__(kClassifyThreads)
+    classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table, uint32_t* bits) {
   extern __shared__ uint8_t cls[];
   __shared__ int slot_tile[kMaxBitSlots];
-  const int split = p.tb_slots > 0 ? p.tb_slots : 1;
+  __shared__ int num_slots;
+  const int split = max(1, min(p.tb_slots, kClassifySplit));
   const int qtile = blockIdx.x / split, part = blockIdx.x % split;
   const int h = blockIdx.y, b = blockIdx.z;
   const SeqExtent s = seq_extent(p, b);
@@ -183,26 +186,28 @@ __global__ void classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8
         slot_tile[n] = kt;
         cls[kt] = static_cast<uint8_t>(kTileBits + n++);
       }
-    for (; n < kMaxBitSlots; ++n) slot_tile[n] = -1;
+    num_slots = n;
   }
   __syncthreads();
   if (part == 0) {
     uint8_t* row = table + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qtile) * p.tc_nkt;
     for (int kt = threadIdx.x; kt < p.tc_nkt; kt += blockDim.x) row[kt] = cls[kt];
   }
-  const int kt = p.tb_slots > 0 ? slot_tile[part] : -1;
-  if (kt < 0) return;
-  constexpr int kWords = kN / 32;
-  uint32_t* out = bits + b * p.tb_sb + h * p.tb_sh + qtile * p.tb_sq +
-                  (static_cast<int64_t>(part) * kM + threadIdx.x) * kWords;
-  const int i = m0 + threadIdx.x;
-  for (int w = 0; w < kWords; ++w) {
-    uint32_t word = 0;
-    for (int x = 0; x < 32; ++x) {
-      const int j = kt * kN + w * 32 + x;
-      if (i < s.nq && j < s.nk && mask_allowed(ms.mask, p.num_nodes, i, j)) word |= 1u << x;
+  constexpr int kWords = kN / 32, kWarps = kClassifyThreads / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  uint32_t* out = bits + b * p.tb_sb + h * p.tb_sh + qtile * p.tb_sq;
+  for (int slot = part; slot < num_slots; slot += split) {
+    const int kt = slot_tile[slot];
+    for (int r = warp; r < kM; r += kWarps) {
+      const int i = m0 + r;
+#pragma unroll 1
+      for (int w = 0; w < kWords; ++w) {
+        const int j = kt * kN + w * 32 + lane;
+        const bool ok = i < s.nq && j < s.nk && mask_allowed(ms.mask, p.num_nodes, i, j);
+        const uint32_t word = __ballot_sync(0xffffffffu, ok);
+        if (lane == 0) out[(static_cast<int64_t>(slot) * kM + r) * kWords + w] = word;
+      }
     }
-    out[w] = word;
   }
 }
 

@@ -423,9 +423,10 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
     uint32_t* bits = reinterpret_cast<uint32_t*>(tab + table_bytes);
     f->tile_class = tab;
     f->tile_bits = bits;
-    const dim3 grid(static_cast<unsigned>(f->num_q_tiles * std::max(f->tb_slots, 1)),
-                    static_cast<unsigned>(hs), static_cast<unsigned>(bs));
-    classify<<<grid, km, cls_smem, stream>>>(*f, tab, bits);
+    const int split = std::max(1, std::min(f->tb_slots, kClassifySplit));
+    const dim3 grid(static_cast<unsigned>(f->num_q_tiles * split), static_cast<unsigned>(hs),
+                    static_cast<unsigned>(bs));
+    classify<<<grid, kClassifyThreads, cls_smem, stream>>>(*f, tab, bits);
     e = cudaGetLastError();
   }
   return e;
