@@ -141,23 +141,18 @@ __device__ __forceinline__ uint32_t bwd_tile_bits(const uint32_t* slots, uint8_t
   return allow;
 }
 
-// The block table and element-mask bits: blocks of kClassifyThreads threads, block (x, y, z) =
-// (query tile * split + part, head, batch) of the table's extents, split = min(p.tb_slots,
-// kClassifySplit) (at least 1). Every block classifies its query tile's row of key tiles (shared
-// memory, p.tc_nkt bytes) and numbers the first p.tb_slots partial tiles in key order; part 0
-// writes the row, and part x computes the bits of slots x, x + split, ...: a warp per query row
-// at a time, a lane per key, one ballot per 32-bit word. Key tiles past the sequence are empty;
-// a full tile that the sequence ends in is partial (the kernels mask its tail).
+// The block table and element-mask bits, in two passes of kClassifyThreads-thread blocks.
+// classify_tiles_kernel: block (x, y, z) = (query tile, head, batch) of the table's extents
+// classifies its query tile's row of key tiles (shared memory, p.tc_nkt bytes), numbers the
+// first p.tb_slots partial tiles in key order, and writes the row and its slot list (count, then
+// the slots' key tiles: slots[row * (p.tb_slots + 1)]). Key tiles past the sequence are empty; a
+// full tile that the sequence ends in is partial (the kernels mask its tail).
 inline constexpr int kClassifySplit = 8, kClassifyThreads = 256;
 template <int kM, int kN>
 __global__ void __launch_bounds__(kClassifyThreads)
-    classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table, uint32_t* bits) {
+    classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table, int32_t* slots) {
   extern __shared__ uint8_t cls[];
-  __shared__ int slot_tile[kMaxBitSlots];
-  __shared__ int num_slots;
-  const int split = max(1, min(p.tb_slots, kClassifySplit));
-  const int qtile = blockIdx.x / split, part = blockIdx.x % split;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int qtile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const SeqExtent s = seq_extent(p, b);
   MaskState ms;
   resolve_mask(p, b, h, s.offset, ms);
@@ -179,25 +174,44 @@ __global__ void __launch_bounds__(kClassifyThreads)
     cls[kt] = static_cast<uint8_t>(c);
   }
   __syncthreads();
+  const int64_t row = (static_cast<int64_t>(b) * gridDim.y + h) * gridDim.x + qtile;
+  int32_t* list = slots + row * (p.tb_slots + 1);
   if (threadIdx.x == 0) {
     int n = 0;
     for (int kt = 0; kt < p.tc_nkt && n < p.tb_slots; ++kt)
       if (cls[kt] == static_cast<uint8_t>(TileClass::kPartial)) {
-        slot_tile[n] = kt;
+        list[1 + n] = kt;
         cls[kt] = static_cast<uint8_t>(kTileBits + n++);
       }
-    num_slots = n;
+    list[0] = n;
   }
   __syncthreads();
-  if (part == 0) {
-    uint8_t* row = table + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qtile) * p.tc_nkt;
-    for (int kt = threadIdx.x; kt < p.tc_nkt; kt += blockDim.x) row[kt] = cls[kt];
-  }
+  uint8_t* out = table + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qtile) * p.tc_nkt;
+  for (int kt = threadIdx.x; kt < p.tc_nkt; kt += blockDim.x) out[kt] = cls[kt];
+}
+
+// tile_bits_kernel: block (x, y, z) = (query tile * split + part, head, batch), split =
+// min(p.tb_slots, kClassifySplit), computes the bits of its row's slots part, part + split, ...:
+// a warp per query row at a time, a lane per key, one ballot per 32-bit word.
+template <int kM, int kN>
+__global__ void __launch_bounds__(kClassifyThreads)
+    tile_bits_kernel(const __grid_constant__ FwdParams p, const int32_t* slots, uint32_t* bits) {
+  const int split = max(1, min(p.tb_slots, kClassifySplit));
+  const int qtile = blockIdx.x / split, part = blockIdx.x % split;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int64_t row = (static_cast<int64_t>(b) * gridDim.y + h) * (gridDim.x / split) + qtile;
+  const int32_t* list = slots + row * (p.tb_slots + 1);
+  const int num_slots = list[0];
+  if (part >= num_slots) return;
+  const SeqExtent s = seq_extent(p, b);
+  MaskState ms;
+  resolve_mask(p, b, h, s.offset, ms);
+  const int m0 = qtile * kM;
   constexpr int kWords = kN / 32, kWarps = kClassifyThreads / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t* out = bits + b * p.tb_sb + h * p.tb_sh + qtile * p.tb_sq;
   for (int slot = part; slot < num_slots; slot += split) {
-    const int kt = slot_tile[slot];
+    const int kt = list[1 + slot];
     for (int r = warp; r < kM; r += kWarps) {
       const int i = m0 + r;
 #pragma unroll 1

@@ -409,25 +409,38 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
       f->bucket_of = static_cast<const int32_t*>(buckets);
     }
   }
+  // The table, then each row's slot list (count and key tiles), then the bits.
+  const int64_t list_bytes = (rows * (f->tb_slots + 1) * 4 + 255) / 256 * 256;
   if (e == cudaSuccess)
-    e = cudaMallocAsync(&table, table_bytes + rows * f->tb_slots * slot_bytes, stream);
+    e = cudaMallocAsync(&table, table_bytes + list_bytes + rows * f->tb_slots * slot_bytes,
+                        stream);
   const size_t cls_smem = static_cast<size_t>(f->tc_nkt);
   auto classify = km == 64    ? &classify_tiles_kernel<64, 128>
                   : kn == 128 ? &classify_tiles_kernel<128, 128>
                               : &classify_tiles_kernel<128, 64>;
+  auto tile_bits = km == 64    ? &tile_bits_kernel<64, 128>
+                   : kn == 128 ? &tile_bits_kernel<128, 128>
+                               : &tile_bits_kernel<128, 64>;
   if (e == cudaSuccess && cls_smem > 48 * 1024)
     e = cudaFuncSetAttribute(classify, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(cls_smem));
   if (e == cudaSuccess) {
     uint8_t* tab = static_cast<uint8_t*>(table);
-    uint32_t* bits = reinterpret_cast<uint32_t*>(tab + table_bytes);
+    int32_t* slots = reinterpret_cast<int32_t*>(tab + table_bytes);
+    uint32_t* bits = reinterpret_cast<uint32_t*>(tab + table_bytes + list_bytes);
     f->tile_class = tab;
     f->tile_bits = bits;
-    const int split = std::max(1, std::min(f->tb_slots, kClassifySplit));
-    const dim3 grid(static_cast<unsigned>(f->num_q_tiles * split), static_cast<unsigned>(hs),
+    const dim3 grid(static_cast<unsigned>(f->num_q_tiles), static_cast<unsigned>(hs),
                     static_cast<unsigned>(bs));
-    classify<<<grid, kClassifyThreads, cls_smem, stream>>>(*f, tab, bits);
+    classify<<<grid, kClassifyThreads, cls_smem, stream>>>(*f, tab, slots);
     e = cudaGetLastError();
+    const int split = std::max(1, std::min(f->tb_slots, kClassifySplit));
+    if (e == cudaSuccess && f->tb_slots > 0) {
+      const dim3 grid_bits(static_cast<unsigned>(f->num_q_tiles * split),
+                           static_cast<unsigned>(hs), static_cast<unsigned>(bs));
+      tile_bits<<<grid_bits, kClassifyThreads, 0, stream>>>(*f, slots, bits);
+      e = cudaGetLastError();
+    }
   }
   return e;
 }
