@@ -168,6 +168,31 @@ TEST(BackwardRules, SixteenBitGradientsAreCudaOnly) {
   EXPECT_NE(s.message().find("dq.dtype = fp16"), std::string::npos) << s.message();
 }
 
+// A gradient is written element by element: a view whose elements overlap (stride 0 on a dim
+// of size > 1) is refused by name instead of receiving whichever write lands last.
+TEST(BackwardRules, OverlappingGradientViewsAreRefused) {
+  CheckOptions opt;
+  opt.dtype = DType::kF32;
+  opt.dims = {2, 2, 2, 16, 16, 8, 8};
+  Instance inst;
+  ASSERT_EQ(make_instance("causal", opt, inst), "");
+  const OwnedTensor out = OwnedTensor::zeros(DType::kF32, {2, 2, 16, 8});
+  const OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {2, 2, 16});
+  OwnedTensor dq = OwnedTensor::zeros(DType::kF32, {2, 2, 16, 8});
+  OwnedTensor dk = OwnedTensor::zeros(DType::kF32, {2, 2, 16, 8});
+  OwnedTensor dv = OwnedTensor::zeros(DType::kF32, {2, 2, 16, 8});
+  AttentionGrads g{dq.view, dk.view, dv.view};
+  Status s = can_run_backward(inst.q.view, inst.k.view, inst.v.view, out.view, lse.view, out.view,
+                              inst.spec, g);
+  EXPECT_TRUE(s.ok()) << s.message();
+  g.dk.strides[0] = 0;  // both batch elements on the same memory
+  s = can_run_backward(inst.q.view, inst.k.view, inst.v.view, out.view, lse.view, out.view,
+                       inst.spec, g);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.message();
+  EXPECT_NE(s.message().find("dk.strides[0] = 0"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("must not overlap"), std::string::npos) << s.message();
+}
+
 // Varlen through the CPU backward against the oracle, with per-sequence normalizers and gates.
 TEST(BackwardVarlen, MatchesOracle) {
   const std::vector<int32_t> cq = {0, 5, 75, 204}, ck = {0, 9, 79, 179};

@@ -49,7 +49,8 @@ Status can_run(const TensorView& q, const TensorView& k, const TensorView& v,
 // Gradients of attention (the backward pass). dq, dk, dv are required and shaped like q, k, v
 // (dk, dv summed over the query heads of a KV group); each other view is optional and shaped like
 // the input it differentiates (dbias: like spec.mods.bias, summed over its broadcast dims;
-// dbeta: [1] for the sigmoid normalizer's beta). Gradient dtypes: fp32 or fp64.
+// dbeta: [1] for the sigmoid normalizer's beta). Gradient dtypes: fp32 or fp64, and on CUDA
+// dq, dk, dv and dbias also their inputs' 16-bit dtype. Gradient views must not overlap.
 struct AttentionGrads {
   TensorView dq, dk, dv;
   TensorView dbias, dlow_rank_u, dlow_rank_w, drelative_table, dforget_log_f, dalibi_slopes;

@@ -751,6 +751,11 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
     if (!same_shape(grad, input))
       return fail(StatusCode::kInvalidArgument, name, ".shape = ", shape_str(grad), " but ",
                   input_name, ".shape = ", shape_str(input), ": a gradient has its input's shape");
+    // A gradient is written (not summed into) element by element: its elements must not overlap.
+    for (int x = 0; x < grad.ndim; ++x)
+      if (grad.shape[x] > 1 && grad.strides[x] == 0)
+        return fail(StatusCode::kInvalidArgument, name, ".strides[", x, "] = 0 with size ",
+                    grad.shape[x], ": a gradient's elements must not overlap");
     return {};
   };
   TensorView out_like = q;  // grad_out has out's shape: q's with head_dim_v
