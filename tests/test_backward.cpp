@@ -142,28 +142,40 @@ TEST(BackwardFullyMasked, ZeroGradients) {
   }
 }
 
+// A causal call's operands for the backward's rules: inputs of `dtype`, batch `b`, 2 heads,
+// 16 tokens, head dim 8, the forward's out (inputs' dtype) and LSE, fp32 dq, dk, dv.
+struct RulesCall {
+  Instance inst;
+  OwnedTensor out, lse, dq, dk, dv;
+  AttentionGrads g;
+  RulesCall(DType dtype, int64_t b) {
+    CheckOptions opt;
+    opt.dtype = dtype;
+    opt.dims = {b, 2, 2, 16, 16, 8, 8};
+    EXPECT_EQ(make_instance("causal", opt, inst), "");
+    out = OwnedTensor::zeros(dtype, {b, 2, 16, 8});
+    lse = OwnedTensor::zeros(DType::kF32, {b, 2, 16});
+    for (OwnedTensor* t : {&dq, &dk, &dv}) *t = OwnedTensor::zeros(DType::kF32, {b, 2, 16, 8});
+    g = AttentionGrads{dq.view, dk.view, dv.view};
+  }
+  Status check() const {
+    return can_run_backward(inst.q.view, inst.k.view, inst.v.view, out.view, lse.view, out.view,
+                            inst.spec, g);
+  }
+};
+
 // 16-bit dq, dk, dv (the inputs' dtype) are written by the CUDA backward only: the CPU refuses
 // them by name; a dtype that is neither the inputs' nor fp32/fp64 is a type error.
 TEST(BackwardRules, SixteenBitGradientsAreCudaOnly) {
-  CheckOptions opt;
-  opt.dtype = DType::kBF16;
-  opt.dims = {1, 2, 2, 16, 16, 8, 8};
-  Instance inst;
-  ASSERT_EQ(make_instance("causal", opt, inst), "");
-  const OwnedTensor out = OwnedTensor::zeros(DType::kBF16, {1, 2, 16, 8});
-  const OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {1, 2, 16});
-  OwnedTensor dq = OwnedTensor::zeros(DType::kBF16, {1, 2, 16, 8});
-  OwnedTensor dk = OwnedTensor::zeros(DType::kF32, {1, 2, 16, 8});
-  OwnedTensor dv = OwnedTensor::zeros(DType::kF32, {1, 2, 16, 8});
-  AttentionGrads g{dq.view, dk.view, dv.view};
-  Status s = can_run_backward(inst.q.view, inst.k.view, inst.v.view, out.view, lse.view, out.view,
-                              inst.spec, g);
+  RulesCall c(DType::kBF16, 1);
+  OwnedTensor dq16 = OwnedTensor::zeros(DType::kBF16, {1, 2, 16, 8});
+  c.g.dq = dq16.view;
+  Status s = c.check();
   EXPECT_EQ(s.code(), StatusCode::kNotImplemented) << s.message();
   EXPECT_NE(s.message().find("CUDA backward only"), std::string::npos) << s.message();
-  OwnedTensor dq16 = OwnedTensor::zeros(DType::kF16, {1, 2, 16, 8});
-  g.dq = dq16.view;
-  s = can_run_backward(inst.q.view, inst.k.view, inst.v.view, out.view, lse.view, out.view,
-                       inst.spec, g);
+  OwnedTensor dq_fp16 = OwnedTensor::zeros(DType::kF16, {1, 2, 16, 8});
+  c.g.dq = dq_fp16.view;
+  s = c.check();
   EXPECT_EQ(s.code(), StatusCode::kTypeError) << s.message();
   EXPECT_NE(s.message().find("dq.dtype = fp16"), std::string::npos) << s.message();
 }
@@ -171,23 +183,10 @@ TEST(BackwardRules, SixteenBitGradientsAreCudaOnly) {
 // A gradient is written element by element: a view whose elements overlap (stride 0 on a dim
 // of size > 1) is refused by name instead of receiving whichever write lands last.
 TEST(BackwardRules, OverlappingGradientViewsAreRefused) {
-  CheckOptions opt;
-  opt.dtype = DType::kF32;
-  opt.dims = {2, 2, 2, 16, 16, 8, 8};
-  Instance inst;
-  ASSERT_EQ(make_instance("causal", opt, inst), "");
-  const OwnedTensor out = OwnedTensor::zeros(DType::kF32, {2, 2, 16, 8});
-  const OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {2, 2, 16});
-  OwnedTensor dq = OwnedTensor::zeros(DType::kF32, {2, 2, 16, 8});
-  OwnedTensor dk = OwnedTensor::zeros(DType::kF32, {2, 2, 16, 8});
-  OwnedTensor dv = OwnedTensor::zeros(DType::kF32, {2, 2, 16, 8});
-  AttentionGrads g{dq.view, dk.view, dv.view};
-  Status s = can_run_backward(inst.q.view, inst.k.view, inst.v.view, out.view, lse.view, out.view,
-                              inst.spec, g);
-  EXPECT_TRUE(s.ok()) << s.message();
-  g.dk.strides[0] = 0;  // both batch elements on the same memory
-  s = can_run_backward(inst.q.view, inst.k.view, inst.v.view, out.view, lse.view, out.view,
-                       inst.spec, g);
+  RulesCall c(DType::kF32, 2);
+  EXPECT_TRUE(c.check().ok()) << c.check().message();
+  c.g.dk.strides[0] = 0;  // both batch elements on the same memory
+  const Status s = c.check();
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.message();
   EXPECT_NE(s.message().find("dk.strides[0] = 0"), std::string::npos) << s.message();
   EXPECT_NE(s.message().find("must not overlap"), std::string::npos) << s.message();
