@@ -29,13 +29,15 @@ static int cmd_list(bool as_json) {
                      {"backward", r.backward},
                      {"dtypes", r.dtypes}});
     std::printf("%s\n", json{{"cpu_simd_target", cpu_simd_target()},
+                             {"cpu_bf16_dot", cpu_bf16_dot()},
                              {"cuda_build", cuda_build_info()},
                              {"rows", arr}}
                             .dump(1)
                             .c_str());
     return 0;
   }
-  std::printf("CPU SIMD target on this machine: %s\n", cpu_simd_target().c_str());
+  std::printf("CPU SIMD target on this machine: %s; bf16 dot products: %s\n",
+              cpu_simd_target().c_str(), cpu_bf16_dot() ? "yes" : "no");
   if (!cuda_build_info().empty())
     std::printf("CUDA kernels in this build: %s\n", cuda_build_info().c_str());
   std::printf("%-18s %-11s %-10s %-4s %-4s %s\n", "mechanism", "category", "backend", "fwd", "bwd",

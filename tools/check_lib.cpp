@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "attnkit/registry.h"
 #include "device_mirror.h"
 #include "reference/reference.h"
 #include "spec_json.h"
@@ -158,9 +159,11 @@ CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& op
       std::max({stat_err(fast.row_stat, ref.row_stat), stat_err(fast.row_max, ref.row_max),
                 stat_err(fast.entropy, ref.entropy), stat_err(fast.col_mass, ref.col_mass)});
   double stat_tol = 1e-4 * std::max(1.0, opt.input_scale * opt.input_scale);
-  // ReLA's statistic is the RMS of O itself: on the GPU, where P enters P V in the input dtype
-  // (as in FlashAttention), it carries O's error and is judged by O's tolerance.
-  if (cuda && inst.spec.normalizer.kind == NormalizerKind::kReLA)
+  // ReLA's statistic is the RMS of O itself: where P enters P V in the input dtype (on the GPU,
+  // as in FlashAttention, and on CPUs with bf16 dot products), it carries O's error and is
+  // judged by O's tolerance.
+  const bool p_in_dtype = cuda || (opt.dtype == DType::kBF16 && cpu_bf16_dot());
+  if (p_in_dtype && inst.spec.normalizer.kind == NormalizerKind::kReLA)
     stat_tol = std::max(stat_tol, r.tol);
   r.ok = r.rel_err <= r.tol && r.stat_err <= stat_tol;
   if (!r.ok)

@@ -20,6 +20,11 @@ std::vector<SupportRow> support_matrix();
 // The SIMD target the CPU kernels dispatch to on this machine.
 std::string cpu_simd_target();
 
+// Whether the CPU forward runs bf16 inputs on the CPU's bf16 dot products (AVX512_BF16): Q, K, V
+// stay bf16 and P enters P V in bf16, as on GPUs. Off on CPUs without them, or with
+// ATTNKIT_CPU_BF16_DOT=0 in the environment (then bf16 is widened to fp32, like fp16).
+bool cpu_bf16_dot();
+
 // The CUDA kernels this build has ("sm_90a; bf16, fp16; head dims 64, 128"), or "" without the
 // CUDA backend.
 std::string cuda_build_info();

@@ -40,6 +40,7 @@
 #include "core/convert.h"
 #include "core/score_tables.h"
 #include "cpu/forward.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/parallel.h"
 #include "cpu/tile_common.h"
 #include "cpu/tile_ops-inl.h"
@@ -55,7 +56,11 @@ struct FwdCall {
   std::vector<core::ScoreTables<float>> tables;  // per batch element
   std::vector<float> beta;                       // sigmoid beta per batch element
   bool lowrank = false;
+  // bf16 Q, K, V on a CPU with bf16 dot products (gemm_bf16.h): Q, K and V stay bf16 (packed as
+  // pairs), P is rounded to bf16 for P V, and the scale multiplies S instead of Q.
+  bool bf16 = false;
   int64_t d_eff = 0, dv_pad = 0, units_per_batch = 0;
+  int64_t d_pairs = 0;  // bf16: head dim pairs (d rounded up to even)
   // Packed K/V of the units from unit_begin on: unit u at (u - unit_begin) * unit_floats.
   float* packed = nullptr;  // the calling thread's workspace (packed_workspace)
   int64_t unit_floats = 0, k_tile_floats = 0, v_tile_floats = 0, max_k_tiles = 0;
@@ -83,13 +88,18 @@ namespace HWY_NAMESPACE {
 // Per-worker scratch of a task.
 struct Scratch {
   hwy::AlignedFreeUniquePtr<float[]> q, s, o;
-  std::vector<float> m, l, es, rmax, alpha, lscale;
+  hwy::AlignedFreeUniquePtr<uint16_t[]> q16, p16;  // bf16: the Q tile, P for P V
+  // Row state: running max, sum of P (lp: of P as rounded for P V), entropy sum, ...
+  std::vector<float> m, l, lp, es, rmax, alpha, lscale;
   explicit Scratch(const FwdCall& c)
       : q(hwy::AllocateAligned<float>(kTile * c.d_eff)),
         s(hwy::AllocateAligned<float>(kTile * kTile)),
         o(hwy::AllocateAligned<float>(kTile * c.dv_pad)),
+        q16(hwy::AllocateAligned<uint16_t>(c.bf16 ? kTile * 2 * c.d_pairs : 1)),
+        p16(hwy::AllocateAligned<uint16_t>(c.bf16 ? kTile * kTile : 1)),
         m(kTile),
         l(kTile),
+        lp(kTile),
         es(kTile),
         rmax(kTile),
         alpha(kTile),
@@ -109,6 +119,19 @@ void pack_kv(FwdCall& c, int64_t unit, int64_t t) {
   float* vp = c.v_tile(unit, t);
   std::fill(kp, kp + c.k_tile_floats, 0.f);
   std::fill(vp, vp + c.v_tile_floats, 0.f);
+  if (c.bf16) {  // K^T as pairs of head dims [d/2][64][2], V as pairs of keys [32][dv_pad][2]
+    uint16_t* k2 = reinterpret_cast<uint16_t*>(kp);
+    uint16_t* v2 = reinterpret_cast<uint16_t*>(vp);
+    for (int64_t x = 0; x < kt.count; ++x) {
+      const int64_t j = kt.at(x);
+      const uint16_t* kr = static_cast<const uint16_t*>(p.k.row(b, hk, s.k_start + j));
+      const uint16_t* vr = static_cast<const uint16_t*>(p.v.row(b, hk, s.k_start + j));
+      for (int64_t e = 0; e < p.d; ++e) k2[(e >> 1) * 2 * kTile + 2 * x + (e & 1)] = kr[e];
+      uint16_t* vx = v2 + (x >> 1) * 2 * c.dv_pad + (x & 1);
+      for (int64_t e = 0; e < p.dv; ++e) vx[2 * e] = vr[e];
+    }
+    return;
+  }
   std::vector<float> row(std::max(c.d_eff, p.dv));
   const TensorView& w = p.spec->mods.low_rank_w;
   for (int64_t x = 0; x < kt.count; ++x) {
@@ -123,9 +146,20 @@ void pack_kv(FwdCall& c, int64_t unit, int64_t t) {
   }
 }
 
-// The Q' tile of (b, h): fp32 [rows][d'], scale folded in, low-rank u appended unscaled.
-void pack_q(const FwdCall& c, float* q, int64_t b, int64_t h, const TileTokens& qt) {
+// The Q' tile of (b, h): fp32 [rows][d'], scale folded in, low-rank u appended unscaled; bf16:
+// the rows as they are, [rows][2 d_pairs] (the scale multiplies S).
+void pack_q(const FwdCall& c, Scratch& w, int64_t b, int64_t h, const TileTokens& qt) {
   const core::Problem& p = *c.p;
+  if (c.bf16) {
+    const int64_t ld = 2 * c.d_pairs;
+    for (int64_t r = 0; r < qt.count; ++r) {
+      uint16_t* qr = w.q16.get() + r * ld;
+      std::memcpy(qr, p.q.row(b, h, p.seqs[b].q_start + qt.at(r)), p.d * sizeof(uint16_t));
+      if (ld > p.d) qr[p.d] = 0;
+    }
+    return;
+  }
+  float* q = w.q.get();
   const TensorView& u = p.spec->mods.low_rank_u;
   for (int64_t r = 0; r < qt.count; ++r) {
     const int64_t i = qt.at(r);
@@ -135,6 +169,30 @@ void pack_q(const FwdCall& c, float* q, int64_t b, int64_t h, const TileTokens& 
       for (int64_t e = 0; e < c.d_eff - p.d; ++e)
         qr[p.d + e] = static_cast<const float*>(
             u.data)[b * u.strides[0] + h * u.strides[1] + i * u.strides[2] + e * u.strides[3]];
+  }
+}
+
+// S = Q' K'^T of a tile pair ([rows][64], scaled).
+HWY_INLINE void score_gemm(FwdCall& c, Scratch& w, int64_t unit, int64_t k_tile, int64_t rows,
+                           float* S) {
+  if (c.bf16)
+    gemm_bf16(w.q16.get(), 2 * c.d_pairs, reinterpret_cast<const uint16_t*>(c.k_tile(unit, k_tile)),
+              c.d_pairs, S, kTile, rows, kTile, nullptr, false, c.p->scale);
+  else
+    gemm(w.q.get(), c.d_eff, c.k_tile(unit, k_tile), kTile, c.d_eff, S, kTile, rows, kTile, nullptr,
+         false);
+}
+
+// O = alpha O + P V (O = P V when !load_o) over the tile's keys; P is S after the normalizer.
+HWY_INLINE void value_gemm(FwdCall& c, Scratch& w, int64_t unit, int64_t k_tile, int64_t keys,
+                           int64_t rows, const float* alpha, bool load_o) {
+  if (c.bf16) {
+    to_bf16_rows(w.s.get(), kTile, w.p16.get(), kTile, rows, kTile);
+    gemm_bf16(w.p16.get(), kTile, reinterpret_cast<const uint16_t*>(c.v_tile(unit, k_tile)),
+              (keys + 1) / 2, w.o.get(), c.dv_pad, rows, c.dv_pad, alpha, load_o, 1.f);
+  } else {
+    gemm(w.s.get(), kTile, c.v_tile(unit, k_tile), c.dv_pad, keys, w.o.get(), c.dv_pad, rows,
+         c.dv_pad, alpha, load_o);
   }
 }
 
@@ -154,13 +212,14 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
   constexpr bool kSoftmax =
       kNorm == NormalizerKind::kSoftmax || kNorm == NormalizerKind::kSoftmaxSink;
 
-  pack_q(c, w.q.get(), b, h, qt);
+  pack_q(c, w, b, h, qt);
   const float sink = kNorm == NormalizerKind::kSoftmaxSink
                          ? static_cast<const float*>(norm.sinks.data)[h * norm.sinks.strides[0]]
                          : kNegInf;
   for (int64_t r = 0; r < rows; ++r) {
     w.m[r] = sink;
     w.l[r] = kNorm == NormalizerKind::kSoftmaxSink ? 1.f : 0.f;
+    w.lp[r] = w.l[r];
     w.es[r] = 0.f;
     w.rmax[r] = kNegInf;
     w.alpha[r] = 1.f;
@@ -177,14 +236,14 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
   const float* prescale =
       kNorm == NormalizerKind::kKernel && norm.length_scale ? w.lscale.data() : nullptr;
   const bool want_entropy = p.entropy.defined();
+  const bool round_p = c.bf16;  // P V takes P in bf16
   const float beta = c.beta[b];
 
   float* S = w.s.get();
   for (int64_t e = bm.row_begin[t]; e < bm.row_begin[t + 1]; ++e) {
     const core::BlockEntry& ent = bm.entries[e];
     const TileTokens kt = bm.k.tile(ent.k_tile);
-    gemm(w.q.get(), c.d_eff, c.k_tile(unit, ent.k_tile), kTile, c.d_eff, S, kTile, rows, kTile,
-         nullptr, false);
+    score_gemm(c, w, unit, ent.k_tile, rows, S);
     score_tile<kMods>(S, mods, s.offset, qt, kt, bm, ent, prescale, nullptr);
     // The normalizer's tile step: S -> P in place.
     for (int64_t r = 0; r < rows; ++r) {
@@ -198,16 +257,22 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
           w.alpha[r] = 1.f;
           continue;
         }
-        const float alpha = w.m[r] == kNegInf ? 0.f : std::exp(w.m[r] - m_new);
+        const float alpha = w.m[r] == m_new     ? 1.f
+                            : w.m[r] == kNegInf ? 0.f
+                                                : std::exp(w.m[r] - m_new);
         const VF vm = hn::Set(d, m_new);
-        VF sum = hn::Zero(d), esum = hn::Zero(d);
+        VF sum = hn::Zero(d), esum = hn::Zero(d), rsum = hn::Zero(d);
         for (size_t x = 0; x < kTile; x += N) {
           const VF sv = hn::LoadU(d, sr + x);
-          const VF pv = hn::Exp(d, hn::Sub(sv, vm));
+          VF pv = exp_nonpositive(d, hn::Sub(sv, vm));
           sum = hn::Add(sum, pv);
           if (want_entropy)
             esum = hn::Add(esum, hn::IfThenElseZero(hn::Gt(sv, hn::Set(d, kNegInf)),
                                                     hn::Mul(pv, hn::Sub(sv, vm))));
+          if (round_p) {
+            pv = round_to_bf16(d, pv);
+            rsum = hn::Add(rsum, pv);
+          }
           hn::StoreU(pv, d, sr + x);
         }
         // es = sum_j exp(s_j - m) (s_j - m), rescaled when m moves (no cancellation at large
@@ -216,11 +281,12 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
           w.es[r] = alpha * (w.es[r] + (w.m[r] == kNegInf ? 0.f : (w.m[r] - m_new) * w.l[r])) +
                     hn::GetLane(hn::SumOfLanes(d, esum));
         w.l[r] = w.l[r] * alpha + hn::GetLane(hn::SumOfLanes(d, sum));
+        if (round_p) w.lp[r] = w.lp[r] * alpha + hn::GetLane(hn::SumOfLanes(d, rsum));
         w.m[r] = m_new;
         w.alpha[r] = alpha;
       } else {
         const VF zero = hn::Zero(d), ninf = hn::Set(d, kNegInf);
-        VF sum = zero;
+        VF sum = zero, rsum = zero;
         for (size_t x = 0; x < kTile; x += N) {
           const VF sv = hn::LoadU(d, sr + x);
           const auto live = hn::Gt(sv, ninf);
@@ -248,18 +314,24 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
           }
           pv = hn::IfThenElseZero(live, pv);
           sum = hn::Add(sum, pv);
+          if (round_p) {
+            pv = round_to_bf16(d, pv);
+            rsum = hn::Add(rsum, pv);
+          }
           hn::StoreU(pv, d, sr + x);
         }
-        if constexpr (kNorm == NormalizerKind::kKernel)
+        if constexpr (kNorm == NormalizerKind::kKernel) {
           w.l[r] += hn::GetLane(hn::SumOfLanes(d, sum));
+          if (round_p) w.lp[r] += hn::GetLane(hn::SumOfLanes(d, rsum));
+        }
       }
     }
     // O = alpha O + P V; the rescale is skipped when no row's running max moved.
     bool rescale = false;
     if constexpr (kSoftmax)
       for (int64_t r = 0; r < rows && !rescale; ++r) rescale = w.alpha[r] != 1.f;
-    gemm(S, kTile, c.v_tile(unit, ent.k_tile), c.dv_pad, kt.count, w.o.get(), c.dv_pad, rows,
-         c.dv_pad, rescale ? w.alpha.data() : nullptr, e != bm.row_begin[t]);
+    value_gemm(c, w, unit, ent.k_tile, kt.count, rows, rescale ? w.alpha.data() : nullptr,
+               e != bm.row_begin[t]);
   }
 
   // Epilogue.
@@ -270,8 +342,8 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
     float* o = w.o.get() + r * c.dv_pad;
     float stat = 0.f;
     if constexpr (kSoftmax) {
-      const float l = w.l[r];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float l = w.l[r], lo = round_p ? w.lp[r] : l;  // O divides by the weights it used
+      const float inv = lo > 0.f ? 1.f / lo : 0.f;
       for (int64_t x = 0; x < p.dv; ++x) o[x] *= inv;
       stat = l > 0.f ? w.m[r] + std::log(l) : kNegInf;
       if (p.row_max.defined()) p.row_max.at(b, h, row) = w.rmax[r];
@@ -284,8 +356,8 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
       }
       if (!c.lse.empty()) c.lse[(b * p.hq + h) * p.max_nq + i] = stat;
     } else if constexpr (kNorm == NormalizerKind::kKernel) {
-      const float l = w.l[r];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float l = w.l[r], lo = round_p ? w.lp[r] : l;  // O divides by the weights it used
+      const float inv = lo > 0.f ? 1.f / lo : 0.f;
       for (int64_t x = 0; x < p.dv; ++x) o[x] *= inv;
       stat = l;
     } else if constexpr (kNorm == NormalizerKind::kReLA) {
@@ -336,12 +408,11 @@ void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<doubl
       any = any || w.m[r] != kNegInf;
     }
     if (!any) continue;
-    pack_q(c, w.q.get(), b, h, qt);
+    pack_q(c, w, b, h, qt);
     for (int64_t e = bm.row_begin[t]; e < bm.row_begin[t + 1]; ++e) {
       const core::BlockEntry& ent = bm.entries[e];
       const TileTokens kt = bm.k.tile(ent.k_tile);
-      gemm(w.q.get(), c.d_eff, c.k_tile(unit, ent.k_tile), kTile, c.d_eff, S, kTile, rows, kTile,
-           nullptr, false);
+      score_gemm(c, w, unit, ent.k_tile, rows, S);
       score_tile<kMods>(S, mods, s.offset, qt, kt, bm, ent, nullptr, w.m.data());
       HWY_ALIGN float cs[kTile] = {};  // column sums of this tile pair, any vector width
       for (int64_t r = 0; r < rows; ++r) {
@@ -403,6 +474,9 @@ Status ForwardImpl(const core::Problem& p) {
   c.lowrank = spec.mods.low_rank_u.defined();
   c.d_eff = p.d + (c.lowrank ? spec.mods.low_rank_u.shape[3] : 0);
   c.dv_pad = static_cast<int64_t>(vec_pad(p.dv));
+  c.bf16 = !c.lowrank && p.q.dtype == DType::kBF16 && p.k.dtype == DType::kBF16 &&
+           p.v.dtype == DType::kBF16 && bf16_dot_enabled();
+  c.d_pairs = (p.d + 1) / 2;
   c.units_per_batch = c.lowrank ? p.hq : p.hk;
   const bool count_rows =
       spec.normalizer.kind == NormalizerKind::kKernel && spec.normalizer.length_scale;

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/forward.h"
+#include "cpu/gemm_bf16.h"
 #if defined(ATTNKIT_WITH_CUDA)
 #include "cuda/forward.h"
 #endif
@@ -80,6 +81,8 @@ std::vector<SupportRow> support_matrix() {
 }
 
 std::string cpu_simd_target() { return cpu::simd_target(); }
+
+bool cpu_bf16_dot() { return cpu::bf16_dot_enabled(); }
 
 std::string cuda_build_info() {
 #if defined(ATTNKIT_WITH_CUDA)

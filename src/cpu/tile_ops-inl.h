@@ -180,6 +180,37 @@ void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const
   }
 }
 
+// exp(x) for x <= 0 (the softmax's s - m): 2^t = 2^n 2^f with t = x log2(e), n = round(t),
+// f in [-1/2, 1/2] and a degree-6 fit of 2^f (relative error 2e-8 before rounding); 2^n from
+// the exponent bits, t clamped at -127 so that exp(-inf) and anything below 2^-126.5 give 0.
+// About 11 instructions against Highway's general Exp's 20 (range checks, both signs).
+HWY_INLINE VF exp_nonpositive(DF d, VF x) {
+  const hn::RebindToSigned<DF> di;
+  const VF t = hn::Max(hn::Mul(x, hn::Set(d, static_cast<float>(kLog2e))), hn::Set(d, -127.f));
+  const auto n = hn::NearestInt(t);
+  const VF f = hn::Sub(t, hn::ConvertTo(d, n));
+  VF p = hn::Set(d, 1.5469732e-4f);
+  p = hn::MulAdd(p, f, hn::Set(d, 1.3400433e-3f));
+  p = hn::MulAdd(p, f, hn::Set(d, 9.6180253e-3f));
+  p = hn::MulAdd(p, f, hn::Set(d, 5.5503272e-2f));
+  p = hn::MulAdd(p, f, hn::Set(d, 2.4022651e-1f));
+  p = hn::MulAdd(p, f, hn::Set(d, 6.9314718e-1f));
+  p = hn::MulAdd(p, f, hn::Set(d, 1.f));
+  const VF two_n = hn::BitCast(d, hn::ShiftLeft<23>(hn::Add(n, hn::Set(di, 127))));
+  return hn::Mul(p, two_n);
+}
+
+// v rounded to bf16 precision (nearest even), kept in fp32 lanes: the weights P as P V will use
+// them in bf16, so that the normalizer sums the same values (one key then gives O = v exactly).
+// For finite v and infinities.
+HWY_INLINE VF round_to_bf16(DF d, VF v) {
+  const hn::RebindToUnsigned<DF> du;
+  const auto u = hn::BitCast(du, v);
+  const auto odd = hn::And(hn::ShiftRight<16>(u), hn::Set(du, 1u));
+  const auto r = hn::Add(u, hn::Add(odd, hn::Set(du, 0x7fffu)));
+  return hn::BitCast(d, hn::And(r, hn::Set(du, 0xffff0000u)));
+}
+
 HWY_INLINE float reduce_max(const float* x) {
   const DF d;
   const size_t N = hn::Lanes(d);
