@@ -9,7 +9,7 @@
 #include "attnkit/registry.h"
 #include "core/convert.h"
 #include "cpu/forward.h"
-#include "cpu/gemm_bf16.h"
+#include "cpu/tile_ops_bf16.h"
 #include "spec_json.h"
 
 namespace attnkit::tools {
@@ -22,21 +22,24 @@ TEST(SimdTargets, EveryTargetMatchesOracle) {
     hwy::SetSupportedTargetsForTest(target);
     EXPECT_EQ(cpu_simd_target(), hwy::TargetName(target));
     std::printf("target %s\n", hwy::TargetName(target));
-    for (const std::string& m : mechanism_names()) {
-      CheckOptions opt;
-      opt.dims = {1, 4, 2, 81, 81, 40, 24};
-      opt.seed = 11;
-      if (mechanism_spec(m, opt.dims).is_null()) continue;
-      const CheckResult r = check_mechanism(m, opt);
-      EXPECT_TRUE(r.ok) << hwy::TargetName(target) << " " << m << ": " << r.error;
-    }
+    for (const std::string& m : mechanism_names())
+      for (DType dtype : {DType::kF32, DType::kBF16}) {  // bf16: with its dot products if any
+        CheckOptions opt;
+        opt.dtype = dtype;
+        opt.dims = {1, 4, 2, 81, 81, 40, 24};
+        opt.seed = 11;
+        if (mechanism_spec(m, opt.dims).is_null()) continue;
+        const CheckResult r = check_mechanism(m, opt);
+        EXPECT_TRUE(r.ok) << hwy::TargetName(target) << " " << m << " " << r.dtype << ": "
+                          << r.error;
+      }
   }
   hwy::SetSupportedTargetsForTest(0);  // back to what the CPU supports
 }
 
-// The bf16 dot-product GEMM (gemm_bf16.h) against a double product of the same bf16 values: every
-// row remainder of the 6-row block (1..13 rows), every column strip (16..80 columns), odd pair
-// counts, alpha with and without loading C, and the output multiplier.
+// The bf16 dot-product GEMM (tile_ops_bf16.h) against a double product of the same bf16 values:
+// every row remainder of the 6-row block (1..13 rows), every column strip (16..80 columns), odd
+// pair counts, alpha with and without loading C, and the output multiplier.
 TEST(Bf16Dot, GemmMatchesDoubleProduct) {
   if (!cpu::bf16_dot_supported()) GTEST_SKIP() << "this CPU has no AVX512_BF16";
   std::mt19937 rng(5);

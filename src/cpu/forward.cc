@@ -40,10 +40,10 @@
 #include "core/convert.h"
 #include "core/score_tables.h"
 #include "cpu/forward.h"
-#include "cpu/gemm_bf16.h"
 #include "cpu/parallel.h"
 #include "cpu/tile_common.h"
 #include "cpu/tile_ops-inl.h"
+#include "cpu/tile_ops_bf16.h"
 
 #ifndef ATTNKIT_CPU_FORWARD_CALL
 #define ATTNKIT_CPU_FORWARD_CALL
@@ -56,7 +56,7 @@ struct FwdCall {
   std::vector<core::ScoreTables<float>> tables;  // per batch element
   std::vector<float> beta;                       // sigmoid beta per batch element
   bool lowrank = false;
-  // bf16 Q, K, V on a CPU with bf16 dot products (gemm_bf16.h): Q, K and V stay bf16 (packed as
+  // bf16 Q, K, V on a CPU with bf16 dot products (tile_ops_bf16.h): Q, K and V stay bf16 (packed as
   // pairs), P is rounded to bf16 for P V, and the scale multiplies S instead of Q.
   bool bf16 = false;
   int64_t d_eff = 0, dv_pad = 0, units_per_batch = 0;
@@ -106,6 +106,24 @@ struct Scratch {
         lscale(kTile) {}
 };
 
+// Step 2 for bf16: K^T as head-dim pairs [d_pairs][64] and V as key pairs [32][dv_pad], in
+// 32-bit words (tile_ops_bf16.h).
+void pack_kv_bf16(const FwdCall& c, int64_t b, int64_t hk, const TileTokens& kt, uint32_t* k2,
+                  uint32_t* v2) {
+  const core::Problem& p = *c.p;
+  const core::Sequence& s = p.seqs[b];
+  const uint16_t* krow[kTile];
+  const uint16_t* vrow[kTile];
+  for (int64_t x = 0; x < kTile; ++x) {
+    const bool in = x < kt.count;
+    krow[x] = in ? static_cast<const uint16_t*>(p.k.row(b, hk, s.k_start + kt.at(x))) : nullptr;
+    vrow[x] = in ? static_cast<const uint16_t*>(p.v.row(b, hk, s.k_start + kt.at(x))) : nullptr;
+  }
+  pack_k_pairs_bf16(krow, p.d, k2);
+  for (int64_t pr = 0; pr < kTile / 2; ++pr)
+    pack_v_pairs_bf16(vrow[2 * pr], vrow[2 * pr + 1], p.dv, c.dv_pad, v2 + pr * c.dv_pad);
+}
+
 // Step 2: pack key tile t of a unit.
 void pack_kv(FwdCall& c, int64_t unit, int64_t t) {
   const core::Problem& p = *c.p;
@@ -117,21 +135,12 @@ void pack_kv(FwdCall& c, int64_t unit, int64_t t) {
   const TileTokens kt = bm.k.tile(t);
   float* kp = c.k_tile(unit, t);
   float* vp = c.v_tile(unit, t);
-  std::fill(kp, kp + c.k_tile_floats, 0.f);
-  std::fill(vp, vp + c.v_tile_floats, 0.f);
-  if (c.bf16) {  // K^T as pairs of head dims [d/2][64][2], V as pairs of keys [32][dv_pad][2]
-    uint16_t* k2 = reinterpret_cast<uint16_t*>(kp);
-    uint16_t* v2 = reinterpret_cast<uint16_t*>(vp);
-    for (int64_t x = 0; x < kt.count; ++x) {
-      const int64_t j = kt.at(x);
-      const uint16_t* kr = static_cast<const uint16_t*>(p.k.row(b, hk, s.k_start + j));
-      const uint16_t* vr = static_cast<const uint16_t*>(p.v.row(b, hk, s.k_start + j));
-      for (int64_t e = 0; e < p.d; ++e) k2[(e >> 1) * 2 * kTile + 2 * x + (e & 1)] = kr[e];
-      uint16_t* vx = v2 + (x >> 1) * 2 * c.dv_pad + (x & 1);
-      for (int64_t e = 0; e < p.dv; ++e) vx[2 * e] = vr[e];
-    }
+  if (c.bf16) {  // every word of the bf16 layouts is written: no fill
+    pack_kv_bf16(c, b, hk, kt, reinterpret_cast<uint32_t*>(kp), reinterpret_cast<uint32_t*>(vp));
     return;
   }
+  std::fill(kp, kp + c.k_tile_floats, 0.f);
+  std::fill(vp, vp + c.v_tile_floats, 0.f);
   std::vector<float> row(std::max(c.d_eff, p.dv));
   const TensorView& w = p.spec->mods.low_rank_w;
   for (int64_t x = 0; x < kt.count; ++x) {
@@ -183,11 +192,12 @@ HWY_INLINE void score_gemm(FwdCall& c, Scratch& w, int64_t unit, int64_t k_tile,
          false);
 }
 
-// O = alpha O + P V (O = P V when !load_o) over the tile's keys; P is S after the normalizer.
+// O = alpha O + P V (O = P V when !load_o) over the tile's keys; P is S after the normalizer, or
+// w.p16 already (p16_done).
 HWY_INLINE void value_gemm(FwdCall& c, Scratch& w, int64_t unit, int64_t k_tile, int64_t keys,
-                           int64_t rows, const float* alpha, bool load_o) {
+                           int64_t rows, const float* alpha, bool load_o, bool p16_done) {
   if (c.bf16) {
-    to_bf16_rows(w.s.get(), kTile, w.p16.get(), kTile, rows, kTile);
+    if (!p16_done) to_bf16_rows(w.s.get(), kTile, w.p16.get(), kTile, rows, kTile);
     gemm_bf16(w.p16.get(), kTile, reinterpret_cast<const uint16_t*>(c.v_tile(unit, k_tile)),
               (keys + 1) / 2, w.o.get(), c.dv_pad, rows, c.dv_pad, alpha, load_o, 1.f);
   } else {
@@ -237,6 +247,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
       kNorm == NormalizerKind::kKernel && norm.length_scale ? w.lscale.data() : nullptr;
   const bool want_entropy = p.entropy.defined();
   const bool round_p = c.bf16;  // P V takes P in bf16
+  const bool softmax16 = c.bf16 && !want_entropy;
   const float beta = c.beta[b];
 
   float* S = w.s.get();
@@ -245,8 +256,13 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
     const TileTokens kt = bm.k.tile(ent.k_tile);
     score_gemm(c, w, unit, ent.k_tile, rows, S);
     score_tile<kMods>(S, mods, s.offset, qt, kt, bm, ent, prescale, nullptr);
-    // The normalizer's tile step: S -> P in place.
-    for (int64_t r = 0; r < rows; ++r) {
+    // The normalizer's tile step: S -> P in place (bf16 softmax: into w.p16, on vectors).
+    const bool p16_done = kSoftmax && softmax16;
+    if (p16_done)
+      softmax_step_bf16(S, rows,
+                        {w.m.data(), w.l.data(), w.lp.data(), w.alpha.data(), w.rmax.data()},
+                        w.p16.get());
+    for (int64_t r = 0; r < (p16_done ? 0 : rows); ++r) {
       float* sr = S + r * kTile;
       if constexpr (kSoftmax) {
         const float mx = reduce_max(sr);
@@ -331,7 +347,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
     if constexpr (kSoftmax)
       for (int64_t r = 0; r < rows && !rescale; ++r) rescale = w.alpha[r] != 1.f;
     value_gemm(c, w, unit, ent.k_tile, kt.count, rows, rescale ? w.alpha.data() : nullptr,
-               e != bm.row_begin[t]);
+               e != bm.row_begin[t], p16_done);
   }
 
   // Epilogue.
@@ -477,6 +493,7 @@ Status ForwardImpl(const core::Problem& p) {
   c.bf16 = !c.lowrank && p.q.dtype == DType::kBF16 && p.k.dtype == DType::kBF16 &&
            p.v.dtype == DType::kBF16 && bf16_dot_enabled();
   c.d_pairs = (p.d + 1) / 2;
+  if (c.bf16) c.dv_pad = (c.dv_pad + 15) / 16 * 16;  // the bf16 GEMM's columns come in 16s
   c.units_per_batch = c.lowrank ? p.hq : p.hk;
   const bool count_rows =
       spec.normalizer.kind == NormalizerKind::kKernel && spec.normalizer.length_scale;

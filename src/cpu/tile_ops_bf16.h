@@ -1,0 +1,56 @@
+// Tile GEMMs on bf16 pairs with the AVX512_BF16 dot product (vdpbf16ps: per fp32 lane,
+// acc += a0 b0 + a1 b1 over a pair of bf16, products exact, sums in fp32), for bf16 inputs on
+// CPUs that have it (src/cpu/tile_ops_bf16.cc; chosen at run time, DESIGN.md: Highway 1.0.3 has no
+// bf16 dot op).
+//
+// Layouts, in bf16 elements (uint16_t):
+//   A: rows of the left operand, element (r, k) at A[r * lda + k]; k padded to an even count
+//      with zeros (the pair (2p, 2p + 1) is read as one 32-bit broadcast).
+//   B: the right operand as k pairs, element (k, c) at B[(k / 2) * 2 * ncols + 2 c + (k & 1)]
+//      (one 64-byte vector holds 16 columns of one pair).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace attnkit::cpu {
+
+// True when this CPU runs the bf16 dot kernels and they are enabled: the environment variable
+// ATTNKIT_CPU_BF16_DOT=0 turns them off (A/B timing); set_bf16_dot(false) too (tests).
+bool bf16_dot_enabled();
+void set_bf16_dot(bool on);
+bool bf16_dot_supported();
+
+// C[rows x ncols] (fp32, row stride ldc) = (alpha[r] C or 0) + mul A B over kpairs pairs of k;
+// ncols a multiple of 16. alpha may be null (1); load_c false writes C without reading it.
+void gemm_bf16(const uint16_t* A, size_t lda, const uint16_t* B, size_t kpairs, float* C,
+               size_t ldc, size_t rows, size_t ncols, const float* alpha, bool load_c, float mul);
+
+// dst[r * ld_dst + c] = bf16(src[r * ld_src + c]) (round to nearest even) for c < cols, cols a
+// multiple of 32.
+void to_bf16_rows(const float* src, size_t ld_src, uint16_t* dst, size_t ld_dst, size_t rows,
+                  size_t cols);
+
+// The B operands of a key tile. K^T as head-dim pairs: k2[q * 64 + x] = (k_x[2q], k_x[2q + 1])
+// for q < ceil(d / 2), from the rows of the tile's 64 keys (null: a key past the tile, zeros; an
+// odd d ends in (k_x[d - 1], 0)). V as key pairs: out[e] = (r0[e], r1[e]) for e < dv_pad (zeros
+// past dv; a null row gives zeros); dv_pad a multiple of 16.
+void pack_k_pairs_bf16(const uint16_t* const* rows, int64_t d, uint32_t* k2);
+void pack_v_pairs_bf16(const uint16_t* r0, const uint16_t* r1, int64_t dv, int64_t dv_pad,
+                       uint32_t* out);
+
+// The running state of a tile's query rows (online softmax), each array indexed by row.
+struct SoftmaxRows {
+  float* m;      // running max of the scores (-inf: none allowed yet; the sink's logit)
+  float* l;      // sum of exp(s - m), exact (LSE = m + log l)
+  float* lp;     // the same sum of the weights rounded to bf16, as P V uses them (O divides by it)
+  float* alpha;  // out: exp(m_old - m_new), the rescale of O and of both sums
+  float* rmax;   // running max of the scores, unscaled by any sink
+};
+
+// The online-softmax step of one tile for P V in bf16, 16 rows at a time on vectors (no
+// per-row horizontal chains): S [rows][64] scaled and masked (-inf) scores; P [rows][64] gets
+// bf16(exp(s - m_new)); the state moves to m_new. Rows whose scores are all -inf so far give
+// P = 0 and alpha = 1.
+void softmax_step_bf16(const float* S, size_t rows, SoftmaxRows st, uint16_t* P);
+
+}  // namespace attnkit::cpu
