@@ -9,7 +9,7 @@
 #include "attnkit/registry.h"
 #include "core/convert.h"
 #include "cpu/forward.h"
-#include "cpu/tile_ops_bf16.h"
+#include "cpu/tile_ops_avx512.h"
 #include "spec_json.h"
 
 namespace attnkit::tools {
@@ -37,7 +37,7 @@ TEST(SimdTargets, EveryTargetMatchesOracle) {
   hwy::SetSupportedTargetsForTest(0);  // back to what the CPU supports
 }
 
-// The bf16 dot-product GEMM (tile_ops_bf16.h) against a double product of the same bf16 values:
+// The bf16 dot-product GEMM (tile_ops_avx512.h) against a double product of the same bf16 values:
 // every row remainder of the 6-row block (1..13 rows), every column strip (16..80 columns), odd
 // pair counts, alpha with and without loading C, and the output multiplier.
 TEST(Bf16Dot, GemmMatchesDoubleProduct) {

@@ -105,8 +105,9 @@ BlockMask build_block_mask(const Problem& p, int64_t b, int64_t h, bool count_ro
   std::vector<int64_t> pairs(nqt, 0);
   if (count_rows) bm.allowed_keys.assign(s.nq, 0);
   const bool trivial = p.spec->mask.is_none();
-  // Threads only pay off for many tile pairs (a team costs more than ~1000 classifications).
-  const int threads = nqt * nkt >= 16384 ? num_threads : 1;
+  // Threads pay off from a few thousand tile pairs (a team costs about 1000 classifications of
+  // a band; a document mask's cost 100 ns or more each).
+  const int threads = nqt * nkt >= 2048 ? num_threads : 1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t t = 0; t < nqt; ++t) {
     const TileTokens qt = with_box(bm.q.tile(t));

@@ -43,7 +43,7 @@
 #include "cpu/parallel.h"
 #include "cpu/tile_common.h"
 #include "cpu/tile_ops-inl.h"
-#include "cpu/tile_ops_bf16.h"
+#include "cpu/tile_ops_avx512.h"
 
 #ifndef ATTNKIT_CPU_FORWARD_CALL
 #define ATTNKIT_CPU_FORWARD_CALL
@@ -56,8 +56,8 @@ struct FwdCall {
   std::vector<core::ScoreTables<float>> tables;  // per batch element
   std::vector<float> beta;                       // sigmoid beta per batch element
   bool lowrank = false;
-  // bf16 Q, K, V on a CPU with bf16 dot products (tile_ops_bf16.h): Q, K and V stay bf16 (packed as
-  // pairs), P is rounded to bf16 for P V, and the scale multiplies S instead of Q.
+  // bf16 Q, K, V on a CPU with bf16 dot products (tile_ops_avx512.h): Q, K and V stay bf16 (packed
+  // as pairs), P is rounded to bf16 for P V, and the scale multiplies S instead of Q.
   bool bf16 = false;
   int64_t d_eff = 0, dv_pad = 0, units_per_batch = 0;
   int64_t d_pairs = 0;  // bf16: head dim pairs (d rounded up to even)
@@ -107,19 +107,19 @@ struct Scratch {
 };
 
 // Step 2 for bf16: K^T as head-dim pairs [d_pairs][64] and V as key pairs [32][dv_pad], in
-// 32-bit words (tile_ops_bf16.h).
+// 32-bit words (tile_ops_avx512.h).
 void pack_kv_bf16(const FwdCall& c, int64_t b, int64_t hk, const TileTokens& kt, uint32_t* k2,
                   uint32_t* v2) {
   const core::Problem& p = *c.p;
   const core::Sequence& s = p.seqs[b];
-  const uint16_t* krow[kTile];
+  const void* krow[kTile];
   const uint16_t* vrow[kTile];
   for (int64_t x = 0; x < kTile; ++x) {
     const bool in = x < kt.count;
-    krow[x] = in ? static_cast<const uint16_t*>(p.k.row(b, hk, s.k_start + kt.at(x))) : nullptr;
+    krow[x] = in ? p.k.row(b, hk, s.k_start + kt.at(x)) : nullptr;
     vrow[x] = in ? static_cast<const uint16_t*>(p.v.row(b, hk, s.k_start + kt.at(x))) : nullptr;
   }
-  pack_k_pairs_bf16(krow, p.d, k2);
+  transpose_rows_to_words(krow, 2 * p.d, k2);
   for (int64_t pr = 0; pr < kTile / 2; ++pr)
     pack_v_pairs_bf16(vrow[2 * pr], vrow[2 * pr + 1], p.dv, c.dv_pad, v2 + pr * c.dv_pad);
 }
@@ -137,6 +137,18 @@ void pack_kv(FwdCall& c, int64_t unit, int64_t t) {
   float* vp = c.v_tile(unit, t);
   if (c.bf16) {  // every word of the bf16 layouts is written: no fill
     pack_kv_bf16(c, b, hk, kt, reinterpret_cast<uint32_t*>(kp), reinterpret_cast<uint32_t*>(vp));
+    return;
+  }
+  if (!c.lowrank && p.k.dtype == DType::kF32 && p.v.dtype == DType::kF32 && avx512_supported()) {
+    const void* krow[kTile];
+    for (int64_t x = 0; x < kTile; ++x)
+      krow[x] = x < kt.count ? p.k.row(b, hk, s.k_start + kt.at(x)) : nullptr;
+    transpose_rows_to_words(krow, 4 * p.d, reinterpret_cast<uint32_t*>(kp));
+    for (int64_t x = 0; x < kTile; ++x) {
+      float* vx = vp + x * c.dv_pad;
+      if (x < kt.count) std::memcpy(vx, p.v.row(b, hk, s.k_start + kt.at(x)), p.dv * sizeof(float));
+      std::fill(vx + (x < kt.count ? p.dv : 0), vx + c.dv_pad, 0.f);
+    }
     return;
   }
   std::fill(kp, kp + c.k_tile_floats, 0.f);
@@ -378,7 +390,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
       stat = l;
     } else if constexpr (kNorm == NormalizerKind::kReLA) {
       if (p.raw_output) {  // the backward's recompute wants O itself
-        store_row(o, p.dv, p.out.dtype, p.out.row(b, h, row));
+        store_row_simd(o, p.dv, p.out.dtype, p.out.row(b, h, row));
         continue;
       }
       double ms = 0;
@@ -396,7 +408,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
       const float g = sigmoid(load_float<float>(p.gate.row(b, h, row), p.gate.dtype, 0));
       for (int64_t x = 0; x < p.dv; ++x) o[x] *= g;
     }
-    store_row(o, p.dv, p.out.dtype, p.out.row(b, h, row));
+    store_row_simd(o, p.dv, p.out.dtype, p.out.row(b, h, row));
     if (p.row_stat.defined()) p.row_stat.at(b, h, row) = stat;
   }
 }

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "cpu/forward.h"
-#include "cpu/tile_ops_bf16.h"
+#include "cpu/tile_ops_avx512.h"
 #if defined(ATTNKIT_WITH_CUDA)
 #include "cuda/forward.h"
 #endif

@@ -211,6 +211,32 @@ HWY_INLINE VF round_to_bf16(DF d, VF v) {
   return hn::BitCast(d, hn::And(r, hn::Set(du, 0xffff0000u)));
 }
 
+// store_row (tile_common.h) on vectors for fp32 and bf16 (round to nearest even, NaN kept):
+// the output rows of a query tile, once per task.
+HWY_INLINE void store_row_simd(const float* HWY_RESTRICT src, int64_t n, DType t, void* dst) {
+  const DF d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  int64_t x = 0;
+  if (t == DType::kF32) {
+    float* o = static_cast<float*>(dst);
+    for (; x + N <= n; x += N) hn::StoreU(hn::LoadU(d, src + x), d, o + x);
+  } else if (t == DType::kBF16) {
+    const hn::RebindToSigned<DF> di;
+    const hn::Rebind<uint16_t, DF> d16;
+    uint16_t* o = static_cast<uint16_t*>(dst);
+    for (; x + N <= n; x += N) {
+      const VF v = hn::LoadU(d, src + x);
+      const auto u = hn::BitCast(di, v);
+      const auto odd = hn::And(hn::ShiftRight<16>(u), hn::Set(di, 1));
+      auto r = hn::ShiftRight<16>(hn::Add(u, hn::Add(odd, hn::Set(di, 0x7fff))));
+      r = hn::IfThenElse(hn::RebindMask(di, hn::IsNaN(v)),
+                         hn::Or(hn::ShiftRight<16>(u), hn::Set(di, 0x40)), r);
+      hn::StoreU(hn::DemoteTo(d16, hn::And(r, hn::Set(di, 0xffff))), d16, o + x);
+    }
+  }
+  if (x < n) store_row(src + x, n - x, t, static_cast<char*>(dst) + x * dtype_size(t));
+}
+
 HWY_INLINE float reduce_max(const float* x) {
   const DF d;
   const size_t N = hn::Lanes(d);

@@ -478,6 +478,19 @@ struct MaskEval {
         }
         return;
       }
+      case MaskKind::kDocument: {  // the keys' segments read once per tile, not per pair
+        int32_t sk[kMaxTileTokens];
+        for (int64_t x = 0; x < kt.count; ++x) sk[x] = seg_k(n, kt.at(x));
+        for (int64_t r = 0; r < qt.count; ++r) {
+          const int64_t i = qt.at(r), ia = i + offset;
+          const int32_t sq = seg_q(n, i);
+          uint64_t w = 0;
+          for (int64_t x = 0; x < kt.count; ++x)
+            w |= static_cast<uint64_t>(sk[x] == sq && (!n.causal || kt.at(x) <= ia)) << x;
+          rows[r] = w;
+        }
+        return;
+      }
       default:
         for (int64_t r = 0; r < qt.count; ++r) {
           const int64_t i = qt.at(r);

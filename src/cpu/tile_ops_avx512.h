@@ -1,7 +1,7 @@
 // Tile GEMMs on bf16 pairs with the AVX512_BF16 dot product (vdpbf16ps: per fp32 lane,
 // acc += a0 b0 + a1 b1 over a pair of bf16, products exact, sums in fp32), for bf16 inputs on
-// CPUs that have it (src/cpu/tile_ops_bf16.cc; chosen at run time, DESIGN.md: Highway 1.0.3 has no
-// bf16 dot op).
+// CPUs that have it (src/cpu/tile_ops_avx512.cc; chosen at run time, DESIGN.md: Highway 1.0.3 has
+// no bf16 dot op), with the AVX-512 pieces around them (the bf16 softmax step, tile packing).
 //
 // Layouts, in bf16 elements (uint16_t):
 //   A: rows of the left operand, element (r, k) at A[r * lda + k]; k padded to an even count
@@ -30,11 +30,15 @@ void gemm_bf16(const uint16_t* A, size_t lda, const uint16_t* B, size_t kpairs, 
 void to_bf16_rows(const float* src, size_t ld_src, uint16_t* dst, size_t ld_dst, size_t rows,
                   size_t cols);
 
-// The B operands of a key tile. K^T as head-dim pairs: k2[q * 64 + x] = (k_x[2q], k_x[2q + 1])
-// for q < ceil(d / 2), from the rows of the tile's 64 keys (null: a key past the tile, zeros; an
-// odd d ends in (k_x[d - 1], 0)). V as key pairs: out[e] = (r0[e], r1[e]) for e < dv_pad (zeros
-// past dv; a null row gives zeros); dv_pad a multiple of 16.
-void pack_k_pairs_bf16(const uint16_t* const* rows, int64_t d, uint32_t* k2);
+// AVX-512 F + BW (the transposes below; the bf16 kernels need BF16 and VL too).
+bool avx512_supported();
+
+// The B operands of a key tile. K^T in 32-bit words: out[w * 64 + x] = word w of row x, for the
+// 64 rows of the tile's keys and w < ceil(bytes / 4) (null: a key past the tile, zeros; a row's
+// last word is zero-filled past `bytes`): for bf16 K, head-dim pairs (k_x[2w], k_x[2w + 1]); for
+// fp32 K, K^T itself. V as key pairs: out[e] = (r0[e], r1[e]) for e < dv_pad (zeros past dv; a
+// null row gives zeros); dv_pad a multiple of 16.
+void transpose_rows_to_words(const void* const* rows, int64_t bytes, uint32_t* out);
 void pack_v_pairs_bf16(const uint16_t* r0, const uint16_t* r1, int64_t dv, int64_t dv_pad,
                        uint32_t* out);
 

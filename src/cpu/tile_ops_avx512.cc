@@ -1,10 +1,10 @@
-// bf16 tile GEMMs with vdpbf16ps (layouts in tile_ops_bf16.h). Register block: 6 rows x 4 vectors
+// bf16 tile GEMMs with vdpbf16ps (layouts in tile_ops_avx512.h). Register block: 6 rows x 4 vectors
 // (64 columns) of fp32 accumulators, 24 of the 32 zmm registers; per k pair, 4 vector loads of
 // B and 6 32-bit broadcasts of A feed 24 dot products (48 multiply-adds per lane). This file
 // alone is compiled for AVX-512 + BF16 (a target pragma after the includes, so no inline
 // function of a header is emitted with those instructions); callers reach it only when
 // bf16_dot_enabled().
-#include "cpu/tile_ops_bf16.h"
+#include "cpu/tile_ops_avx512.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -20,8 +20,17 @@ namespace attnkit::cpu {
 
 bool bf16_dot_supported() {
 #if defined(ATTNKIT_HAVE_BF16_DOT)
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  static const bool ok = avx512_supported() && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool avx512_supported() {
+#if defined(ATTNKIT_HAVE_BF16_DOT)
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return ok;
 #else
   return false;
@@ -259,18 +268,20 @@ inline __mmask32 first_n32(int64_t n) {
 
 }  // namespace
 
-void pack_k_pairs_bf16(const uint16_t* const* rows, int64_t d, uint32_t* k2) {
-  const int64_t pairs = (d + 1) / 2;
-  for (int64_t w0 = 0; w0 < pairs; w0 += 16) {
-    const __mmask32 m = first_n32(d - 2 * w0);  // bf16 elements of this block of words
-    const int64_t words = pairs - w0 < 16 ? pairs - w0 : 16;
+void transpose_rows_to_words(const void* const* rows, int64_t bytes, uint32_t* out) {
+  const int64_t words = (bytes + 3) / 4;
+  for (int64_t w0 = 0; w0 < words; w0 += 16) {
+    const int64_t left = bytes - 4 * w0;  // bytes of this block of 16 words
+    const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+    const int64_t n = words - w0 < 16 ? words - w0 : 16;
     for (int x0 = 0; x0 < 64; x0 += 16) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i)
-        r[i] = rows[x0 + i] ? _mm512_maskz_loadu_epi16(m, rows[x0 + i] + 2 * w0)
-                            : _mm512_setzero_si512();
+        r[i] = rows[x0 + i]
+                   ? _mm512_maskz_loadu_epi8(m, static_cast<const char*>(rows[x0 + i]) + 4 * w0)
+                   : _mm512_setzero_si512();
       transpose16(r);
-      for (int64_t j = 0; j < words; ++j) _mm512_storeu_si512(k2 + (w0 + j) * 64 + x0, r[j]);
+      for (int64_t j = 0; j < n; ++j) _mm512_storeu_si512(out + (w0 + j) * 64 + x0, r[j]);
     }
   }
 }
@@ -312,7 +323,7 @@ void gemm_bf16(const uint16_t*, size_t, const uint16_t*, size_t, float*, size_t,
                const float*, bool, float) {}
 void to_bf16_rows(const float*, size_t, uint16_t*, size_t, size_t, size_t) {}
 void softmax_step_bf16(const float*, size_t, SoftmaxRows, uint16_t*) {}
-void pack_k_pairs_bf16(const uint16_t* const*, int64_t, uint32_t*) {}
+void transpose_rows_to_words(const void* const*, int64_t, uint32_t*) {}
 void pack_v_pairs_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, uint32_t*) {}
 #endif
 
