@@ -160,6 +160,31 @@ def test_torch_compile_fullgraph():
         assert torch.allclose(g, e)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) with the inductor backend over CUDA tensors: the custom ops
+    trace (fake tensors on the device) and give the eager path's loss and gradients."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 4, 200, 64, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    sinks = torch.randn(4, device="cuda", requires_grad=True)
+
+    def f(q, k, v, sinks):
+        out = attnkit.attention(q * 1.5, k, v, causal=True, window=(64, 0), sinks=sinks,
+                                score_mod=score_mods.Softcap(20.0))
+        return out.float().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    loss = compiled(q, k, v, sinks)
+    grads = torch.autograd.grad(loss, (q, k, v, sinks))
+    loss_e = f(q, k, v, sinks)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v, sinks))
+    assert torch.allclose(loss, loss_e, rtol=1e-3)
+    for g, e in zip(grads, grads_e):
+        assert g.is_cuda and g.dtype == e.dtype
+        assert (g.float() - e.float()).norm() <= 1e-2 * e.float().norm()
+
+
 def test_custom_op_autograd_matches_eager():
     from attnkit import _spec
     q, k, v = (torch.randn(1, 2, 30, 16, requires_grad=True) for _ in range(3))
