@@ -67,7 +67,8 @@ def test_cuda_bf16_matches_eager(name, padding):
     from transformers import AutoModel
     torch.manual_seed(0)
     cfg = _configs(head_dim=64, sliding=(40, 48))[name]
-    ref_model = AutoModel.from_config(cfg, attn_implementation="eager").cuda()
+    # eval(): no dropout (attnkit refuses attention dropout by name); gradients still flow.
+    ref_model = AutoModel.from_config(cfg, attn_implementation="eager").cuda().eval()
     ids, mask = _inputs(name, cfg, 2, 100, padding, device="cuda")
     real = mask.bool()
 
@@ -82,7 +83,7 @@ def test_cuda_bf16_matches_eager(name, padding):
     ref_out, ref_grad = run(ref_model)
     model16 = AutoModel.from_config(cfg, attn_implementation="eager").cuda()
     model16.load_state_dict(ref_model.state_dict())
-    model16 = model16.to(torch.bfloat16)
+    model16 = model16.to(torch.bfloat16).eval()
     eager_out, eager_grad = run(model16)
     model16.set_attn_implementation("attnkit")
     out, grad = run(model16)

@@ -32,8 +32,8 @@ def _mask_from(attention_mask: Optional[torch.Tensor], query: torch.Tensor, key:
         if attention_mask.dim() == 2:  # [B, >= Nk], 1 = a real token
             valid = attention_mask[:, -nk:].to(torch.bool) if attention_mask.shape[1] >= nk \
                 else attention_mask.to(torch.bool)
-            ids_kv = (~valid).to(torch.int32).contiguous()
-            ids_q = torch.zeros((query.shape[0], nq), dtype=torch.int32)
+            ids_kv = (~valid).to(device=query.device, dtype=torch.int32).contiguous()
+            ids_q = torch.zeros((query.shape[0], nq), dtype=torch.int32, device=query.device)
             parts.append(masks.Document(ids_q, ids_kv))
         else:
             raise NotImplementedError(
