@@ -267,12 +267,15 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
     const core::BlockEntry& ent = bm.entries[e];
     const TileTokens kt = bm.k.tile(ent.k_tile);
     score_gemm(c, w, unit, ent.k_tile, rows, S);
-    score_tile<kMods>(S, mods, s.offset, qt, kt, bm, ent, prescale, nullptr);
-    // The normalizer's tile step: S -> P in place (bf16 softmax: into w.p16, on vectors).
+    // The normalizer's tile step: S -> P in place (bf16 softmax: into w.p16, on vectors, with
+    // the element mask).
     const bool p16_done = kSoftmax && softmax16;
+    score_tile<kMods>(S, mods, s.offset, qt, kt, bm, ent, prescale, nullptr, !p16_done);
     if (p16_done)
       softmax_step_bf16(S, rows,
                         {w.m.data(), w.l.data(), w.lp.data(), w.alpha.data(), w.rmax.data()},
+                        {ent.cls == TileClass::kPartial ? &bm.bits[ent.bits] : nullptr,
+                         kt.count < kTile ? (uint64_t{1} << kt.count) - 1 : ~uint64_t{0}},
                         w.p16.get());
     for (int64_t r = 0; r < (p16_done ? 0 : rows); ++r) {
       float* sr = S + r * kTile;

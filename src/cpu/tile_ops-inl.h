@@ -147,11 +147,13 @@ HWY_INLINE bool vector_additive(float* HWY_RESTRICT sr, const ScoreModEval<float
 
 // The S tile after Q' K'^T, in order: score mods (general path), an optional per-row factor
 // (the kernel normalizer's length scale; 0 gives 0), then the element mask of a partial tile and
-// the padding columns of a short key tile (-inf). Rows whose skip[r] is -inf are left alone.
+// the padding columns of a short key tile (-inf; not with !mask_bits, where the normalizer's step
+// applies them). Rows whose skip[r] is -inf are left alone.
 template <bool kMods>
 void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const TileTokens& qt,
                 const TileTokens& kt, const core::BlockMask& bm, const core::BlockEntry& ent,
-                const float* prescale, const float* skip) {
+                const float* prescale, const float* skip, bool mask_bits = true) {
+  if (!kMods && !prescale && !mask_bits) return;
   for (int64_t r = 0; r < qt.count; ++r) {
     if (skip && skip[r] == kNegInf) continue;
     float* sr = S + r * kTile;
@@ -173,6 +175,7 @@ void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const
       const float f = prescale[r];
       for (int64_t x = 0; x < kTile; ++x) sr[x] = f == 0.f ? 0.f : sr[x] * f;
     }
+    if (!mask_bits) continue;
     if (ent.cls == TileClass::kPartial)
       apply_bits(sr, bm.bits[ent.bits + r]);
     else if (kt.count < kTile)

@@ -172,9 +172,17 @@ inline __m512 exp2_nonpositive(__m512 t) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Quarter q (16 keys) of row r's scores, -inf where the row's mask bits are 0.
+inline __m512 masked_scores(const float* S, const TileMask& mask, size_t r, int q) {
+  const uint64_t bits = mask.row_bits ? mask.row_bits[r] : mask.keys;
+  return _mm512_mask_blend_ps(static_cast<__mmask16>(bits >> (16 * q)),
+                              _mm512_set1_ps(-__builtin_inff()),
+                              _mm512_loadu_ps(S + r * 64 + 16 * q));
+}
+
 }  // namespace
 
-void softmax_step_bf16(const float* S, size_t rows, SoftmaxRows st, uint16_t* P) {
+void softmax_step_bf16(const float* S, size_t rows, SoftmaxRows st, TileMask mask, uint16_t* P) {
   const __m512 ninf = _mm512_set1_ps(-__builtin_inff()), zero = _mm512_setzero_ps();
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
   const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
@@ -183,11 +191,12 @@ void softmax_step_bf16(const float* S, size_t rows, SoftmaxRows st, uint16_t* P)
     const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
     __m512 v[16];
     for (int L = 0; L < 16; ++L) {  // row maxima
-      const float* s = S + (r0 + L) * 64;
+      const size_t r = r0 + L;
       v[kSlot[L]] =
           static_cast<size_t>(L) < n
-              ? _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(s), _mm512_loadu_ps(s + 16)),
-                              _mm512_max_ps(_mm512_loadu_ps(s + 32), _mm512_loadu_ps(s + 48)))
+              ? _mm512_max_ps(
+                    _mm512_max_ps(masked_scores(S, mask, r, 0), masked_scores(S, mask, r, 1)),
+                    _mm512_max_ps(masked_scores(S, mask, r, 2), masked_scores(S, mask, r, 3)))
               : ninf;
     }
     const __m512 mx = reduce16(v, MaxOp());
@@ -211,12 +220,11 @@ void softmax_step_bf16(const float* S, size_t rows, SoftmaxRows st, uint16_t* P)
         sums[kSlot[L]] = rsums[kSlot[L]] = zero;
         continue;
       }
-      const float* s = S + (r0 + L) * 64;
       uint16_t* pr = P + (r0 + L) * 64;
       const __m512 ml = _mm512_set1_ps(mlog[L]);
       __m512 p[4];
       for (int q = 0; q < 4; ++q)
-        p[q] = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * q), log2e, ml));
+        p[q] = exp2_nonpositive(_mm512_fmsub_ps(masked_scores(S, mask, r0 + L, q), log2e, ml));
       sums[kSlot[L]] = _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3]));
       const __m512bh lo = _mm512_cvtne2ps_pbh(p[1], p[0]), hi = _mm512_cvtne2ps_pbh(p[3], p[2]);
       _mm512_storeu_si512(pr, (__m512i)lo);
@@ -289,14 +297,13 @@ void transpose_rows_to_words(const void* const* rows, int64_t bytes, uint32_t* o
 void pack_v_pairs_bf16(const uint16_t* r0, const uint16_t* r1, int64_t dv, int64_t dv_pad,
                        uint32_t* out) {
   // Word e of the output is (r0[e], r1[e]): 16-bit lanes i and 32 + i interleaved.
-  alignas(64) uint16_t lo_idx[32], hi_idx[32];
-  for (int i = 0; i < 16; ++i) {
-    lo_idx[2 * i] = static_cast<uint16_t>(i);
-    lo_idx[2 * i + 1] = static_cast<uint16_t>(32 + i);
-    hi_idx[2 * i] = static_cast<uint16_t>(16 + i);
-    hi_idx[2 * i + 1] = static_cast<uint16_t>(48 + i);
-  }
-  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  alignas(64) static constexpr uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                   37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                   11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                                   53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                                   27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
   for (int64_t e = 0; e < dv_pad; e += 32) {
     const __mmask32 m = first_n32(dv - e > 0 ? dv - e : 0);
     const __m512i a = r0 ? _mm512_maskz_loadu_epi16(m, r0 + e) : _mm512_setzero_si512();
@@ -322,7 +329,7 @@ void to_bf16_rows(const float* src, size_t ld_src, uint16_t* dst, size_t ld_dst,
 void gemm_bf16(const uint16_t*, size_t, const uint16_t*, size_t, float*, size_t, size_t, size_t,
                const float*, bool, float) {}
 void to_bf16_rows(const float*, size_t, uint16_t*, size_t, size_t, size_t) {}
-void softmax_step_bf16(const float*, size_t, SoftmaxRows, uint16_t*) {}
+void softmax_step_bf16(const float*, size_t, SoftmaxRows, TileMask, uint16_t*) {}
 void transpose_rows_to_words(const void* const*, int64_t, uint32_t*) {}
 void pack_v_pairs_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, uint32_t*) {}
 #endif

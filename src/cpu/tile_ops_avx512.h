@@ -51,10 +51,18 @@ struct SoftmaxRows {
   float* rmax;   // running max of the scores, unscaled by any sink
 };
 
+// The allowed keys of a tile's rows: bit x of row_bits[r] (a partial tile), or of `keys` for
+// every row (a full tile: the tile's keys).
+struct TileMask {
+  const uint64_t* row_bits;
+  uint64_t keys;
+};
+
 // The online-softmax step of one tile for P V in bf16, 16 rows at a time on vectors (no
-// per-row horizontal chains): S [rows][64] scaled and masked (-inf) scores; P [rows][64] gets
+// per-row horizontal chains): S [rows][64] scaled scores, masked here (-inf where `mask` says
+// no; S keeps its values); P [rows][64] gets
 // bf16(exp(s - m_new)); the state moves to m_new. Rows whose scores are all -inf so far give
 // P = 0 and alpha = 1.
-void softmax_step_bf16(const float* S, size_t rows, SoftmaxRows st, uint16_t* P);
+void softmax_step_bf16(const float* S, size_t rows, SoftmaxRows st, TileMask mask, uint16_t* P);
 
 }  // namespace attnkit::cpu
