@@ -97,8 +97,14 @@ Status forward(const core::Problem& p) {
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   // Plain softmax under a band runs the fast kernel alone; under any other mask, the fast kernel
   // with the block table when every partial tile gets its bits.
-  const bool plain = !f.has_mods && p.softmax_family() && spec.gate_kind == GateKind::kNone &&
-                     p.scale > 0.f;
+  // ALiBi alone is one FMA a score on the fast kernel.
+  const ScoreMods& mods = spec.mods;
+  const bool alibi_only = mods.alibi != AlibiMode::kOff && mods.softcap == 0.f &&
+                          !mods.bias.defined() && !mods.low_rank_u.defined() &&
+                          mods.relative == RelativeBucketKind::kOff &&
+                          !mods.forget_log_f.defined();
+  const bool plain = (!f.has_mods || alibi_only) && p.softmax_family() &&
+                     spec.gate_kind == GateKind::kNone && p.scale > 0.f;
   const bool fast = plain && (band || GeneralTables::covers(p, 128, kn));
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   const char* pp = std::getenv("ATTNKIT_CUDA_PINGPONG");
@@ -106,6 +112,7 @@ Status forward(const core::Problem& p) {
   DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;
+  f.fast_alibi = fast && alibi_only;
   if (fast && band) {
     e = inst.fast(f, maps, stream);
   } else {

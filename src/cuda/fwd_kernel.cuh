@@ -200,12 +200,33 @@ __global__ void __launch_bounds__(384, 1)
     }
   }
 
+  // Fast flavor with ALiBi: the term -slope |i' - j| (or -slope (i' - j) causal) in units of
+  // the raw dot products (divided by the scale, which the exponent applies), one FMA a score.
+  float alibi_raw = 0.f;
+  if (!kGeneral && p.fast_alibi)
+    alibi_raw = (p.alibi_slopes ? p.alibi_slopes[h * p.slopes_s]
+                                : static_cast<float>(alibi_default_slope(h, p.hq))) /
+                p.scale;
+  const bool alibi_abs = p.alibi == AlibiMode::kSymmetric;
+
   // Scores of key tile t: the band mask or a partial tile's bits (fast), or the scale, the score
   // mods (additive terms, then the softcap) and the mask on partial tiles (general). Masked
   // scores become -inf.
   auto score = [&](float (&s)[kSRegs], int t) {
     const int n0 = t * kN;
     if constexpr (!kGeneral) {
+      if (alibi_raw != 0.f) {
+        const int base = static_cast<int>(seq.offset) - n0 - col0;  // i' - j = row + base - x
+        const float d0[2] = {static_cast<float>(row_i[0] + base),
+                             static_cast<float>(row_i[1] + base)};
+#pragma unroll
+        for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float dist = d0[e / 2] - static_cast<float>(c * 8 + (e & 1));
+            s[c * 4 + e] = fmaf(-alibi_raw, alibi_abs ? fabsf(dist) : dist, s[c * 4 + e]);
+          }
+      }
       if (tabled) {
         const uint8_t entry = tclass[t];
         if (entry >= kTileBits) {  // every partial tile has its bits here (see forward.cu)

@@ -74,8 +74,9 @@ struct FwdParams {
   int64_t tb_sb = 0, tb_sh = 0, tb_sq = 0;
   int tb_slots = 0;
 
-  // Score mods (general kernel).
+  // Score mods (general kernel; ALiBi alone also on the fast kernel: fast_alibi).
   bool has_mods = false;
+  bool fast_alibi = false;
   float softcap = 0.f;
   AlibiMode alibi = AlibiMode::kOff;
   const float* alibi_slopes = nullptr;  // null: the default slopes
