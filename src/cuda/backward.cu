@@ -358,7 +358,12 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   const bool band = band_of(spec.mask, &left, &right);
   // As in the forward: the fast kernel under a band, or under any mask whose block table gives
   // every partial tile its bits.
-  const bool fast = !f.has_mods && p.softmax_family() && (band || GeneralTables::covers(p, kM, kN));
+  // ALiBi alone (without its slopes' gradient) runs the tabled instance, which adds its term;
+  // the band instance stays without it (its registers are tight).
+  const bool alibi = alibi_only(spec.mods) && !grads.dalibi_slopes.defined();
+  const bool fast = (!f.has_mods || alibi) && p.softmax_family() &&
+                    ((band && !alibi) || GeneralTables::covers(p, kM, kN));
+  f.fast_alibi = fast && alibi;
   bp.stat_stride = static_cast<int64_t>(f.num_q_tiles) * kM;
   bp.num_k_tiles = static_cast<int>((p.max_nk + kN - 1) / kN);
   bp.dk = g.dk.data;
@@ -589,7 +594,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
 
   bp.extras = bp.dbias || bp.dslopes || bp.dtable || bp.dc || bp.du || bp.dw;
   if (e == cudaSuccess) {
-    if (fast && band) {
+    if (fast && band && !alibi) {
       e = inst.fast(bp, maps, stream);
     } else {
       GeneralTables tables;

@@ -331,6 +331,12 @@ __global__ void __launch_bounds__(384, 1)
     } else if constexpr (kTabled) {
       tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
     }
+    // The tabled fast flavor with ALiBi (as the forward's): the term in raw dot-product units.
+    float alibi_raw = 0.f;
+    if (!kGeneral && kTabled && p.fast_alibi)
+      alibi_raw = (p.alibi_slopes ? p.alibi_slopes[h * p.slopes_s]
+                                  : static_cast<float>(alibi_default_slope(h, p.hq))) /
+                  p.scale;
     for (int qt = qt_begin; qt < qt_end; ++qt) {
       if (skip(h, qt)) continue;
       const int st = it % kStages, m0 = qt * kM;
@@ -350,6 +356,19 @@ __global__ void __launch_bounds__(384, 1)
         masked = static_cast<TileClass>(entry) != TileClass::kFull;
         if (masked)
           allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, cw, warp, lane);
+        if (alibi_raw != 0.f) {  // s[c8 * 4 + e]: key key_r[e / 2], query m0 + c8 * 8 + col0 + e % 2
+          const bool sym = p.alibi == AlibiMode::kSymmetric;
+          const int base = m0 + col0 + static_cast<int>(seq.offset);
+          const float d0[2] = {static_cast<float>(base - key_r[0]),
+                               static_cast<float>(base - key_r[1])};
+#pragma unroll
+          for (int c8 = 0; c8 < kM / 8; ++c8)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float dist = d0[e / 2] + static_cast<float>(c8 * 8 + (e & 1));
+              s[c8 * 4 + e] = fmaf(-alibi_raw, sym ? fabsf(dist) : dist, s[c8 * 4 + e]);
+            }
+        }
       } else if constexpr (!kGeneral) {
         const int rows = min(kM, nq - m0);
         const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,

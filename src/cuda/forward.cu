@@ -98,12 +98,8 @@ Status forward(const core::Problem& p) {
   // Plain softmax under a band runs the fast kernel alone; under any other mask, the fast kernel
   // with the block table when every partial tile gets its bits.
   // ALiBi alone is one FMA a score on the fast kernel.
-  const ScoreMods& mods = spec.mods;
-  const bool alibi_only = mods.alibi != AlibiMode::kOff && mods.softcap == 0.f &&
-                          !mods.bias.defined() && !mods.low_rank_u.defined() &&
-                          mods.relative == RelativeBucketKind::kOff &&
-                          !mods.forget_log_f.defined();
-  const bool plain = (!f.has_mods || alibi_only) && p.softmax_family() &&
+  const bool alibi = alibi_only(spec.mods);
+  const bool plain = (!f.has_mods || alibi) && p.softmax_family() &&
                      spec.gate_kind == GateKind::kNone && p.scale > 0.f;
   const bool fast = plain && (band || GeneralTables::covers(p, 128, kn));
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
@@ -112,7 +108,7 @@ Status forward(const core::Problem& p) {
   DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;
-  f.fast_alibi = fast && alibi_only;
+  f.fast_alibi = fast && alibi;
   if (fast && band) {
     e = inst.fast(f, maps, stream);
   } else {

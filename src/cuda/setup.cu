@@ -456,4 +456,10 @@ cudaError_t GeneralTables::release(cudaStream_t stream) {
   return e;
 }
 
+bool alibi_only(const ScoreMods& m) {
+  return m.alibi != AlibiMode::kOff && m.softcap == 0.f && !m.bias.defined() &&
+         !m.low_rank_u.defined() && m.relative == RelativeBucketKind::kOff &&
+         !m.forget_log_f.defined();
+}
+
 }  // namespace attnkit::cuda

@@ -80,4 +80,7 @@ class DeviceScope {
   int device_ = 0, previous_ = 0;
 };
 
+// ALiBi is the only score mod (the fast kernels add it as one FMA a score).
+bool alibi_only(const ScoreMods& mods);
+
 }  // namespace attnkit::cuda
