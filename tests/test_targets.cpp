@@ -79,22 +79,27 @@ TEST(Bf16Dot, GemmMatchesDoubleProduct) {
 }
 
 // bf16 inputs run on the bf16 dot products where the CPU has them, else widened to fp32: both
-// paths against the oracle for every mechanism (odd sizes, GQA, dv != d, an odd head dim).
+// paths against the oracle for every mechanism (odd sizes, GQA, dv != d, an odd head dim), with
+// and without the entropy statistic (without it, the dot path's softmax step runs on vectors,
+// element masks and row maxima included; with it, the per-row step).
 TEST(Bf16Dot, BothPathsMatchOracle) {
   for (bool dot : {true, false}) {
     if (dot && !cpu::bf16_dot_supported()) continue;
     cpu::set_bf16_dot(dot);
     EXPECT_EQ(cpu_bf16_dot(), dot);
     for (const std::string& m : mechanism_names())
-      for (const Dims& dims : {Dims{1, 4, 2, 81, 81, 41, 24}, Dims{2, 2, 1, 130, 130, 128, 72}}) {
-        CheckOptions opt;
-        opt.dtype = DType::kBF16;
-        opt.dims = dims;
-        opt.seed = 12;
-        if (mechanism_spec(m, opt.dims).is_null()) continue;
-        const CheckResult r = check_mechanism(m, opt);
-        EXPECT_TRUE(r.ok) << (dot ? "bf16 dot " : "widened ") << m << ": " << r.error;
-      }
+      for (const Dims& dims : {Dims{1, 4, 2, 81, 81, 41, 24}, Dims{2, 2, 1, 130, 130, 128, 72}})
+        for (bool entropy : {true, false}) {
+          CheckOptions opt;
+          opt.dtype = DType::kBF16;
+          opt.dims = dims;
+          opt.seed = 12;
+          opt.entropy = entropy;
+          if (mechanism_spec(m, opt.dims).is_null()) continue;
+          const CheckResult r = check_mechanism(m, opt);
+          EXPECT_TRUE(r.ok) << (dot ? "bf16 dot " : "widened ") << m
+                            << (entropy ? "" : " (no entropy)") << ": " << r.error;
+        }
   }
   cpu::set_bf16_dot(cpu::bf16_dot_supported());
 }

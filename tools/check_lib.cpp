@@ -82,7 +82,8 @@ CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& op
   }
   const bool cuda = opt.device == Device::kCUDA;
   const bool stats = opt.stats && !cuda;
-  Outputs fast = make_outputs(inst, stats), ref = make_outputs(inst, stats);
+  Outputs fast = make_outputs(inst, stats, opt.entropy),
+          ref = make_outputs(inst, stats, opt.entropy);
   if (opt.bnhd) {
     fast.out = to_bnhd(fast.out);
     ref.out = to_bnhd(ref.out);

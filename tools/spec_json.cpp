@@ -428,7 +428,7 @@ json mechanism_spec(const std::string& name, const Dims& d) {
   return {};
 }
 
-Outputs make_outputs(const Instance& inst, bool stats) {
+Outputs make_outputs(const Instance& inst, bool stats, bool entropy) {
   const Dims& d = inst.dims;
   Outputs o;
   o.out = OwnedTensor::zeros(inst.dtype, {d.batch, d.hq, d.nq, d.dv});
@@ -437,7 +437,7 @@ Outputs make_outputs(const Instance& inst, bool stats) {
                        inst.spec.normalizer.kind == NormalizerKind::kSoftmaxSink;
   if (stats && softmax) {
     o.row_max = OwnedTensor::zeros(DType::kF32, {d.batch, d.hq, d.nq});
-    o.entropy = OwnedTensor::zeros(DType::kF32, {d.batch, d.hq, d.nq});
+    if (entropy) o.entropy = OwnedTensor::zeros(DType::kF32, {d.batch, d.hq, d.nq});
     o.col_mass = OwnedTensor::zeros(DType::kF32, {d.batch, d.hq, d.nk});
   }
   return o;

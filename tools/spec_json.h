@@ -61,7 +61,8 @@ std::vector<std::string> mechanism_names();
 struct Outputs {
   OwnedTensor out, row_stat, row_max, entropy, col_mass;
 };
-Outputs make_outputs(const Instance& inst, bool stats);
+// stats: the softmax family's row max, entropy (unless !entropy) and column mass.
+Outputs make_outputs(const Instance& inst, bool stats, bool entropy = true);
 AttentionStats stats_views(Outputs& o);
 
 // Relative Frobenius error ||x - ref|| / ||ref|| (ignoring entries where both are -inf).
@@ -94,7 +95,8 @@ struct CheckOptions {
   uint64_t seed = 1;
   bool bnhd = false;
   int threads = 0;
-  bool stats = true;               // CPU only: the CUDA kernels have no attention statistics yet
+  bool stats = true;    // CPU only: the CUDA kernels have no attention statistics yet
+  bool entropy = true;  // with stats (the CPU's bf16 softmax step on vectors runs without it)
   Device device = Device::kCPU;    // kCUDA: inputs are copied to the GPU, outputs back
   bool input_dtype_grads = false;  // check_backward: dq, dk, dv in the inputs' dtype (CUDA)
   json with;  // keys merged into the mechanism's spec (e.g. a score mod on a mask's mechanism)

@@ -8,6 +8,9 @@
 //   2. Pack, once per (batch, kv head) and key tile: K^T as fp32 [d][64] (the B operand of
 //      S = Q K^T) and V as fp32 [64][dv_pad] (zero padded), converting bf16/fp16 on the way.
 //      A low-rank bias is fused here as extra head dims: Q' = [scale q, u], K' = [k, w].
+//      bf16 on a CPU with bf16 dot products (FwdCall::bf16) stays bf16 instead: K^T and V as
+//      pairs for vdpbf16ps, the tile GEMMs and the softmax step of tile_ops_avx512.h, P rounded
+//      to bf16 for P V (as on GPUs).
 //   3. One task per (batch, query head, query tile): Q' tile packed as fp32 [64][d'] with the
 //      scale folded in; for each visited key tile: S = Q' K'^T (register-blocked 6 x 2-vector
 //      microkernel), score mods (general path only), element mask (partial tiles only), the

@@ -1,9 +1,9 @@
 // bf16 tile GEMMs with vdpbf16ps (layouts in tile_ops_avx512.h). Register block: 6 rows x 4 vectors
 // (64 columns) of fp32 accumulators, 24 of the 32 zmm registers; per k pair, 4 vector loads of
 // B and 6 32-bit broadcasts of A feed 24 dot products (48 multiply-adds per lane). This file
-// alone is compiled for AVX-512 + BF16 (a target pragma after the includes, so no inline
-// function of a header is emitted with those instructions); callers reach it only when
-// bf16_dot_enabled().
+// alone is compiled for AVX-512 (F, BW, VL) + BF16 (a target pragma after the includes, so no
+// inline function of a header is emitted with those instructions); callers reach the bf16
+// kernels only when bf16_dot_enabled(), the transposes when avx512_supported().
 #include "cpu/tile_ops_avx512.h"
 
 #include <atomic>
@@ -20,8 +20,7 @@ namespace attnkit::cpu {
 
 bool bf16_dot_supported() {
 #if defined(ATTNKIT_HAVE_BF16_DOT)
-  static const bool ok = avx512_supported() && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bf16");
+  static const bool ok = avx512_supported() && __builtin_cpu_supports("avx512bf16");
   return ok;
 #else
   return false;
@@ -30,7 +29,8 @@ bool bf16_dot_supported() {
 
 bool avx512_supported() {
 #if defined(ATTNKIT_HAVE_BF16_DOT)
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
   return ok;
 #else
   return false;

@@ -30,7 +30,7 @@ void gemm_bf16(const uint16_t* A, size_t lda, const uint16_t* B, size_t kpairs, 
 void to_bf16_rows(const float* src, size_t ld_src, uint16_t* dst, size_t ld_dst, size_t rows,
                   size_t cols);
 
-// AVX-512 F + BW (the transposes below; the bf16 kernels need BF16 and VL too).
+// AVX-512 F, BW and VL (the transposes below; the bf16 kernels need BF16 too).
 bool avx512_supported();
 
 // The B operands of a key tile. K^T in 32-bit words: out[w * 64 + x] = word w of row x, for the
@@ -60,9 +60,8 @@ struct TileMask {
 
 // The online-softmax step of one tile for P V in bf16, 16 rows at a time on vectors (no
 // per-row horizontal chains): S [rows][64] scaled scores, masked here (-inf where `mask` says
-// no; S keeps its values); P [rows][64] gets
-// bf16(exp(s - m_new)); the state moves to m_new. Rows whose scores are all -inf so far give
-// P = 0 and alpha = 1.
+// no; S keeps its values); P [rows][64] gets bf16(exp(s - m_new)); the state moves to m_new.
+// Rows whose scores are all -inf so far give P = 0 and alpha = 1.
 void softmax_step_bf16(const float* S, size_t rows, SoftmaxRows st, TileMask mask, uint16_t* P);
 
 }  // namespace attnkit::cpu
