@@ -332,11 +332,7 @@ __global__ void __launch_bounds__(384, 1)
       tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
     }
     // The tabled fast flavor with ALiBi (as the forward's): the term in raw dot-product units.
-    float alibi_raw = 0.f;
-    if (!kGeneral && kTabled && p.fast_alibi)
-      alibi_raw = (p.alibi_slopes ? p.alibi_slopes[h * p.slopes_s]
-                                  : static_cast<float>(alibi_default_slope(h, p.hq))) /
-                  p.scale;
+    const float alibi_raw = !kGeneral && kTabled && p.fast_alibi ? alibi_slope_raw(p, h) : 0.f;
     for (int qt = qt_begin; qt < qt_end; ++qt) {
       if (skip(h, qt)) continue;
       const int st = it % kStages, m0 = qt * kM;

@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "attnkit/variant/normalizers.h"
+#include "attnkit/variant/score_mods.h"
 #include "cuda/fwd_params.h"
 #include "cuda/sm90_ops.cuh"
 
@@ -163,6 +164,14 @@ __device__ __forceinline__ float load_any(const void* p, DType t, int64_t i) {
 }
 
 // Sequence extents of batch element b.
+// The fast kernels' ALiBi slope of query head h in units of the raw dot products (the scale
+// folds into the exponent there): the term is -slope_raw (i' - j), or -slope_raw |i' - j|.
+__device__ __forceinline__ float alibi_slope_raw(const FwdParams& p, int h) {
+  return (p.alibi_slopes ? p.alibi_slopes[h * p.slopes_s]
+                         : static_cast<float>(alibi_default_slope(h, p.hq))) /
+         p.scale;
+}
+
 struct SeqExtent {
   int64_t q_start = 0, k_start = 0;
   int nq = 0, nk = 0;

@@ -202,11 +202,7 @@ __global__ void __launch_bounds__(384, 1)
 
   // Fast flavor with ALiBi: the term -slope |i' - j| (or -slope (i' - j) causal) in units of
   // the raw dot products (divided by the scale, which the exponent applies), one FMA a score.
-  float alibi_raw = 0.f;
-  if (!kGeneral && p.fast_alibi)
-    alibi_raw = (p.alibi_slopes ? p.alibi_slopes[h * p.slopes_s]
-                                : static_cast<float>(alibi_default_slope(h, p.hq))) /
-                p.scale;
+  const float alibi_raw = !kGeneral && p.fast_alibi ? alibi_slope_raw(p, h) : 0.f;
   const bool alibi_abs = p.alibi == AlibiMode::kSymmetric;
 
   // Scores of key tile t: the band mask or a partial tile's bits (fast), or the scale, the score
