@@ -277,9 +277,9 @@ CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt
   AttentionGrads fg{fq.view, fk.view, fv.view}, rg{rq.view, rk.view, rv.view};
   AttentionGrads dg = fg;  // the views the backend writes (device copies on the GPU)
   if (cuda) {
-    dg.dq = dm.to_device(fq.view);
-    dg.dk = dm.to_device(fk.view);
-    dg.dv = dm.to_device(fv.view);
+    dg.dq = dm.to_device(fq.view, opt.grads_offset);
+    dg.dk = dm.to_device(fk.view, opt.grads_offset);
+    dg.dv = dm.to_device(fv.view, opt.grads_offset);
   }
   std::vector<ExtraGrad> extras = extra_grads(inst.spec);
   if (cuda) {  // extras the CUDA backward does not compute yet are left out (and named)

@@ -24,13 +24,14 @@ DeviceMirror::~DeviceMirror() {
   for (void* p : buffers_) (void)cudaFree(p);
 }
 
-TensorView DeviceMirror::to_device(const TensorView& host) {
+TensorView DeviceMirror::to_device(const TensorView& host, int64_t offset_bytes) {
   if (!host.defined() || host.device != Device::kCPU) return host;
   TensorView d = host;
   void* p = nullptr;
   const int64_t bytes = extent_bytes(host);
-  if (cudaMalloc(&p, bytes) != cudaSuccess) return TensorView{};
+  if (cudaMalloc(&p, bytes + offset_bytes) != cudaSuccess) return TensorView{};
   buffers_.push_back(p);
+  p = static_cast<char*>(p) + offset_bytes;
   (void)cudaMemcpy(p, host.data, bytes, cudaMemcpyHostToDevice);
   d.data = p;
   d.device = Device::kCUDA;
@@ -54,7 +55,7 @@ Status DeviceMirror::synchronize() {
 #else
 bool cuda_device_available() { return false; }
 DeviceMirror::~DeviceMirror() = default;
-TensorView DeviceMirror::to_device(const TensorView& host) { return host; }
+TensorView DeviceMirror::to_device(const TensorView& host, int64_t) { return host; }
 Status DeviceMirror::to_host(const TensorView&, const TensorView&) const {
   return Status(StatusCode::kTypeError, "this build has no CUDA backend");
 }

@@ -17,8 +17,9 @@ class DeviceMirror {
   DeviceMirror(const DeviceMirror&) = delete;
   DeviceMirror& operator=(const DeviceMirror&) = delete;
   ~DeviceMirror();
-  // A device copy of `host` (undefined views stay undefined).
-  TensorView to_device(const TensorView& host);
+  // A device copy of `host` (undefined views stay undefined), starting offset_bytes into its
+  // buffer (a misaligned copy for the kernels' unaligned paths).
+  TensorView to_device(const TensorView& host, int64_t offset_bytes = 0);
   // Copies a device view made by to_device() back into its host original.
   Status to_host(const TensorView& device, const TensorView& host) const;
   // Every tensor the spec refers to, swapped for a device copy.

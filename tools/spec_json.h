@@ -99,6 +99,8 @@ struct CheckOptions {
   bool entropy = true;  // with stats (the CPU's bf16 softmax step on vectors runs without it)
   Device device = Device::kCPU;    // kCUDA: inputs are copied to the GPU, outputs back
   bool input_dtype_grads = false;  // check_backward: dq, dk, dv in the inputs' dtype (CUDA)
+  int grads_offset = 0;  // check_backward on CUDA: dq, dk, dv start this many bytes into their
+                         // buffers (rows not 16-byte aligned: the kernels' unaligned paths)
   json with;  // keys merged into the mechanism's spec (e.g. a score mod on a mask's mechanism)
 };
 double tolerance_for(DType t);

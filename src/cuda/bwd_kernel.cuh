@@ -8,12 +8,13 @@
 // - warpgroups 1 and 2 own 64 keys each and keep dK and dV of their keys in registers. Per query
 //   tile they compute the transposed tiles S^T = K Q^T and dP^T = V dO^T (rows are keys), the
 //   weights P^T and dS^T = P^T (dP^T - D) in registers, then dV += P^T dO and dK += dS^T Q with P^T
-//   and dS^T as register operands. dS^T also goes to shared memory, where both warpgroups read it
-//   for dQ = dS K (each computes half of dQ's columns), which is added into the fp32 dq with
-//   atomics: by the consumers themselves (fast flavor), or (general flavor, whose consumers are
-//   short of registers) by warps 1-3 of the producer warpgroup from a shared-memory tile that
-//   named barriers hand back and forth.
-// The scale multiplies dK and dQ once at the end (dS excludes it).
+//   and dS^T as register operands. The fast flavor overlaps: P^T is computed while dP^T is still
+//   multiplied, and dS^T while dV is. dS^T also goes to shared memory, where both warpgroups read
+//   it for dQ = dS K (each computes half of dQ's columns); scale * dQ is then written in fp32
+//   over the stage (both warpgroups done with its Q and dO), and warp 1 of the producer
+//   warpgroup adds it into the fp32 dq by the copy engine's reduce-add (one bulk copy per row)
+//   before it hands the stage back to the producer.
+// The scale multiplies dK once at the end and each tile's dQ (dS excludes it).
 //
 // Flavors per (dtype, head dims), as in the forward pass: kGeneral = false is softmax (or with a
 // sink) under a band mask, or with kTabled under any mask whose block table (query tiles of 64
@@ -48,7 +49,7 @@ struct BwdParams {
   int64_t dq_sb = 0, dq_sh = 0, dq_sn = 0, dk_sb = 0, dk_sh = 0, dk_sn = 0;
   int64_t dv_sb = 0, dv_sh = 0, dv_sn = 0;
   bool dq_pairs = false;  // dq's pairs of columns are 8-byte aligned (float2 atomics)
-  bool dq_vec4 = false;   // and its groups of 4 columns 16-byte aligned (float4 reductions)
+  bool dq_vec4 = false;   // its rows 16-byte aligned, d % 4 == 0 (the copy engine adds them)
   // Gradients of the score mods' tensors (general flavor), from g = dL/d(additive terms) per
   // allowed pair: dbias, and fp32 / fp64 scratch sums the host stores afterwards: dslopes [hq],
   // dtable [hq][kMaxBwdBuckets], dbeta [1], and the forget gate's dc [b * hq + h][dc_stride] (d
@@ -98,14 +99,28 @@ struct BwdShape {
   static constexpr int kStatBytes = 1024;
   static_assert(2 * kM * 4 <= kStatBytes);
   static constexpr int kDsBytes = kN * kM * 2;  // dS^T: 128 key rows x 64 query columns
-  static constexpr int kDqStride = kDp + 8;  // fp32 dQ rows, padded against bank conflicts
-  static constexpr int kDqBytes = kGeneral ? kM * kDqStride * 4 : 0;  // the general flavor's
+  // scale * dQ of the step, fp32 rows of kDqStride floats (16-byte aligned; 2-way bank conflicts
+  // on the consumers' stores): in two buffers of its own where shared memory holds them beside
+  // three stages (kDqOwn: the general flavor at d <= 64), else written over the stage once both
+  // warpgroups are done with it (the stage then waits for the copy engine's read before it is
+  // refilled).
+  static constexpr int kDqStride = kDp + 4;
+  static constexpr int kDqBytes = kM * kDqStride * 4;
+  static constexpr int kDqAligned = (kDqBytes + 1023) / 1024 * 1024;
   static constexpr int kTableBytes = kGeneral ? kMaxBwdBuckets * 4 : 0;  // dtable of a head
-  static constexpr int kFixed =
-      kKBytes + kVBytes + 2 * kDsBytes + kDqBytes + kTableBytes + 1024 + 128;
-  static constexpr int kStageBytes = kQBytes + kOBytes + kStatBytes;
-  static constexpr int kStages = kFixed + 3 * kStageBytes <= 227 * 1024 ? 3 : 2;
-  static constexpr int kSmemBytes = kFixed + kStages * kStageBytes;
+  static constexpr int kFixed = kKBytes + kVBytes + 2 * kDsBytes + kTableBytes + 1024 + 128;
+  static constexpr int kPlainStage = kQBytes + kOBytes + kStatBytes;
+  static constexpr int kMaxSmem = 227 * 1024;
+  // The fast flavor at d <= 64 adds dq with its consumers' atomics instead (H200 run 32: the
+  // dq warp's 64 row copies per step held d64 back, fwd+bwd 0.80 -> 0.62x cuDNN).
+  static constexpr bool kDqAtomics = !kGeneral && kDp <= 64;
+  static constexpr bool kDqOwn =
+      !kDqAtomics && kFixed + 2 * kDqAligned + 3 * kPlainStage <= kMaxSmem;
+  static constexpr int kDqRing = kDqOwn ? 2 * kDqAligned : 0;
+  static constexpr int kStageBytes =
+      kDqAtomics || kDqOwn || kPlainStage >= kDqBytes ? kPlainStage : kDqAligned;
+  static constexpr int kStages = kFixed + kDqRing + 3 * kStageBytes <= kMaxSmem ? 3 : 2;
+  static constexpr int kSmemBytes = kFixed + kDqRing + kStages * kStageBytes;
   // What the producer warpgroup gives up (168 - 24 per thread, the launch's cap) is what the
   // consumers take (240 - 168): setmaxnreg.inc waits for free registers, so more would hang.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
@@ -123,6 +138,25 @@ __device__ __forceinline__ void store_grad_elem(void* row, DType t, int i, float
     default:
       static_cast<float*>(row)[i] = v;
   }
+}
+
+// Elements col and col + 1 (where below cols) of a gradient row: one store where they are
+// aligned as a pair.
+__device__ __forceinline__ void store_grad_pair(void* row, DType t, int col, int cols, float v0,
+                                                float v1) {
+  const int es = t == DType::kF32 ? 4 : 2;
+  char* at = static_cast<char*>(row) + static_cast<int64_t>(col) * es;
+  if (col + 1 < cols && reinterpret_cast<uintptr_t>(at) % (2 * es) == 0) {
+    if (t == DType::kF32)
+      *reinterpret_cast<float2*>(at) = make_float2(v0, v1);
+    else if (t == DType::kBF16)
+      *reinterpret_cast<__nv_bfloat162*>(at) = __floats2bfloat162_rn(v0, v1);
+    else
+      *reinterpret_cast<__half2*>(at) = __floats2half2_rn(v0, v1);
+    return;
+  }
+  if (col < cols) store_grad_elem(row, t, col, v0);
+  if (col + 1 < cols) store_grad_elem(row, t, col + 1, v1);
 }
 
 __device__ __forceinline__ void fence_proxy_async_smem() {
@@ -144,9 +178,9 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t sV = sK + S::kKBytes;
   const uint32_t sDS0 = sV + S::kVBytes;
   auto sDS = [&](int x) { return sDS0 + x * S::kDsBytes; };
-  const uint32_t sDQ = sDS0 + 2 * S::kDsBytes;  // fp32 [kM][kDqStride]
-  const uint32_t sTable = sDQ + S::kDqBytes;  // fp32 [kMaxBwdBuckets] (general)
-  auto sQ = [&](int st) { return sTable + S::kTableBytes + st * S::kStageBytes; };
+  const uint32_t sTable = sDS0 + 2 * S::kDsBytes;  // fp32 [kMaxBwdBuckets] (general)
+  auto sDQ = [&](int y) { return sTable + S::kTableBytes + y * S::kDqAligned; };  // kDqOwn
+  auto sQ = [&](int st) { return sTable + S::kTableBytes + S::kDqRing + st * S::kStageBytes; };
   auto sO = [&](int st) { return sQ(st) + S::kQBytes; };
   auto sStat = [&](int st) { return sO(st) + S::kOBytes; };  // lse2[kM], then D[kM]
   const uint32_t bars = sQ(kStages);
@@ -154,6 +188,18 @@ __global__ void __launch_bounds__(384, 1)
   auto full = [&](int st) { return bars + 8 * (1 + st); };
   auto empty = [&](int st) { return bars + 8 * (1 + kStages + st); };
   auto phase_of = [](int it) { return static_cast<uint32_t>((it / kStages) & 1); };
+  // The dQ hand-off of step it: its tile (a buffer of its own, or the stage), the barrier the
+  // consumer warps arrive on once it is written, and that barrier's phase; dq_empty(y) hands an
+  // own buffer back.
+  auto dq_tile = [&](int it) { return S::kDqOwn ? sDQ(it & 1) : sQ(it % kStages); };
+  auto dq_full = [&](int it) {
+    return bars + 8 * (1 + 2 * kStages + (S::kDqOwn ? it & 1 : it % kStages));
+  };
+  auto dq_phase = [&](int it) {
+    return S::kDqOwn ? static_cast<uint32_t>((it >> 1) & 1) : phase_of(it);
+  };
+  auto dq_empty = [&](int y) { return bars + 8 * (1 + 3 * kStages + y); };
+  static_assert(8 * (1 + 3 * kStages + 2) <= 128, "the barriers' bytes");
 
   const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const SeqExtent seq = seq_extent(p, b);
@@ -181,7 +227,6 @@ __global__ void __launch_bounds__(384, 1)
     return false;
   };
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
-  constexpr int kDqReady = 4, kDqFree = 5, kDqThreads = 256 + 96;  // named barriers
 
   const int tid = threadIdx.x, wg = tid / 128;
   if (tid == 0) {
@@ -189,7 +234,14 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(full(st), 1);
-      mbar_init(empty(st), 8);  // one arrival per consumer warp
+      // The consumer warps' (one each), or with dQ over the stage the dq warp's once the copy
+      // engine has read it.
+      mbar_init(empty(st), S::kDqAtomics || S::kDqOwn ? 8 : 1);
+      mbar_init(bars + 8 * (1 + 2 * kStages + st), 8);  // dq_full: one per consumer warp
+    }
+#pragma unroll
+    for (int y = 0; y < 2; ++y) {
+      mbar_init(dq_empty(y), 1);  // the dq warp's
     }
     mbar_init_fence();
   }
@@ -233,34 +285,41 @@ __global__ void __launch_bounds__(384, 1)
             tma_load_4d(sO(st) + c * kM * 128, &maps.dout, full(st), c * 64, q_row,
                         h * maps.o_hm, bb * maps.o_bm);
         }
-    } else if (kGeneral && tid >= 32) {
-      // dq += the consumers' dQ tile, 4 columns per atomic (rows past nq are another
-      // sequence's or padding).
-      const int w = tid - 32;
-      constexpr int kGroups = kDp / 4;
+    } else if (!S::kDqAtomics && tid / 32 == 1) {
+      // The dq warp: dq += the step's scale * dQ rows, by the copy engine's fp32 reduce-add (a
+      // bulk copy per row), or with atomics where dq's rows are not 16-byte aligned; then the
+      // tile goes back (the stage to the producer, an own buffer to the consumers). Rows past nq
+      // (another sequence's, or padding) are left.
+      const int lane = tid - 32;
+      const bool bulk = bp.dq_vec4;
+      int it = 0;
       for (int h = h_begin; h < h_end; ++h)
         for (int qt = qt_begin; qt < qt_end; ++qt) {
           if (skip(h, qt)) continue;
-          named_sync(kDqReady, kDqThreads);
-          for (int g = w; g < kM * kGroups; g += 96) {
-            const int row = g / kGroups, col = (g % kGroups) * 4, i = qt * kM + row;
-            if (i >= nq || col >= p.d) continue;
-            float4 v;
-            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                         : "r"(sDQ + (row * S::kDqStride + col) * 4));
-            float* dst = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + i) * bp.dq_sn + col;
-            if (bp.dq_vec4 && col + 4 <= p.d) {
-              asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(v.x),
-                           "f"(v.y), "f"(v.z), "f"(v.w)
-                           : "memory");
-            } else {
-              const float e[4] = {v.x, v.y, v.z, v.w};
-              for (int c = 0; c < 4 && col + c < p.d; ++c) atomicAdd(dst + c, e[c]);
+          const int st = it % kStages, x = it++;
+          float* dq_h = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + qt * kM) * bp.dq_sn;
+          mbar_wait(dq_full(x), dq_phase(x));
+          const uint32_t tile = dq_tile(x);
+          if (bulk) {
+            for (int r = lane; r < kM && qt * kM + r < nq; r += 32)
+              bulk_reduce_add_f32(dq_h + r * bp.dq_sn, tile + r * S::kDqStride * 4, p.d * 4);
+            bulk_commit();
+            bulk_wait_read<0>();
+          } else {
+            for (int x = lane; x < kM * p.d; x += 32) {
+              const int r = x / p.d, c = x % p.d;
+              if (qt * kM + r >= nq) break;
+              float v;
+              asm volatile("ld.shared.f32 %0, [%1];\n"
+                           : "=f"(v)
+                           : "r"(tile + (r * S::kDqStride + c) * 4));
+              atomicAdd(dq_h + r * bp.dq_sn + c, v);
             }
           }
-          named_arrive(kDqFree, kDqThreads);
+          __syncwarp();
+          if (lane == 0) mbar_arrive(S::kDqOwn ? dq_empty(x & 1) : empty(st));
         }
+      if (bulk) bulk_wait<0>();
     }
     return;
   }
@@ -297,6 +356,7 @@ __global__ void __launch_bounds__(384, 1)
       const uint64_t db = smem_desc(sQ(st) + (kk / 4) * (kM * 128) + (kk % 4) * 32, 16, 1024);
       Wgmma<kM, Tag>::ss(s, da, db, kk > 0);
     }
+    wgmma_commit();  // S^T, then dP^T: the fast flavor computes P^T while dP^T runs
 #pragma unroll
     for (int kk = 0; kk < kDVp / 16; ++kk) {
       const uint64_t da = smem_desc(sV + (kk / 4) * (kN * 128) + cw * 64 * 128 + (kk % 4) * 32, 16, 1024);
@@ -339,9 +399,13 @@ __global__ void __launch_bounds__(384, 1)
       float s[kSRegs], dp[kSRegs];
       mbar_wait(full(st), phase_of(it));
       issue_sdp(s, dp, st);
-      wgmma_wait<0>();
+      if constexpr (kGeneral) {
+        wgmma_wait<0>();
+        fence_regs(dp);
+      } else {
+        wgmma_wait<1>();
+      }
       fence_regs(s);
-      fence_regs(dp);
 
       // Which scores are allowed: bit r * 16 + 2 * c + e for key row r, query column c * 8 +
       // col0 + e. Keys past nk are masked here; queries past nq have lse2 = +inf (weight 0).
@@ -403,25 +467,65 @@ __global__ void __launch_bounds__(384, 1)
           each_score<kM>(s, 0, 0, [&](float& x, int, int) { x = cap * fast_tanh(x * inv_cap); });
       }
 
-      // P^T and dS^T in place of S^T and dP^T: one unrolled loop per normalizer (a branch per
-      // score kept every normalizer's values live at once: spills). rule(s, dp, ok, l, dd, pw,
-      // ds) gets the score, dO . v_j, whether the pair is allowed, the row's stat (LSE in base 2,
-      // or 1 / L) and D.
+      // The stat pair of this thread's query columns c8 * 8 + col0 + (0, 1): lse2 (stat 0) or
+      // D (stat 1), and whether score x = c8 * 4 + e is allowed.
+      auto stat_pair = [&](int c8, int stat) {
+        float2 v;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(v.x), "=f"(v.y)
+                     : "r"(sStat(st) + (stat * kM + c8 * 8 + col0) * 4));
+        return v;
+      };
+      auto allowed = [&](int c8, int e) {
+        return (!masked || ((allow >> ((e / 2) * 16 + 2 * c8 + (e & 1))) & 1)) &&
+               m0 + c8 * 8 + col0 + (e & 1) < nq;
+      };
+      uint32_t pa[kM / 16][4], da[kM / 16][4];
+      // dV += P^T dO (query rows are the k dimension: the B operand is read transposed).
+      auto issue_dv = [&] {
+        fence_regs(dv);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kM / 16; ++kk)
+          Wgmma<kDVp, Tag>::rs(dv, pa[kk], smem_desc(sO(st) + kk * 16 * 128, kM * 128, 1024), 1);
+      };
+      if constexpr (!kGeneral) {
+        // Softmax: P^T while dP^T is multiplied, then dS^T = P^T (dP^T - D) while dV is.
+#pragma unroll
+        for (int c8 = 0; c8 < kM / 8; ++c8) {
+          const float2 l2 = stat_pair(c8, 0);
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s[c8 * 4 + e] =
+                allowed(c8, e) ? fast_exp2(fmaf(s[c8 * 4 + e], to2, (e & 1) ? -l2.y : -l2.x)) : 0.f;
+        }
+        pack_p<T, kM>(s, pa);
+        issue_dv();
+        wgmma_commit();
+        wgmma_wait<1>();  // dP^T
+        fence_regs(dp);
+#pragma unroll
+        for (int c8 = 0; c8 < kM / 8; ++c8) {
+          const float2 d2 = stat_pair(c8, 1);
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            dp[c8 * 4 + e] = s[c8 * 4 + e] * (dp[c8 * 4 + e] - ((e & 1) ? d2.y : d2.x));
+        }
+        pack_p<T, kM>(dp, da);
+      }
+
+      // The general flavor: P^T and dS^T in place of S^T and dP^T, one unrolled loop per
+      // normalizer (a branch per score kept every normalizer's values live at once: spills).
+      // rule(s, dp, ok, l, dd, pw, ds) gets the score, dO . v_j, whether the pair is allowed, the
+      // row's stat (LSE in base 2, or 1 / L) and D.
       auto weights = [&](auto rule) {
 #pragma unroll
         for (int c8 = 0; c8 < kM / 8; ++c8) {
-          float2 l2, d2;
-          asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                       : "=f"(l2.x), "=f"(l2.y)
-                       : "r"(sStat(st) + (c8 * 8 + col0) * 4));
-          asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                       : "=f"(d2.x), "=f"(d2.y)
-                       : "r"(sStat(st) + kM * 4 + (c8 * 8 + col0) * 4));
+          const float2 l2 = stat_pair(c8, 0), d2 = stat_pair(c8, 1);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int x = c8 * 4 + e;
-            const bool ok = (!masked || ((allow >> ((e / 2) * 16 + 2 * c8 + (e & 1))) & 1)) &&
-                            m0 + c8 * 8 + col0 + (e & 1) < nq;
+            const bool ok = allowed(c8, e);
             float pw, ds;
             rule(s[x], dp[x], ok, (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x, pw, ds);
             if (kGeneral && sigmoid) beta_acc += ds;  // beta is added after the softcap
@@ -439,10 +543,10 @@ __global__ void __launch_bounds__(384, 1)
         pw = ok ? fast_exp2(fmaf(sx, to2, -l)) : 0.f;
         ds = pw * (dpx - dd);
       };
-      if (!kGeneral || norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink) {
-        weights(softmax_rule);
-      } else if constexpr (kGeneral) {
-        if (sigmoid) {
+      if constexpr (kGeneral) {
+        if (norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink) {
+          weights(softmax_rule);
+        } else if (sigmoid) {
           weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
             pw = ok ? fast_sigmoid(sx + beta) : 0.f;
             ds = dpx * pw * (1.f - pw);
@@ -464,10 +568,9 @@ __global__ void __launch_bounds__(384, 1)
             ds = w > 0.f ? (dpx - dd) * inv_l * power * __fdividef(w, fx) * dfx : 0.f;
           });
         }
+        pack_p<T, kM>(s, pa);
+        pack_p<T, kM>(dp, da);
       }
-      uint32_t pa[kM / 16][4], da[kM / 16][4];
-      pack_p<T, kM>(s, pa);
-      pack_p<T, kM>(dp, da);
 
       // dS^T to shared memory (one 128B-swizzled panel: key row, 16-byte chunk c8 of queries).
       const int x = it & 1;
@@ -556,13 +659,10 @@ __global__ void __launch_bounds__(384, 1)
           }
         }
       }
-      // dV += P^T dO, dK += dS^T Q (query rows are the k dimension: B operands read transposed).
-      fence_regs(dv);
+      // dK += dS^T Q (and the general flavor's dV += P^T dO now).
+      if constexpr (kGeneral) issue_dv();
       fence_regs(dk);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kM / 16; ++kk)
-        Wgmma<kDVp, Tag>::rs(dv, pa[kk], smem_desc(sO(st) + kk * 16 * 128, kM * 128, 1024), 1);
 #pragma unroll
       for (int kk = 0; kk < kM / 16; ++kk)
         Wgmma<kDp, Tag>::rs(dk, da[kk], smem_desc(sQ(st) + kk * 16 * 128, kM * 128, 1024), 1);
@@ -588,25 +688,9 @@ __global__ void __launch_bounds__(384, 1)
       fence_regs(dk);
       fence_regs_u(pa);
       fence_regs_u(da);
-      if (lane == 0) mbar_arrive(empty(st));
 
-      if constexpr (kGeneral) {
-        // scale * dQ to shared memory for the dq warps, once they are done with the last tile.
-        if (it > 0) named_sync(kDqFree, kDqThreads);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = warp * 16 + lane / 4 + 8 * r;
-#pragma unroll
-          for (int c8 = 0; c8 < kDqN / 8; ++c8) {
-            const int col = cw * kDqN + c8 * 8 + col0;
-            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(
-                             sDQ + (row * S::kDqStride + col) * 4),
-                         "f"(dq[c8 * 4 + 2 * r] * p.scale), "f"(dq[c8 * 4 + 2 * r + 1] * p.scale)
-                         : "memory");
-          }
-        }
-        named_arrive(kDqReady, kDqThreads);
-      } else {
+      if constexpr (S::kDqAtomics) {
+        if (lane == 0) mbar_arrive(empty(st));
         // dq += scale * dQ, two columns per atomic (rows past nq are another sequence's or
         // padding).
 #pragma unroll
@@ -627,7 +711,34 @@ __global__ void __launch_bounds__(384, 1)
             }
           }
         }
+        ++it;
+        continue;
       }
+      // scale * dQ for the dq warp: into its own buffer once the dq warp has handed it back (the
+      // stage goes back to the producer now), or over the stage once both warpgroups are done
+      // reading it.
+      if constexpr (S::kDqOwn) {
+        if (lane == 0) mbar_arrive(empty(st));
+        mbar_wait(dq_empty(it & 1), dq_phase(it) ^ 1);
+      } else {
+        named_sync(3, 256);
+      }
+      const uint32_t tile = dq_tile(it);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp * 16 + lane / 4 + 8 * r;
+#pragma unroll
+        for (int c8 = 0; c8 < kDqN / 8; ++c8) {
+          const int col = cw * kDqN + c8 * 8 + col0;
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(
+                           tile + (row * S::kDqStride + col) * 4),
+                       "f"(dq[c8 * 4 + 2 * r] * p.scale), "f"(dq[c8 * 4 + 2 * r + 1] * p.scale)
+                       : "memory");
+        }
+      }
+      fence_proxy_async_smem();  // the copy engine reads what these stores wrote
+      __syncwarp();
+      if (lane == 0) mbar_arrive(dq_full(it));
       ++it;
     }
     if constexpr (kGeneral) {  // this head's sums
@@ -655,7 +766,6 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
   }
-  if (kGeneral && it > 0) named_sync(kDqFree, kDqThreads);  // the dq warps' last arrival
   if (kGeneral && bp.dbeta) {
 #pragma unroll
     for (int x = 16; x > 0; x /= 2) beta_acc += __shfl_xor_sync(0xffffffff, beta_acc, x);
@@ -674,18 +784,12 @@ __global__ void __launch_bounds__(384, 1)
                  (b * bp.dv_sb + hk * bp.dv_sh + (seq.k_start + j) * bp.dv_sn) * v_es;
 #pragma unroll
     for (int c8 = 0; c8 < kDp / 8; ++c8)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = c8 * 8 + col0 + e;
-        if (col < p.d) store_grad_elem(krow, bp.dk_dtype, col, dk[c8 * 4 + 2 * r + e] * p.scale);
-      }
+      store_grad_pair(krow, bp.dk_dtype, c8 * 8 + col0, p.d, dk[c8 * 4 + 2 * r] * p.scale,
+                      dk[c8 * 4 + 2 * r + 1] * p.scale);
 #pragma unroll
     for (int c8 = 0; c8 < kDVp / 8; ++c8)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = c8 * 8 + col0 + e;
-        if (col < p.dv) store_grad_elem(vrow, bp.dv_dtype, col, dv[c8 * 4 + 2 * r + e]);
-      }
+      store_grad_pair(vrow, bp.dv_dtype, c8 * 8 + col0, p.dv, dv[c8 * 4 + 2 * r],
+                      dv[c8 * 4 + 2 * r + 1]);
   }
 }
 

@@ -192,7 +192,10 @@ __global__ void __launch_bounds__(kClassifyThreads)
 
 // tile_bits_kernel: block (x, y, z) = (query tile * split + part, head, batch), split =
 // min(p.tb_slots, kClassifySplit), computes the bits of its row's slots part, part + split, ...:
-// a warp per query row at a time, a lane per key, one ballot per 32-bit word.
+// a lane per key of a 32-bit word, a warp per query row at a time, one ballot per word. A mask
+// of one leaf of the common kinds has its element test inlined (the key's part of it then stays
+// in registers across the rows); other masks call the tree's out-of-line test (local memory,
+// several times slower).
 template <int kM, int kN>
 __global__ void __launch_bounds__(kClassifyThreads)
     tile_bits_kernel(const __grid_constant__ FwdParams p, const int32_t* slots, uint32_t* bits) {
@@ -210,18 +213,38 @@ __global__ void __launch_bounds__(kClassifyThreads)
   constexpr int kWords = kN / 32, kWarps = kClassifyThreads / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t* out = bits + b * p.tb_sb + h * p.tb_sh + qtile * p.tb_sq;
-  for (int slot = part; slot < num_slots; slot += split) {
-    const int kt = list[1 + slot];
-    for (int r = warp; r < kM; r += kWarps) {
-      const int i = m0 + r;
+  auto each_bit = [&](auto allowed) {
+    for (int slot = part; slot < num_slots; slot += split) {
+      const int kt = list[1 + slot];
 #pragma unroll 1
       for (int w = 0; w < kWords; ++w) {
         const int j = kt * kN + w * 32 + lane;
-        const bool ok = i < s.nq && j < s.nk && mask_allowed(ms.mask, p.num_nodes, i, j);
-        const uint32_t word = __ballot_sync(0xffffffffu, ok);
-        if (lane == 0) out[(static_cast<int64_t>(slot) * kM + r) * kWords + w] = word;
+        for (int r = warp; r < kM; r += kWarps) {
+          const int i = m0 + r;
+          const bool ok = i < s.nq && j < s.nk && allowed(i, j);
+          const uint32_t word = __ballot_sync(0xffffffffu, ok);
+          if (lane == 0) out[(static_cast<int64_t>(slot) * kM + r) * kWords + w] = word;
+        }
       }
     }
+  };
+  // The leaf (kernel parameter space): within each case the compiler folds allowed_leaf's
+  // switch on its kind.
+  const MaskNode& n = p.nodes[0];
+  const MaskEval& m = ms.mask;
+  auto leaf = [&](int64_t i, int64_t j) { return m.allowed_leaf(n, i, j); };
+  switch (p.num_nodes == 1 ? n.kind : MaskKind::kAnd) {
+    case MaskKind::kDocument:
+      each_bit(leaf);
+      break;
+    case MaskKind::kNeighborhood:
+      each_bit(leaf);
+      break;
+    case MaskKind::kBlockAttention:
+      each_bit(leaf);
+      break;
+    default:
+      each_bit([&](int64_t i, int64_t j) { return mask_allowed(m, p.num_nodes, i, j); });
   }
 }
 
