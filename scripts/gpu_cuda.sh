@@ -4,8 +4,10 @@
 # oracle), `attnkit check --device cuda`, the PyTorch CUDA tests, then bench/gpu/bench.py
 # (attnkit beside FlashAttention-2, cuDNN, FlexAttention and the mem-efficient backend).
 # Debian's packages missing there come from .carry (Highway, nlohmann-json, CLI11, GoogleTest).
-# Usage: [HEAD_DIMS="64;96;128;192;256;192x128"] bash scripts/gpu_cuda.sh OUT_DIR [--quick]
-#        [--sanitize] [--no-bench]   (results: docs/perf/gpu.md)
+# Usage: [HEAD_DIMS="64;96;128;192;256;192x128"] [TEST_FILTER='*Backward*'] \
+#        bash scripts/gpu_cuda.sh OUT_DIR [--quick] [--train] [--sanitize] [--no-bench] [--lean]
+#   --lean: no CLI, no `attnkit check`, no pytest (an iteration's run: test_cuda under
+#   TEST_FILTER, then the bench)   (results: docs/perf/gpu.md)
 set -uo pipefail
 out=${1:-/tmp/attnkit_gpu}
 shift || true
@@ -23,19 +25,24 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNKIT_BUILD_PYTH
   -DHWY_ROOT="$hwy_root" -Dnlohmann_json_DIR="$deps/share/cmake/nlohmann_json" \
   -DCLI11_DIR="$deps/share/cmake/CLI11" -DGTest_DIR="$deps/lib/x86_64-linux-gnu/cmake/GTest" \
   -DPython_EXECUTABLE="$(command -v python3)" > /tmp/cmake.log 2>&1 || { tail -30 /tmp/cmake.log; exit 1; }
-cmake --build build-gpu -j "$(nproc)" --target attnkit_cli test_cuda _ext attnkit_python_files > /tmp/build.log 2>&1 || { grep -E "error|FAILED" /tmp/build.log | head -30; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"; grep -E "spill|C7509" /tmp/build.log | sort | uniq -c | cut -c1-200 | head
+lean=0; [[ " $* " == *" --lean "* ]] && lean=1
+targets="test_cuda _ext attnkit_python_files"; (( lean )) || targets="attnkit_cli $targets"
+cmake --build build-gpu -j "$(nproc)" --target $targets > /tmp/build.log 2>&1 || { grep -E "error|FAILED" /tmp/build.log | head -30; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"; grep -E "spill|C7509|C7510" /tmp/build.log | sort | uniq -c | cut -c1-200 | head
 rc=0
-timeout 200 build-gpu/tests/test_cuda --gtest_brief=1 > "$out/test_cuda.log" 2>&1
+timeout 200 build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter="${TEST_FILTER:-*}" \
+  > "$out/test_cuda.log" 2>&1
 trc=$?
 grep -E "FAILED|PASSED|rel_err" "$out/test_cuda.log" | head -40
 # A hang (timeout's 124) or a crash stops here: the later steps would run the same kernels.
 if (( trc == 124 || trc > 128 )); then echo "test_cuda: rc $trc, stopping"; exit 1; fi
 (( trc == 0 )) || rc=1
-timeout 300 build-gpu/attnkit check --device cuda > "$out/check.log" 2>&1 || rc=1
-tail -12 "$out/check.log"
-PYTHONPATH=build-gpu/python python3 -m pytest -q -p no:cacheprovider python/tests/test_torch.py -k cuda > "$out/pytest_cuda.log" 2>&1 || rc=1
-tail -3 "$out/pytest_cuda.log"
+if (( ! lean )); then
+  timeout 300 build-gpu/attnkit check --device cuda > "$out/check.log" 2>&1 || rc=1
+  tail -12 "$out/check.log"
+  PYTHONPATH=build-gpu/python python3 -m pytest -q -p no:cacheprovider python/tests/test_torch.py -k cuda > "$out/pytest_cuda.log" 2>&1 || rc=1
+  tail -3 "$out/pytest_cuda.log"
+fi
 if [[ " $* " == *" --sanitize "* ]]; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/tests/test_cuda \

@@ -11,9 +11,10 @@
 //   and dS^T as register operands. The fast flavor overlaps: P^T is computed while dP^T is still
 //   multiplied, and dS^T while dV is. dS^T also goes to shared memory, where both warpgroups read
 //   it for dQ = dS K (each computes half of dQ's columns); scale * dQ is then written in fp32
-//   over the stage (both warpgroups done with its Q and dO), and warp 1 of the producer
-//   warpgroup adds it into the fp32 dq by the copy engine's reduce-add (one bulk copy per row)
-//   before it hands the stage back to the producer.
+//   over the stage (both warpgroups done with its Q and dO; or into a buffer of its own where
+//   shared memory has room, kDqOwn), and warp 1 of the producer warpgroup adds it into the fp32
+//   dq by the copy engine's reduce-add (one bulk copy per row) before it hands the tile back.
+//   The fast flavor at d <= 64 adds dq with its consumers' float2 atomics instead (kDqAtomics).
 // The scale multiplies dK once at the end and each tile's dQ (dS excludes it).
 //
 // Flavors per (dtype, head dims), as in the forward pass: kGeneral = false is softmax (or with a
@@ -101,9 +102,9 @@ struct BwdShape {
   static constexpr int kDsBytes = kN * kM * 2;  // dS^T: 128 key rows x 64 query columns
   // scale * dQ of the step, fp32 rows of kDqStride floats (16-byte aligned; 2-way bank conflicts
   // on the consumers' stores): in two buffers of its own where shared memory holds them beside
-  // three stages (kDqOwn: the general flavor at d <= 64), else written over the stage once both
-  // warpgroups are done with it (the stage then waits for the copy engine's read before it is
-  // refilled).
+  // three stages (kDqOwn: the general flavor at d <= 64, either flavor at d 128 x dv 64), else
+  // written over the stage once both warpgroups are done with it (the stage then waits for the
+  // copy engine's read before it is refilled).
   static constexpr int kDqStride = kDp + 4;
   static constexpr int kDqBytes = kM * kDqStride * 4;
   static constexpr int kDqAligned = (kDqBytes + 1023) / 1024 * 1024;
@@ -296,10 +297,10 @@ __global__ void __launch_bounds__(384, 1)
       for (int h = h_begin; h < h_end; ++h)
         for (int qt = qt_begin; qt < qt_end; ++qt) {
           if (skip(h, qt)) continue;
-          const int st = it % kStages, x = it++;
+          const int st = it % kStages, step = it++;
           float* dq_h = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + qt * kM) * bp.dq_sn;
-          mbar_wait(dq_full(x), dq_phase(x));
-          const uint32_t tile = dq_tile(x);
+          mbar_wait(dq_full(step), dq_phase(step));
+          const uint32_t tile = dq_tile(step);
           if (bulk) {
             for (int r = lane; r < kM && qt * kM + r < nq; r += 32)
               bulk_reduce_add_f32(dq_h + r * bp.dq_sn, tile + r * S::kDqStride * 4, p.d * 4);
@@ -317,7 +318,7 @@ __global__ void __launch_bounds__(384, 1)
             }
           }
           __syncwarp();
-          if (lane == 0) mbar_arrive(S::kDqOwn ? dq_empty(x & 1) : empty(st));
+          if (lane == 0) mbar_arrive(S::kDqOwn ? dq_empty(step & 1) : empty(st));
         }
       if (bulk) bulk_wait<0>();
     }
