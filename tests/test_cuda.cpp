@@ -3,6 +3,7 @@
 // everywhere the backend is built, CI included).
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "attnkit/attention.h"
@@ -193,6 +194,31 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
                           << g.error;
       }
     }
+}
+
+// Every way dq can be added (DqMode, chosen by ATTNKIT_CUDA_DQ): the dq warp's row copies, one
+// copy per step into a tile-strided scratch (rows past a sequence's end add zeros to the next
+// head's rows), the fast flavor's consumer atomics (d64; elsewhere it falls back to rows), with
+// 16-bit and fp32 gradients.
+TEST(CudaBackwardLong, EveryDqModeMatchesTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 333, 333, 128, 128}, false},
+      {DType::kF16, {2, 4, 1, 129, 129, 64, 64}, true},
+  };
+  int seed = 671;
+  for (const char* mode : {"rows", "tile", "atomics"}) {
+    setenv("ATTNKIT_CUDA_DQ", mode, 1);
+    for (const Case& c : cases)
+      for (const char* mech : {"dense", "causal", "document", "softcap"}) {
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        const bool grads16 = seed % 2 == 0;
+        const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
+        EXPECT_TRUE(r.ok) << mode << " " << mech << " d=" << c.dims.d << " 16-bit grads=" << grads16
+                          << ": " << r.error;
+      }
+  }
+  unsetenv("ATTNKIT_CUDA_DQ");
 }
 
 // fp32 gradients 4 bytes into their buffers: dq's rows are not 16-byte aligned (the dq warp adds

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/backward.h"
@@ -206,9 +207,9 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
     atomicAdd(p.dsinks + h, -exp(static_cast<double>(p.sinks[h * p.sinks_s]) - lse) * dot);
 }
 
-// dq in its 16-bit dtype from the fp32 sums (rows as in the preparation: one warp per row).
+// dq in its dtype from the fp32 sums (rows as in the preparation: one warp per row).
 __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, int64_t a_sn,
-                                  void* dq, bool bf16, int64_t sb, int64_t sh, int64_t sn, int d,
+                                  void* dq, DType t, int64_t sb, int64_t sh, int64_t sn, int d,
                                   int nq, const int32_t* cu_q, int64_t rows) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int i = blockIdx.x * 8 + warp, h = blockIdx.y, b = blockIdx.z;
@@ -221,12 +222,8 @@ __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, 
   if (i >= nq) return;
   const float* src = acc + b * a_sb + h * a_sh + (q_start + i) * a_sn;
   const int64_t off = b * sb + h * sh + (q_start + i) * sn;
-  for (int c = lane; c < d; c += 32) {
-    if (bf16)
-      static_cast<__nv_bfloat16*>(dq)[off + c] = __float2bfloat16(src[c]);
-    else
-      static_cast<__half*>(dq)[off + c] = __float2half(src[c]);
-  }
+  void* row = static_cast<char*>(dq) + off * (t == DType::kF32 ? 4 : 2);
+  for (int c = lane; c < d; c += 32) store_grad_elem(row, t, c, src[c]);
 }
 
 // out[x * s] = sums[x] for x < n (dsinks, dslopes, dbeta).
@@ -374,15 +371,28 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   bp.dv_sb = g.dv.sb, bp.dv_sh = g.dv.sh, bp.dv_sn = g.dv.sn;
   const RowExtent extent = row_extent(p);
   const int64_t rows_q = extent.rows_q, batch = extent.batch;
-  // dq is added with fp32 atomics: into the caller's fp32 dq, or into a scratch [batch][hq]
-  // [rows_q][d] converted to the 16-bit dq afterwards.
-  const bool dq_scratch = g.dq.dtype != DType::kF32;
+  // How dq is added (DqMode): by the dq warp's row copies, except the fast flavor at d <= 64,
+  // whose consumers add it with atomics; ATTNKIT_CUDA_DQ=rows|tile|atomics chooses (for
+  // measurements; atomics only where the instance has them).
+  bp.dq_mode = fast && p.d <= 64 ? DqMode::kAtomics : DqMode::kRows;
+  if (const char* m = std::getenv("ATTNKIT_CUDA_DQ")) {
+    const std::string mode = m;
+    if (mode == "rows") bp.dq_mode = DqMode::kRows;
+    if (mode == "tile") bp.dq_mode = DqMode::kTile;
+    if (mode == "atomics") bp.dq_mode = fast && p.d <= 64 ? DqMode::kAtomics : DqMode::kRows;
+  }
+  // The fp32 sums: the caller's fp32 dq, or a scratch [batch][hq][rows_q][stride] converted to
+  // dq afterwards (always in kTile, whose stride is the shared tile's and which has a tile of
+  // rows to spare at the end: the last tile's copy covers them).
+  const bool tile = bp.dq_mode == DqMode::kTile;
+  const bool dq_scratch = g.dq.dtype != DType::kF32 || tile;
+  const int64_t dq_stride = tile ? bwd_dq_stride(static_cast<int>(p.d)) : p.d;
   if (!dq_scratch) {
     bp.dq = reinterpret_cast<float*>(g.dq.data);
     bp.dq_sb = g.dq.sb, bp.dq_sh = g.dq.sh, bp.dq_sn = g.dq.sn;
   } else {
-    bp.dq_sn = p.d;
-    bp.dq_sh = rows_q * p.d;
+    bp.dq_sn = dq_stride;
+    bp.dq_sh = rows_q * dq_stride;
     bp.dq_sb = p.varlen ? 0 : p.hq * bp.dq_sh;
   }
   const uintptr_t dq_addr = dq_scratch ? 0 : reinterpret_cast<uintptr_t>(g.dq.data);
@@ -423,7 +433,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   const int64_t copy_bytes = copy ? (batch * p.hq * rows_q * copy_sn * 2 + 255) / 256 * 256 : 0;
   const int64_t stat_bytes = (2 * stat_floats * 4 + 255) / 256 * 256;
   const int64_t sink_bytes = grads.dsinks.defined() ? (p.hq * 8 + 255) / 256 * 256 : 0;
-  const int64_t dq_bytes = dq_scratch ? batch * p.hq * rows_q * p.d * 4 : 0;
+  const int64_t dq_bytes =
+      dq_scratch ? (batch * p.hq * rows_q + (tile ? kM : 0)) * dq_stride * 4 : 0;
   void* scratch = nullptr;
   cudaError_t e =
       cudaMallocAsync(&scratch, copy_bytes + stat_bytes + sink_bytes + dq_bytes, stream);
@@ -607,9 +618,9 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (e == cudaSuccess && dq_scratch) {
     const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
                     static_cast<unsigned>(p.batch));
-    convert_dq_kernel<<<grid, 256, 0, stream>>>(
-        bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, g.dq.data, g.dq.dtype == DType::kBF16, g.dq.sb,
-        g.dq.sh, g.dq.sn, f.d, f.nq, f.cu_q, bp.stat_stride);
+    convert_dq_kernel<<<grid, 256, 0, stream>>>(bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, g.dq.data,
+                                                g.dq.dtype, g.dq.sb, g.dq.sh, g.dq.sn, f.d, f.nq,
+                                                f.cu_q, bp.stat_stride);
     e = cudaGetLastError();
   }
   if (dbias_scratch) {

@@ -14,7 +14,8 @@
 //   over the stage (both warpgroups done with its Q and dO; or into a buffer of its own where
 //   shared memory has room, kDqOwn), and warp 1 of the producer warpgroup adds it into the fp32
 //   dq by the copy engine's reduce-add (one bulk copy per row) before it hands the tile back.
-//   The fast flavor at d <= 64 adds dq with its consumers' float2 atomics instead (kDqAtomics).
+//   Or in one bulk copy per step into a scratch laid out as the tile, or (the fast flavor at
+//   d <= 64) with the consumers' float2 atomics: DqMode.
 // The scale multiplies dK once at the end and each tile's dQ (dS excludes it).
 //
 // Flavors per (dtype, head dims), as in the forward pass: kGeneral = false is softmax (or with a
@@ -33,6 +34,16 @@
 
 namespace attnkit::cuda {
 
+// How dQ reaches the fp32 dq (backward.cu picks; ATTNKIT_CUDA_DQ=rows|tile|atomics for
+// measurements): the dq warp's reduce-add of each row (kRows; atomics where dq's rows are not
+// 16-byte aligned), or of the whole step in one bulk copy into a scratch whose rows are
+// bwd_dq_stride(d) floats (kTile), or the consumers' float2 atomics (kAtomics: the fast flavor at
+// d <= 64 only; others take kRows).
+enum class DqMode : int { kRows, kTile, kAtomics };
+
+// The fp32 row stride of the shared dQ tile, and of dq's scratch in DqMode::kTile.
+constexpr int bwd_dq_stride(int d) { return (d + 63) / 64 * 64 + 4; }
+
 // The backward's arguments: the forward problem (its block table built for query tiles of kM
 // rows) and the gradients' pointers: dq is fp32 (the caller's, or a scratch converted after the
 // kernel), dk and dv fp32 or 16-bit; row (b, h, n) at ptr + b * sb + h * sh + n * sn.
@@ -49,6 +60,7 @@ struct BwdParams {
   DType dk_dtype = DType::kF32, dv_dtype = DType::kF32;
   int64_t dq_sb = 0, dq_sh = 0, dq_sn = 0, dk_sb = 0, dk_sh = 0, dk_sn = 0;
   int64_t dv_sb = 0, dv_sh = 0, dv_sn = 0;
+  DqMode dq_mode = DqMode::kRows;
   bool dq_pairs = false;  // dq's pairs of columns are 8-byte aligned (float2 atomics)
   bool dq_vec4 = false;   // its rows 16-byte aligned, d % 4 == 0 (the copy engine adds them)
   // Gradients of the score mods' tensors (general flavor), from g = dL/d(additive terms) per
@@ -105,21 +117,21 @@ struct BwdShape {
   // three stages (kDqOwn: the general flavor at d <= 64, either flavor at d 128 x dv 64), else
   // written over the stage once both warpgroups are done with it (the stage then waits for the
   // copy engine's read before it is refilled).
-  static constexpr int kDqStride = kDp + 4;
+  static constexpr int kDqStride = bwd_dq_stride(kD);
   static constexpr int kDqBytes = kM * kDqStride * 4;
   static constexpr int kDqAligned = (kDqBytes + 1023) / 1024 * 1024;
   static constexpr int kTableBytes = kGeneral ? kMaxBwdBuckets * 4 : 0;  // dtable of a head
   static constexpr int kFixed = kKBytes + kVBytes + 2 * kDsBytes + kTableBytes + 1024 + 128;
   static constexpr int kPlainStage = kQBytes + kOBytes + kStatBytes;
   static constexpr int kMaxSmem = 227 * 1024;
-  // The fast flavor at d <= 64 adds dq with its consumers' atomics instead (H200 run 32: the
-  // dq warp's 64 row copies per step held d64 back, fwd+bwd 0.80 -> 0.62x cuDNN).
-  static constexpr bool kDqAtomics = !kGeneral && kDp <= 64;
-  static constexpr bool kDqOwn =
-      !kDqAtomics && kFixed + 2 * kDqAligned + 3 * kPlainStage <= kMaxSmem;
+  // The fast flavor at d <= 64 can add dq with its consumers' atomics (DqMode::kAtomics; H200
+  // run 32: the dq warp's 64 row copies per step held d64 back, fwd+bwd 0.80 -> 0.62x cuDNN).
+  static constexpr bool kDqAtomicsOk = !kGeneral && kDp <= 64;
+  static constexpr bool kDqOwn = kFixed + 2 * kDqAligned + 3 * kPlainStage <= kMaxSmem;
+  static_assert(kDqOwn || !kDqAtomicsOk, "the atomics' instance releases stages at once");
   static constexpr int kDqRing = kDqOwn ? 2 * kDqAligned : 0;
   static constexpr int kStageBytes =
-      kDqAtomics || kDqOwn || kPlainStage >= kDqBytes ? kPlainStage : kDqAligned;
+      kDqOwn || kPlainStage >= kDqBytes ? kPlainStage : kDqAligned;
   static constexpr int kStages = kFixed + kDqRing + 3 * kStageBytes <= kMaxSmem ? 3 : 2;
   static constexpr int kSmemBytes = kFixed + kDqRing + kStages * kStageBytes;
   // What the producer warpgroup gives up (168 - 24 per thread, the launch's cap) is what the
@@ -237,7 +249,7 @@ __global__ void __launch_bounds__(384, 1)
       mbar_init(full(st), 1);
       // The consumer warps' (one each), or with dQ over the stage the dq warp's once the copy
       // engine has read it.
-      mbar_init(empty(st), S::kDqAtomics || S::kDqOwn ? 8 : 1);
+      mbar_init(empty(st), S::kDqOwn ? 8 : 1);
       mbar_init(bars + 8 * (1 + 2 * kStages + st), 8);  // dq_full: one per consumer warp
     }
 #pragma unroll
@@ -286,7 +298,7 @@ __global__ void __launch_bounds__(384, 1)
             tma_load_4d(sO(st) + c * kM * 128, &maps.dout, full(st), c * 64, q_row,
                         h * maps.o_hm, bb * maps.o_bm);
         }
-    } else if (!S::kDqAtomics && tid / 32 == 1) {
+    } else if (tid / 32 == 1 && !(S::kDqAtomicsOk && bp.dq_mode == DqMode::kAtomics)) {
       // The dq warp: dq += the step's scale * dQ rows, by the copy engine's fp32 reduce-add (a
       // bulk copy per row), or with atomics where dq's rows are not 16-byte aligned; then the
       // tile goes back (the stage to the producer, an own buffer to the consumers). Rows past nq
@@ -301,7 +313,11 @@ __global__ void __launch_bounds__(384, 1)
           float* dq_h = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + qt * kM) * bp.dq_sn;
           mbar_wait(dq_full(step), dq_phase(step));
           const uint32_t tile = dq_tile(step);
-          if (bulk) {
+          if (bp.dq_mode == DqMode::kTile) {  // the scratch's rows are the tile's (zeros past nq)
+            if (lane == 0) bulk_reduce_add_f32(dq_h, tile, S::kDqBytes);
+            bulk_commit();
+            bulk_wait_read<0>();
+          } else if (bulk) {
             for (int r = lane; r < kM && qt * kM + r < nq; r += 32)
               bulk_reduce_add_f32(dq_h + r * bp.dq_sn, tile + r * S::kDqStride * 4, p.d * 4);
             bulk_commit();
@@ -320,7 +336,7 @@ __global__ void __launch_bounds__(384, 1)
           __syncwarp();
           if (lane == 0) mbar_arrive(S::kDqOwn ? dq_empty(step & 1) : empty(st));
         }
-      if (bulk) bulk_wait<0>();
+      if (bulk || bp.dq_mode == DqMode::kTile) bulk_wait<0>();
     }
     return;
   }
@@ -690,7 +706,7 @@ __global__ void __launch_bounds__(384, 1)
       fence_regs_u(pa);
       fence_regs_u(da);
 
-      if constexpr (S::kDqAtomics) {
+      if (S::kDqAtomicsOk && bp.dq_mode == DqMode::kAtomics) {
         if (lane == 0) mbar_arrive(empty(st));
         // dq += scale * dQ, two columns per atomic (rows past nq are another sequence's or
         // padding).
