@@ -206,19 +206,29 @@ TEST(CudaBackwardLong, EveryDqModeMatchesTheOracle) {
       {DType::kBF16, {2, 4, 2, 333, 333, 128, 128}, false},
       {DType::kF16, {2, 4, 1, 129, 129, 64, 64}, true},
   };
+  const char* given = std::getenv("ATTNKIT_CUDA_DQ");
+  const std::string saved = given ? given : "";
   int seed = 671;
   for (const char* mode : {"rows", "tile", "atomics"}) {
     setenv("ATTNKIT_CUDA_DQ", mode, 1);
     for (const Case& c : cases)
-      for (const char* mech : {"dense", "causal", "document", "softcap"}) {
-        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-        const bool grads16 = seed % 2 == 0;
-        const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
-        EXPECT_TRUE(r.ok) << mode << " " << mech << " d=" << c.dims.d << " 16-bit grads=" << grads16
-                          << ": " << r.error;
-      }
+      for (const char* mech : {"dense", "causal", "document", "softcap"})
+        for (const bool grads16 : {false, true}) {
+          if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+          const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
+          EXPECT_TRUE(r.ok) << mode << " " << mech << " d=" << c.dims.d
+                            << " 16-bit grads=" << grads16 << ": " << r.error;
+        }
   }
-  unsetenv("ATTNKIT_CUDA_DQ");
+  setenv("ATTNKIT_CUDA_DQ", "tiles", 1);  // a misspelt mode is named, not ignored
+  const CheckResult bad = backward_on_gpu("dense", cases[0], seed);
+  EXPECT_NE(bad.error.find("ATTNKIT_CUDA_DQ=tiles: expected rows, tile or atomics"),
+            std::string::npos)
+      << bad.error;
+  if (given)
+    setenv("ATTNKIT_CUDA_DQ", saved.c_str(), 1);
+  else
+    unsetenv("ATTNKIT_CUDA_DQ");
 }
 
 // fp32 gradients 4 bytes into their buffers: dq's rows are not 16-byte aligned (the dq warp adds

@@ -377,9 +377,15 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   bp.dq_mode = fast && p.d <= 64 ? DqMode::kAtomics : DqMode::kRows;
   if (const char* m = std::getenv("ATTNKIT_CUDA_DQ")) {
     const std::string mode = m;
-    if (mode == "rows") bp.dq_mode = DqMode::kRows;
-    if (mode == "tile") bp.dq_mode = DqMode::kTile;
-    if (mode == "atomics") bp.dq_mode = fast && p.d <= 64 ? DqMode::kAtomics : DqMode::kRows;
+    if (mode == "rows")
+      bp.dq_mode = DqMode::kRows;
+    else if (mode == "tile")
+      bp.dq_mode = DqMode::kTile;
+    else if (mode == "atomics")
+      bp.dq_mode = fast && p.d <= 64 ? DqMode::kAtomics : DqMode::kRows;
+    else
+      return fail(StatusCode::kInvalidArgument, "ATTNKIT_CUDA_DQ=", mode,
+                  ": expected rows, tile or atomics");
   }
   // The fp32 sums: the caller's fp32 dq, or a scratch [batch][hq][rows_q][stride] converted to
   // dq afterwards (always in kTile, whose stride is the shared tile's and which has a tile of

@@ -114,7 +114,7 @@ struct BwdShape {
   static constexpr int kDsBytes = kN * kM * 2;  // dS^T: 128 key rows x 64 query columns
   // scale * dQ of the step, fp32 rows of kDqStride floats (16-byte aligned; 2-way bank conflicts
   // on the consumers' stores): in two buffers of its own where shared memory holds them beside
-  // three stages (kDqOwn: the general flavor at d <= 64, either flavor at d 128 x dv 64), else
+  // three stages (kDqOwn: d <= 64, and d 128 x dv 64), else
   // written over the stage once both warpgroups are done with it (the stage then waits for the
   // copy engine's read before it is refilled).
   static constexpr int kDqStride = bwd_dq_stride(kD);
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(384, 1)
       // The dq warp: dq += the step's scale * dQ rows, by the copy engine's fp32 reduce-add (a
       // bulk copy per row), or with atomics where dq's rows are not 16-byte aligned; then the
       // tile goes back (the stage to the producer, an own buffer to the consumers). Rows past nq
-      // (another sequence's, or padding) are left.
+      // (another sequence's, or padding) are left, or in kTile added zeros.
       const int lane = tid - 32;
       const bool bulk = bp.dq_vec4;
       int it = 0;
