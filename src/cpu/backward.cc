@@ -47,6 +47,7 @@
 #include "cpu/parallel.h"
 #include "cpu/tile_common.h"
 #include "cpu/tile_ops-inl.h"
+#include "cpu/tile_ops_avx512.h"
 
 #ifndef ATTNKIT_CPU_BACKWARD_CALL
 #define ATTNKIT_CPU_BACKWARD_CALL
@@ -70,6 +71,12 @@ struct BwdCall {
   std::vector<core::ScoreTables<float>> tables;         // per batch element (score mods)
   std::vector<float> beta;                              // sigmoid's beta per batch element
   bool lowrank = false;
+  // bf16 on a CPU with bf16 dot products (tile_ops_avx512.h): S from bf16 Q and K (s16; no
+  // low-rank head dims; the scale multiplies S), dP from bf16 dO and V (dp16; dO not through a
+  // gate or ReLA), dQ from dT rounded to bf16 and K (dq16, with s16; as on GPUs), their B
+  // operands packed as pairs (K^T and V^T in 32-bit words, K as key pairs). dV and dK stay fp32.
+  bool s16 = false, dp16 = false, dq16 = false;
+  int64_t d_pairs = 0, dv_pairs = 0;
   int64_t d_eff = 0, d_pad = 0, dv_pad = 0, units_per_batch = 0, max_k_tiles = 0, q_tiles = 0;
   int64_t unit_floats = 0, kt_floats = 0, vt_floats = 0, kr_floats = 0;
   float* packed = nullptr;
@@ -148,13 +155,18 @@ namespace HWY_NAMESPACE {
 
 struct BwdScratch {
   hwy::AlignedFreeUniquePtr<float[]> q, dout, s, dp, acc0, acc1;
+  hwy::AlignedFreeUniquePtr<uint16_t[]> q16, dout16;  // s16 / dp16: the rows as they are
+  hwy::AlignedFreeUniquePtr<uint16_t[]> dt16;         // dq16: dT in bf16
   explicit BwdScratch(const BwdCall& c)
       : q(hwy::AllocateAligned<float>(kTile * c.d_pad)),
         dout(hwy::AllocateAligned<float>(kTile * c.dv_pad)),
         s(hwy::AllocateAligned<float>(kTile * kTile)),
         dp(hwy::AllocateAligned<float>(kTile * kTile)),
         acc0(hwy::AllocateAligned<float>(kTile * std::max(c.d_pad, c.dv_pad))),
-        acc1(hwy::AllocateAligned<float>(kTile * std::max(c.d_pad, c.dv_pad))) {}
+        acc1(hwy::AllocateAligned<float>(kTile * std::max(c.d_pad, c.dv_pad))),
+        q16(hwy::AllocateAligned<uint16_t>(c.s16 ? kTile * 2 * c.d_pairs : 1)),
+        dout16(hwy::AllocateAligned<uint16_t>(c.dp16 ? kTile * 2 * c.dv_pairs : 1)),
+        dt16(hwy::AllocateAligned<uint16_t>(c.dq16 ? kTile * kTile : 1)) {}
 };
 
 // Step 1: the packed tiles of key tile t of a unit.
@@ -166,25 +178,50 @@ void pack_tile(BwdCall& c, int64_t unit, int64_t t) {
   if (t >= bm.k.num_tiles()) return;
   const TileTokens kt = bm.k.tile(t);
   float *kT = c.k_t(unit, t), *vT = c.v_t(unit, t), *kr = c.k_rows(unit, t);
-  std::fill(kT, kT + c.kt_floats, 0.f);
-  std::fill(vT, vT + c.vt_floats, 0.f);
-  std::fill(kr, kr + c.kr_floats, 0.f);
-  std::vector<float> row(p.dv);
+  if (c.s16 || c.dp16) {  // the pair layouts write every word (null rows: zeros)
+    const void* krow[kTile];
+    const void* vrow[kTile];
+    for (int64_t x = 0; x < kTile; ++x) {
+      const int64_t jr = x < kt.count ? p.seqs[b].k_start + kt.at(x) : 0;
+      krow[x] = x < kt.count ? p.k.row(b, hk, jr) : nullptr;
+      vrow[x] = x < kt.count ? p.v.row(b, hk, jr) : nullptr;
+    }
+    if (c.s16) transpose_rows_to_words(krow, 2 * p.d, reinterpret_cast<uint32_t*>(kT));
+    if (c.dp16) transpose_rows_to_words(vrow, 2 * p.dv, reinterpret_cast<uint32_t*>(vT));
+    if (c.dq16)
+      for (int64_t pr = 0; pr < kTile / 2; ++pr)
+        pack_v_pairs_bf16(static_cast<const uint16_t*>(krow[2 * pr]),
+                          static_cast<const uint16_t*>(krow[2 * pr + 1]), p.d, c.d_pad,
+                          reinterpret_cast<uint32_t*>(kr) + pr * c.d_pad);
+  }
+  if (!c.s16) std::fill(kT, kT + c.kt_floats, 0.f);
+  if (!c.dp16) std::fill(vT, vT + c.vt_floats, 0.f);
+  if (!c.dq16) std::fill(kr, kr + c.kr_floats, 0.f);
+  std::vector<float> row(std::max(p.dv, c.d_eff));
   const TensorView& w = p.spec->mods.low_rank_w;
-  for (int64_t x = 0; x < kt.count; ++x) {
+  for (int64_t x = 0; x < kt.count && !(c.s16 && c.dq16 && c.dp16); ++x) {
     const int64_t j = kt.at(x), jr = p.seqs[b].k_start + j;
-    float* k = kr + x * c.d_pad;
+    float* k = c.dq16 ? row.data() : kr + x * c.d_pad;
     load_row(p.k.row(b, hk, jr), p.k.dtype, p.d, 1.f, k);
     for (int64_t e = p.d; e < c.d_eff; ++e)
       k[e] = static_cast<const float*>(w.data)[b * w.strides[0] + u * w.strides[1] +
                                                j * w.strides[2] + (e - p.d) * w.strides[3]];
-    for (int64_t e = 0; e < c.d_eff; ++e) kT[e * kTile + x] = k[e];
+    if (!c.s16)
+      for (int64_t e = 0; e < c.d_eff; ++e) kT[e * kTile + x] = k[e];
+    if (c.dp16) continue;
     load_row(p.v.row(b, hk, jr), p.v.dtype, p.dv, 1.f, row.data());
     for (int64_t e = 0; e < p.dv; ++e) vT[e * kTile + x] = row[e];
   }
 }
 
-// Q' = [scale q, u] and dO of a query tile, zero-padded to d'_pad / dv_pad columns and 64 rows.
+// A bf16 row of n elements as the A operand of gemm_bf16: n rounded up to even, zero-padded.
+inline void copy_pairs_row(const void* src, int64_t n, uint16_t* dst) {
+  std::memcpy(dst, src, n * sizeof(uint16_t));
+  if (n % 2) dst[n] = 0;
+}
+
+// Q' = [scale q, u] and dO of a query tile, zero-padded to d'_pad / dv_pad columns and 64 rows
+// (and the bf16 rows of Q and dO for s16 / dp16).
 void pack_rows(const BwdCall& c, BwdScratch& w, int64_t b, int64_t h, const TileTokens& qt) {
   const core::Problem& p = *c.p;
   const TensorView& u = p.spec->mods.low_rank_u;
@@ -198,6 +235,8 @@ void pack_rows(const BwdCall& c, BwdScratch& w, int64_t b, int64_t h, const Tile
       q[e] = static_cast<const float*>(u.data)[b * u.strides[0] + h * u.strides[1] +
                                                i * u.strides[2] + (e - p.d) * u.strides[3]];
     load_row(c.dout.row(b, h, row), c.dout.dtype, p.dv, 1.f, w.dout.get() + r * c.dv_pad);
+    if (c.s16) copy_pairs_row(p.q.row(b, h, row), p.d, w.q16.get() + r * 2 * c.d_pairs);
+    if (c.dp16) copy_pairs_row(c.dout.row(b, h, row), p.dv, w.dout16.get() + r * 2 * c.dv_pairs);
   }
 }
 
@@ -295,11 +334,21 @@ void tile_grads(BwdCall& c, BwdScratch& w, int64_t b, int64_t h, const TileToken
                 const ScoreModEval<float>& mods, double* dbeta) {
   const core::Problem& p = *c.p;
   float *S = w.s.get(), *dP = w.dp.get();
-  gemm(w.q.get(), c.d_pad, c.k_t(unit, ent.k_tile), kTile, c.d_eff, S, kTile, qt.count, kTile,
-       nullptr, false);
+  if (c.s16)
+    gemm_bf16(w.q16.get(), 2 * c.d_pairs,
+              reinterpret_cast<const uint16_t*>(c.k_t(unit, ent.k_tile)), c.d_pairs, S, kTile,
+              qt.count, kTile, nullptr, false, p.scale);
+  else
+    gemm(w.q.get(), c.d_pad, c.k_t(unit, ent.k_tile), kTile, c.d_eff, S, kTile, qt.count, kTile,
+         nullptr, false);
   score_tile<kMods>(S, mods, p.seqs[b].offset, qt, kt, c.mask(b, h), ent, nullptr, nullptr);
-  gemm(w.dout.get(), c.dv_pad, c.v_t(unit, ent.k_tile), kTile, p.dv, dP, kTile, qt.count, kTile,
-       nullptr, false);
+  if (c.dp16)
+    gemm_bf16(w.dout16.get(), 2 * c.dv_pairs,
+              reinterpret_cast<const uint16_t*>(c.v_t(unit, ent.k_tile)), c.dv_pairs, dP, kTile,
+              qt.count, kTile, nullptr, false, 1.f);
+  else
+    gemm(w.dout.get(), c.dv_pad, c.v_t(unit, ent.k_tile), kTile, p.dv, dP, kTile, qt.count, kTile,
+         nullptr, false);
   for (int64_t r = 0; r < qt.count; ++r)
     row_grads<kNorm>(c, S + r * kTile, dP + r * kTile, b, h, qt.at(r), mods.softcap, dbeta);
 }
@@ -425,8 +474,14 @@ void query_tile(BwdCall& c, BwdScratch& w, int64_t b, int64_t h, int64_t t) {
     const core::BlockEntry& ent = bm.entries[e];
     const TileTokens kt = bm.k.tile(ent.k_tile);
     tile_grads<kNorm, kMods>(c, w, b, h, qt, kt, ent, unit, mods, dbeta);
-    gemm(w.dp.get(), kTile, c.k_rows(unit, ent.k_tile), c.d_pad, kt.count, dQ, c.d_pad, qt.count,
-         c.d_pad, nullptr, true);
+    if (c.dq16) {  // dT is 0 past the tile's keys, as are K's pairs there
+      to_bf16_rows(w.dp.get(), kTile, w.dt16.get(), kTile, qt.count, kTile);
+      gemm_bf16(w.dt16.get(), kTile, reinterpret_cast<const uint16_t*>(c.k_rows(unit, ent.k_tile)),
+                kTile / 2, dQ, c.d_pad, qt.count, c.d_pad, nullptr, true, 1.f);
+    } else {
+      gemm(w.dp.get(), kTile, c.k_rows(unit, ent.k_tile), c.d_pad, kt.count, dQ, c.d_pad, qt.count,
+           c.d_pad, nullptr, true);
+    }
     if (extras) row_extras(c, w.dp.get(), b, h, qt, kt, mods, part);
   }
   const TensorView& du = g.dlow_rank_u;
@@ -531,6 +586,10 @@ Status BackwardImpl(const core::Problem& p, const core::GradOperands& g,
   c.d_eff = p.d + (c.lowrank ? spec.mods.low_rank_u.shape[3] : 0);
   c.d_pad = static_cast<int64_t>(vec_pad(c.d_eff));
   c.dv_pad = static_cast<int64_t>(vec_pad(p.dv));
+  const bool dot = bf16_dot_enabled() && p.k.dtype == DType::kBF16;
+  c.s16 = dot && !c.lowrank && p.q.dtype == DType::kBF16;
+  c.dq16 = c.s16;
+  if (c.dq16) c.d_pad = (c.d_pad + 15) / 16 * 16;  // the bf16 GEMM's columns come in 16s
   c.units_per_batch = c.lowrank ? p.hq : p.hk;
   const bool mods = spec.mods.per_element();
   const bool count_rows = norm.kind == NormalizerKind::kKernel && norm.length_scale;
@@ -630,7 +689,10 @@ Status BackwardImpl(const core::Problem& p, const core::GradOperands& g,
       if (!s.empty()) c.row_groups.push_back(std::move(s));
   }
 
-  c.kt_floats = c.d_eff * kTile;
+  c.dp16 = dot && p.v.dtype == DType::kBF16 && c.dout.dtype == DType::kBF16;
+  c.d_pairs = (p.d + 1) / 2;
+  c.dv_pairs = (p.dv + 1) / 2;
+  c.kt_floats = c.d_eff * kTile;  // fp32 K'^T, or K^T's pairs (fewer words)
   c.vt_floats = p.dv * kTile;
   c.kr_floats = kTile * c.d_pad;
   c.unit_floats = c.max_k_tiles * (c.kt_floats + c.vt_floats + c.kr_floats);
