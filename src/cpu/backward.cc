@@ -74,8 +74,10 @@ struct BwdCall {
   // bf16 on a CPU with bf16 dot products (tile_ops_avx512.h): S from bf16 Q and K (s16; no
   // low-rank head dims; the scale multiplies S), dP from bf16 dO and V (dp16; dO not through a
   // gate or ReLA), dQ from dT rounded to bf16 and K (dq16, with s16; as on GPUs), their B
-  // operands packed as pairs (K^T and V^T in 32-bit words, K as key pairs). dV and dK stay fp32.
-  bool s16 = false, dp16 = false, dq16 = false;
+  // operands packed as pairs (K^T and V^T in 32-bit words, K as key pairs); with both s16 and
+  // dp16 (kv16), dV^T = dO^T P and dK^T = Q^T dT too (P and dT rounded to bf16 and packed as
+  // query pairs, Q^T and dO^T by transposes), transposed back once per key tile.
+  bool s16 = false, dp16 = false, dq16 = false, kv16 = false;
   int64_t d_pairs = 0, dv_pairs = 0;
   int64_t d_eff = 0, d_pad = 0, dv_pad = 0, units_per_batch = 0, max_k_tiles = 0, q_tiles = 0;
   int64_t unit_floats = 0, kt_floats = 0, vt_floats = 0, kr_floats = 0;
@@ -156,7 +158,10 @@ namespace HWY_NAMESPACE {
 struct BwdScratch {
   hwy::AlignedFreeUniquePtr<float[]> q, dout, s, dp, acc0, acc1;
   hwy::AlignedFreeUniquePtr<uint16_t[]> q16, dout16;  // s16 / dp16: the rows as they are
-  hwy::AlignedFreeUniquePtr<uint16_t[]> dt16;         // dq16: dT in bf16
+  hwy::AlignedFreeUniquePtr<uint16_t[]> dt16;         // dq16 / kv16: dT (or P) in bf16
+  // kv16: Q^T, dO^T [2 pairs][64] (through words), P and dT as query pairs [32][64]
+  hwy::AlignedFreeUniquePtr<uint16_t[]> qT16, doT16;
+  hwy::AlignedFreeUniquePtr<uint32_t[]> words, p2, dt2;
   explicit BwdScratch(const BwdCall& c)
       : q(hwy::AllocateAligned<float>(kTile * c.d_pad)),
         dout(hwy::AllocateAligned<float>(kTile * c.dv_pad)),
@@ -166,7 +171,12 @@ struct BwdScratch {
         acc1(hwy::AllocateAligned<float>(kTile * std::max(c.d_pad, c.dv_pad))),
         q16(hwy::AllocateAligned<uint16_t>(c.s16 ? kTile * 2 * c.d_pairs : 1)),
         dout16(hwy::AllocateAligned<uint16_t>(c.dp16 ? kTile * 2 * c.dv_pairs : 1)),
-        dt16(hwy::AllocateAligned<uint16_t>(c.dq16 ? kTile * kTile : 1)) {}
+        dt16(hwy::AllocateAligned<uint16_t>(c.dq16 ? kTile * kTile : 1)),
+        qT16(hwy::AllocateAligned<uint16_t>(c.kv16 ? 2 * c.d_pairs * kTile : 1)),
+        doT16(hwy::AllocateAligned<uint16_t>(c.kv16 ? 2 * c.dv_pairs * kTile : 1)),
+        words(hwy::AllocateAligned<uint32_t>(c.kv16 ? std::max(c.d_pairs, c.dv_pairs) * kTile : 1)),
+        p2(hwy::AllocateAligned<uint32_t>(c.kv16 ? kTile / 2 * kTile : 1)),
+        dt2(hwy::AllocateAligned<uint32_t>(c.kv16 ? kTile / 2 * kTile : 1)) {}
 };
 
 // Step 1: the packed tiles of key tile t of a unit.
@@ -400,6 +410,36 @@ void row_extras(BwdCall& c, const float* dT, int64_t b, int64_t h, const TileTok
   }
 }
 
+// Pass A's products on the bf16 dot products (kv16): dV^T += dO^T P and dK^T += Q^T dT (the scale
+// applied at the store) for the tile's `rows` queries, the accumulators [dim][64] (keys as
+// columns).
+void kv_bf16(const BwdCall& c, BwdScratch& w, int64_t rows, float* dKT, float* dVT) {
+  const core::Problem& p = *c.p;
+  const void* qr[kTile];
+  const void* dr[kTile];
+  for (int64_t r = 0; r < kTile; ++r) {
+    qr[r] = r < rows ? w.q16.get() + r * 2 * c.d_pairs : nullptr;
+    dr[r] = r < rows ? w.dout16.get() + r * 2 * c.dv_pairs : nullptr;
+  }
+  transpose_rows_to_words(qr, 2 * p.d, w.words.get());
+  split_word_halves(w.words.get(), c.d_pairs, w.qT16.get());
+  transpose_rows_to_words(dr, 2 * p.dv, w.words.get());
+  split_word_halves(w.words.get(), c.dv_pairs, w.doT16.get());
+  // P and dT as query pairs (rows past the tile's queries are zero pairs).
+  const int64_t pairs = (rows + 1) / 2;
+  for (auto [src, dst] : {std::pair{w.s.get(), w.p2.get()}, {w.dp.get(), w.dt2.get()}}) {
+    to_bf16_rows(src, kTile, w.dt16.get(), kTile, rows, kTile);
+    for (int64_t i = 0; i < pairs; ++i)
+      pack_v_pairs_bf16(w.dt16.get() + 2 * i * kTile,
+                        2 * i + 1 < rows ? w.dt16.get() + (2 * i + 1) * kTile : nullptr, kTile,
+                        kTile, dst + i * kTile);
+  }
+  gemm_bf16(w.doT16.get(), kTile, reinterpret_cast<const uint16_t*>(w.p2.get()), pairs, dVT, kTile,
+            p.dv, kTile, nullptr, true, 1.f);
+  gemm_bf16(w.qT16.get(), kTile, reinterpret_cast<const uint16_t*>(w.dt2.get()), pairs, dKT, kTile,
+            p.d, kTile, nullptr, true, 1.f);  // (mul would scale the sum so far too)
+}
+
 // Step 3 (pass A): dK and dV of key tile u of (b, hk); dw and the forget gate's column sums.
 template <NormalizerKind kNorm, bool kMods>
 void key_tile(BwdCall& c, BwdScratch& w, int64_t b, int64_t hk, int64_t u) {
@@ -419,11 +459,14 @@ void key_tile(BwdCall& c, BwdScratch& w, int64_t b, int64_t hk, int64_t u) {
       const TileTokens qt = bm.q.tile(vis.q_tile);
       pack_rows(c, w, b, h, qt);
       tile_grads<kNorm, kMods>(c, w, b, h, qt, kt, bm.entries[vis.entry], unit, mods, nullptr);
-      // dV += P^T dO, dK' += dT^T Q' (Q' carries the scale).
-      gemm<true>(w.s.get(), kTile, w.dout.get(), c.dv_pad, qt.count, dV, c.dv_pad, kt.count,
-                 c.dv_pad, nullptr, true);
-      gemm<true>(w.dp.get(), kTile, w.q.get(), c.d_pad, qt.count, dK, c.d_pad, kt.count, c.d_pad,
-                 nullptr, true);
+      if (c.kv16) {
+        kv_bf16(c, w, qt.count, dK, dV);
+      } else {  // dV += P^T dO, dK' += dT^T Q' (Q' carries the scale)
+        gemm<true>(w.s.get(), kTile, w.dout.get(), c.dv_pad, qt.count, dV, c.dv_pad, kt.count,
+                   c.dv_pad, nullptr, true);
+        gemm<true>(w.dp.get(), kTile, w.q.get(), c.d_pad, qt.count, dK, c.d_pad, kt.count, c.d_pad,
+                   nullptr, true);
+      }
       if (!c.dc.empty()) {  // t = ... + c[i'] - c[j]: the key side
         for (int64_t x = 0; x < kt.count; ++x) {
           double sum = 0;
@@ -445,10 +488,18 @@ void key_tile(BwdCall& c, BwdScratch& w, int64_t b, int64_t hk, int64_t u) {
       }
     }
   }
+  std::vector<float> kx(c.kv16 ? p.d : 0), vx(c.kv16 ? p.dv : 0);
   for (int64_t x = 0; x < kt.count; ++x) {
     const int64_t j = p.seqs[b].k_start + kt.at(x);
-    store_row(dK + x * c.d_pad, p.d, c.g->dk.dtype, c.g->dk.row(b, hk, j));
-    store_row(dV + x * c.dv_pad, p.dv, c.g->dv.dtype, c.g->dv.row(b, hk, j));
+    const float *krow = dK + x * c.d_pad, *vrow = dV + x * c.dv_pad;
+    if (c.kv16) {  // dK^T and dV^T: [dim][64]; dK^T without the scale
+      for (int64_t e = 0; e < p.d; ++e) kx[e] = dK[e * kTile + x] * p.scale;
+      for (int64_t e = 0; e < p.dv; ++e) vx[e] = dV[e * kTile + x];
+      krow = kx.data();
+      vrow = vx.data();
+    }
+    store_row(krow, p.d, c.g->dk.dtype, c.g->dk.row(b, hk, j));
+    store_row(vrow, p.dv, c.g->dv.dtype, c.g->dv.row(b, hk, j));
   }
 }
 
@@ -690,6 +741,7 @@ Status BackwardImpl(const core::Problem& p, const core::GradOperands& g,
   }
 
   c.dp16 = dot && p.v.dtype == DType::kBF16 && c.dout.dtype == DType::kBF16;
+  c.kv16 = c.s16 && c.dp16;
   c.d_pairs = (p.d + 1) / 2;
   c.dv_pairs = (p.dv + 1) / 2;
   c.kt_floats = c.d_eff * kTile;  // fp32 K'^T, or K^T's pairs (fewer words)

@@ -314,6 +314,17 @@ void pack_v_pairs_bf16(const uint16_t* r0, const uint16_t* r1, int64_t dv, int64
   }
 }
 
+void split_word_halves(const uint32_t* words, int64_t wrows, uint16_t* out) {
+  for (int64_t w = 0; w < wrows; ++w)
+    for (int64_t x = 0; x < 64; x += 16) {
+      const __m512i v = _mm512_loadu_si512(words + w * 64 + x);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * w * 64 + x),
+                          _mm512_cvtepi32_epi16(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (2 * w + 1) * 64 + x),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+    }
+}
+
 void to_bf16_rows(const float* src, size_t ld_src, uint16_t* dst, size_t ld_dst, size_t rows,
                   size_t cols) {
   for (size_t r = 0; r < rows; ++r)
@@ -332,6 +343,7 @@ void to_bf16_rows(const float*, size_t, uint16_t*, size_t, size_t, size_t) {}
 void softmax_step_bf16(const float*, size_t, SoftmaxRows, TileMask, uint16_t*) {}
 void transpose_rows_to_words(const void* const*, int64_t, uint32_t*) {}
 void pack_v_pairs_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, uint32_t*) {}
+void split_word_halves(const uint32_t*, int64_t, uint16_t*) {}
 #endif
 
 }  // namespace attnkit::cpu

@@ -41,6 +41,9 @@ bool avx512_supported();
 void transpose_rows_to_words(const void* const* rows, int64_t bytes, uint32_t* out);
 void pack_v_pairs_bf16(const uint16_t* r0, const uint16_t* r1, int64_t dv, int64_t dv_pad,
                        uint32_t* out);
+// 16-bit rows from the word layout above: out row 2w = the low halves of words[w * 64 ..
+// w * 64 + 63], row 2w + 1 the high halves, for w < wrows (a bf16 tile transposed: [2 wrows][64]).
+void split_word_halves(const uint32_t* words, int64_t wrows, uint16_t* out);
 
 // The running state of a tile's query rows (online softmax), each array indexed by row.
 struct SoftmaxRows {
