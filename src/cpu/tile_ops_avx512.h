@@ -20,8 +20,9 @@ bool bf16_dot_enabled();
 void set_bf16_dot(bool on);
 bool bf16_dot_supported();
 
-// C[rows x ncols] (fp32, row stride ldc) = (alpha[r] C or 0) + mul A B over kpairs pairs of k;
-// ncols a multiple of 16. alpha may be null (1); load_c false writes C without reading it.
+// C[rows x ncols] (fp32, row stride ldc) = mul ((alpha[r] C or 0) + A B) over kpairs pairs of k
+// (mul scales what C held too); ncols a multiple of 16. alpha may be null (1); load_c false
+// writes C without reading it.
 void gemm_bf16(const uint16_t* A, size_t lda, const uint16_t* B, size_t kpairs, float* C,
                size_t ldc, size_t rows, size_t ncols, const float* alpha, bool load_c, float mul);
 
