@@ -104,15 +104,16 @@ TEST(Bf16Dot, BothPathsMatchOracle) {
   cpu::set_bf16_dot(cpu::bf16_dot_supported());
 }
 
-// The backward's S and dP on the bf16 dot products (bf16 Q, K and dO, V: no low-rank head dims,
-// no gate or ReLA on dO), or widened: both against the float64 backward oracle for every
-// mechanism, odd head dims included.
+// The backward on the bf16 dot products (S and dQ from bf16 Q and K without low-rank head dims;
+// dP, dV and dK from bf16 dO and V without a gate or ReLA; all five with both), or widened: both
+// against the float64 backward oracle for every mechanism, odd head dims included.
 TEST(Bf16Dot, BackwardBothPathsMatchOracle) {
   for (bool dot : {true, false}) {
     if (dot && !cpu::bf16_dot_supported()) continue;
     cpu::set_bf16_dot(dot);
     for (const std::string& m : mechanism_names())
-      for (const Dims& dims : {Dims{1, 4, 2, 81, 81, 41, 24}, Dims{2, 2, 1, 130, 130, 128, 72}}) {
+      for (const Dims& dims : {Dims{1, 4, 2, 81, 81, 41, 24}, Dims{2, 2, 1, 130, 130, 128, 72},
+                               Dims{1, 2, 1, 67, 67, 33, 17}}) {
         CheckOptions opt;
         opt.dtype = DType::kBF16;
         opt.dims = dims;

@@ -9,7 +9,8 @@
 //      the RMS), D_i = dO_i . out_i for softmax and the normalized kernel (the gate cancels:
 //      dO1 . O1 = dO . out), dsink_h = -sum_i exp(sink_h - LSE_i) D_i.
 //   1. Pack, once per unit and key tile: K'^T [d'][64] and V^T [dv][64] (B operands of
-//      S = Q' K'^T and dP = dO V^T) and K' [64][d'_pad] (B operand of dQ' = dT K'). A unit is a
+//      S = Q' K'^T and dP = dO V^T) and K' [64][d'_pad] (B operand of dQ' = dT K'); for the bf16
+//      dot products (BwdCall::s16, dp16, dq16, kv16) the same as pairs in 32-bit words. A unit is a
 //      (batch, kv head), or a (batch, query head) with a low-rank bias, which is fused as extra
 //      head dims as in the forward pass: Q' = [scale q, u], K' = [k, w].
 //   2. Per visited tile pair, in both passes: S = Q' K'^T, score mods and element mask; dP = dO
