@@ -236,16 +236,22 @@ inline void copy_pairs_row(const void* src, int64_t n, uint16_t* dst) {
 void pack_rows(const BwdCall& c, BwdScratch& w, int64_t b, int64_t h, const TileTokens& qt) {
   const core::Problem& p = *c.p;
   const TensorView& u = p.spec->mods.low_rank_u;
-  std::fill(w.q.get(), w.q.get() + kTile * c.d_pad, 0.f);
-  std::fill(w.dout.get(), w.dout.get() + kTile * c.dv_pad, 0.f);
+  // The fp32 rows serve S and dK (Q'), dP and dV (dO): none of them under kv16.
+  const bool f32 = !c.kv16;
+  if (f32) {
+    std::fill(w.q.get(), w.q.get() + kTile * c.d_pad, 0.f);
+    std::fill(w.dout.get(), w.dout.get() + kTile * c.dv_pad, 0.f);
+  }
   for (int64_t r = 0; r < qt.count; ++r) {
     const int64_t i = qt.at(r), row = p.seqs[b].q_start + i;
-    float* q = w.q.get() + r * c.d_pad;
-    load_row(p.q.row(b, h, row), p.q.dtype, p.d, p.scale, q);
-    for (int64_t e = p.d; e < c.d_eff; ++e)
-      q[e] = static_cast<const float*>(u.data)[b * u.strides[0] + h * u.strides[1] +
-                                               i * u.strides[2] + (e - p.d) * u.strides[3]];
-    load_row(c.dout.row(b, h, row), c.dout.dtype, p.dv, 1.f, w.dout.get() + r * c.dv_pad);
+    if (f32) {
+      float* q = w.q.get() + r * c.d_pad;
+      load_row(p.q.row(b, h, row), p.q.dtype, p.d, p.scale, q);
+      for (int64_t e = p.d; e < c.d_eff; ++e)
+        q[e] = static_cast<const float*>(u.data)[b * u.strides[0] + h * u.strides[1] +
+                                                 i * u.strides[2] + (e - p.d) * u.strides[3]];
+      load_row(c.dout.row(b, h, row), c.dout.dtype, p.dv, 1.f, w.dout.get() + r * c.dv_pad);
+    }
     if (c.s16) copy_pairs_row(p.q.row(b, h, row), p.d, w.q16.get() + r * 2 * c.d_pairs);
     if (c.dp16) copy_pairs_row(c.dout.row(b, h, row), p.dv, w.dout16.get() + r * 2 * c.dv_pairs);
   }
