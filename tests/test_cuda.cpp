@@ -196,43 +196,28 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
     }
 }
 
-// Every way dq can be added (DqMode, chosen by ATTNKIT_CUDA_DQ): the dq warp's row copies, one
-// copy per step into a tile-strided scratch (rows past a sequence's end add zeros to the next
-// head's rows), the fast flavor's consumer atomics (d64; elsewhere it falls back to rows), with
-// 16-bit and fp32 gradients.
-TEST(CudaBackwardLong, EveryDqModeMatchesTheOracle) {
+// dq's tiles, summed by one reduce-add per step into a scratch with the tile's row stride: rows
+// past a sequence's end add zeros to the next sequence's or head's rows, GQA groups add into one
+// scratch, and the scratch is converted into fp32 and 16-bit dq.
+TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
       {DType::kBF16, {2, 4, 2, 333, 333, 128, 128}, false},
       {DType::kF16, {2, 4, 1, 129, 129, 64, 64}, true},
   };
-  const char* given = std::getenv("ATTNKIT_CUDA_DQ");
-  const std::string saved = given ? given : "";
   int seed = 671;
-  for (const char* mode : {"rows", "tile", "atomics"}) {
-    setenv("ATTNKIT_CUDA_DQ", mode, 1);
-    for (const Case& c : cases)
-      for (const char* mech : {"dense", "causal", "document", "softcap"})
-        for (const bool grads16 : {false, true}) {
-          if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-          const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
-          EXPECT_TRUE(r.ok) << mode << " " << mech << " d=" << c.dims.d
-                            << " 16-bit grads=" << grads16 << ": " << r.error;
-        }
-  }
-  setenv("ATTNKIT_CUDA_DQ", "tiles", 1);  // a misspelt mode is named, not ignored
-  const CheckResult bad = backward_on_gpu("dense", cases[0], seed);
-  EXPECT_NE(bad.error.find("ATTNKIT_CUDA_DQ=tiles: expected rows, tile or atomics"),
-            std::string::npos)
-      << bad.error;
-  if (given)
-    setenv("ATTNKIT_CUDA_DQ", saved.c_str(), 1);
-  else
-    unsetenv("ATTNKIT_CUDA_DQ");
+  for (const Case& c : cases)
+    for (const char* mech : {"dense", "causal", "document", "softcap"})
+      for (const bool grads16 : {false, true}) {
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
+        EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " 16-bit grads=" << grads16 << ": "
+                          << r.error;
+      }
 }
 
-// fp32 gradients 4 bytes into their buffers: dq's rows are not 16-byte aligned (the dq warp adds
-// with atomics instead of the copy engine's reduce-add) nor dk's and dv's pairs 8-byte aligned.
+// fp32 gradients 4 bytes into their buffers: dq's rows are not 16-byte aligned (the conversion
+// from the scratch writes them) nor dk's and dv's pairs 8-byte aligned.
 TEST(CudaBackwardLong, UnalignedGradientsMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {

@@ -1,10 +1,9 @@
 """The CUDA backward alone beside the forward (autograd.grad on a saved forward), bf16, B x N =
 16384 tokens: forward and backward TFLOP/s of attnkit and cuDNN (backward FLOPs 2.5x the
-forward's), and attnkit's backward under each way of adding dq (ATTNKIT_CUDA_DQ: rows, tile,
-atomics; read at each call, so one process measures them all). Run under ncu with
---kernel-name regex:bwd_kernel for the kernel's counters.
-Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py [N ...]"""
-import os
+forward's). Run under ncu with
+--kernel-name regex:bwd_kernel for the kernel's counters. With --kernels, each of attnkit's
+backward kernels (preparation, bwd_kernel, dq conversion) is timed under torch.profiler too.
+Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py [--kernels] [N ...]"""
 import sys
 
 import torch
@@ -14,14 +13,29 @@ from triton.testing import do_bench
 
 import attnkit
 
-MODES = ("rows", "tile", "atomics")
-
 
 def tflops(flops, fn):
     return flops / do_bench(fn, warmup=10, rep=100, return_mode="median") / 1e9
 
 
-for n in [int(x) for x in sys.argv[1:]] or [4096]:
+def kernel_times(fn, reps=20):
+    """Mean device time per call of each kernel fn launches, in microseconds."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        if e.device_time_total > 0:
+            name = e.key.split("<")[0].split("(")[0].replace("void ", "").replace("attnkit::cuda::", "")
+            times[name] = times.get(name, 0.0) + e.device_time_total / reps
+    return " ".join("%s %.0f" % (k[:28], v) for k, v in sorted(times.items(), key=lambda x: -x[1]))
+
+
+args = [a for a in sys.argv[1:] if a != "--kernels"]
+for n in [int(x) for x in args] or [4096]:
     b = max(1, 16384 // n)
     for d, h in [(128, 16), (64, 32)]:
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -36,10 +50,7 @@ for n in [int(x) for x in sys.argv[1:]] or [4096]:
                     out = fn()
                     fwd = tflops(flops, fn)
                     grad = lambda: torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
-                    if name == "attnkit":
-                        for mode in MODES:
-                            os.environ["ATTNKIT_CUDA_DQ"] = mode
-                            res.append("bwd %s %.0f" % (mode, tflops(2.5 * flops, grad)))
-                        del os.environ["ATTNKIT_CUDA_DQ"]
                     res.append("%s fwd %.0f bwd %.0f" % (name, fwd, tflops(2.5 * flops, grad)))
+                    if name == "attnkit" and "--kernels" in sys.argv:
+                        res.append("us: " + kernel_times(grad))
             print("d%d n%d%s: %s" % (d, n, " causal" if causal else "", " | ".join(res)), flush=True)

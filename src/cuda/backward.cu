@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/backward.h"
@@ -334,8 +333,8 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
                 str(kMaxBwdBuckets));
   if (deterministic)
     return fail(StatusCode::kNotImplemented,
-                "Options::deterministic: the CUDA backward adds dq with atomics, so its "
-                "low-order bits depend on the order of the additions");
+                "Options::deterministic: the CUDA backward sums dq's tiles by atomic "
+                "reduce-adds, so its low-order bits depend on the order of the additions");
   return {};
 }
 
@@ -371,41 +370,13 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   bp.dv_sb = g.dv.sb, bp.dv_sh = g.dv.sh, bp.dv_sn = g.dv.sn;
   const RowExtent extent = row_extent(p);
   const int64_t rows_q = extent.rows_q, batch = extent.batch;
-  // How dq is added (DqMode): by the dq warp's row copies, except the fast flavor at d <= 64,
-  // whose consumers add it with atomics; ATTNKIT_CUDA_DQ=rows|tile|atomics chooses (for
-  // measurements; atomics only where the instance has them).
-  bp.dq_mode = fast && p.d <= 64 ? DqMode::kAtomics : DqMode::kRows;
-  if (const char* m = std::getenv("ATTNKIT_CUDA_DQ")) {
-    const std::string mode = m;
-    if (mode == "rows")
-      bp.dq_mode = DqMode::kRows;
-    else if (mode == "tile")
-      bp.dq_mode = DqMode::kTile;
-    else if (mode == "atomics")
-      bp.dq_mode = fast && p.d <= 64 ? DqMode::kAtomics : DqMode::kRows;
-    else
-      return fail(StatusCode::kInvalidArgument, "ATTNKIT_CUDA_DQ=", mode,
-                  ": expected rows, tile or atomics");
-  }
-  // The fp32 sums: the caller's fp32 dq, or a scratch [batch][hq][rows_q][stride] converted to
-  // dq afterwards (always in kTile, whose stride is the shared tile's and which has a tile of
-  // rows to spare at the end: the last tile's copy covers them).
-  const bool tile = bp.dq_mode == DqMode::kTile;
-  const bool dq_scratch = g.dq.dtype != DType::kF32 || tile;
-  const int64_t dq_stride = tile ? bwd_dq_stride(static_cast<int>(p.d)) : p.d;
-  if (!dq_scratch) {
-    bp.dq = reinterpret_cast<float*>(g.dq.data);
-    bp.dq_sb = g.dq.sb, bp.dq_sh = g.dq.sh, bp.dq_sn = g.dq.sn;
-  } else {
-    bp.dq_sn = dq_stride;
-    bp.dq_sh = rows_q * dq_stride;
-    bp.dq_sb = p.varlen ? 0 : p.hq * bp.dq_sh;
-  }
-  const uintptr_t dq_addr = dq_scratch ? 0 : reinterpret_cast<uintptr_t>(g.dq.data);
-  bp.dq_pairs = bp.dq_sb % 2 == 0 && bp.dq_sh % 2 == 0 && bp.dq_sn % 2 == 0 && p.d % 2 == 0 &&
-                dq_addr % 8 == 0;
-  bp.dq_vec4 = bp.dq_sb % 4 == 0 && bp.dq_sh % 4 == 0 && bp.dq_sn % 4 == 0 && p.d % 4 == 0 &&
-               dq_addr % 16 == 0;
+  // The fp32 sums of dq: a scratch [batch][hq][rows_q][stride] whose stride is the shared dQ
+  // tile's, with a tile of rows to spare at the end (the last tile's copy covers them), converted
+  // into dq afterwards.
+  const int64_t dq_stride = bwd_dq_stride(static_cast<int>(p.d));
+  bp.dq_sn = dq_stride;
+  bp.dq_sh = rows_q * dq_stride;
+  bp.dq_sb = p.varlen ? 0 : p.hq * bp.dq_sh;
 
   // dO as the kernels read it: grad_out itself, or a gated / converted copy.
   const bool rela = spec.normalizer.kind == NormalizerKind::kReLA;
@@ -434,13 +405,12 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (bad)
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
-  // Scratch: lse2 and D per padded row, the dsinks sums, the dO copy.
+  // Scratch: lse2 and D per padded row, the dsinks sums, the dO copy, dq's sums.
   const int64_t stat_floats = p.batch * p.hq * bp.stat_stride;
   const int64_t copy_bytes = copy ? (batch * p.hq * rows_q * copy_sn * 2 + 255) / 256 * 256 : 0;
   const int64_t stat_bytes = (2 * stat_floats * 4 + 255) / 256 * 256;
   const int64_t sink_bytes = grads.dsinks.defined() ? (p.hq * 8 + 255) / 256 * 256 : 0;
-  const int64_t dq_bytes =
-      dq_scratch ? (batch * p.hq * rows_q + (tile ? kM : 0)) * dq_stride * 4 : 0;
+  const int64_t dq_bytes = (batch * p.hq * rows_q + kM) * dq_stride * 4;
   void* scratch = nullptr;
   cudaError_t e =
       cudaMallocAsync(&scratch, copy_bytes + stat_bytes + sink_bytes + dq_bytes, stream);
@@ -459,7 +429,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                        ? reinterpret_cast<double*>(base + copy_bytes + stat_bytes)
                        : nullptr;
   if (dsinks) e = cudaMemsetAsync(dsinks, 0, sink_bytes, stream);
-  if (dq_scratch) bp.dq = reinterpret_cast<float*>(base + copy_bytes + stat_bytes + sink_bytes);
+  bp.dq = reinterpret_cast<float*>(base + copy_bytes + stat_bytes + sink_bytes);
 
   PrepParams pp;
   pp.dout = g.grad_out.data;
@@ -621,7 +591,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
       if (e == cudaSuccess) e = e2;
     }
   }
-  if (e == cudaSuccess && dq_scratch) {
+  if (e == cudaSuccess) {
     const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
                     static_cast<unsigned>(p.batch));
     convert_dq_kernel<<<grid, 256, 0, stream>>>(bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, g.dq.data,

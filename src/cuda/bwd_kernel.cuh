@@ -12,10 +12,9 @@
 //   multiplied, and dS^T while dV is. dS^T also goes to shared memory, where both warpgroups read
 //   it for dQ = dS K (each computes half of dQ's columns); scale * dQ is then written in fp32
 //   over the stage (both warpgroups done with its Q and dO; or into a buffer of its own where
-//   shared memory has room, kDqOwn), and warp 1 of the producer warpgroup adds it into the fp32
-//   dq by the copy engine's reduce-add (one bulk copy per row) before it hands the tile back.
-//   Or in one bulk copy per step into a scratch laid out as the tile, or (the fast flavor at
-//   d <= 64) with the consumers' float2 atomics: DqMode.
+//   shared memory has room, kDqOwn), and warp 1 of the producer warpgroup adds the whole tile
+//   into dq's fp32 scratch (rows laid out as the tile's) with one reduce-add of the copy engine
+//   before it hands the tile back.
 // The scale multiplies dK once at the end and each tile's dQ (dS excludes it).
 //
 // Flavors per (dtype, head dims), as in the forward pass: kGeneral = false is softmax (or with a
@@ -34,19 +33,13 @@
 
 namespace attnkit::cuda {
 
-// How dQ reaches the fp32 dq (backward.cu picks; ATTNKIT_CUDA_DQ=rows|tile|atomics for
-// measurements): the dq warp's reduce-add of each row (kRows; atomics where dq's rows are not
-// 16-byte aligned), or of the whole step in one bulk copy into a scratch whose rows are
-// bwd_dq_stride(d) floats (kTile), or the consumers' float2 atomics (kAtomics: the fast flavor at
-// d <= 64 only; others take kRows).
-enum class DqMode : int { kRows, kTile, kAtomics };
-
-// The fp32 row stride of the shared dQ tile, and of dq's scratch in DqMode::kTile.
+// The fp32 row stride of the shared dQ tile and of dq's scratch (H200 run 34: one bulk
+// reduce-add per step beats a copy per row by 12-16% and the consumers' atomics at d64 by 10%).
 constexpr int bwd_dq_stride(int d) { return (d + 63) / 64 * 64 + 4; }
 
 // The backward's arguments: the forward problem (its block table built for query tiles of kM
-// rows) and the gradients' pointers: dq is fp32 (the caller's, or a scratch converted after the
-// kernel), dk and dv fp32 or 16-bit; row (b, h, n) at ptr + b * sb + h * sh + n * sn.
+// rows) and the gradients' pointers: dq is an fp32 scratch with rows of bwd_dq_stride(d) floats
+// (converted into the caller's dq after the kernel), dk and dv fp32 or 16-bit; row (b, h, n) at ptr + b * sb + h * sh + n * sn.
 struct BwdParams {
   FwdParams f;
   // Per (b * hq + h) row of stat_stride floats (query tiles padded): LSE * log2(e) (+inf where a
@@ -60,9 +53,6 @@ struct BwdParams {
   DType dk_dtype = DType::kF32, dv_dtype = DType::kF32;
   int64_t dq_sb = 0, dq_sh = 0, dq_sn = 0, dk_sb = 0, dk_sh = 0, dk_sn = 0;
   int64_t dv_sb = 0, dv_sh = 0, dv_sn = 0;
-  DqMode dq_mode = DqMode::kRows;
-  bool dq_pairs = false;  // dq's pairs of columns are 8-byte aligned (float2 atomics)
-  bool dq_vec4 = false;   // its rows 16-byte aligned, d % 4 == 0 (the copy engine adds them)
   // Gradients of the score mods' tensors (general flavor), from g = dL/d(additive terms) per
   // allowed pair: dbias, and fp32 / fp64 scratch sums the host stores afterwards: dslopes [hq],
   // dtable [hq][kMaxBwdBuckets], dbeta [1], and the forget gate's dc [b * hq + h][dc_stride] (d
@@ -84,7 +74,7 @@ struct BwdParams {
   float* dw = nullptr;
   int64_t du_sb = 0, du_sh = 0, du_sn = 0, du_sr = 1, dw_sb = 0, dw_sh = 0, dw_sn = 0, dw_sr = 1;
   bool extras = false;  // any of the above (but dbeta, summed with the weights)
-  int num_k_tiles = 0;    // of the longest key sequence
+  int num_k_tiles = 0;  // of the longest key sequence
 };
 
 // Tensor maps of the backward: q, k, v as in the forward (boxes of 64 query rows and 128 key rows)
@@ -124,11 +114,7 @@ struct BwdShape {
   static constexpr int kFixed = kKBytes + kVBytes + 2 * kDsBytes + kTableBytes + 1024 + 128;
   static constexpr int kPlainStage = kQBytes + kOBytes + kStatBytes;
   static constexpr int kMaxSmem = 227 * 1024;
-  // The fast flavor at d <= 64 can add dq with its consumers' atomics (DqMode::kAtomics; H200
-  // run 32: the dq warp's 64 row copies per step held d64 back, fwd+bwd 0.80 -> 0.62x cuDNN).
-  static constexpr bool kDqAtomicsOk = !kGeneral && kDp <= 64;
   static constexpr bool kDqOwn = kFixed + 2 * kDqAligned + 3 * kPlainStage <= kMaxSmem;
-  static_assert(kDqOwn || !kDqAtomicsOk, "the atomics' instance releases stages at once");
   static constexpr int kDqRing = kDqOwn ? 2 * kDqAligned : 0;
   static constexpr int kStageBytes =
       kDqOwn || kPlainStage >= kDqBytes ? kPlainStage : kDqAligned;
@@ -298,13 +284,12 @@ __global__ void __launch_bounds__(384, 1)
             tma_load_4d(sO(st) + c * kM * 128, &maps.dout, full(st), c * 64, q_row,
                         h * maps.o_hm, bb * maps.o_bm);
         }
-    } else if (tid / 32 == 1 && !(S::kDqAtomicsOk && bp.dq_mode == DqMode::kAtomics)) {
-      // The dq warp: dq += the step's scale * dQ rows, by the copy engine's fp32 reduce-add (a
-      // bulk copy per row), or with atomics where dq's rows are not 16-byte aligned; then the
-      // tile goes back (the stage to the producer, an own buffer to the consumers). Rows past nq
-      // (another sequence's, or padding) are left, or in kTile added zeros.
+    } else if (tid / 32 == 1) {
+      // The dq warp: dq's scratch += the step's scale * dQ tile, one fp32 reduce-add of the copy
+      // engine (the scratch's rows are the tile's; rows past nq add zeros, to another sequence's
+      // rows or the scratch's spare tile); then the tile goes back (the stage to the producer, an
+      // own buffer to the consumers) once the copy engine has read it.
       const int lane = tid - 32;
-      const bool bulk = bp.dq_vec4;
       int it = 0;
       for (int h = h_begin; h < h_end; ++h)
         for (int qt = qt_begin; qt < qt_end; ++qt) {
@@ -312,31 +297,15 @@ __global__ void __launch_bounds__(384, 1)
           const int st = it % kStages, step = it++;
           float* dq_h = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + qt * kM) * bp.dq_sn;
           mbar_wait(dq_full(step), dq_phase(step));
-          const uint32_t tile = dq_tile(step);
-          if (bp.dq_mode == DqMode::kTile) {  // the scratch's rows are the tile's (zeros past nq)
-            if (lane == 0) bulk_reduce_add_f32(dq_h, tile, S::kDqBytes);
+          if (lane == 0) {
+            bulk_reduce_add_f32(dq_h, dq_tile(step), S::kDqBytes);
             bulk_commit();
             bulk_wait_read<0>();
-          } else if (bulk) {
-            for (int r = lane; r < kM && qt * kM + r < nq; r += 32)
-              bulk_reduce_add_f32(dq_h + r * bp.dq_sn, tile + r * S::kDqStride * 4, p.d * 4);
-            bulk_commit();
-            bulk_wait_read<0>();
-          } else {
-            for (int x = lane; x < kM * p.d; x += 32) {
-              const int r = x / p.d, c = x % p.d;
-              if (qt * kM + r >= nq) break;
-              float v;
-              asm volatile("ld.shared.f32 %0, [%1];\n"
-                           : "=f"(v)
-                           : "r"(tile + (r * S::kDqStride + c) * 4));
-              atomicAdd(dq_h + r * bp.dq_sn + c, v);
-            }
+            mbar_arrive(S::kDqOwn ? dq_empty(step & 1) : empty(st));
           }
           __syncwarp();
-          if (lane == 0) mbar_arrive(S::kDqOwn ? dq_empty(step & 1) : empty(st));
         }
-      if (bulk || bp.dq_mode == DqMode::kTile) bulk_wait<0>();
+      if (lane == 0) bulk_wait<0>();
     }
     return;
   }
@@ -706,31 +675,6 @@ __global__ void __launch_bounds__(384, 1)
       fence_regs_u(pa);
       fence_regs_u(da);
 
-      if (S::kDqAtomicsOk && bp.dq_mode == DqMode::kAtomics) {
-        if (lane == 0) mbar_arrive(empty(st));
-        // dq += scale * dQ, two columns per atomic (rows past nq are another sequence's or
-        // padding).
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int i = m0 + warp * 16 + lane / 4 + 8 * r;
-          if (i >= nq) continue;
-          float* row = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + i) * bp.dq_sn;
-#pragma unroll
-          for (int c8 = 0; c8 < kDqN / 8; ++c8) {
-            const int col = cw * kDqN + c8 * 8 + col0;
-            if (col >= p.d) continue;
-            const float v0 = dq[c8 * 4 + 2 * r] * p.scale, v1 = dq[c8 * 4 + 2 * r + 1] * p.scale;
-            if (bp.dq_pairs) {
-              atomicAdd(reinterpret_cast<float2*>(row + col), make_float2(v0, v1));
-            } else {
-              atomicAdd(row + col, v0);
-              if (col + 1 < p.d) atomicAdd(row + col + 1, v1);
-            }
-          }
-        }
-        ++it;
-        continue;
-      }
       // scale * dQ for the dq warp: into its own buffer once the dq warp has handed it back (the
       // stage goes back to the producer now), or over the stage once both warpgroups are done
       // reading it.
