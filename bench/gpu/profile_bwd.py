@@ -1,8 +1,8 @@
 """The CUDA backward alone beside the forward (autograd.grad on a saved forward), bf16, B x N =
 16384 tokens: forward and backward TFLOP/s of attnkit and cuDNN (backward FLOPs 2.5x the
-forward's). Run under ncu with
---kernel-name regex:bwd_kernel for the kernel's counters. With --kernels, each of attnkit's
-backward kernels (preparation, bwd_kernel, dq conversion) is timed under torch.profiler too.
+forward's). Run under ncu with --kernel-name regex:bwd_kernel for the kernel's counters. With
+--kernels, each of attnkit's backward kernels (preparation, bwd_kernel, dq conversion) is timed
+under torch.profiler too.
 Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py [--kernels] [N ...]"""
 import sys
 

@@ -34,12 +34,14 @@
 namespace attnkit::cuda {
 
 // The fp32 row stride of the shared dQ tile and of dq's scratch (H200 run 34: one bulk
-// reduce-add per step beats a copy per row by 12-16% and the consumers' atomics at d64 by 10%).
+// reduce-add per step beats a copy per row by 13-16% at d128 and the consumers' atomics at d64
+// by 10-15%; docs/perf/gpu.md).
 constexpr int bwd_dq_stride(int d) { return (d + 63) / 64 * 64 + 4; }
 
 // The backward's arguments: the forward problem (its block table built for query tiles of kM
 // rows) and the gradients' pointers: dq is an fp32 scratch with rows of bwd_dq_stride(d) floats
-// (converted into the caller's dq after the kernel), dk and dv fp32 or 16-bit; row (b, h, n) at ptr + b * sb + h * sh + n * sn.
+// (converted into the caller's dq after the kernel), dk and dv fp32 or 16-bit; row (b, h, n) at
+// ptr + b * sb + h * sh + n * sn.
 struct BwdParams {
   FwdParams f;
   // Per (b * hq + h) row of stat_stride floats (query tiles padded): LSE * log2(e) (+inf where a
