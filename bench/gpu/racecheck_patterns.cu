@@ -2,8 +2,10 @@
 // racecheck: (1) a shared-memory buffer handed between warp groups with named barriers
 // (bar.arrive by the writers, bar.sync by the readers, and back); (2) a bulk copy into shared
 // memory completing on an mbarrier, read by the threads that waited on it, then refilled after
-// they arrive on an "empty" mbarrier. Both are the PTX producer/consumer forms; if racecheck
-// reports hazards here, it reports them for the kernel too.
+// they arrive on an "empty" mbarrier; (3) the same ring where the readers also overwrite the
+// stage before arriving on "empty" (the d128 backward writes its dQ tile into the stage whose
+// Q/dO it has consumed). All are the PTX producer/consumer forms; if racecheck reports hazards
+// here, it reports them for the kernel too.
 // Build and run: nvcc -arch=sm_90a -o /tmp/rp bench/gpu/racecheck_patterns.cu &&
 //   compute-sanitizer --tool racecheck /tmp/rp
 #include <cstdio>
@@ -31,7 +33,7 @@ __global__ void named_handoff(float* out, int iters) {
   out[t] = acc;
 }
 
-__global__ void bulk_ring(const float* src, float* out, int iters) {
+__global__ void bulk_ring(const float* src, float* out, int iters, bool reuse) {
   __shared__ alignas(128) float stage[2][64];
   __shared__ alignas(8) uint64_t full[2], empty[2];
   const int t = threadIdx.x;  // thread 0 of warp 0 copies; warps 1..2 read
@@ -60,6 +62,10 @@ __global__ void bulk_ring(const float* src, float* out, int iters) {
     } else if (t >= 32) {
       wait(&full[s], ph);
       acc += stage[s][t - 32] + stage[s][t - 0 - 32 + 0];
+      if (reuse) {  // the stage now holds this step's result (for a copy engine to read)
+        stage[s][t - 32] = acc;
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      }
       __syncwarp();
       if (t % 32 == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(&empty[s])) : "memory");
     }
@@ -73,7 +79,8 @@ int main() {
   cudaMalloc(&out, 128 * sizeof(float));
   cudaMemset(src, 0, 64 * 64 * sizeof(float));
   named_handoff<<<1, 128>>>(out, 8);
-  bulk_ring<<<1, 96>>>(src, out, 16);
+  bulk_ring<<<1, 96>>>(src, out, 16, false);
+  bulk_ring<<<1, 96>>>(src, out, 16, true);
   const cudaError_t e = cudaDeviceSynchronize();
   std::printf("%s\n", cudaGetErrorString(e));
   return e != cudaSuccess;
