@@ -127,6 +127,32 @@ TEST(CudaFastPath, LongSequencesMatchTheOracle) {
 // Masks with partial tiles across long rows: plain, on the fast kernel with every partial tile's
 // bits; with a softcap, on the general kernel, whose partial tiles beyond the precomputed bits
 // (16 per query tile) evaluate the mask tree in the kernel.
+// A 16-bit bias of the inputs' dtype with key counts the copy engine can address (rows of a
+// multiple of 16 bytes) runs the fast forward, its tiles loaded with K's: per (b, h) and
+// broadcast, with no mask, causal and a block map (block table), across stage wrap-arounds
+// and with queries and keys ending mid-tile; the backward (general kernel) reads the same bias.
+TEST(CudaFastPath, Bias16MatchesTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 200, 264, 64, 64}, false},
+      {DType::kF16, {1, 3, 3, 333, 136, 128, 128}, true},
+      {DType::kBF16, {1, 2, 1, 700, 1104, 128, 128}, false},
+  };
+  const tools::json bias16 = {{"bias_dtype", "input"}};
+  tools::json blocks = bias16;
+  blocks["mask"] = "block_map";
+  int seed = 231;
+  for (const Case& c : cases)
+    for (const char* mech : {"bias", "bias_broadcast"})
+      for (const tools::json& with : {bias16, blocks}) {
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        for (double scale : {1.0, 4.0}) expect_matches(mech, c, scale, seed++, with);
+        const CheckResult r = backward_on_gpu(mech, c, seed++, false, with);
+        EXPECT_TRUE(r.ok) << mech << " backward nq=" << c.dims.nq << " with=" << with.dump() << ": "
+                          << r.error;
+      }
+}
+
 TEST(CudaGeneralPath, ManyPartialTilesPerRowMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {

@@ -212,7 +212,14 @@ std::string build_spec(const json& s, Instance& inst, const ExtraSource& extras)
     if (m.is_string() && m == "bias") {
       std::vector<int64_t> shape = {d.batch, d.hq, d.nq, d.nk};
       if (s.contains("bias_shape")) shape = ints(s.at("bias_shape"));
-      mods.bias = put(inst, "bias", extras("bias", shape)).view;
+      OwnedTensor t = extras("bias", shape);
+      // "bias_dtype": "input" rounds the (fp32) bias to the inputs' dtype.
+      if (s.value("bias_dtype", "fp32") == "input" && t.view.dtype == DType::kF32) {
+        const float* x = reinterpret_cast<const float*>(t.bytes.data());
+        t = OwnedTensor::from_doubles(std::vector<double>(x, x + t.view.numel()), inst.dtype,
+                                      shape);
+      }
+      mods.bias = put(inst, "bias", std::move(t)).view;
     } else if (m.is_string() && m == "low_rank_bias") {
       const int64_t r = s.value("rank", 3);
       mods.low_rank_u = put(inst, "u", extras("u", {d.batch, d.hq, d.nq, r})).view;

@@ -4,7 +4,8 @@ Every case first checks attnkit against PyTorch's float32 math on the same input
 Frobenius error), then times attnkit and the peers with triton's do_bench (median of the
 repetitions). Peers: SDPA's FlashAttention-2 and cuDNN backends (dense, causal), FlexAttention
 (masks and score mods), SDPA's mem-efficient backend (dense bias).
-Usage: python3 bench/gpu/bench.py [--quick] [--train] (--train: only forward + backward;
+Usage: python3 bench/gpu/bench.py [--quick] [--train] [--only PART,...] (--train: only forward +
+backward; --only: the parts named, of dense, masked, neighborhood, bias, train, train_bias;
 attnkit importable: PYTHONPATH=build/python);
 writes $OUT/gpu_bench.json. FLOPs count allowed pairs only (4 * pairs * d).
 """
@@ -241,6 +242,10 @@ def train_bias():
 if __name__ == "__main__":
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     parts = (train,) if "--train" in sys.argv else (dense, masked, neighborhood, bias, train)
+    if "--only" in sys.argv:
+        named = dict(dense=dense, masked=masked, neighborhood=neighborhood, bias=bias, train=train,
+                     train_bias=train_bias)
+        parts = [named[x] for x in sys.argv[sys.argv.index("--only") + 1].split(",")]
     for part in parts:
         try:
             part()

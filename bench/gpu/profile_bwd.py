@@ -2,8 +2,12 @@
 16384 tokens: forward and backward TFLOP/s of attnkit and cuDNN (backward FLOPs 2.5x the
 forward's). Run under ncu with --kernel-name regex:bwd_kernel for the kernel's counters. With
 --kernels, each of attnkit's backward kernels (preparation, bwd_kernel, dq conversion) is timed
-under torch.profiler too.
-Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py [--kernels] [N ...]"""
+under torch.profiler too. With --ab NAME=VALUE, attnkit is timed with the environment variable
+NAME unset and set to VALUE in turn (a switch the library reads at each call, e.g.
+ATTNKIT_CUDA_PERSISTENT=0).
+Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py [--kernels] [--ab NAME=VALUE]
+       [N ...]"""
+import os
 import sys
 
 import torch
@@ -34,7 +38,13 @@ def kernel_times(fn, reps=20):
     return " ".join("%s %.0f" % (k[:28], v) for k, v in sorted(times.items(), key=lambda x: -x[1]))
 
 
-args = [a for a in sys.argv[1:] if a != "--kernels"]
+argv = sys.argv[1:]
+ab = None
+if "--ab" in argv:
+    ab = argv[argv.index("--ab") + 1]
+    del argv[argv.index("--ab"):argv.index("--ab") + 2]
+args = [a for a in argv if a != "--kernels"]
+variants = [("attnkit", None)] if ab is None else [("attnkit", ""), ("attnkit " + ab, ab)]
 for n in [int(x) for x in args] or [4096]:
     b = max(1, 16384 // n)
     for d, h in [(128, 16), (64, 32)]:
@@ -44,13 +54,18 @@ for n in [int(x) for x in args] or [4096]:
         for causal in (False, True):
             flops = 4 * b * h * n * n * d / (2 if causal else 1)
             res = []
-            for name, fn in [("attnkit", lambda: attnkit.attention(q, k, v, causal=causal)),
-                             ("cudnn", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))]:
+            runs = [(name, x, lambda: attnkit.attention(q, k, v, causal=causal)) for name, x in variants]
+            runs.append(("cudnn", None, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
+            for name, x, fn in runs:
+                if x is not None:  # "": NAME unset
+                    os.environ.pop(ab.split("=")[0], None)
+                    if x:
+                        os.environ[ab.split("=")[0]] = ab.split("=", 1)[1]
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     out = fn()
                     fwd = tflops(flops, fn)
                     grad = lambda: torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
                     res.append("%s fwd %.0f bwd %.0f" % (name, fwd, tflops(2.5 * flops, grad)))
-                    if name == "attnkit" and "--kernels" in sys.argv:
+                    if name.startswith("attnkit") and "--kernels" in sys.argv:
                         res.append("us: " + kernel_times(grad))
             print("d%d n%d%s: %s" % (d, n, " causal" if causal else "", " | ".join(res)), flush=True)

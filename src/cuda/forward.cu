@@ -98,8 +98,10 @@ Status forward(const core::Problem& p) {
   // Plain softmax under a band runs the fast kernel alone; under any other mask, the fast kernel
   // with the block table when every partial tile gets its bits.
   // ALiBi alone is one FMA a score on the fast kernel.
+  // So is a dense 16-bit bias alone: its tiles load with K's (encode_bias).
   const bool alibi = alibi_only(spec.mods);
-  const bool plain = (!f.has_mods || alibi) && p.softmax_family() &&
+  const bool bias = bias_only(spec.mods) && encode_bias(p, &maps);
+  const bool plain = (!f.has_mods || alibi || bias) && p.softmax_family() &&
                      spec.gate_kind == GateKind::kNone && p.scale > 0.f;
   const bool fast = plain && (band || GeneralTables::covers(p, 128, kn));
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
@@ -109,6 +111,8 @@ Status forward(const core::Problem& p) {
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;
   f.fast_alibi = fast && alibi;
+  f.fast_bias = fast && bias;
+  f.bias_raw = f.fast_bias ? 1.f / p.scale : 0.f;
   if (fast && band) {
     e = inst.fast(f, maps, stream);
   } else {

@@ -20,9 +20,11 @@ namespace attnkit::cuda {
 // Tensor maps of q, k, v as 4-D tensors (column, row, head, batch) of 64-column boxes with the
 // 128-byte swizzle; rows of a varlen batch are the packed rows (batch extent 1). A broadcast
 // head or batch dimension (stride 0) has extent 1 and its coordinate multiplier 0.
+// The fast forward's bias (FwdParams::fast_bias) is a fourth such map: (key, query, head, batch)
+// in boxes of 64 keys x 128 queries.
 struct TmaMaps {
-  CUtensorMap q, k, v;
-  int q_hm = 1, q_bm = 1, k_hm = 1, k_bm = 1, v_hm = 1, v_bm = 1;
+  CUtensorMap q, k, v, bias;
+  int q_hm = 1, q_bm = 1, k_hm = 1, k_bm = 1, v_hm = 1, v_bm = 1, bias_hm = 0, bias_bm = 0;
 };
 
 // Tiles of a (D, DV) instantiation: 128 query rows (two warpgroups of 64) by kN keys.

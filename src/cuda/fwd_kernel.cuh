@@ -2,9 +2,9 @@
 //
 // A CTA of three warpgroups computes a 128-row query tile of one (batch, query head):
 // - warpgroup 0 is the producer: one thread issues the bulk tensor copies (TMA) of Q and of the
-//   K and V tiles into a ring of kStages shared-memory stages; each copy completes on its stage's
-//   "full" mbarrier, and a stage is refilled once every consumer warp has arrived on its "empty"
-//   mbarrier. It gives most of its registers away (setmaxnreg).
+//   K and V tiles (and, with kBias, a bias tile) into a ring of shared-memory stages; each copy
+//   completes on its stage's "full" mbarrier, and a stage is refilled once every consumer warp
+//   has arrived on its "empty" mbarrier. It gives most of its registers away (setmaxnreg).
 // - warpgroups 1 and 2 are consumers of 64 rows each. Within a warpgroup, S = Q K^T of tile j is
 //   issued together with O += P V of tile j - 1 (P from registers, V read transposed from the
 //   128B-swizzled tile), so the normalization of tile j runs while the tensor cores work on P V.
@@ -16,7 +16,8 @@
 // - kGeneral = false: plain softmax (or with a sink); the scale folds into the exponent. The
 //   mask is a band (none, causal, sliding window), or any mask whose block table gives every
 //   partial tile its element-mask bits (p.tile_class set): empty tiles are skipped, partial ones
-//   masked by their bits.
+//   masked by their bits. kBias (FwdParams::fast_bias): a dense 16-bit bias whose tiles ride
+//   with K's, added to the raw dot products from shared memory.
 // - kGeneral = true: the shared policies of include/attnkit/variant at run time: the key tiles
 //   are the non-empty ones of the block table (classify_tiles_kernel), partial tiles are masked
 //   per element by the mask tree, and every score mod, normalizer and output gate is chosen at
@@ -41,23 +42,33 @@ struct FwdShape : FwdTiles<kD, kDV> {
   static constexpr int kStages =
       Base::kQBytes + 3 * kStageBytes + 1024 + kBarBytes <= 227 * 1024 ? 3 : 2;
   static constexpr int kSmemBytes = Base::kQBytes + kStages * kStageBytes + 1024 + kBarBytes;
+  // With a bias tile (16-bit, kM x kN) in each stage (kBias).
+  static constexpr int kBiasBytes = Base::kM * Base::kN * 2;
+  static constexpr int kBiasStages =
+      Base::kQBytes + 3 * (kStageBytes + kBiasBytes) + 1024 + kBarBytes <= 227 * 1024 ? 3 : 2;
+  static constexpr int kBiasSmemBytes =
+      Base::kQBytes + kBiasStages * (kStageBytes + kBiasBytes) + 1024 + kBarBytes;
+  static_assert(kBiasSmemBytes <= 227 * 1024, "two stages with bias tiles must fit");
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 };
 
-template <class T, int kD, int kDV, bool kGeneral>
+template <class T, int kD, int kDV, bool kGeneral, bool kBias = false>
 __global__ void __launch_bounds__(384, 1)
     fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMaps maps) {
   using S = FwdShape<kD, kDV>;
   using Tag = typename ElemTraits<T>::Tag;
-  constexpr int kM = S::kM, kN = S::kN, kDp = S::kDp, kDVp = S::kDVp, kStages = S::kStages;
+  constexpr int kM = S::kM, kN = S::kN, kDp = S::kDp, kDVp = S::kDVp;
+  constexpr int kStages = kBias ? S::kBiasStages : S::kStages;
+  constexpr int kStageBytes = S::kStageBytes + (kBias ? S::kBiasBytes : 0);
   constexpr int kSRegs = kN / 2, kORegs = kDVp / 2;
   constexpr float kNegInf = -INFINITY;
 
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sQ = (smem_addr(smem_raw) + 1023) & ~1023u;
-  auto sK = [&](int st) { return sQ + S::kQBytes + st * S::kStageBytes; };
+  auto sK = [&](int st) { return sQ + S::kQBytes + st * kStageBytes; };
   auto sV = [&](int st) { return sK(st) + S::kKBytes; };
-  const uint32_t bars = sQ + S::kQBytes + kStages * S::kStageBytes;
+  auto sB = [&](int st) { return sV(st) + S::kVBytes; };  // kBias
+  const uint32_t bars = sQ + S::kQBytes + kStages * kStageBytes;
   const uint32_t bar_q = bars;
   auto full_k = [&](int st) { return bars + 8 * (1 + st); };
   auto full_v = [&](int st) { return bars + 8 * (1 + kStages + st); };
@@ -127,11 +138,16 @@ __global__ void __launch_bounds__(384, 1)
         const int st = it % kStages;
         const int k_row = static_cast<int>(seq.k_start) + t * kN;
         mbar_wait(empty_k(st), phase_of(it) ^ 1);
-        mbar_expect_tx(full_k(st), S::kKBytes);
+        mbar_expect_tx(full_k(st), S::kKBytes + (kBias ? S::kBiasBytes : 0));
 #pragma unroll
         for (int c = 0; c < kDp / 64; ++c)
           tma_load_4d(sK(st) + c * kN * 128, &maps.k, full_k(st), c * 64, k_row, hk * maps.k_hm,
                       bb * maps.k_bm);
+        if constexpr (kBias)  // bias[b, h, m0 + 0..kM, t * kN + 0..kN] in 64-key boxes
+#pragma unroll
+          for (int c = 0; c < kN / 64; ++c)
+            tma_load_4d(sB(st) + c * kM * 128, &maps.bias, full_k(st), t * kN + c * 64, m0,
+                        h * maps.bias_hm, b * maps.bias_bm);
         mbar_wait(empty_v(st), phase_of(it) ^ 1);
         mbar_expect_tx(full_v(st), S::kVBytes);
 #pragma unroll
@@ -208,8 +224,28 @@ __global__ void __launch_bounds__(384, 1)
   // Scores of key tile t: the band mask or a partial tile's bits (fast), or the scale, the score
   // mods (additive terms, then the softcap) and the mask on partial tiles (general). Masked
   // scores become -inf.
-  auto score = [&](float (&s)[kSRegs], int t) {
+  auto score = [&](float (&s)[kSRegs], int t, int st) {
     const int n0 = t * kN;
+    if constexpr (kBias) {
+      // The stage's bias tile: 64-key panels of kM rows of 128 bytes whose 16-byte chunks are
+      // swizzled by row % 8 (= lane / 4: conflict-free); one 32-bit load per score pair.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row_i[r] - m0;
+        const uint32_t line = sB(st) + row * 128 + col0 * 2;
+#pragma unroll
+        for (int c = 0; c < kN / 8; ++c) {
+          uint32_t v;
+          asm volatile("ld.shared.b32 %0, [%1];\n"
+                       : "=r"(v)
+                       : "r"(line + (c / 8) * (kM * 128) + (((c % 8) ^ (row % 8)) * 16)));
+          const float lo = ElemTraits<T>::to_float(static_cast<unsigned short>(v & 0xffff));
+          const float hi = ElemTraits<T>::to_float(static_cast<unsigned short>(v >> 16));
+          s[c * 4 + 2 * r] = fmaf(lo, p.bias_raw, s[c * 4 + 2 * r]);
+          s[c * 4 + 2 * r + 1] = fmaf(hi, p.bias_raw, s[c * 4 + 2 * r + 1]);
+        }
+      }
+    }
     if constexpr (!kGeneral) {
       if (alibi_raw != 0.f) {
         const int base = static_cast<int>(seq.offset) - n0 - col0;  // i' - j = row + base - x
@@ -355,8 +391,9 @@ __global__ void __launch_bounds__(384, 1)
     if (pingpong) named_arrive(other_turn, 256);
     wgmma_wait<0>();
     fence_regs(s);
-    release(empty_k(0));
-    score(s, t);
+    if constexpr (!kBias) release(empty_k(0));
+    score(s, t, 0);
+    if constexpr (kBias) release(empty_k(0));  // score read the stage's bias tile
     normalize(s, alpha);
     alpha[0] = alpha[1] = 1.f;  // O is still 0
     pack_p<T, kN>(s, pa);
@@ -376,8 +413,9 @@ __global__ void __launch_bounds__(384, 1)
       if (pingpong) named_arrive(other_turn, 256);
       wgmma_wait<1>();
       fence_regs(s);
-      release(empty_k(st));
-      score(s, t);
+      if constexpr (!kBias) release(empty_k(st));
+      score(s, t, st);
+      if constexpr (kBias) release(empty_k(st));
       normalize(s, alpha);
       wgmma_wait<0>();
       fence_regs(o);
@@ -403,16 +441,18 @@ __global__ void __launch_bounds__(384, 1)
   store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l);
 }
 
-// Launches one flavor on `stream` (the general one reads the block table built by the caller).
+// Launches one flavor on `stream` (the general one reads the block table built by the caller;
+// the fast one with fast_bias is its kBias instance).
 template <class T, int kD, int kDV, bool kGeneral>
 cudaError_t launch_fwd(const FwdParams& p, const TmaMaps& maps, cudaStream_t stream) {
   using S = FwdShape<kD, kDV>;
-  auto kernel = fwd_kernel<T, kD, kDV, kGeneral>;
-  cudaError_t e =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+  const bool bias = !kGeneral && p.fast_bias;
+  auto kernel = bias ? fwd_kernel<T, kD, kDV, kGeneral, !kGeneral> : fwd_kernel<T, kD, kDV, kGeneral>;
+  const int smem = bias ? S::kBiasSmemBytes : S::kSmemBytes;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   const dim3 grid(p.num_q_tiles, p.hq, p.batch);
-  kernel<<<grid, S::kThreads, S::kSmemBytes, stream>>>(p, maps);
+  kernel<<<grid, S::kThreads, smem, stream>>>(p, maps);
   return cudaGetLastError();
 }
 

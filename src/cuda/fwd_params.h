@@ -77,6 +77,10 @@ struct FwdParams {
   // Score mods (general kernel; ALiBi alone also on the fast kernel: fast_alibi).
   bool has_mods = false;
   bool fast_alibi = false;
+  // The fast kernel with a dense 16-bit bias of q's dtype: a bias tile rides in each stage
+  // (TmaMaps::bias) and adds bias_raw * bias to the raw dot products (bias_raw = 1 / scale).
+  bool fast_bias = false;
+  float bias_raw = 0.f;
   float softcap = 0.f;
   AlibiMode alibi = AlibiMode::kOff;
   const float* alibi_slopes = nullptr;  // null: the default slopes

@@ -456,6 +456,27 @@ cudaError_t GeneralTables::release(cudaStream_t stream) {
   return e;
 }
 
+bool bias_only(const ScoreMods& m) {
+  return m.bias.defined() && m.alibi == AlibiMode::kOff && m.softcap == 0.f &&
+         !m.low_rank_u.defined() && m.relative == RelativeBucketKind::kOff &&
+         !m.forget_log_f.defined();
+}
+
+bool encode_bias(const core::Problem& p, TmaMaps* maps) {
+  const TensorView& t = p.spec->mods.bias;
+  if (p.varlen || t.dtype != p.q.dtype || t.ndim != 4 || t.shape[2] != p.max_nq ||
+      t.shape[3] != p.max_nk || t.strides[3] != 1)
+    return false;
+  core::RowOperand r;
+  r.data = static_cast<char*>(t.data);
+  r.dtype = t.dtype;
+  r.sb = t.shape[0] > 1 ? t.strides[0] : 0;
+  r.sh = t.shape[1] > 1 ? t.strides[1] : 0;
+  r.sn = t.strides[2];
+  return encode_rows(&maps->bias, &maps->bias_hm, &maps->bias_bm, r, p.max_nk, p.max_nq, p.hq,
+                     p.batch, 128);
+}
+
 bool alibi_only(const ScoreMods& m) {
   return m.alibi != AlibiMode::kOff && m.softcap == 0.f && !m.bias.defined() &&
          !m.low_rank_u.defined() && m.relative == RelativeBucketKind::kOff &&

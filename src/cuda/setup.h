@@ -34,6 +34,7 @@ bool band_of(const Mask& m, int64_t* left, int64_t* right);
 // FwdParams of a validated problem; num_q_tiles counts query tiles of q_tile rows.
 void fill_params(const core::Problem& p, int q_tile, FwdParams* f);
 
+
 // The row extents of q and k as the kernels address them: rows per batch element, or the packed
 // rows of a varlen batch (whose batch extent is then 1).
 struct RowExtent {
@@ -82,5 +83,11 @@ class DeviceScope {
 
 // ALiBi is the only score mod (the fast kernels add it as one FMA a score).
 bool alibi_only(const ScoreMods& mods);
+
+// Whether the score mods are a bias alone, and the bias's tensor map for the fast forward (a
+// 16-bit bias of q's dtype, [B or 1, H or 1, Nq, Nk] with unit key stride, no varlen); false
+// where it does not qualify.
+bool bias_only(const ScoreMods& mods);
+bool encode_bias(const core::Problem& p, TmaMaps* maps);
 
 }  // namespace attnkit::cuda
