@@ -34,7 +34,6 @@ bool band_of(const Mask& m, int64_t* left, int64_t* right);
 // FwdParams of a validated problem; num_q_tiles counts query tiles of q_tile rows.
 void fill_params(const core::Problem& p, int q_tile, FwdParams* f);
 
-
 // The row extents of q and k as the kernels address them: rows per batch element, or the packed
 // rows of a varlen batch (whose batch extent is then 1).
 struct RowExtent {
