@@ -124,9 +124,6 @@ TEST(CudaFastPath, LongSequencesMatchTheOracle) {
     }
 }
 
-// Masks with partial tiles across long rows: plain, on the fast kernel with every partial tile's
-// bits; with a softcap, on the general kernel, whose partial tiles beyond the precomputed bits
-// (16 per query tile) evaluate the mask tree in the kernel.
 // A 16-bit bias of the inputs' dtype with key counts the copy engine can address (rows of a
 // multiple of 16 bytes) runs the fast forward, its tiles loaded with K's: per (b, h) and
 // broadcast, with no mask, causal and a block map (block table), across stage wrap-arounds
@@ -153,6 +150,9 @@ TEST(CudaFastPath, Bias16MatchesTheOracle) {
       }
 }
 
+// Masks with partial tiles across long rows: plain, on the fast kernel with every partial tile's
+// bits; with a softcap, on the general kernel, whose partial tiles beyond the precomputed bits
+// (16 per query tile) evaluate the mask tree in the kernel.
 TEST(CudaGeneralPath, ManyPartialTilesPerRowMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {

@@ -456,11 +456,18 @@ cudaError_t GeneralTables::release(cudaStream_t stream) {
   return e;
 }
 
-bool bias_only(const ScoreMods& m) {
-  return m.bias.defined() && m.alibi == AlibiMode::kOff && m.softcap == 0.f &&
+namespace {
+
+// Whether ALiBi and the bias are present as asked and no other score mod is.
+bool mods_are(const ScoreMods& m, bool alibi, bool bias) {
+  return (m.alibi != AlibiMode::kOff) == alibi && m.bias.defined() == bias && m.softcap == 0.f &&
          !m.low_rank_u.defined() && m.relative == RelativeBucketKind::kOff &&
          !m.forget_log_f.defined();
 }
+
+}  // namespace
+
+bool bias_only(const ScoreMods& m) { return mods_are(m, false, true); }
 
 bool encode_bias(const core::Problem& p, TmaMaps* maps) {
   const TensorView& t = p.spec->mods.bias;
@@ -477,10 +484,6 @@ bool encode_bias(const core::Problem& p, TmaMaps* maps) {
                      p.batch, 128);
 }
 
-bool alibi_only(const ScoreMods& m) {
-  return m.alibi != AlibiMode::kOff && m.softcap == 0.f && !m.bias.defined() &&
-         !m.low_rank_u.defined() && m.relative == RelativeBucketKind::kOff &&
-         !m.forget_log_f.defined();
-}
+bool alibi_only(const ScoreMods& m) { return mods_are(m, true, false); }
 
 }  // namespace attnkit::cuda
