@@ -125,9 +125,10 @@ TEST(CudaFastPath, LongSequencesMatchTheOracle) {
 }
 
 // A 16-bit bias of the inputs' dtype with key counts the copy engine can address (rows of a
-// multiple of 16 bytes) runs the fast forward, its tiles loaded with K's: per (b, h) and
-// broadcast, with no mask, causal and a block map (block table), across stage wrap-arounds
-// and with queries and keys ending mid-tile; the backward (general kernel) reads the same bias.
+// multiple of 16 bytes) runs the fast kernels, its tiles loaded by TMA: per (b, h) and
+// broadcast, with no mask, causal and a block map (block table), across stage wrap-arounds and
+// with queries and keys ending mid-tile. The backward with 16-bit gradients (dbias in the bias's
+// dtype, stored by TMA where it has no broadcast dims) and with fp32 ones (general kernel).
 TEST(CudaFastPath, Bias16MatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -144,9 +145,23 @@ TEST(CudaFastPath, Bias16MatchesTheOracle) {
       for (const tools::json& with : {bias16, blocks}) {
         if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
         for (double scale : {1.0, 4.0}) expect_matches(mech, c, scale, seed++, with);
-        const CheckResult r = backward_on_gpu(mech, c, seed++, false, with);
-        EXPECT_TRUE(r.ok) << mech << " backward nq=" << c.dims.nq << " with=" << with.dump() << ": "
-                          << r.error;
+        for (const bool grads16 : {true, false}) {
+          const CheckResult r = backward_on_gpu(mech, c, seed++, grads16, with);
+          EXPECT_TRUE(r.ok) << mech << " backward nq=" << c.dims.nq << " with=" << with.dump()
+                            << " 16-bit grads=" << grads16 << ": " << r.error;
+        }
+        // The fast backward with the bias but no dbias asked for (a bias without gradient).
+        tools::CheckOptions opt;
+        opt.with = with;
+        opt.dtype = c.dtype;
+        opt.dims = c.dims;
+        opt.bnhd = c.bnhd;
+        opt.seed = seed++;
+        opt.device = Device::kCUDA;
+        opt.extras = false;
+        const CheckResult r = tools::check_backward(mech, opt);
+        EXPECT_TRUE(r.ok) << mech << " backward without dbias nq=" << c.dims.nq
+                          << " with=" << with.dump() << ": " << r.error;
       }
 }
 
@@ -324,14 +339,21 @@ TEST(CudaRules, MisalignedRowsAreRefused) {
   EXPECT_NE(s.message().find("v: the CUDA kernels need"), std::string::npos) << s.message();
 }
 
-TEST(CudaRules, StatisticsAreNotImplemented) {
+// Attention statistics run on CUDA for the softmax family (stats.cu; on a GPU every CudaOracle
+// case checks them against the oracle); other normalizers are refused by the rule's name.
+TEST(CudaRules, StatisticsRunForTheSoftmaxFamily) {
   const auto q = device_view(DType::kBF16, {1, 2, 64, 64});
   AttentionStats st;
   st.row_max = device_view(DType::kF32, {1, 2, 64});
-  Status s = can_run(q, q, q, {}, q, {}, st);
+  st.entropy = device_view(DType::kF32, {1, 2, 64});
+  st.col_mass = device_view(DType::kF32, {1, 2, 64});
+  const Status ok = can_run(q, q, q, {}, q, {}, st);
+  EXPECT_TRUE(ok.ok()) << ok.message();
+  AttentionSpec sigmoid;
+  sigmoid.normalizer.kind = NormalizerKind::kSigmoid;
+  const Status s = can_run(q, q, q, sigmoid, q, {}, st);
   ASSERT_FALSE(s.ok());
-  EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
-  EXPECT_NE(s.message().find("statistics"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("softmax family"), std::string::npos) << s.message();
 }
 
 // The backward's rules (can_run_backward on fake device views).

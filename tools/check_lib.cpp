@@ -81,7 +81,7 @@ CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& op
     return r;
   }
   const bool cuda = opt.device == Device::kCUDA;
-  const bool stats = opt.stats && !cuda;
+  const bool stats = opt.stats;
   Outputs fast = make_outputs(inst, stats, opt.entropy),
           ref = make_outputs(inst, stats, opt.entropy);
   if (opt.bnhd) {
@@ -97,11 +97,20 @@ CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& op
     AttentionSpec spec = inst.spec;
     dm.mirror_spec(spec);
     const TensorView out = dm.to_device(fast.out.view), rs = dm.to_device(fast.row_stat.view);
+    const AttentionStats host_stats = stats_views(fast);
+    AttentionStats dev_stats;
+    dev_stats.row_max = dm.to_device(host_stats.row_max);
+    dev_stats.entropy = dm.to_device(host_stats.entropy);
+    dev_stats.col_mass = dm.to_device(host_stats.col_mass);
     s = attention_forward(dm.to_device(inst.q.view), dm.to_device(inst.k.view),
-                          dm.to_device(inst.v.view), spec, out, rs, {}, o);
+                          dm.to_device(inst.v.view), spec, out, rs, dev_stats, o);
     if (s.ok()) s = DeviceMirror::synchronize();
     if (s.ok()) s = dm.to_host(out, fast.out.view);
     if (s.ok()) s = dm.to_host(rs, fast.row_stat.view);
+    for (const auto& [d, h] : {std::pair{dev_stats.row_max, host_stats.row_max},
+                               {dev_stats.entropy, host_stats.entropy},
+                               {dev_stats.col_mass, host_stats.col_mass}})
+      if (s.ok() && d.defined()) s = dm.to_host(d, h);
   } else {
     s = attention_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, fast.out.view,
                           fast.row_stat.view, stats_views(fast), o);
@@ -281,7 +290,7 @@ CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt
     dg.dk = dm.to_device(fk.view, opt.grads_offset);
     dg.dv = dm.to_device(fv.view, opt.grads_offset);
   }
-  std::vector<ExtraGrad> extras = extra_grads(inst.spec);
+  std::vector<ExtraGrad> extras = opt.extras ? extra_grads(inst.spec) : std::vector<ExtraGrad>{};
   if (cuda) {  // extras the CUDA backward does not compute yet are left out (and named)
     std::vector<ExtraGrad> kept;
     for (const ExtraGrad& e : extras) {
@@ -298,7 +307,9 @@ CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt
   }
   std::vector<OwnedTensor> fx, rx;
   for (const ExtraGrad& e : extras) {
-    fx.push_back(OwnedTensor::zeros(DType::kF32, e.shape));
+    // With input_dtype_grads, dbias takes the bias's own dtype (as PyTorch gives it).
+    const bool own = opt.input_dtype_grads && std::string(e.name) == "dbias";
+    fx.push_back(OwnedTensor::zeros(own ? inst.spec.mods.bias.dtype : DType::kF32, e.shape));
     rx.push_back(OwnedTensor::zeros(DType::kF64, e.shape));
   }
   for (size_t i = 0; i < extras.size(); ++i) {

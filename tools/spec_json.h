@@ -95,10 +95,11 @@ struct CheckOptions {
   uint64_t seed = 1;
   bool bnhd = false;
   int threads = 0;
-  bool stats = true;    // CPU only: the CUDA kernels have no attention statistics yet
+  bool stats = true;    // the softmax family's row max, entropy and column mass
   bool entropy = true;  // with stats (the CPU's bf16 softmax step on vectors runs without it)
   Device device = Device::kCPU;    // kCUDA: inputs are copied to the GPU, outputs back
   bool input_dtype_grads = false;  // check_backward: dq, dk, dv in the inputs' dtype (CUDA)
+  bool extras = true;    // check_backward: also the gradients of the spec's tensors (dbias, ...)
   int grads_offset = 0;  // check_backward on CUDA: dq, dk, dv start this many bytes into their
                          // buffers (rows not 16-byte aligned: the kernels' unaligned paths)
   json with;  // keys merged into the mechanism's spec (e.g. a score mod on a mask's mechanism)

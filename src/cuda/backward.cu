@@ -357,9 +357,34 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // ALiBi alone (without its slopes' gradient) runs the tabled instance, which adds its term;
   // the band instance stays without it (its registers are tight).
   const bool alibi = alibi_only(spec.mods) && !grads.dalibi_slopes.defined();
-  const bool fast = (!f.has_mods || alibi) && p.softmax_family() &&
-                    ((band && !alibi) || GeneralTables::covers(p, kM, kN));
+  // So does a dense 16-bit bias alone (encode_bias), its tiles loaded by TMA, with dbias (if
+  // wanted) stored by TMA: 16 bits of q's dtype, without broadcast dims.
+  TmaMaps bias_map;
+  CUtensorMap dbias_map;
+  int dbias_hm = 0, dbias_bm = 0;
+  auto dbias_by_tma = [&] {
+    const TensorView& t = grads.dbias;
+    if (!t.defined()) return true;
+    if (t.dtype != p.q.dtype || t.ndim != 4 || t.shape[0] != p.batch || t.shape[1] != p.hq ||
+        t.shape[2] != p.max_nq || t.shape[3] != p.max_nk || t.strides[3] != 1)
+      return false;
+    core::RowOperand r;
+    r.data = static_cast<char*>(t.data);
+    r.dtype = t.dtype;
+    r.sb = p.batch > 1 ? t.strides[0] : 0;
+    r.sh = p.hq > 1 ? t.strides[1] : 0;
+    r.sn = t.strides[2];
+    return encode_rows(&dbias_map, &dbias_hm, &dbias_bm, r, p.max_nk, p.max_nq, p.hq, p.batch, kM);
+  };
+  const bool bias = bias_only(spec.mods) && !p.varlen && p.scale != 0.f &&
+                    encode_bias(p, &bias_map, kM) &&
+                    dbias_by_tma();
+  const bool fast = (!f.has_mods || alibi || bias) && p.softmax_family() &&
+                    ((band && !alibi && !bias) || GeneralTables::covers(p, kM, kN));
   f.fast_alibi = fast && alibi;
+  f.fast_bias = fast && bias;
+  f.bias_raw = f.fast_bias ? 1.f / p.scale : 0.f;
+  bp.dbias_tma = f.fast_bias && grads.dbias.defined();
   bp.stat_stride = static_cast<int64_t>(f.num_q_tiles) * kM;
   bp.num_k_tiles = static_cast<int>((p.max_nk + kN - 1) / kN);
   bp.dk = g.dk.data;
@@ -405,6 +430,14 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (bad)
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
+  if (f.fast_bias) {
+    maps.qkv.bias = bias_map.bias;
+    maps.qkv.bias_hm = bias_map.bias_hm;
+    maps.qkv.bias_bm = bias_map.bias_bm;
+    maps.dbias = dbias_map;
+    maps.dbias_hm = dbias_hm;
+    maps.dbias_bm = dbias_bm;
+  }
   // Scratch: lse2 and D per padded row, the dsinks sums, the dO copy, dq's sums.
   const int64_t stat_floats = p.batch * p.hq * bp.stat_stride;
   const int64_t copy_bytes = copy ? (batch * p.hq * rows_q * copy_sn * 2 + 255) / 256 * 256 : 0;
@@ -581,7 +614,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
 
   bp.extras = bp.dbias || bp.dslopes || bp.dtable || bp.dc || bp.du || bp.dw;
   if (e == cudaSuccess) {
-    if (fast && band && !alibi) {
+    if (fast && band && !alibi && !bias) {
       e = inst.fast(bp, maps, stream);
     } else {
       GeneralTables tables;

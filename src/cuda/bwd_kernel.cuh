@@ -65,6 +65,9 @@ struct BwdParams {
   DType dbias_dtype = DType::kF32;
   bool dbias_direct = false;
   int64_t db_sb = 0, db_sh = 0, db_si = 0, db_sj = 0;
+  // The tabled fast flavor with fast_bias: dbias (16-bit, q's dtype, no broadcast dims) is stored
+  // tile by tile through BwdMaps::dbias.
+  bool dbias_tma = false;
   double* dslopes = nullptr;
   float* dtable = nullptr;
   int table_buckets = 0;  // the relative table's columns (T5: num_buckets; clipped: 2 clip + 1)
@@ -81,15 +84,17 @@ struct BwdParams {
 
 // Tensor maps of the backward: q, k, v as in the forward (boxes of 64 query rows and 128 key rows)
 // and dO (boxes of 64 rows).
+// With the tabled fast flavor's bias (FwdParams::fast_bias), qkv.bias is the bias in boxes of 64
+// keys x 64 queries and dbias the 16-bit dbias the same way (BwdParams::dbias_tma).
 struct BwdMaps {
   TmaMaps qkv;
-  CUtensorMap dout;
-  int o_hm = 1, o_bm = 1;
+  CUtensorMap dout, dbias;
+  int o_hm = 1, o_bm = 1, dbias_hm = 0, dbias_bm = 0;
 };
 
 inline constexpr int kMaxBwdBuckets = 256;  // relative buckets the CUDA backward differentiates
 
-template <int kD, int kDV, bool kGeneral>
+template <int kD, int kDV, bool kGeneral, bool kBias = false>
 struct BwdShape {
   static constexpr int kM = 64;   // query rows per step
   static constexpr int kN = 128;  // keys per CTA: two consumer warpgroups of 64
@@ -114,12 +119,18 @@ struct BwdShape {
   static constexpr int kDqAligned = (kDqBytes + 1023) / 1024 * 1024;
   static constexpr int kTableBytes = kGeneral ? kMaxBwdBuckets * 4 : 0;  // dtable of a head
   static constexpr int kFixed = kKBytes + kVBytes + 2 * kDsBytes + kTableBytes + 1024 + 128;
-  static constexpr int kPlainStage = kQBytes + kOBytes + kStatBytes;
+  // kBias: the step's bias tile (64 query rows x 128 keys in two 64-key panels) after Q, dO and
+  // the stats; its dS tile replaces it (dbias's TMA store), whose read is waited for before dQ
+  // is written over the stage.
+  static constexpr int kBiasBytes = kBias ? kM * kN * 2 : 0;
+  static constexpr int kPlainStage = kQBytes + kOBytes + kStatBytes + kBiasBytes;
   static constexpr int kMaxSmem = 227 * 1024;
   static constexpr bool kDqOwn = kFixed + 2 * kDqAligned + 3 * kPlainStage <= kMaxSmem;
   static constexpr int kDqRing = kDqOwn ? 2 * kDqAligned : 0;
+  static constexpr int kBiasOffset = kQBytes + kOBytes + kStatBytes;
   static constexpr int kStageBytes =
       kDqOwn || kPlainStage >= kDqBytes ? kPlainStage : kDqAligned;
+  static_assert(kBiasOffset % 1024 == 0, "the bias tile's swizzle needs 1024-byte alignment");
   static constexpr int kStages = kFixed + kDqRing + 3 * kStageBytes <= kMaxSmem ? 3 : 2;
   static constexpr int kSmemBytes = kFixed + kDqRing + kStages * kStageBytes;
   // What the producer warpgroup gives up (168 - 24 per thread, the launch's cap) is what the
@@ -164,10 +175,11 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <class T, int kD, int kDV, bool kGeneral, bool kTabled>
+template <class T, int kD, int kDV, bool kGeneral, bool kTabled, bool kBias = false>
 __global__ void __launch_bounds__(384, 1)
     bwd_kernel(const __grid_constant__ BwdParams bp, const __grid_constant__ BwdMaps maps) {
-  using S = BwdShape<kD, kDV, kGeneral>;
+  static_assert(!kBias || (kTabled && !kGeneral), "the bias rides on the tabled fast flavor");
+  using S = BwdShape<kD, kDV, kGeneral, kBias>;
   using Tag = typename ElemTraits<T>::Tag;
   constexpr int kM = S::kM, kN = S::kN, kDp = S::kDp, kDVp = S::kDVp, kStages = S::kStages;
   constexpr int kSRegs = kM / 2;  // S^T, dP^T: 64 keys x 64 queries per warpgroup
@@ -184,6 +196,7 @@ __global__ void __launch_bounds__(384, 1)
   auto sQ = [&](int st) { return sTable + S::kTableBytes + S::kDqRing + st * S::kStageBytes; };
   auto sO = [&](int st) { return sQ(st) + S::kQBytes; };
   auto sStat = [&](int st) { return sO(st) + S::kOBytes; };  // lse2[kM], then D[kM]
+  auto sBias = [&](int st) { return sQ(st) + S::kBiasOffset; };  // kBias
   const uint32_t bars = sQ(kStages);
   const uint32_t bar_kv = bars;
   auto full = [&](int st) { return bars + 8 * (1 + st); };
@@ -273,7 +286,7 @@ __global__ void __launch_bounds__(384, 1)
           const uint32_t parity = phase_of(it - 1);
           const int q_row = static_cast<int>(seq.q_start) + qt * kM;
           mbar_wait(empty(st), parity ^ 1);
-          mbar_expect_tx(full(st), S::kQBytes + S::kOBytes + 2 * kM * 4);
+          mbar_expect_tx(full(st), S::kQBytes + S::kOBytes + 2 * kM * 4 + S::kBiasBytes);
           const int64_t stat_row = (static_cast<int64_t>(b) * p.hq + h) * bp.stat_stride + qt * kM;
           bulk_load(sStat(st), bp.lse2 + stat_row, kM * 4, full(st));
           bulk_load(sStat(st) + kM * 4, bp.dd + stat_row, kM * 4, full(st));
@@ -285,6 +298,11 @@ __global__ void __launch_bounds__(384, 1)
           for (int c = 0; c < kDVp / 64; ++c)
             tma_load_4d(sO(st) + c * kM * 128, &maps.dout, full(st), c * 64, q_row,
                         h * maps.o_hm, bb * maps.o_bm);
+          if constexpr (kBias)  // bias[b, h, qt * kM + 0..kM, n0 + 0..kN] in 64-key panels
+#pragma unroll
+            for (int c = 0; c < kN / 64; ++c)
+              tma_load_4d(sBias(st) + c * kM * 128, &maps.qkv.bias, full(st), n0 + c * 64,
+                          qt * kM, h * maps.qkv.bias_hm, b * maps.qkv.bias_bm);
         }
     } else if (tid / 32 == 1) {
       // The dq warp: dq's scratch += the step's scale * dQ tile, one fp32 reduce-add of the copy
@@ -317,6 +335,14 @@ __global__ void __launch_bounds__(384, 1)
   const int cw = wg - 1, lane = tid % 32, warp = (tid % 128) / 32;
   const int key_r[2] = {n0 + cw * 64 + warp * 16 + lane / 4, n0 + cw * 64 + warp * 16 + lane / 4 + 8};
   const int col0 = 2 * (lane % 4);
+  // kBias: this lane's row of 8 x 8 block lane / 8 of group j in the warpgroup's 64-key panel of
+  // the stage's bias tile (rows are queries, 16-byte chunks of 8 keys swizzled by query % 8);
+  // block m of group j holds queries (2 j + m / 2) * 8 + [0, 8) and the warp's key chunk
+  // warp * 2 + m % 2 (the accumulator's key rows r = m % 2).
+  auto bias_block = [&](int st, int j) {
+    const int m = lane / 8, i = lane % 8, kc = warp * 2 + m % 2;
+    return sBias(st) + cw * (kM * 128) + ((2 * j + m / 2) * 8 + i) * 128 + ((kc ^ i) * 16);
+  };
   float dk[kDp / 2], dv[kDVp / 2];
 #pragma unroll
   for (int x = 0; x < kDp / 2; ++x) dk[x] = 0.f;
@@ -416,6 +442,28 @@ __global__ void __launch_bounds__(384, 1)
               const float dist = d0[e / 2] + static_cast<float>(c8 * 8 + (e & 1));
               s[c8 * 4 + e] = fmaf(-alibi_raw, sym ? fabsf(dist) : dist, s[c8 * 4 + e]);
             }
+        }
+        if constexpr (kBias) {
+          // bias^T from the stage's tile, 8 x 8 blocks transposed by ldmatrix into the
+          // accumulator's layout: register m of group j is the pair s[c8 * 4 + 2 * r + (0, 1)]
+          // with c8 = 2 * j + m / 2, r = m % 2.
+#pragma unroll
+          for (int j = 0; j < kM / 16; ++j) {
+            uint32_t v[4];
+            asm volatile(
+                "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                : "r"(bias_block(st, j))
+                : "memory");
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+              const int x = (2 * j + m / 2) * 4 + 2 * (m % 2);
+              s[x] = fmaf(ElemTraits<T>::to_float(static_cast<unsigned short>(v[m] & 0xffff)),
+                          p.bias_raw, s[x]);
+              s[x + 1] = fmaf(ElemTraits<T>::to_float(static_cast<unsigned short>(v[m] >> 16)),
+                              p.bias_raw, s[x + 1]);
+            }
+          }
         }
       } else if constexpr (!kGeneral) {
         const int rows = min(kM, nq - m0);
@@ -572,7 +620,27 @@ __global__ void __launch_bounds__(384, 1)
                        : "memory");
         }
       }
+      // kBias with dbias: dS (= dbias: the bias enters the scores unscaled) over the stage's
+      // bias tile in its layout (this thread rewrites the elements it read), stored by TMA.
+      const bool dbias_tma = kBias && bp.dbias_tma;
+      if (dbias_tma) {  // da[j][m] is group j's block m (as the bias's load above)
+#pragma unroll
+        for (int j = 0; j < kM / 16; ++j)
+          asm volatile(
+              "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                  bias_block(st, j)),
+              "r"(da[j][0]), "r"(da[j][1]), "r"(da[j][2]), "r"(da[j][3])
+              : "memory");
+      }
       fence_proxy_async_smem();
+      if (dbias_tma) {
+        named_sync(4 + cw, 128);  // the warpgroup's panel is written
+        if (warp == 0 && lane == 0) {
+          tma_store_4d(&maps.dbias, sBias(st) + cw * (kM * 128), n0 + cw * 64, m0,
+                       h * maps.dbias_hm, b * maps.dbias_bm);
+          bulk_commit();
+        }
+      }
       if (kGeneral && bp.extras) {
         // The score mods' tensors' gradients from g = dS^T (0 on pairs not allowed), reading
         // this thread's g back from the dS^T tile in one rolled loop (unrolled loops per score
@@ -680,6 +748,9 @@ __global__ void __launch_bounds__(384, 1)
       // scale * dQ for the dq warp: into its own buffer once the dq warp has handed it back (the
       // stage goes back to the producer now), or over the stage once both warpgroups are done
       // reading it.
+      // With dbias, its store's read of the stage is waited for first (by the storing thread,
+      // before the stage goes back or dQ is written over it).
+      if (dbias_tma && warp == 0 && lane == 0) bulk_wait_read<0>();
       if constexpr (S::kDqOwn) {
         if (lane == 0) mbar_arrive(empty(st));
         mbar_wait(dq_empty(it & 1), dq_phase(it) ^ 1);
@@ -729,6 +800,7 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
   }
+  if (kBias && bp.dbias_tma && warp == 0 && lane == 0) bulk_wait<0>();  // dbias's last store
   if (kGeneral && bp.dbeta) {
 #pragma unroll
     for (int x = 16; x > 0; x /= 2) beta_acc += __shfl_xor_sync(0xffffffff, beta_acc, x);
@@ -759,13 +831,17 @@ __global__ void __launch_bounds__(384, 1)
 // Launches one flavor on `stream` (the general one reads the block table built by the caller).
 template <class T, int kD, int kDV, bool kGeneral, bool kTabled>
 cudaError_t launch_bwd(const BwdParams& p, const BwdMaps& maps, cudaStream_t stream) {
-  using S = BwdShape<kD, kDV, kGeneral>;
-  auto kernel = bwd_kernel<T, kD, kDV, kGeneral, kTabled>;
-  cudaError_t e =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes);
+  // The tabled fast flavor with fast_bias is its kBias instance.
+  constexpr bool kCanBias = kTabled && !kGeneral;
+  const bool bias = kCanBias && p.f.fast_bias;
+  auto kernel = bias ? bwd_kernel<T, kD, kDV, kGeneral, kTabled, kCanBias>
+                     : bwd_kernel<T, kD, kDV, kGeneral, kTabled>;
+  const int smem = bias ? BwdShape<kD, kDV, kGeneral, kCanBias>::kSmemBytes
+                        : BwdShape<kD, kDV, kGeneral>::kSmemBytes;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   const dim3 grid(p.num_k_tiles, p.f.hk, p.f.batch);
-  kernel<<<grid, S::kThreads, S::kSmemBytes, stream>>>(p, maps);
+  kernel<<<grid, BwdShape<kD, kDV, kGeneral>::kThreads, smem, stream>>>(p, maps);
   return cudaGetLastError();
 }
 

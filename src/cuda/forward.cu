@@ -100,7 +100,7 @@ Status forward(const core::Problem& p) {
   // ALiBi alone is one FMA a score on the fast kernel.
   // So is a dense 16-bit bias alone: its tiles load with K's (encode_bias).
   const bool alibi = alibi_only(spec.mods);
-  const bool bias = bias_only(spec.mods) && encode_bias(p, &maps);
+  const bool bias = bias_only(spec.mods) && encode_bias(p, &maps, 128);
   const bool plain = (!f.has_mods || alibi || bias) && p.softmax_family() &&
                      spec.gate_kind == GateKind::kNone && p.scale > 0.f;
   const bool fast = plain && (band || GeneralTables::covers(p, 128, kn));
@@ -113,6 +113,19 @@ Status forward(const core::Problem& p) {
   f.fast_alibi = fast && alibi;
   f.fast_bias = fast && bias;
   f.bias_raw = f.fast_bias ? 1.f / p.scale : 0.f;
+  // The statistics pass reads the forward's LSE (the column mass's weights): into a scratch
+  // where the caller asked for none.
+  const bool stats = p.row_max.defined() || p.entropy.defined() || p.col_mass.defined();
+  float* lse_scratch = nullptr;
+  if (stats && !f.row_stat) {
+    const RowExtent x = row_extent(p);
+    const int64_t rows = std::max<int64_t>(x.rows_q, 1);
+    e = cudaMallocAsync(reinterpret_cast<void**>(&lse_scratch), x.batch * p.hq * rows * 4, stream);
+    if (e != cudaSuccess)
+      return fail(StatusCode::kInternal, "scratch allocation failed: ", cudaGetErrorString(e));
+    f.row_stat = lse_scratch;
+    f.st_sn = 1, f.st_sh = rows, f.st_sb = p.varlen ? 0 : p.hq * rows;
+  }
   if (fast && band) {
     e = inst.fast(f, maps, stream);
   } else {
@@ -120,6 +133,12 @@ Status forward(const core::Problem& p) {
     e = tables.build(p, 128, kn, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);
     if (e == cudaSuccess) e = fast ? inst.fast(f, maps, stream) : inst.general(f, maps, stream);
     const cudaError_t e2 = tables.release(stream);
+    if (e == cudaSuccess) e = e2;
+  }
+  if (e == cudaSuccess && stats)
+    e = launch_stats(p, f, f.row_stat, f.st_sb, f.st_sh, f.st_sn, stream);
+  if (lse_scratch) {
+    const cudaError_t e2 = cudaFreeAsync(lse_scratch, stream);
     if (e == cudaSuccess) e = e2;
   }
   if (e != cudaSuccess)

@@ -174,9 +174,6 @@ Status check_common(const core::Problem& p) {
     Status s = check_rows(*r, name, r == &p.out ? 2 : 8);
     if (!s.ok()) return s;
   }
-  if (p.row_max.defined() || p.entropy.defined() || p.col_mass.defined())
-    return fail(StatusCode::kNotImplemented,
-                "attention statistics (row_max, entropy, col_mass) are not on CUDA yet");
   const Mask& m = spec.mask;
   if (m.nodes.size() > kMaxMaskNodes || m.globals.size() > kMaxMaskGlobals ||
       m.segments.size() > kMaxMaskSegments || m.block_maps.size() > kMaxBlockMaps)
@@ -469,7 +466,7 @@ bool mods_are(const ScoreMods& m, bool alibi, bool bias) {
 
 bool bias_only(const ScoreMods& m) { return mods_are(m, false, true); }
 
-bool encode_bias(const core::Problem& p, TmaMaps* maps) {
+bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows) {
   const TensorView& t = p.spec->mods.bias;
   if (p.varlen || t.dtype != p.q.dtype || t.ndim != 4 || t.shape[2] != p.max_nq ||
       t.shape[3] != p.max_nk || t.strides[3] != 1)
@@ -481,7 +478,7 @@ bool encode_bias(const core::Problem& p, TmaMaps* maps) {
   r.sh = t.shape[1] > 1 ? t.strides[1] : 0;
   r.sn = t.strides[2];
   return encode_rows(&maps->bias, &maps->bias_hm, &maps->bias_bm, r, p.max_nk, p.max_nq, p.hq,
-                     p.batch, 128);
+                     p.batch, box_rows);
 }
 
 bool alibi_only(const ScoreMods& m) { return mods_are(m, true, false); }

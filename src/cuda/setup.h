@@ -41,6 +41,11 @@ struct RowExtent {
 };
 RowExtent row_extent(const core::Problem& p);
 
+// Attention statistics (p.row_max, p.entropy, p.col_mass) from the forward's LSE, lse[b * lse_sb
+// + h * lse_sh + row * lse_sn] (stats.cu); launched on `stream` after the forward.
+cudaError_t launch_stats(const core::Problem& p, const FwdParams& f, const float* lse,
+                         int64_t lse_sb, int64_t lse_sh, int64_t lse_sn, cudaStream_t stream);
+
 // A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x
 // box_rows rows (false where the copy engine cannot address it).
 bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, int64_t cols,
@@ -83,10 +88,10 @@ class DeviceScope {
 // ALiBi is the only score mod (the fast kernels add it as one FMA a score).
 bool alibi_only(const ScoreMods& mods);
 
-// Whether the score mods are a bias alone, and the bias's tensor map for the fast forward (a
-// 16-bit bias of q's dtype, [B or 1, H or 1, Nq, Nk] with unit key stride, no varlen); false
-// where it does not qualify.
+// Whether the score mods are a bias alone, and the bias's tensor map for the fast kernels (a
+// 16-bit bias of q's dtype, [B or 1, H or 1, Nq, Nk] with unit key stride, no varlen; boxes of
+// 64 keys x box_rows queries); false where it does not qualify.
 bool bias_only(const ScoreMods& mods);
-bool encode_bias(const core::Problem& p, TmaMaps* maps);
+bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows);
 
 }  // namespace attnkit::cuda
