@@ -23,9 +23,10 @@ struct Case {
   bool bnhd;
 };
 
-// A softcap on a mask's mechanism: plain softmax under a mask that is not a band runs the fast
-// kernels with the block table; a score mod sends the same mask through the general kernels.
-const tools::json kSoftcap = {{"score_mod", {{"softcap", 20.0}}}};
+// A score mod that only the general kernels take (a clipped relative-position table): plain
+// softmax under a mask that is not a band runs the fast kernels with the block table; with this
+// mod the same mask runs through the general kernels.
+const tools::json kGeneralMod = {{"score_mod", {{"relative_buckets", "clipped"}, {"max", 8}}}};
 
 // One mechanism on one shape on the GPU against the oracle.
 void expect_matches(const std::string& mech, const Case& c, double scale, uint64_t seed,
@@ -165,9 +166,42 @@ TEST(CudaFastPath, Bias16MatchesTheOracle) {
       }
 }
 
+// A softcap on the fast forward (one tanh a score, in the raw dot products' units): alone under
+// a band and under a block map, after ALiBi, after a 16-bit bias (its tiles through TMA), with a
+// sink (at d64, where fast_softcap is false, the general kernel); then the same backward (the
+// general kernel's) after that forward.
+TEST(CudaFastPath, SoftcapMatchesTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 200, 264, 64, 64}, false},
+      {DType::kF16, {1, 3, 3, 333, 136, 128, 128}, true},
+      {DType::kBF16, {1, 2, 1, 700, 1104, 128, 128}, false},
+  };
+  const tools::json withs[] = {
+      {{"softcap", 15.0}},
+      {{"softcap", 15.0}, {"mask", "block_map"}},
+      {{"softcap", 15.0}, {"mask", "causal"}, {"score_mod", {{"alibi", "default"}}}},
+      {{"softcap", 15.0}, {"score_mod", "bias"}, {"bias_dtype", "input"}},
+      {{"softcap", 15.0},
+       {"mask", "sliding_window"},
+       {"left", 90},
+       {"right", 0},
+       {"normalizer", "sink"}},
+  };
+  int seed = 261;
+  for (const Case& c : cases)
+    for (const tools::json& with : withs) {
+      for (double scale : {1.0, 4.0}) expect_matches("dense", c, scale, seed++, with);
+      const bool grads16 = seed % 2 == 0;
+      const CheckResult r = backward_on_gpu("dense", c, seed++, grads16, with);
+      EXPECT_TRUE(r.ok) << "backward nq=" << c.dims.nq << " with=" << with.dump() << ": "
+                        << r.error;
+    }
+}
+
 // Masks with partial tiles across long rows: plain, on the fast kernel with every partial tile's
-// bits; with a softcap, on the general kernel, whose partial tiles beyond the precomputed bits
-// (16 per query tile) evaluate the mask tree in the kernel.
+// bits; with a relative-position table, on the general kernel, whose partial tiles beyond the
+// precomputed bits (16 per query tile) evaluate the mask tree in the kernel.
 TEST(CudaGeneralPath, ManyPartialTilesPerRowMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -179,7 +213,7 @@ TEST(CudaGeneralPath, ManyPartialTilesPerRowMatchTheOracle) {
     for (const char* mech : {"block_map", "neighborhood_1d", "or_window_chunked", "document"}) {
       if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
       expect_matches(mech, c, 2.0, seed++);
-      expect_matches(mech, c, 2.0, seed++, kSoftcap);
+      expect_matches(mech, c, 2.0, seed++, kGeneralMod);
     }
 }
 
@@ -230,8 +264,8 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
       EXPECT_TRUE(r.ok) << mech << " " << r.dtype << " nq=" << c.dims.nq
                         << " 16-bit grads=" << grads16 << ": " << r.error;
       if (std::string(mech) == "document" || std::string(mech) == "neighborhood_1d") {
-        const CheckResult g = backward_on_gpu(mech, c, seed++, grads16, kSoftcap);  // general
-        EXPECT_TRUE(g.ok) << mech << " + softcap " << g.dtype << " nq=" << c.dims.nq << ": "
+        const CheckResult g = backward_on_gpu(mech, c, seed++, grads16, kGeneralMod);  // general
+        EXPECT_TRUE(g.ok) << mech << " + relative table " << g.dtype << " nq=" << c.dims.nq << ": "
                           << g.error;
       }
     }

@@ -248,6 +248,9 @@ std::string build_spec(const json& s, Instance& inst, const ExtraSource& extras)
       return "unknown score_mod " + m.dump();
     }
   }
+  // "softcap" beside a score_mod: the softcap after its additive term (MECHANISMS.md: order of
+  // operations).
+  if (s.contains("softcap")) spec.mods.softcap = s.at("softcap").get<float>();
   if (s.contains("normalizer")) {
     const json& n = s.at("normalizer");
     Normalizer& norm = spec.normalizer;

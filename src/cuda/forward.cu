@@ -99,9 +99,13 @@ Status forward(const core::Problem& p) {
   // with the block table when every partial tile gets its bits.
   // ALiBi alone is one FMA a score on the fast kernel.
   // So is a dense 16-bit bias alone: its tiles load with K's (encode_bias).
-  const bool alibi = alibi_only(spec.mods);
-  const bool bias = bias_only(spec.mods) && encode_bias(p, &maps, 128);
-  const bool plain = (!f.has_mods || alibi || bias) && p.softmax_family() &&
+  // A softcap, alone or after either, is one tanh a score (in instances where fast_softcap).
+  const bool capped = spec.mods.softcap != 0.f, cap_ok = !capped || fast_softcap(inst.d);
+  const bool alibi = cap_ok && mods_are(spec.mods, true, false, capped);
+  const bool bias =
+      cap_ok && mods_are(spec.mods, false, true, capped) && encode_bias(p, &maps, 128);
+  const bool cap_only = capped && cap_ok && mods_are(spec.mods, false, false, true);
+  const bool plain = (!f.has_mods || alibi || bias || cap_only) && p.softmax_family() &&
                      spec.gate_kind == GateKind::kNone && p.scale > 0.f;
   const bool fast = plain && (band || GeneralTables::covers(p, 128, kn));
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
@@ -113,6 +117,10 @@ Status forward(const core::Problem& p) {
   f.fast_alibi = fast && alibi;
   f.fast_bias = fast && bias;
   f.bias_raw = f.fast_bias ? 1.f / p.scale : 0.f;
+  if (fast && capped) {
+    f.cap_raw = spec.mods.softcap / p.scale;
+    f.inv_cap_raw = p.scale / spec.mods.softcap;
+  }
   // The statistics pass reads the forward's LSE (the column mass's weights): into a scratch
   // where the caller asked for none.
   const bool stats = p.row_max.defined() || p.entropy.defined() || p.col_mass.defined();

@@ -28,6 +28,10 @@ struct BlockMapTemplate {
   int64_t sb = 0, sh = 0, sr = 0, sc = 1;
 };
 
+// Whether the fast forward instance of head dim d takes a softcap: not at d <= 64, where the
+// branch alone cost the dense forward 3% (run 39); a softcap there runs the general kernel.
+constexpr bool fast_softcap(int d) { return d > 64; }
+
 struct FwdParams {
   // q, k, v, out and the gate: row (b, h, n) at ptr + b * sb + h * sh + n * sn.
   const void* q = nullptr;
@@ -74,7 +78,8 @@ struct FwdParams {
   int64_t tb_sb = 0, tb_sh = 0, tb_sq = 0;
   int tb_slots = 0;
 
-  // Score mods (general kernel; ALiBi alone also on the fast kernel: fast_alibi).
+  // Score mods (general kernel; on the fast kernel ALiBi or a bias, either with a softcap, or a
+  // softcap alone: fast_alibi, fast_bias, cap_raw).
   bool has_mods = false;
   bool fast_alibi = false;
   // The fast kernel with a dense 16-bit bias of q's dtype: a bias tile rides in each stage
@@ -82,6 +87,9 @@ struct FwdParams {
   bool fast_bias = false;
   float bias_raw = 0.f;
   float softcap = 0.f;
+  // The fast forward with a softcap, in the raw dot products' units: cap_raw = softcap / scale,
+  // inv_cap_raw = scale / softcap (0: none); only in instances where fast_softcap(d).
+  float cap_raw = 0.f, inv_cap_raw = 0.f;
   AlibiMode alibi = AlibiMode::kOff;
   const float* alibi_slopes = nullptr;  // null: the default slopes
   int64_t slopes_s = 0;

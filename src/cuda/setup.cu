@@ -453,18 +453,13 @@ cudaError_t GeneralTables::release(cudaStream_t stream) {
   return e;
 }
 
-namespace {
-
-// Whether ALiBi and the bias are present as asked and no other score mod is.
-bool mods_are(const ScoreMods& m, bool alibi, bool bias) {
-  return (m.alibi != AlibiMode::kOff) == alibi && m.bias.defined() == bias && m.softcap == 0.f &&
-         !m.low_rank_u.defined() && m.relative == RelativeBucketKind::kOff &&
-         !m.forget_log_f.defined();
+bool mods_are(const ScoreMods& m, bool alibi, bool bias, bool softcap) {
+  return (m.alibi != AlibiMode::kOff) == alibi && m.bias.defined() == bias &&
+         (m.softcap != 0.f) == softcap && !m.low_rank_u.defined() &&
+         m.relative == RelativeBucketKind::kOff && !m.forget_log_f.defined();
 }
 
-}  // namespace
-
-bool bias_only(const ScoreMods& m) { return mods_are(m, false, true); }
+bool bias_only(const ScoreMods& m) { return mods_are(m, false, true, false); }
 
 bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows) {
   const TensorView& t = p.spec->mods.bias;
@@ -481,6 +476,6 @@ bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows) {
                      p.batch, box_rows);
 }
 
-bool alibi_only(const ScoreMods& m) { return mods_are(m, true, false); }
+bool alibi_only(const ScoreMods& m) { return mods_are(m, true, false, false); }
 
 }  // namespace attnkit::cuda

@@ -85,6 +85,9 @@ class DeviceScope {
   int device_ = 0, previous_ = 0;
 };
 
+// Whether ALiBi, a bias and a softcap are present as asked and no other score mod is.
+bool mods_are(const ScoreMods& mods, bool alibi, bool bias, bool softcap);
+
 // ALiBi is the only score mod (the fast kernels add it as one FMA a score).
 bool alibi_only(const ScoreMods& mods);
 
