@@ -32,10 +32,14 @@ def kernel_times(fn, reps=20):
         torch.cuda.synchronize()
     times = {}
     for e in prof.key_averages():
-        if e.device_time_total > 0:
-            name = e.key.split("<")[0].split("(")[0].replace("void ", "").replace("attnkit::cuda::", "")
-            times[name] = times.get(name, 0.0) + e.device_time_total / reps
-    return " ".join("%s %.0f" % (k[:28], v) for k, v in sorted(times.items(), key=lambda x: -x[1]))
+        # Kernels only (self time: a CPU op's total would count its kernels again).
+        if e.self_device_time_total > 0:
+            name = e.key.replace("(anonymous namespace)::", "").replace("void ", "")
+            name = name.split("<")[0].split("(")[0].replace("attnkit::cuda::", "")
+            times[name] = times.get(name, 0.0) + e.self_device_time_total / reps
+    total = sum(times.values())
+    return " ".join("%s %.0f (%.0f%%)" % (k[:28], v, 100 * v / total)
+                    for k, v in sorted(times.items(), key=lambda x: -x[1]))
 
 
 argv = sys.argv[1:]
