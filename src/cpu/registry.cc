@@ -68,13 +68,11 @@ std::vector<SupportRow> support_matrix() {
           {m.name, m.category, "reference", true, true, {"fp32", "bf16", "fp16", "fp64"}});
     rows.push_back({m.name, m.category, "cpu", true, m.cpu_backward, {"fp32", "bf16", "fp16"}});
 #if defined(ATTNKIT_WITH_CUDA)
-    // The CUDA forward (src/cuda): every tier-1 mechanism but the attention statistics. The
-    // backward (head dims up to 128): the same, with every extra's gradient; only the normalized
-    // kernel's length scale is refused by name. Head dims: cuda::built_head_dims().
-    const std::string name = m.name;
-    const bool cuda_fwd = name != "row_stats" && name != "col_mass";
-    const bool cuda_bwd = cuda_fwd;
-    rows.push_back({m.name, m.category, "cuda", cuda_fwd, cuda_bwd, cuda::built_dtypes()});
+    // The CUDA forward (src/cuda): every tier-1 mechanism, the attention statistics included
+    // (stats.cu). The backward (head dims up to 128): the same, with every extra's gradient;
+    // only the normalized kernel's length scale is refused by name. Head dims:
+    // cuda::built_head_dims().
+    rows.push_back({m.name, m.category, "cuda", true, true, cuda::built_dtypes()});
 #endif
   }
   return rows;

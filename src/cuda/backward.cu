@@ -256,40 +256,15 @@ __global__ void forget_suffix_kernel(const float* dc, int64_t dc_stride, int bat
   }
 }
 
-// Fills a 4-D view of dtype t (fp32, bf16, fp16) with src (contiguous fp32 of the same
-// extents) or, without src, zeros: the gradients added in place are zeroed first, and a 16-bit
-// dbias summed over broadcast dims is converted from its fp32 scratch.
-__global__ void fill_view_kernel(void* base, DType t, const float* src, int64_t n0, int64_t n1,
-                                 int64_t n2, int64_t n3, int64_t s0, int64_t s1, int64_t s2,
-                                 int64_t s3) {
-  const int64_t total = n0 * n1 * n2 * n3;
-  for (int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; x < total;
-       x += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t r = x;
-    const int64_t i3 = r % n3;
-    r /= n3;
-    const int64_t i2 = r % n2;
-    r /= n2;
-    const int64_t i1 = r % n1;
-    const int64_t o = (r / n1) * s0 + i1 * s1 + i2 * s2 + i3 * s3;
-    const float v = src ? src[x] : 0.f;
-    if (t == DType::kBF16)
-      static_cast<__nv_bfloat16*>(base)[o] = __float2bfloat16(v);
-    else if (t == DType::kF16)
-      static_cast<__half*>(base)[o] = __float2half(v);
-    else
-      static_cast<float*>(base)[o] = v;
-  }
-}
-
-// Launches fill_view_kernel over a 4-D view (the view's own data and dtype unless given).
+// fill_4d over a 4-D view (the view's own data and dtype unless given): the gradients added in
+// place are zeroed first, and a 16-bit dbias summed over broadcast dims is converted from its
+// fp32 scratch.
 cudaError_t fill_view(const TensorView& v, const float* src, cudaStream_t stream,
                       void* data = nullptr, DType t = DType::kF32, const int64_t* strides = nullptr) {
   const int64_t* s = strides ? strides : v.strides;
-  fill_view_kernel<<<256, 256, 0, stream>>>(data ? data : v.data, data ? t : v.dtype, src,
-                                            v.shape[0], v.shape[1], v.shape[2], v.shape[3], s[0],
-                                            s[1], s[2], s[3]);
-  return cudaGetLastError();
+  return fill_4d(data ? data : v.data, data ? t : v.dtype, src,
+                 {v.shape[0], v.shape[1], v.shape[2], v.shape[3]}, {s[0], s[1], s[2], s[3]},
+                 stream);
 }
 
 }  // namespace
@@ -530,9 +505,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     if (e == cudaSuccess && dg.defined()) {
       pp.dgain = static_cast<float*>(dg.data);
       pp.dgain_s = dg.strides[0];
-      fill_view_kernel<<<1, 256, 0, stream>>>(pp.dgain, DType::kF32, nullptr, 1, 1, 1,
-                                              dg.shape[0], 0, 0, 0, dg.strides[0]);
-      e = cudaGetLastError();
+      e = fill_4d(pp.dgain, DType::kF32, nullptr, {1, 1, 1, dg.shape[0]},
+                  {0, 0, 0, dg.strides[0]}, stream);
     }
   }
   if (e == cudaSuccess) {

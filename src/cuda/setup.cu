@@ -1,7 +1,9 @@
-// The CUDA passes' shared host-side setup (cuda/setup.h).
+// The CUDA passes' shared host-side setup (cuda/setup.h), and a strided fill they share.
 #include "cuda/setup.h"
 
 #include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
 
@@ -48,6 +50,29 @@ __global__ void relative_bucket_kernel(ScoreModEval<float> mods, int64_t origin,
 }
 
 bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+__global__ void fill_view_kernel(void* base, DType t, const float* src, int64_t n0, int64_t n1,
+                                 int64_t n2, int64_t n3, int64_t s0, int64_t s1, int64_t s2,
+                                 int64_t s3) {
+  const int64_t total = n0 * n1 * n2 * n3;
+  for (int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; x < total;
+       x += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t r = x;
+    const int64_t i3 = r % n3;
+    r /= n3;
+    const int64_t i2 = r % n2;
+    r /= n2;
+    const int64_t i1 = r % n1;
+    const int64_t o = (r / n1) * s0 + i1 * s1 + i2 * s2 + i3 * s3;
+    const float v = src ? src[x] : 0.f;
+    if (t == DType::kBF16)
+      static_cast<__nv_bfloat16*>(base)[o] = __float2bfloat16(v);
+    else if (t == DType::kF16)
+      static_cast<__half*>(base)[o] = __float2half(v);
+    else
+      static_cast<float*>(base)[o] = v;
+  }
+}
 
 }  // namespace
 
@@ -477,5 +502,12 @@ bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows) {
 }
 
 bool alibi_only(const ScoreMods& m) { return mods_are(m, true, false, false); }
+
+cudaError_t fill_4d(void* base, DType t, const float* src, const int64_t (&n)[4],
+                    const int64_t (&s)[4], cudaStream_t stream) {
+  fill_view_kernel<<<256, 256, 0, stream>>>(base, t, src, n[0], n[1], n[2], n[3], s[0], s[1], s[2],
+                                            s[3]);
+  return cudaGetLastError();
+}
 
 }  // namespace attnkit::cuda

@@ -85,6 +85,11 @@ class DeviceScope {
   int device_ = 0, previous_ = 0;
 };
 
+// Fills a 4-D strided view (base of dtype t: fp32, bf16 or fp16; extents n, strides s in
+// elements) with src (contiguous fp32 of the same extents) or, without src, zeros.
+cudaError_t fill_4d(void* base, DType t, const float* src, const int64_t (&n)[4],
+                    const int64_t (&s)[4], cudaStream_t stream);
+
 // Whether ALiBi, a bias and a softcap are present as asked and no other score mod is.
 bool mods_are(const ScoreMods& mods, bool alibi, bool bias, bool softcap);
 

@@ -1,9 +1,9 @@
 // Attention statistics on CUDA (MECHANISMS.md 1.4): each row's max score and entropy, and each
 // key's column mass over a range of query rows (its weights from the forward's LSE). The scores
 // are computed again in fp32 on the CUDA cores with the same policies as the general kernel
-// (mask tree, score mods, softcap): one warp a query row, its lanes over the keys. A pass of O(Nq Nk d)
-// multiply-adds, for analyses (SnapKV's observation window, sink detection, head importance),
-// not a training step's hot path.
+// (mask tree, score mods, softcap): one warp a query row, its lanes over the keys. A pass of
+// O(Nq Nk d) multiply-adds, for analyses (SnapKV's observation window, sink detection, head
+// importance), not a training step's hot path.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -97,15 +97,6 @@ __global__ void stats_kernel(const __grid_constant__ FwdParams p,
   }
 }
 
-// Zeros col_mass [B, heads, Nk] before the rows add to it.
-__global__ void zero_col_mass_kernel(core::StatOperand c, int64_t batch, int64_t heads,
-                                     int64_t nk) {
-  const int64_t total = batch * heads * nk;
-  for (int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; x < total;
-       x += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    c.data[(x / (heads * nk)) * c.sb + ((x / nk) % heads) * c.sh + (x % nk) * c.sn] = 0.f;
-}
-
 }  // namespace
 
 cudaError_t launch_stats(const core::Problem& p, const FwdParams& f, const float* lse,
@@ -119,10 +110,11 @@ cudaError_t launch_stats(const core::Problem& p, const FwdParams& f, const float
   sp.col_q_begin = p.col_q_begin;
   sp.col_q_end = p.col_q_end;
   sp.col_group_sum = p.col_group_sum;
-  if (p.col_mass.defined()) {
-    zero_col_mass_kernel<<<256, 256, 0, stream>>>(p.col_mass, p.batch,
-                                                  p.col_group_sum ? p.hk : p.hq, p.max_nk);
-    const cudaError_t e = cudaGetLastError();
+  if (p.col_mass.defined()) {  // zeroed before the rows add to it: [B, heads, Nk]
+    const core::StatOperand& c = p.col_mass;
+    const cudaError_t e = fill_4d(c.data, DType::kF32, nullptr,
+                                  {1, p.batch, p.col_group_sum ? p.hk : p.hq, p.max_nk},
+                                  {0, c.sb, c.sh, c.sn}, stream);
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(static_cast<unsigned>((p.max_nq + kRowsPerBlock - 1) / kRowsPerBlock),
