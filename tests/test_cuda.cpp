@@ -168,8 +168,8 @@ TEST(CudaFastPath, Bias16MatchesTheOracle) {
 
 // A softcap on the fast forward (one tanh a score, in the raw dot products' units): alone under
 // a band and under a block map, after ALiBi, after a 16-bit bias (its tiles through TMA), with a
-// sink (at d64, where fast_softcap is false, the general kernel); then the same backward (the
-// general kernel's) after that forward.
+// sink (at d64, where fast_softcap is false, the general kernel); then the same backward after
+// that forward (the tabled fast backward, the cap's derivative from P).
 TEST(CudaFastPath, SoftcapMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "cuda/backward.h"
 #include "cuda/bwd_kernel.cuh"
@@ -100,6 +101,44 @@ __device__ __forceinline__ void store_grad(void* p, DType t, int64_t i, double v
     static_cast<float*>(p)[i] = static_cast<float>(v);
 }
 
+// Row i of (b, h) in the preparation: its stat slots and its index in the tensors, or -1 for a
+// row past the sequence (up to the padded stat_stride), whose slots the `first` thread fills
+// with lse2 = +inf (no weight) and D = 0.
+struct PrepRow {
+  float* lse2;
+  float* dd;
+  int64_t row;
+};
+
+__device__ __forceinline__ PrepRow prep_row(const PrepParams& p, int i, int h, int b, bool first) {
+  int nq = p.nq;
+  int64_t q_start = 0;
+  if (p.cu_q) {
+    q_start = p.cu_q[b];
+    nq = p.cu_q[b + 1] - p.cu_q[b];
+  }
+  const int64_t slot = (static_cast<int64_t>(b) * p.hq + h) * p.stat_stride + i;
+  PrepRow r{p.lse2 + slot, p.dd + slot, q_start + i};
+  if (i >= nq) {
+    if (first) {
+      *r.lse2 = INFINITY;
+      *r.dd = 0.f;
+    }
+    r.row = -1;
+  }
+  return r;
+}
+
+// A softmax row's statistics: LSE * log2(e), D, and its share of dsinks (-exp(sink - LSE) D).
+__device__ __forceinline__ void store_softmax_stats(const PrepParams& p, const PrepRow& r, int h,
+                                                    int b, float dot) {
+  const float lse = p.row_stat[b * p.st_sb + h * p.st_sh + r.row * p.st_sn];
+  *r.lse2 = lse == -INFINITY ? INFINITY : lse * static_cast<float>(kLog2e);
+  *r.dd = dot;
+  if (p.dsinks && lse != -INFINITY)
+    atomicAdd(p.dsinks + h, -exp(static_cast<double>(p.sinks[h * p.sinks_s]) - lse) * dot);
+}
+
 // One warp per query row (blockIdx = (row / 8, head, batch)): D = dO . out, LSE * log2(e), the
 // gate's backward (dO <- dO sigmoid(G); dG = dO out (1 - sigmoid(G))), the row of dq zeroed,
 // and the row's share of dsinks (-exp(sink - LSE) D). Rows past the sequence (up to the padded
@@ -108,22 +147,10 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int i = blockIdx.x * 8 + warp, h = blockIdx.y, b = blockIdx.z;
   if (i >= p.stat_stride) return;
-  int nq = p.nq;
-  int64_t q_start = 0;
-  if (p.cu_q) {
-    q_start = p.cu_q[b];
-    nq = p.cu_q[b + 1] - p.cu_q[b];
-  }
-  float* lse2 = p.lse2 + (static_cast<int64_t>(b) * p.hq + h) * p.stat_stride + i;
-  float* dd = p.dd + (static_cast<int64_t>(b) * p.hq + h) * p.stat_stride + i;
-  if (i >= nq) {
-    if (lane == 0) {
-      *lse2 = INFINITY;
-      *dd = 0.f;
-    }
-    return;
-  }
-  const int64_t row = q_start + i;
+  const PrepRow r = prep_row(p, i, h, b, lane == 0);
+  if (r.row < 0) return;
+  const int64_t row = r.row;
+  float *const lse2 = r.lse2, *const dd = r.dd;
   const int64_t o_off = b * p.o_sb + h * p.o_sh + row * p.o_sn;
   const int64_t do_off = b * p.do_sb + h * p.do_sh + row * p.do_sn;
   const int64_t g_row = b * p.g_sb + h * p.g_sh + row * p.g_sn;
@@ -199,17 +226,76 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
     *dd = dot;
     return;
   }
-  const float lse = p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn];
-  *lse2 = lse == -INFINITY ? INFINITY : lse * static_cast<float>(kLog2e);
-  *dd = dot;
-  if (p.dsinks && lse != -INFINITY)
-    atomicAdd(p.dsinks + h, -exp(static_cast<double>(p.sinks[h * p.sinks_s]) - lse) * dot);
+  store_softmax_stats(p, r, h, b, dot);
+}
+
+// Eight 16-bit values (one 16-byte load) to floats, their dot product with another eight.
+template <typename T>
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
+  const uint32_t x[4] = {a.x, a.y, a.z, a.w}, y[4] = {b.x, b.y, b.z, b.w};
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    float2 u, v;
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x[k]));
+      v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&y[k]));
+    } else {
+      u = __half22float2(*reinterpret_cast<const __half2*>(&x[k]));
+      v = __half22float2(*reinterpret_cast<const __half2*>(&y[k]));
+    }
+    s += u.x * v.x + u.y * v.y;
+  }
+  return s;
+}
+
+// The preparation of a plain softmax row (no gate, no ReLA, dO read in place, 16-bit O and dO,
+// dv / 8 a power of two up to 32, rows aligned to 16 bytes): a group of dv / 8 threads a row,
+// each with one 16-byte load of dO and of O, and float4 stores of the zeroed dq. The general
+// kernel's loads of 2 bytes a lane ran at about a third of the memory's rate (run 40).
+template <typename T>
+__global__ void bwd_prep_vec_kernel(const __grid_constant__ PrepParams p, int group_log2) {
+  const int g = 1 << group_log2, j = threadIdx.x & (g - 1), lane = threadIdx.x % 32;
+  const int i = blockIdx.x * (256 >> group_log2) + (threadIdx.x >> group_log2);
+  const int h = blockIdx.y, b = blockIdx.z;
+  if (i >= p.stat_stride) return;  // the whole group leaves together
+  const PrepRow r = prep_row(p, i, h, b, j == 0);
+  if (r.row < 0) return;
+  const int64_t row = r.row;
+  const T* o = static_cast<const T*>(p.out) + b * p.o_sb + h * p.o_sh + row * p.o_sn;
+  const T* go = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + row * p.do_sn;
+  float dot = dot8<T>(*reinterpret_cast<const uint4*>(go + 8 * j),
+                      *reinterpret_cast<const uint4*>(o + 8 * j));
+  float* dq = p.dq + b * p.dq_sb + h * p.dq_sh + row * p.dq_sn;
+  for (int c = 4 * j; c < p.d; c += 4 * g)
+    *reinterpret_cast<float4*>(dq + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+  const unsigned mask = g == 32 ? 0xffffffffu : ((1u << g) - 1) << (lane & ~(g - 1));
+  for (int x = g / 2; x > 0; x /= 2) dot += __shfl_xor_sync(mask, dot, x);
+  if (j != 0) return;
+  store_softmax_stats(p, r, h, b, dot);
+}
+
+// Whether bwd_prep_vec_kernel serves these rows: the group's log2 size, or -1.
+int prep_vec_group(const PrepParams& p) {
+  if (p.gate != GateKind::kNone || p.raw_o || p.dout_copy || !p.row_stat || p.kernel_norm)
+    return -1;
+  if (p.out_dtype != p.do_dtype || (p.out_dtype != DType::kBF16 && p.out_dtype != DType::kF16))
+    return -1;
+  if (p.dv % 8 != 0 || p.dv > 256 || (p.dv / 8 & (p.dv / 8 - 1)) != 0 || p.d % 4 != 0) return -1;
+  const auto aligned = [](const void* ptr, int64_t sb, int64_t sh, int64_t sn) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0 && sn % 8 == 0;
+  };
+  if (!aligned(p.out, p.o_sb, p.o_sh, p.o_sn) || !aligned(p.dout, p.do_sb, p.do_sh, p.do_sn))
+    return -1;
+  int lg = 0;
+  while ((8 << lg) < p.dv) ++lg;
+  return lg;
 }
 
 // dq in its dtype from the fp32 sums (rows as in the preparation: one warp per row).
 __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, int64_t a_sn,
                                   void* dq, DType t, int64_t sb, int64_t sh, int64_t sn, int d,
-                                  int nq, const int32_t* cu_q, int64_t rows) {
+                                  int nq, const int32_t* cu_q, int64_t rows, bool vec4) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int i = blockIdx.x * 8 + warp, h = blockIdx.y, b = blockIdx.z;
   if (i >= rows) return;
@@ -222,6 +308,25 @@ __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, 
   const float* src = acc + b * a_sb + h * a_sh + (q_start + i) * a_sn;
   const int64_t off = b * sb + h * sh + (q_start + i) * sn;
   void* row = static_cast<char*>(dq) + off * (t == DType::kF32 ? 4 : 2);
+  if (vec4) {  // 16-bit dq, rows of 8-byte aligned quads: a float4 in, 8 bytes out a lane
+    const auto pack = [t](float a, float b) {
+      uint32_t w;
+      if (t == DType::kBF16) {
+        const __nv_bfloat162 x = __floats2bfloat162_rn(a, b);
+        memcpy(&w, &x, 4);
+      } else {
+        const __half2 x = __floats2half2_rn(a, b);
+        memcpy(&w, &x, 4);
+      }
+      return w;
+    };
+    for (int c = 4 * lane; c < d; c += 128) {
+      const float4 v = *reinterpret_cast<const float4*>(src + c);
+      *reinterpret_cast<uint2*>(static_cast<char*>(row) + 2 * c) =
+          make_uint2(pack(v.x, v.y), pack(v.z, v.w));
+    }
+    return;
+  }
   for (int c = lane; c < d; c += 32) store_grad_elem(row, t, c, src[c]);
 }
 
@@ -331,7 +436,10 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // every partial tile its bits.
   // ALiBi alone (without its slopes' gradient) runs the tabled instance, which adds its term;
   // the band instance stays without it (its registers are tight).
-  const bool alibi = alibi_only(spec.mods) && !grads.dalibi_slopes.defined();
+  // A softcap, alone or after either, runs the tabled instance too (the cap's derivative from P).
+  const bool capped = spec.mods.softcap != 0.f;
+  const bool alibi =
+      mods_are(spec.mods, true, false, capped) && !grads.dalibi_slopes.defined();
   // So does a dense 16-bit bias alone (encode_bias), its tiles loaded by TMA, with dbias (if
   // wanted) stored by TMA: 16 bits of q's dtype, without broadcast dims.
   TmaMaps bias_map;
@@ -351,11 +459,17 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     r.sn = t.strides[2];
     return encode_rows(&dbias_map, &dbias_hm, &dbias_bm, r, p.max_nk, p.max_nq, p.hq, p.batch, kM);
   };
-  const bool bias = bias_only(spec.mods) && !p.varlen && p.scale != 0.f &&
+  const bool bias = mods_are(spec.mods, false, true, capped) && !p.varlen && p.scale != 0.f &&
                     encode_bias(p, &bias_map, kM) &&
                     dbias_by_tma();
-  const bool fast = (!f.has_mods || alibi || bias) && p.softmax_family() &&
-                    ((band && !alibi && !bias) || GeneralTables::covers(p, kM, kN));
+  const bool cap_only = capped && mods_are(spec.mods, false, false, true);
+  const bool fast = (!f.has_mods || alibi || bias || cap_only) && p.softmax_family() &&
+                    (!capped || p.scale > 0.f) &&
+                    ((band && !alibi && !bias && !capped) || GeneralTables::covers(p, kM, kN));
+  if (fast && capped) {
+    f.cap_raw = spec.mods.softcap / p.scale;
+    f.inv_cap_raw = p.scale / spec.mods.softcap;
+  }
   f.fast_alibi = fast && alibi;
   f.fast_bias = fast && bias;
   f.bias_raw = f.fast_bias ? 1.f / p.scale : 0.f;
@@ -512,7 +626,17 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (e == cudaSuccess) {
     const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
                     static_cast<unsigned>(p.batch));
-    bwd_prep_kernel<<<grid, 256, 0, stream>>>(pp);
+    const int lg = prep_vec_group(pp);
+    if (lg < 0) {
+      bwd_prep_kernel<<<grid, 256, 0, stream>>>(pp);
+    } else {
+      const dim3 vgrid(static_cast<unsigned>((bp.stat_stride + (256 >> lg) - 1) / (256 >> lg)),
+                       grid.y, grid.z);
+      if (pp.out_dtype == DType::kBF16)
+        bwd_prep_vec_kernel<__nv_bfloat16><<<vgrid, 256, 0, stream>>>(pp, lg);
+      else
+        bwd_prep_vec_kernel<__half><<<vgrid, 256, 0, stream>>>(pp, lg);
+    }
     e = cudaGetLastError();
   }
   if (e == cudaSuccess && dsinks) {
@@ -588,7 +712,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
 
   bp.extras = bp.dbias || bp.dslopes || bp.dtable || bp.dc || bp.du || bp.dw;
   if (e == cudaSuccess) {
-    if (fast && band && !alibi && !bias) {
+    if (fast && band && !alibi && !bias && !capped) {
       e = inst.fast(bp, maps, stream);
     } else {
       GeneralTables tables;
@@ -601,9 +725,13 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (e == cudaSuccess) {
     const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
                     static_cast<unsigned>(p.batch));
+    const core::RowOperand& dqv = g.dq;
+    const bool dq_vec4 = (dqv.dtype == DType::kBF16 || dqv.dtype == DType::kF16) && f.d % 4 == 0 &&
+                         reinterpret_cast<uintptr_t>(dqv.data) % 8 == 0 && dqv.sb % 4 == 0 &&
+                         dqv.sh % 4 == 0 && dqv.sn % 4 == 0;
     convert_dq_kernel<<<grid, 256, 0, stream>>>(bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, g.dq.data,
                                                 g.dq.dtype, g.dq.sb, g.dq.sh, g.dq.sn, f.d, f.nq,
-                                                f.cu_q, bp.stat_stride);
+                                                f.cu_q, bp.stat_stride, dq_vec4);
     e = cudaGetLastError();
   }
   if (dbias_scratch) {

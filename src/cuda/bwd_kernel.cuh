@@ -465,6 +465,11 @@ __global__ void __launch_bounds__(384, 1)
             }
           }
         }
+        if (p.cap_raw != 0.f) {  // the softcap after the additive terms, as in the forward
+          const float cap = p.cap_raw, inv = p.inv_cap_raw;
+#pragma unroll
+          for (int x = 0; x < kSRegs; ++x) s[x] = cap * fast_tanh(s[x] * inv);
+        }
       } else if constexpr (!kGeneral) {
         const int rows = min(kM, nq - m0);
         const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,
@@ -527,15 +532,27 @@ __global__ void __launch_bounds__(384, 1)
       };
       if constexpr (!kGeneral) {
         // Softmax: P^T while dP^T is multiplied, then dS^T = P^T (dP^T - D) while dV is.
+        // P^T is packed as it is computed; with a softcap (tabled instance) s keeps P^T (1 - t^2),
+        // the cap's derivative with t = s / cap_raw read off the capped score it overwrites.
+        const bool capped = kTabled && p.cap_raw != 0.f;
 #pragma unroll
         for (int c8 = 0; c8 < kM / 8; ++c8) {
           const float2 l2 = stat_pair(c8, 0);
+          float pw[4];
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            s[c8 * 4 + e] =
-                allowed(c8, e) ? fast_exp2(fmaf(s[c8 * 4 + e], to2, (e & 1) ? -l2.y : -l2.x)) : 0.f;
+          for (int e = 0; e < 4; ++e) {
+            const int x = c8 * 4 + e;
+            pw[e] = allowed(c8, e) ? fast_exp2(fmaf(s[x], to2, (e & 1) ? -l2.y : -l2.x)) : 0.f;
+            if (capped) {
+              const float t = s[x] * p.inv_cap_raw;
+              s[x] = pw[e] * (1.f - t * t);
+            } else {
+              s[x] = pw[e];
+            }
+          }
+          pa[c8 / 2][(c8 % 2) * 2] = ElemTraits<T>::pack(pw[0], pw[1]);  // pack_p's layout
+          pa[c8 / 2][(c8 % 2) * 2 + 1] = ElemTraits<T>::pack(pw[2], pw[3]);
         }
-        pack_p<T, kM>(s, pa);
         issue_dv();
         wgmma_commit();
         wgmma_wait<1>();  // dP^T

@@ -88,7 +88,8 @@ struct FwdParams {
   float bias_raw = 0.f;
   float softcap = 0.f;
   // The fast forward with a softcap, in the raw dot products' units: cap_raw = softcap / scale,
-  // inv_cap_raw = scale / softcap (0: none); only in instances where fast_softcap(d).
+  // inv_cap_raw = scale / softcap (0: none); only in instances where fast_softcap(d). The fast
+  // backward's tabled instance takes it too.
   float cap_raw = 0.f, inv_cap_raw = 0.f;
   AlibiMode alibi = AlibiMode::kOff;
   const float* alibi_slopes = nullptr;  // null: the default slopes

@@ -484,8 +484,6 @@ bool mods_are(const ScoreMods& m, bool alibi, bool bias, bool softcap) {
          m.relative == RelativeBucketKind::kOff && !m.forget_log_f.defined();
 }
 
-bool bias_only(const ScoreMods& m) { return mods_are(m, false, true, false); }
-
 bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows) {
   const TensorView& t = p.spec->mods.bias;
   if (p.varlen || t.dtype != p.q.dtype || t.ndim != 4 || t.shape[2] != p.max_nq ||
@@ -500,8 +498,6 @@ bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows) {
   return encode_rows(&maps->bias, &maps->bias_hm, &maps->bias_bm, r, p.max_nk, p.max_nq, p.hq,
                      p.batch, box_rows);
 }
-
-bool alibi_only(const ScoreMods& m) { return mods_are(m, true, false, false); }
 
 cudaError_t fill_4d(void* base, DType t, const float* src, const int64_t (&n)[4],
                     const int64_t (&s)[4], cudaStream_t stream) {

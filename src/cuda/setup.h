@@ -93,13 +93,9 @@ cudaError_t fill_4d(void* base, DType t, const float* src, const int64_t (&n)[4]
 // Whether ALiBi, a bias and a softcap are present as asked and no other score mod is.
 bool mods_are(const ScoreMods& mods, bool alibi, bool bias, bool softcap);
 
-// ALiBi is the only score mod (the fast kernels add it as one FMA a score).
-bool alibi_only(const ScoreMods& mods);
-
-// Whether the score mods are a bias alone, and the bias's tensor map for the fast kernels (a
-// 16-bit bias of q's dtype, [B or 1, H or 1, Nq, Nk] with unit key stride, no varlen; boxes of
-// 64 keys x box_rows queries); false where it does not qualify.
-bool bias_only(const ScoreMods& mods);
+// The bias's tensor map for the fast kernels (a 16-bit bias of q's dtype, [B or 1, H or 1, Nq,
+// Nk] with unit key stride, no varlen; boxes of 64 keys x box_rows queries); false where it does
+// not qualify.
 bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows);
 
 }  // namespace attnkit::cuda
