@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <string>
-#include <type_traits>
 
 #include "cuda/backward.h"
 #include "cuda/bwd_kernel.cuh"
@@ -234,18 +233,11 @@ template <typename T>
 __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
   const uint32_t x[4] = {a.x, a.y, a.z, a.w}, y[4] = {b.x, b.y, b.z, b.w};
   float s = 0.f;
+  const auto f = [](uint32_t w, int hi) {
+    return ElemTraits<T>::to_float(static_cast<unsigned short>(w >> (16 * hi)));
+  };
 #pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    float2 u, v;
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x[k]));
-      v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&y[k]));
-    } else {
-      u = __half22float2(*reinterpret_cast<const __half2*>(&x[k]));
-      v = __half22float2(*reinterpret_cast<const __half2*>(&y[k]));
-    }
-    s += u.x * v.x + u.y * v.y;
-  }
+  for (int k = 0; k < 4; ++k) s += f(x[k], 0) * f(y[k], 0) + f(x[k], 1) * f(y[k], 1);
   return s;
 }
 
@@ -310,15 +302,8 @@ __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, 
   void* row = static_cast<char*>(dq) + off * (t == DType::kF32 ? 4 : 2);
   if (vec4) {  // 16-bit dq, rows of 8-byte aligned quads: a float4 in, 8 bytes out a lane
     const auto pack = [t](float a, float b) {
-      uint32_t w;
-      if (t == DType::kBF16) {
-        const __nv_bfloat162 x = __floats2bfloat162_rn(a, b);
-        memcpy(&w, &x, 4);
-      } else {
-        const __half2 x = __floats2half2_rn(a, b);
-        memcpy(&w, &x, 4);
-      }
-      return w;
+      return t == DType::kBF16 ? ElemTraits<__nv_bfloat16>::pack(a, b)
+                               : ElemTraits<__half>::pack(a, b);
     };
     for (int c = 4 * lane; c < d; c += 128) {
       const float4 v = *reinterpret_cast<const float4*>(src + c);
@@ -437,9 +422,9 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // ALiBi alone (without its slopes' gradient) runs the tabled instance, which adds its term;
   // the band instance stays without it (its registers are tight).
   // A softcap, alone or after either, runs the tabled instance too (the cap's derivative from P).
-  const bool capped = spec.mods.softcap != 0.f;
-  const bool alibi =
-      mods_are(spec.mods, true, false, capped) && !grads.dalibi_slopes.defined();
+  const FastMods fm = fast_mods(spec.mods);
+  const bool capped = fm.capped;
+  const bool alibi = fm.alibi && !grads.dalibi_slopes.defined();
   // So does a dense 16-bit bias alone (encode_bias), its tiles loaded by TMA, with dbias (if
   // wanted) stored by TMA: 16 bits of q's dtype, without broadcast dims.
   TmaMaps bias_map;
@@ -459,17 +444,13 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     r.sn = t.strides[2];
     return encode_rows(&dbias_map, &dbias_hm, &dbias_bm, r, p.max_nk, p.max_nq, p.hq, p.batch, kM);
   };
-  const bool bias = mods_are(spec.mods, false, true, capped) && !p.varlen && p.scale != 0.f &&
+  const bool bias = fm.bias && !p.varlen && p.scale != 0.f &&
                     encode_bias(p, &bias_map, kM) &&
                     dbias_by_tma();
-  const bool cap_only = capped && mods_are(spec.mods, false, false, true);
-  const bool fast = (!f.has_mods || alibi || bias || cap_only) && p.softmax_family() &&
+  const bool fast = (!f.has_mods || alibi || bias || fm.cap_only) && p.softmax_family() &&
                     (!capped || p.scale > 0.f) &&
                     ((band && !alibi && !bias && !capped) || GeneralTables::covers(p, kM, kN));
-  if (fast && capped) {
-    f.cap_raw = spec.mods.softcap / p.scale;
-    f.inv_cap_raw = p.scale / spec.mods.softcap;
-  }
+  if (fast && capped) set_fast_softcap(&f, spec.mods.softcap, p.scale);
   f.fast_alibi = fast && alibi;
   f.fast_bias = fast && bias;
   f.bias_raw = f.fast_bias ? 1.f / p.scale : 0.f;

@@ -465,11 +465,8 @@ __global__ void __launch_bounds__(384, 1)
             }
           }
         }
-        if (p.cap_raw != 0.f) {  // the softcap after the additive terms, as in the forward
-          const float cap = p.cap_raw, inv = p.inv_cap_raw;
-#pragma unroll
-          for (int x = 0; x < kSRegs; ++x) s[x] = cap * fast_tanh(s[x] * inv);
-        }
+        // The softcap after the additive terms, as in the forward.
+        if (p.cap_raw != 0.f) softcap_raw(s, p.cap_raw, p.inv_cap_raw);
       } else if constexpr (!kGeneral) {
         const int rows = min(kM, nq - m0);
         const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,

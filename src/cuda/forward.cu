@@ -100,11 +100,11 @@ Status forward(const core::Problem& p) {
   // ALiBi alone is one FMA a score on the fast kernel.
   // So is a dense 16-bit bias alone: its tiles load with K's (encode_bias).
   // A softcap, alone or after either, is one tanh a score (in instances where fast_softcap).
-  const bool capped = spec.mods.softcap != 0.f, cap_ok = !capped || fast_softcap(inst.d);
-  const bool alibi = cap_ok && mods_are(spec.mods, true, false, capped);
-  const bool bias =
-      cap_ok && mods_are(spec.mods, false, true, capped) && encode_bias(p, &maps, 128);
-  const bool cap_only = capped && cap_ok && mods_are(spec.mods, false, false, true);
+  const FastMods fm = fast_mods(spec.mods);
+  const bool cap_ok = !fm.capped || fast_softcap(inst.d);
+  const bool alibi = cap_ok && fm.alibi;
+  const bool bias = cap_ok && fm.bias && encode_bias(p, &maps, 128);
+  const bool cap_only = cap_ok && fm.cap_only;
   const bool plain = (!f.has_mods || alibi || bias || cap_only) && p.softmax_family() &&
                      spec.gate_kind == GateKind::kNone && p.scale > 0.f;
   const bool fast = plain && (band || GeneralTables::covers(p, 128, kn));
@@ -117,10 +117,7 @@ Status forward(const core::Problem& p) {
   f.fast_alibi = fast && alibi;
   f.fast_bias = fast && bias;
   f.bias_raw = f.fast_bias ? 1.f / p.scale : 0.f;
-  if (fast && capped) {
-    f.cap_raw = spec.mods.softcap / p.scale;
-    f.inv_cap_raw = p.scale / spec.mods.softcap;
-  }
+  if (fast && fm.capped) set_fast_softcap(&f, spec.mods.softcap, p.scale);
   // The statistics pass reads the forward's LSE (the column mass's weights): into a scratch
   // where the caller asked for none.
   const bool stats = p.row_max.defined() || p.entropy.defined() || p.col_mass.defined();

@@ -55,6 +55,14 @@ __device__ __forceinline__ float fast_tanh(float x) {
   return y;
 }
 
+// The fast kernels' softcap on a thread's scores, in the raw dot products' units:
+// x = cap tanh(x * inv), cap = FwdParams::cap_raw, inv = inv_cap_raw.
+template <int kRegs>
+__device__ __forceinline__ void softcap_raw(float (&s)[kRegs], float cap, float inv) {
+#pragma unroll
+  for (int x = 0; x < kRegs; ++x) s[x] = cap * fast_tanh(s[x] * inv);
+}
+
 // normalizers.h's weights in float on the special-function unit, without calls: a call (or a
 // division's slow path) in the consumer loop makes ptxas spill the accumulators around it. Same
 // definitions; float accuracy (2-3 ulp) where the shared policies use the libm functions.

@@ -262,11 +262,7 @@ __global__ void __launch_bounds__(384, 1)
       // The softcap, after the additive terms, before the mask; not in the d64 instances (the
       // branch alone cost their dense forward 3%, run 39: a softcap there runs the general one).
       if constexpr (fast_softcap(kD)) {
-        if (p.cap_raw != 0.f) {
-          const float cap = p.cap_raw, inv = p.inv_cap_raw;
-#pragma unroll
-          for (int x = 0; x < kSRegs; ++x) s[x] = cap * fast_tanh(s[x] * inv);
-        }
+        if (p.cap_raw != 0.f) softcap_raw(s, p.cap_raw, p.inv_cap_raw);
       }
       if (tabled) {
         const uint8_t entry = tclass[t];

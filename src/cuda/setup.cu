@@ -478,10 +478,24 @@ cudaError_t GeneralTables::release(cudaStream_t stream) {
   return e;
 }
 
-bool mods_are(const ScoreMods& m, bool alibi, bool bias, bool softcap) {
-  return (m.alibi != AlibiMode::kOff) == alibi && m.bias.defined() == bias &&
-         (m.softcap != 0.f) == softcap && !m.low_rank_u.defined() &&
-         m.relative == RelativeBucketKind::kOff && !m.forget_log_f.defined();
+FastMods fast_mods(const ScoreMods& m) {
+  FastMods r;
+  r.capped = m.softcap != 0.f;
+  // Whether ALiBi and the bias are present as asked and no other mod but the softcap is.
+  const auto only = [&](bool alibi, bool bias) {
+    return (m.alibi != AlibiMode::kOff) == alibi && m.bias.defined() == bias &&
+           !m.low_rank_u.defined() && m.relative == RelativeBucketKind::kOff &&
+           !m.forget_log_f.defined();
+  };
+  r.alibi = only(true, false);
+  r.bias = only(false, true);
+  r.cap_only = r.capped && only(false, false);
+  return r;
+}
+
+void set_fast_softcap(FwdParams* f, float softcap, float scale) {
+  f->cap_raw = softcap / scale;
+  f->inv_cap_raw = scale / softcap;
 }
 
 bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows) {

@@ -90,8 +90,19 @@ class DeviceScope {
 cudaError_t fill_4d(void* base, DType t, const float* src, const int64_t (&n)[4],
                     const int64_t (&s)[4], cudaStream_t stream);
 
-// Whether ALiBi, a bias and a softcap are present as asked and no other score mod is.
-bool mods_are(const ScoreMods& mods, bool alibi, bool bias, bool softcap);
+// The score mods the fast kernels take: ALiBi or a dense bias, each alone or followed by a
+// softcap, or a softcap alone (each pass adds its own conditions: the bias's tensor map, the
+// head dims with a softcap, the gradients asked for).
+struct FastMods {
+  bool capped = false;    // a softcap (after ALiBi or the bias, or alone)
+  bool alibi = false;     // ALiBi, no other mod but the softcap
+  bool bias = false;      // a bias, no other mod but the softcap
+  bool cap_only = false;  // the softcap alone
+};
+FastMods fast_mods(const ScoreMods& mods);
+
+// The softcap of the fast kernels in the raw dot products' units (cap_raw = softcap / scale).
+void set_fast_softcap(FwdParams* f, float softcap, float scale);
 
 // The bias's tensor map for the fast kernels (a 16-bit bias of q's dtype, [B or 1, H or 1, Nq,
 // Nk] with unit key stride, no varlen; boxes of 64 keys x box_rows queries); false where it does
