@@ -2,6 +2,9 @@
 // oracle on random inputs (several scales, odd sizes, Nq != Nk, GQA/MQA, BNHD, dv != d).
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
+
 #include "attnkit/variant/score_mods.h"
 #include "core/convert.h"
 #include "spec_json.h"
@@ -98,6 +101,24 @@ TEST(Policies, HalfAndBfloatDecodeEveryPattern) {
     else
       EXPECT_EQ(b16, wantb) << x;
   }
+}
+
+// The oracle's fp16 rounding (round_f16: bit arithmetic) equals the round trip through
+// _Float16 on every float's top 19 bits with the 13 bits below them at ties, next to ties, zero
+// and full (fp16's normal and subnormal ranges, overflow to infinity, NaN). Checked once on all
+// 2^32 floats when it was written.
+TEST(Policies, HalfRoundingMatchesTheCompiler) {
+  for (uint32_t top = 0; top < (1u << 19); ++top)
+    for (uint32_t low : {0x0u, 0x1u, 0xfffu, 0x1000u, 0x1001u, 0x1fffu}) {
+      const uint32_t u = top << 13 | low;
+      float f;
+      std::memcpy(&f, &u, 4);
+      const float got = core::round_f16(f), want = core::f16_to_float(core::float_to_f16(f));
+      if (std::isnan(want))
+        ASSERT_TRUE(std::isnan(got)) << std::hex << u;
+      else
+        ASSERT_EQ(got, want) << std::hex << u;
+    }
 }
 
 // A bias given in q's dtype (bf16, fp16) equals the same values given in fp32.

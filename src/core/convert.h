@@ -1,8 +1,10 @@
 // Scalar dtype conversion (bf16 and fp16 round to nearest even). For packing and the oracle;
 // the SIMD kernels convert whole rows with their own vector code.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "attnkit/tensor.h"
 
@@ -67,6 +69,25 @@ inline void store_from_double(void* p, DType t, int64_t i, double x) {
       break;
   }
 }
+// f rounded to the nearest fp16 value (ties to even), as a float: the same value as the round trip
+// through _Float16, without the library calls that the round trip costs on CPUs compiled without
+// F16C (the oracle rounds every product of P V: hundreds of millions of calls).
+inline float round_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return f;  // infinities and NaN
+  if (a < 0x38800000u) {           // below 2^-14: fp16's subnormals, multiples of 2^-24
+    constexpr float kQuantum = 1.f / 16777216.f;
+    return std::nearbyint(f * 16777216.f) * kQuantum;  // the default rounding: to nearest even
+  }
+  u += 0xfffu + ((u >> 13) & 1u);  // 23 -> 10 mantissa bits, ties to even
+  u &= ~0x1fffu;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return std::fabs(r) > 65504.f ? std::copysign(std::numeric_limits<float>::infinity(), f) : r;
+}
+
 // Rounds x to dtype t and back (what storing in t loses).
 inline double round_to(DType t, double x) {
   switch (t) {
@@ -75,7 +96,7 @@ inline double round_to(DType t, double x) {
     case DType::kBF16:
       return bf16_to_float(float_to_bf16(static_cast<float>(x)));
     case DType::kF16:
-      return f16_to_float(float_to_f16(static_cast<float>(x)));
+      return round_f16(static_cast<float>(x));
     default:
       return x;
   }
