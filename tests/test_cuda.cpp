@@ -125,6 +125,38 @@ TEST(CudaFastPath, LongSequencesMatchTheOracle) {
     }
 }
 
+// The persistent forward with a few CTAs walking many work items each
+// (ATTNKIT_CUDA_PERSISTENT_FWD=5; 1: one CTA walks them all): the ring's stages and Q's barrier
+// run on across items, among them items without a key tile (bottom-right causal rows before the
+// first key); the fast kernel under a band, with the block table, ALiBi and a softcap, and the
+// general one (tiles past shorter packed sequences: the varlen test of test_torch.py).
+TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 333, 700, 128, 128}, false},
+      {DType::kF16, {1, 6, 3, 1030, 1030, 64, 64}, true},
+      {DType::kBF16, {1, 2, 1, 700, 333, 64, 64}, false},
+  };
+  const char* was = std::getenv("ATTNKIT_CUDA_PERSISTENT_FWD");
+  const std::string saved = was ? was : "";
+  int seed = 401;
+  for (const char* ctas : {"5", "1"}) {
+    setenv("ATTNKIT_CUDA_PERSISTENT_FWD", ctas, 1);
+    for (const Case& c : cases) {
+      for (const char* mech :
+           {"causal", "sliding_window", "document", "sink", "alibi", "softcap", "gate"}) {
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        expect_matches(mech, c, 2.0, seed++);
+      }
+      expect_matches("causal", c, 2.0, seed++, kGeneralMod);
+    }
+  }
+  if (was)
+    setenv("ATTNKIT_CUDA_PERSISTENT_FWD", saved.c_str(), 1);
+  else
+    unsetenv("ATTNKIT_CUDA_PERSISTENT_FWD");
+}
+
 // A 16-bit bias of the inputs' dtype with key counts the copy engine can address (rows of a
 // multiple of 16 bytes) runs the fast kernels, its tiles loaded by TMA: per (b, h) and
 // broadcast, with no mask, causal and a block map (block table), across stage wrap-arounds and

@@ -4,6 +4,7 @@ fullgraph=True, opcheck, and CUDA tensors refused with a TypeError naming the ru
 PyTorch is not installed (CI); run on the GPU machine (docs/python.md)."""
 import itertools
 import math
+import os
 
 import pytest
 
@@ -252,9 +253,23 @@ def test_cuda_varlen_matches_the_cpu(d):
     q = torch.randn(sum(lens_q), 4, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(sum(lens_k), 2, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(sum(lens_k), 2, d, device="cuda", dtype=torch.bfloat16)
-    for kw in [dict(), dict(causal=True), dict(window=(100, 0)), dict(score_mod=attnkit.score_mods.Softcap(20.0))]:
-        out, lse = attnkit.attention(q, k, v, cu_seqlens_q=cu_q.cuda(), cu_seqlens_kv=cu_k.cuda(),
-                                     return_lse=True, **kw)
+    # ATTNKIT_CUDA_PERSISTENT_FWD=3: three CTAs walk the forward's work items (tiles past the
+    # shorter sequences among them, passed over by the producer).
+    was = os.environ.get("ATTNKIT_CUDA_PERSISTENT_FWD")
+    for kw, ctas in itertools.product(
+            [dict(), dict(causal=True), dict(window=(100, 0)),
+             dict(score_mod=attnkit.score_mods.Softcap(20.0))], [None, "3"]):
+        if ctas is None:
+            os.environ.pop("ATTNKIT_CUDA_PERSISTENT_FWD", None)
+        else:
+            os.environ["ATTNKIT_CUDA_PERSISTENT_FWD"] = ctas
+        try:
+            out, lse = attnkit.attention(q, k, v, cu_seqlens_q=cu_q.cuda(),
+                                         cu_seqlens_kv=cu_k.cuda(), return_lse=True, **kw)
+        finally:
+            os.environ.pop("ATTNKIT_CUDA_PERSISTENT_FWD", None)
+            if was is not None:
+                os.environ["ATTNKIT_CUDA_PERSISTENT_FWD"] = was
         ref, ref_lse = attnkit.attention(q.cpu().float(), k.cpu().float(), v.cpu().float(),
                                          cu_seqlens_q=cu_q, cu_seqlens_kv=cu_k, return_lse=True, **kw)
         err = (out.cpu().float() - ref).norm() / ref.norm()

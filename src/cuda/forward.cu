@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 #include "cuda/forward.h"
@@ -114,6 +115,33 @@ Status forward(const core::Problem& p) {
   DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;
+  // Work items: query tiles of every (b, h), walked by one CTA a multiprocessor (epilogues and
+  // the next item's loads overlap). ATTNKIT_CUDA_PERSISTENT_FWD=0 launches one CTA an item, =n
+  // n CTAs (for measurements and tests).
+  const int64_t items = int64_t{f.num_q_tiles} * p.hq * f.batch;
+  if (items > std::numeric_limits<int>::max())
+    return fail(StatusCode::kInvalidArgument, "batch * heads * ceil(max query length / 128) = ",
+                str(items), " query tiles: the CUDA forward takes at most 2^31 - 1");
+  f.num_items = static_cast<int>(items);
+  const char* pf = std::getenv("ATTNKIT_CUDA_PERSISTENT_FWD");
+  int sms = 0;
+  if (pf && *pf) {
+    char* end = nullptr;
+    const long n = std::strtol(pf, &end, 10);
+    sms = *end == '\0' && n > 0 && n < (1 << 20) ? static_cast<int>(n) : 0;
+  } else if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device_index) != 0) {
+    (void)cudaGetLastError();  // one CTA an item, and no error left for the launch to report
+    sms = 0;
+  }
+  if (sms > 0 && sms < f.num_items) {
+    e = cudaMallocAsync(reinterpret_cast<void**>(&f.sched), sizeof(int), stream);
+    if (e == cudaSuccess) e = cudaMemsetAsync(f.sched, 0, sizeof(int), stream);
+    if (e != cudaSuccess) {
+      if (f.sched) (void)cudaFreeAsync(f.sched, stream);
+      return fail(StatusCode::kInternal, "scratch allocation failed: ", cudaGetErrorString(e));
+    }
+    f.persistent = sms;
+  }
   f.fast_alibi = fast && alibi;
   f.fast_bias = fast && bias;
   f.bias_raw = f.fast_bias ? 1.f / p.scale : 0.f;
@@ -126,8 +154,10 @@ Status forward(const core::Problem& p) {
     const RowExtent x = row_extent(p);
     const int64_t rows = std::max<int64_t>(x.rows_q, 1);
     e = cudaMallocAsync(reinterpret_cast<void**>(&lse_scratch), x.batch * p.hq * rows * 4, stream);
-    if (e != cudaSuccess)
+    if (e != cudaSuccess) {
+      if (f.sched) (void)cudaFreeAsync(f.sched, stream);
       return fail(StatusCode::kInternal, "scratch allocation failed: ", cudaGetErrorString(e));
+    }
     f.row_stat = lse_scratch;
     f.st_sn = 1, f.st_sh = rows, f.st_sb = p.varlen ? 0 : p.hq * rows;
   }
@@ -142,8 +172,9 @@ Status forward(const core::Problem& p) {
   }
   if (e == cudaSuccess && stats)
     e = launch_stats(p, f, f.row_stat, f.st_sb, f.st_sh, f.st_sn, stream);
-  if (lse_scratch) {
-    const cudaError_t e2 = cudaFreeAsync(lse_scratch, stream);
+  for (void* scratch : {static_cast<void*>(lse_scratch), static_cast<void*>(f.sched)}) {
+    if (!scratch) continue;
+    const cudaError_t e2 = cudaFreeAsync(scratch, stream);
     if (e == cudaSuccess) e = e2;
   }
   if (e != cudaSuccess)

@@ -10,7 +10,12 @@
 //   128B-swizzled tile), so the normalization of tile j runs while the tensor cores work on P V.
 //   Between the two warpgroups, named barriers take turns at issuing (ping-pong) so that one
 //   warpgroup's normalization overlaps the other's matrix multiplies.
-// No CTA-wide barrier is taken after the prologue.
+// No CTA-wide barrier is taken after the prologue. A CTA walks work items (FwdWork): one, or
+// with FwdParams::persistent (one CTA a multiprocessor) as many as it takes from a counter; the
+// producer thread hands each to the consumer warps through two shared slots. The ring runs on
+// across items, and the producer loads the next item's Q once both consumer warpgroups have
+// their last S of the current one (empty_q), so the next item's first tiles arrive while the
+// consumers store the current one's rows.
 //
 // Two flavors per (dtype, head dims):
 // - kGeneral = false: plain softmax (or with a sink); the scale folds into the exponent. The
@@ -26,6 +31,8 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "cuda/fwd_common.cuh"
 #include "cuda/fwd_mask.cuh"
 #include "cuda/fwd_params.h"
@@ -37,7 +44,7 @@ template <int kD, int kDV>
 struct FwdShape : FwdTiles<kD, kDV> {
   using Base = FwdTiles<kD, kDV>;
   static constexpr int kThreads = 384;  // producer + 2 consumer warpgroups
-  static constexpr int kBarBytes = 128;
+  static constexpr int kBarBytes = 256;  // the mbarriers and the schedule's two slots
   static constexpr int kStageBytes = Base::kKBytes + Base::kVBytes;
   static constexpr int kStages =
       Base::kQBytes + 3 * kStageBytes + 1024 + kBarBytes <= 227 * 1024 ? 3 : 2;
@@ -50,6 +57,48 @@ struct FwdShape : FwdTiles<kD, kDV> {
       Base::kQBytes + kBiasStages * (kStageBytes + kBiasBytes) + 1024 + kBarBytes;
   static_assert(kBiasSmemBytes <= 227 * 1024, "two stages with bias tiles must fit");
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+};
+
+// A work item of the forward: query tile `tile` of (b, h), and the key tiles it visits: those of
+// [t_begin, t_end) that next() does not skip (the band's, or the non-empty ones of the block
+// table, general or fast with a table). Items run x = num_q_tiles - 1 - tile fastest (long rows
+// first, and the CTAs at work share their heads' K and V in L2), then h, then b.
+template <int kM, int kN>
+struct FwdWork {
+  int b = 0, h = 0, tile = 0, m0 = 0, rows = 0, t_begin = 0, t_end = 0;
+  SeqExtent seq;
+  bool tabled = false;
+  const uint8_t* tclass = nullptr;
+  const uint32_t* tbits = nullptr;
+
+  __device__ __forceinline__ FwdWork(const FwdParams& p, int item, bool general) {
+    const int bh = item / p.num_q_tiles;
+    tile = p.num_q_tiles - 1 - (item - bh * p.num_q_tiles);
+    h = bh % p.hq;
+    b = bh / p.hq;
+    seq = seq_extent(p, b);
+    m0 = tile * kM;
+    rows = min(kM, seq.nq - m0);
+    if (m0 >= seq.nq) return;  // a tile past this sequence (varlen): nothing to do
+    t_end = seq.nk > 0 ? (seq.nk + kN - 1) / kN : 0;
+    tabled = general || p.tile_class != nullptr;  // the forward lost nothing by it
+    if (tabled) {
+      tclass = p.tile_class + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(tile) * p.tc_nkt;
+      tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh + tile * p.tb_sq;
+    } else {
+      const int64_t lo = m0 + seq.offset - p.band_left;
+      const int64_t hi = m0 + rows - 1 + seq.offset + p.band_right;
+      t_begin = static_cast<int>(imax(lo, 0) / kN);
+      if (hi < 0) t_end = 0;
+      else if (t_end > 0) t_end = static_cast<int>(imin(hi, seq.nk - 1) / kN) + 1;
+    }
+  }
+  __device__ __forceinline__ bool live() const { return m0 < seq.nq; }
+  __device__ __forceinline__ int next(int t) const {
+    if (tabled)
+      while (t < t_end && static_cast<TileClass>(tclass[t]) == TileClass::kEmpty) ++t;
+    return t;
+  }
 };
 
 template <class T, int kD, int kDV, bool kGeneral, bool kBias = false>
@@ -74,40 +123,23 @@ __global__ void __launch_bounds__(384, 1)
   auto full_v = [&](int st) { return bars + 8 * (1 + kStages + st); };
   auto empty_k = [&](int st) { return bars + 8 * (1 + 2 * kStages + st); };
   auto empty_v = [&](int st) { return bars + 8 * (1 + 3 * kStages + st); };
+  const uint32_t empty_q = bars + 8 * (1 + 4 * kStages);  // the consumers are done with Q
+  // The schedule: the producer thread hands each item to the consumer warps through two slots.
+  auto sched_full = [&](int y) { return bars + 8 * (2 + 4 * kStages + y); };
+  auto sched_empty = [&](int y) { return bars + 8 * (4 + 4 * kStages + y); };
+  const uint32_t sSched = bars + 8 * (6 + 4 * kStages);  // int[2]
+  static_assert(8 * (6 + 4 * kStages) + 8 <= S::kBarBytes, "the barriers' bytes");
+  // Stage and phase of the ring's it-th tile, counted over the CTA's items.
   auto phase_of = [](int it) { return static_cast<uint32_t>((it / kStages) & 1); };
-
-  const int b = blockIdx.z, h = blockIdx.y;
-  const int tile = p.num_q_tiles - 1 - static_cast<int>(blockIdx.x);  // long rows first
-  const SeqExtent seq = seq_extent(p, b);
-  const int nq = seq.nq, nk = seq.nk;
-  const int m0 = tile * kM;
-  if (m0 >= nq) return;
-  const int rows = min(kM, nq - m0);
-
-  // Key tiles to visit: those of [t_begin, t_end) that next_tile does not skip: the band's, or
-  // the non-empty ones of the block table (general, or fast with a table).
-  int t_begin = 0, t_end = nk > 0 ? (nk + kN - 1) / kN : 0;
-  const bool tabled = kGeneral || p.tile_class != nullptr;  // the forward lost nothing by it
-  const uint8_t* tclass = nullptr;
-  const uint32_t* tbits = nullptr;
-  if (tabled) {
-    tclass = p.tile_class + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(tile) * p.tc_nkt;
-    tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh + tile * p.tb_sq;
-  } else {
-    const int64_t lo = m0 + seq.offset - p.band_left, hi = m0 + rows - 1 + seq.offset + p.band_right;
-    t_begin = static_cast<int>(imax(lo, 0) / kN);
-    if (hi < 0) t_end = 0;
-    else if (t_end > 0) t_end = static_cast<int>(imin(hi, nk - 1) / kN) + 1;
-  }
-  auto next_tile = [&](int t) {
-    if (tabled)
-      while (t < t_end && static_cast<TileClass>(tclass[t]) == TileClass::kEmpty) ++t;
-    return t;
-  };
 
   const int tid = threadIdx.x, wg = tid / 128;
   if (tid == 0) {
     mbar_init(bar_q, 1);
+    mbar_init(empty_q, 8);  // one arrival per consumer warp
+    for (int y = 0; y < 2; ++y) {
+      mbar_init(sched_full(y), 1);
+      mbar_init(sched_empty(y), 8);
+    }
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(full_k(st), 1);
@@ -126,34 +158,57 @@ __global__ void __launch_bounds__(384, 1)
       tma_prefetch_map(&maps.q);
       tma_prefetch_map(&maps.k);
       tma_prefetch_map(&maps.v);
-      const int bb = p.cu_q ? 0 : b, hk = h / p.group;
-      const int q_row = static_cast<int>(seq.q_start) + m0;
-      mbar_expect_tx(bar_q, S::kQBytes);
-#pragma unroll
-      for (int c = 0; c < kDp / 64; ++c)
-        tma_load_4d(sQ + c * kM * 128, &maps.q, bar_q, c * 64, q_row, h * maps.q_hm,
-                    bb * maps.q_bm);
-      int it = 0;
-      for (int t = next_tile(t_begin); t < t_end; t = next_tile(t + 1), ++it) {
-        const int st = it % kStages;
-        const int k_row = static_cast<int>(seq.k_start) + t * kN;
-        mbar_wait(empty_k(st), phase_of(it) ^ 1);
-        mbar_expect_tx(full_k(st), S::kKBytes + (kBias ? S::kBiasBytes : 0));
+      int it = 0;  // the ring's tiles so far
+      // Item j goes to slot j % 2 (-1 ends the walk). The first is blockIdx.x; the next come
+      // from the counter (persistent) or gridDim.x on (one item a CTA), claimed once the last
+      // one's tiles are issued; tiles past their sequence (varlen) are passed over here.
+      auto claim = [&](int64_t item) -> int64_t {
+        return (p.sched ? atomicAdd(p.sched, 1) : item) + static_cast<int64_t>(gridDim.x);
+      };
+      int64_t item = blockIdx.x;
+      for (int j = 0;; ++j) {
+        if (j > 0) item = claim(item);
+        while (item < p.num_items && !FwdWork<kM, kN>(p, static_cast<int>(item), kGeneral).live())
+          item = claim(item);
+        const int y = j & 1;
+        mbar_wait(sched_empty(y), ((j >> 1) & 1) ^ 1);
+        const int given = item < p.num_items ? static_cast<int>(item) : -1;
+        asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(sSched + 4 * y), "r"(given) : "memory");
+        mbar_arrive(sched_full(y));
+        if (given < 0) break;
+        const FwdWork<kM, kN> w(p, given, kGeneral);
+        // Q of every item, the j-th load on bar_q (one without a key tile reads rows nobody
+        // uses: the count stays the items').
+        const int b = w.b, h = w.h, m0 = w.m0;
+        const int bb = p.cu_q ? 0 : b, hk = h / p.group;
+        const int q_row = static_cast<int>(w.seq.q_start) + m0;
+        mbar_wait(empty_q, (j & 1) ^ 1);
+        mbar_expect_tx(bar_q, S::kQBytes);
 #pragma unroll
         for (int c = 0; c < kDp / 64; ++c)
-          tma_load_4d(sK(st) + c * kN * 128, &maps.k, full_k(st), c * 64, k_row, hk * maps.k_hm,
-                      bb * maps.k_bm);
-        if constexpr (kBias)  // bias[b, h, m0 + 0..kM, t * kN + 0..kN] in 64-key boxes
+          tma_load_4d(sQ + c * kM * 128, &maps.q, bar_q, c * 64, q_row, h * maps.q_hm,
+                      bb * maps.q_bm);
+        for (int t = w.next(w.t_begin); t < w.t_end; t = w.next(t + 1), ++it) {
+          const int st = it % kStages;
+          const int k_row = static_cast<int>(w.seq.k_start) + t * kN;
+          mbar_wait(empty_k(st), phase_of(it) ^ 1);
+          mbar_expect_tx(full_k(st), S::kKBytes + (kBias ? S::kBiasBytes : 0));
 #pragma unroll
-          for (int c = 0; c < kN / 64; ++c)
-            tma_load_4d(sB(st) + c * kM * 128, &maps.bias, full_k(st), t * kN + c * 64, m0,
-                        h * maps.bias_hm, b * maps.bias_bm);
-        mbar_wait(empty_v(st), phase_of(it) ^ 1);
-        mbar_expect_tx(full_v(st), S::kVBytes);
+          for (int c = 0; c < kDp / 64; ++c)
+            tma_load_4d(sK(st) + c * kN * 128, &maps.k, full_k(st), c * 64, k_row, hk * maps.k_hm,
+                        bb * maps.k_bm);
+          if constexpr (kBias)  // bias[b, h, m0 + 0..kM, t * kN + 0..kN] in 64-key boxes
 #pragma unroll
-        for (int c = 0; c < kDVp / 64; ++c)
-          tma_load_4d(sV(st) + c * kN * 128, &maps.v, full_v(st), c * 64, k_row, hk * maps.v_hm,
-                      bb * maps.v_bm);
+            for (int c = 0; c < kN / 64; ++c)
+              tma_load_4d(sB(st) + c * kM * 128, &maps.bias, full_k(st), t * kN + c * 64, m0,
+                          h * maps.bias_hm, b * maps.bias_bm);
+          mbar_wait(empty_v(st), phase_of(it) ^ 1);
+          mbar_expect_tx(full_v(st), S::kVBytes);
+#pragma unroll
+          for (int c = 0; c < kDVp / 64; ++c)
+            tma_load_4d(sV(st) + c * kN * 128, &maps.v, full_v(st), c * 64, k_row, hk * maps.v_hm,
+                        bb * maps.v_bm);
+        }
       }
     }
     return;
@@ -162,288 +217,316 @@ __global__ void __launch_bounds__(384, 1)
   // Consumers.
   regs_inc<S::kConsumerRegs>();
   const int cw = wg - 1, lane = tid % 32, warp = (tid % 128) / 32;
-  const int row_i[2] = {m0 + cw * 64 + warp * 16 + lane / 4, m0 + cw * 64 + warp * 16 + lane / 4 + 8};
   const int col0 = 2 * (lane % 4);
   const bool pingpong = p.pingpong;
   const int my_turn = 1 + cw, other_turn = 2 - cw;  // named barrier ids
+  int ring = 0;  // the ring's tiles consumed by earlier items
+  for (int j = 0;; ++j) {
+    const int y = j & 1;
+    mbar_wait(sched_full(y), (j >> 1) & 1);
+    int item;
+    asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(item) : "r"(sSched + 4 * y) : "memory");
+    __syncwarp();
+    if (lane == 0) mbar_arrive(sched_empty(y));
+    if (item < 0) break;
+    const FwdWork<kM, kN> w(p, item, kGeneral);
+    auto release = [&](uint32_t bar) {
+      if (lane == 0) mbar_arrive(bar);
+    };
+    mbar_wait(bar_q, j & 1);
+    const int b = w.b, h = w.h, m0 = w.m0, rows = w.rows, t_begin = w.t_begin, t_end = w.t_end;
+    const SeqExtent& seq = w.seq;
+    const int nq = seq.nq, nk = seq.nk;
+    const bool tabled = w.tabled;
+    const uint8_t* const tclass = w.tclass;
+    const uint32_t* const tbits = w.tbits;
+    auto next_tile = [&](int t) { return w.next(t); };
+    const int row0 = m0 + cw * 64 + warp * 16 + lane / 4;
+    const int row_i[2] = {row0, row0 + 8};
 
-  // Normalizer state per row. The fast flavor keeps the running max of raw dot products (the
-  // scale folds into the exponent), the general one of the modified scores.
-  const NormalizerKind norm =
-      kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink : NormalizerKind::kSoftmax);
-  const bool softmax = norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink;
-  const float to2 = kGeneral ? static_cast<float>(kLog2e) : p.scale_log2;
-  float m[2], l[2] = {0.f, 0.f};
-  {
-    const float sink = p.sinks ? p.sinks[h * p.sinks_s] : kNegInf;
-    m[0] = m[1] = kGeneral ? sink : sink / p.scale;
-    if (p.sinks) l[0] = l[1] = 0.25f;  // exp(sink - sink), split over the quad's 4 partial sums
-  }
-  if (norm == NormalizerKind::kKernel) m[0] = m[1] = 0.f;  // the running max of the weights
-  float o[kORegs];
-#pragma unroll
-  for (int x = 0; x < kORegs; ++x) o[x] = 0.f;
-
-  // The general flavor's run-time policies of this (b, h).
-  MaskState ms;
-  ScoreModEval<float> mods;
-  bool additive = false, prescale = false;
-  float cap = 0.f, inv_cap = 0.f, beta = 0.f;
-  float lscale[2] = {1.f, 1.f};
-  if constexpr (kGeneral) {
-    resolve_mask(p, b, h, seq.offset, ms);
-    mods = resolve_mods(p, b, h);
-    additive = p.has_mods && mods.has_additive();
-    cap = p.softcap;
-    inv_cap = cap != 0.f ? 1.f / cap : 0.f;
-    prescale = norm == NormalizerKind::kKernel && p.length_scale;
-    beta = p.has_beta ? p.beta : -logf(static_cast<float>(nk));
-    if (prescale) {  // the normalized kernel's length scale needs each row's allowed-key count
-      int cnt[2] = {0, 0};
-      for (int u = next_tile(t_begin); u < t_end; u = next_tile(u + 1)) {
-        const bool full = static_cast<TileClass>(tclass[u]) == TileClass::kFull;
-        for (int x = lane % 4; x < kN; x += 4) {
-          const int j = u * kN + x;
-          if (j >= nk) break;
-#pragma unroll
-          for (int r = 0; r < 2; ++r)
-            cnt[r] += row_i[r] < nq && (full || mask_allowed(ms.mask, p.num_nodes, row_i[r], j));
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        lscale[r] = length_scale<float>(static_cast<int>(quad_sum(static_cast<float>(cnt[r]))));
+    // Normalizer state per row. The fast flavor keeps the running max of raw dot products (the
+    // scale folds into the exponent), the general one of the modified scores.
+    const NormalizerKind norm =
+        kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink : NormalizerKind::kSoftmax);
+    const bool softmax = norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink;
+    const float to2 = kGeneral ? static_cast<float>(kLog2e) : p.scale_log2;
+    float m[2], l[2] = {0.f, 0.f};
+    {
+      const float sink = p.sinks ? p.sinks[h * p.sinks_s] : kNegInf;
+      m[0] = m[1] = kGeneral ? sink : sink / p.scale;
+      if (p.sinks) l[0] = l[1] = 0.25f;  // exp(sink - sink), split over the quad's 4 partial sums
     }
-  }
-
-  // Fast flavor with ALiBi: the term -slope |i' - j| (or -slope (i' - j) causal) in units of
-  // the raw dot products (divided by the scale, which the exponent applies), one FMA a score.
-  const float alibi_raw = !kGeneral && p.fast_alibi ? alibi_slope_raw(p, h) : 0.f;
-  const bool alibi_abs = p.alibi == AlibiMode::kSymmetric;
-
-  // Scores of key tile t: the band mask or a partial tile's bits (fast), or the scale, the score
-  // mods (additive terms, then the softcap) and the mask on partial tiles (general). Masked
-  // scores become -inf.
-  auto score = [&](float (&s)[kSRegs], int t, int st) {
-    const int n0 = t * kN;
-    if constexpr (kBias) {
-      // The stage's bias tile: 64-key panels of kM rows of 128 bytes whose 16-byte chunks are
-      // swizzled by row % 8 (= lane / 4: conflict-free); one 32-bit load per score pair.
+    if (norm == NormalizerKind::kKernel) m[0] = m[1] = 0.f;  // the running max of the weights
+    float o[kORegs];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = row_i[r] - m0;
-        const uint32_t line = sB(st) + row * 128 + col0 * 2;
+    for (int x = 0; x < kORegs; ++x) o[x] = 0.f;
+
+    // The general flavor's run-time policies of this (b, h).
+    MaskState ms;
+    ScoreModEval<float> mods;
+    bool additive = false, prescale = false;
+    float cap = 0.f, inv_cap = 0.f, beta = 0.f;
+    float lscale[2] = {1.f, 1.f};
+    if constexpr (kGeneral) {
+      resolve_mask(p, b, h, seq.offset, ms);
+      mods = resolve_mods(p, b, h);
+      additive = p.has_mods && mods.has_additive();
+      cap = p.softcap;
+      inv_cap = cap != 0.f ? 1.f / cap : 0.f;
+      prescale = norm == NormalizerKind::kKernel && p.length_scale;
+      beta = p.has_beta ? p.beta : -logf(static_cast<float>(nk));
+      if (prescale) {  // the normalized kernel's length scale needs each row's allowed-key count
+        int cnt[2] = {0, 0};
+        for (int u = next_tile(t_begin); u < t_end; u = next_tile(u + 1)) {
+          const bool full = static_cast<TileClass>(tclass[u]) == TileClass::kFull;
+          for (int x = lane % 4; x < kN; x += 4) {
+            const int j = u * kN + x;
+            if (j >= nk) break;
 #pragma unroll
-        for (int c = 0; c < kN / 8; ++c) {
-          uint32_t v;
-          asm volatile("ld.shared.b32 %0, [%1];\n"
-                       : "=r"(v)
-                       : "r"(line + (c / 8) * (kM * 128) + (((c % 8) ^ (row % 8)) * 16)));
-          const float lo = ElemTraits<T>::to_float(static_cast<unsigned short>(v & 0xffff));
-          const float hi = ElemTraits<T>::to_float(static_cast<unsigned short>(v >> 16));
-          s[c * 4 + 2 * r] = fmaf(lo, p.bias_raw, s[c * 4 + 2 * r]);
-          s[c * 4 + 2 * r + 1] = fmaf(hi, p.bias_raw, s[c * 4 + 2 * r + 1]);
+            for (int r = 0; r < 2; ++r)
+              cnt[r] += row_i[r] < nq && (full || mask_allowed(ms.mask, p.num_nodes, row_i[r], j));
+          }
         }
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          lscale[r] = length_scale<float>(static_cast<int>(quad_sum(static_cast<float>(cnt[r]))));
       }
     }
-    if constexpr (!kGeneral) {
-      if (alibi_raw != 0.f) {
-        const int base = static_cast<int>(seq.offset) - n0 - col0;  // i' - j = row + base - x
-        const float d0[2] = {static_cast<float>(row_i[0] + base),
-                             static_cast<float>(row_i[1] + base)};
+
+    // Fast flavor with ALiBi: the term -slope |i' - j| (or -slope (i' - j) causal) in units of
+    // the raw dot products (divided by the scale, which the exponent applies), one FMA a score.
+    const float alibi_raw = !kGeneral && p.fast_alibi ? alibi_slope_raw(p, h) : 0.f;
+    const bool alibi_abs = p.alibi == AlibiMode::kSymmetric;
+
+    // Scores of key tile t: the band mask or a partial tile's bits (fast), or the scale, the score
+    // mods (additive terms, then the softcap) and the mask on partial tiles (general). Masked
+    // scores become -inf.
+    auto score = [&](float (&s)[kSRegs], int t, int st) {
+      const int n0 = t * kN;
+      if constexpr (kBias) {
+        // The stage's bias tile: 64-key panels of kM rows of 128 bytes whose 16-byte chunks are
+        // swizzled by row % 8 (= lane / 4: conflict-free); one 32-bit load per score pair.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = row_i[r] - m0;
+          const uint32_t line = sB(st) + row * 128 + col0 * 2;
+#pragma unroll
+          for (int c = 0; c < kN / 8; ++c) {
+            uint32_t v;
+            asm volatile("ld.shared.b32 %0, [%1];\n"
+                         : "=r"(v)
+                         : "r"(line + (c / 8) * (kM * 128) + (((c % 8) ^ (row % 8)) * 16)));
+            const float lo = ElemTraits<T>::to_float(static_cast<unsigned short>(v & 0xffff));
+            const float hi = ElemTraits<T>::to_float(static_cast<unsigned short>(v >> 16));
+            s[c * 4 + 2 * r] = fmaf(lo, p.bias_raw, s[c * 4 + 2 * r]);
+            s[c * 4 + 2 * r + 1] = fmaf(hi, p.bias_raw, s[c * 4 + 2 * r + 1]);
+          }
+        }
+      }
+      if constexpr (!kGeneral) {
+        if (alibi_raw != 0.f) {
+          const int base = static_cast<int>(seq.offset) - n0 - col0;  // i' - j = row + base - x
+          const float d0[2] = {static_cast<float>(row_i[0] + base),
+                               static_cast<float>(row_i[1] + base)};
+#pragma unroll
+          for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float dist = d0[e / 2] - static_cast<float>(c * 8 + (e & 1));
+              s[c * 4 + e] = fmaf(-alibi_raw, alibi_abs ? fabsf(dist) : dist, s[c * 4 + e]);
+            }
+        }
+        // The softcap, after the additive terms, before the mask; not in the d64 instances (the
+        // branch alone cost their dense forward 3%, run 39: a softcap there runs the general one).
+        if constexpr (fast_softcap(kD)) {
+          if (p.cap_raw != 0.f) softcap_raw(s, p.cap_raw, p.inv_cap_raw);
+        }
+        if (tabled) {
+          const uint8_t entry = tclass[t];
+          if (entry >= kTileBits) {  // every partial tile has its bits here (see forward.cu)
+            const uint64_t allow = fwd_tile_bits<kM, kN>(tbits, entry, row_i, m0, col0);
+#pragma unroll
+            for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                if (!((allow >> ((e / 2) * (kN / 4) + 2 * c + (e & 1))) & 1))
+                  s[c * 4 + e] = kNegInf;
+          }
+        } else {
+          const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,
+                                             n0 + kN - 1, p.band_left, p.band_right);
+          if (c != TileClass::kFull || n0 + kN > nk)
+            band_mask<kN>(s, row_i, n0, col0, nk, seq.offset, p.band_left, p.band_right);
+        }
+      } else {
+        // A partial tile's element mask, one bit per score of the thread (bit r * kN / 4 + 2 * c +
+        // e for row r, chunk c, column e): from the precomputed bits of its slot, or else from
+        // the mask tree at one call site in a rolled loop (the out-of-line call saves the live
+        // registers around it; 64 unrolled sites would multiply that code).
+        constexpr int kBitsPerRow = kN / 4;
+        uint64_t allow = ~uint64_t{0};
+        const uint8_t entry = tclass[t];
+        if (entry >= kTileBits) {
+          allow = fwd_tile_bits<kM, kN>(tbits, entry, row_i, m0, col0);
+        } else if (static_cast<TileClass>(entry) != TileClass::kFull) {
+          allow = 0;
+#pragma unroll 1
+          for (int x = 0; x < 2 * kBitsPerRow; ++x) {
+            const int y = x % kBitsPerRow;
+            const int j = n0 + (y / 2) * 8 + col0 + (y & 1);
+            const int i = x < kBitsPerRow ? row_i[0] : row_i[1];
+            if (i < nq && j < nk && mask_allowed(ms.mask, p.num_nodes, i, j))
+              allow |= uint64_t{1} << x;
+          }
+        }
+        // One unrolled loop per step present (a loop doing every step per score is too much
+        // code for the instruction cache).
+        const float scale = p.scale;
+        each_score<kN>(s, n0, col0, [&](float& x, int, int) { x *= scale; });
+        if (additive) add_score_terms<kN>(s, mods, row_i, seq.offset, n0, col0, nq, nk);
+        if (cap != 0.f)
+          each_score<kN>(s, n0, col0,
+                         [&](float& x, int, int) { x = cap * fast_tanh(x * inv_cap); });
+        if (prescale)
+          each_score<kN>(s, n0, col0,
+                         [&](float& x, int r, int) { x = lscale[r] == 0.f ? 0.f : x * lscale[r]; });
 #pragma unroll
         for (int c = 0; c < kN / 8; ++c)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float dist = d0[e / 2] - static_cast<float>(c * 8 + (e & 1));
-            s[c * 4 + e] = fmaf(-alibi_raw, alibi_abs ? fabsf(dist) : dist, s[c * 4 + e]);
+            const int r = e / 2, j = n0 + c * 8 + col0 + (e & 1);
+            const bool ok = row_i[r] < nq && j < nk &&
+                            ((allow >> (r * kBitsPerRow + 2 * c + (e & 1))) & 1);
+            s[c * 4 + e] = ok ? s[c * 4 + e] : kNegInf;
           }
       }
-      // The softcap, after the additive terms, before the mask; not in the d64 instances (the
-      // branch alone cost their dense forward 3%, run 39: a softcap there runs the general one).
-      if constexpr (fast_softcap(kD)) {
-        if (p.cap_raw != 0.f) softcap_raw(s, p.cap_raw, p.inv_cap_raw);
-      }
-      if (tabled) {
-        const uint8_t entry = tclass[t];
-        if (entry >= kTileBits) {  // every partial tile has its bits here (see forward.cu)
-          const uint64_t allow = fwd_tile_bits<kM, kN>(tbits, entry, row_i, m0, col0);
+    };
+    // S -> P in place; alpha receives each row's rescale factor of O.
+    auto normalize = [&](float (&s)[kSRegs], float (&alpha)[2]) {
+      if (softmax) {
 #pragma unroll
-          for (int c = 0; c < kN / 8; ++c)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              if (!((allow >> ((e / 2) * (kN / 4) + 2 * c + (e & 1))) & 1)) s[c * 4 + e] = kNegInf;
+        for (int r = 0; r < 2; ++r) alpha[r] = softmax_row<kN>(s, r, to2, m[r], l[r]);
+      } else if constexpr (kGeneral) {
+        // Masked scores (-inf) weigh 0.
+        if (norm == NormalizerKind::kSigmoid) {
+          each_score<kN>(s, 0, 0, [&](float& x, int, int) {
+            x = x != kNegInf ? fast_sigmoid(x + beta) : 0.f;
+          });
+        } else if (norm == NormalizerKind::kKernel) {
+          const KernelFeature feature = p.feature;
+          const float power = p.power;
+          each_score<kN>(s, 0, 0, [&](float& x, int, int) {
+            x = x != kNegInf ? fast_kernel_weight(x, feature, power) : 0.f;
+          });
+        } else {  // ReLA
+          each_score<kN>(s, 0, 0,
+                         [&](float& x, int, int) { x = x != kNegInf ? fmaxf(x, 0.f) : 0.f; });
         }
-      } else {
-        const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,
-                                           n0 + kN - 1, p.band_left, p.band_right);
-        if (c != TileClass::kFull || n0 + kN > nk)
-          band_mask<kN>(s, row_i, n0, col0, nk, seq.offset, p.band_left, p.band_right);
-      }
-    } else {
-      // A partial tile's element mask, one bit per score of the thread (bit r * kN / 4 + 2 * c +
-      // e for row r, chunk c, column e): from the precomputed bits of its slot, or else from
-      // the mask tree at one call site in a rolled loop (the out-of-line call saves the live
-      // registers around it; 64 unrolled sites would multiply that code).
-      constexpr int kBitsPerRow = kN / 4;
-      uint64_t allow = ~uint64_t{0};
-      const uint8_t entry = tclass[t];
-      if (entry >= kTileBits) {
-        allow = fwd_tile_bits<kM, kN>(tbits, entry, row_i, m0, col0);
-      } else if (static_cast<TileClass>(entry) != TileClass::kFull) {
-        allow = 0;
-#pragma unroll 1
-        for (int x = 0; x < 2 * kBitsPerRow; ++x) {
-          const int y = x % kBitsPerRow;
-          const int j = n0 + (y / 2) * 8 + col0 + (y & 1);
-          const int i = x < kBitsPerRow ? row_i[0] : row_i[1];
-          if (i < nq && j < nk && mask_allowed(ms.mask, p.num_nodes, i, j))
-            allow |= uint64_t{1} << x;
+        alpha[0] = alpha[1] = 1.f;
+        if (norm == NormalizerKind::kKernel) {
+          // Weights are unbounded (f(s)^p): P is kept relative to the row's running max so that
+          // it fits the 16-bit type of P V; O and the sum are rescaled as the max moves.
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            alpha[r] = online_row<kN>(
+                s, r, 0.f, m[r], l[r],
+                [&](float x, float m_new) { return m_new > 0.f ? __fdividef(x, m_new) : 0.f; },
+                [&](float m_old, float m_new) {
+                  return m_new > 0.f ? __fdividef(m_old, m_new) : 1.f;
+                });
         }
       }
-      // One unrolled loop per step present (a loop doing every step per score is too much
-      // code for the instruction cache).
-      const float scale = p.scale;
-      each_score<kN>(s, n0, col0, [&](float& x, int, int) { x *= scale; });
-      if (additive) add_score_terms<kN>(s, mods, row_i, seq.offset, n0, col0, nq, nk);
-      if (cap != 0.f)
-        each_score<kN>(s, n0, col0, [&](float& x, int, int) { x = cap * fast_tanh(x * inv_cap); });
-      if (prescale)
-        each_score<kN>(s, n0, col0,
-                       [&](float& x, int r, int) { x = lscale[r] == 0.f ? 0.f : x * lscale[r]; });
+    };
+    auto issue_s = [&](float (&s)[kSRegs], int st) {
+      wgmma_fence();
 #pragma unroll
-      for (int c = 0; c < kN / 8; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e / 2, j = n0 + c * 8 + col0 + (e & 1);
-          const bool ok = row_i[r] < nq && j < nk &&
-                          ((allow >> (r * kBitsPerRow + 2 * c + (e & 1))) & 1);
-          s[c * 4 + e] = ok ? s[c * 4 + e] : kNegInf;
-        }
-    }
-  };
-  // S -> P in place; alpha receives each row's rescale factor of O.
-  auto normalize = [&](float (&s)[kSRegs], float (&alpha)[2]) {
-    if (softmax) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) alpha[r] = softmax_row<kN>(s, r, to2, m[r], l[r]);
-    } else if constexpr (kGeneral) {
-      // Masked scores (-inf) weigh 0.
-      if (norm == NormalizerKind::kSigmoid) {
-        each_score<kN>(s, 0, 0, [&](float& x, int, int) {
-          x = x != kNegInf ? fast_sigmoid(x + beta) : 0.f;
-        });
-      } else if (norm == NormalizerKind::kKernel) {
-        const KernelFeature feature = p.feature;
-        const float power = p.power;
-        each_score<kN>(s, 0, 0, [&](float& x, int, int) {
-          x = x != kNegInf ? fast_kernel_weight(x, feature, power) : 0.f;
-        });
-      } else {  // ReLA
-        each_score<kN>(s, 0, 0, [&](float& x, int, int) { x = x != kNegInf ? fmaxf(x, 0.f) : 0.f; });
+      for (int kk = 0; kk < kDp / 16; ++kk) {
+        const uint64_t da =
+            smem_desc(sQ + (kk / 4) * (kM * 128) + cw * 64 * 128 + (kk % 4) * 32, 16, 1024);
+        const uint64_t db = smem_desc(sK(st) + (kk / 4) * (kN * 128) + (kk % 4) * 32, 16, 1024);
+        Wgmma<kN, Tag>::ss(s, da, db, kk > 0);
       }
-      alpha[0] = alpha[1] = 1.f;
-      if (norm == NormalizerKind::kKernel) {
-        // Weights are unbounded (f(s)^p): P is kept relative to the row's running max so that
-        // it fits the 16-bit type of P V; O and the sum are rescaled as the max moves.
+      wgmma_commit();
+    };
+    auto issue_pv = [&](uint32_t (&a)[kN / 16][4], int st) {
+      fence_regs(o);
+      wgmma_fence();
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
-          alpha[r] = online_row<kN>(
-              s, r, 0.f, m[r], l[r],
-              [&](float x, float m_new) { return m_new > 0.f ? __fdividef(x, m_new) : 0.f; },
-              [&](float m_old, float m_new) { return m_new > 0.f ? __fdividef(m_old, m_new) : 1.f; });
+      for (int kk = 0; kk < kN / 16; ++kk) {
+        const uint64_t db = smem_desc(sV(st) + kk * 16 * 128, kN * 128, 1024);
+        Wgmma<kDVp, Tag>::rs(o, a[kk], db, 1);
       }
-    }
-  };
-  auto issue_s = [&](float (&s)[kSRegs], int st) {
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kDp / 16; ++kk) {
-      const uint64_t da =
-          smem_desc(sQ + (kk / 4) * (kM * 128) + cw * 64 * 128 + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = smem_desc(sK(st) + (kk / 4) * (kN * 128) + (kk % 4) * 32, 16, 1024);
-      Wgmma<kN, Tag>::ss(s, da, db, kk > 0);
-    }
-    wgmma_commit();
-  };
-  auto issue_pv = [&](uint32_t (&a)[kN / 16][4], int st) {
-    fence_regs(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) {
-      const uint64_t db = smem_desc(sV(st) + kk * 16 * 128, kN * 128, 1024);
-      Wgmma<kDVp, Tag>::rs(o, a[kk], db, 1);
-    }
-    wgmma_commit();
-  };
-  auto release = [&](uint32_t bar) {
-    if (lane == 0) mbar_arrive(bar);
-  };
+      wgmma_commit();
+    };
 
-  int t = next_tile(t_begin);
-  if (t < t_end) {
-    if (pingpong && cw == 1) named_arrive(1, 256);  // warpgroup 1 lets warpgroup 0 go first
-    mbar_wait(bar_q, 0);
-    float s[kSRegs];
-    uint32_t pa[kN / 16][4];
-    float alpha[2];
+    int t = next_tile(t_begin);
+    if (t < t_end) {
+      if (pingpong && cw == 1) named_arrive(1, 256);  // warpgroup 1 lets warpgroup 0 go first
+      float s[kSRegs];
+      uint32_t pa[kN / 16][4];
+      float alpha[2];
 
-    // The first tile: S alone (the loop below is not entered with a condition on the first
-    // iteration: ptxas then serializes the asynchronous matrix multiplies).
-    if (pingpong) named_sync(my_turn, 256);
-    mbar_wait(full_k(0), 0);
-    issue_s(s, 0);
-    if (pingpong) named_arrive(other_turn, 256);
-    wgmma_wait<0>();
-    fence_regs(s);
-    if constexpr (!kBias) release(empty_k(0));
-    score(s, t, 0);
-    if constexpr (kBias) release(empty_k(0));  // score read the stage's bias tile
-    normalize(s, alpha);
-    alpha[0] = alpha[1] = 1.f;  // O is still 0
-    pack_p<T, kN>(s, pa);
-
-    // Iteration it: S of tile it, issued with P V of tile it - 1; tile it is normalized while
-    // P V runs.
-    int it = 1;
-    for (t = next_tile(t + 1); t < t_end; t = next_tile(t + 1), ++it) {
-      const int st = it % kStages, prev = (it - 1) % kStages;
+      // The first tile: S alone (the loop below is not entered with a condition on the first
+      // iteration: ptxas then serializes the asynchronous matrix multiplies).
+      const int st0 = ring % kStages;
       if (pingpong) named_sync(my_turn, 256);
-      mbar_wait(full_k(st), phase_of(it));
-      issue_s(s, st);
+      mbar_wait(full_k(st0), phase_of(ring));
+      issue_s(s, st0);
+      if (pingpong) named_arrive(other_turn, 256);
+      wgmma_wait<0>();
+      fence_regs(s);
+      if constexpr (!kBias) release(empty_k(st0));
+      score(s, t, st0);
+      if constexpr (kBias) release(empty_k(st0));  // score read the stage's bias tile
+      normalize(s, alpha);
+      alpha[0] = alpha[1] = 1.f;  // O is still 0
+      pack_p<T, kN>(s, pa);
+
+      // Each next tile (the ring's tile `ring`): its S, issued with P V of the tile before; it is
+      // normalized while P V runs.
+      for (t = next_tile(t + 1); t < t_end; t = next_tile(t + 1)) {
+        const int st = ++ring % kStages, prev = (ring - 1) % kStages;
+        if (pingpong) named_sync(my_turn, 256);
+        mbar_wait(full_k(st), phase_of(ring));
+        issue_s(s, st);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) scale_row<kDVp>(o, r, alpha[r]);
+        mbar_wait(full_v(prev), phase_of(ring - 1));
+        issue_pv(pa, prev);
+        if (pingpong) named_arrive(other_turn, 256);
+        wgmma_wait<1>();
+        fence_regs(s);
+        if constexpr (!kBias) release(empty_k(st));
+        score(s, t, st);
+        if constexpr (kBias) release(empty_k(st));
+        normalize(s, alpha);
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs_u(pa);
+        release(empty_v(prev));
+        pack_p<T, kN>(s, pa);
+      }
+
+      release(empty_q);  // every S of the item is in registers: Q's buffer may take the next one
+      // P V of the last tile.
+      const int last = ring % kStages;
+      if (pingpong) named_sync(my_turn, 256);
 #pragma unroll
       for (int r = 0; r < 2; ++r) scale_row<kDVp>(o, r, alpha[r]);
-      mbar_wait(full_v(prev), phase_of(it - 1));
-      issue_pv(pa, prev);
-      if (pingpong) named_arrive(other_turn, 256);
-      wgmma_wait<1>();
-      fence_regs(s);
-      if constexpr (!kBias) release(empty_k(st));
-      score(s, t, st);
-      if constexpr (kBias) release(empty_k(st));
-      normalize(s, alpha);
+      mbar_wait(full_v(last), phase_of(ring));
+      issue_pv(pa, last);
+      if (pingpong && cw == 0) named_arrive(other_turn, 256);  // warpgroup 1 has no turn left
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs_u(pa);
-      release(empty_v(prev));
-      pack_p<T, kN>(s, pa);
+      release(empty_v(last));
+      ++ring;
+    } else {
+      release(empty_q);
     }
 
-    // P V of the last tile.
-    const int last = (it - 1) % kStages;
-    if (pingpong) named_sync(my_turn, 256);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) scale_row<kDVp>(o, r, alpha[r]);
-    mbar_wait(full_v(last), phase_of(it - 1));
-    issue_pv(pa, last);
-    if (pingpong && cw == 0) named_arrive(other_turn, 256);  // warpgroup 1 has no turn left
-    wgmma_wait<0>();
-    fence_regs(o);
-    fence_regs_u(pa);
-    release(empty_v(last));
+    store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l);
   }
-
-  store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l);
 }
 
 // Launches one flavor on `stream` (the general one reads the block table built by the caller;
@@ -456,7 +539,8 @@ cudaError_t launch_fwd(const FwdParams& p, const TmaMaps& maps, cudaStream_t str
   const int smem = bias ? S::kBiasSmemBytes : S::kSmemBytes;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid(p.num_q_tiles, p.hq, p.batch);
+  if (p.num_items == 0) return cudaSuccess;
+  const dim3 grid(p.persistent > 0 ? std::min(p.persistent, p.num_items) : p.num_items);
   kernel<<<grid, S::kThreads, smem, stream>>>(p, maps);
   return cudaGetLastError();
 }

@@ -48,8 +48,13 @@ struct FwdParams {
   int nq = 0, nk = 0;             // per sequence without varlen
   const int32_t* cu_q = nullptr;  // varlen: device cu_seqlens (rows of q and k start there)
   const int32_t* cu_k = nullptr;
-  bool bottom_right = true;             // aligned query index i' = i + (nk - nq)
-  int num_q_tiles = 0;                  // of the longest query sequence
+  bool bottom_right = true;  // aligned query index i' = i + (nk - nq)
+  int num_q_tiles = 0;       // of the longest query sequence
+  // The forward's work items (num_q_tiles * hq * batch query tiles) and the CTAs that walk them:
+  // persistent > 0 launches that many (one a multiprocessor), which take items past their first
+  // from sched (a zeroed counter); 0 launches one CTA an item.
+  int num_items = 0, persistent = 0;
+  int* sched = nullptr;
   float scale = 1.f, scale_log2 = 1.f;  // scale and scale * log2(e)
   bool pingpong = true;     // the fast kernel's consumer warpgroups take turns at issuing
   bool raw_output = false;  // out receives O before ReLA's RMS and gain (and no gate)

@@ -12,6 +12,9 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#ifdef ATTNKIT_DEBUG_MBAR_TIMEOUT
+#include <cstdio>
+#endif
 
 #include "cuda/wgmma_ops.cuh"
 
@@ -73,7 +76,18 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 // Waits until the phase of parity `parity` has completed (a fresh barrier counts parity 1 as done).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
+#ifdef ATTNKIT_DEBUG_MBAR_TIMEOUT  // a hang's diagnosis: which barrier, parity and thread
+  const long long t0 = clock64();
+#endif
   do {
+#ifdef ATTNKIT_DEBUG_MBAR_TIMEOUT
+    if (clock64() - t0 > (1ll << 32)) {  // about 2 s
+      if (threadIdx.x % 32 == 0)
+        printf("mbar_wait stuck: block %d warp %d bar %% 1024 = %u parity %u\n", blockIdx.x,
+               threadIdx.x / 32, bar % 1024, parity);
+      __trap();
+    }
+#endif
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
         "selp.u32 %0, 1, 0, p;\n}\n"
