@@ -128,7 +128,8 @@ TEST(CudaFastPath, LongSequencesMatchTheOracle) {
 // The persistent forward with a few CTAs walking many work items each
 // (ATTNKIT_CUDA_PERSISTENT_FWD=5; 1: one CTA walks them all): the ring's stages and Q's barrier
 // run on across items, among them items without a key tile (bottom-right causal rows before the
-// first key); the fast kernel under a band, with the block table, ALiBi and a softcap, and the
+// first key); the fast kernel under no mask (items of one length dealt round-robin, no counter)
+// and under a band, with the block table, ALiBi and a softcap (items from the counter), and the
 // general one (tiles past shorter packed sequences: the varlen test of test_torch.py).
 TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
@@ -144,7 +145,7 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
     setenv("ATTNKIT_CUDA_PERSISTENT_FWD", ctas, 1);
     for (const Case& c : cases) {
       for (const char* mech :
-           {"causal", "sliding_window", "document", "sink", "alibi", "softcap", "gate"}) {
+           {"dense", "causal", "sliding_window", "document", "sink", "alibi", "softcap", "gate"}) {
         if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
         expect_matches(mech, c, 2.0, seed++);
       }

@@ -160,8 +160,9 @@ __global__ void __launch_bounds__(384, 1)
       tma_prefetch_map(&maps.v);
       int it = 0;  // the ring's tiles so far
       // Item j goes to slot j % 2 (-1 ends the walk). The first is blockIdx.x; the next come
-      // from the counter (persistent) or gridDim.x on (one item a CTA), claimed once the last
-      // one's tiles are issued; tiles past their sequence (varlen) are passed over here.
+      // from the counter (persistent, unequal items) or gridDim.x on (persistent with items of
+      // one length; or one item a CTA), claimed once the last one's tiles are issued; tiles
+      // past their sequence (varlen) are passed over here.
       auto claim = [&](int64_t item) -> int64_t {
         return (p.sched ? atomicAdd(p.sched, 1) : item) + static_cast<int64_t>(gridDim.x);
       };

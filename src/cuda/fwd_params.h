@@ -52,7 +52,8 @@ struct FwdParams {
   int num_q_tiles = 0;       // of the longest query sequence
   // The forward's work items (num_q_tiles * hq * batch query tiles) and the CTAs that walk them:
   // persistent > 0 launches that many (one a multiprocessor), which take items past their first
-  // from sched (a zeroed counter); 0 launches one CTA an item.
+  // from sched (a zeroed counter) or, where sched is null, every gridDim.x-th item (items of one
+  // length); 0 launches one CTA an item.
   int num_items = 0, persistent = 0;
   int* sched = nullptr;
   float scale = 1.f, scale_log2 = 1.f;  // scale and scale * log2(e)
