@@ -107,6 +107,33 @@ TEST(CudaHeadDims, EveryBuiltPairMatchesTheOracle) {
   EXPECT_GE(ran, 16);  // at least the default build's 64 and 128
 }
 
+// The backward of every built head-dim pair (above 128 the consumer warpgroups share 64 keys and
+// split dK's, dV's and dQ's column panels): the band and tabled fast flavors, the general one
+// (a bias with dbias, and ALiBi with its slopes' gradient: extras counted once), odd lengths
+// with several key tiles and query tiles, GQA, BNHD, 16-bit and fp32 gradients; pairs not built
+// are skipped.
+TEST(CudaBackwardHeadDims, EveryBuiltPairMatchesTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const std::pair<int64_t, int64_t> dims[] = {{64, 64},   {96, 96},   {128, 128},
+                                              {192, 192}, {256, 256}, {192, 128}};
+  int ran = 0, seed = 131;
+  for (const auto& [d, dv] : dims)
+    for (const char* mech :
+         {"dense", "causal", "document", "softcap", "bias", "alibi_slopes", "sink"})
+      for (DType t : {DType::kBF16, DType::kF16}) {
+        const Case c{t, {2, 4, 2, 157, 211, d, dv}, seed % 3 == 0};
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        const CheckResult r = backward_on_gpu(mech, c, seed, seed % 2 == 0);
+        ++seed;
+        if (r.not_covered) continue;  // not built
+        ++ran;
+        EXPECT_TRUE(r.ok) << mech << " " << r.dtype << " d=" << d << " dv=" << dv << ": "
+                          << r.error;
+        EXPECT_TRUE(r.extras_not_covered.empty()) << mech << ": every extra is computed on CUDA";
+      }
+  EXPECT_GE(ran, 28);  // at least the default build's 64 and 128
+}
+
 // The fast kernel's pipeline over many key tiles: its shared-memory stages wrap around several
 // times (phases of the mbarriers), bands start and end mid-tile, sequences end mid-tile, with
 // GQA and BNHD among the shapes (varlen: python/tests/test_torch.py).

@@ -370,7 +370,8 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
         built += (built.empty() ? "" : ", ") + (x.d == x.dv ? str(x.d) : str(x.d) + "/" + str(x.dv));
     return fail(StatusCode::kNotImplemented, "backward with head_dim = ", str(p.d),
                 ", head_dim_v = ", str(p.dv), " is not built for ", dtype_name(p.q.dtype),
-                " (built: ", built, "; head dims above 128 are not differentiated on CUDA yet)");
+                " (built: ", built,
+                "; CMake options ATTNKIT_HEAD_DIMS and ATTNKIT_BWD_MAX_HEAD_DIM add more)");
   }
   const NormalizerKind n = p.spec->normalizer.kind;
   if (n == NormalizerKind::kKernel && p.spec->normalizer.length_scale)
@@ -409,8 +410,10 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (!st.ok()) return st;
   const AttentionSpec& spec = *p.spec;
   const Instance& inst = *find_instance(p.q.dtype, p.d, p.dv);
-  using Shape = BwdShape<128, 128, false>;  // the tile sizes of every instantiation
-  constexpr int kM = Shape::kM, kN = Shape::kN;
+  // Query tiles of 64 rows; key tiles of 128 (64 where a head dim is above 128: BwdShape::kSplit).
+  constexpr int kM = BwdShape<128, 128, false>::kM;
+  const bool split = BwdShape<256, 256, false>::kSplit && (p.d > 128 || p.dv > 128);
+  const int kN = split ? BwdShape<256, 256, false>::kN : BwdShape<128, 128, false>::kN;
 
   BwdParams bp;
   FwdParams& f = bp.f;
@@ -444,7 +447,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     r.sn = t.strides[2];
     return encode_rows(&dbias_map, &dbias_hm, &dbias_bm, r, p.max_nk, p.max_nq, p.hq, p.batch, kM);
   };
-  const bool bias = fm.bias && !p.varlen && p.scale != 0.f &&
+  const bool bias = fm.bias && !split && !p.varlen && p.scale != 0.f &&
                     encode_bias(p, &bias_map, kM) &&
                     dbias_by_tma();
   const bool fast = (!f.has_mods || alibi || bias || fm.cap_only) && p.softmax_family() &&

@@ -94,13 +94,27 @@ struct BwdMaps {
 
 inline constexpr int kMaxBwdBuckets = 256;  // relative buckets the CUDA backward differentiates
 
+// Head dims above 128 (BwdShape::kSplit): the 64-column panel that slot `slot` of consumer
+// warpgroup cw holds of a matrix of `panels` panels (dK, dV or dQ), or -1. Warpgroup `first`
+// takes the first half (rounded up), the other the rest; dK and dQ start with warpgroup 0 and dV
+// with warpgroup 1, so that at d 192 each holds three panels of dK and dV.
+__host__ __device__ constexpr int bwd_panel(int panels, int slot, int cw, int first) {
+  const int half = (panels + 1) / 2;
+  return cw == first ? (slot < half ? slot : -1) : (half + slot < panels ? half + slot : -1);
+}
+
 template <int kD, int kDV, bool kGeneral, bool kBias = false>
 struct BwdShape {
-  static constexpr int kM = 64;   // query rows per step
-  static constexpr int kN = 128;  // keys per CTA: two consumer warpgroups of 64
   static constexpr int kDp = (kD + 63) / 64 * 64;
   static constexpr int kDVp = (kDV + 63) / 64 * 64;
-  static_assert(kDp <= 128 && kDVp <= 128, "the backward keeps dK and dV in registers: d <= 128");
+  static_assert(kDp <= 256 && kDVp <= 256, "head dims up to 256");
+  // Head dims above 128: dK and dV of 64 keys do not fit one warpgroup's registers, so both
+  // consumer warpgroups take the same 64 keys (each computes S^T and dP^T) and split the
+  // 64-column panels of dK, dV and dQ between them (bwd_panel).
+  static constexpr bool kSplit = kDp > 128 || kDVp > 128;
+  static constexpr int kM = 64;                // query rows per step
+  static constexpr int kN = kSplit ? 64 : 128;  // keys per CTA: 64 per consumer warpgroup
+  static constexpr int kKSlots = (kDp / 64 + 1) / 2, kVSlots = (kDVp / 64 + 1) / 2;  // kSplit
   static constexpr int kThreads = 384;
   static constexpr int kKBytes = kN * kDp * 2, kVBytes = kN * kDVp * 2;
   static constexpr int kQBytes = kM * kDp * 2, kOBytes = kM * kDVp * 2;
@@ -180,6 +194,7 @@ __global__ void __launch_bounds__(384, 1)
     bwd_kernel(const __grid_constant__ BwdParams bp, const __grid_constant__ BwdMaps maps) {
   static_assert(!kBias || (kTabled && !kGeneral), "the bias rides on the tabled fast flavor");
   using S = BwdShape<kD, kDV, kGeneral, kBias>;
+  static_assert(!kBias || !S::kSplit, "head dims above 128 take a bias through the general flavor");
   using Tag = typename ElemTraits<T>::Tag;
   constexpr int kM = S::kM, kN = S::kN, kDp = S::kDp, kDVp = S::kDVp, kStages = S::kStages;
   constexpr int kSRegs = kM / 2;  // S^T, dP^T: 64 keys x 64 queries per warpgroup
@@ -330,10 +345,14 @@ __global__ void __launch_bounds__(384, 1)
     return;
   }
 
-  // Consumers: warpgroup cw owns keys n0 + cw * 64 + [0, 64).
+  // Consumers: warpgroup cw owns keys n0 + cw * 64 + [0, 64) (kSplit: both take keys
+  // n0 + [0, 64), kw = 0, and split the panels of dK, dV and dQ).
   regs_inc<S::kConsumerRegs>();
   const int cw = wg - 1, lane = tid % 32, warp = (tid % 128) / 32;
-  const int key_r[2] = {n0 + cw * 64 + warp * 16 + lane / 4, n0 + cw * 64 + warp * 16 + lane / 4 + 8};
+  const int kw = S::kSplit ? 0 : cw;
+  // kSplit: the scores' side products (dS^T's tile, the extras, dbeta) are warpgroup 0's.
+  const bool scores_own = !S::kSplit || cw == 0;
+  const int key_r[2] = {n0 + kw * 64 + warp * 16 + lane / 4, n0 + kw * 64 + warp * 16 + lane / 4 + 8};
   const int col0 = 2 * (lane % 4);
   // kBias: this lane's row of 8 x 8 block lane / 8 of group j in the warpgroup's 64-key panel of
   // the stage's bias tile (rows are queries, 16-byte chunks of 8 keys swizzled by query % 8);
@@ -343,11 +362,30 @@ __global__ void __launch_bounds__(384, 1)
     const int m = lane / 8, i = lane % 8, kc = warp * 2 + m % 2;
     return sBias(st) + cw * (kM * 128) + ((2 * j + m / 2) * 8 + i) * 128 + ((kc ^ i) * 16);
   };
-  float dk[kDp / 2], dv[kDVp / 2];
+  // dK and dV of the warpgroup's keys: every column, or (kSplit) 32 registers a panel slot.
+  constexpr int kDkRegs = S::kSplit ? S::kKSlots * 32 : kDp / 2;
+  constexpr int kDvRegs = S::kSplit ? S::kVSlots * 32 : kDVp / 2;
+  float dk[kDkRegs], dv[kDvRegs];
 #pragma unroll
-  for (int x = 0; x < kDp / 2; ++x) dk[x] = 0.f;
+  for (int x = 0; x < kDkRegs; ++x) dk[x] = 0.f;
 #pragma unroll
-  for (int x = 0; x < kDVp / 2; ++x) dv[x] = 0.f;
+  for (int x = 0; x < kDvRegs; ++x) dv[x] = 0.f;
+  // kSplit: the `slots` panel slots of acc += A (registers: 64 keys x 64 queries) times this
+  // warpgroup's 64-column panels of a stage tile of kM rows (Q for dK, dO for dV). A slot without
+  // a panel repeats the last one, not stored: no matrix multiply in a divergent branch (ptxas
+  // serialized them).
+  auto issue_panels = [&](float* acc, int slots, const uint32_t (&a)[kM / 16][4], uint32_t tile,
+                          int panels, int first) {
+#pragma unroll
+    for (int sl = 0; sl < slots; ++sl) {
+      const int own = bwd_panel(panels, sl, cw, first);
+      const uint32_t base = tile + (own >= 0 ? own : panels - 1) * (kM * 128);
+#pragma unroll
+      for (int kk = 0; kk < kM / 16; ++kk)
+        Wgmma<64, Tag>::rs(*reinterpret_cast<float(*)[32]>(acc + sl * 32), a[kk],
+                           smem_desc(base + kk * 16 * 128, kM * 128, 1024), 1);
+    }
+  };
 
   const NormalizerKind norm =
       kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink : NormalizerKind::kSoftmax);
@@ -366,14 +404,14 @@ __global__ void __launch_bounds__(384, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDp / 16; ++kk) {
-      const uint64_t da = smem_desc(sK + (kk / 4) * (kN * 128) + cw * 64 * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t da = smem_desc(sK + (kk / 4) * (kN * 128) + kw * 64 * 128 + (kk % 4) * 32, 16, 1024);
       const uint64_t db = smem_desc(sQ(st) + (kk / 4) * (kM * 128) + (kk % 4) * 32, 16, 1024);
       Wgmma<kM, Tag>::ss(s, da, db, kk > 0);
     }
     wgmma_commit();  // S^T, then dP^T: the fast flavor computes P^T while dP^T runs
 #pragma unroll
     for (int kk = 0; kk < kDVp / 16; ++kk) {
-      const uint64_t da = smem_desc(sV + (kk / 4) * (kN * 128) + cw * 64 * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t da = smem_desc(sV + (kk / 4) * (kN * 128) + kw * 64 * 128 + (kk % 4) * 32, 16, 1024);
       const uint64_t db = smem_desc(sO(st) + (kk / 4) * (kM * 128) + (kk % 4) * 32, 16, 1024);
       Wgmma<kM, Tag>::ss(dp, da, db, kk > 0);
     }
@@ -429,7 +467,7 @@ __global__ void __launch_bounds__(384, 1)
         const uint8_t entry = entry_of(h, qt);
         masked = static_cast<TileClass>(entry) != TileClass::kFull;
         if (masked)
-          allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, cw, warp, lane);
+          allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, kw, warp, lane);
         if (alibi_raw != 0.f) {  // s[c8 * 4 + e]: key key_r[e / 2], query m0 + c8 * 8 + col0 + e % 2
           const bool sym = p.alibi == AlibiMode::kSymmetric;
           const int base = m0 + col0 + static_cast<int>(seq.offset);
@@ -488,7 +526,7 @@ __global__ void __launch_bounds__(384, 1)
         const uint8_t entry = entry_of(h, qt);
         masked = static_cast<TileClass>(entry) != TileClass::kFull;
         if (entry >= kTileBits) {
-          allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, cw, warp, lane);
+          allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, kw, warp, lane);
         } else if (masked) {
           allow = 0;
 #pragma unroll 1
@@ -523,9 +561,14 @@ __global__ void __launch_bounds__(384, 1)
       auto issue_dv = [&] {
         fence_regs(dv);
         wgmma_fence();
+        if constexpr (S::kSplit) {
+          issue_panels(dv, S::kVSlots, pa, sO(st), kDVp / 64, 1);
+        } else {
 #pragma unroll
-        for (int kk = 0; kk < kM / 16; ++kk)
-          Wgmma<kDVp, Tag>::rs(dv, pa[kk], smem_desc(sO(st) + kk * 16 * 128, kM * 128, 1024), 1);
+          for (int kk = 0; kk < kM / 16; ++kk)
+            Wgmma<kDVp, Tag>::rs(dv, pa[kk], smem_desc(sO(st) + kk * 16 * 128, kM * 128, 1024),
+                                 1);
+        }
       };
       if constexpr (!kGeneral) {
         // Softmax: P^T while dP^T is multiplied, then dS^T = P^T (dP^T - D) while dV is.
@@ -578,7 +621,7 @@ __global__ void __launch_bounds__(384, 1)
             const bool ok = allowed(c8, e);
             float pw, ds;
             rule(s[x], dp[x], ok, (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x, pw, ds);
-            if (kGeneral && sigmoid) beta_acc += ds;  // beta is added after the softcap
+            if (kGeneral && sigmoid && scores_own) beta_acc += ds;  // added after the softcap
             if (kGeneral && cap != 0.f) {
               const float t = s[x] * inv_cap;
               ds *= 1.f - t * t;
@@ -624,14 +667,16 @@ __global__ void __launch_bounds__(384, 1)
 
       // dS^T to shared memory (one 128B-swizzled panel: key row, 16-byte chunk c8 of queries).
       const int x = it & 1;
+      if (scores_own) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int kr = cw * 64 + warp * 16 + lane / 4 + 8 * r;
+        for (int r = 0; r < 2; ++r) {
+          const int kr = kw * 64 + warp * 16 + lane / 4 + 8 * r;
 #pragma unroll
-        for (int c8 = 0; c8 < kM / 8; ++c8) {
-          const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + col0 * 2;
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(da[c8 / 2][(c8 % 2) * 2 + r])
-                       : "memory");
+          for (int c8 = 0; c8 < kM / 8; ++c8) {
+            const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + col0 * 2;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(da[c8 / 2][(c8 % 2) * 2 + r])
+                         : "memory");
+          }
         }
       }
       // kBias with dbias: dS (= dbias: the bias enters the scores unscaled) over the stage's
@@ -655,7 +700,7 @@ __global__ void __launch_bounds__(384, 1)
           bulk_commit();
         }
       }
-      if (kGeneral && bp.extras) {
+      if (kGeneral && bp.extras && scores_own) {
         // The score mods' tensors' gradients from g = dS^T (0 on pairs not allowed), reading
         // this thread's g back from the dS^T tile in one rolled loop (unrolled loops per score
         // spilled the accumulators): dbias stored (or added by atomics when broadcast), the
@@ -672,7 +717,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll 1
           for (int y = 0; y < 32; ++y) {
             const int r = y / 16, c8 = (y % 16) / 2, e = y % 2;
-            const int kr = cw * 64 + warp * 16 + lane / 4 + 8 * r;
+            const int kr = kw * 64 + warp * 16 + lane / 4 + 8 * r;
             const int i = m0 + c8 * 8 + col0 + e, j = key_r[0] + 8 * r;
             if (i >= nq || j >= nk) continue;
             const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + (col0 + e) * 2;
@@ -700,7 +745,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll 1
         for (int y = 0; y < 32; ++y) {
           const int r = y / 16, c8 = (y % 16) / 2, e = y % 2;
-          const int kr = cw * 64 + warp * 16 + lane / 4 + 8 * r;
+          const int kr = kw * 64 + warp * 16 + lane / 4 + 8 * r;
           const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + (col0 + e) * 2;
           unsigned short bits;
           asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(bits) : "r"(addr) : "memory");
@@ -733,60 +778,101 @@ __global__ void __launch_bounds__(384, 1)
       if constexpr (kGeneral) issue_dv();
       fence_regs(dk);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kM / 16; ++kk)
-        Wgmma<kDp, Tag>::rs(dk, da[kk], smem_desc(sQ(st) + kk * 16 * 128, kM * 128, 1024), 1);
-      wgmma_commit();
-
-      // dQ[:, cw half] = dS K: A = dS (queries x keys) and B = K (keys x head dims), both read
-      // transposed from their tiles.
-      float dq[kDqN / 2];
-      named_sync(3, 256);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kN / 16; ++kk) {
-        const uint64_t a = smem_desc(sDS(x) + kk * 16 * 128, kN * 128, 1024);
-        const uint64_t bdesc = smem_desc(
-            sK + ((cw * kDqN) / 64) * (kN * 128) + ((cw * kDqN) % 64) * 2 + kk * 16 * 128,
-            kN * 128, 1024);
-        Wgmma<kDqN, Tag>::tt(dq, a, bdesc, kk > 0);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(dq);
-      fence_regs(dv);
-      fence_regs(dk);
-      fence_regs_u(pa);
-      fence_regs_u(da);
-
-      // scale * dQ for the dq warp: into its own buffer once the dq warp has handed it back (the
-      // stage goes back to the producer now), or over the stage once both warpgroups are done
-      // reading it.
-      // With dbias, its store's read of the stage is waited for first (by the storing thread,
-      // before the stage goes back or dQ is written over it).
-      if (dbias_tma && warp == 0 && lane == 0) bulk_wait_read<0>();
-      if constexpr (S::kDqOwn) {
-        if (lane == 0) mbar_arrive(empty(st));
-        mbar_wait(dq_empty(it & 1), dq_phase(it) ^ 1);
+      if constexpr (S::kSplit) {
+        issue_panels(dk, S::kKSlots, da, sQ(st), kDp / 64, 0);
       } else {
-        named_sync(3, 256);
+#pragma unroll
+        for (int kk = 0; kk < kM / 16; ++kk)
+          Wgmma<kDp, Tag>::rs(dk, da[kk], smem_desc(sQ(st) + kk * 16 * 128, kM * 128, 1024), 1);
       }
-      const uint32_t tile = dq_tile(it);
+      wgmma_commit();
+
+      // scale * dQ's columns col_base + [0, cols) of this thread's rows into the step's dq tile.
+      auto store_dq = [&](const float* dq, int cols, int col_base, uint32_t tile) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp * 16 + lane / 4 + 8 * r;
+        for (int r = 0; r < 2; ++r) {
+          const int row = warp * 16 + lane / 4 + 8 * r;
 #pragma unroll
-        for (int c8 = 0; c8 < kDqN / 8; ++c8) {
-          const int col = cw * kDqN + c8 * 8 + col0;
-          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(
-                           tile + (row * S::kDqStride + col) * 4),
-                       "f"(dq[c8 * 4 + 2 * r] * p.scale), "f"(dq[c8 * 4 + 2 * r + 1] * p.scale)
-                       : "memory");
+          for (int c8 = 0; c8 < cols / 8; ++c8) {
+            const int col = col_base + c8 * 8 + col0;
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(
+                             tile + (row * S::kDqStride + col) * 4),
+                         "f"(dq[c8 * 4 + 2 * r] * p.scale), "f"(dq[c8 * 4 + 2 * r + 1] * p.scale)
+                         : "memory");
+          }
         }
+        fence_proxy_async_smem();  // the copy engine reads what these stores wrote
+      };
+      if constexpr (S::kSplit) {
+        // dQ's panels one at a time (32 registers each), once dV and dK are done: P^T and dS^T
+        // are then dead and both warpgroups done with the stage's Q and dO, over which (or into
+        // a buffer of its own) the panels go.
+        wgmma_wait<0>();
+        fence_regs(dv);
+        fence_regs(dk);
+        fence_regs_u(pa);
+        fence_regs_u(da);
+        named_sync(3, 256);  // and warpgroup 0's dS^T is in shared memory
+        if constexpr (S::kDqOwn) {
+          if (lane == 0) mbar_arrive(empty(st));
+          mbar_wait(dq_empty(it & 1), dq_phase(it) ^ 1);
+        }
+        const uint32_t tile = dq_tile(it);
+#pragma unroll
+        for (int sl = 0; sl < (kDp / 64 + 1) / 2; ++sl) {
+          const int panel = bwd_panel(kDp / 64, sl, cw, 0);  // -1: computed, not stored
+          float dq[32];
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kN / 16; ++kk)
+            Wgmma<64, Tag>::tt(dq, smem_desc(sDS(x) + kk * 16 * 128, kN * 128, 1024),
+                               smem_desc(sK + (panel >= 0 ? panel : kDp / 64 - 1) * (kN * 128) +
+                                             kk * 16 * 128,
+                                         kN * 128, 1024),
+                               kk > 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(dq);
+          if (panel >= 0) store_dq(dq, 64, panel * 64, tile);
+        }
+      } else {
+        // dQ[:, cw half] = dS K: A = dS (queries x keys) and B = K (keys x head dims), both read
+        // transposed from their tiles.
+        float dq[kDqN / 2];
+        named_sync(3, 256);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kN / 16; ++kk) {
+          const uint64_t a = smem_desc(sDS(x) + kk * 16 * 128, kN * 128, 1024);
+          const uint64_t bdesc = smem_desc(
+              sK + ((cw * kDqN) / 64) * (kN * 128) + ((cw * kDqN) % 64) * 2 + kk * 16 * 128,
+              kN * 128, 1024);
+          Wgmma<kDqN, Tag>::tt(dq, a, bdesc, kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dq);
+        fence_regs(dv);
+        fence_regs(dk);
+        fence_regs_u(pa);
+        fence_regs_u(da);
+
+        // scale * dQ for the dq warp: into its own buffer once the dq warp has handed it back (the
+        // stage goes back to the producer now), or over the stage once both warpgroups are done
+        // reading it.
+        // With dbias, its store's read of the stage is waited for first (by the storing thread,
+        // before the stage goes back or dQ is written over it).
+        if (dbias_tma && warp == 0 && lane == 0) bulk_wait_read<0>();
+        if constexpr (S::kDqOwn) {
+          if (lane == 0) mbar_arrive(empty(st));
+          mbar_wait(dq_empty(it & 1), dq_phase(it) ^ 1);
+        } else {
+          named_sync(3, 256);
+        }
+        store_dq(dq, kDqN, cw * kDqN, dq_tile(it));
       }
-      fence_proxy_async_smem();  // the copy engine reads what these stores wrote
       __syncwarp();
-      if (lane == 0) mbar_arrive(dq_full(it));
+      if (lane == 0) mbar_arrive(dq_full(it));  // the dq warp's to add
       ++it;
     }
     if constexpr (kGeneral) {  // this head's sums
@@ -831,14 +917,36 @@ __global__ void __launch_bounds__(384, 1)
                  (b * bp.dk_sb + hk * bp.dk_sh + (seq.k_start + j) * bp.dk_sn) * k_es;
     void* vrow = static_cast<char*>(bp.dv) +
                  (b * bp.dv_sb + hk * bp.dv_sh + (seq.k_start + j) * bp.dv_sn) * v_es;
+    if constexpr (S::kSplit) {  // the warpgroup's panels
 #pragma unroll
-    for (int c8 = 0; c8 < kDp / 8; ++c8)
-      store_grad_pair(krow, bp.dk_dtype, c8 * 8 + col0, p.d, dk[c8 * 4 + 2 * r] * p.scale,
-                      dk[c8 * 4 + 2 * r + 1] * p.scale);
+      for (int sl = 0; sl < S::kKSlots; ++sl) {
+        const int panel = bwd_panel(kDp / 64, sl, cw, 0);
+        if (panel < 0) continue;
 #pragma unroll
-    for (int c8 = 0; c8 < kDVp / 8; ++c8)
-      store_grad_pair(vrow, bp.dv_dtype, c8 * 8 + col0, p.dv, dv[c8 * 4 + 2 * r],
-                      dv[c8 * 4 + 2 * r + 1]);
+        for (int c8 = 0; c8 < 8; ++c8)
+          store_grad_pair(krow, bp.dk_dtype, panel * 64 + c8 * 8 + col0, p.d,
+                          dk[sl * 32 + c8 * 4 + 2 * r] * p.scale,
+                          dk[sl * 32 + c8 * 4 + 2 * r + 1] * p.scale);
+      }
+#pragma unroll
+      for (int sl = 0; sl < S::kVSlots; ++sl) {
+        const int panel = bwd_panel(kDVp / 64, sl, cw, 1);
+        if (panel < 0) continue;
+#pragma unroll
+        for (int c8 = 0; c8 < 8; ++c8)
+          store_grad_pair(vrow, bp.dv_dtype, panel * 64 + c8 * 8 + col0, p.dv,
+                          dv[sl * 32 + c8 * 4 + 2 * r], dv[sl * 32 + c8 * 4 + 2 * r + 1]);
+      }
+    } else {
+#pragma unroll
+      for (int c8 = 0; c8 < kDp / 8; ++c8)
+        store_grad_pair(krow, bp.dk_dtype, c8 * 8 + col0, p.d, dk[c8 * 4 + 2 * r] * p.scale,
+                        dk[c8 * 4 + 2 * r + 1] * p.scale);
+#pragma unroll
+      for (int c8 = 0; c8 < kDVp / 8; ++c8)
+        store_grad_pair(vrow, bp.dv_dtype, c8 * 8 + col0, p.dv, dv[c8 * 4 + 2 * r],
+                        dv[c8 * 4 + 2 * r + 1]);
+    }
   }
 }
 
@@ -846,7 +954,7 @@ __global__ void __launch_bounds__(384, 1)
 template <class T, int kD, int kDV, bool kGeneral, bool kTabled>
 cudaError_t launch_bwd(const BwdParams& p, const BwdMaps& maps, cudaStream_t stream) {
   // The tabled fast flavor with fast_bias is its kBias instance.
-  constexpr bool kCanBias = kTabled && !kGeneral;
+  constexpr bool kCanBias = kTabled && !kGeneral && !BwdShape<kD, kDV, kGeneral>::kSplit;
   const bool bias = kCanBias && p.f.fast_bias;
   auto kernel = bias ? bwd_kernel<T, kD, kDV, kGeneral, kTabled, kCanBias>
                      : bwd_kernel<T, kD, kDV, kGeneral, kTabled>;

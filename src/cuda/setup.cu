@@ -437,12 +437,15 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
     e = cudaMallocAsync(&table, table_bytes + list_bytes + rows * f->tb_slots * slot_bytes,
                         stream);
   const size_t cls_smem = static_cast<size_t>(f->tc_nkt);
-  auto classify = km == 64    ? &classify_tiles_kernel<64, 128>
-                  : kn == 128 ? &classify_tiles_kernel<128, 128>
-                              : &classify_tiles_kernel<128, 64>;
-  auto tile_bits = km == 64    ? &tile_bits_kernel<64, 128>
-                   : kn == 128 ? &tile_bits_kernel<128, 128>
-                               : &tile_bits_kernel<128, 64>;
+  // The forward's (128 x 128; 128 x 64 above head dim 128) and the backward's (64 x 128; 64 x 64
+  // above head dim 128) tiles.
+  auto classify = km == 64 ? (kn == 128 ? &classify_tiles_kernel<64, 128>
+                                        : &classify_tiles_kernel<64, 64>)
+                           : (kn == 128 ? &classify_tiles_kernel<128, 128>
+                                        : &classify_tiles_kernel<128, 64>);
+  auto tile_bits = km == 64 ? (kn == 128 ? &tile_bits_kernel<64, 128> : &tile_bits_kernel<64, 64>)
+                            : (kn == 128 ? &tile_bits_kernel<128, 128>
+                                         : &tile_bits_kernel<128, 64>);
   if (e == cudaSuccess && cls_smem > 48 * 1024)
     e = cudaFuncSetAttribute(classify, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(cls_smem));
