@@ -5,7 +5,8 @@ Frobenius error), then times attnkit and the peers with triton's do_bench (media
 repetitions). Peers: SDPA's FlashAttention-2 and cuDNN backends (dense, causal), FlexAttention
 (masks and score mods), SDPA's mem-efficient backend (dense bias).
 Usage: python3 bench/gpu/bench.py [--quick] [--train] [--only PART,...] (--train: only forward +
-backward; --only: the parts named, of dense, masked, neighborhood, bias, train, train_bias;
+backward; --only: the parts named, of dense, masked, neighborhood, bias, train, train_bias,
+wide (head dims 192 and 256);
 attnkit importable: PYTHONPATH=build/python);
 writes $OUT/gpu_bench.json. FLOPs count allowed pairs only (4 * pairs * d).
 """
@@ -52,9 +53,17 @@ def math_ref(q, k, v, mask=None, bias=None, softcap=None):
     return torch.softmax(s, -1).nan_to_num(0) @ v.float()
 
 
-def dense():
-    for d, h in [(128, 16), (64, 32)]:
-        for n in ([4096] if QUICK else [1024, 4096, 16384]):
+def peer_rate(flops, fn):
+    """TFLOP/s of a peer, or nan where it refuses the shape (a head dim it lacks)."""
+    try:
+        return flops / bench(fn) / 1e9
+    except RuntimeError:
+        return float("nan")
+
+
+def dense(configs=((128, 16), (64, 32)), ns=None):
+    for d, h in configs:
+        for n in ns or ([4096] if QUICK else [1024, 4096, 16384]):
             b = max(1, 16384 // n)
             q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
             for causal in (False, True):
@@ -74,8 +83,8 @@ def dense():
                 del os.environ["ATTNKIT_CUDA_PINGPONG"]
                 for name, be in [("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
                     with sdpa_kernel(be):
-                        ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-                    res[name] = flops / ms / 1e9
+                        res[name] = peer_rate(
+                            flops, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
                 res["vs_fa2"] = res["attnkit"] / res["fa2"]
                 res["vs_cudnn"] = res["attnkit"] / res["cudnn"]
                 emit(**res)
@@ -152,25 +161,23 @@ def bias():
     emit(**res)
 
 
-def train():
-    """Forward + backward through autograd (FLOPs: 3.5x the forward's, FlashAttention's count).
-    attnkit's gradients are fp32 from the C++ backward and converted to bf16 by the PyTorch
-    wrapper; the peers return bf16 directly."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    # The forward section's compilations fill dynamo's cache: without a reset, FlexAttention's
-    # ALiBi backward here fell back to an unfused path (8 TFLOP/s in runs 24 and 26).
-    torch._dynamo.reset()
-    fa = torch.compile(flex_attention, dynamic=False)
+def train_step(fn, q, k, v, go):
+    """One forward + backward of fn, the gradients cleared first."""
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        fn().backward(go)
+    return step
 
-    def fwd_bwd(fn, q, k, v, go):
-        def step():
-            for t in (q, k, v):
-                t.grad = None
-            fn().backward(go)
-        return bench(step)
 
-    for d, h in [(128, 16), (64, 32)]:
-        for n in ([4096] if QUICK else [1024, 4096, 16384]):
+def fwd_bwd(fn, q, k, v, go):
+    return bench(train_step(fn, q, k, v, go))
+
+
+def train_dense(configs=((128, 16), (64, 32)), ns=None):
+    """Forward + backward of dense and causal attention against FlashAttention-2 and cuDNN."""
+    for d, h in configs:
+        for n in ns or ([4096] if QUICK else [1024, 4096, 16384]):
             b = max(1, 16384 // n)
             q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3))
@@ -189,13 +196,34 @@ def train():
                                                  q, k, v, go) / 1e9
                 for name, be in [("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
                     with sdpa_kernel(be):
-                        res[name] = flops / fwd_bwd(
+                        res[name] = peer_rate(flops, train_step(
                             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                            q, k, v, go) / 1e9
+                            q, k, v, go))
                 res["vs_fa2"] = res["attnkit"] / res["fa2"]
                 res["vs_cudnn"] = res["attnkit"] / res["cudnn"]
                 emit(**res)
             del q, k, v
+
+
+def wide():
+    """Head dims 192 and 256 (built with ATTNKIT_HEAD_DIMS; the backward with
+    ATTNKIT_BWD_MAX_HEAD_DIM=256), forward and forward + backward, N 1024 and 4096."""
+    configs, ns = ((192, 16), (256, 16)), [1024, 4096]
+    dense(configs, ns)
+    train_dense(configs, ns)
+
+
+def train():
+    """Forward + backward through autograd (FLOPs: 3.5x the forward's, FlashAttention's count).
+    attnkit's gradients are fp32 from the C++ backward and converted to bf16 by the PyTorch
+    wrapper; the peers return bf16 directly."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    # The forward section's compilations fill dynamo's cache: without a reset, FlexAttention's
+    # ALiBi backward here fell back to an unfused path (8 TFLOP/s in runs 24 and 26).
+    torch._dynamo.reset()
+    fa = torch.compile(flex_attention, dynamic=False)
+
+    train_dense()
     n, b, h, d = 8192, 2, 16, 128
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -244,7 +272,7 @@ if __name__ == "__main__":
     parts = (train,) if "--train" in sys.argv else (dense, masked, neighborhood, bias, train)
     if "--only" in sys.argv:
         named = dict(dense=dense, masked=masked, neighborhood=neighborhood, bias=bias, train=train,
-                     train_bias=train_bias)
+                     train_bias=train_bias, wide=wide)
         parts = [named[x] for x in sys.argv[sys.argv.index("--only") + 1].split(",")]
     for part in parts:
         try:
