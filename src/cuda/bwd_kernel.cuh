@@ -16,6 +16,10 @@
 //   into dq's fp32 scratch (rows laid out as the tile's) with one reduce-add of the copy engine
 //   before it hands the tile back.
 // The scale multiplies dK once at the end and each tile's dQ (dS excludes it).
+// Head dims above 128 (BwdShape::kSplit): the key tile is 64 keys, which both consumer
+// warpgroups take (each computes S^T and dP^T); they split the 64-column panels of dK, dV and dQ
+// (bwd_panel), warpgroup 0 alone writes dS^T and the general flavor's extras, and dQ is
+// computed a panel at a time once dV and dK are done.
 //
 // Flavors per (dtype, head dims), as in the forward pass: kGeneral = false is softmax (or with a
 // sink) under a band mask, or with kTabled under any mask whose block table (query tiles of 64
@@ -82,8 +86,8 @@ struct BwdParams {
   int num_k_tiles = 0;  // of the longest key sequence
 };
 
-// Tensor maps of the backward: q, k, v as in the forward (boxes of 64 query rows and 128 key rows)
-// and dO (boxes of 64 rows).
+// Tensor maps of the backward: q, k, v as in the forward (boxes of 64 query rows and BwdShape::kN
+// key rows) and dO (boxes of 64 rows).
 // With the tabled fast flavor's bias (FwdParams::fast_bias), qkv.bias is the bias in boxes of 64
 // keys x 64 queries and dbias the 16-bit dbias the same way (BwdParams::dbias_tma).
 struct BwdMaps {
@@ -113,7 +117,7 @@ struct BwdShape {
   // 64-column panels of dK, dV and dQ between them (bwd_panel).
   static constexpr bool kSplit = kDp > 128 || kDVp > 128;
   static constexpr int kM = 64;                // query rows per step
-  static constexpr int kN = kSplit ? 64 : 128;  // keys per CTA: 64 per consumer warpgroup
+  static constexpr int kN = kSplit ? 64 : 128;  // keys per CTA (64 per warpgroup unless kSplit)
   static constexpr int kKSlots = (kDp / 64 + 1) / 2, kVSlots = (kDVp / 64 + 1) / 2;  // kSplit
   static constexpr int kThreads = 384;
   static constexpr int kKBytes = kN * kDp * 2, kVBytes = kN * kDVp * 2;
@@ -122,10 +126,10 @@ struct BwdShape {
   // boundaries of the swizzled layout.
   static constexpr int kStatBytes = 1024;
   static_assert(2 * kM * 4 <= kStatBytes);
-  static constexpr int kDsBytes = kN * kM * 2;  // dS^T: 128 key rows x 64 query columns
+  static constexpr int kDsBytes = kN * kM * 2;  // dS^T: kN key rows x 64 query columns
   // scale * dQ of the step, fp32 rows of kDqStride floats (16-byte aligned; 2-way bank conflicts
   // on the consumers' stores): in two buffers of its own where shared memory holds them beside
-  // three stages (kDqOwn: d <= 64, and d 128 x dv 64), else
+  // three stages (kDqOwn: d <= 64 with dv up to 192 or so, and d 128 x dv 64), else
   // written over the stage once both warpgroups are done with it (the stage then waits for the
   // copy engine's read before it is refilled).
   static constexpr int kDqStride = bwd_dq_stride(kD);
