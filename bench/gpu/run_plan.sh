@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The next device session's runs, one call of at most 600 s each, in order:
+#   bash bench/gpu/run_plan.sh STEP OUT_DIR
+# 1: the tree as committed: the whole test_cuda (the persistent forward, round-robin dealing),
+#    attnkit check, pytest -k cuda, then bench.py --only dense,train.
+# 2: bench/gpu/wip_double_q.patch and wip_lscale_bwd.patch applied: the forward and backward
+#    oracle tests, the length scale's pytest, then bench.py --only dense (against step 1's).
+# 3: head dims 192, 256 and 192/128 with their backward (ATTNKIT_BWD_MAX_HEAD_DIM=256): the
+#    head-dim tests, then bench.py --only wide.
+# Results: docs/perf/gpu.md (parts 11 and 12, and the "Next" list).
+set -uo pipefail
+step=${1:?step 1, 2 or 3}
+out=${2:?output directory}
+case $step in
+  1) bash scripts/gpu_cuda.sh "$out" --only dense,train ;;
+  2) git apply bench/gpu/wip_double_q.patch bench/gpu/wip_lscale_bwd.patch || exit 1
+     TEST_FILTER='CudaFastPath.*:All/CudaOracle.*:All/CudaBackward.*:CudaBackwardRules.*' \
+       bash scripts/gpu_cuda.sh "$out" --lean --only dense
+     PYTHONPATH=build-gpu/python python3 -m pytest -q -p no:cacheprovider \
+       python/tests/test_torch.py -k "cuda and length_scale" ;;
+  3) HEAD_DIMS="64;128;192;256;192x128" BWD_MAX_HEAD_DIM=256 \
+       TEST_FILTER='CudaBackwardHeadDims.*:CudaHeadDims.*' \
+       bash scripts/gpu_cuda.sh "$out" --lean --only wide ;;
+  *) echo "step 1, 2 or 3" >&2; exit 2 ;;
+esac
