@@ -9,6 +9,7 @@
 
 #include "attnkit/variant/normalizers.h"
 #include "core/convert.h"
+#include "cpu/parallel.h"
 
 namespace attnkit::reference {
 namespace {
@@ -200,28 +201,33 @@ Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
   if (p.device != Device::kCPU)
     return Status(StatusCode::kTypeError,
                   "q is on a CUDA device: the float64 oracle reads host memory (copy to the CPU)");
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const core::ScoreTables<double> tables = core::build_score_tables<double>(p, b, true);
-    for (int64_t hk = 0; hk < p.hk; ++hk) {
-      std::vector<double> group_mass(p.seqs[b].nk, 0.0);
-      for (int64_t g = 0; g < p.group; ++g) {
-        const int64_t h = hk * p.group + g;
-        std::vector<double> mass(p.seqs[b].nk, 0.0);
-        write_head(p, forward_head(p, tables, b, h, rounding), b, h,
-                   p.col_mass.defined() ? &mass : nullptr);
-        if (!p.col_mass.defined()) continue;
-        for (size_t j = 0; j < mass.size(); ++j) {
-          if (p.col_group_sum)
-            group_mass[j] += mass[j];
-          else
-            p.col_mass.at(b, h, j) = static_cast<float>(mass[j]);
-        }
+  std::vector<core::ScoreTables<double>> tables;
+  tables.reserve(p.batch);
+  for (int64_t b = 0; b < p.batch; ++b)
+    tables.push_back(core::build_score_tables<double>(p, b, true));
+  // The (batch element, kv head) groups on every core: each writes only its own heads' rows (and
+  // column mass), each in the same order as one thread would, so the results do not depend on
+  // the thread count.
+  cpu::parallel_for(p.batch * p.hk, cpu::resolve_threads(0), [&](int64_t task, int) {
+    const int64_t b = task / p.hk, hk = task % p.hk;
+    std::vector<double> group_mass(p.seqs[b].nk, 0.0);
+    for (int64_t g = 0; g < p.group; ++g) {
+      const int64_t h = hk * p.group + g;
+      std::vector<double> mass(p.seqs[b].nk, 0.0);
+      write_head(p, forward_head(p, tables[b], b, h, rounding), b, h,
+                 p.col_mass.defined() ? &mass : nullptr);
+      if (!p.col_mass.defined()) continue;
+      for (size_t j = 0; j < mass.size(); ++j) {
+        if (p.col_group_sum)
+          group_mass[j] += mass[j];
+        else
+          p.col_mass.at(b, h, j) = static_cast<float>(mass[j]);
       }
-      if (p.col_mass.defined() && p.col_group_sum)
-        for (size_t j = 0; j < group_mass.size(); ++j)
-          p.col_mass.at(b, hk, j) = static_cast<float>(group_mass[j]);
     }
-  }
+    if (p.col_mass.defined() && p.col_group_sum)
+      for (size_t j = 0; j < group_mass.size(); ++j)
+        p.col_mass.at(b, hk, j) = static_cast<float>(group_mass[j]);
+  });
   return {};
 }
 
