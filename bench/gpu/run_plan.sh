@@ -7,9 +7,11 @@
 #    oracle tests, the length scale's pytest, then bench.py --only dense (against step 1's).
 # 3: head dims 192, 256 and 192/128 with their backward (ATTNKIT_BWD_MAX_HEAD_DIM=256): the
 #    head-dim tests, then bench.py --only wide.
+# 4: compute-sanitizer memcheck and racecheck (gpu_cuda.sh's list, the persistent forward's
+#    CudaFastPath tests among them) on the committed tree.
 # Results: docs/perf/gpu.md (parts 11 and 12, and the "Next" list).
 set -uo pipefail
-step=${1:?step 1, 2 or 3}
+step=${1:?step 1, 2, 3 or 4}
 out=${2:?output directory}
 case $step in
   1) bash scripts/gpu_cuda.sh "$out" --only dense,train ;;
@@ -21,5 +23,6 @@ case $step in
   3) HEAD_DIMS="64;128;192;256;192x128" BWD_MAX_HEAD_DIM=256 \
        TEST_FILTER='CudaBackwardHeadDims.*:CudaHeadDims.*' \
        bash scripts/gpu_cuda.sh "$out" --lean --only wide ;;
-  *) echo "step 1, 2 or 3" >&2; exit 2 ;;
+  4) TEST_FILTER='CudaFastPath.*' bash scripts/gpu_cuda.sh "$out" --lean --no-bench --sanitize ;;
+  *) echo "step 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
