@@ -11,10 +11,12 @@
 //   terms:  dbias, dU, dW, dtable, dlog_f (reverse prefix sums), dslopes from dT
 //   q, k:   dQ_i = scale sum_j dT_ij K_j,  dK_j += scale sum_i dT_ij Q_i
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "attnkit/variant/normalizers.h"
 #include "core/convert.h"
+#include "cpu/parallel.h"
 #include "reference/reference.h"
 
 namespace attnkit {
@@ -74,8 +76,14 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
     const int64_t nq = s.nq, nk = s.nk;
     std::vector<std::vector<double>> dK(p.hk, std::vector<double>(nk * d, 0.0));
     std::vector<std::vector<double>> dV(p.hk, std::vector<double>(nk * dv, 0.0));
+    // Every head's forward first, on every core (each head's is independent); the chain rule
+    // below then runs head after head as before, so the sums keep their order.
+    std::vector<reference::HeadForward> forwards(p.hq);
+    cpu::parallel_for(p.hq, cpu::resolve_threads(0), [&](int64_t h, int) {
+      forwards[h] = reference::forward_head(p, tables, b, h, DType::kF64);
+    });
     for (int64_t h = 0; h < p.hq; ++h) {
-      const reference::HeadForward f = reference::forward_head(p, tables, b, h, DType::kF64);
+      const reference::HeadForward f = std::move(forwards[h]);
       const int64_t hk = f.hk;
       // dO through the gate and ReLA.
       std::vector<double> dO(nq * dv), O1(nq * dv);
