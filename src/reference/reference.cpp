@@ -16,6 +16,11 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 }  // namespace
 
+int oracle_threads(const core::Problem& p) {
+  const double work = static_cast<double>(p.batch) * p.hq * p.max_nq * p.max_nk * (p.d + p.dv);
+  return work >= 2e8 ? cpu::resolve_threads(0) : 1;
+}
+
 HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>& tables, int64_t b,
                          int64_t h, DType rounding) {
   const AttentionSpec& spec = *p.spec;
@@ -205,10 +210,10 @@ Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
   tables.reserve(p.batch);
   for (int64_t b = 0; b < p.batch; ++b)
     tables.push_back(core::build_score_tables<double>(p, b, true));
-  // The (batch element, kv head) groups on every core: each writes only its own heads' rows (and
-  // column mass), each in the same order as one thread would, so the results do not depend on
-  // the thread count.
-  cpu::parallel_for(p.batch * p.hk, cpu::resolve_threads(0), [&](int64_t task, int) {
+  // The (batch element, kv head) groups on every core (oracle_threads): each writes only its own
+  // heads' rows (and column mass), each in the same order as one thread would, so the results do
+  // not depend on the thread count.
+  cpu::parallel_for(p.batch * p.hk, oracle_threads(p), [&](int64_t task, int) {
     const int64_t b = task / p.hk, hk = task % p.hk;
     std::vector<double> group_mass(p.seqs[b].nk, 0.0);
     for (int64_t g = 0; g < p.group; ++g) {

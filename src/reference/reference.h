@@ -27,6 +27,11 @@ struct HeadForward {
   ScoreModEval<double> mods;
 };
 
+// Threads for the oracle's heads: every core where the problem is large (the GPU tests' long
+// sequences), one where it is small (most tests: OpenMP's start-up and spinning would cost more,
+// and ctest runs tests side by side).
+int oracle_threads(const core::Problem& p);
+
 // `rounding` kF64: exact. Another dtype: the naive computation in that dtype (scores,
 // probabilities and both products rounded to it; dot products and P V accumulated in fp32).
 HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>& tables, int64_t b,

@@ -76,10 +76,10 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
     const int64_t nq = s.nq, nk = s.nk;
     std::vector<std::vector<double>> dK(p.hk, std::vector<double>(nk * d, 0.0));
     std::vector<std::vector<double>> dV(p.hk, std::vector<double>(nk * dv, 0.0));
-    // Every head's forward first, on every core (each head's is independent); the chain rule
-    // below then runs head after head as before, so the sums keep their order.
+    // Every head's forward first, on every core for a large problem (oracle_threads); the chain
+    // rule below then runs head after head as before, so the sums keep their order.
     std::vector<reference::HeadForward> forwards(p.hq);
-    cpu::parallel_for(p.hq, cpu::resolve_threads(0), [&](int64_t h, int) {
+    cpu::parallel_for(p.hq, reference::oracle_threads(p), [&](int64_t h, int) {
       forwards[h] = reference::forward_head(p, tables, b, h, DType::kF64);
     });
     for (int64_t h = 0; h < p.hq; ++h) {
