@@ -168,17 +168,19 @@ Status forward(const core::Problem& p) {
     f.row_stat = lse_scratch;
     f.st_sn = 1, f.st_sh = rows, f.st_sb = p.varlen ? 0 : p.hq * rows;
   }
+  GeneralTables tables;
   if (fast && band) {
     e = inst.fast(f, maps, stream);
   } else {
-    GeneralTables tables;
     e = tables.build(p, 128, kn, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);
     if (e == cudaSuccess) e = fast ? inst.fast(f, maps, stream) : inst.general(f, maps, stream);
-    const cudaError_t e2 = tables.release(stream);
-    if (e == cudaSuccess) e = e2;
   }
+  // The statistics read the tables' relative buckets and forget-gate sums (through f): they run
+  // before the tables are released.
   if (e == cudaSuccess && stats)
     e = launch_stats(p, f, f.row_stat, f.st_sb, f.st_sh, f.st_sn, stream);
+  const cudaError_t e_tables = tables.release(stream);
+  if (e == cudaSuccess) e = e_tables;
   for (void* scratch : {static_cast<void*>(lse_scratch), static_cast<void*>(f.sched)}) {
     if (!scratch) continue;
     const cudaError_t e2 = cudaFreeAsync(scratch, stream);
