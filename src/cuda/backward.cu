@@ -346,6 +346,27 @@ __global__ void forget_suffix_kernel(const float* dc, int64_t dc_stride, int bat
   }
 }
 
+// The normalized kernel's length scale of each query row (log of its allowed keys, 0 below two:
+// normalizers.h) in the stat rows' layout, one warp a row (blockIdx = (row / 8, head, batch)).
+__global__ void row_length_scale_kernel(const __grid_constant__ FwdParams p, float* out,
+                                        int64_t stat_stride) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * 8 + warp;
+  const int h = blockIdx.y, b = blockIdx.z;
+  if (i >= stat_stride) return;
+  const SeqExtent seq = seq_extent(p, b);
+  int cnt = 0;
+  if (i < seq.nq) {
+    MaskState ms;
+    resolve_mask(p, b, h, seq.offset, ms);
+    for (int64_t j = lane; j < seq.nk; j += 32) cnt += mask_allowed(ms.mask, p.num_nodes, i, j);
+  }
+#pragma unroll
+  for (int x = 16; x > 0; x /= 2) cnt += __shfl_xor_sync(0xffffffff, cnt, x);
+  if (lane == 0)
+    out[(static_cast<int64_t>(b) * p.hq + h) * stat_stride + i] = length_scale<float>(cnt);
+}
+
 // fill_4d over a 4-D view (the view's own data and dtype unless given): the gradients added in
 // place are zeroed first, and a 16-bit dbias summed over broadcast dims is converted from its
 // fp32 scratch.
@@ -374,9 +395,6 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
                 "; CMake options ATTNKIT_HEAD_DIMS and ATTNKIT_BWD_MAX_HEAD_DIM add more)");
   }
   const NormalizerKind n = p.spec->normalizer.kind;
-  if (n == NormalizerKind::kKernel && p.spec->normalizer.length_scale)
-    return fail(StatusCode::kNotImplemented,
-                "the backward of normalizer kernel with length_scale is not on CUDA yet");
   if ((p.softmax_family() || n == NormalizerKind::kKernel) && !p.row_stat.defined())
     return fail(StatusCode::kInvalidArgument, "row_stat is missing: the backward pass needs the ",
                 p.softmax_family() ? "forward's LSE" : "forward's row sum (normalized kernel)");
@@ -514,7 +532,10 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // Scratch: lse2 and D per padded row, the dsinks sums, the dO copy, dq's sums.
   const int64_t stat_floats = p.batch * p.hq * bp.stat_stride;
   const int64_t copy_bytes = copy ? (batch * p.hq * rows_q * copy_sn * 2 + 255) / 256 * 256 : 0;
-  const int64_t stat_bytes = (2 * stat_floats * 4 + 255) / 256 * 256;
+  // lse2 and D per row; the normalized kernel's length scale too where it has one.
+  const bool lscaled =
+      spec.normalizer.kind == NormalizerKind::kKernel && spec.normalizer.length_scale;
+  const int64_t stat_bytes = ((lscaled ? 3 : 2) * stat_floats * 4 + 255) / 256 * 256;
   const int64_t sink_bytes = grads.dsinks.defined() ? (p.hq * 8 + 255) / 256 * 256 : 0;
   const int64_t dq_bytes = (batch * p.hq * rows_q + kM) * dq_stride * 4;
   void* scratch = nullptr;
@@ -531,6 +552,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   }
   bp.lse2 = reinterpret_cast<float*>(base + copy_bytes);
   bp.dd = bp.lse2 + stat_floats;
+  float* lscale = lscaled ? reinterpret_cast<float*>(base + copy_bytes) + 2 * stat_floats : nullptr;
+  bp.lscale = lscale;
   double* dsinks = grads.dsinks.defined()
                        ? reinterpret_cast<double*>(base + copy_bytes + stat_bytes)
                        : nullptr;
@@ -621,6 +644,12 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
       else
         bwd_prep_vec_kernel<__half><<<vgrid, 256, 0, stream>>>(pp, lg);
     }
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess && lscale) {
+    const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
+                    static_cast<unsigned>(p.batch));
+    row_length_scale_kernel<<<grid, 256, 0, stream>>>(f, lscale, bp.stat_stride);
     e = cudaGetLastError();
   }
   if (e == cudaSuccess && dsinks) {

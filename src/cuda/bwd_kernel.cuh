@@ -30,6 +30,8 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "cuda/fwd_common.cuh"
 #include "cuda/fwd_mask.cuh"
 #include "cuda/fwd_params.h"
@@ -52,6 +54,9 @@ struct BwdParams {
   // row has no weight) and D = dO . out (softmax family).
   const float* lse2 = nullptr;
   const float* dd = nullptr;
+  // The normalized kernel's length scale per row (null without one), laid out as lse2: the
+  // third row of a stage's stats.
+  const float* lscale = nullptr;
   int64_t stat_stride = 0;
   float* dq = nullptr;
   void* dk = nullptr;
@@ -122,10 +127,10 @@ struct BwdShape {
   static constexpr int kThreads = 384;
   static constexpr int kKBytes = kN * kDp * 2, kVBytes = kN * kDVp * 2;
   static constexpr int kQBytes = kM * kDp * 2, kOBytes = kM * kDVp * 2;
-  // lse2 and D of the query tile (2 * kM floats), padded so that stages start on the 1024-byte
-  // boundaries of the swizzled layout.
+  // lse2, D and (the normalized kernel's length scale) ls of the query tile (3 * kM floats),
+  // padded so that stages start on the 1024-byte boundaries of the swizzled layout.
   static constexpr int kStatBytes = 1024;
-  static_assert(2 * kM * 4 <= kStatBytes);
+  static_assert(3 * kM * 4 <= kStatBytes);
   static constexpr int kDsBytes = kN * kM * 2;  // dS^T: kN key rows x 64 query columns
   // scale * dQ of the step, fp32 rows of kDqStride floats (16-byte aligned; 2-way bank conflicts
   // on the consumers' stores): in two buffers of its own where shared memory holds them beside
@@ -214,7 +219,7 @@ __global__ void __launch_bounds__(384, 1)
   auto sDQ = [&](int y) { return sTable + S::kTableBytes + y * S::kDqAligned; };  // kDqOwn
   auto sQ = [&](int st) { return sTable + S::kTableBytes + S::kDqRing + st * S::kStageBytes; };
   auto sO = [&](int st) { return sQ(st) + S::kQBytes; };
-  auto sStat = [&](int st) { return sO(st) + S::kOBytes; };  // lse2[kM], then D[kM]
+  auto sStat = [&](int st) { return sO(st) + S::kOBytes; };  // lse2[kM], D[kM] (, ls[kM])
   auto sBias = [&](int st) { return sQ(st) + S::kBiasOffset; };  // kBias
   const uint32_t bars = sQ(kStages);
   const uint32_t bar_kv = bars;
@@ -305,10 +310,12 @@ __global__ void __launch_bounds__(384, 1)
           const uint32_t parity = phase_of(it - 1);
           const int q_row = static_cast<int>(seq.q_start) + qt * kM;
           mbar_wait(empty(st), parity ^ 1);
-          mbar_expect_tx(full(st), S::kQBytes + S::kOBytes + 2 * kM * 4 + S::kBiasBytes);
+          mbar_expect_tx(full(st), S::kQBytes + S::kOBytes + (bp.lscale ? 3 : 2) * kM * 4 +
+                                       S::kBiasBytes);
           const int64_t stat_row = (static_cast<int64_t>(b) * p.hq + h) * bp.stat_stride + qt * kM;
           bulk_load(sStat(st), bp.lse2 + stat_row, kM * 4, full(st));
           bulk_load(sStat(st) + kM * 4, bp.dd + stat_row, kM * 4, full(st));
+          if (bp.lscale) bulk_load(sStat(st) + 2 * kM * 4, bp.lscale + stat_row, kM * 4, full(st));
 #pragma unroll
           for (int c = 0; c < kDp / 64; ++c)
             tma_load_4d(sQ(st) + c * kM * 128, &maps.qkv.q, full(st), c * 64, q_row,
@@ -547,8 +554,8 @@ __global__ void __launch_bounds__(384, 1)
           each_score<kM>(s, 0, 0, [&](float& x, int, int) { x = cap * fast_tanh(x * inv_cap); });
       }
 
-      // The stat pair of this thread's query columns c8 * 8 + col0 + (0, 1): lse2 (stat 0) or
-      // D (stat 1), and whether score x = c8 * 4 + e is allowed.
+      // The stat pair of this thread's query columns c8 * 8 + col0 + (0, 1): lse2 (stat 0), D
+      // (stat 1) or the length scale (stat 2), and whether score x = c8 * 4 + e is allowed.
       auto stat_pair = [&](int c8, int stat) {
         float2 v;
         asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
@@ -615,16 +622,24 @@ __global__ void __launch_bounds__(384, 1)
       // normalizer (a branch per score kept every normalizer's values live at once: spills).
       // rule(s, dp, ok, l, dd, pw, ds) gets the score, dO . v_j, whether the pair is allowed, the
       // row's stat (LSE in base 2, or 1 / L) and D.
-      auto weights = [&](auto rule) {
+      // With `scaled` (the normalized kernel's length scale, its own unrolled copy), the row's ls
+      // (stat 2) multiplies the (capped) score before the rule, as in the forward, and so dS
+      // after it.
+      auto weights = [&](auto rule, auto scaled) {
+        constexpr bool lscaled = decltype(scaled)::value;
 #pragma unroll
         for (int c8 = 0; c8 < kM / 8; ++c8) {
           const float2 l2 = stat_pair(c8, 0), d2 = stat_pair(c8, 1);
+          const float2 ls2 = lscaled ? stat_pair(c8, 2) : make_float2(1.f, 1.f);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int x = c8 * 4 + e;
             const bool ok = allowed(c8, e);
+            const float ls = (e & 1) ? ls2.y : ls2.x;
+            const float sx = !lscaled ? s[x] : ls == 0.f ? 0.f : s[x] * ls;
             float pw, ds;
-            rule(s[x], dp[x], ok, (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x, pw, ds);
+            rule(sx, dp[x], ok, (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x, pw, ds);
+            if (lscaled) ds *= ls;
             if (kGeneral && sigmoid && scores_own) beta_acc += ds;  // added after the softcap
             if (kGeneral && cap != 0.f) {
               const float t = s[x] * inv_cap;
@@ -642,19 +657,20 @@ __global__ void __launch_bounds__(384, 1)
       };
       if constexpr (kGeneral) {
         if (norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink) {
-          weights(softmax_rule);
+          weights(softmax_rule, std::false_type{});
         } else if (sigmoid) {
           weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
             pw = ok ? fast_sigmoid(sx + beta) : 0.f;
             ds = dpx * pw * (1.f - pw);
-          });
+          }, std::false_type{});
         } else if (rela) {  // P = relu(s), unnormalized; dO is already dO1
           weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
             pw = ok ? fmaxf(sx, 0.f) : 0.f;
             ds = pw > 0.f ? dpx : 0.f;
-          });
+          }, std::false_type{});
         } else {  // the normalized kernel: dL/dw = (dO . v_j - D) / L, dw/ds = p f^(p-1) f'(s)
-          weights([&](float sx, float dpx, bool ok, float inv_l, float dd, float& pw, float& ds) {
+          auto kernel_rule = [&](float sx, float dpx, bool ok, float inv_l, float dd, float& pw,
+                                 float& ds) {
             const float w = ok ? fast_kernel_weight(sx, feature, power) : 0.f;
             const float fx = feature == KernelFeature::kSoftplus
                                  ? fmaxf(sx, 0.f) + log1pf(__expf(-fabsf(sx)))
@@ -663,7 +679,11 @@ __global__ void __launch_bounds__(384, 1)
                 feature == KernelFeature::kSoftplus ? fast_sigmoid(sx) : (sx > 0.f ? 1.f : 0.f);
             pw = ok ? w * inv_l : 0.f;  // inv_l is +inf on padded rows
             ds = w > 0.f ? (dpx - dd) * inv_l * power * __fdividef(w, fx) * dfx : 0.f;
-          });
+          };
+          if (bp.lscale)
+            weights(kernel_rule, std::true_type{});
+          else
+            weights(kernel_rule, std::false_type{});
         }
         pack_p<T, kM>(s, pa);
         pack_p<T, kM>(dp, da);
