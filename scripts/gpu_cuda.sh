@@ -21,7 +21,7 @@ deps=${DEPS_ROOT:-$PWD/.carry/deps}
 export LD_LIBRARY_PATH=$hwy_root/lib:${LD_LIBRARY_PATH:-}
 t0=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNKIT_BUILD_PYTHON=ON \
-  -DATTNKIT_HEAD_DIMS="${HEAD_DIMS:-64;128}" -DATTNKIT_BWD_MAX_HEAD_DIM="${BWD_MAX_HEAD_DIM:-128}" \
+  -DATTNKIT_HEAD_DIMS="${HEAD_DIMS:-64;128}" -DATTNKIT_BWD_MAX_HEAD_DIM="${BWD_MAX_HEAD_DIM:-256}" \
   -DHWY_ROOT="$hwy_root" -Dnlohmann_json_DIR="$deps/share/cmake/nlohmann_json" \
   -DCLI11_DIR="$deps/share/cmake/CLI11" -DGTest_DIR="$deps/lib/x86_64-linux-gnu/cmake/GTest" \
   -DPython_EXECUTABLE="$(command -v python3)" > /tmp/cmake.log 2>&1 || { tail -30 /tmp/cmake.log; exit 1; }

@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <string_view>
 
 #include "attnkit/attention.h"
 #include "device_mirror.h"
@@ -125,6 +126,8 @@ TEST(CudaBackwardHeadDims, EveryBuiltPairMatchesTheOracle) {
       for (DType t : {DType::kBF16, DType::kF16}) {
         const Case c{t, {2, 4, 2, 157, 211, d, dv}, seed % 3 == 0};
         if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        // The low-rank bias's rank 3 needs head_dim + r <= 256 (LowRankBiasWiderThanAHead).
+        if (std::string_view(mech) == "low_rank_bias" && d + 3 > 256) continue;
         const CheckResult r = backward_on_gpu(mech, c, seed, seed % 2 == 0);
         ++seed;
         if (r.not_covered) continue;  // not built

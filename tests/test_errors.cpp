@@ -505,6 +505,14 @@ TEST(Errors, LowRankWWrongRank) {
   EXPECT_REJECTED(c, kInvalidArgument, "low_rank_w.shape");
 }
 
+// The low-rank bias's rank counts against the head dim: head_dim + r <= kMaxHeadDim (256).
+TEST(Errors, LowRankBiasWiderThanAHead) {
+  Call c(1, 2, 2, 4, 4, 254, 8);
+  c.spec.mods.low_rank_u = c.f32({1, 2, 4, 3});
+  c.spec.mods.low_rank_w = c.f32({1, 2, 4, 3});
+  EXPECT_REJECTED(c, kInvalidArgument, "head_dim + r must be <= 256");
+}
+
 TEST(Errors, RelativeBucketsWithoutTable) {
   Call c;
   c.spec.mods.relative = RelativeBucketKind::kClipped;

@@ -69,8 +69,8 @@ std::vector<SupportRow> support_matrix() {
     rows.push_back({m.name, m.category, "cpu", true, m.cpu_backward, {"fp32", "bf16", "fp16"}});
 #if defined(ATTNKIT_WITH_CUDA)
     // The CUDA forward (src/cuda): every tier-1 mechanism, the attention statistics included
-    // (stats.cu). The backward: the same, with every extra's gradient (head dims up to 128, or
-    // up to ATTNKIT_BWD_MAX_HEAD_DIM). Head dims: cuda::built_head_dims().
+    // (stats.cu). The backward: the same, with every extra's gradient, for every built head dim
+    // up to ATTNKIT_BWD_MAX_HEAD_DIM (256 by default). Head dims: cuda::built_head_dims().
     rows.push_back({m.name, m.category, "cuda", true, true, cuda::built_dtypes()});
 #endif
   }
