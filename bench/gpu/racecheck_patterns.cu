@@ -4,7 +4,9 @@
 // memory completing on an mbarrier, read by the threads that waited on it, then refilled after
 // they arrive on an "empty" mbarrier; (3) the same ring where the readers also overwrite the
 // stage before arriving on "empty" (the d128 backward writes its dQ tile into the stage whose
-// Q/dO it has consumed). All are the PTX producer/consumer forms; if racecheck reports hazards
+// Q/dO it has consumed); (4) a slot that one thread stores (st.shared) and hands over by an
+// mbarrier arrive, its readers arriving on an "empty" mbarrier (the persistent forward's work
+// item, fwd_kernel.cuh's sSched). All are the PTX producer/consumer forms; if racecheck reports hazards
 // here, it reports them for the kernel too.
 // Build and run: nvcc -arch=sm_90a -o /tmp/rp bench/gpu/racecheck_patterns.cu &&
 //   compute-sanitizer --tool racecheck /tmp/rp
@@ -73,6 +75,43 @@ __global__ void bulk_ring(const float* src, float* out, int iters, bool reuse) {
   out[t] = acc;
 }
 
+__global__ void thread_slot(int* out, int iters) {
+  __shared__ int slot[2];
+  __shared__ alignas(8) uint64_t full[2], empty[2];
+  const int t = threadIdx.x;  // thread 0 writes; warps 1..2 read
+  if (t == 0)
+    for (int s = 0; s < 2; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&full[s])));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 2;" ::"r"(smem_u32(&empty[s])));
+    }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  __syncthreads();
+  auto wait = [](uint64_t* bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done)
+      asm volatile("{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p;}"
+                   : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+  };
+  int acc = 0;
+  for (int it = 0; it < iters; ++it) {
+    const int s = it % 2;
+    const uint32_t ph = (it / 2) & 1;
+    if (t == 0) {
+      wait(&empty[s], ph ^ 1);
+      asm volatile("st.shared.s32 [%0], %1;" ::"r"(smem_u32(&slot[s])), "r"(it) : "memory");
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(&full[s])) : "memory");
+    } else if (t >= 32) {
+      wait(&full[s], ph);
+      int v;
+      asm volatile("ld.shared.s32 %0, [%1];" : "=r"(v) : "r"(smem_u32(&slot[s])) : "memory");
+      acc += v;
+      __syncwarp();
+      if (t % 32 == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(&empty[s])) : "memory");
+    }
+  }
+  if (t >= 32) out[t - 32] = acc;
+}
+
 int main() {
   float *src, *out;
   cudaMalloc(&src, 64 * 64 * sizeof(float));
@@ -81,7 +120,14 @@ int main() {
   named_handoff<<<1, 128>>>(out, 8);
   bulk_ring<<<1, 96>>>(src, out, 16, false);
   bulk_ring<<<1, 96>>>(src, out, 16, true);
+  int* sums;
+  cudaMalloc(&sums, 64 * sizeof(int));
+  thread_slot<<<1, 96>>>(sums, 16);
+  int host[64];
+  cudaMemcpy(host, sums, sizeof(host), cudaMemcpyDeviceToHost);
+  bool right = true;
+  for (int x : host) right = right && x == 16 * 15 / 2;  // every reader saw 0..15
   const cudaError_t e = cudaDeviceSynchronize();
-  std::printf("%s\n", cudaGetErrorString(e));
-  return e != cudaSuccess;
+  std::printf("%s; thread_slot sums %s\n", cudaGetErrorString(e), right ? "right" : "WRONG");
+  return e != cudaSuccess || !right;
 }
