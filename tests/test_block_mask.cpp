@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/block_mask.h"
+#include "core/mask_cache.h"
 #include "spec_json.h"
 
 namespace attnkit::tools {
@@ -264,6 +265,47 @@ TEST(BlockMask, BlockMapWithVarlenIsRefused) {
   const Status s = attention_forward(q.view, q.view, q.view, spec, out.view);
   EXPECT_EQ(s.code(), StatusCode::kNotImplemented) << s.message();
   EXPECT_NE(s.message().find("block_map with cu_seqlens"), std::string::npos) << s.message();
+}
+
+// A MaskCache serves one mask: its fingerprint tells masks apart by every node field, parameter,
+// tensor address and the alignment, and equals for the same mask built twice.
+TEST(MaskCache, FingerprintTellsMasksApart) {
+  OwnedTensor seg = OwnedTensor::from_ints({0, 0, 1, 1}, {4});
+  OwnedTensor seg2 = OwnedTensor::from_ints({0, 0, 1, 1}, {4});
+  auto key = [](const Mask& m, Alignment a = Alignment::kBottomRight) {
+    AttentionSpec spec;
+    spec.mask = m;
+    spec.alignment = a;
+    return core::mask_fingerprint(spec);
+  };
+  const std::string doc = key(Mask::document(seg.view) & Mask::causal());
+  EXPECT_EQ(doc, key(Mask::document(seg.view) & Mask::causal()));
+  EXPECT_NE(doc, key(Mask::document(seg2.view) & Mask::causal()));  // another tensor
+  EXPECT_NE(doc, key(Mask::document(seg.view)));
+  EXPECT_NE(doc, key(Mask::document(seg.view) & Mask::causal(), Alignment::kTopLeft));
+  const std::string na = key(Mask::neighborhood({8, 16}, {5, 7}));
+  EXPECT_EQ(na, key(Mask::neighborhood({8, 16}, {5, 7})));
+  EXPECT_NE(na, key(Mask::neighborhood({8, 16}, {7, 5})));
+  EXPECT_NE(na, key(Mask::neighborhood({8, 16}, {5, 7}, {1, 2})));
+  EXPECT_NE(key(Mask::sliding_window(3, 4)), key(Mask::sliding_window(4, 3)));
+}
+
+// The CPU backend ignores Options::mask_cache: the same output, nothing cached.
+TEST(MaskCache, TheCpuIgnoresIt) {
+  OwnedTensor q = random_tensor(DType::kF32, {1, 2, 16, 8}, 1.0, 5);
+  OwnedTensor seg = OwnedTensor::from_ints({0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2}, {16});
+  OwnedTensor a = OwnedTensor::zeros(DType::kF32, {1, 2, 16, 8});
+  OwnedTensor b = OwnedTensor::zeros(DType::kF32, {1, 2, 16, 8});
+  AttentionSpec spec;
+  spec.mask = Mask::document(seg.view);
+  MaskCache cache;
+  Options with;
+  with.mask_cache = &cache;
+  ASSERT_TRUE(attention_forward(q.view, q.view, q.view, spec, a.view).ok());
+  ASSERT_TRUE(attention_forward(q.view, q.view, q.view, spec, b.view, {}, {}, with).ok());
+  EXPECT_EQ(a.bytes, b.bytes);
+  EXPECT_EQ(cache.entries(), 0);
+  EXPECT_EQ(cache.bytes(), 0);
 }
 
 }  // namespace

@@ -3,9 +3,12 @@
 // everywhere the backend is built, CI included).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "attnkit/attention.h"
 #include "device_mirror.h"
@@ -137,6 +140,103 @@ TEST(CudaBackwardHeadDims, EveryBuiltPairMatchesTheOracle) {
         EXPECT_TRUE(r.extras_not_covered.empty()) << mech << ": every extra is computed on CUDA";
       }
   EXPECT_GE(ran, 52);  // the default build: 13 mechanisms (document wants nq = nk) x 2 x 2
+}
+
+// Options::mask_cache: the tables built by a first call and reused by the next ones give the
+// results of tables built per call (the same tables: the forward bit for bit, dK and dV too; dq
+// sums by atomics), the backward keeps an entry of its own (64-row tiles), and a call with
+// another mask is refused by name until clear().
+TEST(CudaMaskCache, ReusedTablesGiveTheSameResults) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  int ran = 0;
+  for (const char* mech : {"document", "neighborhood_2d"}) {
+    CheckOptions opt;
+    opt.dtype = DType::kBF16;
+    opt.dims = {2, 4, 2, 704, 704, 128, 128};
+    opt.seed = 301 + ran;
+    if (tools::mechanism_spec(mech, opt.dims).is_null()) continue;
+    tools::Instance inst;
+    ASSERT_EQ(tools::make_instance(mech, opt, inst), "") << mech;
+    tools::DeviceMirror dm;
+    AttentionSpec spec = inst.spec;
+    dm.mirror_spec(spec);
+    const TensorView q = dm.to_device(inst.q.view), k = dm.to_device(inst.k.view),
+                     v = dm.to_device(inst.v.view);
+    tools::Outputs plain = tools::make_outputs(inst, false),
+                   cached = tools::make_outputs(inst, false);
+    const TensorView out_p = dm.to_device(plain.out.view),
+                     lse_p = dm.to_device(plain.row_stat.view),
+                     out_c = dm.to_device(cached.out.view),
+                     lse_c = dm.to_device(cached.row_stat.view);
+    MaskCache cache;
+    Options with;
+    with.mask_cache = &cache;
+    ASSERT_TRUE(attention_forward(q, k, v, spec, out_p, lse_p).ok()) << mech;
+    for (int call = 0; call < 2; ++call) {  // builds the tables, then reuses them
+      const Status s = attention_forward(q, k, v, spec, out_c, lse_c, {}, with);
+      ASSERT_TRUE(s.ok()) << mech << ": " << s.message();
+    }
+    ASSERT_TRUE(tools::DeviceMirror::synchronize().ok());
+    EXPECT_EQ(cache.entries(), 1) << mech;
+    EXPECT_GT(cache.bytes(), 0) << mech;
+    ASSERT_TRUE(dm.to_host(out_p, plain.out.view).ok());
+    ASSERT_TRUE(dm.to_host(out_c, cached.out.view).ok());
+    ASSERT_TRUE(dm.to_host(lse_p, plain.row_stat.view).ok());
+    ASSERT_TRUE(dm.to_host(lse_c, cached.row_stat.view).ok());
+    EXPECT_EQ(plain.out.bytes, cached.out.bytes) << mech << ": the forward's output";
+    EXPECT_EQ(plain.row_stat.bytes, cached.row_stat.bytes) << mech << ": the forward's LSE";
+
+    // The backward: fp32 gradients with and without the cache.
+    const tools::OwnedTensor go = tools::random_tensor(
+        DType::kBF16, std::vector<int64_t>(inst.q.view.shape, inst.q.view.shape + 4), 1.0, 7);
+    const TensorView grad_out = dm.to_device(go.view);
+    auto grads = [&](const Options& o, std::vector<tools::OwnedTensor>* host) {
+      AttentionGrads g;
+      TensorView AttentionGrads::*members[] = {&AttentionGrads::dq, &AttentionGrads::dk,
+                                               &AttentionGrads::dv};
+      const tools::OwnedTensor* inputs[] = {&inst.q, &inst.k, &inst.v};
+      for (int x = 0; x < 3; ++x) {
+        const TensorView& in = inputs[x]->view;
+        host->push_back(tools::OwnedTensor::zeros(
+            DType::kF32, std::vector<int64_t>(in.shape, in.shape + in.ndim)));
+      }
+      for (int x = 0; x < 3; ++x) g.*members[x] = dm.to_device((*host)[x].view);
+      Status s = attention_backward(q, k, v, out_p, lse_p, grad_out, spec, g, o);
+      if (s.ok()) s = tools::DeviceMirror::synchronize();
+      for (int x = 0; x < 3 && s.ok(); ++x) s = dm.to_host(g.*members[x], (*host)[x].view);
+      return s;
+    };
+    std::vector<tools::OwnedTensor> gp, gc;
+    ASSERT_TRUE(grads({}, &gp).ok()) << mech;
+    for (int call = 0; call < 2; ++call) {
+      gc.clear();
+      const Status s = grads(with, &gc);
+      ASSERT_TRUE(s.ok()) << mech << ": " << s.message();
+    }
+    EXPECT_EQ(cache.entries(), 2) << mech << ": the backward's tables";
+    const std::vector<double> dq_p = gp[0].to_doubles(), dq_c = gc[0].to_doubles();
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < dq_p.size(); ++i) {
+      worst = std::max(worst, std::abs(dq_p[i] - dq_c[i]));
+      scale = std::max(scale, std::abs(dq_p[i]));
+    }
+    EXPECT_LE(worst, 1e-5 * scale) << mech << ": dq";
+    EXPECT_EQ(gp[1].bytes, gc[1].bytes) << mech << ": dk";
+    EXPECT_EQ(gp[2].bytes, gc[2].bytes) << mech << ": dv";
+
+    // Another mask with the same cache: refused, until clear().
+    AttentionSpec other = spec;
+    other.mask = Mask::sliding_window(100, 100) & spec.mask;
+    const Status refused = attention_forward(q, k, v, other, out_c, lse_c, {}, with);
+    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << refused.message();
+    EXPECT_NE(refused.message().find("mask_cache"), std::string::npos) << refused.message();
+    cache.clear();
+    EXPECT_EQ(cache.entries(), 0);
+    const Status after = attention_forward(q, k, v, other, out_c, lse_c, {}, with);
+    EXPECT_TRUE(after.ok()) << after.message();
+    ++ran;
+  }
+  EXPECT_EQ(ran, 2);
 }
 
 // The fast kernel's pipeline over many key tiles: its shared-memory stages wrap around several

@@ -119,7 +119,7 @@ def masked():
     fa = torch.compile(flex_attention, dynamic=False)
     n, b, h, d = 8192, 2, 16, 128
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    for name, (mm, kw, sm, frac) in masked_cases(n, h).items():
+    for name, kw, mm, sm, frac in with_cached(masked_cases(n, h)):
         flops = 4 * b * h * n * n * d * frac
         bm = create_block_mask(mm, None, None, n, n, device=dev) if mm else None
         out = attnkit.attention(q, k, v, **kw)
@@ -133,15 +133,28 @@ def masked():
     del q, k, v
 
 
+def with_cached(cases):
+    """(name, attnkit kwargs, mask_mod, score_mod, density) of each case, and again with an
+    attnkit.MaskCache for those with a mask object (its tables built once, as Flex's BlockMask
+    is: create_block_mask runs outside the timed calls)."""
+    for name, (mm, kw, sm, frac) in cases.items():
+        yield name, kw, mm, sm, frac
+        if "mask" in kw:
+            yield name + " cached", dict(kw, mask_cache=attnkit.MaskCache()), mm, sm, frac
+
+
 def neighborhood():
     # 2-D neighborhood 13 x 13 on a 64 x 128 grid (8192 tokens) against dense attention.
     b, h, d, n = 2, 16, 128, 64 * 128
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
     na = attnkit.masks.Neighborhood((64, 128), kernel=(13, 13))
     ms_na = bench(lambda: attnkit.attention(q, k, v, mask=na))
+    cache = attnkit.MaskCache()
+    ms_cached = bench(lambda: attnkit.attention(q, k, v, mask=na, mask_cache=cache))
     ms_dense = bench(lambda: attnkit.attention(q, k, v))
     emit(case="neighborhood_2d", grid=[64, 128], kernel=[13, 13], n=n, b=b, h=h, d=d,
-         attnkit_ms=ms_na, dense_ms=ms_dense, speedup_vs_dense=ms_dense / ms_na)
+         attnkit_ms=ms_na, dense_ms=ms_dense, speedup_vs_dense=ms_dense / ms_na,
+         cached_ms=ms_cached, cached_speedup_vs_dense=ms_dense / ms_cached)
 
 
 def bias():
@@ -228,7 +241,7 @@ def train():
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     go = torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16)
-    for name, (mm, kw, sm, frac) in masked_cases(n, h).items():
+    for name, kw, mm, sm, frac in with_cached(masked_cases(n, h)):
         if name == "causal":
             continue  # the dense table has it
         flops = 3.5 * 4 * b * h * n * n * d * frac
@@ -297,6 +310,8 @@ if __name__ == "__main__":
         elif r["case"] == "neighborhood_2d":
             print("%-34s %8.3fms %7.3fms %9.2f" % ("neighborhood 13x13 vs dense", r["attnkit_ms"],
                                                    r["dense_ms"], r["speedup_vs_dense"]))
+            print("%-34s %8.3fms %7.3fms %9.2f" % ("neighborhood cached vs dense", r["cached_ms"],
+                                                   r["dense_ms"], r["cached_speedup_vs_dense"]))
         elif r["case"] == "train":
             tag = "fwd+bwd d%d n%d%s" % (r["d"], r["n"], " causal" if r["causal"] else "")
             print("%-34s %9.0f %9.0f %9.2f %9s  (fa2 %.0f, x%.2f)" % (

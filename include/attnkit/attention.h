@@ -6,6 +6,7 @@
 // (BNHD: [B, N, H, D]; varlen with cu_seqlens: [total, H, D]). Any strides with a unit inner one.
 #pragma once
 #include <cstdint>
+#include <memory>
 
 #include "attnkit/spec.h"
 #include "attnkit/status.h"
@@ -28,10 +29,35 @@ struct AttentionStats {
   bool any() const { return row_max.defined() || entropy.defined() || col_mass.defined(); }
 };
 
+// A mask's block tables for the CUDA kernels, built by the first call that uses the cache and
+// reused by the calls after it, as FlexAttention's BlockMask or FlashInfer's plan are: which key
+// tiles each query tile visits and the element bits of its partial tiles, one entry per tile
+// shape and problem shape (the forward and the backward have their own). Without a cache every
+// CUDA call with a mask that is not a band builds them again. The caller promises that the
+// mask's tensors (segment ids, block maps) and cu_seqlens keep their contents while the cache is
+// used; a call with another mask (other nodes, parameters or tensors) is refused. The CPU backend
+// ignores it. One cache serves one stream of calls at a time; destroy it before its CUDA context.
+class MaskCache {
+ public:
+  MaskCache();
+  ~MaskCache();
+  MaskCache(const MaskCache&) = delete;
+  MaskCache& operator=(const MaskCache&) = delete;
+  void clear();             // frees the tables; the next call builds them again, for any mask
+  int64_t entries() const;  // tables held
+  int64_t bytes() const;    // device memory held
+  struct Impl;
+  Impl& impl() { return *impl_; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
 struct Options {
   int num_threads = 0;  // CPU: 0 uses every available thread
   bool deterministic = false;
-  void* stream = nullptr;  // CUDA stream (cudaStream_t)
+  void* stream = nullptr;           // CUDA stream (cudaStream_t)
+  MaskCache* mask_cache = nullptr;  // CUDA: the mask's tables kept across calls (above)
 };
 
 // The per-row value the backward pass needs (row_stat): fp32 [B, Hq, Nq] (varlen: [Hq, total_q]).

@@ -12,12 +12,13 @@ transformers models run on attnkit after ``attnkit.integrations.transformers.reg
 import sys as _sys
 
 from . import masks, normalizers, score_mods
-from ._api import attention, attention_backward, cpu_simd_target, support_matrix
+from ._api import (MaskCache, attention, attention_backward, cpu_simd_target,
+                   support_matrix)
 from .masks import BlockMask
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_backward", "BlockMask", "masks", "normalizers", "score_mods",
-           "support_matrix", "cpu_simd_target"]
+__all__ = ["attention", "attention_backward", "BlockMask", "MaskCache", "masks", "normalizers",
+           "score_mods", "support_matrix", "cpu_simd_target"]
 
 if "torch" in _sys.modules:  # register the custom ops now (torch.compile then sees no import)
     from . import _torch  # noqa: F401

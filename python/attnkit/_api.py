@@ -11,12 +11,50 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
+class MaskCache:
+    """The CUDA kernels' block tables of one mask, kept across calls (FlexAttention's
+    ``BlockMask``, FlashInfer's plan): the first call that passes it builds them, the next ones
+    reuse them (one entry per tile shape and problem shape; the backward has its own).
+
+    Without a cache, every CUDA call with a mask that is not a band (document, neighborhood,
+    block maps, ...) builds them again. Pass the same cache only with the same mask: its tensors
+    (segment ids, block maps) and ``cu_seqlens`` must keep their contents; a call with another
+    mask raises ValueError until ``clear()``. Keep the cache alive while calls that use it (and
+    their backward) run. CPU calls ignore it.
+    """
+
+    def __init__(self) -> None:
+        self._cache = _ext.MaskCache()
+
+    def clear(self) -> None:
+        """Frees the tables; the next call builds them again, for any mask."""
+        self._cache.clear()
+
+    @property
+    def entries(self) -> int:
+        return self._cache.entries
+
+    @property
+    def bytes(self) -> int:
+        """Device memory held."""
+        return self._cache.bytes
+
+
+def _with_cache(spec: Dict[str, Any], mask_cache: Any) -> None:
+    if mask_cache is None:
+        return
+    if not isinstance(mask_cache, MaskCache):
+        raise TypeError("mask_cache: expected an attnkit.MaskCache, got "
+                        f"{type(mask_cache).__name__}")
+    spec["mask_cache"] = mask_cache._cache.handle
+
+
 def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
               window: Optional[Tuple[int, int]] = None, mask: Any = None, score_mod: Any = None,
               normalizer: Any = "softmax", scale: Optional[float] = None, sinks: Any = None,
               gate: Any = None, cu_seqlens_q: Any = None, cu_seqlens_kv: Any = None,
               return_lse: bool = False, layout: str = "bhnd", alignment: str = "bottom_right",
-              threads: int = 0) -> Any:
+              threads: int = 0, mask_cache: Optional[MaskCache] = None) -> Any:
     """Attention over ``q [B, Hq, Nq, d]``, ``k [B, Hk, Nk, d]``, ``v [B, Hk, Nk, dv]``.
 
     ``layout="bnhd"`` takes ``[B, N, H, d]`` (FlashAttention's order); with ``cu_seqlens_q`` /
@@ -37,6 +75,8 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
             sum for the normalized kernel; the RMS for ReLA; None for sigmoid). It is not
             differentiated.
         threads: CPU threads, 0 for all.
+        mask_cache: an ``attnkit.MaskCache``: the mask's tables for the CUDA kernels, built once
+            and reused by the calls that pass it (see ``MaskCache``).
 
     Returns ``out`` (``q``'s layout with ``dv``), or ``(out, lse)``. NumPy in, NumPy out;
     PyTorch tensors go through the ``attnkit::attention`` custom op, with autograd and
@@ -46,6 +86,7 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
                        normalizer=normalizer, scale=scale, sinks=sinks, gate=gate,
                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv, layout=layout,
                        alignment=alignment)
+    _with_cache(spec, mask_cache)
     if _is_torch(q):
         from . import _torch
         out, row_stat = _torch.attention(q, k, v, spec, threads)
@@ -76,7 +117,7 @@ def attention_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, grad_out: Any
     """
     import numpy as np
     names = ("causal", "window", "mask", "score_mod", "normalizer", "scale", "sinks", "gate",
-             "cu_seqlens_q", "cu_seqlens_kv", "layout", "alignment")
+             "cu_seqlens_q", "cu_seqlens_kv", "layout", "alignment", "mask_cache")
     unknown = set(spec_args) - set(names)
     if unknown:
         raise TypeError(f"unknown arguments: {sorted(unknown)}")
@@ -84,7 +125,9 @@ def attention_backward(q: Any, k: Any, v: Any, out: Any, lse: Any, grad_out: Any
                 scale=None, sinks=None, gate=None, cu_seqlens_q=None, cu_seqlens_kv=None,
                 layout="bhnd", alignment="bottom_right")
     args.update(spec_args)
+    mask_cache = args.pop("mask_cache", None)
     spec = _spec.build(q=q, v=v, **args)
+    _with_cache(spec, mask_cache)
     gdt = np.float64 if q.dtype == np.float64 else np.float32
     inputs = {"dq": q, "dk": k, "dv": v}
     for key, g in _spec.GRAD_OF.items():

@@ -27,6 +27,7 @@ using Array = nb::ndarray<>;
 // Keeps the DLPack imports of one call alive until it returns.
 struct Call {
   std::vector<Array> arrays;
+  MaskCache* mask_cache = nullptr;  // the spec's "mask_cache" (MaskCache.handle), or none
 
   TensorView view(nb::handle h, const char* name) {
     if (h.is_none()) return {};
@@ -232,6 +233,8 @@ struct Call {
         s.cu_seqlens_q = view(value, "cu_seqlens_q");
       } else if (is("cu_seqlens_kv")) {
         s.cu_seqlens_kv = view(value, "cu_seqlens_kv");
+      } else if (is("mask_cache")) {
+        mask_cache = reinterpret_cast<MaskCache*>(static_cast<uintptr_t>(i64()));
       } else {
         throw nb::value_error((std::string("unknown spec key '") + key + "'").c_str());
       }
@@ -262,10 +265,11 @@ nb::object status_result(const Status& s) {
   return nb::make_tuple(type, s.message());
 }
 
-Options options_of(int threads, uintptr_t stream = 0) {
+Options options_of(int threads, uintptr_t stream = 0, MaskCache* mask_cache = nullptr) {
   Options o;
   o.num_threads = threads;
   o.stream = reinterpret_cast<void*>(stream);
+  o.mask_cache = mask_cache;
   return o;
 }
 
@@ -282,7 +286,8 @@ nb::object forward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb:
     nb::gil_scoped_release release;
     // float64 runs the float64 oracle (src/reference): exact, for gradient checks.
     s = any_f64(tq) ? reference_forward(tq, tk, tv, spec, to, ts)
-                    : attention_forward(tq, tk, tv, spec, to, ts, {}, options_of(threads, stream));
+                    : attention_forward(tq, tk, tv, spec, to, ts, {},
+                                        options_of(threads, stream, c.mask_cache));
   }
   return status_result(s);
 }
@@ -319,7 +324,7 @@ nb::object backward(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb
     nb::gil_scoped_release release;
     s = any_f64(tq) ? reference_backward(tq, tk, tv, tg, spec, g)
                     : attention_backward(tq, tk, tv, to, ts, tg, spec, g,
-                                         options_of(threads, stream));
+                                         options_of(threads, stream, c.mask_cache));
   }
   return status_result(s);
 }
@@ -361,11 +366,17 @@ NB_MODULE(_ext, m) {
   using namespace attnkit::python;
   m.doc() = "attnkit's C++ API over DLPack tensors (use the attnkit package, not this module)";
   m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
-        nb::arg("row_stat").none(), nb::arg("spec"), nb::arg("threads") = 0,
-        nb::arg("stream") = 0);
+        nb::arg("row_stat").none(), nb::arg("spec"), nb::arg("threads") = 0, nb::arg("stream") = 0);
   m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out").none(),
         nb::arg("row_stat").none(), nb::arg("grad_out"), nb::arg("spec"), nb::arg("grads"),
         nb::arg("threads") = 0, nb::arg("stream") = 0);
+  using attnkit::MaskCache;
+  nb::class_<MaskCache>(m, "MaskCache", "attnkit::MaskCache (use attnkit.MaskCache)")
+      .def(nb::init<>())
+      .def("clear", &MaskCache::clear)
+      .def_prop_ro("entries", &MaskCache::entries)
+      .def_prop_ro("bytes", &MaskCache::bytes)
+      .def_prop_ro("handle", [](MaskCache& c) { return reinterpret_cast<uintptr_t>(&c); });
   m.def("support_matrix", &support);
   m.def("cpp_forward_us", &cpp_forward_us, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
         nb::arg("spec"), nb::arg("threads") = 1, nb::arg("reps") = 1000);

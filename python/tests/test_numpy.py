@@ -179,3 +179,19 @@ def test_support_matrix_and_target():
     rows = attnkit.support_matrix()
     assert ("causal", "mask", "cpu", True, True, ["fp32", "bf16", "fp16"]) in rows
     assert attnkit.cpu_simd_target()
+
+
+def test_mask_cache_is_ignored_on_the_cpu():
+    q, k, v = rand(1, 2, 40, 16), rand(1, 2, 40, 16), rand(1, 2, 40, 16)
+    doc = masks.Document(np.repeat(np.arange(4, dtype=np.int32), 10))
+    cache = attnkit.MaskCache()
+    plain = attnkit.attention(q, k, v, mask=doc)
+    cached = attnkit.attention(q, k, v, mask=doc, mask_cache=cache)
+    np.testing.assert_array_equal(plain, cached)
+    assert cache.entries == 0 and cache.bytes == 0
+    out, lse = attnkit.attention(q, k, v, mask=doc, return_lse=True)
+    grads = attnkit.attention_backward(q, k, v, out, lse, rand(1, 2, 40, 16), mask=doc,
+                                       mask_cache=cache)
+    assert grads["dq"].shape == q.shape
+    with pytest.raises(TypeError, match="attnkit.MaskCache"):
+        attnkit.attention(q, k, v, mask=doc, mask_cache=object())

@@ -384,6 +384,39 @@ def test_cuda_kernel_length_scale_backward():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["document", "neighborhood"])
+def test_cuda_mask_cache(name):
+    # attnkit.MaskCache: the tables built once and reused give the outputs and gradients of
+    # tables built per call; the backward keeps an entry of its own; another mask is refused.
+    torch.manual_seed(9)
+    n = 32 * 24
+    q, k, v = (torch.randn(2, 4, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    if name == "document":
+        lengths = torch.tensor([100, 250, 18, 300, 100], device="cuda")  # n tokens
+        mask = masks.Document(torch.repeat_interleave(
+            torch.arange(5, device="cuda", dtype=torch.int32), lengths))
+    else:
+        mask = masks.Neighborhood((32, 24), kernel=(7, 9))
+    go = torch.randn_like(q)
+    cache = attnkit.MaskCache()
+    results = []
+    for c in (None, cache, cache):
+        out = attnkit.attention(q, k, v, mask=mask, mask_cache=c)
+        grads = torch.autograd.grad(out, (q, k, v), go)
+        results.append((out, *grads))
+    assert cache.entries == 2 and cache.bytes > 0
+    for a, b in zip(results[0], results[2]):
+        assert float((a.float() - b.float()).abs().max()) <= 1e-2 * float(a.float().abs().max())
+    assert torch.equal(results[0][0], results[1][0])  # the forward: the same tables, bit for bit
+    with pytest.raises(ValueError, match="mask_cache"):
+        attnkit.attention(q, k, v, mask=mask, causal=True, mask_cache=cache)
+    cache.clear()
+    assert cache.entries == 0
+    attnkit.attention(q, k, v, mask=mask, causal=True, mask_cache=cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_errors_name_the_rule():
     q = torch.randn(1, 2, 16, 64, device="cuda")  # fp32: CPU only
     with pytest.raises(TypeError, match="bf16 or fp16"):

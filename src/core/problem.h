@@ -52,7 +52,8 @@ struct Problem {
   int num_threads = 1;
   Device device = Device::kCPU;  // where every tensor lives (q's device)
   int device_index = 0;
-  void* stream = nullptr;  // CUDA: the stream to run on
+  void* stream = nullptr;           // CUDA: the stream to run on
+  MaskCache* mask_cache = nullptr;  // CUDA: Options::mask_cache
   // Internal (the CPU backward's recompute for ReLA): out receives O before ReLA's RMS
   // normalization and before the gate.
   bool raw_output = false;

@@ -722,6 +722,7 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
   r.device = q.device;
   r.device_index = q.device_index;
   r.stream = options.stream;
+  r.mask_cache = options.mask_cache;
   return {};
 }
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <string>
 
+#include "core/mask_cache.h"
 #include "cuda/fwd_mask.cuh"
 
 namespace attnkit::cuda {
@@ -229,6 +230,13 @@ Status check_common(const core::Problem& p) {
   if (p.batch > 65535 || p.hq > 65535)
     return fail(StatusCode::kInvalidArgument, "batch = ", str(p.batch), ", heads = ", str(p.hq),
                 ": the CUDA kernels take at most 65535 of each");
+  if (p.mask_cache) {
+    const std::string& held = p.mask_cache->impl().mask_key;
+    if (!held.empty() && held != core::mask_fingerprint(spec))
+      return fail(StatusCode::kInvalidArgument,
+                  "Options::mask_cache holds the tables of another mask (its nodes, parameters, "
+                  "tensors or alignment differ): one cache serves one mask (clear() empties it)");
+  }
   return {};
 }
 
@@ -433,9 +441,33 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
   }
   // The table, then each row's slot list (count and key tiles), then the bits.
   const int64_t list_bytes = (rows * (f->tb_slots + 1) * 4 + 255) / 256 * 256;
-  if (e == cudaSuccess)
-    e = cudaMallocAsync(&table, table_bytes + list_bytes + rows * f->tb_slots * slot_bytes,
-                        stream);
+  const int64_t all_bytes = table_bytes + list_bytes + rows * f->tb_slots * slot_bytes;
+  // With Options::mask_cache: the tables of an earlier call with this tile shape and problem
+  // shape, or new ones in memory the cache keeps (built before the call goes on, so that a call
+  // on another stream finds them complete).
+  MaskCache::Impl* cache = p.mask_cache ? &p.mask_cache->impl() : nullptr;
+  std::string key;
+  void* tables = nullptr;
+  if (cache) {
+    int device = 0;
+    if (e == cudaSuccess) e = cudaGetDevice(&device);
+    const TensorView &cq = spec.cu_seqlens_q, &ck = spec.cu_seqlens_kv;
+    for (int64_t x : {int64_t{km}, int64_t{kn}, int64_t{f->tb_slots}, int64_t{device}, p.batch,
+                      p.hq, p.max_nq, p.max_nk, int64_t{p.varlen}, bs, hs,
+                      static_cast<int64_t>(reinterpret_cast<uintptr_t>(cq.data)),
+                      static_cast<int64_t>(reinterpret_cast<uintptr_t>(ck.data))})
+      key.append(std::to_string(x)).push_back(',');
+    if (const MaskCache::Impl::Entry* hit = cache->find(key)) {
+      uint8_t* tab = static_cast<uint8_t*>(hit->data);
+      f->tile_class = tab;
+      f->tile_bits = reinterpret_cast<const uint32_t*>(tab + table_bytes + list_bytes);
+      return e;
+    }
+    if (e == cudaSuccess) e = cudaMalloc(&tables, all_bytes);
+  } else if (e == cudaSuccess) {
+    e = cudaMallocAsync(&table, all_bytes, stream);
+    tables = table;
+  }
   const size_t cls_smem = static_cast<size_t>(f->tc_nkt);
   // The forward's (128 x 128; 128 x 64 above head dim 128) and the backward's (64 x 128; 64 x 64
   // above head dim 128) tiles.
@@ -450,7 +482,7 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
     e = cudaFuncSetAttribute(classify, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(cls_smem));
   if (e == cudaSuccess) {
-    uint8_t* tab = static_cast<uint8_t*>(table);
+    uint8_t* tab = static_cast<uint8_t*>(tables);
     int32_t* slots = reinterpret_cast<int32_t*>(tab + table_bytes);
     uint32_t* bits = reinterpret_cast<uint32_t*>(tab + table_bytes + list_bytes);
     f->tile_class = tab;
@@ -466,6 +498,24 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
       tile_bits<<<grid_bits, kClassifyThreads, 0, stream>>>(*f, slots, bits);
       e = cudaGetLastError();
     }
+  }
+  if (cache && tables) {
+    if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+    if (e != cudaSuccess) {
+      (void)cudaFree(tables);
+      return e;
+    }
+    if (cache->mask_key.empty()) cache->mask_key = core::mask_fingerprint(spec);
+    int device = 0;
+    (void)cudaGetDevice(&device);
+    cache->entries.push_back({key, device, tables, all_bytes});
+    cache->free_entry = [](const MaskCache::Impl::Entry& x) {
+      int previous = 0;
+      (void)cudaGetDevice(&previous);
+      (void)cudaSetDevice(x.device);
+      (void)cudaFree(x.data);
+      (void)cudaSetDevice(previous);
+    };
   }
   return e;
 }
