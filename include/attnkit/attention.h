@@ -32,7 +32,8 @@ struct AttentionStats {
 // A mask's block tables for the CUDA kernels, built by the first call that uses the cache and
 // reused by the calls after it, as FlexAttention's BlockMask or FlashInfer's plan are: which key
 // tiles each query tile visits and the element bits of its partial tiles, one entry per tile
-// shape and problem shape (the forward and the backward have their own). Without a cache every
+// shape and problem shape (the forward and the backward have their own; 16 at most, the oldest
+// dropped first). Without a cache every
 // CUDA call with a mask that is not a band builds them again. The caller promises that the
 // mask's tensors (segment ids, block maps) and cu_seqlens keep their contents while the cache is
 // used; a call with another mask (other nodes, parameters or tensors) is refused. The CPU backend

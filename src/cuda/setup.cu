@@ -387,6 +387,9 @@ int bit_slots(const TableExtent& t, int km, int kn, int max_slots) {
 
 }  // namespace
 
+// The tables a MaskCache keeps at most (each tile shape and problem shape is one).
+constexpr size_t kMaxMaskCacheEntries = 16;
+
 bool GeneralTables::covers(const core::Problem& p, int km, int kn) {
   const TableExtent t = table_extent(p, km, kn);
   return bit_slots(t, km, kn, kMaxBitSlots) == t.k_tiles;
@@ -508,14 +511,20 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
     if (cache->mask_key.empty()) cache->mask_key = core::mask_fingerprint(spec);
     int device = 0;
     (void)cudaGetDevice(&device);
-    cache->entries.push_back({key, device, tables, all_bytes});
     cache->free_entry = [](const MaskCache::Impl::Entry& x) {
       int previous = 0;
       (void)cudaGetDevice(&previous);
       (void)cudaSetDevice(x.device);
-      (void)cudaFree(x.data);
+      (void)cudaFree(x.data);  // waits for the device: no kernel still reads it
       (void)cudaSetDevice(previous);
     };
+    // Problem shapes that keep changing (new cu_seqlens every call) would grow the cache without
+    // end: past kMaxMaskCacheEntries the oldest entry goes.
+    if (cache->entries.size() >= kMaxMaskCacheEntries) {
+      cache->free_entry(cache->entries.front());
+      cache->entries.erase(cache->entries.begin());
+    }
+    cache->entries.push_back({key, device, tables, all_bytes});
   }
   return e;
 }
