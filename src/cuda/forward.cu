@@ -108,7 +108,10 @@ Status forward(const core::Problem& p) {
   const bool cap_only = cap_ok && fm.cap_only;
   const bool plain = (!f.has_mods || alibi || bias || cap_only) && p.softmax_family() &&
                      spec.gate_kind == GateKind::kNone && p.scale > 0.f;
-  const bool fast = plain && (band || GeneralTables::covers(p, 128, kn));
+  // A 2-D neighborhood without mods runs on grid tiles (8 x 16 patches): no block table.
+  const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band &&
+                    grid_tiles(p, &f, &maps);
+  const bool fast = grid || (plain && (band || GeneralTables::covers(p, 128, kn)));
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   const char* pp = std::getenv("ATTNKIT_CUDA_PINGPONG");
   f.pingpong = !(pp && pp[0] == '0');
@@ -169,7 +172,7 @@ Status forward(const core::Problem& p) {
     f.st_sn = 1, f.st_sh = rows, f.st_sb = p.varlen ? 0 : p.hq * rows;
   }
   GeneralTables tables;
-  if (fast && band) {
+  if (grid || (fast && band)) {
     e = inst.fast(f, maps, stream);
   } else {
     e = tables.build(p, 128, kn, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);

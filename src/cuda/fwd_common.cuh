@@ -162,6 +162,42 @@ __device__ __forceinline__ void band_mask(float (&s)[kN / 2], const int (&row_i)
     }
 }
 
+// Grid tiles (FwdParams::grid_w): 8 x 16 patches of the token grid, 128 tokens a tile, a tile's
+// row x at patch row x / 16, column x % 16.
+inline constexpr int kGridRows = 8, kGridCols = 16;
+
+// NATTEN's window on one axis (dilation 1) of coordinate u on an axis of extent n, kernel k:
+// [lo, hi) = [clamp(u - k / 2, 0, n - k), lo + k), or causal [max(0, u - k + 1), u + 1).
+__host__ __device__ __forceinline__ int2 grid_window(int u, int n, int k, bool causal) {
+  if (causal) return make_int2(u - k + 1 > 0 ? u - k + 1 : 0, u + 1);
+  int lo = u - k / 2;
+  lo = lo < 0 ? 0 : lo;
+  lo = lo > n - k ? n - k : lo;
+  return make_int2(lo, lo + k);
+}
+
+// The 2-D neighborhood on grid tiles: the thread's queries are (qr, qc) and (qr, qc + 8); the
+// key tile is the patch at grid row kr, column kc. Masked scores become -inf.
+template <int kN>
+__device__ __forceinline__ void grid_mask(float (&s)[kN / 2], const FwdParams& p, int qr, int qc,
+                                          int kr, int kc, int col0) {
+  static_assert(kN == kGridRows * kGridCols);
+  const int2 wr = grid_window(qr, p.grid_h, p.grid_kernel[0], p.grid_causal[0]);
+  const int2 wc[2] = {grid_window(qc, p.grid_w, p.grid_kernel[1], p.grid_causal[1]),
+                      grid_window(qc + 8, p.grid_w, p.grid_kernel[1], p.grid_causal[1])};
+#pragma unroll
+  for (int c = 0; c < kN / 8; ++c) {
+    const int r = kr + c / 2;
+    const bool row_ok = r >= wr.x && r < wr.y;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = kc + (c % 2) * 8 + col0 + (e & 1);
+      const bool ok = row_ok && col >= wc[e / 2].x && col < wc[e / 2].y;
+      s[c * 4 + e] = ok ? s[c * 4 + e] : -INFINITY;
+    }
+  }
+}
+
 __device__ __forceinline__ float load_any(const void* p, DType t, int64_t i) {
   switch (t) {
     case DType::kBF16:

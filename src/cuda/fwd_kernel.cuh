@@ -63,13 +63,16 @@ struct FwdShape : FwdTiles<kD, kDV> {
 // [t_begin, t_end) that next() does not skip (the band's, or the non-empty ones of the block
 // table, general or fast with a table). Items run x = num_q_tiles - 1 - tile fastest (long rows
 // first, and the CTAs at work share their heads' K and V in L2), then h, then b.
-template <int kM, int kN>
+template <int kM, int kN, bool kGrid = false>
 struct FwdWork {
   int b = 0, h = 0, tile = 0, m0 = 0, rows = 0, t_begin = 0, t_end = 0;
   SeqExtent seq;
   bool tabled = false;
   const uint8_t* tclass = nullptr;
   const uint32_t* tbits = nullptr;
+  // kGrid: the query patch's first grid row and column, and the rectangle of key patches its
+  // windows reach (key tile t is patch (kr0 + t / kcols, kc0 + t % kcols)).
+  int pr0 = 0, pc0 = 0, kr0 = 0, kc0 = 0, kcols = 1;
 
   __device__ __forceinline__ FwdWork(const FwdParams& p, int item, bool general) {
     const int bh = item / p.num_q_tiles;
@@ -80,6 +83,25 @@ struct FwdWork {
     m0 = tile * kM;
     rows = min(kM, seq.nq - m0);
     if (m0 >= seq.nq) return;  // a tile past this sequence (varlen): nothing to do
+    if constexpr (kGrid) {
+      static_assert(kM == kGridRows * kGridCols && kN == kGridRows * kGridCols);
+      const int patches_w = p.grid_w / kGridCols;
+      pr0 = tile / patches_w * kGridRows;
+      pc0 = tile % patches_w * kGridCols;
+      // Windows move monotonically with the coordinate: the union of a patch's is from its
+      // first row's (column's) start to its last row's (column's) end.
+      const int2 r_lo = grid_window(pr0, p.grid_h, p.grid_kernel[0], p.grid_causal[0]);
+      const int2 r_hi = grid_window(pr0 + kGridRows - 1, p.grid_h, p.grid_kernel[0],
+                                    p.grid_causal[0]);
+      const int2 c_lo = grid_window(pc0, p.grid_w, p.grid_kernel[1], p.grid_causal[1]);
+      const int2 c_hi = grid_window(pc0 + kGridCols - 1, p.grid_w, p.grid_kernel[1],
+                                    p.grid_causal[1]);
+      kr0 = r_lo.x / kGridRows;
+      kc0 = c_lo.x / kGridCols;
+      kcols = (c_hi.y - 1) / kGridCols + 1 - kc0;
+      t_end = ((r_hi.y - 1) / kGridRows + 1 - kr0) * kcols;
+      return;
+    }
     t_end = seq.nk > 0 ? (seq.nk + kN - 1) / kN : 0;
     tabled = general || p.tile_class != nullptr;  // the forward lost nothing by it
     if (tabled) {
@@ -101,10 +123,12 @@ struct FwdWork {
   }
 };
 
-template <class T, int kD, int kDV, bool kGeneral, bool kBias = false>
+template <class T, int kD, int kDV, bool kGeneral, bool kBias = false, bool kGrid = false>
 __global__ void __launch_bounds__(384, 1)
     fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMaps maps) {
   using S = FwdShape<kD, kDV>;
+  static_assert(!kGrid || (!kGeneral && !kBias), "grid tiles: the plain fast flavor only");
+  using Work = FwdWork<S::kM, S::kN, kGrid>;
   using Tag = typename ElemTraits<T>::Tag;
   constexpr int kM = S::kM, kN = S::kN, kDp = S::kDp, kDVp = S::kDVp;
   constexpr int kStages = kBias ? S::kBiasStages : S::kStages;
@@ -169,7 +193,7 @@ __global__ void __launch_bounds__(384, 1)
       int64_t item = blockIdx.x;
       for (int j = 0;; ++j) {
         if (j > 0) item = claim(item);
-        while (item < p.num_items && !FwdWork<kM, kN>(p, static_cast<int>(item), kGeneral).live())
+        while (item < p.num_items && !Work(p, static_cast<int>(item), kGeneral).live())
           item = claim(item);
         const int y = j & 1;
         mbar_wait(sched_empty(y), ((j >> 1) & 1) ^ 1);
@@ -177,27 +201,38 @@ __global__ void __launch_bounds__(384, 1)
         asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(sSched + 4 * y), "r"(given) : "memory");
         mbar_arrive(sched_full(y));
         if (given < 0) break;
-        const FwdWork<kM, kN> w(p, given, kGeneral);
+        const Work w(p, given, kGeneral);
         // Q of every item, the j-th load on bar_q (one without a key tile reads rows nobody
         // uses: the count stays the items').
         const int b = w.b, h = w.h, m0 = w.m0;
         const int bb = p.cu_q ? 0 : b, hk = h / p.group;
         const int q_row = static_cast<int>(w.seq.q_start) + m0;
+        // A tile of `panels` 64-column panels of `box` rows: rows from `row` on, or (kGrid) the
+        // 8 x 16 patch at grid row gr, column gc, its tokens in the order of a tile's rows.
+        auto load_tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int panels,
+                             int box, int row, int gr, int gc, int hh, int bh) {
+#pragma unroll
+          for (int c = 0; c < panels; ++c) {
+            if constexpr (kGrid)
+              tma_load_5d(dst + c * box * 128, map, bar, c * 64, gc, gr, hh, bh);
+            else
+              tma_load_4d(dst + c * box * 128, map, bar, c * 64, row, hh, bh);
+          }
+        };
         mbar_wait(empty_q, (j & 1) ^ 1);
         mbar_expect_tx(bar_q, S::kQBytes);
-#pragma unroll
-        for (int c = 0; c < kDp / 64; ++c)
-          tma_load_4d(sQ + c * kM * 128, &maps.q, bar_q, c * 64, q_row, h * maps.q_hm,
-                      bb * maps.q_bm);
+        load_tile(sQ, &maps.q, bar_q, kDp / 64, kM, q_row, w.pr0, w.pc0, h * maps.q_hm,
+                  bb * maps.q_bm);
         for (int t = w.next(w.t_begin); t < w.t_end; t = w.next(t + 1), ++it) {
           const int st = it % kStages;
           const int k_row = static_cast<int>(w.seq.k_start) + t * kN;
+          // kGrid: the key patch at grid row kr, column kc (unused otherwise)
+          const int kr = (w.kr0 + t / w.kcols) * kGridRows;
+          const int kc = (w.kc0 + t % w.kcols) * kGridCols;
           mbar_wait(empty_k(st), phase_of(it) ^ 1);
           mbar_expect_tx(full_k(st), S::kKBytes + (kBias ? S::kBiasBytes : 0));
-#pragma unroll
-          for (int c = 0; c < kDp / 64; ++c)
-            tma_load_4d(sK(st) + c * kN * 128, &maps.k, full_k(st), c * 64, k_row, hk * maps.k_hm,
-                        bb * maps.k_bm);
+          load_tile(sK(st), &maps.k, full_k(st), kDp / 64, kN, k_row, kr, kc, hk * maps.k_hm,
+                    bb * maps.k_bm);
           if constexpr (kBias)  // bias[b, h, m0 + 0..kM, t * kN + 0..kN] in 64-key boxes
 #pragma unroll
             for (int c = 0; c < kN / 64; ++c)
@@ -205,10 +240,8 @@ __global__ void __launch_bounds__(384, 1)
                           h * maps.bias_hm, b * maps.bias_bm);
           mbar_wait(empty_v(st), phase_of(it) ^ 1);
           mbar_expect_tx(full_v(st), S::kVBytes);
-#pragma unroll
-          for (int c = 0; c < kDVp / 64; ++c)
-            tma_load_4d(sV(st) + c * kN * 128, &maps.v, full_v(st), c * 64, k_row, hk * maps.v_hm,
-                        bb * maps.v_bm);
+          load_tile(sV(st), &maps.v, full_v(st), kDVp / 64, kN, k_row, kr, kc, hk * maps.v_hm,
+                    bb * maps.v_bm);
         }
       }
     }
@@ -230,7 +263,7 @@ __global__ void __launch_bounds__(384, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(sched_empty(y));
     if (item < 0) break;
-    const FwdWork<kM, kN> w(p, item, kGeneral);
+    const Work w(p, item, kGeneral);
     auto release = [&](uint32_t bar) {
       if (lane == 0) mbar_arrive(bar);
     };
@@ -242,7 +275,10 @@ __global__ void __launch_bounds__(384, 1)
     const uint8_t* const tclass = w.tclass;
     const uint32_t* const tbits = w.tbits;
     auto next_tile = [&](int t) { return w.next(t); };
-    const int row0 = m0 + cw * 64 + warp * 16 + lane / 4;
+    // The thread's two query rows (kGrid: tokens of the patch, row cw * 4 + warp of it, columns
+    // lane / 4 and lane / 4 + 8).
+    const int row0 = kGrid ? (w.pr0 + cw * 4 + warp) * p.grid_w + w.pc0 + lane / 4
+                           : m0 + cw * 64 + warp * 16 + lane / 4;
     const int row_i[2] = {row0, row0 + 8};
 
     // Normalizer state per row. The fast flavor keeps the running max of raw dot products (the
@@ -342,7 +378,11 @@ __global__ void __launch_bounds__(384, 1)
         if constexpr (fast_softcap(kD)) {
           if (p.cap_raw != 0.f) softcap_raw(s, p.cap_raw, p.inv_cap_raw);
         }
-        if (tabled) {
+        if constexpr (kGrid) {
+          grid_mask<kN>(s, p, w.pr0 + cw * 4 + warp, w.pc0 + lane / 4,
+                        (w.kr0 + t / w.kcols) * kGridRows, (w.kc0 + t % w.kcols) * kGridCols,
+                        col0);
+        } else if (tabled) {
           const uint8_t entry = tclass[t];
           if (entry >= kTileBits) {  // every partial tile has its bits here (see forward.cu)
             const uint64_t allow = fwd_tile_bits<kM, kN>(tbits, entry, row_i, m0, col0);
@@ -537,6 +577,10 @@ cudaError_t launch_fwd(const FwdParams& p, const TmaMaps& maps, cudaStream_t str
   using S = FwdShape<kD, kDV>;
   const bool bias = !kGeneral && p.fast_bias;
   auto kernel = bias ? fwd_kernel<T, kD, kDV, kGeneral, !kGeneral> : fwd_kernel<T, kD, kDV, kGeneral>;
+#ifdef ATTNKIT_CUDA_GRID_TILES
+  if constexpr (!kGeneral && S::kN == kGridRows * kGridCols)
+    if (p.grid_w > 0) kernel = fwd_kernel<T, kD, kDV, false, false, true>;
+#endif
   const int smem = bias ? S::kBiasSmemBytes : S::kSmemBytes;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;

@@ -159,6 +159,60 @@ bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, 
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps) {
+#ifndef ATTNKIT_CUDA_GRID_TILES
+  return false;
+#else
+  const Mask& m = p.spec->mask;
+  if (m.nodes.size() != 1 || p.varlen || p.max_nq != p.max_nk) return false;
+  const MaskNode& n = m.nodes[0];
+  if (n.kind != MaskKind::kNeighborhood || n.ndim != 2 || n.dilation[0] != 1 ||
+      n.dilation[1] != 1 || n.shape[0] % kGridRows != 0 || n.shape[1] % kGridCols != 0 ||
+      n.shape[0] * n.shape[1] != p.max_nq || n.shape[0] > (1 << 20) || n.shape[1] > (1 << 20))
+    return false;
+  // Tensor maps of (column, grid column, grid row, head, batch), boxes of 64 columns x one patch.
+  const auto encode = tensor_map_encoder();
+  if (!encode) return false;
+  auto map = [&](CUtensorMap* out, int* hm, int* bm, const core::RowOperand& r, int64_t cols,
+                 int64_t heads) {
+    const int64_t es = dtype_size(r.dtype);
+    *hm = r.sh == 0 ? 0 : 1;
+    *bm = r.sb == 0 ? 0 : 1;
+    const int64_t hs = r.sh == 0 ? 1 : heads, bs = r.sb == 0 ? 1 : p.batch;
+    const cuuint64_t dims[5] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(n.shape[1]),
+                                static_cast<cuuint64_t>(n.shape[0]), static_cast<cuuint64_t>(hs),
+                                static_cast<cuuint64_t>(bs)};
+    const int64_t strides[4] = {r.sn * es, r.sn * n.shape[1] * es, hs == 1 ? 16 : r.sh * es,
+                                bs == 1 ? 16 : r.sb * es};
+    cuuint64_t gstrides[4];
+    for (int x = 0; x < 4; ++x) {
+      if (strides[x] <= 0 || strides[x] % 16 || strides[x] >= (int64_t{1} << 40)) return false;
+      gstrides[x] = static_cast<cuuint64_t>(strides[x]);
+    }
+    const cuuint32_t box[5] = {64, kGridCols, kGridRows, 1, 1};
+    const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
+    const CUtensorMapDataType type = r.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                            : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+    return encode(out, type, 5, r.data, dims, gstrides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  };
+  TmaMaps g = *maps;
+  if (!map(&g.q, &g.q_hm, &g.q_bm, p.q, p.d, p.hq) ||
+      !map(&g.k, &g.k_hm, &g.k_bm, p.k, p.d, p.hk) ||
+      !map(&g.v, &g.v_hm, &g.v_bm, p.v, p.dv, p.hk))
+    return false;
+  *maps = g;
+  f->grid_h = static_cast<int>(n.shape[0]);
+  f->grid_w = static_cast<int>(n.shape[1]);
+  for (int x = 0; x < 2; ++x) {
+    f->grid_kernel[x] = static_cast<int>(n.kernel[x]);
+    f->grid_causal[x] = n.dim_causal[x];
+  }
+  return true;
+#endif
+}
+
 RowExtent row_extent(const core::Problem& p) {
   RowExtent x{p.max_nq, p.max_nk, p.batch};
   if (p.varlen) {

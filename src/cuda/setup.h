@@ -54,6 +54,12 @@ bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, 
 // the copy engine cannot address, or null.
 const char* encode_maps(const core::Problem& p, TmaMaps* maps, int q_box, int k_box);
 
+// A 2-D neighborhood (dilation 1, grid dims multiples of 8 x 16, self-attention over the whole
+// grid, no varlen) on the fast kernel's grid tiles: sets f's grid fields and makes q's, k's and
+// v's maps 5-D (patch boxes). False where it does not apply, or in a build without
+// ATTNKIT_CUDA_GRID_TILES.
+bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps);
+
 // The kernels' device tables, for tiles of km query rows x kn keys, stream-ordered: build()
 // fills f's table, bits (for up to max_slots partial tiles per query tile), forget and bucket
 // fields; release() frees what build took. covers() says whether build(.., kMaxBitSlots) gives
