@@ -1,5 +1,5 @@
-"""Per-kernel GPU times of attnkit's general path (torch.profiler): the tile classification
-pre-kernel against the attention kernel, for the masked cases of bench.py.
+"""Per-kernel GPU times of attnkit's masked paths (torch.profiler): the block table's passes
+against the attention kernel, for the masked cases of bench.py, without and with a MaskCache.
 Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/profile_general.py"""
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -15,6 +15,9 @@ cases = {
     "neighborhood-2d": dict(mask=attnkit.masks.Neighborhood((64, 128), kernel=(13, 13))),
     "softcap": dict(score_mod=attnkit.score_mods.Softcap(30.0)),
 }
+# The same masks with their block tables built once (attnkit.MaskCache).
+for name in ("document-causal", "neighborhood-2d"):
+    cases[name + " cached"] = dict(cases[name], mask_cache=attnkit.MaskCache())
 for name, kw in cases.items():
     for _ in range(3):
         attnkit.attention(q, k, v, **kw)

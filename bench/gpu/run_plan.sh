@@ -1,35 +1,41 @@
 #!/usr/bin/env bash
-# The next device session's runs, one call of at most 600 s each, in order:
+# The next device session's runs (session 16), one call of at most 600 s each, in order:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR
-# 1: the tree as committed: build, the whole test_cuda (the persistent forward, round-robin
-#    dealing, the backward head-dim test), attnkit check, pytest -k cuda.
-# 2: bench.py --only dense,train on step 1's build (built again if the machine is a new one).
-# 3: bench/gpu/wip_double_q.patch and wip_lscale_bwd.patch applied: the forward and backward
-#    oracle tests, the length scale's pytest, then bench.py --only dense (against step 2's).
-# 4: head dims 192, 256 and 192/128 with their backward (ATTNKIT_BWD_MAX_HEAD_DIM=256): the
-#    head-dim tests, then bench.py --only wide.
-# 5: compute-sanitizer memcheck and racecheck (gpu_cuda.sh's list, the persistent forward's
-#    CudaFastPath tests among them) on the committed tree.
-# Results: docs/perf/gpu.md (parts 11 and 12, and the "Next" list).
+# 1: build with the grid tiles (GRID_TILES=ON), the whole test_cuda (CudaMaskCache,
+#    CudaFastPath.GridNeighborhoodsMatchTheOracle among the new), attnkit check, pytest -k cuda
+#    (test_cuda_mask_cache).
+# 2: on step 1's build: bench.py --only masked,neighborhood (document with a MaskCache, the
+#    neighborhood on grid tiles and cached), then the per-kernel profile of the masked cases.
+# 3: bench.py --only train (fwd+bwd, document cached) and dense (grid tiles must not move it).
+# 4: compute-sanitizer memcheck on the grid and cache tests.
+# A step that applies a patch on the device must build in a fresh directory (rm -rf build-gpu):
+# the next copy of the tree restores older timestamps and ninja keeps stale objects (run 46).
+# Results: docs/perf/gpu.md (part 14).
 set -uo pipefail
-step=${1:?step 1 to 5}
+step=${1:?step 1 to 4}
 out=${2:?output directory}
+export GRID_TILES=ON
+build() {
+  if [[ ! -d build-gpu/python/attnkit ]]; then
+    TEST_FILTER='CudaRules.*' bash scripts/gpu_cuda.sh "$out" --lean --no-bench || exit 1
+  fi
+}
 case $step in
   1) bash scripts/gpu_cuda.sh "$out" --no-bench ;;
-  2) if [[ ! -d build-gpu/python/attnkit ]]; then
-       TEST_FILTER='CudaRules.*' bash scripts/gpu_cuda.sh "$out" --lean --no-bench || exit 1
-     fi
-     PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only dense,train \
+  2) build
+     PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only masked,neighborhood \
+       > "$out/bench.log" 2>&1
+     sed -n '/^case /,$p' "$out/bench.log"
+     PYTHONPATH=build-gpu/python python3 bench/gpu/profile_general.py > "$out/profile.log" 2>&1
+     grep -E "^==|attnkit|kernel" "$out/profile.log" | cut -c1-150 | head -60 ;;
+  3) build
+     PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only train,dense \
        > "$out/bench.log" 2>&1
      sed -n '/^case /,$p' "$out/bench.log" ;;
-  3) git apply bench/gpu/wip_double_q.patch bench/gpu/wip_lscale_bwd.patch || exit 1
-     TEST_FILTER='CudaFastPath.*:All/CudaOracle.*:All/CudaBackward.*:CudaBackwardRules.*' \
-       bash scripts/gpu_cuda.sh "$out" --lean --only dense
-     PYTHONPATH=build-gpu/python python3 -m pytest -q -p no:cacheprovider \
-       python/tests/test_torch.py -k "cuda and length_scale" ;;
-  4) HEAD_DIMS="64;128;192;256;192x128" BWD_MAX_HEAD_DIM=256 \
-       TEST_FILTER='CudaBackwardHeadDims.*:CudaHeadDims.*' \
-       bash scripts/gpu_cuda.sh "$out" --lean --only wide ;;
-  5) TEST_FILTER='CudaFastPath.*' bash scripts/gpu_cuda.sh "$out" --lean --no-bench --sanitize ;;
-  *) echo "step 1 to 5" >&2; exit 2 ;;
+  4) build
+     export LD_LIBRARY_PATH=$PWD/.carry/hwy/lib
+     timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 build-gpu/tests/test_cuda \
+       --gtest_brief=1 --gtest_filter='CudaFastPath.Grid*:CudaMaskCache.*' > "$out/memcheck.log" 2>&1
+     echo "memcheck rc $?"; tail -3 "$out/memcheck.log" ;;
+  *) echo "step 1 to 4" >&2; exit 2 ;;
 esac
