@@ -67,7 +67,7 @@ struct FwdParams {
   // key tiles are 8 x 16 patches of the grid_h x grid_w token grid, loaded through 5-D tensor
   // maps; grid_w = 0 otherwise.
   int grid_h = 0, grid_w = 0;
-  int grid_kernel[2] = {1, 1};          // (rows, columns), odd unless causal
+  int grid_kernel[2] = {1, 1};  // (rows, columns), odd unless causal
   bool grid_causal[2] = {false, false};
   int num_nodes = 1;
   MaskNode nodes[kMaxMaskNodes];
