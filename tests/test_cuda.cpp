@@ -211,6 +211,19 @@ TEST(CudaMaskCache, ReusedTablesGiveTheSameResults) {
     ASSERT_TRUE(dm.to_host(lse_c, cached.row_stat.view).ok());
     EXPECT_EQ(plain.out.bytes, cached.out.bytes) << mech << ": the forward's output";
     EXPECT_EQ(plain.row_stat.bytes, cached.row_stat.bytes) << mech << ": the forward's LSE";
+    // Another problem shape (the first batch element alone) with the same cache: an entry of its
+    // own, and the same rows.
+    auto first = [](TensorView t) {
+      t.shape[0] = 1;
+      return t;
+    };
+    const Status one =
+        attention_forward(first(q), first(k), first(v), spec, first(out_c), first(lse_c), {}, with);
+    ASSERT_TRUE(one.ok()) << mech << ": " << one.message();
+    ASSERT_TRUE(tools::DeviceMirror::synchronize().ok());
+    EXPECT_EQ(cache.entries(), 2) << mech;
+    ASSERT_TRUE(dm.to_host(out_c, cached.out.view).ok());
+    EXPECT_EQ(plain.out.bytes, cached.out.bytes) << mech << ": one batch element";
 
     // The backward: fp32 gradients with and without the cache.
     const tools::OwnedTensor go = tools::random_tensor(
@@ -239,7 +252,7 @@ TEST(CudaMaskCache, ReusedTablesGiveTheSameResults) {
       const Status s = grads(with, &gc);
       ASSERT_TRUE(s.ok()) << mech << ": " << s.message();
     }
-    EXPECT_EQ(cache.entries(), 2) << mech << ": the backward's tables";
+    EXPECT_EQ(cache.entries(), 3) << mech << ": the backward's tables";
     const std::vector<double> dq_p = gp[0].to_doubles(), dq_c = gc[0].to_doubles();
     double worst = 0, scale = 0;
     for (size_t i = 0; i < dq_p.size(); ++i) {

@@ -38,6 +38,8 @@ struct AttentionStats {
 // mask's tensors (segment ids, block maps) and cu_seqlens keep their contents while the cache is
 // used; a call with another mask (other nodes, parameters or tensors) is refused. The CPU backend
 // ignores it. One cache serves one stream of calls at a time; destroy it before its CUDA context.
+// Under CUDA graph capture it can only be read: build its tables before capturing, and keep it
+// (without clear()) while the graph is replayed.
 class MaskCache {
  public:
   MaskCache();

@@ -19,8 +19,9 @@ class MaskCache:
     Without a cache, every CUDA call with a mask that is not a band (document, neighborhood,
     block maps, ...) builds them again. Pass the same cache only with the same mask: its tensors
     (segment ids, block maps) and ``cu_seqlens`` must keep their contents; a call with another
-    mask raises ValueError until ``clear()``. Keep the cache alive while calls that use it (and
-    their backward) run. CPU calls ignore it.
+    mask raises ValueError until ``clear()``. Eager calls (and their backward) keep it alive;
+    a ``torch.compile`` graph holds its handle, so keep the cache while the graph runs. Under
+    CUDA graph capture it is only read (build its tables before capturing). CPU calls ignore it.
     """
 
     def __init__(self) -> None:
@@ -46,7 +47,8 @@ def _with_cache(spec: Dict[str, Any], mask_cache: Any) -> None:
     if not isinstance(mask_cache, MaskCache):
         raise TypeError("mask_cache: expected an attnkit.MaskCache, got "
                         f"{type(mask_cache).__name__}")
-    spec["mask_cache"] = mask_cache._cache.handle
+    # The object itself: the spec (kept by autograd for the backward) keeps the cache alive.
+    spec["mask_cache"] = mask_cache._cache
 
 
 def attention(q: Any, k: Any, v: Any, *, causal: bool = False,

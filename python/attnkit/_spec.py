@@ -131,6 +131,8 @@ def _enc(x: Any, tensors: List[Any], names: List[str], key: str) -> str:
         tensors.append(x)
         names.append(key)
         return '{"$t":' + str(len(tensors) - 1) + "}"
+    if key == "mask_cache":  # a traced graph holds the handle: the caller keeps the cache alive
+        return repr(x.handle)
     raise TypeError(f"spec value of type {type(x).__name__} cannot be encoded")
 
 

@@ -233,8 +233,11 @@ struct Call {
         s.cu_seqlens_q = view(value, "cu_seqlens_q");
       } else if (is("cu_seqlens_kv")) {
         s.cu_seqlens_kv = view(value, "cu_seqlens_kv");
-      } else if (is("mask_cache")) {
-        mask_cache = reinterpret_cast<MaskCache*>(static_cast<uintptr_t>(i64()));
+      } else if (is("mask_cache")) {  // the cache itself (eager calls) or its handle (compiled)
+        MaskCache* c = nullptr;
+        mask_cache = nb::try_cast(value, c) ? c
+                                            : reinterpret_cast<MaskCache*>(
+                                                  static_cast<uintptr_t>(i64()));
       } else {
         throw nb::value_error((std::string("unknown spec key '") + key + "'").c_str());
       }

@@ -408,7 +408,13 @@ def test_cuda_mask_cache(name):
     assert cache.entries == 2 and cache.bytes > 0
     for a, b in zip(results[0], results[2]):
         assert float((a.float() - b.float()).abs().max()) <= 1e-2 * float(a.float().abs().max())
-    assert torch.equal(results[0][0], results[1][0])  # the forward: the same tables, bit for bit
+    # The forward with the tables it built and with the ones it reused: bit for bit.
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][0], results[2][0])
+    # Another problem shape (one batch element) with the same cache: an entry of its own.
+    with torch.no_grad():
+        one = attnkit.attention(q[:1], k[:1], v[:1], mask=mask, mask_cache=cache)
+    assert cache.entries == 3
+    assert torch.equal(one, results[0][0][:1])
     with pytest.raises(ValueError, match="mask_cache"):
         attnkit.attention(q, k, v, mask=mask, causal=True, mask_cache=cache)
     cache.clear()

@@ -509,17 +509,29 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
     int device = 0;
     if (e == cudaSuccess) e = cudaGetDevice(&device);
     const TensorView &cq = spec.cu_seqlens_q, &ck = spec.cu_seqlens_kv;
+    auto put = [&](int64_t x) { key.append(std::to_string(x)).push_back(','); };
     for (int64_t x : {int64_t{km}, int64_t{kn}, int64_t{f->tb_slots}, int64_t{device}, p.batch,
                       p.hq, p.max_nq, p.max_nk, int64_t{p.varlen}, bs, hs,
                       static_cast<int64_t>(reinterpret_cast<uintptr_t>(cq.data)),
                       static_cast<int64_t>(reinterpret_cast<uintptr_t>(ck.data))})
-      key.append(std::to_string(x)).push_back(',');
+      put(x);
+    // What the host knows of the data (cu_seqlens' sequences, block attention's last segment):
+    // new contents at a reused address make another entry, not a stale hit.
+    for (const core::Sequence& q : p.seqs)
+      for (int64_t x : {q.q_start, q.nq, q.k_start, q.nk, q.offset}) put(x);
+    for (const SegmentIds& g : p.segment_ids) put(g.last);
+    // A graph being captured cannot build (cudaMalloc, a synchronize); one captured on a hit
+    // reads the cache's memory, which must then outlive it (attention.h).
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (e == cudaSuccess) e = cudaStreamIsCapturing(stream, &capture);
     if (const MaskCache::Impl::Entry* hit = cache->find(key)) {
       uint8_t* tab = static_cast<uint8_t*>(hit->data);
       f->tile_class = tab;
       f->tile_bits = reinterpret_cast<const uint32_t*>(tab + table_bytes + list_bytes);
       return e;
     }
+    if (e == cudaSuccess && capture != cudaStreamCaptureStatusNone)
+      e = cudaErrorStreamCaptureUnsupported;  // build the cache's tables before capturing
     if (e == cudaSuccess) e = cudaMalloc(&tables, all_bytes);
   } else if (e == cudaSuccess) {
     e = cudaMallocAsync(&table, all_bytes, stream);
