@@ -109,8 +109,10 @@ Status forward(const core::Problem& p) {
   const bool plain = (!f.has_mods || alibi || bias || cap_only) && p.softmax_family() &&
                      spec.gate_kind == GateKind::kNone && p.scale > 0.f;
   // A 2-D neighborhood without mods runs on grid tiles (8 x 16 patches): no block table.
+  // ATTNKIT_CUDA_GRID=0 sends it through the block table instead (for measurements).
+  const char* gt = std::getenv("ATTNKIT_CUDA_GRID");
   const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band &&
-                    grid_tiles(p, &f, &maps);
+                    !(gt && gt[0] == '0') && grid_tiles(p, &f, &maps);
   const bool fast = grid || (plain && (band || GeneralTables::covers(p, 128, kn)));
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   const char* pp = std::getenv("ATTNKIT_CUDA_PINGPONG");
