@@ -174,6 +174,10 @@ TEST(CudaFastPath, GridNeighborhoodsMatchTheOracle) {
 // another mask is refused by name until clear().
 TEST(CudaMaskCache, ReusedTablesGiveTheSameResults) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  setenv("ATTNKIT_CUDA_GRID", "0", 1);  // neighborhoods through the block table in any build
+  struct Restore {
+    ~Restore() { unsetenv("ATTNKIT_CUDA_GRID"); }
+  } restore;
   int ran = 0;
   for (const char* mech : {"document", "neighborhood_2d"}) {
     CheckOptions opt;
