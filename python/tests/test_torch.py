@@ -384,6 +384,24 @@ def test_cuda_kernel_length_scale_backward():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_grid_neighborhood_matches_the_cpu():
+    # A 2-D neighborhood whose grid splits into 8 x 16 patches (grid tiles where the build has
+    # ATTNKIT_CUDA_GRID_TILES), BNHD and GQA: output and LSE against the CPU, then gradients.
+    torch.manual_seed(13)
+    mask = masks.Neighborhood((16, 48), kernel=(7, 11), causal=(True, False))
+    q = torch.randn(2, 768, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 768, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    out, lse = attnkit.attention(q, k, v, mask=mask, layout="bnhd", return_lse=True)
+    ref, ref_lse = attnkit.attention(*(t.detach().cpu().float() for t in (q, k, v)), mask=mask,
+                                     layout="bnhd", return_lse=True)
+    assert float((out.detach().cpu().float() - ref).norm() / ref.norm()) < 1e-2
+    assert torch.allclose(lse.cpu(), ref_lse, atol=2e-2, rtol=1e-2)
+    out.backward(torch.ones_like(out))
+    assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in (q, k, v))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("name", ["document", "neighborhood"])
 def test_cuda_mask_cache(name):
     # attnkit.MaskCache: the tables built once and reused give the outputs and gradients of
