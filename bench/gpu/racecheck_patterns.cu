@@ -35,23 +35,29 @@ __global__ void named_handoff(float* out, int iters) {
   out[t] = acc;
 }
 
-__global__ void bulk_ring(const float* src, float* out, int iters, bool reuse) {
-  __shared__ alignas(128) float stage[2][64];
-  __shared__ alignas(8) uint64_t full[2], empty[2];
-  const int t = threadIdx.x;  // thread 0 of warp 0 copies; warps 1..2 read
-  if (t == 0)
+// Two full barriers (one arrival) and two empty ones (two reader warps), initialized by thread 0.
+__device__ void init_ring(uint64_t (&full)[2], uint64_t (&empty)[2]) {
+  if (threadIdx.x == 0)
     for (int s = 0; s < 2; ++s) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&full[s])));
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 2;" ::"r"(smem_u32(&empty[s])));
     }
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   __syncthreads();
-  auto wait = [](uint64_t* bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done)
-      asm volatile("{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p;}"
-                   : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
-  };
+}
+
+__device__ void wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p;}"
+                 : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+
+__global__ void bulk_ring(const float* src, float* out, int iters, bool reuse) {
+  __shared__ alignas(128) float stage[2][64];
+  __shared__ alignas(8) uint64_t full[2], empty[2];
+  const int t = threadIdx.x;  // thread 0 of warp 0 copies; warps 1..2 read
+  init_ring(full, empty);
   float acc = 0.f;
   for (int it = 0; it < iters; ++it) {
     const int s = it % 2;
@@ -79,19 +85,7 @@ __global__ void thread_slot(int* out, int iters) {
   __shared__ int slot[2];
   __shared__ alignas(8) uint64_t full[2], empty[2];
   const int t = threadIdx.x;  // thread 0 writes; warps 1..2 read
-  if (t == 0)
-    for (int s = 0; s < 2; ++s) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&full[s])));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 2;" ::"r"(smem_u32(&empty[s])));
-    }
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  __syncthreads();
-  auto wait = [](uint64_t* bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done)
-      asm volatile("{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p;}"
-                   : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
-  };
+  init_ring(full, empty);
   int acc = 0;
   for (int it = 0; it < iters; ++it) {
     const int s = it % 2;

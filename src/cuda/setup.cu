@@ -125,6 +125,27 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
+
+// A tensor map of a 16-bit operand in the 128-byte swizzle: `rank` dims (the first of unit
+// stride), the byte strides of the others (checked against the copy engine's rules), the box;
+// reads past the extents fill zeros.
+bool encode_swizzled(CUtensorMap* map, const core::RowOperand& r, int rank,
+                     const cuuint64_t* dims, const int64_t* strides, const cuuint32_t* box) {
+  const auto encode = tensor_map_encoder();
+  if (!encode) return false;
+  cuuint64_t gstrides[4];
+  for (int x = 0; x + 1 < rank; ++x) {
+    if (strides[x] <= 0 || strides[x] % 16 || strides[x] >= (int64_t{1} << 40)) return false;
+    gstrides[x] = static_cast<cuuint64_t>(strides[x]);
+  }
+  const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
+  const CUtensorMapDataType type = r.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, type, rank, r.data, dims, gstrides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 }  // namespace
 
 // A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x
@@ -133,8 +154,6 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // False where the copy engine cannot address the operand.
 bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, int64_t cols,
                  int64_t rows, int64_t heads, int64_t batch, int box_rows) {
-  const auto encode = tensor_map_encoder();
-  if (!encode) return false;
   const int64_t es = dtype_size(r.dtype);
   *hm = r.sh == 0 ? 0 : 1;
   *bm = r.sb == 0 ? 0 : 1;
@@ -145,18 +164,8 @@ bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, 
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
                               static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
   const int64_t strides[3] = {stride(r.sn, rows), stride(r.sh, heads), stride(r.sb, batch)};
-  cuuint64_t gstrides[3];
-  for (int x = 0; x < 3; ++x) {
-    if (strides[x] <= 0 || strides[x] % 16 || strides[x] >= (int64_t{1} << 40)) return false;
-    gstrides[x] = static_cast<cuuint64_t>(strides[x]);
-  }
   const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
-  const cuuint32_t unit[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType type = r.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                          : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode(map, type, 4, r.data, dims, gstrides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode_swizzled(map, r, 4, dims, strides, box);
 }
 
 bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps) {
@@ -171,8 +180,6 @@ bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps) {
       n.shape[0] * n.shape[1] != p.max_nq || n.shape[0] > (1 << 20) || n.shape[1] > (1 << 20))
     return false;
   // Tensor maps of (column, grid column, grid row, head, batch), boxes of 64 columns x one patch.
-  const auto encode = tensor_map_encoder();
-  if (!encode) return false;
   auto map = [&](CUtensorMap* out, int* hm, int* bm, const core::RowOperand& r, int64_t cols,
                  int64_t heads) {
     const int64_t es = dtype_size(r.dtype);
@@ -184,18 +191,8 @@ bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps) {
                                 static_cast<cuuint64_t>(bs)};
     const int64_t strides[4] = {r.sn * es, r.sn * n.shape[1] * es, hs == 1 ? 16 : r.sh * es,
                                 bs == 1 ? 16 : r.sb * es};
-    cuuint64_t gstrides[4];
-    for (int x = 0; x < 4; ++x) {
-      if (strides[x] <= 0 || strides[x] % 16 || strides[x] >= (int64_t{1} << 40)) return false;
-      gstrides[x] = static_cast<cuuint64_t>(strides[x]);
-    }
     const cuuint32_t box[5] = {64, kGridCols, kGridRows, 1, 1};
-    const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
-    const CUtensorMapDataType type = r.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                            : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-    return encode(out, type, 5, r.data, dims, gstrides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+    return encode_swizzled(out, r, 5, dims, strides, box);
   };
   TmaMaps g = *maps;
   if (!map(&g.q, &g.q_hm, &g.q_bm, p.q, p.d, p.hq) ||
