@@ -8,11 +8,13 @@
 #    neighborhood on grid tiles and cached), then the per-kernel profile of the masked cases.
 # 3: bench.py --only train (fwd+bwd, document cached) and dense (grid tiles must not move it).
 # 4: compute-sanitizer memcheck on the grid and cache tests.
+# 5: ncu on the short causal forward (N 1024, d 64 and 128): attnkit's fwd_kernel beside
+#    cuDNN's, warp states and the tensor pipe (gpu.md "Next" 5: where a CTA's items leave gaps).
 # A step that applies a patch on the device must build in a fresh directory (rm -rf build-gpu):
 # the next copy of the tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 14).
 set -uo pipefail
-step=${1:?step 1 to 4}
+step=${1:?step 1 to 5}
 out=${2:?output directory}
 export GRID_TILES=ON
 build() {
@@ -37,5 +39,21 @@ case $step in
      timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 build-gpu/tests/test_cuda \
        --gtest_brief=1 --gtest_filter='CudaFastPath.Grid*:CudaMaskCache.*' > "$out/memcheck.log" 2>&1
      echo "memcheck rc $?"; tail -3 "$out/memcheck.log" ;;
-  *) echo "step 1 to 4" >&2; exit 2 ;;
+  5) build
+     for dc in "64 1" "128 1" "64 0"; do
+       for kr in fwd_kernel sdpa; do
+         timeout 150 ncu --kernel-name "regex:$kr" --launch-skip 2 --launch-count 1 \
+           --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+           --section Occupancy --section LaunchStats \
+           --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
+           --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio' \
+           env PYTHONPATH=build-gpu/python python3 bench/gpu/profile_fwd.py 1024 $dc \
+           > "$out/ncu_${kr}_${dc// /_}.txt" 2>&1
+         echo "== $kr d/causal $dc"
+         grep -E "Duration|Registers Per|Warp Cycles Per Issued|Issued Warp|No Eligible|gmma|stalled|Achieved Occ|Compute \(SM\)|Memory Throughput" \
+           "$out/ncu_${kr}_${dc// /_}.txt" | grep -v " 0$" | cut -c1-110 | head -40
+       done
+     done
+     PYTHONPATH=build-gpu/python python3 bench/gpu/profile_fwd.py 1024 64 1 --rate ;;
+  *) echo "step 1 to 5" >&2; exit 2 ;;
 esac
