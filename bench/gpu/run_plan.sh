@@ -8,13 +8,16 @@
 #    neighborhood on grid tiles and cached), then the per-kernel profile of the masked cases.
 # 3: bench.py --only train (fwd+bwd, document cached) and dense (grid tiles must not move it).
 # 4: compute-sanitizer memcheck on the grid and cache tests.
+# 6: A/B of bench/gpu/wip_cross_item.patch (the forward's pipeline run on across items, two Q
+#    buffers): built in a copy of the tree, its forward tests, then bench.py --only dense with
+#    step 1's build and with the patched one.
 # 5: ncu on the short causal forward (N 1024, d 64 and 128): attnkit's fwd_kernel beside
 #    cuDNN's, warp states and the tensor pipe (gpu.md "Next" 5: where a CTA's items leave gaps).
 # A step that applies a patch on the device must build in a fresh directory (rm -rf build-gpu):
 # the next copy of the tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 14).
 set -uo pipefail
-step=${1:?step 1 to 5}
+step=${1:?step 1 to 6}
 out=${2:?output directory}
 export GRID_TILES=ON
 build() {
@@ -55,5 +58,17 @@ case $step in
        done
      done
      PYTHONPATH=build-gpu/python python3 bench/gpu/profile_fwd.py 1024 64 1 --rate ;;
-  *) echo "step 1 to 5" >&2; exit 2 ;;
+  6) build
+     x=/tmp/x root=$PWD; rm -rf $x && mkdir -p $x
+     tar --exclude=./build-gpu -cf - . | tar -x -C $x
+     (cd $x && patch -p1 -s < "$root/bench/gpu/wip_cross_item.patch") || exit 1
+     (cd $x && TEST_FILTER='*CudaOracle*:CudaFastPath*:CudaGeneralPath*:CudaHeadDims*:CudaMaskCache*:*CudaBackward.MatchesOracle/dense:*CudaBackward.MatchesOracle/causal' \
+       bash scripts/gpu_cuda.sh "$out/x" --lean --no-bench)
+     for tree in . $x; do
+       echo "== dense, tree $tree"
+       PYTHONPATH=$tree/build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only dense \
+         > "$out/bench_${tree//\//_}.log" 2>&1
+       sed -n '/^case /,$p' "$out/bench_${tree//\//_}.log"
+     done ;;
+  *) echo "step 1 to 6" >&2; exit 2 ;;
 esac
