@@ -48,8 +48,7 @@ case $step in
          timeout 150 ncu --kernel-name "regex:$kr" --launch-skip 2 --launch-count 1 \
            --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
            --section Occupancy --section LaunchStats \
-           --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
-           --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio' \
+           --metrics 'sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio' \
            env PYTHONPATH=build-gpu/python python3 bench/gpu/profile_fwd.py 1024 $dc \
            > "$out/ncu_${kr}_${dc// /_}.txt" 2>&1
          echo "== $kr d/causal $dc"

@@ -151,13 +151,23 @@ template <int kN>
 __device__ __forceinline__ void band_mask(float (&s)[kN / 2], const int (&row_i)[2], int n0,
                                           int col0, int nk, int64_t offset, int64_t left,
                                           int64_t right) {
+  // Each row's allowed keys [ia - left, min(ia + right, nk - 1)], relative to the thread's first
+  // column n0 + col0 and clamped to the tile in 32 bits: a score's test is then two compares of
+  // its compile-time column (64-bit bounds per score cost ~7 instructions each).
+  int lo[2], hi[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t ia = row_i[r] + offset, j0 = n0 + col0;
+    const int64_t a = ia - left - j0, b = imin(ia + right, nk - 1) - j0;
+    lo[r] = static_cast<int>(imax(imin(a, kN), -1));
+    hi[r] = static_cast<int>(imax(imin(b, kN), -1));
+  }
 #pragma unroll
   for (int c = 0; c < kN / 8; ++c)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int j = n0 + c * 8 + col0 + (e & 1);
-      const int64_t ia = row_i[e / 2] + offset;
-      const bool ok = j < nk && j >= ia - left && j <= ia + right;
+      const int x = c * 8 + (e & 1), r = e / 2;
+      const bool ok = x >= lo[r] && x <= hi[r];
       s[c * 4 + e] = ok ? s[c * 4 + e] : -INFINITY;
     }
 }

@@ -480,11 +480,12 @@ __global__ void __launch_bounds__(384, 1)
     };
     auto issue_s = [&](float (&s)[kSRegs], int st) {
       wgmma_fence();
+      const uint64_t da0 = smem_desc(sQ + cw * 64 * 128, 16, 1024);
+      const uint64_t db0 = smem_desc(sK(st), 16, 1024);
 #pragma unroll
       for (int kk = 0; kk < kDp / 16; ++kk) {
-        const uint64_t da =
-            smem_desc(sQ + (kk / 4) * (kM * 128) + cw * 64 * 128 + (kk % 4) * 32, 16, 1024);
-        const uint64_t db = smem_desc(sK(st) + (kk / 4) * (kN * 128) + (kk % 4) * 32, 16, 1024);
+        const uint64_t da = desc_add(da0, (kk / 4) * (kM * 128) + (kk % 4) * 32);
+        const uint64_t db = desc_add(db0, (kk / 4) * (kN * 128) + (kk % 4) * 32);
         Wgmma<kN, Tag>::ss(s, da, db, kk > 0);
       }
       wgmma_commit();
@@ -492,11 +493,10 @@ __global__ void __launch_bounds__(384, 1)
     auto issue_pv = [&](uint32_t (&a)[kN / 16][4], int st) {
       fence_regs(o);
       wgmma_fence();
+      const uint64_t db0 = smem_desc(sV(st), kN * 128, 1024);
 #pragma unroll
-      for (int kk = 0; kk < kN / 16; ++kk) {
-        const uint64_t db = smem_desc(sV(st) + kk * 16 * 128, kN * 128, 1024);
-        Wgmma<kDVp, Tag>::rs(o, a[kk], db, 1);
-      }
+      for (int kk = 0; kk < kN / 16; ++kk)
+        Wgmma<kDVp, Tag>::rs(o, a[kk], desc_add(db0, kk * 16 * 128), 1);
       wgmma_commit();
     };
 
