@@ -390,11 +390,12 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int sl = 0; sl < slots; ++sl) {
       const int own = bwd_panel(panels, sl, cw, first);
-      const uint32_t base = tile + (own >= 0 ? own : panels - 1) * (kM * 128);
+      const uint64_t base =
+          smem_desc(tile + (own >= 0 ? own : panels - 1) * (kM * 128), kM * 128, 1024);
 #pragma unroll
       for (int kk = 0; kk < kM / 16; ++kk)
         Wgmma<64, Tag>::rs(*reinterpret_cast<float(*)[32]>(acc + sl * 32), a[kk],
-                           smem_desc(base + kk * 16 * 128, kM * 128, 1024), 1);
+                           desc_add(base, kk * 16 * 128), 1);
     }
   };
 
@@ -413,17 +414,21 @@ __global__ void __launch_bounds__(384, 1)
 
   auto issue_sdp = [&](float (&s)[kSRegs], float (&dp)[kSRegs], int st) {
     wgmma_fence();
+    const uint64_t dk0 = smem_desc(sK + kw * 64 * 128, 16, 1024);
+    const uint64_t dq0 = smem_desc(sQ(st), 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < kDp / 16; ++kk) {
-      const uint64_t da = smem_desc(sK + (kk / 4) * (kN * 128) + kw * 64 * 128 + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = smem_desc(sQ(st) + (kk / 4) * (kM * 128) + (kk % 4) * 32, 16, 1024);
+      const uint64_t da = desc_add(dk0, (kk / 4) * (kN * 128) + (kk % 4) * 32);
+      const uint64_t db = desc_add(dq0, (kk / 4) * (kM * 128) + (kk % 4) * 32);
       Wgmma<kM, Tag>::ss(s, da, db, kk > 0);
     }
     wgmma_commit();  // S^T, then dP^T: the fast flavor computes P^T while dP^T runs
+    const uint64_t dv0 = smem_desc(sV + kw * 64 * 128, 16, 1024);
+    const uint64_t do0 = smem_desc(sO(st), 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < kDVp / 16; ++kk) {
-      const uint64_t da = smem_desc(sV + (kk / 4) * (kN * 128) + kw * 64 * 128 + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = smem_desc(sO(st) + (kk / 4) * (kM * 128) + (kk % 4) * 32, 16, 1024);
+      const uint64_t da = desc_add(dv0, (kk / 4) * (kN * 128) + (kk % 4) * 32);
+      const uint64_t db = desc_add(do0, (kk / 4) * (kM * 128) + (kk % 4) * 32);
       Wgmma<kM, Tag>::ss(dp, da, db, kk > 0);
     }
     wgmma_commit();
@@ -575,10 +580,10 @@ __global__ void __launch_bounds__(384, 1)
         if constexpr (S::kSplit) {
           issue_panels(dv, S::kVSlots, pa, sO(st), kDVp / 64, 1);
         } else {
+          const uint64_t b0 = smem_desc(sO(st), kM * 128, 1024);
 #pragma unroll
           for (int kk = 0; kk < kM / 16; ++kk)
-            Wgmma<kDVp, Tag>::rs(dv, pa[kk], smem_desc(sO(st) + kk * 16 * 128, kM * 128, 1024),
-                                 1);
+            Wgmma<kDVp, Tag>::rs(dv, pa[kk], desc_add(b0, kk * 16 * 128), 1);
         }
       };
       if constexpr (!kGeneral) {
@@ -805,9 +810,10 @@ __global__ void __launch_bounds__(384, 1)
       if constexpr (S::kSplit) {
         issue_panels(dk, S::kKSlots, da, sQ(st), kDp / 64, 0);
       } else {
+        const uint64_t b0 = smem_desc(sQ(st), kM * 128, 1024);
 #pragma unroll
         for (int kk = 0; kk < kM / 16; ++kk)
-          Wgmma<kDp, Tag>::rs(dk, da[kk], smem_desc(sQ(st) + kk * 16 * 128, kM * 128, 1024), 1);
+          Wgmma<kDp, Tag>::rs(dk, da[kk], desc_add(b0, kk * 16 * 128), 1);
       }
       wgmma_commit();
 
@@ -865,14 +871,13 @@ __global__ void __launch_bounds__(384, 1)
         float dq[kDqN / 2];
         named_sync(3, 256);
         wgmma_fence();
+        const uint64_t a0 = smem_desc(sDS(x), kN * 128, 1024);
+        const uint64_t b0 = smem_desc(
+            sK + ((cw * kDqN) / 64) * (kN * 128) + ((cw * kDqN) % 64) * 2, kN * 128, 1024);
 #pragma unroll
-        for (int kk = 0; kk < kN / 16; ++kk) {
-          const uint64_t a = smem_desc(sDS(x) + kk * 16 * 128, kN * 128, 1024);
-          const uint64_t bdesc = smem_desc(
-              sK + ((cw * kDqN) / 64) * (kN * 128) + ((cw * kDqN) % 64) * 2 + kk * 16 * 128,
-              kN * 128, 1024);
-          Wgmma<kDqN, Tag>::tt(dq, a, bdesc, kk > 0);
-        }
+        for (int kk = 0; kk < kN / 16; ++kk)
+          Wgmma<kDqN, Tag>::tt(dq, desc_add(a0, kk * 16 * 128), desc_add(b0, kk * 16 * 128),
+                               kk > 0);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(dq);
