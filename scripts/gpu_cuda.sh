@@ -4,7 +4,7 @@
 # oracle), `attnkit check --device cuda`, the PyTorch CUDA tests, then bench/gpu/bench.py
 # (attnkit beside FlashAttention-2, cuDNN, FlexAttention and the mem-efficient backend).
 # Debian's packages missing there come from .carry (Highway, nlohmann-json, CLI11, GoogleTest).
-# Usage: [HEAD_DIMS="64;96;128;192;256;192x128"] [BWD_MAX_HEAD_DIM=256] [GRID_TILES=ON] \
+# Usage: [HEAD_DIMS="64;96;128;192;256;192x128"] [BWD_MAX_HEAD_DIM=256] [GRID_TILES=OFF] \
 #        [TEST_FILTER='*Backward*'] \
 #        bash scripts/gpu_cuda.sh OUT_DIR [--quick] [--train] [--sanitize] [--no-bench] [--lean]
 #   --lean: no CLI, no `attnkit check`, no pytest (an iteration's run: test_cuda under
@@ -23,7 +23,7 @@ export LD_LIBRARY_PATH=$hwy_root/lib:${LD_LIBRARY_PATH:-}
 t0=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNKIT_BUILD_PYTHON=ON \
   -DATTNKIT_HEAD_DIMS="${HEAD_DIMS:-64;128}" -DATTNKIT_BWD_MAX_HEAD_DIM="${BWD_MAX_HEAD_DIM:-256}" \
-  -DATTNKIT_CUDA_GRID_TILES="${GRID_TILES:-OFF}" \
+  -DATTNKIT_CUDA_GRID_TILES="${GRID_TILES:-ON}" \
   -DHWY_ROOT="$hwy_root" -Dnlohmann_json_DIR="$deps/share/cmake/nlohmann_json" \
   -DCLI11_DIR="$deps/share/cmake/CLI11" -DGTest_DIR="$deps/lib/x86_64-linux-gnu/cmake/GTest" \
   -DPython_EXECUTABLE="$(command -v python3)" > /tmp/cmake.log 2>&1 || { tail -30 /tmp/cmake.log; exit 1; }
