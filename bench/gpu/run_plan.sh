@@ -12,11 +12,13 @@
 #    --sanitize's list; racecheck's known reports: bench/gpu/racecheck_patterns.cu).
 # 5: ncu on the N 1024 forward beside cuDNN's: warp states and stall reasons (d 64 / 128, causal
 #    and not), then the instruction mix by pipe (gpu.md part 15: 1.5x cuDNN's instructions).
+# 6: ncu's per-instruction counts (SASS, source page, csv, gzipped) of the forward at d128 N 1024,
+#    causal and not: which instructions of the steady loop run, and how often.
 # A step that applies a patch on the device builds in a fresh directory: the next copy of the
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 16).
 set -uo pipefail
-step=${1:?step 1, ab, 3, 4 or 5}
+step=${1:?step 1, ab, 3, 4, 5 or 6}
 out=${2:?output directory}
 build() {
   if [[ ! -d build-gpu/python/attnkit ]]; then
@@ -58,5 +60,15 @@ case $step in
            "$out/ncu_${kr}_${dc// /_}.txt" | sed 's/smsp__average_warps_issue_stalled_//' | cut -c1-110
        done
      done ;;
-  *) echo "step 1, ab, 3, 4 or 5" >&2; exit 2 ;;
+  6) build
+     for c in 1 0; do
+       timeout 200 ncu --kernel-name regex:fwd_kernel --launch-skip 2 --launch-count 1 \
+         --section SourceCounters --page source --print-source sass --csv \
+         env PYTHONPATH=build-gpu/python python3 bench/gpu/profile_fwd.py 1024 128 $c \
+         > "$out/ncu_source_d128_causal$c.csv" 2> "$out/ncu_source_d128_causal$c.err"
+       echo "causal $c: rc $? $(wc -l < "$out/ncu_source_d128_causal$c.csv") lines"
+       head -3 "$out/ncu_source_d128_causal$c.csv" | cut -c1-300
+       gzip -f "$out/ncu_source_d128_causal$c.csv"
+     done ;;
+  *) echo "step 1, ab, 3, 4, 5 or 6" >&2; exit 2 ;;
 esac
