@@ -4,9 +4,11 @@
 # 1: build (grid tiles on by default now), the whole test_cuda, attnkit check, pytest -k cuda:
 #    every kernel changed in session 16 (desc_add in both directions, the band mask's bounds).
 # ab PATCH ONLY: A/B of a patch in one run: step 1's build against a copy of the tree with PATCH
-#    applied (built fresh there), its forward and backward tests, then bench.py --only ONLY with
-#    each. First: bench/gpu/ab_bwd_desc.patch (session 16's backward desc_add reversed) with
-#    ONLY=train, then bench/gpu/profile_bwd.py 1024 4096 with each build.
+#    applied (built fresh there), its forward and backward tests, then bench.py --only ONLY and
+#    bench/gpu/profile_bwd.py 1024 4096 with each build. The two to run:
+#    - bench/gpu/ab_softmax_ilp.patch dense: the softmax's row max and sum over four partial
+#      chains (the longest FADD / FMNMX chain of the d128 loop 31 -> 9; 0 more spills);
+#    - bench/gpu/ab_bwd_desc.patch train: session 16's backward desc_add, reversed.
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
 #    --sanitize's list; racecheck's known reports: bench/gpu/racecheck_patterns.cu).
