@@ -4,10 +4,13 @@
 # 1: build (grid tiles on by default now), the whole test_cuda, attnkit check, pytest -k cuda:
 #    every kernel changed in session 16 (desc_add in both directions, the band mask's bounds).
 # ab PATCH ONLY: A/B of a patch in one run: step 1's build against a copy of the tree with PATCH
-#    applied (built fresh there), its forward and backward tests, then bench.py --only ONLY and
-#    bench/gpu/profile_bwd.py 1024 4096 with each build. The two to run:
-#    - bench/gpu/ab_softmax_ilp.patch dense: the softmax's row max and sum over four partial
-#      chains (the longest FADD / FMNMX chain of the d128 loop 31 -> 9; 0 more spills);
+#    applied (built fresh there), its forward and backward tests, then bench.py --only ONLY with
+#    each (and bench/gpu/profile_bwd.py 1024 4096 where ONLY has train). The two to run:
+#    - bench/gpu/ab_fwd_overlap.patch dense,masked: the forward's normalization overlapping P V
+#      as designed (the SASS of main waits for P V before the first exp2 of the fast instances:
+#      ptxas moved the wait above it; with the wait at the loop's top it stays below: SASS
+#      from cuobjdump, scripts/sass_summary.sh), and the row max / sum over four partial chains
+#      (longest dependent FADD / FMNMX chain 31 -> 9);
 #    - bench/gpu/ab_bwd_desc.patch train: session 16's backward desc_add, reversed.
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
@@ -41,7 +44,8 @@ case $step in
        PYTHONPATH=$tree/build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only "$only" \
          > "$out/bench_${tree//\//_}.log" 2>&1
        sed -n '/^case /,$p' "$out/bench_${tree//\//_}.log"
-       PYTHONPATH=$tree/build-gpu/python timeout 80 python3 bench/gpu/profile_bwd.py 1024 4096
+       [[ $only == *train* ]] &&
+         PYTHONPATH=$tree/build-gpu/python timeout 80 python3 bench/gpu/profile_bwd.py 1024 4096
      done ;;
   3) build
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py \
