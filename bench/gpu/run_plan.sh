@@ -6,13 +6,16 @@
 # ab PATCH ONLY: A/B of a patch in one run: step 1's build against a copy of the tree with PATCH
 #    applied (built fresh there), its forward and backward tests, then bench.py --only ONLY with
 #    each (and bench/gpu/profile_bwd.py 1024 4096 where ONLY has train). The two to run:
-#    - bench/gpu/ab_fwd_overlap.patch dense,masked,neighborhood: three changes to the forward
+#    - bench/gpu/ab_fwd_overlap.patch dense,masked,neighborhood: four changes to the forward
 #      checked in its SASS here (cuobjdump), none yet run: (1) the wait for P V at the loop's
 #      top, so that the normalization overlaps P V as designed (main's fast instances wait for
 #      P V before the first exp2: ptxas moved the wait above it); (2) the row max and sum over
 #      four partial chains (longest dependent FADD / FMNMX chain 31 -> 9); (3) the epilogue's
 #      16-bit rows of full width stored without a dtype and width test per column pair (a row
-#      of d128: 64 instructions and no branch, from about 320 with 48 branches).
+#      of d128: 64 instructions and no branch, from about 320 with 48 branches); (4) the
+#      running max moved only past 2^8 in the weights, and O's 64 multiplies (d128) skipped in
+#      a tile that moves no max of the warp (they sat in the turn, between S and P V). The hot
+#      path of a d128 tile: 557 -> 506 instructions.
 #    - bench/gpu/ab_bwd_desc.patch train: session 16's backward desc_add, reversed.
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
