@@ -16,7 +16,10 @@
 #      running max moved only past 2^8 in the weights, and O's 64 multiplies (d128) skipped in
 #      a tile that moves no max of the warp (they sat in the turn, between S and P V). The hot
 #      path of a d128 tile: 557 -> 506 instructions.
-#    - bench/gpu/ab_bwd_desc.patch train: session 16's backward desc_add, reversed.
+#    - bench/gpu/ab_bwd_band.patch train: the backward's band mask with 32-bit bounds clamped
+#      to the tile once a key row (the forward's run-57 change; the band block of the fast
+#      backward's loop 297 -> 162 SASS instructions). Session 16's backward desc_add (978edda)
+#      had its 36 tests pass but no same-run A/B: compare profile_bwd's ratios with run 58's.
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
 #    --sanitize's list; racecheck's known reports: bench/gpu/racecheck_patterns.cu).
