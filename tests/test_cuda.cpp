@@ -407,6 +407,27 @@ TEST(CudaFastPath, SoftcapMatchesTheOracle) {
     }
 }
 
+// Scores that rise along the keys move a row's running max by more than 2^8 in the weights from
+// one key tile to the next, so O is rescaled mid-row: ALiBi's first head (slope 2^-4, over 128
+// keys a rise of 8 in the scores) does, its second (2^-8) does not; the symmetric one rises and
+// then falls, so rows of one warp differ near the diagonal. Long rows, both dtypes, d64 and d128,
+// forward at two input scales and the backward (which reads the forward's LSE).
+TEST(CudaFastPath, RisingScoresRescaleTheOutput) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {1, 2, 2, 640, 1160, 128, 128}, false},
+      {DType::kF16, {2, 2, 1, 300, 900, 64, 64}, true},
+  };
+  int seed = 281;
+  for (const Case& c : cases)
+    for (const char* mech : {"alibi", "alibi_symmetric"}) {
+      for (double scale : {1.0, 4.0}) expect_matches(mech, c, scale, seed++);
+      const bool grads16 = seed % 2 == 0;
+      const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
+      EXPECT_TRUE(r.ok) << "backward " << mech << " nq=" << c.dims.nq << ": " << r.error;
+    }
+}
+
 // Masks with partial tiles across long rows: plain, on the fast kernel with every partial tile's
 // bits; with a relative-position table, on the general kernel, whose partial tiles beyond the
 // precomputed bits (16 per query tile) evaluate the mask tree in the kernel.
