@@ -3,9 +3,14 @@
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # 1: build (grid tiles on by default now), the whole test_cuda, attnkit check, pytest -k cuda:
 #    every kernel changed in session 16 (desc_add in both directions, the band mask's bounds).
-# ab PATCH ONLY: A/B of a patch in one run: step 1's build against a copy of the tree with PATCH
-#    applied (built fresh there), its forward and backward tests, then bench.py --only ONLY with
-#    each (and bench/gpu/profile_bwd.py 1024 4096 where ONLY has train). The two to run:
+# ab PATCHES ONLY: A/B in one run: step 1's build against a copy of the tree with PATCHES (a
+#    comma-separated list, applied in order) applied and built fresh there, its forward and
+#    backward tests, then bench.py --only ONLY with each (and bench/gpu/profile_bwd.py 1024 4096
+#    where ONLY has train). To run (each alone, or the forward ones together):
+#    - bench/gpu/ab_fwd_q_prefetch.patch dense,masked: each item's Q prefetched into L2 once the
+#      item is claimed (its load waits for the consumers' last S of the item before, a tile or
+#      two before they need it: Q is read once, from memory), and the producer given 32
+#      registers instead of 24 (at 24 it spilled: all 56 bytes of main's fast d128 instance);
 #    - bench/gpu/ab_fwd_overlap.patch dense,masked,neighborhood: four changes to the forward
 #      checked in its SASS here (cuobjdump), none yet run: (1) the wait for P V at the loop's
 #      top, so that the normalization overlaps P V as designed (main's fast instances wait for
@@ -40,11 +45,11 @@ build() {
 }
 case $step in
   1) bash scripts/gpu_cuda.sh "$out" --no-bench ;;
-  ab) patch_file=${3:?patch} only=${4:?bench.py --only}
+  ab) patch_file=${3:?patches} only=${4:?bench.py --only}
      build
      x=/tmp/x root=$PWD; rm -rf $x && mkdir -p $x
      tar --exclude=./build-gpu -cf - . | tar -x -C $x
-     (cd $x && patch -p1 -s < "$root/$patch_file") || exit 1
+     for pf in ${patch_file//,/ }; do (cd $x && patch -p1 -s < "$root/$pf") || exit 1; done
      (cd $x && TEST_FILTER='*CudaOracle*:CudaFastPath*:CudaHeadDims*:*CudaBackward.MatchesOracle/*' \
        bash scripts/gpu_cuda.sh "$out/x" --lean --no-bench) || exit 1
      for tree in . $x; do
