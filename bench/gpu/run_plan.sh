@@ -23,7 +23,8 @@
 #      path of a d128 tile: 557 -> 506 instructions.
 #    - bench/gpu/ab_bwd_band.patch train: the backward's band mask with 32-bit bounds clamped
 #      to the tile once a key row (the forward's run-57 change; the band block of the fast
-#      backward's loop 297 -> 162 SASS instructions). Session 16's backward desc_add (978edda)
+#      backward's loop 297 -> 162 SASS instructions), and its producer at 32 registers (the
+#      tabled instance's spills 16 -> 4 bytes, the bias one's 144 -> 124). Session 16's backward desc_add (978edda)
 #      had its 36 tests pass but no same-run A/B: compare profile_bwd's ratios with run 58's.
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
