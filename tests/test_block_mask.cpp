@@ -6,6 +6,7 @@
 
 #include "core/block_mask.h"
 #include "core/mask_cache.h"
+#include "cuda/tile_bits.h"
 #include "spec_json.h"
 
 namespace attnkit::tools {
@@ -306,6 +307,22 @@ TEST(MaskCache, TheCpuIgnoresIt) {
   EXPECT_EQ(a.bytes, b.bytes);
   EXPECT_EQ(cache.entries(), 0);
   EXPECT_EQ(cache.bytes(), 0);
+}
+
+// The CUDA forward gathers a partial tile's mask bits for a thread with cuda::quad_bits: for
+// every word and every col0 of a quad, bit 2 c + e is key (c % 4) * 8 + col0 + e of the word.
+TEST(TileBits, QuadBitsPickTheThreadsKeys) {
+  uint64_t x = 0x9E3779B97F4A7C15ull;
+  for (int n = 0; n < 4096; ++n) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    const uint32_t word = n < 32 ? 1u << n : static_cast<uint32_t>(x);
+    for (int col0 = 0; col0 < 8; col0 += 2) {
+      uint32_t expect = 0;
+      for (int c = 0; c < 4; ++c)
+        for (int e = 0; e < 2; ++e) expect |= ((word >> (c * 8 + col0 + e)) & 1u) << (2 * c + e);
+      ASSERT_EQ(cuda::quad_bits(word, col0), expect) << "word " << word << " col0 " << col0;
+    }
+  }
 }
 
 }  // namespace

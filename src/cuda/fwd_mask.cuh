@@ -8,6 +8,7 @@
 #include "attnkit/variant/score_mods.h"
 #include "cuda/fwd_common.cuh"
 #include "cuda/fwd_params.h"
+#include "cuda/tile_bits.h"
 
 namespace attnkit::cuda {
 
@@ -104,17 +105,9 @@ __device__ __forceinline__ uint64_t fwd_tile_bits(const uint32_t* slots, uint8_t
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const uint32_t* w = slots + ((entry - kTileBits) * kM + row_i[r] - m0) * kWords;
-    uint32_t word[kWords];
 #pragma unroll
-    for (int x = 0; x < kWords; ++x) word[x] = w[x];
-#pragma unroll
-    for (int c = 0; c < kN / 8; ++c)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = c * 8 + col0 + e;
-        allow |= static_cast<uint64_t>((word[col >> 5] >> (col & 31)) & 1u)
-                 << (r * kBitsPerRow + 2 * c + e);
-      }
+    for (int x = 0; x < kWords; ++x)  // chunks c = 4 x .. 4 x + 3 of the row: word x
+      allow |= static_cast<uint64_t>(quad_bits(w[x], col0)) << (r * kBitsPerRow + 8 * x);
   }
   return allow;
 }
