@@ -325,5 +325,18 @@ TEST(TileBits, QuadBitsPickTheThreadsKeys) {
   }
 }
 
+// The CUDA backward tests a score's query column against the sequence's end with
+// cuda::query_bits: bit r * 16 + 2 c8 + e is set iff column c8 * 8 + e is below q_lim.
+TEST(TileBits, QueryBitsEndWhereTheSequenceDoes) {
+  for (int q_lim = -70; q_lim <= 140; ++q_lim) {
+    uint32_t expect = 0;
+    for (int r = 0; r < 2; ++r)
+      for (int c8 = 0; c8 < 8; ++c8)
+        for (int e = 0; e < 2; ++e)
+          if (c8 * 8 + e < q_lim) expect |= 1u << (r * 16 + 2 * c8 + e);
+    ASSERT_EQ(cuda::query_bits(q_lim), expect) << "q_lim " << q_lim;
+  }
+}
+
 }  // namespace
 }  // namespace attnkit::tools

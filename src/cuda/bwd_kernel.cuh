@@ -568,9 +568,10 @@ __global__ void __launch_bounds__(384, 1)
                      : "r"(sStat(st) + (stat * kM + c8 * 8 + col0) * 4));
         return v;
       };
+      // The mask's bits and the sequence's end in one word, tested once a score.
+      const uint32_t ok_bits = (masked ? allow : 0xFFFFFFFFu) & query_bits(nq - m0 - col0);
       auto allowed = [&](int c8, int e) {
-        return (!masked || ((allow >> ((e / 2) * 16 + 2 * c8 + (e & 1))) & 1)) &&
-               m0 + c8 * 8 + col0 + (e & 1) < nq;
+        return ((ok_bits >> ((e / 2) * 16 + 2 * c8 + (e & 1))) & 1u) != 0u;
       };
       uint32_t pa[kM / 16][4], da[kM / 16][4];
       // dV += P^T dO (query rows are the k dimension: the B operand is read transposed).

@@ -15,4 +15,17 @@ ATTNKIT_HD uint32_t quad_bits(uint32_t word, int col0) {
   return (v | (v >> 6) | (v >> 12) | (v >> 18)) & 0xFFu;
 }
 
+// The backward's 32 scores of a thread (key rows r = 0, 1; query columns c8 * 8 + col0 + e of
+// a 64-query tile): bit r * 16 + 2 * c8 + e is set where the column is below q_lim (= nq - m0 -
+// col0, the queries left in the sequence from the thread's first column).
+ATTNKIT_HD uint32_t query_bits(int q_lim) {
+  if (q_lim >= 64) return 0xFFFFFFFFu;
+  if (q_lim <= 0) return 0u;
+  const int full = q_lim >> 3, rem = q_lim & 7;  // whole 8-column chunks, then the next one's
+  uint32_t low = (1u << (2 * full)) - 1u;
+  if (rem >= 1) low |= 1u << (2 * full);
+  if (rem >= 2) low |= 2u << (2 * full);
+  return low | (low << 16);
+}
+
 }  // namespace attnkit::cuda
