@@ -2,7 +2,9 @@
 # The next device session's runs (session 17), one call of at most 600 s each, in order:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # 1: build (grid tiles on by default now), the whole test_cuda, attnkit check, pytest -k cuda:
-#    every kernel changed in session 16 (desc_add in both directions, the band mask's bounds).
+#    every kernel changed in session 16 (desc_add in both directions, the band mask's bounds,
+#    cuda::quad_bits in the forward's partial tiles, cuda::query_bits in the backward), and
+#    CudaFastPath.RisingScoresRescaleTheOutput, new.
 # ab PATCHES ONLY: A/B in one run: step 1's build against a copy of the tree with PATCHES (a
 #    comma-separated list, applied in order) applied and built fresh there, its forward and
 #    backward tests, then bench.py --only ONLY with each (and bench/gpu/profile_bwd.py 1024 4096
@@ -23,9 +25,9 @@
 #      path of a d128 tile: 557 -> 506 instructions.
 #    - bench/gpu/ab_bwd_band.patch train: the backward's band mask with 32-bit bounds clamped
 #      to the tile once a key row (the forward's run-57 change; the band block of the fast
-#      backward's loop 297 -> 162 SASS instructions), and its producer at 32 registers (the
-#      tabled instance's spills 16 -> 4 bytes, the bias one's 144 -> 124). Session 16's backward desc_add (978edda)
-#      had its 36 tests pass but no same-run A/B: compare profile_bwd's ratios with run 58's.
+#      backward's loop 297 -> 162 SASS instructions), and its producer at 32 registers (fewer
+#      spills in the tabled and bias instances). Session 16's backward desc_add (978edda) had
+#      its 36 tests pass but no same-run A/B: compare profile_bwd's ratios with run 58's.
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
 #    --sanitize's list; racecheck's known reports: bench/gpu/racecheck_patterns.cu).
@@ -51,8 +53,8 @@ case $step in
      x=/tmp/x root=$PWD; rm -rf $x && mkdir -p $x
      tar --exclude=./build-gpu -cf - . | tar -x -C $x
      for pf in ${patch_file//,/ }; do (cd $x && patch -p1 -s < "$root/$pf") || exit 1; done
-     (cd $x && TEST_FILTER='*CudaOracle*:CudaFastPath*:CudaHeadDims*:*CudaBackward.MatchesOracle/*' \
-       bash scripts/gpu_cuda.sh "$out/x" --lean --no-bench) || exit 1
+     filter='*CudaOracle*:CudaFastPath*:CudaHeadDims*:*CudaBackward.MatchesOracle/*'
+     (cd $x && TEST_FILTER=$filter bash scripts/gpu_cuda.sh "$out/x" --lean --no-bench) || exit 1
      for tree in . $x; do
        echo "== $only, tree $tree"
        PYTHONPATH=$tree/build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only "$only" \
@@ -66,18 +68,24 @@ case $step in
        --only masked,neighborhood,train > "$out/bench.log" 2>&1
      sed -n '/^case /,$p' "$out/bench.log" ;;
   4) build
-     TEST_FILTER='CudaRules.*' bash scripts/gpu_cuda.sh "$out" --lean --no-bench --sanitize 2>&1 | grep -v "ptxas" | tail -8 ;;
+     TEST_FILTER='CudaRules.*' bash scripts/gpu_cuda.sh "$out" --lean --no-bench --sanitize 2>&1 |
+       grep -v "ptxas" | tail -8 ;;
   5) build
+     pipes=$(printf 'smsp__inst_executed_pipe_%s.sum,' alu fma lsu uniform xu)
+     metrics="regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio,${pipes}"
+     metrics+="smsp__inst_executed.sum,smsp__inst_executed_op_branch.sum,"
+     metrics+="smsp__sass_thread_inst_executed_op_integer_pred_on.sum"
      for dc in "64 1" "128 1" "128 0"; do
        for kr in fwd_kernel sdpa; do
          timeout 120 ncu --kernel-name "regex:$kr" --launch-skip 2 --launch-count 1 \
            --section SpeedOfLight --section WarpStateStats --section LaunchStats \
-           --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio,smsp__inst_executed.sum,smsp__inst_executed_op_branch.sum,smsp__inst_executed_pipe_alu.sum,smsp__inst_executed_pipe_fma.sum,smsp__inst_executed_pipe_lsu.sum,smsp__inst_executed_pipe_uniform.sum,smsp__inst_executed_pipe_xu.sum,smsp__sass_thread_inst_executed_op_integer_pred_on.sum' \
+           --metrics "$metrics" \
            env PYTHONPATH=build-gpu/python python3 bench/gpu/profile_fwd.py 1024 $dc \
            > "$out/ncu_${kr}_${dc// /_}.txt" 2>&1
          echo "== $kr d/causal $dc"
-         grep -E "Duration|SM Active|Issued Warp|inst_executed|stalled_(wait|long|barrier|branch|no_instr)" \
-           "$out/ncu_${kr}_${dc// /_}.txt" | sed 's/smsp__average_warps_issue_stalled_//' | cut -c1-110
+         grep -E "Duration|SM Active|Issued Warp|inst_executed|stalled_(wait|long|barrier|branch)" \
+           "$out/ncu_${kr}_${dc// /_}.txt" | sed 's/smsp__average_warps_issue_stalled_//' |
+           cut -c1-110
        done
      done ;;
   6) build

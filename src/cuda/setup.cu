@@ -125,7 +125,6 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-
 // A tensor map of a 16-bit operand in the 128-byte swizzle: `rank` dims (the first of unit
 // stride), the byte strides of the others (checked against the copy engine's rules), the box;
 // reads past the extents fill zeros.
