@@ -32,7 +32,7 @@ targets="test_cuda _ext attnkit_python_files"; (( lean )) || targets="attnkit_cl
 cmake --build build-gpu -j "$(nproc)" --target $targets > /tmp/build.log 2>&1 || { grep -E "error|FAILED" /tmp/build.log | head -30; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"; grep -E "spill|C7509|C7510" /tmp/build.log | sort | uniq -c | cut -c1-200 | head
 rc=0
-timeout 420 build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter="${TEST_FILTER:-*}" \
+timeout "${TEST_TIMEOUT:-420}" build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter="${TEST_FILTER:-*}" \
   > "$out/test_cuda.log" 2>&1
 trc=$?
 grep -E "FAILED|PASSED|rel_err" "$out/test_cuda.log" | head -40

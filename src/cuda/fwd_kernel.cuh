@@ -56,7 +56,10 @@ struct FwdShape : FwdTiles<kD, kDV> {
   static constexpr int kBiasSmemBytes =
       Base::kQBytes + kBiasStages * (kStageBytes + kBiasBytes) + 1024 + kBarBytes;
   static_assert(kBiasSmemBytes <= 227 * 1024, "two stages with bias tiles must fit");
+  // The producer's release (168 - 24 a thread, the launch's cap) pays the consumers' rise (240 -
+  // 168): setmaxnreg.inc waits for free registers, so a producer at 32 would hang (run 60).
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "setmaxnreg would wait forever");
 };
 
 // A work item of the forward: query tile `tile` of (b, h), and the key tiles it visits: those of
