@@ -6,17 +6,23 @@
 #    patches applied in order), each built fresh and its forward and backward tests run; then
 #    bench.py --only ONLY with every tree (and bench/gpu/profile_bwd.py 1024 4096 where ONLY has
 #    train). Each set costs ~190 s (build, 77 tests, a dense bench): two sets a call. First:
-#    - bench/gpu/ab_fwd_wait_top.patch:bench/gpu/ab_fwd_wait_top.patch,bench/gpu/ab_fwd_lazy.patch
-#      dense. Run 61 had all three forward patches together against main: d128 +0-3% at every
-#      N, d64 -1 to -7%; this splits them. wait_top: the wait for P V at the loop's top (main's
+#    - bench/gpu/ab_fwd_wait_top.patch:bench/gpu/ab_fwd_wait_top.patch,\
+#      bench/gpu/ab_fwd_exp2_poly.patch (one argument, no space)
+#      dense. Run 61 had three forward changes together against main: d128 +0-3% at every N,
+#      d64 -1 to -7%; they are split now. wait_top: the wait for P V at the loop's top (main's
 #      fast instances wait for P V before the first exp2: ptxas moved the wait above it; with
 #      it the normalization overlaps P V; the loop's instruction count unchanged, 1122 -> 1123
 #      at d64), and the epilogue's 16-bit rows of full width stored without a dtype and width
-#      test per column pair (a d128 row: ~320 -> 64 instructions). lazy: the row max and sum
-#      over four partial chains, and the running max moved only past 2^8 in the weights with
-#      O's rescale skipped in a tile that moves no max of the warp (+29 instructions in the
-#      d64 loop: FADD, FMNMX, VOTE). Expected: wait_top wins at both head dims; lazy is what
-#      lost at d64 (there the tile is issue- and MUFU-bound, part 16), so gate it on kDVp.
+#      test per column pair (a d128 row: ~320 -> 64 instructions). exp2_poly: one 8-key chunk
+#      in four takes its exp2s from cuda::exp2_poly (src/cuda/exp2_poly.h: a cubic on the FMA
+#      pipe, eight instructions) instead of the MUFU, whose 64 results a warp a tile (8 cycles
+#      each) bound the normalization at d64 (part 16): the d64 loop's MUFU 66 -> 50, +113
+#      instructions. Adopt what wins; then, if wait_top won:
+#    - bench/gpu/ab_fwd_wait_top.patch,bench/gpu/ab_fwd_lazy.patch dense: on top of wait_top,
+#      the row max and sum over four partial chains and the lazy rescale (the running max moved
+#      only past 2^8 in the weights, O's rescale skipped in a tile that moves no max of the
+#      warp): +29 instructions in the d64 loop; the suspect of run 61's d64 loss, so perhaps
+#      for kDVp >= 128 only. (It conflicts with exp2_poly in online_row: merge by hand.)
 #    - bench/gpu/ab_fwd_q_prefetch.patch dense,masked,neighborhood: each item's Q prefetched
 #      into L2 once the item is claimed (producer registers stay 24: at 32 setmaxnreg hangs).
 #    - bench/gpu/ab_bwd_band.patch train: the backward's band mask with 32-bit bounds clamped
