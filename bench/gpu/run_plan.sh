@@ -23,6 +23,13 @@
 #      only past 2^8 in the weights, O's rescale skipped in a tile that moves no max of the
 #      warp): +29 instructions in the d64 loop; the suspect of run 61's d64 loss, so perhaps
 #      for kDVp >= 128 only. (It conflicts with exp2_poly in online_row: merge by hand.)
+#    - bench/gpu/ab_fwd_turns.patch (with whatever won above; in the same call as lazy, two
+#      sets): the ping-pong's turns run on across items. Now warpgroup 1 hands warpgroup 0 the
+#      first turn of each item only once it has stored its rows of the item before, so the
+#      next item's first S waits for that epilogue (at N 1024, 8 tiles an item, ~18 us, run
+#      61's 2.25 us a tile against 1.85 at N 16384). With the patch each warpgroup passes the
+#      turn after its last P V too, and warpgroup 0 takes one last turn after the item loop so
+#      that no arrival is left pending.
 #    - bench/gpu/ab_fwd_q_prefetch.patch dense,masked,neighborhood: each item's Q prefetched
 #      into L2 once the item is claimed (producer registers stay 24: at 32 setmaxnreg hangs).
 #    - bench/gpu/ab_bwd_band.patch train: the backward's band mask with 32-bit bounds clamped
