@@ -24,11 +24,13 @@ ATTNKIT_HD To bit_copy(From x) {
 // below the 16-bit rounding of P: up to 2^-8 in bf16, 2^-11 in fp16), and k added to the
 // cubic's exponent field. x is clamped to -127 first: 2^-127 comes out exactly 0 (f = 0, the
 // cubic's 1.0 with a zero exponent field), so -inf (a masked score) weighs 0 as on the MUFU,
-// and inputs between -127 and -126 give subnormals. Eight instructions and no conversion
-// (conversions run at the MUFU's 16 a cycle a multiprocessor). For x <= 2^21.
+// and inputs between -127 and -126 give subnormals (not exact ones, never negative). Eight
+// instructions and no conversion (conversions run at the MUFU's 16 a cycle a multiprocessor).
+// For x < 127.5 (the softmax's are <= 0): past it the exponent field overflows. NaN gives 0
+// where the MUFU would give NaN.
 ATTNKIT_HD float exp2_poly(float x) {
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23
-  x = x > -127.f ? x : -127.f;          // also NaN -> -127
+  x = x > -127.f ? x : -127.f;          // NaN too
   const float t = x + kRound;
   const float f = x - (t - kRound);
   const float p = fmaf(fmaf(fmaf(0.0550085790f, f, 0.242210373f), f, 0.693282902f), f, 1.f);
