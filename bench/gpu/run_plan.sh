@@ -76,8 +76,9 @@ case $step in
        PYTHONPATH=$tree/build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only "$only" \
          > "$out/bench_${tree//\//_}.log" 2>&1
        sed -n '/^case /,$p' "$out/bench_${tree//\//_}.log" | cut -c1-66
-       [[ $only == *train* ]] &&
+       if [[ $only == *train* ]]; then
          PYTHONPATH=$tree/build-gpu/python timeout 80 python3 bench/gpu/profile_bwd.py 1024 4096
+       fi
      done ;;
   3) build
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py \
