@@ -5,7 +5,8 @@
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
 #    patches applied in order), each built fresh and its forward and backward tests run; then
 #    bench.py --only ONLY with every tree (and bench/gpu/profile_bwd.py 1024 4096 where ONLY has
-#    train). Each set costs ~190 s (build, 77 tests, a dense bench): two sets a call. First:
+#    train), and main once more last (the drift). A set costs ~190 s (build, 77 tests, a dense
+#    bench): two sets a call. First:
 #    - bench/gpu/ab_fwd_wait_top.patch:bench/gpu/ab_fwd_wait_top.patch,\
 #      bench/gpu/ab_fwd_exp2_poly.patch (one argument, no space)
 #      dense. Run 61 had three forward changes together against main: d128 +0-3% at every N,
@@ -71,11 +72,15 @@ case $step in
          bash scripts/gpu_cuda.sh "$out/x$i" --lean --no-bench) || exit 1
        trees+=($x)
      done
-     for tree in "${trees[@]}"; do
+     # main again at the end: the drift of the card between the first and last bench (clocks,
+     # heat), against which the trees' differences of a few percent are read.
+     for tree in "${trees[@]}" .; do
        echo "== $only, tree $tree"
+       log="$out/bench_${tree//\//_}.log"
+       [[ -e $log ]] && log="${log%.log}_again.log"
        PYTHONPATH=$tree/build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only "$only" \
-         > "$out/bench_${tree//\//_}.log" 2>&1
-       sed -n '/^case /,$p' "$out/bench_${tree//\//_}.log" | cut -c1-66
+         > "$log" 2>&1
+       sed -n '/^case /,$p' "$log" | cut -c1-66
        if [[ $only == *train* ]]; then
          PYTHONPATH=$tree/build-gpu/python timeout 80 python3 bench/gpu/profile_bwd.py 1024 4096
        fi
