@@ -33,10 +33,14 @@
 #      that no arrival is left pending.
 #    - bench/gpu/ab_fwd_q_prefetch.patch dense,masked,neighborhood: each item's Q prefetched
 #      into L2 once the item is claimed (producer registers stay 24: at 32 setmaxnreg hangs).
-#    - bench/gpu/ab_bwd_band.patch train: the backward's band mask with 32-bit bounds clamped
-#      to the tile once a key row (the forward's run-57 change; the band block of the fast
-#      backward's loop 297 -> 162 SASS instructions). Session 16's backward desc_add (978edda)
-#      had its 36 tests pass but no same-run A/B: compare profile_bwd's ratios with run 58's.
+#    - bench/gpu/ab_bwd_exp.patch:bench/gpu/ab_bwd_exp.patch,bench/gpu/ab_bwd_band.patch train.
+#      exp: P^T's exp2 computed for every score and then selected, instead of under the allowed
+#      predicate, where ptxas loaded the scale from the constant bank once a score (LDC) and
+#      zeroed the result first (the fast d64 loop 899 -> 861 SASS instructions, d128 969 ->
+#      933; the FFMA now reads the scale from a uniform register). band: the backward's band
+#      mask with 32-bit bounds clamped to the tile once a key row (the forward's run-57
+#      change): with exp, the fast d64 loop 899 -> 726. Session 16's backward desc_add
+#      (978edda) had its 36 tests pass but no same-run A/B: main's profile_bwd against run 58's.
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
