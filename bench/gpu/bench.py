@@ -5,8 +5,8 @@ Frobenius error), then times attnkit and the peers with triton's do_bench (media
 repetitions). Peers: SDPA's FlashAttention-2 and cuDNN backends (dense, causal), FlexAttention
 (masks and score mods), SDPA's mem-efficient backend (dense bias).
 Usage: python3 bench/gpu/bench.py [--quick] [--train] [--only PART,...] (--train: only forward +
-backward; --only: the parts named, of dense, masked, neighborhood, bias, train, train_bias,
-wide (head dims 192 and 256);
+backward; --only: the parts named, of dense, masked, neighborhood, bias, train (train_dense,
+then the masked cases and train_bias), train_dense, train_bias, wide (head dims 192 and 256);
 attnkit importable: PYTHONPATH=build/python);
 writes $OUT/gpu_bench.json. FLOPs count allowed pairs only (4 * pairs * d).
 """
@@ -289,7 +289,7 @@ if __name__ == "__main__":
     parts = (train,) if "--train" in sys.argv else (dense, masked, neighborhood, bias, train)
     if "--only" in sys.argv:
         named = dict(dense=dense, masked=masked, neighborhood=neighborhood, bias=bias, train=train,
-                     train_bias=train_bias, wide=wide)
+                     train_dense=train_dense, train_bias=train_bias, wide=wide)
         parts = [named[x] for x in sys.argv[sys.argv.index("--only") + 1].split(",")]
     for part in parts:
         try:

@@ -6,7 +6,8 @@
 #    patches applied in order), each built fresh and its forward and backward tests run; then
 #    bench.py --only ONLY with every tree (and bench/gpu/profile_bwd.py 1024 4096 where ONLY has
 #    train), and main once more last (the drift). A set costs ~190 s (build, 77 tests, a dense
-#    bench): two sets a call. First:
+#    bench): two sets a call. TESTS sets the patched trees' gtest filter, AGAIN=0 skips main's
+#    second bench. First:
 #    - bench/gpu/ab_fwd_wait_top.patch:bench/gpu/ab_fwd_wait_top.patch,\
 #      bench/gpu/ab_fwd_exp2_poly.patch (one argument, no space)
 #      dense. Run 61 had three forward changes together against main: d128 +0-3% at every N,
@@ -33,7 +34,10 @@
 #      that no arrival is left pending.
 #    - bench/gpu/ab_fwd_q_prefetch.patch dense,masked,neighborhood: each item's Q prefetched
 #      into L2 once the item is claimed (producer registers stay 24: at 32 setmaxnreg hangs).
-#    - bench/gpu/ab_bwd_exp.patch:bench/gpu/ab_bwd_exp.patch,bench/gpu/ab_bwd_band.patch train.
+#    - TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT \
+#      bench/gpu/ab_bwd_exp.patch,bench/gpu/ab_bwd_band.patch train_dense (one set: with the
+#      train benches and profile_bwd, two sets would pass 600 s; both patches cut instructions
+#      only, so adopt both if the set wins, and split them only if it loses somewhere).
 #      exp: P^T's exp2 computed for every score and then selected, instead of under the allowed
 #      predicate, where ptxas loaded the scale from the constant bank once a score (LDC) and
 #      zeroed the result first (the fast d64 loop 899 -> 861 SASS instructions, d128 969 ->
@@ -70,7 +74,7 @@ case $step in
        x=/tmp/x$((++i)); rm -rf $x && mkdir -p $x
        tar --exclude=./build-gpu -cf - . | tar -x -C $x
        for pf in ${set//,/ }; do (cd $x && patch -p1 -s < "$root/$pf") || exit 1; done
-       filter='*CudaOracle*:CudaFastPath*:CudaHeadDims*:*CudaBackward.MatchesOracle/*'
+       filter=${TESTS:-'*CudaOracle*:CudaFastPath*:CudaHeadDims*:*CudaBackward.MatchesOracle/*'}
        echo "== tree $x: $set"
        (cd $x && TEST_TIMEOUT=150 TEST_FILTER=$filter \
          bash scripts/gpu_cuda.sh "$out/x$i" --lean --no-bench) || exit 1
@@ -78,7 +82,8 @@ case $step in
      done
      # main again at the end: the drift of the card between the first and last bench (clocks,
      # heat), against which the trees' differences of a few percent are read.
-     for tree in "${trees[@]}" .; do
+     [[ ${AGAIN:-1} == 1 ]] && trees+=(.)
+     for tree in "${trees[@]}"; do
        echo "== $only, tree $tree"
        log="$out/bench_${tree//\//_}.log"
        [[ -e $log ]] && log="${log%.log}_again.log"
