@@ -19,19 +19,22 @@
 #      in four takes its exp2s from cuda::exp2_poly (src/cuda/exp2_poly.h: a cubic on the FMA
 #      pipe, eight instructions) instead of the MUFU, whose 64 results a warp a tile (8 cycles
 #      each) bound the normalization at d64 (part 16): the d64 loop's MUFU 66 -> 50, +113
-#      instructions. Adopt what wins; then, if wait_top won:
-#    - bench/gpu/ab_fwd_wait_top.patch,bench/gpu/ab_fwd_lazy.patch dense: on top of wait_top,
-#      the row max and sum over four partial chains and the lazy rescale (the running max moved
-#      only past 2^8 in the weights, O's rescale skipped in a tile that moves no max of the
-#      warp): +29 instructions in the d64 loop; the suspect of run 61's d64 loss, so perhaps
-#      for kDVp >= 128 only. (It conflicts with exp2_poly in online_row: merge by hand.)
-#    - bench/gpu/ab_fwd_turns.patch (with whatever won above; in the same call as lazy, two
-#      sets): the ping-pong's turns run on across items. Now warpgroup 1 hands warpgroup 0 the
-#      first turn of each item only once it has stored its rows of the item before, so the
-#      next item's first S waits for that epilogue (at N 1024, 8 tiles an item, ~18 us, run
-#      61's 2.25 us a tile against 1.85 at N 16384). With the patch each warpgroup passes the
-#      turn after its last P V too, and warpgroup 0 takes one last turn after the item loop so
-#      that no arrival is left pending.
+#      instructions. Adopt what wins (W below); then, in one call of two sets:
+#    - W,bench/gpu/ab_fwd_turns.patch : W,bench/gpu/ab_fwd_chains.patch dense. chains: the row
+#      max over four partial chains only (a dependent FMNMX chain of 6 instead of 16 before the
+#      exp2s can start; +6 instructions in the d64 loop), lazy's part that adds no vote or
+#      branch. It applies on main, wait_top, exp2_poly or both. turns: below.
+#    - W,bench/gpu/ab_fwd_lazy.patch dense (later; it conflicts with exp2_poly and chains in
+#      online_row: merge by hand): on top of wait_top, the row max and sum over four partial
+#      chains and the lazy rescale (the running max moved only past 2^8 in the weights, O's
+#      rescale skipped in a tile that moves no max of the warp): +29 instructions in the d64
+#      loop; the suspect of run 61's d64 loss, so perhaps for kDVp >= 128 only.
+#    - bench/gpu/ab_fwd_turns.patch: the ping-pong's turns run on across items. Now warpgroup
+#      1 hands warpgroup 0 the first turn of each item only once it has stored its rows of the
+#      item before, so the next item's first S waits for that epilogue (at N 1024, 8 tiles an
+#      item, ~18 us, run 61's 2.25 us a tile against 1.85 at N 16384). With the patch each
+#      warpgroup passes the turn after its last P V too, and warpgroup 0 takes one last turn
+#      after the item loop so that no arrival is left pending.
 #    - bench/gpu/ab_fwd_q_prefetch.patch dense,masked,neighborhood: each item's Q prefetched
 #      into L2 once the item is claimed (producer registers stay 24: at 32 setmaxnreg hangs).
 #    - TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT \
