@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 18), one call of at most 600 s each, in order:
+# The next device session's runs (session 18), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
+# Order: the forward A/B (wait_top, exp2_poly), the second forward A/B (turns, chains), the
+# backward A/B (exp + band), cutlass (scripts/cutlass_fmha.sh here first), step 1 on the tree
+# with what was adopted, step 6 at d64. Every call carries [".carry"].
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
 #    patches applied in order), each built fresh and its forward and backward tests run; then
@@ -57,11 +60,14 @@
 # 6 [D]: ncu's per-instruction counts and stall samples (SASS, source page, csv, gzipped) of the
 #    forward at head dim D (default 128) and N 1024, causal and not: which instructions of the
 #    steady loop run, how often, and what they wait for.
+# cutlass: CUTLASS's Hopper attention example (issue 5's forward reference: >= 0.95x it at N 4096
+#    and 16384, d128; fp16, its best kernel a case) beside bench.py --only dense, same run. Build
+#    it here first (bash scripts/cutlass_fmha.sh: .carry/cutlass_fmha/fmha, ~5 min of nvcc).
 # A step that applies a patch on the device builds in a fresh directory: the next copy of the
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 17).
 set -uo pipefail
-step=${1:?step 1, ab, 3, 4, 5 or 6}
+step=${1:?step 1, ab, 3, 4, 5, 6 or cutlass}
 out=${2:?output directory}
 build() {
   if [[ ! -d build-gpu/python/attnkit ]]; then
@@ -134,5 +140,38 @@ case $step in
        head -3 "$f" | cut -c1-300
        gzip -f "$f"
      done ;;
-  *) echo "step 1, ab, 3, 4, 5 or 6" >&2; exit 2 ;;
+  cutlass) build
+     f=.carry/cutlass_fmha/fmha
+     [[ -x $f ]] || { echo "no $f: run scripts/cutlass_fmha.sh here, carry .carry" >&2; exit 1; }
+     for d in 128 64; do
+       for n in 1024 4096 16384; do
+         for mask in no causal; do
+           echo "== d $d n $n mask $mask"
+           timeout 60 "$f" --b=$((16384 / n)) --h=$((d >= 128 ? 16 : 32)) --q=$n --k=$n --d=$d \
+             --mask=$mask --iterations=50 | grep TFLOPS
+         done
+       done
+     done > "$out/cutlass.txt" 2>&1
+     PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only dense \
+       > "$out/bench.log" 2>&1
+     python3 - "$out" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+best, key = {}, None
+for line in open(f"{out}/cutlass.txt"):
+    m = re.match(r"== d (\d+) n (\d+) mask (\w+)", line)
+    if m:
+        key = (int(m[1]), int(m[2]), m[3] == "causal")
+    elif "TFLOPS" in line and key:
+        best[key] = max(best.get(key, 0.0), float(line.split(":")[-1].split()[0]))
+print("%-28s %8s %8s %8s %8s %8s" % ("case", "attnkit", "cutlass", "ratio", "cudnn", "ratio"))
+for r in json.load(open(f"{out}/gpu_bench.json")):
+    k = (r.get("d"), r.get("n"), r.get("causal"))
+    if r.get("case") == "dense" and k in best:
+        print("%-28s %8.0f %8.0f %8.2f %8.0f %8.2f" % (
+            "d%d n%d%s" % (k[0], k[1], " causal" if k[2] else ""), r["attnkit"], best[k],
+            r["attnkit"] / best[k], r["cudnn"], r["vs_cudnn"]))
+PY
+     ;;
+  *) echo "step 1, ab, 3, 4, 5, 6 or cutlass" >&2; exit 2 ;;
 esac
