@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
 grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
 lib=/usr/lib/x86_64-linux-gnu
-rm -rf .carry && mkdir -p .carry/hwy/include .carry/hwy/lib .carry/deps/include \
+rm -rf .carry/hwy .carry/deps && mkdir -p .carry/hwy/include .carry/hwy/lib .carry/deps/include \
   .carry/deps/share/cmake .carry/deps/lib/x86_64-linux-gnu/cmake
 cp -r /usr/include/hwy .carry/hwy/include/
 cp -a "$lib"/libhwy.so* .carry/hwy/lib/
