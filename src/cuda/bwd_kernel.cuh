@@ -159,7 +159,9 @@ struct BwdShape {
   // What the producer warpgroup gives up (168 - 24 per thread, the launch's cap) is what the
   // consumers take (240 - 168): setmaxnreg.inc waits for free registers, so more would hang.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "setmaxnreg would wait forever");
+  static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;  // a thread's at launch: 168
+  static_assert(128 * (kProducerRegs + 2 * kConsumerRegs) <= kThreads * kLaunchRegs,
+                "setmaxnreg would wait forever");
 };
 
 // Element i of an fp32, bf16 or fp16 gradient row.

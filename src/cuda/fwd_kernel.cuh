@@ -59,7 +59,9 @@ struct FwdShape : FwdTiles<kD, kDV> {
   // The producer's release (168 - 24 a thread, the launch's cap) pays the consumers' rise (240 -
   // 168): setmaxnreg.inc waits for free registers, so a producer at 32 would hang (run 60).
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "setmaxnreg would wait forever");
+  static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;  // a thread's at launch: 168
+  static_assert(128 * (kProducerRegs + 2 * kConsumerRegs) <= kThreads * kLaunchRegs,
+                "setmaxnreg would wait forever");
 };
 
 // A work item of the forward: query tile `tile` of (b, h), and the key tiles it visits: those of
