@@ -530,14 +530,25 @@ __global__ void __launch_bounds__(384, 1)
                                            n0 + kN - 1, p.band_left, p.band_right);
         masked = c != TileClass::kFull || n0 + kN > nk;
         if (masked) {
+          // Each key row's allowed queries i' = i + offset in [j - right, j + left], relative
+          // to the thread's first query column and clamped to the tile in 32 bits: a pair's
+          // test is two compares of its compile-time column (64-bit bounds cost ~7 a pair).
+          int lo[2], hi[2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int j = key_r[r];
+            const int64_t i0 = m0 + col0 + seq.offset;
+            const int64_t a = j - p.band_right - i0, b = j + p.band_left - i0;
+            lo[r] = static_cast<int>(imax(imin(a, kM), -1));
+            hi[r] = j < nk ? static_cast<int>(imax(imin(b, kM), -1)) : -1;
+          }
           allow = 0;
 #pragma unroll
           for (int c8 = 0; c8 < kM / 8; ++c8)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int r = e / 2, j = key_r[r];
-              const int64_t ia = m0 + c8 * 8 + col0 + (e & 1) + seq.offset;
-              const bool ok = j < nk && j >= ia - p.band_left && j <= ia + p.band_right;
+              const int r = e / 2, x = c8 * 8 + (e & 1);
+              const bool ok = x >= lo[r] && x <= hi[r];
               allow |= static_cast<uint32_t>(ok) << (r * 16 + 2 * c8 + (e & 1));
             }
         }
@@ -602,7 +613,10 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int x = c8 * 4 + e;
-            pw[e] = allowed(c8, e) ? fast_exp2(fmaf(s[x], to2, (e & 1) ? -l2.y : -l2.x)) : 0.f;
+            // Computed for every score, then selected: under the predicate, ptxas loaded the
+            // scale from the constant bank once a score and zeroed the result first.
+            const float w = fast_exp2(fmaf(s[x], to2, (e & 1) ? -l2.y : -l2.x));
+            pw[e] = allowed(c8, e) ? w : 0.f;
             if (capped) {
               const float t = s[x] * p.inv_cap_raw;
               s[x] = pw[e] * (1.f - t * t);
@@ -661,7 +675,8 @@ __global__ void __launch_bounds__(384, 1)
       };
       auto softmax_rule = [&](float sx, float dpx, bool ok, float l, float dd, float& pw,
                               float& ds) {
-        pw = ok ? fast_exp2(fmaf(sx, to2, -l)) : 0.f;
+        const float w = fast_exp2(fmaf(sx, to2, -l));  // then selected, as the fast flavor's
+        pw = ok ? w : 0.f;
         ds = pw * (dpx - dd);
       };
       if constexpr (kGeneral) {
