@@ -1,56 +1,36 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 18), one call of at most 600 s each:
+# The next device session's runs (session 19), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
-# Order: the forward A/B (wait_top, exp2_poly), the second forward A/B (turns, chains), the
-# backward A/B (exp + band), cutlass (scripts/cutlass_fmha.sh here first), step 1 on the tree
-# with what was adopted, step 6 at d64. Every call carries [".carry"].
+# Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
+# bash scripts/cutlass_fmha.sh). Order:
+# 1. NCU=1 run_plan.sh ab $OUT E,R,P:E,R,P,D dense, where E R P D are
+#    bench/gpu/ab_fwd_epilogue.patch, bench/gpu/ab_fwd_q_early.patch,
+#    bench/gpu/ab_fwd_q_prefetch.patch and bench/gpu/ab_fwd_double_q.patch (one argument, no
+#    space). Part 17: ncu's stall samples put 14% (d64) and 20% (d128) of the N 1024 forward's
+#    warp time in the epilogue (the last P V and store_rows: 970 instructions a warp and item at
+#    d128 against 535 a steady tile), which hides the next item's Q load. E: the rows stored
+#    without a dtype and width test per column pair (wait_top's epilogue alone); R: Q's buffer
+#    released once the item's last S is done, not after its last normalization; P: each item's Q
+#    prefetched into L2 once claimed; D (d64 only, on E,R,P): two Q buffers, so the next item's
+#    Q loads during this one. NCU=1 prints each tree's regions (bench/gpu/ncu_regions.py) so
+#    that the A/B says where the time moved, not only whether. Adopt what wins at N 1024 without
+#    losing at 16384 beyond the drift (main's two benches); d64 moves +-3% with any change of
+#    the loop's schedule (part 17), so read d64 against d128.
+# 2. If E,R,P wins: NCU=1 run_plan.sh ab $OUT E:R,P dense (which part wins), else the same
+#    sets on d128 alone to see if D or the turns patch helps once the epilogue is short:
+#    E,R,P,bench/gpu/ab_fwd_turns.patch.
+# 3. run_plan.sh 1 $OUT on the adopted tree (the whole test_cuda, check, pytest).
+# 4. run_plan.sh 3 $OUT (masked, neighborhood, train: the short items of the masked cases).
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
 #    patches applied in order), each built fresh and its forward and backward tests run; then
 #    bench.py --only ONLY with every tree (and bench/gpu/profile_bwd.py 1024 4096 where ONLY has
 #    train), and main once more last (the drift). A set costs ~190 s (build, 77 tests, a dense
-#    bench): two sets a call. TESTS sets the patched trees' gtest filter, AGAIN=0 skips main's
-#    second bench. First:
-#    - bench/gpu/ab_fwd_wait_top.patch:bench/gpu/ab_fwd_wait_top.patch,\
-#      bench/gpu/ab_fwd_exp2_poly.patch (one argument, no space)
-#      dense. Run 61 had three forward changes together against main: d128 +0-3% at every N,
-#      d64 -1 to -7%; they are split now. wait_top: the wait for P V at the loop's top (main's
-#      fast instances wait for P V before the first exp2: ptxas moved the wait above it; with
-#      it the normalization overlaps P V; the loop's instruction count unchanged, 1122 -> 1123
-#      at d64), and the epilogue's 16-bit rows of full width stored without a dtype and width
-#      test per column pair (a d128 row: ~320 -> 64 instructions). exp2_poly: one 8-key chunk
-#      in four takes its exp2s from cuda::exp2_poly (src/cuda/exp2_poly.h: a cubic on the FMA
-#      pipe, eight instructions) instead of the MUFU, whose 64 results a warp a tile (8 cycles
-#      each) bound the normalization at d64 (part 16): the d64 loop's MUFU 66 -> 50, +113
-#      instructions. Adopt what wins (W below); then, in one call of two sets:
-#    - W,bench/gpu/ab_fwd_turns.patch : W,bench/gpu/ab_fwd_chains.patch dense. chains: the row
-#      max over four partial chains only (a dependent FMNMX chain of 6 instead of 16 before the
-#      exp2s can start; +6 instructions in the d64 loop), lazy's part that adds no vote or
-#      branch. It applies on main, wait_top, exp2_poly or both. turns: below.
-#    - W,bench/gpu/ab_fwd_lazy.patch dense (later; it conflicts with exp2_poly and chains in
-#      online_row: merge by hand): on top of wait_top, the row max and sum over four partial
-#      chains and the lazy rescale (the running max moved only past 2^8 in the weights, O's
-#      rescale skipped in a tile that moves no max of the warp): +29 instructions in the d64
-#      loop; the suspect of run 61's d64 loss, so perhaps for kDVp >= 128 only.
-#    - bench/gpu/ab_fwd_turns.patch: the ping-pong's turns run on across items. Now warpgroup
-#      1 hands warpgroup 0 the first turn of each item only once it has stored its rows of the
-#      item before, so the next item's first S waits for that epilogue (at N 1024, 8 tiles an
-#      item, ~18 us, run 61's 2.25 us a tile against 1.85 at N 16384). With the patch each
-#      warpgroup passes the turn after its last P V too, and warpgroup 0 takes one last turn
-#      after the item loop so that no arrival is left pending.
-#    - bench/gpu/ab_fwd_q_prefetch.patch dense,masked,neighborhood: each item's Q prefetched
-#      into L2 once the item is claimed (producer registers stay 24: at 32 setmaxnreg hangs).
-#    - TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT \
-#      bench/gpu/ab_bwd_exp.patch,bench/gpu/ab_bwd_band.patch train_dense (one set: with the
-#      train benches and profile_bwd, two sets would pass 600 s; both patches cut instructions
-#      only, so adopt both if the set wins, and split them only if it loses somewhere).
-#      exp: P^T's exp2 computed for every score and then selected, instead of under the allowed
-#      predicate, where ptxas loaded the scale from the constant bank once a score (LDC) and
-#      zeroed the result first (the fast d64 loop 899 -> 861 SASS instructions, d128 969 ->
-#      933; the FFMA now reads the scale from a uniform register). band: the backward's band
-#      mask with 32-bit bounds clamped to the tile once a key row (the forward's run-57
-#      change): with exp, the fast d64 loop 899 -> 726. Session 16's backward desc_add
-#      (978edda) had its 36 tests pass but no same-run A/B: main's profile_bwd against run 58's.
+#    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
+#    AGAIN=0 skips main's second bench.
+# Other patches (bench/gpu/*.patch, part 16-17): exp2_poly, chains, turns and wait_top lost at
+# d64 in runs 62 and 65 (-2 to -4% at every N, d128 within +-1% but wait_top's +3% at N 1024);
+# lazy conflicts with chains.
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
@@ -99,6 +79,18 @@ case $step in
        PYTHONPATH=$tree/build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only "$only" \
          > "$log" 2>&1
        sed -n '/^case /,$p' "$log" | cut -c1-66
+       # NCU=1: where the N 1024 forward's warps wait (d 128 and 64, not causal), per tree.
+       if [[ ${NCU:-0} == 1 && $log != *_again.log ]]; then
+         for d in 128 64; do
+           f="$out/ncu_${tree//\//_}_d$d.csv"
+           timeout 60 ncu --kernel-name regex:fwd_kernel --launch-skip 2 --launch-count 1 \
+             --section SourceCounters --page source --print-source sass --csv \
+             env PYTHONPATH=$tree/build-gpu/python python3 bench/gpu/profile_fwd.py 1024 $d 0 \
+             > "$f" 2> /dev/null
+           python3 bench/gpu/ncu_regions.py "$f" 4 | cut -c1-110
+           gzip -f "$f"
+         done
+       fi
        if [[ $only == *train* ]]; then
          PYTHONPATH=$tree/build-gpu/python timeout 80 python3 bench/gpu/profile_bwd.py 1024 4096
        fi

@@ -1,0 +1,70 @@
+"""Where a forward kernel's warps spend their time, from ncu's per-instruction stall samples
+(`ncu --section SourceCounters --page source --print-source sass --csv`, one launch of
+fwd_kernel): the share of the samples in the prologue and first tile of an item, the steady loop
+(the instructions run most often; per tile too), the last P V and the rows' store (epilogue), and
+the producer warp, then the instructions with the most samples.
+Usage: python3 bench/gpu/ncu_regions.py FILE.csv[.gz] [TOP]"""
+import collections
+import csv
+import gzip
+import sys
+
+
+def load(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        lines = [line for line in f if not line.startswith("==PROF==")]
+    reader = csv.reader(lines)
+    next(reader)  # the kernel's name
+    header = next(reader)
+    return header, [dict(zip(header, r)) for r in reader if len(r) >= len(header)]
+
+
+def num(x):
+    try:
+        return float(x.replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def main():
+    header, rows = load(sys.argv[1])
+    top = int(sys.argv[2]) if len(sys.argv) > 2 else 12
+    samples = [num(r["Warp Stall Sampling (All Samples)"]) for r in rows]
+    execs = [num(r["Instructions Executed"]) for r in rows]
+    total = sum(samples)
+    # The steady loop: the exp2s run most often; its range is from the first to the last
+    # instruction run as often.
+    steady = max(e for e, r in zip(execs, rows) if "MUFU.EX2" in r["Source"])
+    idx = [i for i, e in enumerate(execs) if e == steady]
+    lo, hi = idx[0], idx[-1]
+    per_item = execs[hi + 1]  # the consumers' code after the loop runs once a warp and item
+    # The producer: the first code after the loop that one warp runs (a fraction of per_item).
+    pstart = next(i for i in range(hi + 1, len(rows)) if 0 < execs[i] < per_item / 4)
+    tiles = steady / per_item  # tiles an item after its first
+
+    def share(a, b):
+        return 100.0 * sum(samples[a:b]) / total
+
+    print("%s: %d instructions, %d samples, %.1f steady tiles an item" % (
+        sys.argv[1].split("/")[-1], len(rows), total, tiles))
+    print("prologue + first tile %.1f%% | steady loop %.1f%% (%.1f%% a tile) | epilogue %.1f%% | "
+          "producer %.1f%%" % (share(0, lo), share(lo, hi + 1), share(lo, hi + 1) / tiles,
+                               share(hi + 1, pstart), share(pstart, len(rows))))
+    stalls = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
+    reasons = collections.Counter()
+    for r in rows:
+        for h in stalls:
+            reasons[h[6:]] += num(r[h])
+    print("reasons: " + ", ".join("%s %.1f%%" % (k, 100.0 * v / total)
+                                  for k, v in reasons.most_common(6)))
+    order = sorted(range(len(rows)), key=lambda i: -samples[i])[:top]
+    for i in order:
+        where = ("prologue" if i < lo else "steady" if i <= hi else
+                 "epilogue" if i < pstart else "producer")
+        print("%6.2f%% %-8s exec %8d  %s" % (100.0 * samples[i] / total, where, execs[i],
+                                             rows[i]["Source"][:70]))
+
+
+if __name__ == "__main__":
+    main()
