@@ -232,8 +232,7 @@ def wide():
 
 def train():
     """Forward + backward through autograd (FLOPs: 3.5x the forward's, FlashAttention's count).
-    attnkit's gradients are fp32 from the C++ backward and converted to bf16 by the PyTorch
-    wrapper; the peers return bf16 directly."""
+    attnkit's CUDA backward writes dq, dk and dv in the inputs' dtype (bf16), as the peers do."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     # The forward section's compilations fill dynamo's cache: without a reset, FlexAttention's
     # ALiBi backward here fell back to an unfused path (8 TFLOP/s in runs 24 and 26).

@@ -16,11 +16,20 @@
 #    that the A/B says where the time moved, not only whether. Adopt what wins at N 1024 without
 #    losing at 16384 beyond the drift (main's two benches); d64 moves +-3% with any change of
 #    the loop's schedule (part 17), so read d64 against d128.
-# 2. If E,R,P wins: NCU=1 run_plan.sh ab $OUT E:R,P dense (which part wins), else the same
+# 2. TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT bench/gpu/ab_bwd_epilogue.patch
+#    train_dense: the backward's dK and dV stored a pair a packed word when they are 16-bit in
+#    the kernel's dtype with 4-byte aligned rows (BwdParams::grads_packed), instead of
+#    store_grad_pair's dtype, width and alignment tests per pair (~22 instructions a pair, 64
+#    pairs a thread at d128; the fast d64 kernel's packed path is ~3 a pair): ~600 (d64) to
+#    ~1200 (d128) instructions a warp at each CTA's end, which nothing overlaps (one CTA a
+#    multiprocessor), against 8-16 steps of ~900 at N 1024. The patch adds 16-bit gradients 2
+#    bytes into their buffers to CudaBackwardLong.UnalignedGradientsMatchTheOracle (the
+#    unpacked path).
+# 3. If E,R,P wins: NCU=1 run_plan.sh ab $OUT E:R,P dense (which part wins), else the same
 #    sets on d128 alone to see if D or the turns patch helps once the epilogue is short:
 #    E,R,P,bench/gpu/ab_fwd_turns.patch.
-# 3. run_plan.sh 1 $OUT on the adopted tree (the whole test_cuda, check, pytest).
-# 4. run_plan.sh 3 $OUT (masked, neighborhood, train: the short items of the masked cases).
+# 4. run_plan.sh 1 $OUT on the adopted tree (the whole test_cuda, check, pytest).
+# 5. run_plan.sh 3 $OUT (masked, neighborhood, train: the short items of the masked cases).
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
 #    patches applied in order), each built fresh and its forward and backward tests run; then
