@@ -16,8 +16,17 @@
 #    that the A/B says where the time moved, not only whether. Adopt what wins at N 1024 without
 #    losing at 16384 beyond the drift (main's two benches); d64 moves +-3% with any change of
 #    the loop's schedule (part 17), so read d64 against d128.
-# 2. TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT bench/gpu/ab_bwd_epilogue.patch
-#    train_dense: the backward's dK and dV stored a pair a packed word when they are 16-bit in
+# 2. TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT BE:BE,BP train_dense, where BE and BP
+#    are bench/gpu/ab_bwd_epilogue.patch and bench/gpu/ab_bwd_persistent.patch (BP applies on
+#    BE). BP: the persistent backward, one CTA a multiprocessor walking key tiles (items from a
+#    counter, or round-robin when all are one length, as the forward's), K and V in two buffers
+#    where they fit (d64) so that the next item's load overlaps this one's last steps, no CTA
+#    starting cold (launch, barrier set-up, K/V and first stage latency at each of 8-16 steps at
+#    N 1024); ATTNKIT_CUDA_PERSISTENT_BWD=0 turns it off, =n sets the CTAs; its test
+#    CudaBackwardLong.PersistentWalkMatchesTheOracle runs 3 and 1 CTAs over many items. The
+#    steady loop is unchanged (d64 725, d128 801 SASS instructions); the producer spills a few
+#    words (its 24 registers), the unpacked store path some (rare dtypes).
+#    BE: the backward's dK and dV stored a pair a packed word when they are 16-bit in
 #    the kernel's dtype with 4-byte aligned rows (BwdParams::grads_packed), instead of
 #    store_grad_pair's dtype, width and alignment tests per pair (~22 instructions a pair, 64
 #    pairs a thread at d128; the fast d64 kernel's packed path is ~3 a pair): ~600 (d64) to
