@@ -38,9 +38,11 @@ def main():
     steady = max(e for e, r in zip(execs, rows) if "MUFU.EX2" in r["Source"])
     idx = [i for i, e in enumerate(execs) if e == steady]
     lo, hi = idx[0], idx[-1]
-    per_item = execs[hi + 1]  # the consumers' code after the loop runs once a warp and item
-    # The producer: the first code after the loop that one warp runs (a fraction of per_item).
-    pstart = next(i for i in range(hi + 1, len(rows)) if 0 < execs[i] < per_item / 4)
+    # The consumers' code after the loop runs once a warp and item (the first instruction run).
+    per_item = next((e for e in execs[hi + 1:] if e > 0), steady)
+    # The producer: the first code after the loop that one warp runs (a fraction of per_item);
+    # where the kernel lays it out elsewhere (the backward), the rest counts as the epilogue.
+    pstart = next((i for i in range(hi + 1, len(rows)) if 0 < execs[i] < per_item / 4), len(rows))
     tiles = steady / per_item  # tiles an item after its first
 
     def share(a, b):

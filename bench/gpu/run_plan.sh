@@ -39,6 +39,7 @@
 #    E,R,P,bench/gpu/ab_fwd_turns.patch.
 # 4. run_plan.sh 1 $OUT on the adopted tree (the whole test_cuda, check, pytest).
 # 5. run_plan.sh 3 $OUT (masked, neighborhood, train: the short items of the masked cases).
+# 6. run_plan.sh 7 $OUT: the backward's stall samples by instruction (ncu_regions.py), d128.
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
 #    patches applied in order), each built fresh and its forward and backward tests run; then
@@ -65,7 +66,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 17).
 set -uo pipefail
-step=${1:?step 1, ab, 3, 4, 5, 6 or cutlass}
+step=${1:?step 1, ab, 3, 4, 5, 6, 7 or cutlass}
 out=${2:?output directory}
 build() {
   if [[ ! -d build-gpu/python/attnkit ]]; then
@@ -150,6 +151,14 @@ case $step in
        head -3 "$f" | cut -c1-300
        gzip -f "$f"
      done ;;
+  7) build  # the backward's stall samples: d128, N 1024, not causal (profile_bwd.py's first)
+     f="$out/ncu_bwd_d128.csv"
+     timeout 240 ncu --kernel-name regex:bwd_kernel --launch-skip 2 --launch-count 1 \
+       --section SourceCounters --page source --print-source sass --csv \
+       env PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py 1024 > "$f" \
+       2> "$out/ncu_bwd.err"
+     python3 bench/gpu/ncu_regions.py "$f" 25 | cut -c1-110
+     gzip -f "$f" ;;
   cutlass) build
      f=.carry/cutlass_fmha/fmha
      [[ -x $f ]] || { echo "no $f: run scripts/cutlass_fmha.sh here, carry .carry" >&2; exit 1; }
@@ -183,5 +192,5 @@ for r in json.load(open(f"{out}/gpu_bench.json")):
             r["attnkit"] / best[k], r["cudnn"], r["vs_cudnn"]))
 PY
      ;;
-  *) echo "step 1, ab, 3, 4, 5, 6 or cutlass" >&2; exit 2 ;;
+  *) echo "step 1, ab, 3, 4, 5, 6, 7 or cutlass" >&2; exit 2 ;;
 esac
