@@ -68,6 +68,19 @@
 set -uo pipefail
 step=${1:?step 1, ab, 3, 4, 5, 6, 7 or cutlass}
 out=${2:?output directory}
+# source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
+# samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
+# CSV; then its regions (ncu_regions.py, TOP lines of instructions: $TOP, default 4), gzipped.
+source_samples() {
+  local secs=$1 kernel=$2 f=$3 tree=$4
+  shift 4
+  timeout "$secs" ncu --kernel-name "regex:$kernel" --launch-skip 2 --launch-count 1 \
+    --section SourceCounters --page source --print-source sass --csv \
+    env PYTHONPATH="$tree/build-gpu/python" python3 "$@" > "$f" 2> "${f%.csv}.err"
+  echo "$kernel $*: rc $? $(wc -l < "$f") lines"
+  python3 bench/gpu/ncu_regions.py "$f" "${TOP:-4}" | cut -c1-110
+  gzip -f "$f"
+}
 build() {
   if [[ ! -d build-gpu/python/attnkit ]]; then
     TEST_FILTER='CudaRules.*' bash scripts/gpu_cuda.sh "$out" --lean --no-bench || exit 1
@@ -101,13 +114,8 @@ case $step in
        # NCU=1: where the N 1024 forward's warps wait (d 128 and 64, not causal), per tree.
        if [[ ${NCU:-0} == 1 && $log != *_again.log ]]; then
          for d in 128 64; do
-           f="$out/ncu_${tree//\//_}_d$d.csv"
-           timeout 60 ncu --kernel-name regex:fwd_kernel --launch-skip 2 --launch-count 1 \
-             --section SourceCounters --page source --print-source sass --csv \
-             env PYTHONPATH=$tree/build-gpu/python python3 bench/gpu/profile_fwd.py 1024 $d 0 \
-             > "$f" 2> /dev/null
-           python3 bench/gpu/ncu_regions.py "$f" 4 | cut -c1-110
-           gzip -f "$f"
+           source_samples 60 fwd_kernel "$out/ncu_${tree//\//_}_d$d.csv" "$tree" \
+             bench/gpu/profile_fwd.py 1024 $d 0
          done
        fi
        if [[ $only == *train* ]]; then
@@ -142,23 +150,12 @@ case $step in
   6) build
      d=${3:-128}
      for c in 1 0; do
-       timeout 200 ncu --kernel-name regex:fwd_kernel --launch-skip 2 --launch-count 1 \
-         --section SourceCounters --page source --print-source sass --csv \
-         env PYTHONPATH=build-gpu/python python3 bench/gpu/profile_fwd.py 1024 $d $c \
-         > "$out/ncu_source_d${d}_causal$c.csv" 2> "$out/ncu_source_d${d}_causal$c.err"
-       rc=$? f="$out/ncu_source_d${d}_causal$c.csv"
-       echo "causal $c: rc $rc $(wc -l < "$f") lines"
-       head -3 "$f" | cut -c1-300
-       gzip -f "$f"
+       TOP=20 source_samples 200 fwd_kernel "$out/ncu_source_d${d}_causal$c.csv" . \
+         bench/gpu/profile_fwd.py 1024 $d $c
      done ;;
   7) build  # the backward's stall samples: d128, N 1024, not causal (profile_bwd.py's first)
-     f="$out/ncu_bwd_d128.csv"
-     timeout 240 ncu --kernel-name regex:bwd_kernel --launch-skip 2 --launch-count 1 \
-       --section SourceCounters --page source --print-source sass --csv \
-       env PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py 1024 > "$f" \
-       2> "$out/ncu_bwd.err"
-     python3 bench/gpu/ncu_regions.py "$f" 25 | cut -c1-110
-     gzip -f "$f" ;;
+     TOP=25 source_samples 240 bwd_kernel "$out/ncu_bwd_d128.csv" . bench/gpu/profile_bwd.py 1024
+     ;;
   cutlass) build
      f=.carry/cutlass_fmha/fmha
      [[ -x $f ]] || { echo "no $f: run scripts/cutlass_fmha.sh here, carry .carry" >&2; exit 1; }

@@ -531,16 +531,15 @@ __global__ void __launch_bounds__(384, 1)
         masked = c != TileClass::kFull || n0 + kN > nk;
         if (masked) {
           // Each key row's allowed queries i' = i + offset in [j - right, j + left], relative
-          // to the thread's first query column and clamped to the tile in 32 bits: a pair's
-          // test is two compares of its compile-time column (64-bit bounds cost ~7 a pair).
+          // to the thread's first query column (tile_bound, as the forward's band_mask).
           int lo[2], hi[2];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int j = key_r[r];
             const int64_t i0 = m0 + col0 + seq.offset;
-            const int64_t a = j - p.band_right - i0, b = j + p.band_left - i0;
-            lo[r] = static_cast<int>(imax(imin(a, kM), -1));
-            hi[r] = j < nk ? static_cast<int>(imax(imin(b, kM), -1)) : -1;
+            const int64_t a = j - p.band_right - i0, z = j + p.band_left - i0;
+            lo[r] = tile_bound(a, kM);
+            hi[r] = j < nk ? tile_bound(z, kM) : -1;
           }
           allow = 0;
 #pragma unroll

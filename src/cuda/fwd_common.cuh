@@ -145,6 +145,12 @@ __device__ __forceinline__ void pack_p(const float (&s)[kN / 2], uint32_t (&a)[k
     for (int x = 0; x < 4; ++x) a[kk][x] = ElemTraits<T>::pack(s[8 * kk + 2 * x], s[8 * kk + 2 * x + 1]);
 }
 
+// A band's bound relative to a tile's first column, clamped to [-1, n] (32 bits: a score's test
+// is then two compares of its compile-time column; 64-bit bounds cost ~7 instructions each).
+__device__ __forceinline__ int tile_bound(int64_t v, int n) {
+  return static_cast<int>(imax(imin(v, n), -1));
+}
+
 // The fast kernel's masks are bands: key j is allowed for query i iff j < nk and
 // i' - left <= j <= i' + right (i' = i + offset). Masked scores become -inf.
 template <int kN>
@@ -152,15 +158,14 @@ __device__ __forceinline__ void band_mask(float (&s)[kN / 2], const int (&row_i)
                                           int col0, int nk, int64_t offset, int64_t left,
                                           int64_t right) {
   // Each row's allowed keys [ia - left, min(ia + right, nk - 1)], relative to the thread's first
-  // column n0 + col0 and clamped to the tile in 32 bits: a score's test is then two compares of
-  // its compile-time column (64-bit bounds per score cost ~7 instructions each).
+  // column n0 + col0 (tile_bound).
   int lo[2], hi[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t ia = row_i[r] + offset, j0 = n0 + col0;
     const int64_t a = ia - left - j0, b = imin(ia + right, nk - 1) - j0;
-    lo[r] = static_cast<int>(imax(imin(a, kN), -1));
-    hi[r] = static_cast<int>(imax(imin(b, kN), -1));
+    lo[r] = tile_bound(a, kN);
+    hi[r] = tile_bound(b, kN);
   }
 #pragma unroll
   for (int c = 0; c < kN / 8; ++c)
