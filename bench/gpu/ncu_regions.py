@@ -14,8 +14,9 @@ def load(path):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         lines = [line for line in f if not line.startswith("==PROF==")]
-    reader = csv.reader(lines)
-    next(reader)  # the kernel's name
+    # The profiled script's own output may come first: the csv starts at the kernel's name.
+    start = next(i for i, line in enumerate(lines) if line.startswith('"Kernel Name"'))
+    reader = csv.reader(lines[start + 1:])
     header = next(reader)
     return header, [dict(zip(header, r)) for r in reader if len(r) >= len(header)]
 

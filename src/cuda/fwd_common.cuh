@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "attnkit/variant/normalizers.h"
 #include "attnkit/variant/score_mods.h"
@@ -294,31 +295,49 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
     float gate_h = 1.f;
     if (kGeneral && p.gate == GateKind::kPerHead)
       gate_h = fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, b * p.g_sb + h * p.g_sh + row * p.g_sn));
+    // The row's columns: kOut 1 = bf16 or 2 = fp16 with every column of kDVp in the output, or
+    // -1 = the dtype and the width read per column pair (the general flavor: one copy of its
+    // gate code). The fast flavor's 16-bit rows of full width take the first (those tests cost
+    // it three branches and both conversions a pair).
+    auto put = [&](auto out) {
+      constexpr int kOut = decltype(out)::value;
 #pragma unroll
-    for (int c = 0; c < kDVp / 8; ++c) {
-      const int col = c * 8 + col0;
-      if (col >= p.dv) continue;
-      float x0 = o[c * 4 + 2 * r] * mul, x1 = o[c * 4 + 2 * r + 1] * mul;
-      if constexpr (kGeneral) {
-        if (norm == NormalizerKind::kReLA && !p.raw_output) {
-          x0 *= p.gain[col * p.gain_s];
-          x1 *= p.gain[(col + 1) * p.gain_s];
+      for (int c = 0; c < kDVp / 8; ++c) {
+        const int col = c * 8 + col0;
+        if (kOut < 0 && col >= p.dv) continue;
+        float x0 = o[c * 4 + 2 * r] * mul, x1 = o[c * 4 + 2 * r + 1] * mul;
+        if constexpr (kGeneral) {
+          if (norm == NormalizerKind::kReLA && !p.raw_output) {
+            x0 *= p.gain[col * p.gain_s];
+            x1 *= p.gain[(col + 1) * p.gain_s];
+          }
+          if (p.gate == GateKind::kElementwise) {
+            const int64_t g = b * p.g_sb + h * p.g_sh + row * p.g_sn + col;
+            x0 *= fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g));
+            x1 *= fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g + 1));
+          }
+          x0 *= gate_h;
+          x1 *= gate_h;
         }
-        if (p.gate == GateKind::kElementwise) {
-          const int64_t g = b * p.g_sb + h * p.g_sh + row * p.g_sn + col;
-          x0 *= fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g));
-          x1 *= fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g + 1));
+        const DType dt = kOut == 1 ? DType::kBF16 : kOut == 2 ? DType::kF16 : p.out_dtype;
+        if (dt == DType::kF32) {
+          *reinterpret_cast<float2*>(orow + col * 4) = make_float2(x0, x1);
+        } else {
+          const uint32_t v = dt == DType::kBF16 ? ElemTraits<__nv_bfloat16>::pack(x0, x1)
+                                                : ElemTraits<__half>::pack(x0, x1);
+          // From the thread's first pair at a constant offset (one address a row).
+          reinterpret_cast<uint32_t*>(orow + col0 * 2)[c * 4] = v;
         }
-        x0 *= gate_h;
-        x1 *= gate_h;
       }
-      if (p.out_dtype == DType::kF32) {
-        *reinterpret_cast<float2*>(orow + col * 4) = make_float2(x0, x1);
-      } else {
-        const uint32_t v = p.out_dtype == DType::kBF16 ? ElemTraits<__nv_bfloat16>::pack(x0, x1)
-                                                       : ElemTraits<__half>::pack(x0, x1);
-        *reinterpret_cast<uint32_t*>(orow + col * 2) = v;
-      }
+    };
+    if constexpr (kGeneral) {
+      put(std::integral_constant<int, -1>{});
+    } else if (p.dv == kDVp && p.out_dtype == DType::kBF16) {
+      put(std::integral_constant<int, 1>{});
+    } else if (p.dv == kDVp && p.out_dtype == DType::kF16) {
+      put(std::integral_constant<int, 2>{});
+    } else {
+      put(std::integral_constant<int, -1>{});
     }
     if (p.row_stat && lane_leads) p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn] = stat;
   }

@@ -212,6 +212,18 @@ __global__ void __launch_bounds__(384, 1)
         const int b = w.b, h = w.h, m0 = w.m0;
         const int bb = p.cu_q ? 0 : b, hk = h / p.group;
         const int q_row = static_cast<int>(w.seq.q_start) + m0;
+        // Q is read once, from memory: it is first prefetched into L2, since its load below waits
+        // for the consumers' last S of the previous item (empty_q), which the ring's depth of
+        // tiles later leaves little time before they need it.
+        if (j > 0) {
+#pragma unroll
+          for (int c = 0; c < kDp / 64; ++c) {
+            if constexpr (kGrid)
+              tma_prefetch_l2_5d(&maps.q, c * 64, w.pc0, w.pr0, h * maps.q_hm, bb * maps.q_bm);
+            else
+              tma_prefetch_l2_4d(&maps.q, c * 64, q_row, h * maps.q_hm, bb * maps.q_bm);
+          }
+        }
         // A tile of `panels` 64-column panels of `box` rows: rows from `row` on, or (kGrid) the
         // 8 x 16 patch at grid row gr, column gc, its tokens in the order of a tile's rows.
         auto load_tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int panels,
@@ -295,7 +307,8 @@ __global__ void __launch_bounds__(384, 1)
     float m[2], l[2] = {0.f, 0.f};
     {
       const float sink = p.sinks ? p.sinks[h * p.sinks_s] : kNegInf;
-      m[0] = m[1] = kGeneral ? sink : sink / p.scale;
+      // No sink: -inf as it is (-inf / scale took the division's slow path, a call an item).
+      m[0] = m[1] = kGeneral || !p.sinks ? sink : sink / p.scale;
       if (p.sinks) l[0] = l[1] = 0.25f;  // exp(sink - sink), split over the quad's 4 partial sums
     }
     if (norm == NormalizerKind::kKernel) m[0] = m[1] = 0.f;  // the running max of the weights
@@ -521,6 +534,10 @@ __global__ void __launch_bounds__(384, 1)
       if (pingpong) named_arrive(other_turn, 256);
       wgmma_wait<0>();
       fence_regs(s);
+      // Q's buffer is released once the item's last S is done, so that the next item's Q
+      // loads while this one's last normalization, P V and rows run.
+      int t_next = next_tile(t + 1);
+      if (t_next >= t_end) release(empty_q);
       if constexpr (!kBias) release(empty_k(st0));
       score(s, t, st0);
       if constexpr (kBias) release(empty_k(st0));  // score read the stage's bias tile
@@ -530,7 +547,8 @@ __global__ void __launch_bounds__(384, 1)
 
       // Each next tile (the ring's tile `ring`): its S, issued with P V of the tile before; it is
       // normalized while P V runs.
-      for (t = next_tile(t + 1); t < t_end; t = next_tile(t + 1)) {
+      for (t = t_next; t < t_end; t = t_next) {
+        t_next = next_tile(t + 1);
         const int st = ++ring % kStages, prev = (ring - 1) % kStages;
         if (pingpong) named_sync(my_turn, 256);
         mbar_wait(full_k(st), phase_of(ring));
@@ -542,6 +560,7 @@ __global__ void __launch_bounds__(384, 1)
         if (pingpong) named_arrive(other_turn, 256);
         wgmma_wait<1>();
         fence_regs(s);
+        if (t_next >= t_end) release(empty_q);  // S of the item's last tile is done
         if constexpr (!kBias) release(empty_k(st));
         score(s, t, st);
         if constexpr (kBias) release(empty_k(st));
@@ -553,7 +572,6 @@ __global__ void __launch_bounds__(384, 1)
         pack_p<T, kN>(s, pa);
       }
 
-      release(empty_q);  // every S of the item is in registers: Q's buffer may take the next one
       // P V of the last tile.
       const int last = ring % kStages;
       if (pingpong) named_sync(my_turn, 256);
