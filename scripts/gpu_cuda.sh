@@ -26,11 +26,11 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNKIT_BUILD_PYTH
   -DATTNKIT_CUDA_GRID_TILES="${GRID_TILES:-ON}" \
   -DHWY_ROOT="$hwy_root" -Dnlohmann_json_DIR="$deps/share/cmake/nlohmann_json" \
   -DCLI11_DIR="$deps/share/cmake/CLI11" -DGTest_DIR="$deps/lib/x86_64-linux-gnu/cmake/GTest" \
-  -DPython_EXECUTABLE="$(command -v python3)" > /tmp/cmake.log 2>&1 || { tail -30 /tmp/cmake.log; exit 1; }
+  -DPython_EXECUTABLE="$(command -v python3)" > "/tmp/cmake_$$.log" 2>&1 || { tail -30 "/tmp/cmake_$$.log"; exit 1; }
 lean=0; [[ " $* " == *" --lean "* ]] && lean=1
 targets="test_cuda _ext attnkit_python_files"; (( lean )) || targets="attnkit_cli $targets"
-cmake --build build-gpu -j "$(nproc)" --target $targets > /tmp/build.log 2>&1 || { grep -E "error|FAILED" /tmp/build.log | head -30; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"; grep -E "spill|C7509|C7510" /tmp/build.log | sort | uniq -c | cut -c1-200 | head
+cmake --build build-gpu -j "$(nproc)" --target $targets > "/tmp/build_$$.log" 2>&1 || { grep -E "error|FAILED" "/tmp/build_$$.log" | head -30; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"; grep -E "spill|C7509|C7510" "/tmp/build_$$.log" | sort | uniq -c | cut -c1-200 | head
 rc=0
 timeout "${TEST_TIMEOUT:-420}" build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter="${TEST_FILTER:-*}" \
   > "$out/test_cuda.log" 2>&1

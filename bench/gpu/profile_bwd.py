@@ -4,9 +4,11 @@ forward's). Run under ncu with --kernel-name regex:bwd_kernel for the kernel's c
 --kernels, each of attnkit's backward kernels (preparation, bwd_kernel, dq conversion) is timed
 under torch.profiler too. With --ab NAME=VALUE, attnkit is timed with the environment variable
 NAME unset and set to VALUE in turn (a switch the library reads at each call, e.g.
-ATTNKIT_CUDA_PERSISTENT=0).
+ATTNKIT_CUDA_PERSISTENT=0). With --masked, bench.py's masked cases instead (N 8192, d 128, their
+pair counts as FLOPs; document with a MaskCache), attnkit beside FlexAttention, each pass alone.
 Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py [--kernels] [--ab NAME=VALUE]
-       [N ...]"""
+       [--masked [--case NAME]] [--d D] [N ...]
+(--d D, --case NAME: that head dim or masked case alone, e.g. for ncu's launch counts)"""
 import os
 import sys
 
@@ -47,11 +49,49 @@ ab = None
 if "--ab" in argv:
     ab = argv[argv.index("--ab") + 1]
     del argv[argv.index("--ab"):argv.index("--ab") + 2]
-args = [a for a in argv if a != "--kernels"]
+only_case = None
+if "--case" in argv:
+    only_case = argv[argv.index("--case") + 1]
+    del argv[argv.index("--case"):argv.index("--case") + 2]
+only_d = None
+if "--d" in argv:
+    only_d = int(argv[argv.index("--d") + 1])
+    del argv[argv.index("--d"):argv.index("--d") + 2]
+args = [a for a in argv if a not in ("--kernels", "--masked")]
 variants = [("attnkit", None)] if ab is None else [("attnkit", ""), ("attnkit " + ab, ab)]
-for n in [int(x) for x in args] or [4096]:
+
+
+def masked():
+    """Each masked case's forward and backward alone, attnkit and FlexAttention."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    fa = torch.compile(flex_attention, dynamic=False)
+    n, b, h, d = 8192, 2, 16, 128
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    go = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+    for name, kw, mm, sm, frac in bench.with_cached(bench.masked_cases(n, h)):
+        if ("document" in name and "cached" not in name) or only_case not in (None, name):
+            continue
+        flops = 4 * b * h * n * n * d * frac
+        bm = create_block_mask(mm, None, None, n, n, device="cuda") if mm else None
+        res = []
+        for who, fn in (("attnkit", lambda: attnkit.attention(q, k, v, **kw)),
+                        ("flex", lambda: fa(q, k, v, block_mask=bm, score_mod=sm))):
+            out = fn()
+            grad = lambda: torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
+            res.append("%s fwd %.0f bwd %.0f" % (who, tflops(flops, fn), tflops(2.5 * flops, grad)))
+            if who == "attnkit" and "--kernels" in sys.argv:
+                res.append("us: " + kernel_times(grad))
+        print("%s: %s" % (name, " | ".join(res)), flush=True)
+
+
+if "--masked" in sys.argv:
+    masked()
+for n in [int(x) for x in args] or ([] if "--masked" in sys.argv else [4096]):
     b = max(1, 16384 // n)
-    for d, h in [(128, 16), (64, 32)]:
+    for d, h in [(dh, hh) for dh, hh in [(128, 16), (64, 32)] if only_d in (None, dh)]:
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         go = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)

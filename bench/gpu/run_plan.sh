@@ -1,61 +1,43 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 19), one call of at most 600 s each:
+# The next device session's runs (session 20), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
-# 1. NCU=1 run_plan.sh ab $OUT E,R,P:E,R,P,D dense, where E R P D are
-#    bench/gpu/ab_fwd_epilogue.patch, bench/gpu/ab_fwd_q_early.patch,
-#    bench/gpu/ab_fwd_q_prefetch.patch and bench/gpu/ab_fwd_double_q.patch (one argument, no
-#    space). Part 17: ncu's stall samples put 14% (d64) and 20% (d128) of the N 1024 forward's
-#    warp time in the epilogue (the last P V and store_rows: 970 instructions a warp and item at
-#    d128 against 535 a steady tile), which hides the next item's Q load. E: the rows stored
-#    without a dtype and width test per column pair (wait_top's epilogue alone); R: Q's buffer
-#    released once the item's last S is done, not after its last normalization; P: each item's Q
-#    prefetched into L2 once claimed; D (d64 only, on E,R,P): two Q buffers, so the next item's
-#    Q loads during this one. NCU=1 prints each tree's regions (bench/gpu/ncu_regions.py) so
-#    that the A/B says where the time moved, not only whether. Adopt what wins at N 1024 without
-#    losing at 16384 beyond the drift (main's two benches); d64 moves +-3% with any change of
-#    the loop's schedule (part 17), so read d64 against d128.
-# 2. TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT BE:BE,BP train_dense, where BE and BP
-#    are bench/gpu/ab_bwd_epilogue.patch and bench/gpu/ab_bwd_persistent.patch (BP applies on
-#    BE). BP: the persistent backward, one CTA a multiprocessor walking key tiles (items from a
-#    counter, or round-robin when all are one length, as the forward's), K and V in two buffers
-#    where they fit (d64) so that the next item's load overlaps this one's last steps, no CTA
-#    starting cold (launch, barrier set-up, K/V and first stage latency at each of 8-16 steps at
-#    N 1024); ATTNKIT_CUDA_PERSISTENT_BWD=0 turns it off, =n sets the CTAs; its test
-#    CudaBackwardLong.PersistentWalkMatchesTheOracle runs 3 and 1 CTAs over many items. The
-#    steady loop is unchanged (d64 725, d128 801 SASS instructions); the producer spills a few
-#    words (its 24 registers), the unpacked store path some (rare dtypes).
-#    BE: the backward's dK and dV stored a pair a packed word when they are 16-bit in
-#    the kernel's dtype with 4-byte aligned rows (BwdParams::grads_packed), instead of
-#    store_grad_pair's dtype, width and alignment tests per pair (~22 instructions a pair, 64
-#    pairs a thread at d128; the fast d64 kernel's packed path is ~3 a pair): ~600 (d64) to
-#    ~1200 (d128) instructions a warp at each CTA's end, which nothing overlaps (one CTA a
-#    multiprocessor), against 8-16 steps of ~900 at N 1024. The patch adds 16-bit gradients 2
-#    bytes into their buffers to CudaBackwardLong.UnalignedGradientsMatchTheOracle (the
-#    unpacked path).
-# 3. If E,R,P wins: NCU=1 run_plan.sh ab $OUT E:R,P dense (which part wins), else the same
-#    sets on d128 alone to see if D or the turns patch helps once the epilogue is short:
-#    E,R,P,bench/gpu/ab_fwd_turns.patch.
-# 4. run_plan.sh 1 $OUT on the adopted tree (the whole test_cuda, check, pytest).
-# 5. run_plan.sh 3 $OUT (masked, neighborhood, train: the short items of the masked cases).
-# 6. run_plan.sh 7 $OUT: the backward's stall samples by instruction (ncu_regions.py), d128.
+# 1. run_plan.sh 8 $OUT: the backward's kernels one by one (the preparation and dq's conversion
+#    against bwd_kernel at N 1024 and 4096), then each masked case's forward and backward alone
+#    beside Flex (part 18: sliding and ALiBi meet 1.3x Flex forward, not forward+backward: their
+#    backward is ~1.13x Flex's, 335 and 420 TFLOP/s against ~500 for the dense causal one).
+# 2. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
+#    sliding1024-causal' and '--d 64 1024': where the backward's warps wait in the cases that
+#    trail (the tabled instance with ALiBi, the band instance's short rows, d64 at N 1024: 0.82x
+#    cuDNN forward+backward causal, the one dense miss of 0.85x). Part 18 found that ~22% fewer
+#    instructions a step moved nothing (run 76): read the stalls of the wgmma waits and of the
+#    named barrier between the two warpgroups (12.9% `barrier` in run 75's steady loop), and the
+#    dq warp's and producer's waits, before writing a change.
+# 3. run_plan.sh cutlass $OUT: CUTLASS's ratio after the item patches (run 63: 0.88x at N 4096).
+# 4. Candidates to A/B once 1-2 say where the time is (`PAR=1 ... ab`, one call for two trees):
+#    bench/gpu/ab_bwd_lean.patch + ab_bwd_uniform.patch (the backward's step 22% shorter: gains
+#    only where issue binds, e.g. after the warpgroups' lockstep is gone), ab_fwd_uniform.patch,
+#    ab_fwd_turns.patch (on the adopted item patches).
+# 5. run_plan.sh 1 $OUT after adopting anything (the whole test_cuda, check, pytest), 3 for the
+#    masked and train figures.
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
 #    patches applied in order), each built fresh and its forward and backward tests run; then
 #    bench.py --only ONLY with every tree (and bench/gpu/profile_bwd.py 1024 4096 where ONLY has
 #    train), and main once more last (the drift). A set costs ~190 s (build, 77 tests, a dense
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
-#    AGAIN=0 skips main's second bench.
-# Other patches (bench/gpu/*.patch, part 16-17): exp2_poly, chains, turns and wait_top lost at
-# d64 in runs 62 and 65 (-2 to -4% at every N, d128 within +-1% but wait_top's +3% at N 1024);
-# lazy conflicts with chains.
+#    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
+#    cold builds in 114 s).
+# The patches kept (bench/gpu/*.patch): turns (lost 2-3% at d64 in run 65, d128 within 1%),
+# the lean and uniform ones (part 18); chains, wait_top and lazy are in git history (part 17).
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
 #    --sanitize's list; racecheck's known reports: bench/gpu/racecheck_patterns.cu).
 # 5: ncu on the N 1024 forward beside cuDNN's: warp states and stall reasons (d 64 / 128, causal
 #    and not), then the instruction mix by pipe (gpu.md part 15: 1.5x cuDNN's instructions).
+# 7 [ARGS], 8: the backward's stall samples, its kernels' times (see their lines below).
 # 6 [D]: ncu's per-instruction counts and stall samples (SASS, source page, csv, gzipped) of the
 #    forward at head dim D (default 128) and N 1024, causal and not: which instructions of the
 #    steady loop run, how often, and what they wait for.
@@ -64,9 +46,9 @@
 #    it here first (bash scripts/cutlass_fmha.sh: .carry/cutlass_fmha/fmha, ~5 min of nvcc).
 # A step that applies a patch on the device builds in a fresh directory: the next copy of the
 # tree restores older timestamps and ninja keeps stale objects (run 46).
-# Results: docs/perf/gpu.md (part 17).
+# Results: docs/perf/gpu.md (part 18).
 set -uo pipefail
-step=${1:?step 1, ab, 3, 4, 5, 6, 7 or cutlass}
+step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -89,18 +71,26 @@ build() {
 case $step in
   1) bash scripts/gpu_cuda.sh "$out" --no-bench ;;
   ab) sets=${3:?patch sets} only=${4:?bench.py --only}
-     build
-     root=$PWD trees=(.) i=0
+     # PAR=1: main's build and every tree's build and tests at once (a cold device's two
+     # builds in ~1.4 of one's time instead of two).
+     [[ ${PAR:-0} == 1 ]] && { build & } || build
+     root=$PWD trees=(.) i=0 pids=()
      for set in ${sets//:/ }; do
        x=/tmp/x$((++i)); rm -rf $x && mkdir -p $x
        tar --exclude=./build-gpu -cf - . | tar -x -C $x
        for pf in ${set//,/ }; do (cd $x && patch -p1 -s < "$root/$pf") || exit 1; done
        filter=${TESTS:-'*CudaOracle*:CudaFastPath*:CudaHeadDims*:*CudaBackward.MatchesOracle/*'}
        echo "== tree $x: $set"
-       (cd $x && TEST_TIMEOUT=150 TEST_FILTER=$filter \
-         bash scripts/gpu_cuda.sh "$out/x$i" --lean --no-bench) || exit 1
+       tree_run() {
+         (cd $x && TEST_TIMEOUT=150 TEST_FILTER=$filter \
+           bash scripts/gpu_cuda.sh "$out/x$i" --lean --no-bench)
+       }
+       if [[ ${PAR:-0} == 1 ]]; then tree_run & pids+=($!); else tree_run || exit 1; fi
        trees+=($x)
      done
+     for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
+     wait
+     [[ -d build-gpu/python/attnkit ]] || exit 1
      # main again at the end: the drift of the card between the first and last bench (clocks,
      # heat), against which the trees' differences of a few percent are read.
      [[ ${AGAIN:-1} == 1 ]] && trees+=(.)
@@ -153,8 +143,16 @@ case $step in
        TOP=20 source_samples 200 fwd_kernel "$out/ncu_source_d${d}_causal$c.csv" . \
          bench/gpu/profile_fwd.py 1024 $d $c
      done ;;
-  7) build  # the backward's stall samples: d128, N 1024, not causal (profile_bwd.py's first)
-     TOP=25 source_samples 240 bwd_kernel "$out/ncu_bwd_d128.csv" . bench/gpu/profile_bwd.py 1024
+  7) build  # the backward's stall samples: profile_bwd.py's first case of ARGS (default: d128,
+     # N 1024, not causal; e.g. `--d 64 1024`, or `--masked --case alibi-causal`)
+     args=${3:-1024}
+     tag=$(echo "$args" | tr -c 'a-z0-9\n' '_')
+     TOP=25 source_samples 240 bwd_kernel "$out/ncu_bwd_$tag.csv" . bench/gpu/profile_bwd.py $args
+     ;;
+  8) build  # each backward kernel's time (preparation, bwd_kernel, dq's conversion), dense at
+     # N 1024 and 4096, then the masked cases beside Flex, each pass alone
+     PYTHONPATH=build-gpu/python timeout 200 python3 bench/gpu/profile_bwd.py --kernels 1024 4096
+     PYTHONPATH=build-gpu/python timeout 200 python3 bench/gpu/profile_bwd.py --kernels --masked
      ;;
   cutlass) build
      f=.carry/cutlass_fmha/fmha
