@@ -7,19 +7,27 @@
 #    against bwd_kernel at N 1024 and 4096), then each masked case's forward and backward alone
 #    beside Flex (part 18: sliding and ALiBi meet 1.3x Flex forward, not forward+backward: their
 #    backward is ~1.13x Flex's, 335 and 420 TFLOP/s against ~500 for the dense causal one).
-# 2. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
+# 2. PAR=1 TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT bench/gpu/ab_bwd_early_dq.patch
+#    train_dense: the d64 backward (own dQ buffers: kEarly) issues a step's dQ = dS K at the
+#    next step's start, just before that step's S^T and dP^T, and stores it while those run
+#    (today: dQ issued last, waited for at once, stored, and only then the next S^T: run 75's top
+#    stall at d128, 10.4%). Nothing stays in flight across a loop edge, and the first step
+#    multiplies K as a dummy dS (ptxas serialized every wgmma of the kernel when an issue or a
+#    wait was conditional: C7514, three variants tried); d128 SASS is unchanged (checked), so
+#    read d64 (fwd+bwd N 1024 causal 0.82x cuDNN, the one dense miss; bench.py's masked cases
+#    are d128). If adopted: run_plan.sh 4 (sanitizers: the stage now goes back before dQ).
+# 3. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
 #    sliding1024-causal' and '--d 64 1024': where the backward's warps wait in the cases that
-#    trail (the tabled instance with ALiBi, the band instance's short rows, d64 at N 1024: 0.82x
-#    cuDNN forward+backward causal, the one dense miss of 0.85x). Part 18 found that ~22% fewer
-#    instructions a step moved nothing (run 76): read the stalls of the wgmma waits and of the
-#    named barrier between the two warpgroups (12.9% `barrier` in run 75's steady loop), and the
-#    dq warp's and producer's waits, before writing a change.
-# 3. run_plan.sh cutlass $OUT: CUTLASS's ratio after the item patches (run 63: 0.88x at N 4096).
-# 4. Candidates to A/B once 1-2 say where the time is (`PAR=1 ... ab`, one call for two trees):
+#    trail (the tabled instance with ALiBi, the band instance's short rows, d64 at N 1024).
+#    Part 18 found that ~22% fewer instructions a step moved nothing (run 76): read the stalls
+#    of the wgmma waits and of the named barrier between the two warpgroups (12.9% `barrier` in
+#    run 75's steady loop), and the dq warp's and producer's waits, before writing a change.
+# 4. run_plan.sh cutlass $OUT: CUTLASS's ratio after the item patches (run 63: 0.88x at N 4096).
+# 5. Candidates to A/B once 1-3 say where the time is (`PAR=1 ... ab`, one call for two trees):
 #    bench/gpu/ab_bwd_lean.patch + ab_bwd_uniform.patch (the backward's step 22% shorter: gains
-#    only where issue binds, e.g. after the warpgroups' lockstep is gone), ab_fwd_uniform.patch,
+#    only where issue binds; lean needs regenerating on early_dq), ab_fwd_uniform.patch,
 #    ab_fwd_turns.patch (on the adopted item patches).
-# 5. run_plan.sh 1 $OUT after adopting anything (the whole test_cuda, check, pytest), 3 for the
+# 6. run_plan.sh 1 $OUT after adopting anything (the whole test_cuda, check, pytest), 3 for the
 #    masked and train figures.
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
