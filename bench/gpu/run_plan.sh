@@ -20,8 +20,8 @@
 #    sliding1024-causal' and '--d 64 1024': where the backward's warps wait in the cases that
 #    trail (the tabled instance with ALiBi, the band instance's short rows, d64 at N 1024).
 #    Part 18 found that ~22% fewer instructions a step moved nothing (run 76): read the stalls
-#    of the wgmma waits and of the named barrier between the two warpgroups (12.9% `barrier` in
-#    run 75's steady loop), and the dq warp's and producer's waits, before writing a change.
+#    of the wgmma waits (ncu counts them as `barrier`: run 75's 13.1%, 10.3% on dQ's wait; the
+#    named barrier under 0.3%), and the dq warp's and producer's waits, before a change.
 # 4. run_plan.sh cutlass $OUT: CUTLASS's ratio after the item patches (run 63: 0.88x at N 4096).
 # 5. Candidates to A/B once 1-3 say where the time is (`PAR=1 ... ab`, one call for two trees):
 #    bench/gpu/ab_bwd_lean.patch + ab_bwd_uniform.patch (the backward's step 22% shorter: gains
