@@ -71,7 +71,13 @@ def masked():
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     go = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
-    for name, kw, mm, sm, frac in bench.with_cached(bench.masked_cases(n, h)):
+    cases = list(bench.with_cached(bench.masked_cases(n, h)))
+    # Causal through the block table (one document): the tabled instance without ALiBi's terms,
+    # beside the band instance's causal and the tabled ALiBi.
+    one_doc = torch.zeros(n, device="cuda", dtype=torch.int32)
+    cases.append(("causal-tabled", dict(mask=attnkit.masks.Causal() & attnkit.masks.Document(
+        one_doc), mask_cache=attnkit.MaskCache()), lambda bb, hh, i, j: i >= j, None, 0.5))
+    for name, kw, mm, sm, frac in cases:
         if ("document" in name and "cached" not in name) or only_case not in (None, name):
             continue
         flops = 4 * b * h * n * n * d * frac
