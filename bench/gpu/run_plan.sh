@@ -21,7 +21,8 @@
 #    trail (the tabled instance with ALiBi, the band instance's short rows, d64 at N 1024).
 #    Part 18 found that ~22% fewer instructions a step moved nothing (run 76): read the stalls
 #    of the wgmma waits (ncu counts them as `barrier`: run 75's 13.1%, 10.3% on dQ's wait; the
-#    named barrier under 0.3%), and the dq warp's and producer's waits, before a change.
+#    named barrier under 0.3%: the warpgroups arrive aligned), the dq warp's and producer's
+#    waits, and (step 9) the tensor pipe's active share, before a change.
 # 4. run_plan.sh cutlass $OUT: CUTLASS's ratio after the item patches (run 63: 0.88x at N 4096).
 # 5. Candidates to A/B once 1-3 say where the time is (`PAR=1 ... ab`, one call for two trees):
 #    bench/gpu/ab_bwd_lean.patch + ab_bwd_uniform.patch (the backward's step 22% shorter: gains
@@ -45,7 +46,8 @@
 #    --sanitize's list; racecheck's known reports: bench/gpu/racecheck_patterns.cu).
 # 5: ncu on the N 1024 forward beside cuDNN's: warp states and stall reasons (d 64 / 128, causal
 #    and not), then the instruction mix by pipe (gpu.md part 15: 1.5x cuDNN's instructions).
-# 7 [ARGS], 8: the backward's stall samples, its kernels' times (see their lines below).
+# 7 [ARGS], 8, 9: the backward's stall samples, its kernels' times, its tensor pipe's share
+#    (see their lines below).
 # 6 [D]: ncu's per-instruction counts and stall samples (SASS, source page, csv, gzipped) of the
 #    forward at head dim D (default 128) and N 1024, causal and not: which instructions of the
 #    steady loop run, how often, and what they wait for.
@@ -56,7 +58,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 18).
 set -uo pipefail
-step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8 or cutlass}
+step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -157,6 +159,18 @@ case $step in
      tag=$(echo "$args" | tr -c 'a-z0-9\n' '_')
      TOP=25 source_samples 240 bwd_kernel "$out/ncu_bwd_$tag.csv" . bench/gpu/profile_bwd.py $args
      ;;
+  9) build  # the backward's tensor pipe: active cycles against elapsed (d128 and d64, N 1024,
+     # not causal, the first bwd_kernel of each), and its warps' stall reasons
+     for d in 128 64; do
+       timeout 120 ncu --kernel-name regex:bwd_kernel --launch-skip 2 --launch-count 1 \
+         --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+         --metrics "regex:sm__pipe_.*tensor.*cycles_active.avg.pct_of_peak_sustained_active" \
+         env PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py --d $d 1024 \
+         > "$out/ncu_bwd_pipe_d$d.txt" 2>&1
+       echo "== d $d"
+       grep -i -E "Duration|tensor|SM Busy|Compute \(SM\)|Issued Warp|Executed Ipc" \
+         "$out/ncu_bwd_pipe_d$d.txt" | cut -c1-110
+     done ;;
   8) build  # each backward kernel's time (preparation, bwd_kernel, dq's conversion), dense at
      # N 1024 and 4096, then the masked cases beside Flex, each pass alone
      PYTHONPATH=build-gpu/python timeout 200 python3 bench/gpu/profile_bwd.py --kernels 1024 4096
