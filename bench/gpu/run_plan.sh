@@ -8,14 +8,16 @@
 #    beside Flex (part 18: sliding and ALiBi meet 1.3x Flex forward, not forward+backward: their
 #    backward is ~1.13x Flex's, 335 and 420 TFLOP/s against ~500 for the dense causal one).
 # 2. PAR=1 TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT bench/gpu/ab_bwd_early_dq.patch
-#    train_dense: the d64 backward (own dQ buffers: kEarly) issues a step's dQ = dS K at the
-#    next step's start, just before that step's S^T and dP^T, and stores it while those run
-#    (today: dQ issued last, waited for at once, stored, and only then the next S^T: run 75's top
-#    stall at d128, 10.4%). Nothing stays in flight across a loop edge, and the first step
-#    multiplies K as a dummy dS (ptxas serialized every wgmma of the kernel when an issue or a
-#    wait was conditional: C7514, three variants tried); d128 SASS is unchanged (checked), so
-#    read d64 (fwd+bwd N 1024 causal 0.82x cuDNN, the one dense miss; bench.py's masked cases
-#    are d128). If adopted: run_plan.sh 4 (sanitizers: the stage now goes back before dQ).
+#    train_dense: a step's dQ = dS K issued at the next step's start, just before that step's
+#    S^T and dP^T, and stored while they run (today: issued last, waited for at once, stored,
+#    and only then the next S^T: run 75's top stall at d128, 10.3%). d64 (own dQ buffers,
+#    kEarly): the whole dQ; d128 (dQ over the stage, kWide): two 32-column quarters, one behind
+#    S^T and one behind dP^T (the whole dQ ran out of registers: C7512), over the step before's
+#    stage, which the dq warp then releases. Nothing stays in flight across a loop edge, and the
+#    first step multiplies K as a dummy dS (ptxas serialized every wgmma of the kernel when an
+#    issue or a wait was conditional: C7514). Loops: d64 726 -> 748 SASS, d128 798 -> 878, no
+#    spills; the tabled d128 instance 9 reloads a step (was 1). Read d64 and d128 rows and, if
+#    it wins, run_plan.sh 3 (masked fwd+bwd are d128) and 4 (sanitizers).
 # 3. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
 #    sliding1024-causal' and '--d 64 1024': where the backward's warps wait in the cases that
 #    trail (the tabled instance with ALiBi, the band instance's short rows, d64 at N 1024).
