@@ -7,8 +7,10 @@
 #    against bwd_kernel at N 1024 and 4096), then each masked case's forward and backward alone
 #    beside Flex (part 18: sliding and ALiBi meet 1.3x Flex forward, not forward+backward: their
 #    backward is ~1.13x Flex's, 335 and 420 TFLOP/s against ~500 for the dense causal one).
-# 2. PAR=1 TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT bench/gpu/ab_bwd_early_dq.patch
-#    train_dense: a step's dQ = dS K issued at the next step's start, just before that step's
+# 2. PAR=1 TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT EQ:EQ,EL train_dense, EQ and EL
+#    bench/gpu/ab_bwd_early_dq.patch and ab_bwd_early_lean.patch (EL on EQ: the lean and
+#    uniform patches of part 18 regenerated on it, in case the step turns issue-bound once dQ
+#    overlaps; ~400 s with two trees): a step's dQ = dS K issued at the next step's start, just before that step's
 #    S^T and dP^T, and stored while they run (today: issued last, waited for at once, stored,
 #    and only then the next S^T: run 75's top stall at d128, 10.3%). d64 (own dQ buffers,
 #    kEarly): the whole dQ; d128 (dQ over the stage, kWide): two 32-column quarters, one behind
@@ -27,8 +29,8 @@
 #    waits, and (step 9) the tensor pipe's active share, before a change.
 # 4. run_plan.sh cutlass $OUT: CUTLASS's ratio after the item patches (run 63: 0.88x at N 4096).
 # 5. Candidates to A/B once 1-3 say where the time is (`PAR=1 ... ab`, one call for two trees):
-#    bench/gpu/ab_bwd_lean.patch + ab_bwd_uniform.patch (the backward's step 22% shorter: gains
-#    only where issue binds; lean needs regenerating on early_dq), ab_fwd_uniform.patch,
+#    bench/gpu/ab_bwd_lean.patch + ab_bwd_uniform.patch on main (the backward's step 22%
+#    shorter: gained nothing in run 76; on early_dq they are EL), ab_fwd_uniform.patch,
 #    ab_fwd_turns.patch (on the adopted item patches).
 # 6. run_plan.sh 1 $OUT after adopting anything (the whole test_cuda, check, pytest), 3 for the
 #    masked and train figures.
