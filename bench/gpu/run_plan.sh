@@ -12,7 +12,8 @@
 #    uniform patches of part 18 regenerated on it, in case the step turns issue-bound once dQ
 #    overlaps; ~400 s with two trees): a step's dQ = dS K issued at the next step's start,
 #    just before that step's S^T and dP^T, and stored while they run (today: issued last,
-#    waited for at once, stored, and only then the next S^T: run 75's top stall at d128, 10.3%). d64 (own dQ buffers,
+#    waited for at once, stored, and only then the next S^T: run 75's top stall at d128,
+#    10.3%). d64 (own dQ buffers,
 #    kEarly): the whole dQ; d128 (dQ over the stage, kWide): two 32-column quarters, one behind
 #    S^T and one behind dP^T (the whole dQ ran out of registers: C7512), over the step before's
 #    stage, which the dq warp then releases. Nothing stays in flight across a loop edge, and the
