@@ -13,10 +13,9 @@
 #    overlaps; ~400 s with two trees): a step's dQ = dS K issued at the next step's start,
 #    just before that step's S^T and dP^T, and stored while they run (today: issued last,
 #    waited for at once, stored, and only then the next S^T: run 75's top stall at d128,
-#    10.3%). d64 (own dQ buffers,
-#    kEarly): the whole dQ; d128 (dQ over the stage, kWide): two 32-column quarters, one behind
-#    S^T and one behind dP^T (the whole dQ ran out of registers: C7512), over the step before's
-#    stage, which the dq warp then releases. Nothing stays in flight across a loop edge, and the
+#    10.3%). d64 (own dQ buffers, kEarly): the whole dQ; d128 (dQ over the stage, kWide): two
+#    32-column quarters, one behind S^T and one behind dP^T (the whole dQ ran out of registers:
+#    C7512), over the step before's stage, which the dq warp then releases. Nothing stays in flight across a loop edge, and the
 #    first step multiplies K as a dummy dS (ptxas serialized every wgmma of the kernel when an
 #    issue or a wait was conditional: C7514). Loops: d64 726 -> 748 SASS, d128 798 -> 878, no
 #    spills; the tabled d128 instance 9 reloads a step (was 1). Read d64 and d128 rows and, if
