@@ -15,7 +15,9 @@ def load(path):
     with opener(path, "rt") as f:
         lines = [line for line in f if not line.startswith("==PROF==")]
     # The profiled script's own output may come first: the csv starts at the kernel's name.
-    start = next(i for i, line in enumerate(lines) if line.startswith('"Kernel Name"'))
+    start = next((i for i, line in enumerate(lines) if line.startswith('"Kernel Name"')), None)
+    if start is None:
+        sys.exit("%s: no csv from ncu (did the kernel run? see the .err beside it)" % path)
     reader = csv.reader(lines[start + 1:])
     header = next(reader)
     return header, [dict(zip(header, r)) for r in reader if len(r) >= len(header)]

@@ -75,8 +75,10 @@ def masked():
     # Causal through the block table (one document): the tabled instance without ALiBi's terms,
     # beside the band instance's causal and the tabled ALiBi.
     one_doc = torch.zeros(n, device="cuda", dtype=torch.int32)
+    causal = cases[0]  # bench.masked_cases' first: causal on the band, its density
+    assert causal[0] == "causal"
     cases.append(("causal-tabled", dict(mask=attnkit.masks.Causal() & attnkit.masks.Document(
-        one_doc), mask_cache=attnkit.MaskCache()), lambda bb, hh, i, j: i >= j, None, 0.5))
+        one_doc), mask_cache=attnkit.MaskCache()), causal[2], None, causal[4]))
     for name, kw, mm, sm, frac in cases:
         if ("document" in name and "cached" not in name) or only_case not in (None, name):
             continue

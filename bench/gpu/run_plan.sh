@@ -15,11 +15,12 @@
 #    waited for at once, stored, and only then the next S^T: run 75's top stall at d128,
 #    10.3%). d64 (own dQ buffers, kEarly): the whole dQ; d128 (dQ over the stage, kWide): two
 #    32-column quarters, one behind S^T and one behind dP^T (the whole dQ ran out of registers:
-#    C7512), over the step before's stage, which the dq warp then releases. Nothing stays in flight across a loop edge, and the
-#    first step multiplies K as a dummy dS (ptxas serialized every wgmma of the kernel when an
-#    issue or a wait was conditional: C7514). Loops: d64 726 -> 748 SASS, d128 798 -> 878, no
-#    spills; the tabled d128 instance 9 reloads a step (was 1). Read d64 and d128 rows and, if
-#    it wins, run_plan.sh 3 (masked fwd+bwd are d128) and 4 (sanitizers).
+#    C7512), over the step before's stage, which the dq warp then releases. Nothing stays in
+#    flight across a loop edge, and the first step multiplies K as a dummy dS (ptxas serialized
+#    every wgmma of the kernel when an issue or a wait was conditional: C7514). Loops: d64 726
+#    -> 748 SASS, d128 798 -> 878, no spills; the tabled d128 instance 9 reloads a step (was
+#    1). Read d64 and d128 rows and, if it wins, run_plan.sh 3 (masked fwd+bwd are d128) and 4
+#    (sanitizers).
 # 3. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
 #    sliding1024-causal' and '--d 64 1024': where the backward's warps wait in the cases that
 #    trail (the tabled instance with ALiBi, the band instance's short rows, d64 at N 1024).
@@ -29,9 +30,8 @@
 #    waits, and (step 9) the tensor pipe's active share, before a change.
 # 4. run_plan.sh cutlass $OUT: CUTLASS's ratio after the item patches (run 63: 0.88x at N 4096).
 # 5. Candidates to A/B once 1-3 say where the time is (`PAR=1 ... ab`, one call for two trees):
-#    bench/gpu/ab_bwd_lean.patch + ab_bwd_uniform.patch on main (the backward's step 22%
-#    shorter: gained nothing in run 76; on early_dq they are EL), ab_fwd_uniform.patch,
-#    ab_fwd_turns.patch (on the adopted item patches).
+#    bench/gpu/ab_fwd_uniform.patch and ab_fwd_turns.patch (on the adopted item patches); the
+#    backward's lean and uniform patches on main gained nothing (run 76) and live on as EL.
 # 6. run_plan.sh 1 $OUT after adopting anything (the whole test_cuda, check, pytest), 3 for the
 #    masked and train figures.
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
@@ -43,7 +43,8 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
 # The patches kept (bench/gpu/*.patch): turns (lost 2-3% at d64 in run 65, d128 within 1%),
-# the lean and uniform ones (part 18); chains, wait_top and lazy are in git history (part 17).
+# the forward's uniform one (part 18); chains, wait_top and lazy are in git history (part 17),
+# the backward's lean and uniform ones on main at e88edb0 (on early_dq: ab_bwd_early_lean.patch).
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
