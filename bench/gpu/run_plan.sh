@@ -1,39 +1,23 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 20), one call of at most 600 s each:
+# The next device session's runs (session 21), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
-# 1. run_plan.sh 8 $OUT: the backward's kernels one by one (the preparation and dq's conversion
-#    against bwd_kernel at N 1024 and 4096), then each masked case's forward and backward alone
-#    beside Flex (part 18: sliding and ALiBi meet 1.3x Flex forward, not forward+backward: their
-#    backward is ~1.13x Flex's, 335 and 420 TFLOP/s against ~500 for the dense causal one).
-# 2. PAR=1 TESTS='*CudaBackward*' AGAIN=0 run_plan.sh ab $OUT EQ:EQ,EL train_dense, EQ and EL
-#    bench/gpu/ab_bwd_early_dq.patch and ab_bwd_early_lean.patch (EL on EQ: the lean and
-#    uniform patches of part 18 regenerated on it, in case the step turns issue-bound once dQ
-#    overlaps; ~400 s with two trees): a step's dQ = dS K issued at the next step's start,
-#    just before that step's S^T and dP^T, and stored while they run (today: issued last,
-#    waited for at once, stored, and only then the next S^T: run 75's top stall at d128,
-#    10.3%). d64 (own dQ buffers, kEarly): the whole dQ; d128 (dQ over the stage, kWide): two
-#    32-column quarters, one behind S^T and one behind dP^T (the whole dQ ran out of registers:
-#    C7512), over the step before's stage, which the dq warp then releases. Nothing stays in
-#    flight across a loop edge, and the first step multiplies K as a dummy dS (ptxas serialized
-#    every wgmma of the kernel when an issue or a wait was conditional: C7514). Loops: d64 726
-#    -> 748 SASS, d128 798 -> 878, no spills; the tabled d128 instance 9 reloads a step (was
-#    1). Read d64 and d128 rows and, if it wins, run_plan.sh 3 (masked fwd+bwd are d128) and 4
-#    (sanitizers).
-# 3. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
-#    sliding1024-causal' and '--d 64 1024': where the backward's warps wait in the cases that
-#    trail (the tabled instance with ALiBi, the band instance's short rows, d64 at N 1024).
-#    Part 18 found that ~22% fewer instructions a step moved nothing (run 76): read the stalls
-#    of the wgmma waits (ncu counts them as `barrier`: run 75's 13.1%, 10.3% on dQ's wait; the
-#    named barrier under 0.3%: the warpgroups arrive aligned), the dq warp's and producer's
-#    waits, and (step 9) the tensor pipe's active share, before a change.
-# 4. run_plan.sh cutlass $OUT: CUTLASS's ratio after the item patches (run 63: 0.88x at N 4096).
-# 5. Candidates to A/B once 1-3 say where the time is (`PAR=1 ... ab`, one call for two trees):
-#    bench/gpu/ab_fwd_uniform.patch and ab_fwd_turns.patch (on the adopted item patches); the
-#    backward's lean and uniform patches on main gained nothing (run 76) and live on as EL.
-# 6. run_plan.sh 1 $OUT after adopting anything (the whole test_cuda, check, pytest), 3 for the
-#    masked and train figures.
+# 1. run_plan.sh 9 $OUT: the backward's tensor pipe, active cycles against elapsed (d128 and d64,
+#    N 1024): do the two consumer warpgroups leave the tensor cores idle while both run their
+#    softmax (part 18: the step is bound by its chain of wgmma waits, not by issue)?
+# 2. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
+#    sliding1024-causal': where the masked backward's warps wait (sliding's backward is 1.15x
+#    Flex's, part 19; its preparation and conversion 14% of it).
+# 3. run_plan.sh cutlass $OUT: CUTLASS's ratio after the item patches (run 63: 0.88x at N 4096).
+# 4. Candidates (`PAR=1 ... ab`, one call for two trees): bench/gpu/ab_fwd_uniform.patch and
+#    ab_fwd_turns.patch (forward), and whatever 1-2 point at.
+# 5. run_plan.sh 1 $OUT after adopting anything (the whole test_cuda, check, pytest), 3 for the
+#    masked and train figures, 4 for the sanitizers.
+# Session 20 (part 19) measured the backward's passes (step 8) and dropped the early dQ and a
+# dq conversion inside the kernel (both slower; `git show cd98b26:bench/gpu/ab_bwd_early_dq.patch`,
+# `git show 0cdd834:bench/gpu/ab_bwd_fused_dq.patch`). A backward kernel's own duration under
+# ncu: ncu --metrics gpu__time_duration.sum python3 bench/gpu/bwd_kernel_times.py D N [causal].
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
 #    patches applied in order), each built fresh and its forward and backward tests run; then
@@ -44,7 +28,7 @@
 #    cold builds in 114 s).
 # The patches kept (bench/gpu/*.patch): turns (lost 2-3% at d64 in run 65, d128 within 1%),
 # the forward's uniform one (part 18); chains, wait_top and lazy are in git history (part 17),
-# the backward's lean and uniform ones on main at e88edb0 (on early_dq: ab_bwd_early_lean.patch).
+# the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
@@ -61,7 +45,7 @@
 #    it here first (bash scripts/cutlass_fmha.sh: .carry/cutlass_fmha/fmha, ~5 min of nvcc).
 # A step that applies a patch on the device builds in a fresh directory: the next copy of the
 # tree restores older timestamps and ninja keeps stale objects (run 46).
-# Results: docs/perf/gpu.md (part 18).
+# Results: docs/perf/gpu.md (part 19).
 set -uo pipefail
 step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
