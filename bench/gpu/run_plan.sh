@@ -3,6 +3,20 @@
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
+# 0. PAR=1 TESTS='*CudaBackward*' AGAIN=0 PROFILE='--kernels --ab ATTNKIT_CUDA_FUSED_DQ=0 1024 2048'
+#    run_plan.sh ab $OUT bench/gpu/ab_bwd_group_dq.patch:bench/gpu/ab_bwd_passes.patch train_dense
+#    (~330 s; G the first, P the second, each on main). G: dq converted by the last CTA of each
+#    (batch, kv head) group where the group's query rows are at most 2048, once every CTA's
+#    reduce-adds have landed (one count a CTA, at its end, where the dq warp already waits for
+#    them; part 19's per-tile counts made the dq warp wait every step and lost 30%); the last
+#    CTA stages the rows by the copy engine over its free shared memory and converts them with
+#    its consumers. Saves the conversion kernel (55 of 887 us at d128 N 1024) for a few
+#    microseconds of the last CTA. G's profile compares fused and not in one build (on main and
+#    P the --ab is a no-op: their two rows are the noise). P: the preparation and the conversion
+#    with 4x the rows a block (their blocks of 16 and 8 rows at d128 move 16 and 6 KB each; the
+#    d64 conversion left half its lanes idle): the passes' kernel times should drop toward the
+#    memory's rate (80 and 54 us now, ~65 and ~48 at 4 TB/s). Adopt what gains (G at N 1024 and
+#    2048 with N 4096 held, P in the kernel times), merging both by hand; then run_plan.sh 1, 4.
 # 1. run_plan.sh 9 $OUT: the backward's tensor pipe, active cycles against elapsed (d128 and d64,
 #    N 1024): do the two consumer warpgroups leave the tensor cores idle while both run their
 #    softmax (part 18: the step is bound by its chain of wgmma waits, not by issue)?
@@ -107,8 +121,9 @@ case $step in
              bench/gpu/profile_fwd.py 1024 $d 0
          done
        fi
-       if [[ $only == *train* ]]; then
-         PYTHONPATH=$tree/build-gpu/python timeout 80 python3 bench/gpu/profile_bwd.py 1024 4096
+       if [[ $only == *train* ]]; then  # PROFILE: profile_bwd.py's arguments
+         PYTHONPATH=$tree/build-gpu/python timeout 150 python3 bench/gpu/profile_bwd.py \
+           ${PROFILE:-1024 4096}
        fi
      done ;;
   3) build
