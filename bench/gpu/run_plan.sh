@@ -19,7 +19,11 @@
 #    2048 with N 4096 held, P in the kernel times), merging both by hand; then run_plan.sh 1, 4.
 # 1. run_plan.sh 9 $OUT: the backward's tensor pipe, active cycles against elapsed (d128 and d64,
 #    N 1024): do the two consumer warpgroups leave the tensor cores idle while both run their
-#    softmax (part 18: the step is bound by its chain of wgmma waits, not by issue)?
+#    softmax (part 18: the step is bound by its chain of wgmma waits, not by issue)? Then
+#    bench/gpu/fixed_cost.py: forward and backward under causal windows of 128 to 4096 (d128,
+#    N 8192), time fitted against steps a CTA: the fixed cost of a CTA's start and end in
+#    steps' worth (run 75 read ~3.2 from stall samples; the document case's key tiles walk ~22
+#    steps, causal's 64, N 1024's 16, sliding 1024's 17).
 # 2. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
 #    sliding1024-causal': where the masked backward's warps wait (sliding's backward is 1.15x
 #    Flex's, part 19; its preparation and conversion 14% of it).
@@ -174,7 +178,9 @@ case $step in
        echo "== d $d"
        grep -i -E "Duration|tensor|SM Busy|Compute \(SM\)|Issued Warp|Executed Ipc" \
          "$out/ncu_bwd_pipe_d$d.txt" | cut -c1-110
-     done ;;
+     done
+     # the fixed cost of a CTA (backward) and an item (forward), in steps' worth
+     PYTHONPATH=build-gpu/python timeout 120 python3 bench/gpu/fixed_cost.py ;;
   8) build  # each backward kernel's time (preparation, bwd_kernel, dq's conversion), dense at
      # N 1024 and 4096, then the masked cases beside Flex, each pass alone
      PYTHONPATH=build-gpu/python timeout 200 python3 bench/gpu/profile_bwd.py --kernels 1024 4096
