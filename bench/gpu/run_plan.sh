@@ -4,19 +4,22 @@
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
 # 0. PAR=1 TESTS='*CudaBackward*' AGAIN=0 PROFILE='--kernels --ab ATTNKIT_CUDA_FUSED_DQ=0 1024 2048'
-#    run_plan.sh ab $OUT bench/gpu/ab_bwd_group_dq.patch:bench/gpu/ab_bwd_passes.patch train_dense
-#    (~330 s; G the first, P the second, each on main). G: dq converted by the last CTA of each
-#    (batch, kv head) group where the group's query rows are at most 2048, once every CTA's
-#    reduce-adds have landed (one count a CTA, at its end, where the dq warp already waits for
-#    them; part 19's per-tile counts made the dq warp wait every step and lost 30%); the last
-#    CTA stages the rows by the copy engine over its free shared memory and converts them with
-#    its consumers. Saves the conversion kernel (55 of 887 us at d128 N 1024) for a few
-#    microseconds of the last CTA. G's profile compares fused and not in one build (on main and
-#    P the --ab is a no-op: their two rows are the noise). P: the preparation and the conversion
-#    with 4x the rows a block (their blocks of 16 and 8 rows at d128 move 16 and 6 KB each; the
-#    d64 conversion left half its lanes idle): the passes' kernel times should drop toward the
-#    memory's rate (80 and 54 us now, ~65 and ~48 at 4 TB/s). Adopt what gains (G at N 1024 and
-#    2048 with N 4096 held, P in the kernel times), merging both by hand; then run_plan.sh 1, 4.
+#    run_plan.sh ab $OUT bwd_group_dq:bwd_passes,bwd_end_read train_dense (~330 s): G
+#    bench/gpu/ab_bwd_group_dq.patch, P ab_bwd_passes.patch, E ab_bwd_end_read.patch.
+#    G: dq converted by the last CTA of each (batch, kv head) group where the group's query rows
+#    are at most 2048, once every CTA's reduce-adds have landed (one count a CTA, at its end,
+#    where the dq warp waits for them today; part 19's per-tile counts made the dq warp wait
+#    every step and lost 30%); the last CTA stages the rows by the copy engine over its free
+#    shared memory and converts them with its consumers. Saves the conversion kernel (55 of 887
+#    us at d128 N 1024). G's profile compares fused and not in one build (on main and P,E the
+#    --ab is a no-op: their two rows are the noise). P: the preparation and the conversion with
+#    4x the rows a block (blocks of 16 and 8 rows at d128 move 16 and 6 KB each; the d64
+#    conversion idles half its lanes): their kernel times toward the memory's rate (80 and 54
+#    us now). E: no CTA waits at its end for its last reduce-add to land (only for its read;
+#    the writes are visible once the kernel ends, as CUTLASS's and Triton's TMA stores rely on):
+#    part 19 saw landing waits long enough to cost 30% when taken every step; E shows in
+#    bwd_kernel's time, P in the passes'. E and G exclude each other (G counts landed adds).
+#    Adopt what gains, merging by hand; then run_plan.sh 1 and 4.
 # 1. run_plan.sh 9 $OUT: the backward's tensor pipe, active cycles against elapsed (d128 and d64,
 #    N 1024): do the two consumer warpgroups leave the tensor cores idle while both run their
 #    softmax (part 18: the step is bound by its chain of wgmma waits, not by issue)? Then
@@ -38,9 +41,10 @@
 # ncu: ncu --metrics gpu__time_duration.sum python3 bench/gpu/bwd_kernel_times.py D N [causal].
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
-#    patches applied in order), each built fresh and its forward and backward tests run; then
-#    bench.py --only ONLY with every tree (and bench/gpu/profile_bwd.py 1024 4096 where ONLY has
-#    train), and main once more last (the drift). A set costs ~190 s (build, 77 tests, a dense
+#    patches applied in order: paths, or NAME for bench/gpu/ab_NAME.patch), each built fresh
+#    and its forward and backward tests run; then bench.py --only ONLY with every tree (and
+#    bench/gpu/profile_bwd.py $PROFILE, default 1024 4096, where ONLY has train), and main once
+#    more last (the drift). A set costs ~190 s (build, 77 tests, a dense
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
@@ -95,7 +99,10 @@ case $step in
      for set in ${sets//:/ }; do
        x=/tmp/x$((++i)); rm -rf $x && mkdir -p $x
        tar --exclude=./build-gpu -cf - . | tar -x -C $x
-       for pf in ${set//,/ }; do (cd $x && patch -p1 -s < "$root/$pf") || exit 1; done
+       for pf in ${set//,/ }; do  # a path, or NAME for bench/gpu/ab_NAME.patch
+         [[ -f $root/$pf ]] || pf=bench/gpu/ab_$pf.patch
+         (cd $x && patch -p1 -s < "$root/$pf") || exit 1
+       done
        filter=${TESTS:-'*CudaOracle*:CudaFastPath*:CudaHeadDims*:*CudaBackward.MatchesOracle/*'}
        echo "== tree $x: $set"
        tree_run() {
