@@ -19,7 +19,10 @@
 #    the writes are visible once the kernel ends, as CUTLASS's and Triton's TMA stores rely on):
 #    part 19 saw landing waits long enough to cost 30% when taken every step; E shows in
 #    bwd_kernel's time, P in the passes'. E and G exclude each other (G counts landed adds).
-#    Adopt what gains, merging by hand; then run_plan.sh 1 and 4.
+#    Adopt what gains, merging by hand; then run_plan.sh 1 and 4. If G gains, its bound on a
+#    group's rows (ATTNKIT_CUDA_FUSED_DQ=ROWS, default 2048) may go higher: the masked cases
+#    (N 8192) would save the conversion for a tail of one group's conversion (~25 us at 8192
+#    rows against the kernel's 55): `ATTNKIT_CUDA_FUSED_DQ=8192 run_plan.sh 3` against step 3.
 # 1. run_plan.sh 9 $OUT: the backward's tensor pipe, active cycles against elapsed (d128 and d64,
 #    N 1024): do the two consumer warpgroups leave the tensor cores idle while both run their
 #    softmax (part 18: the step is bound by its chain of wgmma waits, not by issue)? Then
