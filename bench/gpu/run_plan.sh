@@ -18,7 +18,8 @@
 #    us now). E: no CTA waits at its end for its last reduce-add to land (only for its read;
 #    the writes are visible once the kernel ends, as CUTLASS's and Triton's TMA stores rely on):
 #    part 19 saw landing waits long enough to cost 30% when taken every step; E shows in
-#    bwd_kernel's time, P in the passes'. E and G exclude each other (G counts landed adds).
+#    bwd_kernel's time, P in the passes'. G needs the landing wait where it counts; merged, E
+#    holds where G is off.
 #    Adopt what gains, merging by hand; then run_plan.sh 1 and 4. If G gains, its bound on a
 #    group's rows (ATTNKIT_CUDA_FUSED_DQ=ROWS, default 2048) may go higher: the masked cases
 #    (N 8192) would save the conversion for a tail of one group's conversion (~25 us at 8192
