@@ -6,8 +6,11 @@ under torch.profiler too. With --ab NAME=VALUE, attnkit is timed with the enviro
 NAME unset and set to VALUE in turn (a switch the library reads at each call, e.g.
 ATTNKIT_CUDA_PERSISTENT=0). With --masked, bench.py's masked cases instead (N 8192, d 128, their
 pair counts as FLOPs; document with a MaskCache), attnkit beside FlexAttention, each pass alone.
+With --once, attnkit alone, one forward and three backward calls a case and no timing, for ncu's
+per-kernel figures (ncu --metrics gpu__time_duration.sum,dram__bytes.sum python3
+bench/gpu/profile_bwd.py --once --d 128 1024).
 Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py [--kernels] [--ab NAME=VALUE]
-       [--masked [--case NAME]] [--d D] [N ...]
+       [--masked [--case NAME]] [--once] [--d D] [N ...]
 (--d D, --case NAME: that head dim or masked case alone, e.g. for ncu's launch counts)"""
 import os
 import sys
@@ -57,7 +60,7 @@ only_d = None
 if "--d" in argv:
     only_d = int(argv[argv.index("--d") + 1])
     del argv[argv.index("--d"):argv.index("--d") + 2]
-args = [a for a in argv if a not in ("--kernels", "--masked")]
+args = [a for a in argv if a not in ("--kernels", "--masked", "--once")]
 variants = [("attnkit", None)] if ab is None else [("attnkit", ""), ("attnkit " + ab, ab)]
 
 
@@ -103,6 +106,12 @@ for n in [int(x) for x in args] or ([] if "--masked" in sys.argv else [4096]):
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         go = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+        if "--once" in sys.argv:
+            out = attnkit.attention(q, k, v)
+            for _ in range(3):
+                torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
+            torch.cuda.synchronize()
+            continue
         for causal in (False, True):
             flops = 4 * b * h * n * n * d / (2 if causal else 1)
             res = []

@@ -41,8 +41,9 @@
 #    masked and train figures, 4 for the sanitizers.
 # Session 20 (part 19) measured the backward's passes (step 8) and dropped the early dQ and a
 # dq conversion inside the kernel (both slower; `git show cd98b26:bench/gpu/ab_bwd_early_dq.patch`,
-# `git show 0cdd834:bench/gpu/ab_bwd_fused_dq.patch`). A backward kernel's own duration under
-# ncu: ncu --metrics gpu__time_duration.sum python3 bench/gpu/bwd_kernel_times.py D N [causal].
+# `git show 0cdd834:bench/gpu/ab_bwd_fused_dq.patch`, its staged variant, not the one run). Each
+# backward kernel's own duration under ncu: ncu --metrics gpu__time_duration.sum python3
+# bench/gpu/profile_bwd.py --once --d D N.
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
 #    patches applied in order: paths, or NAME for bench/gpu/ab_NAME.patch), each built fresh
