@@ -27,6 +27,30 @@ struct Case {
   bool bnhd;
 };
 
+// Sets an environment variable (a backend's tuning switch) for a scope, then restores it.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* was = std::getenv(name);
+    had_ = was != nullptr;
+    if (had_) saved_ = was;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (had_)
+      setenv(name_, saved_.c_str(), 1);
+    else
+      unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::string saved_;
+  bool had_ = false;
+};
+
 // A score mod that only the general kernels take (a clipped relative-position table): plain
 // softmax under a mask that is not a band runs the fast kernels with the block table; with this
 // mod the same mask runs through the general kernels.
@@ -185,10 +209,7 @@ TEST(CudaFastPath, GridNeighborhoodsMatchTheOracle) {
 // another mask is refused by name until clear().
 TEST(CudaMaskCache, ReusedTablesGiveTheSameResults) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  setenv("ATTNKIT_CUDA_GRID", "0", 1);  // neighborhoods through the block table in any build
-  struct Restore {
-    ~Restore() { unsetenv("ATTNKIT_CUDA_GRID"); }
-  } restore;
+  const ScopedEnv grid("ATTNKIT_CUDA_GRID", "0");  // neighborhoods by the block table in any build
   int ran = 0;
   for (const char* mech : {"document", "neighborhood_2d"}) {
     CheckOptions opt;
@@ -324,11 +345,9 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
       {DType::kF16, {1, 6, 3, 1030, 1030, 64, 64}, true},
       {DType::kBF16, {1, 2, 1, 700, 333, 64, 64}, false},
   };
-  const char* was = std::getenv("ATTNKIT_CUDA_PERSISTENT_FWD");
-  const std::string saved = was ? was : "";
   int seed = 401;
   for (const char* ctas : {"5", "1"}) {
-    setenv("ATTNKIT_CUDA_PERSISTENT_FWD", ctas, 1);
+    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
     for (const Case& c : cases) {
       for (const char* mech :
            {"dense", "causal", "sliding_window", "document", "sink", "alibi", "softcap", "gate"}) {
@@ -338,10 +357,6 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
       expect_matches("causal", c, 2.0, seed++, kGeneralMod);
     }
   }
-  if (was)
-    setenv("ATTNKIT_CUDA_PERSISTENT_FWD", saved.c_str(), 1);
-  else
-    unsetenv("ATTNKIT_CUDA_PERSISTENT_FWD");
 }
 
 // A 16-bit bias of the inputs' dtype with key counts the copy engine can address (rows of a
@@ -499,22 +514,29 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 
 // dq's tiles, summed by one reduce-add per step into a scratch with the tile's row stride: rows
 // past a sequence's end add zeros to the next sequence's or head's rows, GQA groups add into one
-// scratch, and the scratch is converted into fp32 and 16-bit dq.
+// scratch, and the scratch is converted into fp32 and 16-bit dq: by a kernel of its own (fused
+// off) and by the last CTA of each (batch, kv head) group (ATTNKIT_CUDA_FUSED_DQ: a group's rows
+// up to the bound, here every group, 1400 rows of 4 heads included).
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
       {DType::kBF16, {2, 4, 2, 333, 333, 128, 128}, false},
       {DType::kF16, {2, 4, 1, 129, 129, 64, 64}, true},
+      {DType::kBF16, {1, 4, 1, 1400, 500, 64, 64}, true},
   };
   int seed = 671;
-  for (const Case& c : cases)
-    for (const char* mech : {"dense", "causal", "document", "softcap"})
-      for (const bool grads16 : {false, true}) {
-        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-        const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
-        EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " 16-bit grads=" << grads16 << ": "
-                          << r.error;
-      }
+  for (const char* fused : {"0", "65536"}) {
+    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused);
+    for (const Case& c : cases)
+      for (const char* mech : {"dense", "causal", "document", "softcap"})
+        for (const bool grads16 : {false, true}) {
+          if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+          const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
+          EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " nq=" << c.dims.nq
+                            << " 16-bit grads=" << grads16 << " fused bound=" << fused << ": "
+                            << r.error;
+        }
+  }
 }
 
 // fp32 gradients 4 bytes into their buffers: dq's rows are not 16-byte aligned (the conversion
@@ -526,11 +548,15 @@ TEST(CudaBackwardLong, UnalignedGradientsMatchTheOracle) {
       {DType::kF16, {1, 2, 1, 200, 200, 64, 64}, false},
   };
   int seed = 651;
-  for (const Case& c : cases)
-    for (const char* mech : {"dense", "document", "softcap"}) {
-      const CheckResult r = backward_on_gpu(mech, c, seed++, false, {}, 4);
-      EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << ": " << r.error;
-    }
+  for (const char* fused : {"0", "65536"}) {  // dq converted by a kernel of its own, then fused
+    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused);
+    for (const Case& c : cases)
+      for (const char* mech : {"dense", "document", "softcap"}) {
+        const CheckResult r = backward_on_gpu(mech, c, seed++, false, {}, 4);
+        EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " fused bound=" << fused << ": "
+                          << r.error;
+      }
+  }
 }
 
 // A fake device address: can_run validates without reading device memory.

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/backward.h"
@@ -27,6 +28,13 @@ namespace attnkit::cuda {
 #undef ATK_BWD
 
 namespace {
+
+// Rows a block of dq's conversion (blocks of 8 rows left half the lanes idle at d64).
+constexpr int kConvertRows = 32;
+
+// fused_dq where a group's query rows (max_nq * group) are at most this many: the last CTA
+// converts them alone, which at 1024 rows takes a few microseconds.
+constexpr int64_t kFusedDqRows = 2048;
 
 using LaunchFn = cudaError_t (*)(const BwdParams&, const BwdMaps&, cudaStream_t);
 struct Instance {
@@ -82,6 +90,8 @@ struct PrepParams {
   int64_t c_sb = 0, c_sh = 0, c_sn = 0;
   float* dq = nullptr;
   int64_t dq_sb = 0, dq_sh = 0, dq_sn = 0;
+  int* group_done = nullptr;  // BwdParams::group_done (fused_dq), zeroed here
+  int group = 1;
   float* lse2 = nullptr;
   float* dd = nullptr;
   int64_t stat_stride = 0;
@@ -102,7 +112,8 @@ __device__ __forceinline__ void store_grad(void* p, DType t, int64_t i, double v
 
 // Row i of (b, h) in the preparation: its stat slots and its index in the tensors, or -1 for a
 // row past the sequence (up to the padded stat_stride), whose slots the `first` thread fills
-// with lse2 = +inf (no weight) and D = 0.
+// with lse2 = +inf (no weight) and D = 0. The first thread of a group's row 0 zeroes the group's
+// count of CTAs (BwdParams::group_done).
 struct PrepRow {
   float* lse2;
   float* dd;
@@ -110,6 +121,8 @@ struct PrepRow {
 };
 
 __device__ __forceinline__ PrepRow prep_row(const PrepParams& p, int i, int h, int b, bool first) {
+  if (p.group_done && first && i == 0 && h % p.group == 0)
+    p.group_done[b * (p.hq / p.group) + h / p.group] = 0;
   int nq = p.nq;
   int64_t q_start = 0;
   if (p.cu_q) {
@@ -284,35 +297,42 @@ int prep_vec_group(const PrepParams& p) {
   return lg;
 }
 
-// dq in its dtype from the fp32 sums (rows as in the preparation: one warp per row).
+// dq in its dtype from the fp32 sums: kConvertRows rows a block (blockIdx = (rows / kConvertRows,
+// head, batch)); 16-bit dq with rows of 8-byte aligned quads (vec4) a quad a thread (a float4
+// in, 8 bytes out) over the block's rows, else a warp a row.
 __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, int64_t a_sn,
                                   void* dq, DType t, int64_t sb, int64_t sh, int64_t sn, int d,
                                   int nq, const int32_t* cu_q, int64_t rows, bool vec4) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int i = blockIdx.x * 8 + warp, h = blockIdx.y, b = blockIdx.z;
-  if (i >= rows) return;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kConvertRows;
   int64_t q_start = 0;
   if (cu_q) {
     q_start = cu_q[b];
     nq = cu_q[b + 1] - cu_q[b];
   }
-  if (i >= nq) return;
-  const float* src = acc + b * a_sb + h * a_sh + (q_start + i) * a_sn;
-  const int64_t off = b * sb + h * sh + (q_start + i) * sn;
-  void* row = static_cast<char*>(dq) + off * (t == DType::kF32 ? 4 : 2);
-  if (vec4) {  // 16-bit dq, rows of 8-byte aligned quads: a float4 in, 8 bytes out a lane
+  const int n = static_cast<int>(min(min(rows, static_cast<int64_t>(nq)) - i0,
+                                     static_cast<int64_t>(kConvertRows)));
+  if (n <= 0) return;
+  const float* src = acc + b * a_sb + h * a_sh + (q_start + i0) * a_sn;
+  const int es = t == DType::kF32 ? 4 : 2;
+  char* dst = static_cast<char*>(dq) + (b * sb + h * sh + (q_start + i0) * sn) * es;
+  if (vec4) {
+    const int quads = d / 4;
     const auto pack = [t](float a, float b) {
       return t == DType::kBF16 ? ElemTraits<__nv_bfloat16>::pack(a, b)
                                : ElemTraits<__half>::pack(a, b);
     };
-    for (int c = 4 * lane; c < d; c += 128) {
-      const float4 v = *reinterpret_cast<const float4*>(src + c);
-      *reinterpret_cast<uint2*>(static_cast<char*>(row) + 2 * c) =
+    for (int x = threadIdx.x; x < n * quads; x += blockDim.x) {
+      const int r = x / quads, c = (x - r * quads) * 4;
+      const float4 v = *reinterpret_cast<const float4*>(src + r * a_sn + c);
+      *reinterpret_cast<uint2*>(dst + (r * sn + c) * 2) =
           make_uint2(pack(v.x, v.y), pack(v.z, v.w));
     }
     return;
   }
-  for (int c = lane; c < d; c += 32) store_grad_elem(row, t, c, src[c]);
+  for (int r = threadIdx.x / 32; r < n; r += blockDim.x / 32)
+    for (int c = threadIdx.x % 32; c < d; c += 32)
+      store_grad_elem(dst + r * sn * es, t, c, src[r * a_sn + c]);
 }
 
 // out[x * s] = sums[x] for x < n (dsinks, dslopes, dbeta).
@@ -538,9 +558,16 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   const int64_t stat_bytes = ((lscaled ? 3 : 2) * stat_floats * 4 + 255) / 256 * 256;
   const int64_t sink_bytes = grads.dsinks.defined() ? (p.hq * 8 + 255) / 256 * 256 : 0;
   const int64_t dq_bytes = (batch * p.hq * rows_q + kM) * dq_stride * 4;
+  // dq converted by the kernel where a group's rows are few (its last CTA converts them while
+  // the others compute); ATTNKIT_CUDA_FUSED_DQ=ROWS sets the bound on a group's rows (0: off;
+  // for measurements).
+  const char* fd = std::getenv("ATTNKIT_CUDA_FUSED_DQ");
+  const int64_t fused_rows = fd && *fd ? std::strtoll(fd, nullptr, 10) : kFusedDqRows;
+  bp.fused_dq = fused_rows > 0 && p.max_nq * p.group <= fused_rows;
+  const int64_t done_bytes = bp.fused_dq ? (p.batch * p.hk * 4 + 255) / 256 * 256 : 0;
   void* scratch = nullptr;
-  cudaError_t e =
-      cudaMallocAsync(&scratch, copy_bytes + stat_bytes + sink_bytes + dq_bytes, stream);
+  cudaError_t e = cudaMallocAsync(
+      &scratch, copy_bytes + stat_bytes + sink_bytes + done_bytes + dq_bytes, stream);
   if (e != cudaSuccess)
     return fail(StatusCode::kInternal, "scratch allocation failed: ", cudaGetErrorString(e));
   char* base = static_cast<char*>(scratch);
@@ -558,7 +585,16 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                        ? reinterpret_cast<double*>(base + copy_bytes + stat_bytes)
                        : nullptr;
   if (dsinks) e = cudaMemsetAsync(dsinks, 0, sink_bytes, stream);
-  bp.dq = reinterpret_cast<float*>(base + copy_bytes + stat_bytes + sink_bytes);
+  if (bp.fused_dq)
+    bp.group_done = reinterpret_cast<int*>(base + copy_bytes + stat_bytes + sink_bytes);
+  bp.dq = reinterpret_cast<float*>(base + copy_bytes + stat_bytes + sink_bytes + done_bytes);
+  const core::RowOperand& dqv = g.dq;
+  bp.dq_out = dqv.data;
+  bp.dq_out_dtype = dqv.dtype;
+  bp.dqo_sb = dqv.sb, bp.dqo_sh = dqv.sh, bp.dqo_sn = dqv.sn;
+  bp.dq_vec4 = (dqv.dtype == DType::kBF16 || dqv.dtype == DType::kF16) && f.d % 4 == 0 &&
+               reinterpret_cast<uintptr_t>(dqv.data) % 8 == 0 && dqv.sb % 4 == 0 &&
+               dqv.sh % 4 == 0 && dqv.sn % 4 == 0;
 
   PrepParams pp;
   pp.dout = g.grad_out.data;
@@ -588,6 +624,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   }
   pp.dq = bp.dq;
   pp.dq_sb = bp.dq_sb, pp.dq_sh = bp.dq_sh, pp.dq_sn = bp.dq_sn;
+  pp.group_done = bp.group_done;
+  pp.group = static_cast<int>(p.group);
   pp.lse2 = const_cast<float*>(bp.lse2);
   pp.dd = const_cast<float*>(bp.dd);
   pp.stat_stride = bp.stat_stride;
@@ -735,16 +773,12 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
       if (e == cudaSuccess) e = e2;
     }
   }
-  if (e == cudaSuccess) {
-    const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
-                    static_cast<unsigned>(p.batch));
-    const core::RowOperand& dqv = g.dq;
-    const bool dq_vec4 = (dqv.dtype == DType::kBF16 || dqv.dtype == DType::kF16) && f.d % 4 == 0 &&
-                         reinterpret_cast<uintptr_t>(dqv.data) % 8 == 0 && dqv.sb % 4 == 0 &&
-                         dqv.sh % 4 == 0 && dqv.sn % 4 == 0;
-    convert_dq_kernel<<<grid, 256, 0, stream>>>(bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, g.dq.data,
-                                                g.dq.dtype, g.dq.sb, g.dq.sh, g.dq.sn, f.d, f.nq,
-                                                f.cu_q, bp.stat_stride, dq_vec4);
+  if (e == cudaSuccess && !bp.fused_dq) {
+    const dim3 grid(static_cast<unsigned>((bp.stat_stride + kConvertRows - 1) / kConvertRows),
+                    static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
+    convert_dq_kernel<<<grid, 256, 0, stream>>>(bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, dqv.data,
+                                                dqv.dtype, dqv.sb, dqv.sh, dqv.sn, f.d, f.nq,
+                                                f.cu_q, bp.stat_stride, bp.dq_vec4);
     e = cudaGetLastError();
   }
   if (dbias_scratch) {

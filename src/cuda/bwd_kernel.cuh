@@ -46,8 +46,8 @@ constexpr int bwd_dq_stride(int d) { return (d + 63) / 64 * 64 + 4; }
 
 // The backward's arguments: the forward problem (its block table built for query tiles of kM
 // rows) and the gradients' pointers: dq is an fp32 scratch with rows of bwd_dq_stride(d) floats
-// (converted into the caller's dq after the kernel), dk and dv fp32 or 16-bit; row (b, h, n) at
-// ptr + b * sb + h * sh + n * sn.
+// (converted into the caller's dq by the kernel or after it), dk and dv fp32 or 16-bit; row
+// (b, h, n) at ptr + b * sb + h * sh + n * sn.
 struct BwdParams {
   FwdParams f;
   // Per (b * hq + h) row of stat_stride floats (query tiles padded): LSE * log2(e) (+inf where a
@@ -59,6 +59,16 @@ struct BwdParams {
   const float* lscale = nullptr;
   int64_t stat_stride = 0;
   float* dq = nullptr;
+  // dq converted by the kernel (fused_dq, for short rows): each CTA of a (b, kv head) counts
+  // itself in group_done[b * hk + kv head] (zeroed by the preparation) once its reduce-adds
+  // have landed, and the last one converts the group's rows of the scratch into the caller's dq
+  // (dq_vec4: 16-bit rows of 8-byte aligned quads). Otherwise a kernel converts them after.
+  bool fused_dq = false;
+  int* group_done = nullptr;
+  void* dq_out = nullptr;
+  DType dq_out_dtype = DType::kF32;
+  int64_t dqo_sb = 0, dqo_sh = 0, dqo_sn = 0;
+  bool dq_vec4 = false;
   void* dk = nullptr;
   void* dv = nullptr;
   DType dk_dtype = DType::kF32, dv_dtype = DType::kF32;
@@ -197,6 +207,49 @@ __device__ __forceinline__ void store_grad_pair(void* row, DType t, int col, int
   if (col + 1 < cols) store_grad_elem(row, t, col + 1, v1);
 }
 
+// Rows [0, rows) of dq's fp32 sums into the caller's dq rows from dst, by thread t of kThreadsX:
+// load(r, c, n) reads n = 4 (a quad, 16-byte aligned) or 1 floats of row r from column c.
+template <int kThreadsX, class Load>
+__device__ __forceinline__ void convert_dq_rows(const BwdParams& bp, char* dst, int rows, int d,
+                                                int t, Load load) {
+  const DType dt = bp.dq_out_dtype;
+  if (bp.dq_vec4) {
+    const int quads = d / 4;
+    for (int x = t; x < rows * quads; x += kThreadsX) {
+      const int r = x / quads, c = (x - r * quads) * 4;
+      const float4 v = load(r, c, 4);
+      const uint2 w = dt == DType::kBF16
+                          ? make_uint2(ElemTraits<__nv_bfloat16>::pack(v.x, v.y),
+                                       ElemTraits<__nv_bfloat16>::pack(v.z, v.w))
+                          : make_uint2(ElemTraits<__half>::pack(v.x, v.y),
+                                       ElemTraits<__half>::pack(v.z, v.w));
+      *reinterpret_cast<uint2*>(dst + (r * bp.dqo_sn + c) * 2) = w;
+    }
+    return;
+  }
+  const int es = dt == DType::kF32 ? 4 : 2;
+  for (int x = t; x < rows * d; x += kThreadsX) {
+    const int r = x / d, c = x - r * d;
+    store_grad_elem(dst + r * bp.dqo_sn * es, dt, c, load(r, c, 1).x);
+  }
+}
+
+// The caller's dq row q0 of head h in batch b.
+__device__ __forceinline__ char* dq_out_row(const BwdParams& bp, int b, int h, int64_t q0) {
+  const int es = bp.dq_out_dtype == DType::kF32 ? 4 : 2;
+  return static_cast<char*>(bp.dq_out) + (b * bp.dqo_sb + h * bp.dqo_sh + q0 * bp.dqo_sn) * es;
+}
+
+// fused_dq: counts this CTA in its group's group_done once its reduce-adds have landed (the
+// caller's bulk_wait); whether it was the last.
+__device__ __forceinline__ bool count_group_done(const BwdParams& bp, int b, int hk) {
+  fence_proxy_async_global();
+  __threadfence();
+  const int old = atomicAdd(bp.group_done + b * bp.f.hk + hk, 1);
+  __threadfence();
+  return old == static_cast<int>(gridDim.x) - 1;
+}
+
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -240,13 +293,34 @@ __global__ void __launch_bounds__(384, 1)
     return S::kDqOwn ? static_cast<uint32_t>((it >> 1) & 1) : phase_of(it);
   };
   auto dq_empty = [&](int y) { return bars + 8 * (1 + 3 * kStages + y); };
-  static_assert(8 * (1 + 3 * kStages + 2) <= 128, "the barriers' bytes");
+  // fused_dq: the dq warp's word (whether this CTA is its group's last) and the barriers of the
+  // conversion's two staging buffers.
+  const uint32_t last_word = bars + 8 * (3 + 3 * kStages);
+  auto conv_ld = [&](int y) { return bars + 8 * (4 + 3 * kStages + y); };
+  static_assert(8 * (1 + 3 * kStages + 5) <= 128, "the barriers' bytes");
 
   const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const SeqExtent seq = seq_extent(p, b);
   const int nq = seq.nq, nk = seq.nk;
   const int n0 = kt * kN;
-  if (n0 >= nk) return;
+  if (n0 >= nk) {  // no keys here; with fused_dq, still counted (and perhaps the group's last)
+    if (bp.fused_dq) {
+      volatile int* last = reinterpret_cast<volatile int*>(smem_raw);
+      if (threadIdx.x == 0) *last = count_group_done(bp, b, hk);
+      __syncthreads();
+      if (*last)
+        for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+          const float* src = bp.dq + b * bp.dq_sb + h * bp.dq_sh + seq.q_start * bp.dq_sn;
+          convert_dq_rows<S::kThreads>(bp, dq_out_row(bp, b, h, seq.q_start), nq, p.d, threadIdx.x,
+                                       [&](int r, int c, int n) {
+                                         const float* at = src + r * bp.dq_sn + c;
+                                         return n == 4 ? __ldcg(reinterpret_cast<const float4*>(at))
+                                                       : make_float4(__ldcg(at), 0.f, 0.f, 0.f);
+                                       });
+        }
+    }
+    return;
+  }
 
   // Query tiles that visit this key tile: the band's, or the non-empty ones of the block table's
   // column kt (general, or fast with a table), for each query head of the group.
@@ -270,6 +344,9 @@ __global__ void __launch_bounds__(384, 1)
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
 
   const int tid = threadIdx.x, wg = tid / 128;
+  // Named barriers of fused_dq: the consumers and the dq warp at the end, the consumers around
+  // each staged buffer of the conversion.
+  constexpr int kEndSync = 7, kConvSync = 8;
   if (tid == 0) {
     mbar_init(bar_kv, 1);
 #pragma unroll
@@ -283,6 +360,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int y = 0; y < 2; ++y) {
       mbar_init(dq_empty(y), 1);  // the dq warp's
+      mbar_init(conv_ld(y), 1);  // fused_dq: a consumer thread's, with the copy's bytes
     }
     mbar_init_fence();
   }
@@ -355,6 +433,14 @@ __global__ void __launch_bounds__(384, 1)
           __syncwarp();
         }
       if (lane == 0) bulk_wait<0>();
+      if (bp.fused_dq) {  // the group's count, then the word for the consumers (kEndSync)
+        if (lane == 0)
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(last_word),
+                       "r"(static_cast<uint32_t>(count_group_done(bp, b, hk)))
+                       : "memory");
+        __syncwarp();
+        named_sync(kEndSync, 256 + 32);
+      }
     }
     return;
   }
@@ -994,6 +1080,61 @@ __global__ void __launch_bounds__(384, 1)
         store_grad_pair(vrow, bp.dv_dtype, c8 * 8 + col0, p.dv, dv[c8 * 4 + 2 * r],
                         dv[c8 * 4 + 2 * r + 1]);
     }
+  }
+
+  // fused_dq: the group's last CTA converts the group's rows of the scratch, staged in chunks of
+  // kChunkRows rows by the copy engine into two buffers over what the walk used (K, V, dS, the
+  // stages: every warp is done with them once the dq warp's reduce-adds have been read).
+  if (!bp.fused_dq) return;
+  named_sync(kEndSync, 256 + 32);
+  uint32_t last;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(last) : "r"(last_word) : "memory");
+  if (!last) return;
+  constexpr int kRowBytes = S::kDqStride * 4;
+  constexpr int kSpan = S::kKBytes + S::kVBytes + 2 * S::kDsBytes + S::kTableBytes + S::kDqRing +
+                        kStages * S::kStageBytes;  // sK up to the barriers
+  constexpr int kChunkRows = kSpan / 2 / kRowBytes < 128 ? kSpan / 2 / kRowBytes : 128;
+  static_assert(kChunkRows >= 1, "the conversion's staging buffers");
+  const int t = tid - 128, per_head = (nq + kChunkRows - 1) / kChunkRows;
+  const int chunks = p.group * per_head;
+  auto buf = [&](int c) { return sK + (c & 1) * kChunkRows * kRowBytes; };
+  auto chunk_rows = [&](int c) { return min(kChunkRows, nq - (c % per_head) * kChunkRows); };
+  auto chunk_q0 = [&](int c) {
+    return seq.q_start + static_cast<int64_t>(c % per_head) * kChunkRows;
+  };
+  auto issue = [&](int c) {  // consumer thread 0 (tid 128): chunk c into its buffer
+    const int h = h_begin + c / per_head;
+    const uint32_t bytes = chunk_rows(c) * kRowBytes;
+    mbar_expect_tx(conv_ld(c & 1), bytes);
+    bulk_load(buf(c), bp.dq + b * bp.dq_sb + h * bp.dq_sh + chunk_q0(c) * bp.dq_sn, bytes,
+              conv_ld(c & 1));
+  };
+  // The other CTAs' sums (acquired by the dq warp) and this CTA's reads of the region (the
+  // generic proxy) before the copy engine's loads.
+  fence_proxy_async_smem();
+  named_sync(kConvSync, 256);
+  if (t == 0) {
+    fence_proxy_async_global();
+    for (int c = 0; c < min(2, chunks); ++c) issue(c);
+  }
+  for (int c = 0; c < chunks; ++c) {
+    mbar_wait(conv_ld(c & 1), (c >> 1) & 1);
+    const uint32_t src = buf(c);
+    convert_dq_rows<256>(bp, dq_out_row(bp, b, h_begin + c / per_head, chunk_q0(c)), chunk_rows(c),
+                         p.d, t, [&](int r, int col, int n) {
+                           float4 v;
+                           const uint32_t at = src + (r * S::kDqStride + col) * 4;
+                           if (n == 4)
+                             asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                                          : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                                          : "r"(at));
+                           else
+                             asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v.x) : "r"(at));
+                           return v;
+                         });
+    fence_proxy_async_smem();
+    named_sync(kConvSync, 256);  // the buffer is read: the next chunk may overwrite it
+    if (t == 0 && c + 2 < chunks) issue(c + 2);
   }
 }
 

@@ -164,6 +164,12 @@ template <int N>
 __device__ __forceinline__ void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
+// Orders this thread's copy-engine accesses of global memory with its generic ones: completed
+// reduce-adds (bulk_wait) before a release that hands them to another CTA, or an acquire before
+// the copy engine reads what other CTAs added.
+__device__ __forceinline__ void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
 // A 4-D tile of a tensor map into L2 only (no shared memory, no barrier): a later load of it
 // then hits L2.
 __device__ __forceinline__ void tma_prefetch_l2_4d(const void* map, int c0, int c1, int c2,
