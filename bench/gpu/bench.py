@@ -6,7 +6,7 @@ repetitions). Peers: SDPA's FlashAttention-2 and cuDNN backends (dense, causal),
 (masks and score mods), SDPA's mem-efficient backend (dense bias).
 Usage: python3 bench/gpu/bench.py [--quick] [--train] [--only PART,...] (--train: only forward +
 backward; --only: the parts named, of dense, masked, neighborhood, bias, train (train_dense,
-then the masked cases and train_bias), train_dense, train_bias, wide (head dims 192 and 256);
+train_masked, train_bias), train_dense, train_masked, train_bias, wide (head dims 192 and 256);
 attnkit importable: PYTHONPATH=build/python);
 writes $OUT/gpu_bench.json. FLOPs count allowed pairs only (4 * pairs * d).
 """
@@ -233,13 +233,18 @@ def wide():
 def train():
     """Forward + backward through autograd (FLOPs: 3.5x the forward's, FlashAttention's count).
     attnkit's CUDA backward writes dq, dk and dv in the inputs' dtype (bf16), as the peers do."""
+    train_dense()
+    train_masked()
+    train_bias()
+
+
+def train_masked():
+    """Forward + backward of the masked cases beside FlexAttention's (N 8192)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     # The forward section's compilations fill dynamo's cache: without a reset, FlexAttention's
     # ALiBi backward here fell back to an unfused path (8 TFLOP/s in runs 24 and 26).
     torch._dynamo.reset()
     fa = torch.compile(flex_attention, dynamic=False)
-
-    train_dense()
     n, b, h, d = 8192, 2, 16, 128
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -255,7 +260,6 @@ def train():
         res["vs_flex"] = res["attnkit"] / res["flex"]
         emit(**res)
     del q, k, v
-    train_bias()
 
 
 def train_bias():
@@ -288,7 +292,8 @@ if __name__ == "__main__":
     parts = (train,) if "--train" in sys.argv else (dense, masked, neighborhood, bias, train)
     if "--only" in sys.argv:
         named = dict(dense=dense, masked=masked, neighborhood=neighborhood, bias=bias, train=train,
-                     train_dense=train_dense, train_bias=train_bias, wide=wide)
+                     train_dense=train_dense, train_masked=train_masked,
+                     train_bias=train_bias, wide=wide)
         parts = [named[x] for x in sys.argv[sys.argv.index("--only") + 1].split(",")]
     for part in parts:
         try:
