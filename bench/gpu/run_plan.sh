@@ -212,6 +212,8 @@ case $step in
      done > "$out/cutlass.txt" 2>&1
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only dense \
        > "$out/bench.log" 2>&1
+     PYTHONPATH=build-gpu/python timeout 200 python3 bench/gpu/back_to_back.py \
+       --json "$out/b2b.json" > "$out/b2b.log" 2>&1
      python3 - "$out" <<'PY'
 import json, re, sys
 out = sys.argv[1]
@@ -229,6 +231,19 @@ for r in json.load(open(f"{out}/gpu_bench.json")):
         print("%-28s %8.0f %8.0f %8.2f %8.0f %8.2f" % (
             "d%d n%d%s" % (k[0], k[1], " causal" if k[2] else ""), r["attnkit"], best[k],
             r["attnkit"] / best[k], r["cudnn"], r["vs_cudnn"]))
+try:  # the same cases timed as CUTLASS times itself (back_to_back.py: fp16, 50 calls, no flush)
+    b2b = json.load(open(f"{out}/b2b.json"))
+except (OSError, ValueError):
+    b2b = []
+if b2b:
+    print("back to back, fp16: %-15s %8s %8s %8s %8s %8s" % (
+        "case", "attnkit", "cutlass", "ratio", "cudnn", "ratio"))
+for r in b2b:
+    k = (r["d"], r["n"], r["causal"])
+    if k in best:
+        print("%-34s %8.0f %8.0f %8.2f %8.0f %8.2f" % (
+            "d%d n%d%s" % (k[0], k[1], " causal" if k[2] else ""), r["attnkit_fp16"], best[k],
+            r["attnkit_fp16"] / best[k], r["cudnn"], r["attnkit_fp16"] / r["cudnn"]))
 PY
      ;;
   *) echo "step 1, ab, 3, 4, 5, 6, 7 or cutlass" >&2; exit 2 ;;
