@@ -359,6 +359,28 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
   }
 }
 
+// O stored by the copy engine from shared memory (FwdParams::tma_out: the fast instances with
+// d_v = 64, 16-bit rows of the inputs' dtype, no varlen) and by the threads
+// (ATTNKIT_CUDA_TMA_OUT=0): rows past the query count clipped, BNHD strides, GQA, items walked
+// by one CTA after another.
+TEST(CudaFastPath, OByTheCopyEngineMatchesTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 333, 700, 64, 64}, false},
+      {DType::kF16, {1, 4, 4, 1030, 129, 64, 64}, true},
+      {DType::kBF16, {3, 2, 1, 64, 64, 64, 64}, true},
+  };
+  int seed = 901;
+  for (const char* on : {"1", "0"}) {
+    const ScopedEnv env("ATTNKIT_CUDA_TMA_OUT", on);
+    for (const Case& c : cases)
+      for (const char* mech : {"dense", "causal", "sliding_window", "document", "sink", "alibi"}) {
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        expect_matches(mech, c, 2.0, seed++);
+      }
+  }
+}
+
 // A 16-bit bias of the inputs' dtype with key counts the copy engine can address (rows of a
 // multiple of 16 bytes) runs the fast kernels, its tiles loaded by TMA: per (b, h) and
 // broadcast, with no mask, causal and a block map (block table), across stage wrap-arounds and

@@ -250,10 +250,6 @@ __device__ __forceinline__ bool count_group_done(const BwdParams& bp, int b, int
   return old == static_cast<int>(gridDim.x) - 1;
 }
 
-__device__ __forceinline__ void fence_proxy_async_smem() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 template <class T, int kD, int kDV, bool kGeneral, bool kTabled, bool kBias = false>
 __global__ void __launch_bounds__(384, 1)
     bwd_kernel(const __grid_constant__ BwdParams bp, const __grid_constant__ BwdMaps maps) {

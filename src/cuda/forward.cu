@@ -117,6 +117,9 @@ Status forward(const core::Problem& p) {
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   const char* pp = std::getenv("ATTNKIT_CUDA_PINGPONG");
   f.pingpong = !(pp && pp[0] == '0');
+  // O by the copy engine where the fast instance has room (d_v = 64; ATTNKIT_CUDA_TMA_OUT=0: off).
+  const char* to = std::getenv("ATTNKIT_CUDA_TMA_OUT");
+  f.tma_out = fast && !grid && !(to && to[0] == '0') && encode_out(p, &maps, 64);
   DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;

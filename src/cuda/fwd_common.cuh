@@ -24,8 +24,9 @@ namespace attnkit::cuda {
 // The fast forward's bias (FwdParams::fast_bias) is a fourth such map: (key, query, head, batch)
 // in boxes of 64 keys x 128 queries.
 struct TmaMaps {
-  CUtensorMap q, k, v, bias;
+  CUtensorMap q, k, v, bias, o;  // o: FwdParams::tma_out
   int q_hm = 1, q_bm = 1, k_hm = 1, k_bm = 1, v_hm = 1, v_bm = 1, bias_hm = 0, bias_bm = 0;
+  int o_hm = 1, o_bm = 1;
 };
 
 // Tiles of a (D, DV) instantiation: 128 query rows (two warpgroups of 64) by kN keys.
@@ -260,7 +261,8 @@ template <bool kGeneral, int kDVp>
 __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind norm, int b, int h,
                                            const SeqExtent& seq, const int (&row_i)[2],
                                            int col0, bool lane_leads, const float (&o)[kDVp / 2],
-                                           const float (&m)[2], const float (&l)[2]) {
+                                           const float (&m)[2], const float (&l)[2],
+                                           float* muls = nullptr) {
   const bool softmax = norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink;
   const int64_t out_es = p.out_dtype == DType::kF32 ? 4 : 2;
 #pragma unroll
@@ -289,6 +291,8 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
       mul = p.raw_output ? 1.f : 1.f / rms;
       stat = rms;
     }
+    // muls: the rows' factors go to the caller, which stores O itself (FwdParams::tma_out).
+    if (muls) muls[r] = mul;
     if (i >= seq.nq) continue;
     const int64_t row = seq.q_start + i;
     char* orow = static_cast<char*>(p.out) + (b * p.o_sb + h * p.o_sh + row * p.o_sn) * out_es;
@@ -330,14 +334,16 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
         }
       }
     };
-    if constexpr (kGeneral) {
-      put(std::integral_constant<int, -1>{});
-    } else if (p.dv == kDVp && p.out_dtype == DType::kBF16) {
-      put(std::integral_constant<int, 1>{});
-    } else if (p.dv == kDVp && p.out_dtype == DType::kF16) {
-      put(std::integral_constant<int, 2>{});
-    } else {
-      put(std::integral_constant<int, -1>{});
+    if (!muls) {
+      if constexpr (kGeneral) {
+        put(std::integral_constant<int, -1>{});
+      } else if (p.dv == kDVp && p.out_dtype == DType::kBF16) {
+        put(std::integral_constant<int, 1>{});
+      } else if (p.dv == kDVp && p.out_dtype == DType::kF16) {
+        put(std::integral_constant<int, 2>{});
+      } else {
+        put(std::integral_constant<int, -1>{});
+      }
     }
     if (p.row_stat && lane_leads) p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn] = stat;
   }

@@ -15,7 +15,9 @@
 // producer thread hands each to the consumer warps through two shared slots. The ring runs on
 // across items, and the producer loads the next item's Q once both consumer warpgroups have
 // their last S of the current one (empty_q), so the next item's first tiles arrive while the
-// consumers store the current one's rows.
+// consumers store the current one's rows. Where a stage of O fits beside the ring (d_v = 64:
+// FwdShape::kTmaOut), each consumer warpgroup writes its 64 rows of O there by stmatrix and one
+// thread stores them by the copy engine (FwdParams::tma_out); else the threads store O's pairs.
 //
 // Two flavors per (dtype, head dims):
 // - kGeneral = false: plain softmax (or with a sink); the scale folds into the exponent. The
@@ -48,13 +50,22 @@ struct FwdShape : FwdTiles<kD, kDV> {
   static constexpr int kStageBytes = Base::kKBytes + Base::kVBytes;
   static constexpr int kStages =
       Base::kQBytes + 3 * kStageBytes + 1024 + kBarBytes <= 227 * 1024 ? 3 : 2;
-  static constexpr int kSmemBytes = Base::kQBytes + kStages * kStageBytes + 1024 + kBarBytes;
   // With a bias tile (16-bit, kM x kN) in each stage (kBias).
   static constexpr int kBiasBytes = Base::kM * Base::kN * 2;
   static constexpr int kBiasStages =
       Base::kQBytes + 3 * (kStageBytes + kBiasBytes) + 1024 + kBarBytes <= 227 * 1024 ? 3 : 2;
+  // O's rows staged for the copy engine (FwdParams::tma_out) where they fit beside three stages
+  // (with bias tiles too): one 64-column panel, 64 rows a consumer warpgroup.
+  static constexpr int kOStageBytes = Base::kM * 128;
+  static constexpr bool kTmaOut =
+      Base::kDVp == 64 &&
+      Base::kQBytes + 3 * (kStageBytes + kBiasBytes) + kOStageBytes + 1024 + kBarBytes <=
+          227 * 1024;
+  static constexpr int kOBytes = kTmaOut ? kOStageBytes : 0;
+  static constexpr int kSmemBytes =
+      Base::kQBytes + kStages * kStageBytes + kOBytes + 1024 + kBarBytes;
   static constexpr int kBiasSmemBytes =
-      Base::kQBytes + kBiasStages * (kStageBytes + kBiasBytes) + 1024 + kBarBytes;
+      Base::kQBytes + kBiasStages * (kStageBytes + kBiasBytes) + kOBytes + 1024 + kBarBytes;
   static_assert(kBiasSmemBytes <= 227 * 1024, "two stages with bias tiles must fit");
   // The producer's release (168 - 24 a thread, the launch's cap) pays the consumers' rise (240 -
   // 168): setmaxnreg.inc waits for free registers, so a producer at 32 would hang (run 60).
@@ -146,7 +157,8 @@ __global__ void __launch_bounds__(384, 1)
   auto sK = [&](int st) { return sQ + S::kQBytes + st * kStageBytes; };
   auto sV = [&](int st) { return sK(st) + S::kKBytes; };
   auto sB = [&](int st) { return sV(st) + S::kVBytes; };  // kBias
-  const uint32_t bars = sQ + S::kQBytes + kStages * kStageBytes;
+  const uint32_t sO = sQ + S::kQBytes + kStages * kStageBytes;  // S::kOBytes (1024-aligned)
+  const uint32_t bars = sO + S::kOBytes;
   const uint32_t bar_q = bars;
   auto full_k = [&](int st) { return bars + 8 * (1 + st); };
   auto full_v = [&](int st) { return bars + 8 * (1 + kStages + st); };
@@ -270,7 +282,9 @@ __global__ void __launch_bounds__(384, 1)
   const int cw = wg - 1, lane = tid % 32, warp = (tid % 128) / 32;
   const int col0 = 2 * (lane % 4);
   const bool pingpong = p.pingpong;
-  const int my_turn = 1 + cw, other_turn = 2 - cw;  // named barrier ids
+  const int my_turn = 1 + cw, other_turn = 2 - cw;  // named barrier ids (3, 4: O's buffers)
+  const bool tma_out = S::kTmaOut && !kGeneral && !kGrid && p.tma_out;
+  const bool o_leader = tid % 128 == 0;  // issues the warpgroup's tensor stores of O
   int ring = 0;  // the ring's tiles consumed by earlier items
   for (int j = 0;; ++j) {
     const int y = j & 1;
@@ -589,8 +603,38 @@ __global__ void __launch_bounds__(384, 1)
       release(empty_q);
     }
 
-    store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l);
+    if (!tma_out) {
+      store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l);
+      continue;
+    }
+    // O through shared memory: the warpgroup's 64 rows of 128 bytes, 16-byte chunks swizzled by
+    // row % 8 (the tensor map's 128-byte swizzle), four 8 x 8 matrices an stmatrix, then one
+    // tensor store (rows past the query count are clipped by the map's extent).
+    float mul[2];
+    store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l, mul);
+    const uint32_t buf = sO + cw * (64 * 128);
+    if (o_leader) bulk_wait_read<0>();  // the last item's store has read the buffer
+    named_sync(3 + cw, 128);
+#pragma unroll
+    for (int c = 0; c < kDVp / 8; c += 2) {
+      uint32_t v[4];
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int r = x & 1, cc = c + x / 2;
+        v[x] = ElemTraits<T>::pack(o[cc * 4 + 2 * r] * mul[r], o[cc * 4 + 2 * r + 1] * mul[r]);
+      }
+      const int j = lane % 8, x = lane / 8;  // row j of matrix x: rows + 8 (x & 1), chunk c + x / 2
+      stmatrix_x4(buf + (warp * 16 + j + 8 * (x & 1)) * 128 + (((c + x / 2) ^ j) * 16), v);
+    }
+    fence_proxy_async_smem();  // the copy engine reads what stmatrix wrote
+    named_sync(3 + cw, 128);
+    if (o_leader) {
+      tma_store_4d(&maps.o, buf, 0, static_cast<int>(seq.q_start) + m0 + cw * 64,
+                   h * maps.o_hm, (p.cu_q ? 0 : b) * maps.o_bm);
+      bulk_commit();
+    }
   }
+  if (tma_out && o_leader) bulk_wait<0>();  // the CTA's last stores are done
 }
 
 // Launches one flavor on `stream` (the general one reads the block table built by the caller;

@@ -57,7 +57,10 @@ struct FwdParams {
   int num_items = 0, persistent = 0;
   int* sched = nullptr;
   float scale = 1.f, scale_log2 = 1.f;  // scale and scale * log2(e)
-  bool pingpong = true;     // the fast kernel's consumer warpgroups take turns at issuing
+  bool pingpong = true;  // the fast kernel's consumer warpgroups take turns at issuing
+  // The fast kernel's O through shared memory and the copy engine (TmaMaps::o: 16-bit rows of
+  // the inputs' dtype, dv = 64, no varlen), in the instances with room (FwdShape::kTmaOut).
+  bool tma_out = false;
   bool raw_output = false;  // out receives O before ReLA's RMS and gain (and no gate)
 
   // Masks. The fast kernel knows only bands: allowed(i, j) = i' - left <= j <= i' + right

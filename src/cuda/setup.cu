@@ -637,6 +637,13 @@ bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows) {
                      p.batch, box_rows);
 }
 
+bool encode_out(const core::Problem& p, TmaMaps* maps, int box_rows) {
+  if (p.varlen || p.out.dtype != p.q.dtype || p.dv != 64) return false;
+  const RowExtent x = row_extent(p);
+  return x.rows_q > 0 && encode_rows(&maps->o, &maps->o_hm, &maps->o_bm, p.out, p.dv, x.rows_q,
+                                     p.hq, x.batch, box_rows);
+}
+
 cudaError_t fill_4d(void* base, DType t, const float* src, const int64_t (&n)[4],
                     const int64_t (&s)[4], cudaStream_t stream) {
   fill_view_kernel<<<256, 256, 0, stream>>>(base, t, src, n[0], n[1], n[2], n[3], s[0], s[1], s[2],

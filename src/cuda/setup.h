@@ -114,5 +114,8 @@ void set_fast_softcap(FwdParams* f, float softcap, float scale);
 // Nk] with unit key stride, no varlen; boxes of 64 keys x box_rows queries); false where it does
 // not qualify.
 bool encode_bias(const core::Problem& p, TmaMaps* maps, int box_rows);
+// maps->o for O stored by the copy engine (FwdParams::tma_out): 16-bit rows of q's dtype and 64
+// columns, no varlen (a map's extent cannot end each sequence); false where it does not apply.
+bool encode_out(const core::Problem& p, TmaMaps* maps, int box_rows);
 
 }  // namespace attnkit::cuda

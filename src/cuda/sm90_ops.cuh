@@ -134,6 +134,14 @@ __device__ __forceinline__ void tma_store_4d(const void* map, uint32_t src, int 
       "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(src)
       : "memory");
 }
+// Four 8 x 8 matrices of 16-bit elements into shared memory: thread t gives row t % 8 of matrix
+// t / 8 its address, and v[i] holds its pair of matrix i (row t / 4, columns 2 (t % 4) + {0, 1},
+// the layout of an accumulator's 8-column chunk).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&v)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+               "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
+               : "memory");
+}
 // A contiguous copy of `bytes` (a multiple of 16, 16-byte aligned ends) into shared memory,
 // completing on `bar`.
 __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
@@ -169,6 +177,11 @@ __device__ __forceinline__ void bulk_wait() {
 // the copy engine reads what other CTAs added.
 __device__ __forceinline__ void fence_proxy_async_global() {
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+// Makes this thread's generic writes of shared memory visible to the copy engine (before a
+// bulk or tensor store reads them).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 // A 4-D tile of a tensor map into L2 only (no shared memory, no barrier): a later load of it
 // then hits L2.
