@@ -1,4 +1,4 @@
-// Two synchronization patterns of the backward kernel in isolation, for compute-sanitizer
+// The kernels' synchronization patterns in isolation, for compute-sanitizer
 // racecheck: (1) a shared-memory buffer handed between warp groups with named barriers
 // (bar.arrive by the writers, bar.sync by the readers, and back); (2) a bulk copy into shared
 // memory completing on an mbarrier, read by the threads that waited on it, then refilled after
@@ -6,8 +6,9 @@
 // stage before arriving on "empty" (the d128 backward writes its dQ tile into the stage whose
 // Q/dO it has consumed); (4) a slot that one thread stores (st.shared) and hands over by an
 // mbarrier arrive, its readers arriving on an "empty" mbarrier (the persistent forward's work
-// item, fwd_kernel.cuh's sSched). All are the PTX producer/consumer forms; if racecheck reports hazards
-// here, it reports them for the kernel too.
+// item, fwd_kernel.cuh's sSched); (5) a buffer written by 128 threads and stored by one through
+// the copy engine (the forward's O staging). All are the PTX producer/consumer forms; if
+// racecheck reports hazards here, it reports them for the kernels too.
 // Build and run: nvcc -arch=sm_90a -o /tmp/rp bench/gpu/racecheck_patterns.cu &&
 //   compute-sanitizer --tool racecheck /tmp/rp
 #include <cstdio>
@@ -106,6 +107,27 @@ __global__ void thread_slot(int* out, int iters) {
   if (t >= 32) out[t - 32] = acc;
 }
 
+// (5) The forward's O staging (FwdParams::tma_out): 128 threads write a buffer, fence it to the
+// async proxy, meet at a named barrier; one thread stores it by the copy engine and, before the
+// buffer's next use, waits for the store's read (wait_group.read), then the barrier again.
+__global__ void store_staging(float* dst, int iters) {
+  __shared__ alignas(128) float buf[128];
+  const int t = threadIdx.x;  // 128 threads
+  for (int it = 0; it < iters; ++it) {
+    if (t == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    asm volatile("bar.sync 3, 128;" ::: "memory");
+    buf[t] = static_cast<float>(it * 128 + t);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    asm volatile("bar.sync 3, 128;" ::: "memory");
+    if (t == 0) {
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], 512;"
+                   ::"l"(dst + it * 128), "r"(smem_u32(buf)) : "memory");
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
+  }
+  if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
 int main() {
   float *src, *out;
   cudaMalloc(&src, 64 * 64 * sizeof(float));
@@ -121,7 +143,15 @@ int main() {
   cudaMemcpy(host, sums, sizeof(host), cudaMemcpyDeviceToHost);
   bool right = true;
   for (int x : host) right = right && x == 16 * 15 / 2;  // every reader saw 0..15
+  float* staged;
+  cudaMalloc(&staged, 8 * 128 * sizeof(float));
+  store_staging<<<1, 128>>>(staged, 8);
+  static float back[8 * 128];
+  cudaMemcpy(back, staged, sizeof(back), cudaMemcpyDeviceToHost);
+  bool stored = true;
+  for (int x = 0; x < 8 * 128; ++x) stored = stored && back[x] == static_cast<float>(x);
   const cudaError_t e = cudaDeviceSynchronize();
-  std::printf("%s; thread_slot sums %s\n", cudaGetErrorString(e), right ? "right" : "WRONG");
-  return e != cudaSuccess || !right;
+  std::printf("%s; thread_slot sums %s; staged stores %s\n", cudaGetErrorString(e),
+              right ? "right" : "WRONG", stored ? "right" : "WRONG");
+  return e != cudaSuccess || !right || !stored;
 }

@@ -1,49 +1,34 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 21), one call of at most 600 s each:
+# The next device session's runs (session 22), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
-# 0. PAR=1 TESTS='*CudaBackward*' AGAIN=0 PROFILE='--kernels --ab ATTNKIT_CUDA_FUSED_DQ=0 1024 2048'
-#    run_plan.sh ab $OUT bwd_group_dq:bwd_passes,bwd_end_read train_dense (~330 s): G
-#    bench/gpu/ab_bwd_group_dq.patch, P ab_bwd_passes.patch, E ab_bwd_end_read.patch.
-#    G: dq converted by the last CTA of each (batch, kv head) group where the group's query rows
-#    are at most 2048, once every CTA's reduce-adds have landed (one count a CTA, at its end,
-#    where the dq warp waits for them today; part 19's per-tile counts made the dq warp wait
-#    every step and lost 30%); the last CTA stages the rows by the copy engine over its free
-#    shared memory and converts them with its consumers. Saves the conversion kernel (55 of 887
-#    us at d128 N 1024). G's profile compares fused and not in one build (on main and P,E the
-#    --ab is a no-op: their two rows are the noise). P: the preparation and the conversion with
-#    4x the rows a block (blocks of 16 and 8 rows at d128 move 16 and 6 KB each; the d64
-#    conversion idles half its lanes): their kernel times toward the memory's rate (80 and 54
-#    us now). E: no CTA waits at its end for its last reduce-add to land (only for its read;
-#    the writes are visible once the kernel ends, as CUTLASS's and Triton's TMA stores rely on):
-#    part 19 saw landing waits long enough to cost 30% when taken every step; E shows in
-#    bwd_kernel's time, P in the passes'. G needs the landing wait where it counts; merged, E
-#    holds where G is off.
-#    Adopt what gains, merging by hand; then run_plan.sh 1 and 4. If G gains, its bound on a
-#    group's rows (ATTNKIT_CUDA_FUSED_DQ=ROWS, default 2048) may go higher: the masked cases
-#    (N 8192) would save the conversion for a tail of one group's conversion (~25 us at 8192
-#    rows against the kernel's 55): `ATTNKIT_CUDA_FUSED_DQ=8192 run_plan.sh 3` against step 3.
-# 1. run_plan.sh 9 $OUT: the backward's tensor pipe, active cycles against elapsed (d128 and d64,
-#    N 1024): do the two consumer warpgroups leave the tensor cores idle while both run their
-#    softmax (part 18: the step is bound by its chain of wgmma waits, not by issue)? Then
-#    bench/gpu/fixed_cost.py: forward and backward under causal windows of 128 to 4096 (d128,
-#    N 8192), time fitted against steps a CTA: the fixed cost of a CTA's start and end in
-#    steps' worth (run 75 read ~3.2 from stall samples; the document case's key tiles walk ~22
-#    steps, causal's 64, N 1024's 16, sliding 1024's 17).
-# 2. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
+# 0. run_plan.sh 1 $OUT: the whole test_cuda, check and pytest on main, which since run 85 has
+#    the d64 forward's O stored by the copy engine (3cca6c7, run 92 ran only its own test).
+# 1. SANITIZE_TOOLS=memcheck run_plan.sh 4 $OUT, then SANITIZE_TOOLS=racecheck run_plan.sh 4 $OUT
+#    (one call each: together they ran past 500 s in run 86), and nvcc -arch=sm_90a -o /tmp/rp
+#    bench/gpu/racecheck_patterns.cu && compute-sanitizer --tool racecheck /tmp/rp (its new
+#    fifth pattern is the O staging: does racecheck report the fenced handoff to the copy
+#    engine's store in isolation?).
+# 2. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT fwd_tma_out_k dense:
+#    bench/gpu/ab_fwd_tma_out_k.patch, O of the d128 forward by the copy engine, staged over the
+#    K tile of the item's last step (no room beside three stages): its K stage is released once
+#    both warpgroups' last S are done (barriers 5, 6) and the stores have read it. ptxas grows the
+#    d128 steady loop 1389 -> 1422 instructions with it (the K descriptors move to vector
+#    registers; any stmatrix epilogue at d128 does it, bisected): only a two-tree A/B tells
+#    (ATTNKIT_CUDA_TMA_OUT=0 in one build keeps the longer loop). d64 gained 3-5% (run 92).
+# 3. run_plan.sh cutlass $OUT: now with back_to_back.py, attnkit timed as CUTLASS's example
+#    times itself (fp16, 50 calls between two events, no flush): is the 0.89x at N 4096 (run
+#    90) the method or the kernel? cuDNN is 0.91x CUTLASS there in bench.py.
+# 4. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
 #    sliding1024-causal': where the masked backward's warps wait (sliding's backward is 1.15x
-#    Flex's, part 19; its preparation and conversion 14% of it).
-# 3. run_plan.sh cutlass $OUT: CUTLASS's ratio after the item patches (run 63: 0.88x at N 4096).
-# 4. Candidates (`PAR=1 ... ab`, one call for two trees): bench/gpu/ab_fwd_uniform.patch and
-#    ab_fwd_turns.patch (forward), and whatever 1-2 point at.
-# 5. run_plan.sh 1 $OUT after adopting anything (the whole test_cuda, check, pytest), 3 for the
-#    masked and train figures, 4 for the sanitizers.
-# Session 20 (part 19) measured the backward's passes (step 8) and dropped the early dQ and a
-# dq conversion inside the kernel (both slower; `git show cd98b26:bench/gpu/ab_bwd_early_dq.patch`,
-# `git show 0cdd834:bench/gpu/ab_bwd_fused_dq.patch`, its staged variant, not the one run). Each
-# backward kernel's own duration under ncu: ncu --metrics gpu__time_duration.sum python3
-# bench/gpu/profile_bwd.py --once --d D N.
+#    Flex, part 19).
+# 5. Candidates: bench/gpu/ab_fwd_uniform.patch, ab_fwd_turns.patch (forward, part 18).
+# Session 21 (part 20) adopted dq's conversion by each group's last CTA (+3-6% backward at N
+# 1024) and the d64 forward's O by the copy engine (+3-5%); the fused bound at 8192 rows lost.
+# A forward switch read from the environment A/Bs in one build: python3
+# bench/gpu/ab_env_fwd.py VAR=VAL [--d D] [--n N] (run 92). Each backward kernel's own duration
+# under ncu: ncu --metrics gpu__time_duration.sum python3 bench/gpu/profile_bwd.py --once --d D N.
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of
 #    patches applied in order: paths, or NAME for bench/gpu/ab_NAME.patch), each built fresh
@@ -53,8 +38,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): turns (lost 2-3% at d64 in run 65, d128 within 1%),
-# the forward's uniform one (part 18); chains, wait_top and lazy are in git history (part 17),
+# The patches kept (bench/gpu/*.patch): tma_out_k (step 2), turns (lost 2-3% at d64 in run 65,
+# d128 within 1%), the forward's uniform one (part 18); chains, wait_top and lazy are in git history (part 17),
 # the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
@@ -72,7 +57,7 @@
 #    it here first (bash scripts/cutlass_fmha.sh: .carry/cutlass_fmha/fmha, ~5 min of nvcc).
 # A step that applies a patch on the device builds in a fresh directory: the next copy of the
 # tree restores older timestamps and ninja keeps stale objects (run 46).
-# Results: docs/perf/gpu.md (part 19).
+# Results: docs/perf/gpu.md (part 20).
 set -uo pipefail
 step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
