@@ -361,8 +361,8 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
 
 // O stored by the copy engine from shared memory (FwdParams::tma_out: the fast instances with
 // d_v = 64, 16-bit rows of the inputs' dtype, no varlen) and by the threads
-// (ATTNKIT_CUDA_TMA_OUT=0): rows past the query count clipped, BNHD strides, GQA, items walked
-// by one CTA after another.
+// (ATTNKIT_CUDA_TMA_OUT=0): rows past the query count clipped, BNHD strides, GQA, a staging
+// buffer reused by the items one CTA walks (1 or 5 CTAs).
 TEST(CudaFastPath, OByTheCopyEngineMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -371,14 +371,19 @@ TEST(CudaFastPath, OByTheCopyEngineMatchesTheOracle) {
       {DType::kBF16, {3, 2, 1, 64, 64, 64, 64}, true},
   };
   int seed = 901;
-  for (const char* on : {"1", "0"}) {
-    const ScopedEnv env("ATTNKIT_CUDA_TMA_OUT", on);
-    for (const Case& c : cases)
-      for (const char* mech : {"dense", "causal", "sliding_window", "document", "sink", "alibi"}) {
-        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-        expect_matches(mech, c, 2.0, seed++);
+  for (const char* on : {"1", "0"})
+    for (const char* ctas : {"1", "5"}) {
+      const ScopedEnv env("ATTNKIT_CUDA_TMA_OUT", on);
+      const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
+      for (const Case& c : cases) {
+        for (const char* mech :
+             {"dense", "causal", "sliding_window", "document", "sink", "alibi"}) {
+          if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+          expect_matches(mech, c, 2.0, seed++);
+        }
+        expect_matches("bias", c, 2.0, seed++, {{"bias_dtype", "input"}});  // the kBias flavor
       }
-  }
+    }
 }
 
 // A 16-bit bias of the inputs' dtype with key counts the copy engine can address (rows of a
