@@ -10,13 +10,16 @@
 #    bench/gpu/racecheck_patterns.cu && compute-sanitizer --tool racecheck /tmp/rp (its new
 #    fifth pattern is the O staging: does racecheck report the fenced handoff to the copy
 #    engine's store in isolation?).
-# 2. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT fwd_tma_out_k dense:
+# 2. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT
+#    fwd_tma_out_k:fwd_tma_out_k,fwd_tma_out_grid dense,neighborhood (~450 s):
 #    bench/gpu/ab_fwd_tma_out_k.patch, O of the d128 forward by the copy engine, staged over the
 #    K tile of the item's last step (no room beside three stages): its K stage is released once
 #    both warpgroups' last S are done (barriers 5, 6) and the stores have read it. ptxas grows the
 #    d128 steady loop 1389 -> 1422 instructions with it (the K descriptors move to vector
 #    registers; any stmatrix epilogue at d128 does it, bisected): only a two-tree A/B tells
 #    (ATTNKIT_CUDA_TMA_OUT=0 in one build keeps the longer loop). d64 gained 3-5% (run 92).
+#    ab_fwd_tma_out_grid.patch (on it): the same for the 2-D neighborhood's grid tiles (5-D
+#    boxes of half a patch; their loop 1172 -> 1181): short items, where the epilogue weighs most.
 # 3. run_plan.sh cutlass $OUT: now with back_to_back.py, attnkit timed as CUTLASS's example
 #    times itself (fp16, 50 calls between two events, no flush): is the 0.89x at N 4096 (run
 #    90) the method or the kernel? cuDNN is 0.91x CUTLASS there in bench.py.
@@ -38,7 +41,7 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): tma_out_k (step 2), turns (lost 2-3% at d64 in run 65,
+# The patches kept (bench/gpu/*.patch): tma_out_k and tma_out_grid (step 2), turns (lost 2-3% at d64 in run 65,
 # d128 within 1%), the forward's uniform one (part 18); chains, wait_top and lazy are in git history (part 17),
 # the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
