@@ -17,7 +17,7 @@
 #    both warpgroups' last S are done (barriers 5, 6) and the stores have read it. ptxas grows the
 #    d128 steady loop 1389 -> 1422 instructions with it (the K descriptors move to vector
 #    registers; any stmatrix epilogue at d128 does it, bisected): only a two-tree A/B tells
-#    (ATTNKIT_CUDA_TMA_OUT=0 in one build keeps the longer loop). d64 gained 3-5% (run 92).
+#    (ATTNKIT_CUDA_TMA_OUT=0 in one build keeps the longer loop). d64 gained 2-5% (run 92).
 #    ab_fwd_tma_out_grid.patch (on it): the same for the 2-D neighborhood's grid tiles (5-D
 #    boxes of half a patch; their loop 1172 -> 1181): short items, where the epilogue weighs most.
 # 3. run_plan.sh cutlass $OUT: now with back_to_back.py, attnkit timed as CUTLASS's example
@@ -26,9 +26,9 @@
 # 4. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
 #    sliding1024-causal': where the masked backward's warps wait (sliding's backward is 1.15x
 #    Flex, part 19).
-# 5. Candidates: bench/gpu/ab_fwd_uniform.patch, ab_fwd_turns.patch (forward, part 18).
+# 5. Candidates: bench/gpu/ab_fwd_uniform.patch (forward, part 18).
 # Session 21 (part 20) adopted dq's conversion by each group's last CTA (+3-6% backward at N
-# 1024) and the d64 forward's O by the copy engine (+3-5%); the fused bound at 8192 rows lost.
+# 1024) and the d64 forward's O by the copy engine (+2-5%); the fused bound at 8192 rows lost.
 # A forward switch read from the environment A/Bs in one build: python3
 # bench/gpu/ab_env_fwd.py VAR=VAL [--d D] [--n N] (run 92). Each backward kernel's own duration
 # under ncu: ncu --metrics gpu__time_duration.sum python3 bench/gpu/profile_bwd.py --once --d D N.
@@ -41,9 +41,11 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): tma_out_k and tma_out_grid (step 2), turns (lost 2-3% at d64 in run 65,
-# d128 within 1%), the forward's uniform one (part 18); chains, wait_top and lazy are in git history (part 17),
-# the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.
+# The patches kept (bench/gpu/*.patch): tma_out_k and tma_out_grid (step 2), the forward's
+# uniform one (part 18); turns (lost 2-3% at d64 in run 65; it no longer applies since 3cca6c7:
+# git show c6e0c31:bench/gpu/ab_fwd_turns.patch), chains, wait_top and lazy (part 17) are in
+# git history, as are the backward's lean and uniform ones at e88edb0, early dQ at cd98b26,
+# fused dq at 0cdd834.
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
@@ -224,7 +226,7 @@ try:  # the same cases timed as CUTLASS times itself (back_to_back.py: fp16, 50 
 except (OSError, ValueError):
     b2b = []
 if b2b:
-    print("back to back, fp16: %-15s %8s %8s %8s %8s %8s" % (
+    print("back to back, fp16: %-14s %8s %8s %8s %8s %8s" % (
         "case", "attnkit", "cutlass", "ratio", "cudnn", "ratio"))
 for r in b2b:
     k = (r["d"], r["n"], r["causal"])
