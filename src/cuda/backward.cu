@@ -297,9 +297,9 @@ int prep_vec_group(const PrepParams& p) {
   return lg;
 }
 
-// dq in its dtype from the fp32 sums: kConvertRows rows a block (blockIdx = (rows / kConvertRows,
-// head, batch)); 16-bit dq with rows of 8-byte aligned quads (vec4) a quad a thread (a float4
-// in, 8 bytes out) over the block's rows, else a warp a row.
+// dq in its dtype from the fp32 sums: kConvertRows rows a block of 256 threads (blockIdx = (rows
+// / kConvertRows, head, batch)); 16-bit dq with rows of 8-byte aligned quads (vec4) a quad a
+// thread (a float4 in, 8 bytes out) over the block's rows, else an element a thread.
 __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, int64_t a_sn,
                                   void* dq, DType t, int64_t sb, int64_t sh, int64_t sn, int d,
                                   int nq, const int32_t* cu_q, int64_t rows, bool vec4) {
@@ -316,23 +316,7 @@ __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, 
   const float* src = acc + b * a_sb + h * a_sh + (q_start + i0) * a_sn;
   const int es = t == DType::kF32 ? 4 : 2;
   char* dst = static_cast<char*>(dq) + (b * sb + h * sh + (q_start + i0) * sn) * es;
-  if (vec4) {
-    const int quads = d / 4;
-    const auto pack = [t](float a, float b) {
-      return t == DType::kBF16 ? ElemTraits<__nv_bfloat16>::pack(a, b)
-                               : ElemTraits<__half>::pack(a, b);
-    };
-    for (int x = threadIdx.x; x < n * quads; x += blockDim.x) {
-      const int r = x / quads, c = (x - r * quads) * 4;
-      const float4 v = *reinterpret_cast<const float4*>(src + r * a_sn + c);
-      *reinterpret_cast<uint2*>(dst + (r * sn + c) * 2) =
-          make_uint2(pack(v.x, v.y), pack(v.z, v.w));
-    }
-    return;
-  }
-  for (int r = threadIdx.x / 32; r < n; r += blockDim.x / 32)
-    for (int c = threadIdx.x % 32; c < d; c += 32)
-      store_grad_elem(dst + r * sn * es, t, c, src[r * a_sn + c]);
+  convert_dq_rows<256>(dst, t, sn, vec4, n, d, threadIdx.x, global_dq_rows(src, a_sn));
 }
 
 // out[x * s] = sums[x] for x < n (dsinks, dslopes, dbeta).
@@ -508,7 +492,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   const int64_t rows_q = extent.rows_q, batch = extent.batch;
   // The fp32 sums of dq: a scratch [batch][hq][rows_q][stride] whose stride is the shared dQ
   // tile's, with a tile of rows to spare at the end (the last tile's copy covers them), converted
-  // into dq afterwards.
+  // into dq by the kernel's last CTA of each group (fused_dq) or by convert_dq_kernel after it.
   const int64_t dq_stride = bwd_dq_stride(static_cast<int>(p.d));
   bp.dq_sn = dq_stride;
   bp.dq_sh = rows_q * dq_stride;

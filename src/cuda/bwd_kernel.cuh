@@ -207,13 +207,13 @@ __device__ __forceinline__ void store_grad_pair(void* row, DType t, int col, int
   if (col + 1 < cols) store_grad_elem(row, t, col + 1, v1);
 }
 
-// Rows [0, rows) of dq's fp32 sums into the caller's dq rows from dst, by thread t of kThreadsX:
-// load(r, c, n) reads n = 4 (a quad, 16-byte aligned) or 1 floats of row r from column c.
+// Rows [0, rows) of dq's fp32 sums into dq rows of dtype dt from dst (row stride sn elements;
+// vec4: 16-bit rows of 8-byte aligned quads), by thread t of kThreadsX: load(r, c, n) reads n =
+// 4 (a quad, 16-byte aligned) or 1 floats of row r from column c.
 template <int kThreadsX, class Load>
-__device__ __forceinline__ void convert_dq_rows(const BwdParams& bp, char* dst, int rows, int d,
-                                                int t, Load load) {
-  const DType dt = bp.dq_out_dtype;
-  if (bp.dq_vec4) {
+__device__ __forceinline__ void convert_dq_rows(char* dst, DType dt, int64_t sn, bool vec4,
+                                                int rows, int d, int t, Load load) {
+  if (vec4) {
     const int quads = d / 4;
     for (int x = t; x < rows * quads; x += kThreadsX) {
       const int r = x / quads, c = (x - r * quads) * 4;
@@ -223,15 +223,30 @@ __device__ __forceinline__ void convert_dq_rows(const BwdParams& bp, char* dst, 
                                        ElemTraits<__nv_bfloat16>::pack(v.z, v.w))
                           : make_uint2(ElemTraits<__half>::pack(v.x, v.y),
                                        ElemTraits<__half>::pack(v.z, v.w));
-      *reinterpret_cast<uint2*>(dst + (r * bp.dqo_sn + c) * 2) = w;
+      *reinterpret_cast<uint2*>(dst + (r * sn + c) * 2) = w;
     }
     return;
   }
   const int es = dt == DType::kF32 ? 4 : 2;
   for (int x = t; x < rows * d; x += kThreadsX) {
     const int r = x / d, c = x - r * d;
-    store_grad_elem(dst + r * bp.dqo_sn * es, dt, c, load(r, c, 1).x);
+    store_grad_elem(dst + r * sn * es, dt, c, load(r, c, 1).x);
   }
+}
+// The caller's dq (BwdParams::dq_out) from dst.
+template <int kThreadsX, class Load>
+__device__ __forceinline__ void convert_dq_rows(const BwdParams& bp, char* dst, int rows, int d,
+                                                int t, Load load) {
+  convert_dq_rows<kThreadsX>(dst, bp.dq_out_dtype, bp.dqo_sn, bp.dq_vec4, rows, d, t, load);
+}
+// convert_dq_rows' load from fp32 rows in global memory at src, row stride sn, through L2 (where
+// other CTAs' reduce-adds landed).
+__device__ __forceinline__ auto global_dq_rows(const float* src, int64_t sn) {
+  return [=](int r, int c, int n) {
+    const float* at = src + r * sn + c;
+    return n == 4 ? __ldcg(reinterpret_cast<const float4*>(at))
+                  : make_float4(__ldcg(at), 0.f, 0.f, 0.f);
+  };
 }
 
 // The caller's dq row q0 of head h in batch b.
@@ -308,11 +323,7 @@ __global__ void __launch_bounds__(384, 1)
         for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
           const float* src = bp.dq + b * bp.dq_sb + h * bp.dq_sh + seq.q_start * bp.dq_sn;
           convert_dq_rows<S::kThreads>(bp, dq_out_row(bp, b, h, seq.q_start), nq, p.d, threadIdx.x,
-                                       [&](int r, int c, int n) {
-                                         const float* at = src + r * bp.dq_sn + c;
-                                         return n == 4 ? __ldcg(reinterpret_cast<const float4*>(at))
-                                                       : make_float4(__ldcg(at), 0.f, 0.f, 0.f);
-                                       });
+                                       global_dq_rows(src, bp.dq_sn));
         }
     }
     return;

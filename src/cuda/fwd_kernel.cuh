@@ -623,8 +623,8 @@ __global__ void __launch_bounds__(384, 1)
         const int r = x & 1, cc = c + x / 2;
         v[x] = ElemTraits<T>::pack(o[cc * 4 + 2 * r] * mul[r], o[cc * 4 + 2 * r + 1] * mul[r]);
       }
-      const int j = lane % 8, x = lane / 8;  // row j of matrix x: rows + 8 (x & 1), chunk c + x / 2
-      stmatrix_x4(buf + (warp * 16 + j + 8 * (x & 1)) * 128 + (((c + x / 2) ^ j) * 16), v);
+      const int mr = lane % 8, x = lane / 8;  // row mr of matrix x: + 8 (x & 1), chunk c + x / 2
+      stmatrix_x4(buf + (warp * 16 + mr + 8 * (x & 1)) * 128 + (((c + x / 2) ^ mr) * 16), v);
     }
     fence_proxy_async_smem();  // the copy engine reads what stmatrix wrote
     named_sync(3 + cw, 128);
