@@ -260,6 +260,52 @@ TEST(BackwardVarlen, MatchesOracle) {
   }
 }
 
+// A packed sequence without keys (cu_seqlens need only be non-decreasing): its rows weigh nothing
+// (O = 0, no gradient through them), unmasked and causal, and the others match the oracle.
+TEST(BackwardVarlen, ASequenceWithoutKeys) {
+  const std::vector<int32_t> cq = {0, 3, 133, 197}, ck = {0, 5, 5, 205};
+  const int64_t hq = 4, hk = 2, d = 16, tq = cq.back(), tk = ck.back();
+  OwnedTensor q = random_tensor(DType::kF32, {tq, hq, d}, 1.0, 11);
+  OwnedTensor k = random_tensor(DType::kF32, {tk, hk, d}, 1.0, 12);
+  OwnedTensor v = random_tensor(DType::kF32, {tk, hk, d}, 1.0, 13);
+  OwnedTensor go = random_tensor(DType::kF32, {tq, hq, d}, 1.0, 14);
+  OwnedTensor cu_q = OwnedTensor::from_ints(cq, {4}), cu_k = OwnedTensor::from_ints(ck, {4});
+  for (const bool causal : {false, true}) {
+    AttentionSpec spec;
+    if (causal) spec.mask = Mask::causal();
+    spec.cu_seqlens_q = cu_q.view;
+    spec.cu_seqlens_kv = cu_k.view;
+    OwnedTensor out = OwnedTensor::zeros(DType::kF32, {tq, hq, d});
+    OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {hq, tq});
+    ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view, lse.view).ok());
+    const std::vector<double> o = out.to_doubles();
+    for (int64_t i = cq[1] * hq * d; i < cq[2] * hq * d; ++i)
+      ASSERT_EQ(o[i], 0.0) << "causal " << causal << " element " << i;
+    std::vector<OwnedTensor> fast, ref;
+    for (DType t : {DType::kF32, DType::kF64}) {
+      std::vector<OwnedTensor>& x = t == DType::kF32 ? fast : ref;
+      x.push_back(OwnedTensor::zeros(t, {tq, hq, d}));
+      x.push_back(OwnedTensor::zeros(t, {tk, hk, d}));
+      x.push_back(OwnedTensor::zeros(t, {tk, hk, d}));
+    }
+    AttentionGrads fg{fast[0].view, fast[1].view, fast[2].view};
+    AttentionGrads rg{ref[0].view, ref[1].view, ref[2].view};
+    const Status s =
+        attention_backward(q.view, k.view, v.view, out.view, lse.view, go.view, spec, fg);
+    ASSERT_TRUE(s.ok()) << s.message();
+    ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, rg).ok());
+    for (size_t i = 0; i < fast.size(); ++i) {
+      const std::vector<double> g = fast[i].to_doubles();
+      for (double x : g) ASSERT_TRUE(std::isfinite(x)) << "causal " << causal << " gradient " << i;
+      EXPECT_LE(rel_error(g, ref[i].to_doubles()), 2e-5)
+          << "causal " << causal << " gradient " << i;
+    }
+    const std::vector<double> dq = fast[0].to_doubles();
+    for (int64_t i = cq[1] * hq * d; i < cq[2] * hq * d; ++i)
+      ASSERT_EQ(dq[i], 0.0) << "causal " << causal << " dq element " << i;
+  }
+}
+
 // The softmax family and the normalized kernel need the forward's row statistic.
 TEST(BackwardRowStat, MissingIsRefused) {
   for (const char* mech : {"causal", "sink", "kernel_softplus"}) {

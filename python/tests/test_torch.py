@@ -283,16 +283,31 @@ def test_cuda_backward_matches_the_cpu(d):
     # Autograd on CUDA tensors (the CUDA backward) against the same on float32 CPU copies: packed
     # uneven sequences, GQA, and the fast (causal, window) and general (softcap, sink, gate) paths.
     torch.manual_seed(7)
-    lens_q, lens_k = [1, 300, 129, 200], [5, 300, 400, 257]
+    lens_q = [1, 300, 129, 200]
+    sinks = torch.randn(4)
+    gate = torch.randn(sum(lens_q), 4, d)
+    _packed_grads_match(lens_q, [5, 300, 400, 257], d, [
+        dict(), dict(causal=True), dict(window=(100, 0)),
+        dict(causal=True, score_mod=attnkit.score_mods.Softcap(20.0)),
+        dict(sinks=sinks), dict(causal=True, gate=gate)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_backward_with_a_sequence_without_keys():
+    # A packed sequence with no keys (cu_seqlens need only be non-decreasing): its rows weigh
+    # nothing, and the backward's CTAs past its keys still count themselves for the conversion of
+    # its group's dq inside the kernel (their early exit converts it).
+    torch.manual_seed(9)
+    _packed_grads_match([3, 130, 64], [5, 0, 200], 64, [dict(), dict(causal=True)])
+
+
+def _packed_grads_match(lens_q, lens_k, d, cases):
+    """The gradients of attnkit.attention on packed sequences (4 query heads, 2 kv heads) on
+    CUDA in bf16 against float32 CPU copies, for each case's keyword arguments."""
     cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
     cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
     base = [torch.randn(sum(lens_q), 4, d), torch.randn(sum(lens_k), 2, d),
             torch.randn(sum(lens_k), 2, d)]
-    sinks = torch.randn(4)
-    gate = torch.randn(sum(lens_q), 4, d)
-    cases = [dict(), dict(causal=True), dict(window=(100, 0)),
-             dict(causal=True, score_mod=attnkit.score_mods.Softcap(20.0)),
-             dict(sinks=sinks), dict(causal=True, gate=gate)]
     for kw in cases:
         grads = []
         for dev, dt in [("cuda", torch.bfloat16), ("cpu", torch.float32)]:
