@@ -4,7 +4,9 @@
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
 # 0. run_plan.sh 1 $OUT: the whole test_cuda, check and pytest on main, which since run 85 has
-#    the d64 forward's O stored by the copy engine (3cca6c7, run 92 ran only its own test).
+#    the d64 forward's O stored by the copy engine (3cca6c7, run 92 ran only its own test, as it
+#    was then), dq's conversion through convert_dq_rows, and a pytest of a packed sequence
+#    without keys (the fused conversion's early exit).
 # 1. SANITIZE_TOOLS=memcheck run_plan.sh 4 $OUT, then SANITIZE_TOOLS=racecheck run_plan.sh 4 $OUT
 #    (one call each: together they ran past 500 s in run 86), and nvcc -arch=sm_90a -o /tmp/rp
 #    bench/gpu/racecheck_patterns.cu && compute-sanitizer --tool racecheck /tmp/rp (its new
