@@ -77,9 +77,9 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
   f.beta = norm.beta ? *norm.beta : -std::log(static_cast<double>(nk));
   if (norm.kind == NormalizerKind::kKernel) f.W.assign(nq * nk, 0.0);
   for (int64_t i = 0; i < nq; ++i) {
-    const double* Si = &f.S[i * nk];
-    double* Pi = &f.P[i * nk];
-    const char* Ai = &f.A[i * nk];
+    const double* Si = f.S.data() + i * nk;  // (nk may be 0: a sequence without keys)
+    double* Pi = f.P.data() + i * nk;
+    const char* Ai = f.A.data() + i * nk;
     switch (norm.kind) {
       case NormalizerKind::kSoftmax:
       case NormalizerKind::kSoftmaxSink: {
