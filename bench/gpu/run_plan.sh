@@ -18,7 +18,8 @@
 #    K tile of the item's last step (no room beside three stages): its K stage is released once
 #    both warpgroups' last S are done (barriers 5, 6) and the stores have read it. ptxas grows the
 #    d128 steady loop 1389 -> 1422 instructions with it (the K descriptors move to vector
-#    registers; any stmatrix epilogue at d128 does it, bisected): only a two-tree A/B tells
+#    registers; any second epilogue at d128 does it, plain stores without the copy engine or the
+#    barriers included: bisected): only a two-tree A/B tells
 #    (ATTNKIT_CUDA_TMA_OUT=0 in one build keeps the longer loop). d64 gained 2-5% (run 92).
 #    ab_fwd_tma_out_grid.patch (on it): the same for the 2-D neighborhood's grid tiles (5-D
 #    boxes of half a patch; their loop 1172 -> 1181): short items, where the epilogue weighs most.
