@@ -5,7 +5,8 @@
 # (attnkit beside FlashAttention-2, cuDNN, FlexAttention and the mem-efficient backend).
 # Debian's packages missing there come from .carry (Highway, nlohmann-json, CLI11, GoogleTest).
 # Usage: [HEAD_DIMS="64;96;128;192;256;192x128"] [BWD_MAX_HEAD_DIM=256] [GRID_TILES=OFF] \
-#        [TEST_FILTER='*Backward*'] [SANITIZE_TOOLS=racecheck] \
+#        [TEST_FILTER='*Backward*'] [SANITIZE_TOOLS=racecheck] [SANITIZE_FILTER=...] \
+#        [SANITIZE_SKIP='CudaFastPath.*'] \
 #        bash scripts/gpu_cuda.sh OUT_DIR [--quick] [--train] [--sanitize] [--no-bench] [--lean]
 #   --lean: no CLI, no `attnkit check`, no pytest (an iteration's run: test_cuda under
 #   TEST_FILTER, then the bench)   (results: docs/perf/gpu.md)
@@ -45,10 +46,15 @@ if (( ! lean )); then
   PYTHONPATH=build-gpu/python python3 -m pytest -q -p no:cacheprovider python/tests/test_torch.py -k cuda > "$out/pytest_cuda.log" 2>&1 || rc=1
   tail -3 "$out/pytest_cuda.log"
 fi
+# The sanitizers' tests (SANITIZE_FILTER replaces the list, SANITIZE_SKIP leaves some out:
+# racecheck runs them ~100x slower).
+o=All/CudaOracle.MatchesOracle b=All/CudaBackward.MatchesOracle
+sanitize_all="$o/dense:$o/sliding_window:$o/document:$o/sigmoid:$o/gate:CudaFastPath.*:$b/dense"
+sanitize_all+=":$b/causal:$b/document:$b/sink:$b/gate:CudaBackwardLong.DqTilesMatchTheOracle"
 if [[ " $* " == *" --sanitize "* ]]; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/tests/test_cuda \
-      --gtest_filter='All/CudaOracle.MatchesOracle/dense:All/CudaOracle.MatchesOracle/sliding_window:All/CudaOracle.MatchesOracle/document:All/CudaOracle.MatchesOracle/sigmoid:All/CudaOracle.MatchesOracle/gate:CudaFastPath.*:All/CudaBackward.MatchesOracle/dense:All/CudaBackward.MatchesOracle/causal:All/CudaBackward.MatchesOracle/document:All/CudaBackward.MatchesOracle/sink:All/CudaBackward.MatchesOracle/gate:CudaBackwardLong.DqTilesMatchTheOracle' \
+      --gtest_filter="${SANITIZE_FILTER:-$sanitize_all}${SANITIZE_SKIP:+-$SANITIZE_SKIP}" \
       > "$out/sanitize_$tool.log" 2>&1; echo "compute-sanitizer $tool: rc $?"; tail -2 "$out/sanitize_$tool.log"
   done
 fi

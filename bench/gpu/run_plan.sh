@@ -7,11 +7,13 @@
 #    the d64 forward's O stored by the copy engine (3cca6c7, run 92 ran only its own test, as it
 #    was then), dq's conversion through convert_dq_rows, and a pytest of a packed sequence
 #    without keys (the fused conversion's early exit).
-# 1. SANITIZE_TOOLS=memcheck run_plan.sh 4 $OUT, then SANITIZE_TOOLS=racecheck run_plan.sh 4 $OUT
-#    (one call each: together they ran past 500 s in run 86), and nvcc -arch=sm_90a -o /tmp/rp
-#    bench/gpu/racecheck_patterns.cu && compute-sanitizer --tool racecheck /tmp/rp (its new
-#    fifth pattern is the O staging: does racecheck report the fenced handoff to the copy
-#    engine's store in isolation?).
+# 1. SANITIZE_TOOLS=memcheck run_plan.sh 4 $OUT; then racecheck in two calls (run 86's ran past
+#    500 s, and CudaFastPath has the copy engine's O test since): SANITIZE_TOOLS=racecheck
+#    SANITIZE_FILTER='CudaFastPath.*' run_plan.sh 4 $OUT, then SANITIZE_TOOLS=racecheck
+#    SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4 $OUT (the rest of the list); with it, nvcc
+#    -arch=sm_90a -o /tmp/rp bench/gpu/racecheck_patterns.cu && compute-sanitizer --tool
+#    racecheck /tmp/rp (its new fifth pattern is the O staging: does racecheck report the fenced
+#    handoff to the copy engine's store in isolation?).
 # 2. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT
 #    fwd_tma_out_k:fwd_tma_out_k,fwd_tma_out_grid dense,neighborhood (~450 s):
 #    bench/gpu/ab_fwd_tma_out_k.patch, O of the d128 forward by the copy engine, staged over the
