@@ -192,6 +192,32 @@ TEST(BackwardRules, OverlappingGradientViewsAreRefused) {
   EXPECT_NE(s.message().find("must not overlap"), std::string::npos) << s.message();
 }
 
+// Zeroed gradients of packed q [tq, hq, d], k and v [tk, hk, d or dv] and the extras (a member
+// of AttentionGrads and its shape each), in fp32 for the CPU backward and fp64 for the oracle.
+struct VarlenGrads {
+  std::vector<OwnedTensor> fast, ref;
+  AttentionGrads fg, rg;
+};
+VarlenGrads varlen_grads(
+    int64_t tq, int64_t tk, int64_t hq, int64_t hk, int64_t d, int64_t dv,
+    const std::vector<std::pair<TensorView AttentionGrads::*, std::vector<int64_t>>>& extras = {}) {
+  VarlenGrads g;
+  for (DType t : {DType::kF32, DType::kF64}) {
+    std::vector<OwnedTensor>& x = t == DType::kF32 ? g.fast : g.ref;
+    x.push_back(OwnedTensor::zeros(t, {tq, hq, d}));
+    x.push_back(OwnedTensor::zeros(t, {tk, hk, d}));
+    x.push_back(OwnedTensor::zeros(t, {tk, hk, dv}));
+    for (const auto& e : extras) x.push_back(OwnedTensor::zeros(t, e.second));
+  }
+  g.fg = {g.fast[0].view, g.fast[1].view, g.fast[2].view};
+  g.rg = {g.ref[0].view, g.ref[1].view, g.ref[2].view};
+  for (size_t i = 0; i < extras.size(); ++i) {
+    g.fg.*extras[i].first = g.fast[3 + i].view;
+    g.rg.*extras[i].first = g.ref[3 + i].view;
+  }
+  return g;
+}
+
 // Varlen through the CPU backward against the oracle, with per-sequence normalizers and gates.
 TEST(BackwardVarlen, MatchesOracle) {
   const std::vector<int32_t> cq = {0, 5, 75, 204}, ck = {0, 9, 79, 179};
@@ -236,26 +262,13 @@ TEST(BackwardVarlen, MatchesOracle) {
     OwnedTensor out = OwnedTensor::zeros(DType::kF32, {tq, hq, dv});
     OwnedTensor row_stat = stat ? OwnedTensor::zeros(DType::kF32, {hq, tq}) : OwnedTensor{};
     ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view, row_stat.view).ok());
-    std::vector<OwnedTensor> fast, ref;
-    for (DType t : {DType::kF32, DType::kF64}) {
-      std::vector<OwnedTensor>& x = t == DType::kF32 ? fast : ref;
-      x.push_back(OwnedTensor::zeros(t, {tq, hq, d}));
-      x.push_back(OwnedTensor::zeros(t, {tk, hk, d}));
-      x.push_back(OwnedTensor::zeros(t, {tk, hk, dv}));
-      for (const auto& e : extras) x.push_back(OwnedTensor::zeros(t, e.second));
-    }
-    AttentionGrads fg{fast[0].view, fast[1].view, fast[2].view};
-    AttentionGrads rg{ref[0].view, ref[1].view, ref[2].view};
-    for (size_t i = 0; i < extras.size(); ++i) {
-      fg.*extras[i].first = fast[3 + i].view;
-      rg.*extras[i].first = ref[3 + i].view;
-    }
+    const VarlenGrads g = varlen_grads(tq, tk, hq, hk, d, dv, extras);
     const Status s =
-        attention_backward(q.view, k.view, v.view, out.view, row_stat.view, go.view, spec, fg);
+        attention_backward(q.view, k.view, v.view, out.view, row_stat.view, go.view, spec, g.fg);
     ASSERT_TRUE(s.ok()) << s.message();
-    ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, rg).ok());
-    for (size_t i = 0; i < fast.size(); ++i)
-      EXPECT_LE(rel_error(fast[i].to_doubles(), ref[i].to_doubles()), i < 3 ? 2e-5 : 1e-4)
+    ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, g.rg).ok());
+    for (size_t i = 0; i < g.fast.size(); ++i)
+      EXPECT_LE(rel_error(g.fast[i].to_doubles(), g.ref[i].to_doubles()), i < 3 ? 2e-5 : 1e-4)
           << "variant " << variant << " gradient " << i;
   }
 }
@@ -281,26 +294,19 @@ TEST(BackwardVarlen, ASequenceWithoutKeys) {
     const std::vector<double> o = out.to_doubles();
     for (int64_t i = cq[1] * hq * d; i < cq[2] * hq * d; ++i)
       ASSERT_EQ(o[i], 0.0) << "causal " << causal << " element " << i;
-    std::vector<OwnedTensor> fast, ref;
-    for (DType t : {DType::kF32, DType::kF64}) {
-      std::vector<OwnedTensor>& x = t == DType::kF32 ? fast : ref;
-      x.push_back(OwnedTensor::zeros(t, {tq, hq, d}));
-      x.push_back(OwnedTensor::zeros(t, {tk, hk, d}));
-      x.push_back(OwnedTensor::zeros(t, {tk, hk, d}));
-    }
-    AttentionGrads fg{fast[0].view, fast[1].view, fast[2].view};
-    AttentionGrads rg{ref[0].view, ref[1].view, ref[2].view};
+    const VarlenGrads g = varlen_grads(tq, tk, hq, hk, d, d);
     const Status s =
-        attention_backward(q.view, k.view, v.view, out.view, lse.view, go.view, spec, fg);
+        attention_backward(q.view, k.view, v.view, out.view, lse.view, go.view, spec, g.fg);
     ASSERT_TRUE(s.ok()) << s.message();
-    ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, rg).ok());
-    for (size_t i = 0; i < fast.size(); ++i) {
-      const std::vector<double> g = fast[i].to_doubles();
-      for (double x : g) ASSERT_TRUE(std::isfinite(x)) << "causal " << causal << " gradient " << i;
-      EXPECT_LE(rel_error(g, ref[i].to_doubles()), 2e-5)
+    ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, g.rg).ok());
+    for (size_t i = 0; i < g.fast.size(); ++i) {
+      const std::vector<double> got = g.fast[i].to_doubles();
+      for (double x : got)
+        ASSERT_TRUE(std::isfinite(x)) << "causal " << causal << " gradient " << i;
+      EXPECT_LE(rel_error(got, g.ref[i].to_doubles()), 2e-5)
           << "causal " << causal << " gradient " << i;
     }
-    const std::vector<double> dq = fast[0].to_doubles();
+    const std::vector<double> dq = g.fast[0].to_doubles();
     for (int64_t i = cq[1] * hq * d; i < cq[2] * hq * d; ++i)
       ASSERT_EQ(dq[i], 0.0) << "causal " << causal << " dq element " << i;
   }

@@ -2,7 +2,8 @@
 sliding windows of growing width (bf16, d 128, N 8192, batch 2, 16 heads), where each key tile's
 walk (backward) and each query tile's (forward) grows with the window, fitted as
 time = fixed + per_step * steps. `fixed` in steps' worth says how much a short walk (N 1024,
-sliding windows, documents) pays for a CTA's or an item's start and end.
+sliding windows, documents) pays for a CTA's or an item's start and end; the backward's also
+holds its preparation and dq's conversion, which grow with N, not with the window.
 Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/fixed_cost.py [WINDOW ...]"""
 import sys
 
