@@ -173,7 +173,9 @@ __global__ void __launch_bounds__(384, 1)
   // Stage and phase of the ring's it-th tile, counted over the CTA's items.
   auto phase_of = [](int it) { return static_cast<uint32_t>((it / kStages) & 1); };
 
-  const int tid = threadIdx.x, wg = tid / 128;
+  // The fast flavor's warpgroup through a broadcast from lane 0, which ptxas takes as
+  // warp-uniform: the descriptors derived from it then live in uniform registers.
+  const int tid = threadIdx.x, wg = kGeneral ? tid / 128 : __shfl_sync(0xffffffff, tid / 128, 0);
   if (tid == 0) {
     mbar_init(bar_q, 1);
     mbar_init(empty_q, 8);  // one arrival per consumer warp
