@@ -1,37 +1,33 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 22), one call of at most 600 s each:
+# The next device session's runs (session 23), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
-# 0. run_plan.sh 1 $OUT: the whole test_cuda, check and pytest on main, which since run 85 has
-#    the d64 forward's O stored by the copy engine (3cca6c7, run 92 ran only its own test, as it
-#    was then), dq's conversion through convert_dq_rows, and a pytest of a packed sequence
-#    without keys (the fused conversion's early exit).
-# 1. SANITIZE_TOOLS=memcheck run_plan.sh 4 $OUT; then racecheck in two calls (run 86's ran past
-#    500 s, and CudaFastPath has the copy engine's O test since): SANITIZE_TOOLS=racecheck
-#    SANITIZE_FILTER='CudaFastPath.*' run_plan.sh 4 $OUT, then SANITIZE_TOOLS=racecheck
-#    SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4 $OUT (the rest of the list); with it, nvcc
-#    -arch=sm_90a -o /tmp/rp bench/gpu/racecheck_patterns.cu && compute-sanitizer --tool
-#    racecheck /tmp/rp (its new fifth pattern is the O staging: does racecheck report the fenced
-#    handoff to the copy engine's store in isolation?).
-# 2. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT
-#    fwd_tma_out_k:fwd_tma_out_k,fwd_tma_out_grid dense,neighborhood (~450 s):
-#    bench/gpu/ab_fwd_tma_out_k.patch, O of the d128 forward by the copy engine, staged over the
-#    K tile of the item's last step (no room beside three stages): its K stage is released once
-#    both warpgroups' last S are done (barriers 5, 6) and the stores have read it. ptxas grows the
-#    d128 steady loop 1389 -> 1422 instructions with it (the K descriptors move to vector
-#    registers; any second epilogue at d128 does it, plain stores without the copy engine or the
-#    barriers included: bisected): only a two-tree A/B tells
-#    (ATTNKIT_CUDA_TMA_OUT=0 in one build keeps the longer loop). d64 gained 2-5% (run 92).
-#    ab_fwd_tma_out_grid.patch (on it): the same for the 2-D neighborhood's grid tiles (5-D
-#    boxes of half a patch; their loop 1172 -> 1181): short items, where the epilogue weighs most.
-# 3. run_plan.sh cutlass $OUT: now with back_to_back.py, attnkit timed as CUTLASS's example
-#    times itself (fp16, 50 calls between two events, no flush): is the 0.89x at N 4096 (run
-#    90) the method or the kernel? cuDNN is 0.91x CUTLASS there in bench.py.
-# 4. run_plan.sh 7 $OUT '--masked --case alibi-causal', then '--masked --case
-#    sliding1024-causal': where the masked backward's warps wait (sliding's backward is 1.15x
-#    Flex, part 19).
-# 5. Candidates: bench/gpu/ab_fwd_uniform.patch (forward, part 18).
+# 0. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT
+#    fwd_lean:fwd_lean,fwd_item_slot dense,masked,neighborhood (~330 s): bench/gpu/
+#    ab_fwd_lean.patch, the forward's steady step without its per-tile band classification (an
+#    item's full key tiles [f_begin, f_end) found once; 64-bit compares a tile otherwise) and
+#    with the ring's stage and phase counted instead of divided by 3: the step's executed path
+#    535 -> 520 instructions at d128, 487 -> 448 at d64 (SASS read; the d64 band test was 38).
+#    ab_fwd_item_slot.patch (on it): the producer thread hands each item's (b, h, query tile)
+#    through the schedule's slot (16 bytes), so the 256 consumer threads skip its two integer
+#    divisions (~56 instructions an item; the fast d64 kernel spills 12 bytes, not 4).
+# 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.*' AGAIN=0 run_plan.sh ab $OUT
+#    bwd_band:bwd_band,bwd_alibi_band train_dense,train_masked (~350 s): ab_bwd_band.patch, the
+#    backward's band classification found once a CTA ([qf_begin, qf_end), ~30 instructions a
+#    step less at d128); ab_bwd_alibi_band.patch (on it): ALiBi under a band (causal ALiBi,
+#    symmetric without a mask) runs the band instance, no block table built each call, no tile
+#    class read each step (the band instance takes the term's code without a spill now). The
+#    ALiBi-causal forward+backward is 1.20x Flex (target 1.3) while its forward is 1.44x: the
+#    backward's table path is the suspect. Both range formulas were checked by brute force
+#    against MaskEval::band (300000 random cases, session 22).
+# 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~360 s).
+# 3. With what is left: SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4
+#    $OUT (the backward's list, last run 87-88), or run_plan.sh 7 $OUT '--masked --case
+#    alibi-causal' on the adopted tree.
+# Session 22 (part 21): the uniform warpgroup index adopted (+1-1.5% d128 N >= 4096, softcap
+# +8%); O of the d128 forward by the copy engine lost 4-7% at N >= 4096 (the steady loop grew);
+# CUTLASS's lead is the kernel's (back to back it is wider).
 # Session 21 (part 20) adopted dq's conversion by each group's last CTA (+3-6% backward at N
 # 1024) and the d64 forward's O by the copy engine (+2-5%); the fused bound at 8192 rows lost.
 # A forward switch read from the environment A/Bs in one build: python3
@@ -46,11 +42,11 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): tma_out_k and tma_out_grid (step 2), the forward's
-# uniform one (part 18); turns (lost 2-3% at d64 in run 65; it no longer applies since 3cca6c7:
-# git show c6e0c31:bench/gpu/ab_fwd_turns.patch), chains, wait_top and lazy (part 17) are in
-# git history, as are the backward's lean and uniform ones at e88edb0, early dQ at cd98b26,
-# fused dq at 0cdd834.
+# The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, bwd_band, bwd_alibi_band
+# (steps 0, 1). In git history: tma_out_k and tma_out_grid (lost in run 94: git show
+# 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains, wait_top and lazy (part
+# 17), the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at
+# 0cdd834.
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
@@ -67,7 +63,7 @@
 #    it here first (bash scripts/cutlass_fmha.sh: .carry/cutlass_fmha/fmha, ~5 min of nvcc).
 # A step that applies a patch on the device builds in a fresh directory: the next copy of the
 # tree restores older timestamps and ninja keeps stale objects (run 46).
-# Results: docs/perf/gpu.md (part 20).
+# Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
 step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
