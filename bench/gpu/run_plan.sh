@@ -12,15 +12,21 @@
 #    ab_fwd_item_slot.patch (on it): the producer thread hands each item's (b, h, query tile)
 #    through the schedule's slot (16 bytes), so the 256 consumer threads skip its two integer
 #    divisions (~56 instructions an item; the fast d64 kernel spills 12 bytes, not 4).
-# 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.*' AGAIN=0 run_plan.sh ab $OUT
-#    bwd_band:bwd_band,bwd_alibi_band train_dense,train_masked (~350 s): ab_bwd_band.patch, the
-#    backward's band classification found once a CTA ([qf_begin, qf_end), ~30 instructions a
-#    step less at d128); ab_bwd_alibi_band.patch (on it): ALiBi under a band (causal ALiBi,
-#    symmetric without a mask) runs the band instance, no block table built each call, no tile
-#    class read each step (the band instance takes the term's code without a spill now). The
-#    ALiBi-causal forward+backward is 1.20x Flex (target 1.3) while its forward is 1.44x: the
-#    backward's table path is the suspect. Both range formulas were checked by brute force
-#    against MaskEval::band (300000 random cases, session 22).
+# 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.*' AGAIN=0 PROFILE='--kernels --ab
+#    ATTNKIT_CUDA_TMA_DKDV=0 1024 4096' run_plan.sh ab $OUT
+#    bwd_band:bwd_band,bwd_alibi_band,bwd_tma_dkdv train_dense,train_masked (~400 s):
+#    ab_bwd_band.patch, the backward's band classification found once a CTA ([qf_begin,
+#    qf_end), ~30 instructions a step less at d128); ab_bwd_alibi_band.patch (on it): ALiBi
+#    under a band (causal ALiBi, symmetric without a mask) runs the band instance, no block
+#    table built each call, no tile class read each step (the band instance takes the term's
+#    code without a spill now). The ALiBi-causal forward+backward is 1.20x Flex (target 1.3)
+#    while its forward is 1.44x: the backward's table path is the suspect. Both range formulas
+#    were checked by brute force against MaskEval::band (300000 random cases, session 22).
+#    ab_bwd_tma_dkdv.patch (on them): dK and dV of 16 bits by the copy engine, each warpgroup's
+#    64 rows staged by stmatrix over K and V (stage_rows, shared with the forward's O), in place
+#    of 64 pair stores a thread with their dtype tests (sliding's backward spends 11% of its
+#    samples after the walk, run 98); ATTNKIT_CUDA_TMA_DKDV=0 turns it off in one build, which
+#    PROFILE's --ab compares (the kernels' times, N 1024 and 4096).
 # 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~360 s).
 # 3. With what is left: SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4
 #    $OUT (the backward's list, last run 87-88), or run_plan.sh 7 $OUT '--masked --case
