@@ -48,8 +48,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, bwd_band, bwd_alibi_band
-# (steps 0, 1). In git history: tma_out_k and tma_out_grid (lost in run 94: git show
+# The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, bwd_band, bwd_alibi_band,
+# bwd_tma_dkdv (steps 0, 1). In git history: tma_out_k and tma_out_grid (lost in run 94: git show
 # 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains, wait_top and lazy (part
 # 17), the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at
 # 0cdd834.
