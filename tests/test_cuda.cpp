@@ -470,6 +470,17 @@ TEST(CudaFastPath, RisingScoresRescaleTheOutput) {
     for (const char* mech : {"alibi", "alibi_symmetric"}) expect_forward_backward(mech, c, seed);
 }
 
+// A zero scale leaves only ALiBi's term in the scores. The fast kernels add the term in raw
+// dot-product units (slope / scale), so such calls must take the general flavor, forward and
+// backward (the backward's fast one took it and gave inf / NaN, found in review).
+TEST(CudaFastPath, AlibiWithAZeroScaleMatchesTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case c{DType::kBF16, {1, 2, 2, 200, 330, 64, 64}, false};
+  int seed = 401;
+  for (const char* mech : {"alibi", "alibi_symmetric"})
+    expect_forward_backward(mech, c, seed, {{"scale", 0.0}});
+}
+
 // Masks with partial tiles across long rows: plain, on the fast kernel with every partial tile's
 // bits; with a relative-position table, on the general kernel, whose partial tiles beyond the
 // precomputed bits (16 per query tile) evaluate the mask tree in the kernel.

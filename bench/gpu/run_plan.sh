@@ -27,7 +27,9 @@
 #    of 64 pair stores a thread with their dtype tests (sliding's backward spends 11% of its
 #    samples after the walk, run 98); ATTNKIT_CUDA_TMA_DKDV=0 turns it off in one build, which
 #    PROFILE's --ab compares (the kernels' times, N 1024 and 4096).
-# 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~360 s).
+# 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~360 s); it also
+#    runs CudaFastPath.AlibiWithAZeroScaleMatchesTheOracle (new in session 22, not yet run:
+#    the backward's fast flavor took ALiBi with scale 0 and divided by it; now the general).
 # 3. With what is left: SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4
 #    $OUT (the backward's list, last run 87-88), or run_plan.sh 7 $OUT '--masked --case
 #    alibi-causal' on the adopted tree.

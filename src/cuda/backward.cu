@@ -447,9 +447,11 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // ALiBi alone (without its slopes' gradient) runs the tabled instance, which adds its term;
   // the band instance stays without it (its registers are tight).
   // A softcap, alone or after either, runs the tabled instance too (the cap's derivative from P).
+  // ALiBi's term is added in raw dot-product units (slope / scale): a zero scale takes the
+  // general flavor.
   const FastMods fm = fast_mods(spec.mods);
   const bool capped = fm.capped;
-  const bool alibi = fm.alibi && !grads.dalibi_slopes.defined();
+  const bool alibi = fm.alibi && !grads.dalibi_slopes.defined() && p.scale != 0.f;
   // So does a dense 16-bit bias alone (encode_bias), its tiles loaded by TMA, with dbias (if
   // wanted) stored by TMA: 16 bits of q's dtype, without broadcast dims.
   TmaMaps bias_map;
