@@ -12,9 +12,10 @@
 #    ab_fwd_item_slot.patch (on it): the producer thread hands each item's (b, h, query tile)
 #    through the schedule's slot (16 bytes), so the 256 consumer threads skip its two integer
 #    divisions (~56 instructions an item; the fast d64 kernel spills 12 bytes, not 4).
-# 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.*' AGAIN=0 PROFILE='--kernels --ab
-#    ATTNKIT_CUDA_TMA_DKDV=0 1024 4096' run_plan.sh ab $OUT
-#    bwd_band:bwd_band,bwd_alibi_band,bwd_tma_dkdv train_dense,train_masked (~400 s):
+# 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.RisingScores*:CudaFastPath.AlibiWith*' AGAIN=0
+#    PROFILE='--kernels --ab ATTNKIT_CUDA_TMA_DKDV=0 1024 4096' run_plan.sh ab $OUT
+#    bwd_band:bwd_band,bwd_alibi_band,bwd_tma_dkdv train_dense,train_masked (~400 s; run 84's
+#    two backward sets with '*CudaBackward*' fit one call):
 #    ab_bwd_band.patch, the backward's band classification found once a CTA ([qf_begin,
 #    qf_end), ~30 instructions a step less at d128); ab_bwd_alibi_band.patch (on it): ALiBi
 #    under a band (causal ALiBi, symmetric without a mask) runs the band instance, no block
@@ -26,7 +27,10 @@
 #    64 rows staged by stmatrix over K and V (stage_rows, shared with the forward's O), in place
 #    of 64 pair stores a thread with their dtype tests (sliding's backward spends 11% of its
 #    samples after the walk, run 98); ATTNKIT_CUDA_TMA_DKDV=0 turns it off in one build, which
-#    PROFILE's --ab compares (the kernels' times, N 1024 and 4096).
+#    PROFILE's --ab compares (the kernels' times, N 1024 and 4096). On adopting fwd_lean and
+#    bwd_band: their two range computations are one band's (the backward's is the transposed
+#    band: left and right swapped, the offset negated); factor them into a host-and-device
+#    MaskEval function with a CPU test against MaskEval::band.
 # 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~360 s); it also
 #    runs CudaFastPath.AlibiWithAZeroScaleMatchesTheOracle (new in session 22, not yet run:
 #    the backward's fast flavor took ALiBi with scale 0 and divided by it; now the general).
