@@ -4,7 +4,7 @@
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
 # 0. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT
-#    fwd_lean:fwd_lean,fwd_item_slot dense,masked,neighborhood (~330 s): bench/gpu/
+#    fwd_lean:fwd_lean,fwd_item_slot:fwd_grid_bits dense,masked,neighborhood (~420 s): bench/gpu/
 #    ab_fwd_lean.patch, the forward's steady step without its per-tile band classification (an
 #    item's full key tiles [f_begin, f_end) found once; 64-bit compares a tile otherwise) and
 #    with the ring's stage and phase counted instead of divided by 3: the step's executed path
@@ -12,6 +12,11 @@
 #    ab_fwd_item_slot.patch (on it): the producer thread hands each item's (b, h, query tile)
 #    through the schedule's slot (16 bytes), so the 256 consumer threads skip its two integer
 #    divisions (~56 instructions an item; the fast d64 kernel spills 12 bytes, not 4).
+#    ab_fwd_grid_bits.patch (on main; it conflicts with item_slot's lines, merge by hand if
+#    both win): the grid tiles' mask as two 32-bit words of tests (rows as nibbles times the
+#    thread's four columns; R2P and a select a score, as the tabled tiles) and a key tile's
+#    patch by the reciprocal of kcols instead of an integer division a tile: the grid step's
+#    executed path 764 -> 688 instructions at d128 (the bit formulas checked by brute force).
 # 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.RisingScores*:CudaFastPath.AlibiWith*' AGAIN=0
 #    PROFILE='--kernels --ab ATTNKIT_CUDA_TMA_DKDV=0 1024 4096' run_plan.sh ab $OUT
 #    bwd_band:bwd_band,bwd_alibi_band,bwd_tma_dkdv train_dense,train_masked (~400 s; run 84's
@@ -54,11 +59,11 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, bwd_band, bwd_alibi_band,
-# bwd_tma_dkdv (steps 0, 1). In git history: tma_out_k and tma_out_grid (lost in run 94: git show
-# 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains, wait_top and lazy (part
-# 17), the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at
-# 0cdd834.
+# The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, fwd_grid_bits, bwd_band,
+# bwd_alibi_band, bwd_tma_dkdv (steps 0, 1). In git history: tma_out_k and tma_out_grid (lost
+# in run 94: git show 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains,
+# wait_top and lazy (part 17), the backward's lean and uniform ones at e88edb0, early dQ at
+# cd98b26, fused dq at 0cdd834.
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh
