@@ -39,7 +39,11 @@
 # 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~360 s); it also
 #    runs CudaFastPath.AlibiWithAZeroScaleMatchesTheOracle (new in session 22, not yet run:
 #    the backward's fast flavor took ALiBi with scale 0 and divided by it; now the general).
-# 3. With what is left: SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4
+# 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
+#    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
+#    bits: the d64 forward's masked-tile block 247 -> 213 instructions (the rest is the 64-bit
+#    bounds); ~1% at most on causal N 1024; it needs the forward and backward tests.
+# 4. With what is left: SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4
 #    $OUT (the backward's list, last run 87-88), or run_plan.sh 7 $OUT '--masked --case
 #    alibi-causal' on the adopted tree.
 # Session 22 (part 21): the uniform warpgroup index adopted (+1-1.5% d128 N >= 4096, softcap
@@ -59,7 +63,7 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, fwd_grid_bits, bwd_band,
+# The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, fwd_grid_bits, band_bits, bwd_band,
 # bwd_alibi_band, bwd_tma_dkdv (steps 0, 1). In git history: tma_out_k and tma_out_grid (lost
 # in run 94: git show 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains,
 # wait_top and lazy (part 17), the backward's lean and uniform ones at e88edb0, early dQ at
