@@ -8,7 +8,8 @@
 #    ab_fwd_lean.patch, the forward's steady step without its per-tile band classification (an
 #    item's full key tiles [f_begin, f_end) found once; 64-bit compares a tile otherwise) and
 #    with the ring's stage and phase counted instead of divided by 3: the step's executed path
-#    535 -> 520 instructions at d128, 487 -> 448 at d64 (SASS read; the d64 band test was 38).
+#    524 -> 509 instructions at d128, 479 -> 438 at d64 (scripts/sass_loop.py; the d64 band
+#    test was 38).
 #    ab_fwd_item_slot.patch (on it): the producer thread hands each item's (b, h, query tile)
 #    through the schedule's slot (16 bytes), so the 256 consumer threads skip its two integer
 #    divisions (~56 instructions an item; the fast d64 kernel spills 12 bytes, not 4).
@@ -16,7 +17,8 @@
 #    both win): the grid tiles' mask as two 32-bit words of tests (rows as nibbles times the
 #    thread's four columns; R2P and a select a score, as the tabled tiles) and a key tile's
 #    patch by the reciprocal of kcols instead of an integer division a tile: the grid step's
-#    executed path 764 -> 688 instructions at d128 (the bit formulas checked by brute force).
+#    executed path 764 -> 688 instructions at d128 (scripts/sass_loop.py; the bit formulas
+#    checked by brute force).
 # 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.RisingScores*:CudaFastPath.AlibiWith*' AGAIN=0
 #    PROFILE='--kernels --ab ATTNKIT_CUDA_TMA_DKDV=0 1024 4096' run_plan.sh ab $OUT
 #    bwd_band:bwd_band,bwd_alibi_band,bwd_tma_dkdv train_dense,train_masked (~400 s; run 84's
@@ -41,8 +43,8 @@
 #    the backward's fast flavor took ALiBi with scale 0 and divided by it; now the general).
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
-#    bits: the d64 forward's masked-tile block 247 -> 213 instructions (the rest is the 64-bit
-#    bounds); ~1% at most on causal N 1024; it needs the forward and backward tests.
+#    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
+#    the rest: 64-bit bounds); ~1% at most on causal N 1024; it needs both passes' tests.
 # 4. With what is left: SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4
 #    $OUT (the backward's list, last run 87-88), or run_plan.sh 7 $OUT '--masked --case
 #    alibi-causal' on the adopted tree.
