@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
 
 #include "core/block_mask.h"
 #include "core/mask_cache.h"
@@ -327,6 +328,41 @@ TEST(TileBits, QuadBitsPickTheThreadsKeys) {
 
 // The CUDA backward tests a score's query column against the sequence's end with
 // cuda::query_bits: bit r * 16 + 2 c8 + e is set iff column c8 * 8 + e is below q_lim.
+// MaskEval::band_full_tiles (the GPU kernels' full tiles of a band, found once an item) gives
+// exactly the tiles band() classifies full: random fixed ranges, bands (unbounded ones too),
+// tile sizes, bases (a query offset, negative too) and counts; both orientations.
+TEST(BandFullTiles, AreTheTilesBandFindsFull) {
+  std::mt19937_64 rng(23);
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  const int64_t kUnbounded[] = {int64_t{1} << 40, INT64_MAX / 4};
+  for (int it = 0; it < 20000; ++it) {
+    const int64_t size = pick(1, 3) == 1 ? pick(1, 9) : 64 << pick(0, 1);
+    const int64_t count = pick(0, 12);
+    const int64_t base = pick(-3 * size, 3 * size);
+    const int64_t lo = pick(-2 * size, count * size + 2 * size), hi = lo + pick(0, 2 * size);
+    const int64_t left = pick(0, 9) == 0 ? kUnbounded[pick(0, 1)] : pick(0, 3 * size);
+    const int64_t right = pick(0, 9) == 0 ? kUnbounded[pick(0, 1)] : pick(0, 3 * size);
+    for (const bool transposed : {false, true}) {
+      int begin = -1, end = -1;
+      const int64_t l = transposed ? right : left, r = transposed ? left : right;
+      MaskEval::band_full_tiles(lo, hi, l, r, base, size, count, &begin, &end);
+      ASSERT_LE(0, begin);
+      ASSERT_LE(end, count);
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t a = base + t * size, b = a + size - 1;
+        // band(queries, keys, left, right); transposed: the tiles are the queries.
+        const TileClass c = transposed ? MaskEval::band(a, b, lo, hi, left, right)
+                                       : MaskEval::band(lo, hi, a, b, left, right);
+        ASSERT_EQ(c == TileClass::kFull, t >= begin && t < end)
+            << "size " << size << " base " << base << " rows [" << lo << ", " << hi << "] left "
+            << left << " right " << right << " tile " << t << (transposed ? " transposed" : "");
+      }
+    }
+  }
+}
+
 TEST(TileBits, QueryBitsEndWhereTheSequenceDoes) {
   for (int q_lim = -70; q_lim <= 140; ++q_lim) {
     uint32_t expect = 0;

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 23), one call of at most 600 s each:
+# The next device session's runs (session 24; session 23 had none), one call of at most
+# 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
 # 0. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT
-#    fwd_lean:fwd_lean,fwd_item_slot:fwd_grid_bits dense,masked,neighborhood (~420 s): bench/gpu/
+#    fwd_lean:fwd_lean,fwd_item_slot:fwd_lean,fwd_item_slot,fwd_grid_bits
+#    dense,masked,neighborhood (~420 s): bench/gpu/
 #    ab_fwd_lean.patch, the forward's steady step without its per-tile band classification (an
 #    item's full key tiles [f_begin, f_end) found once; 64-bit compares a tile otherwise) and
 #    with the ring's stage and phase counted instead of divided by 3: the step's executed path
@@ -13,12 +15,14 @@
 #    ab_fwd_item_slot.patch (on it): the producer thread hands each item's (b, h, query tile)
 #    through the schedule's slot (16 bytes), so the 256 consumer threads skip its two integer
 #    divisions (~56 instructions an item; the fast d64 kernel spills 12 bytes, not 4).
-#    ab_fwd_grid_bits.patch (on main; it conflicts with item_slot's lines, merge by hand if
-#    both win): the grid tiles' mask as two 32-bit words of tests (rows as nibbles times the
+#    ab_fwd_grid_bits.patch (on both; the third set against the second is its own gain, on the
+#    neighborhood; made on them, it applies to main and to lean alone too, by patch's fuzz):
+#    the grid tiles' mask as two 32-bit words of tests (rows as nibbles times the
 #    thread's four columns; R2P and a select a score, as the tabled tiles) and a key tile's
 #    patch by the reciprocal of kcols instead of an integer division a tile: the grid step's
 #    executed path 764 -> 688 instructions at d128 (scripts/sass_loop.py; the bit formulas
-#    checked by brute force).
+#    checked by brute force). The full-tile range of lean and bwd_band is one function,
+#    MaskEval::band_full_tiles (masks.h; CPU test BandFullTiles.AreTheTilesBandFindsFull).
 # 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.RisingScores*:CudaFastPath.AlibiWith*' AGAIN=0
 #    PROFILE='--kernels --ab ATTNKIT_CUDA_TMA_DKDV=0 1024 4096' run_plan.sh ab $OUT
 #    bwd_band:bwd_band,bwd_alibi_band,bwd_tma_dkdv train_dense,train_masked (~400 s; run 84's
@@ -34,10 +38,9 @@
 #    64 rows staged by stmatrix over K and V (stage_rows, shared with the forward's O), in place
 #    of 64 pair stores a thread with their dtype tests (sliding's backward spends 11% of its
 #    samples after the walk, run 98); ATTNKIT_CUDA_TMA_DKDV=0 turns it off in one build, which
-#    PROFILE's --ab compares (the kernels' times, N 1024 and 4096). On adopting fwd_lean and
-#    bwd_band: their two range computations are one band's (the backward's is the transposed
-#    band: left and right swapped, the offset negated); factor them into a host-and-device
-#    MaskEval function with a CPU test against MaskEval::band.
+#    PROFILE's --ab compares (the kernels' times, N 1024 and 4096). fwd_lean and bwd_band
+#    find their full tiles by one function (the backward's band transposed: left and right
+#    swapped), MaskEval::band_full_tiles, on main with its CPU test since session 23.
 # 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~360 s); it also
 #    runs CudaFastPath.AlibiWithAZeroScaleMatchesTheOracle (new in session 22, not yet run:
 #    the backward's fast flavor took ALiBi with scale 0 and divided by it; now the general).

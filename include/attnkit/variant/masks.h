@@ -204,6 +204,19 @@ struct MaskEval {
     if (klo >= qhi - left && khi <= qlo + right) return TileClass::kFull;
     return TileClass::kPartial;
   }
+  // The tiles t in [0, count) that band() finds full against the fixed positions [lo, hi]: those
+  // whose positions [base + t size, base + t size + size - 1] all lie in [hi - left, lo + right].
+  // They are [*begin, *end), empty where *begin >= *end; the GPU kernels find them once a work
+  // item instead of classifying every tile. The transposed band (the fixed positions are keys,
+  // the tiles queries) swaps left and right.
+  ATTNKIT_HD static void band_full_tiles(int64_t lo, int64_t hi, int64_t left, int64_t right,
+                                         int64_t base, int64_t size, int64_t count, int* begin,
+                                         int* end) {
+    const int64_t first = -floor_div(base - (hi - left), size);  // ceil((hi-left-base)/size)
+    const int64_t last = floor_div(lo + right - base - (size - 1), size);  // the last t allowed
+    *begin = static_cast<int>(imin(imax(first, 0), count));
+    *end = static_cast<int>(imax(imin(last + 1, count), 0));
+  }
   ATTNKIT_HD static TileClass both(TileClass a, TileClass b) {
     if (a == TileClass::kEmpty || b == TileClass::kEmpty) return TileClass::kEmpty;
     if (a == TileClass::kFull && b == TileClass::kFull) return TileClass::kFull;
