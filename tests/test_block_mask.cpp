@@ -127,6 +127,54 @@ TEST(Varlen, MatchesSeparateSequences) {
   }
 }
 
+// Packed sequences all empty on one side (cu_seqlens need only be non-decreasing): no pair
+// anywhere, so rows of zeros with LSE -inf and every gradient zero (the CUDA backend's launches
+// of empty grids failed such calls: its GPU test is test_torch.py's
+// test_cuda_sequences_all_empty_on_one_side).
+TEST(Varlen, SequencesAllEmptyOnOneSide) {
+  struct Packed {
+    std::vector<int32_t> cq, ck;
+    int64_t rows_q, rows_k;  // the packed tensors' rows: cu_seqlens may end before them
+  };
+  const Packed cases[] = {{{0, 3, 133, 138}, {0, 0, 0, 0}, 140, 3},
+                          {{0, 0, 0}, {0, 70, 74}, 2, 74}};
+  for (const Packed& c : cases) {
+    const int64_t nq = c.rows_q, nk = c.rows_k, n = static_cast<int64_t>(c.cq.size());
+    OwnedTensor q = random_tensor(DType::kF32, {nq, 4, 16}, 1.0, 1);
+    OwnedTensor k = random_tensor(DType::kF32, {nk, 2, 16}, 1.0, 2);
+    OwnedTensor v = random_tensor(DType::kF32, {nk, 2, 16}, 1.0, 3);
+    OwnedTensor go = random_tensor(DType::kF32, {nq, 4, 16}, 1.0, 4);
+    OwnedTensor cu_q = OwnedTensor::from_ints(c.cq, {n}), cu_k = OwnedTensor::from_ints(c.ck, {n});
+    for (Mask m : {Mask::none(), Mask::causal(), Mask::chunked(16, false)}) {
+      AttentionSpec spec;
+      spec.mask = m;
+      spec.cu_seqlens_q = cu_q.view;
+      spec.cu_seqlens_kv = cu_k.view;
+      OwnedTensor out = random_tensor(DType::kF32, {nq, 4, 16}, 1.0, 5);
+      OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {4, nq});
+      Status st = attention_forward(q.view, k.view, v.view, spec, out.view, lse.view);
+      ASSERT_TRUE(st.ok()) << st.message();
+      const std::vector<double> o = out.to_doubles(), l = lse.to_doubles();
+      for (int64_t x = 0; x < c.cq.back() * 4 * 16; ++x) ASSERT_EQ(o[x], 0.0);
+      for (int64_t h = 0; h < 4; ++h)
+        for (int64_t i = 0; i < c.cq.back(); ++i) ASSERT_EQ(l[h * nq + i], -INFINITY);
+      AttentionGrads g;
+      OwnedTensor dq = random_tensor(DType::kF32, {nq, 4, 16}, 1.0, 6);
+      OwnedTensor dk = random_tensor(DType::kF32, {nk, 2, 16}, 1.0, 7);
+      OwnedTensor dv = random_tensor(DType::kF32, {nk, 2, 16}, 1.0, 8);
+      g.dq = dq.view, g.dk = dk.view, g.dv = dv.view;
+      st = attention_backward(q.view, k.view, v.view, out.view, lse.view, go.view, spec, g);
+      ASSERT_TRUE(st.ok()) << st.message();
+      // Rows past the last sequence are padding, not gradients.
+      for (const auto& [t, rows, heads] :
+           {std::tuple{&dq, c.cq.back(), 4}, {&dk, c.ck.back(), 2}, {&dv, c.ck.back(), 2}}) {
+        const std::vector<double> x = t->to_doubles();
+        for (int64_t e = 0; e < rows * heads * 16; ++e) ASSERT_EQ(x[e], 0.0);
+      }
+    }
+  }
+}
+
 // Rows with no allowed key: output 0, LSE -inf (sink_h with sinks), never NaN.
 TEST(FullyMasked, ZeroOutputAndMinusInfLse) {
   for (bool sink : {false, true}) {
@@ -328,6 +376,36 @@ TEST(TileBits, QuadBitsPickTheThreadsKeys) {
 
 // The CUDA backward tests a score's query column against the sequence's end with
 // cuda::query_bits: bit r * 16 + 2 c8 + e is set iff column c8 * 8 + e is below q_lim.
+// A window side of INT64_MAX means unbounded (stored as Mask::kUnboundedWindow, so that i' - left
+// and i' + right cannot overflow): such windows give causal's and dense's outputs, Nq < Nk and
+// Nq > Nk (the aligned index i' shifts either way).
+TEST(UnboundedWindows, AreCausalAndDense) {
+  EXPECT_EQ(Mask::sliding_window(INT64_MAX, 3).nodes[0].a, Mask::kUnboundedWindow);
+  EXPECT_EQ(Mask::global_window(2, INT64_MAX, {0}).nodes[0].b, Mask::kUnboundedWindow);
+  for (const auto [nq, nk] : {std::pair<int64_t, int64_t>{37, 150}, {150, 37}}) {
+    const OwnedTensor q = random_tensor(DType::kF32, {1, 2, nq, 16}, 1.0, 7);
+    const OwnedTensor k = random_tensor(DType::kF32, {1, 2, nk, 16}, 1.0, 8);
+    const OwnedTensor v = random_tensor(DType::kF32, {1, 2, nk, 16}, 1.0, 9);
+    auto run = [&](const Mask& m) {
+      AttentionSpec spec;
+      spec.mask = m;
+      OwnedTensor out = OwnedTensor::zeros(DType::kF32, {1, 2, nq, 16});
+      const Status st = attention_forward(q.view, k.view, v.view, spec, out.view);
+      EXPECT_TRUE(st.ok()) << st.message();
+      return out.to_doubles();
+    };
+    const std::pair<Mask, Mask> same[] = {
+        {Mask::sliding_window(INT64_MAX, 0), Mask::causal()},
+        {Mask::sliding_window(INT64_MAX, INT64_MAX), Mask::none()},
+        {Mask::global_window(INT64_MAX, INT64_MAX, {1}), Mask::none()}};
+    for (const auto& [window, want] : same) {
+      const std::vector<double> a = run(window), b = run(want);
+      for (size_t x = 0; x < a.size(); ++x)
+        ASSERT_NEAR(a[x], b[x], 1e-6) << "nq " << nq << " nk " << nk << " element " << x;
+    }
+  }
+}
+
 // MaskEval::band_full_tiles (the GPU kernels' full tiles of a band, found once an item) gives
 // exactly the tiles band() classifies full: random fixed ranges, bands (unbounded ones too),
 // tile sizes, bases (a query offset, negative too) and counts; both orientations.

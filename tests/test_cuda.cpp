@@ -731,6 +731,13 @@ TEST(CudaBackwardRules, WhatIsNotOnCudaYetIsNamed) {
     EXPECT_NE(s.message().find("fp32 or 16-bit gradients"), std::string::npos) << s.message();
   }
   {
+    BwdCall c;  // grad_out in fp64 (the CPU takes it): named, not read as fp32
+    const TensorView grad_out = device_view(DType::kF64, {1, 2, 64, 64});
+    const Status s = can_run_backward(c.q, c.q, c.q, c.q, c.lse, grad_out, c.spec, c.g, c.opt);
+    EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
+    EXPECT_NE(s.message().find("grad_out.dtype = fp64"), std::string::npos) << s.message();
+  }
+  {
     BwdCall c;
     c.opt.deterministic = true;
     const Status s = c.check();

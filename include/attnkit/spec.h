@@ -61,6 +61,9 @@ class Mask {
  public:
   static Mask none();
   static Mask causal();
+  // Window sizes (left, right >= 0) above kUnboundedWindow mean unbounded and are stored as it,
+  // so that i' - left and i' + right never overflow (INT64_MAX for a side without a bound).
+  static constexpr int64_t kUnboundedWindow = INT64_MAX / 4;
   static Mask sliding_window(int64_t left, int64_t right);
   static Mask global_window(int64_t left, int64_t right, std::vector<int64_t> globals);
   static Mask chunked(int64_t chunk, bool causal = false);

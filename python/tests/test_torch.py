@@ -301,6 +301,47 @@ def test_cuda_backward_with_a_sequence_without_keys():
     _packed_grads_match([3, 130, 64], [5, 0, 200], 64, [dict(), dict(causal=True)])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_packed_rows_past_the_sequences():
+    # cu_seqlens need only be non-decreasing and may end before the packed tensors do: every
+    # sequence may lack keys, or queries, and rows past the last sequence are padding. The
+    # sequences' outputs are the CPU's (no key: zeros, LSE -inf); every gradient is the CPU's
+    # (padding rows' zero) on the band, table (chunked) and general (relative buckets) paths.
+    # (Calls with no pair at all launched empty grids and failed; padding rows' gradients were
+    # left unwritten.)
+    torch.manual_seed(11)
+    table = torch.randn(4, 8)
+    for lens_q, lens_k in [([3, 130, 5], [0, 0, 0]), ([0, 0], [70, 4]), ([9, 70], [40, 3])]:
+        cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
+        cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
+        nq = sum(lens_q)
+        base = [torch.randn(nq + 2, 4, 64), torch.randn(sum(lens_k) + 3, 2, 64),
+                torch.randn(sum(lens_k) + 3, 2, 64)]
+        for case in ["band", "causal", "table", "general"]:
+            res = []
+            for dev, dt in [("cuda", torch.bfloat16), ("cpu", torch.float32)]:
+                kw = {"band": {}, "causal": dict(causal=True),
+                      "table": dict(mask=attnkit.masks.Chunked(16)),
+                      "general": dict(score_mod=attnkit.score_mods.RelativeBuckets(
+                          table.to(dev), num_buckets=8, max_distance=16))}[case]
+                x = [t.detach().to(dev, dt).clone().requires_grad_() for t in base]
+                out, lse = attnkit.attention(*x, cu_seqlens_q=cu_q.to(dev),
+                                             cu_seqlens_kv=cu_k.to(dev), return_lse=True, **kw)
+                go = torch.cos(torch.arange(out.numel(), dtype=torch.float32)).reshape(out.shape)
+                out.backward(go.to(dev, out.dtype))
+                res.append([out[:nq].float().cpu(), lse[:, :nq].float().cpu()] +
+                           [t.grad.float().cpu() for t in x])
+            for g, ref in zip(*res):  # infinities (LSE) where the CPU's, the rest within 2%
+                fin = torch.isfinite(ref)
+                assert g.shape == ref.shape and torch.equal(torch.isfinite(g), fin), (lens_k, case)
+                assert torch.equal(g[~fin], ref[~fin]), (lens_k, case)
+                err = (g[fin] - ref[fin]).norm()
+                assert err <= 2e-2 * float(ref[fin].norm()), (lens_k, case, float(err))
+            if max(lens_k) == 0 or max(lens_q) == 0:  # no pair: zeros, LSE -inf
+                assert not res[0][0].any() and bool((res[0][1] == -math.inf).all())
+                assert not any(g.any() for g in res[0][2:]), (lens_k, case)
+
+
 def _packed_grads_match(lens_q, lens_k, d, cases):
     """The gradients of attnkit.attention on packed sequences (4 query heads, 2 kv heads) on
     CUDA in bf16 against float32 CPU copies, for each case's keyword arguments."""

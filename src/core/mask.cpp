@@ -6,6 +6,8 @@
 namespace attnkit {
 namespace {
 
+int64_t window_side(int64_t w) { return w < Mask::kUnboundedWindow ? w : Mask::kUnboundedWindow; }
+
 Mask leaf(MaskNode n) {
   Mask m;
   m.nodes[0] = n;
@@ -46,10 +48,10 @@ Mask combine(MaskKind kind, const Mask* x, const Mask* y) {
 Mask Mask::none() { return Mask{}; }
 Mask Mask::causal() { return leaf({.kind = MaskKind::kCausal}); }
 Mask Mask::sliding_window(int64_t left, int64_t right) {
-  return leaf({.kind = MaskKind::kSlidingWindow, .a = left, .b = right});
+  return leaf({.kind = MaskKind::kSlidingWindow, .a = window_side(left), .b = window_side(right)});
 }
 Mask Mask::global_window(int64_t left, int64_t right, std::vector<int64_t> globals) {
-  Mask m = leaf({.kind = MaskKind::kGlobalWindow, .a = left, .b = right});
+  Mask m = leaf({.kind = MaskKind::kGlobalWindow, .a = window_side(left), .b = window_side(right)});
   m.nodes[0].globals_count = static_cast<int32_t>(globals.size());
   m.globals = std::move(globals);
   return m;

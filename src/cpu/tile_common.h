@@ -42,7 +42,9 @@ bool for_each_packed_chunk(int64_t batch, int64_t units_per_batch, int64_t unit_
   const int64_t batch_bytes = units_per_batch * unit_floats * int64_t{sizeof(float)};
   const int64_t per_chunk =
       std::max<int64_t>(1, kPackBudgetBytes / std::max<int64_t>(1, batch_bytes));
-  packed = thread_workspace(slot, std::min(per_chunk, batch) * units_per_batch * unit_floats);
+  // At least one float: no key tile anywhere (packed sequences all without keys) packs nothing.
+  packed = thread_workspace(
+      slot, std::max<int64_t>(1, std::min(per_chunk, batch) * units_per_batch * unit_floats));
   if (!packed) return false;
   for (int64_t b0 = 0; b0 < batch; b0 += per_chunk) {
     unit_begin = b0 * units_per_batch;

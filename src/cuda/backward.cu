@@ -382,6 +382,30 @@ cudaError_t fill_view(const TensorView& v, const float* src, cudaStream_t stream
                  stream);
 }
 
+// No query row or no key anywhere (packed sequences all empty on one side; cu_seqlens need
+// only be non-decreasing): no pair exists, so every gradient asked for is zero. (The kernels'
+// grids would be empty, which CUDA refuses to launch.)
+Status zero_grads(const core::Problem& p, const AttentionGrads& grads) {
+  DeviceScope device(p.device_index);
+  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  cudaError_t e = cudaSuccess;
+  for (const TensorView* t :
+       {&grads.dq, &grads.dk, &grads.dv, &grads.dbias, &grads.dlow_rank_u, &grads.dlow_rank_w,
+        &grads.drelative_table, &grads.dforget_log_f, &grads.dalibi_slopes, &grads.dsinks,
+        &grads.dbeta, &grads.drela_gain, &grads.dgate}) {
+    if (e != cudaSuccess || !t->defined() || t->numel() == 0) continue;
+    int64_t n[4] = {1, 1, 1, 1}, st[4] = {0, 0, 0, 0};
+    for (int i = 0; i < t->ndim; ++i) {  // right-aligned into four dims
+      n[4 - t->ndim + i] = t->shape[i];
+      st[4 - t->ndim + i] = t->strides[i];
+    }
+    e = fill_4d(t->data, t->dtype, nullptr, n, st, stream);
+  }
+  if (e != cudaSuccess)
+    return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
+  return {};
+}
+
 }  // namespace
 
 Status backward_supports(const core::Problem& p, const core::GradOperands& g,
@@ -406,6 +430,9 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
     if (r->dtype == DType::kF64)
       return fail(StatusCode::kNotImplemented, name, ".dtype = ", dtype_name(r->dtype),
                   ": the CUDA backward writes fp32 or 16-bit gradients");
+  if (g.grad_out.dtype == DType::kF64)
+    return fail(StatusCode::kNotImplemented, "grad_out.dtype = fp64: the CUDA backward reads "
+                "grad_out in fp32 or 16 bits");
   if (grads.dbias.defined() && grads.dbias.dtype == DType::kF64)
     return fail(StatusCode::kNotImplemented, "dbias.dtype = fp64: the CUDA backward writes dbias "
                 "in fp32 or the bias's 16-bit dtype");
@@ -430,6 +457,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                 bool deterministic) {
   Status st = backward_supports(p, g, grads, deterministic);
   if (!st.ok()) return st;
+  if (p.max_nq == 0 || p.max_nk == 0) return zero_grads(p, grads);
   const AttentionSpec& spec = *p.spec;
   const Instance& inst = *find_instance(p.q.dtype, p.d, p.dv);
   // Query tiles of 64 rows; key tiles of 128 (64 where a head dim is above 128: BwdShape::kSplit).
@@ -527,6 +555,23 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (bad)
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
+  // Packed rows past the last sequence (cu_seqlens may end before the tensors do) are in no
+  // sequence: their gradients are zero, which the kernels (the sequences' rows only) leave
+  // unwritten.
+  if (p.varlen) {
+    const std::pair<const TensorView*, int64_t> tails[] = {
+        {&grads.dq, rows_q}, {&grads.dk, extent.rows_k}, {&grads.dv, extent.rows_k}};
+    for (const auto& [t, rows] : tails) {
+      if (t->ndim != 3 || t->shape[0] <= rows) continue;
+      const int64_t es = dtype_size(t->dtype);
+      const cudaError_t e = fill_4d(static_cast<char*>(t->data) + rows * t->strides[0] * es,
+                                    t->dtype, nullptr, {1, t->shape[0] - rows, t->shape[1],
+                                    t->shape[2]}, {0, t->strides[0], t->strides[1], t->strides[2]},
+                                    stream);
+      if (e != cudaSuccess)
+        return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
+    }
+  }
   if (f.fast_bias) {
     maps.qkv.bias = bias_map.bias;
     maps.qkv.bias_hm = bias_map.bias_hm;

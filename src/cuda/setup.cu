@@ -70,6 +70,8 @@ __global__ void fill_view_kernel(void* base, DType t, const float* src, int64_t 
       static_cast<__nv_bfloat16*>(base)[o] = __float2bfloat16(v);
     else if (t == DType::kF16)
       static_cast<__half*>(base)[o] = __float2half(v);
+    else if (t == DType::kF64)
+      static_cast<double*>(base)[o] = v;
     else
       static_cast<float*>(base)[o] = v;
   }
@@ -100,9 +102,9 @@ bool band_of(const Mask& m, int64_t* left, int64_t* right) {
     case MaskKind::kCausal:
       *right = 0;
       return true;
-    case MaskKind::kSlidingWindow:
-      *left = n.a;
-      *right = n.b;
+    case MaskKind::kSlidingWindow:  // no side beyond kInf (a node built by hand may hold more)
+      *left = std::min(n.a, kInf);
+      *right = std::min(n.b, kInf);
       return true;
     default:
       return false;
@@ -494,7 +496,9 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
   }
   // The table, then each row's slot list (count and key tiles), then the bits.
   const int64_t list_bytes = (rows * (f->tb_slots + 1) * 4 + 255) / 256 * 256;
-  const int64_t all_bytes = table_bytes + list_bytes + rows * f->tb_slots * slot_bytes;
+  // (At least 256 bytes: no query tile at all, with packed sequences all without queries.)
+  const int64_t all_bytes =
+      std::max<int64_t>(256, table_bytes + list_bytes + rows * f->tb_slots * slot_bytes);
   // With Options::mask_cache: the tables of an earlier call with this tile shape and problem
   // shape, or new ones in memory the cache keeps (built before the call goes on, so that a call
   // on another stream finds them complete).
@@ -554,10 +558,11 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
     f->tile_bits = bits;
     const dim3 grid(static_cast<unsigned>(f->num_q_tiles), static_cast<unsigned>(hs),
                     static_cast<unsigned>(bs));
-    classify<<<grid, kClassifyThreads, cls_smem, stream>>>(*f, tab, slots);
+    // No query tile (packed sequences all without queries): nothing to classify.
+    if (f->num_q_tiles > 0) classify<<<grid, kClassifyThreads, cls_smem, stream>>>(*f, tab, slots);
     e = cudaGetLastError();
     const int split = std::max(1, std::min(f->tb_slots, kClassifySplit));
-    if (e == cudaSuccess && f->tb_slots > 0) {
+    if (e == cudaSuccess && f->tb_slots > 0 && f->num_q_tiles > 0) {
       const dim3 grid_bits(static_cast<unsigned>(f->num_q_tiles * split),
                            static_cast<unsigned>(hs), static_cast<unsigned>(bs));
       tile_bits<<<grid_bits, kClassifyThreads, 0, stream>>>(*f, slots, bits);

@@ -119,6 +119,7 @@ cudaError_t launch_stats(const core::Problem& p, const FwdParams& f, const float
   }
   const dim3 grid(static_cast<unsigned>((p.max_nq + kRowsPerBlock - 1) / kRowsPerBlock),
                   static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
+  if (grid.x == 0) return cudaSuccess;  // no query row anywhere (col_mass is zeroed above)
   if (p.q.dtype == DType::kBF16)
     stats_kernel<__nv_bfloat16><<<grid, 32 * kRowsPerBlock, 0, stream>>>(f, sp);
   else
