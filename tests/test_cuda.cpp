@@ -481,6 +481,18 @@ TEST(CudaFastPath, AlibiWithAZeroScaleMatchesTheOracle) {
     expect_forward_backward(mech, c, seed, {{"scale", 0.0}});
 }
 
+// A window side of INT64_MAX is unbounded (Mask::kUnboundedWindow; the CUDA band clamps it to
+// 2^40): the band instance's bounds must not overflow (i' - left did: no query tile visited a
+// key tile in the backward, found by reading the code), forward and backward, Nq < Nk.
+TEST(CudaFastPath, UnboundedWindowsMatchTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case c{DType::kBF16, {1, 2, 2, 200, 330, 64, 64}, false};
+  int seed = 421;
+  for (const auto& [left, right] :
+       {std::pair<int64_t, int64_t>{INT64_MAX, 0}, {INT64_MAX, INT64_MAX}, {3, INT64_MAX}})
+    expect_forward_backward("sliding_window", c, seed, {{"left", left}, {"right", right}});
+}
+
 // Masks with partial tiles across long rows: plain, on the fast kernel with every partial tile's
 // bits; with a relative-position table, on the general kernel, whose partial tiles beyond the
 // precomputed bits (16 per query tile) evaluate the mask tree in the kernel.
