@@ -472,13 +472,17 @@ TEST(CudaFastPath, RisingScoresRescaleTheOutput) {
 
 // A zero scale leaves only ALiBi's term in the scores. The fast kernels add the term in raw
 // dot-product units (slope / scale), so such calls must take the general flavor, forward and
-// backward (the backward's fast one used to take it: slope / 0, found by reading the code).
+// backward (the backward's fast one used to take it: slope / 0, found by reading the code);
+// so must a scale below kMinFastScale (slope / 1e-40 is inf in fp32; so are softcap / 1e-40
+// and sink / 1e-40).
 TEST(CudaFastPath, AlibiWithAZeroScaleMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case c{DType::kBF16, {1, 2, 2, 200, 330, 64, 64}, false};
   int seed = 401;
   for (const char* mech : {"alibi", "alibi_symmetric"})
     expect_forward_backward(mech, c, seed, {{"scale", 0.0}});
+  for (const char* mech : {"alibi", "softcap", "sink"})
+    expect_forward_backward(mech, c, seed, {{"scale", 1e-40}});
 }
 
 // A window side of INT64_MAX is unbounded (Mask::kUnboundedWindow; the CUDA band clamps it to

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -475,11 +476,12 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // ALiBi alone (without its slopes' gradient) runs the tabled instance, which adds its term;
   // the band instance stays without it (its registers are tight).
   // A softcap, alone or after either, runs the tabled instance too (the cap's derivative from P).
-  // ALiBi's term is added in raw dot-product units (slope / scale): a zero scale takes the
-  // general flavor.
+  // ALiBi's term is added in raw dot-product units (slope / scale): a zero or tiny scale takes
+  // the general flavor (kMinFastScale).
   const FastMods fm = fast_mods(spec.mods);
   const bool capped = fm.capped;
-  const bool alibi = fm.alibi && !grads.dalibi_slopes.defined() && p.scale != 0.f;
+  const bool alibi =
+      fm.alibi && !grads.dalibi_slopes.defined() && std::fabs(p.scale) >= kMinFastScale;
   // So does a dense 16-bit bias alone (encode_bias), its tiles loaded by TMA, with dbias (if
   // wanted) stored by TMA: 16 bits of q's dtype, without broadcast dims.
   TmaMaps bias_map;
@@ -499,11 +501,11 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     r.sn = t.strides[2];
     return encode_rows(&dbias_map, &dbias_hm, &dbias_bm, r, p.max_nk, p.max_nq, p.hq, p.batch, kM);
   };
-  const bool bias = fm.bias && !split && !p.varlen && p.scale != 0.f &&
+  const bool bias = fm.bias && !split && !p.varlen && std::fabs(p.scale) >= kMinFastScale &&
                     encode_bias(p, &bias_map, kM) &&
                     dbias_by_tma();
   const bool fast = (!f.has_mods || alibi || bias || fm.cap_only) && p.softmax_family() &&
-                    (!capped || p.scale > 0.f) &&
+                    (!capped || p.scale >= kMinFastScale) &&
                     ((band && !alibi && !bias && !capped) || GeneralTables::covers(p, kM, kN));
   if (fast && capped) set_fast_softcap(&f, spec.mods.softcap, p.scale);
   f.fast_alibi = fast && alibi;

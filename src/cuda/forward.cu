@@ -89,7 +89,7 @@ Status forward(const core::Problem& p) {
   const bool band = band_of(spec.mask, &left, &right);
 
   // The fast kernel folds the scale into the exponent and takes row maxima of raw dot
-  // products: that needs scale > 0.
+  // products: that needs scale > 0 (and not tiny: kMinFastScale).
   const int dp = (inst.d + 63) / 64 * 64, dvp = (inst.dv + 63) / 64 * 64;
   const int kn = dp <= 128 && dvp <= 128 ? 128 : 64;
   TmaMaps maps;
@@ -107,7 +107,7 @@ Status forward(const core::Problem& p) {
   const bool bias = cap_ok && fm.bias && encode_bias(p, &maps, 128);
   const bool cap_only = cap_ok && fm.cap_only;
   const bool plain = (!f.has_mods || alibi || bias || cap_only) && p.softmax_family() &&
-                     spec.gate_kind == GateKind::kNone && p.scale > 0.f;
+                     spec.gate_kind == GateKind::kNone && p.scale >= kMinFastScale;
   // A 2-D neighborhood without mods runs on grid tiles (8 x 16 patches): no block table.
   // ATTNKIT_CUDA_GRID=0 sends it through the block table instead (for measurements).
   const char* gt = std::getenv("ATTNKIT_CUDA_GRID");

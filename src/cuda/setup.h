@@ -106,6 +106,10 @@ struct FastMods {
   bool cap_only = false;  // the softcap alone
 };
 FastMods fast_mods(const ScoreMods& mods);
+// The fast flavors keep scores in units of the raw dot products: ALiBi's slopes, a softcap, a
+// bias and the sinks are divided by the scale there. Below this scale (in magnitude) the
+// quotients may overflow fp32 (inf, then NaN), so such calls take the general flavor.
+inline constexpr float kMinFastScale = 0x1p-40f;
 
 // The softcap of the fast kernels in the raw dot products' units (cap_raw = softcap / scale).
 void set_fast_softcap(FwdParams* f, float softcap, float scale);
