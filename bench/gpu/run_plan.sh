@@ -78,9 +78,9 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
 # The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, fwd_grid_bits, band_bits, bwd_band,
-# bwd_alibi_band, bwd_tma_dkdv (steps 0, 1), bias_units (step 2). In git history: tma_out_k and tma_out_grid (lost
-# in run 94: git show 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains,
-# wait_top and lazy (part 17), the backward's lean and uniform ones at e88edb0, early dQ at
+# bwd_alibi_band, bwd_tma_dkdv (steps 0, 1), bias_units (step 2). In git history: tma_out_k and
+# tma_out_grid (lost in run 94: git show 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31),
+# chains, wait_top and lazy (part 17), the backward's lean and uniform ones at e88edb0, early dQ at
 # cd98b26, fused dq at 0cdd834.
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
