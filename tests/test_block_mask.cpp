@@ -130,7 +130,7 @@ TEST(Varlen, MatchesSeparateSequences) {
 // Packed sequences all empty on one side (cu_seqlens need only be non-decreasing): no pair
 // anywhere, so rows of zeros with LSE -inf and every gradient zero (the CUDA backend's launches
 // of empty grids failed such calls: its GPU test is test_torch.py's
-// test_cuda_sequences_all_empty_on_one_side).
+// test_cuda_packed_rows_past_the_sequences).
 TEST(Varlen, SequencesAllEmptyOnOneSide) {
   struct Packed {
     std::vector<int32_t> cq, ck;

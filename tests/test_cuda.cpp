@@ -483,6 +483,9 @@ TEST(CudaFastPath, AlibiWithAZeroScaleMatchesTheOracle) {
     expect_forward_backward(mech, c, seed, {{"scale", 0.0}});
   for (const char* mech : {"alibi", "softcap", "sink"})
     expect_forward_backward(mech, c, seed, {{"scale", 1e-40}});
+  // d 128: the forward's fast flavor takes a softcap there (fast_softcap).
+  const Case c128{DType::kBF16, {1, 2, 2, 200, 330, 128, 128}, false};
+  expect_forward_backward("softcap", c128, seed, {{"scale", 1e-40}});
 }
 
 // A window side of INT64_MAX is unbounded (Mask::kUnboundedWindow; the CUDA band clamps it to

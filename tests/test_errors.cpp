@@ -341,6 +341,16 @@ TEST(Errors, NegativeSlidingWindowInsideAnd) {
   EXPECT_REJECTED(c, kInvalidArgument, "window");
 }
 
+// The builders store a side above Mask::kUnboundedWindow as it (unbounded); a node built by hand
+// with a larger side would overflow i' - left: named.
+TEST(Errors, HandBuiltWindowBeyondUnbounded) {
+  Call c;
+  c.spec.mask = Mask::causal() & Mask::sliding_window(2, 3);
+  for (MaskNode& n : c.spec.mask.nodes)
+    if (n.kind == MaskKind::kSlidingWindow) n.a = INT64_MAX;
+  EXPECT_REJECTED(c, kInvalidArgument, "kUnboundedWindow");
+}
+
 TEST(Errors, GlobalTokenOutOfRange) {
   Call c;
   c.spec.mask = Mask::global_window(1, 1, {0, 4});  // Nk = 4

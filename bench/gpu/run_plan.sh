@@ -42,17 +42,13 @@
 #    PROFILE's --ab compares (the kernels' times, N 1024 and 4096). fwd_lean and bwd_band
 #    find their full tiles by one function (the backward's band transposed: left and right
 #    swapped), MaskEval::band_full_tiles, on main with its CPU test since session 23.
-# 2. After adopting (apply, delete the patch, commit), apply ab_bias_units.patch too (a fix:
-#    the fast kernels' bias scores in the scaled units, fma(q.k, scale, bias), so a 16-bit bias
-#    near its dtype's lowest value, Hugging Face's mask, no longer overflows bias / scale to
-#    -inf; the same instructions; made on main of session 23: after bwd_alibi_band its one
-#    conflict is backward.cu's `fast` condition line, re-make it there), then
-#    run_plan.sh 1 $OUT (~360 s). New tests not yet run (session 23 had no device; each fails
-#    on the code before its fix): CudaFastPath.AlibiWithAZeroScaleMatchesTheOracle (scale 0
-#    and 1e-40: the general flavor), CudaFastPath.UnboundedWindowsMatchTheOracle (a window side
-#    of INT64_MAX), test_torch.py's test_cuda_packed_rows_past_the_sequences (cu_seqlens all
-#    empty on one side, padding rows: zero gradients) and test_cuda_bias_of_the_lowest_value
-#    (with bias_units). Record the bias bench (bench.py --only bias) of the adopted tree too.
+# 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~360 s). New tests
+#    not yet run (session 23 had no device; each fails on the code before its fix):
+#    CudaFastPath.AlibiWithAZeroScaleMatchesTheOracle (scale 0 and 1e-40: the general flavor),
+#    CudaFastPath.UnboundedWindowsMatchTheOracle (a window side of INT64_MAX), test_torch.py's
+#    test_cuda_packed_rows_past_the_sequences (cu_seqlens all empty on one side, padding rows:
+#    zero gradients) and test_cuda_bias_of_the_lowest_value (an additive mask of bf16's or
+#    fp32's lowest value: masked rows, never NaN; DESIGN.md numerics).
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
@@ -78,7 +74,7 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
 # The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, fwd_grid_bits, band_bits, bwd_band,
-# bwd_alibi_band, bwd_tma_dkdv (steps 0, 1), bias_units (step 2). In git history: tma_out_k and
+# bwd_alibi_band, bwd_tma_dkdv (steps 0, 1). In git history: tma_out_k and
 # tma_out_grid (lost in run 94: git show 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31),
 # chains, wait_top and lazy (part 17), the backward's lean and uniform ones at e88edb0, early dQ at
 # cd98b26, fused dq at 0cdd834.

@@ -423,6 +423,48 @@ def test_cuda_bias_gradient_matches_the_cpu(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("qdt,bdt", [(torch.bfloat16, torch.bfloat16),
+                                     (torch.bfloat16, torch.float32),
+                                     (torch.float16, torch.float16)])
+def test_cuda_bias_of_the_lowest_value(qdt, bdt):
+    # An additive mask of the bias dtype's lowest value (Hugging Face's): on CUDA a score below
+    # -FLT_MAX / log2(e) counts as masked (DESIGN.md, numerics), so rows of nothing else give
+    # O = 0 and LSE -inf where the CPU weighs their keys evenly; never NaN (the general flavor,
+    # an fp32 bias, gave NaN: -max * log2(e) overflowed). fp16's lowest (-65504) is an ordinary
+    # score. The other rows, and every gradient with those rows' upstream gradient 0, are the
+    # CPU's.
+    torch.manual_seed(17)
+    b, h, n, d = 1, 2, 200, 64
+    base = [torch.randn(b, h, n, d).to(qdt).float() for _ in range(3)]
+    low = torch.finfo(bdt).min
+    masked = low < -3.4028234e38 / 1.4426950408889634
+    bias = torch.randn(b, h, n, n).to(bdt).float()
+    bias[:, :, :10, :] = low  # rows that see nothing but the lowest value
+    bias[:, :, 10:, 150:] = low  # keys masked off the other rows
+    go = torch.cos(torch.arange(b * h * n * d, dtype=torch.float32)).reshape(b, h, n, d)
+    go[:, :, :10] = 0
+    res = []
+    for dev, dt, bt_dt in [("cuda", qdt, bdt), ("cpu", torch.float32, torch.float32)]:
+        x = [t.detach().to(dev, dt).requires_grad_() for t in base]
+        bt = bias.detach().to(dev, bt_dt).requires_grad_()
+        out, lse = attnkit.attention(*x, score_mod=score_mods.Bias(bt), return_lse=True)
+        out.backward(go.to(dev, out.dtype))
+        res.append([t.double().cpu() for t in [out, lse] + [t.grad for t in x + [bt]]])
+    cuda, cpu = res
+    assert all(bool(torch.isfinite(g).all()) for g in cuda[:1] + cuda[2:])
+    first = 10 if masked else 0
+    if masked:
+        assert not cuda[0][:, :, :10].any() and bool((cuda[1][:, :, :10] == -math.inf).all())
+    for name, g, ref in zip(["out", "lse", "dq", "dk", "dv", "dbias"], cuda, cpu):
+        if name in ("out", "lse"):
+            g, ref = g[:, :, first:], ref[:, :, first:]
+        assert bool(torch.isfinite(g).all()), name
+        err = ((g - ref).abs() / ref.abs().clamp_min(1.0)).max() if name == "lse" else \
+            (g - ref).norm() / ref.norm()
+        assert err < 3e-2, (name, float(err))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_kernel_length_scale_backward():
     # The normalized kernel with a length scale (per-row log of the allowed keys) under a causal
     # mask: CUDA's gradients against the CPU path's on the same bf16 inputs.

@@ -226,6 +226,10 @@ Status check_mask(const AttentionSpec& spec, const Problem& p) {
         if (n.a < 0 || n.b < 0)
           return fail(StatusCode::kInvalidArgument, kind, " window (left, right) = (", n.a, ", ",
                       n.b, "): window sizes must be >= 0");
+        if (n.a > Mask::kUnboundedWindow || n.b > Mask::kUnboundedWindow)
+          return fail(StatusCode::kInvalidArgument, kind, " window (left, right) = (", n.a, ", ",
+                      n.b, "): a side above Mask::kUnboundedWindow (INT64_MAX / 4) overflows; ",
+                      "Mask::", kind, "() stores larger sides (unbounded) as it");
         if (n.kind == MaskKind::kGlobalWindow)
           for (int32_t g = 0; g < n.globals_count; ++g)
             if (m.globals[n.globals_begin + g] < 0 || m.globals[n.globals_begin + g] >= p.max_nk)

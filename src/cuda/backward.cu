@@ -146,9 +146,12 @@ __device__ __forceinline__ PrepRow prep_row(const PrepParams& p, int i, int h, i
 __device__ __forceinline__ void store_softmax_stats(const PrepParams& p, const PrepRow& r, int h,
                                                     int b, float dot) {
   const float lse = p.row_stat[b * p.st_sb + h * p.st_sh + r.row * p.st_sn];
-  *r.lse2 = lse == -INFINITY ? INFINITY : lse * static_cast<float>(kLog2e);
+  // No weight where LSE is -inf, or so low that LSE * log2(e) is (below -FLT_MAX / log2 e: the
+  // forward counts such rows as masked; P = exp2(s log2 e - lse2) would be NaN).
+  const float l2 = lse * static_cast<float>(kLog2e);
+  *r.lse2 = l2 == -INFINITY ? INFINITY : l2;
   *r.dd = dot;
-  if (p.dsinks && lse != -INFINITY)
+  if (p.dsinks && l2 != -INFINITY)
     atomicAdd(p.dsinks + h, -exp(static_cast<double>(p.sinks[h * p.sinks_s]) - lse) * dot);
 }
 

@@ -8,6 +8,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cmath>
 #include <type_traits>
 
@@ -123,15 +124,19 @@ __device__ __forceinline__ void scale_row(float (&o)[kDVp / 2], int r, float alp
 }
 
 // The softmax step of one row with the scale folded into the exponent: scores are raw dot
-// products (to2 = scale * log2 e) or already scaled (to2 = log2 e).
-template <int kN>
+// products (to2 = scale * log2 e) or already scaled (to2 = log2 e). kSaturate (the general
+// flavor, whose scores take any additive term): a row max below -FLT_MAX / to2 (a bias near
+// fp32's or bf16's lowest value) would make -max * to2 +inf and the weights NaN; saturated at
+// FLT_MAX, such a row's weights are 0: it counts as masked (DESIGN.md, numerics).
+template <int kN, bool kSaturate = false>
 __device__ __forceinline__ float softmax_row(float (&s)[kN / 2], int r, float to2, float& m,
                                              float& l) {
   return online_row<kN>(
       s, r, -INFINITY, m, l,
       [&](float x, float m_new) {
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        return fast_exp2(fmaf(x, to2, -m_use * to2));
+        const float c = kSaturate ? fminf(-m_use * to2, FLT_MAX) : -m_use * to2;
+        return fast_exp2(fmaf(x, to2, c));
       },
       [&](float m_old, float m_new) {
         return fast_exp2((m_old - (m_new == -INFINITY ? 0.f : m_new)) * to2);
