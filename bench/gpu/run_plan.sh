@@ -24,6 +24,13 @@
 #    executed path 764 -> 688 instructions at d128 (scripts/sass_loop.py; the bit formulas
 #    checked by brute force). The full-tile range of lean and bwd_band is one function,
 #    MaskEval::band_full_tiles (masks.h; CPU test BandFullTiles.AreTheTilesBandFindsFull).
+# 0b. If the budget allows (~250 s): PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0
+#    run_plan.sh ab $OUT fwd_lean:fwd_lean,fwd_exp_poly dense: ab_fwd_exp_poly.patch (on lean; it
+#    applies on main and on step 0's stacks too), 4 of a thread's 64 exp2 a tile of the fast d64
+#    forward on the FMA pipe (poly_exp2: a degree-3 polynomial, relative error 1.0e-4; -inf
+#    gives 0): its softmax is MUFU-bound (gpu.md Next, item 2): MUFU 528 -> 496 cycles a
+#    warpgroup and step, issue 435 -> 464 (scripts/sass_loop.py). Read the d64 rows only (d128
+#    is unchanged); 8 of 64 (kPolyExpEvery 8) would give MUFU 464, issue ~493.
 # 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.RisingScores*:CudaFastPath.AlibiWith*' AGAIN=0
 #    PROFILE='--kernels --ab ATTNKIT_CUDA_TMA_DKDV=0 1024 4096' run_plan.sh ab $OUT
 #    bwd_band:bwd_band,bwd_alibi_band,bwd_tma_dkdv train_dense,train_masked (~400 s; run 84's
@@ -74,7 +81,7 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
 # The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, fwd_grid_bits, band_bits, bwd_band,
-# bwd_alibi_band, bwd_tma_dkdv (steps 0, 1). In git history: tma_out_k and
+# bwd_alibi_band, bwd_tma_dkdv, fwd_exp_poly (steps 0, 0b, 1). In git history: tma_out_k and
 # tma_out_grid (lost in run 94: git show 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31),
 # chains, wait_top and lazy (part 17), the backward's lean and uniform ones at e88edb0, early dQ at
 # cd98b26, fused dq at 0cdd834.
