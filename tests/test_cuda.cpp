@@ -772,6 +772,28 @@ TEST(CudaBackwardRules, WhatIsNotOnCudaYetIsNamed) {
   }
 }
 
+// Block tables keep a byte a key tile of a row in the classification kernel's shared memory:
+// beyond 227 Ki key tiles (29.8 M keys) a call that needs them is refused by name, forward and
+// backward; a causal softmax needs none.
+TEST(CudaRules, TablesBeyondTheClassifierAreNamed) {
+  const auto q = device_view(DType::kBF16, {1, 1, 64, 64});
+  const auto k = device_view(DType::kBF16, {1, 1, 30000000, 64});
+  const auto lse = device_view(DType::kF32, {1, 1, 64});
+  AttentionGrads g;
+  g.dq = device_view(DType::kF32, {1, 1, 64, 64});
+  g.dk = g.dv = device_view(DType::kF32, {1, 1, 30000000, 64});
+  AttentionSpec spec;
+  spec.mask = Mask::chunked(16, false);
+  for (const Status& s :
+       {can_run(q, k, k, spec, q), can_run_backward(q, k, k, q, lse, q, spec, g)}) {
+    EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
+    EXPECT_NE(s.message().find("key tiles"), std::string::npos) << s.message();
+  }
+  spec.mask = Mask::causal();
+  EXPECT_TRUE(can_run(q, k, k, spec, q).ok());
+  EXPECT_TRUE(can_run_backward(q, k, k, q, lse, q, spec, g).ok());
+}
+
 TEST(CudaRules, AValidCallPasses) {
   const auto q = device_view(DType::kBF16, {2, 4, 100, 128});
   const auto k = device_view(DType::kBF16, {2, 2, 300, 128});

@@ -454,7 +454,8 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
     return fail(StatusCode::kNotImplemented,
                 "Options::deterministic: the CUDA backward sums dq's tiles by atomic "
                 "reduce-adds, so its low-order bits depend on the order of the additions");
-  return {};
+  // Key tiles of 128 (64 above head dim 128: BwdShape::kSplit, as backward() picks them).
+  return GeneralTables::fits(p, p.d > 128 || p.dv > 128 ? 64 : 128);
 }
 
 Status backward(const core::Problem& p, const core::GradOperands& g, const AttentionGrads& grads,

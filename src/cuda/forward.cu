@@ -75,7 +75,8 @@ Status forward_supports(const core::Problem& p) {
                 " is not built for ", dtype_name(p.q.dtype), " (built: ", built,
                 "; CMake option ATTNKIT_HEAD_DIMS adds more)");
   }
-  return {};
+  // The key tiles of 128 (64 above head dim 128, as forward() picks them).
+  return GeneralTables::fits(p, p.d <= 128 && p.dv <= 128 ? 128 : 64);
 }
 
 Status forward(const core::Problem& p) {

@@ -141,6 +141,8 @@ __device__ __forceinline__ uint32_t bwd_tile_bits(const uint32_t* slots, uint8_t
 // the slots' key tiles: slots[row * (p.tb_slots + 1)]). Key tiles past the sequence are empty; a
 // full tile that the sequence ends in is partial (the kernels mask its tail).
 inline constexpr int kClassifySplit = 8, kClassifyThreads = 256;
+// Key tiles of a row at most: the classification keeps a byte each in shared memory (227 KB).
+inline constexpr int kMaxClassifyTiles = 227 * 1024;
 template <int kM, int kN>
 __global__ void __launch_bounds__(kClassifyThreads)
     classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table, int32_t* slots) {

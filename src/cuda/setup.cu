@@ -442,6 +442,17 @@ int bit_slots(const TableExtent& t, int km, int kn, int max_slots) {
 // The tables a MaskCache keeps at most (each tile shape and problem shape is one).
 constexpr size_t kMaxMaskCacheEntries = 16;
 
+Status GeneralTables::fits(const core::Problem& p, int kn) {
+  int64_t left = 0, right = 0;
+  if (band_of(p.spec->mask, &left, &right) && !p.spec->mods.any() && p.softmax_family()) return {};
+  const int64_t k_tiles = (p.max_nk + kn - 1) / kn;
+  if (k_tiles <= kMaxClassifyTiles) return {};
+  return fail(StatusCode::kNotImplemented, "max key length ", str(p.max_nk), ": ", str(k_tiles),
+              " key tiles of ", str(kn), " in the block table's rows; the CUDA kernels take at ",
+              "most ", str(kMaxClassifyTiles), " (a plain softmax under a causal mask or a ",
+              "sliding window needs no table)");
+}
+
 bool GeneralTables::covers(const core::Problem& p, int km, int kn) {
   const TableExtent t = table_extent(p, km, kn);
   return bit_slots(t, km, kn, kMaxBitSlots) == t.k_tiles;

@@ -69,6 +69,10 @@ struct GeneralTables {
   void* forget = nullptr;
   void* buckets = nullptr;
   static bool covers(const core::Problem& p, int km, int kn);
+  // Whether the tables fit the classification kernel (a byte a key tile of a row in shared
+  // memory): checked, conservatively, wherever a call may need them (any mask but a band, a
+  // score mod, a normalizer outside the softmax family); a named error otherwise.
+  static Status fits(const core::Problem& p, int kn);
   cudaError_t build(const core::Problem& p, int km, int kn, int max_slots, cudaStream_t stream,
                     FwdParams* f);
   cudaError_t release(cudaStream_t stream);
