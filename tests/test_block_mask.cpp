@@ -175,6 +175,47 @@ TEST(Varlen, SequencesAllEmptyOnOneSide) {
   }
 }
 
+// The forget gate's prefix sums c grow with the row (c = sum of log f): c[i'] - c[j] of two
+// large sums lost ~ulp(|c|) in fp32 (weights off by ~1% once |c| passed 1e5). Steep decay for
+// 300 tokens (c reaches -1.2e5), then slow: the rows after it against the float64 oracle, in
+// fp32 and forward and backward.
+TEST(ForgetGate, LongPrefixesKeepTheirPrecision) {
+  const int64_t n = 600;
+  OwnedTensor q = random_tensor(DType::kF32, {1, 1, n, 16}, 1.0, 11);
+  OwnedTensor k = random_tensor(DType::kF32, {1, 1, n, 16}, 1.0, 12);
+  OwnedTensor v = random_tensor(DType::kF32, {1, 1, n, 16}, 1.0, 13);
+  OwnedTensor lf = OwnedTensor::zeros(DType::kF32, {1, 1, n});
+  for (int64_t j = 0; j < n; ++j)
+    static_cast<float*>(lf.view.data)[j] = j < 300 ? -400.f : -1e-3f * static_cast<float>(j % 7);
+  AttentionSpec spec;
+  spec.mask = Mask::causal();
+  spec.mods.forget_log_f = lf.view;
+  OwnedTensor out = OwnedTensor::zeros(DType::kF32, {1, 1, n, 16});
+  OwnedTensor ref = OwnedTensor::zeros(DType::kF64, {1, 1, n, 16});
+  ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view).ok());
+  ASSERT_TRUE(reference_forward(q.view, k.view, v.view, spec, ref.view).ok());
+  EXPECT_LE(rel_error(out.to_doubles(), ref.to_doubles()), 1e-5);
+  // The backward: dq, dk, dv and dlog_f against the oracle's.
+  OwnedTensor go = random_tensor(DType::kF32, {1, 1, n, 16}, 1.0, 14);
+  OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {1, 1, n});
+  ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view, lse.view).ok());
+  std::vector<OwnedTensor> g, gr;
+  for (int x = 0; x < 2; ++x) {
+    std::vector<OwnedTensor>& t = x == 0 ? g : gr;
+    const DType dt = x == 0 ? DType::kF32 : DType::kF64;
+    for (int y = 0; y < 3; ++y) t.push_back(OwnedTensor::zeros(dt, {1, 1, n, 16}));
+    t.push_back(OwnedTensor::zeros(dt, {1, 1, n}));
+  }
+  AttentionGrads a, b;
+  a.dq = g[0].view, a.dk = g[1].view, a.dv = g[2].view, a.dforget_log_f = g[3].view;
+  b.dq = gr[0].view, b.dk = gr[1].view, b.dv = gr[2].view, b.dforget_log_f = gr[3].view;
+  ASSERT_TRUE(
+      attention_backward(q.view, k.view, v.view, out.view, lse.view, go.view, spec, a).ok());
+  ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, b).ok());
+  for (int y = 0; y < 4; ++y)
+    EXPECT_LE(rel_error(g[y].to_doubles(), gr[y].to_doubles()), 1e-4) << "gradient " << y;
+}
+
 // Rows with no allowed key: output 0, LSE -inf (sink_h with sinks), never NaN.
 TEST(FullyMasked, ZeroOutputAndMinusInfLse) {
   for (bool sink : {false, true}) {

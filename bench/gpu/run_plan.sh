@@ -55,7 +55,9 @@
 #    CudaFastPath.UnboundedWindowsMatchTheOracle (a window side of INT64_MAX), test_torch.py's
 #    test_cuda_packed_rows_past_the_sequences (cu_seqlens all empty on one side, padding rows:
 #    zero gradients) and test_cuda_bias_of_the_lowest_value (an additive mask of bf16's or
-#    fp32's lowest value: masked rows, never NaN; DESIGN.md numerics).
+#    fp32's lowest value: masked rows, never NaN; DESIGN.md numerics); changed and not yet run:
+#    the forget gate's prefix sums in float64 (the CudaOracle / CudaBackward forget_gate cases)
+#    and the general flavor's saturated -max * log2 e (every general case).
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;

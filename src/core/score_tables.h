@@ -15,9 +15,9 @@ template <class T>
 struct ScoreTables {
   std::vector<int32_t> bucket_of;  // bucket of rel = j - i', index rel + origin
   int64_t bucket_origin = 0;
-  std::vector<T> forget_c;  // [hq][nk] prefix sums of log f, per batch element
-  std::vector<T> slopes;    // [hq]
-  std::vector<T> table;     // [hq][buckets]
+  std::vector<double> forget_c;  // [hq][nk] prefix sums of log f, per batch element
+  std::vector<T> slopes;         // [hq]
+  std::vector<T> table;          // [hq][buckets]
   int64_t buckets = 0;
   std::vector<T> lowrank_u, lowrank_w;  // [hq][n][r] (reference only)
   int64_t rank = 0;
@@ -66,7 +66,7 @@ ScoreTables<T> build_score_tables(const Problem& p, int64_t b, bool dense_extras
       for (int64_t j = 0; j < s.nk; ++j) {
         c +=
             load_as_double(f.data, f.dtype, b * f.strides[0] + h * f.strides[1] + j * f.strides[2]);
-        t.forget_c[h * s.nk + j] = static_cast<T>(c);
+        t.forget_c[h * s.nk + j] = c;
       }
     }
   }

@@ -322,7 +322,7 @@ __device__ __forceinline__ void add_score_terms(float (&s)[kN / 2], const ScoreM
     });
   if (m.forget_c)
     each([&](float& x, int, int i, int j) {
-      x += m.forget_c[key(i + off)] - m.forget_c[key(j)];
+      x += static_cast<float>(m.forget_c[key(i + off)] - m.forget_c[key(j)]);
     });
 }
 

@@ -123,7 +123,7 @@ struct FwdParams {
   int64_t bucket_origin = 0;
   // Forget gate: prefix sums c of log f over key positions, [B * Hq][forget_stride] (built on the
   // device by forget_prefix_kernel).
-  const float* forget_c = nullptr;
+  const double* forget_c = nullptr;  // float64: c[i'] - c[j] of two large sums
   int64_t forget_stride = 0;
   const float* lowrank_u = nullptr;
   const float* lowrank_w = nullptr;

@@ -21,11 +21,11 @@ namespace {
 // b * hq + h), accumulated in float64 as on the CPU: each thread sums a contiguous chunk, the
 // chunk totals are scanned, then each thread writes its chunk's prefix sums.
 __global__ void forget_prefix_kernel(const float* log_f, int64_t sb, int64_t sh, int64_t sn,
-                                     int hq, int nk, float* out, int64_t out_stride) {
+                                     int hq, int nk, double* out, int64_t out_stride) {
   __shared__ double totals[256];
   const int b = blockIdx.x / hq, h = blockIdx.x % hq;
   const float* f = log_f + b * sb + h * sh;
-  float* c = out + static_cast<int64_t>(blockIdx.x) * out_stride;
+  double* c = out + static_cast<int64_t>(blockIdx.x) * out_stride;
   const int chunk = (nk + blockDim.x - 1) / blockDim.x;
   const int lo = threadIdx.x * chunk, hi = min(nk, lo + chunk);
   double sum = 0;
@@ -38,7 +38,7 @@ __global__ void forget_prefix_kernel(const float* log_f, int64_t sb, int64_t sh,
   double run = threadIdx.x > 0 ? totals[threadIdx.x - 1] : 0.0;
   for (int j = lo; j < hi; ++j) {
     run += f[j * sn];
-    c[j] = static_cast<float>(run);
+    c[j] = run;
   }
 }
 
@@ -471,13 +471,13 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
   const TensorView& lf = spec.mods.forget_log_f;
   if (lf.defined()) {  // prefix sums of log f, one row per (b, h)
     f->forget_stride = p.max_nk;
-    e = cudaMallocAsync(&forget, p.batch * p.hq * p.max_nk * sizeof(float), stream);
+    e = cudaMallocAsync(&forget, p.batch * p.hq * p.max_nk * sizeof(double), stream);
     if (e == cudaSuccess) {
       forget_prefix_kernel<<<static_cast<unsigned>(p.batch * p.hq), 256, 0, stream>>>(
           static_cast<const float*>(lf.data), lf.strides[0], lf.strides[1], lf.strides[2],
-          f->hq, static_cast<int>(p.max_nk), static_cast<float*>(forget), f->forget_stride);
+          f->hq, static_cast<int>(p.max_nk), static_cast<double*>(forget), f->forget_stride);
       e = cudaGetLastError();
-      f->forget_c = static_cast<const float*>(forget);
+      f->forget_c = static_cast<const double*>(forget);
     }
   }
   // Element-mask bits for up to max_slots partial tiles per query tile, within a budget of 64 MiB

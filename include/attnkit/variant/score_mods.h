@@ -85,7 +85,9 @@ struct ScoreModEval {
   // Without a bucket_of table (the CUDA kernels) the bucket is computed from the definition.
   bool bidirectional = true;
   int64_t num_buckets = 0, max_distance = 0, clip = 0;
-  const T* forget_c = nullptr;  // c = cumsum(log f) over key positions
+  // c = cumsum(log f) over key positions, in float64 whatever T: the term c[i'] - c[j] is the
+  // difference of two sums that grow with the row (in fp32 it lost ~ulp(|c|)).
+  const double* forget_c = nullptr;
 
   ATTNKIT_HD T score(T s, int64_t i, int64_t ia, int64_t j) const {
     return cap(additive(s, i, ia, j));
@@ -120,7 +122,7 @@ struct ScoreModEval {
     if (alibi == AlibiMode::kSymmetric) s -= slope * static_cast<T>(ia > j ? ia - j : j - ia);
     if (relative != RelativeBucketKind::kOff)
       s += table[bucket_of ? bucket_of[j - ia + bucket_origin] : bucket(j - ia)];
-    if (forget_c) s += forget_c[ia] - forget_c[j];
+    if (forget_c) s += static_cast<T>(forget_c[ia] - forget_c[j]);
     return s;
   }
 };
