@@ -180,6 +180,8 @@ TEST(Errors, ValidFeatureConfigsAreOk) {
   {
     Call c(1, 2, 2, 4, 6, 8, 8);
     c.spec.mods.forget_log_f = c.f32({1, 2, 6});
+    for (int i = 0; i < 12; ++i)  // log f <= 0
+      static_cast<float*>(c.spec.mods.forget_log_f.data)[i] = -0.01f * static_cast<float>(i % 5);
     c.spec.mods.low_rank_u = c.f32({1, 2, 4, 2});
     c.spec.mods.low_rank_w = c.f32({1, 2, 6, 2});
     c.spec.mods.relative = RelativeBucketKind::kClipped;
@@ -349,6 +351,18 @@ TEST(Errors, HandBuiltWindowBeyondUnbounded) {
   for (MaskNode& n : c.spec.mask.nodes)
     if (n.kind == MaskKind::kSlidingWindow) n.a = INT64_MAX;
   EXPECT_REJECTED(c, kInvalidArgument, "kUnboundedWindow");
+}
+
+// The forget gate's f is in (0, 1]: a log f of -inf (NaN differences of the prefix sums, read as
+// masked scores), +inf or NaN is named (host tensors).
+TEST(Errors, ForgetGateOutsideItsRange) {
+  for (const float bad : {-INFINITY, INFINITY, NAN}) {
+    Call c;
+    std::vector<float> lf(2 * 4, -0.1f);  // [B = 1, Hq = 2, Nk = 4]
+    lf[5] = bad;
+    c.spec.mods.forget_log_f = TensorView::contiguous(lf.data(), DType::kF32, {1, 2, 4});
+    EXPECT_REJECTED(c, kInvalidArgument, "forget_log_f[0, 1, 1]");
+  }
 }
 
 TEST(Errors, GlobalTokenOutOfRange) {

@@ -150,7 +150,7 @@ struct AttentionSpec {
   ScoreMods mods;
   Normalizer normalizer;
   GateKind gate_kind = GateKind::kNone;
-  TensorView gate;  // elementwise: like out; per head: [B, Hq, Nq] (varlen [total, Hq])
+  TensorView gate;  // elementwise: like out; per head: [B, Hq, Nq] (varlen [Hq, total_q])
   Layout layout = Layout::kBHND;
   TensorView cu_seqlens_q;  // int32 [B + 1], with cu_seqlens_kv: varlen packed sequences
   TensorView cu_seqlens_kv;

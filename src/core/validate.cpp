@@ -7,6 +7,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "core/convert.h"
 #include "core/device.h"
 #include "core/problem.h"
 
@@ -433,6 +434,21 @@ Status check_mods(const AttentionSpec& spec, const Problem& p, DType in) {
     if (p.max_nq > p.max_nk)
       return fail(StatusCode::kInvalidArgument, "forget gate with seqlen_q = ", p.max_nq,
                   " > seqlen_kv = ", p.max_nk, ": aligned query positions must be key positions");
+    // log f finite (f = 0, log f = -inf, gave NaN differences of the prefix sums, read as masked
+    // scores; a finite log f > 0, f > 1, outside the gate's (0, 1], still has the defined sum,
+    // and a gradient check's step may cross 0). Host tensors are read here; device ones are the
+    // caller's promise.
+    const TensorView& f = m.forget_log_f;
+    if (f.device == Device::kCPU)
+      for (int64_t b = 0; b < f.shape[0]; ++b)
+        for (int64_t h = 0; h < f.shape[1]; ++h)
+          for (int64_t j = 0; j < f.shape[2]; ++j) {
+            const double x = load_as_double(f.data, f.dtype,
+                                            b * f.strides[0] + h * f.strides[1] + j * f.strides[2]);
+            if (!std::isfinite(x))
+              return fail(StatusCode::kInvalidArgument, "forget_log_f[", b, ", ", h, ", ", j,
+                          "] = ", x, ": log f must be finite (f in (0, 1])");
+          }
   }
   return {};
 }
