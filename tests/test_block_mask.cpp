@@ -216,6 +216,38 @@ TEST(ForgetGate, LongPrefixesKeepTheirPrecision) {
     EXPECT_LE(rel_error(g[y].to_doubles(), gr[y].to_doubles()), 1e-4) << "gradient " << y;
 }
 
+// An additive mask of fp32's lowest value on half of a row's keys (Hugging Face's): the
+// entropy's running sum rescaled by exp(m - m_new) = 0 took 0 * -inf (l (m - m_new) overflowed)
+// and gave NaN. Against the float64 oracle.
+TEST(Statistics, EntropyWithLowestValueBias) {
+  const int64_t n = 400;
+  OwnedTensor q = random_tensor(DType::kF32, {1, 1, n, 16}, 1.0, 21);
+  OwnedTensor k = random_tensor(DType::kF32, {1, 1, n, 16}, 1.0, 22);
+  OwnedTensor v = random_tensor(DType::kF32, {1, 1, n, 16}, 1.0, 23);
+  OwnedTensor bias = OwnedTensor::zeros(DType::kF32, {1, 1, n, n});
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n / 2; ++j)
+      static_cast<float*>(bias.view.data)[i * n + j] = -3.4028235e38f;
+  AttentionSpec spec;
+  spec.mods.bias = bias.view;
+  std::vector<std::vector<double>> got;
+  for (int x = 0; x < 2; ++x) {
+    const DType dt = x == 0 ? DType::kF32 : DType::kF64;
+    OwnedTensor out = OwnedTensor::zeros(dt, {1, 1, n, 16});
+    OwnedTensor ent = OwnedTensor::zeros(DType::kF32, {1, 1, n});
+    OwnedTensor rmax = OwnedTensor::zeros(DType::kF32, {1, 1, n});
+    AttentionStats st;
+    st.entropy = ent.view;
+    st.row_max = rmax.view;
+    const Status s = x == 0 ? attention_forward(q.view, k.view, v.view, spec, out.view, {}, st)
+                            : reference_forward(q.view, k.view, v.view, spec, out.view, {}, st);
+    ASSERT_TRUE(s.ok()) << s.message();
+    got.push_back(ent.to_doubles());
+  }
+  for (double e : got[0]) ASSERT_TRUE(std::isfinite(e));
+  EXPECT_LE(max_abs_error(got[0], got[1]), 1e-4);
+}
+
 // Rows with no allowed key: output 0, LSE -inf (sink_h with sinks), never NaN.
 TEST(FullyMasked, ZeroOutputAndMinusInfLse) {
   for (bool sink : {false, true}) {

@@ -311,8 +311,11 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
         }
         // es = sum_j exp(s_j - m) (s_j - m), rescaled when m moves (no cancellation at large
         // logits: entropy = log(l) - es / l).
+        // (alpha = 0: what came before weighs nothing; l (m - m_new) may overflow to -inf.)
         if (want_entropy)
-          w.es[r] = alpha * (w.es[r] + (w.m[r] == kNegInf ? 0.f : (w.m[r] - m_new) * w.l[r])) +
+          w.es[r] = (alpha > 0.f
+                         ? alpha * (w.es[r] + (w.m[r] == kNegInf ? 0.f : (w.m[r] - m_new) * w.l[r]))
+                         : 0.f) +
                     hn::GetLane(hn::SumOfLanes(d, esum));
         w.l[r] = w.l[r] * alpha + hn::GetLane(hn::SumOfLanes(d, sum));
         if (round_p) w.lp[r] = w.lp[r] * alpha + hn::GetLane(hn::SumOfLanes(d, rsum));

@@ -454,8 +454,7 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
     return fail(StatusCode::kNotImplemented,
                 "Options::deterministic: the CUDA backward sums dq's tiles by atomic "
                 "reduce-adds, so its low-order bits depend on the order of the additions");
-  // Key tiles of 128 (64 above head dim 128: BwdShape::kSplit, as backward() picks them).
-  return GeneralTables::fits(p, p.d > 128 || p.dv > 128 ? 64 : 128);
+  return {};
 }
 
 Status backward(const core::Problem& p, const core::GradOperands& g, const AttentionGrads& grads,
@@ -515,6 +514,12 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   f.fast_alibi = fast && alibi;
   f.fast_bias = fast && bias;
   f.bias_raw = f.fast_bias ? 1.f / p.scale : 0.f;
+  // The band instance needs no block table; every other flavor builds one.
+  const bool band_instance = fast && band && !alibi && !bias && !capped;
+  if (!band_instance) {
+    const Status fit = GeneralTables::fits(p, kN);
+    if (!fit.ok()) return fit;
+  }
   bp.dbias_tma = f.fast_bias && grads.dbias.defined();
   bp.stat_stride = static_cast<int64_t>(f.num_q_tiles) * kM;
   bp.num_k_tiles = static_cast<int>((p.max_nk + kN - 1) / kN);
@@ -800,7 +805,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
 
   bp.extras = bp.dbias || bp.dslopes || bp.dtable || bp.dc || bp.du || bp.dw;
   if (e == cudaSuccess) {
-    if (fast && band && !alibi && !bias && !capped) {
+    if (band_instance) {
       e = inst.fast(bp, maps, stream);
     } else {
       GeneralTables tables;

@@ -75,8 +75,7 @@ Status forward_supports(const core::Problem& p) {
                 " is not built for ", dtype_name(p.q.dtype), " (built: ", built,
                 "; CMake option ATTNKIT_HEAD_DIMS adds more)");
   }
-  // The key tiles of 128 (64 above head dim 128, as forward() picks them).
-  return GeneralTables::fits(p, p.d <= 128 && p.dv <= 128 ? 128 : 64);
+  return {};
 }
 
 Status forward(const core::Problem& p) {
@@ -115,6 +114,12 @@ Status forward(const core::Problem& p) {
   const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band &&
                     !(gt && gt[0] == '0') && grid_tiles(p, &f, &maps);
   const bool fast = grid || (plain && (band || GeneralTables::covers(p, 128, kn)));
+  // Every flavor but the fast kernel under a band and the grid tiles builds a block table.
+  const bool tabled = !(grid || (fast && band));
+  if (tabled) {
+    const Status fit = GeneralTables::fits(p, kn);
+    if (!fit.ok()) return fit;
+  }
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   const char* pp = std::getenv("ATTNKIT_CUDA_PINGPONG");
   f.pingpong = !(pp && pp[0] == '0');
@@ -178,7 +183,7 @@ Status forward(const core::Problem& p) {
     f.st_sn = 1, f.st_sh = rows, f.st_sb = p.varlen ? 0 : p.hq * rows;
   }
   GeneralTables tables;
-  if (grid || (fast && band)) {
+  if (!tabled) {
     e = inst.fast(f, maps, stream);
   } else {
     e = tables.build(p, 128, kn, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);

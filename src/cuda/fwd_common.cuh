@@ -125,9 +125,10 @@ __device__ __forceinline__ void scale_row(float (&o)[kDVp / 2], int r, float alp
 
 // The softmax step of one row with the scale folded into the exponent: scores are raw dot
 // products (to2 = scale * log2 e) or already scaled (to2 = log2 e). kSaturate (the general
-// flavor, whose scores take any additive term): a row max below -FLT_MAX / to2 (a bias near
-// fp32's or bf16's lowest value) would make -max * to2 +inf and the weights NaN; saturated at
-// FLT_MAX, such a row's weights are 0: it counts as masked (DESIGN.md, numerics).
+// flavor and the fast bias instance, whose scores take an additive term of any size): a row max
+// below -FLT_MAX / to2 (a bias near fp32's or bf16's lowest value) would make -max * to2 +inf
+// and the weights NaN; saturated at FLT_MAX, such a row's weights are 0: it counts as masked
+// (DESIGN.md, numerics).
 template <int kN, bool kSaturate = false>
 __device__ __forceinline__ float softmax_row(float (&s)[kN / 2], int r, float to2, float& m,
                                              float& l) {

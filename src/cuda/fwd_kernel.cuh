@@ -480,7 +480,8 @@ __global__ void __launch_bounds__(384, 1)
     auto normalize = [&](float (&s)[kSRegs], float (&alpha)[2]) {
       if (softmax) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) alpha[r] = softmax_row<kN, kGeneral>(s, r, to2, m[r], l[r]);
+        for (int r = 0; r < 2; ++r)
+          alpha[r] = softmax_row<kN, kGeneral || kBias>(s, r, to2, m[r], l[r]);
       } else if constexpr (kGeneral) {
         // Masked scores (-inf) weigh 0.
         if (norm == NormalizerKind::kSigmoid) {

@@ -443,8 +443,6 @@ int bit_slots(const TableExtent& t, int km, int kn, int max_slots) {
 constexpr size_t kMaxMaskCacheEntries = 16;
 
 Status GeneralTables::fits(const core::Problem& p, int kn) {
-  int64_t left = 0, right = 0;
-  if (band_of(p.spec->mask, &left, &right) && !p.spec->mods.any() && p.softmax_family()) return {};
   const int64_t k_tiles = (p.max_nk + kn - 1) / kn;
   if (k_tiles <= kMaxClassifyTiles) return {};
   return fail(StatusCode::kNotImplemented, "max key length ", str(p.max_nk), ": ", str(k_tiles),

@@ -70,8 +70,8 @@ struct GeneralTables {
   void* buckets = nullptr;
   static bool covers(const core::Problem& p, int km, int kn);
   // Whether the tables fit the classification kernel (a byte a key tile of a row in shared
-  // memory): checked, conservatively, wherever a call may need them (any mask but a band, a
-  // score mod, a normalizer outside the softmax family); a named error otherwise.
+  // memory), a named error otherwise: checked where a call takes a flavor that builds them,
+  // before it writes anything.
   static Status fits(const core::Problem& p, int kn);
   cudaError_t build(const core::Problem& p, int km, int kn, int max_slots, cudaStream_t stream,
                     FwdParams* f);

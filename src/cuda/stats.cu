@@ -54,7 +54,7 @@ __global__ void stats_kernel(const __grid_constant__ FwdParams p,
     if (s > rmax) {
       if (l > 0.f) {
         const float a = expf(rmax - s);
-        t = a * (t + l * (rmax - s));
+        t = a > 0.f ? a * (t + l * (rmax - s)) : 0.f;  // l (rmax - s) may overflow where a is 0
         l *= a;
       }
       rmax = s;
@@ -80,7 +80,7 @@ __global__ void stats_kernel(const __grid_constant__ FwdParams p,
     const float t2 = __shfl_xor_sync(0xffffffff, t, x);
     const float m = fmaxf(rmax, m2);
     const float a1 = l > 0.f ? expf(rmax - m) : 0.f, a2 = l2 > 0.f ? expf(m2 - m) : 0.f;
-    t = (l > 0.f ? a1 * (t + l * (rmax - m)) : 0.f) + (l2 > 0.f ? a2 * (t2 + l2 * (m2 - m)) : 0.f);
+    t = (a1 > 0.f ? a1 * (t + l * (rmax - m)) : 0.f) + (a2 > 0.f ? a2 * (t2 + l2 * (m2 - m)) : 0.f);
     l = a1 * l + a2 * l2;
     rmax = m;
   }
