@@ -375,15 +375,18 @@ __global__ void row_length_scale_kernel(const __grid_constant__ FwdParams p, flo
     out[(static_cast<int64_t>(b) * p.hq + h) * stat_stride + i] = length_scale<float>(cnt);
 }
 
-// fill_4d over a 4-D view (the view's own data and dtype unless given): the gradients added in
-// place are zeroed first, and a 16-bit dbias summed over broadcast dims is converted from its
-// fp32 scratch.
+// fill_4d over a view of up to 4 dims, right-aligned (the view's own data and dtype unless
+// given): the gradients added in place are zeroed first, a 16-bit dbias summed over broadcast
+// dims is converted from its fp32 scratch, and gradients no pair reaches are zeroed.
 cudaError_t fill_view(const TensorView& v, const float* src, cudaStream_t stream,
                       void* data = nullptr, DType t = DType::kF32, const int64_t* strides = nullptr) {
   const int64_t* s = strides ? strides : v.strides;
-  return fill_4d(data ? data : v.data, data ? t : v.dtype, src,
-                 {v.shape[0], v.shape[1], v.shape[2], v.shape[3]}, {s[0], s[1], s[2], s[3]},
-                 stream);
+  int64_t n[4] = {1, 1, 1, 1}, st[4] = {0, 0, 0, 0};
+  for (int i = 0; i < v.ndim; ++i) {
+    n[4 - v.ndim + i] = v.shape[i];
+    st[4 - v.ndim + i] = s[i];
+  }
+  return fill_4d(data ? data : v.data, data ? t : v.dtype, src, n, st, stream);
 }
 
 // No query row or no key anywhere (packed sequences all empty on one side; cu_seqlens need
@@ -397,13 +400,7 @@ Status zero_grads(const core::Problem& p, const AttentionGrads& grads) {
        {&grads.dq, &grads.dk, &grads.dv, &grads.dbias, &grads.dlow_rank_u, &grads.dlow_rank_w,
         &grads.drelative_table, &grads.dforget_log_f, &grads.dalibi_slopes, &grads.dsinks,
         &grads.dbeta, &grads.drela_gain, &grads.dgate}) {
-    if (e != cudaSuccess || !t->defined() || t->numel() == 0) continue;
-    int64_t n[4] = {1, 1, 1, 1}, st[4] = {0, 0, 0, 0};
-    for (int i = 0; i < t->ndim; ++i) {  // right-aligned into four dims
-      n[4 - t->ndim + i] = t->shape[i];
-      st[4 - t->ndim + i] = t->strides[i];
-    }
-    e = fill_4d(t->data, t->dtype, nullptr, n, st, stream);
+    if (e == cudaSuccess && t->defined()) e = fill_view(*t, nullptr, stream);
   }
   if (e != cudaSuccess)
     return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
@@ -574,11 +571,10 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
         {&grads.dq, rows_q}, {&grads.dk, extent.rows_k}, {&grads.dv, extent.rows_k}};
     for (const auto& [t, rows] : tails) {
       if (t->ndim != 3 || t->shape[0] <= rows) continue;
-      const int64_t es = dtype_size(t->dtype);
-      const cudaError_t e = fill_4d(static_cast<char*>(t->data) + rows * t->strides[0] * es,
-                                    t->dtype, nullptr, {1, t->shape[0] - rows, t->shape[1],
-                                    t->shape[2]}, {0, t->strides[0], t->strides[1], t->strides[2]},
-                                    stream);
+      TensorView tail = *t;  // its rows from `rows` on
+      tail.data = static_cast<char*>(t->data) + rows * t->strides[0] * dtype_size(t->dtype);
+      tail.shape[0] -= rows;
+      const cudaError_t e = fill_view(tail, nullptr, stream);
       if (e != cudaSuccess)
         return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
     }
@@ -706,8 +702,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     if (e == cudaSuccess && dg.defined()) {
       pp.dgain = static_cast<float*>(dg.data);
       pp.dgain_s = dg.strides[0];
-      e = fill_4d(pp.dgain, DType::kF32, nullptr, {1, 1, 1, dg.shape[0]},
-                  {0, 0, 0, dg.strides[0]}, stream);
+      e = fill_view(dg, nullptr, stream);
     }
   }
   if (e == cudaSuccess) {

@@ -102,7 +102,7 @@ bool band_of(const Mask& m, int64_t* left, int64_t* right) {
     case MaskKind::kCausal:
       *right = 0;
       return true;
-    case MaskKind::kSlidingWindow:  // no side beyond kInf (a node built by hand may hold more)
+    case MaskKind::kSlidingWindow:  // an unbounded side (Mask::kUnboundedWindow) as kInf
       *left = std::min(n.a, kInf);
       *right = std::min(n.b, kInf);
       return true;
