@@ -31,7 +31,7 @@
 #    gives 0): its softmax is MUFU-bound (gpu.md Next, item 2): MUFU 528 -> 496 cycles a
 #    warpgroup and step, issue 435 -> 464 (scripts/sass_loop.py). Read the d64 rows only (d128
 #    is unchanged); 8 of 64 (kPolyExpEvery 8) would give MUFU 464, issue ~493.
-# 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.RisingScores*:CudaFastPath.AlibiWith*' AGAIN=0
+# 1. PAR=1 TESTS='*CudaBackward*:CudaFastPath.RisingScores*:CudaFastPath.ZeroOrTiny*' AGAIN=0
 #    PROFILE='--kernels --ab ATTNKIT_CUDA_TMA_DKDV=0 1024 4096' run_plan.sh ab $OUT
 #    bwd_band:bwd_band,bwd_alibi_band,bwd_tma_dkdv train_dense,train_masked (~400 s; run 84's
 #    two backward sets with '*CudaBackward*' fit one call):
@@ -51,7 +51,7 @@
 #    swapped), MaskEval::band_full_tiles, on main with its CPU test since session 23.
 # 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~360 s). New tests
 #    not yet run (session 23 had no device; each fails on the code before its fix):
-#    CudaFastPath.AlibiWithAZeroScaleMatchesTheOracle (scale 0 and 1e-40: the general flavor),
+#    CudaFastPath.ZeroOrTinyScalesMatchTheOracle (scale 0 and 1e-40: the general flavor),
 #    CudaFastPath.UnboundedWindowsMatchTheOracle (a window side of INT64_MAX), test_torch.py's
 #    test_cuda_packed_rows_past_the_sequences (cu_seqlens all empty on one side, padding rows:
 #    zero gradients) and test_cuda_bias_of_the_lowest_value (an additive mask of bf16's or
