@@ -248,6 +248,60 @@ TEST(Statistics, EntropyWithLowestValueBias) {
   EXPECT_LE(max_abs_error(got[0], got[1]), 1e-4);
 }
 
+// The normalized kernel's weights f(s)^p beyond fp32's range for whole rows: softplus weights
+// below 2^-149 (s = -150; p = 4 at s = -30) summed to 0 or a denormal (out 0 or inf), ReLU^8
+// at s = 1e5 overflowed (NaN). It runs as a softmax over p log f(s): forward, its log row sum
+// and the backward against the float64 oracle, in fp32.
+TEST(KernelNormalizer, WeightsBeyondFp32Range) {
+  const int64_t n = 77, d = 16;
+  struct Case {
+    KernelFeature f;
+    float power, shift, spread;
+  };
+  for (const Case& cs : {Case{KernelFeature::kSoftplus, 1.f, -150.f, 3.f},
+                         Case{KernelFeature::kSoftplus, 4.f, -30.f, 2.f},
+                         Case{KernelFeature::kReLU, 8.f, 1e5f, 1e3f}}) {
+    SCOPED_TRACE(cs.shift);
+    OwnedTensor q = random_tensor(DType::kF32, {1, 2, n, d}, 1.0, 31);
+    OwnedTensor k = random_tensor(DType::kF32, {1, 2, n, d}, 1.0, 32);
+    OwnedTensor v = random_tensor(DType::kF32, {1, 2, n, d}, 1.0, 33);
+    OwnedTensor go = random_tensor(DType::kF32, {1, 2, n, d}, 1.0, 34);
+    OwnedTensor bias = random_tensor(DType::kF32, {1, 1, n, n}, cs.spread, 35);
+    for (int64_t x = 0; x < n * n; ++x) static_cast<float*>(bias.view.data)[x] += cs.shift;
+    AttentionSpec spec;
+    spec.mask = Mask::causal();
+    spec.mods.bias = bias.view;
+    spec.normalizer.kind = NormalizerKind::kKernel;
+    spec.normalizer.feature = cs.f;
+    spec.normalizer.power = cs.power;
+    std::vector<std::vector<double>> got[2];
+    for (int x = 0; x < 2; ++x) {
+      const DType dt = x == 0 ? DType::kF32 : DType::kF64;
+      OwnedTensor out = OwnedTensor::zeros(dt, {1, 2, n, d});
+      OwnedTensor stat = OwnedTensor::zeros(DType::kF32, {1, 2, n});
+      std::vector<OwnedTensor> g;
+      for (int y = 0; y < 3; ++y) g.push_back(OwnedTensor::zeros(dt, {1, 2, n, d}));
+      g.push_back(OwnedTensor::zeros(dt, {1, 1, n, n}));
+      AttentionGrads a;
+      a.dq = g[0].view, a.dk = g[1].view, a.dv = g[2].view, a.dbias = g[3].view;
+      if (x == 0) {
+        ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view, stat.view).ok());
+        ASSERT_TRUE(
+            attention_backward(q.view, k.view, v.view, out.view, stat.view, go.view, spec, a).ok());
+      } else {
+        ASSERT_TRUE(reference_forward(q.view, k.view, v.view, spec, out.view, stat.view).ok());
+        ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, a).ok());
+      }
+      got[x] = {out.to_doubles(), stat.to_doubles()};
+      for (OwnedTensor& t : g) got[x].push_back(t.to_doubles());
+    }
+    for (double o : got[0][0]) ASSERT_TRUE(std::isfinite(o));
+    EXPECT_LE(rel_error(got[0][0], got[1][0]), 1e-5) << "out";
+    EXPECT_LE(max_abs_error(got[0][1], got[1][1]), 1e-4) << "log row sum";
+    for (int y = 2; y < 6; ++y) EXPECT_LE(rel_error(got[0][y], got[1][y]), 1e-4) << "grad " << y;
+  }
+}
+
 // Rows with no allowed key: output 0, LSE -inf (sink_h with sinks), never NaN.
 TEST(FullyMasked, ZeroOutputAndMinusInfLse) {
   for (bool sink : {false, true}) {
@@ -455,7 +509,7 @@ TEST(TileBits, QuadBitsPickTheThreadsKeys) {
 TEST(UnboundedWindows, AreCausalAndDense) {
   EXPECT_EQ(Mask::sliding_window(INT64_MAX, 3).nodes[0].a, Mask::kUnboundedWindow);
   EXPECT_EQ(Mask::global_window(2, INT64_MAX, {0}).nodes[0].b, Mask::kUnboundedWindow);
-  for (const auto [nq, nk] : {std::pair<int64_t, int64_t>{37, 150}, {150, 37}}) {
+  for (const auto& [nq, nk] : {std::pair<int64_t, int64_t>{37, 150}, {150, 37}}) {
     const OwnedTensor q = random_tensor(DType::kF32, {1, 2, nq, 16}, 1.0, 7);
     const OwnedTensor k = random_tensor(DType::kF32, {1, 2, nk, 16}, 1.0, 8);
     const OwnedTensor v = random_tensor(DType::kF32, {1, 2, nk, 16}, 1.0, 9);

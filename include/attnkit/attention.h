@@ -64,7 +64,8 @@ struct Options {
 };
 
 // The per-row value the backward pass needs (row_stat): fp32 [B, Hq, Nq] (varlen: [Hq, total_q]).
-// Softmax family: LSE. Normalized kernel: the row sum. ReLA: the output RMS. Sigmoid: none.
+// Softmax family: LSE. Normalized kernel: log of the row sum (the LSE of the log weights
+// p log f(s)). ReLA: the output RMS. Sigmoid: none.
 Status attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                          const AttentionSpec& spec, const TensorView& out,
                          const TensorView& row_stat = {}, const AttentionStats& stats = {},
@@ -88,7 +89,7 @@ struct AttentionGrads {
 
 // The backward pass: gradients of out (given grad_out) for q, k, v and the extras in `grads`.
 // `out` and `row_stat` are the forward's: row_stat is required for the softmax family (LSE) and
-// the normalized kernel (row sum); sigmoid has none and ReLA recomputes what it needs (its RMS
+// the normalized kernel (log row sum); sigmoid has none and ReLA recomputes what it needs (its RMS
 // row_stat may be omitted). CPU backend: every tier-1 mechanism (masks, score mods, normalizers,
 // gates), GQA/MQA, varlen, dv != d, both layouts, fp32/bf16/fp16 inputs; the attention
 // statistics (row_max, entropy, col_mass) are outputs, not differentiated. Gradients are

@@ -73,9 +73,9 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
         scale: the score scale, default ``1 / sqrt(d)``.
         sinks: per-query-head sink logits ``[Hq]`` (softmax with a sink).
         gate: output gate logits: ``out``'s shape (elementwise) or ``[B, Hq, Nq]`` (per head).
-        return_lse: also return the per-row statistic (the LSE for the softmax family; the row
-            sum for the normalized kernel; the RMS for ReLA; None for sigmoid). It is not
-            differentiated.
+        return_lse: also return the per-row statistic (the LSE for the softmax family; the log
+            of the row sum for the normalized kernel; the RMS for ReLA; None for sigmoid). It is
+            not differentiated.
         threads: CPU threads, 0 for all.
         mask_cache: an ``attnkit.MaskCache``: the mask's tables for the CUDA kernels, built once
             and reused by the calls that pass it (see ``MaskCache``).

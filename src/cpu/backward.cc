@@ -267,24 +267,22 @@ void row_grads(const BwdCall& c, float* HWY_RESTRICT sr, float* HWY_RESTRICT dr,
   const DF d;
   const size_t N = hn::Lanes(d);
   const VF zero = hn::Zero(d), one = hn::Set(d, 1.f), ninf = hn::Set(d, kNegInf);
-  float lse = 0.f, inv_l = 1.f, ls = 1.f;
+  // The normalized kernel is a softmax over p log f(s'), its stat that softmax's LSE.
+  constexpr bool kLse = is_softmax_family(kNorm) || kNorm == NormalizerKind::kKernel;
+  float lse = 0.f, ls = 1.f;
   bool empty = false;  // a row with no allowed key (no weight at all): no gradient
-  if constexpr (is_softmax_family(kNorm)) {
+  if constexpr (kLse) {
     lse = c.stat(b, h, i);
     empty = lse == kNegInf;
-  } else if constexpr (kNorm == NormalizerKind::kKernel) {
-    const float l = c.stat(b, h, i);
-    empty = !(l > 0.f);
-    inv_l = empty ? 0.f : 1.f / l;
-    if (norm.length_scale) ls = length_scale<float>(c.mask(b, h).allowed_keys[i]);
   }
+  if (kNorm == NormalizerKind::kKernel && norm.length_scale)
+    ls = length_scale<float>(c.mask(b, h).allowed_keys[i]);
   if (empty) {
     std::fill(sr, sr + kTile, 0.f);
     std::fill(dr, dr + kTile, 0.f);
     return;
   }
-  const VF vD = hn::Set(
-      d, is_softmax_family(kNorm) || kNorm == NormalizerKind::kKernel ? c.d_row(b, h, i) : 0.f);
+  const VF vD = hn::Set(d, kLse ? c.d_row(b, h, i) : 0.f);
   const VF vcap = hn::Set(d, softcap), vinv_cap = hn::Set(d, softcap != 0.f ? 1.f / softcap : 0.f);
   VF dsum = zero;
   for (size_t x = 0; x < kTile; x += N) {
@@ -301,35 +299,13 @@ void row_grads(const BwdCall& c, float* HWY_RESTRICT sr, float* HWY_RESTRICT dr,
       ds = hn::Mul(dp, hn::Mul(pv, hn::Sub(one, pv)));
       dsum = hn::Add(dsum, ds);
     } else if constexpr (kNorm == NormalizerKind::kKernel) {
-      const auto live = hn::Gt(s, ninf);
-      const VF sp = hn::IfThenElseZero(live, hn::Mul(s, hn::Set(d, ls)));  // s' = s ls
-      VF f, df;
-      if (norm.feature == KernelFeature::kSoftplus) {
-        const VF ez = hn::Exp(d, hn::Neg(hn::Abs(sp)));
-        f = hn::Add(hn::Max(sp, zero), hn::Log1p(d, ez));
-        df = hn::Div(hn::IfThenElse(hn::Ge(sp, zero), one, ez), hn::Add(one, ez));
-      } else {
-        f = hn::Max(sp, zero);
-        df = one;
-      }
-      const auto pos = hn::And(live, hn::Gt(f, zero));
-      VF fp, fpm1;  // f^p and f^(p - 1)
-      if (norm.power == 1.f) {
-        fp = f;
-        fpm1 = one;
-      } else if (norm.power == 2.f) {
-        fp = hn::Mul(f, f);
-        fpm1 = f;
-      } else {
-        const VF lg = hn::Log(d, hn::IfThenElse(pos, f, one));
-        fp = hn::Exp(d, hn::Mul(hn::Set(d, norm.power), lg));
-        fpm1 = hn::Exp(d, hn::Mul(hn::Set(d, norm.power - 1.f), lg));
-      }
-      const VF vinv = hn::Set(d, inv_l);
-      pv = hn::IfThenElseZero(pos, hn::Mul(fp, vinv));
-      ds = hn::Mul(hn::Mul(hn::Sub(dp, vD), vinv),
-                   hn::Mul(hn::Mul(hn::Set(d, norm.power * ls), fpm1), df));
-      ds = hn::IfThenElseZero(pos, ds);
+      // P = exp(p log f(s') - LSE); dS = P (dP - D) p ls (log f)'(s'), 0 where P is.
+      const VF sp = hn::IfThenElseZero(hn::Gt(s, ninf), hn::Mul(s, hn::Set(d, ls)));  // s' = s ls
+      const VF t = kernel_log_weight(d, sp, norm.feature, norm.power);
+      pv = hn::IfThenElseZero(hn::Gt(s, ninf), hn::Exp(d, hn::Sub(t, hn::Set(d, lse))));
+      ds = hn::Mul(hn::Mul(pv, hn::Sub(dp, vD)),
+                   hn::Mul(hn::Set(d, norm.power * ls), dlog_kernel_feature(d, sp, norm.feature)));
+      ds = hn::IfThenElseZero(hn::Gt(pv, zero), ds);
     } else {  // ReLA
       pv = hn::Max(s, zero);
       ds = hn::IfThenElseZero(hn::Gt(s, zero), dp);
@@ -816,7 +792,7 @@ Status backward_supports(const core::Problem& p) {
     return Status(StatusCode::kInvalidArgument,
                   p.softmax_family()
                       ? "row_stat is missing: the backward pass needs the forward's LSE"
-                      : "row_stat is missing: the backward pass needs the forward's row sum "
+                      : "row_stat is missing: the backward pass needs the forward's log row sum "
                         "(normalized kernel)");
   return {};
 }

@@ -234,8 +234,10 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
   const int64_t unit = b * c.units_per_batch + (c.lowrank ? h : h / p.group);
   const DF d;
   const size_t N = hn::Lanes(d);
+  // The normalized kernel runs as a softmax over its log weights p log f(s): kOnline.
   constexpr bool kSoftmax =
       kNorm == NormalizerKind::kSoftmax || kNorm == NormalizerKind::kSoftmaxSink;
+  constexpr bool kOnline = kSoftmax || kNorm == NormalizerKind::kKernel;
 
   pack_q(c, w, b, h, qt);
   const float sink = kNorm == NormalizerKind::kSoftmaxSink
@@ -272,8 +274,11 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
     score_gemm(c, w, unit, ent.k_tile, rows, S);
     // The normalizer's tile step: S -> P in place (bf16 softmax: into w.p16, on vectors, with
     // the element mask).
-    const bool p16_done = kSoftmax && softmax16;
+    const bool p16_done = kOnline && softmax16;
     score_tile<kMods>(S, mods, s.offset, qt, kt, bm, ent, prescale, nullptr, !p16_done);
+    if constexpr (kNorm == NormalizerKind::kKernel)  // masked -inf stays -inf
+      for (int64_t x = 0; x < rows * kTile; x += N)
+        hn::StoreU(kernel_log_weight(d, hn::LoadU(d, S + x), norm.feature, norm.power), d, S + x);
     if (p16_done)
       softmax_step_bf16(S, rows,
                         {w.m.data(), w.l.data(), w.lp.data(), w.alpha.data(), w.rmax.data()},
@@ -282,7 +287,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
                         w.p16.get());
     for (int64_t r = 0; r < (p16_done ? 0 : rows); ++r) {
       float* sr = S + r * kTile;
-      if constexpr (kSoftmax) {
+      if constexpr (kOnline) {
         const float mx = reduce_max(sr);
         w.rmax[r] = std::max(w.rmax[r], mx);
         const float m_new = std::max(w.m[r], mx);
@@ -333,19 +338,6 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
             const VF ez = hn::Exp(d, hn::Neg(hn::Abs(z)));  // exp(-|z|) in (0, 1]
             const VF one = hn::Set(d, 1.f);
             pv = hn::Div(hn::IfThenElse(hn::Ge(z, zero), one, ez), hn::Add(one, ez));
-          } else if constexpr (kNorm == NormalizerKind::kKernel) {
-            VF f = hn::Max(sv, zero);
-            if (norm.feature == KernelFeature::kSoftplus)
-              f = hn::Add(f, hn::Log1p(d, hn::Exp(d, hn::Neg(hn::Abs(sv)))));
-            if (norm.power == 2.f) {
-              f = hn::Mul(f, f);
-            } else if (norm.power != 1.f) {
-              const auto pos = hn::Gt(f, zero);
-              f = hn::IfThenElseZero(
-                  pos, hn::Exp(d, hn::Mul(hn::Set(d, norm.power),
-                                          hn::Log(d, hn::IfThenElse(pos, f, hn::Set(d, 1.f))))));
-            }
-            pv = f;
           } else {  // ReLA
             pv = hn::Max(sv, zero);
           }
@@ -357,15 +349,11 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
           }
           hn::StoreU(pv, d, sr + x);
         }
-        if constexpr (kNorm == NormalizerKind::kKernel) {
-          w.l[r] += hn::GetLane(hn::SumOfLanes(d, sum));
-          if (round_p) w.lp[r] += hn::GetLane(hn::SumOfLanes(d, rsum));
-        }
       }
     }
     // O = alpha O + P V; the rescale is skipped when no row's running max moved.
     bool rescale = false;
-    if constexpr (kSoftmax)
+    if constexpr (kOnline)
       for (int64_t r = 0; r < rows && !rescale; ++r) rescale = w.alpha[r] != 1.f;
     value_gemm(c, w, unit, ent.k_tile, kt.count, rows, rescale ? w.alpha.data() : nullptr,
                e != bm.row_begin[t], p16_done);
@@ -378,7 +366,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
     const int64_t i = qt.at(r), row = s.q_start + i;
     float* o = w.o.get() + r * c.dv_pad;
     float stat = 0.f;
-    if constexpr (kSoftmax) {
+    if constexpr (kOnline) {
       const float l = w.l[r], lo = round_p ? w.lp[r] : l;  // O divides by the weights it used
       const float inv = lo > 0.f ? 1.f / lo : 0.f;
       for (int64_t x = 0; x < p.dv; ++x) o[x] *= inv;
@@ -392,11 +380,6 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
         p.entropy.at(b, h, row) = ent;
       }
       if (!c.lse.empty()) c.lse[(b * p.hq + h) * p.max_nq + i] = stat;
-    } else if constexpr (kNorm == NormalizerKind::kKernel) {
-      const float l = w.l[r], lo = round_p ? w.lp[r] : l;  // O divides by the weights it used
-      const float inv = lo > 0.f ? 1.f / lo : 0.f;
-      for (int64_t x = 0; x < p.dv; ++x) o[x] *= inv;
-      stat = l;
     } else if constexpr (kNorm == NormalizerKind::kReLA) {
       if (p.raw_output) {  // the backward's recompute wants O itself
         store_row_simd(o, p.dv, p.out.dtype, p.out.row(b, h, row));

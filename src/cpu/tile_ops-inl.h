@@ -203,6 +203,37 @@ HWY_INLINE VF exp_nonpositive(DF d, VF x) {
   return hn::Mul(p, two_n);
 }
 
+// The normalized kernel's log weights p log f(s) on vectors (normalizers.h's
+// log_kernel_feature; -inf where f(s) = 0, and for s = -inf). Below s = -16 the softplus takes
+// its tail s - e^s / 2.
+HWY_INLINE VF kernel_log_weight(DF d, VF s, KernelFeature f, float power) {
+  const VF zero = hn::Zero(d);
+  VF t;
+  if (f == KernelFeature::kSoftplus) {
+    const VF sp = hn::Add(hn::Max(s, zero), hn::Log1p(d, hn::Exp(d, hn::Neg(hn::Abs(s)))));
+    const VF tail = hn::NegMulAdd(hn::Set(d, 0.5f), exp_nonpositive(d, hn::Min(s, zero)), s);
+    t = hn::IfThenElse(hn::Lt(s, hn::Set(d, -16.f)), tail, hn::Log(d, sp));
+  } else {
+    const auto pos = hn::Gt(s, zero);
+    t = hn::IfThenElse(pos, hn::Log(d, hn::IfThenElse(pos, s, hn::Set(d, 1.f))),
+                       hn::Set(d, -std::numeric_limits<float>::infinity()));
+  }
+  return power == 1.f ? t : hn::Mul(hn::Set(d, power), t);
+}
+// d log f(s) / ds on vectors (dlog_kernel_feature): sigmoid(s) / softplus(s), or 1 / s for ReLU.
+HWY_INLINE VF dlog_kernel_feature(DF d, VF s, KernelFeature f) {
+  const VF zero = hn::Zero(d), one = hn::Set(d, 1.f);
+  if (f == KernelFeature::kSoftplus) {
+    const VF ez = hn::Exp(d, hn::Neg(hn::Abs(s)));
+    const VF sp = hn::Add(hn::Max(s, zero), hn::Log1p(d, ez));
+    const VF sig = hn::Div(hn::IfThenElse(hn::Ge(s, zero), one, ez), hn::Add(one, ez));
+    const VF tail = hn::NegMulAdd(hn::Set(d, 0.5f), exp_nonpositive(d, hn::Min(s, zero)), one);
+    return hn::IfThenElse(hn::Lt(s, hn::Set(d, -16.f)), tail, hn::Div(sig, sp));
+  }
+  const auto pos = hn::Gt(s, zero);
+  return hn::IfThenElseZero(pos, hn::Div(one, hn::IfThenElse(pos, s, one)));
+}
+
 // v rounded to bf16 precision (nearest even), kept in fp32 lanes: the weights P as P V will use
 // them in bf16, so that the normalizer sums the same values (one key then gives O = v exactly).
 // For finite v and infinities.

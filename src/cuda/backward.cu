@@ -68,7 +68,6 @@ struct PrepParams {
   DType out_dtype = DType::kF32;
   int64_t o_sb = 0, o_sh = 0, o_sn = 0;
   const float* row_stat = nullptr;  // null: sigmoid (no LSE, no D)
-  bool kernel_norm = false;         // row_stat is the normalized kernel's row sum
   // ReLA: O1 (the forward's O before the RMS, gain and gate) and what its backward needs; the
   // copy of dO receives dO1 = d(out) / dO1.
   const float* raw_o = nullptr;
@@ -236,12 +235,6 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
     *dd = 0.f;
     return;
   }
-  if (p.kernel_norm) {  // the row sum L of the weights: 1 / L in place of the LSE
-    const float l = p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn];
-    *lse2 = l > 0.f ? 1.f / l : 0.f;
-    *dd = dot;
-    return;
-  }
   store_softmax_stats(p, r, h, b, dot);
 }
 
@@ -286,7 +279,7 @@ __global__ void bwd_prep_vec_kernel(const __grid_constant__ PrepParams p, int gr
 
 // Whether bwd_prep_vec_kernel serves these rows: the group's log2 size, or -1.
 int prep_vec_group(const PrepParams& p) {
-  if (p.gate != GateKind::kNone || p.raw_o || p.dout_copy || !p.row_stat || p.kernel_norm)
+  if (p.gate != GateKind::kNone || p.raw_o || p.dout_copy || !p.row_stat)
     return -1;
   if (p.out_dtype != p.do_dtype || (p.out_dtype != DType::kBF16 && p.out_dtype != DType::kF16))
     return -1;
@@ -426,7 +419,7 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
   const NormalizerKind n = p.spec->normalizer.kind;
   if ((p.softmax_family() || n == NormalizerKind::kKernel) && !p.row_stat.defined())
     return fail(StatusCode::kInvalidArgument, "row_stat is missing: the backward pass needs the ",
-                p.softmax_family() ? "forward's LSE" : "forward's row sum (normalized kernel)");
+                p.softmax_family() ? "forward's LSE" : "forward's log row sum (normalized kernel)");
   for (const auto& [r, name] : {std::pair{&g.dq, "dq"}, {&g.dk, "dk"}, {&g.dv, "dv"}})
     if (r->dtype == DType::kF64)
       return fail(StatusCode::kNotImplemented, name, ".dtype = ", dtype_name(r->dtype),
@@ -642,7 +635,6 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   pp.out_dtype = p.out.dtype;
   pp.o_sb = p.out.sb, pp.o_sh = p.out.sh, pp.o_sn = p.out.sn;
   if (p.softmax_family() || spec.normalizer.kind == NormalizerKind::kKernel) {
-    pp.kernel_norm = spec.normalizer.kind == NormalizerKind::kKernel;
     pp.row_stat = p.row_stat.data;
     pp.st_sb = p.row_stat.sb, pp.st_sh = p.row_stat.sh, pp.st_sn = p.row_stat.sn;
   }

@@ -498,7 +498,8 @@ __global__ void __launch_bounds__(384, 1)
   const NormalizerKind norm =
       kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink : NormalizerKind::kSoftmax);
   const bool sigmoid = norm == NormalizerKind::kSigmoid;
-  // The normalized kernel: P = w(s) / L with w = f(s)^power; the stat rows hold 1 / L.
+  // The normalized kernel: P = exp(power log f(s) - log L), a softmax over the log weights; the
+  // stat rows hold log L in base 2 as the softmax's LSE.
   // ReLA: P = relu(s) unnormalized; dO is already through the RMS (the preparation's dO1).
   const bool rela = kGeneral && norm == NormalizerKind::kReLA;
   const KernelFeature feature = p.feature;
@@ -784,17 +785,12 @@ __global__ void __launch_bounds__(384, 1)
             pw = ok ? fmaxf(sx, 0.f) : 0.f;
             ds = pw > 0.f ? dpx : 0.f;
           }, std::false_type{});
-        } else {  // the normalized kernel: dL/dw = (dO . v_j - D) / L, dw/ds = p f^(p-1) f'(s)
-          auto kernel_rule = [&](float sx, float dpx, bool ok, float inv_l, float dd, float& pw,
+        } else {  // the normalized kernel: dS = P (dO . v_j - D) p (log f)'(s)
+          auto kernel_rule = [&](float sx, float dpx, bool ok, float l, float dd, float& pw,
                                  float& ds) {
-            const float w = ok ? fast_kernel_weight(sx, feature, power) : 0.f;
-            const float fx = feature == KernelFeature::kSoftplus
-                                 ? fmaxf(sx, 0.f) + log1pf(__expf(-fabsf(sx)))
-                                 : fmaxf(sx, 0.f);
-            const float dfx =
-                feature == KernelFeature::kSoftplus ? fast_sigmoid(sx) : (sx > 0.f ? 1.f : 0.f);
-            pw = ok ? w * inv_l : 0.f;  // inv_l is +inf on padded rows
-            ds = w > 0.f ? (dpx - dd) * inv_l * power * __fdividef(w, fx) * dfx : 0.f;
+            const float t = fast_kernel_log_weight(sx, feature, power);
+            pw = ok ? fast_exp2(fmaf(t, to2, -l)) : 0.f;  // l is +inf on padded rows
+            ds = pw > 0.f ? pw * (dpx - dd) * power * fast_dlog_kernel_feature(sx, feature) : 0.f;
           };
           if (bp.lscale)
             weights(kernel_rule, std::true_type{});

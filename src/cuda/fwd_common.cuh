@@ -74,11 +74,22 @@ __device__ __forceinline__ float fast_sigmoid(float x) {
   const float r = __fdividef(1.f, 1.f + e);
   return x >= 0.f ? r : e * r;
 }
-__device__ __forceinline__ float fast_kernel_weight(float s, KernelFeature f, float power) {
-  const float fx = f == KernelFeature::kSoftplus ? fmaxf(s, 0.f) + log1pf(__expf(-fabsf(s)))
-                                                 : fmaxf(s, 0.f);
-  if (!(fx > 0.f)) return 0.f;
-  return power == 1.f ? fx : power == 2.f ? fx * fx : exp2f(power * __log2f(fx));
+// The normalized kernel's log weight p log f(s) (normalizers.h's log_kernel_feature; -inf where
+// f(s) = 0), and d log f / ds.
+__device__ __forceinline__ float fast_kernel_log_weight(float s, KernelFeature f, float power) {
+  if (f == KernelFeature::kSoftplus) {
+    const float e = __expf(-fabsf(s));
+    return power * (s < -16.f ? s - 0.5f * e : __logf(fmaxf(s, 0.f) + log1pf(e)));
+  }
+  return s > 0.f ? power * __logf(s) : -INFINITY;
+}
+__device__ __forceinline__ float fast_dlog_kernel_feature(float s, KernelFeature f) {
+  if (f == KernelFeature::kSoftplus) {
+    const float e = __expf(-fabsf(s));
+    return s < -16.f ? 1.f - 0.5f * e
+                     : __fdividef(s >= 0.f ? 1.f : e, (1.f + e) * (fmaxf(s, 0.f) + log1pf(e)));
+  }
+  return s > 0.f ? __fdividef(1.f, s) : 0.f;
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -261,7 +272,7 @@ __device__ __forceinline__ SeqExtent seq_extent(const FwdParams& p, int b) {
 }
 
 // Epilogue of a thread's two rows: normalize O by the row sum (or RMS for ReLA), write the row
-// statistic (LSE for the softmax family), apply the output gate, store. kGeneral = false knows
+// statistic (LSE for the softmax family and the normalized kernel), apply the output gate, store. kGeneral = false knows
 // only the softmax family (m is then the max of raw dot products) and no gate.
 template <bool kGeneral, int kDVp>
 __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind norm, int b, int h,
@@ -276,13 +287,10 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
     const int i = row_i[r];
     const float lsum = quad_sum(l[r]);
     float stat = 0.f, mul = 1.f;
-    if (softmax) {
+    if (softmax || norm == NormalizerKind::kKernel) {  // the kernel: a softmax over p log f(s)
       mul = lsum > 0.f ? 1.f / lsum : 0.f;
       const float mnat = kGeneral ? m[r] : m[r] * p.scale;
       stat = lsum > 0.f ? mnat + logf(lsum) : -INFINITY;
-    } else if (norm == NormalizerKind::kKernel) {
-      mul = lsum > 0.f ? 1.f / lsum : 0.f;
-      stat = lsum * m[r];  // the sum of the weights themselves
     } else if (norm == NormalizerKind::kReLA) {
       float ss = 0.f;
 #pragma unroll

@@ -327,7 +327,6 @@ __global__ void __launch_bounds__(384, 1)
       m[0] = m[1] = kGeneral || !p.sinks ? sink : sink / p.scale;
       if (p.sinks) l[0] = l[1] = 0.25f;  // exp(sink - sink), split over the quad's 4 partial sums
     }
-    if (norm == NormalizerKind::kKernel) m[0] = m[1] = 0.f;  // the running max of the weights
     float o[kORegs];
 #pragma unroll
     for (int x = 0; x < kORegs; ++x) o[x] = 0.f;
@@ -478,7 +477,15 @@ __global__ void __launch_bounds__(384, 1)
     };
     // S -> P in place; alpha receives each row's rescale factor of O.
     auto normalize = [&](float (&s)[kSRegs], float (&alpha)[2]) {
-      if (softmax) {
+      if constexpr (kGeneral)  // the normalized kernel: a softmax over its log weights
+        if (norm == NormalizerKind::kKernel) {
+          const KernelFeature feature = p.feature;
+          const float power = p.power;
+          each_score<kN>(s, 0, 0, [&](float& x, int, int) {
+            x = x != kNegInf ? fast_kernel_log_weight(x, feature, power) : kNegInf;
+          });
+        }
+      if (softmax || norm == NormalizerKind::kKernel) {
 #pragma unroll
         for (int r = 0; r < 2; ++r)
           alpha[r] = softmax_row<kN, kGeneral || kBias>(s, r, to2, m[r], l[r]);
@@ -488,29 +495,11 @@ __global__ void __launch_bounds__(384, 1)
           each_score<kN>(s, 0, 0, [&](float& x, int, int) {
             x = x != kNegInf ? fast_sigmoid(x + beta) : 0.f;
           });
-        } else if (norm == NormalizerKind::kKernel) {
-          const KernelFeature feature = p.feature;
-          const float power = p.power;
-          each_score<kN>(s, 0, 0, [&](float& x, int, int) {
-            x = x != kNegInf ? fast_kernel_weight(x, feature, power) : 0.f;
-          });
         } else {  // ReLA
           each_score<kN>(s, 0, 0,
                          [&](float& x, int, int) { x = x != kNegInf ? fmaxf(x, 0.f) : 0.f; });
         }
         alpha[0] = alpha[1] = 1.f;
-        if (norm == NormalizerKind::kKernel) {
-          // Weights are unbounded (f(s)^p): P is kept relative to the row's running max so that
-          // it fits the 16-bit type of P V; O and the sum are rescaled as the max moves.
-#pragma unroll
-          for (int r = 0; r < 2; ++r)
-            alpha[r] = online_row<kN>(
-                s, r, 0.f, m[r], l[r],
-                [&](float x, float m_new) { return m_new > 0.f ? __fdividef(x, m_new) : 0.f; },
-                [&](float m_old, float m_new) {
-                  return m_new > 0.f ? __fdividef(m_old, m_new) : 1.f;
-                });
-        }
       }
     };
     auto issue_s = [&](float (&s)[kSRegs], int st) {

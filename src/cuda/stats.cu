@@ -18,7 +18,11 @@ namespace {
 struct StatsParams {
   const float* lse = nullptr;  // the forward's row statistic (natural log)
   int64_t lse_sb = 0, lse_sh = 0, lse_sn = 0;
-  core::StatOperand row_max, entropy, col_mass;
+  core::StatOperand row_max, entropy;
+  // The column mass summed in float64 (dense [B, heads, Nk]; fp32 atomics lost ~1% over 2^20
+  // rows), then converted into the caller's fp32 view.
+  double* mass = nullptr;
+  int64_t mass_sb = 0, mass_sh = 0;
   int64_t col_q_begin = 0, col_q_end = 0;
   bool col_group_sum = false;
 };
@@ -41,10 +45,8 @@ __global__ void stats_kernel(const __grid_constant__ FwdParams p,
   const bool weighted = isfinite(lse);
   const int hk = h / p.group;
   const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + row * p.q_sn;
-  const bool mass = sp.col_mass.data && i >= sp.col_q_begin && i < sp.col_q_end;
-  float* col = mass ? sp.col_mass.data + b * sp.col_mass.sb +
-                          (sp.col_group_sum ? hk : h) * sp.col_mass.sh
-                    : nullptr;
+  const bool mass = sp.mass && i >= sp.col_q_begin && i < sp.col_q_end;
+  double* col = mass ? sp.mass + b * sp.mass_sb + (sp.col_group_sum ? hk : h) * sp.mass_sh : nullptr;
   // Each lane keeps its keys' softmax as (m, l, t): m the running max, l = sum exp(s - m),
   // t = sum exp(s - m) (s - m). The entropy is then log l - t / l, free of the cancellation
   // of LSE - sum p s (both near the max score) that would scale the forward LSE's rounding by
@@ -71,7 +73,7 @@ __global__ void stats_kernel(const __grid_constant__ FwdParams p,
     const float s = mods.score(dot * p.scale, i, i + seq.offset, j);
     if (s == -INFINITY) continue;
     add(s);
-    if (col && weighted) atomicAdd(col + j * sp.col_mass.sn, expf(s - lse));
+    if (col && weighted) atomicAdd(col + j, static_cast<double>(expf(s - lse)));
   }
 #pragma unroll
   for (int x = 16; x > 0; x /= 2) {
@@ -97,6 +99,15 @@ __global__ void stats_kernel(const __grid_constant__ FwdParams p,
   }
 }
 
+// The float64 column mass into the caller's fp32 view: one thread an element.
+__global__ void mass_to_f32_kernel(const double* mass, core::StatOperand out, int64_t heads,
+                                   int64_t nk, int64_t count) {
+  const int64_t x = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (x >= count) return;
+  const int64_t j = x % nk, h = x / nk % heads, b = x / (nk * heads);
+  out.data[b * out.sb + h * out.sh + j * out.sn] = static_cast<float>(mass[x]);
+}
+
 }  // namespace
 
 cudaError_t launch_stats(const core::Problem& p, const FwdParams& f, const float* lse,
@@ -106,24 +117,33 @@ cudaError_t launch_stats(const core::Problem& p, const FwdParams& f, const float
   sp.lse_sb = lse_sb, sp.lse_sh = lse_sh, sp.lse_sn = lse_sn;
   sp.row_max = p.row_max;
   sp.entropy = p.entropy;
-  sp.col_mass = p.col_mass;
   sp.col_q_begin = p.col_q_begin;
   sp.col_q_end = p.col_q_end;
   sp.col_group_sum = p.col_group_sum;
-  if (p.col_mass.defined()) {  // zeroed before the rows add to it: [B, heads, Nk]
-    const core::StatOperand& c = p.col_mass;
-    const cudaError_t e = fill_4d(c.data, DType::kF32, nullptr,
-                                  {1, p.batch, p.col_group_sum ? p.hk : p.hq, p.max_nk},
-                                  {0, c.sb, c.sh, c.sn}, stream);
-    if (e != cudaSuccess) return e;
+  const int64_t heads = p.col_group_sum ? p.hk : p.hq, count = p.batch * heads * p.max_nk;
+  if (p.col_mass.defined() && count > 0) {  // zeroed before the rows add to it
+    cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&sp.mass), count * 8, stream);
+    if (e == cudaSuccess) e = cudaMemsetAsync(sp.mass, 0, count * 8, stream);
+    if (e != cudaSuccess) {
+      if (sp.mass) (void)cudaFreeAsync(sp.mass, stream);
+      return e;
+    }
+    sp.mass_sb = heads * p.max_nk, sp.mass_sh = p.max_nk;
   }
   const dim3 grid(static_cast<unsigned>((p.max_nq + kRowsPerBlock - 1) / kRowsPerBlock),
                   static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
-  if (grid.x == 0) return cudaSuccess;  // no query row anywhere (col_mass is zeroed above)
-  if (p.q.dtype == DType::kBF16)
-    stats_kernel<__nv_bfloat16><<<grid, 32 * kRowsPerBlock, 0, stream>>>(f, sp);
-  else
-    stats_kernel<__half><<<grid, 32 * kRowsPerBlock, 0, stream>>>(f, sp);
+  if (grid.x != 0) {  // (no query row anywhere: the column mass is 0)
+    if (p.q.dtype == DType::kBF16)
+      stats_kernel<__nv_bfloat16><<<grid, 32 * kRowsPerBlock, 0, stream>>>(f, sp);
+    else
+      stats_kernel<__half><<<grid, 32 * kRowsPerBlock, 0, stream>>>(f, sp);
+  }
+  if (sp.mass) {
+    mass_to_f32_kernel<<<static_cast<unsigned>((count + 255) / 256), 256, 0, stream>>>(
+        sp.mass, p.col_mass, heads, p.max_nk, count);
+    const cudaError_t e = cudaFreeAsync(sp.mass, stream);
+    if (e != cudaSuccess) return e;
+  }
   return cudaGetLastError();
 }
 

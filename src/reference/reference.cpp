@@ -69,13 +69,12 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
     }
 
   f.lse.assign(nq, -kInf);
-  f.row_sum.assign(nq, 0.0);
   f.length_scale.assign(nq, 1.0);
   f.sink = norm.kind == NormalizerKind::kSoftmaxSink
                ? core::load_as_double(norm.sinks.data, norm.sinks.dtype, h * norm.sinks.strides[0])
                : -kInf;
   f.beta = norm.beta ? *norm.beta : -std::log(static_cast<double>(nk));
-  if (norm.kind == NormalizerKind::kKernel) f.W.assign(nq * nk, 0.0);
+  if (norm.kind == NormalizerKind::kKernel) f.W.assign(nq * nk, -kInf);
   for (int64_t i = 0; i < nq; ++i) {
     const double* Si = f.S.data() + i * nk;  // (nk may be 0: a sequence without keys)
     double* Pi = f.P.data() + i * nk;
@@ -99,17 +98,23 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
           if (Ai[j]) Pi[j] = sigmoid(Si[j] + f.beta);
         break;
       case NormalizerKind::kKernel: {
+        // f(s')^p / sum f(s')^p as a softmax over p log f(s'): no weight underflows (MECHANISMS.md
+        // 1.3; the row statistic is the log of the row sum).
         const double ls = norm.length_scale ? length_scale<double>(f.n_allowed[i]) : 1.0;
         f.length_scale[i] = ls;
-        double l = 0;
+        double m = -kInf, l = 0;
         for (int64_t j = 0; j < nk; ++j)
           if (Ai[j]) {
             f.W[i * nk + j] =
-                kernel_weight<double>(ls == 0 ? 0.0 : Si[j] * ls, norm.feature, norm.power);
-            l += f.W[i * nk + j];
+                norm.power * log_kernel_feature<double>(ls == 0 ? 0.0 : Si[j] * ls, norm.feature);
+            m = std::max(m, f.W[i * nk + j]);
           }
-        for (int64_t j = 0; j < nk; ++j) Pi[j] = l > 0 ? f.W[i * nk + j] / l : 0.0;
-        f.row_sum[i] = l;
+        for (int64_t j = 0; j < nk; ++j)
+          if (Ai[j] && f.W[i * nk + j] > -kInf) l += std::exp(f.W[i * nk + j] - m);
+        f.lse[i] = l > 0 ? m + std::log(l) : -kInf;
+        for (int64_t j = 0; j < nk; ++j)
+          Pi[j] = Ai[j] && l > 0 && f.W[i * nk + j] > -kInf ? std::exp(f.W[i * nk + j] - f.lse[i])
+                                                            : 0.0;
         break;
       }
       case NormalizerKind::kReLA:
@@ -169,9 +174,7 @@ void write_head(const core::Problem& p, const HeadForward& f, int64_t b, int64_t
     for (int64_t c = 0; c < p.dv; ++c)
       core::store_from_double(dst, p.out.dtype, c, f.O_final[i * p.dv + c]);
     if (p.row_stat.defined()) {
-      const double stat = kind == NormalizerKind::kKernel ? f.row_sum[i]
-                          : kind == NormalizerKind::kReLA ? f.rms[i]
-                                                          : f.lse[i];
+      const double stat = kind == NormalizerKind::kReLA ? f.rms[i] : f.lse[i];
       p.row_stat.at(b, h, row) = static_cast<float>(stat);
     }
     if (!p.softmax_family()) continue;

@@ -18,8 +18,8 @@ struct HeadForward {
   std::vector<double> S;        // final scores (after softcap)
   std::vector<char> A;          // allowed
   std::vector<double> P;        // normalized weights (0 where not allowed)
-  std::vector<double> W;        // kernel normalizer: unnormalized weights f(s')^p
-  std::vector<double> lse, row_sum, length_scale, rms;  // per row, where the normalizer has them
+  std::vector<double> W;        // kernel normalizer: log weights p log f(s') (-inf: none)
+  std::vector<double> lse, length_scale, rms;  // per row, where the normalizer has them
   std::vector<int64_t> n_allowed;
   std::vector<double> O;        // P V
   std::vector<double> O_final;  // after ReLA and the gate

@@ -6,7 +6,8 @@
 //   ReLA:   O1 = gain * O / rms(O)          -> dgain, dO      (else O1 = O)
 //   P V:    dV_j += sum_i P_ij dO_i,  dP_ij = dO_i . V_j
 //   norm:   dS from dP (softmax: P (dP - D), D_i = dO_i . O_i; sink: dsink = -sum_i p_sink,i D_i;
-//           sigmoid: dP P (1 - P), dbeta = sum dS; kernel: through W / l and f(s')^p; ReLA)
+//           sigmoid: dP P (1 - P), dbeta = sum dS; kernel: the softmax's over p log f(s') times
+//           p ls (log f)'(s'); ReLA)
 //   cap:    dT = dS * (1 - tanh^2(T / c))  (T = scale q.k + additive terms)
 //   terms:  dbias, dU, dW, dtable, dlog_f (reverse prefix sums), dslopes from dT
 //   q, k:   dQ_i = scale sum_j dT_ij K_j,  dK_j += scale sum_i dT_ij Q_i
@@ -178,16 +179,11 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
               dS = dP[x] * f.P[x] * (1 - f.P[x]);
               if (dbeta.on()) dbeta.x[0] += dS;
               break;
-            case NormalizerKind::kKernel: {
-              const double l = f.row_sum[i], ls = f.length_scale[i];
-              if (l <= 0 || ls == 0) break;
-              const double sp = f.S[x] * ls;  // s'
-              const double fx =
-                  norm.feature == KernelFeature::kSoftplus ? softplus(sp) : (sp > 0 ? sp : 0.0);
-              if (fx <= 0) break;
-              const double dfx = norm.feature == KernelFeature::kSoftplus ? sigmoid(sp) : 1.0;
-              const double dW = (dP[x] - D) / l;
-              dS = dW * norm.power * std::pow(fx, norm.power - 1) * dfx * ls;
+            case NormalizerKind::kKernel: {  // P = exp(p log f(s') - log L): as a softmax
+              const double ls = f.length_scale[i];
+              if (f.P[x] == 0 || ls == 0) break;
+              dS = f.P[x] * (dP[x] - D) * norm.power *
+                   dlog_kernel_feature(f.S[x] * ls, norm.feature) * ls;
               break;
             }
             case NormalizerKind::kReLA:

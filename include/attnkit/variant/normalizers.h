@@ -17,12 +17,22 @@ template <class T>
 ATTNKIT_HD T sigmoid(T x) {
   return x >= 0 ? T(1) / (T(1) + std::exp(-x)) : std::exp(x) / (T(1) + std::exp(x));
 }
-// Normalized-kernel weight f(s)^p (0 for s = -inf).
+// log f(s) of the kernel's feature (-inf where f(s) = 0): the normalized kernel runs as a softmax
+// over p log f(s), so that no row's weights underflow or overflow (MECHANISMS.md 1.3's weights
+// are exp of these). Below s = -16, log softplus(s) = s - e^s / 2 + O(e^2s) (whose next term is
+// under half an ulp of s in double), where softplus(s) itself leaves fp32's normal range.
 template <class T>
-ATTNKIT_HD T kernel_weight(T s, KernelFeature f, T power) {
-  const T fx = f == KernelFeature::kSoftplus ? softplus(s) : (s > 0 ? s : T(0));
-  if (fx <= 0) return T(0);
-  return power == T(1) ? fx : power == T(2) ? fx * fx : std::pow(fx, power);
+ATTNKIT_HD T log_kernel_feature(T s, KernelFeature f) {
+  if (f == KernelFeature::kSoftplus)
+    return s < T(-16) ? s - std::exp(s) / 2 : std::log(softplus(s));
+  return s > 0 ? std::log(s) : -INFINITY;
+}
+// d log f(s) / ds: sigmoid(s) / softplus(s), or 1 / s for ReLU (0 where f(s) = 0).
+template <class T>
+ATTNKIT_HD T dlog_kernel_feature(T s, KernelFeature f) {
+  if (f == KernelFeature::kSoftplus)
+    return s < T(-16) ? 1 - std::exp(s) / 2 : sigmoid(s) / softplus(s);
+  return s > 0 ? 1 / s : T(0);
 }
 // The length scale of the normalized kernel: log(n_i) for a row with n_i allowed keys.
 template <class T>
