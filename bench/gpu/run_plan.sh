@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 24; session 23 had none), one call of at most
+# The next device session's runs (session 25; sessions 23 and 24 had none), one call of at most
 # 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
@@ -57,7 +57,10 @@
 #    zero gradients) and test_cuda_bias_of_the_lowest_value (an additive mask of bf16's or
 #    fp32's lowest value: masked rows, never NaN; DESIGN.md numerics); changed and not yet run:
 #    the forget gate's prefix sums in float64 (the CudaOracle / CudaBackward forget_gate cases)
-#    and the general flavor's saturated -max * log2 e (every general case).
+#    and the general flavor's saturated -max * log2 e (every general case). Session 24 (no
+#    device either): the normalized kernel as a softmax over p log f(s), its row_stat log L
+#    (CudaGeneralPath.KernelWeightsBeyondFp32Range, new; the kernel_* cases of CudaOracle and
+#    CudaBackward; test_torch's kernel cases), col_mass summed in float64 (the stats tests).
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
