@@ -2,6 +2,7 @@
 // fully masked rows through the public API.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -251,16 +252,19 @@ TEST(Statistics, EntropyWithLowestValueBias) {
 // The normalized kernel's weights f(s)^p beyond fp32's range for whole rows: softplus weights
 // below 2^-149 (s = -150; p = 4 at s = -30) summed to 0 or a denormal (out 0 or inf), ReLU^8
 // at s = 1e5 overflowed (NaN). It runs as a softmax over p log f(s): forward, its log row sum
-// and the backward against the float64 oracle, in fp32.
+// and the backward against the float64 oracle, in fp32; and ReLU^2 with the length scale,
+// mostly negative, so that some rows have no weight at all (LSE -inf, zero gradients).
 TEST(KernelNormalizer, WeightsBeyondFp32Range) {
   const int64_t n = 77, d = 16;
   struct Case {
     KernelFeature f;
     float power, shift, spread;
+    bool length_scale = false;
   };
   for (const Case& cs : {Case{KernelFeature::kSoftplus, 1.f, -150.f, 3.f},
                          Case{KernelFeature::kSoftplus, 4.f, -30.f, 2.f},
-                         Case{KernelFeature::kReLU, 8.f, 1e5f, 1e3f}}) {
+                         Case{KernelFeature::kReLU, 8.f, 1e5f, 1e3f},
+                         Case{KernelFeature::kReLU, 2.f, -2.5f, 1.f, true}}) {
     SCOPED_TRACE(cs.shift);
     OwnedTensor q = random_tensor(DType::kF32, {1, 2, n, d}, 1.0, 31);
     OwnedTensor k = random_tensor(DType::kF32, {1, 2, n, d}, 1.0, 32);
@@ -274,6 +278,7 @@ TEST(KernelNormalizer, WeightsBeyondFp32Range) {
     spec.normalizer.kind = NormalizerKind::kKernel;
     spec.normalizer.feature = cs.f;
     spec.normalizer.power = cs.power;
+    spec.normalizer.length_scale = cs.length_scale;
     std::vector<std::vector<double>> got[2];
     for (int x = 0; x < 2; ++x) {
       const DType dt = x == 0 ? DType::kF32 : DType::kF64;
@@ -296,6 +301,8 @@ TEST(KernelNormalizer, WeightsBeyondFp32Range) {
       for (OwnedTensor& t : g) got[x].push_back(t.to_doubles());
     }
     for (double o : got[0][0]) ASSERT_TRUE(std::isfinite(o));
+    if (cs.length_scale)  // rows whose every s' <= 0 (row 0: ls = 0): out 0, stat -inf
+      EXPECT_GT(std::count(got[1][1].begin(), got[1][1].end(), -INFINITY), 0);
     EXPECT_LE(rel_error(got[0][0], got[1][0]), 1e-5) << "out";
     EXPECT_LE(max_abs_error(got[0][1], got[1][1]), 1e-4) << "log row sum";
     for (int y = 2; y < 6; ++y) EXPECT_LE(rel_error(got[0][y], got[1][y]), 1e-4) << "grad " << y;

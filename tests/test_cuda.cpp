@@ -519,8 +519,9 @@ TEST(CudaGeneralPath, ManyPartialTilesPerRowMatchTheOracle) {
 }
 
 // The normalized kernel's weights f(s)^p beyond fp32's range for whole rows (softplus at
-// s = -150, or -30 at p = 4; ReLU^8 at 1e5): the general flavor normalizes in the log domain,
-// forward (out, log row sum) and backward, against the float64 oracle (as the CPU's test
+// s = -150, or -30 at p = 4; ReLU^8 at 1e5; ReLU^2 with the length scale and rows without any
+// weight): the general flavor normalizes in the log domain, forward (out, log row sum) and
+// backward, against the float64 oracle (as the CPU's test
 // KernelNormalizer.WeightsBeyondFp32Range).
 TEST(CudaGeneralPath, KernelWeightsBeyondFp32Range) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
@@ -529,10 +530,12 @@ TEST(CudaGeneralPath, KernelWeightsBeyondFp32Range) {
   struct Weights {
     KernelFeature f;
     float power, shift, spread;
+    bool length_scale = false;
   };
   for (const Weights& cs : {Weights{KernelFeature::kSoftplus, 1.f, -150.f, 3.f},
                             Weights{KernelFeature::kSoftplus, 4.f, -30.f, 2.f},
-                            Weights{KernelFeature::kReLU, 8.f, 1e5f, 1e3f}}) {
+                            Weights{KernelFeature::kReLU, 8.f, 1e5f, 1e3f},
+                            Weights{KernelFeature::kReLU, 2.f, -2.5f, 1.f, true}}) {
     SCOPED_TRACE(cs.shift);
     const std::vector<int64_t> shape = {1, 2, n, d};
     OwnedTensor q = tools::random_tensor(DType::kBF16, shape, 1.0, 41);
@@ -547,6 +550,7 @@ TEST(CudaGeneralPath, KernelWeightsBeyondFp32Range) {
     spec.normalizer.kind = NormalizerKind::kKernel;
     spec.normalizer.feature = cs.f;
     spec.normalizer.power = cs.power;
+    spec.normalizer.length_scale = cs.length_scale;
     // The oracle on the host (fp64 outputs), the GPU on device copies (fp32 gradients).
     std::vector<std::vector<double>> got[2];
     for (int x = 0; x < 2; ++x) {
@@ -583,8 +587,10 @@ TEST(CudaGeneralPath, KernelWeightsBeyondFp32Range) {
       got[x] = {out.to_doubles(), stat.to_doubles()};
       for (OwnedTensor& t : g) got[x].push_back(t.to_doubles());
     }
-    for (const std::vector<double>& t : got[1])
-      for (double e : t) ASSERT_TRUE(std::isfinite(e));
+    for (size_t t = 0; t < got[1].size(); ++t)  // (the log row sum is -inf on empty rows)
+      for (double e : got[1][t]) ASSERT_TRUE(t == 1 ? !std::isnan(e) : std::isfinite(e));
+    if (cs.length_scale)  // rows whose every s' <= 0 (row 0: ls = 0): out 0, stat -inf
+      EXPECT_GT(std::count(got[0][1].begin(), got[0][1].end(), -INFINITY), 0);
     EXPECT_LE(tools::rel_error(got[1][0], got[0][0]), 1e-2) << "out";
     EXPECT_LE(tools::max_abs_error(got[1][1], got[0][1]), 2e-3) << "log row sum";
     for (int y = 2; y < 6; ++y)

@@ -218,6 +218,8 @@ HWY_INLINE VF kernel_log_weight(DF d, VF s, KernelFeature f, float power) {
     t = hn::IfThenElse(pos, hn::Log(d, hn::IfThenElse(pos, s, hn::Set(d, 1.f))),
                        hn::Set(d, -std::numeric_limits<float>::infinity()));
   }
+  // NaN and +inf stay themselves (Highway's Log gives finite values for them), as on CUDA.
+  t = hn::IfThenElse(hn::Or(hn::IsNaN(s), hn::Eq(s, hn::Set(d, HUGE_VALF))), s, t);
   return power == 1.f ? t : hn::Mul(hn::Set(d, power), t);
 }
 // d log f(s) / ds on vectors (dlog_kernel_feature): sigmoid(s) / softplus(s), or 1 / s for ReLU.

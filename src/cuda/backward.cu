@@ -251,10 +251,11 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
   return s;
 }
 
-// The preparation of a plain softmax row (no gate, no ReLA, dO read in place, 16-bit O and dO,
-// dv / 8 a power of two up to 32, rows aligned to 16 bytes): a group of dv / 8 threads a row,
-// each with one 16-byte load of dO and of O, and float4 stores of the zeroed dq. The general
-// kernel's loads of 2 bytes a lane ran at about a third of the memory's rate (run 40).
+// The preparation of a softmax (or normalized kernel) row (no gate, no ReLA, dO read in place,
+// 16-bit O and dO, dv / 8 a power of two up to 32, rows aligned to 16 bytes): a group of dv / 8
+// threads a row, each with one 16-byte load of dO and of O, and float4 stores of the zeroed dq.
+// The general kernel's loads of 2 bytes a lane ran at about a third of the memory's rate (run
+// 40).
 template <typename T>
 __global__ void bwd_prep_vec_kernel(const __grid_constant__ PrepParams p, int group_log2) {
   const int g = 1 << group_log2, j = threadIdx.x & (g - 1), lane = threadIdx.x % 32;

@@ -737,7 +737,7 @@ __global__ void __launch_bounds__(384, 1)
       // The general flavor: P^T and dS^T in place of S^T and dP^T, one unrolled loop per
       // normalizer (a branch per score kept every normalizer's values live at once: spills).
       // rule(s, dp, ok, l, dd, pw, ds) gets the score, dO . v_j, whether the pair is allowed, the
-      // row's stat (LSE in base 2, or 1 / L) and D.
+      // row's stat (LSE in base 2; the normalized kernel's log row sum likewise) and D.
       // With `scaled` (the normalized kernel's length scale, its own unrolled copy), the row's ls
       // (stat 2) multiplies the (capped) score before the rule, as in the forward, and so dS
       // after it.

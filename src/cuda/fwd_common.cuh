@@ -272,8 +272,9 @@ __device__ __forceinline__ SeqExtent seq_extent(const FwdParams& p, int b) {
 }
 
 // Epilogue of a thread's two rows: normalize O by the row sum (or RMS for ReLA), write the row
-// statistic (LSE for the softmax family and the normalized kernel), apply the output gate, store. kGeneral = false knows
-// only the softmax family (m is then the max of raw dot products) and no gate.
+// statistic (LSE for the softmax family and the normalized kernel), apply the output gate,
+// store. kGeneral = false knows only the softmax family (m is then the max of raw dot products)
+// and no gate.
 template <bool kGeneral, int kDVp>
 __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind norm, int b, int h,
                                            const SeqExtent& seq, const int (&row_i)[2],

@@ -20,7 +20,8 @@ struct StatsParams {
   int64_t lse_sb = 0, lse_sh = 0, lse_sn = 0;
   core::StatOperand row_max, entropy;
   // The column mass summed in float64 (dense [B, heads, Nk]; fp32 atomics lost ~1% over 2^20
-  // rows), then converted into the caller's fp32 view.
+  // rows), then converted into the caller's fp32 view. The scratch (8 bytes a column, 512 MiB
+  // for 64 heads of 2^20 keys) is allocated on the stream for the call.
   double* mass = nullptr;
   int64_t mass_sb = 0, mass_sh = 0;
   int64_t col_q_begin = 0, col_q_end = 0;
@@ -46,7 +47,8 @@ __global__ void stats_kernel(const __grid_constant__ FwdParams p,
   const int hk = h / p.group;
   const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + row * p.q_sn;
   const bool mass = sp.mass && i >= sp.col_q_begin && i < sp.col_q_end;
-  double* col = mass ? sp.mass + b * sp.mass_sb + (sp.col_group_sum ? hk : h) * sp.mass_sh : nullptr;
+  double* col =
+      mass ? sp.mass + b * sp.mass_sb + (sp.col_group_sum ? hk : h) * sp.mass_sh : nullptr;
   // Each lane keeps its keys' softmax as (m, l, t): m the running max, l = sum exp(s - m),
   // t = sum exp(s - m) (s - m). The entropy is then log l - t / l, free of the cancellation
   // of LSE - sum p s (both near the max score) that would scale the forward LSE's rounding by

@@ -19,8 +19,8 @@ ATTNKIT_HD T sigmoid(T x) {
 }
 // log f(s) of the kernel's feature (-inf where f(s) = 0): the normalized kernel runs as a softmax
 // over p log f(s), so that no row's weights underflow or overflow (MECHANISMS.md 1.3's weights
-// are exp of these). Below s = -16, log softplus(s) = s - e^s / 2 + O(e^2s) (whose next term is
-// under half an ulp of s in double), where softplus(s) itself leaves fp32's normal range.
+// are exp of these). Below s = -16, where softplus(s) leaves fp32's normal range, log softplus(s)
+// = s - e^s / 2 + 5/24 e^2s - ... (the dropped term is under an ulp of s in double).
 template <class T>
 ATTNKIT_HD T log_kernel_feature(T s, KernelFeature f) {
   if (f == KernelFeature::kSoftplus)
