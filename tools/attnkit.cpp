@@ -1,13 +1,15 @@
 // The attnkit CLI: list (support matrix), run (one mechanism and shape), check (oracle sweep),
-// bench (timed suites).
+// fuzz (random cases against the oracle), bench (timed suites).
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <limits>
 
 #include "attnkit/registry.h"
 #include "bench.h"
 #include "core/block_mask.h"
+#include "fuzz.h"
 #include "spec_json.h"
 
 namespace attnkit::tools {
@@ -94,6 +96,19 @@ int main(int argc, char** argv) {
   check->add_option("--device", check_device, "cpu, or cuda (the GPU forward; inputs copied there)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
 
+  auto* fuzz = app.add_subcommand(
+      "fuzz", "random cases against the float64 oracle, each from its seed; exit 1 on failure");
+  FuzzOptions fuzz_opt;
+  std::string fuzz_device = "cpu";
+  fuzz->add_option("--seed", fuzz_opt.seed, "the first case's seed");
+  auto* fuzz_cases = fuzz->add_option("--cases", fuzz_opt.cases,
+                                      "how many cases at most (default 1000, none with --seconds)");
+  fuzz->add_option("--seconds", fuzz_opt.seconds, "stop after this long (whichever comes first)");
+  fuzz->add_option("--device", fuzz_device, "cpu, or cuda (inputs copied to the GPU)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  fuzz->add_flag("--forward-only", fuzz_opt.forward_only, "no backward pass");
+  fuzz->add_flag("--verbose", fuzz_opt.verbose, "a line for every case");
+
   auto* bench =
       app.add_subcommand("bench", "timed suites (quick: < 1 minute; full: the headline shapes)");
   std::string suite = "quick", json_file;
@@ -108,6 +123,12 @@ int main(int argc, char** argv) {
   if (*list) return cmd_list(as_json);
   if (*check) return run_check(as_json, threads, check_device);
   if (*bench) return run_bench(suite, json_file, threads, only);
+  if (*fuzz) {
+    fuzz_opt.device = fuzz_device == "cuda" ? Device::kCUDA : Device::kCPU;
+    if (fuzz_opt.seconds > 0 && fuzz_cases->count() == 0)
+      fuzz_opt.cases = std::numeric_limits<int64_t>::max();
+    return run_fuzz(fuzz_opt);
+  }
   if (*run) {
     if (list_mechs) {
       for (const std::string& m : mechanism_names()) std::printf("%s\n", m.c_str());

@@ -438,17 +438,29 @@ json mechanism_spec(const std::string& name, const Dims& d) {
   return {};
 }
 
+OwnedTensor zeros_like(const OwnedTensor& t, DType dtype) {
+  return OwnedTensor::zeros(dtype, std::vector<int64_t>(t.view.shape, t.view.shape + t.view.ndim));
+}
+
 Outputs make_outputs(const Instance& inst, bool stats, bool entropy) {
   const Dims& d = inst.dims;
+  const bool varlen = inst.spec.cu_seqlens_q.defined();
   Outputs o;
-  o.out = OwnedTensor::zeros(inst.dtype, {d.batch, d.hq, d.nq, d.dv});
-  if (inst.wants_row_stat()) o.row_stat = OwnedTensor::zeros(DType::kF32, {d.batch, d.hq, d.nq});
+  std::vector<int64_t> out_shape = {d.batch, d.hq, d.nq, d.dv};
+  if (inst.q.view.defined()) {  // q's shape (layout, varlen) with head_dim_v columns
+    out_shape.assign(inst.q.view.shape, inst.q.view.shape + inst.q.view.ndim);
+    out_shape.back() = d.dv;
+  }
+  o.out = OwnedTensor::zeros(inst.dtype, out_shape);
+  const std::vector<int64_t> rows =
+      varlen ? std::vector<int64_t>{d.hq, out_shape[0]} : std::vector<int64_t>{d.batch, d.hq, d.nq};
+  if (inst.wants_row_stat()) o.row_stat = OwnedTensor::zeros(DType::kF32, rows);
   const bool softmax = inst.spec.normalizer.kind == NormalizerKind::kSoftmax ||
                        inst.spec.normalizer.kind == NormalizerKind::kSoftmaxSink;
   if (stats && softmax) {
-    o.row_max = OwnedTensor::zeros(DType::kF32, {d.batch, d.hq, d.nq});
-    if (entropy) o.entropy = OwnedTensor::zeros(DType::kF32, {d.batch, d.hq, d.nq});
-    o.col_mass = OwnedTensor::zeros(DType::kF32, {d.batch, d.hq, d.nk});
+    o.row_max = OwnedTensor::zeros(DType::kF32, rows);
+    if (entropy) o.entropy = OwnedTensor::zeros(DType::kF32, rows);
+    if (!varlen) o.col_mass = OwnedTensor::zeros(DType::kF32, {d.batch, d.hq, d.nk});
   }
   return o;
 }

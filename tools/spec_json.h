@@ -61,8 +61,12 @@ std::vector<std::string> mechanism_names();
 struct Outputs {
   OwnedTensor out, row_stat, row_max, entropy, col_mass;
 };
-// stats: the softmax family's row max, entropy (unless !entropy) and column mass.
+// Shaped by the instance: out like q with head_dim_v columns (its layout, varlen's [total, H,
+// dv]), the per-row values [B, Hq, Nq] (varlen [Hq, total_q]). stats: the softmax family's row
+// max, entropy (unless !entropy) and column mass (none under varlen, which refuses it).
 Outputs make_outputs(const Instance& inst, bool stats, bool entropy = true);
+// A zero tensor of `t`'s shape in `dtype`.
+OwnedTensor zeros_like(const OwnedTensor& t, DType dtype);
 AttentionStats stats_views(Outputs& o);
 
 // Relative Frobenius error ||x - ref|| / ||ref|| (ignoring entries where both are -inf).
@@ -73,9 +77,11 @@ double max_abs_error(const std::vector<double>& x, const std::vector<double>& re
 
 namespace attnkit::tools {
 
-// One mechanism at one shape and dtype, run on the CPU and checked against the float64 oracle
-// (on the same low-precision inputs). Tolerance: tolerance_for(dtype), and for bf16 / fp16 also
-// at most 2 x the error of the naive low-precision computation + 1e-6 (DESIGN.md's rule).
+// One mechanism at one shape and dtype, run on the CPU (or opt.device) and checked against the
+// float64 oracle (on the same low-precision inputs). Tolerance: tolerance_for(dtype), and for
+// bf16 / fp16 also at most 2 x the error of the naive low-precision computation + 1e-6
+// (DESIGN.md's rule), on the output's error beyond its dtype's subnormal spacing (and, for ReLA,
+// tol times its magnitude: magnitudes.h).
 struct CheckResult {
   bool ok = false;
   std::string mechanism, dtype, error;  // error: why it failed (empty when ok)
@@ -83,6 +89,8 @@ struct CheckResult {
   double rel_err = 0, max_abs = 0, stat_err = 0, tol = 0;
   double naive_err = 0;      // error of the naive low-precision computation
   bool not_covered = false;  // the backend answered kNotImplemented
+  bool refused = false;      // the backend refused by a rule (is_rule_refusal), ok is false
+  std::string judged;        // every quantity judged: "name err/tol", for a verbose report
   double ms = 0;             // CPU forward time of this one run
   // check_backward on a backend that does not compute some extras' gradients: their names (the
   // other gradients are still checked).
@@ -97,8 +105,14 @@ struct CheckOptions {
   int threads = 0;
   bool stats = true;    // the softmax family's row max, entropy and column mass
   bool entropy = true;  // with stats (the CPU's bf16 softmax step on vectors runs without it)
+  bool deterministic = false;      // Options::deterministic
   Device device = Device::kCPU;    // kCUDA: inputs are copied to the GPU, outputs back
   bool input_dtype_grads = false;  // check_backward: dq, dk, dv in the inputs' dtype (CUDA)
+  bool f64_grads = false;          // check_backward: every gradient in fp64 (else fp32)
+  // With stats: col_mass summed over query rows [col_mass_q_begin, col_mass_q_end) (-1: all),
+  // per KV head with col_mass_group_sum.
+  int64_t col_mass_q_begin = 0, col_mass_q_end = -1;
+  bool col_mass_group_sum = false;
   bool extras = true;    // check_backward: also the gradients of the spec's tensors (dbias, ...)
   int grads_offset = 0;  // check_backward on CUDA: dq, dk, dv start this many bytes into their
                          // buffers (rows not 16-byte aligned: the kernels' unaligned paths)
@@ -106,25 +120,37 @@ struct CheckOptions {
 };
 double tolerance_for(DType t);
 CheckResult check_mechanism(const std::string& mechanism, const CheckOptions& opt);
+// The same for an instance built by the caller (any layout, varlen, spec): opt's dtype, dims,
+// seed, bnhd and with are not read (the instance has them); input_scale sets the statistics'
+// tolerance.
+CheckResult check_forward(Instance& inst, const CheckOptions& opt);
 
-// A learnable extra of a spec and its gradient: name, member of AttentionGrads, shape, and the
-// magnitude its error is judged against when the gradient is a sum with cancellation.
+// Whether a refusal is one by rule: a code other than kInternal and a message that names what
+// broke which rule, not a failed launch, allocation or copy ("kernel launch failed", "out of
+// memory", ...). A refusal that is not one is a failure.
+bool is_rule_refusal(const Status& s);
+
+// A learnable extra of a spec and its gradient: name, member of AttentionGrads, shape.
 struct ExtraGrad {
   const char* name;
   TensorView AttentionGrads::*member;
   std::vector<int64_t> shape;
-  double magnitude(Instance& inst, const Outputs& o, const OwnedTensor& grad_out) const;
 };
 std::vector<ExtraGrad> extra_grads(const AttentionSpec& spec);
 
 // The backward pass of a mechanism (on opt.device, after that device's forward pass) against the
-// float64 backward oracle: the largest
-// error of dq, dk, dv, each relative to the norm of the whole gradient (a part that
-// vanishes by cancellation is judged at the gradient's scale), and of every extra gradient
-// (ExtraGrad): rel_err holds the first, stat_err the second. Tolerance: fp32 2e-5, fp16 3e-3,
-// bf16 2e-2 (the forward's output, rounded to the input dtype, enters D = dO . O).
+// float64 backward oracle. Each gradient's error is the norm of what exceeds, element by element,
+// tol times the element's magnitude (magnitudes.h: the sum of |terms| the oracle adds up to it,
+// which a rounding error is proportional to where the terms cancel) plus what storing it in its
+// dtype may cost; it is judged relative to the gradient's scale (dq, dk, dv: the norm of the
+// three together; an extra: its own norm). rel_err holds the largest error of dq, dk, dv,
+// stat_err that of the extras. Tolerance: fp32 2e-5, fp16 3e-3, bf16 2e-2 (the forward's output,
+// rounded to the input dtype, enters D = dO . O).
 CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt);
+// The same for an instance built by the caller (as check_forward); grad_out from opt.seed.
+CheckResult check_backward(Instance& inst, const CheckOptions& opt);
 double backward_tolerance_for(DType t);
+
 // Whether the CPU backward differentiates this mechanism (can_run_backward says ok).
 bool backward_covered(const std::string& mechanism, const Dims& dims);
 

@@ -1,0 +1,38 @@
+// `attnkit fuzz`: a differential fuzzer of a backend against the float64 oracle. Each case is
+// drawn from its seed alone (dtype, shapes, GQA, layout, varlen, alignment, a mask tree, score
+// mods, normalizer, gate, statistics, threads) and judged forward and backward by check_forward
+// and check_backward: the tolerances of DESIGN.md, each gradient against its magnitude. Cases run
+// in child processes (POSIX fork), so a crash or a hang is reported with its seed.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "spec_json.h"
+
+namespace attnkit::tools {
+
+struct FuzzOptions {
+  uint64_t seed = 1;     // the first case's seed; the cases after it take the next ones
+  int64_t cases = 1000;  // how many cases at most (the CLI: no bound when only --seconds is given)
+  double seconds = 0;    // stop starting cases after this long (0: no limit)
+  Device device = Device::kCPU;
+  bool forward_only = false;
+  bool verbose = false;  // a line for every case, with every quantity judged
+};
+
+// One drawn problem: the instance, how check_forward / check_backward run it, and a readable
+// description of everything drawn.
+struct FuzzCase {
+  Instance inst;
+  CheckOptions check;
+  std::string description;
+};
+// The case of a seed for a device (CUDA draws what its backend takes: 16-bit inputs, the head
+// dims of the build).
+FuzzCase draw_case(uint64_t seed, Device device);
+
+// Runs the cases, prints a line for each failure or crash (seed, case, what missed by how much
+// against which tolerance) and a summary line; returns 1 on any failure or crash, else 0.
+int run_fuzz(const FuzzOptions& opt);
+
+}  // namespace attnkit::tools
