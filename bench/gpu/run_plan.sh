@@ -61,6 +61,10 @@
 #    device either): the normalized kernel as a softmax over p log f(s), its row_stat log L
 #    (CudaGeneralPath.KernelWeightsBeyondFp32Range, new; the kernel_* cases of CudaOracle and
 #    CudaBackward; test_torch's kernel cases), col_mass summed in float64 (the stats tests).
+# 2b. The fuzzer on the GPU (session 24's `attnkit fuzz`; random cases against the oracle,
+#    forward and backward, each replayable by its seed): after step 2's build,
+#    ./build/attnkit fuzz --device cuda --seed 1 --seconds 240 (a failure line names its seed:
+#    ./build/attnkit fuzz --device cuda --seed S --cases 1 --verbose replays it).
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
