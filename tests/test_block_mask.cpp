@@ -249,63 +249,24 @@ TEST(Statistics, EntropyWithLowestValueBias) {
   EXPECT_LE(max_abs_error(got[0], got[1]), 1e-4);
 }
 
-// The normalized kernel's weights f(s)^p beyond fp32's range for whole rows: softplus weights
-// below 2^-149 (s = -150; p = 4 at s = -30) summed to 0 or a denormal (out 0 or inf), ReLU^8
-// at s = 1e5 overflowed (NaN). It runs as a softmax over p log f(s): forward, its log row sum
-// and the backward against the float64 oracle, in fp32; and ReLU^2 with the length scale,
-// mostly negative, so that some rows have no weight at all (LSE -inf, zero gradients).
-TEST(KernelNormalizer, WeightsBeyondFp32Range) {
-  const int64_t n = 77, d = 16;
-  struct Case {
-    KernelFeature f;
-    float power, shift, spread;
-    bool length_scale = false;
-  };
-  for (const Case& cs : {Case{KernelFeature::kSoftplus, 1.f, -150.f, 3.f},
-                         Case{KernelFeature::kSoftplus, 4.f, -30.f, 2.f},
-                         Case{KernelFeature::kReLU, 8.f, 1e5f, 1e3f},
-                         Case{KernelFeature::kReLU, 2.f, -2.5f, 1.f, true}}) {
-    SCOPED_TRACE(cs.shift);
-    OwnedTensor q = random_tensor(DType::kF32, {1, 2, n, d}, 1.0, 31);
-    OwnedTensor k = random_tensor(DType::kF32, {1, 2, n, d}, 1.0, 32);
-    OwnedTensor v = random_tensor(DType::kF32, {1, 2, n, d}, 1.0, 33);
-    OwnedTensor go = random_tensor(DType::kF32, {1, 2, n, d}, 1.0, 34);
-    OwnedTensor bias = random_tensor(DType::kF32, {1, 1, n, n}, cs.spread, 35);
-    for (int64_t x = 0; x < n * n; ++x) static_cast<float*>(bias.view.data)[x] += cs.shift;
-    AttentionSpec spec;
-    spec.mask = Mask::causal();
-    spec.mods.bias = bias.view;
-    spec.normalizer.kind = NormalizerKind::kKernel;
-    spec.normalizer.feature = cs.f;
-    spec.normalizer.power = cs.power;
-    spec.normalizer.length_scale = cs.length_scale;
-    std::vector<std::vector<double>> got[2];
-    for (int x = 0; x < 2; ++x) {
-      const DType dt = x == 0 ? DType::kF32 : DType::kF64;
-      OwnedTensor out = OwnedTensor::zeros(dt, {1, 2, n, d});
-      OwnedTensor stat = OwnedTensor::zeros(DType::kF32, {1, 2, n});
-      std::vector<OwnedTensor> g;
-      for (int y = 0; y < 3; ++y) g.push_back(OwnedTensor::zeros(dt, {1, 2, n, d}));
-      g.push_back(OwnedTensor::zeros(dt, {1, 1, n, n}));
-      AttentionGrads a;
-      a.dq = g[0].view, a.dk = g[1].view, a.dv = g[2].view, a.dbias = g[3].view;
-      if (x == 0) {
-        ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view, stat.view).ok());
-        ASSERT_TRUE(
-            attention_backward(q.view, k.view, v.view, out.view, stat.view, go.view, spec, a).ok());
-      } else {
-        ASSERT_TRUE(reference_forward(q.view, k.view, v.view, spec, out.view, stat.view).ok());
-        ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, a).ok());
-      }
-      got[x] = {out.to_doubles(), stat.to_doubles()};
-      for (OwnedTensor& t : g) got[x].push_back(t.to_doubles());
-    }
-    for (double o : got[0][0]) ASSERT_TRUE(std::isfinite(o));
-    if (cs.length_scale)  // rows whose every s' <= 0 (row 0: ls = 0): out 0, stat -inf
-      EXPECT_GT(std::count(got[1][1].begin(), got[1][1].end(), -INFINITY), 0);
-    EXPECT_LE(rel_error(got[0][0], got[1][0]), 1e-5) << "out";
-    EXPECT_LE(max_abs_error(got[0][1], got[1][1]), 1e-4) << "log row sum";
-    for (int y = 2; y < 6; ++y) EXPECT_LE(rel_error(got[0][y], got[1][y]), 1e-4) << "grad " << y;
+// Values that take fp32 intermediates out of their range (tools' range_cases): the normalized
+// kernel's weights f(s)^p for whole rows (it summed them to 0, inf or NaN; it runs as a softmax
+// over p log f(s) now), sigmoid and its gate saturated (P (1 - P) and 1 - sigmoid(G) gave 0
+// gradients past ~17). The CPU in fp32 against the float64 oracle, forward and backward.
+TEST(RangeCases, MatchTheOracle) {
+  for (tools::RangeCase& rc : tools::range_cases(DType::kF32, 77, 16)) {
+    SCOPED_TRACE(rc.name);
+    const tools::Instance& in = rc.inst;
+    const tools::BesideOracle r =
+        tools::run_beside_oracle(in.q, in.k, in.v, rc.grad_out, in.spec, Device::kCPU);
+    ASSERT_EQ(r.error, "");
+    for (double o : r.got[0]) ASSERT_TRUE(std::isfinite(o));
+    const bool stat = in.wants_row_stat();
+    if (rc.empty_rows) EXPECT_GT(std::count(r.want[1].begin(), r.want[1].end(), -INFINITY), 0);
+    EXPECT_LE(rel_error(r.got[0], r.want[0]), 1e-5) << "out";
+    if (stat) EXPECT_LE(max_abs_error(r.got[1], r.want[1]), 1e-4) << "row stat";
+    for (size_t y = stat ? 2 : 1; y < r.got.size(); ++y)
+      EXPECT_LE(rel_error(r.got[y], r.want[y]), 1e-4) << "gradient " << y - (stat ? 2 : 1);
   }
 }
 

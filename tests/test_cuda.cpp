@@ -518,83 +518,26 @@ TEST(CudaGeneralPath, ManyPartialTilesPerRowMatchTheOracle) {
     }
 }
 
-// The normalized kernel's weights f(s)^p beyond fp32's range for whole rows (softplus at
-// s = -150, or -30 at p = 4; ReLU^8 at 1e5; ReLU^2 with the length scale and rows without any
-// weight): the general flavor normalizes in the log domain, forward (out, log row sum) and
-// backward, against the float64 oracle (as the CPU's test
-// KernelNormalizer.WeightsBeyondFp32Range).
-TEST(CudaGeneralPath, KernelWeightsBeyondFp32Range) {
+// Values that take fp32 intermediates out of their range (tools' range_cases, as the CPU's
+// RangeCases.MatchTheOracle): the normalized kernel's weights beyond fp32's range for whole
+// rows (the general flavor normalizes in the log domain), sigmoid and its gate saturated (P (1 -
+// P) and 1 - sigmoid(G) are taken from e^-|z|). bf16 inputs, fp32 gradients, against the oracle.
+TEST(CudaGeneralPath, RangeCasesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  using tools::OwnedTensor;
-  const int64_t n = 77, d = 64;
-  struct Weights {
-    KernelFeature f;
-    float power, shift, spread;
-    bool length_scale = false;
-  };
-  for (const Weights& cs : {Weights{KernelFeature::kSoftplus, 1.f, -150.f, 3.f},
-                            Weights{KernelFeature::kSoftplus, 4.f, -30.f, 2.f},
-                            Weights{KernelFeature::kReLU, 8.f, 1e5f, 1e3f},
-                            Weights{KernelFeature::kReLU, 2.f, -2.5f, 1.f, true}}) {
-    SCOPED_TRACE(cs.shift);
-    const std::vector<int64_t> shape = {1, 2, n, d};
-    OwnedTensor q = tools::random_tensor(DType::kBF16, shape, 1.0, 41);
-    OwnedTensor k = tools::random_tensor(DType::kBF16, shape, 1.0, 42);
-    OwnedTensor v = tools::random_tensor(DType::kBF16, shape, 1.0, 43);
-    OwnedTensor go = tools::random_tensor(DType::kBF16, shape, 1.0, 44);
-    OwnedTensor bias = tools::random_tensor(DType::kF32, {1, 1, n, n}, cs.spread, 45);
-    for (int64_t x = 0; x < n * n; ++x) static_cast<float*>(bias.view.data)[x] += cs.shift;
-    AttentionSpec spec;
-    spec.mask = Mask::causal();
-    spec.mods.bias = bias.view;
-    spec.normalizer.kind = NormalizerKind::kKernel;
-    spec.normalizer.feature = cs.f;
-    spec.normalizer.power = cs.power;
-    spec.normalizer.length_scale = cs.length_scale;
-    // The oracle on the host (fp64 outputs), the GPU on device copies (fp32 gradients).
-    std::vector<std::vector<double>> got[2];
-    for (int x = 0; x < 2; ++x) {
-      const DType dt = x == 0 ? DType::kF64 : DType::kF32;
-      OwnedTensor out = OwnedTensor::zeros(x == 0 ? dt : DType::kBF16, shape);
-      OwnedTensor stat = OwnedTensor::zeros(DType::kF32, {1, 2, n});
-      std::vector<OwnedTensor> g;
-      for (int y = 0; y < 3; ++y) g.push_back(OwnedTensor::zeros(dt, shape));
-      g.push_back(OwnedTensor::zeros(dt, {1, 1, n, n}));
-      AttentionGrads a;
-      TensorView AttentionGrads::*members[] = {&AttentionGrads::dq, &AttentionGrads::dk,
-                                               &AttentionGrads::dv, &AttentionGrads::dbias};
-      for (int y = 0; y < 4; ++y) a.*members[y] = g[y].view;
-      if (x == 0) {
-        ASSERT_TRUE(reference_forward(q.view, k.view, v.view, spec, out.view, stat.view).ok());
-        ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, a).ok());
-      } else {
-        tools::DeviceMirror dm;
-        AttentionSpec ds = spec;
-        dm.mirror_spec(ds);
-        const TensorView dq = dm.to_device(q.view), dk = dm.to_device(k.view),
-                         dv = dm.to_device(v.view), dgo = dm.to_device(go.view),
-                         dout = dm.to_device(out.view), dstat = dm.to_device(stat.view);
-        ASSERT_TRUE(attention_forward(dq, dk, dv, ds, dout, dstat).ok());
-        AttentionGrads da;
-        for (int y = 0; y < 4; ++y) da.*members[y] = dm.to_device(a.*members[y]);
-        const Status s = attention_backward(dq, dk, dv, dout, dstat, dgo, ds, da);
-        ASSERT_TRUE(s.ok()) << s.message();
-        ASSERT_TRUE(tools::DeviceMirror::synchronize().ok());
-        ASSERT_TRUE(dm.to_host(dout, out.view).ok());
-        ASSERT_TRUE(dm.to_host(dstat, stat.view).ok());
-        for (int y = 0; y < 4; ++y) ASSERT_TRUE(dm.to_host(da.*members[y], a.*members[y]).ok());
-      }
-      got[x] = {out.to_doubles(), stat.to_doubles()};
-      for (OwnedTensor& t : g) got[x].push_back(t.to_doubles());
-    }
-    for (size_t t = 0; t < got[1].size(); ++t)  // (the log row sum is -inf on empty rows)
-      for (double e : got[1][t]) ASSERT_TRUE(t == 1 ? !std::isnan(e) : std::isfinite(e));
-    if (cs.length_scale)  // rows whose every s' <= 0 (row 0: ls = 0): out 0, stat -inf
-      EXPECT_GT(std::count(got[0][1].begin(), got[0][1].end(), -INFINITY), 0);
-    EXPECT_LE(tools::rel_error(got[1][0], got[0][0]), 1e-2) << "out";
-    EXPECT_LE(tools::max_abs_error(got[1][1], got[0][1]), 2e-3) << "log row sum";
-    for (int y = 2; y < 6; ++y)
-      EXPECT_LE(tools::rel_error(got[1][y], got[0][y]), 3e-2) << "gradient " << y - 2;
+  for (tools::RangeCase& rc : tools::range_cases(DType::kBF16, 77, 64)) {
+    SCOPED_TRACE(rc.name);
+    const tools::Instance& in = rc.inst;
+    const tools::BesideOracle r =
+        tools::run_beside_oracle(in.q, in.k, in.v, rc.grad_out, in.spec, Device::kCUDA);
+    ASSERT_EQ(r.error, "");
+    const bool stat = in.wants_row_stat();
+    for (size_t t = 0; t < r.got.size(); ++t)  // (the log row sum is -inf on empty rows)
+      for (double e : r.got[t]) ASSERT_TRUE(stat && t == 1 ? !std::isnan(e) : std::isfinite(e));
+    if (rc.empty_rows) EXPECT_GT(std::count(r.want[1].begin(), r.want[1].end(), -INFINITY), 0);
+    EXPECT_LE(tools::rel_error(r.got[0], r.want[0]), 1e-2) << "out";
+    if (stat) EXPECT_LE(tools::max_abs_error(r.got[1], r.want[1]), 2e-3) << "row stat";
+    for (size_t y = stat ? 2 : 1; y < r.got.size(); ++y)
+      EXPECT_LE(tools::rel_error(r.got[y], r.want[y]), 3e-2) << "gradient " << y - (stat ? 2 : 1);
   }
 }
 

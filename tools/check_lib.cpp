@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <span>
 
 #include "device_mirror.h"
 #include "magnitudes.h"
@@ -511,6 +512,129 @@ CheckResult check_backward(Instance& inst, const CheckOptions& opt) {
         r.stat_err, judge_grad(extras[i].name, fx[i], rx[i], mx[i], norm(rx[i].to_doubles())));
   r.ok = r.error.empty();
   return r;
+}
+
+BesideOracle run_beside_oracle(const OwnedTensor& q, const OwnedTensor& k, const OwnedTensor& v,
+                               const OwnedTensor& grad_out, const AttentionSpec& spec,
+                               Device device) {
+  BesideOracle r;
+  const bool stat = spec.normalizer.kind != NormalizerKind::kSigmoid;
+  std::vector<int64_t> shape(q.view.shape, q.view.shape + q.view.ndim);
+  shape.back() = v.view.shape[v.view.ndim - 1];
+  const std::vector<int64_t> rows(shape.begin(), shape.end() - 1);
+  std::vector<TensorView AttentionGrads::*> members = {&AttentionGrads::dq, &AttentionGrads::dk,
+                                                       &AttentionGrads::dv};
+  std::vector<std::vector<int64_t>> shapes = {
+      std::vector<int64_t>(q.view.shape, q.view.shape + q.view.ndim),
+      std::vector<int64_t>(k.view.shape, k.view.shape + k.view.ndim),
+      std::vector<int64_t>(v.view.shape, v.view.shape + v.view.ndim)};
+  for (const ExtraGrad& e : extra_grads(spec)) {
+    members.push_back(e.member);
+    shapes.push_back(e.shape);
+  }
+  for (int x = 0; x < 2; ++x) {  // the backend, then the oracle
+    const DType gdt = x == 0 ? DType::kF32 : DType::kF64;
+    OwnedTensor out = OwnedTensor::zeros(x == 0 ? q.view.dtype : DType::kF64, shape);
+    OwnedTensor row_stat = OwnedTensor::zeros(DType::kF32, stat ? rows : std::vector<int64_t>{1});
+    const TensorView rs = stat ? row_stat.view : TensorView{};
+    std::vector<OwnedTensor> g;
+    AttentionGrads a;
+    for (size_t y = 0; y < members.size(); ++y) {
+      g.push_back(OwnedTensor::zeros(gdt, shapes[y]));
+      a.*members[y] = g.back().view;
+    }
+    Status s;
+    if (x == 1) {
+      s = reference_forward(q.view, k.view, v.view, spec, out.view, rs);
+      if (!s.ok()) r.error = "oracle forward: " + s.message();
+      if (s.ok()) s = reference_backward(q.view, k.view, v.view, grad_out.view, spec, a);
+      if (!s.ok() && r.error.empty()) r.error = "oracle backward: " + s.message();
+    } else {
+      DeviceMirror dm;
+      const bool cuda = device == Device::kCUDA;
+      auto put = [&](const TensorView& t) { return cuda ? dm.to_device(t) : t; };
+      AttentionSpec ds = spec;
+      if (cuda) dm.mirror_spec(ds);
+      const TensorView dq = put(q.view), dk = put(k.view), dv = put(v.view),
+                       dgo = put(grad_out.view), dout = put(out.view), dstat = put(rs);
+      AttentionGrads da;
+      for (TensorView AttentionGrads::*m : members) da.*m = put(a.*m);
+      s = attention_forward(dq, dk, dv, ds, dout, dstat);
+      if (!s.ok()) r.error = "forward: " + s.message();
+      if (s.ok()) s = attention_backward(dq, dk, dv, dout, dstat, dgo, ds, da);
+      if (!s.ok() && r.error.empty()) r.error = "backward: " + s.message();
+      if (s.ok() && cuda) s = DeviceMirror::synchronize();
+      if (s.ok() && cuda) s = dm.to_host(dout, out.view);
+      if (s.ok() && cuda && stat) s = dm.to_host(dstat, rs);
+      for (TensorView AttentionGrads::*m : members)
+        if (s.ok() && cuda) s = dm.to_host(da.*m, a.*m);
+      if (!s.ok() && r.error.empty()) r.error = "copies back: " + s.message();
+    }
+    if (!r.error.empty()) return r;
+    std::vector<std::vector<double>>& to = x == 0 ? r.got : r.want;
+    to.push_back(out.to_doubles());
+    if (stat) to.push_back(row_stat.to_doubles());
+    for (OwnedTensor& t : g) to.push_back(t.to_doubles());
+  }
+  return r;
+}
+
+std::vector<RangeCase> range_cases(DType dtype, int64_t n, int64_t d) {
+  struct Weights {
+    const char* name;
+    KernelFeature f;
+    float power, shift, spread;
+    bool length_scale = false;
+  };
+  const Weights kernels[] = {{"kernel_softplus_-150", KernelFeature::kSoftplus, 1.f, -150.f, 3.f},
+                             {"kernel_softplus4_-30", KernelFeature::kSoftplus, 4.f, -30.f, 2.f},
+                             {"kernel_relu8_1e5", KernelFeature::kReLU, 8.f, 1e5f, 1e3f},
+                             {"kernel_relu2_scaled", KernelFeature::kReLU, 2.f, -2.5f, 1.f, true}};
+  std::vector<RangeCase> cases(std::size(kernels) + 2);  // in place: specs point into extras
+  const std::vector<int64_t> shape = {1, 2, n, d};
+  // A tensor of `spread` N(0, 1) + shift, in the spec's extras under `name`.
+  auto extra = [](Instance& inst, const char* name, DType t, std::vector<int64_t> sh, float shift,
+                  float spread, uint64_t seed) {
+    OwnedTensor x = random_tensor(DType::kF32, sh, spread, seed);
+    for (float& e : std::span(static_cast<float*>(x.view.data), x.bytes.size() / sizeof(float)))
+      e += shift;
+    if (t != DType::kF32) x = OwnedTensor::from_doubles(x.to_doubles(), t, sh);
+    OwnedTensor& kept = inst.extras[name] = std::move(x);
+    return kept.view;
+  };
+  for (size_t c = 0; c < cases.size(); ++c) {
+    RangeCase& rc = cases[c];
+    Instance& inst = rc.inst;
+    inst.dims = {1, 2, 2, n, n, d, d};
+    inst.dtype = dtype;
+    inst.q = random_tensor(dtype, shape, 1.0, 41);
+    inst.k = random_tensor(dtype, shape, 1.0, 42);
+    inst.v = random_tensor(dtype, shape, 1.0, 43);
+    rc.grad_out = random_tensor(dtype, shape, 1.0, 44);
+    AttentionSpec& spec = inst.spec;
+    spec.mask = Mask::causal();
+    if (c < std::size(kernels)) {
+      const Weights& w = kernels[c];
+      rc.name = w.name;
+      rc.empty_rows = w.length_scale;  // rows whose every s' <= 0 (row 0: ls = 0)
+      spec.mods.bias = extra(inst, "bias", DType::kF32, {1, 1, n, n}, w.shift, w.spread, 45);
+      spec.normalizer.kind = NormalizerKind::kKernel;
+      spec.normalizer.feature = w.f;
+      spec.normalizer.power = w.power;
+      spec.normalizer.length_scale = w.length_scale;
+    } else if (c == std::size(kernels)) {
+      rc.name = "sigmoid_beta20_gate20";
+      spec.normalizer.kind = NormalizerKind::kSigmoid;
+      spec.normalizer.beta = 20.0;
+      spec.gate_kind = GateKind::kElementwise;
+      spec.gate = extra(inst, "gate", dtype, shape, 20.f, 2.f, 46);
+    } else {
+      rc.name = "softmax_head_gate20";
+      spec.gate_kind = GateKind::kPerHead;
+      spec.gate = extra(inst, "gate", dtype, {1, 2, n}, 20.f, 2.f, 47);
+    }
+  }
+  return cases;
 }
 
 bool backward_covered(const std::string& mechanism, const Dims& dims) {

@@ -16,8 +16,8 @@
 // times the magnitude. Such factors:
 //   - O = P V stored in the inputs' dtype, and P where a backend takes it in that dtype (the GPU's
 //     P V and dS): their subnormals keep half their spacing (fp16 below 6e-5);
-//   - sigmoid's 1 - P, a difference of fp32 values near 1 (P saturates): 2^-24; the softcap's
-//     slope 1 - tanh^2 (T saturates): 2^-21;
+//   - the softcap's slope 1 - tanh^2 (T saturates): 2^-21 (sigmoid's 1 - P is sigmoid(-z) on
+//     every backend, known to P's relative error);
 //   - P itself, through its score's rounding ds (score_error), a relative ds for the softmax
 //     family and sigmoid (d log P / ds is at most 1), which at large logits in fp32 is no
 //     longer small against the tolerance;
@@ -38,7 +38,7 @@
 //   P V:    |dP_ij| = |dO_i| . |V_j|,  |dV_j| += P~_ij |dO_i|
 //   norm:   |D_i| = sum_j P~_ij |dP_ij| + O's floor (>= |dO_i| . |O_i|: the rounding of O that
 //           D = dO . O reads is covered too); softmax |dS| = P (|dP| + |D|), |dsink| += p_sink |D|;
-//           sigmoid |dP| P (1 - P + floor); kernel P~ (|dP| + |D|) p |log f'(s')| ls (1 + its
+//           sigmoid |dP| P (1 - P); kernel P~ (|dP| + |D|) p |log f'(s')| ls (1 + its
 //           floor) + the kink's jump; ReLA |dP| ([s > 0] + the kink's jump)
 //   cap:    |dT| = |dS| |1 - tanh^2(T / c)|
 //   terms:  every extra's element sums |dT| times |its factor| (|w|, |u|, |distance|, 1)
@@ -196,7 +196,7 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
   const ScoreMods& mods = spec.mods;
   const int64_t d = p.d, dv = p.dv;
   const bool rela = norm.kind == NormalizerKind::kReLA;
-  const double out_floor = subnormal_floor(q.dtype) / tol, one_minus_p_floor = kF32Unit / tol;
+  const double out_floor = subnormal_floor(q.dtype) / tol;
   const double cap_floor = mods.softcap != 0 ? kTanhFloor / tol : 0.0;
   double* dbias = elements(mag.dbias);
   double *du = elements(mag.dlow_rank_u), *dw = elements(mag.dlow_rank_w);
@@ -278,7 +278,7 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
               dS = pm[x] * (dP[x] + D);
               break;
             case NormalizerKind::kSigmoid:  // 1 - P = sigmoid(-s) has P's relative error too
-              dS = dP[x] * pm[x] * ((1 - f.P[x]) * (1 + rel[x]) + one_minus_p_floor);
+              dS = dP[x] * pm[x] * (1 - f.P[x]) * (1 + rel[x]);
               if (dbeta) dbeta[0] += dS;
               break;
             case NormalizerKind::kKernel: {  // P / s' -> exp(-LSE) at the kink (power 1)

@@ -151,6 +151,32 @@ CheckResult check_backward(const std::string& mechanism, const CheckOptions& opt
 CheckResult check_backward(Instance& inst, const CheckOptions& opt);
 double backward_tolerance_for(DType t);
 
+// One spec (BHND, no varlen) forward then backward on `device` and by the float64 oracle, on the
+// same inputs, for tests of values no random draw reaches: got (the backend's) and want (the
+// oracle's) hold out, row_stat (none for sigmoid), dq, dk, dv, then extra_grads(spec)'s
+// gradients. The backend's out is in q's dtype, its gradients in fp32; the oracle's in fp64.
+struct BesideOracle {
+  std::vector<std::vector<double>> got, want;
+  std::string error;  // the call that failed, with its message ("" when every call ran)
+};
+BesideOracle run_beside_oracle(const OwnedTensor& q, const OwnedTensor& k, const OwnedTensor& v,
+                               const OwnedTensor& grad_out, const AttentionSpec& spec,
+                               Device device);
+
+// Inputs that take a mechanism's fp32 intermediates out of their range, one list for every
+// backend's tests (BHND [1, 2, n, d], causal): the normalized kernel's weights f(s)^p beyond
+// fp32's range for whole rows (softplus at s = -150, softplus^4 at -30, ReLU^8 at 1e5) and
+// ReLU^2 with the length scale, mostly negative (rows with no weight: LSE -inf); sigmoid with
+// beta 20 and an elementwise gate near 20 (P (1 - P) and 1 - sigmoid(G) are 0 in fp32 past
+// ~17: their gradients came out 0); a per-head gate near 20 on softmax.
+struct RangeCase {
+  std::string name;
+  Instance inst;
+  OwnedTensor grad_out;
+  bool empty_rows = false;  // some rows have no weight (the oracle's row_stat is -inf there)
+};
+std::vector<RangeCase> range_cases(DType dtype, int64_t n, int64_t d);
+
 // Whether the CPU backward differentiates this mechanism (can_run_backward says ok).
 bool backward_covered(const std::string& mechanism, const Dims& dims);
 

@@ -294,9 +294,11 @@ void row_grads(const BwdCall& c, float* HWY_RESTRICT sr, float* HWY_RESTRICT dr,
     } else if constexpr (kNorm == NormalizerKind::kSigmoid) {
       const VF z = hn::Add(s, hn::Set(d, c.beta[b]));
       const VF ez = hn::Exp(d, hn::Neg(hn::Abs(z)));  // exp(-|z|) in [0, 1]
-      pv = hn::Div(hn::IfThenElse(hn::Ge(z, zero), one, ez), hn::Add(one, ez));
-      pv = hn::IfThenElseZero(hn::Gt(s, ninf), pv);
-      ds = hn::Mul(dp, hn::Mul(pv, hn::Sub(one, pv)));
+      const VF q = hn::Div(one, hn::Add(one, ez));
+      const VF live = hn::IfThenElseZero(hn::Gt(s, ninf), q);  // 0 where masked
+      pv = hn::Mul(hn::IfThenElse(hn::Ge(z, zero), one, ez), live);
+      // sigmoid'(z) = P (1 - P) = e^-|z| / (1 + e^-|z|)^2: no cancellation at large |z|.
+      ds = hn::Mul(dp, hn::Mul(hn::Mul(ez, q), live));
       dsum = hn::Add(dsum, ds);
     } else if constexpr (kNorm == NormalizerKind::kKernel) {
       // P = exp(p log f(s') - LSE); dS = P (dP - D) p ls (log f)'(s'), 0 where P is.
@@ -568,23 +570,24 @@ void epilogue_rows(BwdCall& c, int64_t b, int64_t h, const core::RowOperand& raw
     double acc = 0;
     for (int64_t e = 0; e < dv; ++e) acc += static_cast<double>(o[e]) * go[e];
     c.D[(b * p.hq + h) * p.max_nq + i] = static_cast<float>(acc);
-    // out = sigmoid(G) O1: dG = dO O1 sigmoid'(G) = dO out (1 - sigmoid(G)); dO1 = dO sigmoid(G).
+    // out = sigmoid(G) O1: dG = dO O1 sigmoid'(G) = dO out sigmoid(-G) (1 - sigmoid(G) loses
+    // it past G ~ 17 in fp32); dO1 = dO sigmoid(G).
     if (spec.gate_kind == GateKind::kElementwise) {
       load_row(p.gate.row(b, h, row), p.gate.dtype, dv, 1.f, gate.data());
       for (int64_t e = 0; e < dv; ++e) {
-        const float sg = sigmoid(gate[e]);
-        dgv[e] = go[e] * o[e] * (1.f - sg);
-        go[e] *= sg;
+        dgv[e] = go[e] * o[e] * sigmoid(-gate[e]);
+        go[e] *= sigmoid(gate[e]);
       }
       if (dg.defined()) store_row(dgv.data(), dv, dg.dtype, dg.row(b, h, row));
     } else if (spec.gate_kind == GateKind::kPerHead) {
-      const float sg = sigmoid(load_float<float>(p.gate.row(b, h, row), p.gate.dtype, 0));
+      const float g = load_float<float>(p.gate.row(b, h, row), p.gate.dtype, 0);
+      const float sg = sigmoid(g);
       double dot = 0;
       for (int64_t e = 0; e < dv; ++e) {
         dot += static_cast<double>(go[e]) * o[e];
         go[e] *= sg;
       }
-      if (dg.defined()) core::store_from_double(dg.row(b, h, row), dg.dtype, 0, dot * (1 - sg));
+      if (dg.defined()) core::store_from_double(dg.row(b, h, row), dg.dtype, 0, dot * sigmoid(-g));
     }
     // O1 = gain O / r, r = sqrt(mean(O^2) + eps):
     // dO = gain dO1 / r - O (sum_k gain_k dO1_k O_k) / (dv r^3); dgain += dO1 O / r.

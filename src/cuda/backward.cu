@@ -155,7 +155,7 @@ __device__ __forceinline__ void store_softmax_stats(const PrepParams& p, const P
 }
 
 // One warp per query row (blockIdx = (row / 8, head, batch)): D = dO . out, LSE * log2(e), the
-// gate's backward (dO <- dO sigmoid(G); dG = dO out (1 - sigmoid(G))), the row of dq zeroed,
+// gate's backward (dO <- dO sigmoid(G); dG = dO out sigmoid(-G)), the row of dq zeroed,
 // and the row's share of dsinks (-exp(sink - LSE) D). Rows past the sequence (up to the padded
 // stat_stride) get lse2 = +inf (no weight) and D = 0.
 __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
@@ -170,8 +170,9 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
   const int64_t do_off = b * p.do_sb + h * p.do_sh + row * p.do_sn;
   const int64_t g_row = b * p.g_sb + h * p.g_sh + row * p.g_sn;
   const int64_t dg_row = b * p.dg_sb + h * p.dg_sh + row * p.dg_sn;
-  float gate_h = 1.f;
-  if (p.gate == GateKind::kPerHead) gate_h = fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g_row));
+  float gate_h = 1.f, gate_hc = 0.f;  // sigmoid(G) and sigmoid(-G) = 1 - sigmoid(G)
+  if (p.gate == GateKind::kPerHead)
+    fast_sigmoid_pair(load_any(p.gate_ptr, p.gate_dtype, g_row), &gate_h, &gate_hc);
   float dot = 0.f;
   for (int c = lane; c < p.dv; c += 32) {
     const float g = load_any(p.dout, p.do_dtype, do_off + c);
@@ -179,9 +180,10 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
     dot += g * o;
     float gd = g * gate_h;
     if (p.gate == GateKind::kElementwise) {
-      const float sg = fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g_row + c));
+      float sg, sgc;
+      fast_sigmoid_pair(load_any(p.gate_ptr, p.gate_dtype, g_row + c), &sg, &sgc);
       gd = g * sg;
-      if (p.dgate) store_grad(p.dgate, p.dgate_dtype, dg_row + c, g * o * (1.f - sg));
+      if (p.dgate) store_grad(p.dgate, p.dgate_dtype, dg_row + c, g * o * sgc);
     }
     if (p.dout_copy && !p.raw_o) {
       const int64_t off = b * p.c_sb + h * p.c_sh + row * p.c_sn + c;
@@ -229,7 +231,7 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
   for (int x = 16; x > 0; x /= 2) dot += __shfl_xor_sync(0xffffffff, dot, x);
   if (lane != 0) return;
   if (p.gate == GateKind::kPerHead && p.dgate)
-    store_grad(p.dgate, p.dgate_dtype, dg_row, dot * (1.f - gate_h));
+    store_grad(p.dgate, p.dgate_dtype, dg_row, dot * gate_hc);
   if (!p.row_stat) {  // sigmoid, ReLA
     *lse2 = 0.f;
     *dd = 0.f;

@@ -777,8 +777,10 @@ __global__ void __launch_bounds__(384, 1)
           weights(softmax_rule, std::false_type{});
         } else if (sigmoid) {
           weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
-            pw = ok ? fast_sigmoid(sx + beta) : 0.f;
-            ds = dpx * pw * (1.f - pw);
+            float sg, sgc;  // sigmoid(z), sigmoid(-z): P (1 - P) without cancellation
+            fast_sigmoid_pair(sx + beta, &sg, &sgc);
+            pw = ok ? sg : 0.f;
+            ds = ok ? dpx * sg * sgc : 0.f;
           }, std::false_type{});
         } else if (rela) {  // P = relu(s), unnormalized; dO is already dO1
           weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {

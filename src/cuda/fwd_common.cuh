@@ -74,6 +74,14 @@ __device__ __forceinline__ float fast_sigmoid(float x) {
   const float r = __fdividef(1.f, 1.f + e);
   return x >= 0.f ? r : e * r;
 }
+// sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x) from one exponential: the second without the
+// cancellation of 1 - sigmoid(x) (0 in fp32 past x ~ 17); sigmoid'(x) = *s * *sc.
+__device__ __forceinline__ void fast_sigmoid_pair(float x, float* s, float* sc) {
+  const float e = __expf(-fabsf(x));
+  const float r = __fdividef(1.f, 1.f + e);
+  *s = x >= 0.f ? r : e * r;
+  *sc = x >= 0.f ? e * r : r;
+}
 // The normalized kernel's log weight p log f(s) (normalizers.h's log_kernel_feature; -inf where
 // f(s) = 0), and d log f / ds.
 __device__ __forceinline__ float fast_kernel_log_weight(float s, KernelFeature f, float power) {
