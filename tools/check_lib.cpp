@@ -623,15 +623,15 @@ std::vector<RangeCase> range_cases(DType dtype, int64_t n, int64_t d) {
       spec.normalizer.power = w.power;
       spec.normalizer.length_scale = w.length_scale;
     } else if (c == std::size(kernels)) {
-      rc.name = "sigmoid_beta20_gate20";
+      rc.name = "sigmoid_beta40_gate40";
       spec.normalizer.kind = NormalizerKind::kSigmoid;
-      spec.normalizer.beta = 20.0;
+      spec.normalizer.beta = 40.0;
       spec.gate_kind = GateKind::kElementwise;
-      spec.gate = extra(inst, "gate", dtype, shape, 20.f, 2.f, 46);
+      spec.gate = extra(inst, "gate", dtype, shape, 40.f, 2.f, 46);
     } else {
-      rc.name = "softmax_head_gate20";
+      rc.name = "softmax_head_gate40";
       spec.gate_kind = GateKind::kPerHead;
-      spec.gate = extra(inst, "gate", dtype, {1, 2, n}, 20.f, 2.f, 47);
+      spec.gate = extra(inst, "gate", dtype, {1, 2, n}, 40.f, 2.f, 47);
     }
   }
   return cases;

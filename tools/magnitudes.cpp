@@ -154,15 +154,17 @@ double pv_magnitude(const reference::HeadForward& f, const std::vector<double>& 
   return std::sqrt(pv_abs2 / static_cast<double>(dv)) / f.rms[i];
 }
 
-// The gate's sigmoid at row `row`, column c.
-double gate_at(const core::Problem& p, int64_t b, int64_t h, int64_t row, int64_t c) {
+// The gate's sigmoid at row `row`, column c (its complement 1 - g = sigmoid(-G): kept past 37).
+double gate_at(const core::Problem& p, int64_t b, int64_t h, int64_t row, int64_t c,
+               bool complement = false) {
+  const double sign = complement ? -1 : 1;
   switch (p.spec->gate_kind) {
     case GateKind::kElementwise:
-      return sigmoid(core::load_as_double(p.gate.row(b, h, row), p.gate.dtype, c));
+      return sigmoid(sign * core::load_as_double(p.gate.row(b, h, row), p.gate.dtype, c));
     case GateKind::kPerHead:
-      return sigmoid(core::load_as_double(p.gate.row(b, h, row), p.gate.dtype, 0));
+      return sigmoid(sign * core::load_as_double(p.gate.row(b, h, row), p.gate.dtype, 0));
     default:
-      return 1.0;
+      return complement ? 0.0 : 1.0;
   }
 }
 
@@ -234,7 +236,7 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
           const double o1 = rela ? gain(c) * pv_abs[c] / r * (1 + kappa) : pv_abs[c];
           if (dgate)  // dO O1 g (1 - g) = dO out (1 - g): out in the inputs' dtype has O's floor
             dgate[spec.gate_kind == GateKind::kElementwise ? c : 0] +=
-                dout * (o1 * g + out_floor) * (1 - g);
+                dout * (o1 * g + out_floor) * gate_at(p, b, h, row, c, true);
           ai[c] = dout * g;
           dout_sum[i] += dout;
         }
@@ -278,7 +280,7 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
               dS = pm[x] * (dP[x] + D);
               break;
             case NormalizerKind::kSigmoid:  // 1 - P = sigmoid(-s) has P's relative error too
-              dS = dP[x] * pm[x] * (1 - f.P[x]) * (1 + rel[x]);
+              dS = dP[x] * pm[x] * sigmoid(-(f.S[x] + f.beta)) * (1 + rel[x]);
               if (dbeta) dbeta[0] += dS;
               break;
             case NormalizerKind::kKernel: {  // P / s' -> exp(-LSE) at the kink (power 1)

@@ -62,7 +62,7 @@
 #    (CudaGeneralPath.RangeCasesMatchTheOracle, new; the kernel_* cases of CudaOracle and
 #    CudaBackward; test_torch's kernel cases), col_mass summed in float64 (the stats tests).
 #    Session 25: sigmoid's P (1 - P) and the gate's 1 - sigmoid(G) from e^-|z| (the same
-#    test's sigmoid_* and *_gate20 cases; the sigmoid and gate cases of CudaBackward).
+#    test's sigmoid_* and *_gate40 cases; the sigmoid and gate cases of CudaBackward).
 # 2b. The fuzzer on the GPU (session 24's `attnkit fuzz`; random cases against the oracle,
 #    forward and backward, each replayable by its seed): after step 2's build,
 #    ./build/attnkit fuzz --device cuda --seed 1 --seconds 240 (a failure line names its seed:

@@ -104,7 +104,7 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
         if (spec.gate_kind == GateKind::kElementwise) {
           const void* gr = p.gate.row(b, h, row);
           for (int64_t c = 0; c < dv; ++c) {
-            const double g = sigmoid(core::load_as_double(gr, p.gate.dtype, c));
+            const double G_c = core::load_as_double(gr, p.gate.dtype, c), g = sigmoid(G_c);
             if (dgate.on()) {
               // dgate has the gate's shape: [B, Hq, Nq, dv] (BHND) or its layout's order.
               const TensorView& G = spec.gate;
@@ -112,13 +112,13 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
                                   : spec.layout == Layout::kBHND
                                       ? ((b * p.hq + h) * G.shape[2] + row) * dv + c
                                       : ((b * G.shape[1] + row) * p.hq + h) * dv + c;
-              dgate.x[idx] += dOi[c] * o1[c] * g * (1 - g);
+              dgate.x[idx] += dOi[c] * o1[c] * g * sigmoid(-G_c);  // 1 - g, kept past 37
             }
             dOi[c] *= g;
           }
         } else if (spec.gate_kind == GateKind::kPerHead) {
-          const double g =
-              sigmoid<double>(core::load_as_double(p.gate.row(b, h, row), p.gate.dtype, 0));
+          const double gh = core::load_as_double(p.gate.row(b, h, row), p.gate.dtype, 0);
+          const double g = sigmoid(gh);
           double acc = 0;
           for (int64_t c = 0; c < dv; ++c) {
             acc += dOi[c] * o1[c];
@@ -127,7 +127,7 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
           if (dgate.on()) {
             const int64_t idx =
                 p.varlen ? h * spec.gate.shape[1] + row : (b * p.hq + h) * spec.gate.shape[2] + row;
-            dgate.x[idx] += acc * g * (1 - g);
+            dgate.x[idx] += acc * g * sigmoid(-gh);
           }
         }
         if (norm.kind == NormalizerKind::kReLA) {
@@ -176,7 +176,7 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
               dS = f.P[x] * (dP[x] - D);
               break;
             case NormalizerKind::kSigmoid:
-              dS = dP[x] * f.P[x] * (1 - f.P[x]);
+              dS = dP[x] * f.P[x] * sigmoid(-(f.S[x] + f.beta));  // 1 - P, kept past |z| ~ 37
               if (dbeta.on()) dbeta.x[0] += dS;
               break;
             case NormalizerKind::kKernel: {  // P = exp(p log f(s') - log L): as a softmax
