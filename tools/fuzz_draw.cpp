@@ -396,7 +396,8 @@ class Drawer {
       say("sink");
     } else if (r < 0.73) {
       n.kind = NormalizerKind::kSigmoid;
-      if (dice_.chance(0.5)) n.beta = dice_.real(-6, 1);
+      // Now and then saturated (1 - P is 0 in fp32 past z ~ 17, in fp64 past ~37).
+      if (dice_.chance(0.5)) n.beta = dice_.chance(0.2) ? dice_.real(15, 45) : dice_.real(-6, 1);
       say("sigmoid(beta=" + (n.beta ? num(*n.beta) : std::string("-log nk")) + ")");
     } else if (r < 0.87) {
       n.kind = NormalizerKind::kKernel;
@@ -423,16 +424,17 @@ class Drawer {
     if (r >= 0.35) return;
     const DType t = dice_.chance(0.5) ? DType::kF32 : inst.dtype;
     const int64_t tq = varlen_ ? cu_q_.back() : 0;
+    const double spread = dice_.chance(0.2) ? 30.0 : 1.0;  // 30: saturated both ways
     if (r < 0.2) {
       inst.spec.gate_kind = GateKind::kElementwise;
-      inst.spec.gate = keep(random(t, rows_shape(d.hq, d.nq, d.dv, tq), 1.0));
-      say(std::string("gate(elementwise,") + dtype_name(t) + ")");
+      inst.spec.gate = keep(random(t, rows_shape(d.hq, d.nq, d.dv, tq), spread));
+      say(std::string("gate(elementwise,") + dtype_name(t) + ",spread=" + num(spread) + ")");
     } else {
       inst.spec.gate_kind = GateKind::kPerHead;
       inst.spec.gate = keep(random(
           t, varlen_ ? std::vector<int64_t>{d.hq, tq} : std::vector<int64_t>{d.batch, d.hq, d.nq},
-          1.0));
-      say(std::string("gate(per_head,") + dtype_name(t) + ")");
+          spread));
+      say(std::string("gate(per_head,") + dtype_name(t) + ",spread=" + num(spread) + ")");
     }
   }
 
