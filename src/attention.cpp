@@ -17,7 +17,7 @@ Status can_run(const TensorView& q, const TensorView& k, const TensorView& v,
   core::Problem p;
   Status s = core::validate_and_resolve(q, k, v, spec, out, row_stat, stats, options, false, &p);
 #if defined(ATTNKIT_WITH_CUDA)
-  if (s.ok() && p.device == Device::kCUDA) return cuda::forward_supports(p);
+  if (s.ok() && p.device == Device::kCUDA) return cuda::forward(p, /*dry_run=*/true);
 #endif
   return s;
 }
@@ -65,7 +65,12 @@ Status can_run_backward(const TensorView& q, const TensorView& k, const TensorVi
                         const AttentionGrads& grads, const Options& options) {
   core::Problem p;
   core::GradOperands g;
-  return check_backward_call(q, k, v, out, row_stat, grad_out, spec, grads, options, &p, &g);
+  Status s = check_backward_call(q, k, v, out, row_stat, grad_out, spec, grads, options, &p, &g);
+#if defined(ATTNKIT_WITH_CUDA)
+  if (s.ok() && p.device == Device::kCUDA)
+    return cuda::backward(p, g, grads, options.deterministic, /*dry_run=*/true);
+#endif
+  return s;
 }
 
 Status attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,

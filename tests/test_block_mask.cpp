@@ -262,9 +262,13 @@ TEST(RangeCases, MatchTheOracle) {
     ASSERT_EQ(r.error, "");
     for (double o : r.got[0]) ASSERT_TRUE(std::isfinite(o));
     const bool stat = in.wants_row_stat();
-    if (rc.empty_rows) EXPECT_GT(std::count(r.want[1].begin(), r.want[1].end(), -INFINITY), 0);
+    if (rc.empty_rows) {
+      EXPECT_GT(std::count(r.want[1].begin(), r.want[1].end(), -INFINITY), 0);
+    }
     EXPECT_LE(rel_error(r.got[0], r.want[0]), 1e-5) << "out";
-    if (stat) EXPECT_LE(max_abs_error(r.got[1], r.want[1]), 1e-4) << "row stat";
+    if (stat) {
+      EXPECT_LE(max_abs_error(r.got[1], r.want[1]), 1e-4) << "row stat";
+    }
     for (size_t y = stat ? 2 : 1; y < r.got.size(); ++y)
       EXPECT_LE(rel_error(r.got[y], r.want[y]), 1e-4) << "gradient " << y - (stat ? 2 : 1);
   }

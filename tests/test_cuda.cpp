@@ -533,9 +533,13 @@ TEST(CudaGeneralPath, RangeCasesMatchTheOracle) {
     const bool stat = in.wants_row_stat();
     for (size_t t = 0; t < r.got.size(); ++t)  // (the log row sum is -inf on empty rows)
       for (double e : r.got[t]) ASSERT_TRUE(stat && t == 1 ? !std::isnan(e) : std::isfinite(e));
-    if (rc.empty_rows) EXPECT_GT(std::count(r.want[1].begin(), r.want[1].end(), -INFINITY), 0);
+    if (rc.empty_rows) {
+      EXPECT_GT(std::count(r.want[1].begin(), r.want[1].end(), -INFINITY), 0);
+    }
     EXPECT_LE(tools::rel_error(r.got[0], r.want[0]), 1e-2) << "out";
-    if (stat) EXPECT_LE(tools::max_abs_error(r.got[1], r.want[1]), 2e-3) << "row stat";
+    if (stat) {
+      EXPECT_LE(tools::max_abs_error(r.got[1], r.want[1]), 2e-3) << "row stat";
+    }
     for (size_t y = stat ? 2 : 1; y < r.got.size(); ++y)
       EXPECT_LE(tools::rel_error(r.got[y], r.want[y]), 3e-2) << "gradient " << y - (stat ? 2 : 1);
   }
@@ -797,8 +801,8 @@ TEST(CudaBackwardRules, WhatIsNotOnCudaYetIsNamed) {
 
 // Block tables keep a byte a key tile of a row in the classification kernel's shared memory:
 // beyond 227 Ki key tiles (29.8 M keys) a call whose flavor builds them is refused by name
-// before it touches memory (fake device addresses here), forward and backward; can_run does
-// not know the flavor and lets it through.
+// before it touches memory (fake device addresses here), forward and backward, and by can_run
+// and can_run_backward (a dry run of the call: once they let it through).
 TEST(CudaTables, BeyondTheClassifierAreNamed) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const auto q = device_view(DType::kBF16, {1, 1, 64, 64});
@@ -809,12 +813,16 @@ TEST(CudaTables, BeyondTheClassifierAreNamed) {
   g.dk = g.dv = device_view(DType::kF32, {1, 1, 30000000, 64});
   AttentionSpec spec;
   spec.mask = Mask::chunked(16, false);
-  EXPECT_TRUE(can_run(q, k, k, spec, q).ok());
-  for (const Status& s : {attention_forward(q, k, k, spec, q, lse),
+  // can_run and can_run_backward make the calls' checks (the flavor's included) and say so too.
+  for (const Status& s : {can_run(q, k, k, spec, q, lse), attention_forward(q, k, k, spec, q, lse),
+                          can_run_backward(q, k, k, q, lse, q, spec, g),
                           attention_backward(q, k, k, q, lse, q, spec, g)}) {
     EXPECT_EQ(s.code(), StatusCode::kNotImplemented);
     EXPECT_NE(s.message().find("key tiles"), std::string::npos) << s.message();
   }
+  spec.mask = Mask::causal();  // a band: no table, both run
+  EXPECT_TRUE(can_run(q, k, k, spec, q, lse).ok());
+  EXPECT_TRUE(can_run_backward(q, k, k, q, lse, q, spec, g).ok());
 }
 
 TEST(CudaRules, AValidCallPasses) {

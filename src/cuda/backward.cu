@@ -451,10 +451,10 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
 }
 
 Status backward(const core::Problem& p, const core::GradOperands& g, const AttentionGrads& grads,
-                bool deterministic) {
+                bool deterministic, bool dry_run) {
   Status st = backward_supports(p, g, grads, deterministic);
   if (!st.ok()) return st;
-  if (p.max_nq == 0 || p.max_nk == 0) return zero_grads(p, grads);
+  if (p.max_nq == 0 || p.max_nk == 0) return dry_run ? Status{} : zero_grads(p, grads);
   const AttentionSpec& spec = *p.spec;
   const Instance& inst = *find_instance(p.q.dtype, p.d, p.dv);
   // Query tiles of 64 rows; key tiles of 128 (64 where a head dim is above 128: BwdShape::kSplit).
@@ -556,9 +556,10 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (!bad && !encode_rows(&maps.dout, &maps.o_hm, &maps.o_bm, dout_probe, p.dv,
                            std::max<int64_t>(rows_q, 1), p.hq, batch, kM))
     bad = "grad_out";
-  if (bad)
+  if (bad && !(dry_run && !tensor_maps_available()))
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
+  if (dry_run) return {};  // can_run_backward: every rule checked, nothing launched
   // Packed rows past the last sequence (cu_seqlens may end before the tensors do) are in no
   // sequence: their gradients are zero, which the kernels (the sequences' rows only) leave
   // unwritten.

@@ -10,7 +10,9 @@ namespace attnkit::cuda {
 // `deterministic` (Options) is refused: dq is added with atomics.
 Status backward_supports(const core::Problem& p, const core::GradOperands& g,
                          const AttentionGrads& grads, bool deterministic);
+// dry_run: every check the call makes (the flavor's too), then return before any device work
+// (can_run_backward).
 Status backward(const core::Problem& p, const core::GradOperands& g, const AttentionGrads& grads,
-                bool deterministic);
+                bool deterministic, bool dry_run = false);
 
 }  // namespace attnkit::cuda

@@ -78,7 +78,7 @@ Status forward_supports(const core::Problem& p) {
   return {};
 }
 
-Status forward(const core::Problem& p) {
+Status forward(const core::Problem& p, bool dry_run) {
   Status st = forward_supports(p);
   if (!st.ok()) return st;
   const AttentionSpec& spec = *p.spec;
@@ -93,7 +93,8 @@ Status forward(const core::Problem& p) {
   const int dp = (inst.d + 63) / 64 * 64, dvp = (inst.dv + 63) / 64 * 64;
   const int kn = dp <= 128 && dvp <= 128 ? 128 : 64;
   TmaMaps maps;
-  if (const char* bad = encode_maps(p, &maps, 128, kn))
+  const char* bad = encode_maps(p, &maps, 128, kn);
+  if (bad && !(dry_run && !tensor_maps_available()))
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   // Plain softmax under a band runs the fast kernel alone; under any other mask, the fast kernel
@@ -126,9 +127,6 @@ Status forward(const core::Problem& p) {
   // O by the copy engine where the fast instance has room (d_v = 64; ATTNKIT_CUDA_TMA_OUT=0: off).
   const char* to = std::getenv("ATTNKIT_CUDA_TMA_OUT");
   f.tma_out = fast && !grid && !(to && to[0] == '0') && encode_out(p, &maps, 64);
-  DeviceScope device(p.device_index);
-  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-  cudaError_t e = cudaSuccess;
   // Work items: query tiles of every (b, h), walked by one CTA a multiprocessor (epilogues and
   // the next item's loads overlap). ATTNKIT_CUDA_PERSISTENT_FWD=0 launches one CTA an item, =n
   // n CTAs (for measurements and tests).
@@ -136,7 +134,11 @@ Status forward(const core::Problem& p) {
   if (items > std::numeric_limits<int>::max())
     return fail(StatusCode::kInvalidArgument, "batch * heads * ceil(max query length / 128) = ",
                 str(items), " query tiles: the CUDA forward takes at most 2^31 - 1");
+  if (dry_run) return {};  // can_run: every rule checked, nothing launched
   f.num_items = static_cast<int>(items);
+  DeviceScope device(p.device_index);
+  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  cudaError_t e = cudaSuccess;
   const char* pf = std::getenv("ATTNKIT_CUDA_PERSISTENT_FWD");
   int sms = 0;
   if (pf && *pf) {

@@ -149,6 +149,8 @@ bool encode_swizzled(CUtensorMap* map, const core::RowOperand& r, int rank,
 
 }  // namespace
 
+bool tensor_maps_available() { return tensor_map_encoder() != nullptr; }
+
 // A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x
 // box_rows rows in the 128-byte swizzle; reads past `rows` or `cols` fill zeros. A broadcast head
 // or batch (stride 0) becomes an extent-1 dimension whose coordinate multiplier (*hm, *bm) is 0.
