@@ -15,7 +15,8 @@
 // |factor| + a / tol: its share of the error, a times the rest of its term, then stays within tol
 // times the magnitude. Such factors:
 //   - O = P V stored in the inputs' dtype, and P where a backend takes it in that dtype (the GPU's
-//     P V and dS): their subnormals keep half their spacing (fp16 below 6e-5);
+//     P V and dS; sigmoid's dS itself, which P's floor no longer bounds where 1 - P is tiny):
+//     their subnormals keep half their spacing (fp16 below 6e-5);
 //   - the softcap's slope 1 - tanh^2 (T saturates): 2^-21 (sigmoid's 1 - P is sigmoid(-z) on
 //     every backend, known to P's relative error);
 //   - P itself, through its score's rounding ds (score_error), a relative ds for the softmax
@@ -281,7 +282,10 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
               break;
             case NormalizerKind::kSigmoid:  // 1 - P = sigmoid(-s) has P's relative error too
               dS = dP[x] * pm[x] * sigmoid(-(f.S[x] + f.beta)) * (1 + rel[x]);
-              if (dbeta) dbeta[0] += dS;
+              if (dbeta) dbeta[0] += dS;  // summed in fp32 on every backend
+              // dS itself in the inputs' dtype (the GPU's dq, dk and extras read it packed):
+              // its subnormals keep half their spacing (fp16 dS of saturated logits underflow).
+              dS += out_floor;
               break;
             case NormalizerKind::kKernel: {  // P / s' -> exp(-LSE) at the kink (power 1)
               const double ls = f.length_scale[i];

@@ -545,8 +545,6 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     dout.sb = p.varlen ? 0 : p.hq * dout.sh;
   }
 
-  DeviceScope device(p.device_index);
-  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   // The tensor maps first: an operand the copy engine cannot address fails the call before any
   // output is written. (The dO copy's address is set below, once its scratch exists.)
   BwdMaps maps;
@@ -560,6 +558,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   if (dry_run) return {};  // can_run_backward: every rule checked, nothing launched
+  DeviceScope device(p.device_index);
+  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   // Packed rows past the last sequence (cu_seqlens may end before the tensors do) are in no
   // sequence: their gradients are zero, which the kernels (the sequences' rows only) leave
   // unwritten.
