@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 25; sessions 23 and 24 had none), one call of at most
-# 600 s each:
+# The next device session's runs (session 26; session 25's one call, run 102, ran step 2 and
+# 2b on main: every test passed, gpu.md part 24), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
@@ -49,7 +49,8 @@
 #    PROFILE's --ab compares (the kernels' times, N 1024 and 4096). fwd_lean and bwd_band
 #    find their full tiles by one function (the backward's band transposed: left and right
 #    swapped), MaskEval::band_full_tiles, on main with its CPU test since session 23.
-# 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~360 s). New tests
+# 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~430 s; run 102 passed
+#    it on main at a3114b8, so only the adopted patches' changes are new to it). New tests
 #    not yet run (session 23 had no device; each fails on the code before its fix):
 #    CudaFastPath.ZeroOrTinyScalesMatchTheOracle (scale 0 and 1e-40: the general flavor),
 #    CudaFastPath.UnboundedWindowsMatchTheOracle (a window side of INT64_MAX), test_torch.py's
@@ -63,7 +64,11 @@
 #    CudaBackward; test_torch's kernel cases), col_mass summed in float64 (the stats tests).
 #    Session 25: sigmoid's P (1 - P) and the gate's 1 - sigmoid(G) from e^-|z| (the same
 #    test's sigmoid_* and *_gate40 cases; the sigmoid and gate cases of CudaBackward).
-# 2b. The fuzzer on the GPU (session 24's `attnkit fuzz`; random cases against the oracle,
+#    Since run 102 (review mends, session 25): the backward's dry run sets no device.
+# 2b. First replay run 102's 7 fp16 sigmoid misses, judged since by the dS floor of magnitudes.cpp
+#    (for s in 1253 2740 2888 2935 3490 4315 4475; do ./build-gpu/attnkit fuzz --device cuda
+#    --seed $s --cases 1; done), then seeds from 4695 on (--seed 4695 --seconds 240).
+#    The fuzzer on the GPU (session 24's `attnkit fuzz`; random cases against the oracle,
 #    forward and backward, each replayable by its seed): after step 2's build,
 #    ./build/attnkit fuzz --device cuda --seed 1 --seconds 240 (a failure line names its seed:
 #    ./build/attnkit fuzz --device cuda --seed S --cases 1 --verbose replays it).
