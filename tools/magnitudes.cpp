@@ -188,11 +188,9 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
     if (t->defined() && (t->dtype != DType::kF64 || !contiguous(*t)))
       return Status(StatusCode::kInvalidArgument, "magnitudes are contiguous fp64 views");
   if (!(tol > 0)) return Status(StatusCode::kInvalidArgument, "tol must be > 0");
-  core::Problem p;  // grad_out is shaped like out: it stands for out in the validation
-  Status st = core::validate_and_resolve(q, k, v, spec, grad_out, {}, {}, Options{}, true, &p);
-  if (!st.ok()) return st;
+  core::Problem p;
   core::GradOperands ops;
-  st = core::validate_grads(p, q, k, v, grad_out, mag, &ops);
+  const Status st = reference::resolve_backward(q, k, v, grad_out, spec, mag, &p, &ops);
   if (!st.ok()) return st;
 
   const Normalizer& norm = spec.normalizer;

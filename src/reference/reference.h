@@ -41,4 +41,10 @@ Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
                const AttentionSpec& spec, const TensorView& out, const TensorView& row_stat,
                const AttentionStats& stats, DType rounding);
 
+// The backward's validation (the oracle's and its magnitudes', tools/magnitudes.h): the problem
+// and the gradients' operands of a call on host memory (a GPU tensor is refused by name).
+Status resolve_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                        const TensorView& grad_out, const AttentionSpec& spec,
+                        const AttentionGrads& grads, core::Problem* p, core::GradOperands* ops);
+
 }  // namespace attnkit::reference

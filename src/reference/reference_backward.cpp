@@ -47,21 +47,29 @@ struct Acc {
 
 }  // namespace
 
-Status reference_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                          const TensorView& grad_out, const AttentionSpec& spec,
-                          const AttentionGrads& grads) {
-  core::Problem p;
+namespace reference {
+Status resolve_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                        const TensorView& grad_out, const AttentionSpec& spec,
+                        const AttentionGrads& grads, core::Problem* p, core::GradOperands* ops) {
   TensorView out_like = q;  // validation of the forward needs an `out`: q's layout with dv
   out_like.shape[out_like.ndim - 1] = v.ndim > 0 ? v.shape[v.ndim - 1] : 0;
   out_like.data = grad_out.data != nullptr ? grad_out.data : q.data;
   out_like.dtype = q.dtype;
-  Status st = core::validate_and_resolve(q, k, v, spec, out_like, {}, {}, Options{}, true, &p);
+  const Status st = core::validate_and_resolve(q, k, v, spec, out_like, {}, {}, Options{}, true, p);
   if (!st.ok()) return st;
-  if (p.device != Device::kCPU)
+  if (p->device != Device::kCPU)
     return Status(StatusCode::kTypeError,
                   "q is on a CUDA device: the float64 oracle reads host memory (copy to the CPU)");
+  return core::validate_grads(*p, q, k, v, grad_out, grads, ops);
+}
+}  // namespace reference
+
+Status reference_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                          const TensorView& grad_out, const AttentionSpec& spec,
+                          const AttentionGrads& grads) {
+  core::Problem p;
   core::GradOperands ops;
-  st = core::validate_grads(p, q, k, v, grad_out, grads, &ops);
+  const Status st = reference::resolve_backward(q, k, v, grad_out, spec, grads, &p, &ops);
   if (!st.ok()) return st;
 
   const Normalizer& norm = spec.normalizer;
