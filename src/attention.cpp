@@ -84,6 +84,7 @@ Status attention_backward(const TensorView& q, const TensorView& k, const Tensor
 #if defined(ATTNKIT_WITH_CUDA)
   if (p.device == Device::kCUDA) return cuda::backward(p, g, grads, options.deterministic);
 #endif
+  core::zero_padding_grads(p, grads);
   return cpu::backward(p, g, grads);
 }
 

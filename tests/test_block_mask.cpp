@@ -176,6 +176,72 @@ TEST(Varlen, SequencesAllEmptyOnOneSide) {
   }
 }
 
+// Rows of the packed tensors past the last sequence are padding: the output does not depend on
+// them, so the backward writes zeros in their gradients (dq, dk, dv and either gate's dgate), on
+// the CPU and in the oracle, over buffers that held something else (the CPU left dk's and dv's
+// padding rows as it found them; CUDA's test is the CUDA fuzzer's varlen cases).
+TEST(Varlen, PaddingRowsGetZeroGradients) {
+  const std::vector<int32_t> cq = {0, 5, 12}, ck = {0, 7, 9};
+  const int64_t rows_q = 15, rows_k = 14;  // 3 and 5 padding rows
+  OwnedTensor q = random_tensor(DType::kF32, {rows_q, 2, 8}, 1.0, 1);
+  OwnedTensor k = random_tensor(DType::kF32, {rows_k, 1, 8}, 1.0, 2);
+  OwnedTensor v = random_tensor(DType::kF32, {rows_k, 1, 8}, 1.0, 3);
+  OwnedTensor go = random_tensor(DType::kF32, {rows_q, 2, 8}, 1.0, 4);
+  OwnedTensor cu_q = OwnedTensor::from_ints(cq, {3}), cu_k = OwnedTensor::from_ints(ck, {3});
+  for (const GateKind gk : {GateKind::kElementwise, GateKind::kPerHead}) {
+    const bool per_head = gk == GateKind::kPerHead;
+    const std::vector<int64_t> gate_shape =
+        per_head ? std::vector<int64_t>{2, rows_q} : std::vector<int64_t>{rows_q, 2, 8};
+    OwnedTensor gate = random_tensor(DType::kF32, gate_shape, 1.0, 5);
+    AttentionSpec spec;
+    spec.mask = Mask::causal();
+    spec.cu_seqlens_q = cu_q.view;
+    spec.cu_seqlens_kv = cu_k.view;
+    spec.gate_kind = gk;
+    spec.gate = gate.view;
+    OwnedTensor out = OwnedTensor::zeros(DType::kF32, {rows_q, 2, 8});
+    OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {2, rows_q});
+    ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view, lse.view).ok());
+    for (const bool oracle : {false, true}) {
+      const DType t = oracle ? DType::kF64 : DType::kF32;
+      auto filled = [&](std::vector<int64_t> shape) {
+        int64_t n = 1;
+        for (int64_t e : shape) n *= e;
+        return OwnedTensor::from_doubles(std::vector<double>(n, 7.0), t, shape);
+      };
+      OwnedTensor dq = filled({rows_q, 2, 8}), dk = filled({rows_k, 1, 8}),
+                  dv = filled({rows_k, 1, 8}), dg = filled(gate_shape);
+      AttentionGrads g;
+      g.dq = dq.view, g.dk = dk.view, g.dv = dv.view, g.dgate = dg.view;
+      const Status st =
+          oracle ? reference_backward(q.view, k.view, v.view, go.view, spec, g)
+                 : attention_backward(q.view, k.view, v.view, out.view, lse.view, go.view, spec, g);
+      ASSERT_TRUE(st.ok()) << st.message();
+      // The padding rows are zero; the sequences' rows hold gradients (none left at 7).
+      for (const auto& [x, real, per_row] : {std::tuple{&dq, int64_t{cq.back()}, 16},
+                                             {&dk, int64_t{ck.back()}, 8},
+                                             {&dv, int64_t{ck.back()}, 8}}) {
+        const std::vector<double> e = x->to_doubles();
+        for (int64_t i = 0; i < static_cast<int64_t>(e.size()); ++i) {
+          if (i >= real * per_row)
+            ASSERT_EQ(e[i], 0.0) << "oracle " << oracle << " element " << i;
+          else
+            ASSERT_NE(e[i], 7.0) << "oracle " << oracle << " element " << i;
+        }
+      }
+      const std::vector<double> e = dg.to_doubles();
+      for (size_t i = 0; i < e.size(); ++i) {
+        const int64_t row =
+            per_head ? static_cast<int64_t>(i) % rows_q : static_cast<int64_t>(i) / 16;
+        if (row >= cq.back())
+          ASSERT_EQ(e[i], 0.0) << "oracle " << oracle << " dgate " << i;
+        else
+          ASSERT_NE(e[i], 7.0) << "oracle " << oracle << " dgate " << i;
+      }
+    }
+  }
+}
+
 // The forget gate's prefix sums c grow with the row (c = sum of log f): c[i'] - c[j] of two
 // large sums lost ~ulp(|c|) in fp32 (weights off by ~1% once |c| passed 1e5). Steep decay for
 // 300 tokens (c reaches -1.2e5), then slow: the rows after it against the float64 oracle, in

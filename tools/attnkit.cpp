@@ -54,7 +54,7 @@ static int cmd_list(bool as_json) {
 }
 
 int main(int argc, char** argv) {
-  CLI::App app{"attnkit: attention mechanisms on CPUs (and soon GPUs)"};
+  CLI::App app{"attnkit: attention mechanisms on CPUs and NVIDIA Hopper GPUs"};
   app.require_subcommand(1);
   bool as_json = false;
 

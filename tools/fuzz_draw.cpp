@@ -89,7 +89,7 @@ struct Drawn {
 class Drawer {
  public:
   Drawer(uint64_t seed, Device device, FuzzCase& c)
-      : dice_(seed), cuda_(device == Device::kCUDA), c_(c) {}
+      : dice_(seed), pad_dice_(seed ^ 0x9e3779b97f4a7c15), cuda_(device == Device::kCUDA), c_(c) {}
 
   void draw() {
     Instance& inst = c_.inst;
@@ -173,6 +173,10 @@ class Drawer {
       }
       d.nq = max_q;
       d.nk = max_k;
+      // Packed tensors may have rows past the last sequence (padding: zero gradients, zero out
+      // and LSE -inf). Drawn from their own dice: the other draws stay what each seed drew.
+      rows_q_ = cu_q_.back() + (pad_dice_.chance(0.3) ? pad_dice_.integer(1, 9) : 0);
+      rows_k_ = cu_k_.back() + (pad_dice_.chance(0.3) ? pad_dice_.integer(1, 9) : 0);
     } else if (dice_.chance(0.5)) {
       c_.inst.spec.layout = Layout::kBNHD;
     }
@@ -181,7 +185,9 @@ class Drawer {
                      " nq=" + std::to_string(d.nq) + " nk=" + std::to_string(d.nk) +
                      " d=" + std::to_string(d.d) + " dv=" + std::to_string(d.dv) +
                      (c_.inst.spec.layout == Layout::kBNHD ? " bnhd" : "");
-    if (varlen_) say("varlen cu_q=[" + list(cu_q_) + "] cu_k=[" + list(cu_k_) + "]");
+    if (varlen_)
+      say("varlen cu_q=[" + list(cu_q_) + "] cu_k=[" + list(cu_k_) + "] rows " +
+          std::to_string(rows_q_) + " " + std::to_string(rows_k_));
   }
 
   void inputs() {
@@ -190,7 +196,7 @@ class Drawer {
     const double s = dice_.log_uniform(kMinInputScale, kMaxInputScale);
     c_.check.input_scale = s;
     say("in_scale=" + num(s));
-    const int64_t tq = varlen_ ? cu_q_.back() : 0, tk = varlen_ ? cu_k_.back() : 0;
+    const int64_t tq = rows_q_, tk = rows_k_;
     inst.q = random(inst.dtype, rows_shape(d.hq, d.nq, d.d, tq), s);
     inst.k = random(inst.dtype, rows_shape(d.hk, d.nk, d.d, tk), s);
     inst.v = random(inst.dtype, rows_shape(d.hk, d.nk, d.dv, tk), 1.0);
@@ -423,7 +429,7 @@ class Drawer {
     const double r = dice_.real(0, 1);
     if (r >= 0.35) return;
     const DType t = dice_.chance(0.5) ? DType::kF32 : inst.dtype;
-    const int64_t tq = varlen_ ? cu_q_.back() : 0;
+    const int64_t tq = rows_q_;
     // 12: saturated both ways (past 17 and 37), seldom past 87 (sigmoid(-G) subnormal in fp32)
     const double spread = dice_.chance(0.2) ? 12.0 : 1.0;
     if (r < 0.2) {
@@ -472,12 +478,13 @@ class Drawer {
         (o.grads_offset ? " grads_offset=4" : ""));
   }
 
-  Dice dice_;
+  Dice dice_, pad_dice_;
   bool cuda_;
   FuzzCase& c_;
   int64_t batch_ = 1;
   bool varlen_ = false;
   std::vector<int32_t> cu_q_, cu_k_;
+  int64_t rows_q_ = 0, rows_k_ = 0;  // varlen: the packed tensors' rows
 };
 
 }  // namespace

@@ -442,6 +442,11 @@ OwnedTensor zeros_like(const OwnedTensor& t, DType dtype) {
   return OwnedTensor::zeros(dtype, std::vector<int64_t>(t.view.shape, t.view.shape + t.view.ndim));
 }
 
+void poison(OwnedTensor& t) {
+  const size_t n = t.bytes.size() / dtype_size(t.view.dtype);
+  for (size_t i = 0; i < n; ++i) core::store_from_double(t.bytes.data(), t.view.dtype, i, NAN);
+}
+
 Outputs make_outputs(const Instance& inst, bool stats, bool entropy) {
   const Dims& d = inst.dims;
   const bool varlen = inst.spec.cu_seqlens_q.defined();

@@ -67,6 +67,9 @@ struct Outputs {
 Outputs make_outputs(const Instance& inst, bool stats, bool entropy = true);
 // A zero tensor of `t`'s shape in `dtype`.
 OwnedTensor zeros_like(const OwnedTensor& t, DType dtype);
+// Fills every element of t with NaN: the buffers a backend writes start so, so an element it
+// leaves unwritten is an error (a NaN is judged an infinite error).
+void poison(OwnedTensor& t);
 AttentionStats stats_views(Outputs& o);
 
 // Relative Frobenius error ||x - ref|| / ||ref|| (ignoring entries where both are -inf).

@@ -4,6 +4,9 @@
 //
 // q [B, Hq, Nq, d], k [B, Hk, Nk, d], v [B, Hk, Nk, dv], out [B, Hq, Nq, dv] in BHND
 // (BNHD: [B, N, H, D]; varlen with cu_seqlens: [total, H, D]). Any strides with a unit inner one.
+// Varlen: cu_seqlens start at 0, never decrease, and may end before the packed tensors do; rows
+// past the last sequence are padding: the forward leaves them unwritten (as FlashAttention does)
+// and the backward writes zeros in their gradients (dq, dk, dv, dgate).
 #pragma once
 #include <cstdint>
 #include <memory>

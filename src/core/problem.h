@@ -94,6 +94,14 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
                       const TensorView& v, const TensorView& grad_out, const AttentionGrads& grads,
                       GradOperands* out);
 
+// Packed rows past the last sequence (cu_seqlens may end before the tensors do) are in no
+// sequence: the output does not depend on them, so their gradients (dq, dk, dv, dgate) are zero.
+// Writes those zeros in host memory (the CPU backward and the oracle; CUDA's backward has its
+// own); nothing without varlen.
+void zero_padding_grads(const Problem& p, const AttentionGrads& grads);
+// Zeros every element of a host tensor whose index along `dim` is `from` or more.
+void zero_rows_from(const TensorView& t, int dim, int64_t from);
+
 // Checks every rule of the call (DESIGN.md "Errors"), then fills `p`. `backend` names who asks
 // ("cpu", "reference") for backend-specific limits.
 Status validate_and_resolve(const TensorView& q, const TensorView& k, const TensorView& v,

@@ -746,6 +746,32 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
   return {};
 }
 
+void zero_rows_from(const TensorView& t, int dim, int64_t from) {
+  if (!t.defined() || dim >= t.ndim || t.shape[dim] <= from) return;
+  int64_t count = 1;
+  for (int i = 0; i < t.ndim; ++i) count *= i == dim ? t.shape[i] - from : t.shape[i];
+  for (int64_t x = 0; x < count; ++x) {
+    int64_t r = x, at = 0;
+    for (int i = t.ndim - 1; i >= 0; --i) {
+      const int64_t n = i == dim ? t.shape[i] - from : t.shape[i];
+      at += (r % n + (i == dim ? from : 0)) * t.strides[i];
+      r /= n;
+    }
+    store_from_double(t.data, t.dtype, at, 0.0);
+  }
+}
+
+void zero_padding_grads(const Problem& p, const AttentionGrads& grads) {
+  if (!p.varlen) return;
+  const Sequence& last = p.seqs.back();
+  const int64_t rows_q = last.q_start + last.nq, rows_k = last.k_start + last.nk;
+  zero_rows_from(grads.dq, 0, rows_q);
+  zero_rows_from(grads.dk, 0, rows_k);
+  zero_rows_from(grads.dv, 0, rows_k);
+  // dgate: elementwise like out ([total, H, dv]); per head [Hq, total_q].
+  zero_rows_from(grads.dgate, p.spec->gate_kind == GateKind::kPerHead ? 1 : 0, rows_q);
+}
+
 Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k,
                       const TensorView& v, const TensorView& grad_out, const AttentionGrads& g,
                       GradOperands* out) {

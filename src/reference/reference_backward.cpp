@@ -71,6 +71,7 @@ Status reference_backward(const TensorView& q, const TensorView& k, const Tensor
   core::GradOperands ops;
   const Status st = reference::resolve_backward(q, k, v, grad_out, spec, grads, &p, &ops);
   if (!st.ok()) return st;
+  core::zero_padding_grads(p, grads);
 
   const Normalizer& norm = spec.normalizer;
   const ScoreMods& mods = spec.mods;
