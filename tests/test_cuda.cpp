@@ -712,6 +712,30 @@ TEST(CudaRules, MisalignedRowsAreRefused) {
   EXPECT_NE(s.message().find("v: the CUDA kernels need"), std::string::npos) << s.message();
 }
 
+// Rows the copy engine cannot address (a key broadcast over its rows: row stride 0; a grad_out
+// likewise) are refused by can_run and can_run_backward by that rule, with or without a driver
+// (the dry run checks the tensor maps' rules before it needs the driver's encoder).
+TEST(CudaRules, RowsTheCopyEngineCannotAddressAreNamed) {
+  const auto q = device_view(DType::kBF16, {1, 2, 64, 64});
+  auto k = q;
+  k.strides[2] = 0;
+  Status s = run_check(q, k, q, q);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("k: the copy engine (TMA) cannot address it"), std::string::npos)
+      << s.message();
+  const auto lse = device_view(DType::kF32, {1, 2, 64});
+  AttentionGrads g;
+  g.dq = g.dk = g.dv = device_view(DType::kF32, {1, 2, 64, 64});
+  s = can_run_backward(q, q, q, q, lse, q, {}, g);
+  EXPECT_TRUE(s.ok()) << s.message();
+  s = can_run_backward(q, q, q, q, lse, k, {}, g);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("grad_out: the copy engine (TMA) cannot address it"),
+            std::string::npos)
+      << s.message();
+}
+
 // Attention statistics run on CUDA for the softmax family (stats.cu; on a GPU every CudaOracle
 // case checks them against the oracle); other normalizers are refused by the rule's name.
 TEST(CudaRules, StatisticsRunForTheSoftmaxFamily) {

@@ -94,7 +94,7 @@ Status forward(const core::Problem& p, bool dry_run) {
   const int kn = dp <= 128 && dvp <= 128 ? 128 : 64;
   TmaMaps maps;
   const char* bad = encode_maps(p, &maps, 128, kn);
-  if (bad && !(dry_run && !tensor_maps_available()))
+  if (bad)
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   // Plain softmax under a band runs the fast kernel alone; under any other mask, the fast kernel
@@ -135,6 +135,7 @@ Status forward(const core::Problem& p, bool dry_run) {
     return fail(StatusCode::kInvalidArgument, "batch * heads * ceil(max query length / 128) = ",
                 str(items), " query tiles: the CUDA forward takes at most 2^31 - 1");
   if (dry_run) return {};  // can_run: every rule checked, nothing launched
+  if (!tensor_maps_available()) return no_tensor_maps();
   f.num_items = static_cast<int>(items);
   DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);

@@ -129,15 +129,20 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // A tensor map of a 16-bit operand in the 128-byte swizzle: `rank` dims (the first of unit
 // stride), the byte strides of the others (checked against the copy engine's rules), the box;
-// reads past the extents fill zeros.
+// reads past the extents fill zeros. Without the driver's encoder (no driver: a dry run in CI)
+// the rules are checked and the map left empty; a call checks tensor_maps_available() before it
+// launches anything.
 bool encode_swizzled(CUtensorMap* map, const core::RowOperand& r, int rank,
                      const cuuint64_t* dims, const int64_t* strides, const cuuint32_t* box) {
-  const auto encode = tensor_map_encoder();
-  if (!encode) return false;
   cuuint64_t gstrides[4];
   for (int x = 0; x + 1 < rank; ++x) {
     if (strides[x] <= 0 || strides[x] % 16 || strides[x] >= (int64_t{1} << 40)) return false;
     gstrides[x] = static_cast<cuuint64_t>(strides[x]);
+  }
+  const auto encode = tensor_map_encoder();
+  if (!encode) {
+    *map = CUtensorMap{};
+    return true;
   }
   const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
   const CUtensorMapDataType type = r.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
@@ -150,6 +155,11 @@ bool encode_swizzled(CUtensorMap* map, const core::RowOperand& r, int rank,
 }  // namespace
 
 bool tensor_maps_available() { return tensor_map_encoder() != nullptr; }
+
+Status no_tensor_maps() {
+  return fail(StatusCode::kNotImplemented, "the CUDA driver offers no tensor-map encoder ",
+              "(cuTensorMapEncodeTiled): no driver here, or one older than CUDA 12");
+}
 
 // A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x
 // box_rows rows in the 128-byte swizzle; reads past `rows` or `cols` fill zeros. A broadcast head

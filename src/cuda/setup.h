@@ -53,9 +53,11 @@ bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, 
 // The maps of q, k, v with boxes of q_box query rows and k_box key rows: the name of the operand
 // the copy engine cannot address, or null.
 const char* encode_maps(const core::Problem& p, TmaMaps* maps, int q_box, int k_box);
-// Whether the driver's tensor-map encoder is here: without it (no driver, so no device) every
-// encode fails, and a dry run (can_run) cannot judge the copy engine's rules.
+// Whether the driver's tensor-map encoder is here: without it (no driver, so no device) the
+// encoders check the copy engine's rules and leave the maps empty (enough for a dry run), and a
+// call refuses with no_tensor_maps() before it launches anything.
 bool tensor_maps_available();
+Status no_tensor_maps();
 
 // A 2-D neighborhood (dilation 1, grid dims multiples of 8 x 16, self-attention over the whole
 // grid, no varlen) on the fast kernel's grid tiles: sets f's grid fields and makes q's, k's and
