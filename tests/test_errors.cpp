@@ -8,9 +8,11 @@
 #include <cmath>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <initializer_list>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attnkit/attention.h"
@@ -691,6 +693,52 @@ TEST(Errors, NumThreadsNegative) {
   Call c;
   c.options.num_threads = -1;
   EXPECT_REJECTED(c, kInvalidArgument, "num_threads");
+}
+
+// Found by `attnkit fuzz --invalid`: enums cast from integers past their values, a MaxViT node
+// with other than 2 grid dims (its shape has 3 entries), outputs whose elements share memory.
+TEST(Errors, EnumsPastTheirValues) {
+  const std::pair<const char*, std::function<void(AttentionSpec&)>> cases[] = {
+      {"layout", [](AttentionSpec& s) { s.layout = static_cast<Layout>(7); }},
+      {"alignment", [](AttentionSpec& s) { s.alignment = static_cast<Alignment>(7); }},
+      {"mods.alibi", [](AttentionSpec& s) { s.mods.alibi = static_cast<AlibiMode>(7); }},
+      {"mods.relative",
+       [](AttentionSpec& s) { s.mods.relative = static_cast<RelativeBucketKind>(7); }},
+      {"normalizer.kind",
+       [](AttentionSpec& s) { s.normalizer.kind = static_cast<NormalizerKind>(7); }},
+      {"normalizer.feature",
+       [](AttentionSpec& s) { s.normalizer.feature = static_cast<KernelFeature>(7); }},
+      {"gate_kind", [](AttentionSpec& s) { s.gate_kind = static_cast<GateKind>(7); }},
+      {"mask node 0 has kind",
+       [](AttentionSpec& s) { s.mask.nodes[0].kind = static_cast<MaskKind>(99); }}};
+  for (const auto& [name, breaks] : cases) {
+    Call c;
+    breaks(c.spec);
+    EXPECT_REJECTED(c, kInvalidArgument, name);
+  }
+}
+
+TEST(Errors, MaxvitGridDims) {
+  Call c(1, 2, 2, 16, 16, 8, 8);
+  c.spec.mask = Mask::maxvit_block(4, 4, 2);
+  EXPECT_ACCEPTED(c);
+  c.spec.mask.nodes[0].ndim = 4;
+  EXPECT_REJECTED(c, kInvalidArgument, "maxvit_block grid has 4 dims");
+}
+
+TEST(Errors, OutputsWhoseElementsShareMemory) {
+  Call c;  // out [1, 2, 4, 8]: rows 4 apart overlap (and a zero stride, and row_stat's)
+  c.out.strides[2] = 4;
+  EXPECT_REJECTED(c, kInvalidArgument, "out.strides[2] = 4");
+  Call d;
+  d.row_stat = d.f32({1, 2, 4});
+  d.row_stat.strides[1] = 0;
+  EXPECT_REJECTED(d, kInvalidArgument, "row_stat.strides[1] = 0");
+  Call e;  // a permuted (BNHD-like) out nests: accepted
+  e.out = e.f32({1, 4, 2, 8});
+  std::swap(e.out.shape[1], e.out.shape[2]);
+  std::swap(e.out.strides[1], e.out.strides[2]);
+  EXPECT_ACCEPTED(e);
 }
 
 }  // namespace

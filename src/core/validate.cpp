@@ -1,5 +1,6 @@
 // Validation of an attention call: every rule of DESIGN.md "Errors", each failure naming the
 // argument, its value and the rule. On success, resolves the call into a core::Problem.
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdio>
@@ -102,6 +103,27 @@ Status check_tensor(const TensorView& t, const char* name, bool inner_unit = tru
     if (__builtin_mul_overflow(t.shape[i] - 1, t.strides[i], &term) ||
         __builtin_add_overflow(off, term, &off))
       return fail(StatusCode::kInvalidArgument, name, ".strides overflow 64-bit offsets");
+  }
+  return {};
+}
+
+// An output is written element by element: no two of its elements may share memory. Checked as
+// strides that nest (each dim's stride past the reach of the dims of smaller stride, as in any
+// permutation or slice of a contiguous tensor); t has passed check_tensor.
+Status check_no_overlap(const TensorView& t, const char* name) {
+  int order[kMaxTensorDims];
+  int n = 0;
+  for (int i = 0; i < t.ndim; ++i)
+    if (t.shape[i] > 1) order[n++] = i;
+  std::sort(order, order + n, [&](int a, int b) { return t.strides[a] < t.strides[b]; });
+  int64_t reach = 0;  // the largest offset of the dims so far
+  for (int x = 0; x < n; ++x) {
+    const int i = order[x];
+    if (t.strides[i] <= reach)
+      return fail(StatusCode::kInvalidArgument, name, ".strides[", i, "] = ", t.strides[i],
+                  " (shape ", shape_str(t), "): an output's elements must not overlap (its ",
+                  "strides must nest, as a permutation or slice of a contiguous tensor's do)");
+    reach += (t.shape[i] - 1) * t.strides[i];
   }
   return {};
 }
@@ -214,6 +236,26 @@ Status check_cu_seqlens(const TensorView& cu, const char* name, int64_t total, i
   return {};
 }
 
+// Every enum of the spec holds one of its values (a cast from an integer may hold any).
+Status check_enums(const AttentionSpec& spec) {
+  const std::tuple<const char*, int, int> enums[] = {
+      {"layout", static_cast<int>(spec.layout), static_cast<int>(Layout::kBNHD)},
+      {"alignment", static_cast<int>(spec.alignment), static_cast<int>(Alignment::kTopLeft)},
+      {"mods.alibi", static_cast<int>(spec.mods.alibi), static_cast<int>(AlibiMode::kSymmetric)},
+      {"mods.relative", static_cast<int>(spec.mods.relative),
+       static_cast<int>(RelativeBucketKind::kClipped)},
+      {"normalizer.kind", static_cast<int>(spec.normalizer.kind),
+       static_cast<int>(NormalizerKind::kReLA)},
+      {"normalizer.feature", static_cast<int>(spec.normalizer.feature),
+       static_cast<int>(KernelFeature::kReLU)},
+      {"gate_kind", static_cast<int>(spec.gate_kind), static_cast<int>(GateKind::kPerHead)}};
+  for (const auto& [name, value, last] : enums)
+    if (value < 0 || value > last)
+      return fail(StatusCode::kInvalidArgument, name, " = ", value, ": not one of its ", last + 1,
+                  " values");
+  return {};
+}
+
 Status check_mask(const AttentionSpec& spec, const Problem& p) {
   const Mask& m = spec.mask;
   if (m.nodes.empty()) return fail(StatusCode::kInvalidArgument, "mask has no nodes");
@@ -305,6 +347,9 @@ Status check_mask(const AttentionSpec& spec, const Problem& p) {
       }
       case MaskKind::kMaxvitBlock:
       case MaskKind::kMaxvitGrid: {
+        if (n.ndim != 2)
+          return fail(StatusCode::kInvalidArgument, kind, " grid has ", n.ndim,
+                      " dims: MaxViT grids have 2 (height, width)");
         if (n.shape[0] < 1 || n.shape[1] < 1 || n.a < 1)
           return fail(StatusCode::kInvalidArgument, kind, " grid ", n.shape[0], " x ", n.shape[1],
                       " with ", n.a, ": sizes must be >= 1");
@@ -351,8 +396,12 @@ Status check_mask(const AttentionSpec& spec, const Problem& p) {
         if (bad_child(n.child0) || n.child0 <= static_cast<int32_t>(id))
           return fail(StatusCode::kInvalidArgument, "not mask node ", id, " has an invalid child");
         break;
-      default:
+      case MaskKind::kNone:
+      case MaskKind::kCausal:
         break;
+      default:
+        return fail(StatusCode::kInvalidArgument, "mask node ", id, " has kind ",
+                    static_cast<int>(n.kind), ": not a MaskKind");
     }
   }
   return {};
@@ -485,6 +534,7 @@ Status check_normalizer(const AttentionSpec& spec, const Problem& p, DType in) {
 // A per-row fp32 output: [B, Hq, Nq] (varlen [Hq, total_q]).
 Status check_row_output(const TensorView& t, const char* name, const Problem& p, int64_t total_q) {
   ATTNKIT_RETURN_IF_ERROR(check_tensor(t, name, false));
+  ATTNKIT_RETURN_IF_ERROR(check_no_overlap(t, name));
   ATTNKIT_RETURN_IF_ERROR(check_dtype(t, name, DType::kF32));
   if (p.varlen) return check_shape(t, name, {p.hq, total_q}, "[Hq, total_q] under varlen");
   return check_shape(t, name, {p.batch, p.hq, p.max_nq}, "[B, Hq, Nq]");
@@ -498,6 +548,7 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
                             const Options& options, bool allow_f64, Problem* p) {
   const bool varlen = spec.cu_seqlens_q.defined() || spec.cu_seqlens_kv.defined();
   t_call_device = {q.device, q.device_index};
+  ATTNKIT_RETURN_IF_ERROR(check_enums(spec));
   if (spec.cu_seqlens_q.defined() != spec.cu_seqlens_kv.defined())
     return fail(StatusCode::kInvalidArgument,
                 "cu_seqlens_q and cu_seqlens_kv must be given together");
@@ -521,6 +572,7 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
     if (ops[i]->dtype != q.dtype)
       return fail(StatusCode::kTypeError, names[i], ".dtype = ", dtype_name(ops[i]->dtype),
                   " but q.dtype = ", dtype_name(q.dtype), ": q, k and v need the same dtype");
+  ATTNKIT_RETURN_IF_ERROR(check_no_overlap(out, "out"));
   if (out.dtype != q.dtype && out.dtype != DType::kF32 && !(allow_f64 && out.dtype == DType::kF64))
     return fail(StatusCode::kTypeError, "out.dtype = ", dtype_name(out.dtype),
                 ": must be q's dtype (", dtype_name(q.dtype), ") or fp32");
@@ -673,6 +725,7 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
         return fail(StatusCode::kNotImplemented, "col_mass with cu_seqlens is not supported");
       const TensorView& c = stats.col_mass;
       ATTNKIT_RETURN_IF_ERROR(check_tensor(c, "col_mass", false));
+      ATTNKIT_RETURN_IF_ERROR(check_no_overlap(c, "col_mass"));
       ATTNKIT_RETURN_IF_ERROR(check_dtype(c, "col_mass", DType::kF32));
       const int64_t heads = stats.col_mass_group_sum ? r.hk : r.hq;
       ATTNKIT_RETURN_IF_ERROR(
@@ -697,7 +750,9 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
   if (!m.segments.empty()) {
     r.segment_ids.assign(r.batch * m.segments.size(), SegmentIds{});
     for (const MaskNode& n : m.nodes) {
-      if (n.seg_q < 0) continue;
+      // Segment ids belong to document and block-attention nodes (checked there); other kinds'
+      // seg_q and seg_k are not read.
+      if (n.kind != MaskKind::kDocument && n.kind != MaskKind::kBlockAttention) continue;
       const TensorView& tq = m.segments[n.seg_q];
       const TensorView& tk = m.segments[n.seg_k];
       r.mask_per_batch = r.mask_per_batch || tq.ndim == 2 || tk.ndim == 2;
@@ -799,11 +854,7 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
       return fail(StatusCode::kInvalidArgument, name, ".shape = ", shape_str(grad), " but ",
                   input_name, ".shape = ", shape_str(input), ": a gradient has its input's shape");
     // A gradient is written (not summed into) element by element: its elements must not overlap.
-    for (int x = 0; x < grad.ndim; ++x)
-      if (grad.shape[x] > 1 && grad.strides[x] == 0)
-        return fail(StatusCode::kInvalidArgument, name, ".strides[", x, "] = 0 with size ",
-                    grad.shape[x], ": a gradient's elements must not overlap");
-    return {};
+    return check_no_overlap(grad, name);
   };
   TensorView out_like = q;  // grad_out has out's shape: q's with head_dim_v
   out_like.shape[out_like.ndim - 1] = p.dv;

@@ -11,6 +11,7 @@
 //   cap:    dT = dS * (1 - tanh^2(T / c))  (T = scale q.k + additive terms)
 //   terms:  dbias, dU, dW, dtable, dlog_f (reverse prefix sums), dslopes from dT
 //   q, k:   dQ_i = scale sum_j dT_ij K_j,  dK_j += scale sum_i dT_ij Q_i
+#include <algorithm>
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -53,6 +54,10 @@ Status resolve_backward(const TensorView& q, const TensorView& k, const TensorVi
                         const AttentionGrads& grads, core::Problem* p, core::GradOperands* ops) {
   TensorView out_like = q;  // validation of the forward needs an `out`: q's layout with dv
   out_like.shape[out_like.ndim - 1] = v.ndim > 0 ? v.shape[v.ndim - 1] : 0;
+  for (int64_t i = out_like.ndim - 1, stride = 1; i >= 0; --i) {  // contiguous: it never overlaps
+    out_like.strides[i] = stride;
+    stride *= std::max<int64_t>(out_like.shape[i], 1);
+  }
   out_like.data = grad_out.data != nullptr ? grad_out.data : q.data;
   out_like.dtype = q.dtype;
   const Status st = core::validate_and_resolve(q, k, v, spec, out_like, {}, {}, Options{}, true, p);
