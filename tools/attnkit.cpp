@@ -108,6 +108,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"cpu", "cuda"}));
   fuzz->add_flag("--forward-only", fuzz_opt.forward_only, "no backward pass");
   fuzz->add_flag("--verbose", fuzz_opt.verbose, "a line for every case");
+  fuzz->add_flag("--invalid", fuzz_opt.invalid,
+                 "each case with one thing broken: refused by a rule, or run right");
 
   auto* bench =
       app.add_subcommand("bench", "timed suites (quick: < 1 minute; full: the headline shapes)");

@@ -611,7 +611,8 @@ std::vector<RangeCase> range_cases(DType dtype, int64_t n, int64_t d) {
                              {"kernel_softplus4_-30", KernelFeature::kSoftplus, 4.f, -30.f, 2.f},
                              {"kernel_relu8_1e5", KernelFeature::kReLU, 8.f, 1e5f, 1e3f},
                              {"kernel_relu2_scaled", KernelFeature::kReLU, 2.f, -2.5f, 1.f, true}};
-  std::vector<RangeCase> cases(std::size(kernels) + 2);  // in place: specs point into extras
+  // and four with a negative scale (a valid one: s = scale q . k).
+  std::vector<RangeCase> cases(std::size(kernels) + 6);  // in place: specs point into extras
   const std::vector<int64_t> shape = {1, 2, n, d};
   // A tensor of `spread` N(0, 1) + shift, in the spec's extras under `name`.
   auto extra = [](Instance& inst, const char* name, DType t, std::vector<int64_t> sh, float shift,
@@ -649,10 +650,26 @@ std::vector<RangeCase> range_cases(DType dtype, int64_t n, int64_t d) {
       spec.normalizer.beta = 40.0;
       spec.gate_kind = GateKind::kElementwise;
       spec.gate = extra(inst, "gate", dtype, shape, 40.f, 2.f, 46);
-    } else {
+    } else if (c == std::size(kernels) + 1) {
       rc.name = "softmax_head_gate40";
       spec.gate_kind = GateKind::kPerHead;
       spec.gate = extra(inst, "gate", dtype, {1, 2, n}, 40.f, 2.f, 47);
+    } else if (c == std::size(kernels) + 2) {
+      rc.name = "softmax_scale-1";
+      spec.scale = -1.f;
+    } else if (c == std::size(kernels) + 3) {
+      rc.name = "softmax_alibi_scale-0.7";
+      spec.scale = -0.7f;
+      spec.mods.alibi = AlibiMode::kCausal;
+    } else if (c == std::size(kernels) + 4) {
+      rc.name = "sigmoid_scale-0.3";
+      spec.scale = -0.3f;
+      spec.normalizer.kind = NormalizerKind::kSigmoid;
+    } else {
+      rc.name = "kernel_softplus_softcap_scale-1";
+      spec.scale = -1.f;
+      spec.mods.softcap = 5.f;
+      spec.normalizer.kind = NormalizerKind::kKernel;
     }
   }
   return cases;

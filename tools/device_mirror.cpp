@@ -6,13 +6,12 @@
 #endif
 
 namespace attnkit::tools {
-namespace {
+
 int64_t extent_bytes(const TensorView& t) {
   int64_t last = 0;
   for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
   return (last + 1) * dtype_size(t.dtype);
 }
-}  // namespace
 
 #if defined(ATTNKIT_WITH_CUDA)
 bool cuda_device_available() {

@@ -8,6 +8,9 @@
 
 namespace attnkit::tools {
 
+// The bytes from a view's first element to the end of its last (non-negative strides).
+int64_t extent_bytes(const TensorView& t);
+
 // Whether a CUDA device is present (false in a build without the CUDA backend).
 bool cuda_device_available();
 

@@ -37,7 +37,14 @@ struct Outcome {
   std::string detail;
 };
 
-Outcome run_case(FuzzCase& c, const FuzzOptions& opt) {
+Outcome run_case(FuzzCase& c, uint64_t seed, const FuzzOptions& opt) {
+  if (opt.invalid) {
+    const InvalidOutcome v = run_invalid_case(c, seed, opt.device);
+    const Outcome::Kind k = v.failed    ? Outcome::kFailed
+                            : v.refused ? Outcome::kRefused
+                                        : Outcome::kRan;
+    return {k, v.detail};
+  }
   const CheckResult f = check_forward(c.inst, c.check);
   if (f.refused) return {Outcome::kRefused, "forward refused: " + f.error};
   if (!f.ok) return {Outcome::kFailed, "forward: " + f.error};
@@ -64,11 +71,12 @@ std::string one_line(std::string s) {
   }
   for (uint64_t seed = first; seed < end && seconds_now() < deadline; ++seed) {
     FuzzCase c = draw_case(seed, opt.device);
+    if (opt.invalid) c.description += " | broken: " + invalid_change(c, seed);
     std::fprintf(out, "start %llu %s\n", static_cast<unsigned long long>(seed),
                  one_line(c.description).c_str());
     std::fflush(out);
     alarm(kCaseSeconds);
-    const Outcome o = run_case(c, opt);
+    const Outcome o = run_case(c, seed, opt);
     alarm(0);
     std::fprintf(out, "done %llu %d %s\n", static_cast<unsigned long long>(seed),
                  static_cast<int>(o.kind), one_line(o.detail).c_str());
@@ -183,17 +191,17 @@ int run_fuzz(const FuzzOptions& opt) {
     next = t.last_done + 1;
   }
   std::printf(
-      "fuzz %s: %lld cases (seeds %llu..%llu) in %.1f s: %lld ran, %lld refused, %lld failed, "
+      "fuzz %s%s: %lld cases (seeds %llu..%llu) in %.1f s: %lld ran, %lld refused, %lld failed, "
       "%lld crashed\n",
-      opt.device == Device::kCUDA ? "cuda" : "cpu", static_cast<long long>(t.cases),
-      static_cast<unsigned long long>(opt.seed),
+      opt.device == Device::kCUDA ? "cuda" : "cpu", opt.invalid ? " --invalid" : "",
+      static_cast<long long>(t.cases), static_cast<unsigned long long>(opt.seed),
       static_cast<unsigned long long>(opt.seed + std::max<int64_t>(t.cases, 1) - 1),
       seconds_now() - start, static_cast<long long>(t.ran), static_cast<long long>(t.refused),
       static_cast<long long>(t.failed), static_cast<long long>(t.crashed));
   if (t.failed + t.crashed > 0)
-    std::printf("one case again: attnkit fuzz --seed SEED --cases 1 --verbose%s%s\n",
+    std::printf("one case again: attnkit fuzz --seed SEED --cases 1 --verbose%s%s%s\n",
                 opt.device == Device::kCUDA ? " --device cuda" : "",
-                opt.forward_only ? " --forward-only" : "");
+                opt.forward_only ? " --forward-only" : "", opt.invalid ? " --invalid" : "");
   return t.failed + t.crashed > 0 ? 1 : 0;
 }
 

@@ -89,7 +89,7 @@ struct Drawn {
 class Drawer {
  public:
   Drawer(uint64_t seed, Device device, FuzzCase& c)
-      : dice_(seed), pad_dice_(seed ^ 0x9e3779b97f4a7c15), cuda_(device == Device::kCUDA), c_(c) {}
+      : dice_(seed), side_dice_(seed ^ 0x9e3779b97f4a7c15), cuda_(device == Device::kCUDA), c_(c) {}
 
   void draw() {
     Instance& inst = c_.inst;
@@ -104,6 +104,11 @@ class Drawer {
     say("mask=" + mask.what);
     if (dice_.chance(0.2)) {
       inst.spec.scale = static_cast<float>(dice_.real(0.01, 1.0));
+      say("scale=" + num(*inst.spec.scale));
+    }
+    if (side_dice_.chance(0.05)) {  // a negative scale (valid: s = scale q . k)
+      inst.spec.scale =
+          -inst.spec.scale.value_or(1.f / std::sqrt(static_cast<float>(c_.inst.dims.d)));
       say("scale=" + num(*inst.spec.scale));
     }
     score_mods();
@@ -173,10 +178,11 @@ class Drawer {
       }
       d.nq = max_q;
       d.nk = max_k;
-      // Packed tensors may have rows past the last sequence (padding: zero gradients, zero out
-      // and LSE -inf). Drawn from their own dice: the other draws stay what each seed drew.
-      rows_q_ = cu_q_.back() + (pad_dice_.chance(0.3) ? pad_dice_.integer(1, 9) : 0);
-      rows_k_ = cu_k_.back() + (pad_dice_.chance(0.3) ? pad_dice_.integer(1, 9) : 0);
+      // Packed tensors may have rows past the last sequence (padding: zero gradients; the
+      // forward leaves them). Drawn from the side dice: draws added after the fuzzer's first
+      // version leave the others what each seed drew.
+      rows_q_ = cu_q_.back() + (side_dice_.chance(0.3) ? side_dice_.integer(1, 9) : 0);
+      rows_k_ = cu_k_.back() + (side_dice_.chance(0.3) ? side_dice_.integer(1, 9) : 0);
     } else if (dice_.chance(0.5)) {
       c_.inst.spec.layout = Layout::kBNHD;
     }
@@ -478,7 +484,7 @@ class Drawer {
         (o.grads_offset ? " grads_offset=4" : ""));
   }
 
-  Dice dice_, pad_dice_;
+  Dice dice_, side_dice_;
   bool cuda_;
   FuzzCase& c_;
   int64_t batch_ = 1;

@@ -43,7 +43,7 @@
 //           floor) + the kink's jump; ReLA |dP| ([s > 0] + the kink's jump)
 //   cap:    |dT| = |dS| |1 - tanh^2(T / c)|
 //   terms:  every extra's element sums |dT| times |its factor| (|w|, |u|, |distance|, 1)
-//   q, k:   |dQ_i| = scale sum_j |dT_ij| |K_j|,  |dK_j| += scale sum_i |dT_ij| |Q_i|
+//   q, k:   |dQ_i| = |scale| sum_j |dT_ij| |K_j|,  |dK_j| += |scale| sum_i |dT_ij| |Q_i|
 #include "magnitudes.h"
 
 #include <cmath>
@@ -320,8 +320,8 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
           if (dslopes) dslopes[h] += dT * static_cast<double>(ia > j ? ia - j : j - ia);
           double* krow = row_of(ops.dk, b, f.hk, s.k_start + j);
           for (int64_t c = 0; c < d; ++c) {
-            qrow[c] += p.scale64 * dT * std::abs(f.K[j * d + c]);
-            krow[c] += p.scale64 * dT * std::abs(f.Q[i * d + c]);
+            qrow[c] += std::abs(p.scale64) * dT * std::abs(f.K[j * d + c]);
+            krow[c] += std::abs(p.scale64) * dT * std::abs(f.Q[i * d + c]);
           }
         }
       }

@@ -171,7 +171,9 @@ BesideOracle run_beside_oracle(const OwnedTensor& q, const OwnedTensor& k, const
 // fp32's range for whole rows (softplus at s = -150, softplus^4 at -30, ReLU^8 at 1e5) and
 // ReLU^2 with the length scale, mostly negative (rows with no weight: LSE -inf); sigmoid with
 // beta 40 and an elementwise gate near 40 (1 - P and 1 - sigmoid(G) are 0 in fp32 past ~17 and
-// in fp64 past ~37: the gradients through them came out 0); a per-head gate near 40 on softmax.
+// in fp64 past ~37: the gradients through them came out 0); a per-head gate near 40 on softmax;
+// negative scales (valid: s = scale q . k) on softmax, with ALiBi, sigmoid and the softplus
+// kernel with a softcap (CUDA's fast forward takes scale > 0; its fast backward any sign).
 struct RangeCase {
   std::string name;
   Instance inst;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 26; session 25's one call, run 102, ran step 2 and
-# 2b on main: every test passed, gpu.md part 24), one call of at most 600 s each:
+# The next device session's runs (session 27; session 26 had no device; session 25's one call,
+# run 102, ran step 2 and 2b on main: every test passed, gpu.md part 24), one call of at most
+# 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). Order:
@@ -65,6 +66,13 @@
 #    Session 25: sigmoid's P (1 - P) and the gate's 1 - sigmoid(G) from e^-|z| (the same
 #    test's sigmoid_* and *_gate40 cases; the sigmoid and gate cases of CudaBackward).
 #    Since run 102 (review mends, session 25): the backward's dry run sets no device.
+#    Session 26 (no device): dgate's varlen padding rows zeroed (the CUDA fuzz's varlen cases
+#    with padding rows and a gate; every output now starts as NaN in check and fuzz, so an
+#    unwritten element fails); negative scales (CudaGeneralPath.RangeCasesMatchTheOracle's
+#    softmax_scale-1: the backward's band instance; softmax_alibi_scale-0.7: its tabled ALiBi;
+#    sigmoid and kernel: the general flavor; fuzz draws them too); without a driver the dry
+#    run checks the copy engine's rules (a call without one refuses by name before launching);
+#    outputs whose elements share memory refused (strides that nest).
 # 2b. First replay run 102's 7 fp16 sigmoid misses, judged since by the dS floor of magnitudes.cpp
 #    (for s in 1253 2740 2888 2935 3490 4315 4475; do ./build-gpu/attnkit fuzz --device cuda
 #    --seed $s --cases 1; done), then seeds from 4695 on (--seed 4695 --seconds 240).
@@ -72,6 +80,9 @@
 #    forward and backward, each replayable by its seed): after step 2's build,
 #    ./build/attnkit fuzz --device cuda --seed 1 --seconds 240 (a failure line names its seed:
 #    ./build/attnkit fuzz --device cuda --seed S --cases 1 --verbose replays it).
+#    Then the invalid-input fuzzer on the GPU (session 26, tools/fuzz_invalid.cpp; never run on
+#    a device): ./build-gpu/attnkit fuzz --device cuda --invalid --seed 1 --seconds 120 (a
+#    crash, an unnamed refusal, can_run disagreeing, or a result off the oracle fails).
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
