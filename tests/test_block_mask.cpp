@@ -3,12 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <random>
 
 #include "core/block_mask.h"
 #include "core/mask_cache.h"
 #include "cuda/tile_bits.h"
+#include "fuzz.h"
 #include "spec_json.h"
 
 namespace attnkit::tools {
@@ -340,6 +342,85 @@ TEST(RangeCases, MatchTheOracle) {
       EXPECT_GT(max_abs_error(r.want[y], std::vector<double>(r.want[y].size())), 0);
       EXPECT_LE(rel_error(r.got[y], r.want[y]), 1e-4) << "gradient " << y - (stat ? 2 : 1);
     }
+  }
+}
+
+// An additive mask of fp32's lowest value (Hugging Face's): on the CPU such scores are finite
+// ones, so a row of nothing else weighs its keys evenly (as the oracle and a naive fp32
+// computation do) and other rows' lowest keys get weight 0 (DESIGN.md numerics; CUDA counts
+// scores below -FLT_MAX / log2 e as masked instead). Found by the fuzzer's masking biases.
+void lowest_value_rows(DType t);
+
+TEST(Bias, LowestValueRowsMatchTheOracle) {
+  for (const DType t : {DType::kF32, DType::kBF16}) {
+    SCOPED_TRACE(dtype_name(t));
+    lowest_value_rows(t);
+  }
+}
+
+void lowest_value_rows(DType t) {
+  const int64_t nq = 5, nk = 133;
+  const bool f32 = t == DType::kF32;
+  OwnedTensor q = random_tensor(t, {1, 1, nq, 8}, 5.0, 1);
+  OwnedTensor k = random_tensor(t, {1, 1, nk, 8}, 5.0, 2);
+  OwnedTensor v = random_tensor(t, {1, 1, nk, 8}, 1.0, 3);
+  OwnedTensor bias = random_tensor(DType::kF32, {1, 1, nq, nk}, 1.0, 4);
+  float* bv = static_cast<float*>(bias.view.data);
+  for (int64_t j = 0; j < nk; ++j) bv[j] = -FLT_MAX;  // row 0: nothing else
+  for (int64_t i = 1; i < nq; ++i)
+    for (int64_t j = 0; j < nk; ++j)
+      if ((i + j) % 3 != 0) bv[i * nk + j] = -FLT_MAX;
+  AttentionSpec spec;
+  spec.mods.alibi = AlibiMode::kSymmetric;
+  spec.mods.bias = bias.view;
+  OwnedTensor out = OwnedTensor::zeros(t, {1, 1, nq, 8});
+  OwnedTensor lse = OwnedTensor::zeros(DType::kF32, {1, 1, nq});
+  OwnedTensor ref = OwnedTensor::zeros(DType::kF64, {1, 1, nq, 8});
+  OwnedTensor ref_lse = OwnedTensor::zeros(DType::kF32, {1, 1, nq});
+  OwnedTensor e = OwnedTensor::zeros(DType::kF32, {1, 1, nq});
+  OwnedTensor ref_e = OwnedTensor::zeros(DType::kF32, {1, 1, nq});
+  AttentionStats st, ref_st;
+  st.entropy = e.view;
+  ref_st.entropy = ref_e.view;
+  ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out.view, lse.view, st).ok());
+  ASSERT_TRUE(reference_forward(q.view, k.view, v.view, spec, ref.view, ref_lse.view, ref_st).ok());
+  const std::vector<double> o = out.to_doubles(), r = ref.to_doubles();
+  for (int64_t i = 0; i < nq; ++i) {
+    std::vector<double> oi(o.begin() + i * 8, o.begin() + i * 8 + 8),
+        ri(r.begin() + i * 8, r.begin() + i * 8 + 8);
+    EXPECT_LE(rel_error(oi, ri), f32 ? 1e-5 : 1e-2) << "row " << i;
+    EXPECT_NEAR(e.to_doubles()[i], ref_e.to_doubles()[i], f32 ? 1e-4 : 1e-2)
+        << "entropy, row " << i;
+  }
+  EXPECT_NEAR(ref_e.to_doubles()[0], std::log(static_cast<double>(nk)), 1e-6);  // even weights
+  // Without statistics (bf16: the softmax step on AVX-512 vectors, whose s log2 e - m log2 e was
+  // -inf - -inf on such rows: NaN output, LSE +inf): the same output and LSE.
+  OwnedTensor out2 = OwnedTensor::zeros(t, {1, 1, nq, 8});
+  ASSERT_TRUE(attention_forward(q.view, k.view, v.view, spec, out2.view, lse.view).ok());
+  EXPECT_LE(rel_error(out2.to_doubles(), r), f32 ? 1e-5 : 1e-2);
+  for (int64_t i = 0; i < nq; ++i)
+    EXPECT_NEAR(lse.to_doubles()[i], ref_lse.to_doubles()[i],
+                1e-3 * std::abs(ref_lse.to_doubles()[i]));
+  // The backward: never NaN or inf (row 0's gradients are those of exp(S - LSE) with LSE = m,
+  // which fp32 holds without log l: its upstream gradient is 0 here, as a padding row's).
+  std::vector<double> gv = random_tensor(DType::kF32, {1, 1, nq, 8}, 1.0, 5).to_doubles();
+  std::fill(gv.begin(), gv.begin() + 8, 0.0);
+  const OwnedTensor go = OwnedTensor::from_doubles(gv, t, {1, 1, nq, 8});
+  OwnedTensor dq = zeros_like(q, DType::kF32), dk = zeros_like(k, DType::kF32),
+              dv = zeros_like(v, DType::kF32), db = zeros_like(bias, DType::kF32);
+  AttentionGrads g{dq.view, dk.view, dv.view};
+  g.dbias = db.view;
+  ASSERT_TRUE(
+      attention_backward(q.view, k.view, v.view, out.view, lse.view, go.view, spec, g).ok());
+  OwnedTensor rq = zeros_like(q, DType::kF64), rk = zeros_like(k, DType::kF64),
+              rv = zeros_like(v, DType::kF64), rb = zeros_like(bias, DType::kF64);
+  AttentionGrads rg{rq.view, rk.view, rv.view};
+  rg.dbias = rb.view;
+  ASSERT_TRUE(reference_backward(q.view, k.view, v.view, go.view, spec, rg).ok());
+  for (const auto& [name, x, y] :
+       {std::tuple{"dq", &dq, &rq}, {"dk", &dk, &rk}, {"dv", &dv, &rv}, {"dbias", &db, &rb}}) {
+    for (double e : x->to_doubles()) ASSERT_TRUE(std::isfinite(e)) << name;
+    EXPECT_LE(rel_error(x->to_doubles(), y->to_doubles()), f32 ? 1e-4 : 3e-2) << name;
   }
 }
 

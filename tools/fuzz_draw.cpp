@@ -4,12 +4,14 @@
 // allows where that is known (grid masks only where seqlen_q = seqlen_kv, no segment ids under
 // varlen, ...), so that most cases run; the refusals left are counted, not failed.
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
 #include <numeric>
 #include <random>
 
 #include "attnkit/registry.h"
+#include "core/convert.h"
 #include "fuzz.h"
 
 namespace attnkit::tools {
@@ -113,6 +115,7 @@ class Drawer {
     }
     score_mods();
     normalizer();
+    if (masking_) masking_bias(inst.spec.mods.bias);
     gate();
     options();
   }
@@ -211,6 +214,34 @@ class Drawer {
       inst.spec.cu_seqlens_q = keep(OwnedTensor::from_ints(cu_q_, {n}));
       inst.spec.cu_seqlens_kv = keep(OwnedTensor::from_ints(cu_k_, {n}));
     }
+  }
+
+  // An additive mask in the bias: -inf or the dtype's lowest value on a random part of its
+  // elements, and on whole rows now and then (rows with no key: 0 out, -inf LSE; never NaN,
+  // DESIGN.md). Side draws. A row of nothing but fp32's or bf16's lowest value is a row of
+  // finite scores in the oracle (even weights) but beyond fp32's range in the exponent of CUDA's
+  // kernels and in the normalized kernel's p log f(s) (masked there; design.md): the lowest
+  // value is drawn for the softmax family on the CPU, and fp16's (an ordinary score) anywhere.
+  void masking_bias(const TensorView& b) {
+    const bool lowest_ok = b.dtype == DType::kF16 ||
+                           (!cuda_ && c_.inst.spec.normalizer.kind != NormalizerKind::kKernel);
+    const bool inf = side_dice_.chance(0.5) || !lowest_ok;
+    const double lowest = b.dtype == DType::kBF16  ? -0x1.fep127
+                          : b.dtype == DType::kF16 ? -65504.0
+                                                   : -static_cast<double>(FLT_MAX);
+    const double value = inf ? -INFINITY : lowest;
+    const double share = side_dice_.real(0.1, 0.9);
+    const int64_t rows = b.shape[0] * b.shape[1] * b.shape[2], cols = b.shape[3];
+    int64_t whole = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool all = side_dice_.chance(0.05);
+      whole += all;
+      for (int64_t c = 0; c < cols; ++c)
+        if (all || side_dice_.chance(share))
+          core::store_from_double(b.data, b.dtype, r * cols + c, value);
+    }
+    say(std::string("masked(") + (inf ? "-inf" : "lowest") + "," + num(share) + "," +
+        std::to_string(whole) + " rows)");
   }
 
   // Segment ids 0.. in docs runs of random lengths (some empty).
@@ -386,6 +417,7 @@ class Drawer {
         const DType t = dice_.chance(0.7) ? DType::kF32 : inst.dtype;
         m.bias = keep(random(t, {bb, bh, d.nq, d.nk}, dice_.real(0.1, 3)));
         say("bias([" + std::to_string(bb) + "," + std::to_string(bh) + "]," + dtype_name(t) + ")");
+        masking_ = side_dice_.chance(0.25);  // applied once the normalizer is drawn
       } else if (kind == "low_rank") {
         const int64_t r = dice_.integer(1, 4);
         m.low_rank_u = keep(random(DType::kF32, {d.batch, d.hq, d.nq, r}, 1.0));
@@ -491,6 +523,7 @@ class Drawer {
   bool varlen_ = false;
   std::vector<int32_t> cu_q_, cu_k_;
   int64_t rows_q_ = 0, rows_k_ = 0;  // varlen: the packed tensors' rows
+  bool masking_ = false;             // an additive mask in the bias (masking_bias)
 };
 
 }  // namespace

@@ -89,6 +89,8 @@ double score_error(const core::Problem& p, const reference::HeadForward& f, int6
     dot_abs += std::abs(f.Q[i * p.d + c] * f.K[j * p.d + c]);
   }
   const int64_t x = i * f.nk + j;
+  // A score of -inf (an additive mask) is -inf on every backend: its P is exactly 0.
+  if (f.T[x] == -INFINITY) return 0;
   const double terms = std::abs(p.scale64) * dot_abs + std::abs(f.T[x] - p.scale64 * dot);
   return kF32Unit * (4 * std::sqrt(static_cast<double>(p.d)) + 4) *
              (std::abs(f.mods.cap_grad(f.T[x])) * terms + std::abs(f.S[x])) +
@@ -120,7 +122,7 @@ Floors floors(const core::Problem& p, const reference::HeadForward& f, double to
     const double ls = f.length_scale[i];
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t x = i * nk + j;
-      if (!f.A[x]) continue;
+      if (!f.A[x] || f.T[x] == -INFINITY) continue;  // (an additive mask's -inf: P = 0 exactly)
       const double ds = score_error(p, f, i, j, softcap_rel) * (kernel ? ls : 1.0);
       const double s1 = kernel ? f.S[x] * ls : f.S[x];
       if (kink && std::abs(s1) < ds && (rela || std::isfinite(f.lse[i]))) fl.at_kink[x] = 1 / tol;
@@ -271,7 +273,7 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
         double* qrow = row_of(ops.dq, b, h, s.q_start + i);
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t x = i * nk + j;
-          if (!f.A[x]) continue;
+          if (!f.A[x] || f.T[x] == -INFINITY) continue;  // an additive -inf: dS = 0 exactly
           double dS = 0;
           switch (norm.kind) {
             case NormalizerKind::kSoftmax:

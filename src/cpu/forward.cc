@@ -68,7 +68,9 @@ struct FwdCall {
   float* packed = nullptr;  // the calling thread's workspace (packed_workspace)
   int64_t unit_floats = 0, k_tile_floats = 0, v_tile_floats = 0, max_k_tiles = 0;
   int64_t unit_begin = 0;
-  std::vector<float> lse;  // [B][Hq][max_nq] when column mass is asked for
+  // [B][Hq][max_nq] when column mass is asked for: each row's running max m and 1 / l, so that
+  // P = exp(S - m) / l (exp(S - LSE) sums to l where m + log l rounds to m: scores near -FLT_MAX).
+  std::vector<float> lse, inv_l;
   int threads = 1;
 
   const core::BlockMask& mask(int64_t b, int64_t h) const { return masks.of(b, h); }
@@ -379,7 +381,10 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
         }
         p.entropy.at(b, h, row) = ent;
       }
-      if (!c.lse.empty()) c.lse[(b * p.hq + h) * p.max_nq + i] = stat;
+      if (!c.lse.empty()) {
+        c.lse[(b * p.hq + h) * p.max_nq + i] = l > 0.f ? w.m[r] : kNegInf;
+        c.inv_l[(b * p.hq + h) * p.max_nq + i] = l > 0.f ? 1.f / l : 0.f;
+      }
     } else if constexpr (kNorm == NormalizerKind::kReLA) {
       if (p.raw_output) {  // the backward's recompute wants O itself
         store_row_simd(o, p.dv, p.out.dtype, p.out.row(b, h, row));
@@ -405,7 +410,7 @@ void attend_tile(FwdCall& c, Scratch& w, int64_t b, int64_t h, int64_t t) {
   }
 }
 
-// Step 4: column mass of (b, kv group or head): P = exp(S - LSE) summed over query rows.
+// Step 4: column mass of (b, kv group or head): P = exp(S - m) / l summed over query rows.
 template <bool kMods>
 void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<double>& mass) {
   const core::Problem& p = *c.p;
@@ -422,9 +427,10 @@ void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<doubl
     const int64_t rows = qt.count;
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = qt.at(r);
-      w.m[r] =
-          (i >= p.col_q_begin && i < p.col_q_end) ? c.lse[(b * p.hq + h) * p.max_nq + i] : kNegInf;
+      const int64_t i = qt.at(r), x = (b * p.hq + h) * p.max_nq + i;
+      const bool in = i >= p.col_q_begin && i < p.col_q_end;
+      w.m[r] = in ? c.lse[x] : kNegInf;
+      w.l[r] = in ? c.inv_l[x] : 0.f;
       any = any || w.m[r] != kNegInf;
     }
     if (!any) continue;
@@ -438,10 +444,11 @@ void column_mass(FwdCall& c, Scratch& w, int64_t b, int64_t h, std::vector<doubl
       for (int64_t r = 0; r < rows; ++r) {
         const float* sr = S + r * kTile;
         if (w.m[r] == kNegInf) continue;
-        const VF lse = hn::Set(d, w.m[r]);
+        const VF m = hn::Set(d, w.m[r]), inv_l = hn::Set(d, w.l[r]);
         for (size_t x = 0; x < kTile; x += N)
-          hn::Store(hn::Add(hn::Load(d, cs + x), hn::Exp(d, hn::Sub(hn::LoadU(d, sr + x), lse))), d,
-                    cs + x);
+          hn::Store(
+              hn::MulAdd(hn::Exp(d, hn::Sub(hn::LoadU(d, sr + x), m)), inv_l, hn::Load(d, cs + x)),
+              d, cs + x);
       }
       for (int64_t x = 0; x < kt.count; ++x) mass[kt.at(x)] += cs[x];
     }
@@ -513,7 +520,10 @@ Status ForwardImpl(const core::Problem& p) {
   c.k_tile_floats = c.d_eff * kTile;
   c.v_tile_floats = kTile * c.dv_pad;
   c.unit_floats = c.max_k_tiles * (c.k_tile_floats + c.v_tile_floats);
-  if (p.col_mass.defined()) c.lse.assign(p.batch * p.hq * p.max_nq, kNegInf);
+  if (p.col_mass.defined()) {
+    c.lse.assign(p.batch * p.hq * p.max_nq, kNegInf);
+    c.inv_l.assign(p.batch * p.hq * p.max_nq, 0.f);
+  }
 
   std::vector<std::unique_ptr<Scratch>> scratch;
   for (int i = 0; i < c.threads; ++i) scratch.push_back(std::make_unique<Scratch>(c));

@@ -146,9 +146,9 @@ HWY_INLINE bool vector_additive(float* HWY_RESTRICT sr, const ScoreModEval<float
 }
 
 // The S tile after Q' K'^T, in order: score mods (general path), an optional per-row factor
-// (the kernel normalizer's length scale; 0 gives 0), then the element mask of a partial tile and
-// the padding columns of a short key tile (-inf; not with !mask_bits, where the normalizer's step
-// applies them). Rows whose skip[r] is -inf are left alone.
+// (the kernel normalizer's length scale; 0 gives 0, a -inf score stays -inf), then the element mask
+// of a partial tile and the padding columns of a short key tile (-inf; not with !mask_bits, where
+// the normalizer's step applies them). Rows whose skip[r] is -inf are left alone.
 template <bool kMods>
 void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const TileTokens& qt,
                 const TileTokens& kt, const core::BlockMask& bm, const core::BlockEntry& ent,
@@ -173,7 +173,7 @@ void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const
     }
     if (prescale) {
       const float f = prescale[r];
-      for (int64_t x = 0; x < kTile; ++x) sr[x] = f == 0.f ? 0.f : sr[x] * f;
+      for (int64_t x = 0; x < kTile; ++x) sr[x] = f == 0.f && sr[x] > kNegInf ? 0.f : sr[x] * f;
     }
     if (!mask_bits) continue;
     if (ent.cls == TileClass::kPartial)

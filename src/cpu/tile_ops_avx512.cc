@@ -212,8 +212,9 @@ void softmax_step_bf16(const float* S, size_t rows, SoftmaxRows st, TileMask mas
     const __m512 alpha = _mm512_mask_blend_ps(
         same, exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(m_old, m_use), log2e)),
         _mm512_set1_ps(1.f));
-    alignas(64) float mlog[16];
+    alignas(64) float mlog[16], mu[16];
     _mm512_store_ps(mlog, _mm512_mul_ps(m_use, log2e));
+    _mm512_store_ps(mu, m_use);
     __m512 sums[16], rsums[16];
     for (int L = 0; L < 16; ++L) {
       if (static_cast<size_t>(L) >= n) {
@@ -223,8 +224,18 @@ void softmax_step_bf16(const float* S, size_t rows, SoftmaxRows st, TileMask mas
       uint16_t* pr = P + (r0 + L) * 64;
       const __m512 ml = _mm512_set1_ps(mlog[L]);
       __m512 p[4];
-      for (int q = 0; q < 4; ++q)
-        p[q] = exp2_nonpositive(_mm512_fmsub_ps(masked_scores(S, mask, r0 + L, q), log2e, ml));
+      // s log2 e - m log2 e in one FMA; a row whose maximum is below -FLT_MAX / log2 e (an
+      // additive mask of fp32's lowest value on every key) takes (s - m) log2 e, as -inf - -inf
+      // would be NaN.
+      if (mlog[L] > -__builtin_inff()) {
+        for (int q = 0; q < 4; ++q)
+          p[q] = exp2_nonpositive(_mm512_fmsub_ps(masked_scores(S, mask, r0 + L, q), log2e, ml));
+      } else {
+        const __m512 m = _mm512_set1_ps(mu[L]);
+        for (int q = 0; q < 4; ++q)
+          p[q] = exp2_nonpositive(
+              _mm512_mul_ps(_mm512_sub_ps(masked_scores(S, mask, r0 + L, q), m), log2e));
+      }
       sums[kSlot[L]] = _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3]));
       const __m512bh lo = _mm512_cvtne2ps_pbh(p[1], p[0]), hi = _mm512_cvtne2ps_pbh(p[3], p[2]);
       _mm512_storeu_si512(pr, (__m512i)lo);

@@ -463,7 +463,9 @@ __global__ void __launch_bounds__(384, 1)
                          [&](float& x, int, int) { x = cap * fast_tanh(x * inv_cap); });
         if (prescale)
           each_score<kN>(s, n0, col0,
-                         [&](float& x, int r, int) { x = lscale[r] == 0.f ? 0.f : x * lscale[r]; });
+                         [&](float& x, int r, int) {
+                           x = lscale[r] == 0.f && x > -INFINITY ? 0.f : x * lscale[r];
+                         });
 #pragma unroll
         for (int c = 0; c < kN / 8; ++c)
 #pragma unroll

@@ -89,8 +89,10 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
         for (int64_t j = 0; j < nk; ++j)
           if (Ai[j] && Si[j] > -kInf) l += std::exp(Si[j] - m);
         f.lse[i] = l > 0 ? m + std::log(l) : -kInf;
+        // Divided by the sum, not exp(S - LSE): at scores near -FLT_MAX (an additive mask of the
+        // lowest value) m + log l rounds to m and the weights of a row would sum to l.
         for (int64_t j = 0; j < nk; ++j)
-          if (Ai[j] && l > 0 && Si[j] > -kInf) Pi[j] = std::exp(Si[j] - f.lse[i]);
+          if (Ai[j] && l > 0 && Si[j] > -kInf) Pi[j] = std::exp(Si[j] - m) / l;
         break;
       }
       case NormalizerKind::kSigmoid:
@@ -106,15 +108,16 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
         for (int64_t j = 0; j < nk; ++j)
           if (Ai[j]) {
             f.W[i * nk + j] =
-                norm.power * log_kernel_feature<double>(ls == 0 ? 0.0 : Si[j] * ls, norm.feature);
+                norm.power * log_kernel_feature<double>(ls == 0 && Si[j] > -kInf ? 0.0 : Si[j] * ls,
+                                                        norm.feature);
             m = std::max(m, f.W[i * nk + j]);
           }
         for (int64_t j = 0; j < nk; ++j)
           if (Ai[j] && f.W[i * nk + j] > -kInf) l += std::exp(f.W[i * nk + j] - m);
         f.lse[i] = l > 0 ? m + std::log(l) : -kInf;
         for (int64_t j = 0; j < nk; ++j)
-          Pi[j] = Ai[j] && l > 0 && f.W[i * nk + j] > -kInf ? std::exp(f.W[i * nk + j] - f.lse[i])
-                                                            : 0.0;
+          Pi[j] =
+              Ai[j] && l > 0 && f.W[i * nk + j] > -kInf ? std::exp(f.W[i * nk + j] - m) / l : 0.0;
         break;
       }
       case NormalizerKind::kReLA:
@@ -178,17 +181,25 @@ void write_head(const core::Problem& p, const HeadForward& f, int64_t b, int64_t
       p.row_stat.at(b, h, row) = static_cast<float>(stat);
     }
     if (!p.softmax_family()) continue;
-    double rmax = -kInf, ps = 0;
-    for (int64_t j = 0; j < f.nk; ++j) {
-      const int64_t x = i * f.nk + j;
-      if (!f.A[x]) continue;
-      rmax = std::max(rmax, f.S[x]);
-      if (f.P[x] > 0) ps += f.P[x] * f.S[x];
-    }
+    double rmax = -kInf;
+    for (int64_t j = 0; j < f.nk; ++j)
+      if (f.A[i * f.nk + j]) rmax = std::max(rmax, f.S[i * f.nk + j]);
+    // -sum P log P = log l + sum_j P_j (m - S_j) (+ the sink's), with m the row's largest score
+    // (the sink's too) and l = sum exp(S - m): not LSE - sum P S, which cancels to nothing at
+    // scores near -FLT_MAX.
     double ent = 0;  // a row with nothing to attend has entropy 0
     if (std::isfinite(f.lse[i])) {
-      ent = f.lse[i] - ps;
-      if (std::isfinite(f.sink)) ent -= std::exp(f.sink - f.lse[i]) * f.sink;
+      const double m = std::max(rmax, f.sink);
+      double l = std::isfinite(f.sink) ? std::exp(f.sink - m) : 0.0, spread = 0;
+      for (int64_t j = 0; j < f.nk; ++j) {
+        const int64_t x = i * f.nk + j;
+        if (f.P[x] > 0) {
+          l += std::exp(f.S[x] - m);
+          spread += f.P[x] * (m - f.S[x]);
+        }
+      }
+      if (std::isfinite(f.sink)) spread += std::exp(f.sink - m) / l * (m - f.sink);
+      ent = std::log(l) + spread;
     }
     if (p.row_max.defined()) p.row_max.at(b, h, row) = static_cast<float>(rmax);
     if (p.entropy.defined()) p.entropy.at(b, h, row) = static_cast<float>(ent);
