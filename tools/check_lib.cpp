@@ -220,18 +220,23 @@ CheckResult check_forward(Instance& inst, const CheckOptions& opt) {
     if (!cuda) r.not_covered = false;  // the CPU runs every mechanism: a refusal is a failure
     return r;
   }
-  // Packed rows past the last sequence are padding, which the forward leaves as it found it
-  // (as FlashAttention does): zero here, as in the oracle's buffers.
-  if (inst.spec.cu_seqlens_q.defined()) {
+  // Packed rows past the last sequence are padding, whose output the forward need not write
+  // (as FlashAttention): zeroed on both sides once they ran.
+  auto unpad = [&](Outputs& o) {
+    if (!inst.spec.cu_seqlens_q.defined()) return;
     const TensorView& cu = inst.spec.cu_seqlens_q;
     const int64_t rows = static_cast<const int32_t*>(cu.data)[(cu.shape[0] - 1) * cu.strides[0]];
-    core::zero_rows_from(fast.out.view, 0, rows);
-    for (OwnedTensor* t : {&fast.row_stat, &fast.row_max, &fast.entropy})
+    core::zero_rows_from(o.out.view, 0, rows);
+    for (OwnedTensor* t : {&o.row_stat, &o.row_max, &o.entropy})
       core::zero_rows_from(t->view, 1, rows);
-  }
+  };
+  unpad(fast);
   ref.out = zeros_like(fast.out, DType::kF64);
+  for (OwnedTensor* t : {&ref.out, &ref.row_stat, &ref.row_max, &ref.entropy, &ref.col_mass})
+    poison(*t);  // the oracle writes every element too
   s = reference_forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, ref.out.view,
                         ref.row_stat.view, stats_of(ref));
+  unpad(ref);
   if (!s.ok()) {
     r.error = "reference: " + s.message();
     return r;
@@ -611,8 +616,9 @@ std::vector<RangeCase> range_cases(DType dtype, int64_t n, int64_t d) {
                              {"kernel_softplus4_-30", KernelFeature::kSoftplus, 4.f, -30.f, 2.f},
                              {"kernel_relu8_1e5", KernelFeature::kReLU, 8.f, 1e5f, 1e3f},
                              {"kernel_relu2_scaled", KernelFeature::kReLU, 2.f, -2.5f, 1.f, true}};
-  // and four with a negative scale (a valid one: s = scale q . k).
-  std::vector<RangeCase> cases(std::size(kernels) + 6);  // in place: specs point into extras
+  // four with a negative scale (a valid one: s = scale q . k), and the length-scaled kernel
+  // under a one-key window (scale 0) with an additive -inf on every third diagonal.
+  std::vector<RangeCase> cases(std::size(kernels) + 7);  // in place: specs point into extras
   const std::vector<int64_t> shape = {1, 2, n, d};
   // A tensor of `spread` N(0, 1) + shift, in the spec's extras under `name`.
   auto extra = [](Instance& inst, const char* name, DType t, std::vector<int64_t> sh, float shift,
@@ -665,11 +671,21 @@ std::vector<RangeCase> range_cases(DType dtype, int64_t n, int64_t d) {
       rc.name = "sigmoid_scale-0.3";
       spec.scale = -0.3f;
       spec.normalizer.kind = NormalizerKind::kSigmoid;
-    } else {
+    } else if (c == std::size(kernels) + 5) {
       rc.name = "kernel_softplus_softcap_scale-1";
       spec.scale = -1.f;
       spec.mods.softcap = 5.f;
       spec.normalizer.kind = NormalizerKind::kKernel;
+    } else {
+      rc.name = "kernel_length_scale0_masked_diagonal";
+      rc.empty_rows = true;  // the last row: alone in its chunk (scale 0), its key at -inf
+      spec.mask = Mask::chunked(n - 1);
+      spec.normalizer.kind = NormalizerKind::kKernel;
+      spec.normalizer.length_scale = true;
+      spec.mods.bias = extra(inst, "bias", DType::kF32, {1, 1, n, n}, 0.f, 1.f, 48);
+      float* b = static_cast<float*>(spec.mods.bias.data);
+      for (int64_t i = 0; i < n; i += 3) b[i * n + i] = -INFINITY;
+      b[n * n - 1] = -INFINITY;
     }
   }
   return cases;

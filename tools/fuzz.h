@@ -35,8 +35,8 @@ FuzzCase draw_case(uint64_t seed, Device device);
 // --invalid: the case of a seed with one thing broken, chosen from the seed (a view's shape,
 // ndim, stride, pointer, dtype or device, of an input, output, gradient or the spec's tensors; a
 // scale, softcap, beta, kernel power, ReLA eps or bucket count out of range; an enum past its
-// values; cu_seqlens out of order; a mask node's kind, child, side, grid or segment index),
-// through can_run, the backend and the oracle, forward then backward. It fails where a refusal
+// values; cu_seqlens out of order; a mask node's kind, child, side, grid dims, segment, globals
+// or map index), through can_run, the backend and the oracle, forward then backward. It fails where a refusal
 // names no rule, can_run and the call disagree, the backend accepts what the oracle refuses by a
 // rule or what a rule forbids outright, or where both accept and their results differ (out, dq,
 // dk, dv within 10x the tolerance). A crash or a hang fails as ever.

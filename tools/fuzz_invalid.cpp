@@ -374,9 +374,11 @@ Change spec_change(const Call& call, std::mt19937_64& rng) {
     }
     default: {  // a mask node
       const int node = at(0, static_cast<int>(s.mask.nodes.size()) - 1);
-      const int which = at(0, 7);
-      const char* names[] = {"kind = 99", "child0 = itself", "child0 = 1000", "a = -5",
-                             "ndim = 4",  "shape[0] = 0",    "seg_q = 9",     "nodes cleared"};
+      const int which = at(0, 9);
+      const char* names[] = {"kind = 99", "child0 = itself", "child0 = 1000",
+                             "a = -5",    "ndim = 4",        "shape[0] = 0",
+                             "seg_q = 9", "nodes cleared",   "globals_begin = 1000",
+                             "map = 7"};
       const MaskNode& n = s.mask.nodes[node];
       const bool tree =
           n.kind == MaskKind::kAnd || n.kind == MaskKind::kOr || n.kind == MaskKind::kNot;
@@ -384,7 +386,16 @@ Change spec_change(const Call& call, std::mt19937_64& rng) {
       const bool windowed = n.kind == MaskKind::kSlidingWindow || n.kind == MaskKind::kChunked ||
                             n.kind == MaskKind::kPrefixLM || n.kind == MaskKind::kGlobalWindow;
       const bool seg = n.kind == MaskKind::kDocument || n.kind == MaskKind::kBlockAttention;
-      const bool must[] = {true, tree, tree, windowed, grid, grid, seg, true};
+      const bool must[] = {true,
+                           tree,
+                           tree,
+                           windowed,
+                           grid,
+                           grid,
+                           seg,
+                           true,
+                           n.kind == MaskKind::kGlobalWindow && n.globals_count > 0,
+                           n.kind == MaskKind::kBlockMap};
       return {"mask.nodes[" + std::to_string(node) + "]." + names[which], must[which],
               [node, which](Call& c) {
                 if (which == 7) {
@@ -411,8 +422,14 @@ Change spec_change(const Call& call, std::mt19937_64& rng) {
                   case 5:
                     m.shape[0] = 0;
                     break;
-                  default:
+                  case 6:
                     m.seg_q = 9;
+                    break;
+                  case 8:
+                    m.globals_begin = 1000;
+                    break;
+                  default:
+                    m.map = 7;
                 }
               }};
     }

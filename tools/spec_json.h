@@ -173,7 +173,9 @@ BesideOracle run_beside_oracle(const OwnedTensor& q, const OwnedTensor& k, const
 // beta 40 and an elementwise gate near 40 (1 - P and 1 - sigmoid(G) are 0 in fp32 past ~17 and
 // in fp64 past ~37: the gradients through them came out 0); a per-head gate near 40 on softmax;
 // negative scales (valid: s = scale q . k) on softmax, with ALiBi, sigmoid and the softplus
-// kernel with a softcap (CUDA's fast forward takes scale > 0; its fast backward any sign).
+// kernel with a softcap (CUDA's fast forward takes scale > 0; its fast backward any sign); the
+// length-scaled kernel in chunks of n - 1 (the last row alone: scale log 1 = 0) with -inf on
+// every third diagonal and the last (-inf * 0 is NaN: a -inf score must stay -inf).
 struct RangeCase {
   std::string name;
   Instance inst;

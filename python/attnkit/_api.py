@@ -60,7 +60,8 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     """Attention over ``q [B, Hq, Nq, d]``, ``k [B, Hk, Nk, d]``, ``v [B, Hk, Nk, dv]``.
 
     ``layout="bnhd"`` takes ``[B, N, H, d]`` (FlashAttention's order); with ``cu_seqlens_q`` /
-    ``cu_seqlens_kv`` (int32 ``[B + 1]``) the inputs are packed ``[total, H, d]``.
+    ``cu_seqlens_kv`` (int32 ``[B + 1]``) the inputs are packed ``[total, H, d]``; rows past
+    the last sequence are padding: their output (and LSE) is left unset, their gradients are 0.
 
     Args:
         causal: a causal mask (bottom-right aligned unless ``alignment="top_left"``).

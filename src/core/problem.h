@@ -99,6 +99,15 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
 // Writes those zeros in host memory (the CPU backward and the oracle; CUDA's backward has its
 // own); nothing without varlen.
 void zero_padding_grads(const Problem& p, const AttentionGrads& grads);
+// The gradients with such rows: each view, the dim its rows run along (0 for [total, H, D] and
+// an elementwise dgate; 1 for a per-head dgate [Hq, total_q]) and its first padding row (every
+// backend zeroes the same; empty without varlen; a view may have no row past `from`).
+struct PaddingTail {
+  const TensorView* grad;
+  int dim;
+  int64_t from;
+};
+std::vector<PaddingTail> padding_tails(const Problem& p, const AttentionGrads& grads);
 // Zeros every element of a host tensor whose index along `dim` is `from` or more.
 void zero_rows_from(const TensorView& t, int dim, int64_t from);
 

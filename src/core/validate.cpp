@@ -273,6 +273,13 @@ Status check_mask(const AttentionSpec& spec, const Problem& p) {
           return fail(StatusCode::kInvalidArgument, kind, " window (left, right) = (", n.a, ", ",
                       n.b, "): a side above Mask::kUnboundedWindow (INT64_MAX / 4) overflows; ",
                       "Mask::", kind, "() stores larger sides (unbounded) as it");
+        if (n.kind == MaskKind::kGlobalWindow &&
+            (n.globals_begin < 0 || n.globals_count < 0 ||
+             int64_t{n.globals_begin} + n.globals_count > static_cast<int64_t>(m.globals.size())))
+          return fail(StatusCode::kInvalidArgument, "global_window mask node ", id,
+                      " has global tokens [", n.globals_begin, ", ",
+                      int64_t{n.globals_begin} + n.globals_count, ") of Mask::globals, which has ",
+                      m.globals.size());
         if (n.kind == MaskKind::kGlobalWindow)
           for (int32_t g = 0; g < n.globals_count; ++g)
             if (m.globals[n.globals_begin + g] < 0 || m.globals[n.globals_begin + g] >= p.max_nk)
@@ -816,15 +823,20 @@ void zero_rows_from(const TensorView& t, int dim, int64_t from) {
   }
 }
 
-void zero_padding_grads(const Problem& p, const AttentionGrads& grads) {
-  if (!p.varlen) return;
+std::vector<PaddingTail> padding_tails(const Problem& p, const AttentionGrads& grads) {
+  if (!p.varlen) return {};
   const Sequence& last = p.seqs.back();
   const int64_t rows_q = last.q_start + last.nq, rows_k = last.k_start + last.nk;
-  zero_rows_from(grads.dq, 0, rows_q);
-  zero_rows_from(grads.dk, 0, rows_k);
-  zero_rows_from(grads.dv, 0, rows_k);
+  std::vector<PaddingTail> tails = {
+      {&grads.dq, 0, rows_q}, {&grads.dk, 0, rows_k}, {&grads.dv, 0, rows_k}};
   // dgate: elementwise like out ([total, H, dv]); per head [Hq, total_q].
-  zero_rows_from(grads.dgate, p.spec->gate_kind == GateKind::kPerHead ? 1 : 0, rows_q);
+  if (grads.dgate.defined())
+    tails.push_back({&grads.dgate, p.spec->gate_kind == GateKind::kPerHead ? 1 : 0, rows_q});
+  return tails;
+}
+
+void zero_padding_grads(const Problem& p, const AttentionGrads& grads) {
+  for (const PaddingTail& t : padding_tails(p, grads)) zero_rows_from(*t.grad, t.dim, t.from);
 }
 
 Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k,

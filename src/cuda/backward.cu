@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
-#include <tuple>
 
 #include "cuda/backward.h"
 #include "cuda/bwd_kernel.cuh"
@@ -558,30 +557,24 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (bad)
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
-  if (dry_run) return {};  // can_run_backward: every rule checked, nothing launched
-  if (!tensor_maps_available()) return no_tensor_maps();
+  // can_run_backward: every rule checked, nothing launched (without a driver,
+  // CI, the tensor maps are left to the call; a driver without the encoder refuses here too)
+  if (!tensor_maps_available() && (!dry_run || driver_present())) return no_tensor_maps();
+  if (dry_run) return {};
   DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   // Packed rows past the last sequence (cu_seqlens may end before the tensors do) are in no
   // sequence: their gradients are zero, which the kernels (the sequences' rows only) leave
-  // unwritten. Rows are dim 0 ([total, H, D]; an elementwise dgate too), a per-head dgate's dim 1
-  // ([Hq, total_q]).
-  if (p.varlen) {
-    const bool per_head = spec.gate_kind == GateKind::kPerHead;
-    const std::tuple<const TensorView*, int64_t, int> tails[] = {
-        {&grads.dq, rows_q, 0},
-        {&grads.dk, extent.rows_k, 0},
-        {&grads.dv, extent.rows_k, 0},
-        {&grads.dgate, rows_q, per_head ? 1 : 0}};
-    for (const auto& [t, rows, dim] : tails) {
-      if (!t->defined() || t->ndim != (dim ? 2 : 3) || t->shape[dim] <= rows) continue;
-      TensorView tail = *t;  // its rows from `rows` on
-      tail.data = static_cast<char*>(t->data) + rows * t->strides[dim] * dtype_size(t->dtype);
-      tail.shape[dim] -= rows;
-      const cudaError_t e = fill_view(tail, nullptr, stream);
-      if (e != cudaSuccess)
-        return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
-    }
+  // unwritten (core::padding_tails: the rows every backend zeroes).
+  for (const core::PaddingTail& t : core::padding_tails(p, grads)) {
+    const TensorView& g = *t.grad;
+    if (g.shape[t.dim] <= t.from) continue;
+    TensorView tail = g;  // its rows from t.from on
+    tail.data = static_cast<char*>(g.data) + t.from * g.strides[t.dim] * dtype_size(g.dtype);
+    tail.shape[t.dim] -= t.from;
+    const cudaError_t e = fill_view(tail, nullptr, stream);
+    if (e != cudaSuccess)
+      return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
   }
   if (f.fast_bias) {
     maps.qkv.bias = bias_map.bias;

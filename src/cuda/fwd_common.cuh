@@ -69,11 +69,6 @@ __device__ __forceinline__ void softcap_raw(float (&s)[kRegs], float cap, float 
 // normalizers.h's weights in float on the special-function unit, without calls: a call (or a
 // division's slow path) in the consumer loop makes ptxas spill the accumulators around it. Same
 // definitions; float accuracy (2-3 ulp) where the shared policies use the libm functions.
-__device__ __forceinline__ float fast_sigmoid(float x) {
-  const float e = __expf(-fabsf(x));
-  const float r = __fdividef(1.f, 1.f + e);
-  return x >= 0.f ? r : e * r;
-}
 // sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x) from one exponential: the second without the
 // cancellation of 1 - sigmoid(x) (0 in fp32 past x ~ 17); sigmoid'(x) = *s * *sc.
 __device__ __forceinline__ void fast_sigmoid_pair(float x, float* s, float* sc) {
@@ -81,6 +76,11 @@ __device__ __forceinline__ void fast_sigmoid_pair(float x, float* s, float* sc) 
   const float r = __fdividef(1.f, 1.f + e);
   *s = x >= 0.f ? r : e * r;
   *sc = x >= 0.f ? e * r : r;
+}
+__device__ __forceinline__ float fast_sigmoid(float x) {
+  float s, sc;
+  fast_sigmoid_pair(x, &s, &sc);  // (sc unused: the compiler drops it)
+  return s;
 }
 // The normalized kernel's log weight p log f(s) (normalizers.h's log_kernel_feature; -inf where
 // f(s) = 0), and d log f / ds.

@@ -156,6 +156,11 @@ bool encode_swizzled(CUtensorMap* map, const core::RowOperand& r, int rank,
 
 bool tensor_maps_available() { return tensor_map_encoder() != nullptr; }
 
+bool driver_present() {
+  int v = 0;
+  return cudaDriverGetVersion(&v) == cudaSuccess && v > 0;
+}
+
 Status no_tensor_maps() {
   return fail(StatusCode::kNotImplemented, "the CUDA driver offers no tensor-map encoder ",
               "(cuTensorMapEncodeTiled): no driver here, or one older than CUDA 12");

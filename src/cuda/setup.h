@@ -58,6 +58,8 @@ const char* encode_maps(const core::Problem& p, TmaMaps* maps, int q_box, int k_
 // call refuses with no_tensor_maps() before it launches anything.
 bool tensor_maps_available();
 Status no_tensor_maps();
+// Whether a CUDA driver is installed (cudaDriverGetVersion gives 0 without one).
+bool driver_present();
 
 // A 2-D neighborhood (dilation 1, grid dims multiples of 8 x 16, self-attention over the whole
 // grid, no varlen) on the fast kernel's grid tiles: sets f's grid fields and makes q's, k's and

@@ -108,7 +108,7 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
         for (int64_t j = 0; j < nk; ++j)
           if (Ai[j]) {
             f.W[i * nk + j] =
-                norm.power * log_kernel_feature<double>(ls == 0 && Si[j] > -kInf ? 0.0 : Si[j] * ls,
+                norm.power * log_kernel_feature<double>(Si[j] == -kInf ? -kInf : Si[j] * ls,
                                                         norm.feature);
             m = std::max(m, f.W[i * nk + j]);
           }
