@@ -36,10 +36,11 @@ FuzzCase draw_case(uint64_t seed, Device device);
 // ndim, stride, pointer, dtype or device, of an input, output, gradient or the spec's tensors; a
 // scale, softcap, beta, kernel power, ReLA eps or bucket count out of range; an enum past its
 // values; cu_seqlens out of order; a mask node's kind, child, side, grid dims, segment, globals
-// or map index), through can_run, the backend and the oracle, forward then backward. It fails where a refusal
-// names no rule, can_run and the call disagree, the backend accepts what the oracle refuses by a
-// rule or what a rule forbids outright, or where both accept and their results differ (out, dq,
-// dk, dv within 10x the tolerance). A crash or a hang fails as ever.
+// or map index), through can_run, the backend and the oracle, forward then backward. It fails
+// where a refusal names no rule, can_run and the call disagree, the backend accepts what the
+// oracle refuses by a rule or what a rule forbids outright, or where both accept and their
+// results differ (out within 10x the tolerance; dq, dk, dv 4x beyond each element's magnitude).
+// A crash or a hang fails as ever.
 struct InvalidOutcome {
   bool failed = false, refused = false;
   std::string what, detail;  // the change; the verdict
