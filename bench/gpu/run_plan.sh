@@ -72,7 +72,10 @@
 #    softmax_scale-1: the backward's band instance; softmax_alibi_scale-0.7: its tabled ALiBi;
 #    sigmoid and kernel: the general flavor; fuzz draws them too); without a driver the dry
 #    run checks the copy engine's rules (a call without one refuses by name before launching);
-#    outputs whose elements share memory refused (strides that nest).
+#    outputs whose elements share memory refused (strides that nest); an additive -inf under
+#    the normalized kernel's zero length scale stays -inf (fwd_kernel.cuh, bwd_kernel.cuh: was
+#    -inf * 0 = NaN; RangeCases' kernel_length_scale0_masked_diagonal); can_run refuses where a
+#    driver lacks the tensor-map encoder (driver_present); fast_sigmoid calls fast_sigmoid_pair.
 # 2b. First replay run 102's 7 fp16 sigmoid misses, judged since by the dS floor of magnitudes.cpp
 #    (for s in 1253 2740 2888 2935 3490 4315 4475; do ./build-gpu/attnkit fuzz --device cuda
 #    --seed $s --cases 1; done), then seeds from 4695 on (--seed 4695 --seconds 240).
