@@ -122,7 +122,9 @@ Floors floors(const core::Problem& p, const reference::HeadForward& f, double to
     const double ls = f.length_scale[i];
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t x = i * nk + j;
-      if (!f.A[x] || f.T[x] == -INFINITY) continue;  // (an additive mask's -inf: P = 0 exactly)
+      // (a -inf score, from an additive -inf without a softcap: P = 0 exactly; with one the
+      // score is -c, a finite one)
+      if (!f.A[x] || f.S[x] == -INFINITY) continue;
       const double ds = score_error(p, f, i, j, softcap_rel) * (kernel ? ls : 1.0);
       const double s1 = kernel ? f.S[x] * ls : f.S[x];
       if (kink && std::abs(s1) < ds && (rela || std::isfinite(f.lse[i]))) fl.at_kink[x] = 1 / tol;
@@ -273,7 +275,7 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
         double* qrow = row_of(ops.dq, b, h, s.q_start + i);
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t x = i * nk + j;
-          if (!f.A[x] || f.T[x] == -INFINITY) continue;  // an additive -inf: dS = 0 exactly
+          if (!f.A[x] || f.S[x] == -INFINITY) continue;  // a -inf score: dS = 0 exactly
           double dS = 0;
           switch (norm.kind) {
             case NormalizerKind::kSoftmax:
