@@ -567,10 +567,11 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // sequence: their gradients are zero, which the kernels (the sequences' rows only) leave
   // unwritten (core::padding_tails: the rows every backend zeroes).
   for (const core::PaddingTail& t : core::padding_tails(p, grads)) {
-    const TensorView& g = *t.grad;
-    if (g.shape[t.dim] <= t.from) continue;
-    TensorView tail = g;  // its rows from t.from on
-    tail.data = static_cast<char*>(g.data) + t.from * g.strides[t.dim] * dtype_size(g.dtype);
+    const TensorView& grad = *t.grad;
+    if (grad.shape[t.dim] <= t.from) continue;
+    TensorView tail = grad;  // its rows from t.from on
+    tail.data =
+        static_cast<char*>(grad.data) + t.from * grad.strides[t.dim] * dtype_size(grad.dtype);
     tail.shape[t.dim] -= t.from;
     const cudaError_t e = fill_view(tail, nullptr, stream);
     if (e != cudaSuccess)
