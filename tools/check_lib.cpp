@@ -63,12 +63,6 @@ OwnedTensor to_bnhd(const OwnedTensor& t) {
   return o;
 }
 
-std::string num(double x) {
-  char b[32];
-  std::snprintf(b, sizeof b, "%.3g", x);
-  return b;
-}
-
 // sum x_i^2
 double dot(const std::vector<double>& x) {
   double n = 0;

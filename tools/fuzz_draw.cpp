@@ -52,12 +52,6 @@ std::string list(const std::vector<T>& x) {
   }
   return s;
 }
-std::string num(double x) {
-  char b[32];
-  std::snprintf(b, sizeof b, "%.3g", x);
-  return b;
-}
-
 std::vector<int64_t> divisors(int64_t n) {
   std::vector<int64_t> r;
   for (int64_t x = 1; x <= n; ++x)

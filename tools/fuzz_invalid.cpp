@@ -444,20 +444,6 @@ std::vector<double> values(const TensorView& t) {
   return w.to_doubles();
 }
 
-// ||x - y|| / ||y|| (absolute where y is 0); infinite for a NaN in x or different sizes.
-double rel_gap(const std::vector<double>& x, const std::vector<double>& y) {
-  if (x.size() != y.size()) return INFINITY;
-  double e = 0, n = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    if (std::isinf(y[i]) && x[i] == y[i]) continue;  // -inf LSE of rows with nothing
-    if (std::isnan(x[i]) != std::isnan(y[i])) return INFINITY;
-    if (std::isnan(y[i])) continue;
-    e += (x[i] - y[i]) * (x[i] - y[i]);
-    n += y[i] * y[i];
-  }
-  return n > 0 ? std::sqrt(e / n) : std::sqrt(e);
-}
-
 std::vector<int64_t> shape_of(const TensorView& t) {
   return std::vector<int64_t>(t.shape, t.shape + std::max(t.ndim, 0));
 }
@@ -467,12 +453,6 @@ double norm(const std::vector<double>& x) {
   for (double e : x)
     if (!std::isnan(e) && !std::isinf(e)) n += e * e;
   return std::sqrt(n);
-}
-
-std::string num(double x) {
-  char b[32];
-  std::snprintf(b, sizeof b, "%.3g", x);
-  return b;
 }
 
 // The change of a seed to a call (the same for every call of one case).
@@ -555,7 +535,7 @@ InvalidOutcome run_invalid_case(FuzzCase& c, uint64_t seed, Device device) {
     const Status ms = output_magnitude(o.q, o.k, o.v, o.spec, INFINITY, mag.view);
     const double ratio = norm(mag.to_doubles()) / std::max(norm(want), 1e-300);
     const double tol = 10 * tolerance_for(b.q.dtype) * std::max(1.0, ratio);
-    const double e = rel_gap(values(b.out), want);
+    const double e = rel_error(values(b.out), want);
     if (detail.empty() && ms.ok() && !(e <= tol))
       detail = "forward: out differs from the oracle's by " + num(e) + " > " + num(tol);
   }

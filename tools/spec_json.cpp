@@ -1,6 +1,7 @@
 #include "spec_json.h"
 
 #include <cmath>
+#include <cstdio>
 #include <random>
 
 #include "core/convert.h"
@@ -476,6 +477,12 @@ AttentionStats stats_views(Outputs& o) {
   s.entropy = o.entropy.view;
   s.col_mass = o.col_mass.view;
   return s;
+}
+
+std::string num(double x) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.3g", x);
+  return b;
 }
 
 double rel_error(const std::vector<double>& x, const std::vector<double>& ref) {

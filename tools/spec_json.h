@@ -75,6 +75,8 @@ AttentionStats stats_views(Outputs& o);
 // Relative Frobenius error ||x - ref|| / ||ref|| (ignoring entries where both are -inf).
 double rel_error(const std::vector<double>& x, const std::vector<double>& ref);
 double max_abs_error(const std::vector<double>& x, const std::vector<double>& ref);
+// x with 3 significant digits (the checks' and the fuzzer's messages).
+std::string num(double x);
 
 }  // namespace attnkit::tools
 
