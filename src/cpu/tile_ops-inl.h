@@ -173,7 +173,7 @@ void score_tile(float* S, const ScoreModEval<float>& mods, int64_t offset, const
     }
     if (prescale) {
       const float f = prescale[r];
-      for (int64_t x = 0; x < kTile; ++x) sr[x] = sr[x] == kNegInf ? kNegInf : sr[x] * f;
+      for (int64_t x = 0; x < kTile; ++x) sr[x] = length_scaled(sr[x], f);
     }
     if (!mask_bits) continue;
     if (ent.cls == TileClass::kPartial)

@@ -752,7 +752,7 @@ __global__ void __launch_bounds__(384, 1)
             const int x = c8 * 4 + e;
             const bool ok = allowed(c8, e);
             const float ls = (e & 1) ? ls2.y : ls2.x;
-            const float sx = !lscaled ? s[x] : s[x] == -INFINITY ? s[x] : s[x] * ls;
+            const float sx = !lscaled ? s[x] : length_scaled(s[x], ls);
             float pw, ds;
             rule(sx, dp[x], ok, (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x, pw, ds);
             if (lscaled) ds *= ls;

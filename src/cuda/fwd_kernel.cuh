@@ -464,7 +464,7 @@ __global__ void __launch_bounds__(384, 1)
         if (prescale)
           each_score<kN>(s, n0, col0,
                          [&](float& x, int r, int) {
-                           x = x == -INFINITY ? x : x * lscale[r];
+                           x = length_scaled(x, lscale[r]);
                          });
 #pragma unroll
         for (int c = 0; c < kN / 8; ++c)

@@ -107,8 +107,8 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
         double m = -kInf, l = 0;
         for (int64_t j = 0; j < nk; ++j)
           if (Ai[j]) {
-            f.W[i * nk + j] = norm.power * log_kernel_feature<double>(
-                                               Si[j] == -kInf ? -kInf : Si[j] * ls, norm.feature);
+            f.W[i * nk + j] =
+                norm.power * log_kernel_feature<double>(length_scaled(Si[j], ls), norm.feature);
             m = std::max(m, f.W[i * nk + j]);
           }
         for (int64_t j = 0; j < nk; ++j)

@@ -39,5 +39,11 @@ template <class T>
 ATTNKIT_HD T length_scale(int64_t allowed_keys) {
   return allowed_keys > 1 ? std::log(static_cast<T>(allowed_keys)) : T(0);
 }
+// A score times its row's length scale; a -inf score (masked, or an additive -inf) stays -inf
+// where the scale is 0 (-inf * 0 would be NaN).
+template <class T>
+ATTNKIT_HD T length_scaled(T s, T ls) {
+  return s == -INFINITY ? s : s * ls;
+}
 
 }  // namespace attnkit
