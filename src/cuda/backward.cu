@@ -457,6 +457,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (p.max_nq == 0 || p.max_nk == 0) return dry_run ? Status{} : zero_grads(p, grads);
   const AttentionSpec& spec = *p.spec;
   const Instance& inst = *find_instance(p.q.dtype, p.d, p.dv);
+  DeviceScope device(p.device_index);  // before the tensor maps: the encoder needs a context
   // Query tiles of 64 rows; key tiles of 128 (64 where a head dim is above 128: BwdShape::kSplit).
   constexpr int kM = BwdShape<128, 128, false>::kM;
   const bool split = BwdShape<256, 256, false>::kSplit && (p.d > 128 || p.dv > 128);
@@ -469,8 +470,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   const bool band = band_of(spec.mask, &left, &right);
   // As in the forward: the fast kernel under a band, or under any mask whose block table gives
   // every partial tile its bits.
-  // ALiBi alone (without its slopes' gradient) runs the tabled instance, which adds its term;
-  // the band instance stays without it (its registers are tight).
+  // ALiBi alone (without its slopes' gradient) adds its term in either fast instance: under a
+  // band without a table (one FMA a score), else under the block table.
   // A softcap, alone or after either, runs the tabled instance too (the cap's derivative from P).
   // ALiBi's term is added in raw dot-product units (slope / scale): a zero or tiny scale takes
   // the general flavor (kMinFastScale).
@@ -502,13 +503,13 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                     dbias_by_tma();
   const bool fast = (!f.has_mods || alibi || bias || fm.cap_only) && p.softmax_family() &&
                     (!capped || p.scale >= kMinFastScale) &&
-                    ((band && !alibi && !bias && !capped) || GeneralTables::covers(p, kM, kN));
+                    ((band && !bias && !capped) || GeneralTables::covers(p, kM, kN));
   if (fast && capped) set_fast_softcap(&f, spec.mods.softcap, p.scale);
   f.fast_alibi = fast && alibi;
   f.fast_bias = fast && bias;
   f.bias_raw = f.fast_bias ? 1.f / p.scale : 0.f;
   // The band instance needs no block table; every other flavor builds one.
-  const bool band_instance = fast && band && !alibi && !bias && !capped;
+  const bool band_instance = fast && band && !bias && !capped;
   if (!band_instance) {
     const Status fit = GeneralTables::fits(p, kN);
     if (!fit.ok()) return fit;
@@ -561,7 +562,6 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // CI, the tensor maps are left to the call; a driver without the encoder refuses here too)
   if (!tensor_maps_available() && (!dry_run || driver_present())) return no_tensor_maps();
   if (dry_run) return {};
-  DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   // Packed rows past the last sequence (cu_seqlens may end before the tensors do) are in no
   // sequence: their gradients are zero, which the kernels (the sequences' rows only) leave
@@ -577,6 +577,15 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     if (e != cudaSuccess)
       return fail(StatusCode::kInternal, "kernel launch failed: ", cudaGetErrorString(e));
   }
+  // dK and dV by the copy engine where they are 16-bit rows of q's dtype it can address, up to
+  // head dim 128, not packed (ATTNKIT_CUDA_TMA_DKDV=0: the threads' stores, for measurements).
+  const char* tk = std::getenv("ATTNKIT_CUDA_TMA_DKDV");
+  bp.tma_dkdv = !(tk && tk[0] == '0') && !p.varlen && p.d <= 128 && p.dv <= 128 &&
+                g.dk.dtype == p.q.dtype && g.dv.dtype == p.q.dtype && p.max_nk > 0 &&
+                encode_rows(&maps.dk, &maps.dk_hm, &maps.dk_bm, g.dk, p.d, p.max_nk, p.hk, batch,
+                            64) &&
+                encode_rows(&maps.dv, &maps.dv_hm, &maps.dv_bm, g.dv, p.dv, p.max_nk, p.hk, batch,
+                            64);
   if (f.fast_bias) {
     maps.qkv.bias = bias_map.bias;
     maps.qkv.bias_hm = bias_map.bias_hm;

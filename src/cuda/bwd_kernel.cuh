@@ -87,6 +87,9 @@ struct BwdParams {
   // The tabled fast flavor with fast_bias: dbias (16-bit, q's dtype, no broadcast dims) is stored
   // tile by tile through BwdMaps::dbias.
   bool dbias_tma = false;
+  // dK and dV in 16 bits by the copy engine (BwdMaps::dk, dv; not kSplit): each warpgroup stages
+  // its 64 keys' rows over K and V once the walk is done; else the threads store their pairs.
+  bool tma_dkdv = false;
   double* dslopes = nullptr;
   float* dtable = nullptr;
   int table_buckets = 0;  // the relative table's columns (T5: num_buckets; clipped: 2 clip + 1)
@@ -107,8 +110,8 @@ struct BwdParams {
 // keys x 64 queries and dbias the 16-bit dbias the same way (BwdParams::dbias_tma).
 struct BwdMaps {
   TmaMaps qkv;
-  CUtensorMap dout, dbias;
-  int o_hm = 1, o_bm = 1, dbias_hm = 0, dbias_bm = 0;
+  CUtensorMap dout, dbias, dk, dv;  // dk, dv: BwdParams::tma_dkdv (boxes of 64 rows)
+  int o_hm = 1, o_bm = 1, dbias_hm = 0, dbias_bm = 0, dk_hm = 0, dk_bm = 0, dv_hm = 0, dv_bm = 0;
 };
 
 inline constexpr int kMaxBwdBuckets = 256;  // relative buckets the CUDA backward differentiates
@@ -340,6 +343,19 @@ __global__ void __launch_bounds__(384, 1)
     if (hi < 0) qt_end = 0;
     else if (qt_end > 0) qt_end = static_cast<int>(imin(hi, nq - 1) / kM) + 1;
   }
+  // Untabled: the query tiles [qf_begin, qf_end) see the key tile whole (no key past nk, and
+  // every key in the band of all kM rows: MaskEval::band's kFull with whole tiles, so a short
+  // last tile may take the band's bits needlessly); the others take the band's bits. Found
+  // once a CTA, not classified each step.
+  int qf_begin = 0, qf_end = 0;
+  if constexpr (!tabled) {
+    if (n0 + kN <= nk) {
+      // The transposed band: the tiles are the query rows (qt kM + offset), left and right
+      // swapped.
+      MaskEval::band_full_tiles(n0, n0 + kN - 1, p.band_right, p.band_left, seq.offset, kM,
+                                qt_end, &qf_begin, &qf_end);
+    }
+  }
   auto entry_of = [&](int h, int qt) -> uint8_t {
     return p.tile_class[b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qt) * p.tc_nkt + kt];
   };
@@ -556,8 +572,8 @@ __global__ void __launch_bounds__(384, 1)
     } else if constexpr (kTabled) {
       tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
     }
-    // The tabled fast flavor with ALiBi (as the forward's): the term in raw dot-product units.
-    const float alibi_raw = !kGeneral && kTabled && p.fast_alibi ? alibi_slope_raw(p, h) : 0.f;
+    // The fast flavor with ALiBi (as the forward's): the term in raw dot-product units.
+    const float alibi_raw = !kGeneral && p.fast_alibi ? alibi_slope_raw(p, h) : 0.f;
     for (int qt = qt_begin; qt < qt_end; ++qt) {
       if (skip(h, qt)) continue;
       const int st = it % kStages, m0 = qt * kM;
@@ -576,11 +592,7 @@ __global__ void __launch_bounds__(384, 1)
       // col0 + e. Keys past nk are masked here; queries past nq have lse2 = +inf (weight 0).
       uint32_t allow = 0xffffffffu;
       bool masked = false;
-      if constexpr (!kGeneral && kTabled) {  // every partial tile has its bits (backward.cu)
-        const uint8_t entry = entry_of(h, qt);
-        masked = static_cast<TileClass>(entry) != TileClass::kFull;
-        if (masked)
-          allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, kw, warp, lane);
+      if constexpr (!kGeneral) {
         if (alibi_raw != 0.f) {  // s[c8 * 4 + e]: key key_r[e / 2], query m0 + c8 * 8 + col0 + e % 2
           const bool sym = p.alibi == AlibiMode::kSymmetric;
           const int base = m0 + col0 + static_cast<int>(seq.offset);
@@ -594,6 +606,12 @@ __global__ void __launch_bounds__(384, 1)
               s[c8 * 4 + e] = fmaf(-alibi_raw, sym ? fabsf(dist) : dist, s[c8 * 4 + e]);
             }
         }
+      }
+      if constexpr (!kGeneral && kTabled) {  // every partial tile has its bits (backward.cu)
+        const uint8_t entry = entry_of(h, qt);
+        masked = static_cast<TileClass>(entry) != TileClass::kFull;
+        if (masked)
+          allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, kw, warp, lane);
         if constexpr (kBias) {
           // bias^T from the stage's tile, 8 x 8 blocks transposed by ldmatrix into the
           // accumulator's layout: register m of group j is the pair s[c8 * 4 + 2 * r + (0, 1)]
@@ -619,10 +637,7 @@ __global__ void __launch_bounds__(384, 1)
         // The softcap after the additive terms, as in the forward.
         if (p.cap_raw != 0.f) softcap_raw(s, p.cap_raw, p.inv_cap_raw);
       } else if constexpr (!kGeneral) {
-        const int rows = min(kM, nq - m0);
-        const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,
-                                           n0 + kN - 1, p.band_left, p.band_right);
-        masked = c != TileClass::kFull || n0 + kN > nk;
+        masked = qt < qf_begin || qt >= qf_end;
         if (masked) {
           // Each key row's allowed queries i' = i + offset in [j - right, j + left], relative
           // to the thread's first query column (tile_bound, as the forward's band_mask).
@@ -1046,9 +1061,36 @@ __global__ void __launch_bounds__(384, 1)
   }
 
   // dk = scale * dK, dv = dV (rows past nk are another sequence's or padding).
+  bool stored = false;
+  if constexpr (!S::kSplit) {
+    if (bp.tma_dkdv) {
+      // By the copy engine: the warpgroup's rows into panels over K and V (kKBytes and kVBytes
+      // hold both warpgroups' panels), then one thread's tensor stores (rows past nk clipped
+      // by the maps' extents). Its wait keeps them clear of the fused conversion's loads.
+      named_sync(3, 256);  // both warpgroups' last products have read K and V
+      const uint32_t kbuf = sK + cw * (kDp / 64) * 8192, vbuf = sV + cw * (kDVp / 64) * 8192;
+      const float kmul[2] = {p.scale, p.scale}, vmul[2] = {1.f, 1.f};
+      stage_rows<T, kDp>(kbuf, dk, kmul, warp, lane);
+      stage_rows<T, kDVp>(vbuf, dv, vmul, warp, lane);
+      fence_proxy_async_smem();  // the copy engine reads what stmatrix wrote
+      named_sync(4 + cw, 128);
+      if (tid % 128 == 0) {
+        const int row = n0 + kw * 64;  // not varlen: the sequence starts at row 0
+#pragma unroll
+        for (int pn = 0; pn < kDp / 64; ++pn)
+          tma_store_4d(&maps.dk, kbuf + pn * 8192, pn * 64, row, hk * maps.dk_hm, b * maps.dk_bm);
+#pragma unroll
+        for (int pn = 0; pn < kDVp / 64; ++pn)
+          tma_store_4d(&maps.dv, vbuf + pn * 8192, pn * 64, row, hk * maps.dv_hm, b * maps.dv_bm);
+        bulk_commit();
+        bulk_wait<0>();
+      }
+      stored = true;
+    }
+  }
   const int64_t k_es = bp.dk_dtype == DType::kF32 ? 4 : 2, v_es = bp.dv_dtype == DType::kF32 ? 4 : 2;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < 2 && !stored; ++r) {
     const int j = key_r[r];
     if (j >= nk) continue;
     void* krow = static_cast<char*>(bp.dk) +

@@ -92,6 +92,7 @@ Status forward(const core::Problem& p, bool dry_run) {
   // products: that needs scale > 0 (and not tiny: kMinFastScale).
   const int dp = (inst.d + 63) / 64 * 64, dvp = (inst.dv + 63) / 64 * 64;
   const int kn = dp <= 128 && dvp <= 128 ? 128 : 64;
+  DeviceScope device(p.device_index);  // before the tensor maps: the encoder needs a context
   TmaMaps maps;
   const char* bad = encode_maps(p, &maps, 128, kn);
   if (bad)
@@ -139,7 +140,6 @@ Status forward(const core::Problem& p, bool dry_run) {
   if (!tensor_maps_available() && (!dry_run || driver_present())) return no_tensor_maps();
   if (dry_run) return {};
   f.num_items = static_cast<int>(items);
-  DeviceScope device(p.device_index);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;
   const char* pf = std::getenv("ATTNKIT_CUDA_PERSISTENT_FWD");

@@ -609,17 +609,7 @@ __global__ void __launch_bounds__(384, 1)
     const uint32_t buf = sO + cw * (64 * 128);
     if (o_leader) bulk_wait_read<0>();  // the last item's store has read the buffer
     named_sync(3 + cw, 128);
-#pragma unroll
-    for (int c = 0; c < kDVp / 8; c += 2) {
-      uint32_t v[4];
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const int r = x & 1, cc = c + x / 2;
-        v[x] = ElemTraits<T>::pack(o[cc * 4 + 2 * r] * mul[r], o[cc * 4 + 2 * r + 1] * mul[r]);
-      }
-      const int mr = lane % 8, x = lane / 8;  // row mr of matrix x: + 8 (x & 1), chunk c + x / 2
-      stmatrix_x4(buf + (warp * 16 + mr + 8 * (x & 1)) * 128 + (((c + x / 2) ^ mr) * 16), v);
-    }
+    stage_rows<T, kDVp>(buf, o, mul, warp, lane);
     fence_proxy_async_smem();  // the copy engine reads what stmatrix wrote
     named_sync(3 + cw, 128);
     if (o_leader) {

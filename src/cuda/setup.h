@@ -85,12 +85,15 @@ struct GeneralTables {
   cudaError_t release(cudaStream_t stream);
 };
 
-// Makes the problem's device current for the scope.
+// Makes the problem's device, and so its primary context, current for the scope: the driver's
+// tensor-map encoder needs a current context, which a thread that has made no runtime call yet
+// lacks even where the device is already its current one (cudaSetDevice makes it current).
+// Without a driver (CI's dry runs) both calls fail and change nothing.
 class DeviceScope {
  public:
   explicit DeviceScope(int device) : device_(device) {
     (void)cudaGetDevice(&previous_);
-    if (previous_ != device_) (void)cudaSetDevice(device_);
+    (void)cudaSetDevice(device_);
   }
   ~DeviceScope() {
     if (previous_ != device_) (void)cudaSetDevice(previous_);

@@ -248,4 +248,27 @@ struct ElemTraits<__half> {
   }
 };
 
+// A warpgroup's 64 accumulator rows of kCols columns (row r of the thread's two times mul[r]),
+// in T, into 64-column panels of 64 rows x 128 bytes at buf + panel * 8192 whose 16-byte chunks
+// are swizzled by row % 8 (a tensor map's 128-byte swizzle): four 8 x 8 matrices an stmatrix.
+template <class T, int kCols>
+__device__ __forceinline__ void stage_rows(uint32_t buf, const float (&acc)[kCols / 2],
+                                           const float (&mul)[2], int warp, int lane) {
+  static_assert(kCols % 64 == 0, "whole 64-column panels");
+#pragma unroll
+  for (int c = 0; c < kCols / 8; c += 2) {
+    uint32_t v[4];
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int r = x & 1, cc = c + x / 2;
+      v[x] = ElemTraits<T>::pack(acc[cc * 4 + 2 * r] * mul[r], acc[cc * 4 + 2 * r + 1] * mul[r]);
+    }
+    // Row mr of matrix x: + 8 (x & 1), chunk c + x / 2 (c is even: both in panel c / 8).
+    const int mr = lane % 8, x = lane / 8;
+    stmatrix_x4(buf + (c / 8) * 8192 + (warp * 16 + mr + 8 * (x & 1)) * 128 +
+                    ((((c % 8) + x / 2) ^ mr) * 16),
+                v);
+  }
+}
+
 }  // namespace attnkit::cuda
