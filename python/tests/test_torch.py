@@ -5,6 +5,7 @@ PyTorch is not installed (CI); run on the GPU machine (docs/python.md)."""
 import itertools
 import math
 import os
+import threading
 
 import pytest
 
@@ -340,6 +341,34 @@ def test_cuda_packed_rows_past_the_sequences():
             if max(lens_k) == 0 or max(lens_q) == 0:  # no pair: zeros, LSE -inf
                 assert not res[0][0].any() and bool((res[0][1] == -math.inf).all())
                 assert not any(g.any() for g in res[0][2:]), (lens_k, case)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_call_from_a_new_thread():
+    # A thread that has made no CUDA runtime call has no current context, which the driver's
+    # tensor-map encoder needs: the call makes its device's context current first (it refused
+    # such calls as "q: the copy engine (TMA) cannot address it").
+    torch.manual_seed(12)
+    x = [torch.randn(2, 4, 200, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
+         for _ in range(3)]
+    go = torch.randn(2, 4, 200, 64, device="cuda", dtype=torch.bfloat16)
+
+    def run(res):
+        try:
+            out = attnkit.attention(*x, causal=True)
+            res.append([out.detach().clone()] + list(torch.autograd.grad(out, x, go)))
+        except Exception as e:  # noqa: BLE001 (reported by the main thread)
+            res.append(e)
+
+    want, got = [], []
+    run(want)
+    t = threading.Thread(target=run, args=(got,))
+    t.start()
+    t.join()
+    assert not isinstance(got[0], Exception), got[0]
+    assert torch.equal(got[0][0], want[0][0])
+    for g, ref in zip(got[0][1:], want[0][1:]):
+        assert (g.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()
 
 
 def _packed_grads_match(lens_q, lens_k, d, cases):
