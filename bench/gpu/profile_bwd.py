@@ -88,12 +88,17 @@ def masked():
         flops = 4 * b * h * n * n * d * frac
         bm = create_block_mask(mm, None, None, n, n, device="cuda") if mm else None
         res = []
-        for who, fn in (("attnkit", lambda: attnkit.attention(q, k, v, **kw)),
-                        ("flex", lambda: fa(q, k, v, block_mask=bm, score_mod=sm))):
+        runs = [(who, x, lambda: attnkit.attention(q, k, v, **kw)) for who, x in variants]
+        runs.append(("flex", None, lambda: fa(q, k, v, block_mask=bm, score_mod=sm)))
+        for who, x, fn in runs:
+            if x is not None:  # "": NAME unset
+                os.environ.pop(ab.split("=")[0], None)
+                if x:
+                    os.environ[ab.split("=")[0]] = ab.split("=", 1)[1]
             out = fn()
             grad = lambda: torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
             res.append("%s fwd %.0f bwd %.0f" % (who, tflops(flops, fn), tflops(2.5 * flops, grad)))
-            if who == "attnkit" and "--kernels" in sys.argv:
+            if who.startswith("attnkit") and "--kernels" in sys.argv:
                 res.append("us: " + kernel_times(grad))
         print("%s: %s" % (name, " | ".join(res)), flush=True)
 

@@ -90,6 +90,9 @@ struct BwdParams {
   // dK and dV in 16 bits by the copy engine (BwdMaps::dk, dv; not kSplit): each warpgroup stages
   // its 64 keys' rows over K and V once the walk is done; else the threads store their pairs.
   bool tma_dkdv = false;
+  // The tabled fast flavor walks each key tile's column from its first to its last non-empty
+  // query tile (found by the CTA's threads at once), not from the first to the last tile.
+  bool col_range = true;
   double* dslopes = nullptr;
   float* dtable = nullptr;
   int table_buckets = 0;  // the relative table's columns (T5: num_buckets; clipped: 2 clip + 1)
@@ -311,7 +314,10 @@ __global__ void __launch_bounds__(384, 1)
   // conversion's two staging buffers.
   const uint32_t last_word = bars + 8 * (3 + 3 * kStages);
   auto conv_ld = [&](int y) { return bars + 8 * (4 + 3 * kStages + y); };
-  static_assert(8 * (1 + 3 * kStages + 5) <= 128, "the barriers' bytes");
+  // The tabled fast flavor: the first and last query tiles of the key tile's column that are
+  // not empty.
+  const uint32_t range_words = bars + 8 * (6 + 3 * kStages);
+  static_assert(8 * (6 + 3 * kStages) + 8 <= 128, "the barriers' bytes");
 
   const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const SeqExtent seq = seq_extent(p, b);
@@ -386,8 +392,41 @@ __global__ void __launch_bounds__(384, 1)
       mbar_init(conv_ld(y), 1);  // fused_dq: a consumer thread's, with the copy's bytes
     }
     mbar_init_fence();
+    if constexpr (kTabled && !kGeneral) {
+      asm volatile("st.shared.v2.s32 [%0], {%1, %2};\n" ::"r"(range_words), "r"(qt_end), "r"(-1)
+                   : "memory");
+    }
   }
   __syncthreads();
+  if (kTabled && !kGeneral && bp.col_range) {
+    // The walk's range narrowed to the column's first and last non-empty query tiles (over the
+    // group's heads), found by every thread at once: under a causal or document mask most of a
+    // column is empty, and skip() took one dependent load a tile, up to n0 / kM of them before
+    // the first step, in the producer and the consumers alike. (Not in the general flavor:
+    // there ptxas spilled twice the bytes with it, 484 -> 1044 at d128.)
+    const int heads = p.tc_sh == 0 ? 1 : p.group;  // a table shared by the heads: one column
+    int lo = qt_end, hi = -1;
+    for (int64_t x = tid; x < int64_t{heads} * qt_end; x += S::kThreads) {
+      const int qt = static_cast<int>(x % qt_end);
+      if (!skip(h_begin + static_cast<int>(x / qt_end), qt)) {
+        lo = min(lo, qt);
+        hi = max(hi, qt);
+      }
+    }
+    lo = __reduce_min_sync(0xffffffffu, lo);
+    hi = __reduce_max_sync(0xffffffffu, hi);
+    if (tid % 32 == 0) {
+      asm volatile("red.shared.min.s32 [%0], %1;\n" ::"r"(range_words), "r"(lo) : "memory");
+      asm volatile("red.shared.max.s32 [%0], %1;\n" ::"r"(range_words + 4), "r"(hi) : "memory");
+    }
+    __syncthreads();
+    asm volatile("ld.shared.v2.s32 {%0, %1}, [%2];\n"
+                 : "=r"(lo), "=r"(hi)
+                 : "r"(range_words)
+                 : "memory");
+    qt_begin = lo;
+    qt_end = max(lo, hi + 1);
+  }
 
   if (wg == 0) {
     // Producer.
