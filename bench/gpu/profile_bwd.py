@@ -11,7 +11,7 @@ per-kernel figures (ncu --metrics gpu__time_duration.sum,dram__bytes.sum python3
 bench/gpu/profile_bwd.py --once --d 128 1024).
 Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py [--kernels] [--ab NAME=VALUE]
        [--masked [--case NAME]] [--once] [--d D] [N ...]
-(--d D, --case NAME: that head dim or masked case alone, e.g. for ncu's launch counts)"""
+(--d D, --case NAME[,NAME]: that head dim or those masked cases alone, e.g. for ncu's launch counts)"""
 import os
 import sys
 
@@ -83,7 +83,8 @@ def masked():
     cases.append(("causal-tabled", dict(mask=attnkit.masks.Causal() & attnkit.masks.Document(
         one_doc), mask_cache=attnkit.MaskCache()), causal[2], None, causal[4]))
     for name, kw, mm, sm, frac in cases:
-        if ("document" in name and "cached" not in name) or only_case not in (None, name):
+        if ("document" in name and "cached" not in name) or (
+                only_case is not None and name not in only_case.split(",")):
             continue
         flops = 4 * b * h * n * n * d * frac
         bm = create_block_mask(mm, None, None, n, n, device="cuda") if mm else None
