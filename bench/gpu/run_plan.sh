@@ -34,9 +34,14 @@
 #    gives 0): its softmax is MUFU-bound (gpu.md Next, item 2): MUFU 528 -> 496 cycles a
 #    warpgroup and step, issue 435 -> 464 (scripts/sass_loop.py). Read the d64 rows only (d128
 #    is unchanged); 8 of 64 (kPolyExpEvery 8) would give MUFU 464, issue ~493.
-# 1. Done in run 103 (bwd_band, bwd_alibi_band, bwd_tma_dkdv adopted). A follow-up: bwd_band
-#    alone was 5% slower at d64 (the kernel, N 1024 and 4096): the other two without it, once
-#    made so (bwd_alibi_band was made on it), A/B'd at d64.
+# 1. First (~250 s): the tabled backward's column range (80ecd29, on main, never run), its tests
+#    and its A/B in one build: TEST_FILTER='*CudaBackward*:CudaMaskCache.*:CudaTables.*'
+#    bash scripts/gpu_cuda.sh $OUT --lean --no-bench; PYTHONPATH=build-gpu/python python3
+#    bench/gpu/profile_bwd.py --masked --kernels --ab ATTNKIT_CUDA_BWD_COL_RANGE=0 (every masked
+#    case; document-causal cached and causal-tabled are the ones it should move). If a test
+#    fails, ATTNKIT_CUDA_BWD_COL_RANGE=0 is the old walk. (Run 103 adopted bwd_band,
+#    bwd_alibi_band, bwd_tma_dkdv; bwd_band alone was 5% slower at d64: the other two without
+#    it, once made so, could be A/B'd at d64.)
 # 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~430 s; run 102 passed
 #    it on main at a3114b8; run 103's adopted tree passed the backward's tests, the general
 #    path's range cases and CudaFastPath's two; new since: DeviceScope before the tensor maps,
