@@ -35,7 +35,8 @@ echo "build: $(( $(date +%s) - t0 )) s"; grep -E "spill|C7509|C7510" "/tmp/build
 rc=0
 # The rules' dry runs alone first, as a process's first CUDA calls (no context current yet:
 # run 103 found the tensor-map encoder failing there, where the whole list passed).
-build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter='CudaRules.*' > "$out/rules.log" 2>&1 ||
+timeout 120 build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter='CudaRules.*' \
+  > "$out/rules.log" 2>&1 ||
   { echo "CudaRules.* alone: failed"; grep -A3 Failure "$out/rules.log" | head -20; rc=1; }
 timeout "${TEST_TIMEOUT:-420}" build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter="${TEST_FILTER:-*}" \
   > "$out/test_cuda.log" 2>&1

@@ -113,17 +113,30 @@ bool band_of(const Mask& m, int64_t* left, int64_t* right) {
 
 namespace {
 
-// The driver's tensor-map encoder, looked up once through the runtime (no link to libcuda).
+// A driver function looked up through the runtime (no link to libcuda), or null without a
+// driver.
+template <class Fn>
+Fn driver_function(const char* name) {
+  void* f = nullptr;
+  cudaDriverEntryPointQueryResult q{};
+  const cudaError_t e = cudaGetDriverEntryPointByVersion(name, &f, 12000, cudaEnableDefault, &q);
+  if (e != cudaSuccess) (void)cudaGetLastError();
+  return e == cudaSuccess && q == cudaDriverEntryPointSuccess ? reinterpret_cast<Fn>(f) : nullptr;
+}
+
+// The driver's tensor-map encoder, looked up once.
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
-                                                           cudaEnableDefault, &q);
-    return e == cudaSuccess && q == cudaDriverEntryPointSuccess
-               ? reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f)
-               : nullptr;
-  }();
+  static const auto fn =
+      driver_function<PFN_cuTensorMapEncodeTiled_v12000>("cuTensorMapEncodeTiled");
+  return fn;
+}
+
+PFN_cuCtxGetCurrent_v4000 context_getter() {
+  static const auto fn = driver_function<PFN_cuCtxGetCurrent_v4000>("cuCtxGetCurrent");
+  return fn;
+}
+PFN_cuCtxSetCurrent_v4000 context_setter() {
+  static const auto fn = driver_function<PFN_cuCtxSetCurrent_v4000>("cuCtxSetCurrent");
   return fn;
 }
 
@@ -155,6 +168,23 @@ bool encode_swizzled(CUtensorMap* map, const core::RowOperand& r, int rank,
 }  // namespace
 
 bool tensor_maps_available() { return tensor_map_encoder() != nullptr; }
+
+DeviceScope::DeviceScope(int device) {
+  const auto get = context_getter();
+  if (get && get(&saved_) != CUDA_SUCCESS) saved_ = nullptr;
+  int current = -1;
+  if (saved_ && cudaGetDevice(&current) == cudaSuccess && current == device) return;
+  if (cudaSetDevice(device) != cudaSuccess) {
+    (void)cudaGetLastError();  // no driver, or no such device: the call's checks say which
+    return;
+  }
+  changed_ = true;
+}
+
+DeviceScope::~DeviceScope() {
+  const auto set = context_setter();
+  if (changed_ && set) (void)set(saved_);
+}
 
 bool driver_present() {
   int v = 0;

@@ -85,24 +85,22 @@ struct GeneralTables {
   cudaError_t release(cudaStream_t stream);
 };
 
-// Makes the problem's device, and so its primary context, current for the scope: the driver's
-// tensor-map encoder needs a current context, which a thread that has made no runtime call yet
-// lacks even where the device is already its current one (cudaSetDevice makes it current).
-// Without a driver (CI's dry runs) both calls fail and change nothing.
+// Makes the problem's device current for the scope, with a context: the driver's tensor-map
+// encoder needs a current context, which a thread that has made no runtime call yet lacks even
+// where the device is its current one. A context of that device already current (the primary
+// one or the caller's own) is left as it is; otherwise the device's primary context is made
+// current (cudaSetDevice) and the thread's context before it (or none) is put back at the end.
+// Without a driver (CI's dry runs) nothing changes.
 class DeviceScope {
  public:
-  explicit DeviceScope(int device) : device_(device) {
-    (void)cudaGetDevice(&previous_);
-    (void)cudaSetDevice(device_);
-  }
-  ~DeviceScope() {
-    if (previous_ != device_) (void)cudaSetDevice(previous_);
-  }
+  explicit DeviceScope(int device);
+  ~DeviceScope();
   DeviceScope(const DeviceScope&) = delete;
   DeviceScope& operator=(const DeviceScope&) = delete;
 
  private:
-  int device_ = 0, previous_ = 0;
+  CUcontext saved_ = nullptr;
+  bool changed_ = false;
 };
 
 // Fills a 4-D strided view (base of dtype t: fp32, bf16 or fp16; extents n, strides s in
