@@ -34,19 +34,24 @@
 #    gives 0): its softmax is MUFU-bound (gpu.md Next, item 2): MUFU 528 -> 496 cycles a
 #    warpgroup and step, issue 435 -> 464 (scripts/sass_loop.py). Read the d64 rows only (d128
 #    is unchanged); 8 of 64 (kPolyExpEvery 8) would give MUFU 464, issue ~493.
-# 1. First (~250 s): the tabled backward's column range (80ecd29, on main, never run), its tests
-#    and its A/B in one build: TEST_FILTER='*CudaBackward*:CudaMaskCache.*:CudaTables.*'
-#    bash scripts/gpu_cuda.sh $OUT --lean --no-bench; PYTHONPATH=build-gpu/python python3
-#    bench/gpu/profile_bwd.py --masked --kernels --ab ATTNKIT_CUDA_BWD_COL_RANGE=0 (every masked
-#    case; document-causal cached and causal-tabled are the ones it should move). If a test
-#    fails, ATTNKIT_CUDA_BWD_COL_RANGE=0 is the old walk. (Run 103 adopted bwd_band,
+# 1. First (~300 s): the tabled backward's column range (80ecd29, on main, opt-in, never run),
+#    its tests and its A/B in one build: ATTNKIT_CUDA_BWD_COL_RANGE=1
+#    TEST_FILTER='*CudaBackward*:CudaMaskCache.*:CudaTables.*' bash scripts/gpu_cuda.sh $OUT
+#    --lean --no-bench (the tests with it on; gpu_cuda.sh runs CudaRules.* alone first, which
+#    checks session 27's DeviceScope); PYTHONPATH=build-gpu/python python3
+#    bench/gpu/profile_bwd.py --masked --kernels --ab ATTNKIT_CUDA_BWD_COL_RANGE=1 (every masked
+#    case; document-causal cached and causal-tabled are the ones it should move). If it wins
+#    and passes, make it the default (backward.cu, BwdParams::col_range). (Run 103 adopted bwd_band,
 #    bwd_alibi_band, bwd_tma_dkdv; bwd_band alone was 5% slower at d64: the other two without
 #    it, once made so, could be A/B'd at d64.)
 # 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~430 s; run 102 passed
 #    it on main at a3114b8; run 103's adopted tree passed the backward's tests, the general
 #    path's range cases and CudaFastPath's two; new since: DeviceScope before the tensor maps,
 #    so CudaRules.* alone in a fresh process must pass now, `build-gpu/tests/test_cuda
-#    --gtest_filter='CudaRules.*'`: run 103's failed 3 of 8 without a current context). New tests
+#    --gtest_filter='CudaRules.*'`: run 103's failed 3 of 8 without a current context; then a
+#    review mend, never run: DeviceScope keeps a context of the device already current and
+#    restores the thread's earlier one by cuCtxSetCurrent, which every CUDA call takes; and
+#    test_torch's test_cuda_call_from_a_new_thread). New tests
 #    not yet run (session 23 had no device; each fails on the code before its fix):
 #    CudaFastPath.ZeroOrTinyScalesMatchTheOracle (scale 0 and 1e-40: the general flavor),
 #    CudaFastPath.UnboundedWindowsMatchTheOracle (a window side of INT64_MAX), test_torch.py's

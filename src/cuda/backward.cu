@@ -586,10 +586,10 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                             64) &&
                 encode_rows(&maps.dv, &maps.dv_hm, &maps.dv_bm, g.dv, p.dv, p.max_nk, p.hk, batch,
                             64);
-  // The tabled instance's walk narrowed to each column's non-empty query tiles
-  // (ATTNKIT_CUDA_BWD_COL_RANGE=0: the whole column, for measurements).
+  // The tabled instance's walk narrowed to each column's non-empty query tiles: opt-in
+  // (ATTNKIT_CUDA_BWD_COL_RANGE=1) until it has run on a GPU (gpu.md part 26).
   const char* cr = std::getenv("ATTNKIT_CUDA_BWD_COL_RANGE");
-  bp.col_range = !(cr && cr[0] == '0');
+  bp.col_range = cr && cr[0] == '1';
   if (f.fast_bias) {
     maps.qkv.bias = bias_map.bias;
     maps.qkv.bias_hm = bias_map.bias_hm;

@@ -92,7 +92,7 @@ struct BwdParams {
   bool tma_dkdv = false;
   // The tabled fast flavor walks each key tile's column from its first to its last non-empty
   // query tile (found by the CTA's threads at once), not from the first to the last tile.
-  bool col_range = true;
+  bool col_range = false;
   double* dslopes = nullptr;
   float* dtable = nullptr;
   int table_buckets = 0;  // the relative table's columns (T5: num_buckets; clipped: 2 clip + 1)
