@@ -192,6 +192,10 @@ Status forward(const core::Problem& p, bool dry_run) {
     e = inst.fast(f, maps, stream);
   } else {
     e = tables.build(p, 128, kn, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);
+    // Each row's walk over its span of key tiles: opt-in (ATTNKIT_CUDA_FWD_ROW_SPAN=1) until
+    // measured (gpu.md part 26).
+    const char* rs = std::getenv("ATTNKIT_CUDA_FWD_ROW_SPAN");
+    if (!(rs && rs[0] == '1')) f.tile_span = nullptr;
     if (e == cudaSuccess) e = fast ? inst.fast(f, maps, stream) : inst.general(f, maps, stream);
   }
   // The statistics read the tables' relative buckets and forget-gate sums (through f): they run

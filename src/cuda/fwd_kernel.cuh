@@ -123,6 +123,12 @@ struct FwdWork {
     if (tabled) {
       tclass = p.tile_class + b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(tile) * p.tc_nkt;
       tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh + tile * p.tb_sq;
+      if (p.tile_span) {  // the row's first non-empty key tile and one past its last
+        const int2 span = *reinterpret_cast<const int2*>(p.tile_span +
+                                                         2 * (b * p.ts_sb + h * p.ts_sh + tile));
+        t_begin = span.x;
+        t_end = span.y;
+      }
     } else {
       const int64_t lo = m0 + seq.offset - p.band_left;
       const int64_t hi = m0 + rows - 1 + seq.offset + p.band_right;

@@ -137,21 +137,31 @@ __device__ __forceinline__ uint32_t bwd_tile_bits(const uint32_t* slots, uint8_t
 // The block table and element-mask bits, in two passes of kClassifyThreads-thread blocks.
 // classify_tiles_kernel: block (x, y, z) = (query tile, head, batch) of the table's extents
 // classifies its query tile's row of key tiles (shared memory, p.tc_nkt bytes), numbers the
-// first p.tb_slots partial tiles in key order, and writes the row and its slot list (count, then
-// the slots' key tiles: slots[row * (p.tb_slots + 1)]). Key tiles past the sequence are empty; a
+// first p.tb_slots partial tiles in key order, and writes the row, its slot list (count, then
+// the slots' key tiles: slots[row * (p.tb_slots + 1)]) and its span (the first non-empty key
+// tile and one past the last, or 0 and 0: span[2 row]). Key tiles past the sequence are empty; a
 // full tile that the sequence ends in is partial (the kernels mask its tail).
 inline constexpr int kClassifySplit = 8, kClassifyThreads = 256;
-// Key tiles of a row at most: the classification keeps a byte each in shared memory (227 KB).
-inline constexpr int kMaxClassifyTiles = 227 * 1024;
+// Key tiles of a row at most: the classification keeps a byte each in shared memory (227 KB,
+// less the span's two words).
+inline constexpr int kMaxClassifyTiles = 227 * 1024 - 16;
 template <int kM, int kN>
 __global__ void __launch_bounds__(kClassifyThreads)
-    classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table, int32_t* slots) {
+    classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table, int32_t* slots,
+                          int32_t* span) {
   extern __shared__ uint8_t cls[];
+  __shared__ int span_lo, span_hi;
   const int qtile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const SeqExtent s = seq_extent(p, b);
   MaskState ms;
   resolve_mask(p, b, h, s.offset, ms);
   const int m0 = qtile * kM;
+  if (threadIdx.x == 0) {
+    span_lo = p.tc_nkt;
+    span_hi = -1;
+  }
+  __syncthreads();
+  int lo = p.tc_nkt, hi = -1;
   for (int kt = threadIdx.x; kt < p.tc_nkt; kt += blockDim.x) {
     const int n0 = kt * kN;
     TileClass c = TileClass::kEmpty;
@@ -167,11 +177,22 @@ __global__ void __launch_bounds__(kClassifyThreads)
       if (c == TileClass::kFull && k.count < kN) c = TileClass::kPartial;
     }
     cls[kt] = static_cast<uint8_t>(c);
+    if (c != TileClass::kEmpty) {
+      lo = min(lo, kt);
+      hi = max(hi, kt);
+    }
+  }
+  if (lo <= hi) {
+    atomicMin(&span_lo, lo);
+    atomicMax(&span_hi, hi);
   }
   __syncthreads();
   const int64_t row = (static_cast<int64_t>(b) * gridDim.y + h) * gridDim.x + qtile;
   int32_t* list = slots + row * (p.tb_slots + 1);
   if (threadIdx.x == 0) {
+    const bool any = span_lo <= span_hi;
+    span[2 * row] = any ? span_lo : 0;
+    span[2 * row + 1] = any ? span_hi + 1 : 0;
     int n = 0;
     for (int kt = 0; kt < p.tc_nkt && n < p.tb_slots; ++kt)
       if (cls[kt] == static_cast<uint8_t>(TileClass::kPartial)) {

@@ -532,6 +532,8 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
   f->tb_sq = static_cast<int64_t>(f->tb_slots) * km * (kn / 32);
   f->tb_sh = hs > 1 ? f->num_q_tiles * f->tb_sq : 0;
   f->tb_sb = bs > 1 ? hs * f->num_q_tiles * f->tb_sq : 0;
+  f->ts_sh = hs > 1 ? f->num_q_tiles : 0;
+  f->ts_sb = bs > 1 ? hs * f->num_q_tiles : 0;
   const int64_t table_bytes = (rows * f->tc_nkt + 255) / 256 * 256;
   if (e == cudaSuccess && mods.relative != RelativeBucketKind::kOff) {
     // rel = j - i' over every key tile and query tile touched (rows and keys padded by a tile).
@@ -550,11 +552,12 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
       f->bucket_of = static_cast<const int32_t*>(buckets);
     }
   }
-  // The table, then each row's slot list (count and key tiles), then the bits.
+  // The table, then each row's slot list (count and key tiles), the bits, each row's span.
   const int64_t list_bytes = (rows * (f->tb_slots + 1) * 4 + 255) / 256 * 256;
+  const int64_t bits_bytes = (rows * f->tb_slots * slot_bytes + 255) / 256 * 256;
+  const int64_t span_at = table_bytes + list_bytes + bits_bytes;
   // (At least 256 bytes: no query tile at all, with packed sequences all without queries.)
-  const int64_t all_bytes =
-      std::max<int64_t>(256, table_bytes + list_bytes + rows * f->tb_slots * slot_bytes);
+  const int64_t all_bytes = std::max<int64_t>(256, span_at + rows * 8);
   // With Options::mask_cache: the tables of an earlier call with this tile shape and problem
   // shape, or new ones in memory the cache keeps (built before the call goes on, so that a call
   // on another stream finds them complete).
@@ -584,6 +587,7 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
       uint8_t* tab = static_cast<uint8_t*>(hit->data);
       f->tile_class = tab;
       f->tile_bits = reinterpret_cast<const uint32_t*>(tab + table_bytes + list_bytes);
+      f->tile_span = reinterpret_cast<const int32_t*>(tab + span_at);
       return e;
     }
     if (e == cudaSuccess && capture != cudaStreamCaptureStatusNone)
@@ -610,12 +614,15 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
     uint8_t* tab = static_cast<uint8_t*>(tables);
     int32_t* slots = reinterpret_cast<int32_t*>(tab + table_bytes);
     uint32_t* bits = reinterpret_cast<uint32_t*>(tab + table_bytes + list_bytes);
+    int32_t* span = reinterpret_cast<int32_t*>(tab + span_at);
     f->tile_class = tab;
     f->tile_bits = bits;
+    f->tile_span = span;
     const dim3 grid(static_cast<unsigned>(f->num_q_tiles), static_cast<unsigned>(hs),
                     static_cast<unsigned>(bs));
     // No query tile (packed sequences all without queries): nothing to classify.
-    if (f->num_q_tiles > 0) classify<<<grid, kClassifyThreads, cls_smem, stream>>>(*f, tab, slots);
+    if (f->num_q_tiles > 0)
+      classify<<<grid, kClassifyThreads, cls_smem, stream>>>(*f, tab, slots, span);
     e = cudaGetLastError();
     const int split = std::max(1, std::min(f->tb_slots, kClassifySplit));
     if (e == cudaSuccess && f->tb_slots > 0 && f->num_q_tiles > 0) {
