@@ -34,14 +34,18 @@
 #    gives 0): its softmax is MUFU-bound (gpu.md Next, item 2): MUFU 528 -> 496 cycles a
 #    warpgroup and step, issue 435 -> 464 (scripts/sass_loop.py). Read the d64 rows only (d128
 #    is unchanged); 8 of 64 (kPolyExpEvery 8) would give MUFU 464, issue ~493.
-# 1. First (~300 s): the tabled backward's column range (80ecd29, on main, opt-in, never run),
-#    its tests and its A/B in one build: ATTNKIT_CUDA_BWD_COL_RANGE=1
-#    TEST_FILTER='*CudaBackward*:CudaMaskCache.*:CudaTables.*' bash scripts/gpu_cuda.sh $OUT
-#    --lean --no-bench (the tests with it on; gpu_cuda.sh runs CudaRules.* alone first, which
-#    checks session 27's DeviceScope); PYTHONPATH=build-gpu/python python3
-#    bench/gpu/profile_bwd.py --masked --kernels --ab ATTNKIT_CUDA_BWD_COL_RANGE=1 (every masked
-#    case; document-causal cached and causal-tabled are the ones it should move). If it wins
-#    and passes, make it the default (backward.cu, BwdParams::col_range). (Run 103 adopted bwd_band,
+# 1. First (~400 s): session 27's two opt-in walks (on main, never run): the tabled backward's
+#    column range (80ecd29, ATTNKIT_CUDA_BWD_COL_RANGE=1) and the tabled forward's row spans
+#    (74241c9, ATTNKIT_CUDA_FWD_ROW_SPAN=1; the classifier writes the spans on every call, so
+#    the default path's tests matter too). In one build: ATTNKIT_CUDA_BWD_COL_RANGE=1
+#    ATTNKIT_CUDA_FWD_ROW_SPAN=1 TEST_FILTER='*CudaBackward*:*CudaOracle*:CudaFastPath.*:
+#    CudaMaskCache.*:CudaTables.*' bash scripts/gpu_cuda.sh $OUT --lean --no-bench (the tests
+#    with both on; gpu_cuda.sh runs CudaRules.* alone first, which checks session 27's
+#    DeviceScope); then for V in ATTNKIT_CUDA_BWD_COL_RANGE ATTNKIT_CUDA_FWD_ROW_SPAN; do
+#    PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py --masked --kernels --ab $V=1;
+#    done (every masked case; document-causal cached and causal-tabled are the ones they should
+#    move: the backward's bwd column, the forward's fwd column). Each that wins and passes
+#    becomes the default (backward.cu's col_range, forward.cu's tile_span). (Run 103 adopted bwd_band,
 #    bwd_alibi_band, bwd_tma_dkdv; bwd_band alone was 5% slower at d64: the other two without
 #    it, once made so, could be A/B'd at d64.)
 # 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~430 s; run 102 passed
