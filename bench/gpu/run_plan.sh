@@ -4,7 +4,9 @@
 # step 2 found no machine), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
-# bash scripts/cutlass_fmha.sh). Order:
+# bash scripts/cutlass_fmha.sh). Order for session 28: step 1 (main's two opt-in walks and
+# DeviceScope, never run), then 2 with 2b (main's correctness since run 102), then 0 and 0b
+# (the forward's patches); a call that must start a machine costs ~90 s more.
 # 0. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT
 #    fwd_lean:fwd_lean,fwd_item_slot:fwd_lean,fwd_item_slot,fwd_grid_bits
 #    dense,masked,neighborhood (~500 s; run 103's try, with CudaMaskCache and CudaTables added
