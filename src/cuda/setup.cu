@@ -607,7 +607,9 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
   auto tile_bits = km == 64 ? (kn == 128 ? &tile_bits_kernel<64, 128> : &tile_bits_kernel<64, 64>)
                             : (kn == 128 ? &tile_bits_kernel<128, 128>
                                          : &tile_bits_kernel<128, 64>);
-  if (e == cudaSuccess && cls_smem > 48 * 1024)
+  // (Beyond 48 KB of shared memory, the row's bytes and the span's two static words, a launch
+  // needs the kernel's limit raised.)
+  if (e == cudaSuccess && cls_smem + 16 > 48 * 1024)
     e = cudaFuncSetAttribute(classify, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(cls_smem));
   if (e == cudaSuccess) {
@@ -642,11 +644,8 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
     int device = 0;
     (void)cudaGetDevice(&device);
     cache->free_entry = [](const MaskCache::Impl::Entry& x) {
-      int previous = 0;
-      (void)cudaGetDevice(&previous);
-      (void)cudaSetDevice(x.device);
+      DeviceScope scope(x.device);
       (void)cudaFree(x.data);  // waits for the device: no kernel still reads it
-      (void)cudaSetDevice(previous);
     };
     // Problem shapes that keep changing (new cu_seqlens every call) would grow the cache without
     // end: past kMaxMaskCacheEntries the oldest entry goes.

@@ -89,8 +89,10 @@ struct GeneralTables {
 // encoder needs a current context, which a thread that has made no runtime call yet lacks even
 // where the device is its current one. A context of that device already current (the primary
 // one or the caller's own) is left as it is; otherwise the device's primary context is made
-// current (cudaSetDevice) and the thread's context before it (or none) is put back at the end.
-// Without a driver (CI's dry runs) nothing changes.
+// current (cudaSetDevice) and the thread's context before it (or none) is put back at the end
+// (a thread that had none keeps `device` as the runtime's device for its next call). Without a
+// driver (CI's dry runs) nothing changes. (A MaskCache entry keys on the device, not the
+// context: one built under a caller's own context is for calls under that context.)
 class DeviceScope {
  public:
   explicit DeviceScope(int device);
