@@ -92,6 +92,9 @@
 #    Then the invalid-input fuzzer on the GPU (session 26, tools/fuzz_invalid.cpp; never run on
 #    a device): ./build-gpu/attnkit fuzz --device cuda --invalid --seed 1 --seconds 120 (a
 #    crash, an unnamed refusal, can_run disagreeing, or a result off the oracle fails).
+#    Where step 1's walks are not yet the default, a third campaign with them on:
+#    ATTNKIT_CUDA_BWD_COL_RANGE=1 ATTNKIT_CUDA_FWD_ROW_SPAN=1 ./build-gpu/attnkit fuzz --device
+#    cuda --seed 100000 --seconds 120 (the fuzzer's masks reach the tables in most cases).
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
