@@ -47,9 +47,9 @@
 #    PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py --masked --kernels --ab $V=1;
 #    done (every masked case; document-causal cached and causal-tabled are the ones they should
 #    move: the backward's bwd column, the forward's fwd column). Each that wins and passes
-#    becomes the default (backward.cu's col_range, forward.cu's tile_span). (Run 103 adopted bwd_band,
-#    bwd_alibi_band, bwd_tma_dkdv; bwd_band alone was 5% slower at d64: the other two without
-#    it, once made so, could be A/B'd at d64.)
+#    becomes the default (backward.cu's col_range, forward.cu's tile_span). (Run 103 adopted
+#    bwd_band, bwd_alibi_band, bwd_tma_dkdv; bwd_band alone was 5% slower at d64: the other
+#    two without it, once made so, could be A/B'd at d64.)
 # 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~430 s; run 102 passed
 #    it on main at a3114b8; run 103's adopted tree passed the backward's tests, the general
 #    path's range cases and CudaFastPath's two; new since: DeviceScope before the tensor maps,
@@ -81,7 +81,8 @@
 #    outputs whose elements share memory refused (strides that nest); an additive -inf under
 #    the normalized kernel's zero length scale stays -inf (fwd_kernel.cuh, bwd_kernel.cuh: was
 #    -inf * 0 = NaN; RangeCases' kernel_length_scale0_masked_diagonal); can_run refuses where a
-#    driver lacks the tensor-map encoder (driver_present); fast_sigmoid calls fast_sigmoid_pair.
+#    driver lacks the tensor-map encoder (now tensor_maps_ready); fast_sigmoid calls
+#    fast_sigmoid_pair.
 # 2b. First replay run 102's 7 fp16 sigmoid misses, judged since by the dS floor of magnitudes.cpp
 #    (for s in 1253 2740 2888 2935 3490 4315 4475; do ./build-gpu/attnkit fuzz --device cuda
 #    --seed $s --cases 1; done), then seeds from 4695 on (--seed 4695 --seconds 240).
@@ -120,10 +121,10 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
 # The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, fwd_grid_bits, band_bits,
-# fwd_exp_poly (steps 0, 0b, 3); bwd_band, bwd_alibi_band and bwd_tma_dkdv are on main (60e85d5). In git history: tma_out_k and
-# tma_out_grid (lost in run 94: git show 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31),
-# chains, wait_top and lazy (part 17), the backward's lean and uniform ones at e88edb0, early dQ at
-# cd98b26, fused dq at 0cdd834.
+# fwd_exp_poly (steps 0, 0b, 3); bwd_band, bwd_alibi_band and bwd_tma_dkdv are on main (60e85d5).
+# In git history: tma_out_k and tma_out_grid (lost in run 94: git show
+# 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains, wait_top and lazy (part
+# 17), the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.
 # 1: build, the whole test_cuda, attnkit check, pytest -k cuda (run after adopting a patch).
 # 3: bench.py --only masked,neighborhood,train (the masked targets, fwd and fwd+bwd).
 # 4: compute-sanitizer memcheck and racecheck on the fast paths (scripts/gpu_cuda.sh

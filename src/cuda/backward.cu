@@ -558,10 +558,9 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (bad)
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
-  // can_run_backward: every rule checked, nothing launched (without a driver,
-  // CI, the tensor maps are left to the call; a driver without the encoder refuses here too)
-  if (!tensor_maps_available() && (!dry_run || driver_present())) return no_tensor_maps();
-  if (dry_run) return {};
+  // can_run_backward: every rule checked, nothing launched.
+  st = tensor_maps_ready(dry_run);
+  if (!st.ok() || dry_run) return st;
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   // Packed rows past the last sequence (cu_seqlens may end before the tensors do) are in no
   // sequence: their gradients are zero, which the kernels (the sequences' rows only) leave
@@ -579,17 +578,15 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   }
   // dK and dV by the copy engine where they are 16-bit rows of q's dtype it can address, up to
   // head dim 128, not packed (ATTNKIT_CUDA_TMA_DKDV=0: the threads' stores, for measurements).
-  const char* tk = std::getenv("ATTNKIT_CUDA_TMA_DKDV");
-  bp.tma_dkdv = !(tk && tk[0] == '0') && !p.varlen && p.d <= 128 && p.dv <= 128 &&
-                g.dk.dtype == p.q.dtype && g.dv.dtype == p.q.dtype && p.max_nk > 0 &&
+  bp.tma_dkdv = env_switch("ATTNKIT_CUDA_TMA_DKDV", true) && !p.varlen && p.d <= 128 &&
+                p.dv <= 128 && g.dk.dtype == p.q.dtype && g.dv.dtype == p.q.dtype && p.max_nk > 0 &&
                 encode_rows(&maps.dk, &maps.dk_hm, &maps.dk_bm, g.dk, p.d, p.max_nk, p.hk, batch,
                             64) &&
                 encode_rows(&maps.dv, &maps.dv_hm, &maps.dv_bm, g.dv, p.dv, p.max_nk, p.hk, batch,
                             64);
   // The tabled instance's walk narrowed to each column's non-empty query tiles: opt-in
   // (ATTNKIT_CUDA_BWD_COL_RANGE=1) until it has run on a GPU (gpu.md part 26).
-  const char* cr = std::getenv("ATTNKIT_CUDA_BWD_COL_RANGE");
-  bp.col_range = cr && cr[0] == '1';
+  bp.col_range = env_switch("ATTNKIT_CUDA_BWD_COL_RANGE", false);
   if (f.fast_bias) {
     maps.qkv.bias = bias_map.bias;
     maps.qkv.bias_hm = bias_map.bias_hm;

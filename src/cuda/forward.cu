@@ -112,9 +112,8 @@ Status forward(const core::Problem& p, bool dry_run) {
                      spec.gate_kind == GateKind::kNone && p.scale >= kMinFastScale;
   // A 2-D neighborhood without mods runs on grid tiles (8 x 16 patches): no block table.
   // ATTNKIT_CUDA_GRID=0 sends it through the block table instead (for measurements).
-  const char* gt = std::getenv("ATTNKIT_CUDA_GRID");
   const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band &&
-                    !(gt && gt[0] == '0') && grid_tiles(p, &f, &maps);
+                    env_switch("ATTNKIT_CUDA_GRID", true) && grid_tiles(p, &f, &maps);
   const bool fast = grid || (plain && (band || GeneralTables::covers(p, 128, kn)));
   // Every flavor but the fast kernel under a band and the grid tiles builds a block table.
   const bool tabled = !(grid || (fast && band));
@@ -123,11 +122,9 @@ Status forward(const core::Problem& p, bool dry_run) {
     if (!fit.ok()) return fit;
   }
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
-  const char* pp = std::getenv("ATTNKIT_CUDA_PINGPONG");
-  f.pingpong = !(pp && pp[0] == '0');
+  f.pingpong = env_switch("ATTNKIT_CUDA_PINGPONG", true);
   // O by the copy engine where the fast instance has room (d_v = 64; ATTNKIT_CUDA_TMA_OUT=0: off).
-  const char* to = std::getenv("ATTNKIT_CUDA_TMA_OUT");
-  f.tma_out = fast && !grid && !(to && to[0] == '0') && encode_out(p, &maps, 64);
+  f.tma_out = fast && !grid && env_switch("ATTNKIT_CUDA_TMA_OUT", true) && encode_out(p, &maps, 64);
   // Work items: query tiles of every (b, h), walked by one CTA a multiprocessor (epilogues and
   // the next item's loads overlap). ATTNKIT_CUDA_PERSISTENT_FWD=0 launches one CTA an item, =n
   // n CTAs (for measurements and tests).
@@ -135,10 +132,9 @@ Status forward(const core::Problem& p, bool dry_run) {
   if (items > std::numeric_limits<int>::max())
     return fail(StatusCode::kInvalidArgument, "batch * heads * ceil(max query length / 128) = ",
                 str(items), " query tiles: the CUDA forward takes at most 2^31 - 1");
-  // can_run: every rule checked, nothing launched (without a driver,
-  // CI, the tensor maps are left to the call; a driver without the encoder refuses here too)
-  if (!tensor_maps_available() && (!dry_run || driver_present())) return no_tensor_maps();
-  if (dry_run) return {};
+  // can_run: every rule checked, nothing launched.
+  st = tensor_maps_ready(dry_run);
+  if (!st.ok() || dry_run) return st;
   f.num_items = static_cast<int>(items);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;
@@ -194,8 +190,7 @@ Status forward(const core::Problem& p, bool dry_run) {
     e = tables.build(p, 128, kn, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);
     // Each row's walk over its span of key tiles: opt-in (ATTNKIT_CUDA_FWD_ROW_SPAN=1) until
     // measured (gpu.md part 26).
-    const char* rs = std::getenv("ATTNKIT_CUDA_FWD_ROW_SPAN");
-    if (!(rs && rs[0] == '1')) f.tile_span = nullptr;
+    if (!env_switch("ATTNKIT_CUDA_FWD_ROW_SPAN", false)) f.tile_span = nullptr;
     if (e == cudaSuccess) e = fast ? inst.fast(f, maps, stream) : inst.general(f, maps, stream);
   }
   // The statistics read the tables' relative buckets and forget-gate sums (through f): they run

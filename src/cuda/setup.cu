@@ -8,6 +8,7 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "core/mask_cache.h"
@@ -186,14 +187,18 @@ DeviceScope::~DeviceScope() {
   if (changed_ && set) (void)set(saved_);
 }
 
-bool driver_present() {
-  int v = 0;
-  return cudaDriverGetVersion(&v) == cudaSuccess && v > 0;
-}
-
-Status no_tensor_maps() {
+Status tensor_maps_ready(bool dry_run) {
+  if (tensor_maps_available()) return {};
+  int driver = 0;  // cudaDriverGetVersion gives 0 without a driver
+  if (dry_run && (cudaDriverGetVersion(&driver) != cudaSuccess || driver == 0)) return {};
   return fail(StatusCode::kNotImplemented, "the CUDA driver offers no tensor-map encoder ",
               "(cuTensorMapEncodeTiled): no driver here, or one older than CUDA 12");
+}
+
+bool env_switch(const char* name, bool on_by_default) {
+  const char* v = std::getenv(name);
+  if (!v) return on_by_default;
+  return on_by_default ? v[0] != '0' : v[0] == '1';
 }
 
 // A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x

@@ -54,12 +54,15 @@ bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, 
 // the copy engine cannot address, or null.
 const char* encode_maps(const core::Problem& p, TmaMaps* maps, int q_box, int k_box);
 // Whether the driver's tensor-map encoder is here: without it (no driver, so no device) the
-// encoders check the copy engine's rules and leave the maps empty (enough for a dry run), and a
-// call refuses with no_tensor_maps() before it launches anything.
+// encoders check the copy engine's rules and leave the maps empty.
 bool tensor_maps_available();
-Status no_tensor_maps();
-// Whether a CUDA driver is installed (cudaDriverGetVersion gives 0 without one).
-bool driver_present();
+// Whether a call (dry_run: can_run's) may go on past its tensor maps: with the encoder, or as a
+// dry run where no driver is installed (CI: the maps' rules were checked, nothing launches);
+// else the refusal that names the missing encoder (a driver older than CUDA 12 has none).
+Status tensor_maps_ready(bool dry_run);
+// A switch read from the environment at each call (for measurements): `name` set to "0" turns
+// a default-on switch off, set to "1" turns a default-off one on.
+bool env_switch(const char* name, bool on_by_default);
 
 // A 2-D neighborhood (dilation 1, grid dims multiples of 8 x 16, self-attention over the whole
 // grid, no varlen) on the fast kernel's grid tiles: sets f's grid fields and makes q's, k's and
