@@ -584,9 +584,10 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                             64) &&
                 encode_rows(&maps.dv, &maps.dv_hm, &maps.dv_bm, g.dv, p.dv, p.max_nk, p.hk, batch,
                             64);
-  // The tabled instance's walk narrowed to each column's non-empty query tiles: opt-in
-  // (ATTNKIT_CUDA_BWD_COL_RANGE=1) until it has run on a GPU (gpu.md part 26).
-  bp.col_range = env_switch("ATTNKIT_CUDA_BWD_COL_RANGE", false);
+  // The tabled instance's walk narrowed to each column's non-empty query tiles (run 104, H100:
+  // document-causal's backward 284 -> 347 TFLOP/s, causal tabled 423 -> 448; gpu.md part 27;
+  // ATTNKIT_CUDA_BWD_COL_RANGE=0 walks every tile, for measurements).
+  bp.col_range = env_switch("ATTNKIT_CUDA_BWD_COL_RANGE", true);
   if (f.fast_bias) {
     maps.qkv.bias = bias_map.bias;
     maps.qkv.bias_hm = bias_map.bias_hm;

@@ -188,9 +188,10 @@ Status forward(const core::Problem& p, bool dry_run) {
     e = inst.fast(f, maps, stream);
   } else {
     e = tables.build(p, 128, kn, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);
-    // Each row's walk over its span of key tiles: opt-in (ATTNKIT_CUDA_FWD_ROW_SPAN=1) until
-    // measured (gpu.md part 26).
-    if (!env_switch("ATTNKIT_CUDA_FWD_ROW_SPAN", false)) f.tile_span = nullptr;
+    // Each row's walk over its span of key tiles (run 104, H100: document-causal's forward
+    // 434 -> 456 TFLOP/s, causal tabled 553 -> 562; gpu.md part 27; ATTNKIT_CUDA_FWD_ROW_SPAN=0
+    // walks every tile, for measurements).
+    if (!env_switch("ATTNKIT_CUDA_FWD_ROW_SPAN", true)) f.tile_span = nullptr;
     if (e == cudaSuccess) e = fast ? inst.fast(f, maps, stream) : inst.general(f, maps, stream);
   }
   // The statistics read the tables' relative buckets and forget-gate sums (through f): they run

@@ -94,8 +94,8 @@ struct FwdParams {
   int tb_slots = 0;
   // Each table row's non-empty key tiles lie in [x, y) = tile_span[2 r], tile_span[2 r + 1],
   // row r = b * ts_sb + h * ts_sh + qt (classify_tiles_kernel; [0, 0) where none): where set, the
-  // forward walks that range of a row, not every key tile (opt-in, ATTNKIT_CUDA_FWD_ROW_SPAN=1,
-  // until measured).
+  // forward walks that range of a row, not every key tile (ATTNKIT_CUDA_FWD_ROW_SPAN=0: every
+  // tile, for measurements).
   const int32_t* tile_span = nullptr;
   int64_t ts_sb = 0, ts_sh = 0;
 
