@@ -626,8 +626,10 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   }
 }
 
-// fp32 gradients 4 bytes into their buffers: dq's rows are not 16-byte aligned (the conversion
-// from the scratch writes them) nor dk's and dv's pairs 8-byte aligned.
+// Gradients a few bytes into their buffers: fp32 at 4 bytes (dq's rows are not 16-byte aligned,
+// the conversion from the scratch writes them, nor dk's and dv's pairs 8-byte aligned), 16-bit
+// at 4 and 2 (rows the copy engine cannot store: the threads' pairs, then single elements; run
+// 107 passed them). An fp32 gradient at 2 bytes is refused (CudaRules).
 TEST(CudaBackwardLong, UnalignedGradientsMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -638,11 +640,13 @@ TEST(CudaBackwardLong, UnalignedGradientsMatchTheOracle) {
   for (const char* fused : {"0", "65536"}) {  // dq converted by a kernel of its own, then fused
     const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused);
     for (const Case& c : cases)
-      for (const char* mech : {"dense", "document", "softcap"}) {
-        const CheckResult r = backward_on_gpu(mech, c, seed++, false, {}, 4);
-        EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " fused bound=" << fused << ": "
-                          << r.error;
-      }
+      for (const char* mech : {"dense", "document", "softcap"})
+        for (const auto& [grads16, offset] : {std::pair{false, 4}, {true, 4}, {true, 2}}) {
+          const CheckResult r = backward_on_gpu(mech, c, seed++, grads16, {}, offset);
+          EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " fused bound=" << fused
+                            << " 16-bit grads=" << grads16 << " offset=" << offset << ": "
+                            << r.error;
+        }
   }
 }
 
@@ -857,6 +861,38 @@ TEST(CudaRules, AValidCallPasses) {
   AttentionSpec spec;
   spec.mask = Mask::causal();
   const Status s = can_run(q, k, k, spec, q);
+  EXPECT_TRUE(s.ok()) << s.message();
+}
+
+// An fp32 gradient 2 bytes into its buffer: refused by the element rule (the CUDA fuzz's
+// --invalid campaign found the backward's stores faulting on it); 16-bit ones there run.
+TEST(CudaRules, GradientsOfMisalignedElementsAreRefused) {
+  const auto q = device_view(DType::kBF16, {1, 2, 64, 64});
+  const auto lse = device_view(DType::kF32, {1, 2, 64});
+  AttentionGrads g;
+  g.dq = g.dk = device_view(DType::kF32, {1, 2, 64, 64});
+  g.dv = device_view(DType::kF32, {1, 2, 64, 64}, (1 << 20) + 2);
+  Status s = can_run_backward(q, q, q, q, lse, q, {}, g);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("dv.data is not 4-byte aligned"), std::string::npos) << s.message();
+  g.dv = device_view(DType::kBF16, {1, 2, 64, 64}, (1 << 20) + 2);
+  s = can_run_backward(q, q, q, q, lse, q, {}, g);
+  EXPECT_TRUE(s.ok()) << s.message();
+}
+
+// Segment ids belong to document and block-attention nodes; another kind's seg_q and seg_k are
+// not read (the CUDA fuzz's --invalid campaign found the parameters' setup indexing them).
+TEST(CudaRules, OtherKindsSegmentIndicesAreNotRead) {
+  const auto q = device_view(DType::kBF16, {2, 4, 100, 128});
+  AttentionSpec spec;
+  spec.mask = Mask::prefix_lm(6);
+  spec.mask.nodes[0].seg_q = spec.mask.nodes[0].seg_k = 9;
+  Status s = can_run(q, q, q, spec, q);
+  EXPECT_TRUE(s.ok()) << s.message();
+  const auto lse = device_view(DType::kF32, {2, 4, 100});
+  AttentionGrads g;
+  g.dq = g.dk = g.dv = device_view(DType::kF32, {2, 4, 100, 128});
+  s = can_run_backward(q, q, q, q, lse, q, spec, g);
   EXPECT_TRUE(s.ok()) << s.message();
 }
 

@@ -319,6 +319,14 @@ TEST(Errors, NullDataPointer) {
   EXPECT_REJECTED(c, kInvalidArgument, "k.data");
 }
 
+// Elements at an address not a multiple of their size (a float view 2 bytes into its buffer):
+// refused by the rule, on every device (a CUDA store of such a float faults).
+TEST(Errors, MisalignedElements) {
+  Call c;
+  c.k.data = static_cast<char*>(c.k.data) + 2;
+  EXPECT_REJECTED(c, kInvalidArgument, "k.data is not 4-byte aligned");
+}
+
 TEST(Errors, MissingQ) {
   Call c;
   c.q = TensorView{};

@@ -2,7 +2,8 @@
 // check_backward.
 //
 // Process model: the parent forks a child for a batch of consecutive seeds (one seed on the CPU,
-// where a fork costs less than a case; a batch on CUDA, where each child pays for a context).
+// where a fork costs less than a case; a batch on CUDA, where each child pays for a context,
+// ended early by a failed case, whose fault may have lost the context).
 // The child writes "start SEED DESCRIPTION" before a case and "done SEED OUTCOME DETAIL" after
 // it through a pipe; a child that dies (a signal, or SIGALRM after kCaseSeconds) leaves its last
 // started seed unfinished, and the parent reports that seed as crashed and goes on after it. The
@@ -81,6 +82,8 @@ std::string one_line(std::string s) {
     std::fprintf(out, "done %llu %d %s\n", static_cast<unsigned long long>(seed),
                  static_cast<int>(o.kind), one_line(o.detail).c_str());
     std::fflush(out);
+    // A kernel's fault leaves the context unusable: the cases after a failure get a new child.
+    if (opt.device == Device::kCUDA && o.kind == Outcome::kFailed) break;
   }
   _exit(0);
 }

@@ -504,12 +504,13 @@ class Drawer {
     }
     if (cuda_) {
       o.input_dtype_grads = dice_.chance(0.3);
-      if (dice_.chance(0.1)) o.grads_offset = 4;  // rows not 16-byte aligned
+      // Rows not 16-byte aligned; 16-bit ones at 2 bytes also without aligned pairs.
+      if (dice_.chance(0.1)) o.grads_offset = o.input_dtype_grads && dice_.chance(0.5) ? 2 : 4;
     }
     o.f64_grads = !o.input_dtype_grads && dice_.chance(0.2) && !cuda_;  // CUDA: fp32 or 16-bit
     say("threads=" + std::to_string(o.threads) + (o.deterministic ? " deterministic" : "") +
         (o.input_dtype_grads ? " 16-bit_grads" : "") + (o.f64_grads ? " f64_grads" : "") +
-        (o.grads_offset ? " grads_offset=4" : ""));
+        (o.grads_offset ? " grads_offset=" + std::to_string(o.grads_offset) : ""));
   }
 
   Dice dice_, side_dice_;

@@ -96,6 +96,11 @@ Status check_tensor(const TensorView& t, const char* name, bool inner_unit = tru
   if (t.data == nullptr)
     return fail(StatusCode::kInvalidArgument, name, ".data is null for a tensor of shape ",
                 shape_str(t));
+  const int es = dtype_size(t.dtype);
+  if (reinterpret_cast<uintptr_t>(t.data) % es != 0)
+    return fail(StatusCode::kInvalidArgument, name, ".data is not ", es,
+                "-byte aligned: a tensor's elements must be aligned to their size (",
+                dtype_name(t.dtype), ")");
   // The largest element offset must fit in 63 bits.
   int64_t off = 0;
   for (int i = 0; i < t.ndim; ++i) {
@@ -849,8 +854,9 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
       if (a.shape[i] != b.shape[i]) return false;
     return true;
   };
+  // input_dtype: the gradient may also take its input's 16-bit dtype.
   auto grad_like = [&](const TensorView& grad, const char* name, const TensorView& input,
-                       const char* input_name, bool required) -> Status {
+                       const char* input_name, bool required, bool input_dtype = false) -> Status {
     if (!grad.defined()) {
       if (required) return fail(StatusCode::kInvalidArgument, name, " is missing: it is required");
       return {};
@@ -858,7 +864,9 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
     if (!input.defined())
       return fail(StatusCode::kInvalidArgument, name, " given but the spec has no ", input_name);
     ATTNKIT_RETURN_IF_ERROR(check_tensor(grad, name, false));
-    if (grad.dtype != DType::kF32 && grad.dtype != DType::kF64)
+    const bool sixteen = input_dtype && grad.dtype == input.dtype &&
+                         (grad.dtype == DType::kBF16 || grad.dtype == DType::kF16);
+    if (grad.dtype != DType::kF32 && grad.dtype != DType::kF64 && !sixteen)
       return fail(
           StatusCode::kTypeError, name, ".dtype = ", dtype_name(grad.dtype),
           ": gradients are fp32 or fp64 (dq, dk, dv, dbias also their inputs' 16-bit dtype)");
@@ -884,16 +892,8 @@ Status validate_grads(const Problem& p, const TensorView& q, const TensorView& k
        {std::tuple{&g.dq, "dq", &q, "q", true},
         {&g.dk, "dk", &k, "k", true},
         {&g.dv, "dv", &v, "v", true},
-        {&g.dbias, "dbias", &m.bias, "bias", false}}) {
-    if (grad->defined() && grad->dtype == input->dtype &&
-        (grad->dtype == DType::kBF16 || grad->dtype == DType::kF16)) {
-      TensorView as_f32 = *grad;  // checked as fp32 for everything but the dtype
-      as_f32.dtype = DType::kF32;
-      ATTNKIT_RETURN_IF_ERROR(grad_like(as_f32, name, *input, input_name, required));
-    } else {
-      ATTNKIT_RETURN_IF_ERROR(grad_like(*grad, name, *input, input_name, required));
-    }
-  }
+        {&g.dbias, "dbias", &m.bias, "bias", false}})
+    ATTNKIT_RETURN_IF_ERROR(grad_like(*grad, name, *input, input_name, required, true));
   for (const TensorView* t : {&g.dq, &g.dk, &g.dv})
     if (t->strides[t->ndim - 1] != 1)
       return fail(StatusCode::kInvalidArgument, "dq, dk and dv need a unit inner stride");

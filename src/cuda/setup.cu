@@ -148,6 +148,7 @@ PFN_cuCtxSetCurrent_v4000 context_setter() {
 // launches anything.
 bool encode_swizzled(CUtensorMap* map, const core::RowOperand& r, int rank,
                      const cuuint64_t* dims, const int64_t* strides, const cuuint32_t* box) {
+  if (!aligned(r.data, 16)) return false;  // the copy engine's base address rule
   cuuint64_t gstrides[4];
   for (int x = 0; x + 1 < rank; ++x) {
     if (strides[x] <= 0 || strides[x] % 16 || strides[x] >= (int64_t{1} << 40)) return false;
@@ -383,7 +384,8 @@ void fill_params(const core::Problem& p, int q_tile, FwdParams* out) {
   for (size_t i = 0; i < m.globals.size(); ++i) f.globals[i] = m.globals[i];
   f.num_segments = static_cast<int>(m.segments.size());
   for (const MaskNode& n : m.nodes) {
-    if (n.seg_q < 0) continue;
+    // Segment ids belong to document and block-attention nodes; other kinds' are not read.
+    if (n.kind != MaskKind::kDocument && n.kind != MaskKind::kBlockAttention) continue;
     const size_t nseg = m.segments.size();
     const SegmentIds& s0 = p.segment_ids[n.seg_q];
     SegmentTemplate& t = f.segments[n.seg_q];
