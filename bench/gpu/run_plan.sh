@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 28; session 27's run 103 A/B'd the backward's three
-# patches, adopted in 60e85d5, gpu.md part 26; its step 0 ran past the tests' timeout and its
-# step 2 found no machine), one call of at most 600 s each:
+# The next device session's runs (session 29; session 28's runs 104-109 adopted the tabled
+# walks, ran main's correctness and found two faults by the invalid-input fuzzer, gpu.md part
+# 27), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
-# bash scripts/cutlass_fmha.sh). Order for session 28: step 1 (main's two opt-in walks and
-# DeviceScope, never run), then 2 with 2b (main's correctness since run 102), then 0 and 0b
-# (the forward's patches); a call that must start a machine costs ~90 s more.
+# bash scripts/cutlass_fmha.sh). Order for session 29: step 1, then 0, 0b and 0c; a call that
+# must start a machine costs ~90-180 s more (the device tool's held time, not the command's).
 # 0. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT
 #    fwd_lean:fwd_lean,fwd_item_slot:fwd_lean,fwd_item_slot,fwd_grid_bits
 #    dense,masked,neighborhood (~500 s; run 103's try, with CudaMaskCache and CudaTables added
@@ -36,66 +35,19 @@
 #    gives 0): its softmax is MUFU-bound (gpu.md Next, item 2): MUFU 528 -> 496 cycles a
 #    warpgroup and step, issue 435 -> 464 (scripts/sass_loop.py). Read the d64 rows only (d128
 #    is unchanged); 8 of 64 (kPolyExpEvery 8) would give MUFU 464, issue ~493.
-# 1. First (~400 s): session 27's two opt-in walks (on main, never run): the tabled backward's
-#    column range (80ecd29, ATTNKIT_CUDA_BWD_COL_RANGE=1) and the tabled forward's row spans
-#    (74241c9, ATTNKIT_CUDA_FWD_ROW_SPAN=1; the classifier writes the spans on every call, so
-#    the default path's tests matter too). In one build: ATTNKIT_CUDA_BWD_COL_RANGE=1
-#    ATTNKIT_CUDA_FWD_ROW_SPAN=1 TEST_FILTER='*CudaBackward*:*CudaOracle*:CudaFastPath.*:
-#    CudaMaskCache.*:CudaTables.*' bash scripts/gpu_cuda.sh $OUT --lean --no-bench (the tests
-#    with both on; gpu_cuda.sh runs CudaRules.* alone first, which checks session 27's
-#    DeviceScope); then for V in ATTNKIT_CUDA_BWD_COL_RANGE ATTNKIT_CUDA_FWD_ROW_SPAN; do
-#    PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py --masked --kernels --ab $V=1;
-#    done (every masked case; document-causal cached and causal-tabled are the ones they should
-#    move: the backward's bwd column, the forward's fwd column). Each that wins and passes
-#    becomes the default (backward.cu's col_range, forward.cu's tile_span). (Run 103 adopted
-#    bwd_band, bwd_alibi_band, bwd_tma_dkdv; bwd_band alone was 5% slower at d64: the other
-#    two without it, once made so, could be A/B'd at d64.)
-# 2. After adopting (apply, delete the patch, commit): run_plan.sh 1 $OUT (~430 s; run 102 passed
-#    it on main at a3114b8; run 103's adopted tree passed the backward's tests, the general
-#    path's range cases and CudaFastPath's two; new since: DeviceScope before the tensor maps,
-#    so CudaRules.* alone in a fresh process must pass now, `build-gpu/tests/test_cuda
-#    --gtest_filter='CudaRules.*'`: run 103's failed 3 of 8 without a current context; then a
-#    review mend, never run: DeviceScope keeps a context of the device already current and
-#    restores the thread's earlier one by cuCtxSetCurrent, which every CUDA call takes; and
-#    test_torch's test_cuda_call_from_a_new_thread). New tests
-#    not yet run (session 23 had no device; each fails on the code before its fix):
-#    CudaFastPath.ZeroOrTinyScalesMatchTheOracle (scale 0 and 1e-40: the general flavor),
-#    CudaFastPath.UnboundedWindowsMatchTheOracle (a window side of INT64_MAX), test_torch.py's
-#    test_cuda_packed_rows_past_the_sequences (cu_seqlens all empty on one side, padding rows:
-#    zero gradients) and test_cuda_bias_of_the_lowest_value (an additive mask of bf16's or
-#    fp32's lowest value: masked rows, never NaN; DESIGN.md numerics); changed and not yet run:
-#    the forget gate's prefix sums in float64 (the CudaOracle / CudaBackward forget_gate cases)
-#    and the general flavor's saturated -max * log2 e (every general case). Session 24 (no
-#    device either): the normalized kernel as a softmax over p log f(s), its row_stat log L
-#    (CudaGeneralPath.RangeCasesMatchTheOracle, new; the kernel_* cases of CudaOracle and
-#    CudaBackward; test_torch's kernel cases), col_mass summed in float64 (the stats tests).
-#    Session 25: sigmoid's P (1 - P) and the gate's 1 - sigmoid(G) from e^-|z| (the same
-#    test's sigmoid_* and *_gate40 cases; the sigmoid and gate cases of CudaBackward).
-#    Since run 102 (review mends, session 25): the backward's dry run sets no device.
-#    Session 26 (no device): dgate's varlen padding rows zeroed (the CUDA fuzz's varlen cases
-#    with padding rows and a gate; every output now starts as NaN in check and fuzz, so an
-#    unwritten element fails); negative scales (CudaGeneralPath.RangeCasesMatchTheOracle's
-#    softmax_scale-1: the backward's band instance; softmax_alibi_scale-0.7: its tabled ALiBi;
-#    sigmoid and kernel: the general flavor; fuzz draws them too); without a driver the dry
-#    run checks the copy engine's rules (a call without one refuses by name before launching);
-#    outputs whose elements share memory refused (strides that nest); an additive -inf under
-#    the normalized kernel's zero length scale stays -inf (fwd_kernel.cuh, bwd_kernel.cuh: was
-#    -inf * 0 = NaN; RangeCases' kernel_length_scale0_masked_diagonal); can_run refuses where a
-#    driver lacks the tensor-map encoder (now tensor_maps_ready); fast_sigmoid calls
-#    fast_sigmoid_pair.
-# 2b. First replay run 102's 7 fp16 sigmoid misses, judged since by the dS floor of magnitudes.cpp
-#    (for s in 1253 2740 2888 2935 3490 4315 4475; do ./build-gpu/attnkit fuzz --device cuda
-#    --seed $s --cases 1; done), then seeds from 4695 on (--seed 4695 --seconds 240).
-#    The fuzzer on the GPU (session 24's `attnkit fuzz`; random cases against the oracle,
-#    forward and backward, each replayable by its seed): after step 2's build,
-#    ./build/attnkit fuzz --device cuda --seed 1 --seconds 240 (a failure line names its seed:
-#    ./build/attnkit fuzz --device cuda --seed S --cases 1 --verbose replays it).
-#    Then the invalid-input fuzzer on the GPU (session 26, tools/fuzz_invalid.cpp; never run on
-#    a device): ./build-gpu/attnkit fuzz --device cuda --invalid --seed 1 --seconds 120 (a
-#    crash, an unnamed refusal, can_run disagreeing, or a result off the oracle fails).
-#    Where step 1's walks are not yet the default, a third campaign with them on:
-#    ATTNKIT_CUDA_BWD_COL_RANGE=1 ATTNKIT_CUDA_FWD_ROW_SPAN=1 ./build-gpu/attnkit fuzz --device
-#    cuda --seed 100000 --seconds 120 (the fuzzer's masks reach the tables in most cases).
+# 0c. (~300 s) PAR=1 TESTS='*CudaBackward*:CudaFastPath.*' AGAIN=0 PROFILE='--masked --kernels'
+#    run_plan.sh ab $OUT bwd_kv_early train_masked: ab_bwd_kv_early.patch, the backward's K and
+#    V issued by the initializing thread before the column scan (session 27's review: the scan
+#    of a causal or document column then hides their load); read document-causal cached and
+#    causal-tabled's bwd_kernel times.
+# 1. First (~450 s): session 28's fixes, never run on a GPU, then the masked targets with the
+#    adopted walks: bash bench/gpu/run_plan.sh 3 $OUT (builds, bench.py --only
+#    masked,neighborhood,train: document cached fwd+bwd vs Flex was 1.03x before the column
+#    range; run 104's kernel times predict ~1.2x), then cmake --build build-gpu --target
+#    attnkit_cli and ./build-gpu/attnkit fuzz --device cuda --invalid --seed 1 --seconds 120
+#    (run 105-107's campaign failed at seed 93, an fp32 gradient 2 bytes in: refused now by the
+#    element-alignment rule; a failed case now ends its child, so a fault shows once), then
+#    build-gpu/tests/test_cuda --gtest_filter='CudaRules.*:CudaBackwardLong.Unaligned*'.
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
@@ -121,7 +73,8 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
 # The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, fwd_grid_bits, band_bits,
-# fwd_exp_poly (steps 0, 0b, 3); bwd_band, bwd_alibi_band and bwd_tma_dkdv are on main (60e85d5).
+# fwd_exp_poly, bwd_kv_early (steps 0, 0b, 0c, 3); bwd_band, bwd_alibi_band and bwd_tma_dkdv are
+# on main (60e85d5).
 # In git history: tma_out_k and tma_out_grid (lost in run 94: git show
 # 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains, wait_top and lazy (part
 # 17), the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.
