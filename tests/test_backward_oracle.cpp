@@ -184,6 +184,13 @@ TEST(BackwardOracleErrors, BadGradients) {
   EXPECT_NE(s.message().find("grad_out.shape"), std::string::npos) << s.message();
   EXPECT_TRUE(
       reference_backward(inst.q.view, inst.k.view, inst.v.view, go.view, inst.spec, ok).ok());
+  // An fp32 grad_out 4 bytes into its buffer is aligned for its own elements, not for q's fp64
+  // (the oracle's stand-in `out` took its address with q's dtype, and refused it).
+  OwnedTensor room = random_tensor(DType::kF32, {1 + 2 * 6 * 4}, 1.0, 2);
+  const TensorView go32 =
+      TensorView::contiguous(static_cast<float*>(room.view.data) + 1, DType::kF32, {1, 2, 6, 4});
+  const Status s32 = reference_backward(inst.q.view, inst.k.view, inst.v.view, go32, inst.spec, ok);
+  EXPECT_TRUE(s32.ok()) << s32.message();
 }
 
 }  // namespace

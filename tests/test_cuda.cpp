@@ -500,6 +500,18 @@ TEST(CudaFastPath, UnboundedWindowsMatchTheOracle) {
     expect_forward_backward("sliding_window", c, seed, {{"left", left}, {"right", right}});
 }
 
+// The tabled fast instances' walks as they were before the column range and row spans (both on
+// by default since run 104): every tile, the empties skipped one table load at a time.
+TEST(CudaFastPath, TabledWalksOverEveryTileMatchTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const ScopedEnv cols("ATTNKIT_CUDA_BWD_COL_RANGE", "0"), rows("ATTNKIT_CUDA_FWD_ROW_SPAN", "0");
+  int seed = 431;
+  for (const Case& c : {Case{DType::kBF16, {2, 4, 2, 333, 333, 128, 128}, false},
+                        Case{DType::kF16, {1, 2, 1, 300, 300, 64, 64}, true}})
+    for (const char* mech : {"document", "block_attention"})
+      if (!tools::mechanism_spec(mech, c.dims).is_null()) expect_forward_backward(mech, c, seed);
+}
+
 // Masks with partial tiles across long rows: plain, on the fast kernel with every partial tile's
 // bits; with a relative-position table, on the general kernel, whose partial tiles beyond the
 // precomputed bits (16 per query tile) evaluate the mask tree in the kernel.

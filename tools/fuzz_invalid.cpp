@@ -264,7 +264,8 @@ Change tensor_change_of(const std::string& nm, const TensorView& x, std::mt19937
     case 7:
       return {nm + ".data = nullptr", x.numel() > 0, on([](TensorView& v) { v.data = nullptr; })};
     case 8:
-      return {nm + ".data += 2 bytes", false,
+      // Refused where the elements are wider than 2 bytes (elements aligned to their size).
+      return {nm + ".data += 2 bytes", dtype_size(x.dtype) > 2,
               on([](TensorView& v) { v.data = static_cast<char*>(v.data) + 2; }), false};
     case 9: {
       const DType to[] = {DType::kF32, DType::kF64, DType::kBF16, DType::kF16, DType::kI32};

@@ -14,6 +14,8 @@ inline constexpr int kMaxTensorDims = 4;
 const char* dtype_name(DType t);
 int dtype_size(DType t);
 
+// data is aligned to the element's size, as every PyTorch tensor's: a call refuses a view that
+// is not.
 struct TensorView {
   void* data = nullptr;
   DType dtype = DType::kF32;

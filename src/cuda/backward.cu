@@ -585,8 +585,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                 encode_rows(&maps.dv, &maps.dv_hm, &maps.dv_bm, g.dv, p.dv, p.max_nk, p.hk, batch,
                             64);
   // The tabled instance's walk narrowed to each column's non-empty query tiles (run 104, H100:
-  // document-causal's backward 284 -> 347 TFLOP/s, causal tabled 423 -> 448; gpu.md part 27;
-  // ATTNKIT_CUDA_BWD_COL_RANGE=0 walks every tile, for measurements).
+  // document-causal's backward kernel 1477 -> 1178 us, -20%; causal tabled 3042 -> 2848, within
+  // the run's noise; gpu.md part 27; ATTNKIT_CUDA_BWD_COL_RANGE=0 walks every tile).
   bp.col_range = env_switch("ATTNKIT_CUDA_BWD_COL_RANGE", true);
   if (f.fast_bias) {
     maps.qkv.bias = bias_map.bias;

@@ -188,9 +188,10 @@ Status forward(const core::Problem& p, bool dry_run) {
     e = inst.fast(f, maps, stream);
   } else {
     e = tables.build(p, 128, kn, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);
-    // Each row's walk over its span of key tiles (run 104, H100: document-causal's forward
-    // 434 -> 456 TFLOP/s, causal tabled 553 -> 562; gpu.md part 27; ATTNKIT_CUDA_FWD_ROW_SPAN=0
-    // walks every tile, for measurements).
+    // Each row's walk over its span of key tiles, not its leading and trailing empties one
+    // table load at a time (run 104, H100: document-causal's forward 434 -> 456 TFLOP/s, causal
+    // tabled 553 -> 562, both within the run's noise, no loss; gpu.md part 27;
+    // ATTNKIT_CUDA_FWD_ROW_SPAN=0 walks every tile).
     if (!env_switch("ATTNKIT_CUDA_FWD_ROW_SPAN", true)) f.tile_span = nullptr;
     if (e == cudaSuccess) e = fast ? inst.fast(f, maps, stream) : inst.general(f, maps, stream);
   }

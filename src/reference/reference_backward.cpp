@@ -58,7 +58,7 @@ Status resolve_backward(const TensorView& q, const TensorView& k, const TensorVi
     out_like.strides[i] = stride;
     stride *= std::max<int64_t>(out_like.shape[i], 1);
   }
-  out_like.data = grad_out.data != nullptr ? grad_out.data : q.data;
+  out_like.data = q.data;  // q's dtype and alignment (grad_out is checked as itself)
   out_like.dtype = q.dtype;
   const Status st = core::validate_and_resolve(q, k, v, spec, out_like, {}, {}, Options{}, true, p);
   if (!st.ok()) return st;
