@@ -47,7 +47,8 @@
 #    attnkit_cli and ./build-gpu/attnkit fuzz --device cuda --invalid --seed 1 --seconds 120
 #    (run 105-107's campaign failed at seed 93, an fp32 gradient 2 bytes in: refused now by the
 #    element-alignment rule; a failed case now ends its child, so a fault shows once), then
-#    build-gpu/tests/test_cuda --gtest_filter='CudaRules.*:CudaBackwardLong.Unaligned*'.
+#    build-gpu/tests/test_cuda --gtest_filter='CudaRules.*:CudaBackwardLong.Unaligned*:
+#    CudaFastPath.TabledWalks*' (the last: both walks switched off, new).
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
