@@ -64,6 +64,16 @@ args = [a for a in argv if a not in ("--kernels", "--masked", "--once")]
 variants = [("attnkit", None)] if ab is None else [("attnkit", ""), ("attnkit " + ab, ab)]
 
 
+def set_variant(x):
+    """A variant's environment: None leaves it, "" unsets --ab's NAME, else sets NAME=VALUE."""
+    if x is None:
+        return
+    name, _, value = ab.partition("=")
+    os.environ.pop(name, None)
+    if x:
+        os.environ[name] = value
+
+
 def masked():
     """Each masked case's forward and backward alone, attnkit and FlexAttention."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -92,10 +102,7 @@ def masked():
         runs = [(who, x, lambda: attnkit.attention(q, k, v, **kw)) for who, x in variants]
         runs.append(("flex", None, lambda: fa(q, k, v, block_mask=bm, score_mod=sm)))
         for who, x, fn in runs:
-            if x is not None:  # "": NAME unset
-                os.environ.pop(ab.split("=")[0], None)
-                if x:
-                    os.environ[ab.split("=")[0]] = ab.split("=", 1)[1]
+            set_variant(x)
             out = fn()
             grad = lambda: torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
             res.append("%s fwd %.0f bwd %.0f" % (who, tflops(flops, fn), tflops(2.5 * flops, grad)))
@@ -124,10 +131,7 @@ for n in [int(x) for x in args] or ([] if "--masked" in sys.argv else [4096]):
             runs = [(name, x, lambda: attnkit.attention(q, k, v, causal=causal)) for name, x in variants]
             runs.append(("cudnn", None, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
             for name, x, fn in runs:
-                if x is not None:  # "": NAME unset
-                    os.environ.pop(ab.split("=")[0], None)
-                    if x:
-                        os.environ[ab.split("=")[0]] = ab.split("=", 1)[1]
+                set_variant(x)
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     out = fn()
                     fwd = tflops(flops, fn)
