@@ -38,12 +38,18 @@ rc=0
 timeout 120 build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter='CudaRules.*' \
   > "$out/rules.log" 2>&1 ||
   { echo "CudaRules.* alone: failed"; grep -A3 Failure "$out/rules.log" | head -20; rc=1; }
-timeout "${TEST_TIMEOUT:-420}" build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter="${TEST_FILTER:-*}" \
-  > "$out/test_cuda.log" 2>&1
+# Each test's start and time, line by line (a timeout then shows what ran and how long each
+# took: runs 111-112 left empty logs of a slow list).
+timeout "${TEST_TIMEOUT:-420}" stdbuf -oL build-gpu/tests/test_cuda \
+  --gtest_filter="${TEST_FILTER:-*}" > "$out/test_cuda.log" 2>&1
 trc=$?
 grep -E "FAILED|PASSED|rel_err" "$out/test_cuda.log" | head -40
 # A hang (timeout's 124) or a crash stops here: the later steps would run the same kernels.
-if (( trc == 124 || trc > 128 )); then echo "test_cuda: rc $trc, stopping"; exit 1; fi
+if (( trc == 124 || trc > 128 )); then
+  echo "test_cuda: rc $trc after $(grep -c '^\[       OK' "$out/test_cuda.log") tests passed," \
+    "in $(grep '^\[ RUN' "$out/test_cuda.log" | tail -1 | cut -c14-), stopping"
+  exit 1
+fi
 (( trc == 0 )) || rc=1
 if (( ! lean )); then
   timeout 300 build-gpu/attnkit check --device cuda > "$out/check.log" 2>&1 || rc=1

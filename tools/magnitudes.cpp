@@ -46,6 +46,7 @@
 //   q, k:   |dQ_i| = |scale| sum_j |dT_ij| |K_j|,  |dK_j| += |scale| sum_i |dT_ij| |Q_i|
 #include "magnitudes.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -150,12 +151,11 @@ Floors floors(const core::Problem& p, const reference::HeadForward& f, double to
 // |P~|V|| / sqrt(dv) to the row's rms.
 double pv_magnitude(const reference::HeadForward& f, const std::vector<double>& pm, int64_t i,
                     int64_t dv, std::vector<double>& pv_abs) {
+  std::fill(pv_abs.begin(), pv_abs.begin() + dv, 0.0);
+  for (int64_t j = 0; j < f.nk; ++j)  // (V's rows in order: each column sums in j's order)
+    for (int64_t c = 0; c < dv; ++c) pv_abs[c] += pm[i * f.nk + j] * std::abs(f.V[j * dv + c]);
   double pv_abs2 = 0;
-  for (int64_t c = 0; c < dv; ++c) {
-    pv_abs[c] = 0;
-    for (int64_t j = 0; j < f.nk; ++j) pv_abs[c] += pm[i * f.nk + j] * std::abs(f.V[j * dv + c]);
-    pv_abs2 += pv_abs[c] * pv_abs[c];
-  }
+  for (int64_t c = 0; c < dv; ++c) pv_abs2 += pv_abs[c] * pv_abs[c];
   return std::sqrt(pv_abs2 / static_cast<double>(dv)) / f.rms[i];
 }
 
@@ -261,10 +261,12 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
         for (int64_t j = 0; j < nk; ++j) {
           if (!f.A[i * nk + j]) continue;
           double* vrow = row_of(ops.dv, b, f.hk, s.k_start + j);
+          double acc = 0;  // (in a register: vrow may alias dP for the compiler)
           for (int64_t c = 0; c < dv; ++c) {
-            dP[i * nk + j] += a[i * dv + c] * std::abs(f.V[j * dv + c]);
+            acc += a[i * dv + c] * std::abs(f.V[j * dv + c]);
             vrow[c] += pm[i * nk + j] * a[i * dv + c];
           }
+          dP[i * nk + j] = acc;
         }
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t ia = i + s.offset;

@@ -1,54 +1,37 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 29; session 28's runs 104-109 adopted the tabled
-# walks, ran main's correctness and found two faults by the invalid-input fuzzer, gpu.md part
-# 27), one call of at most 600 s each:
+# The next device session's runs (session 30; session 29's runs 110-114 measured the masked
+# table with the walks, found the forward's lean and item-slot patches without gain and the
+# test list too slow for three trees at once, gpu.md part 28), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
-# bash scripts/cutlass_fmha.sh). Order for session 29: step 1, then 0, 0b and 0c; a call that
-# must start a machine costs ~90-180 s more (the device tool's held time, not the command's).
-# 0. PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0 run_plan.sh ab $OUT
-#    fwd_lean:fwd_lean,fwd_item_slot:fwd_lean,fwd_item_slot,fwd_grid_bits
-#    dense,masked,neighborhood (~500 s; run 103's try, with CudaMaskCache and CudaTables added
-#    to TESTS, ran past the tests' old timeout of 150 s with three trees testing at once, now
-#    TEST_TIMEOUT, default 300; a hang cannot be told from slowness there): bench/gpu/
-#    ab_fwd_lean.patch, the forward's steady step without its per-tile band classification (an
-#    item's full key tiles [f_begin, f_end) found once; 64-bit compares a tile otherwise) and
-#    with the ring's stage and phase counted instead of divided by 3: the step's executed path
-#    524 -> 509 instructions at d128, 479 -> 438 at d64 (scripts/sass_loop.py; the d64 band
-#    test was 38).
-#    ab_fwd_item_slot.patch (on it): the producer thread hands each item's (b, h, query tile)
-#    through the schedule's slot (16 bytes), so the 256 consumer threads skip its two integer
-#    divisions (~56 instructions an item; the fast kernels spill 12 bytes, not 4, at d64 and 16,
-#    not 8, at d128).
-#    ab_fwd_grid_bits.patch (on both; the third set against the second is its own gain, on the
-#    neighborhood; made on them, it applies to main and to lean alone too, by patch's fuzz):
-#    the grid tiles' mask as two 32-bit words of tests (rows as nibbles times the
-#    thread's four columns; R2P and a select a score, as the tabled tiles) and a key tile's
-#    patch by the reciprocal of kcols instead of an integer division a tile: the grid step's
-#    executed path 764 -> 688 instructions at d128 (scripts/sass_loop.py; the bit formulas
-#    checked by brute force). The full-tile range of lean and bwd_band is one function,
-#    MaskEval::band_full_tiles (masks.h; CPU test BandFullTiles.AreTheTilesBandFindsFull).
-# 0b. If the budget allows (~250 s): PAR=1 TESTS='CudaFastPath.*:*CudaOracle*' AGAIN=0
-#    run_plan.sh ab $OUT fwd_lean:fwd_lean,fwd_exp_poly dense: ab_fwd_exp_poly.patch (on lean; it
-#    applies on main and on step 0's stacks too), 4 of a thread's 64 exp2 a tile of the fast d64
+# bash scripts/cutlass_fmha.sh). Order for session 30: steps A, B, then C; a call that must
+# start a machine costs ~90-180 s more (the device tool's held time, not the command's).
+# Keep each tree's TESTS short: CudaFastPath.* alone ran past 110 s in run 113 (the persistent
+# walk's 54 oracle checks; session 29 made its checks ~1.6x faster), and three trees at once
+# share the host's 16 cores (runs 111-112 timed out at 300 s and 200 s).
+# A. (~350 s) PAR=1 TESTS='CudaFastPath.Grid*:CudaFastPath.TabledWalks*:CudaFastPath.LongSeq*:
+#    CudaOracle.MatchesOracle/neighborhood*' run_plan.sh ab $OUT fwd_grid_bits
+#    neighborhood,masked: ab_fwd_grid_bits.patch (remade on main in session 29), the grid tiles'
+#    mask as two 32-bit words of tests (rows as nibbles times the thread's four columns; R2P and
+#    a select a score, as the tabled tiles) and a key tile's patch by the reciprocal of kcols
+#    instead of an integer division a tile: the grid step's executed path 764 -> 688
+#    instructions at d128 (scripts/sass_loop.py; the bit formulas checked by brute force). Run
+#    114, stacked on lean and item_slot and untested: neighborhood 13x13 0.296 -> 0.281 ms.
+# B. (~300 s) PAR=1 TESTS='*CudaBackward*:CudaFastPath.TabledWalks*' AGAIN=0 PROFILE='--masked
+#    --kernels' run_plan.sh ab $OUT bwd_kv_early train_masked: ab_bwd_kv_early.patch, the
+#    backward's K and V issued by the initializing thread before the column scan (session 27's
+#    review: the scan of a causal or document column then hides their load); read
+#    document-causal cached and causal-tabled's bwd_kernel times.
+# C. (~500 s) bash bench/gpu/run_plan.sh 1 $OUT: main's whole correctness after session 29's
+#    oracle change (dot products as partial sums, the naive P V's rounding; tests' tolerances
+#    come from it), and the list's time against run 105's (test_cuda 98, check 352, pytest 33).
+# 0b. If the budget allows (~250 s): PAR=1 TESTS='CudaFastPath.LongSeq*:CudaFastPath.Softcap*:
+#    *CudaOracle.MatchesOracle/dense*' run_plan.sh ab $OUT fwd_exp_poly dense:
+#    ab_fwd_exp_poly.patch (applies on main), 4 of a thread's 64 exp2 a tile of the fast d64
 #    forward on the FMA pipe (poly_exp2: a degree-3 polynomial, relative error 1.0e-4; -inf
 #    gives 0): its softmax is MUFU-bound (gpu.md Next, item 2): MUFU 528 -> 496 cycles a
-#    warpgroup and step, issue 435 -> 464 (scripts/sass_loop.py). Read the d64 rows only (d128
-#    is unchanged); 8 of 64 (kPolyExpEvery 8) would give MUFU 464, issue ~493.
-# 0c. (~300 s) PAR=1 TESTS='*CudaBackward*:CudaFastPath.*' AGAIN=0 PROFILE='--masked --kernels'
-#    run_plan.sh ab $OUT bwd_kv_early train_masked: ab_bwd_kv_early.patch, the backward's K and
-#    V issued by the initializing thread before the column scan (session 27's review: the scan
-#    of a causal or document column then hides their load); read document-causal cached and
-#    causal-tabled's bwd_kernel times.
-# 1. First (~450 s): session 28's fixes, never run on a GPU, then the masked targets with the
-#    adopted walks: bash bench/gpu/run_plan.sh 3 $OUT (builds, bench.py --only
-#    masked,neighborhood,train: document cached fwd+bwd vs Flex was 1.03x before the column
-#    range; run 104's kernel times predict ~1.2x), then cmake --build build-gpu --target
-#    attnkit_cli and ./build-gpu/attnkit fuzz --device cuda --invalid --seed 1 --seconds 120
-#    (run 105-107's campaign failed at seed 93, an fp32 gradient 2 bytes in: refused now by the
-#    element-alignment rule; a failed case now ends its child, so a fault shows once), then
-#    build-gpu/tests/test_cuda --gtest_filter='CudaRules.*:CudaBackwardLong.Unaligned*:
-#    CudaFastPath.TabledWalks*' (the last: both walks switched off, new).
+#    warpgroup and step, issue 479 -> ~508 on main (scripts/sass_loop.py, measured on lean:
+#    435 -> 464). Read the d64 rows only (d128 is unchanged).
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
@@ -73,9 +56,9 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): fwd_lean, fwd_item_slot, fwd_grid_bits, band_bits,
-# fwd_exp_poly, bwd_kv_early (steps 0, 0b, 0c, 3); bwd_band, bwd_alibi_band and bwd_tma_dkdv are
-# on main (60e85d5).
+# The patches kept (bench/gpu/*.patch): fwd_grid_bits, bwd_kv_early, fwd_exp_poly, band_bits
+# (steps A, B, 0b, 3); bwd_band, bwd_alibi_band and bwd_tma_dkdv are on main (60e85d5);
+# fwd_lean and fwd_item_slot lost in run 114 (git show f0a091d:bench/gpu/ab_fwd_lean.patch).
 # In git history: tma_out_k and tma_out_grid (lost in run 94: git show
 # 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains, wait_top and lazy (part
 # 17), the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.

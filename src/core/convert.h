@@ -78,8 +78,10 @@ inline float round_f16(float f) {
   const uint32_t a = u & 0x7fffffffu;
   if (a >= 0x7f800000u) return f;  // infinities and NaN
   if (a < 0x38800000u) {           // below 2^-14: fp16's subnormals, multiples of 2^-24
-    constexpr float kQuantum = 1.f / 16777216.f;
-    return std::nearbyint(f * 16777216.f) * kQuantum;  // the default rounding: to nearest even
+    // f + 0.75 lies in [0.5, 1), where floats are 2^-24 apart: the sum rounds f to its multiple
+    // (to nearest even, 0.75 being an even one) and the difference is exact; the sign of a zero
+    // kept. (IEEE arithmetic in float: FLT_EVAL_METHOD 0, no -ffast-math.)
+    return std::copysign((f + 0.75f) - 0.75f, f);
   }
   u += 0xfffu + ((u >> 13) & 1u);  // 23 -> 10 mantissa bits, ties to even
   u &= ~0x1fffu;

@@ -50,16 +50,19 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
   f.P.assign(nq * nk, 0.0);
   f.A.assign(nq * nk, 0);
   f.n_allowed.assign(nq, 0);
+  // The naive computation's fp32 operands (Q and K hold values of the inputs' dtype: exact).
+  const std::vector<float> Qf(naive ? f.Q.begin() : f.Q.end(), f.Q.end());
+  const std::vector<float> Kf(naive ? f.K.begin() : f.K.end(), f.K.end());
   for (int64_t i = 0; i < nq; ++i)
     for (int64_t j = 0; j < nk; ++j) {
       double dot = 0;
-      if (naive) {
+      if (naive) {  // one fp32 chain, as a naive loop sums (the tolerances scale with its error)
+        const float *qi = &Qf[i * p.d], *kj = &Kf[j * p.d];
         float acc = 0.f;
-        for (int64_t c = 0; c < p.d; ++c)
-          acc += static_cast<float>(f.Q[i * p.d + c]) * static_cast<float>(f.K[j * p.d + c]);
+        for (int64_t c = 0; c < p.d; ++c) acc += qi[c] * kj[c];
         dot = rnd(acc);
       } else {
-        for (int64_t c = 0; c < p.d; ++c) dot += f.Q[i * p.d + c] * f.K[j * p.d + c];
+        dot = dot64(&f.Q[i * p.d], &f.K[j * p.d], p.d);
       }
       const int64_t x = i * nk + j;
       f.T[x] = f.mods.additive(rnd(p.scale64 * dot), i, i + s.offset, j);
@@ -131,14 +134,35 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
   f.O.assign(nq * p.dv, 0.0);
   f.O_final.assign(nq * p.dv, 0.0);
   f.rms.assign(nq, 1.0);
-  for (int64_t i = 0; i < nq; ++i) {
-    double* o = &f.O[i * p.dv];
+  // Accumulates P V of row i into o by step(acc, p_ij v_jc): exact, or the naive fp32 sum of
+  // products rounded to the inputs' dtype (an instance per dtype: the switch out of the loop).
+  auto pv_row = [&](int64_t i, double* o, auto step) {
     for (int64_t j = 0; j < nk; ++j) {
       const double pij = f.P[i * nk + j];
       if (pij == 0) continue;
-      for (int64_t c = 0; c < p.dv; ++c)
-        o[c] = naive ? static_cast<float>(o[c] + static_cast<float>(rnd(pij * f.V[j * p.dv + c])))
-                     : o[c] + pij * f.V[j * p.dv + c];
+      const double* vj = &f.V[j * p.dv];
+      for (int64_t c = 0; c < p.dv; ++c) o[c] = step(o[c], pij * vj[c]);
+    }
+  };
+  auto naive_step = [](auto round) {
+    return [round](double acc, double x) {
+      return static_cast<double>(static_cast<float>(acc + static_cast<float>(round(x))));
+    };
+  };
+  for (int64_t i = 0; i < nq; ++i) {
+    double* o = &f.O[i * p.dv];
+    switch (naive ? rounding : DType::kF64) {
+      case DType::kBF16:
+        pv_row(i, o, naive_step([](double x) { return core::round_to(DType::kBF16, x); }));
+        break;
+      case DType::kF16:
+        pv_row(i, o, naive_step([](double x) { return core::round_to(DType::kF16, x); }));
+        break;
+      case DType::kF32:
+        pv_row(i, o, naive_step([](double x) { return core::round_to(DType::kF32, x); }));
+        break;
+      default:
+        pv_row(i, o, [](double acc, double x) { return acc + x; });
     }
     double* of = &f.O_final[i * p.dv];
     for (int64_t c = 0; c < p.dv; ++c) of[c] = o[c];

@@ -32,6 +32,18 @@ struct HeadForward {
 // and ctest runs tests side by side).
 int oracle_threads(const core::Problem& p);
 
+// sum_c a[c] b[c] in float64 as eight interleaved partial sums: the chains overlap and the
+// compiler keeps them in vector registers (the exact oracle's widest loop; the order's rounding
+// is far below any tolerance).
+inline double dot64(const double* a, const double* b, int64_t n) {
+  double s[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    for (int u = 0; u < 8; ++u) s[u] += a[c + u] * b[c + u];
+  for (; c < n; ++c) s[c % 8] += a[c] * b[c];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
 // `rounding` kF64: exact. Another dtype: the naive computation in that dtype (scores,
 // probabilities and both products rounded to it; dot products and P V accumulated in fp32).
 HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>& tables, int64_t b,
