@@ -164,5 +164,23 @@ TEST(Tolerance, NaiveComputationIsLowPrecision) {
   }
 }
 
+// fp32's bound grows with the largest score (two fp32 units of it, up to 1e-4): logits of a few
+// keep 1e-5, logits of hundreds (inputs of scale 6 at d 64: |S| ~ 1e3) get more, never past 1e-4.
+TEST(Tolerance, Fp32BoundFollowsTheTopScore) {
+  CheckOptions opt;
+  opt.dtype = DType::kF32;
+  opt.dims = {1, 2, 2, 40, 70, 64, 64};
+  for (double scale : {1.0, 6.0}) {
+    opt.input_scale = scale;
+    const CheckResult r = check_mechanism("dense", opt);
+    ASSERT_TRUE(r.ok) << r.error;
+    if (scale == 1.0)
+      EXPECT_EQ(r.tol, 1e-5);
+    else
+      EXPECT_GT(r.tol, 2e-5);
+    EXPECT_LE(r.tol, 1e-4);
+  }
+}
+
 }  // namespace
 }  // namespace attnkit::tools

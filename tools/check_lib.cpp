@@ -241,11 +241,12 @@ CheckResult check_forward(Instance& inst, const CheckOptions& opt) {
   const bool rela = inst.spec.normalizer.kind == NormalizerKind::kReLA;
   const double softcap_rel = cuda ? kCudaSoftcapRel : 0.0;
   std::vector<double> out_mag, out_mag_rela, rms_mag;
+  double top_score = 0;
   auto magnitude = [&](double tol, std::vector<double>& m, std::vector<double>* rms) {
     OwnedTensor t = zeros_like(fast.out, DType::kF64), rt;
     if (rms && fast.row_stat.view.defined()) rt = zeros_like(fast.row_stat, DType::kF32);
     const Status st = output_magnitude(inst.q.view, inst.k.view, inst.v.view, inst.spec, tol,
-                                       t.view, rt.view, softcap_rel);
+                                       t.view, rt.view, softcap_rel, &top_score);
     m = t.to_doubles();
     if (rms && rt.view.defined()) *rms = rt.to_doubles();
     return st;
@@ -263,8 +264,11 @@ CheckResult check_forward(Instance& inst, const CheckOptions& opt) {
   // where the naive error is the sum of many roundings of S and P and so is stable. In fp32 at
   // large logits (|s| ~ 1e3) one run's error is one or two roundings of the top scores: over
   // seeds the fast / naive ratio ranged from 0.3 to 7 both ways, so fp32 keeps its fixed 1e-5
-  // as the bound, loosened only to 2x the naive error where the naive computation itself
-  // misses it (fuzz seed 23584: logits ~150, 1.6e-5 against the naive's 7.7e-6).
+  // as the bound, loosened to 2x the naive error where the naive computation itself misses it
+  // (fuzz seed 23584: 1.6e-5 against the naive's 7.7e-6) and to two fp32 units of the largest
+  // score (u |S| ~ 1e-5 at |S| ~ 170), whose rounding, and the running max's, every weight of
+  // its row carries (seed 915800: |S| up to 1125, 1.16e-5 against the naive's 3.3e-6; 23584:
+  // 434, 1.6e-5), up to 1e-4 either way.
   Outputs naive = make_outputs(inst, false);
   s = reference::forward(inst.q.view, inst.k.view, inst.v.view, inst.spec, naive.out.view,
                          naive.row_stat.view, {}, inst.dtype);
@@ -279,7 +283,8 @@ CheckResult check_forward(Instance& inst, const CheckOptions& opt) {
     r.tol = std::min(r.tol * std::max(1.0, ref_norm > 0 ? mag_norm / ref_norm : 1.0),
                      2 * r.naive_err + 1e-6);
   else if (std::isfinite(r.naive_err))  // at most 1e-4: a regression is not forgiven
-    r.tol = std::max(r.tol, std::min(2 * r.naive_err + 1e-6, 1e-4));
+    r.tol = std::max(
+        {r.tol, std::min(2 * r.naive_err + 1e-6, 1e-4), std::min(2 * 0x1p-24 * top_score, 1e-4)});
   for (double e : x)
     if (std::isnan(e)) {
       r.error = "NaN in the output";

@@ -344,8 +344,9 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
 
 Status output_magnitude(const TensorView& q, const TensorView& k, const TensorView& v,
                         const AttentionSpec& spec, double tol, const TensorView& mag,
-                        const TensorView& rms_mag, double softcap_rel) {
+                        const TensorView& rms_mag, double softcap_rel, double* top_score) {
   const Normalizer& norm = spec.normalizer;
+  if (top_score) *top_score = 0;
   if (mag.dtype != DType::kF64)
     return Status(StatusCode::kInvalidArgument, "the magnitude is an fp64 view shaped like out");
   if (!(tol > 0)) return Status(StatusCode::kInvalidArgument, "tol must be > 0");
@@ -359,6 +360,8 @@ Status output_magnitude(const TensorView& q, const TensorView& k, const TensorVi
     for (int64_t h = 0; h < p.hq; ++h) {
       const reference::HeadForward f = reference::forward_head(p, tables, b, h, DType::kF64);
       const std::vector<double> pm = floors(p, f, tol, softcap_rel).pm;
+      for (size_t x = 0; top_score && x < f.S.size(); ++x)
+        if (f.A[x] && std::isfinite(f.S[x])) *top_score = std::max(*top_score, std::abs(f.S[x]));
       for (int64_t i = 0; i < s.nq; ++i) {
         const int64_t row = s.q_start + i;
         const double kappa = pv_magnitude(f, pm, i, p.dv, pv_abs), r = f.rms[i];

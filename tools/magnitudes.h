@@ -26,9 +26,12 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
 // row's |P~|V|| / sqrt(dv), what O's error moves ReLA's RMS by. check_forward judges ReLA's
 // output and RMS against them: ReLA divides O by its own RMS, so O's error relative to |O| (P V
 // cancelling, a score at the kink) passes to the output whatever the output's scale.
+// top_score (optional) receives the largest |S| of an allowed pair with a finite score: an fp32
+// backend rounds the top scores of a row, and its running max, to units of their size.
 Status output_magnitude(const TensorView& q, const TensorView& k, const TensorView& v,
                         const AttentionSpec& spec, double tol, const TensorView& magnitude,
-                        const TensorView& rms_magnitude = {}, double softcap_rel = 0);
+                        const TensorView& rms_magnitude = {}, double softcap_rel = 0,
+                        double* top_score = nullptr);
 
 // The normalized kernel's row statistic log L_i (L_i = sum_j f(s'_ij)^p) moves by
 // p ls sum_j P_ij (log f)'(s'_ij) ds_ij when the scores move by ds: ReLU's (log f)'(s) = 1 / s is
