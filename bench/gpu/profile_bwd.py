@@ -5,7 +5,9 @@ forward's). Run under ncu with --kernel-name regex:bwd_kernel for the kernel's c
 under torch.profiler too. With --ab NAME=VALUE, attnkit is timed with the environment variable
 NAME unset and set to VALUE in turn (a switch the library reads at each call, e.g.
 ATTNKIT_CUDA_PERSISTENT=0). With --masked, bench.py's masked cases instead (N 8192, d 128, their
-pair counts as FLOPs; document with a MaskCache), attnkit beside FlexAttention, each pass alone.
+pair counts as FLOPs; document with a MaskCache, and per call where --case names
+"document-causal"), attnkit beside FlexAttention, each pass alone (with --kernels, each pass's
+kernels timed).
 With --once, attnkit alone, one forward and three backward calls a case and no timing, for ncu's
 per-kernel figures (ncu --metrics gpu__time_duration.sum,dram__bytes.sum python3
 bench/gpu/profile_bwd.py --once --d 128 1024).
@@ -92,9 +94,11 @@ def masked():
     assert causal[0] == "causal"
     cases.append(("causal-tabled", dict(mask=attnkit.masks.Causal() & attnkit.masks.Document(
         one_doc), mask_cache=attnkit.MaskCache()), causal[2], None, causal[4]))
+    picked = only_case.split(",") if only_case is not None else None
     for name, kw, mm, sm, frac in cases:
-        if ("document" in name and "cached" not in name) or (
-                only_case is not None and name not in only_case.split(",")):
+        # (document's tables built per call: only where --case names it)
+        if (picked is not None and name not in picked) or (
+                picked is None and "document" in name and "cached" not in name):
             continue
         flops = 4 * b * h * n * n * d * frac
         bm = create_block_mask(mm, None, None, n, n, device="cuda") if mm else None
@@ -107,6 +111,7 @@ def masked():
             grad = lambda: torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
             res.append("%s fwd %.0f bwd %.0f" % (who, tflops(flops, fn), tflops(2.5 * flops, grad)))
             if who.startswith("attnkit") and "--kernels" in sys.argv:
+                res.append("us fwd: " + kernel_times(fn))
                 res.append("us: " + kernel_times(grad))
         print("%s: %s" % (name, " | ".join(res)), flush=True)
 

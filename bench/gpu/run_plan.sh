@@ -4,7 +4,7 @@
 # test list too slow for three trees at once, gpu.md part 28), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
-# bash scripts/cutlass_fmha.sh). Order for session 30: steps A, B, then C; a call that must
+# bash scripts/cutlass_fmha.sh). Order for session 30: steps A, B, C, then D; a call that must
 # start a machine costs ~90-180 s more (the device tool's held time, not the command's).
 # Keep each tree's TESTS short: CudaFastPath.* alone ran past 110 s in run 113 (the persistent
 # walk's 54 oracle checks; session 29 made its checks ~1.6x faster), and three trees at once
@@ -25,6 +25,13 @@
 # C. (~500 s) bash bench/gpu/run_plan.sh 1 $OUT: main's whole correctness after session 29's
 #    oracle change (dot products as partial sums, the naive P V's rounding; tests' tolerances
 #    come from it), and the list's time against run 105's (test_cuda 98, check 352, pytest 33).
+# D. (~150 s, on main's build: bash bench/gpu/run_plan.sh 1 builds it, or after A) PYTHONPATH=
+#    build-gpu/python python3 bench/gpu/profile_bwd.py --masked --kernels --case
+#    'document-causal,document-causal cached': each pass's kernels per call and cached (run 110:
+#    the per-call forward 583 us against 416 cached): the classification, the bits pass and
+#    the kernels, for the per-call document target (1.03x Flex; cached 1.44x). bench.py's
+#    Causal() & Document(docs) is three nodes (an And of two leaves), so its bits pass takes
+#    the tree's out-of-line test; Document(docs, causal) would take the inlined leaf.
 # 0b. If the budget allows (~250 s): PAR=1 TESTS='CudaFastPath.LongSeq*:CudaFastPath.Softcap*:
 #    *CudaOracle.MatchesOracle/dense*' run_plan.sh ab $OUT fwd_exp_poly dense:
 #    ab_fwd_exp_poly.patch (applies on main), 4 of a thread's 64 exp2 a tile of the fast d64
