@@ -47,7 +47,7 @@ grep -E "FAILED|PASSED|rel_err" "$out/test_cuda.log" | head -40
 # A hang (timeout's 124) or a crash stops here: the later steps would run the same kernels.
 if (( trc == 124 || trc > 128 )); then
   echo "test_cuda: rc $trc after $(grep -c '^\[       OK' "$out/test_cuda.log") tests passed," \
-    "in $(grep '^\[ RUN' "$out/test_cuda.log" | tail -1 | cut -c14-), stopping"
+    "last started: $(grep '^\[ RUN' "$out/test_cuda.log" | tail -1 | cut -c14-); stopping"
   exit 1
 fi
 (( trc == 0 )) || rc=1

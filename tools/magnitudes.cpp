@@ -47,6 +47,7 @@
 #include "magnitudes.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -360,8 +361,15 @@ Status output_magnitude(const TensorView& q, const TensorView& k, const TensorVi
     for (int64_t h = 0; h < p.hq; ++h) {
       const reference::HeadForward f = reference::forward_head(p, tables, b, h, DType::kF64);
       const std::vector<double> pm = floors(p, f, tol, softcap_rel).pm;
-      for (size_t x = 0; top_score && x < f.S.size(); ++x)
-        if (f.A[x] && std::isfinite(f.S[x])) *top_score = std::max(*top_score, std::abs(f.S[x]));
+      for (int64_t i = 0; top_score && i < s.nq; ++i) {
+        // The row's max over its allowed finite scores, unless at the bottom of fp32's range (a
+        // row of nothing but the lowest value: its scores round to one, its weights are exact).
+        double m = -INFINITY;
+        for (int64_t j = 0; j < s.nk; ++j)
+          if (f.A[i * s.nk + j] && std::isfinite(f.S[i * s.nk + j]))
+            m = std::max(m, f.S[i * s.nk + j]);
+        if (m > -0.5 * FLT_MAX) *top_score = std::max(*top_score, std::abs(m));
+      }
       for (int64_t i = 0; i < s.nq; ++i) {
         const int64_t row = s.q_start + i;
         const double kappa = pv_magnitude(f, pm, i, p.dv, pv_abs), r = f.rms[i];

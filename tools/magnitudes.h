@@ -26,8 +26,9 @@ Status gradient_magnitudes(const TensorView& q, const TensorView& k, const Tenso
 // row's |P~|V|| / sqrt(dv), what O's error moves ReLA's RMS by. check_forward judges ReLA's
 // output and RMS against them: ReLA divides O by its own RMS, so O's error relative to |O| (P V
 // cancelling, a score at the kink) passes to the output whatever the output's scale.
-// top_score (optional) receives the largest |S| of an allowed pair with a finite score: an fp32
-// backend rounds the top scores of a row, and its running max, to units of their size.
+// top_score (optional) receives the largest |m_i|, m_i row i's max over its allowed finite
+// scores (rows at the bottom of fp32's range left out): an fp32 backend rounds S - m, and so
+// every weight that counts, to units of |m_i|.
 Status output_magnitude(const TensorView& q, const TensorView& k, const TensorView& v,
                         const AttentionSpec& spec, double tol, const TensorView& magnitude,
                         const TensorView& rms_magnitude = {}, double softcap_rel = 0,

@@ -28,10 +28,10 @@
 # D. (~150 s, on main's build: bash bench/gpu/run_plan.sh 1 builds it, or after A) PYTHONPATH=
 #    build-gpu/python python3 bench/gpu/profile_bwd.py --masked --kernels --case
 #    'document-causal,document-causal cached': each pass's kernels per call and cached (run 110:
-#    the per-call forward 583 us against 416 cached): the classification, the bits pass and
-#    the kernels, for the per-call document target (1.03x Flex; cached 1.44x). bench.py's
-#    Causal() & Document(docs) is three nodes (an And of two leaves), so its bits pass takes
-#    the tree's out-of-line test; Document(docs, causal) would take the inlined leaf.
+#    the per-call forward ~583 us against ~416 cached, from TFLOP/s): the classification, the
+#    bits pass and the kernels, for the per-call document target (1.03x Flex; cached 1.44x).
+#    bench.py's Causal() & Document(docs) is three nodes (an And of two leaves), so its bits
+#    pass takes the tree's out-of-line test; Document(docs, causal) would take the inlined leaf.
 # 0b. If the budget allows (~250 s): PAR=1 TESTS='CudaFastPath.LongSeq*:CudaFastPath.Softcap*:
 #    *CudaOracle.MatchesOracle/dense*' run_plan.sh ab $OUT fwd_exp_poly dense:
 #    ab_fwd_exp_poly.patch (applies on main), 4 of a thread's 64 exp2 a tile of the fast d64

@@ -161,8 +161,11 @@ HeadForward forward_head(const core::Problem& p, const core::ScoreTables<double>
       case DType::kF32:
         pv_row(i, o, naive_step([](double x) { return core::round_to(DType::kF32, x); }));
         break;
-      default:
+      case DType::kF64:
         pv_row(i, o, [](double acc, double x) { return acc + x; });
+        break;
+      default:
+        pv_row(i, o, naive_step(rnd));
     }
     double* of = &f.O_final[i * p.dv];
     for (int64_t c = 0; c < p.dv; ++c) of[c] = o[c];
