@@ -54,6 +54,7 @@
 #include "attnkit/variant/normalizers.h"
 #include "core/convert.h"
 #include "core/score_tables.h"
+#include "cpu/parallel.h"
 #include "reference/reference.h"
 
 namespace attnkit::tools {
@@ -354,40 +355,45 @@ Status output_magnitude(const TensorView& q, const TensorView& k, const TensorVi
   core::Problem p;
   Status st = core::validate_and_resolve(q, k, v, spec, mag, rms_mag, {}, Options{}, true, &p);
   if (!st.ok()) return st;
-  std::vector<double> pv_abs(p.dv);
-  for (int64_t b = 0; b < p.batch; ++b) {
+  std::vector<core::ScoreTables<double>> tables;
+  for (int64_t b = 0; b < p.batch; ++b)
+    tables.push_back(core::build_score_tables<double>(p, b, true));
+  // Each (batch element, head) on its own (every core for a large problem, as the oracle): it
+  // writes its own rows and its own largest row max.
+  std::vector<double> tops(p.batch * p.hq, 0.0);
+  cpu::parallel_for(p.batch * p.hq, reference::oracle_threads(p), [&](int64_t task, int) {
+    const int64_t b = task / p.hq, h = task % p.hq;
     const core::Sequence& s = p.seqs[b];
-    const core::ScoreTables<double> tables = core::build_score_tables<double>(p, b, true);
-    for (int64_t h = 0; h < p.hq; ++h) {
-      const reference::HeadForward f = reference::forward_head(p, tables, b, h, DType::kF64);
-      const std::vector<double> pm = floors(p, f, tol, softcap_rel).pm;
-      for (int64_t i = 0; top_score && i < s.nq; ++i) {
-        // The row's max over its allowed finite scores, unless at the bottom of fp32's range (a
-        // row of nothing but the lowest value: its scores round to one, its weights are exact).
-        double m = -INFINITY;
-        for (int64_t j = 0; j < s.nk; ++j)
-          if (f.A[i * s.nk + j] && std::isfinite(f.S[i * s.nk + j]))
-            m = std::max(m, f.S[i * s.nk + j]);
-        if (m > -0.5 * FLT_MAX) *top_score = std::max(*top_score, std::abs(m));
-      }
-      for (int64_t i = 0; i < s.nq; ++i) {
-        const int64_t row = s.q_start + i;
-        const double kappa = pv_magnitude(f, pm, i, p.dv, pv_abs), r = f.rms[i];
-        if (p.row_stat.defined())  // |P~|V|| / sqrt(dv): what O's error moves the RMS by
-          p.row_stat.at(b, h, row) = static_cast<float>(kappa * r);
-        double* out = static_cast<double*>(p.out.row(b, h, row));
-        for (int64_t c = 0; c < p.dv; ++c) {
-          const double gain =
-              norm.kind != NormalizerKind::kReLA
-                  ? 1.0
-                  : std::abs(core::load_as_double(norm.rela_gain.data, norm.rela_gain.dtype,
-                                                  c * norm.rela_gain.strides[0])) *
-                        (1 + kappa) / r;
-          out[c] = gate_at(p, b, h, row, c) * gain * pv_abs[c];
-        }
+    const reference::HeadForward f = reference::forward_head(p, tables[b], b, h, DType::kF64);
+    const std::vector<double> pm = floors(p, f, tol, softcap_rel).pm;
+    for (int64_t i = 0; i < s.nq; ++i) {
+      // The row's max over its allowed finite scores, unless at the bottom of fp32's range (a
+      // row of nothing but the lowest value: its scores round to one, its weights are exact).
+      double m = -INFINITY;
+      for (int64_t j = 0; j < s.nk; ++j)
+        if (f.A[i * s.nk + j] && std::isfinite(f.S[i * s.nk + j]))
+          m = std::max(m, f.S[i * s.nk + j]);
+      if (m > -0.5 * FLT_MAX) tops[task] = std::max(tops[task], std::abs(m));
+    }
+    std::vector<double> pv_abs(p.dv);
+    for (int64_t i = 0; i < s.nq; ++i) {
+      const int64_t row = s.q_start + i;
+      const double kappa = pv_magnitude(f, pm, i, p.dv, pv_abs), r = f.rms[i];
+      if (p.row_stat.defined())  // |P~|V|| / sqrt(dv): what O's error moves the RMS by
+        p.row_stat.at(b, h, row) = static_cast<float>(kappa * r);
+      double* out = static_cast<double*>(p.out.row(b, h, row));
+      for (int64_t c = 0; c < p.dv; ++c) {
+        const double gain =
+            norm.kind != NormalizerKind::kReLA
+                ? 1.0
+                : std::abs(core::load_as_double(norm.rela_gain.data, norm.rela_gain.dtype,
+                                                c * norm.rela_gain.strides[0])) *
+                      (1 + kappa) / r;
+        out[c] = gate_at(p, b, h, row, c) * gain * pv_abs[c];
       }
     }
-  }
+  });
+  if (top_score) *top_score = tops.empty() ? 0.0 : *std::max_element(tops.begin(), tops.end());
   return {};
 }
 

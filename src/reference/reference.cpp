@@ -250,28 +250,29 @@ Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
   tables.reserve(p.batch);
   for (int64_t b = 0; b < p.batch; ++b)
     tables.push_back(core::build_score_tables<double>(p, b, true));
-  // The (batch element, kv head) groups on every core (oracle_threads): each writes only its own
-  // heads' rows (and column mass), each in the same order as one thread would, so the results do
-  // not depend on the thread count.
-  cpu::parallel_for(p.batch * p.hk, oracle_threads(p), [&](int64_t task, int) {
-    const int64_t b = task / p.hk, hk = task % p.hk;
+  // The heads on every core (oracle_threads), each task writing only its own rows (and column
+  // mass) in the order one thread would, so the results do not depend on the thread count; a
+  // task is a (batch element, kv head) group where the column mass sums over the group.
+  const bool grouped = p.col_mass.defined() && p.col_group_sum;
+  const int64_t heads = grouped ? p.group : 1, tasks_b = p.hq / heads;
+  cpu::parallel_for(p.batch * tasks_b, oracle_threads(p), [&](int64_t task, int) {
+    const int64_t b = task / tasks_b, h0 = task % tasks_b * heads;
     std::vector<double> group_mass(p.seqs[b].nk, 0.0);
-    for (int64_t g = 0; g < p.group; ++g) {
-      const int64_t h = hk * p.group + g;
+    for (int64_t h = h0; h < h0 + heads; ++h) {
       std::vector<double> mass(p.seqs[b].nk, 0.0);
       write_head(p, forward_head(p, tables[b], b, h, rounding), b, h,
                  p.col_mass.defined() ? &mass : nullptr);
       if (!p.col_mass.defined()) continue;
       for (size_t j = 0; j < mass.size(); ++j) {
-        if (p.col_group_sum)
+        if (grouped)
           group_mass[j] += mass[j];
         else
           p.col_mass.at(b, h, j) = static_cast<float>(mass[j]);
       }
     }
-    if (p.col_mass.defined() && p.col_group_sum)
+    if (grouped)
       for (size_t j = 0; j < group_mass.size(); ++j)
-        p.col_mass.at(b, hk, j) = static_cast<float>(group_mass[j]);
+        p.col_mass.at(b, h0 / p.group, j) = static_cast<float>(group_mass[j]);
   });
   return {};
 }
