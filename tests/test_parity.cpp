@@ -4,9 +4,12 @@
 
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
+#include <vector>
 
 #include "attnkit/variant/score_mods.h"
 #include "core/convert.h"
+#include "cpu/parallel.h"
 #include "spec_json.h"
 
 namespace attnkit::tools {
@@ -162,6 +165,20 @@ TEST(Tolerance, NaiveComputationIsLowPrecision) {
       EXPECT_LT(r.tol, tolerance_for(t)) << dtype_name(t);  // the rule is the binding one
     }
   }
+}
+
+// A task's exception leaves parallel_for after the region (an exception out of an OpenMP
+// region ends the program), the first one thrown; the tasks before it ran.
+TEST(Parallel, AnExceptionInATaskIsThrownAfterTheRegion) {
+  std::vector<int> ran(64, 0);
+  auto body = [&](int64_t t, int) {
+    if (t == 5) throw std::runtime_error("task 5");
+    ran[t] = 1;
+  };
+  EXPECT_THROW(cpu::parallel_for(64, 4, body), std::runtime_error);
+  EXPECT_THROW(cpu::parallel_for(64, 1, body), std::runtime_error);  // the serial path too
+  EXPECT_EQ(ran[0], 1);
+  cpu::parallel_for(3, 8, [&](int64_t t, int w) { EXPECT_LT(w, 3) << t; });  // no more than tasks
 }
 
 // fp32's bound grows with the largest row max (one fp32 unit of it, up to 1e-4): logits of a

@@ -356,6 +356,7 @@ Status output_magnitude(const TensorView& q, const TensorView& k, const TensorVi
   Status st = core::validate_and_resolve(q, k, v, spec, mag, rms_mag, {}, Options{}, true, &p);
   if (!st.ok()) return st;
   std::vector<core::ScoreTables<double>> tables;
+  tables.reserve(p.batch);
   for (int64_t b = 0; b < p.batch; ++b)
     tables.push_back(core::build_score_tables<double>(p, b, true));
   // Each (batch element, head) on its own (every core for a large problem, as the oracle): it
@@ -366,7 +367,7 @@ Status output_magnitude(const TensorView& q, const TensorView& k, const TensorVi
     const core::Sequence& s = p.seqs[b];
     const reference::HeadForward f = reference::forward_head(p, tables[b], b, h, DType::kF64);
     const std::vector<double> pm = floors(p, f, tol, softcap_rel).pm;
-    for (int64_t i = 0; i < s.nq; ++i) {
+    for (int64_t i = 0; top_score && i < s.nq; ++i) {
       // The row's max over its allowed finite scores, unless at the bottom of fp32's range (a
       // row of nothing but the lowest value: its scores round to one, its weights are exact).
       double m = -INFINITY;

@@ -257,7 +257,7 @@ Status forward(const TensorView& q, const TensorView& k, const TensorView& v,
   const int64_t heads = grouped ? p.group : 1, tasks_b = p.hq / heads;
   cpu::parallel_for(p.batch * tasks_b, oracle_threads(p), [&](int64_t task, int) {
     const int64_t b = task / tasks_b, h0 = task % tasks_b * heads;
-    std::vector<double> group_mass(p.seqs[b].nk, 0.0);
+    std::vector<double> group_mass(grouped ? p.seqs[b].nk : 0, 0.0);
     for (int64_t h = h0; h < h0 + heads; ++h) {
       std::vector<double> mass(p.seqs[b].nk, 0.0);
       write_head(p, forward_head(p, tables[b], b, h, rounding), b, h,
