@@ -10,7 +10,7 @@
 # walk's 54 oracle checks; session 29 made its checks 2-3x faster), and three trees at once
 # share the host's 16 cores (runs 111-112 timed out at 300 s and 200 s).
 # A. (~350 s) PAR=1 TESTS='CudaFastPath.Grid*:CudaFastPath.TabledWalks*:CudaFastPath.LongSeq*:
-#    CudaOracle.MatchesOracle/neighborhood*' run_plan.sh ab $OUT fwd_grid_bits
+#    *CudaOracle.MatchesOracle/neighborhood*' run_plan.sh ab $OUT fwd_grid_bits
 #    neighborhood,masked: ab_fwd_grid_bits.patch (remade on main in session 29), the grid tiles'
 #    mask as two 32-bit words of tests (rows as nibbles times the thread's four columns; R2P and
 #    a select a score, as the tabled tiles) and a key tile's patch by the reciprocal of kcols
@@ -23,8 +23,9 @@
 #    review: the scan of a causal or document column then hides their load); read
 #    document-causal cached and causal-tabled's bwd_kernel times.
 # C. (~500 s) bash bench/gpu/run_plan.sh 1 $OUT: main's whole correctness after session 29's
-#    oracle change (dot products as partial sums, the naive P V's rounding; tests' tolerances
-#    come from it), and the list's time against run 105's (test_cuda 98, check 352, pytest 33).
+#    oracle changes (dot products as partial sums, the naive P V's rounding, a task per head;
+#    tests' tolerances come from it; fp32's bound follows the largest row max), and the list's
+#    time against run 105's (test_cuda 98, check 352, pytest 33).
 # D. (~150 s, on main's build: bash bench/gpu/run_plan.sh 1 builds it, or after A) PYTHONPATH=
 #    build-gpu/python python3 bench/gpu/profile_bwd.py --masked --kernels --case
 #    'document-causal,document-causal cached': each pass's kernels per call and cached (run 110:
