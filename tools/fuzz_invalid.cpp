@@ -386,7 +386,7 @@ Change spec_change(const Call& call, std::mt19937_64& rng) {
       const bool grid = n.kind == MaskKind::kNeighborhood;
       const bool windowed = n.kind == MaskKind::kSlidingWindow || n.kind == MaskKind::kChunked ||
                             n.kind == MaskKind::kPrefixLM || n.kind == MaskKind::kGlobalWindow;
-      const bool seg = n.kind == MaskKind::kDocument || n.kind == MaskKind::kBlockAttention;
+      const bool seg = reads_segments(n.kind);
       const bool must[] = {true,
                            tree,
                            tree,

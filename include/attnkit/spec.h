@@ -32,6 +32,10 @@ enum class MaskKind : uint8_t {
   kBlockMap,
 };
 const char* mask_kind_name(MaskKind k);
+// Whether a node of kind k reads segment ids (MaskNode::seg_q, seg_k); other kinds' are not read.
+constexpr bool reads_segments(MaskKind k) {
+  return k == MaskKind::kDocument || k == MaskKind::kBlockAttention;
+}
 
 inline constexpr int kMaxGridDims = 3;
 

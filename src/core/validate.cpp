@@ -762,9 +762,7 @@ Status validate_and_resolve(const TensorView& q, const TensorView& k, const Tens
   if (!m.segments.empty()) {
     r.segment_ids.assign(r.batch * m.segments.size(), SegmentIds{});
     for (const MaskNode& n : m.nodes) {
-      // Segment ids belong to document and block-attention nodes (checked there); other kinds'
-      // seg_q and seg_k are not read.
-      if (n.kind != MaskKind::kDocument && n.kind != MaskKind::kBlockAttention) continue;
+      if (!reads_segments(n.kind)) continue;  // (their indices are checked above)
       const TensorView& tq = m.segments[n.seg_q];
       const TensorView& tk = m.segments[n.seg_k];
       r.mask_per_batch = r.mask_per_batch || tq.ndim == 2 || tk.ndim == 2;

@@ -384,8 +384,7 @@ void fill_params(const core::Problem& p, int q_tile, FwdParams* out) {
   for (size_t i = 0; i < m.globals.size(); ++i) f.globals[i] = m.globals[i];
   f.num_segments = static_cast<int>(m.segments.size());
   for (const MaskNode& n : m.nodes) {
-    // Segment ids belong to document and block-attention nodes; other kinds' are not read.
-    if (n.kind != MaskKind::kDocument && n.kind != MaskKind::kBlockAttention) continue;
+    if (!reads_segments(n.kind)) continue;
     const size_t nseg = m.segments.size();
     const SegmentIds& s0 = p.segment_ids[n.seg_q];
     SegmentTemplate& t = f.segments[n.seg_q];
