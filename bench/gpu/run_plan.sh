@@ -7,7 +7,7 @@
 # bash scripts/cutlass_fmha.sh). Order for session 30: steps A, B, C, then D; a call that must
 # start a machine costs ~90-180 s more (the device tool's held time, not the command's).
 # Keep each tree's TESTS short: CudaFastPath.* alone ran past 110 s in run 113 (the persistent
-# walk's 54 oracle checks; session 29 made its checks 2-3x faster), and three trees at once
+# walk's 54 oracle checks; session 29 made its checks 1.6-2x faster), and three trees at once
 # share the host's 16 cores (runs 111-112 timed out at 300 s and 200 s).
 # A. (~350 s) PAR=1 TESTS='CudaFastPath.Grid*:CudaFastPath.TabledWalks*:CudaFastPath.LongSeq*:
 #    *CudaOracle.MatchesOracle/neighborhood*' run_plan.sh ab $OUT fwd_grid_bits
