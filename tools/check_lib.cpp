@@ -284,7 +284,7 @@ CheckResult check_forward(Instance& inst, const CheckOptions& opt) {
                      2 * r.naive_err + 1e-6);
   else if (std::isfinite(r.naive_err))  // at most 1e-4: a regression is not forgiven
     r.tol = std::max(
-        {r.tol, std::min(2 * r.naive_err + 1e-6, 1e-4), std::min(0x1p-24 * top_score, 1e-4)});
+        {r.tol, std::min(2 * r.naive_err + 1e-6, 1e-4), std::min(kF32Unit * top_score, 1e-4)});
   for (double e : x)
     if (std::isnan(e)) {
       r.error = "NaN in the output";

@@ -60,7 +60,6 @@
 namespace attnkit::tools {
 namespace {
 
-constexpr double kF32Unit = 0x1p-24;  // unit roundoff of fp32, in which the backends compute P
 // The absolute error of the softcap's slope 1 - t^2 = (1 - t)(1 + t), t = tanh(T / c) in fp32: a
 // few ulps of a tanh near 1, doubled.
 constexpr double kTanhFloor = 0x1p-21;

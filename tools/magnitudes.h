@@ -6,6 +6,9 @@
 
 namespace attnkit::tools {
 
+// The unit roundoff of fp32, in which the backends compute P.
+inline constexpr double kF32Unit = 0x1p-24;
+
 // The float64 backward oracle's chain rule with every product and sum taken in absolute value:
 // each element of `magnitudes` (contiguous fp64 views shaped like the gradients) receives the
 // sum of the absolute values of the terms the oracle adds up to that element of the gradient,
