@@ -82,6 +82,9 @@ def masked():
     import bench
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     fa = torch.compile(flex_attention, dynamic=False)
+    # The backward is timed again and again on one saved forward (retain_graph), which a
+    # compiled backward's donated buffers refuse.
+    torch._functorch.config.donated_buffer = False
     n, b, h, d = 8192, 2, 16, 128
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -94,7 +97,8 @@ def masked():
     assert causal[0] == "causal"
     cases.append(("causal-tabled", dict(mask=attnkit.masks.Causal() & attnkit.masks.Document(
         one_doc), mask_cache=attnkit.MaskCache()), causal[2], None, causal[4]))
-    picked = only_case.split(",") if only_case is not None else None
+    # (a case's spaces may be written as '_': run_plan.sh splits $PROFILE at spaces)
+    picked = only_case.replace("_", " ").split(",") if only_case is not None else None
     for name, kw, mm, sm, frac in cases:
         # (document's tables built per call: only where --case names it)
         if (picked is not None and name not in picked) or (

@@ -223,21 +223,30 @@ __host__ __device__ __forceinline__ int2 grid_window(int u, int n, int k, bool c
 template <int kN>
 __device__ __forceinline__ void grid_mask(float (&s)[kN / 2], const FwdParams& p, int qr, int qc,
                                           int kr, int kc, int col0) {
-  static_assert(kN == kGridRows * kGridCols);
+  static_assert(kN == kGridRows * kGridCols && kGridRows == 8 && kGridCols == 16);
+  // The thread's 64 tests as the bits of two words, one a query column, bit 2 c + (e & 1) for
+  // score c * 4 + e (the tabled tiles' layout); a score then costs a bit test and a select.
+  // The key patch's allowed rows kr + j, as nibbles' low bits (nibble j).
   const int2 wr = grid_window(qr, p.grid_h, p.grid_kernel[0], p.grid_causal[0]);
-  const int2 wc[2] = {grid_window(qc, p.grid_w, p.grid_kernel[1], p.grid_causal[1]),
-                      grid_window(qc + 8, p.grid_w, p.grid_kernel[1], p.grid_causal[1])};
+  const int lr = min(max(wr.x - kr, 0), 8), hr = min(max(wr.y - kr, 0), 8);
+  const uint32_t rows =
+      lr < hr ? (0x11111111u >> (4 * (8 - hr))) & (0x11111111u << (4 * lr)) : 0u;
+  uint32_t allow[2];
 #pragma unroll
-  for (int c = 0; c < kN / 8; ++c) {
-    const int r = kr + c / 2;
-    const bool row_ok = r >= wr.x && r < wr.y;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int col = kc + (c % 2) * 8 + col0 + (e & 1);
-      const bool ok = row_ok && col >= wc[e / 2].x && col < wc[e / 2].y;
-      s[c * 4 + e] = ok ? s[c * 4 + e] : -INFINITY;
-    }
+  for (int q = 0; q < 2; ++q) {
+    // Query column qc + 8 q: its allowed key columns kc + [lo, hi), then the thread's four
+    // (col0 + {0, 1} of each half of the patch) in a nibble, repeated over the allowed rows.
+    const int2 wc = grid_window(qc + 8 * q, p.grid_w, p.grid_kernel[1], p.grid_causal[1]);
+    const int lo = min(max(wc.x - kc, 0), 16), hi = min(max(wc.y - kc, 0), 16);
+    const uint32_t cols = lo < hi ? ((1u << hi) - 1) & ~((1u << lo) - 1) : 0u;
+    const uint32_t nib = ((cols >> col0) & 3u) | (((cols >> (8 + col0)) & 3u) << 2);
+    allow[q] = nib * rows;  // nibbles of 0 or 1 times 4 bits: no carries
   }
+#pragma unroll
+  for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (!((allow[e / 2] >> (2 * c + (e & 1))) & 1u)) s[c * 4 + e] = -INFINITY;
 }
 
 __device__ __forceinline__ float load_any(const void* p, DType t, int64_t i) {

@@ -89,6 +89,7 @@ struct FwdWork {
   // kGrid: the query patch's first grid row and column, and the rectangle of key patches its
   // windows reach (key tile t is patch (kr0 + t / kcols, kc0 + t % kcols)).
   int pr0 = 0, pc0 = 0, kr0 = 0, kc0 = 0, kcols = 1;
+  float inv_kcols = 1.f;
 
   __device__ __forceinline__ FwdWork(const FwdParams& p, int item, bool general) {
     const int bh = item / p.num_q_tiles;
@@ -115,6 +116,7 @@ struct FwdWork {
       kr0 = r_lo.x / kGridRows;
       kc0 = c_lo.x / kGridCols;
       kcols = (c_hi.y - 1) / kGridCols + 1 - kc0;
+      inv_kcols = 1.f / static_cast<float>(kcols);
       t_end = ((r_hi.y - 1) / kGridRows + 1 - kr0) * kcols;
       return;
     }
@@ -138,6 +140,14 @@ struct FwdWork {
     }
   }
   __device__ __forceinline__ bool live() const { return m0 < seq.nq; }
+  // kGrid: key tile t's patch (grid row, grid column of its first token), t / kcols through
+  // the reciprocal and one correction (an integer division a tile cost ~35 instructions).
+  __device__ __forceinline__ int2 patch(int t) const {
+    int r = static_cast<int>((static_cast<float>(t) + 0.5f) * inv_kcols), c = t - r * kcols;
+    if (c < 0) --r, c += kcols;
+    if (c >= kcols) ++r, c -= kcols;
+    return make_int2((kr0 + r) * kGridRows, (kc0 + c) * kGridCols);
+  }
   __device__ __forceinline__ int next(int t) const {
     if (tabled)
       while (t < t_end && static_cast<TileClass>(tclass[t]) == TileClass::kEmpty) ++t;
@@ -264,8 +274,8 @@ __global__ void __launch_bounds__(384, 1)
           const int st = it % kStages;
           const int k_row = static_cast<int>(w.seq.k_start) + t * kN;
           // kGrid: the key patch at grid row kr, column kc (unused otherwise)
-          const int kr = (w.kr0 + t / w.kcols) * kGridRows;
-          const int kc = (w.kc0 + t % w.kcols) * kGridCols;
+          const int2 kp = w.patch(t);
+          const int kr = kp.x, kc = kp.y;
           mbar_wait(empty_k(st), phase_of(it) ^ 1);
           mbar_expect_tx(full_k(st), S::kKBytes + (kBias ? S::kBiasBytes : 0));
           load_tile(sK(st), &maps.k, full_k(st), kDp / 64, kN, k_row, kr, kc, hk * maps.k_hm,
@@ -418,9 +428,8 @@ __global__ void __launch_bounds__(384, 1)
           if (p.cap_raw != 0.f) softcap_raw(s, p.cap_raw, p.inv_cap_raw);
         }
         if constexpr (kGrid) {
-          grid_mask<kN>(s, p, w.pr0 + cw * 4 + warp, w.pc0 + lane / 4,
-                        (w.kr0 + t / w.kcols) * kGridRows, (w.kc0 + t % w.kcols) * kGridCols,
-                        col0);
+          const int2 kp = w.patch(t);
+          grid_mask<kN>(s, p, w.pr0 + cw * 4 + warp, w.pc0 + lane / 4, kp.x, kp.y, col0);
         } else if (tabled) {
           const uint8_t entry = tclass[t];
           if (entry >= kTileBits) {  // every partial tile has its bits here (see forward.cu)
