@@ -141,7 +141,7 @@ __device__ __forceinline__ uint32_t bwd_tile_bits(const uint32_t* slots, uint8_t
 // the slots' key tiles: slots[row * (p.tb_slots + 1)]) and its span (the first non-empty key
 // tile and one past the last, or 0 and 0: span[2 row]). Key tiles past the sequence are empty; a
 // full tile that the sequence ends in is partial (the kernels mask its tail).
-inline constexpr int kClassifySplit = 8, kClassifyThreads = 256;
+inline constexpr int kClassifySplit = 8, kClassifyThreads = 256, kBitsRows = 32;
 // Key tiles of a row at most: the classification keeps a byte each in shared memory (227 KB,
 // less the span's two words).
 inline constexpr int kMaxClassifyTiles = 227 * 1024 - 16;
@@ -206,28 +206,34 @@ __global__ void __launch_bounds__(kClassifyThreads)
   for (int kt = threadIdx.x; kt < p.tc_nkt; kt += blockDim.x) out[kt] = cls[kt];
 }
 
-// tile_bits_kernel: block (x, y, z) = (query tile * split + part, head, batch), split =
-// min(p.tb_slots, kClassifySplit), computes the bits of its row's slots part, part + split, ...:
-// a lane per key of a 32-bit word, a warp per query row at a time, one ballot per word. A mask
-// of one leaf of the common kinds has its element test inlined; other masks call the tree's
-// out-of-line test (its data in local memory). (H200 run 32: neighborhood 1.245 -> 1.196 ms, the
-// document forward unchanged: the pass is a small part of it since run 28.)
+// tile_bits_kernel: block (x, y, z) = ((query tile * split + part) * kParts + rows, head,
+// batch), split = min(p.tb_slots, kClassifySplit) and kParts = kM / kBitsRows, computes query
+// rows [kBitsRows rows, kBitsRows (rows + 1)) of its row's slots part, part + split, ...: a lane
+// per key of a 32-bit word, a warp per query row, each warp's kBitsRows / 8 rows tested before
+// their ballots. A warp's tests are a chain of loads (document ids, the tree's data in local
+// memory): with a slot's 128 rows in one block they chained 64 deep (run 119: the per-call
+// document forward's bits 157 -> 66 us, the backward's 95 -> 66 us). A mask of one leaf of the
+// common kinds has its element test inlined; other masks call the tree's out-of-line test (its
+// data in local memory). (H200 run 32: neighborhood 1.245 -> 1.196 ms.)
 template <int kM, int kN>
 __global__ void __launch_bounds__(kClassifyThreads)
     tile_bits_kernel(const __grid_constant__ FwdParams p, const int32_t* slots, uint32_t* bits) {
+  constexpr int kParts = kM / kBitsRows, kWords = kN / 32, kWarps = kClassifyThreads / 32;
+  static_assert(kM % kBitsRows == 0 && kBitsRows % kWarps == 0);
+  constexpr int kRows = kBitsRows / kWarps;  // a warp's rows of a word
   const int split = max(1, min(p.tb_slots, kClassifySplit));
-  const int qtile = blockIdx.x / split, part = blockIdx.x % split;
+  const int rows = blockIdx.x % kParts, x = blockIdx.x / kParts;
+  const int qtile = x / split, part = x % split;
   const int h = blockIdx.y, b = blockIdx.z;
-  const int64_t row = (static_cast<int64_t>(b) * gridDim.y + h) * (gridDim.x / split) + qtile;
+  const int64_t row =
+      (static_cast<int64_t>(b) * gridDim.y + h) * (gridDim.x / (split * kParts)) + qtile;
   const int32_t* list = slots + row * (p.tb_slots + 1);
   const int num_slots = list[0];
   if (part >= num_slots) return;
   const SeqExtent s = seq_extent(p, b);
   MaskState ms;
   resolve_mask(p, b, h, s.offset, ms);
-  const int m0 = qtile * kM;
-  constexpr int kWords = kN / 32, kWarps = kClassifyThreads / 32;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int m0 = qtile * kM, r0 = rows * kBitsRows + threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t* out = bits + b * p.tb_sb + h * p.tb_sh + qtile * p.tb_sq;
   auto each_bit = [&](auto allowed) {
     for (int slot = part; slot < num_slots; slot += split) {
@@ -235,11 +241,17 @@ __global__ void __launch_bounds__(kClassifyThreads)
 #pragma unroll 1
       for (int w = 0; w < kWords; ++w) {
         const int j = kt * kN + w * 32 + lane;
-        for (int r = warp; r < kM; r += kWarps) {
-          const int i = m0 + r;
-          const bool ok = i < s.nq && j < s.nk && allowed(i, j);
-          const uint32_t word = __ballot_sync(0xffffffffu, ok);
-          if (lane == 0) out[(static_cast<int64_t>(slot) * kM + r) * kWords + w] = word;
+        bool ok[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const int i = m0 + r0 + r * kWarps;
+          ok[r] = i < s.nq && j < s.nk && allowed(i, j);
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const uint32_t word = __ballot_sync(0xffffffffu, ok[r]);
+          if (lane == 0)
+            out[(static_cast<int64_t>(slot) * kM + r0 + r * kWarps) * kWords + w] = word;
         }
       }
     }

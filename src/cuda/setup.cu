@@ -634,7 +634,7 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
     e = cudaGetLastError();
     const int split = std::max(1, std::min(f->tb_slots, kClassifySplit));
     if (e == cudaSuccess && f->tb_slots > 0 && f->num_q_tiles > 0) {
-      const dim3 grid_bits(static_cast<unsigned>(f->num_q_tiles * split),
+      const dim3 grid_bits(static_cast<unsigned>(f->num_q_tiles * split * (km / kBitsRows)),
                            static_cast<unsigned>(hs), static_cast<unsigned>(bs));
       tile_bits<<<grid_bits, kClassifyThreads, 0, stream>>>(*f, slots, bits);
       e = cudaGetLastError();
