@@ -511,6 +511,58 @@ TEST(BlockMask, BitsMatchElementRule) {
   }
 }
 
+// Causal & a leaf with a causal form (either order) is that leaf made causal, one node, allowing
+// exactly the pairs both allow (nq < nk: the causal offset); other ands keep their tree.
+TEST(Masks, CausalAndALeafWithACausalFormIsOneNode) {
+  const int64_t nq = 23, nk = 37;
+  std::vector<int> sq(nq), sk(nk);
+  for (int64_t i = 0; i < nq; ++i) sq[i] = static_cast<int>((i + nk - nq) / 9);
+  for (int64_t j = 0; j < nk; ++j) sk[j] = static_cast<int>(j / 9);
+  OwnedTensor seg_q = OwnedTensor::from_ints(sq, {nq}), seg_k = OwnedTensor::from_ints(sk, {nk});
+  OwnedTensor seg_b = OwnedTensor::from_ints(sk, {nk});
+  struct Case {
+    Mask leaf;
+    bool kv_only;  // block attention: one segment tensor, nq = nk
+  };
+  const Case cases[] = {{Mask::document(seg_q.view, seg_k.view), false},
+                        {Mask::chunked(8), false},
+                        {Mask::block_attention(seg_b.view), true}};
+  for (const Case& c : cases) {
+    const int64_t rows = c.kv_only ? nk : nq;
+    OwnedTensor q = random_tensor(DType::kF32, {1, 1, rows, 8}, 1.0, 1);
+    OwnedTensor k = random_tensor(DType::kF32, {1, 1, nk, 8}, 1.0, 2);
+    OwnedTensor out = OwnedTensor::zeros(DType::kF32, {1, 1, rows, 8});
+    // (the problem keeps a pointer to its spec)
+    auto eval = [&](const Mask& m, AttentionSpec& spec, core::Problem& p) {
+      spec.mask = m;
+      EXPECT_TRUE(
+          core::validate_and_resolve(q.view, k.view, k.view, spec, out.view, {}, {}, {}, false, &p)
+              .ok());
+      return p.mask_eval(0, 0);
+    };
+    const char* name = mask_kind_name(c.leaf.nodes[0].kind);
+    for (const Mask& m : {Mask::causal() & c.leaf, c.leaf & Mask::causal()}) {
+      ASSERT_EQ(m.nodes.size(), 1u) << name;
+      EXPECT_EQ(m.nodes[0].kind, c.leaf.nodes[0].kind) << name;
+      EXPECT_TRUE(m.nodes[0].causal) << name;
+      AttentionSpec sf, sl;
+      core::Problem pf, pl;
+      const MaskEval folded = eval(m, sf, pf), leaf = eval(c.leaf, sl, pl);
+      int64_t allowed = 0;
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < nk; ++j) {
+          const bool want = leaf.allowed(i, j) && j <= i + (nk - rows);
+          ASSERT_EQ(folded.allowed(i, j), want) << name << " " << i << " " << j;
+          allowed += want;
+        }
+      EXPECT_GT(allowed, 0) << name;
+    }
+  }
+  EXPECT_EQ((Mask::causal() & Mask::sliding_window(4, 0)).nodes.size(), 3u);
+  EXPECT_EQ((Mask::causal() & Mask::causal()).nodes.size(), 3u);
+  EXPECT_EQ((Mask::causal() & (Mask::chunked(8) & Mask::sliding_window(2, 2))).nodes.size(), 5u);
+}
+
 // A per-head block map of 64-token blocks: each head visits exactly its nonzero cells, all full.
 TEST(BlockMask, BlockMapVisitsItsCellsPerHead) {
   const int64_t n = 512, blocks = n / 64, hq = 3;

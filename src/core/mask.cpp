@@ -104,7 +104,26 @@ Mask Mask::block_map(TensorView map, int64_t block_q, int64_t block_k) {
   return m;
 }
 
-Mask operator&(const Mask& x, const Mask& y) { return combine(MaskKind::kAnd, &x, &y); }
+// Causal & a leaf that has a causal form (chunked, document; block attention is causal already)
+// is that leaf made causal: the same mask as one node, which the kernels test inline (an and of
+// two nodes takes the tree's general test).
+Mask operator&(const Mask& x, const Mask& y) {
+  const auto causal = [](const Mask& m) {
+    return m.nodes.size() == 1 && m.nodes[0].kind == MaskKind::kCausal;
+  };
+  const auto has_causal_form = [](const Mask& m) {
+    const MaskKind k = m.nodes[0].kind;
+    return m.nodes.size() == 1 &&
+           (k == MaskKind::kChunked || k == MaskKind::kDocument || k == MaskKind::kBlockAttention);
+  };
+  for (const auto& [c, leaf] : {std::pair{&x, &y}, std::pair{&y, &x}})
+    if (causal(*c) && has_causal_form(*leaf)) {
+      Mask m = *leaf;
+      m.nodes[0].causal = true;  // (block attention's is set and not read)
+      return m;
+    }
+  return combine(MaskKind::kAnd, &x, &y);
+}
 Mask operator|(const Mask& x, const Mask& y) { return combine(MaskKind::kOr, &x, &y); }
 Mask operator!(const Mask& x) { return combine(MaskKind::kNot, &x, nullptr); }
 
