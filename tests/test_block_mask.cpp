@@ -563,6 +563,37 @@ TEST(Masks, CausalAndALeafWithACausalFormIsOneNode) {
   EXPECT_EQ((Mask::causal() & (Mask::chunked(8) & Mask::sliding_window(2, 2))).nodes.size(), 5u);
 }
 
+// Grid coordinates divide in 32 bits below 2^32 and in 64 bits above: both row-major, the same
+// at the edge, and a neighborhood's split test (query half, key half) is the leaf's rule there.
+TEST(Masks, GridCoordinatesHoldAcross32Bits) {
+  const int64_t k32 = int64_t{1} << 32;
+  const Mask m = Mask::neighborhood({5, 3000000007, 7}, {3, 5, 3});
+  const MaskNode& n = m.nodes[0];
+  for (int64_t x : {int64_t{0}, int64_t{12345}, k32 - 1, k32, k32 + 1, 5 * k32 + 77,
+                    int64_t{5} * 3000000007 * 7 - 1}) {
+    int64_t c[kMaxGridDims];
+    MaskEval::coords(n, x, c);
+    EXPECT_EQ((c[0] * n.shape[1] + c[1]) * n.shape[2] + c[2], x) << x;
+    for (int d = 0; d < 3; ++d) EXPECT_TRUE(c[d] >= 0 && c[d] < n.shape[d]) << x << " dim " << d;
+  }
+  // Keys on either side of 2^32 against queries there: the window is 3 x 5 x 3 around the query.
+  MaskEval e;
+  e.nodes = m.nodes.data();
+  for (int64_t i : {k32 - 8, k32 + 3})
+    for (int64_t j = i - 40; j <= i + 40; ++j) {
+      int64_t ci[kMaxGridDims], cj[kMaxGridDims];
+      MaskEval::coords(n, i, ci);
+      MaskEval::coords(n, j, cj);
+      bool near = true;  // NATTEN's window: k keys centred on the query, shifted off the edges
+      for (int d = 0; d < 3; ++d) {
+        const int64_t lo =
+            std::clamp(ci[d] - n.kernel[d] / 2, int64_t{0}, n.shape[d] - n.kernel[d]);
+        near = near && cj[d] >= lo && cj[d] < lo + n.kernel[d];
+      }
+      EXPECT_EQ(e.allowed_leaf(n, i, j), near) << i << " " << j;
+    }
+}
+
 // A per-head block map of 64-token blocks: each head visits exactly its nonzero cells, all full.
 TEST(BlockMask, BlockMapVisitsItsCellsPerHead) {
   const int64_t n = 512, blocks = n / 64, hq = 3;

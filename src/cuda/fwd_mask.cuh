@@ -235,18 +235,21 @@ __global__ void __launch_bounds__(kClassifyThreads)
   resolve_mask(p, b, h, s.offset, ms);
   const int m0 = qtile * kM, r0 = rows * kBitsRows + threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t* out = bits + b * p.tb_sb + h * p.tb_sh + qtile * p.tb_sq;
-  auto each_bit = [&](auto allowed) {
+  // test(row(i), key(j)): a row's half of the test once a block, a key's once a word.
+  auto each_bit = [&](auto row, auto key, auto test) {
+    decltype(row(0)) rs[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) rs[r] = row(m0 + r0 + r * kWarps);
     for (int slot = part; slot < num_slots; slot += split) {
       const int kt = list[1 + slot];
 #pragma unroll 1
       for (int w = 0; w < kWords; ++w) {
         const int j = kt * kN + w * 32 + lane;
+        const auto ks = key(j);
         bool ok[kRows];
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const int i = m0 + r0 + r * kWarps;
-          ok[r] = i < s.nq && j < s.nk && allowed(i, j);
-        }
+        for (int r = 0; r < kRows; ++r)
+          ok[r] = m0 + r0 + r * kWarps < s.nq && j < s.nk && test(rs[r], ks);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
           const uint32_t word = __ballot_sync(0xffffffffu, ok[r]);
@@ -260,19 +263,23 @@ __global__ void __launch_bounds__(kClassifyThreads)
   // switch on its kind.
   const MaskNode& n = p.nodes[0];
   const MaskEval& m = ms.mask;
+  auto index = [](int64_t x) { return x; };
   auto leaf = [&](int64_t i, int64_t j) { return m.allowed_leaf(n, i, j); };
   switch (p.num_nodes == 1 ? n.kind : MaskKind::kAnd) {
     case MaskKind::kDocument:
-      each_bit(leaf);
+      each_bit(index, index, leaf);
       break;
-    case MaskKind::kNeighborhood:
-      each_bit(leaf);
+    case MaskKind::kNeighborhood:  // (the leaf's test in its query's and key's halves)
+      each_bit([&](int64_t i) { return MaskEval::na_query(n, i); },
+               [&](int64_t j) { return MaskEval::na_key(n, j); },
+               [&](const auto& q, const auto& k) { return MaskEval::na_allowed(n, q, k); });
       break;
     case MaskKind::kBlockAttention:
-      each_bit(leaf);
+      each_bit(index, index, leaf);
       break;
     default:
-      each_bit([&](int64_t i, int64_t j) { return mask_allowed(m, p.num_nodes, i, j); });
+      each_bit(index, index,
+               [&](int64_t i, int64_t j) { return mask_allowed(m, p.num_nodes, i, j); });
   }
 }
 

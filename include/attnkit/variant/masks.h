@@ -82,19 +82,56 @@ struct MaskEval {
       *hi = *lo + k - 1;
     }
   }
-  ATTNKIT_HD static bool na_dim(int64_t xq, int64_t xk, int64_t extent, int64_t k, int64_t dl,
-                                bool causal) {
-    if (xq % dl != xk % dl) return false;
-    int64_t lo, hi;
-    na_window(xq, extent, k, dl, causal, &lo, &hi);
-    const int64_t u = xk / dl;
-    return u >= lo && u <= hi;
+  // A neighborhood's element test in two halves: the query's (each dim's dilation group and
+  // key window, na_query) and the key's (each dim's group and index within it, na_key), so that
+  // a row's or a key's half is computed once for many pairs (the CUDA bits pass).
+  struct NaSide {
+    int64_t g[kMaxGridDims] = {0, 0, 0}, lo[kMaxGridDims] = {0, 0, 0}, hi[kMaxGridDims] = {0, 0, 0};
+  };
+  ATTNKIT_HD static NaSide na_query(const MaskNode& n, int64_t i) {
+    int64_t c[kMaxGridDims];
+    coords(n, i, c);
+    NaSide q;
+    for (int d = 0; d < kMaxGridDims && d < n.ndim; ++d) {
+      const int64_t dl = n.dilation[d];
+      q.g[d] = dl == 1 ? 0 : c[d] % dl;
+      na_window(c[d], n.shape[d], n.kernel[d], dl, n.dim_causal[d], &q.lo[d], &q.hi[d]);
+    }
+    return q;
   }
-  // Row-major coordinates of flat index x on the node's grid.
+  ATTNKIT_HD static NaSide na_key(const MaskNode& n, int64_t j) {
+    int64_t c[kMaxGridDims];
+    coords(n, j, c);
+    NaSide k;  // lo: the key's index in its group
+    for (int d = 0; d < kMaxGridDims && d < n.ndim; ++d) {
+      const int64_t dl = n.dilation[d];
+      k.g[d] = dl == 1 ? 0 : c[d] % dl;
+      k.lo[d] = dl == 1 ? c[d] : c[d] / dl;
+    }
+    return k;
+  }
+  ATTNKIT_HD static bool na_allowed(const MaskNode& n, const NaSide& q, const NaSide& k) {
+    for (int d = 0; d < kMaxGridDims && d < n.ndim; ++d)
+      if (k.g[d] != q.g[d] || k.lo[d] < q.lo[d] || k.lo[d] > q.hi[d]) return false;
+    return true;
+  }
+  // Row-major coordinates of flat index x on the node's grid. An index and extent below 2^32
+  // divide in 32 bits: a GPU's 64-bit division is a subroutine of ~70 instructions, and a 2-D
+  // neighborhood's element test made four of them (the bits pass of its block table). The
+  // loops over dims run to kMaxGridDims so that a GPU keeps the coordinates in registers.
   ATTNKIT_HD static void coords(const MaskNode& n, int64_t x, int64_t* c) {
-    for (int d = n.ndim - 1; d >= 0; --d) {
-      c[d] = x % n.shape[d];
-      x /= n.shape[d];
+    constexpr int64_t k32 = int64_t{1} << 32;
+    for (int d = kMaxGridDims - 1; d >= 0; --d) {
+      if (d >= n.ndim) continue;
+      const int64_t e = n.shape[d];
+      if (x >= 0 && x < k32 && e > 0 && e < k32) {
+        const uint32_t q = static_cast<uint32_t>(x) / static_cast<uint32_t>(e);
+        c[d] = x - static_cast<int64_t>(q) * e;
+        x = q;
+      } else {
+        c[d] = x % e;
+        x /= e;
+      }
     }
   }
 
@@ -165,15 +202,8 @@ struct MaskEval {
       }
       case MaskKind::kPrefixLM:
         return j < n.a || j <= ia;
-      case MaskKind::kNeighborhood: {
-        int64_t cq[kMaxGridDims], ck[kMaxGridDims];
-        coords(n, i, cq);
-        coords(n, j, ck);
-        for (int d = 0; d < n.ndim; ++d)
-          if (!na_dim(cq[d], ck[d], n.shape[d], n.kernel[d], n.dilation[d], n.dim_causal[d]))
-            return false;
-        return true;
-      }
+      case MaskKind::kNeighborhood:
+        return na_allowed(n, na_query(n, i), na_key(n, j));
       case MaskKind::kMaxvitBlock: {
         int64_t cq[kMaxGridDims], ck[kMaxGridDims];
         coords(n, i, cq);
