@@ -1,38 +1,31 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 30; session 29's runs 110-114 measured the masked
-# table with the walks, found the forward's lean and item-slot patches without gain and the
-# test list too slow for three trees at once, gpu.md part 28), one call of at most 600 s each:
+# The next device session's runs (session 31; session 30's runs 115-119 adopted the grid bits
+# and the bits pass in row parts, dropped bwd_kv_early, passed the whole list, gpu.md part 29),
+# one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
-# bash scripts/cutlass_fmha.sh). Order for session 30: steps A, B, C, then D; a call that must
-# start a machine costs ~90-180 s more (the device tool's held time, not the command's).
-# Keep each tree's TESTS short: CudaFastPath.* alone ran past 110 s in run 113 (the persistent
-# walk's 54 oracle checks; session 29 made its checks 1.6-2x faster), and three trees at once
-# share the host's 16 cores (runs 111-112 timed out at 300 s and 200 s).
-# A. (~350 s) PAR=1 TESTS='CudaFastPath.Grid*:CudaFastPath.TabledWalks*:CudaFastPath.LongSeq*:
-#    *CudaOracle.MatchesOracle/neighborhood*' run_plan.sh ab $OUT fwd_grid_bits
-#    neighborhood,masked: ab_fwd_grid_bits.patch (remade on main in session 29), the grid tiles'
-#    mask as two 32-bit words of tests (rows as nibbles times the thread's four columns; R2P and
-#    a select a score, as the tabled tiles) and a key tile's patch by the reciprocal of kcols
-#    instead of an integer division a tile: the grid step's executed path 764 -> 688
-#    instructions at d128 (scripts/sass_loop.py; the bit formulas checked by brute force). Run
-#    114, stacked on lean and item_slot and untested: neighborhood 13x13 0.296 -> 0.281 ms.
-# B. (~300 s) PAR=1 TESTS='*CudaBackward*:CudaFastPath.TabledWalks*' AGAIN=0 PROFILE='--masked
-#    --kernels' run_plan.sh ab $OUT bwd_kv_early train_masked: ab_bwd_kv_early.patch, the
-#    backward's K and V issued by the initializing thread before the column scan (session 27's
-#    review: the scan of a causal or document column then hides their load); read
-#    document-causal cached and causal-tabled's bwd_kernel times.
-# C. (~500 s) bash bench/gpu/run_plan.sh 1 $OUT: main's whole correctness after session 29's
-#    oracle changes (dot products as partial sums, the naive P V's rounding, a task per head;
-#    tests' tolerances come from it; fp32's bound follows the largest row max), and the list's
-#    time against run 105's (test_cuda 98, check 352, pytest 33).
-# D. (~150 s, on main's build: bash bench/gpu/run_plan.sh 1 builds it, or after A) PYTHONPATH=
-#    build-gpu/python python3 bench/gpu/profile_bwd.py --masked --kernels --case
-#    'document-causal,document-causal cached': each pass's kernels per call and cached (run 110:
-#    the per-call forward ~583 us against ~416 cached, from TFLOP/s): the classification, the
-#    bits pass and the kernels, for the per-call document target (1.03x Flex; cached 1.44x).
-#    bench.py's Causal() & Document(docs) is three nodes (an And of two leaves), so its bits
-#    pass takes the tree's out-of-line test; Document(docs, causal) would take the inlined leaf.
+# bash scripts/cutlass_fmha.sh). Order for session 31: steps A, B, then 0b; a call that must
+# start a machine costs ~90-180 s more (the device tool's held time, not the command's). Issue
+# the next call as soon as one returns: the machine is released ~30 s after a call.
+# Keep each tree's TESTS short (the whole test_cuda takes 203 s, run 117).
+# A. (~480 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
+#    document-causal,neighborhood,neighborhood_cached' run_plan.sh ab $OUT and_tree:na_int64
+#    neighborhood,train_masked: main has two changes made blind in session 30, each A/B'd by a
+#    patch that takes it back: ab_and_tree.patch (Causal & Document as the tree of three nodes
+#    again: main folds it into one Document(causal) node, whose bits test is inlined; predicted
+#    per-call document forward bits 66 -> ~25 us, forward 392 -> ~420 TFLOP/s) and
+#    ab_na_int64.patch (the neighborhood's test with 64-bit coordinates each pair again: main
+#    splits it into a row half once a block and a key half once a word, in 32-bit divisions;
+#    predicted: the neighborhood's per-call table, 0.957 ms against 0.475 cached, and its
+#    backward's tables per call much cheaper). Read the profile's tile_bits_kernel and
+#    classify_tiles_kernel per tree, and bench.py's "neighborhood table" and document rows.
+# B. (~300 s, reuses A's build of main) bash bench/gpu/run_plan.sh 1 $OUT: main's whole
+#    correctness with the fold, the split neighborhood test and 32-bit coordinates (test_cuda,
+#    check, pytest -k cuda).
+# C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
+#    document-causal,neighborhood' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
+#    ab_bits16.patch, a slot's rows in parts of 16 (8 warps, 2 rows each: twice run 119's
+#    blocks), if A's bits pass still shows > 30 us.
 # 0b. If the budget allows (~250 s): PAR=1 TESTS='CudaFastPath.LongSeq*:CudaFastPath.Softcap*:
 #    *CudaOracle.MatchesOracle/dense*' run_plan.sh ab $OUT fwd_exp_poly dense:
 #    ab_fwd_exp_poly.patch (applies on main), 4 of a thread's 64 exp2 a tile of the fast d64
@@ -64,9 +57,10 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): fwd_grid_bits, bwd_kv_early, fwd_exp_poly, band_bits
-# (steps A, B, 0b, 3); bwd_band, bwd_alibi_band and bwd_tma_dkdv are on main (60e85d5);
-# fwd_lean and fwd_item_slot lost in run 114 (git show f0a091d:bench/gpu/ab_fwd_lean.patch).
+# The patches kept (bench/gpu/*.patch): and_tree, na_int64, bits16 (steps A, C), fwd_exp_poly,
+# band_bits (steps 0b, 3); fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs
+# 116 and 118 (git show 59e992f:bench/gpu/ab_bwd_kv_early.patch); fwd_lean and fwd_item_slot
+# lost in run 114 (git show f0a091d:bench/gpu/ab_fwd_lean.patch).
 # In git history: tma_out_k and tma_out_grid (lost in run 94: git show
 # 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains, wait_top and lazy (part
 # 17), the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.
