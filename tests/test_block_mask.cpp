@@ -563,35 +563,47 @@ TEST(Masks, CausalAndALeafWithACausalFormIsOneNode) {
   EXPECT_EQ((Mask::causal() & (Mask::chunked(8) & Mask::sliding_window(2, 2))).nodes.size(), 5u);
 }
 
-// Grid coordinates divide in 32 bits below 2^32 and in 64 bits above: both row-major, the same
-// at the edge, and a neighborhood's split test (query half, key half) is the leaf's rule there.
-TEST(Masks, GridCoordinatesHoldAcross32Bits) {
-  const int64_t k32 = int64_t{1} << 32;
-  const Mask m = Mask::neighborhood({5, 3000000007, 7}, {3, 5, 3});
-  const MaskNode& n = m.nodes[0];
-  for (int64_t x : {int64_t{0}, int64_t{12345}, k32 - 1, k32, k32 + 1, 5 * k32 + 77,
-                    int64_t{5} * 3000000007 * 7 - 1}) {
-    int64_t c[kMaxGridDims];
-    MaskEval::coords(n, x, c);
-    EXPECT_EQ((c[0] * n.shape[1] + c[1]) * n.shape[2] + c[2], x) << x;
-    for (int d = 0; d < 3; ++d) EXPECT_TRUE(c[d] >= 0 && c[d] < n.shape[d]) << x << " dim " << d;
-  }
-  // Keys on either side of 2^32 against queries there: the window is 3 x 5 x 3 around the query.
+// Grid coordinates in 32 bits (the CUDA bits pass, where narrow_grid) equal the 64-bit ones,
+// and a neighborhood's split test (query half, key half) is the leaf's rule, in either width:
+// 1-3 dims, dilation, causal dims, edges.
+TEST(Masks, NeighborhoodSplitTestIsTheLeafRule) {
+  struct G {
+    std::vector<int64_t> shape, kernel, dilation;
+    std::vector<bool> causal;
+  };
+  const G grids[] = {{{37}, {7}, {2}, {false}},
+                     {{13, 70}, {13, 3}, {1, 1}, {false, true}},
+                     {{9, 10, 11}, {3, 5, 3}, {1, 2, 1}, {true, false, false}},
+                     {{16, 18}, {3, 3}, {2, 3}, {false, false}}};
   MaskEval e;
-  e.nodes = m.nodes.data();
-  for (int64_t i : {k32 - 8, k32 + 3})
-    for (int64_t j = i - 40; j <= i + 40; ++j) {
-      int64_t ci[kMaxGridDims], cj[kMaxGridDims];
-      MaskEval::coords(n, i, ci);
-      MaskEval::coords(n, j, cj);
-      bool near = true;  // NATTEN's window: k keys centred on the query, shifted off the edges
-      for (int d = 0; d < 3; ++d) {
-        const int64_t lo =
-            std::clamp(ci[d] - n.kernel[d] / 2, int64_t{0}, n.shape[d] - n.kernel[d]);
-        near = near && cj[d] >= lo && cj[d] < lo + n.kernel[d];
+  for (const G& g : grids) {
+    const Mask m = Mask::neighborhood(g.shape, g.kernel, g.dilation, g.causal);
+    const MaskNode& n = m.nodes[0];
+    ASSERT_TRUE(MaskEval::narrow_grid(n));
+    int64_t count = 1;
+    for (int64_t x : g.shape) count *= x;
+    for (int64_t i = 0; i < count; ++i) {
+      int64_t c64[kMaxGridDims] = {}, c32[kMaxGridDims] = {};
+      MaskEval::coords(n, i, c64);
+      MaskEval::coords<uint32_t>(n, i, c32);
+      for (int d = 0; d < kMaxGridDims; ++d) ASSERT_EQ(c32[d], c64[d]) << i;
+      const auto q = MaskEval::na_query(n, i);
+      const auto q32 = MaskEval::na_query<uint32_t>(n, i);
+      for (int64_t j = 0; j < count; ++j) {
+        const bool want = e.allowed_leaf(n, i, j);
+        ASSERT_EQ(MaskEval::na_allowed(n, q, MaskEval::na_key(n, j)), want) << i << " " << j;
+        ASSERT_EQ(MaskEval::na_allowed(n, q32, MaskEval::na_key<uint32_t>(n, j)), want);
       }
-      EXPECT_EQ(e.allowed_leaf(n, i, j), near) << i << " " << j;
     }
+  }
+  // An extent of 2^32 or more is not narrow; 64-bit coordinates stay row-major past 2^32.
+  const Mask wide = Mask::neighborhood({5, int64_t{1} << 32, 7}, {3, 5, 3});
+  EXPECT_FALSE(MaskEval::narrow_grid(wide.nodes[0]));
+  for (int64_t x : {int64_t{1} << 32, (int64_t{1} << 34) + 77}) {
+    int64_t c[kMaxGridDims] = {};
+    MaskEval::coords(wide.nodes[0], x, c);
+    EXPECT_EQ((c[0] * (int64_t{1} << 32) + c[1]) * 7 + c[2], x);
+  }
 }
 
 // A per-head block map of 64-token blocks: each head visits exactly its nonzero cells, all full.

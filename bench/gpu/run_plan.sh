@@ -19,9 +19,13 @@
 #    predicted: the neighborhood's per-call table, 0.957 ms against 0.475 cached, and its
 #    backward's tables per call much cheaper). Read the profile's tile_bits_kernel and
 #    classify_tiles_kernel per tree, and bench.py's "neighborhood table" and document rows.
-# B. (~300 s, reuses A's build of main) bash bench/gpu/run_plan.sh 1 $OUT: main's whole
-#    correctness with the fold, the split neighborhood test and 32-bit coordinates (test_cuda,
-#    check, pytest -k cuda).
+#    Every tree has the third change: classify_tiles_kernel gathers the tiles' segment id
+#    ranges with the whole block first (run 118-119: classify 17 us forward, 19 us backward).
+# B. (~400 s, reuses A's build of main) bash bench/gpu/run_plan.sh 1 $OUT; then
+#    LD_LIBRARY_PATH=$PWD/.carry/hwy/lib ./build-gpu/attnkit fuzz --device cuda --seed 31000
+#    --seconds 60 (per-batch and separate query and key segment ids, trees): main's whole
+#    correctness with the fold, the split neighborhood test, 32-bit coordinates and the
+#    gathered segment ranges (test_cuda, check, pytest -k cuda).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16 (8 warps, 2 rows each: twice run 119's

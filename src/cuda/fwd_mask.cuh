@@ -145,6 +145,49 @@ inline constexpr int kClassifySplit = 8, kClassifyThreads = 256, kBitsRows = 32;
 // Key tiles of a row at most: the classification keeps a byte each in shared memory (227 KB,
 // less the span's two words).
 inline constexpr int kMaxClassifyTiles = 227 * 1024 - 16;
+// Where FwdParams::tc_seg_ranges: after the row's bytes (8-aligned), each segment tensor's
+// lowest and highest id over the query tile (2 ints each), then over each key tile.
+__host__ __device__ constexpr int64_t classify_seg_at(int64_t nkt) { return (nkt + 7) / 8 * 8; }
+__host__ __device__ constexpr int64_t classify_smem(int64_t nkt, int num_segments) {
+  return classify_seg_at(nkt) + 8 * static_cast<int64_t>(num_segments) * (1 + nkt);
+}
+
+// The segment id ranges of classify_tiles_kernel's tiles, gathered by the whole block (a warp's
+// 32 keys lie in one key tile: a warp's minimum and maximum, then one shared atomic each):
+// TileTokens::seg for MaskEval::seg_range, which otherwise reads a tile's ids in one thread (the
+// query tile's and a key tile's, 256 loads: classify 17-19 us a pass of the per-call document
+// case, run 118). Segment tensors no node reads (null) keep empty ranges.
+template <int kM, int kN>
+__device__ void gather_seg_ranges(const FwdParams& p, const MaskState& ms, const SeqExtent& s,
+                                  int m0, int32_t* seg) {
+  static_assert(kN % 32 == 0 && kClassifyThreads % 32 == 0);
+  const int ns = p.num_segments, lane = threadIdx.x % 32;
+  for (int x = threadIdx.x; x < 2 * ns * (1 + p.tc_nkt); x += blockDim.x)
+    seg[x] = x % 2 ? INT32_MIN : INT32_MAX;
+  __syncthreads();
+  auto add = [&](int32_t* at, bool valid, int32_t id) {
+    const int lo = __reduce_min_sync(0xffffffffu, valid ? id : INT32_MAX);
+    const int hi = __reduce_max_sync(0xffffffffu, valid ? id : INT32_MIN);
+    if (lane == 0 && lo <= hi) {
+      atomicMin(at, lo);
+      atomicMax(at + 1, hi);
+    }
+  };
+  const int qn = min(kM, s.nq - m0);
+  for (int g = 0; g < ns; ++g) {
+    const SegmentIds& ids = ms.segs[g];
+    if (!ids.q || !ids.k) continue;
+    for (int x0 = threadIdx.x - lane; x0 < qn; x0 += blockDim.x) {
+      const int x = x0 + lane;
+      add(seg + 2 * g, x < qn, x < qn ? ids.q[(m0 + x) * ids.q_stride] : 0);
+    }
+#pragma unroll 4
+    for (int j0 = threadIdx.x - lane; j0 < s.nk; j0 += blockDim.x) {
+      const int j = j0 + lane;
+      add(seg + 2 * (ns * (1 + j0 / kN) + g), j < s.nk, j < s.nk ? ids.k[j * ids.k_stride] : 0);
+    }
+  }
+}
 template <int kM, int kN>
 __global__ void __launch_bounds__(kClassifyThreads)
     classify_tiles_kernel(const __grid_constant__ FwdParams p, uint8_t* table, int32_t* slots,
@@ -160,6 +203,8 @@ __global__ void __launch_bounds__(kClassifyThreads)
     span_lo = p.tc_nkt;
     span_hi = -1;
   }
+  int32_t* seg = reinterpret_cast<int32_t*>(cls + classify_seg_at(p.tc_nkt));
+  if (p.tc_seg_ranges) gather_seg_ranges<kM, kN>(p, ms, s, m0, seg);
   __syncthreads();
   int lo = p.tc_nkt, hi = -1;
   for (int kt = threadIdx.x; kt < p.tc_nkt; kt += blockDim.x) {
@@ -173,6 +218,10 @@ __global__ void __launch_bounds__(kClassifyThreads)
       k.start = k.lo = n0;
       k.count = min(kN, s.nk - n0);
       k.hi = n0 + k.count - 1;
+      if (p.tc_seg_ranges) {
+        q.seg = seg;
+        k.seg = seg + 2 * p.num_segments * (1 + kt);
+      }
       c = ms.mask.classify_flat(p.num_nodes, q, k);
       if (c == TileClass::kFull && k.count < kN) c = TileClass::kPartial;
     }
@@ -269,10 +318,13 @@ __global__ void __launch_bounds__(kClassifyThreads)
     case MaskKind::kDocument:
       each_bit(index, index, leaf);
       break;
-    case MaskKind::kNeighborhood:  // (the leaf's test in its query's and key's halves)
-      each_bit([&](int64_t i) { return MaskEval::na_query(n, i); },
-               [&](int64_t j) { return MaskEval::na_key(n, j); },
-               [&](const auto& q, const auto& k) { return MaskEval::na_allowed(n, q, k); });
+    case MaskKind::kNeighborhood:  // the leaf's test in its query's and key's halves
+      if (MaskEval::narrow_grid(n))  // (i and j are ints)
+        each_bit([&](int64_t i) { return MaskEval::na_query<uint32_t>(n, i); },
+                 [&](int64_t j) { return MaskEval::na_key<uint32_t>(n, j); },
+                 [&](const auto& q, const auto& k) { return MaskEval::na_allowed(n, q, k); });
+      else
+        each_bit(index, index, leaf);
       break;
     case MaskKind::kBlockAttention:
       each_bit(index, index, leaf);

@@ -86,6 +86,9 @@ struct FwdParams {
   const uint8_t* tile_class = nullptr;
   int64_t tc_sb = 0, tc_sh = 0;
   int tc_nkt = 0;
+  // classify_tiles_kernel gathers each tile's segment id ranges first (they fit in its shared
+  // memory, classify_smem; else seg_range reads each tile's ids itself).
+  bool tc_seg_ranges = false;
   // Element-mask bits of partial tiles (table entries kTileBits + s): query row r (of the tile's
   // kM) of slot s at tile_bits[b * tb_sb + h * tb_sh + qt * tb_sq + (s * kM + r) * kN / 32],
   // one bit per key; tb_slots slots per query tile (0: no bits).

@@ -603,7 +603,10 @@ cudaError_t GeneralTables::build(const core::Problem& p, int km, int kn, int max
     e = cudaMallocAsync(&table, all_bytes, stream);
     tables = table;
   }
-  const size_t cls_smem = static_cast<size_t>(f->tc_nkt);
+  f->tc_seg_ranges =
+      f->num_segments > 0 && classify_smem(f->tc_nkt, f->num_segments) <= kMaxClassifyTiles;
+  const size_t cls_smem = static_cast<size_t>(
+      f->tc_seg_ranges ? classify_smem(f->tc_nkt, f->num_segments) : f->tc_nkt);
   // The forward's (128 x 128; 128 x 64 above head dim 128) and the backward's (64 x 128; 64 x 64
   // above head dim 128) tiles.
   auto classify = km == 64 ? (kn == 128 ? &classify_tiles_kernel<64, 128>

@@ -36,6 +36,9 @@ struct TileTokens {
   bool box_exact = false;
   int64_t box_shape[kMaxGridDims] = {1, 1, 1};
   int64_t box_lo[kMaxGridDims] = {0, 0, 0}, box_hi[kMaxGridDims] = {0, 0, 0};
+  // Optional: the lowest and highest id of segment tensor s over the tile's tokens at seg[2 s]
+  // and seg[2 s + 1] (query ids for a query tile, key ids for a key tile; null: read them).
+  const int32_t* seg = nullptr;
   ATTNKIT_HD int64_t at(int64_t t) const { return tokens ? tokens[t] : start + t; }
 };
 
@@ -82,57 +85,86 @@ struct MaskEval {
       *hi = *lo + k - 1;
     }
   }
-  // A neighborhood's element test in two halves: the query's (each dim's dilation group and
-  // key window, na_query) and the key's (each dim's group and index within it, na_key), so that
-  // a row's or a key's half is computed once for many pairs (the CUDA bits pass).
-  struct NaSide {
-    int64_t g[kMaxGridDims] = {0, 0, 0}, lo[kMaxGridDims] = {0, 0, 0}, hi[kMaxGridDims] = {0, 0, 0};
+  // A neighborhood's test per dim in a query half (the query's dilation group g and its key
+  // window [lo, hi] in group coordinates) and a key half (the key's group g and index u in it):
+  // allowed where the groups match and lo <= u <= hi. NaSide holds a token's half for every dim,
+  // so that the CUDA bits pass computes a row's once a block and a key's once a word.
+  ATTNKIT_HD static void na_query_dim(const MaskNode& n, int d, int64_t x, int64_t* g, int64_t* lo,
+                                      int64_t* hi) {
+    const int64_t dl = n.dilation[d];
+    *g = dl == 1 ? 0 : x % dl;
+    na_window(x, n.shape[d], n.kernel[d], dl, n.dim_causal[d], lo, hi);
+  }
+  ATTNKIT_HD static void na_key_dim(const MaskNode& n, int d, int64_t x, int64_t* g, int64_t* u) {
+    const int64_t dl = n.dilation[d];
+    *g = dl == 1 ? 0 : x % dl;
+    *u = dl == 1 ? x : x / dl;
+  }
+  ATTNKIT_HD static bool na_dim(const MaskNode& n, int d, int64_t xq, int64_t xk) {
+    int64_t gq, lo, hi, gk, u;
+    na_key_dim(n, d, xk, &gk, &u);
+    na_query_dim(n, d, xq, &gq, &lo, &hi);
+    return gq == gk && u >= lo && u <= hi;
+  }
+  // A token's half of every dim, in U (int64_t, or uint32_t for a narrow grid's coordinates).
+  template <class U>
+  struct NaSide {  // a query's g, lo, hi, or a key's g and u (in lo)
+    U g[kMaxGridDims] = {0, 0, 0}, lo[kMaxGridDims] = {0, 0, 0}, hi[kMaxGridDims] = {0, 0, 0};
   };
-  ATTNKIT_HD static NaSide na_query(const MaskNode& n, int64_t i) {
-    int64_t c[kMaxGridDims];
-    coords(n, i, c);
-    NaSide q;
+  template <class U = int64_t>
+  ATTNKIT_HD static NaSide<U> na_query(const MaskNode& n, int64_t i) {
+    int64_t c[kMaxGridDims] = {0, 0, 0};
+    coords<U>(n, i, c);
+    NaSide<U> q;
     for (int d = 0; d < kMaxGridDims && d < n.ndim; ++d) {
-      const int64_t dl = n.dilation[d];
-      q.g[d] = dl == 1 ? 0 : c[d] % dl;
-      na_window(c[d], n.shape[d], n.kernel[d], dl, n.dim_causal[d], &q.lo[d], &q.hi[d]);
+      int64_t g, lo, hi;
+      na_query_dim(n, d, c[d], &g, &lo, &hi);
+      q.g[d] = static_cast<U>(g);
+      q.lo[d] = static_cast<U>(lo);
+      q.hi[d] = static_cast<U>(hi);
     }
     return q;
   }
-  ATTNKIT_HD static NaSide na_key(const MaskNode& n, int64_t j) {
-    int64_t c[kMaxGridDims];
-    coords(n, j, c);
-    NaSide k;  // lo: the key's index in its group
+  template <class U = int64_t>
+  ATTNKIT_HD static NaSide<U> na_key(const MaskNode& n, int64_t j) {
+    int64_t c[kMaxGridDims] = {0, 0, 0};
+    coords<U>(n, j, c);
+    NaSide<U> k;
     for (int d = 0; d < kMaxGridDims && d < n.ndim; ++d) {
-      const int64_t dl = n.dilation[d];
-      k.g[d] = dl == 1 ? 0 : c[d] % dl;
-      k.lo[d] = dl == 1 ? c[d] : c[d] / dl;
+      int64_t g, u;
+      na_key_dim(n, d, c[d], &g, &u);
+      k.g[d] = static_cast<U>(g);
+      k.lo[d] = static_cast<U>(u);
     }
     return k;
   }
-  ATTNKIT_HD static bool na_allowed(const MaskNode& n, const NaSide& q, const NaSide& k) {
+  template <class U>
+  ATTNKIT_HD static bool na_allowed(const MaskNode& n, const NaSide<U>& q, const NaSide<U>& k) {
     for (int d = 0; d < kMaxGridDims && d < n.ndim; ++d)
       if (k.g[d] != q.g[d] || k.lo[d] < q.lo[d] || k.lo[d] > q.hi[d]) return false;
     return true;
   }
-  // Row-major coordinates of flat index x on the node's grid. An index and extent below 2^32
-  // divide in 32 bits: a GPU's 64-bit division is a subroutine of ~70 instructions, and a 2-D
-  // neighborhood's element test made four of them (the bits pass of its block table). The
-  // loops over dims run to kMaxGridDims so that a GPU keeps the coordinates in registers.
+  // Row-major coordinates of flat index x on the node's grid, in U's arithmetic: int64_t, or
+  // uint32_t where x and the extents are below 2^32 (narrow_grid; the window bounds then fit
+  // too, lying in [0, extent)): the CUDA bits pass, as a
+  // GPU's 64-bit division is a subroutine of ~70 instructions and a 2-D neighborhood's test made
+  // four. (The general kernels keep int64_t: both paths inlined there doubled their spills.)
+  template <class U = int64_t>
   ATTNKIT_HD static void coords(const MaskNode& n, int64_t x, int64_t* c) {
-    constexpr int64_t k32 = int64_t{1} << 32;
-    for (int d = kMaxGridDims - 1; d >= 0; --d) {
-      if (d >= n.ndim) continue;
-      const int64_t e = n.shape[d];
-      if (x >= 0 && x < k32 && e > 0 && e < k32) {
-        const uint32_t q = static_cast<uint32_t>(x) / static_cast<uint32_t>(e);
-        c[d] = x - static_cast<int64_t>(q) * e;
-        x = q;
-      } else {
-        c[d] = x % e;
-        x /= e;
-      }
+    U y = static_cast<U>(x);
+    for (int d = n.ndim - 1; d >= 0; --d) {
+      const U e = static_cast<U>(n.shape[d]);
+      c[d] = static_cast<int64_t>(y % e);
+      y /= e;
     }
+  }
+  // Whether every extent of the node's grid lies in [1, 2^32): coords<uint32_t> is then exact
+  // for indices below 2^32.
+  ATTNKIT_HD static bool narrow_grid(const MaskNode& n) {
+    bool ok = true;
+    for (int d = 0; d < kMaxGridDims && d < n.ndim; ++d)
+      ok = ok && n.shape[d] > 0 && n.shape[d] <= int64_t{0xffffffff};
+    return ok;
   }
 
   ATTNKIT_HD bool allowed(int32_t id, int64_t i, int64_t j) const {
@@ -202,8 +234,14 @@ struct MaskEval {
       }
       case MaskKind::kPrefixLM:
         return j < n.a || j <= ia;
-      case MaskKind::kNeighborhood:
-        return na_allowed(n, na_query(n, i), na_key(n, j));
+      case MaskKind::kNeighborhood: {
+        int64_t cq[kMaxGridDims], ck[kMaxGridDims];
+        coords(n, i, cq);
+        coords(n, j, ck);
+        for (int d = 0; d < n.ndim; ++d)
+          if (!na_dim(n, d, cq[d], ck[d])) return false;
+        return true;
+      }
       case MaskKind::kMaxvitBlock: {
         int64_t cq[kMaxGridDims], ck[kMaxGridDims];
         coords(n, i, cq);
@@ -259,6 +297,11 @@ struct MaskEval {
   }
   ATTNKIT_HD void seg_range(const MaskNode& n, const TileTokens& t, bool query, int32_t* lo,
                             int32_t* hi) const {
+    if (t.seg) {
+      *lo = t.seg[2 * n.seg_q];
+      *hi = t.seg[2 * n.seg_q + 1];
+      return;
+    }
     *lo = INT32_MAX;
     *hi = INT32_MIN;
     for (int64_t x = 0; x < t.count; ++x) {
