@@ -14,7 +14,7 @@
 #    patch that takes it back: ab_and_tree.patch (Causal & Document as the tree of three nodes
 #    again: main folds it into one Document(causal) node, whose bits test is inlined; predicted
 #    per-call document forward bits 66 -> ~25 us, forward 392 -> ~420 TFLOP/s) and
-#    ab_na_int64.patch (the neighborhood's test with 64-bit coordinates each pair again: main
+#    ab_na_int64.patch (the neighborhood bits by the leaf's 64-bit test per pair again: main
 #    splits it into a row half once a block and a key half once a word, in 32-bit divisions;
 #    predicted: the neighborhood's per-call table, 0.957 ms against 0.475 cached, and its
 #    backward's tables per call much cheaper). Read the profile's tile_bits_kernel and
