@@ -545,6 +545,12 @@ TEST(Masks, CausalAndALeafWithACausalFormIsOneNode) {
       ASSERT_EQ(m.nodes.size(), 1u) << name;
       EXPECT_EQ(m.nodes[0].kind, c.leaf.nodes[0].kind) << name;
       EXPECT_TRUE(m.nodes[0].causal) << name;
+      if (c.kv_only) {  // block attention's node as built: the same mask, the same cache key
+        AttentionSpec a, l;
+        a.mask = m;
+        l.mask = c.leaf;
+        EXPECT_EQ(core::mask_fingerprint(a), core::mask_fingerprint(l));
+      }
       AttentionSpec sf, sl;
       core::Problem pf, pl;
       const MaskEval folded = eval(m, sf, pf), leaf = eval(c.leaf, sl, pl);

@@ -112,14 +112,16 @@ Mask operator&(const Mask& x, const Mask& y) {
     return m.nodes.size() == 1 && m.nodes[0].kind == MaskKind::kCausal;
   };
   const auto has_causal_form = [](const Mask& m) {
+    if (m.nodes.size() != 1) return false;
     const MaskKind k = m.nodes[0].kind;
-    return m.nodes.size() == 1 &&
-           (k == MaskKind::kChunked || k == MaskKind::kDocument || k == MaskKind::kBlockAttention);
+    return k == MaskKind::kChunked || k == MaskKind::kDocument || k == MaskKind::kBlockAttention;
   };
   for (const auto& [c, leaf] : {std::pair{&x, &y}, std::pair{&y, &x}})
     if (causal(*c) && has_causal_form(*leaf)) {
       Mask m = *leaf;
-      m.nodes[0].causal = true;  // (block attention's is set and not read)
+      // (block attention's node is left as built: its rule is causal, its flag not read, and
+      // the mask cache's fingerprint includes the flag)
+      if (m.nodes[0].kind != MaskKind::kBlockAttention) m.nodes[0].causal = true;
       return m;
     }
   return combine(MaskKind::kAnd, &x, &y);
