@@ -302,6 +302,7 @@ std::vector<std::string> mechanism_names() {
           "maxvit_block",
           "maxvit_grid",
           "and_causal_document",
+          "and_window_document",
           "or_window_chunked",
           "not_causal",
           "block_map",
@@ -393,9 +394,14 @@ json mechanism_spec(const std::string& name, const Dims& d) {
       return {{"mask", "maxvit_grid"}, {"shape", {rows, cols}}, {"grid", g}};
     }
   }
-  if (name == "and_causal_document") {
+  if (name == "and_causal_document") {  // (Mask's & folds it into one causal document node)
     if (d.nq != d.nk) return {};
     return {{"mask", "and"}, {"of", {"causal", {{"document", segments_json(n, 3)}}}}};
+  }
+  if (name == "and_window_document") {  // a tree with a segment node (causal & document folds)
+    if (d.nq != d.nk) return {};
+    return {{"mask", "and"},
+            {"of", {{{"sliding_window", {window, 0}}}, {{"document", segments_json(n, 3)}}}}};
   }
   if (name == "or_window_chunked")
     return {{"mask", "or"},
