@@ -25,7 +25,8 @@
 #    LD_LIBRARY_PATH=$PWD/.carry/hwy/lib ./build-gpu/attnkit fuzz --device cuda --seed 31000
 #    --seconds 60 (per-batch and separate query and key segment ids, trees): main's whole
 #    correctness with the fold, the split neighborhood test, 32-bit coordinates and the
-#    gathered segment ranges (test_cuda, check, pytest -k cuda).
+#    gathered segment ranges (test_cuda, check, pytest -k cuda; the new and_window_document
+#    instances of CudaOracle and CudaBackward: a tree with a document node).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16 (8 warps, 2 rows each: twice run 119's
