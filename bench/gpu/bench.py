@@ -98,6 +98,14 @@ def masked_cases(n, h):
     qi = torch.arange(n, device=dev)[:, None]
     ki = torch.arange(n, device=dev)[None, :]
     slopes = torch.exp2(-8 * torch.arange(1, h + 1, device=dev) / h)
+    rows, cols = 64, n // 64  # the 2-D neighborhood's grid (NATTEN's window: 13 x 13 around
+    # the query, shifted inside the grid at its edges)
+
+    def na_mod(bb, hh, i, j):
+        lo_r = torch.clamp(i // cols - 6, 0, rows - 13)
+        lo_c = torch.clamp(i % cols - 6, 0, cols - 13)
+        return ((j // cols >= lo_r) & (j // cols < lo_r + 13) & (j % cols >= lo_c) &
+                (j % cols < lo_c + 13))
     cases = {
         "causal": (lambda bb, hh, i, j: i >= j, dict(causal=True), None),
         "sliding1024-causal": (lambda bb, hh, i, j: (i >= j) & (i - j <= 1024),
@@ -109,6 +117,10 @@ def masked_cases(n, h):
         "alibi-causal": (lambda bb, hh, i, j: i >= j,
                          dict(causal=True, score_mod=attnkit.score_mods.ALiBi()),
                          lambda s, bb, hh, i, j: s - slopes[hh] * (i - j)),
+        # (the grid tiles forward; the backward's tables built per call, or once when cached)
+        "neighborhood13x13": (na_mod, dict(mask=attnkit.masks.Neighborhood((rows, cols),
+                                                                            kernel=(13, 13))),
+                              None),
     }
     return {name: (mm, kw, sm, mm(0, 0, qi, ki).float().mean().item() if mm else 1.0)
             for name, (mm, kw, sm) in cases.items()}

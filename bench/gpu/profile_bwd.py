@@ -6,7 +6,7 @@ under torch.profiler too. With --ab NAME=VALUE, attnkit is timed with the enviro
 NAME unset and set to VALUE in turn (a switch the library reads at each call, e.g.
 ATTNKIT_CUDA_PERSISTENT=0). With --masked, bench.py's masked cases instead (N 8192, d 128, their
 pair counts as FLOPs; document with a MaskCache, and per call where --case names
-"document-causal"; "neighborhood" and "neighborhood cached" where --case names them), attnkit
+"document-causal"; bench.py's neighborhood13x13 rows where --case names them), attnkit
 beside FlexAttention, each pass alone (with --kernels, each pass's kernels timed).
 With --once, attnkit alone, one forward and three backward calls a case and no timing, for ncu's
 per-kernel figures (ncu --metrics gpu__time_duration.sum,dram__bytes.sum python3
@@ -98,20 +98,6 @@ def masked():
     cases.append(("causal-tabled", dict(mask=attnkit.masks.Causal() & attnkit.masks.Document(
         one_doc), mask_cache=attnkit.MaskCache()), causal[2], None, causal[4]))
     # (a case's spaces may be written as '_': run_plan.sh splits $PROFILE at spaces)
-    # 2-D neighborhood 13 x 13 on 64 x 128 (the grid tiles forward; the backward's tables built
-    # per call, with a MaskCache once): only where --case names it.
-    qi = torch.arange(n, device="cuda")
-
-    def na_mod(bb, hh, i, j):
-        lo_r = torch.clamp(i // 128 - 6, 0, 64 - 13)
-        lo_c = torch.clamp(i % 128 - 6, 0, 128 - 13)
-        return ((j // 128 >= lo_r) & (j // 128 < lo_r + 13) & (j % 128 >= lo_c) &
-                (j % 128 < lo_c + 13))
-    na = attnkit.masks.Neighborhood((64, 128), kernel=(13, 13))
-    na_frac = na_mod(0, 0, qi[:, None], qi[None, :]).float().mean().item()
-    cases.append(("neighborhood", dict(mask=na), na_mod, None, na_frac))
-    cases.append(("neighborhood cached", dict(mask=na, mask_cache=attnkit.MaskCache()), na_mod,
-                  None, na_frac))
     picked = only_case.replace("_", " ").split(",") if only_case is not None else None
     for name, kw, mm, sm, frac in cases:
         # (document's tables built per call: only where --case names it)

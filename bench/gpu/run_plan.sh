@@ -9,9 +9,10 @@
 # the next call as soon as one returns: the machine is released ~30 s after a call.
 # Keep each tree's TESTS short (the whole test_cuda takes 203 s, run 117).
 # A. (~480 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
-#    document-causal,neighborhood,neighborhood_cached' run_plan.sh ab $OUT and_tree:na_int64
-#    neighborhood,train_masked: main has two changes made blind in session 30, each A/B'd by a
-#    patch that takes it back: ab_and_tree.patch (Causal & Document as the tree of three nodes
+#    document-causal,neighborhood13x13,neighborhood13x13_cached' run_plan.sh ab $OUT
+#    and_tree:na_int64 neighborhood,train_masked (train_masked now has bench.py's
+#    neighborhood13x13 rows, per call and cached, against Flex): main has two changes made
+#    blind in session 30, each A/B'd by a patch that takes it back: ab_and_tree.patch (Causal & Document as the tree of three nodes
 #    again: main folds it into one Document(causal) node, whose bits test is inlined; predicted
 #    per-call document forward bits 66 -> ~25 us, forward 392 -> ~420 TFLOP/s) and
 #    ab_na_int64.patch (the neighborhood bits by the leaf's 64-bit test per pair again: main
@@ -28,7 +29,7 @@
 #    gathered segment ranges (test_cuda, check, pytest -k cuda; the new and_window_document
 #    instances of CudaOracle and CudaBackward: a tree with a document node).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
-#    document-causal,neighborhood' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
+#    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16 (8 warps, 2 rows each: twice run 119's
 #    blocks), if A's bits pass still shows > 30 us.
 # 0b. If the budget allows (~250 s): PAR=1 TESTS='CudaFastPath.LongSeq*:CudaFastPath.Softcap*:
