@@ -13,8 +13,9 @@
 #    and_tree:na_int64 neighborhood,train_masked (train_masked now has bench.py's
 #    neighborhood13x13 rows, per call and cached, against Flex): main has two changes made
 #    blind in session 30, each A/B'd by a patch that takes it back: ab_and_tree.patch
-#    (Causal & Document as the tree of three nodes again: main folds it into one Document(causal) node, whose bits test is inlined; predicted
-#    per-call document forward bits 66 -> ~25 us, forward 392 -> ~420 TFLOP/s) and
+#    (Causal & Document as the tree of three nodes again: main folds it into one
+#    Document(causal) node, whose bits test is inlined; predicted per-call document forward
+#    bits 66 -> ~25 us, forward 392 -> ~420 TFLOP/s) and
 #    ab_na_int64.patch (the neighborhood bits by the leaf's 64-bit test per pair again: main
 #    splits it into a row half once a block and a key half once a word, in 32-bit divisions;
 #    predicted: the neighborhood's per-call table, 0.957 ms against 0.475 cached, and its
