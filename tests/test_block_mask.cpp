@@ -593,12 +593,13 @@ TEST(Masks, NeighborhoodSplitTestIsTheLeafRule) {
       MaskEval::coords(n, i, c64);
       MaskEval::coords<uint32_t>(n, i, c32);
       for (int d = 0; d < kMaxGridDims; ++d) ASSERT_EQ(c32[d], c64[d]) << i;
-      const auto q = MaskEval::na_query(n, i);
-      const auto q32 = MaskEval::na_query<uint32_t>(n, i);
+      const auto q = MaskEval::na_side(n, i, true);
+      const auto q32 = MaskEval::na_side<uint32_t>(n, i, true);
       for (int64_t j = 0; j < count; ++j) {
         const bool want = e.allowed_leaf(n, i, j);
-        ASSERT_EQ(MaskEval::na_allowed(n, q, MaskEval::na_key(n, j)), want) << i << " " << j;
-        ASSERT_EQ(MaskEval::na_allowed(n, q32, MaskEval::na_key<uint32_t>(n, j)), want);
+        ASSERT_EQ(MaskEval::na_allowed(n, q, MaskEval::na_side(n, j, false)), want)
+            << i << " " << j;
+        ASSERT_EQ(MaskEval::na_allowed(n, q32, MaskEval::na_side<uint32_t>(n, j, false)), want);
       }
     }
   }

@@ -132,6 +132,8 @@ def masked():
     n, b, h, d = 8192, 2, 16, 128
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
     for name, kw, mm, sm, frac in with_cached(masked_cases(n, h)):
+        if name == "neighborhood13x13 cached":
+            continue  # (the forward's grid tiles build no tables: the same row)
         flops = 4 * b * h * n * n * d * frac
         bm = create_block_mask(mm, None, None, n, n, device=dev) if mm else None
         out = attnkit.attention(q, k, v, **kw)

@@ -320,8 +320,8 @@ __global__ void __launch_bounds__(kClassifyThreads)
       break;
     case MaskKind::kNeighborhood:  // the leaf's test in its query's and key's halves
       if (MaskEval::narrow_grid(n))  // (i and j are ints)
-        each_bit([&](int64_t i) { return MaskEval::na_query<uint32_t>(n, i); },
-                 [&](int64_t j) { return MaskEval::na_key<uint32_t>(n, j); },
+        each_bit([&](int64_t i) { return MaskEval::na_side<uint32_t>(n, i, true); },
+                 [&](int64_t j) { return MaskEval::na_side<uint32_t>(n, j, false); },
                  [&](const auto& q, const auto& k) { return MaskEval::na_allowed(n, q, k); });
       else
         each_bit(index, index, leaf);

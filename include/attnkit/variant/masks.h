@@ -106,37 +106,30 @@ struct MaskEval {
     na_query_dim(n, d, xq, &gq, &lo, &hi);
     return gq == gk && u >= lo && u <= hi;
   }
-  // A token's half of every dim, in U (int64_t, or uint32_t for a narrow grid's coordinates).
+  // A token's half of every dim (a query's g, lo, hi; a key's g and u, as lo = hi = u), in U
+  // (int64_t, or uint32_t for a narrow grid's coordinates).
   template <class U>
-  struct NaSide {  // a query's g, lo, hi, or a key's g and u (in lo)
+  struct NaSide {
     U g[kMaxGridDims] = {0, 0, 0}, lo[kMaxGridDims] = {0, 0, 0}, hi[kMaxGridDims] = {0, 0, 0};
   };
   template <class U = int64_t>
-  ATTNKIT_HD static NaSide<U> na_query(const MaskNode& n, int64_t i) {
+  ATTNKIT_HD static NaSide<U> na_side(const MaskNode& n, int64_t x, bool query) {
     int64_t c[kMaxGridDims] = {0, 0, 0};
-    coords<U>(n, i, c);
-    NaSide<U> q;
+    coords<U>(n, x, c);
+    NaSide<U> t;
     for (int d = 0; d < kMaxGridDims && d < n.ndim; ++d) {
       int64_t g, lo, hi;
-      na_query_dim(n, d, c[d], &g, &lo, &hi);
-      q.g[d] = static_cast<U>(g);
-      q.lo[d] = static_cast<U>(lo);
-      q.hi[d] = static_cast<U>(hi);
+      if (query) {
+        na_query_dim(n, d, c[d], &g, &lo, &hi);
+      } else {
+        na_key_dim(n, d, c[d], &g, &lo);
+        hi = lo;
+      }
+      t.g[d] = static_cast<U>(g);
+      t.lo[d] = static_cast<U>(lo);
+      t.hi[d] = static_cast<U>(hi);
     }
-    return q;
-  }
-  template <class U = int64_t>
-  ATTNKIT_HD static NaSide<U> na_key(const MaskNode& n, int64_t j) {
-    int64_t c[kMaxGridDims] = {0, 0, 0};
-    coords<U>(n, j, c);
-    NaSide<U> k;
-    for (int d = 0; d < kMaxGridDims && d < n.ndim; ++d) {
-      int64_t g, u;
-      na_key_dim(n, d, c[d], &g, &u);
-      k.g[d] = static_cast<U>(g);
-      k.lo[d] = static_cast<U>(u);
-    }
-    return k;
+    return t;
   }
   template <class U>
   ATTNKIT_HD static bool na_allowed(const MaskNode& n, const NaSide<U>& q, const NaSide<U>& k) {
@@ -146,9 +139,9 @@ struct MaskEval {
   }
   // Row-major coordinates of flat index x on the node's grid, in U's arithmetic: int64_t, or
   // uint32_t where x and the extents are below 2^32 (narrow_grid; the window bounds then fit
-  // too, lying in [0, extent)): the CUDA bits pass, as a
-  // GPU's 64-bit division is a subroutine of ~70 instructions and a 2-D neighborhood's test made
-  // four. (The general kernels keep int64_t: both paths inlined there doubled their spills.)
+  // too, lying in [0, extent)): the CUDA bits pass, as a GPU's 64-bit division is a subroutine
+  // of ~70 instructions and a 2-D neighborhood's test made four. (The general kernels keep
+  // int64_t: both widths inlined there took fwd 64x64's spills from 196 to 1336 bytes.)
   template <class U = int64_t>
   ATTNKIT_HD static void coords(const MaskNode& n, int64_t x, int64_t* c) {
     U y = static_cast<U>(x);
