@@ -613,6 +613,78 @@ TEST(Masks, NeighborhoodSplitTestIsTheLeafRule) {
   }
 }
 
+// The fast forward's grid tiles (cuda/tile_bits.h): each query patch's key boxes, with each
+// thread's window bits, allow exactly the leaf's pairs, each key once (boxes past the grid's edge
+// allow nothing there), for both box widths: edges, causal dims, one-column grids.
+TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
+  struct G {
+    int h, w, kr, kc;
+    bool cr, cc;
+  };
+  const G grids[] = {{24, 48, 13, 13, false, false},
+                     {16, 32, 3, 5, false, true},
+                     {8, 64, 7, 31, true, false},
+                     {32, 16, 9, 1, false, false},
+                     {16, 48, 1, 17, true, true}};
+  MaskEval e;
+  for (const G& gr : grids)
+    for (int key_w : {16, 32}) {
+      if (key_w > gr.w) continue;
+      const Mask m = Mask::neighborhood({gr.h, gr.w}, {gr.kr, gr.kc}, {1, 1}, {gr.cr, gr.cc});
+      const MaskNode& n = m.nodes[0];
+      cuda::GridShape g;
+      g.h = gr.h, g.w = gr.w, g.kernel[0] = gr.kr, g.kernel[1] = gr.kc;
+      g.causal[0] = gr.cr, g.causal[1] = gr.cc;
+      g.key_w = key_w, g.key_h = 128 / key_w;
+      for (int pr0 = 0; pr0 < g.h; pr0 += cuda::kGridRows)
+        for (int pc0 = 0; pc0 < g.w; pc0 += cuda::kGridCols) {
+          const cuda::GridKeys keys = cuda::grid_keys(g, pr0, pc0);
+          ASSERT_GE(keys.rows, 1);
+          ASSERT_GE(keys.cols, 1);
+          // Each query's allowed keys, counted over the boxes (bits) and over the grid (rule).
+          std::vector<int> seen(cuda::kGridRows * cuda::kGridCols, 0);
+          for (int t = 0; t < keys.rows * keys.cols; ++t) {
+            const int kr = keys.r0 + t / keys.cols * g.key_h;
+            const int kc = keys.c0 + t % keys.cols * g.key_w;
+            for (int a = 0; a < cuda::kGridRows; ++a)
+              for (int l4 = 0; l4 < 8; ++l4)
+                for (int col0 = 0; col0 < 8; col0 += 2) {
+                  uint32_t allow[2];
+                  cuda::grid_words(g, pr0 + a, pc0 + l4, kr, kc, col0, allow);
+                  for (int q = 0; q < 2; ++q)
+                    for (int c = 0; c < 16; ++c)
+                      for (int x = 0; x < 2; ++x) {
+                        const int key = c * 8 + col0 + x;  // the tile's key
+                        const int yr = kr + key / g.key_w, yc = kc + key % g.key_w;
+                        const int qc = pc0 + l4 + 8 * q;
+                        const bool in = yr < g.h && yc < g.w;
+                        const bool want = in && e.allowed_leaf(n, int64_t{pr0 + a} * g.w + qc,
+                                                               int64_t{yr} * g.w + yc);
+                        const bool got = (allow[q] >> (2 * c + x)) & 1u;
+                        ASSERT_EQ(got, want) << g.h << "x" << g.w << " key_w " << key_w << " patch "
+                                             << pr0 << "," << pc0 << " box " << t;
+                        seen[a * cuda::kGridCols + qc - pc0] += got;
+                      }
+                }
+          }
+          for (int a = 0; a < cuda::kGridRows; ++a)
+            for (int b = 0; b < cuda::kGridCols; ++b) {
+              int64_t want = 0;
+              const int64_t i = int64_t{pr0 + a} * g.w + pc0 + b;
+              for (int64_t j = 0; j < int64_t{g.h} * g.w; ++j) want += e.allowed_leaf(n, i, j);
+              ASSERT_EQ(seen[a * cuda::kGridCols + b], want) << "query " << i;
+            }
+        }
+    }
+  // The width with the fewest boxes: 13 x 13 on 64 x 128 takes 32 (a 20 x 28 reach: 5 boxes of
+  // 4 x 32 against 6 of 8 x 16), 31 x 31 takes 16.
+  cuda::GridShape g;
+  g.h = 64, g.w = 128, g.kernel[0] = g.kernel[1] = 13;
+  EXPECT_EQ(cuda::grid_key_width(g), 32);
+  g.kernel[0] = g.kernel[1] = 31;
+  EXPECT_EQ(cuda::grid_key_width(g), 16);
+}
+
 // A per-head block map of 64-token blocks: each head visits exactly its nonzero cells, all full.
 TEST(BlockMask, BlockMapVisitsItsCellsPerHead) {
   const int64_t n = 512, blocks = n / 64, hq = 3;

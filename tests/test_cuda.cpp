@@ -179,7 +179,8 @@ TEST(CudaBackwardHeadDims, EveryBuiltPairMatchesTheOracle) {
 
 // 2-D neighborhoods whose grid splits into 8 x 16 patches run on grid tiles where the build has
 // ATTNKIT_CUDA_GRID_TILES (else through the block table): windows clamped at the borders, causal
-// axes, kernels wider than a patch, GQA, BNHD, both head dims.
+// axes, kernels wider than a patch, GQA, BNHD, both head dims, key boxes of both widths (a grid
+// of 16 columns keeps 16).
 TEST(CudaFastPath, GridNeighborhoodsMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   struct Grid {
@@ -189,18 +190,22 @@ TEST(CudaFastPath, GridNeighborhoodsMatchTheOracle) {
   const Grid grids[] = {{24, 32, 7, 9, false, false},
                         {16, 48, 13, 3, false, true},
                         {32, 16, 5, 15, true, false},
-                        {8, 64, 3, 21, false, false}};
+                        {8, 64, 3, 21, false, false},
+                        {24, 64, 13, 13, false, false}};
   int seed = 401;
-  for (const Grid& g : grids)
-    for (int64_t d : {64, 128})
-      for (DType t : {DType::kBF16, DType::kF16}) {
-        const int64_t n = g.rows * g.cols;
-        const Case c{t, {2, 4, d == 64 ? 1 : 2, n, n, d, d}, seed % 2 == 0};
-        const tools::json with = {{"shape", {g.rows, g.cols}},
-                                  {"kernel", {g.kr, g.kc}},
-                                  {"causal", {g.causal_r, g.causal_c}}};
-        expect_matches("neighborhood_2d", c, 2.0, seed++, with);
-      }
+  for (const char* key_w : {"16", "32"}) {
+    const ScopedEnv width("ATTNKIT_CUDA_GRID_KEY_W", key_w);
+    for (const Grid& g : grids)
+      for (int64_t d : {64, 128})
+        for (DType t : {DType::kBF16, DType::kF16}) {
+          const int64_t n = g.rows * g.cols;
+          const Case c{t, {2, 4, d == 64 ? 1 : 2, n, n, d, d}, seed % 2 == 0};
+          const tools::json with = {{"shape", {g.rows, g.cols}},
+                                    {"kernel", {g.kr, g.kc}},
+                                    {"causal", {g.causal_r, g.causal_c}}};
+          expect_matches("neighborhood_2d", c, 2.0, seed++, with);
+        }
+  }
 }
 
 // Options::mask_cache: the tables built by a first call and reused by the next ones give the

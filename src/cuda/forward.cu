@@ -110,7 +110,8 @@ Status forward(const core::Problem& p, bool dry_run) {
   const bool cap_only = cap_ok && fm.cap_only;
   const bool plain = (!f.has_mods || alibi || bias || cap_only) && p.softmax_family() &&
                      spec.gate_kind == GateKind::kNone && p.scale >= kMinFastScale;
-  // A 2-D neighborhood without mods runs on grid tiles (8 x 16 patches): no block table.
+  // A 2-D neighborhood without mods runs on grid tiles (8 x 16 query patches, key boxes of the
+  // windows' reach): no block table.
   // ATTNKIT_CUDA_GRID=0 sends it through the block table instead (for measurements).
   const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band &&
                     env_switch("ATTNKIT_CUDA_GRID", true) && grid_tiles(p, &f, &maps);

@@ -16,6 +16,7 @@
 #include "attnkit/variant/score_mods.h"
 #include "cuda/fwd_params.h"
 #include "cuda/sm90_ops.cuh"
+#include "cuda/tile_bits.h"
 
 namespace attnkit::cuda {
 
@@ -204,44 +205,16 @@ __device__ __forceinline__ void band_mask(float (&s)[kN / 2], const int (&row_i)
     }
 }
 
-// Grid tiles (FwdParams::grid_w): 8 x 16 patches of the token grid, 128 tokens a tile, a tile's
-// row x at patch row x / 16, column x % 16.
-inline constexpr int kGridRows = 8, kGridCols = 16;
-
-// NATTEN's window on one axis (dilation 1) of coordinate u on an axis of extent n, kernel k:
-// [lo, hi) = [clamp(u - k / 2, 0, n - k), lo + k), or causal [max(0, u - k + 1), u + 1).
-__host__ __device__ __forceinline__ int2 grid_window(int u, int n, int k, bool causal) {
-  if (causal) return make_int2(u - k + 1 > 0 ? u - k + 1 : 0, u + 1);
-  int lo = u - k / 2;
-  lo = lo < 0 ? 0 : lo;
-  lo = lo > n - k ? n - k : lo;
-  return make_int2(lo, lo + k);
-}
-
-// The 2-D neighborhood on grid tiles: the thread's queries are (qr, qc) and (qr, qc + 8); the
-// key tile is the patch at grid row kr, column kc. Masked scores become -inf.
+// The 2-D neighborhood on grid tiles (tile_bits.h): the thread's queries are (qr, qc) and (qr,
+// qc + 8); the key tile is the box at grid row kr, column kc. Masked scores become -inf.
 template <int kN>
 __device__ __forceinline__ void grid_mask(float (&s)[kN / 2], const FwdParams& p, int qr, int qc,
                                           int kr, int kc, int col0) {
-  static_assert(kN == kGridRows * kGridCols && kGridRows == 8 && kGridCols == 16);
+  static_assert(kN == kGridRows * kGridCols);
   // The thread's 64 tests as the bits of two words, one a query column, bit 2 c + (e & 1) for
   // score c * 4 + e (the tabled tiles' layout); a score then costs a bit test and a select.
-  // The key patch's allowed rows kr + j, as nibbles' low bits (nibble j).
-  const int2 wr = grid_window(qr, p.grid_h, p.grid_kernel[0], p.grid_causal[0]);
-  const int lr = min(max(wr.x - kr, 0), 8), hr = min(max(wr.y - kr, 0), 8);
-  const uint32_t rows =
-      lr < hr ? (0x11111111u >> (4 * (8 - hr))) & (0x11111111u << (4 * lr)) : 0u;
   uint32_t allow[2];
-#pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    // Query column qc + 8 q: its allowed key columns kc + [lo, hi), then the thread's four
-    // (col0 + {0, 1} of each half of the patch) in a nibble, repeated over the allowed rows.
-    const int2 wc = grid_window(qc + 8 * q, p.grid_w, p.grid_kernel[1], p.grid_causal[1]);
-    const int lo = min(max(wc.x - kc, 0), 16), hi = min(max(wc.y - kc, 0), 16);
-    const uint32_t cols = lo < hi ? ((1u << hi) - 1) & ~((1u << lo) - 1) : 0u;
-    const uint32_t nib = ((cols >> col0) & 3u) | (((cols >> (8 + col0)) & 3u) << 2);
-    allow[q] = nib * rows;  // nibbles of 0 or 1 times 4 bits: no carries
-  }
+  grid_words(p.grid, qr, qc, kr, kc, col0, allow);
 #pragma unroll
   for (int c = 0; c < kN / 8; ++c)
 #pragma unroll

@@ -86,8 +86,8 @@ struct FwdWork {
   bool tabled = false;
   const uint8_t* tclass = nullptr;
   const uint32_t* tbits = nullptr;
-  // kGrid: the query patch's first grid row and column, and the rectangle of key patches its
-  // windows reach (key tile t is patch (kr0 + t / kcols, kc0 + t % kcols)).
+  // kGrid: the query patch's first grid row and column, and its key boxes (grid_keys: key tile
+  // t is box (t / kcols, t % kcols) of key_h x key_w keys from grid row kr0, column kc0).
   int pr0 = 0, pc0 = 0, kr0 = 0, kc0 = 0, kcols = 1;
   float inv_kcols = 1.f;
 
@@ -102,22 +102,15 @@ struct FwdWork {
     if (m0 >= seq.nq) return;  // a tile past this sequence (varlen): nothing to do
     if constexpr (kGrid) {
       static_assert(kM == kGridRows * kGridCols && kN == kGridRows * kGridCols);
-      const int patches_w = p.grid_w / kGridCols;
+      const int patches_w = p.grid.w / kGridCols;
       pr0 = tile / patches_w * kGridRows;
       pc0 = tile % patches_w * kGridCols;
-      // Windows move monotonically with the coordinate: the union of a patch's is from its
-      // first row's (column's) start to its last row's (column's) end.
-      const int2 r_lo = grid_window(pr0, p.grid_h, p.grid_kernel[0], p.grid_causal[0]);
-      const int2 r_hi = grid_window(pr0 + kGridRows - 1, p.grid_h, p.grid_kernel[0],
-                                    p.grid_causal[0]);
-      const int2 c_lo = grid_window(pc0, p.grid_w, p.grid_kernel[1], p.grid_causal[1]);
-      const int2 c_hi = grid_window(pc0 + kGridCols - 1, p.grid_w, p.grid_kernel[1],
-                                    p.grid_causal[1]);
-      kr0 = r_lo.x / kGridRows;
-      kc0 = c_lo.x / kGridCols;
-      kcols = (c_hi.y - 1) / kGridCols + 1 - kc0;
+      const GridKeys keys = grid_keys(p.grid, pr0, pc0);
+      kr0 = keys.r0;
+      kc0 = keys.c0;
+      kcols = keys.cols;
       inv_kcols = 1.f / static_cast<float>(kcols);
-      t_end = ((r_hi.y - 1) / kGridRows + 1 - kr0) * kcols;
+      t_end = keys.rows * kcols;
       return;
     }
     t_end = seq.nk > 0 ? (seq.nk + kN - 1) / kN : 0;
@@ -140,13 +133,13 @@ struct FwdWork {
     }
   }
   __device__ __forceinline__ bool live() const { return m0 < seq.nq; }
-  // kGrid: key tile t's patch (grid row, grid column of its first token), t / kcols through
+  // kGrid: key tile t's box (grid row, grid column of its first token), t / kcols through
   // the reciprocal and one correction (an integer division a tile cost ~35 instructions).
-  __device__ __forceinline__ int2 patch(int t) const {
+  __device__ __forceinline__ int2 patch(int t, const GridShape& g) const {
     int r = static_cast<int>((static_cast<float>(t) + 0.5f) * inv_kcols), c = t - r * kcols;
     if (c < 0) --r, c += kcols;
     if (c >= kcols) ++r, c -= kcols;
-    return make_int2((kr0 + r) * kGridRows, (kc0 + c) * kGridCols);
+    return make_int2(kr0 + r * g.key_h, kc0 + c * g.key_w);
   }
   __device__ __forceinline__ int next(int t) const {
     if (tabled)
@@ -255,7 +248,7 @@ __global__ void __launch_bounds__(384, 1)
           }
         }
         // A tile of `panels` 64-column panels of `box` rows: rows from `row` on, or (kGrid) the
-        // 8 x 16 patch at grid row gr, column gc, its tokens in the order of a tile's rows.
+        // patch or key box at grid row gr, column gc, its tokens in the order of a tile's rows.
         auto load_tile = [&](uint32_t dst, const CUtensorMap* map, uint32_t bar, int panels,
                              int box, int row, int gr, int gc, int hh, int bh) {
 #pragma unroll
@@ -273,8 +266,8 @@ __global__ void __launch_bounds__(384, 1)
         for (int t = w.next(w.t_begin); t < w.t_end; t = w.next(t + 1), ++it) {
           const int st = it % kStages;
           const int k_row = static_cast<int>(w.seq.k_start) + t * kN;
-          // kGrid: the key patch at grid row kr, column kc (unused otherwise)
-          const int2 kp = w.patch(t);
+          // kGrid: the key box at grid row kr, column kc (unused otherwise)
+          const int2 kp = w.patch(t, p.grid);
           const int kr = kp.x, kc = kp.y;
           mbar_wait(empty_k(st), phase_of(it) ^ 1);
           mbar_expect_tx(full_k(st), S::kKBytes + (kBias ? S::kBiasBytes : 0));
@@ -326,7 +319,7 @@ __global__ void __launch_bounds__(384, 1)
     auto next_tile = [&](int t) { return w.next(t); };
     // The thread's two query rows (kGrid: tokens of the patch, row cw * 4 + warp of it, columns
     // lane / 4 and lane / 4 + 8).
-    const int row0 = kGrid ? (w.pr0 + cw * 4 + warp) * p.grid_w + w.pc0 + lane / 4
+    const int row0 = kGrid ? (w.pr0 + cw * 4 + warp) * p.grid.w + w.pc0 + lane / 4
                            : m0 + cw * 64 + warp * 16 + lane / 4;
     const int row_i[2] = {row0, row0 + 8};
 
@@ -428,7 +421,7 @@ __global__ void __launch_bounds__(384, 1)
           if (p.cap_raw != 0.f) softcap_raw(s, p.cap_raw, p.inv_cap_raw);
         }
         if constexpr (kGrid) {
-          const int2 kp = w.patch(t);
+          const int2 kp = w.patch(t, p.grid);
           grid_mask<kN>(s, p, w.pr0 + cw * 4 + warp, w.pc0 + lane / 4, kp.x, kp.y, col0);
         } else if (tabled) {
           const uint8_t entry = tclass[t];
@@ -645,7 +638,7 @@ cudaError_t launch_fwd(const FwdParams& p, const TmaMaps& maps, cudaStream_t str
   auto kernel = bias ? fwd_kernel<T, kD, kDV, kGeneral, !kGeneral> : fwd_kernel<T, kD, kDV, kGeneral>;
 #ifdef ATTNKIT_CUDA_GRID_TILES
   if constexpr (!kGeneral && S::kN == kGridRows * kGridCols)
-    if (p.grid_w > 0) kernel = fwd_kernel<T, kD, kDV, false, false, true>;
+    if (p.grid.w > 0) kernel = fwd_kernel<T, kD, kDV, false, false, true>;
 #endif
   const int smem = bias ? S::kBiasSmemBytes : S::kSmemBytes;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

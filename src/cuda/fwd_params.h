@@ -6,6 +6,7 @@
 
 #include "attnkit/spec.h"
 #include "attnkit/variant/masks.h"
+#include "cuda/tile_bits.h"
 
 namespace attnkit::cuda {
 
@@ -66,12 +67,10 @@ struct FwdParams {
   // Masks. The fast kernel knows only bands: allowed(i, j) = i' - left <= j <= i' + right
   // (left, right may be "infinite"). The general kernel evaluates the mask tree.
   int64_t band_left = 0, band_right = 0;
-  // A 2-D neighborhood (dilation 1) on grid tiles (the fast kernel's kGrid instance): query and
-  // key tiles are 8 x 16 patches of the grid_h x grid_w token grid, loaded through 5-D tensor
-  // maps; grid_w = 0 otherwise.
-  int grid_h = 0, grid_w = 0;
-  int grid_kernel[2] = {1, 1};  // (rows, columns), odd unless causal
-  bool grid_causal[2] = {false, false};
+  // A 2-D neighborhood (dilation 1) on grid tiles (the fast kernel's kGrid instance, tile_bits.h):
+  // query patches and key boxes of the token grid, loaded through 5-D tensor maps; grid.w = 0
+  // otherwise.
+  GridShape grid;
   int num_nodes = 1;
   MaskNode nodes[kMaxMaskNodes];
   int64_t globals[kMaxMaskGlobals] = {};

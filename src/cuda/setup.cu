@@ -233,33 +233,40 @@ bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps) {
       n.dilation[1] != 1 || n.shape[0] % kGridRows != 0 || n.shape[1] % kGridCols != 0 ||
       n.shape[0] * n.shape[1] != p.max_nq || n.shape[0] > (1 << 20) || n.shape[1] > (1 << 20))
     return false;
-  // Tensor maps of (column, grid column, grid row, head, batch), boxes of 64 columns x one patch.
+  GridShape g;
+  g.h = static_cast<int>(n.shape[0]);
+  g.w = static_cast<int>(n.shape[1]);
+  for (int x = 0; x < 2; ++x) {
+    g.kernel[x] = static_cast<int>(n.kernel[x]);
+    g.causal[x] = n.dim_causal[x];
+  }
+  const char* forced = std::getenv("ATTNKIT_CUDA_GRID_KEY_W");  // 16 or 32 (for measurements)
+  g.key_w = grid_key_width(g, forced ? std::atoi(forced) : 0);
+  g.key_h = 128 / g.key_w;
+  // Tensor maps of (column, grid column, grid row, head, batch), boxes of 64 columns x one
+  // query patch (q) or key box (k, v).
   auto map = [&](CUtensorMap* out, int* hm, int* bm, const core::RowOperand& r, int64_t cols,
-                 int64_t heads) {
+                 int64_t heads, int box_w, int box_h) {
     const int64_t es = dtype_size(r.dtype);
     *hm = r.sh == 0 ? 0 : 1;
     *bm = r.sb == 0 ? 0 : 1;
     const int64_t hs = r.sh == 0 ? 1 : heads, bs = r.sb == 0 ? 1 : p.batch;
-    const cuuint64_t dims[5] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(n.shape[1]),
-                                static_cast<cuuint64_t>(n.shape[0]), static_cast<cuuint64_t>(hs),
+    const cuuint64_t dims[5] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(g.w),
+                                static_cast<cuuint64_t>(g.h), static_cast<cuuint64_t>(hs),
                                 static_cast<cuuint64_t>(bs)};
-    const int64_t strides[4] = {r.sn * es, r.sn * n.shape[1] * es, hs == 1 ? 16 : r.sh * es,
+    const int64_t strides[4] = {r.sn * es, r.sn * g.w * es, hs == 1 ? 16 : r.sh * es,
                                 bs == 1 ? 16 : r.sb * es};
-    const cuuint32_t box[5] = {64, kGridCols, kGridRows, 1, 1};
+    const cuuint32_t box[5] = {64, static_cast<cuuint32_t>(box_w), static_cast<cuuint32_t>(box_h),
+                               1, 1};
     return encode_swizzled(out, r, 5, dims, strides, box);
   };
-  TmaMaps g = *maps;
-  if (!map(&g.q, &g.q_hm, &g.q_bm, p.q, p.d, p.hq) ||
-      !map(&g.k, &g.k_hm, &g.k_bm, p.k, p.d, p.hk) ||
-      !map(&g.v, &g.v_hm, &g.v_bm, p.v, p.dv, p.hk))
+  TmaMaps m2 = *maps;
+  if (!map(&m2.q, &m2.q_hm, &m2.q_bm, p.q, p.d, p.hq, kGridCols, kGridRows) ||
+      !map(&m2.k, &m2.k_hm, &m2.k_bm, p.k, p.d, p.hk, g.key_w, g.key_h) ||
+      !map(&m2.v, &m2.v_hm, &m2.v_bm, p.v, p.dv, p.hk, g.key_w, g.key_h))
     return false;
-  *maps = g;
-  f->grid_h = static_cast<int>(n.shape[0]);
-  f->grid_w = static_cast<int>(n.shape[1]);
-  for (int x = 0; x < 2; ++x) {
-    f->grid_kernel[x] = static_cast<int>(n.kernel[x]);
-    f->grid_causal[x] = n.dim_causal[x];
-  }
+  *maps = m2;
+  f->grid = g;
   return true;
 #endif
 }

@@ -65,9 +65,9 @@ Status tensor_maps_ready(bool dry_run);
 bool env_switch(const char* name, bool on_by_default);
 
 // A 2-D neighborhood (dilation 1, grid dims multiples of 8 x 16, self-attention over the whole
-// grid, no varlen) on the fast kernel's grid tiles: sets f's grid fields and makes q's, k's and
-// v's maps 5-D (patch boxes). False where it does not apply, or in a build without
-// ATTNKIT_CUDA_GRID_TILES.
+// grid, no varlen) on the fast kernel's grid tiles: sets f->grid and makes q's, k's and v's maps
+// 5-D (query patches, key boxes of grid_key_width, or ATTNKIT_CUDA_GRID_KEY_W=16 or 32 for
+// measurements). False where it does not apply, or in a build without ATTNKIT_CUDA_GRID_TILES.
 bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps);
 
 // The kernels' device tables, for tiles of km query rows x kn keys, stream-ordered: build()

@@ -28,4 +28,96 @@ ATTNKIT_HD uint32_t query_bits(int q_lim) {
   return low | (low << 16);
 }
 
+// Grid tiles (the fast forward's 2-D neighborhood, FwdParams::grid): query tiles are 8 x 16
+// patches of the token grid (a tile's row x at patch row x / 16, column x % 16); key tiles are
+// boxes of key_w columns x 128 / key_w rows (key_w 16 or 32; tile row x at box row x / key_w,
+// column x % key_w), placed from the first row and column the patch's windows reach, so a
+// query patch visits ceil(rows / box rows) x ceil(columns / key_w) boxes of that union.
+inline constexpr int kGridRows = 8, kGridCols = 16;
+
+struct GridShape {
+  int h = 0, w = 0;        // the token grid (rows, columns); w = 0: no grid tiles
+  int kernel[2] = {1, 1};  // (rows, columns), odd unless causal
+  bool causal[2] = {false, false};
+  int key_w = kGridCols, key_h = kGridRows;  // key boxes: key_w (16 or 32) x 128 / key_w
+};
+
+struct GridSpan {
+  int lo = 0, hi = 0;  // [lo, hi)
+};
+
+// NATTEN's window on one axis (dilation 1) of coordinate u on an axis of extent n, kernel k:
+// [lo, hi) = [clamp(u - k / 2, 0, n - k), lo + k), or causal [max(0, u - k + 1), u + 1).
+ATTNKIT_HD GridSpan grid_window(int u, int n, int k, bool causal) {
+  if (causal) return {u - k + 1 > 0 ? u - k + 1 : 0, u + 1};
+  int lo = u - k / 2;
+  lo = lo < 0 ? 0 : lo;
+  lo = lo > n - k ? n - k : lo;
+  return {lo, lo + k};
+}
+
+// The union of the windows of axis coordinates [u, u + count): windows move monotonically with
+// the coordinate, so it runs from the first one's start to the last one's end.
+ATTNKIT_HD GridSpan grid_reach(int u, int count, int n, int k, bool causal) {
+  return {grid_window(u, n, k, causal).lo, grid_window(u + count - 1, n, k, causal).hi};
+}
+
+// The key boxes of the query patch at grid row pr0, column pc0: rows x cols boxes, box (r, c)
+// from grid row r0 + r * key_h, column c0 + c * key_w (boxes may reach past the grid:
+// the copy engine fills those keys with zeros and grid_words masks them).
+struct GridKeys {
+  int r0 = 0, c0 = 0, rows = 0, cols = 0;
+};
+ATTNKIT_HD GridKeys grid_keys(const GridShape& g, int pr0, int pc0) {
+  const GridSpan r = grid_reach(pr0, kGridRows, g.h, g.kernel[0], g.causal[0]);
+  const GridSpan c = grid_reach(pc0, kGridCols, g.w, g.kernel[1], g.causal[1]);
+  // (ceiling divisions by powers of two as shifts: kernels run this once an item)
+  const int wide = g.key_w == 32;
+  return {r.lo, c.lo, (r.hi - r.lo + g.key_h - 1) >> (3 - wide),
+          (c.hi - c.lo + g.key_w - 1) >> (4 + wide)};
+}
+
+// The key boxes' width (16 or 32 columns, never wider than the grid) with the fewest boxes
+// over the grid's query patches, or `forced` where it is one of those (host only). A patch's
+// count is its rows' count times its columns', so the total is the product of the two sums;
+// ties keep 16 (the query patch's shape).
+inline int grid_key_width(const GridShape& shape, int forced = 0) {
+  int best = kGridCols;
+  int64_t best_boxes = -1;
+  for (int w : {16, 32}) {
+    if (w > shape.w || (w != forced && (forced == 16 || forced == 32))) continue;
+    GridShape g = shape;
+    g.key_w = w;
+    g.key_h = 128 / w;
+    int64_t rows = 0, cols = 0;
+    for (int r = 0; r < g.h; r += kGridRows) rows += grid_keys(g, r, 0).rows;
+    for (int c = 0; c < g.w; c += kGridCols) cols += grid_keys(g, 0, c).cols;
+    if (best_boxes < 0 || rows * cols < best_boxes) best = w, best_boxes = rows * cols;
+  }
+  return best;
+}
+
+// A thread's window tests against the key box at grid row kr, column kc as the bits of two
+// words, one for each of its queries (qr, qc) and (qr, qc + 8): bit 2 c + e for score c * 4 +
+// 2 q + e (tile column c * 8 + col0 + e, col0 = 2 * (lane % 4)), the tabled tiles' layout. A
+// box row's key columns make a word of bits, quad_bits takes the thread's; the product with a
+// 1 a row repeats them over the allowed rows (key_w / 4 bits a box row: no carries).
+ATTNKIT_HD void grid_words(const GridShape& g, int qr, int qc, int kr, int kc, int col0,
+                           uint32_t (&allow)[2]) {
+  const int kw = g.key_w, kh = g.key_h, step = kw / 4;
+  const auto clip = [](int x, int n) { return x < 0 ? 0 : (x > n ? n : x); };
+  const GridSpan wr = grid_window(qr, g.h, g.kernel[0], g.causal[0]);
+  const int lr = clip(wr.lo - kr, kh), hr = clip(wr.hi - kr, kh);
+  const uint32_t ones = kw == 16 ? 0x11111111u : 0x01010101u;
+  const uint32_t rows = lr < hr ? (ones >> (step * (kh - hr))) & (ones << (step * lr)) : 0u;
+  const auto word = [&](int c) {
+    const GridSpan wc = grid_window(c, g.w, g.kernel[1], g.causal[1]);
+    const int lo = clip(wc.lo - kc, kw), hi = clip(wc.hi - kc, kw);
+    const uint32_t cols = lo < hi ? (0xFFFFFFFFu >> (32 - hi)) & (0xFFFFFFFFu << lo) : 0u;
+    return quad_bits(cols, col0) * rows;
+  };
+  allow[0] = word(qc);
+  allow[1] = word(qc + 8);
+}
+
 }  // namespace attnkit::cuda
