@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 31; session 30's runs 115-119 adopted the grid bits
-# and the bits pass in row parts, dropped bwd_kv_early, passed the whole list, gpu.md part 29),
-# one call of at most 600 s each:
+# The next device session's runs (session 32; session 31 had no device: no machine could be
+# started, then loans were paused; session 30's runs 115-119 adopted the grid bits and the bits
+# pass in row parts, dropped bwd_kv_early, passed the whole list, gpu.md part 29), one call of
+# at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
-# bash scripts/cutlass_fmha.sh). Order for session 31: steps A, B, then 0b; a call that must
+# bash scripts/cutlass_fmha.sh). Order for session 32: steps A, A2, B, then 0b; a call that must
 # start a machine costs ~90-180 s more (the device tool's held time, not the command's). Issue
 # the next call as soon as one returns: the machine is released ~30 s after a call.
 # Keep each tree's TESTS short (the whole test_cuda takes 203 s, run 117).
@@ -23,6 +24,15 @@
 #    classify_tiles_kernel per tree, and bench.py's "neighborhood table" and document rows.
 #    Every tree has the third change: classify_tiles_kernel gathers the tiles' segment id
 #    ranges with the whole block first (run 118-119: classify 17 us forward, 19 us backward).
+# A2. (~300 s) PAR=1 TESTS='CudaFastPath.Grid*' AGAIN=0 run_plan.sh ab $OUT grid_patch_keys
+#    neighborhood: main's grid tiles (session 31, made blind) take key boxes from the first row
+#    and column a query patch's windows reach, 32 x 4 where that makes fewer (13 x 13 on 64 x
+#    128: 4.75 boxes a patch on average, 5 in the interior) where the patch tree
+#    (ab_grid_patch_keys.patch) takes the aligned 8 x 16 key patches again (7.56, 9). bench.py's
+#    neighborhood table also times main with ATTNKIT_CUDA_GRID_KEY_W=16 (unaligned 8 x 16
+#    boxes: 6 in the interior). Predicted: 0.286 ms (6.2x dense) -> ~0.20 ms (8.5-9x; the step
+#    grew by ~16 instructions, scripts/sass_loop.py); the patch tree's "8x16 key boxes" row is
+#    its default again (it has no such switch). Needs CudaFastPath.Grid* on main (step B).
 # B. (~400 s, reuses A's build of main) bash bench/gpu/run_plan.sh 1 $OUT; then
 #    LD_LIBRARY_PATH=$PWD/.carry/hwy/lib ./build-gpu/attnkit fuzz --device cuda --seed 31000
 #    --seconds 60 (per-batch and separate query and key segment ids, trees): main's whole
@@ -64,7 +74,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): and_tree, na_int64, bits16 (steps A, C), fwd_exp_poly,
+# The patches kept (bench/gpu/*.patch): and_tree, na_int64, grid_patch_keys, bits16 (steps A,
+# A2, C), fwd_exp_poly,
 # band_bits (steps 0b, 3); fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs
 # 116 and 118 (git show 59e992f:bench/gpu/ab_bwd_kv_early.patch); fwd_lean and fwd_item_slot
 # lost in run 114 (git show f0a091d:bench/gpu/ab_fwd_lean.patch).
