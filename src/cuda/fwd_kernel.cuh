@@ -179,7 +179,9 @@ __global__ void __launch_bounds__(384, 1)
   auto sched_empty = [&](int y) { return bars + 8 * (4 + 4 * kStages + y); };
   const uint32_t sSched = bars + 8 * (6 + 4 * kStages);  // int[2]
   static_assert(8 * (6 + 4 * kStages) + 8 <= S::kBarBytes, "the barriers' bytes");
-  // Stage and phase of the ring's it-th tile, counted over the CTA's items.
+  // Stage and phase of the ring's it-th tile, counted over the CTA's items. Stage and phase
+  // repeat every 2 kStages tiles, so both sides reduce their counts modulo that at each item: a
+  // persistent CTA's count never wraps (2^31 tiles), whatever its items' number.
   auto phase_of = [](int it) { return static_cast<uint32_t>((it / kStages) & 1); };
 
   // The fast flavor's warpgroup through a broadcast from lane 0, which ptxas takes as
@@ -230,6 +232,7 @@ __global__ void __launch_bounds__(384, 1)
         mbar_arrive(sched_full(y));
         if (given < 0) break;
         const Work w(p, given, kGeneral);
+        it %= 2 * kStages;
         // Q of every item, the j-th load on bar_q (one without a key tile reads rows nobody
         // uses: the count stays the items').
         const int b = w.b, h = w.h, m0 = w.m0;
@@ -306,6 +309,7 @@ __global__ void __launch_bounds__(384, 1)
     if (lane == 0) mbar_arrive(sched_empty(y));
     if (item < 0) break;
     const Work w(p, item, kGeneral);
+    ring %= 2 * kStages;
     auto release = [&](uint32_t bar) {
       if (lane == 0) mbar_arrive(bar);
     };
