@@ -615,17 +615,17 @@ TEST(Masks, NeighborhoodSplitTestIsTheLeafRule) {
 
 // The fast forward's grid tiles (cuda/tile_bits.h): each query patch's key boxes, with each
 // thread's window bits, allow exactly the leaf's pairs, each key once (boxes past the grid's edge
-// allow nothing there), for both box widths: edges, causal dims, one-column grids.
+// allow nothing there), for both box widths: edges, causal dims, one-column kernels, kernels as
+// wide as the grid.
 TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
   struct G {
     int h, w, kr, kc;
     bool cr, cc;
   };
-  const G grids[] = {{24, 48, 13, 13, false, false},
-                     {16, 32, 3, 5, false, true},
-                     {8, 64, 7, 31, true, false},
-                     {32, 16, 9, 1, false, false},
-                     {16, 48, 1, 17, true, true}};
+  const G grids[] = {{24, 48, 13, 13, false, false}, {16, 32, 3, 5, false, true},
+                     {8, 64, 7, 31, true, false},    {32, 16, 9, 1, false, false},
+                     {16, 48, 1, 17, true, true},    {16, 32, 16, 31, true, false},
+                     {8, 32, 7, 32, false, true}};
   MaskEval e;
   for (const G& gr : grids)
     for (int key_w : {16, 32}) {
@@ -683,6 +683,12 @@ TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
   EXPECT_EQ(cuda::grid_key_width(g), 32);
   g.kernel[0] = g.kernel[1] = 31;
   EXPECT_EQ(cuda::grid_key_width(g), 16);
+  // A forced width where it is one of the two and fits; else the choice above.
+  EXPECT_EQ(cuda::grid_key_width(g, 32), 32);
+  EXPECT_EQ(cuda::grid_key_width(g, 7), 16);
+  g.w = 16;
+  g.kernel[0] = g.kernel[1] = 13;
+  EXPECT_EQ(cuda::grid_key_width(g, 32), 16);
 }
 
 // A per-head block map of 64-token blocks: each head visits exactly its nonzero cells, all full.

@@ -208,6 +208,43 @@ TEST(CudaFastPath, GridNeighborhoodsMatchTheOracle) {
   }
 }
 
+// Each key box width takes the grid tiles where the build has them: the forward's output differs
+// bit for bit between the two widths and from the block table's (the keys are summed in other
+// groups; each is within the oracle's bounds, GridNeighborhoodsMatchTheOracle). A width whose
+// tensor maps failed would fall back to the block table and give its output exactly.
+TEST(CudaFastPath, GridKeyWidthsRunTheirOwnTiles) {
+#ifndef ATTNKIT_CUDA_GRID_TILES
+  GTEST_SKIP() << "a build without grid tiles";
+#endif
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  CheckOptions opt;
+  opt.dtype = DType::kBF16;
+  opt.dims = {1, 4, 2, 1536, 1536, 128, 128};
+  opt.seed = 501;
+  opt.with = {{"shape", {24, 64}}, {"kernel", {13, 13}}};
+  tools::Instance inst;
+  ASSERT_EQ(tools::make_instance("neighborhood_2d", opt, inst), "");
+  tools::DeviceMirror dm;
+  AttentionSpec spec = inst.spec;
+  dm.mirror_spec(spec);
+  const TensorView q = dm.to_device(inst.q.view), k = dm.to_device(inst.k.view),
+                   v = dm.to_device(inst.v.view);
+  auto forward = [&](const char* grid, const char* key_w) {
+    const ScopedEnv g("ATTNKIT_CUDA_GRID", grid), w("ATTNKIT_CUDA_GRID_KEY_W", key_w);
+    tools::Outputs o = tools::make_outputs(inst, false);
+    const TensorView out = dm.to_device(o.out.view), lse = dm.to_device(o.row_stat.view);
+    Status s = attention_forward(q, k, v, spec, out, lse);
+    if (s.ok()) s = tools::DeviceMirror::synchronize();
+    if (s.ok()) s = dm.to_host(out, o.out.view);
+    EXPECT_TRUE(s.ok()) << "grid " << grid << " key_w " << key_w << ": " << s.message();
+    return o.out.bytes;
+  };
+  const auto table = forward("0", "16"), w16 = forward("1", "16"), w32 = forward("1", "32");
+  EXPECT_NE(w16, table) << "key boxes of 16 columns ran the block table";
+  EXPECT_NE(w32, table) << "key boxes of 32 columns ran the block table";
+  EXPECT_NE(w16, w32) << "both widths ran the same tiles";
+}
+
 // Options::mask_cache: the tables built by a first call and reused by the next ones give the
 // results of tables built per call (the same tables: the forward bit for bit, dK and dV too; dq
 // sums by atomics), the backward keeps an entry of its own (64-row tiles), and a call with

@@ -10,6 +10,7 @@ train_masked, train_bias), train_dense, train_masked, train_bias, wide (head dim
 attnkit importable: PYTHONPATH=build/python);
 writes $OUT/gpu_bench.json. FLOPs count allowed pairs only (4 * pairs * d).
 """
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,21 @@ def emit(**kw):
 
 def bench(fn):
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+@contextlib.contextmanager
+def env(**switches):
+    # Backend switches set for a block (for measurements), then restored as they were.
+    saved = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def rel_err(out, ref):
@@ -77,10 +93,9 @@ def dense(configs=((128, 16), (64, 32)), ns=None):
                     err = None
                 res = dict(case="dense", d=d, h=h, n=n, b=b, causal=causal, rel_err=err)
                 res["attnkit"] = flops / bench(lambda: attnkit.attention(q, k, v, causal=causal)) / 1e9
-                os.environ["ATTNKIT_CUDA_PINGPONG"] = "0"  # the same kernel without turn-taking
-                res["attnkit_no_pingpong"] = flops / bench(
-                    lambda: attnkit.attention(q, k, v, causal=causal)) / 1e9
-                del os.environ["ATTNKIT_CUDA_PINGPONG"]
+                with env(ATTNKIT_CUDA_PINGPONG="0"):  # the same kernel without turn-taking
+                    res["attnkit_no_pingpong"] = flops / bench(
+                        lambda: attnkit.attention(q, k, v, causal=causal)) / 1e9
                 for name, be in [("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
                     with sdpa_kernel(be):
                         res[name] = peer_rate(
@@ -163,14 +178,12 @@ def neighborhood():
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
     na = attnkit.masks.Neighborhood((64, 128), kernel=(13, 13))
     ms_na = bench(lambda: attnkit.attention(q, k, v, mask=na))  # grid tiles where built
-    os.environ["ATTNKIT_CUDA_GRID_KEY_W"] = "16"  # key boxes of 8 x 16 (the default takes 4 x 32)
-    ms_key16 = bench(lambda: attnkit.attention(q, k, v, mask=na))
-    del os.environ["ATTNKIT_CUDA_GRID_KEY_W"]
-    os.environ["ATTNKIT_CUDA_GRID"] = "0"  # the block table's path, built per call and cached
-    ms_table = bench(lambda: attnkit.attention(q, k, v, mask=na))
-    cache = attnkit.MaskCache()
-    ms_cached = bench(lambda: attnkit.attention(q, k, v, mask=na, mask_cache=cache))
-    del os.environ["ATTNKIT_CUDA_GRID"]
+    with env(ATTNKIT_CUDA_GRID_KEY_W="16"):  # key boxes of 8 x 16 (the default takes 4 x 32)
+        ms_key16 = bench(lambda: attnkit.attention(q, k, v, mask=na))
+    with env(ATTNKIT_CUDA_GRID="0"):  # the block table's path, built per call and cached
+        ms_table = bench(lambda: attnkit.attention(q, k, v, mask=na))
+        cache = attnkit.MaskCache()
+        ms_cached = bench(lambda: attnkit.attention(q, k, v, mask=na, mask_cache=cache))
     ms_dense = bench(lambda: attnkit.attention(q, k, v))
     emit(case="neighborhood_2d", grid=[64, 128], kernel=[13, 13], n=n, b=b, h=h, d=d,
          attnkit_ms=ms_na, dense_ms=ms_dense, speedup_vs_dense=ms_dense / ms_na,

@@ -26,7 +26,7 @@
 #    ranges with the whole block first (run 118-119: classify 17 us forward, 19 us backward).
 # A2. (~300 s) PAR=1 TESTS='CudaFastPath.Grid*' AGAIN=0 run_plan.sh ab $OUT grid_patch_keys
 #    neighborhood: main's grid tiles (session 31, made blind) take key boxes from the first row
-#    and column a query patch's windows reach, 32 x 4 where that makes fewer (13 x 13 on 64 x
+#    and column a query patch's windows reach, 4 x 32 where that makes fewer (13 x 13 on 64 x
 #    128: 4.75 boxes a patch on average, 5 in the interior) where the patch tree
 #    (ab_grid_patch_keys.patch) takes the aligned 8 x 16 key patches again (7.56, 9). bench.py's
 #    neighborhood table also times main with ATTNKIT_CUDA_GRID_KEY_W=16 (unaligned 8 x 16

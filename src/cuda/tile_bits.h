@@ -2,6 +2,7 @@
 // each, 32 to a word) gathered into a thread's fragment order, host and device.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 
 #include "attnkit/variant/common.h"
 
@@ -39,7 +40,7 @@ struct GridShape {
   int h = 0, w = 0;        // the token grid (rows, columns); w = 0: no grid tiles
   int kernel[2] = {1, 1};  // (rows, columns), odd unless causal
   bool causal[2] = {false, false};
-  int key_w = kGridCols, key_h = kGridRows;  // key boxes: key_w (16 or 32) x 128 / key_w
+  int key_w = kGridCols, key_h = kGridRows;  // key boxes: 8 x 16 or 4 x 32 (rows x columns)
 };
 
 struct GridSpan {
