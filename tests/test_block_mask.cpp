@@ -616,20 +616,22 @@ TEST(Masks, NeighborhoodSplitTestIsTheLeafRule) {
 // The fast forward's grid tiles (cuda/tile_bits.h): each query patch's key boxes, with each
 // thread's window bits, allow exactly the leaf's pairs, each key once (boxes past the grid's edge
 // allow nothing there), for both box widths: edges, causal dims, one-column kernels, kernels as
-// wide as the grid.
+// wide as the grid, grids whose extents are not multiples of the patch's (their last patches
+// reach past the grid: only the queries inside count).
 TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
   struct G {
     int h, w, kr, kc;
     bool cr, cc;
   };
-  const G grids[] = {{24, 48, 13, 13, false, false}, {16, 32, 3, 5, false, true},
-                     {8, 64, 7, 31, true, false},    {32, 16, 9, 1, false, false},
-                     {16, 48, 1, 17, true, true},    {16, 32, 16, 31, true, false},
-                     {8, 32, 7, 32, false, true}};
+  const G grids[] = {
+      {24, 48, 13, 13, false, false}, {16, 32, 3, 5, false, true},  {8, 64, 7, 31, true, false},
+      {32, 16, 9, 1, false, false},   {16, 48, 1, 17, true, true},  {16, 32, 16, 31, true, false},
+      {8, 32, 7, 32, false, true},    {14, 14, 7, 7, false, false}, {20, 44, 13, 13, false, false},
+      {9, 37, 3, 5, true, true},      {56, 56, 7, 7, false, false}, {5, 11, 5, 11, false, false}};
   MaskEval e;
   for (const G& gr : grids)
     for (int key_w : {16, 32}) {
-      if (key_w > gr.w) continue;
+      if (key_w == 32 && gr.w < 32) continue;  // (16 wherever the grid is narrower)
       const Mask m = Mask::neighborhood({gr.h, gr.w}, {gr.kr, gr.kc}, {1, 1}, {gr.cr, gr.cc});
       const MaskNode& n = m.nodes[0];
       cuda::GridShape g;
@@ -646,6 +648,7 @@ TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
           for (int t = 0; t < keys.rows * keys.cols; ++t) {
             const int kr = keys.r0 + t / keys.cols * g.key_h;
             const int kc = keys.c0 + t % keys.cols * g.key_w;
+            int64_t pairs = 0;  // no box without an allowed pair (none wasted)
             for (int a = 0; a < cuda::kGridRows; ++a)
               for (int l4 = 0; l4 < 8; ++l4)
                 for (int col0 = 0; col0 < 8; col0 += 2) {
@@ -657,6 +660,7 @@ TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
                         const int key = c * 8 + col0 + x;  // the tile's key
                         const int yr = kr + key / g.key_w, yc = kc + key % g.key_w;
                         const int qc = pc0 + l4 + 8 * q;
+                        if (pr0 + a >= g.h || qc >= g.w) continue;  // a query past the grid
                         const bool in = yr < g.h && yc < g.w;
                         const bool want = in && e.allowed_leaf(n, int64_t{pr0 + a} * g.w + qc,
                                                                int64_t{yr} * g.w + yc);
@@ -664,11 +668,14 @@ TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
                         ASSERT_EQ(got, want) << g.h << "x" << g.w << " key_w " << key_w << " patch "
                                              << pr0 << "," << pc0 << " box " << t;
                         seen[a * cuda::kGridCols + qc - pc0] += got;
+                        pairs += got;
                       }
                 }
+            ASSERT_GT(pairs, 0) << g.h << "x" << g.w << " key_w " << key_w << " patch " << pr0
+                                << "," << pc0 << " box " << t;
           }
-          for (int a = 0; a < cuda::kGridRows; ++a)
-            for (int b = 0; b < cuda::kGridCols; ++b) {
+          for (int a = 0; a < cuda::kGridRows && pr0 + a < g.h; ++a)
+            for (int b = 0; b < cuda::kGridCols && pc0 + b < g.w; ++b) {
               int64_t want = 0;
               const int64_t i = int64_t{pr0 + a} * g.w + pc0 + b;
               for (int64_t j = 0; j < int64_t{g.h} * g.w; ++j) want += e.allowed_leaf(n, i, j);

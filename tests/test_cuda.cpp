@@ -177,21 +177,21 @@ TEST(CudaBackwardHeadDims, EveryBuiltPairMatchesTheOracle) {
   EXPECT_GE(ran, 52);  // the default build: 13 mechanisms (document wants nq = nk) x 2 x 2
 }
 
-// 2-D neighborhoods whose grid splits into 8 x 16 patches run on grid tiles where the build has
-// ATTNKIT_CUDA_GRID_TILES (else through the block table): windows clamped at the borders, causal
-// axes, kernels wider than a patch, GQA, BNHD, both head dims, key boxes of both widths (a grid
-// of 16 columns keeps 16).
+// 2-D neighborhoods run on grid tiles where the build has ATTNKIT_CUDA_GRID_TILES (else through
+// the block table): windows clamped at the borders, causal axes, kernels wider than a patch,
+// grids whose extents are not multiples of the 8 x 16 patch (its last patches partly past the
+// grid), GQA, BNHD, both head dims, key boxes of both widths (a grid narrower than 32 columns
+// keeps 16).
 TEST(CudaFastPath, GridNeighborhoodsMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   struct Grid {
     int64_t rows, cols, kr, kc;
     bool causal_r, causal_c;
   };
-  const Grid grids[] = {{24, 32, 7, 9, false, false},
-                        {16, 48, 13, 3, false, true},
-                        {32, 16, 5, 15, true, false},
-                        {8, 64, 3, 21, false, false},
-                        {24, 64, 13, 13, false, false}};
+  const Grid grids[] = {{24, 32, 7, 9, false, false},   {16, 48, 13, 3, false, true},
+                        {32, 16, 5, 15, true, false},   {8, 64, 3, 21, false, false},
+                        {24, 64, 13, 13, false, false}, {14, 14, 7, 7, false, false},
+                        {20, 44, 13, 13, false, false}, {9, 37, 3, 5, true, true}};
   int seed = 401;
   for (const char* key_w : {"16", "32"}) {
     const ScopedEnv width("ATTNKIT_CUDA_GRID_KEY_W", key_w);
@@ -217,32 +217,35 @@ TEST(CudaFastPath, GridKeyWidthsRunTheirOwnTiles) {
   GTEST_SKIP() << "a build without grid tiles";
 #endif
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  CheckOptions opt;
-  opt.dtype = DType::kBF16;
-  opt.dims = {1, 4, 2, 1536, 1536, 128, 128};
-  opt.seed = 501;
-  opt.with = {{"shape", {24, 64}}, {"kernel", {13, 13}}};
-  tools::Instance inst;
-  ASSERT_EQ(tools::make_instance("neighborhood_2d", opt, inst), "");
-  tools::DeviceMirror dm;
-  AttentionSpec spec = inst.spec;
-  dm.mirror_spec(spec);
-  const TensorView q = dm.to_device(inst.q.view), k = dm.to_device(inst.k.view),
-                   v = dm.to_device(inst.v.view);
-  auto forward = [&](const char* grid, const char* key_w) {
-    const ScopedEnv g("ATTNKIT_CUDA_GRID", grid), w("ATTNKIT_CUDA_GRID_KEY_W", key_w);
-    tools::Outputs o = tools::make_outputs(inst, false);
-    const TensorView out = dm.to_device(o.out.view), lse = dm.to_device(o.row_stat.view);
-    Status s = attention_forward(q, k, v, spec, out, lse);
-    if (s.ok()) s = tools::DeviceMirror::synchronize();
-    if (s.ok()) s = dm.to_host(out, o.out.view);
-    EXPECT_TRUE(s.ok()) << "grid " << grid << " key_w " << key_w << ": " << s.message();
-    return o.out.bytes;
-  };
-  const auto table = forward("0", "16"), w16 = forward("1", "16"), w32 = forward("1", "32");
-  EXPECT_NE(w16, table) << "key boxes of 16 columns ran the block table";
-  EXPECT_NE(w32, table) << "key boxes of 32 columns ran the block table";
-  EXPECT_NE(w16, w32) << "both widths ran the same tiles";
+  // A grid of whole patches, and one whose last patches reach past it.
+  for (const int64_t cols : {64, 44}) {
+    CheckOptions opt;
+    opt.dtype = DType::kBF16;
+    opt.dims = {1, 4, 2, 24 * cols, 24 * cols, 128, 128};
+    opt.seed = 501;
+    opt.with = {{"shape", {24, cols}}, {"kernel", {13, 13}}};
+    tools::Instance inst;
+    ASSERT_EQ(tools::make_instance("neighborhood_2d", opt, inst), "");
+    tools::DeviceMirror dm;
+    AttentionSpec spec = inst.spec;
+    dm.mirror_spec(spec);
+    const TensorView q = dm.to_device(inst.q.view), k = dm.to_device(inst.k.view),
+                     v = dm.to_device(inst.v.view);
+    auto forward = [&](const char* grid, const char* key_w) {
+      const ScopedEnv g("ATTNKIT_CUDA_GRID", grid), w("ATTNKIT_CUDA_GRID_KEY_W", key_w);
+      tools::Outputs o = tools::make_outputs(inst, false);
+      const TensorView out = dm.to_device(o.out.view), lse = dm.to_device(o.row_stat.view);
+      Status s = attention_forward(q, k, v, spec, out, lse);
+      if (s.ok()) s = tools::DeviceMirror::synchronize();
+      if (s.ok()) s = dm.to_host(out, o.out.view);
+      EXPECT_TRUE(s.ok()) << "grid " << grid << " key_w " << key_w << ": " << s.message();
+      return o.out.bytes;
+    };
+    const auto table = forward("0", "16"), w16 = forward("1", "16"), w32 = forward("1", "32");
+    EXPECT_NE(w16, table) << cols << " columns: key boxes of 16 columns ran the block table";
+    EXPECT_NE(w32, table) << cols << " columns: key boxes of 32 columns ran the block table";
+    EXPECT_NE(w16, w32) << cols << " columns: both widths ran the same tiles";
+  }
 }
 
 // Options::mask_cache: the tables built by a first call and reused by the next ones give the

@@ -99,10 +99,10 @@ struct FwdWork {
     seq = seq_extent(p, b);
     m0 = tile * kM;
     rows = min(kM, seq.nq - m0);
-    if (m0 >= seq.nq) return;  // a tile past this sequence (varlen): nothing to do
-    if constexpr (kGrid) {
+    if constexpr (kGrid) {  // every tile is a patch (those at the grid's edges partly past it)
       static_assert(kM == kGridRows * kGridCols && kN == kGridRows * kGridCols);
-      const int patches_w = p.grid.w / kGridCols;
+      rows = kM;
+      const int patches_w = (p.grid.w + kGridCols - 1) / kGridCols;
       pr0 = tile / patches_w * kGridRows;
       pc0 = tile % patches_w * kGridCols;
       const GridKeys keys = grid_keys(p.grid, pr0, pc0);
@@ -113,6 +113,7 @@ struct FwdWork {
       t_end = keys.rows * kcols;
       return;
     }
+    if (m0 >= seq.nq) return;  // a tile past this sequence (varlen): nothing to do
     t_end = seq.nk > 0 ? (seq.nk + kN - 1) / kN : 0;
     tabled = general || p.tile_class != nullptr;  // the forward lost nothing by it
     if (tabled) {
@@ -132,7 +133,7 @@ struct FwdWork {
       else if (t_end > 0) t_end = static_cast<int>(imin(hi, seq.nk - 1) / kN) + 1;
     }
   }
-  __device__ __forceinline__ bool live() const { return m0 < seq.nq; }
+  __device__ __forceinline__ bool live() const { return kGrid || m0 < seq.nq; }
   // kGrid: key tile t's box (grid row, grid column of its first token), t / kcols through
   // the reciprocal and one correction (an integer division a tile cost ~35 instructions).
   __device__ __forceinline__ int2 patch(int t, const GridShape& g) const {
@@ -322,10 +323,17 @@ __global__ void __launch_bounds__(384, 1)
     const uint32_t* const tbits = w.tbits;
     auto next_tile = [&](int t) { return w.next(t); };
     // The thread's two query rows (kGrid: tokens of the patch, row cw * 4 + warp of it, columns
-    // lane / 4 and lane / 4 + 8).
-    const int row0 = kGrid ? (w.pr0 + cw * 4 + warp) * p.grid.w + w.pc0 + lane / 4
-                           : m0 + cw * 64 + warp * 16 + lane / 4;
-    const int row_i[2] = {row0, row0 + 8};
+    // lane / 4 and lane / 4 + 8; one past the grid stands for nq, a row nobody stores).
+    int row_i[2];
+    if constexpr (kGrid) {
+      const int qr = w.pr0 + cw * 4 + warp, qc = w.pc0 + lane / 4;
+      const bool in = qr < p.grid.h;
+      row_i[0] = in && qc < p.grid.w ? qr * p.grid.w + qc : seq.nq;
+      row_i[1] = in && qc + 8 < p.grid.w ? qr * p.grid.w + qc + 8 : seq.nq;
+    } else {
+      row_i[0] = m0 + cw * 64 + warp * 16 + lane / 4;
+      row_i[1] = row_i[0] + 8;
+    }
 
     // Normalizer state per row. The fast flavor keeps the running max of raw dot products (the
     // scale folds into the exponent), the general one of the modified scores.

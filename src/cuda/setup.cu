@@ -230,8 +230,8 @@ bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps) {
   if (m.nodes.size() != 1 || p.varlen || p.max_nq != p.max_nk) return false;
   const MaskNode& n = m.nodes[0];
   if (n.kind != MaskKind::kNeighborhood || n.ndim != 2 || n.dilation[0] != 1 ||
-      n.dilation[1] != 1 || n.shape[0] % kGridRows != 0 || n.shape[1] % kGridCols != 0 ||
-      n.shape[0] * n.shape[1] != p.max_nq || n.shape[0] > (1 << 20) || n.shape[1] > (1 << 20))
+      n.dilation[1] != 1 || n.shape[0] * n.shape[1] != p.max_nq || n.shape[0] > (1 << 20) ||
+      n.shape[1] > (1 << 20))
     return false;
   GridShape g;
   g.h = static_cast<int>(n.shape[0]);
@@ -269,6 +269,8 @@ bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps) {
     return false;
   *maps = m2;
   f->grid = g;
+  // Every query tile a patch, those at the last rows and columns partly past the grid.
+  f->num_q_tiles = ((g.h + kGridRows - 1) / kGridRows) * ((g.w + kGridCols - 1) / kGridCols);
   return true;
 #endif
 }

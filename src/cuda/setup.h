@@ -64,8 +64,9 @@ Status tensor_maps_ready(bool dry_run);
 // a default-on switch off, set to "1" turns a default-off one on.
 bool env_switch(const char* name, bool on_by_default);
 
-// A 2-D neighborhood (dilation 1, grid dims multiples of 8 x 16, self-attention over the whole
-// grid, no varlen) on the fast kernel's grid tiles: sets f->grid and makes q's, k's and v's maps
+// A 2-D neighborhood (dilation 1, self-attention over the whole grid, no varlen) on the fast
+// kernel's grid tiles: sets f->grid and f->num_q_tiles (the query patches, those at the last
+// rows and columns partly past the grid) and makes q's, k's and v's maps
 // 5-D (query patches, key boxes of grid_key_width, or ATTNKIT_CUDA_GRID_KEY_W=16 or 32 for
 // measurements). False where it does not apply, or in a build without ATTNKIT_CUDA_GRID_TILES.
 bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps);

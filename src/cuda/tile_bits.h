@@ -30,7 +30,9 @@ ATTNKIT_HD uint32_t query_bits(int q_lim) {
 }
 
 // Grid tiles (the fast forward's 2-D neighborhood, FwdParams::grid): query tiles are 8 x 16
-// patches of the token grid (a tile's row x at patch row x / 16, column x % 16); key tiles are
+// patches of the token grid (a tile's row x at patch row x / 16, column x % 16; the patches at
+// the last rows and columns of a grid whose extents are not multiples of 8 x 16 reach past it:
+// the copy engine fills those queries with zeros, and no one stores their rows); key tiles are
 // boxes of key_w columns x 128 / key_w rows (key_w 16 or 32; tile row x at box row x / key_w,
 // column x % key_w), placed from the first row and column the patch's windows reach, so a
 // query patch visits ceil(rows / box rows) x ceil(columns / key_w) boxes of that union.
@@ -70,8 +72,11 @@ struct GridKeys {
   int r0 = 0, c0 = 0, rows = 0, cols = 0;
 };
 ATTNKIT_HD GridKeys grid_keys(const GridShape& g, int pr0, int pc0) {
-  const GridSpan r = grid_reach(pr0, kGridRows, g.h, g.kernel[0], g.causal[0]);
-  const GridSpan c = grid_reach(pc0, kGridCols, g.w, g.kernel[1], g.causal[1]);
+  // (a patch at the grid's last rows or columns reaches from its queries inside the grid)
+  const int qh = g.h - pr0 < kGridRows ? g.h - pr0 : kGridRows;
+  const int qw = g.w - pc0 < kGridCols ? g.w - pc0 : kGridCols;
+  const GridSpan r = grid_reach(pr0, qh, g.h, g.kernel[0], g.causal[0]);
+  const GridSpan c = grid_reach(pc0, qw, g.w, g.kernel[1], g.causal[1]);
   // (ceiling divisions by powers of two as shifts: kernels run this once an item)
   const int wide = g.key_w == 32;
   return {r.lo, c.lo, (r.hi - r.lo + g.key_h - 1) >> (3 - wide),
