@@ -28,7 +28,9 @@
 #    neighborhood: main's grid tiles (session 31, made blind) take key boxes from the first row
 #    and column a query patch's windows reach, 4 x 32 where that makes fewer (13 x 13 on 64 x
 #    128: 4.75 boxes a patch on average, 5 in the interior) where the patch tree
-#    (ab_grid_patch_keys.patch) takes the aligned 8 x 16 key patches again (7.56, 9). bench.py's
+#    (ab_grid_patch_keys.patch) takes the aligned 8 x 16 key patches again (7.56, 9; it also
+#    takes back the partial patches of grids that are not multiples of 8 x 16, which the
+#    bench's 64 x 128 does not have). bench.py's
 #    neighborhood table also times main with ATTNKIT_CUDA_GRID_KEY_W=16 (unaligned 8 x 16
 #    boxes: 6 in the interior). Predicted: 0.286 ms (6.2x dense) -> ~0.20 ms (8.5-9x; the step
 #    grew by ~16 instructions, scripts/sass_loop.py); the patch tree's "8x16 key boxes" row is
