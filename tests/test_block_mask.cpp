@@ -6,6 +6,7 @@
 #include <cfloat>
 #include <cmath>
 #include <random>
+#include <tuple>
 
 #include "core/block_mask.h"
 #include "core/mask_cache.h"
@@ -638,6 +639,20 @@ TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
       g.h = gr.h, g.w = gr.w, g.kernel[0] = gr.kr, g.kernel[1] = gr.kc;
       g.causal[0] = gr.cr, g.causal[1] = gr.cc;
       g.key_w = key_w, g.key_h = 128 / key_w;
+      // Each query inside the grid is one thread row's token, once over all patches (grid_token
+      // as the kernel's row_i); the rest map to none.
+      std::vector<int> stored(static_cast<size_t>(g.h) * g.w, 0);
+      for (int pr0 = 0; pr0 < g.h; pr0 += cuda::kGridRows)
+        for (int pc0 = 0; pc0 < g.w; pc0 += cuda::kGridCols)
+          for (int a = 0; a < cuda::kGridRows; ++a)
+            for (int l4 = 0; l4 < 8; ++l4)
+              for (int q = 0; q < 2; ++q) {
+                const int qr = pr0 + a, qc = pc0 + l4 + 8 * q;
+                const int tok = cuda::grid_token(g, qr, qc, -1);
+                ASSERT_EQ(tok >= 0, qr < g.h && qc < g.w);
+                if (tok >= 0) ++stored[tok];
+              }
+      for (int x : stored) ASSERT_EQ(x, 1) << g.h << "x" << g.w;
       for (int pr0 = 0; pr0 < g.h; pr0 += cuda::kGridRows)
         for (int pc0 = 0; pc0 < g.w; pc0 += cuda::kGridCols) {
           const cuda::GridKeys keys = cuda::grid_keys(g, pr0, pc0);
@@ -690,6 +705,17 @@ TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
   EXPECT_EQ(cuda::grid_key_width(g), 32);
   g.kernel[0] = g.kernel[1] = 31;
   EXPECT_EQ(cuda::grid_key_width(g), 16);
+  // Grid tiles where their patches hold at least half their rows in queries.
+  for (auto [h, w, worth] : {std::tuple{64, 128, true},
+                             {14, 14, true},
+                             {12, 37, true},
+                             {9, 37, false},
+                             {40, 2, false},
+                             {8, 8, true}}) {
+    cuda::GridShape s;
+    s.h = h, s.w = w;
+    EXPECT_EQ(cuda::grid_tiles_worth_it(s), worth) << h << "x" << w;
+  }
   // A forced width where it is one of the two and fits; else the choice above.
   EXPECT_EQ(cuda::grid_key_width(g, 32), 32);
   EXPECT_EQ(cuda::grid_key_width(g, 7), 16);

@@ -131,7 +131,7 @@ Status forward(const core::Problem& p, bool dry_run) {
   // n CTAs (for measurements and tests).
   const int64_t items = int64_t{f.num_q_tiles} * p.hq * f.batch;
   if (items > std::numeric_limits<int>::max())
-    return fail(StatusCode::kInvalidArgument, "batch * heads * ceil(max query length / 128) = ",
+    return fail(StatusCode::kInvalidArgument, "batch * heads * query tiles (of 128 rows, or grid patches) = ",
                 str(items), " query tiles: the CUDA forward takes at most 2^31 - 1");
   // can_run: every rule checked, nothing launched.
   st = tensor_maps_ready(dry_run);

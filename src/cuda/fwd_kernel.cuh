@@ -327,9 +327,8 @@ __global__ void __launch_bounds__(384, 1)
     int row_i[2];
     if constexpr (kGrid) {
       const int qr = w.pr0 + cw * 4 + warp, qc = w.pc0 + lane / 4;
-      const bool in = qr < p.grid.h;
-      row_i[0] = in && qc < p.grid.w ? qr * p.grid.w + qc : seq.nq;
-      row_i[1] = in && qc + 8 < p.grid.w ? qr * p.grid.w + qc + 8 : seq.nq;
+      row_i[0] = grid_token(p.grid, qr, qc, seq.nq);
+      row_i[1] = grid_token(p.grid, qr, qc + 8, seq.nq);
     } else {
       row_i[0] = m0 + cw * 64 + warp * 16 + lane / 4;
       row_i[1] = row_i[0] + 8;

@@ -50,7 +50,7 @@ struct FwdParams {
   const int32_t* cu_q = nullptr;  // varlen: device cu_seqlens (rows of q and k start there)
   const int32_t* cu_k = nullptr;
   bool bottom_right = true;  // aligned query index i' = i + (nk - nq)
-  int num_q_tiles = 0;       // of the longest query sequence
+  int num_q_tiles = 0;       // of the longest query sequence (kGrid: the grid's patches)
   // The forward's work items (num_q_tiles * hq * batch query tiles) and the CTAs that walk them:
   // persistent > 0 launches that many (one a multiprocessor), which take items past their first
   // from sched (a zeroed counter) or, where sched is null, every gridDim.x-th item (items of one

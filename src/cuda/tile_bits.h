@@ -103,6 +103,21 @@ inline int grid_key_width(const GridShape& shape, int forced = 0) {
   return best;
 }
 
+// The token of grid query (qr, qc), or `none` where it lies past the grid (a partial patch's
+// rows that no one stores).
+ATTNKIT_HD int grid_token(const GridShape& g, int qr, int qc, int none) {
+  return qr < g.h && qc < g.w ? qr * g.w + qc : none;
+}
+
+// Whether grid tiles beat the block table for this grid: its patches hold at least half as many
+// queries as their rows (a grid narrower than a patch leaves most of each empty; a threshold set
+// without a measurement).
+inline bool grid_tiles_worth_it(const GridShape& g) {
+  const int64_t patches =
+      int64_t{(g.h + kGridRows - 1) / kGridRows} * ((g.w + kGridCols - 1) / kGridCols);
+  return 2 * int64_t{g.h} * g.w >= patches * kGridRows * kGridCols;
+}
+
 // A thread's window tests against the key box at grid row kr, column kc as the bits of two
 // words, one for each of its queries (qr, qc) and (qr, qc + 8): bit 2 c + e for score c * 4 +
 // 2 q + e (tile column c * 8 + col0 + e, col0 = 2 * (lane % 4)), the tabled tiles' layout. A
