@@ -514,13 +514,16 @@ def test_cuda_kernel_length_scale_backward():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_grid_neighborhood_matches_the_cpu():
-    # A 2-D neighborhood whose grid splits into 8 x 16 patches (grid tiles where the build has
-    # ATTNKIT_CUDA_GRID_TILES), BNHD and GQA: output and LSE against the CPU, then gradients.
+@pytest.mark.parametrize("grid", [(16, 48), (14, 30)])
+def test_cuda_grid_neighborhood_matches_the_cpu(grid):
+    # A 2-D neighborhood on grid tiles (where the build has ATTNKIT_CUDA_GRID_TILES): a grid of
+    # whole 8 x 16 patches, and one whose last patches reach past it; BNHD and GQA: output and
+    # LSE against the CPU, then gradients.
     torch.manual_seed(13)
-    mask = masks.Neighborhood((16, 48), kernel=(7, 11), causal=(True, False))
-    q = torch.randn(2, 768, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(2, 768, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    n = grid[0] * grid[1]
+    mask = masks.Neighborhood(grid, kernel=(7, 11), causal=(True, False))
+    q = torch.randn(2, n, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, n, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
     out, lse = attnkit.attention(q, k, v, mask=mask, layout="bnhd", return_lse=True)
     ref, ref_lse = attnkit.attention(*(t.detach().cpu().float() for t in (q, k, v)), mask=mask,
