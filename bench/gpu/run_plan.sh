@@ -41,9 +41,10 @@
 #    correctness with the fold, the split neighborhood test, 32-bit coordinates and the
 #    gathered segment ranges (test_cuda, check, pytest -k cuda; the new and_window_document
 #    instances of CudaOracle and CudaBackward: a tree with a document node), session 31's key
-#    boxes (CudaFastPath.GridNeighborhoodsMatchTheOracle with both widths,
-#    CudaFastPath.GridKeyWidthsRunTheirOwnTiles) and the ring counters reduced at each item
-#    (every persistent forward test).
+#    boxes and partial patches (CudaFastPath.GridNeighborhoodsMatchTheOracle with both widths
+#    and grids not multiples of 8 x 16, CudaFastPath.GridKeyWidthsRunTheirOwnTiles, pytest's
+#    grid neighborhood on 14 x 30) and the ring counters reduced at each item (every
+#    persistent forward test).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16 (8 warps, 2 rows each: twice run 119's
