@@ -83,8 +83,8 @@ ATTNKIT_HD GridKeys grid_keys(const GridShape& g, int pr0, int pc0) {
           (c.hi - c.lo + g.key_w - 1) >> (4 + wide)};
 }
 
-// The key boxes' width (16 or 32 columns, never wider than the grid) with the fewest boxes
-// over the grid's query patches, or `forced` where it is one of those (host only). A patch's
+// The key boxes' width (16, or 32 where the grid has 32 columns) with the fewest boxes over
+// the grid's query patches, or `forced` where it is one of those (host only). A patch's
 // count is its rows' count times its columns', so the total is the product of the two sums;
 // ties keep 16 (the query patch's shape).
 inline int grid_key_width(const GridShape& shape, int forced = 0) {
