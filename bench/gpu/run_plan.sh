@@ -85,6 +85,11 @@
 # band_bits (steps 0b, 3); fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs
 # 116 and 118 (git show 59e992f:bench/gpu/ab_bwd_kv_early.patch); fwd_lean and fwd_item_slot
 # lost in run 114 (git show f0a091d:bench/gpu/ab_fwd_lean.patch).
+# grid_patch_keys takes main's grid files back to 3ec6719's with the ring counters kept; after
+# any change to them, remake it in a worktree: git checkout 3ec6719 -- src/cuda/{tile_bits.h,
+# fwd_common.cuh,fwd_params.h,setup.cu,setup.h,forward.cu,fwd_kernel.cuh}
+# tests/{test_block_mask,test_cuda}.cpp; git show 1b44406 -- src/cuda/fwd_kernel.cuh | git apply;
+# git diff HEAD > the patch.
 # In git history: tma_out_k and tma_out_grid (lost in run 94: git show
 # 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains, wait_top and lazy (part
 # 17), the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.
