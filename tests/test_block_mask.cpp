@@ -635,10 +635,10 @@ TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
       if (key_w == 32 && gr.w < 32) continue;  // (16 wherever the grid is narrower)
       const Mask m = Mask::neighborhood({gr.h, gr.w}, {gr.kr, gr.kc}, {1, 1}, {gr.cr, gr.cc});
       const MaskNode& n = m.nodes[0];
-      cuda::GridShape g;
-      g.h = gr.h, g.w = gr.w, g.kernel[0] = gr.kr, g.kernel[1] = gr.kc;
-      g.causal[0] = gr.cr, g.causal[1] = gr.cc;
-      g.key_w = key_w, g.key_h = 128 / key_w;
+      cuda::GridShape shape;
+      shape.h = gr.h, shape.w = gr.w, shape.kernel[0] = gr.kr, shape.kernel[1] = gr.kc;
+      shape.causal[0] = gr.cr, shape.causal[1] = gr.cc;
+      const cuda::GridShape g = shape.with_key_w(key_w);
       // Each query inside the grid is one thread row's token, once over all patches (grid_token
       // as the kernel's row_i); the rest map to none.
       std::vector<int> stored(static_cast<size_t>(g.h) * g.w, 0);

@@ -244,8 +244,7 @@ bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps) {
   // ATTNKIT_CUDA_GRID_KEY_W=16 or 32 forces a width (for measurements; anything else: none)
   const char* kw = std::getenv("ATTNKIT_CUDA_GRID_KEY_W");
   const int forced = kw && (std::string(kw) == "16" || std::string(kw) == "32") ? std::stoi(kw) : 0;
-  g.key_w = grid_key_width(g, forced);
-  g.key_h = 128 / g.key_w;
+  g = g.with_key_w(grid_key_width(g, forced));
   // Tensor maps of (column, grid column, grid row, head, batch), boxes of 64 columns x one
   // query patch (q) or key box (k, v).
   auto map = [&](CUtensorMap* out, int* hm, int* bm, const core::RowOperand& r, int64_t cols,

@@ -5,6 +5,7 @@
 #include <initializer_list>
 
 #include "attnkit/variant/common.h"
+#include "attnkit/variant/masks.h"
 
 namespace attnkit::cuda {
 
@@ -42,21 +43,28 @@ struct GridShape {
   int h = 0, w = 0;        // the token grid (rows, columns); w = 0: no grid tiles
   int kernel[2] = {1, 1};  // (rows, columns), odd unless causal
   bool causal[2] = {false, false};
-  int key_w = kGridCols, key_h = kGridRows;  // key boxes: 8 x 16 or 4 x 32 (rows x columns)
+  // Key boxes: 8 x 16 or 4 x 32 (rows x columns), set together by with_key_w (the rows are
+  // kept, not derived: the kernels read both from the constant bank; a derived one took a
+  // register: the d64 grid instance spilled 60 / 56 bytes against 48 / 40).
+  int key_w = kGridCols, key_h = kGridRows;
+  ATTNKIT_HD GridShape with_key_w(int w) const {
+    GridShape g = *this;
+    g.key_w = w;
+    g.key_h = 128 / w;
+    return g;
+  }
 };
 
 struct GridSpan {
   int lo = 0, hi = 0;  // [lo, hi)
 };
 
-// NATTEN's window on one axis (dilation 1) of coordinate u on an axis of extent n, kernel k:
-// [lo, hi) = [clamp(u - k / 2, 0, n - k), lo + k), or causal [max(0, u - k + 1), u + 1).
+// The leaf's window (MaskEval::na_window, dilation 1) of coordinate u on an axis of extent n,
+// kernel k, as [lo, hi) in 32-bit arithmetic.
 ATTNKIT_HD GridSpan grid_window(int u, int n, int k, bool causal) {
-  if (causal) return {u - k + 1 > 0 ? u - k + 1 : 0, u + 1};
-  int lo = u - k / 2;
-  lo = lo < 0 ? 0 : lo;
-  lo = lo > n - k ? n - k : lo;
-  return {lo, lo + k};
+  int lo, hi;
+  MaskEval::na_window<int>(u, n, k, 1, causal, &lo, &hi);
+  return {lo, hi + 1};
 }
 
 // The union of the windows of axis coordinates [u, u + count): windows move monotonically with
@@ -92,9 +100,7 @@ inline int grid_key_width(const GridShape& shape, int forced = 0) {
   int64_t best_boxes = -1;
   for (int w : {16, 32}) {
     if (w > shape.w || (w != forced && (forced == 16 || forced == 32))) continue;
-    GridShape g = shape;
-    g.key_w = w;
-    g.key_h = 128 / w;
+    const GridShape g = shape.with_key_w(w);
     int64_t rows = 0, cols = 0;
     for (int r = 0; r < g.h; r += kGridRows) rows += grid_keys(g, r, 0).rows;
     for (int c = 0; c < g.w; c += kGridCols) cols += grid_keys(g, 0, c).cols;

@@ -8,6 +8,7 @@
 // Position rules use the aligned query index i' = i + offset (offset = Nk - Nq bottom-right).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "attnkit/spec.h"
 #include "attnkit/variant/common.h"
@@ -71,17 +72,22 @@ struct MaskEval {
   }
 
   // Per-dimension neighborhood window of NATTEN: the key range [lo, hi] (in coordinates of the
-  // query's dilation group) for query coordinate x.
-  ATTNKIT_HD static void na_window(int64_t x, int64_t extent, int64_t k, int64_t dl, bool causal,
-                                   int64_t* lo, int64_t* hi) {
+  // query's dilation group) for query coordinate x, in I's arithmetic (int64_t; int for the CUDA
+  // forward's grid tiles, grid_window).
+  template <class I = int64_t>
+  ATTNKIT_HD static void na_window(std::type_identity_t<I> x, std::type_identity_t<I> extent,
+                                   std::type_identity_t<I> k, std::type_identity_t<I> dl,
+                                   bool causal, I* lo, I* hi) {
+    const auto max = [](I a, I b) { return a > b ? a : b; };
     // dl == 1 (the common case) needs no division.
-    const int64_t g = dl == 1 ? 0 : x % dl, u = dl == 1 ? x : x / dl;
-    const int64_t len = dl == 1 ? extent : (extent - g + dl - 1) / dl;
+    const I g = dl == 1 ? 0 : x % dl, u = dl == 1 ? x : x / dl;
+    const I len = dl == 1 ? extent : (extent - g + dl - 1) / dl;
     if (causal) {
-      *lo = imax(0, u - k + 1);
+      *lo = max(0, u - k + 1);
       *hi = u;
     } else {
-      *lo = imin(imax(u - k / 2, 0), imax(len - k, 0));
+      const I a = max(u - k / 2, 0), b = max(len - k, 0);
+      *lo = a < b ? a : b;
       *hi = *lo + k - 1;
     }
   }
