@@ -192,8 +192,11 @@ TEST(CudaFastPath, GridNeighborhoodsMatchTheOracle) {
   const Grid grids[] = {{24, 32, 7, 9, false, false},   {16, 48, 13, 3, false, true},
                         {32, 16, 5, 15, true, false},   {8, 64, 3, 21, false, false},
                         {24, 64, 13, 13, false, false}, {14, 14, 7, 7, false, false},
-                        {20, 44, 13, 13, false, false}, {12, 37, 3, 5, true, true}};
+                        {20, 44, 13, 13, false, false}, {12, 37, 3, 5, true, true},
+                        {40, 6, 7, 5, false, false},    {27, 9, 5, 3, true, false}};
   int seed = 401;
+  // force: grids narrower than a patch too (40 x 6 would keep the block table)
+  const ScopedEnv force("ATTNKIT_CUDA_GRID", "force");
   for (const char* key_w : {"16", "32"}) {
     const ScopedEnv width("ATTNKIT_CUDA_GRID_KEY_W", key_w);
     for (const Grid& g : grids)
@@ -219,14 +222,17 @@ TEST(CudaFastPath, GridKeyWidthsRunTheirOwnTiles) {
 #endif
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   // A grid of whole patches, and ones whose last patches reach past it (columns, both, a grid
-  // narrower than a patch: 16-column boxes only).
-  for (const auto [rows, cols] :
-       {std::pair<int64_t, int64_t>{24, 64}, {24, 44}, {12, 37}, {14, 14}}) {
+  // narrower than a patch: 16-column boxes only; 40 x 6, whose patches are mostly empty, takes
+  // the block table unless forced).
+  for (const auto& [rows, cols] :
+       {std::pair<int64_t, int64_t>{24, 64}, {24, 44}, {12, 37}, {14, 14}, {40, 6}}) {
     CheckOptions opt;
     opt.dtype = DType::kBF16;
     opt.dims = {1, 4, 2, rows * cols, rows * cols, 128, 128};
     opt.seed = 501;
-    opt.with = {{"shape", {rows, cols}}, {"kernel", {std::min<int64_t>(13, rows - 1) | 1, 7}}};
+    opt.with = {
+        {"shape", {rows, cols}},
+        {"kernel", {std::min<int64_t>(13, rows - 1) | 1, std::min<int64_t>(7, cols - 1) | 1}}};
     tools::Instance inst;
     ASSERT_EQ(tools::make_instance("neighborhood_2d", opt, inst), "");
     tools::DeviceMirror dm;
@@ -244,8 +250,11 @@ TEST(CudaFastPath, GridKeyWidthsRunTheirOwnTiles) {
       EXPECT_TRUE(s.ok()) << "grid " << grid << " key_w " << key_w << ": " << s.message();
       return o.out.bytes;
     };
-    const auto table = forward("0", "16"), w16 = forward("1", "16");
+    const auto table = forward("0", "16"), w16 = forward("force", "16");
     EXPECT_NE(w16, table) << rows << "x" << cols << ": key boxes of 16 columns ran the table";
+    const bool worth_it = 2 * rows * cols >= ((rows + 7) / 8) * ((cols + 15) / 16) * 128;
+    EXPECT_EQ(forward("1", "16") == table, !worth_it)
+        << rows << "x" << cols << ": the default took the other path";
     if (cols < 32) continue;
     const auto w32 = forward("1", "32");
     EXPECT_NE(w32, table) << rows << "x" << cols << ": key boxes of 32 columns ran the table";

@@ -190,6 +190,19 @@ def neighborhood():
          key16_ms=ms_key16, key16_speedup_vs_dense=ms_dense / ms_key16,
          table_ms=ms_table, table_speedup_vs_dense=ms_dense / ms_table,
          cached_ms=ms_cached, cached_speedup_vs_dense=ms_dense / ms_cached)
+    # Narrow grids: patches of 8 x 16 queries half full (w 8) or less (w 6) or more (w 10), where
+    # grid_tiles_worth_it keeps the block table below half: each timed both ways.
+    for w in (6, 8, 10):
+        rows = 8192 // w
+        na = attnkit.masks.Neighborhood((rows, w), kernel=(5, 5))
+        q, k, v = (torch.randn(b, h, rows * w, d, device=dev, dtype=torch.bfloat16)
+                   for _ in range(3))
+        with env(ATTNKIT_CUDA_GRID="force"):
+            ms_grid = bench(lambda: attnkit.attention(q, k, v, mask=na))
+        with env(ATTNKIT_CUDA_GRID="0"):
+            ms_table = bench(lambda: attnkit.attention(q, k, v, mask=na))
+        emit(case="neighborhood_narrow", grid=[rows, w], kernel=[5, 5], grid_ms=ms_grid,
+             table_ms=ms_table, grid_vs_table=ms_table / ms_grid)
 
 
 def bias():
@@ -358,6 +371,10 @@ if __name__ == "__main__":
             print("%-34s %8.3fms %7.3fms %9.2f" % ("neighborhood table cached vs dense",
                                                    r["cached_ms"], r["dense_ms"],
                                                    r["cached_speedup_vs_dense"]))
+        elif r["case"] == "neighborhood_narrow":
+            print("%-34s %8.3fms %7.3fms %9.2f" % (
+                "narrow %dx%d grid tiles vs table" % tuple(r["grid"]), r["grid_ms"], r["table_ms"],
+                r["grid_vs_table"]))
         elif r["case"] == "train":
             tag = "fwd+bwd d%d n%d%s" % (r["d"], r["n"], " causal" if r["causal"] else "")
             print("%-34s %9.0f %9.0f %9.2f %9s  (fa2 %.0f, x%.2f)" % (

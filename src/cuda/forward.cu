@@ -112,7 +112,8 @@ Status forward(const core::Problem& p, bool dry_run) {
                      spec.gate_kind == GateKind::kNone && p.scale >= kMinFastScale;
   // A 2-D neighborhood without mods runs on grid tiles (8 x 16 query patches, key boxes of the
   // windows' reach): no block table.
-  // ATTNKIT_CUDA_GRID=0 sends it through the block table instead (for measurements).
+  // ATTNKIT_CUDA_GRID=0 sends it through the block table instead, =force takes grid tiles even
+  // where a grid narrower than a patch leaves them mostly empty (both for measurements).
   const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band &&
                     env_switch("ATTNKIT_CUDA_GRID", true) && grid_tiles(p, &f, &maps);
   const bool fast = grid || (plain && (band || GeneralTables::covers(p, 128, kn)));
