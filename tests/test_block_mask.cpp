@@ -10,6 +10,7 @@
 
 #include "core/block_mask.h"
 #include "core/mask_cache.h"
+#include "cuda/fwd_params.h"
 #include "cuda/tile_bits.h"
 #include "fuzz.h"
 #include "spec_json.h"
@@ -912,6 +913,41 @@ TEST(TileBits, QueryBitsEndWhereTheSequenceDoes) {
           if (c8 * 8 + e < q_lim) expect |= 1u << (r * 16 + 2 * c8 + e);
     ASSERT_EQ(cuda::query_bits(q_lim), expect) << "q_lim " << q_lim;
   }
+}
+
+// The CUDA forward's pairs schedule (cuda/fwd_params.h, ATTNKIT_CUDA_FWD_PAIRS=1) as its
+// producer walks it (pair_first, then pair_next): every item given once, and each CTA's items in
+// pairs whose causal key tiles (tiles - x for item x) sum to tiles + 1, an odd count's middle tile
+// alone.
+TEST(CudaSchedule, PairsGiveEveryItemOnceInBalancedPairs) {
+  for (int tiles = 1; tiles <= 9; ++tiles)
+    for (int64_t heads : {1, 2, 3, 7, 64})
+      for (int ctas : {1, 2, 3, 5, 132, 1000}) {
+        const int64_t items = heads * tiles;
+        const int launched =
+            static_cast<int>(std::min<int64_t>(ctas, cuda::pair_count(heads, tiles)));
+        std::vector<int> given(items, 0);
+        for (int c = 0; c < launched; ++c) {
+          std::vector<int64_t> walk;
+          for (int64_t item = cuda::pair_first(c, tiles); item < items;
+               item = cuda::pair_next(item, launched, tiles)) {
+            ASSERT_GE(item, 0);
+            ++given[item];
+            walk.push_back(item);
+          }
+          for (size_t i = 0; i < walk.size(); ++i) {
+            const int x = static_cast<int>(walk[i] % tiles);
+            if (2 * x + 1 == tiles) continue;  // the middle, alone
+            ASSERT_LT(i + 1, walk.size()) << "a pair cut short";
+            EXPECT_EQ(walk[i + 1] / tiles, walk[i] / tiles) << "a pair across heads";
+            EXPECT_EQ(tiles - x + tiles - walk[i + 1] % tiles, tiles + 1) << "an unbalanced pair";
+            ++i;
+          }
+        }
+        for (int64_t i = 0; i < items; ++i)
+          ASSERT_EQ(given[i], 1) << "item " << i << " of " << heads << " x " << tiles << ", "
+                                 << launched << " CTAs";
+      }
 }
 
 }  // namespace

@@ -418,6 +418,28 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
   }
 }
 
+// The persistent forward's pairs schedule under a band (ATTNKIT_CUDA_FWD_PAIRS=1: a long row
+// and its mirror a CTA, no counter; cuda/fwd_params.h, whose walk CudaSchedule checks on the
+// CPU): odd and even query tile counts, bottom-right rows without keys, GQA, 1, 3 and 5 CTAs.
+TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 333, 700, 128, 128}, false},
+      {DType::kF16, {1, 6, 3, 1030, 1030, 64, 64}, true},
+      {DType::kBF16, {1, 2, 1, 700, 333, 64, 64}, false},
+  };
+  const ScopedEnv pairs("ATTNKIT_CUDA_FWD_PAIRS", "1");
+  int seed = 451;
+  for (const char* ctas : {"5", "3", "1"}) {
+    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
+    for (const Case& c : cases)
+      for (const char* mech : {"causal", "sliding_window", "alibi", "softcap"}) {
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        expect_matches(mech, c, 2.0, seed++);
+      }
+  }
+}
+
 // O stored by the copy engine from shared memory (FwdParams::tma_out: the fast instances with
 // d_v = 64, 16-bit rows of the inputs' dtype, no varlen) and by the threads
 // (ATTNKIT_CUDA_TMA_OUT=0): rows past the query count clipped, BNHD strides, GQA, a staging

@@ -214,14 +214,16 @@ __global__ void __launch_bounds__(384, 1)
       tma_prefetch_map(&maps.k);
       tma_prefetch_map(&maps.v);
       int it = 0;  // the ring's tiles so far
-      // Item j goes to slot j % 2 (-1 ends the walk). The first is blockIdx.x; the next come
-      // from the counter (persistent, unequal items) or gridDim.x on (persistent with items of
-      // one length; or one item a CTA), claimed once the last one's tiles are issued; tiles
-      // past their sequence (varlen) are passed over here.
+      // Item j goes to slot j % 2 (-1 ends the walk). The first is blockIdx.x (or its first
+      // pair's); the next come from the counter (persistent, unequal items), the CTA's pairs
+      // (persistent under a band, p.pairs) or gridDim.x on (persistent with items of one
+      // length; or one item a CTA), claimed once the last one's tiles are issued; tiles past
+      // their sequence (varlen) are passed over here.
       auto claim = [&](int64_t item) -> int64_t {
+        if (p.pairs) return pair_next(item, gridDim.x, p.num_q_tiles);
         return (p.sched ? atomicAdd(p.sched, 1) : item) + static_cast<int64_t>(gridDim.x);
       };
-      int64_t item = blockIdx.x;
+      int64_t item = p.pairs ? pair_first(blockIdx.x, p.num_q_tiles) : blockIdx.x;
       for (int j = 0;; ++j) {
         if (j > 0) item = claim(item);
         while (item < p.num_items && !Work(p, static_cast<int>(item), kGeneral).live())

@@ -33,6 +33,32 @@ struct BlockMapTemplate {
 // branch alone cost the dense forward 3% (run 39); a softcap there runs the general kernel.
 constexpr bool fast_softcap(int d) { return d > 64; }
 
+// The pairs schedule of a band's items (FwdParams::pairs): CTA `cta` of `ctas` walks pairs cta,
+// cta + ctas, ...; pair u is item x = u % half of head u / half and its mirror tiles - 1 - x
+// (half = ceil(tiles / 2); item x of a head is its query tile tiles - 1 - x): a long row with a
+// short one, so that under a causal band every pair visits tiles + 1 key tiles (an odd count's
+// middle tile is a pair alone). pair_first gives a CTA's first item, pair_next the one after
+// `item`, both from the last head on >= heads * tiles. In 32-bit arithmetic from the item
+// alone (a 64-bit division's subroutine and a count of the CTA's items raised the fast
+// kernel's spills 4 -> 84 bytes): with items < 2^31 and CTAs < 2^20, every value < 2^32.
+ATTNKIT_HD int64_t pair_item(uint32_t u, uint32_t tiles) {
+  const uint32_t half = (tiles + 1) / 2, bh = u / half;
+  return int64_t{bh * tiles + (u - bh * half)};
+}
+ATTNKIT_HD int64_t pair_first(int cta, int tiles) {
+  return pair_item(static_cast<uint32_t>(cta), static_cast<uint32_t>(tiles));
+}
+ATTNKIT_HD int64_t pair_next(int64_t item, int ctas, int tiles) {
+  const uint32_t t = static_cast<uint32_t>(tiles), half = (t + 1) / 2;
+  const uint32_t bh = static_cast<uint32_t>(item) / t, x = static_cast<uint32_t>(item) - bh * t;
+  if (2 * x + 1 < t) return int64_t{bh * t + t - 1 - x};  // a pair's first: its mirror
+  const uint32_t q = 2 * x + 1 == t ? x : t - 1 - x;      // the middle, or a pair's second
+  return pair_item(bh * half + q + static_cast<uint32_t>(ctas), t);
+}
+
+// The pairs a band's items make (pair_item), heads * ceil(tiles / 2).
+inline int64_t pair_count(int64_t heads, int tiles) { return heads * ((tiles + 1) / 2); }
+
 struct FwdParams {
   // q, k, v, out and the gate: row (b, h, n) at ptr + b * sb + h * sh + n * sn.
   const void* q = nullptr;
@@ -53,10 +79,11 @@ struct FwdParams {
   int num_q_tiles = 0;       // of the longest query sequence (kGrid: the grid's patches)
   // The forward's work items (num_q_tiles * hq * batch query tiles) and the CTAs that walk them:
   // persistent > 0 launches that many (one a multiprocessor), which take items past their first
-  // from sched (a zeroed counter) or, where sched is null, every gridDim.x-th item (items of one
-  // length); 0 launches one CTA an item.
+  // from sched (a zeroed counter), in pairs (pair_item: a band's items without varlen, pairs
+  // set) or else every gridDim.x-th item (items of one length); 0 launches one CTA an item.
   int num_items = 0, persistent = 0;
   int* sched = nullptr;
+  bool pairs = false;
   float scale = 1.f, scale_log2 = 1.f;  // scale and scale * log2(e)
   bool pingpong = true;  // the fast kernel's consumer warpgroups take turns at issuing
   // The fast kernel's O through shared memory and the copy engine (TmaMaps::o: 16-bit rows of
