@@ -948,6 +948,27 @@ TEST(CudaSchedule, PairsGiveEveryItemOnceInBalancedPairs) {
           ASSERT_EQ(given[i], 1) << "item " << i << " of " << heads << " x " << tiles << ", "
                                  << launched << " CTAs";
       }
+  // The 32-bit bounds (items < 2^31, CTAs < 2^20): each CTA's last pair ends the walk.
+  const int ctas = (1 << 20) - 1;
+  for (const auto& [heads, tiles] : {std::pair<int64_t, int>{1, (1 << 30) + 1},
+                                     {2, 1 << 30},
+                                     {(1 << 30) - 1, 2},
+                                     {(int64_t{1} << 31) - 1, 1}}) {
+    const int64_t items = heads * tiles, pairs = cuda::pair_count(heads, tiles);
+    for (int c : {0, ctas / 2, ctas - 1}) {
+      const int64_t u = c + (pairs - 1 - c) / ctas * ctas;  // the CTA's last pair
+      int64_t item = cuda::pair_item(static_cast<uint32_t>(u), static_cast<uint32_t>(tiles));
+      const int64_t x = item % tiles;
+      EXPECT_EQ(item, u / ((tiles + 1) / 2) * tiles + u % ((tiles + 1) / 2));
+      item = cuda::pair_next(item, ctas, tiles);
+      if (2 * x + 1 != tiles) {  // its mirror, then the end
+        EXPECT_EQ(item, item / tiles * tiles + tiles - 1 - x);
+        EXPECT_LT(item, items);
+        item = cuda::pair_next(item, ctas, tiles);
+      }
+      EXPECT_GE(item, items) << heads << " x " << tiles << ", CTA " << c;
+    }
+  }
 }
 
 }  // namespace

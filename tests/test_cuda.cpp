@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attnkit/attention.h"
+#include "cuda/tile_bits.h"
 #include "device_mirror.h"
 #include "spec_json.h"
 
@@ -252,7 +253,9 @@ TEST(CudaFastPath, GridKeyWidthsRunTheirOwnTiles) {
     };
     const auto table = forward("0", "16"), w16 = forward("force", "16");
     EXPECT_NE(w16, table) << rows << "x" << cols << ": key boxes of 16 columns ran the table";
-    const bool worth_it = 2 * rows * cols >= ((rows + 7) / 8) * ((cols + 15) / 16) * 128;
+    cuda::GridShape shape;
+    shape.h = static_cast<int>(rows), shape.w = static_cast<int>(cols);
+    const bool worth_it = cuda::grid_tiles_worth_it(shape);
     EXPECT_EQ(forward("1", "16") == table, !worth_it)
         << rows << "x" << cols << ": the default took the other path";
     if (cols < 32) continue;
@@ -420,7 +423,9 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
 
 // The persistent forward's pairs schedule under a band (ATTNKIT_CUDA_FWD_PAIRS=1: a long row
 // and its mirror a CTA, no counter; cuda/fwd_params.h, whose walk CudaSchedule checks on the
-// CPU): odd and even query tile counts, bottom-right rows without keys, GQA, 1, 3 and 5 CTAs.
+// CPU): odd and even query tile counts, bottom-right rows without keys, GQA, 1, 3, 5 and 64
+// CTAs (more than 700 x 333's 6 pairs: one CTA a pair), the band's ALiBi, softcap (d 128) and
+// bias (causal + a 16-bit bias: the kBias instance) on the fast kernel.
 TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -430,10 +435,10 @@ TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
   };
   const ScopedEnv pairs("ATTNKIT_CUDA_FWD_PAIRS", "1");
   int seed = 451;
-  for (const char* ctas : {"5", "3", "1"}) {
+  for (const char* ctas : {"5", "3", "1", "64"}) {  // 64: more CTAs than some cases' pairs
     const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
     for (const Case& c : cases)
-      for (const char* mech : {"causal", "sliding_window", "alibi", "softcap"}) {
+      for (const char* mech : {"causal", "sliding_window", "alibi", "softcap", "bias_broadcast"}) {
         if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
         expect_matches(mech, c, 2.0, seed++);
       }

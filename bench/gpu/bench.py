@@ -199,10 +199,13 @@ def neighborhood():
                    for _ in range(3))
         with env(ATTNKIT_CUDA_GRID="force"):
             ms_grid = bench(lambda: attnkit.attention(q, k, v, mask=na))
+            out_grid = attnkit.attention(q, k, v, mask=na)
         with env(ATTNKIT_CUDA_GRID="0"):
             ms_table = bench(lambda: attnkit.attention(q, k, v, mask=na))
+            out_table = attnkit.attention(q, k, v, mask=na)
         emit(case="neighborhood_narrow", grid=[rows, w], kernel=[5, 5], grid_ms=ms_grid,
-             table_ms=ms_table, grid_vs_table=ms_table / ms_grid)
+             table_ms=ms_table, grid_vs_table=ms_table / ms_grid,
+             rel_err=rel_err(out_grid, out_table))
 
 
 def bias():
@@ -372,9 +375,9 @@ if __name__ == "__main__":
                                                    r["cached_ms"], r["dense_ms"],
                                                    r["cached_speedup_vs_dense"]))
         elif r["case"] == "neighborhood_narrow":
-            print("%-34s %8.3fms %7.3fms %9.2f" % (
+            print("%-34s %8.3fms %7.3fms %9.2f %9.1e" % (
                 "narrow %dx%d grid tiles vs table" % tuple(r["grid"]), r["grid_ms"], r["table_ms"],
-                r["grid_vs_table"]))
+                r["grid_vs_table"], r["rel_err"]))
         elif r["case"] == "train":
             tag = "fwd+bwd d%d n%d%s" % (r["d"], r["n"], " causal" if r["causal"] else "")
             print("%-34s %9.0f %9.0f %9.2f %9s  (fa2 %.0f, x%.2f)" % (

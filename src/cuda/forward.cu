@@ -153,11 +153,12 @@ Status forward(const core::Problem& p, bool dry_run) {
   // Items of one length (the fast kernel with no mask, no varlen) are dealt round-robin: CTA c
   // walks c, c + sms, ... with no counter to zero (its memset cost short calls 2-3 us); items of
   // unequal lengths come from a zeroed counter, so that a CTA done early takes the next one.
-  // ATTNKIT_CUDA_FWD_PAIRS=1 deals a band's (causal, sliding) in pairs of a long row and a short
-  // one instead, again without a counter (pair_item; for measurements until timed).
+  // ATTNKIT_CUDA_FWD_PAIRS=1 deals a band's items (causal, sliding) in pairs of a long row and a
+  // short one instead where the CTAs are fewer than the items, again without a counter
+  // (pair_first; for measurements until timed), on at most as many CTAs as there are pairs.
   const int64_t whole = p.max_nq + p.max_nk;
   const bool even = fast && band && left >= whole && right >= whole && !p.varlen;
-  const bool pairs = !even && fast && band && !p.varlen &&
+  const bool pairs = !even && fast && band && !p.varlen && sms > 0 && sms < f.num_items &&
                      env_switch("ATTNKIT_CUDA_FWD_PAIRS", false);
   if (pairs) sms = static_cast<int>(std::min<int64_t>(sms, pair_count(int64_t{p.hq} * f.batch,
                                                                       f.num_q_tiles)));

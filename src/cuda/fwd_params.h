@@ -36,9 +36,10 @@ constexpr bool fast_softcap(int d) { return d > 64; }
 // The pairs schedule of a band's items (FwdParams::pairs): CTA `cta` of `ctas` walks pairs cta,
 // cta + ctas, ...; pair u is item x = u % half of head u / half and its mirror tiles - 1 - x
 // (half = ceil(tiles / 2); item x of a head is its query tile tiles - 1 - x): a long row with a
-// short one, so that under a causal band every pair visits tiles + 1 key tiles (an odd count's
-// middle tile is a pair alone). pair_first gives a CTA's first item, pair_next the one after
-// `item`, both from the last head on >= heads * tiles. In 32-bit arithmetic from the item
+// short one, so that under a causal band every pair visits as many key tiles (tiles + 1 where nq
+// = nk and the key tiles are as long as the query tiles; an odd count's middle tile is a pair
+// alone). pair_first gives a CTA's first item, pair_next the one after `item`; past the last
+// pair both give an item >= heads * tiles, which ends the walk. In 32-bit arithmetic from the item
 // alone (a 64-bit division's subroutine and a count of the CTA's items raised the fast
 // kernel's spills 4 -> 84 bytes): with items < 2^31 and CTAs < 2^20, every value < 2^32.
 ATTNKIT_HD int64_t pair_item(uint32_t u, uint32_t tiles) {
