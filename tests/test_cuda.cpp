@@ -445,6 +445,37 @@ TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
   }
 }
 
+// The consumer warpgroups' turns run on across items (ATTNKIT_CUDA_FWD_TURNS=1: the last P V
+// of an item outside the turns, warpgroup 1's first arrival once a CTA): 1 and 5 CTAs walking
+// items with and without key tiles, every fast instance (band, table, ALiBi, softcap, bias,
+// the grid tiles), the general kernel, the pairs schedule beside it.
+TEST(CudaFastPath, TurnsRunOnMatchTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 333, 700, 128, 128}, false},
+      {DType::kF16, {1, 6, 3, 1030, 1030, 64, 64}, true},
+      {DType::kBF16, {1, 2, 1, 700, 333, 64, 64}, false},
+  };
+  const ScopedEnv turns("ATTNKIT_CUDA_FWD_TURNS", "1");
+  int seed = 471;
+  for (const char* ctas : {"5", "1"}) {
+    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
+    for (const Case& c : cases) {
+      for (const char* mech : {"dense", "causal", "sliding_window", "document", "sink", "alibi",
+                               "softcap", "gate", "bias_broadcast"}) {
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        expect_matches(mech, c, 2.0, seed++);
+      }
+      expect_matches("causal", c, 2.0, seed++, kGeneralMod);
+      const ScopedEnv pairs("ATTNKIT_CUDA_FWD_PAIRS", "1");
+      expect_matches("causal", c, 2.0, seed++);
+    }
+    const Case grid{DType::kBF16, {2, 4, 2, 24 * 64, 24 * 64, 128, 128}, false};
+    expect_matches("neighborhood_2d", grid, 2.0, seed++,
+                   {{"shape", {24, 64}}, {"kernel", {13, 13}}, {"causal", {false, false}}});
+  }
+}
+
 // O stored by the copy engine from shared memory (FwdParams::tma_out: the fast instances with
 // d_v = 64, 16-bit rows of the inputs' dtype, no varlen) and by the threads
 // (ATTNKIT_CUDA_TMA_OUT=0): rows past the query count clipped, BNHD strides, GQA, a staging

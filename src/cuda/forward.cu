@@ -125,6 +125,9 @@ Status forward(const core::Problem& p, bool dry_run) {
   }
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   f.pingpong = env_switch("ATTNKIT_CUDA_PINGPONG", true);
+  // ATTNKIT_CUDA_FWD_TURNS=1: the turns run on across items (FwdParams::turns_run_on; for
+  // measurements until timed).
+  f.turns_run_on = f.pingpong && env_switch("ATTNKIT_CUDA_FWD_TURNS", false);
   // O by the copy engine where the fast instance has room (d_v = 64; ATTNKIT_CUDA_TMA_OUT=0: off).
   f.tma_out = fast && !grid && env_switch("ATTNKIT_CUDA_TMA_OUT", true) && encode_out(p, &maps, 64);
   // Work items: query tiles of every (b, h), walked by one CTA a multiprocessor (epilogues and

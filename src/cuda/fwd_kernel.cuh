@@ -302,6 +302,12 @@ __global__ void __launch_bounds__(384, 1)
   const int my_turn = 1 + cw, other_turn = 2 - cw;  // named barrier ids (3, 4: O's buffers)
   const bool tma_out = S::kTmaOut && !kGeneral && !kGrid && p.tma_out;
   const bool o_leader = tid % 128 == 0;  // issues the warpgroup's tensor stores of O
+  // The turns: warpgroup w issues its matrix multiplies once barrier my_turn completes (the
+  // other's arrival) and then arrives on other_turn. Warpgroup 1 lets 0 go first, once a CTA
+  // where the turns run on across items (each item then balances its syncs and arrivals: the
+  // first S and every next tile's, the last P V outside the turns), else once an item.
+  const bool turns_run_on = pingpong && p.turns_run_on;
+  if (turns_run_on && cw == 1) named_arrive(1, 256);
   int ring = 0;  // the ring's tiles consumed by earlier items
   for (int j = 0;; ++j) {
     const int y = j & 1;
@@ -549,7 +555,7 @@ __global__ void __launch_bounds__(384, 1)
 
     int t = next_tile(t_begin);
     if (t < t_end) {
-      if (pingpong && cw == 1) named_arrive(1, 256);  // warpgroup 1 lets warpgroup 0 go first
+      if (pingpong && !turns_run_on && cw == 1) named_arrive(1, 256);  // 0 goes first
       float s[kSRegs];
       uint32_t pa[kN / 16][4];
       float alpha[2];
@@ -603,12 +609,13 @@ __global__ void __launch_bounds__(384, 1)
 
       // P V of the last tile.
       const int last = ring % kStages;
-      if (pingpong) named_sync(my_turn, 256);
+      if (pingpong && !turns_run_on) named_sync(my_turn, 256);
 #pragma unroll
       for (int r = 0; r < 2; ++r) scale_row<kDVp>(o, r, alpha[r]);
       mbar_wait(full_v(last), phase_of(ring));
       issue_pv(pa, last);
-      if (pingpong && cw == 0) named_arrive(other_turn, 256);  // warpgroup 1 has no turn left
+      // (warpgroup 1 has no turn left in this item)
+      if (pingpong && !turns_run_on && cw == 0) named_arrive(other_turn, 256);
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs_u(pa);

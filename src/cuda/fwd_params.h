@@ -87,6 +87,11 @@ struct FwdParams {
   bool pairs = false;
   float scale = 1.f, scale_log2 = 1.f;  // scale and scale * log2(e)
   bool pingpong = true;  // the fast kernel's consumer warpgroups take turns at issuing
+  // With pingpong: an item's last P V takes no turn, and warpgroup 1 lets warpgroup 0 go first
+  // once a CTA rather than once an item, so that one warpgroup's rows and next item overlap the
+  // other's last steps (FlashAttention-3's order); else both store their rows before either
+  // issues the next item's first S.
+  bool turns_run_on = false;
   // The fast kernel's O through shared memory and the copy engine (TmaMaps::o: 16-bit rows of
   // the inputs' dtype, dv = 64, no varlen), in the instances with room (FwdShape::kTmaOut).
   bool tma_out = false;
