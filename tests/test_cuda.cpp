@@ -394,6 +394,14 @@ TEST(CudaFastPath, LongSequencesMatchTheOracle) {
     }
 }
 
+// The persistent walks' cases: queries fewer than keys (bottom-right rows without keys), an odd
+// count of 9 query tiles, GQA, both dtypes and head dims.
+const Case kWalkCases[] = {
+    {DType::kBF16, {2, 4, 2, 333, 700, 128, 128}, false},
+    {DType::kF16, {1, 6, 3, 1030, 1030, 64, 64}, true},
+    {DType::kBF16, {1, 2, 1, 700, 333, 64, 64}, false},
+};
+
 // The persistent forward with a few CTAs walking many work items each
 // (ATTNKIT_CUDA_PERSISTENT_FWD=5; 1: one CTA walks them all): the ring's stages and Q's barrier
 // run on across items, among them items without a key tile (bottom-right causal rows before the
@@ -402,15 +410,10 @@ TEST(CudaFastPath, LongSequencesMatchTheOracle) {
 // general one (tiles past shorter packed sequences: the varlen test of test_torch.py).
 TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  const Case cases[] = {
-      {DType::kBF16, {2, 4, 2, 333, 700, 128, 128}, false},
-      {DType::kF16, {1, 6, 3, 1030, 1030, 64, 64}, true},
-      {DType::kBF16, {1, 2, 1, 700, 333, 64, 64}, false},
-  };
   int seed = 401;
   for (const char* ctas : {"5", "1"}) {
     const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
-    for (const Case& c : cases) {
+    for (const Case& c : kWalkCases) {
       for (const char* mech :
            {"dense", "causal", "sliding_window", "document", "sink", "alibi", "softcap", "gate"}) {
         if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
@@ -428,16 +431,11 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
 // bias (causal + a 16-bit bias: the kBias instance) on the fast kernel.
 TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  const Case cases[] = {
-      {DType::kBF16, {2, 4, 2, 333, 700, 128, 128}, false},
-      {DType::kF16, {1, 6, 3, 1030, 1030, 64, 64}, true},
-      {DType::kBF16, {1, 2, 1, 700, 333, 64, 64}, false},
-  };
   const ScopedEnv pairs("ATTNKIT_CUDA_FWD_PAIRS", "1");
   int seed = 451;
   for (const char* ctas : {"5", "3", "1", "64"}) {  // 64: more CTAs than some cases' pairs
     const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
-    for (const Case& c : cases)
+    for (const Case& c : kWalkCases)
       for (const char* mech : {"causal", "sliding_window", "alibi", "softcap", "bias_broadcast"}) {
         if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
         expect_matches(mech, c, 2.0, seed++);
@@ -451,16 +449,11 @@ TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
 // the grid tiles), the general kernel, the pairs schedule beside it.
 TEST(CudaFastPath, TurnsRunOnMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  const Case cases[] = {
-      {DType::kBF16, {2, 4, 2, 333, 700, 128, 128}, false},
-      {DType::kF16, {1, 6, 3, 1030, 1030, 64, 64}, true},
-      {DType::kBF16, {1, 2, 1, 700, 333, 64, 64}, false},
-  };
   const ScopedEnv turns("ATTNKIT_CUDA_FWD_TURNS", "1");
   int seed = 471;
   for (const char* ctas : {"5", "1"}) {
     const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
-    for (const Case& c : cases) {
+    for (const Case& c : kWalkCases) {
       for (const char* mech : {"dense", "causal", "sliding_window", "document", "sink", "alibi",
                                "softcap", "gate", "bias_broadcast"}) {
         if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
