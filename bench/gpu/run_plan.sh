@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 32; session 31 had no device: no machine could be
-# started, then loans were paused; session 30's runs 115-119 adopted the grid bits and the bits
-# pass in row parts, dropped bwd_kv_early, passed the whole list, gpu.md part 29), one call of
-# at most 600 s each:
+# The next device session's runs (session 33; sessions 31 and 32 had no device: no machine
+# could be started, then loans were paused; session 30's runs 115-119 adopted the grid bits and
+# the bits pass in row parts, dropped bwd_kv_early, passed the whole list, gpu.md part 29), one
+# call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
-# bash scripts/cutlass_fmha.sh). Order for session 32: steps A, A2, B, then 0b; a call that must
-# start a machine costs ~90-180 s more (the device tool's held time, not the command's). Issue
-# the next call as soon as one returns: the machine is released ~30 s after a call.
+# bash scripts/cutlass_fmha.sh). Order for session 33: step B first (main's whole correctness:
+# everything since run 119 was made blind), with session 32's switches timed in the same call
+# (~560 s on a fresh machine):
+#   bash bench/gpu/run_plan.sh 1 $OUT 2>&1 | tail -40; for v in PAIRS TURNS; do
+#   PYTHONPATH=build-gpu/python timeout 60 python3 bench/gpu/ab_env_fwd.py
+#   ATTNKIT_CUDA_FWD_$v=1; done; PYTHONPATH=build-gpu/python OUT=$OUT timeout 100 python3
+#   bench/gpu/bench.py --only neighborhood > $OUT/na.log 2>&1; sed -n '/^case /,$p' $OUT/na.log
+#   (the pairs schedule and the turns across items, gpu.md part 31: causal rows at N 1024 are
+#   the ones to read, the dense rows the noise for the pairs; the narrow grids' rows set
+#   grid_tiles_worth_it's threshold), then the fuzzer (B below), then steps A, A2, 0b. A call
+# that must start a machine costs ~90-180 s more (the device tool's held time, not the
+# command's). Issue the next call as soon as one returns: the machine is released ~30 s after
+# a call.
 # Keep each tree's TESTS short (the whole test_cuda takes 203 s, run 117).
 # A. (~480 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood13x13,neighborhood13x13_cached' run_plan.sh ab $OUT
@@ -44,7 +54,9 @@
 #    boxes and partial patches (CudaFastPath.GridNeighborhoodsMatchTheOracle with both widths
 #    and grids not multiples of 8 x 16, CudaFastPath.GridKeyWidthsRunTheirOwnTiles, pytest's
 #    grid neighborhood on 14 x 30) and the ring counters reduced at each item (every
-#    persistent forward test).
+#    persistent forward test); session 32's switches: CudaFastPath.PairsWalkMatchesTheOracle,
+#    CudaFastPath.TurnsRunOnMatchTheOracle, the forced narrow grids (40 x 6, 27 x 9 causal) of
+#    the grid tests.
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16 (8 warps, 2 rows each: twice run 119's
