@@ -706,12 +706,15 @@ TEST(BlockMask, GridKeyBoxesAllowEachWindowOnce) {
   EXPECT_EQ(cuda::grid_key_width(g), 32);
   g.kernel[0] = g.kernel[1] = 31;
   EXPECT_EQ(cuda::grid_key_width(g), 16);
-  // Grid tiles where their patches hold at least half their rows in queries.
+  // Grid tiles where their patches hold at least a quarter of their rows in queries.
   for (auto [h, w, worth] : {std::tuple{64, 128, true},
                              {14, 14, true},
-                             {12, 37, true},
-                             {9, 37, false},
+                             {9, 37, true},
+                             {40, 4, true},
+                             {40, 3, false},
                              {40, 2, false},
+                             {2, 16, true},
+                             {1, 16, false},
                              {8, 8, true}}) {
     cuda::GridShape s;
     s.h = h, s.w = w;

@@ -190,13 +190,13 @@ TEST(CudaFastPath, GridNeighborhoodsMatchTheOracle) {
     int64_t rows, cols, kr, kc;
     bool causal_r, causal_c;
   };
-  const Grid grids[] = {{24, 32, 7, 9, false, false},   {16, 48, 13, 3, false, true},
-                        {32, 16, 5, 15, true, false},   {8, 64, 3, 21, false, false},
-                        {24, 64, 13, 13, false, false}, {14, 14, 7, 7, false, false},
-                        {20, 44, 13, 13, false, false}, {12, 37, 3, 5, true, true},
-                        {40, 6, 7, 5, false, false},    {27, 9, 5, 3, true, false}};
+  const Grid grids[] = {
+      {24, 32, 7, 9, false, false},   {16, 48, 13, 3, false, true},   {32, 16, 5, 15, true, false},
+      {8, 64, 3, 21, false, false},   {24, 64, 13, 13, false, false}, {14, 14, 7, 7, false, false},
+      {20, 44, 13, 13, false, false}, {12, 37, 3, 5, true, true},     {40, 6, 7, 5, false, false},
+      {27, 9, 5, 3, true, false},     {40, 3, 7, 3, false, false}};
   int seed = 401;
-  // force: grids narrower than a patch too (40 x 6 would keep the block table)
+  // force: grids narrower than a patch too (40 x 3 would keep the block table)
   const ScopedEnv force("ATTNKIT_CUDA_GRID", "force");
   for (const char* key_w : {"16", "32"}) {
     const ScopedEnv width("ATTNKIT_CUDA_GRID_KEY_W", key_w);
@@ -223,10 +223,10 @@ TEST(CudaFastPath, GridKeyWidthsRunTheirOwnTiles) {
 #endif
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   // A grid of whole patches, and ones whose last patches reach past it (columns, both, a grid
-  // narrower than a patch: 16-column boxes only; 40 x 6, whose patches are mostly empty, takes
-  // the block table unless forced).
+  // narrower than a patch: 16-column boxes only; 40 x 3, whose patches are less than a quarter
+  // full, takes the block table unless forced).
   for (const auto& [rows, cols] :
-       {std::pair<int64_t, int64_t>{24, 64}, {24, 44}, {12, 37}, {14, 14}, {40, 6}}) {
+       {std::pair<int64_t, int64_t>{24, 64}, {24, 44}, {12, 37}, {14, 14}, {40, 6}, {40, 3}}) {
     CheckOptions opt;
     opt.dtype = DType::kBF16;
     opt.dims = {1, 4, 2, rows * cols, rows * cols, 128, 128};
@@ -405,8 +405,8 @@ const Case kWalkCases[] = {
 // The persistent forward with a few CTAs walking many work items each
 // (ATTNKIT_CUDA_PERSISTENT_FWD=5; 1: one CTA walks them all): the ring's stages and Q's barrier
 // run on across items, among them items without a key tile (bottom-right causal rows before the
-// first key); the fast kernel under no mask (items of one length dealt round-robin, no counter)
-// and under a band, with the block table, ALiBi and a softcap (items from the counter), and the
+// first key); the fast kernel under no mask (items of one length dealt round-robin, no counter),
+// under a band, ALiBi and a softcap (in pairs), with the block table (items from the counter), the
 // general one (tiles past shorter packed sequences: the varlen test of test_torch.py).
 TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
@@ -424,8 +424,8 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
   }
 }
 
-// The persistent forward's pairs schedule under a band (ATTNKIT_CUDA_FWD_PAIRS=1: a long row
-// and its mirror a CTA, no counter; cuda/fwd_params.h, whose walk CudaSchedule checks on the
+// The persistent forward's pairs schedule under a band (the default, set here explicitly: a long
+// row and its mirror a CTA, no counter; cuda/fwd_params.h, whose walk CudaSchedule checks on the
 // CPU): odd and even query tile counts, bottom-right rows without keys, GQA, 1, 3, 5 and 64
 // CTAs (more than 700 x 333's 6 pairs: one CTA a pair), the band's ALiBi, softcap (d 128) and
 // bias (causal + a 16-bit bias: the kBias instance) on the fast kernel.
@@ -443,29 +443,30 @@ TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
   }
 }
 
-// The consumer warpgroups' turns run on across items (ATTNKIT_CUDA_FWD_TURNS=1: the last P V
-// of an item outside the turns, warpgroup 1's first arrival once a CTA): 1 and 5 CTAs walking
-// items with and without key tiles, every fast instance (band, table, ALiBi, softcap, bias,
-// the grid tiles), the general kernel, the pairs schedule beside it.
-TEST(CudaFastPath, TurnsRunOnMatchTheOracle) {
+// The consumer warpgroups' turns across items (the default: the last P V of an item outside the
+// turns, warpgroup 1's first arrival once a CTA) and once an item (ATTNKIT_CUDA_FWD_TURNS=0),
+// with the pairs schedule and without it (the counter): 1 and 5 CTAs walking items with and
+// without key tiles, every fast instance (band, table, ALiBi, softcap, bias, the grid tiles),
+// the general kernel.
+TEST(CudaFastPath, TurnsEitherWayMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  const ScopedEnv turns("ATTNKIT_CUDA_FWD_TURNS", "1");
   int seed = 471;
-  for (const char* ctas : {"5", "1"}) {
-    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
-    for (const Case& c : kWalkCases) {
-      for (const char* mech : {"dense", "causal", "sliding_window", "document", "sink", "alibi",
-                               "softcap", "gate", "bias_broadcast"}) {
-        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-        expect_matches(mech, c, 2.0, seed++);
+  for (const char* on : {"1", "0"}) {
+    const ScopedEnv turns("ATTNKIT_CUDA_FWD_TURNS", on), pairs("ATTNKIT_CUDA_FWD_PAIRS", on);
+    for (const char* ctas : {"5", "1"}) {
+      const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
+      for (const Case& c : kWalkCases) {
+        for (const char* mech : {"dense", "causal", "sliding_window", "document", "sink", "alibi",
+                                 "softcap", "gate", "bias_broadcast"}) {
+          if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+          expect_matches(mech, c, 2.0, seed++);
+        }
+        expect_matches("causal", c, 2.0, seed++, kGeneralMod);
       }
-      expect_matches("causal", c, 2.0, seed++, kGeneralMod);
-      const ScopedEnv pairs("ATTNKIT_CUDA_FWD_PAIRS", "1");
-      expect_matches("causal", c, 2.0, seed++);
+      const Case grid{DType::kBF16, {2, 4, 2, 24 * 64, 24 * 64, 128, 128}, false};
+      expect_matches("neighborhood_2d", grid, 2.0, seed++,
+                     {{"shape", {24, 64}}, {"kernel", {13, 13}}, {"causal", {false, false}}});
     }
-    const Case grid{DType::kBF16, {2, 4, 2, 24 * 64, 24 * 64, 128, 128}, false};
-    expect_matches("neighborhood_2d", grid, 2.0, seed++,
-                   {{"shape", {24, 64}}, {"kernel", {13, 13}}, {"causal", {false, false}}});
   }
 }
 

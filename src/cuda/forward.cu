@@ -125,9 +125,9 @@ Status forward(const core::Problem& p, bool dry_run) {
   }
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   f.pingpong = env_switch("ATTNKIT_CUDA_PINGPONG", true);
-  // ATTNKIT_CUDA_FWD_TURNS=1: the turns run on across items (FwdParams::turns_run_on; for
-  // measurements until timed).
-  f.turns_run_on = f.pingpong && env_switch("ATTNKIT_CUDA_FWD_TURNS", false);
+  // The turns run on across items (FwdParams::turns_run_on; run 121-122, H100: +1-2% at N 1024
+  // not causal, within noise elsewhere; ATTNKIT_CUDA_FWD_TURNS=0: once an item, for measurements).
+  f.turns_run_on = f.pingpong && env_switch("ATTNKIT_CUDA_FWD_TURNS", true);
   // O by the copy engine where the fast instance has room (d_v = 64; ATTNKIT_CUDA_TMA_OUT=0: off).
   f.tma_out = fast && !grid && env_switch("ATTNKIT_CUDA_TMA_OUT", true) && encode_out(p, &maps, 64);
   // Work items: query tiles of every (b, h), walked by one CTA a multiprocessor (epilogues and
@@ -156,13 +156,14 @@ Status forward(const core::Problem& p, bool dry_run) {
   // Items of one length (the fast kernel with no mask, no varlen) are dealt round-robin: CTA c
   // walks c, c + sms, ... with no counter to zero (its memset cost short calls 2-3 us); items of
   // unequal lengths come from a zeroed counter, so that a CTA done early takes the next one.
-  // ATTNKIT_CUDA_FWD_PAIRS=1 deals a band's items (causal, sliding) in pairs of a long row and a
-  // short one instead where the CTAs are fewer than the items, again without a counter
-  // (pair_first; for measurements until timed), on at most as many CTAs as there are pairs.
+  // A band's items (causal, sliding) are dealt in pairs of a long row and a short one instead
+  // where the CTAs are fewer than the items, again without a counter (pair_first; runs 121-122,
+  // H100: causal +1.5-3%, the rest unchanged; ATTNKIT_CUDA_FWD_PAIRS=0 takes the counter, for
+  // measurements), on at most as many CTAs as there are pairs.
   const int64_t whole = p.max_nq + p.max_nk;
   const bool even = fast && band && left >= whole && right >= whole && !p.varlen;
   const bool pairs = !even && fast && band && !p.varlen && sms > 0 && sms < f.num_items &&
-                     env_switch("ATTNKIT_CUDA_FWD_PAIRS", false);
+                     env_switch("ATTNKIT_CUDA_FWD_PAIRS", true);
   if (pairs) sms = static_cast<int>(std::min<int64_t>(sms, pair_count(int64_t{p.hq} * f.batch,
                                                                       f.num_q_tiles)));
   if (sms > 0 && sms < f.num_items) {

@@ -80,7 +80,7 @@ struct FwdParams {
   int num_q_tiles = 0;       // of the longest query sequence (kGrid: the grid's patches)
   // The forward's work items (num_q_tiles * hq * batch query tiles) and the CTAs that walk them:
   // persistent > 0 launches that many (one a multiprocessor), which take items past their first
-  // from sched (a zeroed counter), in pairs (pair_item: a band's items without varlen, pairs
+  // from sched (a zeroed counter), in pairs (pair_first: a band's items without varlen, pairs
   // set) or else every gridDim.x-th item (items of one length); 0 launches one CTA an item.
   int num_items = 0, persistent = 0;
   int* sched = nullptr;
