@@ -125,7 +125,7 @@ Status forward(const core::Problem& p, bool dry_run) {
   }
   // ATTNKIT_CUDA_PINGPONG=0 turns the consumer warpgroups' turn-taking off (for measurements).
   f.pingpong = env_switch("ATTNKIT_CUDA_PINGPONG", true);
-  // The turns run on across items (FwdParams::turns_run_on; run 121-122, H100: +1-2% at N 1024
+  // The turns run on across items (FwdParams::turns_run_on; runs 120, 122, H100: +1-2% at N 1024
   // not causal, within noise elsewhere; ATTNKIT_CUDA_FWD_TURNS=0: once an item, for measurements).
   f.turns_run_on = f.pingpong && env_switch("ATTNKIT_CUDA_FWD_TURNS", true);
   // O by the copy engine where the fast instance has room (d_v = 64; ATTNKIT_CUDA_TMA_OUT=0: off).
@@ -157,7 +157,7 @@ Status forward(const core::Problem& p, bool dry_run) {
   // walks c, c + sms, ... with no counter to zero (its memset cost short calls 2-3 us); items of
   // unequal lengths come from a zeroed counter, so that a CTA done early takes the next one.
   // A band's items (causal, sliding) are dealt in pairs of a long row and a short one instead
-  // where the CTAs are fewer than the items, again without a counter (pair_first; runs 121-122,
+  // where the CTAs are fewer than the items, again without a counter (pair_first; runs 120, 122,
   // H100: causal +1.5-3%, the rest unchanged; ATTNKIT_CUDA_FWD_PAIRS=0 takes the counter, for
   // measurements), on at most as many CTAs as there are pairs.
   const int64_t whole = p.max_nq + p.max_nk;
