@@ -1,73 +1,25 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 33; sessions 31 and 32 had no device: no machine
-# could be started, then loans were paused; session 30's runs 115-119 adopted the grid bits and
-# the bits pass in row parts, dropped bwd_kv_early, passed the whole list, gpu.md part 29), one
-# call of at most 600 s each:
+# The next device session's runs (session 33; session 32's runs 120-125, gpu.md part 31:
+# main's whole list passed, the fold, the split neighborhood bits and the key boxes adopted
+# (neighborhood 8.5x dense), the pairs schedule and the turns across items adopted as defaults,
+# fwd_exp_poly dropped), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
-# bash scripts/cutlass_fmha.sh). Order for session 33: step B first (main's whole correctness:
-# everything since run 119 was made blind), with session 32's switches timed in the same call
-# (~560 s on a fresh machine):
-#   bash bench/gpu/run_plan.sh 1 $OUT 2>&1 | tail -40; for v in PAIRS TURNS; do
-#   PYTHONPATH=build-gpu/python timeout 60 python3 bench/gpu/ab_env_fwd.py
-#   ATTNKIT_CUDA_FWD_$v=1; done; PYTHONPATH=build-gpu/python OUT=$OUT timeout 100 python3
-#   bench/gpu/bench.py --only neighborhood > $OUT/na.log 2>&1; sed -n '/^case /,$p' $OUT/na.log
-#   (the pairs schedule and the turns across items, gpu.md part 31: causal rows at N 1024 are
-#   the ones to read, the dense rows the noise for the pairs; the narrow grids' rows set
-#   grid_tiles_worth_it's threshold), then the fuzzer (B below), then steps A, A2, 0b. A call
-# that must start a machine costs ~90-180 s more (the device tool's held time, not the
-# command's). Issue the next call as soon as one returns: the machine is released ~30 s after
-# a call.
-# Keep each tree's TESTS short (the whole test_cuda takes 203 s, run 117).
-# A. (~480 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
-#    document-causal,neighborhood13x13,neighborhood13x13_cached' run_plan.sh ab $OUT
-#    and_tree:na_int64 neighborhood,train_masked (train_masked now has bench.py's
-#    neighborhood13x13 rows, per call and cached, against Flex): main has two changes made
-#    blind in session 30, each A/B'd by a patch that takes it back: ab_and_tree.patch
-#    (Causal & Document as the tree of three nodes again: main folds it into one
-#    Document(causal) node, whose bits test is inlined; predicted per-call document forward
-#    bits 66 -> ~25 us, forward 392 -> ~420 TFLOP/s) and
-#    ab_na_int64.patch (the neighborhood bits by the leaf's 64-bit test per pair again: main
-#    splits it into a row half once a block and a key half once a word, in 32-bit divisions;
-#    predicted: the neighborhood's per-call table, 0.957 ms against 0.475 cached, and its
-#    backward's tables per call much cheaper). Read the profile's tile_bits_kernel and
-#    classify_tiles_kernel per tree, and bench.py's "neighborhood table" and document rows.
-#    Every tree has the third change: classify_tiles_kernel gathers the tiles' segment id
-#    ranges with the whole block first (run 118-119: classify 17 us forward, 19 us backward).
-# A2. (~300 s) PAR=1 TESTS='CudaFastPath.Grid*' AGAIN=0 run_plan.sh ab $OUT grid_patch_keys
-#    neighborhood: main's grid tiles (session 31, made blind) take key boxes from the first row
-#    and column a query patch's windows reach, 4 x 32 where that makes fewer (13 x 13 on 64 x
-#    128: 4.75 boxes a patch on average, 5 in the interior) where the patch tree
-#    (ab_grid_patch_keys.patch) takes the aligned 8 x 16 key patches again (7.56, 9; it also
-#    takes back the partial patches of grids that are not multiples of 8 x 16, which the
-#    bench's 64 x 128 does not have). bench.py's
-#    neighborhood table also times main with ATTNKIT_CUDA_GRID_KEY_W=16 (unaligned 8 x 16
-#    boxes: 6 in the interior). Predicted: 0.286 ms (6.2x dense) -> ~0.20 ms (8.5-9x; the step
-#    grew by ~16 instructions, scripts/sass_loop.py); the patch tree's "8x16 key boxes" row is
-#    its default again (it has no such switch). Needs CudaFastPath.Grid* on main (step B).
-# B. (~400 s, reuses A's build of main) bash bench/gpu/run_plan.sh 1 $OUT; then
-#    LD_LIBRARY_PATH=$PWD/.carry/hwy/lib ./build-gpu/attnkit fuzz --device cuda --seed 31000
-#    --seconds 60 (per-batch and separate query and key segment ids, trees): main's whole
-#    correctness with the fold, the split neighborhood test, 32-bit coordinates and the
-#    gathered segment ranges (test_cuda, check, pytest -k cuda; the new and_window_document
-#    instances of CudaOracle and CudaBackward: a tree with a document node), session 31's key
-#    boxes and partial patches (CudaFastPath.GridNeighborhoodsMatchTheOracle with both widths
-#    and grids not multiples of 8 x 16, CudaFastPath.GridKeyWidthsRunTheirOwnTiles, pytest's
-#    grid neighborhood on 14 x 30) and the ring counters reduced at each item (every
-#    persistent forward test); session 32's switches: CudaFastPath.PairsWalkMatchesTheOracle,
-#    CudaFastPath.TurnsRunOnMatchTheOracle, the forced narrow grids (40 x 6, 27 x 9 causal) of
-#    the grid tests.
+# bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
+# device tool's held time, not the command's); a refused start costs ~90 s, so wait several
+# minutes between tries. Issue the next call as soon as one returns: the machine is released
+# ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda takes ~200 s).
+# B. (~400 s) bash bench/gpu/run_plan.sh 1 $OUT; then LD_LIBRARY_PATH=$PWD/.carry/hwy/lib
+#    ./build-gpu/attnkit fuzz --device cuda --seed 33000 --seconds 60: main with the defaults
+#    adopted after run 122 (pairs, turns, a quarter-full grid on grid tiles), never run as
+#    defaults: CudaFastPath.TurnsEitherWayMatchTheOracle (both orders, with and without pairs),
+#    the grid tests' 40 x 3, the mask-cache pytest with ATTNKIT_CUDA_GRID=0.
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
-#    ab_bits16.patch, a slot's rows in parts of 16 (8 warps, 2 rows each: twice run 119's
-#    blocks), if A's bits pass still shows > 30 us.
-# 0b. If the budget allows (~250 s): PAR=1 TESTS='CudaFastPath.LongSeq*:CudaFastPath.Softcap*:
-#    *CudaOracle.MatchesOracle/dense*' run_plan.sh ab $OUT fwd_exp_poly dense:
-#    ab_fwd_exp_poly.patch (applies on main), 4 of a thread's 64 exp2 a tile of the fast d64
-#    forward on the FMA pipe (poly_exp2: a degree-3 polynomial, relative error 1.0e-4; -inf
-#    gives 0): its softmax is MUFU-bound (gpu.md Next, item 2): MUFU 528 -> 496 cycles a
-#    warpgroup and step, issue 479 -> ~508 on main (scripts/sass_loop.py, measured on lean:
-#    435 -> 464). Read the d64 rows only (d128 is unchanged).
+#    ab_bits16.patch, a slot's rows in parts of 16; the bits pass is 31 us now (run 121), so
+#    expect little: run only with time to spare.
+# 2. The dense forward against cuDNN (run 122: d128 0.89 / 0.84 causal at N 1024, d64 0.87 /
+#    0.81; then pairs and turns +1-3%): bench.py --only dense after B, for the new baseline.
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
@@ -92,16 +44,11 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): and_tree, na_int64, grid_patch_keys, bits16 (steps A,
-# A2, C), fwd_exp_poly,
-# band_bits (steps 0b, 3); fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs
+# The patches kept (bench/gpu/*.patch): bits16 (step C), band_bits (step 3); decided in
+# session 32 (in git at ede138e): and_tree, na_int64 and grid_patch_keys (main's changes
+# adopted), fwd_exp_poly (lost); fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs
 # 116 and 118 (git show 59e992f:bench/gpu/ab_bwd_kv_early.patch); fwd_lean and fwd_item_slot
 # lost in run 114 (git show f0a091d:bench/gpu/ab_fwd_lean.patch).
-# grid_patch_keys takes main's grid files back to 3ec6719's with the ring counters kept; after
-# any change to them, remake it in a worktree: git checkout 3ec6719 -- src/cuda/{tile_bits.h,
-# fwd_common.cuh,fwd_params.h,setup.cu,setup.h,forward.cu,fwd_kernel.cuh}
-# tests/{test_block_mask,test_cuda}.cpp; git show 1b44406 -- src/cuda/fwd_kernel.cuh | git apply;
-# git diff HEAD > the patch.
 # In git history: tma_out_k and tma_out_grid (lost in run 94: git show
 # 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains, wait_top and lazy (part
 # 17), the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.
