@@ -918,7 +918,7 @@ TEST(TileBits, QueryBitsEndWhereTheSequenceDoes) {
   }
 }
 
-// The CUDA forward's pairs schedule (cuda/fwd_params.h, ATTNKIT_CUDA_FWD_PAIRS=1) as its
+// The CUDA forward's pairs schedule (cuda/fwd_params.h, the default; =0 takes the counter) as its
 // producer walks it (pair_first, then pair_next): every item given once, and each CTA's items in
 // pairs whose causal key tiles (tiles - x for item x) sum to tiles + 1, an odd count's middle tile
 // alone.
@@ -961,11 +961,11 @@ TEST(CudaSchedule, PairsGiveEveryItemOnceInBalancedPairs) {
     for (int c : {0, ctas / 2, ctas - 1}) {
       const int64_t u = c + (pairs - 1 - c) / ctas * ctas;  // the CTA's last pair
       int64_t item = cuda::pair_item(static_cast<uint32_t>(u), static_cast<uint32_t>(tiles));
-      const int64_t x = item % tiles;
+      const int64_t x = item % tiles, head = item / tiles;
       EXPECT_EQ(item, u / ((tiles + 1) / 2) * tiles + u % ((tiles + 1) / 2));
       item = cuda::pair_next(item, ctas, tiles);
       if (2 * x + 1 != tiles) {  // its mirror, then the end
-        EXPECT_EQ(item, item / tiles * tiles + tiles - 1 - x);
+        EXPECT_EQ(item, head * tiles + tiles - 1 - x);
         EXPECT_LT(item, items);
         item = cuda::pair_next(item, ctas, tiles);
       }

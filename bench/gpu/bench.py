@@ -190,8 +190,8 @@ def neighborhood():
          key16_ms=ms_key16, key16_speedup_vs_dense=ms_dense / ms_key16,
          table_ms=ms_table, table_speedup_vs_dense=ms_dense / ms_table,
          cached_ms=ms_cached, cached_speedup_vs_dense=ms_dense / ms_cached)
-    # Narrow grids: patches of 8 x 16 queries half full (w 8) or less (w 6) or more (w 10), where
-    # grid_tiles_worth_it keeps the block table below half: each timed both ways.
+    # Narrow grids: patches of 8 x 16 queries 3/8 full (w 6), half (w 8) and 5/8 (w 10), each
+    # timed both ways (grid_tiles_worth_it takes grid tiles from a quarter full, run 120).
     for w in (6, 8, 10):
         rows = 8192 // w
         na = attnkit.masks.Neighborhood((rows, w), kernel=(5, 5))

@@ -12,8 +12,11 @@
 # B. (~400 s) bash bench/gpu/run_plan.sh 1 $OUT; then LD_LIBRARY_PATH=$PWD/.carry/hwy/lib
 #    ./build-gpu/attnkit fuzz --device cuda --seed 33000 --seconds 60: main with the defaults
 #    adopted after run 122 (pairs, turns, a quarter-full grid on grid tiles), never run as
-#    defaults: CudaFastPath.TurnsEitherWayMatchTheOracle (both orders, with and without pairs),
-#    the grid tests' 40 x 3, the mask-cache pytest with ATTNKIT_CUDA_GRID=0.
+#    defaults: every forward test, CudaFastPath.TurnsOnceAnItemMatchTheOracle (the old orders),
+#    PairsWalkMatchesTheOracle (8, 20, 40 CTAs cut to the pairs; the kBias instance), the grid
+#    tests' 40 x 3, the mask-cache pytest with ATTNKIT_CUDA_GRID=0; and compute-sanitizer
+#    --tool synccheck on CudaFastPath.PersistentWalk* (one named-barrier arrival is left
+#    pending at a CTA's exit, as in FlashAttention-3: memcheck and racecheck ran, synccheck not).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16; the bits pass is 31 us now (run 121), so

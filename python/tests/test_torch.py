@@ -539,8 +539,8 @@ def test_cuda_grid_neighborhood_matches_the_cpu(grid):
 def test_cuda_mask_cache(name, monkeypatch):
     # attnkit.MaskCache: the tables built once and reused give the outputs and gradients of
     # tables built per call; the backward keeps an entry of its own; another mask is refused.
-    # The neighborhood's forward through its block table (any 2-D grid takes grid tiles, which
-    # need no table, since session 31).
+    # The neighborhood's forward through its block table (this 32 x 24 grid takes grid tiles,
+    # which need no table, since session 31).
     monkeypatch.setenv("ATTNKIT_CUDA_GRID", "0")
     torch.manual_seed(9)
     n = 32 * 24

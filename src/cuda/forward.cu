@@ -114,8 +114,11 @@ Status forward(const core::Problem& p, bool dry_run) {
   // windows' reach): no block table.
   // ATTNKIT_CUDA_GRID=0 sends it through the block table instead, =force takes grid tiles even
   // where a grid narrower than a patch leaves them mostly empty (both for measurements).
-  const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band &&
-                    env_switch("ATTNKIT_CUDA_GRID", true) && grid_tiles(p, &f, &maps);
+  const char* grid_env = std::getenv("ATTNKIT_CUDA_GRID");
+  const bool grid_off = grid_env && grid_env[0] == '0';
+  const bool grid_force = grid_env && std::string(grid_env) == "force";
+  const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band && !grid_off &&
+                    grid_tiles(p, grid_force, &f, &maps);
   const bool fast = grid || (plain && (band || GeneralTables::covers(p, 128, kn)));
   // Every flavor but the fast kernel under a band and the grid tiles builds a block table.
   const bool tabled = !(grid || (fast && band));
@@ -158,8 +161,8 @@ Status forward(const core::Problem& p, bool dry_run) {
   // unequal lengths come from a zeroed counter, so that a CTA done early takes the next one.
   // A band's items (causal, sliding) are dealt in pairs of a long row and a short one instead
   // where the CTAs are fewer than the items, again without a counter (pair_first; runs 120, 122,
-  // H100: causal +1.5-3%, the rest unchanged; ATTNKIT_CUDA_FWD_PAIRS=0 takes the counter, for
-  // measurements), on at most as many CTAs as there are pairs.
+  // H100: causal +1.5-3%, d64 N 1024 +0.3%, the rest unchanged; ATTNKIT_CUDA_FWD_PAIRS=0 takes
+  // the counter, for measurements), on at most as many CTAs as there are pairs.
   const int64_t whole = p.max_nq + p.max_nk;
   const bool even = fast && band && left >= whole && right >= whole && !p.varlen;
   const bool pairs = !even && fast && band && !p.varlen && sms > 0 && sms < f.num_items &&

@@ -9,10 +9,12 @@
 //   issued together with O += P V of tile j - 1 (P from registers, V read transposed from the
 //   128B-swizzled tile), so the normalization of tile j runs while the tensor cores work on P V.
 //   Between the two warpgroups, named barriers take turns at issuing (ping-pong) so that one
-//   warpgroup's normalization overlaps the other's matrix multiplies.
+//   warpgroup's normalization overlaps the other's matrix multiplies; the turns run on across
+//   items (FwdParams::turns_run_on), so one's rows are stored while the other computes.
 // No CTA-wide barrier is taken after the prologue. A CTA walks work items (FwdWork): one, or
-// with FwdParams::persistent (one CTA a multiprocessor) as many as it takes from a counter; the
-// producer thread hands each to the consumer warps through two shared slots. The ring runs on
+// with FwdParams::persistent (one CTA a multiprocessor) as many as it takes from a counter, in
+// pairs (a band's, pair_first) or round-robin (items of one length); the producer thread
+// hands each to the consumer warps through two shared slots. The ring runs on
 // across items, and the producer loads the next item's Q once both consumer warpgroups have
 // their last S of the current one (empty_q), so the next item's first tiles arrive while the
 // consumers store the current one's rows. Where a stage of O fits beside the ring (d_v = 64:

@@ -42,15 +42,16 @@ constexpr bool fast_softcap(int d) { return d > 64; }
 // pair both give an item >= heads * tiles, which ends the walk. In 32-bit arithmetic from the item
 // alone (a 64-bit division's subroutine and a count of the CTA's items raised the fast
 // kernel's spills 4 -> 84 bytes): with items < 2^31 and CTAs < 2^20, every value < 2^32.
+ATTNKIT_HD uint32_t pair_half(uint32_t tiles) { return (tiles + 1) / 2; }
 ATTNKIT_HD int64_t pair_item(uint32_t u, uint32_t tiles) {
-  const uint32_t half = (tiles + 1) / 2, bh = u / half;
+  const uint32_t half = pair_half(tiles), bh = u / half;
   return int64_t{bh * tiles + (u - bh * half)};
 }
 ATTNKIT_HD int64_t pair_first(int cta, int tiles) {
   return pair_item(static_cast<uint32_t>(cta), static_cast<uint32_t>(tiles));
 }
 ATTNKIT_HD int64_t pair_next(int64_t item, int ctas, int tiles) {
-  const uint32_t t = static_cast<uint32_t>(tiles), half = (t + 1) / 2;
+  const uint32_t t = static_cast<uint32_t>(tiles), half = pair_half(t);
   const uint32_t bh = static_cast<uint32_t>(item) / t, x = static_cast<uint32_t>(item) - bh * t;
   if (2 * x + 1 < t) return int64_t{bh * t + t - 1 - x};  // a pair's first: its mirror
   const uint32_t q = 2 * x + 1 == t ? x : t - 1 - x;      // the middle, or a pair's second
@@ -58,7 +59,9 @@ ATTNKIT_HD int64_t pair_next(int64_t item, int ctas, int tiles) {
 }
 
 // The pairs a band's items make (pair_item), heads * ceil(tiles / 2).
-inline int64_t pair_count(int64_t heads, int tiles) { return heads * ((tiles + 1) / 2); }
+inline int64_t pair_count(int64_t heads, int tiles) {
+  return heads * pair_half(static_cast<uint32_t>(tiles));
+}
 
 struct FwdParams {
   // q, k, v, out and the gate: row (b, h, n) at ptr + b * sb + h * sh + n * sn.

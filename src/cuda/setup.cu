@@ -222,7 +222,7 @@ bool encode_rows(CUtensorMap* map, int* hm, int* bm, const core::RowOperand& r, 
   return encode_swizzled(map, r, 4, dims, strides, box);
 }
 
-bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps) {
+bool grid_tiles(const core::Problem& p, bool force, FwdParams* f, TmaMaps* maps) {
 #ifndef ATTNKIT_CUDA_GRID_TILES
   return false;
 #else
@@ -240,9 +240,7 @@ bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps) {
     g.kernel[x] = static_cast<int>(n.kernel[x]);
     g.causal[x] = n.dim_causal[x];
   }
-  // ATTNKIT_CUDA_GRID=force takes grid tiles where they are not worth it (for measurements)
-  const char* gv = std::getenv("ATTNKIT_CUDA_GRID");
-  if (!(gv && std::string(gv) == "force") && !grid_tiles_worth_it(g)) return false;
+  if (!force && !grid_tiles_worth_it(g)) return false;
   // ATTNKIT_CUDA_GRID_KEY_W=16 or 32 forces a width (for measurements; anything else: none)
   const char* kw = std::getenv("ATTNKIT_CUDA_GRID_KEY_W");
   const int forced = kw && (std::string(kw) == "16" || std::string(kw) == "32") ? std::stoi(kw) : 0;

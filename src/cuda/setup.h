@@ -68,8 +68,9 @@ bool env_switch(const char* name, bool on_by_default);
 // kernel's grid tiles: sets f->grid and f->num_q_tiles (the query patches, those at the last
 // rows and columns partly past the grid) and makes q's, k's and v's maps
 // 5-D (query patches, key boxes of grid_key_width, or ATTNKIT_CUDA_GRID_KEY_W=16 or 32 for
-// measurements). False where it does not apply, or in a build without ATTNKIT_CUDA_GRID_TILES.
-bool grid_tiles(const core::Problem& p, FwdParams* f, TmaMaps* maps);
+// measurements). False where it does not apply, where the grid's patches are less than a quarter
+// full (grid_tiles_worth_it) unless `force`, or in a build without ATTNKIT_CUDA_GRID_TILES.
+bool grid_tiles(const core::Problem& p, bool force, FwdParams* f, TmaMaps* maps);
 
 // The kernels' device tables, for tiles of km query rows x kn keys, stream-ordered: build()
 // fills f's table, bits (for up to max_slots partial tiles per query tile), forget and bucket

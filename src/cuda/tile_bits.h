@@ -117,7 +117,7 @@ ATTNKIT_HD int grid_token(const GridShape& g, int qr, int qc, int none) {
 
 // Whether grid tiles beat the block table for this grid: its patches hold at least a quarter as
 // many queries as their rows (a grid narrower than a patch leaves most of each empty). Run 120,
-// H100, 8192 tokens, 5 x 5: grid tiles 1.46x / 1.79x / 2.07x faster than the table built per
+// H100, 8192 tokens, 5 x 5: grid tiles 1.46x / 1.79x / 2.06x faster than the table built per
 // call at 6 / 8 / 10 of a patch's 16 columns; a quarter (4 columns) extrapolates to ~1.1x.
 inline bool grid_tiles_worth_it(const GridShape& g) {
   const int64_t patches =
