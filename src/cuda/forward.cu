@@ -115,10 +115,9 @@ Status forward(const core::Problem& p, bool dry_run) {
   // ATTNKIT_CUDA_GRID=0 sends it through the block table instead, =force takes grid tiles even
   // where a grid narrower than a patch leaves them mostly empty (both for measurements).
   const char* grid_env = std::getenv("ATTNKIT_CUDA_GRID");
-  const bool grid_off = grid_env && grid_env[0] == '0';
   const bool grid_force = grid_env && std::string(grid_env) == "force";
-  const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band && !grid_off &&
-                    grid_tiles(p, grid_force, &f, &maps);
+  const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band &&
+                    env_switch("ATTNKIT_CUDA_GRID", true) && grid_tiles(p, grid_force, &f, &maps);
   const bool fast = grid || (plain && (band || GeneralTables::covers(p, 128, kn)));
   // Every flavor but the fast kernel under a band and the grid tiles builds a block table.
   const bool tabled = !(grid || (fast && band));
