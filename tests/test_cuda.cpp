@@ -727,9 +727,10 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 // dq's tiles, summed by one reduce-add per step into a scratch with the tile's row stride: rows
 // past a sequence's end add zeros to the next sequence's or head's rows, GQA groups add into one
 // scratch, and the scratch is converted into fp32 and 16-bit dq: by a kernel of its own (fused
-// off) and by the last CTA of each (batch, kv head) group (ATTNKIT_CUDA_FUSED_DQ: a group's rows
+// off), by the last CTA of each (batch, kv head) group (ATTNKIT_CUDA_FUSED_DQ: a group's rows
 // up to the bound, here every group: 600 rows of 4 heads, past the default bound, included; kept
-// small for the sanitizers' runs).
+// small for the sanitizers' runs), and tile by tile by the CTA that adds into it last
+// (ATTNKIT_CUDA_DQ_TILES: the counts of the band's walks, the tabled and the general flavors').
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -738,16 +739,20 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
       {DType::kBF16, {1, 4, 1, 600, 300, 64, 64}, true},
   };
   int seed = 671;
-  for (const char* fused : {"0", "65536"}) {
-    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused);
+  for (const auto& [fused, tiles] : {std::pair{"0", "0"}, {"65536", "0"}, {"0", "1"}}) {
+    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused), by_tiles("ATTNKIT_CUDA_DQ_TILES", tiles);
     for (const Case& c : cases)
-      for (const char* mech : {"dense", "causal", "document", "softcap"})
+      for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap"})
         for (const bool grads16 : {false, true}) {
           if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
           const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
           EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " nq=" << c.dims.nq
-                            << " 16-bit grads=" << grads16 << " fused bound=" << fused << ": "
-                            << r.error;
+                            << " 16-bit grads=" << grads16 << " fused bound=" << fused
+                            << " by tiles=" << tiles << ": " << r.error;
+          if (std::string(mech) != "document" || *tiles == '0') continue;
+          const CheckResult g = backward_on_gpu(mech, c, seed++, grads16, kGeneralMod);
+          EXPECT_TRUE(g.ok) << mech << " + relative table (general) d=" << c.dims.d << ": "
+                            << g.error;
         }
   }
 }

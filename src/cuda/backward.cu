@@ -319,6 +319,38 @@ __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, 
   convert_dq_rows<256>(dst, t, sn, vec4, n, d, threadIdx.x, global_dq_rows(src, a_sn));
 }
 
+// dq by tiles (BwdParams::tile_left): each query tile's count of the CTAs (key tiles of kn keys)
+// whose walk adds into it, one thread a tile; kt visits qt under the band (bwd_band_walk) or
+// where the block table's entry is not empty (`tabled`), as the kernel's walk and skip() decide.
+// A tile no CTA visits gets dq = 0 here.
+__global__ void bwd_tile_counts_kernel(const BwdParams bp, int kn, bool tabled) {
+  constexpr int kM = BwdShape<64, 64, false>::kM;
+  const FwdParams& p = bp.f;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int qt = blockIdx.x * blockDim.x + threadIdx.x;
+  const SeqExtent seq = seq_extent(p, b);
+  if (qt >= (seq.nq + kM - 1) / kM) return;
+  const int kts = (seq.nk + kn - 1) / kn;
+  int n = 0;
+  for (int kt = 0; kt < kts; ++kt) {
+    if (tabled) {
+      const int64_t x = b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qt) * p.tc_nkt + kt;
+      n += static_cast<TileClass>(p.tile_class[x]) != TileClass::kEmpty;
+    } else {
+      int begin = 0, end = (seq.nq + kM - 1) / kM;
+      bwd_band_walk(p, seq, kt * kn, kn, &begin, &end);
+      n += begin <= qt && qt < end;
+    }
+  }
+  bp.tile_left[(static_cast<int64_t>(b) * p.hq + h) * bp.tiles_per_head + qt] = n;
+  if (n == 0) {
+    const int rows = min(kM, seq.nq - qt * kM);
+    char* dst = dq_out_row(bp, b, h, seq.q_start + static_cast<int64_t>(qt) * kM);
+    convert_dq_rows<1>(bp, dst, rows, p.d, 0,
+                       [](int, int, int) { return make_float4(0.f, 0.f, 0.f, 0.f); });
+  }
+}
+
 // out[x * s] = sums[x] for x < n (dsinks, dslopes, dbeta).
 __global__ void store_sums_kernel(const double* sums, int n, void* out, DType t, int64_t s) {
   for (int x = threadIdx.x; x < n; x += blockDim.x) store_grad(out, t, x * s, sums[x]);
@@ -610,8 +642,15 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // for measurements).
   const char* fd = std::getenv("ATTNKIT_CUDA_FUSED_DQ");
   const int64_t fused_rows = fd && *fd ? std::strtoll(fd, nullptr, 10) : kFusedDqRows;
-  bp.fused_dq = fused_rows > 0 && p.max_nq * p.group <= fused_rows;
-  const int64_t done_bytes = bp.fused_dq ? (p.batch * p.hk * 4 + 255) / 256 * 256 : 0;
+  // Or by tiles, each converted by the CTA that adds into it last (ATTNKIT_CUDA_DQ_TILES=1; on
+  // trial).
+  const bool dq_tiles = env_switch("ATTNKIT_CUDA_DQ_TILES", false);
+  bp.fused_dq = !dq_tiles && fused_rows > 0 && p.max_nq * p.group <= fused_rows;
+  bp.tiles_per_head = f.num_q_tiles;
+  const int64_t done_bytes =
+      dq_tiles ? (p.batch * p.hq * bp.tiles_per_head * 4 + 255) / 256 * 256
+      : bp.fused_dq ? (p.batch * p.hk * 4 + 255) / 256 * 256
+                    : 0;
   void* scratch = nullptr;
   cudaError_t e = cudaMallocAsync(
       &scratch, copy_bytes + stat_bytes + sink_bytes + done_bytes + dq_bytes, stream);
@@ -632,8 +671,9 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                        ? reinterpret_cast<double*>(base + copy_bytes + stat_bytes)
                        : nullptr;
   if (dsinks) e = cudaMemsetAsync(dsinks, 0, sink_bytes, stream);
-  if (bp.fused_dq)
-    bp.group_done = reinterpret_cast<int*>(base + copy_bytes + stat_bytes + sink_bytes);
+  int* done = reinterpret_cast<int*>(base + copy_bytes + stat_bytes + sink_bytes);
+  if (bp.fused_dq) bp.group_done = done;
+  if (dq_tiles) bp.tile_left = done;
   bp.dq = reinterpret_cast<float*>(base + copy_bytes + stat_bytes + sink_bytes + done_bytes);
   const core::RowOperand& dqv = g.dq;
   bp.dq_out = dqv.data;
@@ -807,18 +847,27 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   }
 
   bp.extras = bp.dbias || bp.dslopes || bp.dtable || bp.dc || bp.du || bp.dw;
+  // dq by tiles: each tile's count of CTAs, once the block table (if any) is built.
+  auto count_tiles = [&] {
+    const dim3 grid(static_cast<unsigned>((bp.tiles_per_head + 127) / 128),
+                    static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
+    bwd_tile_counts_kernel<<<grid, 128, 0, stream>>>(bp, kN, !band_instance);
+    return cudaGetLastError();
+  };
   if (e == cudaSuccess) {
     if (band_instance) {
-      e = inst.fast(bp, maps, stream);
+      if (bp.tile_left) e = count_tiles();
+      if (e == cudaSuccess) e = inst.fast(bp, maps, stream);
     } else {
       GeneralTables tables;
       e = tables.build(p, kM, kN, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);
+      if (e == cudaSuccess && bp.tile_left) e = count_tiles();
       if (e == cudaSuccess) e = fast ? inst.tabled(bp, maps, stream) : inst.general(bp, maps, stream);
       const cudaError_t e2 = tables.release(stream);
       if (e == cudaSuccess) e = e2;
     }
   }
-  if (e == cudaSuccess && !bp.fused_dq) {
+  if (e == cudaSuccess && !bp.fused_dq && !bp.tile_left) {
     const dim3 grid(static_cast<unsigned>((bp.stat_stride + kConvertRows - 1) / kConvertRows),
                     static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
     convert_dq_kernel<<<grid, 256, 0, stream>>>(bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, dqv.data,

@@ -69,6 +69,12 @@ struct BwdParams {
   DType dq_out_dtype = DType::kF32;
   int64_t dqo_sb = 0, dqo_sh = 0, dqo_sn = 0;
   bool dq_vec4 = false;
+  // dq converted by tiles (takes the place of fused_dq): tile_left[(b * hq + h) * tiles_per_head
+  // + query tile] starts as the count of CTAs whose walk adds into the tile (set by
+  // bwd_tile_counts_kernel); each CTA's dq warp counts its tiles down once its reduce-adds have
+  // landed and converts those it brought to zero into dq_out, staged over the dQ tiles.
+  int* tile_left = nullptr;
+  int64_t tiles_per_head = 0;
   void* dk = nullptr;
   void* dv = nullptr;
   DType dk_dtype = DType::kF32, dv_dtype = DType::kF32;
@@ -255,6 +261,22 @@ __device__ __forceinline__ auto global_dq_rows(const float* src, int64_t sn) {
   };
 }
 
+// convert_dq_rows' load from fp32 rows of `stride` floats in shared memory at src (dq's rows as
+// the copy engine staged them).
+__device__ __forceinline__ auto shared_dq_rows(uint32_t src, int stride) {
+  return [=](int r, int c, int n) {
+    float4 v;
+    const uint32_t at = src + (r * stride + c) * 4;
+    if (n == 4)
+      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                   : "r"(at));
+    else
+      asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v.x) : "r"(at));
+    return v;
+  };
+}
+
 // The caller's dq row q0 of head h in batch b.
 __device__ __forceinline__ char* dq_out_row(const BwdParams& bp, int b, int h, int64_t q0) {
   const int es = bp.dq_out_dtype == DType::kF32 ? 4 : 2;
@@ -269,6 +291,19 @@ __device__ __forceinline__ bool count_group_done(const BwdParams& bp, int b, int
   const int old = atomicAdd(bp.group_done + b * bp.f.hk + hk, 1);
   __threadfence();
   return old == static_cast<int>(gridDim.x) - 1;
+}
+
+// The query tiles [*begin, *end) of BwdShape::kM rows that visit the keys [n0, n0 + kn) of a
+// sequence under the band (the untabled flavor's walk; *end as the caller set it: the sequence's
+// tiles). bwd_tile_counts_kernel counts the walks by it.
+__device__ __forceinline__ void bwd_band_walk(const FwdParams& p, const SeqExtent& seq, int n0,
+                                              int kn, int* begin, int* end) {
+  constexpr int kM = BwdShape<64, 64, false>::kM;
+  const int64_t lo = n0 - p.band_right - seq.offset;
+  const int64_t hi = static_cast<int64_t>(min(n0 + kn, seq.nk)) - 1 + p.band_left - seq.offset;
+  *begin = static_cast<int>(imax(lo, 0) / kM);
+  if (hi < 0) *end = 0;
+  else if (*end > 0) *end = static_cast<int>(imin(hi, seq.nq - 1) / kM) + 1;
 }
 
 template <class T, int kD, int kDV, bool kGeneral, bool kTabled, bool kBias = false>
@@ -342,13 +377,7 @@ __global__ void __launch_bounds__(384, 1)
   // column kt (general, or fast with a table), for each query head of the group.
   int qt_begin = 0, qt_end = nq > 0 ? (nq + kM - 1) / kM : 0;
   constexpr bool tabled = kGeneral || kTabled;
-  if constexpr (!tabled) {
-    const int64_t lo = n0 - p.band_right - seq.offset;
-    const int64_t hi = static_cast<int64_t>(min(n0 + kN, nk)) - 1 + p.band_left - seq.offset;
-    qt_begin = static_cast<int>(imax(lo, 0) / kM);
-    if (hi < 0) qt_end = 0;
-    else if (qt_end > 0) qt_end = static_cast<int>(imin(hi, nq - 1) / kM) + 1;
-  }
+  if constexpr (!tabled) bwd_band_walk(p, seq, n0, kN, &qt_begin, &qt_end);
   // Untabled: the query tiles [qf_begin, qf_end) see the key tile whole (no key past nk, and
   // every key in the band of all kM rows: MaskEval::band's kFull with whole tiles, so a short
   // last tile may take the band's bits needlessly); the others take the band's bits. Found
@@ -495,7 +524,53 @@ __global__ void __launch_bounds__(384, 1)
           }
           __syncwarp();
         }
-      if (lane == 0) bulk_wait<0>();
+      if (lane == 0) {
+        bulk_wait<0>();
+        fence_proxy_async_global();
+        __threadfence();
+      }
+      __syncwarp();
+      if (bp.tile_left) {
+        // dq by tiles: this CTA's reduce-adds have landed. Each tile it added into is counted
+        // down (8 a lane at once), and those it counts to zero (every CTA's adds in) this warp
+        // converts into dq_out, staged by the copy engine over the dQ tiles (read by now).
+        int* left = bp.tile_left + static_cast<int64_t>(b) * p.hq * bp.tiles_per_head;
+        constexpr int kAtOnce = 8;
+        constexpr uint32_t kRowBytes = S::kDqStride * 4;
+        int c = 0;
+        for (int h = h_begin; h < h_end; ++h)
+          for (int q0 = qt_begin; q0 < qt_end; q0 += 32 * kAtOnce) {
+            uint32_t mine = 0;  // bit i: this lane's tile q0 + 32 i + lane was the last one's
+            __threadfence();
+#pragma unroll
+            for (int i = 0; i < kAtOnce; ++i) {
+              const int qt = q0 + 32 * i + lane;
+              if (qt < qt_end && !skip(h, qt) &&
+                  atomicSub(left + h * bp.tiles_per_head + qt, 1) == 1)
+                mine |= 1u << i;
+            }
+            for (int i = 0; i < kAtOnce; ++i)
+              for (uint32_t todo = __ballot_sync(~0u, mine >> i & 1); todo;
+                   todo &= todo - 1, ++c) {
+                const int x = __ffs(todo) - 1, row0 = (q0 + 32 * i + x) * kM;
+                const int rows = min(kM, nq - row0);
+                const uint32_t buf = dq_tile(c & 1);
+                if (lane == x) {  // the other CTAs' sums acquired, then the copy engine's load
+                  __threadfence();
+                  fence_proxy_async_global();
+                  mbar_expect_tx(conv_ld(c & 1), rows * kRowBytes);
+                  const float* src =
+                      bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + row0) * bp.dq_sn;
+                  bulk_load(buf, src, rows * kRowBytes, conv_ld(c & 1));
+                }
+                mbar_wait(conv_ld(c & 1), (c >> 1) & 1);
+                convert_dq_rows<32>(bp, dq_out_row(bp, b, h, seq.q_start + row0), rows, p.d, lane,
+                                    shared_dq_rows(buf, S::kDqStride));
+                fence_proxy_async_smem();  // read before the copy engine refills the buffer
+                __syncwarp();
+              }
+          }
+      }
       if (bp.fused_dq) {  // the group's count, then the word for the consumers (kEndSync)
         if (lane == 0)
           asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(last_word),
@@ -1206,19 +1281,8 @@ __global__ void __launch_bounds__(384, 1)
   }
   for (int c = 0; c < chunks; ++c) {
     mbar_wait(conv_ld(c & 1), (c >> 1) & 1);
-    const uint32_t src = buf(c);
     convert_dq_rows<256>(bp, dq_out_row(bp, b, h_begin + c / per_head, chunk_q0(c)), chunk_rows(c),
-                         p.d, t, [&](int r, int col, int n) {
-                           float4 v;
-                           const uint32_t at = src + (r * S::kDqStride + col) * 4;
-                           if (n == 4)
-                             asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                                          : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                                          : "r"(at));
-                           else
-                             asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v.x) : "r"(at));
-                           return v;
-                         });
+                         p.d, t, shared_dq_rows(buf(c), S::kDqStride));
     fence_proxy_async_smem();
     named_sync(kConvSync, 256);  // the buffer is read: the next chunk may overwrite it
     if (t == 0 && c + 2 < chunks) issue(c + 2);
