@@ -730,7 +730,8 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 // off), by the last CTA of each (batch, kv head) group (ATTNKIT_CUDA_FUSED_DQ: a group's rows
 // up to the bound, here every group: 600 rows of 4 heads, past the default bound, included; kept
 // small for the sanitizers' runs), and tile by tile by the CTA that adds into it last
-// (ATTNKIT_CUDA_DQ_TILES: the counts of the band's walks, the tabled and the general flavors').
+// (ATTNKIT_CUDA_DQ_TILES=1: the counts of the band's walks, the tabled and the general
+// flavors'; =2: each tile stored by the first CTA to reach it, the scratch not zeroed).
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -739,7 +740,7 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
       {DType::kBF16, {1, 4, 1, 600, 300, 64, 64}, true},
   };
   int seed = 671;
-  for (const auto& [fused, tiles] : {std::pair{"0", "0"}, {"65536", "0"}, {"0", "1"}}) {
+  for (const auto& [fused, tiles] : {std::pair{"0", "0"}, {"65536", "0"}, {"0", "1"}, {"0", "2"}}) {
     const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused), by_tiles("ATTNKIT_CUDA_DQ_TILES", tiles);
     for (const Case& c : cases)
       for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap"})

@@ -88,7 +88,7 @@ struct PrepParams {
   void* dout_copy = nullptr;  // dO (gated) in the kernels' dtype, when grad_out cannot be read
   bool copy_bf16 = true;
   int64_t c_sb = 0, c_sh = 0, c_sn = 0;
-  float* dq = nullptr;
+  float* dq = nullptr;  // its rows zeroed here (null with BwdParams::dq_store)
   int64_t dq_sb = 0, dq_sh = 0, dq_sn = 0;
   int* group_done = nullptr;  // BwdParams::group_done (fused_dq), zeroed here
   int group = 1;
@@ -226,7 +226,8 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
       if (p.dgain) atomicAdd(p.dgain + c * p.dgain_s, dy * o1[c] / rms);
     }
   }
-  for (int c = lane; c < p.d; c += 32) p.dq[b * p.dq_sb + h * p.dq_sh + row * p.dq_sn + c] = 0.f;
+  for (int c = lane; p.dq && c < p.d; c += 32)
+    p.dq[b * p.dq_sb + h * p.dq_sh + row * p.dq_sn + c] = 0.f;
 #pragma unroll
   for (int x = 16; x > 0; x /= 2) dot += __shfl_xor_sync(0xffffffff, dot, x);
   if (lane != 0) return;
@@ -271,9 +272,11 @@ __global__ void bwd_prep_vec_kernel(const __grid_constant__ PrepParams p, int gr
   const T* go = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + row * p.do_sn;
   float dot = dot8<T>(*reinterpret_cast<const uint4*>(go + 8 * j),
                       *reinterpret_cast<const uint4*>(o + 8 * j));
-  float* dq = p.dq + b * p.dq_sb + h * p.dq_sh + row * p.dq_sn;
-  for (int c = 4 * j; c < p.d; c += 4 * g)
-    *reinterpret_cast<float4*>(dq + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (p.dq) {
+    float* dq = p.dq + b * p.dq_sb + h * p.dq_sh + row * p.dq_sn;
+    for (int c = 4 * j; c < p.d; c += 4 * g)
+      *reinterpret_cast<float4*>(dq + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   const unsigned mask = g == 32 ? 0xffffffffu : ((1u << g) - 1) << (lane & ~(g - 1));
   for (int x = g / 2; x > 0; x /= 2) dot += __shfl_xor_sync(mask, dot, x);
   if (j != 0) return;
@@ -342,7 +345,9 @@ __global__ void bwd_tile_counts_kernel(const BwdParams bp, int kn, bool tabled) 
       n += begin <= qt && qt < end;
     }
   }
-  bp.tile_left[(static_cast<int64_t>(b) * p.hq + h) * bp.tiles_per_head + qt] = n;
+  const int64_t x = (static_cast<int64_t>(b) * p.hq + h) * bp.tiles_per_head + qt;
+  bp.tile_left[x] = n;
+  if (bp.tile_arrive) bp.tile_arrive[x] = 0;
   if (n == 0) {
     const int rows = min(kM, seq.nq - qt * kM);
     char* dst = dq_out_row(bp, b, h, seq.q_start + static_cast<int64_t>(qt) * kM);
@@ -643,14 +648,17 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   const char* fd = std::getenv("ATTNKIT_CUDA_FUSED_DQ");
   const int64_t fused_rows = fd && *fd ? std::strtoll(fd, nullptr, 10) : kFusedDqRows;
   // Or by tiles, each converted by the CTA that adds into it last (ATTNKIT_CUDA_DQ_TILES=1; on
-  // trial).
-  const bool dq_tiles = env_switch("ATTNKIT_CUDA_DQ_TILES", false);
-  bp.fused_dq = !dq_tiles && fused_rows > 0 && p.max_nq * p.group <= fused_rows;
+  // trial); =2: and each tile stored by the first CTA to reach it, the scratch not zeroed
+  // (BwdParams::dq_store).
+  const char* dt = std::getenv("ATTNKIT_CUDA_DQ_TILES");
+  const int dq_tiles = dt && *dt ? std::atoi(dt) : 0;
+  bp.fused_dq = dq_tiles == 0 && fused_rows > 0 && p.max_nq * p.group <= fused_rows;
+  bp.dq_store = dq_tiles == 2;
   bp.tiles_per_head = f.num_q_tiles;
-  const int64_t done_bytes =
-      dq_tiles ? (p.batch * p.hq * bp.tiles_per_head * 4 + 255) / 256 * 256
-      : bp.fused_dq ? (p.batch * p.hk * 4 + 255) / 256 * 256
-                    : 0;
+  const int64_t tiles = p.batch * p.hq * bp.tiles_per_head;
+  const int64_t done_bytes = dq_tiles > 0 ? ((bp.dq_store ? 2 : 1) * tiles * 4 + 255) / 256 * 256
+                             : bp.fused_dq ? (p.batch * p.hk * 4 + 255) / 256 * 256
+                                           : 0;
   void* scratch = nullptr;
   cudaError_t e = cudaMallocAsync(
       &scratch, copy_bytes + stat_bytes + sink_bytes + done_bytes + dq_bytes, stream);
@@ -673,7 +681,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   if (dsinks) e = cudaMemsetAsync(dsinks, 0, sink_bytes, stream);
   int* done = reinterpret_cast<int*>(base + copy_bytes + stat_bytes + sink_bytes);
   if (bp.fused_dq) bp.group_done = done;
-  if (dq_tiles) bp.tile_left = done;
+  if (dq_tiles > 0) bp.tile_left = done;
+  if (bp.dq_store) bp.tile_arrive = done + tiles;
   bp.dq = reinterpret_cast<float*>(base + copy_bytes + stat_bytes + sink_bytes + done_bytes);
   const core::RowOperand& dqv = g.dq;
   bp.dq_out = dqv.data;
@@ -708,7 +717,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     pp.copy_bf16 = p.q.dtype == DType::kBF16;
     pp.c_sb = dout.sb, pp.c_sh = dout.sh, pp.c_sn = dout.sn;
   }
-  pp.dq = bp.dq;
+  pp.dq = bp.dq_store ? nullptr : bp.dq;  // zeroed unless the first CTA at a tile stores it
   pp.dq_sb = bp.dq_sb, pp.dq_sh = bp.dq_sh, pp.dq_sn = bp.dq_sn;
   pp.group_done = bp.group_done;
   pp.group = static_cast<int>(p.group);

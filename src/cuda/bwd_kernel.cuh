@@ -75,6 +75,13 @@ struct BwdParams {
   // landed and converts those it brought to zero into dq_out, staged over the dQ tiles.
   int* tile_left = nullptr;
   int64_t tiles_per_head = 0;
+  // With tile_left, dq_store: the scratch is not zeroed. The first CTA to reach a tile (its count
+  // in tile_arrive, laid out as tile_left and zeroed with it) stores its dQ tile, then releases
+  // kTileStored; the others wait for that before their reduce-adds. Each walk then starts at its
+  // key tile's diagonal and wraps (bwd_walk_tile), so that the CTAs of a head reach a tile at
+  // different steps. Rows past a sequence are neither stored nor added.
+  bool dq_store = false;
+  int* tile_arrive = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
   DType dk_dtype = DType::kF32, dv_dtype = DType::kF32;
@@ -306,6 +313,15 @@ __device__ __forceinline__ void bwd_band_walk(const FwdParams& p, const SeqExten
   else if (*end > 0) *end = static_cast<int>(imin(hi, seq.nq - 1) / kM) + 1;
 }
 
+// BwdParams::dq_store: tile_arrive's flag that the first CTA's store of the tile has landed.
+inline constexpr int kTileStored = 1 << 30;
+
+// The walk's i-th query tile (i in [begin, end)): from `first` on, then wrapping to begin.
+__device__ __forceinline__ int bwd_walk_tile(int i, int begin, int end, int first) {
+  const int qt = i + (first - begin);
+  return qt < end ? qt : qt - (end - begin);
+}
+
 template <class T, int kD, int kDV, bool kGeneral, bool kTabled, bool kBias = false>
 __global__ void __launch_bounds__(384, 1)
     bwd_kernel(const __grid_constant__ BwdParams bp, const __grid_constant__ BwdMaps maps) {
@@ -457,6 +473,9 @@ __global__ void __launch_bounds__(384, 1)
     qt_begin = lo;
     qt_end = max(lo, hi + 1);
   }
+  // The walk's first query tile: the key tile's diagonal with dq_store (bwd_walk_tile), else
+  // qt_begin.
+  const int qt_first = bp.dq_store ? max(qt_begin, min(n0 / kM, qt_end - 1)) : qt_begin;
 
   if (wg == 0) {
     // Producer.
@@ -477,7 +496,8 @@ __global__ void __launch_bounds__(384, 1)
                     bb * maps.qkv.v_bm);
       int it = 0;
       for (int h = h_begin; h < h_end; ++h)
-        for (int qt = qt_begin; qt < qt_end; ++qt) {
+        for (int i = qt_begin; i < qt_end; ++i) {
+          const int qt = bwd_walk_tile(i, qt_begin, qt_end, qt_first);
           if (skip(h, qt)) continue;
           const int st = it++ % kStages;
           const uint32_t parity = phase_of(it - 1);
@@ -511,14 +531,38 @@ __global__ void __launch_bounds__(384, 1)
       const int lane = tid - 32;
       int it = 0;
       for (int h = h_begin; h < h_end; ++h)
-        for (int qt = qt_begin; qt < qt_end; ++qt) {
+        for (int i = qt_begin; i < qt_end; ++i) {
+          const int qt = bwd_walk_tile(i, qt_begin, qt_end, qt_first);
           if (skip(h, qt)) continue;
           const int st = it % kStages, step = it++;
           float* dq_h = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + qt * kM) * bp.dq_sn;
           mbar_wait(dq_full(step), dq_phase(step));
           if (lane == 0) {
-            bulk_reduce_add_f32(dq_h, dq_tile(step), S::kDqBytes);
-            bulk_commit();
+            if (bp.dq_store) {  // the tile's rows in the sequence: stored by the first, else added
+              int* arrive = bp.tile_arrive + (b * p.hq + h) * bp.tiles_per_head + qt;
+              const uint32_t bytes = min(kM, nq - qt * kM) * S::kDqStride * 4;
+              int seen = atomicAdd(arrive, 1);
+              if (seen == 0) {
+                bulk_store(dq_h, dq_tile(step), bytes);
+                bulk_commit();
+                bulk_wait<0>();
+                fence_proxy_async_global();
+                __threadfence();
+                atomicOr(arrive, kTileStored);
+              } else {
+                while (!(seen & kTileStored)) {
+                  __nanosleep(64);
+                  seen = ld_acquire_gpu(arrive);
+                }
+                __threadfence();  // the store acquired (a relaxed atomicAdd may have seen it)
+                fence_proxy_async_global();
+                bulk_reduce_add_f32(dq_h, dq_tile(step), bytes);
+                bulk_commit();
+              }
+            } else {
+              bulk_reduce_add_f32(dq_h, dq_tile(step), S::kDqBytes);
+              bulk_commit();
+            }
             bulk_wait_read<0>();
             mbar_arrive(S::kDqOwn ? dq_empty(step & 1) : empty(st));
           }
@@ -689,7 +733,8 @@ __global__ void __launch_bounds__(384, 1)
     }
     // The fast flavor with ALiBi (as the forward's): the term in raw dot-product units.
     const float alibi_raw = !kGeneral && p.fast_alibi ? alibi_slope_raw(p, h) : 0.f;
-    for (int qt = qt_begin; qt < qt_end; ++qt) {
+    for (int i = qt_begin; i < qt_end; ++i) {
+      const int qt = bwd_walk_tile(i, qt_begin, qt_end, qt_first);
       if (skip(h, qt)) continue;
       const int st = it % kStages, m0 = qt * kM;
       float s[kSRegs], dp[kSRegs];
