@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 33; session 32's runs 120-125, gpu.md part 31:
+# The next device session's runs (session 34; session 33 got no machine: its A below comes
+# first, then session 33's B; session 32's runs 120-125, gpu.md part 31:
 # main's whole list passed, the fold, the split neighborhood bits and the key boxes adopted
 # (neighborhood 8.5x dense), the pairs schedule and the turns across items adopted as defaults,
 # fwd_exp_poly dropped), one call of at most 600 s each:
@@ -9,6 +10,10 @@
 # device tool's held time, not the command's); a refused start costs ~90 s, so wait several
 # minutes between tries. Issue the next call as soon as one returns: the machine is released
 # ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda takes ~200 s).
+# A. (~500 s) bash bench/gpu/dq_tiles_run.sh $OUT: dq by tiles (gpu.md part 32), modes 1 and 2
+#    (ATTNKIT_CUDA_DQ_TILES), every backward test under each, then the masked backward timed
+#    with each against the default (profile_bwd.py --masked --kernels --ab); if mode 2 holds,
+#    profile_bwd.py --kernels --ab ATTNKIT_CUDA_DQ_TILES=2 1024 4096 16384 for dense.
 # B. (~400 s) bash bench/gpu/run_plan.sh 1 $OUT; then LD_LIBRARY_PATH=$PWD/.carry/hwy/lib
 #    ./build-gpu/attnkit fuzz --device cuda --seed 33000 --seconds 60: main with the defaults
 #    adopted after run 122 (pairs, turns, a quarter-full grid on grid tiles), never run as
