@@ -651,7 +651,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // trial); =2: and each tile stored by the first CTA to reach it, the scratch not zeroed
   // (BwdParams::dq_store).
   const char* dt = std::getenv("ATTNKIT_CUDA_DQ_TILES");
-  const int dq_tiles = dt && *dt ? std::atoi(dt) : 0;
+  const int dq_tiles = dt && (std::string(dt) == "1" || std::string(dt) == "2") ? *dt - '0' : 0;
   bp.fused_dq = dq_tiles == 0 && fused_rows > 0 && p.max_nq * p.group <= fused_rows;
   bp.dq_store = dq_tiles == 2;
   bp.tiles_per_head = f.num_q_tiles;

@@ -14,7 +14,9 @@
 //   over the stage (both warpgroups done with its Q and dO; or into a buffer of its own where
 //   shared memory has room, kDqOwn), and warp 1 of the producer warpgroup adds the whole tile
 //   into dq's fp32 scratch (rows laid out as the tile's) with one reduce-add of the copy engine
-//   before it hands the tile back.
+//   before it hands the tile back. The scratch becomes dq in a kernel after this one, in the
+//   last CTA of each group (fused_dq), or tile by tile in the CTA that adds into it last
+//   (tile_left, on trial).
 // The scale multiplies dK once at the end and each tile's dQ (dS excludes it).
 // Head dims above 128 (BwdShape::kSplit): the key tile is 64 keys, which both consumer
 // warpgroups take (each computes S^T and dP^T); they split the 64-column panels of dK, dV and dQ
