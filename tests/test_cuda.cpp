@@ -14,6 +14,7 @@
 #include "attnkit/attention.h"
 #include "cuda/tile_bits.h"
 #include "device_mirror.h"
+#include "fuzz.h"
 #include "spec_json.h"
 
 namespace attnkit {
@@ -671,6 +672,30 @@ TEST(CudaGeneralPath, RangeCasesMatchTheOracle) {
       EXPECT_LE(tools::rel_error(r.got[y], r.want[y]), 3e-2) << "gradient " << y - (stat ? 2 : 1);
     }
   }
+}
+
+// Sigmoid's weights are not scaled by a row max: beta = -18 puts them (~1.5e-8) below fp16's
+// subnormals and -14 (~8e-7) among them, where packed into P V's fp16 operand they rounded to
+// 0 or to 7% (fuzz seed 33577: the output's error 0.26 against a tolerance of 0.0035). The
+// kernels take the weights times kSigmoidWeightScale into P V, forward and backward (dV).
+TEST(CudaGeneralPath, SigmoidWeightsBelowHalfsNormalsMatchTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kF16, {1, 2, 2, 200, 330, 64, 64}, false},
+      {DType::kF16, {2, 2, 1, 97, 130, 128, 128}, true},
+  };
+  int seed = 3357;
+  for (const Case& c : cases)
+    for (double beta : {-18.0, -14.0})
+      expect_forward_backward("sigmoid", c, seed, {{"beta", beta}});
+  // The fuzzer's case (fp16, !global_window & prefix_lm, causal ALiBi, an elementwise gate),
+  // as drawn when it was found.
+  tools::FuzzCase fc = tools::draw_case(33577, Device::kCUDA);
+  SCOPED_TRACE(fc.description);
+  const CheckResult f = tools::check_forward(fc.inst, fc.check);
+  EXPECT_TRUE(f.ok) << f.error;
+  const CheckResult b = tools::check_backward(fc.inst, fc.check);
+  EXPECT_TRUE(b.ok) << b.error;
 }
 
 INSTANTIATE_TEST_SUITE_P(All, CudaOracle, ::testing::ValuesIn(tools::mechanism_names()),

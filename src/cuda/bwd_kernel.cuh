@@ -956,7 +956,7 @@ __global__ void __launch_bounds__(384, 1)
           weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
             float sg, sgc;  // sigmoid(z), sigmoid(-z): P (1 - P) without cancellation
             fast_sigmoid_pair(sx + beta, &sg, &sgc);
-            pw = ok ? sg : 0.f;
+            pw = ok ? sg * kSigmoidWeightScale : 0.f;  // as the forward's (dV taken back)
             ds = ok ? dpx * sg * sgc : 0.f;
           }, std::false_type{});
         } else if (rela) {  // P = relu(s), unnormalized; dO is already dO1
@@ -1222,7 +1222,9 @@ __global__ void __launch_bounds__(384, 1)
     if (lane == 0) atomicAdd(bp.dbeta, static_cast<double>(beta_acc));
   }
 
-  // dk = scale * dK, dv = dV (rows past nk are another sequence's or padding).
+  // dk = scale * dK, dv = dV (rows past nk are another sequence's or padding; sigmoid's dV by
+  // its weights' scale).
+  const float dv_mul = kGeneral && sigmoid ? 1.f / kSigmoidWeightScale : 1.f;
   bool stored = false;
   if constexpr (!S::kSplit) {
     if (bp.tma_dkdv) {
@@ -1231,7 +1233,7 @@ __global__ void __launch_bounds__(384, 1)
       // by the maps' extents). Its wait keeps them clear of the fused conversion's loads.
       named_sync(3, 256);  // both warpgroups' last products have read K and V
       const uint32_t kbuf = sK + cw * (kDp / 64) * 8192, vbuf = sV + cw * (kDVp / 64) * 8192;
-      const float kmul[2] = {p.scale, p.scale}, vmul[2] = {1.f, 1.f};
+      const float kmul[2] = {p.scale, p.scale}, vmul[2] = {dv_mul, dv_mul};
       stage_rows<T, kDp>(kbuf, dk, kmul, warp, lane);
       stage_rows<T, kDVp>(vbuf, dv, vmul, warp, lane);
       fence_proxy_async_smem();  // the copy engine reads what stmatrix wrote
@@ -1277,7 +1279,8 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
         for (int c8 = 0; c8 < 8; ++c8)
           store_grad_pair(vrow, bp.dv_dtype, panel * 64 + c8 * 8 + col0, p.dv,
-                          dv[sl * 32 + c8 * 4 + 2 * r], dv[sl * 32 + c8 * 4 + 2 * r + 1]);
+                          dv[sl * 32 + c8 * 4 + 2 * r] * dv_mul,
+                          dv[sl * 32 + c8 * 4 + 2 * r + 1] * dv_mul);
       }
     } else {
 #pragma unroll
@@ -1286,8 +1289,8 @@ __global__ void __launch_bounds__(384, 1)
                         dk[c8 * 4 + 2 * r + 1] * p.scale);
 #pragma unroll
       for (int c8 = 0; c8 < kDVp / 8; ++c8)
-        store_grad_pair(vrow, bp.dv_dtype, c8 * 8 + col0, p.dv, dv[c8 * 4 + 2 * r],
-                        dv[c8 * 4 + 2 * r + 1]);
+        store_grad_pair(vrow, bp.dv_dtype, c8 * 8 + col0, p.dv, dv[c8 * 4 + 2 * r] * dv_mul,
+                        dv[c8 * 4 + 2 * r + 1] * dv_mul);
     }
   }
 

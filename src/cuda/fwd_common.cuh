@@ -83,6 +83,13 @@ __device__ __forceinline__ float fast_sigmoid(float x) {
   fast_sigmoid_pair(x, &s, &sc);  // (sc unused: the compiler drops it)
   return s;
 }
+// The sigmoid normalizer's weights go into the P V product times 2^15 (O, dV taken back by
+// 2^-15 when stored; exact in both directions): sigmoid(s + beta) is not scaled by a row max as
+// the softmax's are, and fp16's normals end at 6.1e-5, so beta = -log n puts a long row's
+// weights (~1/n) among fp16's subnormals and a beta of -18 below them (fuzz seed 33577: the
+// output's error 0.26). Scaled, weights from 1.9e-9 to 1 keep fp16's 11 bits (1 -> 32768, below
+// its largest 65504); bf16 loses nothing either way.
+inline constexpr float kSigmoidWeightScale = 32768.f;
 // The normalized kernel's log weight p log f(s) (normalizers.h's log_kernel_feature; -inf where
 // f(s) = 0), and d log f / ds.
 __device__ __forceinline__ float fast_kernel_log_weight(float s, KernelFeature f, float power) {
@@ -282,6 +289,8 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
       mul = lsum > 0.f ? 1.f / lsum : 0.f;
       const float mnat = kGeneral ? m[r] : m[r] * p.scale;
       stat = lsum > 0.f ? mnat + logf(lsum) : -INFINITY;
+    } else if (norm == NormalizerKind::kSigmoid) {
+      mul = 1.f / kSigmoidWeightScale;  // the weights' scale in P V
     } else if (norm == NormalizerKind::kReLA) {
       float ss = 0.f;
 #pragma unroll

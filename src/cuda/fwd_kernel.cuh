@@ -521,10 +521,11 @@ __global__ void __launch_bounds__(384, 1)
         for (int r = 0; r < 2; ++r)
           alpha[r] = softmax_row<kN, kGeneral || kBias>(s, r, to2, m[r], l[r]);
       } else if constexpr (kGeneral) {
-        // Masked scores (-inf) weigh 0.
+        // Masked scores (-inf) weigh 0. Sigmoid's weights times kSigmoidWeightScale (store_rows
+        // takes it back).
         if (norm == NormalizerKind::kSigmoid) {
           each_score<kN>(s, 0, 0, [&](float& x, int, int) {
-            x = x != kNegInf ? fast_sigmoid(x + beta) : 0.f;
+            x = x != kNegInf ? fast_sigmoid(x + beta) * kSigmoidWeightScale : 0.f;
           });
         } else {  // ReLA
           each_score<kN>(s, 0, 0,
