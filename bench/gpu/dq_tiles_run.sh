@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Session 33, run 126: dq by tiles (ATTNKIT_CUDA_DQ_TILES=1, 2) on trial: the backward's tests
-# under each mode, then the masked and dense backward timed with each mode against the default.
+# Session 35: why dq by tiles lost (run 126, gpu.md part 33: ATTNKIT_CUDA_DQ_TILES=1 took sliding's
+# bwd_kernel 744 -> 1133 us, causal's 2650 -> 3782, while one CTA's conversions should cost a few
+# us). One launch of bwd_kernel (sliding 1024 causal, N 8192) under ncu per mode: its duration,
+# then the SASS lines with the most stall samples (the dq warp's tail should lead in mode 1).
+# Usage: bash bench/gpu/dq_tiles_run.sh OUT_DIR   (~150 s on a built tree)
 out=${1:?out}
-export LD_LIBRARY_PATH=$PWD/.carry/hwy/lib:${LD_LIBRARY_PATH:-}
-TEST_TIMEOUT=200 TEST_FILTER='*CudaBackward*' bash scripts/gpu_cuda.sh "$out/t0" --lean --no-bench \
-  2>&1 | tail -8
-for m in 2 1; do
-  echo "== ATTNKIT_CUDA_DQ_TILES=$m: CudaBackward.*"
-  ATTNKIT_CUDA_DQ_TILES=$m timeout 150 build-gpu/tests/test_cuda --gtest_brief=1 \
-    --gtest_filter='CudaBackward.*' > "$out/tiles$m.log" 2>&1
-  echo "rc $?"; grep -E 'FAILED|PASSED|rel_err' "$out/tiles$m.log" | head -12
-done
-export PYTHONPATH=build-gpu/python
-for m in 2 1; do
-  echo "== profile_bwd --masked --kernels --ab ATTNKIT_CUDA_DQ_TILES=$m"
-  timeout 150 python3 bench/gpu/profile_bwd.py --masked --kernels --ab ATTNKIT_CUDA_DQ_TILES=$m \
-    --case sliding1024-causal,document-causal_cached,softcap30,causal 2>&1 | tail -14
+export LD_LIBRARY_PATH=$PWD/.carry/hwy/lib:${LD_LIBRARY_PATH:-} PYTHONPATH=build-gpu/python
+for m in 0 1 2; do
+  echo "== ATTNKIT_CUDA_DQ_TILES=$m"
+  ATTNKIT_CUDA_DQ_TILES=$m timeout 150 ncu --kernel-name regex:bwd_kernel --launch-skip 1 \
+    --launch-count 1 --section SourceCounters --page source --print-source sass --csv \
+    python3 bench/gpu/profile_bwd.py --once --masked --case sliding1024-causal \
+    > "$out/src$m.csv" 2> "$out/src$m.err"
+  ATTNKIT_CUDA_DQ_TILES=$m timeout 60 ncu --kernel-name regex:bwd_kernel --launch-skip 1 \
+    --launch-count 1 --metrics gpu__time_duration.sum,sm__cycles_active.avg \
+    python3 bench/gpu/profile_bwd.py --once --masked --case sliding1024-causal 2>&1 |
+    grep -E "gpu__time|cycles_active"
+  python3 bench/gpu/ncu_regions.py "$out/src$m.csv" 25 | tail -32
+  gzip -f "$out/src$m.csv"
 done

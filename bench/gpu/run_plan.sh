@@ -1,33 +1,25 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 34; session 33 got no machine: its A below comes
-# first, then session 33's B; session 32's runs 120-125, gpu.md part 31:
-# main's whole list passed, the fold, the split neighborhood bits and the key boxes adopted
-# (neighborhood 8.5x dense), the pairs schedule and the turns across items adopted as defaults,
-# fwd_exp_poly dropped), one call of at most 600 s each:
+# The next device session's runs (session 35; session 34's runs 126-132, gpu.md part 33: dq by
+# tiles lost in both modes, session 32's defaults passed as defaults, fp16 sigmoid's weights
+# scaled into P V after the fuzzer's seed 33577), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
 # device tool's held time, not the command's); a refused start costs ~90 s, so wait several
 # minutes between tries. Issue the next call as soon as one returns: the machine is released
 # ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda takes ~200 s).
-# A. (~500 s) bash bench/gpu/dq_tiles_run.sh $OUT: dq by tiles (gpu.md part 32), modes 1 and 2
-#    (ATTNKIT_CUDA_DQ_TILES), every backward test under each, then the masked backward timed
-#    with each against the default (profile_bwd.py --masked --kernels --ab); if mode 2 holds,
-#    profile_bwd.py --kernels --ab ATTNKIT_CUDA_DQ_TILES=2 1024 4096 16384 for dense.
-# B. (~400 s) bash bench/gpu/run_plan.sh 1 $OUT; then LD_LIBRARY_PATH=$PWD/.carry/hwy/lib
-#    ./build-gpu/attnkit fuzz --device cuda --seed 33000 --seconds 60: main with the defaults
-#    adopted after run 122 (pairs, turns, a quarter-full grid on grid tiles), never run as
-#    defaults: every forward test, CudaFastPath.TurnsOnceAnItemMatchTheOracle (the old orders),
-#    PairsWalkMatchesTheOracle (8, 20, 40 CTAs cut to the pairs; the kBias instance), the grid
-#    tests' 40 x 3, the mask-cache pytest with ATTNKIT_CUDA_GRID=0; and compute-sanitizer
-#    --tool synccheck on CudaFastPath.PersistentWalk* (one named-barrier arrival is left
-#    pending at a CTA's exit, as in FlashAttention-3: memcheck and racecheck ran, synccheck not).
+# A. (~250 s with the build) bash bench/gpu/dq_tiles_run.sh $OUT after a lean build
+#    (TEST_FILTER='*DqTiles*' bash scripts/gpu_cuda.sh $OUT/t --lean --no-bench): ncu's stall
+#    samples of one sliding bwd_kernel launch per ATTNKIT_CUDA_DQ_TILES mode (0, 1, 2); the
+#    tail's cost decides: mend the modes (the consumers converting) or drop them (part 33).
+# B. (~120 s) LD_LIBRARY_PATH=$PWD/.carry/hwy/lib ./build-gpu/attnkit fuzz --device cuda --seed
+#    38389 --seconds 90 (run 130's campaign went on to seed 38388).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16; the bits pass is 31 us now (run 121), so
 #    expect little: run only with time to spare.
-# 2. The dense forward against cuDNN (run 122: d128 0.89 / 0.84 causal at N 1024, d64 0.87 /
-#    0.81; then pairs and turns +1-3%): bench.py --only dense after B, for the new baseline.
+# 2. The dense forward against cuDNN, the baseline with pairs and turns (run 132, H100): d128
+#    0.89 / 0.87 causal at N 1024, 0.97 / 1.00 at 4096; d64 0.90 / 0.83, 0.96 / 0.96.
 # 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
 #    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
 #    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
