@@ -756,13 +756,15 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 // up to the bound, here every group: 600 rows of 4 heads, past the default bound, included; kept
 // small for the sanitizers' runs), and tile by tile by the CTA that adds into it last
 // (ATTNKIT_CUDA_DQ_TILES=1: the counts of the band's walks, the tabled and the general
-// flavors'; =2: each tile stored by the first CTA to reach it, the scratch not zeroed).
+// flavors'; 4 heads x 65 query tiles a CTA, two batches of the consumers' 256 counts; =2: each
+// tile stored by the first CTA to reach it, the scratch not zeroed).
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
       {DType::kBF16, {2, 4, 2, 333, 333, 128, 128}, false},
       {DType::kF16, {2, 4, 1, 129, 129, 64, 64}, true},
       {DType::kBF16, {1, 4, 1, 600, 300, 64, 64}, true},
+      {DType::kBF16, {1, 4, 1, 4100, 130, 64, 64}, false},
   };
   int seed = 671;
   for (const auto& [fused, tiles] : {std::pair{"0", "0"}, {"65536", "0"}, {"0", "1"}, {"0", "2"}}) {

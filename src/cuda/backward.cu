@@ -648,8 +648,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   const char* fd = std::getenv("ATTNKIT_CUDA_FUSED_DQ");
   const int64_t fused_rows = fd && *fd ? std::strtoll(fd, nullptr, 10) : kFusedDqRows;
   // Or by tiles, each converted by the CTA that adds into it last (ATTNKIT_CUDA_DQ_TILES=1; on
-  // trial); =2: and each tile stored by the first CTA to reach it, the scratch not zeroed
-  // (BwdParams::dq_store).
+  // trial: run 126's dq warp converted with 24 registers and lost, the consumers do now); =2: and
+  // each tile stored by the first CTA to reach it, the scratch not zeroed (BwdParams::dq_store).
   const char* dt = std::getenv("ATTNKIT_CUDA_DQ_TILES");
   const int dq_tiles = dt && (std::string(dt) == "1" || std::string(dt) == "2") ? *dt - '0' : 0;
   bp.fused_dq = dq_tiles == 0 && fused_rows > 0 && p.max_nq * p.group <= fused_rows;

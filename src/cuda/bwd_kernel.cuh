@@ -73,8 +73,10 @@ struct BwdParams {
   bool dq_vec4 = false;
   // dq converted by tiles (takes the place of fused_dq): tile_left[(b * hq + h) * tiles_per_head
   // + query tile] starts as the count of CTAs whose walk adds into the tile (set by
-  // bwd_tile_counts_kernel); each CTA's dq warp counts its tiles down once its reduce-adds have
-  // landed and converts those it brought to zero into dq_out, staged over the dQ tiles.
+  // bwd_tile_counts_kernel); once a CTA's reduce-adds have landed its consumer warpgroups count
+  // its tiles down and convert those they brought to zero into dq_out, staged by the copy engine
+  // (the producer warpgroup's 24 registers spilled in every row of that conversion: run 126's
+  // +25 us a CTA).
   int* tile_left = nullptr;
   int64_t tiles_per_head = 0;
   // With tile_left, dq_store: the scratch is not zeroed. The first CTA to reach a tile (its count
@@ -286,6 +288,12 @@ __device__ __forceinline__ auto shared_dq_rows(uint32_t src, int stride) {
   };
 }
 
+// A range of dq's rows the kernel converts: head h, `rows` rows from row q0.
+struct DqRows {
+  int h, rows;
+  int64_t q0;
+};
+
 // The caller's dq row q0 of head h in batch b.
 __device__ __forceinline__ char* dq_out_row(const BwdParams& bp, int b, int h, int64_t q0) {
   const int es = bp.dq_out_dtype == DType::kF32 ? 4 : 2;
@@ -420,8 +428,8 @@ __global__ void __launch_bounds__(384, 1)
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
 
   const int tid = threadIdx.x, wg = tid / 128;
-  // Named barriers of fused_dq: the consumers and the dq warp at the end, the consumers around
-  // each staged buffer of the conversion.
+  // Named barriers of dq in the kernel (fused_dq, tile_left): the consumers and the dq warp at
+  // the end, the consumers around each staged buffer of the conversion.
   constexpr int kEndSync = 7, kConvSync = 8;
   if (tid == 0) {
     mbar_init(bar_kv, 1);
@@ -436,7 +444,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int y = 0; y < 2; ++y) {
       mbar_init(dq_empty(y), 1);  // the dq warp's
-      mbar_init(conv_ld(y), 1);  // fused_dq: a consumer thread's, with the copy's bytes
+      mbar_init(conv_ld(y), 1);  // dq in the kernel: a consumer thread's, with the copy's bytes
     }
     mbar_init_fence();
     if constexpr (kTabled && !kGeneral) {
@@ -576,49 +584,8 @@ __global__ void __launch_bounds__(384, 1)
         __threadfence();
       }
       __syncwarp();
-      if (bp.tile_left) {
-        // dq by tiles: this CTA's reduce-adds have landed. Each tile it added into is counted
-        // down (8 a lane at once), and those it counts to zero (every CTA's adds in) this warp
-        // converts into dq_out, staged by the copy engine over the dQ tiles (read by now).
-        int* left = bp.tile_left + static_cast<int64_t>(b) * p.hq * bp.tiles_per_head;
-        constexpr int kAtOnce = 8;
-        constexpr uint32_t kRowBytes = S::kDqStride * 4;
-        int c = 0;
-        for (int h = h_begin; h < h_end; ++h)
-          for (int q0 = qt_begin; q0 < qt_end; q0 += 32 * kAtOnce) {
-            uint32_t mine = 0;  // bit i: this lane's tile q0 + 32 i + lane was the last one's
-            __threadfence();
-#pragma unroll
-            for (int i = 0; i < kAtOnce; ++i) {
-              const int qt = q0 + 32 * i + lane;
-              if (qt < qt_end && !skip(h, qt) &&
-                  atomicSub(left + h * bp.tiles_per_head + qt, 1) == 1)
-                mine |= 1u << i;
-            }
-            for (int i = 0; i < kAtOnce; ++i)
-              for (uint32_t todo = __ballot_sync(~0u, mine >> i & 1); todo;
-                   todo &= todo - 1, ++c) {
-                const int x = __ffs(todo) - 1, row0 = (q0 + 32 * i + x) * kM;
-                const int rows = min(kM, nq - row0);
-                const uint32_t buf = dq_tile(c & 1);
-                if (lane == x) {  // the other CTAs' sums acquired, then the copy engine's load
-                  __threadfence();
-                  fence_proxy_async_global();
-                  mbar_expect_tx(conv_ld(c & 1), rows * kRowBytes);
-                  const float* src =
-                      bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + row0) * bp.dq_sn;
-                  bulk_load(buf, src, rows * kRowBytes, conv_ld(c & 1));
-                }
-                mbar_wait(conv_ld(c & 1), (c >> 1) & 1);
-                convert_dq_rows<32>(bp, dq_out_row(bp, b, h, seq.q_start + row0), rows, p.d, lane,
-                                    shared_dq_rows(buf, S::kDqStride));
-                fence_proxy_async_smem();  // read before the copy engine refills the buffer
-                __syncwarp();
-              }
-          }
-      }
-      if (bp.fused_dq) {  // the group's count, then the word for the consumers (kEndSync)
-        if (lane == 0)
+      if (bp.fused_dq || bp.tile_left) {  // the reduce-adds have landed: the consumers convert
+        if (bp.fused_dq && lane == 0)  // the group's count, then the word for the consumers
           asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(last_word),
                        "r"(static_cast<uint32_t>(count_group_done(bp, b, hk)))
                        : "memory");
@@ -1294,48 +1261,103 @@ __global__ void __launch_bounds__(384, 1)
     }
   }
 
-  // fused_dq: the group's last CTA converts the group's rows of the scratch, staged in chunks of
-  // kChunkRows rows by the copy engine into two buffers over what the walk used (K, V, dS, the
-  // stages: every warp is done with them once the dq warp's reduce-adds have been read).
-  if (!bp.fused_dq) return;
+  // dq in the kernel, once the dq warp's reduce-adds have landed (kEndSync): fused_dq, the group's
+  // last CTA converts the group's rows of the scratch; tile_left, the tiles this CTA's count
+  // brings to zero. Both stage rows by the copy engine into two buffers over what the walk used
+  // (K, V, dS, the stages: every warp is done with them once the dq warp's reduce-adds have been
+  // read), kChunkRows at a time.
+  if (!bp.fused_dq && !bp.tile_left) return;
   named_sync(kEndSync, 256 + 32);
-  uint32_t last;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(last) : "r"(last_word) : "memory");
-  if (!last) return;
   constexpr int kRowBytes = S::kDqStride * 4;
   constexpr int kSpan = S::kKBytes + S::kVBytes + 2 * S::kDsBytes + S::kTableBytes + S::kDqRing +
                         kStages * S::kStageBytes;  // sK up to the barriers
-  constexpr int kChunkRows = kSpan / 2 / kRowBytes < 128 ? kSpan / 2 / kRowBytes : 128;
-  static_assert(kChunkRows >= 1, "the conversion's staging buffers");
-  const int t = tid - 128, per_head = (nq + kChunkRows - 1) / kChunkRows;
-  const int chunks = p.group * per_head;
+  constexpr int kMarkBytes = 64;  // tile_left: 8 ballot words a batch, two batches' (last)
+  constexpr int kFit = (kSpan - kMarkBytes) / 2 / kRowBytes;
+  constexpr int kChunkRows = kFit < 128 ? kFit : 128;
+  static_assert(kChunkRows >= kM, "the conversion's staging buffers hold a query tile");
+  const int t = tid - 128;
   auto buf = [&](int c) { return sK + (c & 1) * kChunkRows * kRowBytes; };
-  auto chunk_rows = [&](int c) { return min(kChunkRows, nq - (c % per_head) * kChunkRows); };
-  auto chunk_q0 = [&](int c) {
-    return seq.q_start + static_cast<int64_t>(c % per_head) * kChunkRows;
-  };
-  auto issue = [&](int c) {  // consumer thread 0 (tid 128): chunk c into its buffer
-    const int h = h_begin + c / per_head;
-    const uint32_t bytes = chunk_rows(c) * kRowBytes;
-    mbar_expect_tx(conv_ld(c & 1), bytes);
-    bulk_load(buf(c), bp.dq + b * bp.dq_sb + h * bp.dq_sh + chunk_q0(c) * bp.dq_sn, bytes,
-              conv_ld(c & 1));
-  };
-  // The other CTAs' sums (acquired by the dq warp) and this CTA's reads of the region (the
-  // generic proxy) before the copy engine's loads.
-  fence_proxy_async_smem();
-  named_sync(kConvSync, 256);
-  if (t == 0) {
-    fence_proxy_async_global();
-    for (int c = 0; c < min(2, chunks); ++c) issue(c);
-  }
-  for (int c = 0; c < chunks; ++c) {
-    mbar_wait(conv_ld(c & 1), (c >> 1) & 1);
-    convert_dq_rows<256>(bp, dq_out_row(bp, b, h_begin + c / per_head, chunk_q0(c)), chunk_rows(c),
-                         p.d, t, shared_dq_rows(buf(c), S::kDqStride));
+  // The jobs c = 0.. jobs - 1 of one call, job(c) the c-th's rows; g counts the jobs of earlier
+  // calls (the buffers' parity and the barriers' phases go on from them).
+  int g = 0;
+  auto convert_staged = [&](int jobs, auto job) {
+    auto issue = [&](int c) {  // consumer thread 0 (tid 128)
+      const DqRows r = job(c);
+      const uint32_t bytes = r.rows * kRowBytes;
+      mbar_expect_tx(conv_ld((g + c) & 1), bytes);
+      bulk_load(buf(g + c), bp.dq + b * bp.dq_sb + r.h * bp.dq_sh + r.q0 * bp.dq_sn, bytes,
+                conv_ld((g + c) & 1));
+    };
+    // The other CTAs' sums (acquired before kEndSync or kConvSync) and this CTA's reads of the
+    // region (the generic proxy) before the copy engine's loads.
     fence_proxy_async_smem();
-    named_sync(kConvSync, 256);  // the buffer is read: the next chunk may overwrite it
-    if (t == 0 && c + 2 < chunks) issue(c + 2);
+    named_sync(kConvSync, 256);
+    if (t == 0) {
+      __threadfence();  // (the acquiring thread's fence, through the barrier, and this one's)
+      fence_proxy_async_global();
+      for (int c = 0; c < min(2, jobs); ++c) issue(c);
+    }
+    for (int c = 0; c < jobs; ++c) {
+      const DqRows r = job(c);
+      mbar_wait(conv_ld((g + c) & 1), ((g + c) >> 1) & 1);
+      convert_dq_rows<256>(bp, dq_out_row(bp, b, r.h, r.q0), r.rows, p.d, t,
+                           shared_dq_rows(buf(g + c), S::kDqStride));
+      fence_proxy_async_smem();
+      named_sync(kConvSync, 256);  // the buffer is read: the next job may overwrite it
+      if (t == 0 && c + 2 < jobs) issue(c + 2);
+    }
+    g += jobs;
+  };
+  if (bp.fused_dq) {
+    uint32_t last;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(last) : "r"(last_word) : "memory");
+    if (!last) return;
+    const int per_head = (nq + kChunkRows - 1) / kChunkRows;
+    convert_staged(p.group * per_head, [&](int c) {
+      const int row0 = (c % per_head) * kChunkRows;
+      return DqRows{h_begin + c / per_head, min(kChunkRows, nq - row0), seq.q_start + row0};
+    });
+    return;
+  }
+  // dq by tiles: the walk's tiles (h, qt) in batches of 256, one a thread: each counted down
+  // once (after the dq warp's fence, kEndSync); those brought to zero are marked in the batch's
+  // ballot words and converted, the c-th job the c-th mark. The batches alternate between two
+  // sets of words: a batch's are rewritten two batches on, after every thread passed the sync
+  // of the batch between (and so its reads of them).
+  int* left = bp.tile_left + static_cast<int64_t>(b) * p.hq * bp.tiles_per_head;
+  const int span = qt_end - qt_begin, tiles = p.group * span;
+  for (int base = 0; base < tiles; base += 256) {
+    const uint32_t marks = sK + kSpan - kMarkBytes + (base / 256 % 2) * 32;
+    bool mine = false;
+    if (base + t < tiles) {
+      const int h = h_begin + (base + t) / span, qt = qt_begin + (base + t) % span;
+      if (!skip(h, qt)) {
+        __threadfence();
+        mine = atomicSub(left + h * bp.tiles_per_head + qt, 1) == 1;
+      }
+    }
+    if (mine) __threadfence();  // every CTA's sums into the tile, acquired
+    const uint32_t word = __ballot_sync(~0u, mine);
+    if (lane == 0)
+      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(marks + 4 * (t / 32)), "r"(word) : "memory");
+    named_sync(kConvSync, 256);
+    auto mark_word = [&](int w) {
+      uint32_t x;
+      asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(x) : "r"(marks + 4 * w) : "memory");
+      return x;
+    };
+    int jobs = 0;
+    for (int w = 0; w < 8; ++w) jobs += __popc(mark_word(w));
+    if (jobs == 0) continue;  // (every consumer thread alike)
+    convert_staged(jobs, [&](int c) {
+      int w = 0, n;
+      while (c >= (n = __popc(mark_word(w)))) c -= n, ++w;
+      uint32_t x = mark_word(w);
+      for (; c > 0; --c) x &= x - 1;
+      const int f = base + w * 32 + __ffs(x) - 1;
+      const int h = h_begin + f / span, row0 = (qt_begin + f % span) * kM;
+      return DqRows{h, min(kM, nq - row0), seq.q_start + row0};
+    });
   }
 }
 
