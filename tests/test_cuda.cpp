@@ -773,6 +773,8 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
       for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap"})
         for (const bool grads16 : {false, true}) {
           if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+          // (the two batches' case only where they are: dense, by tiles)
+          if (c.dims.nq > 1000 && (*tiles == '0' || std::string(mech) != "dense")) continue;
           const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
           EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " nq=" << c.dims.nq
                             << " 16-bit grads=" << grads16 << " fused bound=" << fused

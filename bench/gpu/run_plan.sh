@@ -8,10 +8,10 @@
 # device tool's held time, not the command's); a refused start costs ~90 s, so wait several
 # minutes between tries. Issue the next call as soon as one returns: the machine is released
 # ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda takes ~200 s).
-# A. (~250 s with the build) bash bench/gpu/dq_tiles_run.sh $OUT after a lean build
-#    (TEST_FILTER='*DqTiles*' bash scripts/gpu_cuda.sh $OUT/t --lean --no-bench): ncu's stall
-#    samples of one sliding bwd_kernel launch per ATTNKIT_CUDA_DQ_TILES mode (0, 1, 2); the
-#    tail's cost decides: mend the modes (the consumers converting) or drop them (part 33).
+# A. (~250 s with the build) bash bench/gpu/dq_tiles_run.sh $OUT: dq by tiles converted by the
+#    consumers (2073439; run 133 tested it): both modes timed against the default, masked and
+#    dense; adopt the better if it gains (then drop the conversion kernel's path where it
+#    wins, and the prep's zeroing with mode 2), else drop both switches (part 33).
 # B. (~120 s) LD_LIBRARY_PATH=$PWD/.carry/hwy/lib ./build-gpu/attnkit fuzz --device cuda --seed
 #    38389 --seconds 90 (run 130's campaign went on to seed 38388).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
