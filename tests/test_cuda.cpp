@@ -787,6 +787,34 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   }
 }
 
+// ATTNKIT_CUDA_BWD_READ_WAITS=1 (on trial): a CTA's last copies out (dK and dV by the copy
+// engine, a 16-bit dbias, dq's last reduce-add) waited for only until they have read shared
+// memory; the kernel's end publishes them. Every path that ends with them: dK and dV by TMA
+// (16-bit grads) and by the threads, dq converted by a kernel, by its group's last CTA and by
+// tiles, the band, tabled and general flavors, the bias instance's dbias.
+TEST(CudaBackwardLong, ReadWaitsMatchTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const ScopedEnv reads("ATTNKIT_CUDA_BWD_READ_WAITS", "1");
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 333, 333, 128, 128}, false},
+      {DType::kF16, {1, 2, 1, 129, 600, 64, 64}, true},
+  };
+  const tools::json bias16 = {{"bias_dtype", "input"}};
+  int seed = 881;
+  for (const auto& [fused, tiles] : {std::pair{"0", "0"}, {"65536", "0"}, {"0", "1"}}) {
+    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused), by_tiles("ATTNKIT_CUDA_DQ_TILES", tiles);
+    for (const Case& c : cases)
+      for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap", "bias"})
+        for (const bool grads16 : {false, true}) {
+          if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+          const tools::json with = std::string(mech) == "bias" ? bias16 : tools::json{};
+          const CheckResult r = backward_on_gpu(mech, c, seed++, grads16, with);
+          EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " 16-bit grads=" << grads16
+                            << " fused bound=" << fused << " by tiles=" << tiles << ": " << r.error;
+        }
+  }
+}
+
 // Gradients a few bytes into their buffers: fp32 at 4 bytes (dq's rows are not 16-byte aligned,
 // the conversion from the scratch writes them, nor dk's and dv's pairs 8-byte aligned), 16-bit
 // at 4 and 2 (rows the copy engine cannot store: the threads' pairs, then single elements; run

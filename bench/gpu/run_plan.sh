@@ -11,7 +11,9 @@
 # A. (~250 s with the build) bash bench/gpu/dq_tiles_run.sh $OUT: dq by tiles converted by the
 #    consumers (2073439; run 133 tested it): both modes timed against the default, masked and
 #    dense; adopt the better if it gains (then drop the conversion kernel's path where it
-#    wins, and the prep's zeroing with mode 2), else drop both switches (part 33).
+#    wins, and the prep's zeroing with mode 2), else drop both switches (part 33). The same
+#    script A/Bs ATTNKIT_CUDA_BWD_READ_WAITS=1 (the CTA's last copies out waited for until read):
+#    adopt if it gains (its test, ReadWaitsMatchTheOracle, runs in the script's test list).
 # B. (~120 s) LD_LIBRARY_PATH=$PWD/.carry/hwy/lib ./build-gpu/attnkit fuzz --device cuda --seed
 #    38389 --seconds 90 (run 130's campaign went on to seed 38388).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case

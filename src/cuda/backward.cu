@@ -625,6 +625,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // document-causal's backward kernel 1477 -> 1178 us, -20%; causal tabled 3042 -> 2848, within
   // the run's noise; gpu.md part 27; ATTNKIT_CUDA_BWD_COL_RANGE=0 walks every tile).
   bp.col_range = env_switch("ATTNKIT_CUDA_BWD_COL_RANGE", true);
+  bp.exit_read_waits = env_switch("ATTNKIT_CUDA_BWD_READ_WAITS", false);  // on trial
   if (f.fast_bias) {
     maps.qkv.bias = bias_map.bias;
     maps.qkv.bias_hm = bias_map.bias_hm;

@@ -110,6 +110,11 @@ struct BwdParams {
   // The tabled fast flavor walks each key tile's column from its first to its last non-empty
   // query tile (found by the CTA's threads at once), not from the first to the last tile.
   bool col_range = false;
+  // On trial (ATTNKIT_CUDA_BWD_READ_WAITS=1): a CTA's last copies out (dK, dV, dbias, the dq
+  // warp's last reduce-add) waited for until the copy engine has read shared memory, not until
+  // they land (the kernel's end publishes them, as CUTLASS's TMA epilogues leave them); with
+  // fused_dq or tile_left the dq warp still waits for its reduce-adds (the counts need them).
+  bool exit_read_waits = false;
   double* dslopes = nullptr;
   float* dtable = nullptr;
   int table_buckets = 0;  // the relative table's columns (T5: num_buckets; clipped: 2 clip + 1)
@@ -578,8 +583,8 @@ __global__ void __launch_bounds__(384, 1)
           }
           __syncwarp();
         }
-      if (lane == 0) {
-        bulk_wait<0>();
+      if (lane == 0 && (!bp.exit_read_waits || bp.fused_dq || bp.tile_left)) {
+        bulk_wait<0>();  // (else the loop's read waits were enough)
         fence_proxy_async_global();
         __threadfence();
       }
@@ -1182,7 +1187,12 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
   }
-  if (kBias && bp.dbias_tma && warp == 0 && lane == 0) bulk_wait<0>();  // dbias's last store
+  if (kBias && bp.dbias_tma && warp == 0 && lane == 0) {  // dbias's last store
+    if (bp.exit_read_waits)
+      bulk_wait_read<0>();
+    else
+      bulk_wait<0>();
+  }
   if (kGeneral && bp.dbeta) {
 #pragma unroll
     for (int x = 16; x > 0; x /= 2) beta_acc += __shfl_xor_sync(0xffffffff, beta_acc, x);
@@ -1197,7 +1207,8 @@ __global__ void __launch_bounds__(384, 1)
     if (bp.tma_dkdv) {
       // By the copy engine: the warpgroup's rows into panels over K and V (kKBytes and kVBytes
       // hold both warpgroups' panels), then one thread's tensor stores (rows past nk clipped
-      // by the maps' extents). Its wait keeps them clear of the fused conversion's loads.
+      // by the maps' extents). Its wait (for the reads at least) keeps them clear of the
+      // conversion's loads.
       named_sync(3, 256);  // both warpgroups' last products have read K and V
       const uint32_t kbuf = sK + cw * (kDp / 64) * 8192, vbuf = sV + cw * (kDVp / 64) * 8192;
       const float kmul[2] = {p.scale, p.scale}, vmul[2] = {dv_mul, dv_mul};
@@ -1214,7 +1225,10 @@ __global__ void __launch_bounds__(384, 1)
         for (int pn = 0; pn < kDVp / 64; ++pn)
           tma_store_4d(&maps.dv, vbuf + pn * 8192, pn * 64, row, hk * maps.dv_hm, b * maps.dv_bm);
         bulk_commit();
-        bulk_wait<0>();
+        if (bp.exit_read_waits)
+          bulk_wait_read<0>();
+        else
+          bulk_wait<0>();
       }
       stored = true;
     }
