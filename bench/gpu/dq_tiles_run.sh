@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# dq by tiles again (session 35): run 126 (gpu.md part 33) lost 35-55% of bwd_kernel in both
+# dq by tiles again (session 35): run 126 (gpu.md part 33) lost 21-58% of bwd_kernel in both
 # modes, as the dq warp converted its tiles with the producer warpgroup's 24 registers (spills in
 # every row: +25 us a CTA); the consumer warpgroups count and convert them now. Builds, runs the
 # backward's tests (DqTilesMatchTheOracle runs modes 1 and 2), then times the masked backward with

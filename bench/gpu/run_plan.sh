@@ -8,7 +8,7 @@
 # device tool's held time, not the command's); a refused start costs ~90 s, so wait several
 # minutes between tries. Issue the next call as soon as one returns: the machine is released
 # ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda takes ~200 s).
-# A. (~250 s with the build) bash bench/gpu/dq_tiles_run.sh $OUT: dq by tiles converted by the
+# A. (~350 s with the build) bash bench/gpu/dq_tiles_run.sh $OUT: dq by tiles converted by the
 #    consumers (2073439; run 133 tested it): both modes timed against the default, masked and
 #    dense; adopt the better if it gains (then drop the conversion kernel's path where it
 #    wins, and the prep's zeroing with mode 2), else drop both switches (part 33). The same
@@ -16,6 +16,9 @@
 #    adopt if it gains (its test, ReadWaitsMatchTheOracle, runs in the script's test list).
 # B. (~120 s) LD_LIBRARY_PATH=$PWD/.carry/hwy/lib ./build-gpu/attnkit fuzz --device cuda --seed
 #    38389 --seconds 90 (run 130's campaign went on to seed 38388).
+# B2. (~250 s) the split backward's sigmoid dV (session 34's scale; d 192/256 are not in the
+#    default build): HEAD_DIMS="64;128;192;256" TEST_FILTER='CudaBackwardHeadDims.*:*igmoid*'
+#    bash scripts/gpu_cuda.sh $OUT/hd --lean --no-bench.
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16; the bits pass is 31 us now (run 121), so
