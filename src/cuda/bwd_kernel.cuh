@@ -1285,7 +1285,7 @@ __global__ void __launch_bounds__(384, 1)
   constexpr int kRowBytes = S::kDqStride * 4;
   constexpr int kSpan = S::kKBytes + S::kVBytes + 2 * S::kDsBytes + S::kTableBytes + S::kDqRing +
                         kStages * S::kStageBytes;  // sK up to the barriers
-  constexpr int kMarkBytes = 64;  // tile_left: 8 ballot words a batch, two batches' (last)
+  constexpr int kMarkBytes = 64;  // tile_left: two batches' 8 ballot words, at the span's end
   constexpr int kFit = (kSpan - kMarkBytes) / 2 / kRowBytes;
   constexpr int kChunkRows = kFit < 128 ? kFit : 128;
   static_assert(kChunkRows >= kM, "the conversion's staging buffers hold a query tile");
