@@ -88,7 +88,7 @@ struct PrepParams {
   void* dout_copy = nullptr;  // dO (gated) in the kernels' dtype, when grad_out cannot be read
   bool copy_bf16 = true;
   int64_t c_sb = 0, c_sh = 0, c_sn = 0;
-  float* dq = nullptr;  // its rows zeroed here (null with BwdParams::dq_store)
+  float* dq = nullptr;
   int64_t dq_sb = 0, dq_sh = 0, dq_sn = 0;
   int* group_done = nullptr;  // BwdParams::group_done (fused_dq), zeroed here
   int group = 1;
@@ -226,8 +226,7 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
       if (p.dgain) atomicAdd(p.dgain + c * p.dgain_s, dy * o1[c] / rms);
     }
   }
-  for (int c = lane; p.dq && c < p.d; c += 32)
-    p.dq[b * p.dq_sb + h * p.dq_sh + row * p.dq_sn + c] = 0.f;
+  for (int c = lane; c < p.d; c += 32) p.dq[b * p.dq_sb + h * p.dq_sh + row * p.dq_sn + c] = 0.f;
 #pragma unroll
   for (int x = 16; x > 0; x /= 2) dot += __shfl_xor_sync(0xffffffff, dot, x);
   if (lane != 0) return;
@@ -272,11 +271,9 @@ __global__ void bwd_prep_vec_kernel(const __grid_constant__ PrepParams p, int gr
   const T* go = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + row * p.do_sn;
   float dot = dot8<T>(*reinterpret_cast<const uint4*>(go + 8 * j),
                       *reinterpret_cast<const uint4*>(o + 8 * j));
-  if (p.dq) {
-    float* dq = p.dq + b * p.dq_sb + h * p.dq_sh + row * p.dq_sn;
-    for (int c = 4 * j; c < p.d; c += 4 * g)
-      *reinterpret_cast<float4*>(dq + c) = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
+  float* dq = p.dq + b * p.dq_sb + h * p.dq_sh + row * p.dq_sn;
+  for (int c = 4 * j; c < p.d; c += 4 * g)
+    *reinterpret_cast<float4*>(dq + c) = make_float4(0.f, 0.f, 0.f, 0.f);
   const unsigned mask = g == 32 ? 0xffffffffu : ((1u << g) - 1) << (lane & ~(g - 1));
   for (int x = g / 2; x > 0; x /= 2) dot += __shfl_xor_sync(mask, dot, x);
   if (j != 0) return;
@@ -320,40 +317,6 @@ __global__ void convert_dq_kernel(const float* acc, int64_t a_sb, int64_t a_sh, 
   const int es = t == DType::kF32 ? 4 : 2;
   char* dst = static_cast<char*>(dq) + (b * sb + h * sh + (q_start + i0) * sn) * es;
   convert_dq_rows<256>(dst, t, sn, vec4, n, d, threadIdx.x, global_dq_rows(src, a_sn));
-}
-
-// dq by tiles (BwdParams::tile_left): each query tile's count of the CTAs (key tiles of kn keys)
-// whose walk adds into it, one thread a tile; kt visits qt under the band (bwd_band_walk) or
-// where the block table's entry is not empty (`tabled`), as the kernel's walk and skip() decide.
-// A tile no CTA visits gets dq = 0 here.
-__global__ void bwd_tile_counts_kernel(const BwdParams bp, int kn, bool tabled) {
-  constexpr int kM = BwdShape<64, 64, false>::kM;
-  const FwdParams& p = bp.f;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int qt = blockIdx.x * blockDim.x + threadIdx.x;
-  const SeqExtent seq = seq_extent(p, b);
-  if (qt >= (seq.nq + kM - 1) / kM) return;
-  const int kts = (seq.nk + kn - 1) / kn;
-  int n = 0;
-  for (int kt = 0; kt < kts; ++kt) {
-    if (tabled) {
-      const int64_t x = b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qt) * p.tc_nkt + kt;
-      n += static_cast<TileClass>(p.tile_class[x]) != TileClass::kEmpty;
-    } else {
-      int begin = 0, end = (seq.nq + kM - 1) / kM;
-      bwd_band_walk(p, seq, kt * kn, kn, &begin, &end);
-      n += begin <= qt && qt < end;
-    }
-  }
-  const int64_t x = (static_cast<int64_t>(b) * p.hq + h) * bp.tiles_per_head + qt;
-  bp.tile_left[x] = n;
-  if (bp.tile_arrive) bp.tile_arrive[x] = 0;
-  if (n == 0) {
-    const int rows = min(kM, seq.nq - qt * kM);
-    char* dst = dq_out_row(bp, b, h, seq.q_start + static_cast<int64_t>(qt) * kM);
-    convert_dq_rows<1>(bp, dst, rows, p.d, 0,
-                       [](int, int, int) { return make_float4(0.f, 0.f, 0.f, 0.f); });
-  }
 }
 
 // out[x * s] = sums[x] for x < n (dsinks, dslopes, dbeta).
@@ -625,7 +588,6 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // document-causal's backward kernel 1477 -> 1178 us, -20%; causal tabled 3042 -> 2848, within
   // the run's noise; gpu.md part 27; ATTNKIT_CUDA_BWD_COL_RANGE=0 walks every tile).
   bp.col_range = env_switch("ATTNKIT_CUDA_BWD_COL_RANGE", true);
-  bp.exit_read_waits = env_switch("ATTNKIT_CUDA_BWD_READ_WAITS", false);  // on trial
   if (f.fast_bias) {
     maps.qkv.bias = bias_map.bias;
     maps.qkv.bias_hm = bias_map.bias_hm;
@@ -648,18 +610,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // for measurements).
   const char* fd = std::getenv("ATTNKIT_CUDA_FUSED_DQ");
   const int64_t fused_rows = fd && *fd ? std::strtoll(fd, nullptr, 10) : kFusedDqRows;
-  // Or by tiles, each converted by the CTA that adds into it last (ATTNKIT_CUDA_DQ_TILES=1; on
-  // trial: run 126's dq warp converted with 24 registers and lost, the consumers do now); =2: and
-  // each tile stored by the first CTA to reach it, the scratch not zeroed (BwdParams::dq_store).
-  const char* dt = std::getenv("ATTNKIT_CUDA_DQ_TILES");
-  const int dq_tiles = dt && (std::string(dt) == "1" || std::string(dt) == "2") ? *dt - '0' : 0;
-  bp.fused_dq = dq_tiles == 0 && fused_rows > 0 && p.max_nq * p.group <= fused_rows;
-  bp.dq_store = dq_tiles == 2;
-  bp.tiles_per_head = f.num_q_tiles;
-  const int64_t tiles = p.batch * p.hq * bp.tiles_per_head;
-  const int64_t done_bytes = dq_tiles > 0 ? ((bp.dq_store ? 2 : 1) * tiles * 4 + 255) / 256 * 256
-                             : bp.fused_dq ? (p.batch * p.hk * 4 + 255) / 256 * 256
-                                           : 0;
+  bp.fused_dq = fused_rows > 0 && p.max_nq * p.group <= fused_rows;
+  const int64_t done_bytes = bp.fused_dq ? (p.batch * p.hk * 4 + 255) / 256 * 256 : 0;
   void* scratch = nullptr;
   cudaError_t e = cudaMallocAsync(
       &scratch, copy_bytes + stat_bytes + sink_bytes + done_bytes + dq_bytes, stream);
@@ -680,10 +632,8 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
                        ? reinterpret_cast<double*>(base + copy_bytes + stat_bytes)
                        : nullptr;
   if (dsinks) e = cudaMemsetAsync(dsinks, 0, sink_bytes, stream);
-  int* done = reinterpret_cast<int*>(base + copy_bytes + stat_bytes + sink_bytes);
-  if (bp.fused_dq) bp.group_done = done;
-  if (dq_tiles > 0) bp.tile_left = done;
-  if (bp.dq_store) bp.tile_arrive = done + tiles;
+  if (bp.fused_dq)
+    bp.group_done = reinterpret_cast<int*>(base + copy_bytes + stat_bytes + sink_bytes);
   bp.dq = reinterpret_cast<float*>(base + copy_bytes + stat_bytes + sink_bytes + done_bytes);
   const core::RowOperand& dqv = g.dq;
   bp.dq_out = dqv.data;
@@ -718,7 +668,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     pp.copy_bf16 = p.q.dtype == DType::kBF16;
     pp.c_sb = dout.sb, pp.c_sh = dout.sh, pp.c_sn = dout.sn;
   }
-  pp.dq = bp.dq_store ? nullptr : bp.dq;  // zeroed unless the first CTA at a tile stores it
+  pp.dq = bp.dq;
   pp.dq_sb = bp.dq_sb, pp.dq_sh = bp.dq_sh, pp.dq_sn = bp.dq_sn;
   pp.group_done = bp.group_done;
   pp.group = static_cast<int>(p.group);
@@ -857,27 +807,18 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   }
 
   bp.extras = bp.dbias || bp.dslopes || bp.dtable || bp.dc || bp.du || bp.dw;
-  // dq by tiles: each tile's count of CTAs, once the block table (if any) is built.
-  auto count_tiles = [&] {
-    const dim3 grid(static_cast<unsigned>((bp.tiles_per_head + 127) / 128),
-                    static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
-    bwd_tile_counts_kernel<<<grid, 128, 0, stream>>>(bp, kN, !band_instance);
-    return cudaGetLastError();
-  };
   if (e == cudaSuccess) {
     if (band_instance) {
-      if (bp.tile_left) e = count_tiles();
-      if (e == cudaSuccess) e = inst.fast(bp, maps, stream);
+      e = inst.fast(bp, maps, stream);
     } else {
       GeneralTables tables;
       e = tables.build(p, kM, kN, fast ? kMaxBitSlots : kGeneralBitSlots, stream, &f);
-      if (e == cudaSuccess && bp.tile_left) e = count_tiles();
       if (e == cudaSuccess) e = fast ? inst.tabled(bp, maps, stream) : inst.general(bp, maps, stream);
       const cudaError_t e2 = tables.release(stream);
       if (e == cudaSuccess) e = e2;
     }
   }
-  if (e == cudaSuccess && !bp.fused_dq && !bp.tile_left) {
+  if (e == cudaSuccess && !bp.fused_dq) {
     const dim3 grid(static_cast<unsigned>((bp.stat_stride + kConvertRows - 1) / kConvertRows),
                     static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
     convert_dq_kernel<<<grid, 256, 0, stream>>>(bp.dq, bp.dq_sb, bp.dq_sh, bp.dq_sn, dqv.data,

@@ -14,9 +14,7 @@
 //   over the stage (both warpgroups done with its Q and dO; or into a buffer of its own where
 //   shared memory has room, kDqOwn), and warp 1 of the producer warpgroup adds the whole tile
 //   into dq's fp32 scratch (rows laid out as the tile's) with one reduce-add of the copy engine
-//   before it hands the tile back. The scratch becomes dq in a kernel after this one, in the
-//   last CTA of each group (fused_dq), or tile by tile in the CTA that adds into it last
-//   (tile_left, on trial).
+//   before it hands the tile back.
 // The scale multiplies dK once at the end and each tile's dQ (dS excludes it).
 // Head dims above 128 (BwdShape::kSplit): the key tile is 64 keys, which both consumer
 // warpgroups take (each computes S^T and dP^T); they split the 64-column panels of dK, dV and dQ
@@ -71,21 +69,6 @@ struct BwdParams {
   DType dq_out_dtype = DType::kF32;
   int64_t dqo_sb = 0, dqo_sh = 0, dqo_sn = 0;
   bool dq_vec4 = false;
-  // dq converted by tiles (takes the place of fused_dq): tile_left[(b * hq + h) * tiles_per_head
-  // + query tile] starts as the count of CTAs whose walk adds into the tile (set by
-  // bwd_tile_counts_kernel); once a CTA's reduce-adds have landed its consumer warpgroups count
-  // its tiles down and convert those they brought to zero into dq_out, staged by the copy engine
-  // (the producer warpgroup's 24 registers spilled in every row of that conversion: run 126's
-  // +25 us a CTA).
-  int* tile_left = nullptr;
-  int64_t tiles_per_head = 0;
-  // With tile_left, dq_store: the scratch is not zeroed. The first CTA to reach a tile (its count
-  // in tile_arrive, laid out as tile_left and zeroed with it) stores its dQ tile, then releases
-  // kTileStored; the others wait for that before their reduce-adds. Each walk then starts at its
-  // key tile's diagonal and wraps (bwd_walk_tile), so that the CTAs of a head reach a tile at
-  // different steps. Rows past a sequence are neither stored nor added.
-  bool dq_store = false;
-  int* tile_arrive = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
   DType dk_dtype = DType::kF32, dv_dtype = DType::kF32;
@@ -110,11 +93,6 @@ struct BwdParams {
   // The tabled fast flavor walks each key tile's column from its first to its last non-empty
   // query tile (found by the CTA's threads at once), not from the first to the last tile.
   bool col_range = false;
-  // On trial (ATTNKIT_CUDA_BWD_READ_WAITS=1): a CTA's last copies out (dK, dV, dbias, the dq
-  // warp's last reduce-add) waited for until the copy engine has read shared memory, not until
-  // they land (the kernel's end publishes them, as CUTLASS's TMA epilogues leave them); with
-  // fused_dq or tile_left the dq warp still waits for its reduce-adds (the counts need them).
-  bool exit_read_waits = false;
   double* dslopes = nullptr;
   float* dtable = nullptr;
   int table_buckets = 0;  // the relative table's columns (T5: num_buckets; clipped: 2 clip + 1)
@@ -277,28 +255,6 @@ __device__ __forceinline__ auto global_dq_rows(const float* src, int64_t sn) {
   };
 }
 
-// convert_dq_rows' load from fp32 rows of `stride` floats in shared memory at src (dq's rows as
-// the copy engine staged them).
-__device__ __forceinline__ auto shared_dq_rows(uint32_t src, int stride) {
-  return [=](int r, int c, int n) {
-    float4 v;
-    const uint32_t at = src + (r * stride + c) * 4;
-    if (n == 4)
-      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                   : "r"(at));
-    else
-      asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v.x) : "r"(at));
-    return v;
-  };
-}
-
-// A range of dq's rows the kernel converts: head h, `rows` rows from row q0.
-struct DqRows {
-  int h, rows;
-  int64_t q0;
-};
-
 // The caller's dq row q0 of head h in batch b.
 __device__ __forceinline__ char* dq_out_row(const BwdParams& bp, int b, int h, int64_t q0) {
   const int es = bp.dq_out_dtype == DType::kF32 ? 4 : 2;
@@ -313,28 +269,6 @@ __device__ __forceinline__ bool count_group_done(const BwdParams& bp, int b, int
   const int old = atomicAdd(bp.group_done + b * bp.f.hk + hk, 1);
   __threadfence();
   return old == static_cast<int>(gridDim.x) - 1;
-}
-
-// The query tiles [*begin, *end) of BwdShape::kM rows that visit the keys [n0, n0 + kn) of a
-// sequence under the band (the untabled flavor's walk; *end as the caller set it: the sequence's
-// tiles). bwd_tile_counts_kernel counts the walks by it.
-__device__ __forceinline__ void bwd_band_walk(const FwdParams& p, const SeqExtent& seq, int n0,
-                                              int kn, int* begin, int* end) {
-  constexpr int kM = BwdShape<64, 64, false>::kM;
-  const int64_t lo = n0 - p.band_right - seq.offset;
-  const int64_t hi = static_cast<int64_t>(min(n0 + kn, seq.nk)) - 1 + p.band_left - seq.offset;
-  *begin = static_cast<int>(imax(lo, 0) / kM);
-  if (hi < 0) *end = 0;
-  else if (*end > 0) *end = static_cast<int>(imin(hi, seq.nq - 1) / kM) + 1;
-}
-
-// BwdParams::dq_store: tile_arrive's flag that the first CTA's store of the tile has landed.
-inline constexpr int kTileStored = 1 << 30;
-
-// The walk's i-th query tile (i in [begin, end)): from `first` on, then wrapping to begin.
-__device__ __forceinline__ int bwd_walk_tile(int i, int begin, int end, int first) {
-  const int qt = i + (first - begin);
-  return qt < end ? qt : qt - (end - begin);
 }
 
 template <class T, int kD, int kDV, bool kGeneral, bool kTabled, bool kBias = false>
@@ -408,7 +342,13 @@ __global__ void __launch_bounds__(384, 1)
   // column kt (general, or fast with a table), for each query head of the group.
   int qt_begin = 0, qt_end = nq > 0 ? (nq + kM - 1) / kM : 0;
   constexpr bool tabled = kGeneral || kTabled;
-  if constexpr (!tabled) bwd_band_walk(p, seq, n0, kN, &qt_begin, &qt_end);
+  if constexpr (!tabled) {
+    const int64_t lo = n0 - p.band_right - seq.offset;
+    const int64_t hi = static_cast<int64_t>(min(n0 + kN, nk)) - 1 + p.band_left - seq.offset;
+    qt_begin = static_cast<int>(imax(lo, 0) / kM);
+    if (hi < 0) qt_end = 0;
+    else if (qt_end > 0) qt_end = static_cast<int>(imin(hi, nq - 1) / kM) + 1;
+  }
   // Untabled: the query tiles [qf_begin, qf_end) see the key tile whole (no key past nk, and
   // every key in the band of all kM rows: MaskEval::band's kFull with whole tiles, so a short
   // last tile may take the band's bits needlessly); the others take the band's bits. Found
@@ -433,8 +373,8 @@ __global__ void __launch_bounds__(384, 1)
   const int h_begin = hk * p.group, h_end = h_begin + p.group;
 
   const int tid = threadIdx.x, wg = tid / 128;
-  // Named barriers of dq in the kernel (fused_dq, tile_left): the consumers and the dq warp at
-  // the end, the consumers around each staged buffer of the conversion.
+  // Named barriers of fused_dq: the consumers and the dq warp at the end, the consumers around
+  // each staged buffer of the conversion.
   constexpr int kEndSync = 7, kConvSync = 8;
   if (tid == 0) {
     mbar_init(bar_kv, 1);
@@ -449,7 +389,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int y = 0; y < 2; ++y) {
       mbar_init(dq_empty(y), 1);  // the dq warp's
-      mbar_init(conv_ld(y), 1);  // dq in the kernel: a consumer thread's, with the copy's bytes
+      mbar_init(conv_ld(y), 1);  // fused_dq: a consumer thread's, with the copy's bytes
     }
     mbar_init_fence();
     if constexpr (kTabled && !kGeneral) {
@@ -488,9 +428,6 @@ __global__ void __launch_bounds__(384, 1)
     qt_begin = lo;
     qt_end = max(lo, hi + 1);
   }
-  // The walk's first query tile: the key tile's diagonal with dq_store (bwd_walk_tile), else
-  // qt_begin.
-  const int qt_first = bp.dq_store ? max(qt_begin, min(n0 / kM, qt_end - 1)) : qt_begin;
 
   if (wg == 0) {
     // Producer.
@@ -511,8 +448,7 @@ __global__ void __launch_bounds__(384, 1)
                     bb * maps.qkv.v_bm);
       int it = 0;
       for (int h = h_begin; h < h_end; ++h)
-        for (int i = qt_begin; i < qt_end; ++i) {
-          const int qt = bwd_walk_tile(i, qt_begin, qt_end, qt_first);
+        for (int qt = qt_begin; qt < qt_end; ++qt) {
           if (skip(h, qt)) continue;
           const int st = it++ % kStages;
           const uint32_t parity = phase_of(it - 1);
@@ -546,51 +482,22 @@ __global__ void __launch_bounds__(384, 1)
       const int lane = tid - 32;
       int it = 0;
       for (int h = h_begin; h < h_end; ++h)
-        for (int i = qt_begin; i < qt_end; ++i) {
-          const int qt = bwd_walk_tile(i, qt_begin, qt_end, qt_first);
+        for (int qt = qt_begin; qt < qt_end; ++qt) {
           if (skip(h, qt)) continue;
           const int st = it % kStages, step = it++;
           float* dq_h = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + qt * kM) * bp.dq_sn;
           mbar_wait(dq_full(step), dq_phase(step));
           if (lane == 0) {
-            if (bp.dq_store) {  // the tile's rows in the sequence: stored by the first, else added
-              int* arrive = bp.tile_arrive + (b * p.hq + h) * bp.tiles_per_head + qt;
-              const uint32_t bytes = min(kM, nq - qt * kM) * S::kDqStride * 4;
-              int seen = atomicAdd(arrive, 1);
-              if (seen == 0) {
-                bulk_store(dq_h, dq_tile(step), bytes);
-                bulk_commit();
-                bulk_wait<0>();
-                fence_proxy_async_global();
-                __threadfence();
-                atomicOr(arrive, kTileStored);
-              } else {
-                while (!(seen & kTileStored)) {
-                  __nanosleep(64);
-                  seen = ld_acquire_gpu(arrive);
-                }
-                __threadfence();  // the store acquired (a relaxed atomicAdd may have seen it)
-                fence_proxy_async_global();
-                bulk_reduce_add_f32(dq_h, dq_tile(step), bytes);
-                bulk_commit();
-              }
-            } else {
-              bulk_reduce_add_f32(dq_h, dq_tile(step), S::kDqBytes);
-              bulk_commit();
-            }
+            bulk_reduce_add_f32(dq_h, dq_tile(step), S::kDqBytes);
+            bulk_commit();
             bulk_wait_read<0>();
             mbar_arrive(S::kDqOwn ? dq_empty(step & 1) : empty(st));
           }
           __syncwarp();
         }
-      if (lane == 0 && (!bp.exit_read_waits || bp.fused_dq || bp.tile_left)) {
-        bulk_wait<0>();  // (else the loop's read waits were enough)
-        fence_proxy_async_global();
-        __threadfence();
-      }
-      __syncwarp();
-      if (bp.fused_dq || bp.tile_left) {  // the reduce-adds have landed: the consumers convert
-        if (bp.fused_dq && lane == 0)  // the group's count, then the word for the consumers
+      if (lane == 0) bulk_wait<0>();
+      if (bp.fused_dq) {  // the group's count, then the word for the consumers (kEndSync)
+        if (lane == 0)
           asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(last_word),
                        "r"(static_cast<uint32_t>(count_group_done(bp, b, hk)))
                        : "memory");
@@ -707,8 +614,7 @@ __global__ void __launch_bounds__(384, 1)
     }
     // The fast flavor with ALiBi (as the forward's): the term in raw dot-product units.
     const float alibi_raw = !kGeneral && p.fast_alibi ? alibi_slope_raw(p, h) : 0.f;
-    for (int i = qt_begin; i < qt_end; ++i) {
-      const int qt = bwd_walk_tile(i, qt_begin, qt_end, qt_first);
+    for (int qt = qt_begin; qt < qt_end; ++qt) {
       if (skip(h, qt)) continue;
       const int st = it % kStages, m0 = qt * kM;
       float s[kSRegs], dp[kSRegs];
@@ -1187,12 +1093,7 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
   }
-  if (kBias && bp.dbias_tma && warp == 0 && lane == 0) {  // dbias's last store
-    if (bp.exit_read_waits)
-      bulk_wait_read<0>();
-    else
-      bulk_wait<0>();
-  }
+  if (kBias && bp.dbias_tma && warp == 0 && lane == 0) bulk_wait<0>();  // dbias's last store
   if (kGeneral && bp.dbeta) {
 #pragma unroll
     for (int x = 16; x > 0; x /= 2) beta_acc += __shfl_xor_sync(0xffffffff, beta_acc, x);
@@ -1207,8 +1108,7 @@ __global__ void __launch_bounds__(384, 1)
     if (bp.tma_dkdv) {
       // By the copy engine: the warpgroup's rows into panels over K and V (kKBytes and kVBytes
       // hold both warpgroups' panels), then one thread's tensor stores (rows past nk clipped
-      // by the maps' extents). Its wait (for the reads at least) keeps them clear of the
-      // conversion's loads.
+      // by the maps' extents). Its wait keeps them clear of the fused conversion's loads.
       named_sync(3, 256);  // both warpgroups' last products have read K and V
       const uint32_t kbuf = sK + cw * (kDp / 64) * 8192, vbuf = sV + cw * (kDVp / 64) * 8192;
       const float kmul[2] = {p.scale, p.scale}, vmul[2] = {dv_mul, dv_mul};
@@ -1225,10 +1125,7 @@ __global__ void __launch_bounds__(384, 1)
         for (int pn = 0; pn < kDVp / 64; ++pn)
           tma_store_4d(&maps.dv, vbuf + pn * 8192, pn * 64, row, hk * maps.dv_hm, b * maps.dv_bm);
         bulk_commit();
-        if (bp.exit_read_waits)
-          bulk_wait_read<0>();
-        else
-          bulk_wait<0>();
+        bulk_wait<0>();
       }
       stored = true;
     }
@@ -1275,103 +1172,59 @@ __global__ void __launch_bounds__(384, 1)
     }
   }
 
-  // dq in the kernel, once the dq warp's reduce-adds have landed (kEndSync): fused_dq, the group's
-  // last CTA converts the group's rows of the scratch; tile_left, the tiles this CTA's count
-  // brings to zero. Both stage rows by the copy engine into two buffers over what the walk used
-  // (K, V, dS, the stages: every warp is done with them once the dq warp's reduce-adds have been
-  // read), kChunkRows at a time.
-  if (!bp.fused_dq && !bp.tile_left) return;
+  // fused_dq: the group's last CTA converts the group's rows of the scratch, staged in chunks of
+  // kChunkRows rows by the copy engine into two buffers over what the walk used (K, V, dS, the
+  // stages: every warp is done with them once the dq warp's reduce-adds have been read).
+  if (!bp.fused_dq) return;
   named_sync(kEndSync, 256 + 32);
+  uint32_t last;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(last) : "r"(last_word) : "memory");
+  if (!last) return;
   constexpr int kRowBytes = S::kDqStride * 4;
   constexpr int kSpan = S::kKBytes + S::kVBytes + 2 * S::kDsBytes + S::kTableBytes + S::kDqRing +
                         kStages * S::kStageBytes;  // sK up to the barriers
-  constexpr int kMarkBytes = 64;  // tile_left: two batches' 8 ballot words, at the span's end
-  constexpr int kFit = (kSpan - kMarkBytes) / 2 / kRowBytes;
-  constexpr int kChunkRows = kFit < 128 ? kFit : 128;
-  static_assert(kChunkRows >= kM, "the conversion's staging buffers hold a query tile");
-  const int t = tid - 128;
+  constexpr int kChunkRows = kSpan / 2 / kRowBytes < 128 ? kSpan / 2 / kRowBytes : 128;
+  static_assert(kChunkRows >= 1, "the conversion's staging buffers");
+  const int t = tid - 128, per_head = (nq + kChunkRows - 1) / kChunkRows;
+  const int chunks = p.group * per_head;
   auto buf = [&](int c) { return sK + (c & 1) * kChunkRows * kRowBytes; };
-  // The jobs c = 0.. jobs - 1 of one call, job(c) the c-th's rows; g counts the jobs of earlier
-  // calls (the buffers' parity and the barriers' phases go on from them).
-  int g = 0;
-  auto convert_staged = [&](int jobs, auto job) {
-    auto issue = [&](int c) {  // consumer thread 0 (tid 128)
-      const DqRows r = job(c);
-      const uint32_t bytes = r.rows * kRowBytes;
-      mbar_expect_tx(conv_ld((g + c) & 1), bytes);
-      bulk_load(buf(g + c), bp.dq + b * bp.dq_sb + r.h * bp.dq_sh + r.q0 * bp.dq_sn, bytes,
-                conv_ld((g + c) & 1));
-    };
-    // The other CTAs' sums (acquired before kEndSync or kConvSync) and this CTA's reads of the
-    // region (the generic proxy) before the copy engine's loads.
-    fence_proxy_async_smem();
-    named_sync(kConvSync, 256);
-    if (t == 0) {
-      __threadfence();  // (the acquiring thread's fence, through the barrier, and this one's)
-      fence_proxy_async_global();
-      for (int c = 0; c < min(2, jobs); ++c) issue(c);
-    }
-    for (int c = 0; c < jobs; ++c) {
-      const DqRows r = job(c);
-      mbar_wait(conv_ld((g + c) & 1), ((g + c) >> 1) & 1);
-      convert_dq_rows<256>(bp, dq_out_row(bp, b, r.h, r.q0), r.rows, p.d, t,
-                           shared_dq_rows(buf(g + c), S::kDqStride));
-      fence_proxy_async_smem();
-      named_sync(kConvSync, 256);  // the buffer is read: the next job may overwrite it
-      if (t == 0 && c + 2 < jobs) issue(c + 2);
-    }
-    g += jobs;
+  auto chunk_rows = [&](int c) { return min(kChunkRows, nq - (c % per_head) * kChunkRows); };
+  auto chunk_q0 = [&](int c) {
+    return seq.q_start + static_cast<int64_t>(c % per_head) * kChunkRows;
   };
-  if (bp.fused_dq) {
-    uint32_t last;
-    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(last) : "r"(last_word) : "memory");
-    if (!last) return;
-    const int per_head = (nq + kChunkRows - 1) / kChunkRows;
-    convert_staged(p.group * per_head, [&](int c) {
-      const int row0 = (c % per_head) * kChunkRows;
-      return DqRows{h_begin + c / per_head, min(kChunkRows, nq - row0), seq.q_start + row0};
-    });
-    return;
+  auto issue = [&](int c) {  // consumer thread 0 (tid 128): chunk c into its buffer
+    const int h = h_begin + c / per_head;
+    const uint32_t bytes = chunk_rows(c) * kRowBytes;
+    mbar_expect_tx(conv_ld(c & 1), bytes);
+    bulk_load(buf(c), bp.dq + b * bp.dq_sb + h * bp.dq_sh + chunk_q0(c) * bp.dq_sn, bytes,
+              conv_ld(c & 1));
+  };
+  // The other CTAs' sums (acquired by the dq warp) and this CTA's reads of the region (the
+  // generic proxy) before the copy engine's loads.
+  fence_proxy_async_smem();
+  named_sync(kConvSync, 256);
+  if (t == 0) {
+    fence_proxy_async_global();
+    for (int c = 0; c < min(2, chunks); ++c) issue(c);
   }
-  // dq by tiles: the walk's tiles (h, qt) in batches of 256, one a thread: each counted down
-  // once (after the dq warp's fence, kEndSync); those brought to zero are marked in the batch's
-  // ballot words and converted, the c-th job the c-th mark. The batches alternate between two
-  // sets of words: a batch's are rewritten two batches on, after every thread passed the sync
-  // of the batch between (and so its reads of them).
-  int* left = bp.tile_left + static_cast<int64_t>(b) * p.hq * bp.tiles_per_head;
-  const int span = qt_end - qt_begin, tiles = p.group * span;
-  for (int base = 0; base < tiles; base += 256) {
-    const uint32_t marks = sK + kSpan - kMarkBytes + (base / 256 % 2) * 32;
-    bool mine = false;
-    if (base + t < tiles) {
-      const int h = h_begin + (base + t) / span, qt = qt_begin + (base + t) % span;
-      if (!skip(h, qt)) {
-        __threadfence();
-        mine = atomicSub(left + h * bp.tiles_per_head + qt, 1) == 1;
-      }
-    }
-    if (mine) __threadfence();  // every CTA's sums into the tile, acquired
-    const uint32_t word = __ballot_sync(~0u, mine);
-    if (lane == 0)
-      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(marks + 4 * (t / 32)), "r"(word) : "memory");
-    named_sync(kConvSync, 256);
-    auto mark_word = [&](int w) {
-      uint32_t x;
-      asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(x) : "r"(marks + 4 * w) : "memory");
-      return x;
-    };
-    int jobs = 0;
-    for (int w = 0; w < 8; ++w) jobs += __popc(mark_word(w));
-    if (jobs == 0) continue;  // (every consumer thread alike)
-    convert_staged(jobs, [&](int c) {
-      int w = 0, n;
-      while (c >= (n = __popc(mark_word(w)))) c -= n, ++w;
-      uint32_t x = mark_word(w);
-      for (; c > 0; --c) x &= x - 1;
-      const int f = base + w * 32 + __ffs(x) - 1;
-      const int h = h_begin + f / span, row0 = (qt_begin + f % span) * kM;
-      return DqRows{h, min(kM, nq - row0), seq.q_start + row0};
-    });
+  for (int c = 0; c < chunks; ++c) {
+    mbar_wait(conv_ld(c & 1), (c >> 1) & 1);
+    const uint32_t src = buf(c);
+    convert_dq_rows<256>(bp, dq_out_row(bp, b, h_begin + c / per_head, chunk_q0(c)), chunk_rows(c),
+                         p.d, t, [&](int r, int col, int n) {
+                           float4 v;
+                           const uint32_t at = src + (r * S::kDqStride + col) * 4;
+                           if (n == 4)
+                             asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                                          : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                                          : "r"(at));
+                           else
+                             asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v.x) : "r"(at));
+                           return v;
+                         });
+    fence_proxy_async_smem();
+    named_sync(kConvSync, 256);  // the buffer is read: the next chunk may overwrite it
+    if (t == 0 && c + 2 < chunks) issue(c + 2);
   }
 }
 
