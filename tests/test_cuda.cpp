@@ -764,42 +764,6 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
     }
 }
 
-// ATTNKIT_CUDA_BWD_PERSISTENT (on trial): the band instance on fewer CTAs than work items (key
-// tile, kv head, batch), each CTA walking several: the next item's stages and its K and V loaded
-// while the last one's dK and dV are stored, by the copy engine (16-bit gradients, K and V handed
-// back once it has read them) or by the threads (fp32: handed back after the walk); GQA, a key
-// tile past a shorter sequence's end, the band's walks of every length. "3": three CTAs (many
-// items each); "1": one an SM, the last case with more items than an H100 has SMs.
-TEST(CudaBackwardLong, PersistentMatchesTheOracle) {
-  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  const Case cases[] = {
-      {DType::kBF16, {2, 4, 2, 333, 333, 128, 128}, false},
-      {DType::kF16, {2, 4, 1, 129, 400, 64, 64}, true},
-      {DType::kBF16, {1, 2, 2, 300, 130, 64, 64}, false},
-      {DType::kBF16, {1, 2, 1, 200, 200, 192, 192}, false},
-      {DType::kBF16, {4, 4, 4, 1100, 1100, 64, 64}, false},
-  };
-  int seed = 691, ran = 0;
-  for (const char* ctas : {"3", "1"}) {
-    const ScopedEnv env("ATTNKIT_CUDA_BWD_PERSISTENT", ctas);
-    for (const Case& c : cases) {
-      if (c.dims.nq > 1000 && *ctas == '3') continue;  // (the SMs' case)
-      for (const char* mech : {"dense", "causal", "sliding_window", "alibi"})
-        for (const bool grads16 : {false, true}) {
-          if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-          if (c.dims.nq > 1000 && (std::string(mech) == "alibi" || grads16)) continue;
-          const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
-          if (r.not_covered) continue;  // a head dim not built
-          ++ran;
-          EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " nq=" << c.dims.nq
-                            << " nk=" << c.dims.nk << " 16-bit grads=" << grads16
-                            << " ctas=" << ctas << ": " << r.error;
-        }
-    }
-  }
-  EXPECT_GE(ran, 52);
-}
-
 // dq's tiles, summed by one reduce-add per step into a scratch with the tile's row stride: rows
 // past a sequence's end add zeros to the next sequence's or head's rows, GQA groups add into one
 // scratch, and the scratch is converted into fp32 and 16-bit dq: by a kernel of its own (fused

@@ -610,23 +610,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // for measurements).
   const char* fd = std::getenv("ATTNKIT_CUDA_FUSED_DQ");
   const int64_t fused_rows = fd && *fd ? std::strtoll(fd, nullptr, 10) : kFusedDqRows;
-  // On trial: the band instance persistent (BwdParams::persistent_ctas), in the place of
-  // fused_dq (whose conversion stages over the shared memory the next item loads into).
-  // ATTNKIT_CUDA_BWD_PERSISTENT=1: one CTA an SM; =N (2 or more): N CTAs (for the tests).
-  const char* pb = std::getenv("ATTNKIT_CUDA_BWD_PERSISTENT");
-  const long want_ctas = pb && *pb ? std::strtol(pb, nullptr, 10) : 0;
-  if (band_instance && want_ctas > 0 && want_ctas < (1 << 20)) {
-    int ctas = static_cast<int>(want_ctas);
-    if (ctas == 1 &&
-        cudaDeviceGetAttribute(&ctas, cudaDevAttrMultiProcessorCount, p.device_index) !=
-            cudaSuccess) {
-      (void)cudaGetLastError();  // one CTA an item, and no error left for the launch to report
-      ctas = 0;
-    }
-    const int64_t items = int64_t{bp.num_k_tiles} * f.hk * f.batch;
-    if (ctas > 0 && ctas < items && items < (int64_t{1} << 31)) bp.persistent_ctas = ctas;
-  }
-  bp.fused_dq = bp.persistent_ctas == 0 && fused_rows > 0 && p.max_nq * p.group <= fused_rows;
+  bp.fused_dq = fused_rows > 0 && p.max_nq * p.group <= fused_rows;
   const int64_t done_bytes = bp.fused_dq ? (p.batch * p.hk * 4 + 255) / 256 * 256 : 0;
   void* scratch = nullptr;
   cudaError_t e = cudaMallocAsync(

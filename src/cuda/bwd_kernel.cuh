@@ -105,12 +105,6 @@ struct BwdParams {
   int64_t du_sb = 0, du_sh = 0, du_sn = 0, du_sr = 1, dw_sb = 0, dw_sh = 0, dw_sn = 0, dw_sr = 1;
   bool extras = false;  // any of the above (but dbeta, summed with the weights)
   int num_k_tiles = 0;  // of the longest key sequence
-  // On trial (ATTNKIT_CUDA_BWD_PERSISTENT=1; the band instance, without fused_dq): this many
-  // CTAs, fewer than the work items (key tile, kv head, batch), CTA c taking items c, c +
-  // persistent_ctas, ...; the producer loads the next item's first stages while the consumers
-  // store the last one's dK and dV, and its K and V once they are done with K and V (kv_empty).
-  // 0: one CTA an item.
-  int persistent_ctas = 0;
 };
 
 // Tensor maps of the backward: q, k, v as in the forward (boxes of 64 query rows and BwdShape::kN
@@ -274,7 +268,7 @@ __device__ __forceinline__ bool count_group_done(const BwdParams& bp, int b, int
   __threadfence();
   const int old = atomicAdd(bp.group_done + b * bp.f.hk + hk, 1);
   __threadfence();
-  return old == bp.num_k_tiles - 1;
+  return old == static_cast<int>(gridDim.x) - 1;
 }
 
 template <class T, int kD, int kDV, bool kGeneral, bool kTabled, bool kBias = false>
@@ -324,62 +318,12 @@ __global__ void __launch_bounds__(384, 1)
   // not empty.
   const uint32_t range_words = bars + 8 * (6 + 3 * kStages);
   static_assert(8 * (6 + 3 * kStages) + 8 <= 128, "the barriers' bytes");
-  // persistent (never with fused_dq, so in last_word's place): the consumers' hand-back of K and
-  // V to the producer.
-  const uint32_t kv_empty = last_word;
 
-  // The work item (key tile kt, kv head hk, batch b) and what follows from it, set by
-  // load_item: one item a CTA (blockIdx), or on the band instance with persistent_ctas items
-  // blockIdx.x + k gridDim.x for k = 0, 1, ... of (kt fastest; fewer than 2^31, backward.cu).
-  constexpr bool tabled = kGeneral || kTabled;
-  const bool persistent = !tabled && bp.persistent_ctas > 0;
-  int kt, hk, b, nq, nk, n0;
-  SeqExtent seq;
-  // Query tiles that visit this key tile: the band's, or the non-empty ones of the block table's
-  // column kt (general, or fast with a table), for each query head of the group.
-  int qt_begin, qt_end;
-  // Untabled: the query tiles [qf_begin, qf_end) see the key tile whole (no key past nk, and
-  // every key in the band of all kM rows: MaskEval::band's kFull with whole tiles, so a short
-  // last tile may take the band's bits needlessly); the others take the band's bits. Found
-  // once an item, not classified each step.
-  int qf_begin, qf_end;
-  int h_begin, h_end;
-  auto load_item = [&](int kt_, int hk_, int b_) {
-    kt = kt_, hk = hk_, b = b_;
-    seq = seq_extent(p, b);
-    nq = seq.nq, nk = seq.nk;
-    n0 = kt * kN;
-    qt_begin = 0, qt_end = nq > 0 ? (nq + kM - 1) / kM : 0;
-    if constexpr (!tabled) {
-      const int64_t lo = n0 - p.band_right - seq.offset;
-      const int64_t hi = static_cast<int64_t>(min(n0 + kN, nk)) - 1 + p.band_left - seq.offset;
-      qt_begin = static_cast<int>(imax(lo, 0) / kM);
-      if (hi < 0) qt_end = 0;
-      else if (qt_end > 0) qt_end = static_cast<int>(imin(hi, nq - 1) / kM) + 1;
-    }
-    qf_begin = 0, qf_end = 0;
-    if constexpr (!tabled) {
-      if (n0 + kN <= nk) {
-        // The transposed band: the tiles are the query rows (qt kM + offset), left and right
-        // swapped.
-        MaskEval::band_full_tiles(n0, n0 + kN - 1, p.band_right, p.band_left, seq.offset, kM,
-                                  qt_end, &qf_begin, &qf_end);
-      }
-    }
-    h_begin = hk * p.group, h_end = h_begin + p.group;
-  };
-  load_item(blockIdx.x, blockIdx.y, blockIdx.z);
-  // persistent: the CTA's next item into place; false past the last (and always one a CTA).
-  auto next_item = [&](int& item) {
-    if (!persistent) return false;
-    item += gridDim.x;
-    const int items = bp.num_k_tiles * p.hk * p.batch;
-    if (item >= items) return false;
-    load_item(item % bp.num_k_tiles, item / bp.num_k_tiles % p.hk, item / bp.num_k_tiles / p.hk);
-    return true;
-  };
-  // No keys here (one item a CTA); with fused_dq, still counted (and perhaps the group's last).
-  if (n0 >= nk && !persistent) {
+  const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const SeqExtent seq = seq_extent(p, b);
+  const int nq = seq.nq, nk = seq.nk;
+  const int n0 = kt * kN;
+  if (n0 >= nk) {  // no keys here; with fused_dq, still counted (and perhaps the group's last)
     if (bp.fused_dq) {
       volatile int* last = reinterpret_cast<volatile int*>(smem_raw);
       if (threadIdx.x == 0) *last = count_group_done(bp, b, hk);
@@ -394,6 +338,30 @@ __global__ void __launch_bounds__(384, 1)
     return;
   }
 
+  // Query tiles that visit this key tile: the band's, or the non-empty ones of the block table's
+  // column kt (general, or fast with a table), for each query head of the group.
+  int qt_begin = 0, qt_end = nq > 0 ? (nq + kM - 1) / kM : 0;
+  constexpr bool tabled = kGeneral || kTabled;
+  if constexpr (!tabled) {
+    const int64_t lo = n0 - p.band_right - seq.offset;
+    const int64_t hi = static_cast<int64_t>(min(n0 + kN, nk)) - 1 + p.band_left - seq.offset;
+    qt_begin = static_cast<int>(imax(lo, 0) / kM);
+    if (hi < 0) qt_end = 0;
+    else if (qt_end > 0) qt_end = static_cast<int>(imin(hi, nq - 1) / kM) + 1;
+  }
+  // Untabled: the query tiles [qf_begin, qf_end) see the key tile whole (no key past nk, and
+  // every key in the band of all kM rows: MaskEval::band's kFull with whole tiles, so a short
+  // last tile may take the band's bits needlessly); the others take the band's bits. Found
+  // once a CTA, not classified each step.
+  int qf_begin = 0, qf_end = 0;
+  if constexpr (!tabled) {
+    if (n0 + kN <= nk) {
+      // The transposed band: the tiles are the query rows (qt kM + offset), left and right
+      // swapped.
+      MaskEval::band_full_tiles(n0, n0 + kN - 1, p.band_right, p.band_left, seq.offset, kM,
+                                qt_end, &qf_begin, &qf_end);
+    }
+  }
   auto entry_of = [&](int h, int qt) -> uint8_t {
     return p.tile_class[b * p.tc_sb + h * p.tc_sh + static_cast<int64_t>(qt) * p.tc_nkt + kt];
   };
@@ -402,6 +370,7 @@ __global__ void __launch_bounds__(384, 1)
     if constexpr (tabled) return static_cast<TileClass>(entry_of(h, qt)) == TileClass::kEmpty;
     return false;
   };
+  const int h_begin = hk * p.group, h_end = h_begin + p.group;
 
   const int tid = threadIdx.x, wg = tid / 128;
   // Named barriers of fused_dq: the consumers and the dq warp at the end, the consumers around
@@ -422,9 +391,6 @@ __global__ void __launch_bounds__(384, 1)
       mbar_init(dq_empty(y), 1);  // the dq warp's
       mbar_init(conv_ld(y), 1);  // fused_dq: a consumer thread's, with the copy's bytes
     }
-    // The storing thread of each consumer warpgroup once the copy engine has read dK and dV
-    // staged over K and V, else each consumer warp once its last product has read them.
-    if (bp.persistent_ctas > 0) mbar_init(kv_empty, bp.tma_dkdv && !S::kSplit ? 2 : 8);
     mbar_init_fence();
     if constexpr (kTabled && !kGeneral) {
       asm volatile("st.shared.v2.s32 [%0], {%1, %2};\n" ::"r"(range_words), "r"(qt_end), "r"(-1)
@@ -469,60 +435,45 @@ __global__ void __launch_bounds__(384, 1)
     if (tid == 0) {
       tma_prefetch_map(&maps.qkv.q);
       tma_prefetch_map(&maps.dout);
-      int it = 0, local = 0;  // steps, and items, of this CTA so far
-      int item = blockIdx.x;
-      do {
-        if (n0 >= nk) continue;
-        const int bb = p.cu_q ? 0 : b;
-        // K and V after the item's first stages, so that those load while the consumers still
-        // store the last item's dK and dV; persistent: once they are done with K and V.
-        auto load_kv = [&] {
-          if (local > 0) mbar_wait(kv_empty, (local - 1) & 1);
-          const int k_row = static_cast<int>(seq.k_start) + n0;
-          mbar_expect_tx(bar_kv, S::kKBytes + S::kVBytes);
+      const int bb = p.cu_q ? 0 : b;
+      const int k_row = static_cast<int>(seq.k_start) + n0;
+      mbar_expect_tx(bar_kv, S::kKBytes + S::kVBytes);
+#pragma unroll
+      for (int c = 0; c < kDp / 64; ++c)
+        tma_load_4d(sK + c * kN * 128, &maps.qkv.k, bar_kv, c * 64, k_row, hk * maps.qkv.k_hm,
+                    bb * maps.qkv.k_bm);
+#pragma unroll
+      for (int c = 0; c < kDVp / 64; ++c)
+        tma_load_4d(sV + c * kN * 128, &maps.qkv.v, bar_kv, c * 64, k_row, hk * maps.qkv.v_hm,
+                    bb * maps.qkv.v_bm);
+      int it = 0;
+      for (int h = h_begin; h < h_end; ++h)
+        for (int qt = qt_begin; qt < qt_end; ++qt) {
+          if (skip(h, qt)) continue;
+          const int st = it++ % kStages;
+          const uint32_t parity = phase_of(it - 1);
+          const int q_row = static_cast<int>(seq.q_start) + qt * kM;
+          mbar_wait(empty(st), parity ^ 1);
+          mbar_expect_tx(full(st), S::kQBytes + S::kOBytes + (bp.lscale ? 3 : 2) * kM * 4 +
+                                       S::kBiasBytes);
+          const int64_t stat_row = (static_cast<int64_t>(b) * p.hq + h) * bp.stat_stride + qt * kM;
+          bulk_load(sStat(st), bp.lse2 + stat_row, kM * 4, full(st));
+          bulk_load(sStat(st) + kM * 4, bp.dd + stat_row, kM * 4, full(st));
+          if (bp.lscale) bulk_load(sStat(st) + 2 * kM * 4, bp.lscale + stat_row, kM * 4, full(st));
 #pragma unroll
           for (int c = 0; c < kDp / 64; ++c)
-            tma_load_4d(sK + c * kN * 128, &maps.qkv.k, bar_kv, c * 64, k_row, hk * maps.qkv.k_hm,
-                        bb * maps.qkv.k_bm);
+            tma_load_4d(sQ(st) + c * kM * 128, &maps.qkv.q, full(st), c * 64, q_row,
+                        h * maps.qkv.q_hm, bb * maps.qkv.q_bm);
 #pragma unroll
           for (int c = 0; c < kDVp / 64; ++c)
-            tma_load_4d(sV + c * kN * 128, &maps.qkv.v, bar_kv, c * 64, k_row, hk * maps.qkv.v_hm,
-                        bb * maps.qkv.v_bm);
-        };
-        int steps = 0;
-        for (int h = h_begin; h < h_end; ++h)
-          for (int qt = qt_begin; qt < qt_end; ++qt) {
-            if (skip(h, qt)) continue;
-            if (steps++ == kStages) load_kv();
-            const int st = it++ % kStages;
-            const uint32_t parity = phase_of(it - 1);
-            const int q_row = static_cast<int>(seq.q_start) + qt * kM;
-            mbar_wait(empty(st), parity ^ 1);
-            mbar_expect_tx(full(st), S::kQBytes + S::kOBytes + (bp.lscale ? 3 : 2) * kM * 4 +
-                                         S::kBiasBytes);
-            const int64_t stat_row =
-                (static_cast<int64_t>(b) * p.hq + h) * bp.stat_stride + qt * kM;
-            bulk_load(sStat(st), bp.lse2 + stat_row, kM * 4, full(st));
-            bulk_load(sStat(st) + kM * 4, bp.dd + stat_row, kM * 4, full(st));
-            if (bp.lscale)
-              bulk_load(sStat(st) + 2 * kM * 4, bp.lscale + stat_row, kM * 4, full(st));
+            tma_load_4d(sO(st) + c * kM * 128, &maps.dout, full(st), c * 64, q_row,
+                        h * maps.o_hm, bb * maps.o_bm);
+          if constexpr (kBias)  // bias[b, h, qt * kM + 0..kM, n0 + 0..kN] in 64-key panels
 #pragma unroll
-            for (int c = 0; c < kDp / 64; ++c)
-              tma_load_4d(sQ(st) + c * kM * 128, &maps.qkv.q, full(st), c * 64, q_row,
-                          h * maps.qkv.q_hm, bb * maps.qkv.q_bm);
-#pragma unroll
-            for (int c = 0; c < kDVp / 64; ++c)
-              tma_load_4d(sO(st) + c * kM * 128, &maps.dout, full(st), c * 64, q_row,
-                          h * maps.o_hm, bb * maps.o_bm);
-            if constexpr (kBias)  // bias[b, h, qt * kM + 0..kM, n0 + 0..kN] in 64-key panels
-#pragma unroll
-              for (int c = 0; c < kN / 64; ++c)
-                tma_load_4d(sBias(st) + c * kM * 128, &maps.qkv.bias, full(st), n0 + c * 64,
-                            qt * kM, h * maps.qkv.bias_hm, b * maps.qkv.bias_bm);
-          }
-        if (steps <= kStages) load_kv();
-        ++local;
-      } while (next_item(item));
+            for (int c = 0; c < kN / 64; ++c)
+              tma_load_4d(sBias(st) + c * kM * 128, &maps.qkv.bias, full(st), n0 + c * 64,
+                          qt * kM, h * maps.qkv.bias_hm, b * maps.qkv.bias_bm);
+        }
     } else if (tid / 32 == 1) {
       // The dq warp: dq's scratch += the step's scale * dQ tile, one fp32 reduce-add of the copy
       // engine (the scratch's rows are the tile's; rows past nq add zeros, to another sequence's
@@ -530,25 +481,20 @@ __global__ void __launch_bounds__(384, 1)
       // own buffer to the consumers) once the copy engine has read it.
       const int lane = tid - 32;
       int it = 0;
-      int item = blockIdx.x;
-      do {
-        if (n0 >= nk) continue;
-        for (int h = h_begin; h < h_end; ++h)
-          for (int qt = qt_begin; qt < qt_end; ++qt) {
-            if (skip(h, qt)) continue;
-            const int st = it % kStages, step = it++;
-            float* dq_h =
-                bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + qt * kM) * bp.dq_sn;
-            mbar_wait(dq_full(step), dq_phase(step));
-            if (lane == 0) {
-              bulk_reduce_add_f32(dq_h, dq_tile(step), S::kDqBytes);
-              bulk_commit();
-              bulk_wait_read<0>();
-              mbar_arrive(S::kDqOwn ? dq_empty(step & 1) : empty(st));
-            }
-            __syncwarp();
+      for (int h = h_begin; h < h_end; ++h)
+        for (int qt = qt_begin; qt < qt_end; ++qt) {
+          if (skip(h, qt)) continue;
+          const int st = it % kStages, step = it++;
+          float* dq_h = bp.dq + b * bp.dq_sb + h * bp.dq_sh + (seq.q_start + qt * kM) * bp.dq_sn;
+          mbar_wait(dq_full(step), dq_phase(step));
+          if (lane == 0) {
+            bulk_reduce_add_f32(dq_h, dq_tile(step), S::kDqBytes);
+            bulk_commit();
+            bulk_wait_read<0>();
+            mbar_arrive(S::kDqOwn ? dq_empty(step & 1) : empty(st));
           }
-      } while (next_item(item));
+          __syncwarp();
+        }
       if (lane == 0) bulk_wait<0>();
       if (bp.fused_dq) {  // the group's count, then the word for the consumers (kEndSync)
         if (lane == 0)
@@ -569,7 +515,7 @@ __global__ void __launch_bounds__(384, 1)
   const int kw = S::kSplit ? 0 : cw;
   // kSplit: the scores' side products (dS^T's tile, the extras, dbeta) are warpgroup 0's.
   const bool scores_own = !S::kSplit || cw == 0;
-  int key_r[2];  // this thread's two key rows (the item's)
+  const int key_r[2] = {n0 + kw * 64 + warp * 16 + lane / 4, n0 + kw * 64 + warp * 16 + lane / 4 + 8};
   const int col0 = 2 * (lane % 4);
   // kBias: this lane's row of 8 x 8 block lane / 8 of group j in the warpgroup's 64-key panel of
   // the stage's bias tile (rows are queries, 16-byte chunks of 8 keys swizzled by query % 8);
@@ -583,6 +529,10 @@ __global__ void __launch_bounds__(384, 1)
   constexpr int kDkRegs = S::kSplit ? S::kKSlots * 32 : kDp / 2;
   constexpr int kDvRegs = S::kSplit ? S::kVSlots * 32 : kDVp / 2;
   float dk[kDkRegs], dv[kDvRegs];
+#pragma unroll
+  for (int x = 0; x < kDkRegs; ++x) dk[x] = 0.f;
+#pragma unroll
+  for (int x = 0; x < kDvRegs; ++x) dv[x] = 0.f;
   // kSplit: the `slots` panel slots of acc += A (registers: 64 keys x 64 queries) times this
   // warpgroup's 64-column panels of a stage tile of kM rows (Q for dK, dO for dV). A slot without
   // a panel repeats the last one, not stored: no matrix multiply in a divergent branch (ptxas
@@ -611,7 +561,7 @@ __global__ void __launch_bounds__(384, 1)
   const KernelFeature feature = p.feature;
   const float power = p.power;
   const float to2 = kGeneral ? static_cast<float>(kLog2e) : p.scale_log2;
-  float beta;  // the item's
+  const float beta = p.has_beta ? p.beta : -logf(static_cast<float>(nk));
   const float cap = kGeneral ? p.softcap : 0.f;
   const float inv_cap = cap != 0.f ? 1.f / cap : 0.f;
 
@@ -637,612 +587,589 @@ __global__ void __launch_bounds__(384, 1)
     wgmma_commit();
   };
 
-  int it = 0, local = 0;  // steps, and items, of this CTA so far
-  int item = blockIdx.x;
-  do {
-    if (n0 >= nk) continue;
-    key_r[0] = n0 + kw * 64 + warp * 16 + lane / 4;
-    key_r[1] = key_r[0] + 8;
-    beta = p.has_beta ? p.beta : -logf(static_cast<float>(nk));
-#pragma unroll
-    for (int x = 0; x < kDkRegs; ++x) dk[x] = 0.f;
-#pragma unroll
-    for (int x = 0; x < kDvRegs; ++x) dv[x] = 0.f;
-    mbar_wait(bar_kv, local & 1);
-    // The extras' per-thread sums: dslopes and the forget gate's column sums per head, dbeta.
-    const bool want_table = kGeneral && bp.dtable;
-    float beta_acc = 0.f;
-    constexpr int kTableSync = 6;  // named barrier of the consumers around the dtable tile
-    for (int h = h_begin; h < h_end; ++h) {
-      float slope_acc = 0.f, col_acc[2] = {0.f, 0.f};
-      if (want_table) {
-        for (int x = tid - 128; x < kMaxBwdBuckets; x += 256)
-          asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(sTable + x * 4), "f"(0.f) : "memory");
-        named_sync(kTableSync, 256);
-      }
-      MaskState ms;
-      ScoreModEval<float> mods;
-      bool additive = false;
-      const uint32_t* tbits = nullptr;
+  mbar_wait(bar_kv, 0);
+  int it = 0;
+  // The extras' per-thread sums: dslopes and the forget gate's column sums per head, dbeta.
+  const bool want_table = kGeneral && bp.dtable;
+  float beta_acc = 0.f;
+  constexpr int kTableSync = 6;  // named barrier of the consumers around the dtable tile
+  for (int h = h_begin; h < h_end; ++h) {
+    float slope_acc = 0.f, col_acc[2] = {0.f, 0.f};
+    if (want_table) {
+      for (int x = tid - 128; x < kMaxBwdBuckets; x += 256)
+        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(sTable + x * 4), "f"(0.f) : "memory");
+      named_sync(kTableSync, 256);
+    }
+    MaskState ms;
+    ScoreModEval<float> mods;
+    bool additive = false;
+    const uint32_t* tbits = nullptr;
+    if constexpr (kGeneral) {
+      resolve_mask(p, b, h, seq.offset, ms);
+      mods = resolve_mods(p, b, h);
+      additive = p.has_mods && mods.has_additive();
+      tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
+    } else if constexpr (kTabled) {
+      tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
+    }
+    // The fast flavor with ALiBi (as the forward's): the term in raw dot-product units.
+    const float alibi_raw = !kGeneral && p.fast_alibi ? alibi_slope_raw(p, h) : 0.f;
+    for (int qt = qt_begin; qt < qt_end; ++qt) {
+      if (skip(h, qt)) continue;
+      const int st = it % kStages, m0 = qt * kM;
+      float s[kSRegs], dp[kSRegs];
+      mbar_wait(full(st), phase_of(it));
+      issue_sdp(s, dp, st);
       if constexpr (kGeneral) {
-        resolve_mask(p, b, h, seq.offset, ms);
-        mods = resolve_mods(p, b, h);
-        additive = p.has_mods && mods.has_additive();
-        tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
-      } else if constexpr (kTabled) {
-        tbits = p.tile_bits + b * p.tb_sb + h * p.tb_sh;
+        wgmma_wait<0>();
+        fence_regs(dp);
+      } else {
+        wgmma_wait<1>();
       }
-      // The fast flavor with ALiBi (as the forward's): the term in raw dot-product units.
-      const float alibi_raw = !kGeneral && p.fast_alibi ? alibi_slope_raw(p, h) : 0.f;
-      for (int qt = qt_begin; qt < qt_end; ++qt) {
-        if (skip(h, qt)) continue;
-        const int st = it % kStages, m0 = qt * kM;
-        float s[kSRegs], dp[kSRegs];
-        mbar_wait(full(st), phase_of(it));
-        issue_sdp(s, dp, st);
-        if constexpr (kGeneral) {
-          wgmma_wait<0>();
-          fence_regs(dp);
-        } else {
-          wgmma_wait<1>();
-        }
-        fence_regs(s);
+      fence_regs(s);
 
-        // Which scores are allowed: bit r * 16 + 2 * c + e for key row r, query column c * 8 +
-        // col0 + e. Keys past nk are masked here; queries past nq have lse2 = +inf (weight 0).
-        uint32_t allow = 0xffffffffu;
-        bool masked = false;
-        if constexpr (!kGeneral) {
-          // s[c8 * 4 + e]: key key_r[e / 2], query m0 + c8 * 8 + col0 + e % 2
-          if (alibi_raw != 0.f) {
-            const bool sym = p.alibi == AlibiMode::kSymmetric;
-            const int base = m0 + col0 + static_cast<int>(seq.offset);
-            const float d0[2] = {static_cast<float>(base - key_r[0]),
-                                 static_cast<float>(base - key_r[1])};
+      // Which scores are allowed: bit r * 16 + 2 * c + e for key row r, query column c * 8 +
+      // col0 + e. Keys past nk are masked here; queries past nq have lse2 = +inf (weight 0).
+      uint32_t allow = 0xffffffffu;
+      bool masked = false;
+      if constexpr (!kGeneral) {
+        if (alibi_raw != 0.f) {  // s[c8 * 4 + e]: key key_r[e / 2], query m0 + c8 * 8 + col0 + e % 2
+          const bool sym = p.alibi == AlibiMode::kSymmetric;
+          const int base = m0 + col0 + static_cast<int>(seq.offset);
+          const float d0[2] = {static_cast<float>(base - key_r[0]),
+                               static_cast<float>(base - key_r[1])};
 #pragma unroll
-            for (int c8 = 0; c8 < kM / 8; ++c8)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const float dist = d0[e / 2] + static_cast<float>(c8 * 8 + (e & 1));
-                s[c8 * 4 + e] = fmaf(-alibi_raw, sym ? fabsf(dist) : dist, s[c8 * 4 + e]);
-              }
-          }
-        }
-        if constexpr (!kGeneral && kTabled) {  // every partial tile has its bits (backward.cu)
-          const uint8_t entry = entry_of(h, qt);
-          masked = static_cast<TileClass>(entry) != TileClass::kFull;
-          if (masked)
-            allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, kw, warp, lane);
-          if constexpr (kBias) {
-            // bias^T from the stage's tile, 8 x 8 blocks transposed by ldmatrix into the
-            // accumulator's layout: register m of group j is the pair s[c8 * 4 + 2 * r + (0, 1)]
-            // with c8 = 2 * j + m / 2, r = m % 2.
-#pragma unroll
-            for (int j = 0; j < kM / 16; ++j) {
-              uint32_t v[4];
-              asm volatile(
-                  "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                  : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
-                  : "r"(bias_block(st, j))
-                  : "memory");
-#pragma unroll
-              for (int m = 0; m < 4; ++m) {
-                const int x = (2 * j + m / 2) * 4 + 2 * (m % 2);
-                s[x] = fmaf(ElemTraits<T>::to_float(static_cast<unsigned short>(v[m] & 0xffff)),
-                            p.bias_raw, s[x]);
-                s[x + 1] = fmaf(ElemTraits<T>::to_float(static_cast<unsigned short>(v[m] >> 16)),
-                                p.bias_raw, s[x + 1]);
-              }
-            }
-          }
-          // The softcap after the additive terms, as in the forward.
-          if (p.cap_raw != 0.f) softcap_raw(s, p.cap_raw, p.inv_cap_raw);
-        } else if constexpr (!kGeneral) {
-          masked = qt < qf_begin || qt >= qf_end;
-          if (masked) {
-            // Each key row's allowed queries i' = i + offset in [j - right, j + left], relative
-            // to the thread's first query column (tile_bound, as the forward's band_mask).
-            int lo[2], hi[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const int j = key_r[r];
-              const int64_t i0 = m0 + col0 + seq.offset;
-              const int64_t a = j - p.band_right - i0, z = j + p.band_left - i0;
-              lo[r] = tile_bound(a, kM);
-              hi[r] = j < nk ? tile_bound(z, kM) : -1;
-            }
-            allow = 0;
-#pragma unroll
-            for (int c8 = 0; c8 < kM / 8; ++c8)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int r = e / 2, x = c8 * 8 + (e & 1);
-                const bool ok = x >= lo[r] && x <= hi[r];
-                allow |= static_cast<uint32_t>(ok) << (r * 16 + 2 * c8 + (e & 1));
-              }
-          }
-        } else {
-          const uint8_t entry = entry_of(h, qt);
-          masked = static_cast<TileClass>(entry) != TileClass::kFull;
-          if (entry >= kTileBits) {
-            allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, kw, warp, lane);
-          } else if (masked) {
-            allow = 0;
-#pragma unroll 1
-            for (int x = 0; x < 32; ++x) {
-              const int r = x / 16, y = x % 16;
-              const int i = m0 + (y / 2) * 8 + col0 + (y & 1), j = key_r[r];
-              if (i < nq && j < nk && mask_allowed(ms.mask, p.num_nodes, i, j)) allow |= 1u << x;
-            }
-          }
-          const float scale = p.scale;
-          each_score<kM>(s, 0, 0, [&](float& x, int, int) { x *= scale; });
-          if (additive) add_score_terms<kM, true>(s, mods, key_r, seq.offset, m0, col0, nq, nk);
-          if (cap != 0.f)
-            each_score<kM>(s, 0, 0, [&](float& x, int, int) { x = cap * fast_tanh(x * inv_cap); });
-        }
-
-        // The stat pair of this thread's query columns c8 * 8 + col0 + (0, 1): lse2 (stat 0), D
-        // (stat 1) or the length scale (stat 2), and whether score x = c8 * 4 + e is allowed.
-        auto stat_pair = [&](int c8, int stat) {
-          float2 v;
-          asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                       : "=f"(v.x), "=f"(v.y)
-                       : "r"(sStat(st) + (stat * kM + c8 * 8 + col0) * 4));
-          return v;
-        };
-        // The mask's bits and the sequence's end in one word, tested once a score.
-        const uint32_t ok_bits = (masked ? allow : 0xFFFFFFFFu) & query_bits(nq - m0 - col0);
-        auto allowed = [&](int c8, int e) {
-          return ((ok_bits >> ((e / 2) * 16 + 2 * c8 + (e & 1))) & 1u) != 0u;
-        };
-        uint32_t pa[kM / 16][4], da[kM / 16][4];
-        // dV += P^T dO (query rows are the k dimension: the B operand is read transposed).
-        auto issue_dv = [&] {
-          fence_regs(dv);
-          wgmma_fence();
-          if constexpr (S::kSplit) {
-            issue_panels(dv, S::kVSlots, pa, sO(st), kDVp / 64, 1);
-          } else {
-            const uint64_t b0 = smem_desc(sO(st), kM * 128, 1024);
-#pragma unroll
-            for (int kk = 0; kk < kM / 16; ++kk)
-              Wgmma<kDVp, Tag>::rs(dv, pa[kk], desc_add(b0, kk * 16 * 128), 1);
-          }
-        };
-        if constexpr (!kGeneral) {
-          // Softmax: P^T while dP^T is multiplied, then dS^T = P^T (dP^T - D) while dV is.
-          // P^T is packed as it is computed; with a softcap (tabled instance) s keeps
-          // P^T (1 - t^2), the cap's derivative with t = s / cap_raw read off the capped score it
-          // overwrites.
-          const bool capped = kTabled && p.cap_raw != 0.f;
-#pragma unroll
-          for (int c8 = 0; c8 < kM / 8; ++c8) {
-            const float2 l2 = stat_pair(c8, 0);
-            float pw[4];
+          for (int c8 = 0; c8 < kM / 8; ++c8)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int x = c8 * 4 + e;
-              // Computed for every score, then selected: under the predicate, ptxas loaded the
-              // scale from the constant bank once a score and zeroed the result first.
-              const float w = fast_exp2(fmaf(s[x], to2, (e & 1) ? -l2.y : -l2.x));
-              pw[e] = allowed(c8, e) ? w : 0.f;
-              if (capped) {
-                const float t = s[x] * p.inv_cap_raw;
-                s[x] = pw[e] * (1.f - t * t);
-              } else {
-                s[x] = pw[e];
-              }
+              const float dist = d0[e / 2] + static_cast<float>(c8 * 8 + (e & 1));
+              s[c8 * 4 + e] = fmaf(-alibi_raw, sym ? fabsf(dist) : dist, s[c8 * 4 + e]);
             }
-            pa[c8 / 2][(c8 % 2) * 2] = ElemTraits<T>::pack(pw[0], pw[1]);  // pack_p's layout
-            pa[c8 / 2][(c8 % 2) * 2 + 1] = ElemTraits<T>::pack(pw[2], pw[3]);
-          }
-          issue_dv();
-          wgmma_commit();
-          wgmma_wait<1>();  // dP^T
-          fence_regs(dp);
-#pragma unroll
-          for (int c8 = 0; c8 < kM / 8; ++c8) {
-            const float2 d2 = stat_pair(c8, 1);
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              dp[c8 * 4 + e] = s[c8 * 4 + e] * (dp[c8 * 4 + e] - ((e & 1) ? d2.y : d2.x));
-          }
-          pack_p<T, kM>(dp, da);
         }
-
-        // The general flavor: P^T and dS^T in place of S^T and dP^T, one unrolled loop per
-        // normalizer (a branch per score kept every normalizer's values live at once: spills).
-        // rule(s, dp, ok, l, dd, pw, ds) gets the score, dO . v_j, whether the pair is allowed, the
-        // row's stat (LSE in base 2; the normalized kernel's log row sum likewise) and D.
-        // With `scaled` (the normalized kernel's length scale, its own unrolled copy), the row's ls
-        // (stat 2) multiplies the (capped) score before the rule, as in the forward, and so dS
-        // after it.
-        auto weights = [&](auto rule, auto scaled) {
-          constexpr bool lscaled = decltype(scaled)::value;
+      }
+      if constexpr (!kGeneral && kTabled) {  // every partial tile has its bits (backward.cu)
+        const uint8_t entry = entry_of(h, qt);
+        masked = static_cast<TileClass>(entry) != TileClass::kFull;
+        if (masked)
+          allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, kw, warp, lane);
+        if constexpr (kBias) {
+          // bias^T from the stage's tile, 8 x 8 blocks transposed by ldmatrix into the
+          // accumulator's layout: register m of group j is the pair s[c8 * 4 + 2 * r + (0, 1)]
+          // with c8 = 2 * j + m / 2, r = m % 2.
 #pragma unroll
-          for (int c8 = 0; c8 < kM / 8; ++c8) {
-            const float2 l2 = stat_pair(c8, 0), d2 = stat_pair(c8, 1);
-            const float2 ls2 = lscaled ? stat_pair(c8, 2) : make_float2(1.f, 1.f);
+          for (int j = 0; j < kM / 16; ++j) {
+            uint32_t v[4];
+            asm volatile(
+                "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                : "r"(bias_block(st, j))
+                : "memory");
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int x = c8 * 4 + e;
-              const bool ok = allowed(c8, e);
-              const float ls = (e & 1) ? ls2.y : ls2.x;
-              const float sx = !lscaled ? s[x] : length_scaled(s[x], ls);
-              float pw, ds;
-              rule(sx, dp[x], ok, (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x, pw, ds);
-              if (lscaled) ds *= ls;
-              if (kGeneral && sigmoid && scores_own) beta_acc += ds;  // added after the softcap
-              if (kGeneral && cap != 0.f) {
-                const float t = s[x] * inv_cap;
-                ds *= 1.f - t * t;
-              }
-              s[x] = pw;
-              dp[x] = ds;
+            for (int m = 0; m < 4; ++m) {
+              const int x = (2 * j + m / 2) * 4 + 2 * (m % 2);
+              s[x] = fmaf(ElemTraits<T>::to_float(static_cast<unsigned short>(v[m] & 0xffff)),
+                          p.bias_raw, s[x]);
+              s[x + 1] = fmaf(ElemTraits<T>::to_float(static_cast<unsigned short>(v[m] >> 16)),
+                              p.bias_raw, s[x + 1]);
             }
           }
-        };
-        auto softmax_rule = [&](float sx, float dpx, bool ok, float l, float dd, float& pw,
-                                float& ds) {
-          const float w = fast_exp2(fmaf(sx, to2, -l));  // then selected, as the fast flavor's
-          pw = ok ? w : 0.f;
-          ds = pw * (dpx - dd);
-        };
-        if constexpr (kGeneral) {
-          if (norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink) {
-            weights(softmax_rule, std::false_type{});
-          } else if (sigmoid) {
-            weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
-              float sg, sgc;  // sigmoid(z), sigmoid(-z): P (1 - P) without cancellation
-              fast_sigmoid_pair(sx + beta, &sg, &sgc);
-              pw = ok ? sg * kSigmoidWeightScale : 0.f;  // as the forward's (dV taken back)
-              ds = ok ? dpx * sg * sgc : 0.f;
-            }, std::false_type{});
-          } else if (rela) {  // P = relu(s), unnormalized; dO is already dO1
-            weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
-              pw = ok ? fmaxf(sx, 0.f) : 0.f;
-              ds = pw > 0.f ? dpx : 0.f;
-            }, std::false_type{});
-          } else {  // the normalized kernel: dS = P (dO . v_j - D) p (log f)'(s)
-            auto kernel_rule = [&](float sx, float dpx, bool ok, float l, float dd, float& pw,
-                                   float& ds) {
-              const float t = fast_kernel_log_weight(sx, feature, power);
-              pw = ok ? fast_exp2(fmaf(t, to2, -l)) : 0.f;  // l is +inf on padded rows
-              ds = pw > 0.f ? pw * (dpx - dd) * power * fast_dlog_kernel_feature(sx, feature) : 0.f;
-            };
-            if (bp.lscale)
-              weights(kernel_rule, std::true_type{});
-            else
-              weights(kernel_rule, std::false_type{});
-          }
-          pack_p<T, kM>(s, pa);
-          pack_p<T, kM>(dp, da);
         }
-
-        // dS^T to shared memory (one 128B-swizzled panel: key row, 16-byte chunk c8 of queries).
-        const int x = it & 1;
-        if (scores_own) {
+        // The softcap after the additive terms, as in the forward.
+        if (p.cap_raw != 0.f) softcap_raw(s, p.cap_raw, p.inv_cap_raw);
+      } else if constexpr (!kGeneral) {
+        masked = qt < qf_begin || qt >= qf_end;
+        if (masked) {
+          // Each key row's allowed queries i' = i + offset in [j - right, j + left], relative
+          // to the thread's first query column (tile_bound, as the forward's band_mask).
+          int lo[2], hi[2];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int kr = kw * 64 + warp * 16 + lane / 4 + 8 * r;
+            const int j = key_r[r];
+            const int64_t i0 = m0 + col0 + seq.offset;
+            const int64_t a = j - p.band_right - i0, z = j + p.band_left - i0;
+            lo[r] = tile_bound(a, kM);
+            hi[r] = j < nk ? tile_bound(z, kM) : -1;
+          }
+          allow = 0;
 #pragma unroll
-            for (int c8 = 0; c8 < kM / 8; ++c8) {
-              const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + col0 * 2;
-              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr),
-                           "r"(da[c8 / 2][(c8 % 2) * 2 + r])
-                           : "memory");
+          for (int c8 = 0; c8 < kM / 8; ++c8)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = e / 2, x = c8 * 8 + (e & 1);
+              const bool ok = x >= lo[r] && x <= hi[r];
+              allow |= static_cast<uint32_t>(ok) << (r * 16 + 2 * c8 + (e & 1));
             }
-          }
         }
-        // kBias with dbias: dS (= dbias: the bias enters the scores unscaled) over the stage's
-        // bias tile in its layout (this thread rewrites the elements it read), stored by TMA.
-        const bool dbias_tma = kBias && bp.dbias_tma;
-        if (dbias_tma) {  // da[j][m] is group j's block m (as the bias's load above)
-#pragma unroll
-          for (int j = 0; j < kM / 16; ++j)
-            asm volatile(
-                "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                    bias_block(st, j)),
-                "r"(da[j][0]), "r"(da[j][1]), "r"(da[j][2]), "r"(da[j][3])
-                : "memory");
-        }
-        fence_proxy_async_smem();
-        if (dbias_tma) {
-          named_sync(4 + cw, 128);  // the warpgroup's panel is written
-          if (warp == 0 && lane == 0) {
-            tma_store_4d(&maps.dbias, sBias(st) + cw * (kM * 128), n0 + cw * 64, m0,
-                         h * maps.dbias_hm, b * maps.dbias_bm);
-            bulk_commit();
-          }
-        }
-        if (kGeneral && bp.extras && scores_own) {
-          // The score mods' tensors' gradients from g = dS^T (0 on pairs not allowed), reading
-          // this thread's g back from the dS^T tile in one rolled loop (unrolled loops per score
-          // spilled the accumulators): dbias stored (or added by atomics when broadcast), the
-          // low-rank factors by atomics (r per pair: correct, not fast), dslopes and the forget
-          // gate's column sums in registers,
-          // the relative table in a shared tile, the forget gate's row sums by atomics.
-          const int off = static_cast<int>(seq.offset);
-          const int64_t db_base = b * bp.db_sb + h * bp.db_sh;
-          if (bp.dbias_direct) {
-            // One element per pair (zeros included): stored in dbias's dtype, 16 bits at a time
-            // when it is the kernel's (the dS^T tile's bits as they are).
-            constexpr DType kOwn = std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16;
-            const int mode = bp.dbias_dtype == DType::kF32 ? 0 : bp.dbias_dtype == kOwn ? 1 : 2;
+      } else {
+        const uint8_t entry = entry_of(h, qt);
+        masked = static_cast<TileClass>(entry) != TileClass::kFull;
+        if (entry >= kTileBits) {
+          allow = bwd_tile_bits<kM, kN>(tbits + qt * p.tb_sq, entry, kw, warp, lane);
+        } else if (masked) {
+          allow = 0;
 #pragma unroll 1
-            for (int y = 0; y < 32; ++y) {
-              const int r = y / 16, c8 = (y % 16) / 2, e = y % 2;
-              const int kr = kw * 64 + warp * 16 + lane / 4 + 8 * r;
-              const int i = m0 + c8 * 8 + col0 + e, j = key_r[0] + 8 * r;
-              if (i >= nq || j >= nk) continue;
-              const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + (col0 + e) * 2;
-              unsigned short bits;
-              asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(bits) : "r"(addr) : "memory");
-              const int64_t o = db_base + i * bp.db_si + j * bp.db_sj;
-              const float g = ElemTraits<T>::to_float(bits);
-              if (mode == 0)
-                static_cast<float*>(bp.dbias)[o] = g;
-              else if (mode == 1)
-                static_cast<unsigned short*>(bp.dbias)[o] = bits;
-              else if (bp.dbias_dtype == DType::kBF16)
-                static_cast<__nv_bfloat16*>(bp.dbias)[o] = __float2bfloat16(g);
-              else
-                static_cast<__half*>(bp.dbias)[o] = __float2half(g);
+          for (int x = 0; x < 32; ++x) {
+            const int r = x / 16, y = x % 16;
+            const int i = m0 + (y / 2) * 8 + col0 + (y & 1), j = key_r[r];
+            if (i < nq && j < nk && mask_allowed(ms.mask, p.num_nodes, i, j)) allow |= 1u << x;
+          }
+        }
+        const float scale = p.scale;
+        each_score<kM>(s, 0, 0, [&](float& x, int, int) { x *= scale; });
+        if (additive) add_score_terms<kM, true>(s, mods, key_r, seq.offset, m0, col0, nq, nk);
+        if (cap != 0.f)
+          each_score<kM>(s, 0, 0, [&](float& x, int, int) { x = cap * fast_tanh(x * inv_cap); });
+      }
+
+      // The stat pair of this thread's query columns c8 * 8 + col0 + (0, 1): lse2 (stat 0), D
+      // (stat 1) or the length scale (stat 2), and whether score x = c8 * 4 + e is allowed.
+      auto stat_pair = [&](int c8, int stat) {
+        float2 v;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(v.x), "=f"(v.y)
+                     : "r"(sStat(st) + (stat * kM + c8 * 8 + col0) * 4));
+        return v;
+      };
+      // The mask's bits and the sequence's end in one word, tested once a score.
+      const uint32_t ok_bits = (masked ? allow : 0xFFFFFFFFu) & query_bits(nq - m0 - col0);
+      auto allowed = [&](int c8, int e) {
+        return ((ok_bits >> ((e / 2) * 16 + 2 * c8 + (e & 1))) & 1u) != 0u;
+      };
+      uint32_t pa[kM / 16][4], da[kM / 16][4];
+      // dV += P^T dO (query rows are the k dimension: the B operand is read transposed).
+      auto issue_dv = [&] {
+        fence_regs(dv);
+        wgmma_fence();
+        if constexpr (S::kSplit) {
+          issue_panels(dv, S::kVSlots, pa, sO(st), kDVp / 64, 1);
+        } else {
+          const uint64_t b0 = smem_desc(sO(st), kM * 128, 1024);
+#pragma unroll
+          for (int kk = 0; kk < kM / 16; ++kk)
+            Wgmma<kDVp, Tag>::rs(dv, pa[kk], desc_add(b0, kk * 16 * 128), 1);
+        }
+      };
+      if constexpr (!kGeneral) {
+        // Softmax: P^T while dP^T is multiplied, then dS^T = P^T (dP^T - D) while dV is.
+        // P^T is packed as it is computed; with a softcap (tabled instance) s keeps P^T (1 - t^2),
+        // the cap's derivative with t = s / cap_raw read off the capped score it overwrites.
+        const bool capped = kTabled && p.cap_raw != 0.f;
+#pragma unroll
+        for (int c8 = 0; c8 < kM / 8; ++c8) {
+          const float2 l2 = stat_pair(c8, 0);
+          float pw[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int x = c8 * 4 + e;
+            // Computed for every score, then selected: under the predicate, ptxas loaded the
+            // scale from the constant bank once a score and zeroed the result first.
+            const float w = fast_exp2(fmaf(s[x], to2, (e & 1) ? -l2.y : -l2.x));
+            pw[e] = allowed(c8, e) ? w : 0.f;
+            if (capped) {
+              const float t = s[x] * p.inv_cap_raw;
+              s[x] = pw[e] * (1.f - t * t);
+            } else {
+              s[x] = pw[e];
             }
           }
-          const float* u = p.lowrank_u + b * p.u_sb + h * p.u_sh;
-          const float* w = p.lowrank_w + b * p.w_sb + h * p.w_sh;
-          float* du = bp.du ? bp.du + b * bp.du_sb + h * bp.du_sh : nullptr;
-          float* dw = bp.dw ? bp.dw + b * bp.dw_sb + h * bp.dw_sh : nullptr;
-          float* dc = bp.dc ? bp.dc + (static_cast<int64_t>(b) * p.hq + h) * bp.dc_stride : nullptr;
-          const bool causal_alibi = mods.alibi == AlibiMode::kCausal;
-          static_assert(kM == 64, "32 scores per thread: 2 key rows x 16 query columns");
+          pa[c8 / 2][(c8 % 2) * 2] = ElemTraits<T>::pack(pw[0], pw[1]);  // pack_p's layout
+          pa[c8 / 2][(c8 % 2) * 2 + 1] = ElemTraits<T>::pack(pw[2], pw[3]);
+        }
+        issue_dv();
+        wgmma_commit();
+        wgmma_wait<1>();  // dP^T
+        fence_regs(dp);
+#pragma unroll
+        for (int c8 = 0; c8 < kM / 8; ++c8) {
+          const float2 d2 = stat_pair(c8, 1);
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            dp[c8 * 4 + e] = s[c8 * 4 + e] * (dp[c8 * 4 + e] - ((e & 1) ? d2.y : d2.x));
+        }
+        pack_p<T, kM>(dp, da);
+      }
+
+      // The general flavor: P^T and dS^T in place of S^T and dP^T, one unrolled loop per
+      // normalizer (a branch per score kept every normalizer's values live at once: spills).
+      // rule(s, dp, ok, l, dd, pw, ds) gets the score, dO . v_j, whether the pair is allowed, the
+      // row's stat (LSE in base 2; the normalized kernel's log row sum likewise) and D.
+      // With `scaled` (the normalized kernel's length scale, its own unrolled copy), the row's ls
+      // (stat 2) multiplies the (capped) score before the rule, as in the forward, and so dS
+      // after it.
+      auto weights = [&](auto rule, auto scaled) {
+        constexpr bool lscaled = decltype(scaled)::value;
+#pragma unroll
+        for (int c8 = 0; c8 < kM / 8; ++c8) {
+          const float2 l2 = stat_pair(c8, 0), d2 = stat_pair(c8, 1);
+          const float2 ls2 = lscaled ? stat_pair(c8, 2) : make_float2(1.f, 1.f);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int x = c8 * 4 + e;
+            const bool ok = allowed(c8, e);
+            const float ls = (e & 1) ? ls2.y : ls2.x;
+            const float sx = !lscaled ? s[x] : length_scaled(s[x], ls);
+            float pw, ds;
+            rule(sx, dp[x], ok, (e & 1) ? l2.y : l2.x, (e & 1) ? d2.y : d2.x, pw, ds);
+            if (lscaled) ds *= ls;
+            if (kGeneral && sigmoid && scores_own) beta_acc += ds;  // added after the softcap
+            if (kGeneral && cap != 0.f) {
+              const float t = s[x] * inv_cap;
+              ds *= 1.f - t * t;
+            }
+            s[x] = pw;
+            dp[x] = ds;
+          }
+        }
+      };
+      auto softmax_rule = [&](float sx, float dpx, bool ok, float l, float dd, float& pw,
+                              float& ds) {
+        const float w = fast_exp2(fmaf(sx, to2, -l));  // then selected, as the fast flavor's
+        pw = ok ? w : 0.f;
+        ds = pw * (dpx - dd);
+      };
+      if constexpr (kGeneral) {
+        if (norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink) {
+          weights(softmax_rule, std::false_type{});
+        } else if (sigmoid) {
+          weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
+            float sg, sgc;  // sigmoid(z), sigmoid(-z): P (1 - P) without cancellation
+            fast_sigmoid_pair(sx + beta, &sg, &sgc);
+            pw = ok ? sg * kSigmoidWeightScale : 0.f;  // as the forward's (dV taken back)
+            ds = ok ? dpx * sg * sgc : 0.f;
+          }, std::false_type{});
+        } else if (rela) {  // P = relu(s), unnormalized; dO is already dO1
+          weights([&](float sx, float dpx, bool ok, float, float, float& pw, float& ds) {
+            pw = ok ? fmaxf(sx, 0.f) : 0.f;
+            ds = pw > 0.f ? dpx : 0.f;
+          }, std::false_type{});
+        } else {  // the normalized kernel: dS = P (dO . v_j - D) p (log f)'(s)
+          auto kernel_rule = [&](float sx, float dpx, bool ok, float l, float dd, float& pw,
+                                 float& ds) {
+            const float t = fast_kernel_log_weight(sx, feature, power);
+            pw = ok ? fast_exp2(fmaf(t, to2, -l)) : 0.f;  // l is +inf on padded rows
+            ds = pw > 0.f ? pw * (dpx - dd) * power * fast_dlog_kernel_feature(sx, feature) : 0.f;
+          };
+          if (bp.lscale)
+            weights(kernel_rule, std::true_type{});
+          else
+            weights(kernel_rule, std::false_type{});
+        }
+        pack_p<T, kM>(s, pa);
+        pack_p<T, kM>(dp, da);
+      }
+
+      // dS^T to shared memory (one 128B-swizzled panel: key row, 16-byte chunk c8 of queries).
+      const int x = it & 1;
+      if (scores_own) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int kr = kw * 64 + warp * 16 + lane / 4 + 8 * r;
+#pragma unroll
+          for (int c8 = 0; c8 < kM / 8; ++c8) {
+            const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + col0 * 2;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(da[c8 / 2][(c8 % 2) * 2 + r])
+                         : "memory");
+          }
+        }
+      }
+      // kBias with dbias: dS (= dbias: the bias enters the scores unscaled) over the stage's
+      // bias tile in its layout (this thread rewrites the elements it read), stored by TMA.
+      const bool dbias_tma = kBias && bp.dbias_tma;
+      if (dbias_tma) {  // da[j][m] is group j's block m (as the bias's load above)
+#pragma unroll
+        for (int j = 0; j < kM / 16; ++j)
+          asm volatile(
+              "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                  bias_block(st, j)),
+              "r"(da[j][0]), "r"(da[j][1]), "r"(da[j][2]), "r"(da[j][3])
+              : "memory");
+      }
+      fence_proxy_async_smem();
+      if (dbias_tma) {
+        named_sync(4 + cw, 128);  // the warpgroup's panel is written
+        if (warp == 0 && lane == 0) {
+          tma_store_4d(&maps.dbias, sBias(st) + cw * (kM * 128), n0 + cw * 64, m0,
+                       h * maps.dbias_hm, b * maps.dbias_bm);
+          bulk_commit();
+        }
+      }
+      if (kGeneral && bp.extras && scores_own) {
+        // The score mods' tensors' gradients from g = dS^T (0 on pairs not allowed), reading
+        // this thread's g back from the dS^T tile in one rolled loop (unrolled loops per score
+        // spilled the accumulators): dbias stored (or added by atomics when broadcast), the
+        // low-rank factors by atomics (r per pair: correct, not fast), dslopes and the forget
+        // gate's column sums in registers,
+        // the relative table in a shared tile, the forget gate's row sums by atomics.
+        const int off = static_cast<int>(seq.offset);
+        const int64_t db_base = b * bp.db_sb + h * bp.db_sh;
+        if (bp.dbias_direct) {
+          // One element per pair (zeros included): stored in dbias's dtype, 16 bits at a time
+          // when it is the kernel's (the dS^T tile's bits as they are).
+          constexpr DType kOwn = std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16;
+          const int mode = bp.dbias_dtype == DType::kF32 ? 0 : bp.dbias_dtype == kOwn ? 1 : 2;
 #pragma unroll 1
           for (int y = 0; y < 32; ++y) {
             const int r = y / 16, c8 = (y % 16) / 2, e = y % 2;
             const int kr = kw * 64 + warp * 16 + lane / 4 + 8 * r;
+            const int i = m0 + c8 * 8 + col0 + e, j = key_r[0] + 8 * r;
+            if (i >= nq || j >= nk) continue;
             const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + (col0 + e) * 2;
             unsigned short bits;
             asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(bits) : "r"(addr) : "memory");
-            const float g = ElemTraits<T>::to_float(bits);  // dS^T as the products use it
-            const int i = m0 + c8 * 8 + col0 + e, j = key_r[0] + 8 * r;
-            if (g == 0.f || i >= nq || j >= nk) continue;
-            if (bp.dbias && !bp.dbias_direct)
-              atomicAdd(static_cast<float*>(bp.dbias) + db_base + i * bp.db_si + j * bp.db_sj, g);
-            if (bp.dslopes) {
-              const int dist = i + off - j;
-              slope_acc -= g * static_cast<float>(causal_alibi ? dist : abs(dist));
-            }
-            if (want_table)
-              asm volatile("red.shared.add.f32 [%0], %1;\n" ::"r"(
-                               sTable + 4 * mods.bucket_of[j - (i + off) + mods.bucket_origin]),
-                           "f"(g)
-                           : "memory");
-            if (dc) {
-              atomicAdd(dc + min(i + off, nk - 1), g);  // + c[i'] ...
-              (r == 0 ? col_acc[0] : col_acc[1]) += g;  // ... - c[j]
-            }
+            const int64_t o = db_base + i * bp.db_si + j * bp.db_sj;
+            const float g = ElemTraits<T>::to_float(bits);
+            if (mode == 0)
+              static_cast<float*>(bp.dbias)[o] = g;
+            else if (mode == 1)
+              static_cast<unsigned short*>(bp.dbias)[o] = bits;
+            else if (bp.dbias_dtype == DType::kBF16)
+              static_cast<__nv_bfloat16*>(bp.dbias)[o] = __float2bfloat16(g);
+            else
+              static_cast<__half*>(bp.dbias)[o] = __float2half(g);
+          }
+        }
+        const float* u = p.lowrank_u + b * p.u_sb + h * p.u_sh;
+        const float* w = p.lowrank_w + b * p.w_sb + h * p.w_sh;
+        float* du = bp.du ? bp.du + b * bp.du_sb + h * bp.du_sh : nullptr;
+        float* dw = bp.dw ? bp.dw + b * bp.dw_sb + h * bp.dw_sh : nullptr;
+        float* dc = bp.dc ? bp.dc + (static_cast<int64_t>(b) * p.hq + h) * bp.dc_stride : nullptr;
+        const bool causal_alibi = mods.alibi == AlibiMode::kCausal;
+        static_assert(kM == 64, "32 scores per thread: 2 key rows x 16 query columns");
 #pragma unroll 1
-            for (int64_t k = 0; (du || dw) && k < p.rank; ++k) {
-              if (du) atomicAdd(du + i * bp.du_sn + k * bp.du_sr, g * w[j * p.w_sn + k]);
-              if (dw) atomicAdd(dw + j * bp.dw_sn + k * bp.dw_sr, g * u[i * p.u_sn + k]);
-            }
+        for (int y = 0; y < 32; ++y) {
+          const int r = y / 16, c8 = (y % 16) / 2, e = y % 2;
+          const int kr = kw * 64 + warp * 16 + lane / 4 + 8 * r;
+          const uint32_t addr = sDS(x) + kr * 128 + ((c8 ^ (kr % 8)) * 16) + (col0 + e) * 2;
+          unsigned short bits;
+          asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(bits) : "r"(addr) : "memory");
+          const float g = ElemTraits<T>::to_float(bits);  // dS^T as the products use it
+          const int i = m0 + c8 * 8 + col0 + e, j = key_r[0] + 8 * r;
+          if (g == 0.f || i >= nq || j >= nk) continue;
+          if (bp.dbias && !bp.dbias_direct)
+            atomicAdd(static_cast<float*>(bp.dbias) + db_base + i * bp.db_si + j * bp.db_sj, g);
+          if (bp.dslopes) {
+            const int dist = i + off - j;
+            slope_acc -= g * static_cast<float>(causal_alibi ? dist : abs(dist));
+          }
+          if (want_table)
+            asm volatile("red.shared.add.f32 [%0], %1;\n" ::"r"(
+                             sTable + 4 * mods.bucket_of[j - (i + off) + mods.bucket_origin]),
+                         "f"(g)
+                         : "memory");
+          if (dc) {
+            atomicAdd(dc + min(i + off, nk - 1), g);  // + c[i'] ...
+            (r == 0 ? col_acc[0] : col_acc[1]) += g;  // ... - c[j]
+          }
+#pragma unroll 1
+          for (int64_t k = 0; (du || dw) && k < p.rank; ++k) {
+            if (du) atomicAdd(du + i * bp.du_sn + k * bp.du_sr, g * w[j * p.w_sn + k]);
+            if (dw) atomicAdd(dw + j * bp.dw_sn + k * bp.dw_sr, g * u[i * p.u_sn + k]);
           }
         }
-        // dK += dS^T Q (and the general flavor's dV += P^T dO now).
-        if constexpr (kGeneral) issue_dv();
-        fence_regs(dk);
-        wgmma_fence();
-        if constexpr (S::kSplit) {
-          issue_panels(dk, S::kKSlots, da, sQ(st), kDp / 64, 0);
-        } else {
-          const uint64_t b0 = smem_desc(sQ(st), kM * 128, 1024);
+      }
+      // dK += dS^T Q (and the general flavor's dV += P^T dO now).
+      if constexpr (kGeneral) issue_dv();
+      fence_regs(dk);
+      wgmma_fence();
+      if constexpr (S::kSplit) {
+        issue_panels(dk, S::kKSlots, da, sQ(st), kDp / 64, 0);
+      } else {
+        const uint64_t b0 = smem_desc(sQ(st), kM * 128, 1024);
 #pragma unroll
-          for (int kk = 0; kk < kM / 16; ++kk)
-            Wgmma<kDp, Tag>::rs(dk, da[kk], desc_add(b0, kk * 16 * 128), 1);
-        }
-        wgmma_commit();
+        for (int kk = 0; kk < kM / 16; ++kk)
+          Wgmma<kDp, Tag>::rs(dk, da[kk], desc_add(b0, kk * 16 * 128), 1);
+      }
+      wgmma_commit();
 
-        // scale * dQ's columns col_base + [0, cols) of this thread's rows into the step's dq tile.
-        auto store_dq = [&](const float* dq, int cols, int col_base, uint32_t tile) {
+      // scale * dQ's columns col_base + [0, cols) of this thread's rows into the step's dq tile.
+      auto store_dq = [&](const float* dq, int cols, int col_base, uint32_t tile) {
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int row = warp * 16 + lane / 4 + 8 * r;
+        for (int r = 0; r < 2; ++r) {
+          const int row = warp * 16 + lane / 4 + 8 * r;
 #pragma unroll
-            for (int c8 = 0; c8 < cols / 8; ++c8) {
-              const int col = col_base + c8 * 8 + col0;
-              asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(
-                               tile + (row * S::kDqStride + col) * 4),
-                           "f"(dq[c8 * 4 + 2 * r] * p.scale), "f"(dq[c8 * 4 + 2 * r + 1] * p.scale)
-                           : "memory");
-            }
+          for (int c8 = 0; c8 < cols / 8; ++c8) {
+            const int col = col_base + c8 * 8 + col0;
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(
+                             tile + (row * S::kDqStride + col) * 4),
+                         "f"(dq[c8 * 4 + 2 * r] * p.scale), "f"(dq[c8 * 4 + 2 * r + 1] * p.scale)
+                         : "memory");
           }
-          fence_proxy_async_smem();  // the copy engine reads what these stores wrote
-        };
-        if constexpr (S::kSplit) {
-          // dQ's panels one at a time (32 registers each), once dV and dK are done: P^T and dS^T
-          // are then dead and both warpgroups done with the stage's Q and dO, over which (or into
-          // a buffer of its own) the panels go.
-          wgmma_wait<0>();
-          fence_regs(dv);
-          fence_regs(dk);
-          fence_regs_u(pa);
-          fence_regs_u(da);
-          named_sync(3, 256);  // and warpgroup 0's dS^T is in shared memory
-          if constexpr (S::kDqOwn) {
-            if (lane == 0) mbar_arrive(empty(st));
-            mbar_wait(dq_empty(it & 1), dq_phase(it) ^ 1);
-          }
-          const uint32_t tile = dq_tile(it);
+        }
+        fence_proxy_async_smem();  // the copy engine reads what these stores wrote
+      };
+      if constexpr (S::kSplit) {
+        // dQ's panels one at a time (32 registers each), once dV and dK are done: P^T and dS^T
+        // are then dead and both warpgroups done with the stage's Q and dO, over which (or into
+        // a buffer of its own) the panels go.
+        wgmma_wait<0>();
+        fence_regs(dv);
+        fence_regs(dk);
+        fence_regs_u(pa);
+        fence_regs_u(da);
+        named_sync(3, 256);  // and warpgroup 0's dS^T is in shared memory
+        if constexpr (S::kDqOwn) {
+          if (lane == 0) mbar_arrive(empty(st));
+          mbar_wait(dq_empty(it & 1), dq_phase(it) ^ 1);
+        }
+        const uint32_t tile = dq_tile(it);
 #pragma unroll
-          for (int sl = 0; sl < (kDp / 64 + 1) / 2; ++sl) {
-            const int panel = bwd_panel(kDp / 64, sl, cw, 0);  // -1: computed, not stored
-            float dq[32];
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < kN / 16; ++kk)
-              Wgmma<64, Tag>::tt(dq, smem_desc(sDS(x) + kk * 16 * 128, kN * 128, 1024),
-                                 smem_desc(sK + (panel >= 0 ? panel : kDp / 64 - 1) * (kN * 128) +
-                                               kk * 16 * 128,
-                                           kN * 128, 1024),
-                                 kk > 0);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(dq);
-            if (panel >= 0) store_dq(dq, 64, panel * 64, tile);
-          }
-        } else {
-          // dQ[:, cw half] = dS K: A = dS (queries x keys) and B = K (keys x head dims), both read
-          // transposed from their tiles.
-          float dq[kDqN / 2];
-          named_sync(3, 256);
+        for (int sl = 0; sl < (kDp / 64 + 1) / 2; ++sl) {
+          const int panel = bwd_panel(kDp / 64, sl, cw, 0);  // -1: computed, not stored
+          float dq[32];
           wgmma_fence();
-          const uint64_t a0 = smem_desc(sDS(x), kN * 128, 1024);
-          const uint64_t b0 = smem_desc(
-              sK + ((cw * kDqN) / 64) * (kN * 128) + ((cw * kDqN) % 64) * 2, kN * 128, 1024);
 #pragma unroll
           for (int kk = 0; kk < kN / 16; ++kk)
-            Wgmma<kDqN, Tag>::tt(dq, desc_add(a0, kk * 16 * 128), desc_add(b0, kk * 16 * 128),
-                                 kk > 0);
+            Wgmma<64, Tag>::tt(dq, smem_desc(sDS(x) + kk * 16 * 128, kN * 128, 1024),
+                               smem_desc(sK + (panel >= 0 ? panel : kDp / 64 - 1) * (kN * 128) +
+                                             kk * 16 * 128,
+                                         kN * 128, 1024),
+                               kk > 0);
           wgmma_commit();
           wgmma_wait<0>();
           fence_regs(dq);
-          fence_regs(dv);
-          fence_regs(dk);
-          fence_regs_u(pa);
-          fence_regs_u(da);
-
-          // scale * dQ for the dq warp: into its own buffer once the dq warp has handed it back
-          // (the stage goes back to the producer now), or over the stage once both warpgroups are
-          // done reading it.
-          // With dbias, its store's read of the stage is waited for first (by the storing thread,
-          // before the stage goes back or dQ is written over it).
-          if (dbias_tma && warp == 0 && lane == 0) bulk_wait_read<0>();
-          if constexpr (S::kDqOwn) {
-            if (lane == 0) mbar_arrive(empty(st));
-            mbar_wait(dq_empty(it & 1), dq_phase(it) ^ 1);
-          } else {
-            named_sync(3, 256);
-          }
-          store_dq(dq, kDqN, cw * kDqN, dq_tile(it));
-        }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(dq_full(it));  // the dq warp's to add
-        ++it;
-      }
-      if constexpr (kGeneral) {  // this head's sums
-        if (bp.dslopes) {
-#pragma unroll
-          for (int x = 16; x > 0; x /= 2) slope_acc += __shfl_xor_sync(0xffffffff, slope_acc, x);
-          if (lane == 0) atomicAdd(bp.dslopes + h, static_cast<double>(slope_acc));
-        }
-        if (bp.dc) {
-          float* dc = bp.dc + (static_cast<int64_t>(b) * p.hq + h) * bp.dc_stride;
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float sum = quad_sum(col_acc[r]);
-            if (lane % 4 == 0 && key_r[r] < nk && sum != 0.f) atomicAdd(dc + key_r[r], -sum);
-          }
-        }
-        if (want_table) {
-          named_sync(kTableSync, 256);
-          for (int x = tid - 128; x < bp.table_buckets; x += 256) {
-            float v;
-            asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(sTable + x * 4) : "memory");
-            if (v != 0.f) atomicAdd(bp.dtable + h * kMaxBwdBuckets + x, v);
-          }
-          named_sync(kTableSync, 256);
-        }
-      }
-    }
-    // K and V are read: the next item's may load (persistent), unless dK and dV are staged over
-    // them (their storing threads hand them back).
-    if (persistent && !(bp.tma_dkdv && !S::kSplit) && lane == 0) mbar_arrive(kv_empty);
-    if (kBias && bp.dbias_tma && warp == 0 && lane == 0) bulk_wait<0>();  // dbias's last store
-    if (kGeneral && bp.dbeta) {
-#pragma unroll
-      for (int x = 16; x > 0; x /= 2) beta_acc += __shfl_xor_sync(0xffffffff, beta_acc, x);
-      if (lane == 0) atomicAdd(bp.dbeta, static_cast<double>(beta_acc));
-    }
-
-    // dk = scale * dK, dv = dV (rows past nk are another sequence's or padding; sigmoid's dV by
-    // its weights' scale).
-    const float dv_mul = kGeneral && sigmoid ? 1.f / kSigmoidWeightScale : 1.f;
-    bool stored = false;
-    if constexpr (!S::kSplit) {
-      if (bp.tma_dkdv) {
-        // By the copy engine: the warpgroup's rows into panels over K and V (kKBytes and kVBytes
-        // hold both warpgroups' panels), then one thread's tensor stores (rows past nk clipped
-        // by the maps' extents). Its wait keeps them clear of the fused conversion's loads.
-        named_sync(3, 256);  // both warpgroups' last products have read K and V
-        const uint32_t kbuf = sK + cw * (kDp / 64) * 8192, vbuf = sV + cw * (kDVp / 64) * 8192;
-        const float kmul[2] = {p.scale, p.scale}, vmul[2] = {dv_mul, dv_mul};
-        stage_rows<T, kDp>(kbuf, dk, kmul, warp, lane);
-        stage_rows<T, kDVp>(vbuf, dv, vmul, warp, lane);
-        fence_proxy_async_smem();  // the copy engine reads what stmatrix wrote
-        named_sync(4 + cw, 128);
-        if (tid % 128 == 0) {
-          const int row = n0 + kw * 64;  // not varlen: the sequence starts at row 0
-#pragma unroll
-          for (int pn = 0; pn < kDp / 64; ++pn)
-            tma_store_4d(&maps.dk, kbuf + pn * 8192, pn * 64, row, hk * maps.dk_hm, b * maps.dk_bm);
-#pragma unroll
-          for (int pn = 0; pn < kDVp / 64; ++pn)
-            tma_store_4d(&maps.dv, vbuf + pn * 8192, pn * 64, row, hk * maps.dv_hm, b * maps.dv_bm);
-          bulk_commit();
-          bulk_wait_read<0>();  // (landed: after the items)
-          if (persistent) mbar_arrive(kv_empty);
-        }
-        stored = true;
-      }
-    }
-    const int64_t k_es = bp.dk_dtype == DType::kF32 ? 4 : 2;
-    const int64_t v_es = bp.dv_dtype == DType::kF32 ? 4 : 2;
-#pragma unroll
-    for (int r = 0; r < 2 && !stored; ++r) {
-      const int j = key_r[r];
-      if (j >= nk) continue;
-      void* krow = static_cast<char*>(bp.dk) +
-                   (b * bp.dk_sb + hk * bp.dk_sh + (seq.k_start + j) * bp.dk_sn) * k_es;
-      void* vrow = static_cast<char*>(bp.dv) +
-                   (b * bp.dv_sb + hk * bp.dv_sh + (seq.k_start + j) * bp.dv_sn) * v_es;
-      if constexpr (S::kSplit) {  // the warpgroup's panels
-#pragma unroll
-        for (int sl = 0; sl < S::kKSlots; ++sl) {
-          const int panel = bwd_panel(kDp / 64, sl, cw, 0);
-          if (panel < 0) continue;
-#pragma unroll
-          for (int c8 = 0; c8 < 8; ++c8)
-            store_grad_pair(krow, bp.dk_dtype, panel * 64 + c8 * 8 + col0, p.d,
-                            dk[sl * 32 + c8 * 4 + 2 * r] * p.scale,
-                            dk[sl * 32 + c8 * 4 + 2 * r + 1] * p.scale);
-        }
-#pragma unroll
-        for (int sl = 0; sl < S::kVSlots; ++sl) {
-          const int panel = bwd_panel(kDVp / 64, sl, cw, 1);
-          if (panel < 0) continue;
-#pragma unroll
-          for (int c8 = 0; c8 < 8; ++c8)
-            store_grad_pair(vrow, bp.dv_dtype, panel * 64 + c8 * 8 + col0, p.dv,
-                            dv[sl * 32 + c8 * 4 + 2 * r] * dv_mul,
-                            dv[sl * 32 + c8 * 4 + 2 * r + 1] * dv_mul);
+          if (panel >= 0) store_dq(dq, 64, panel * 64, tile);
         }
       } else {
+        // dQ[:, cw half] = dS K: A = dS (queries x keys) and B = K (keys x head dims), both read
+        // transposed from their tiles.
+        float dq[kDqN / 2];
+        named_sync(3, 256);
+        wgmma_fence();
+        const uint64_t a0 = smem_desc(sDS(x), kN * 128, 1024);
+        const uint64_t b0 = smem_desc(
+            sK + ((cw * kDqN) / 64) * (kN * 128) + ((cw * kDqN) % 64) * 2, kN * 128, 1024);
 #pragma unroll
-        for (int c8 = 0; c8 < kDp / 8; ++c8)
-          store_grad_pair(krow, bp.dk_dtype, c8 * 8 + col0, p.d, dk[c8 * 4 + 2 * r] * p.scale,
-                          dk[c8 * 4 + 2 * r + 1] * p.scale);
+        for (int kk = 0; kk < kN / 16; ++kk)
+          Wgmma<kDqN, Tag>::tt(dq, desc_add(a0, kk * 16 * 128), desc_add(b0, kk * 16 * 128),
+                               kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dq);
+        fence_regs(dv);
+        fence_regs(dk);
+        fence_regs_u(pa);
+        fence_regs_u(da);
+
+        // scale * dQ for the dq warp: into its own buffer once the dq warp has handed it back (the
+        // stage goes back to the producer now), or over the stage once both warpgroups are done
+        // reading it.
+        // With dbias, its store's read of the stage is waited for first (by the storing thread,
+        // before the stage goes back or dQ is written over it).
+        if (dbias_tma && warp == 0 && lane == 0) bulk_wait_read<0>();
+        if constexpr (S::kDqOwn) {
+          if (lane == 0) mbar_arrive(empty(st));
+          mbar_wait(dq_empty(it & 1), dq_phase(it) ^ 1);
+        } else {
+          named_sync(3, 256);
+        }
+        store_dq(dq, kDqN, cw * kDqN, dq_tile(it));
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(dq_full(it));  // the dq warp's to add
+      ++it;
+    }
+    if constexpr (kGeneral) {  // this head's sums
+      if (bp.dslopes) {
 #pragma unroll
-        for (int c8 = 0; c8 < kDVp / 8; ++c8)
-          store_grad_pair(vrow, bp.dv_dtype, c8 * 8 + col0, p.dv, dv[c8 * 4 + 2 * r] * dv_mul,
-                          dv[c8 * 4 + 2 * r + 1] * dv_mul);
+        for (int x = 16; x > 0; x /= 2) slope_acc += __shfl_xor_sync(0xffffffff, slope_acc, x);
+        if (lane == 0) atomicAdd(bp.dslopes + h, static_cast<double>(slope_acc));
+      }
+      if (bp.dc) {
+        float* dc = bp.dc + (static_cast<int64_t>(b) * p.hq + h) * bp.dc_stride;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float sum = quad_sum(col_acc[r]);
+          if (lane % 4 == 0 && key_r[r] < nk && sum != 0.f) atomicAdd(dc + key_r[r], -sum);
+        }
+      }
+      if (want_table) {
+        named_sync(kTableSync, 256);
+        for (int x = tid - 128; x < bp.table_buckets; x += 256) {
+          float v;
+          asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(sTable + x * 4) : "memory");
+          if (v != 0.f) atomicAdd(bp.dtable + h * kMaxBwdBuckets + x, v);
+        }
+        named_sync(kTableSync, 256);
       }
     }
-    ++local;
-  } while (next_item(item));
+  }
+  if (kBias && bp.dbias_tma && warp == 0 && lane == 0) bulk_wait<0>();  // dbias's last store
+  if (kGeneral && bp.dbeta) {
+#pragma unroll
+    for (int x = 16; x > 0; x /= 2) beta_acc += __shfl_xor_sync(0xffffffff, beta_acc, x);
+    if (lane == 0) atomicAdd(bp.dbeta, static_cast<double>(beta_acc));
+  }
+
+  // dk = scale * dK, dv = dV (rows past nk are another sequence's or padding; sigmoid's dV by
+  // its weights' scale).
+  const float dv_mul = kGeneral && sigmoid ? 1.f / kSigmoidWeightScale : 1.f;
+  bool stored = false;
   if constexpr (!S::kSplit) {
-    if (bp.tma_dkdv && tid % 128 == 0) bulk_wait<0>();  // the last item's dK and dV landed
+    if (bp.tma_dkdv) {
+      // By the copy engine: the warpgroup's rows into panels over K and V (kKBytes and kVBytes
+      // hold both warpgroups' panels), then one thread's tensor stores (rows past nk clipped
+      // by the maps' extents). Its wait keeps them clear of the fused conversion's loads.
+      named_sync(3, 256);  // both warpgroups' last products have read K and V
+      const uint32_t kbuf = sK + cw * (kDp / 64) * 8192, vbuf = sV + cw * (kDVp / 64) * 8192;
+      const float kmul[2] = {p.scale, p.scale}, vmul[2] = {dv_mul, dv_mul};
+      stage_rows<T, kDp>(kbuf, dk, kmul, warp, lane);
+      stage_rows<T, kDVp>(vbuf, dv, vmul, warp, lane);
+      fence_proxy_async_smem();  // the copy engine reads what stmatrix wrote
+      named_sync(4 + cw, 128);
+      if (tid % 128 == 0) {
+        const int row = n0 + kw * 64;  // not varlen: the sequence starts at row 0
+#pragma unroll
+        for (int pn = 0; pn < kDp / 64; ++pn)
+          tma_store_4d(&maps.dk, kbuf + pn * 8192, pn * 64, row, hk * maps.dk_hm, b * maps.dk_bm);
+#pragma unroll
+        for (int pn = 0; pn < kDVp / 64; ++pn)
+          tma_store_4d(&maps.dv, vbuf + pn * 8192, pn * 64, row, hk * maps.dv_hm, b * maps.dv_bm);
+        bulk_commit();
+        bulk_wait<0>();
+      }
+      stored = true;
+    }
+  }
+  const int64_t k_es = bp.dk_dtype == DType::kF32 ? 4 : 2, v_es = bp.dv_dtype == DType::kF32 ? 4 : 2;
+#pragma unroll
+  for (int r = 0; r < 2 && !stored; ++r) {
+    const int j = key_r[r];
+    if (j >= nk) continue;
+    void* krow = static_cast<char*>(bp.dk) +
+                 (b * bp.dk_sb + hk * bp.dk_sh + (seq.k_start + j) * bp.dk_sn) * k_es;
+    void* vrow = static_cast<char*>(bp.dv) +
+                 (b * bp.dv_sb + hk * bp.dv_sh + (seq.k_start + j) * bp.dv_sn) * v_es;
+    if constexpr (S::kSplit) {  // the warpgroup's panels
+#pragma unroll
+      for (int sl = 0; sl < S::kKSlots; ++sl) {
+        const int panel = bwd_panel(kDp / 64, sl, cw, 0);
+        if (panel < 0) continue;
+#pragma unroll
+        for (int c8 = 0; c8 < 8; ++c8)
+          store_grad_pair(krow, bp.dk_dtype, panel * 64 + c8 * 8 + col0, p.d,
+                          dk[sl * 32 + c8 * 4 + 2 * r] * p.scale,
+                          dk[sl * 32 + c8 * 4 + 2 * r + 1] * p.scale);
+      }
+#pragma unroll
+      for (int sl = 0; sl < S::kVSlots; ++sl) {
+        const int panel = bwd_panel(kDVp / 64, sl, cw, 1);
+        if (panel < 0) continue;
+#pragma unroll
+        for (int c8 = 0; c8 < 8; ++c8)
+          store_grad_pair(vrow, bp.dv_dtype, panel * 64 + c8 * 8 + col0, p.dv,
+                          dv[sl * 32 + c8 * 4 + 2 * r] * dv_mul,
+                          dv[sl * 32 + c8 * 4 + 2 * r + 1] * dv_mul);
+      }
+    } else {
+#pragma unroll
+      for (int c8 = 0; c8 < kDp / 8; ++c8)
+        store_grad_pair(krow, bp.dk_dtype, c8 * 8 + col0, p.d, dk[c8 * 4 + 2 * r] * p.scale,
+                        dk[c8 * 4 + 2 * r + 1] * p.scale);
+#pragma unroll
+      for (int c8 = 0; c8 < kDVp / 8; ++c8)
+        store_grad_pair(vrow, bp.dv_dtype, c8 * 8 + col0, p.dv, dv[c8 * 4 + 2 * r] * dv_mul,
+                        dv[c8 * 4 + 2 * r + 1] * dv_mul);
+    }
   }
 
   // fused_dq: the group's last CTA converts the group's rows of the scratch, staged in chunks of
@@ -1313,8 +1240,7 @@ cudaError_t launch_bwd(const BwdParams& p, const BwdMaps& maps, cudaStream_t str
                         : BwdShape<kD, kDV, kGeneral>::kSmemBytes;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid = p.persistent_ctas > 0 ? dim3(p.persistent_ctas)
-                                           : dim3(p.num_k_tiles, p.f.hk, p.f.batch);
+  const dim3 grid(p.num_k_tiles, p.f.hk, p.f.batch);
   kernel<<<grid, BwdShape<kD, kDV, kGeneral>::kThreads, smem, stream>>>(p, maps);
   return cudaGetLastError();
 }
