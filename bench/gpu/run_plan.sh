@@ -1,24 +1,21 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 35; session 34's runs 126-132, gpu.md part 33: dq by
-# tiles lost in both modes, session 32's defaults passed as defaults, fp16 sigmoid's weights
-# scaled into P V after the fuzzer's seed 33577), one call of at most 600 s each:
+# The next device session's runs (session 36; session 35's runs 134-139, gpu.md part 34: dq by
+# tiles and the read waits dropped; a persistent backward tried and reverted), one call of at
+# most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
 # device tool's held time, not the command's); a refused start costs ~90 s, so wait several
 # minutes between tries. Issue the next call as soon as one returns: the machine is released
-# ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda takes ~200 s).
-# A. (~350 s with the build) bash bench/gpu/dq_tiles_run.sh $OUT: dq by tiles converted by the
-#    consumers (2073439; run 133 tested it): both modes timed against the default, masked and
-#    dense; adopt the better if it gains (then drop the conversion kernel's path where it
-#    wins, and the prep's zeroing with mode 2), else drop both switches (part 33). The same
-#    script A/Bs ATTNKIT_CUDA_BWD_READ_WAITS=1 (the CTA's last copies out waited for until read):
-#    adopt if it gains (its test, ReadWaitsMatchTheOracle, runs in the script's test list).
-# B. (~120 s) LD_LIBRARY_PATH=$PWD/.carry/hwy/lib ./build-gpu/attnkit fuzz --device cuda --seed
-#    38389 --seconds 90 (run 130's campaign went on to seed 38388).
-# B2. (~250 s) the split backward's sigmoid dV (session 34's scale; d 192/256 are not in the
-#    default build): HEAD_DIMS="64;128;192;256" TEST_FILTER='CudaBackwardHeadDims.*:*igmoid*'
-#    bash scripts/gpu_cuda.sh $OUT/hd --lean --no-bench.
+# ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda takes ~200 s). A --lean
+# build has no CLI: `cmake --build build-gpu --target attnkit_cli` before `attnkit fuzz`.
+# A. The persistent backward again (b6ec99e, part 34), only once here: the band kernel without
+#    spills (0 bytes now; ptxas -warn-spills on the bf16 d128 and d64 band instances), the
+#    one-item path's order of K and V as before, then first a short call: build with
+#    -DATTNKIT_DEBUG_MBAR_TIMEOUT (CMAKE_CUDA_FLAGS) and HEAD_DIMS="64", run the head-dims test
+#    with fused_dq on (run 138 hung there) and the persistent test, each with `timeout 30`.
+# B. (~120 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 41206 --seconds 90
+#    (run 136's campaign went on to seed 41205).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16; the bits pass is 31 us now (run 121), so
