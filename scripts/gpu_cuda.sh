@@ -6,7 +6,7 @@
 # Debian's packages missing there come from .carry (Highway, nlohmann-json, CLI11, GoogleTest).
 # Usage: [HEAD_DIMS="64;96;128;192;256;192x128"] [BWD_MAX_HEAD_DIM=256] [GRID_TILES=OFF] \
 #        [TEST_FILTER='*Backward*'] [SANITIZE_TOOLS=racecheck] [SANITIZE_FILTER=...] \
-#        [SANITIZE_SKIP='CudaFastPath.*'] \
+#        [SANITIZE_SKIP='CudaFastPath.*'] [CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT] \
 #        bash scripts/gpu_cuda.sh OUT_DIR [--quick] [--train] [--sanitize] [--no-bench] [--lean]
 #   --lean: no CLI, no `attnkit check`, no pytest (an iteration's run: test_cuda under
 #   TEST_FILTER, then the bench)   (results: docs/perf/gpu.md)
@@ -24,7 +24,7 @@ export LD_LIBRARY_PATH=$hwy_root/lib:${LD_LIBRARY_PATH:-}
 t0=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNKIT_BUILD_PYTHON=ON \
   -DATTNKIT_HEAD_DIMS="${HEAD_DIMS:-64;128}" -DATTNKIT_BWD_MAX_HEAD_DIM="${BWD_MAX_HEAD_DIM:-256}" \
-  -DATTNKIT_CUDA_GRID_TILES="${GRID_TILES:-ON}" \
+  -DATTNKIT_CUDA_GRID_TILES="${GRID_TILES:-ON}" -DCMAKE_CUDA_FLAGS="${CUDA_FLAGS:-}" \
   -DHWY_ROOT="$hwy_root" -Dnlohmann_json_DIR="$deps/share/cmake/nlohmann_json" \
   -DCLI11_DIR="$deps/share/cmake/CLI11" -DGTest_DIR="$deps/lib/x86_64-linux-gnu/cmake/GTest" \
   -DPython_EXECUTABLE="$(command -v python3)" > "/tmp/cmake_$$.log" 2>&1 || { tail -30 "/tmp/cmake_$$.log"; exit 1; }

@@ -9,11 +9,13 @@
 # minutes between tries. Issue the next call as soon as one returns: the machine is released
 # ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda takes ~200 s). A --lean
 # build has no CLI: `cmake --build build-gpu --target attnkit_cli` before `attnkit fuzz`.
-# A. The persistent backward again (b6ec99e, part 34), only once here: the band kernel without
-#    spills (0 bytes now; ptxas -warn-spills on the bf16 d128 and d64 band instances), the
-#    one-item path's order of K and V as before, then first a short call: build with
-#    -DATTNKIT_DEBUG_MBAR_TIMEOUT (CMAKE_CUDA_FLAGS) and HEAD_DIMS="64", run the head-dims test
-#    with fused_dq on (run 138 hung there) and the persistent test, each with `timeout 30`.
+# A. The persistent backward again: `git apply bench/gpu/ab_bwd_persistent.patch` (b6ec99e
+#    with run 139's inf mended, K and V first for a CTA's first item, the band consumers' item
+#    values taken anew after the walk; part 34), first a short call: HEAD_DIMS="64" and
+#    CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh; mbar_wait names a stuck barrier), the
+#    head-dims test (fused_dq on: run 138 hung there) and CudaBackwardLong.Persistent* each under
+#    `timeout 30`; then, if both pass, bench/gpu/bwd_persistent_run.sh (the patch adds it) for
+#    the default path's cost (run 134's band kernel: sliding 741 us, causal 2604) and the switch.
 # B. (~120 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 41206 --seconds 90
 #    (run 136's campaign went on to seed 41205).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
