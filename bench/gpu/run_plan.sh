@@ -11,11 +11,14 @@
 # build has no CLI: `cmake --build build-gpu --target attnkit_cli` before `attnkit fuzz`.
 # A. The persistent backward again: `git apply bench/gpu/ab_bwd_persistent.patch` (b6ec99e
 #    with run 139's inf mended, K and V first for a CTA's first item, the band consumers' item
-#    values taken anew after the walk; part 34), first a short call: HEAD_DIMS="64" and
+#    values taken anew after the walk; part 34). First a short call: HEAD_DIMS="64" and
 #    CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh; mbar_wait names a stuck barrier), the
 #    head-dims test (fused_dq on: run 138 hung there) and CudaBackwardLong.Persistent* each under
-#    `timeout 30`; then, if both pass, bench/gpu/bwd_persistent_run.sh (the patch adds it) for
-#    the default path's cost (run 134's band kernel: sliding 741 us, causal 2604) and the switch.
+#    `timeout 30`, judged by whether they hang and by their per-case failure lines (both tests'
+#    counts of cases fail in a build of one head dim). Then, if neither hangs nor fails a case:
+#    PAR=1 TESTS='*CudaBackward*' run_plan.sh ab $OUT bwd_persistent train_masked (main and the
+#    patched tree in one call: the default path's cost), and the patched tree's
+#    bench/gpu/bwd_persistent_run.sh for the switch against its own default.
 # B. (~120 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 41206 --seconds 90
 #    (run 136's campaign went on to seed 41205).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
