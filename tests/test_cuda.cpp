@@ -690,16 +690,21 @@ TEST(CudaGeneralPath, SigmoidWeightsBelowHalfsNormalsMatchTheOracle) {
   for (const Case& c : cases)
     for (double beta : {-18.0, -14.0})
       expect_forward_backward("sigmoid", c, seed, {{"beta", beta}});
-  // The split backward's dV (head dims above 128), where the build has them (built: then it
-  // must run).
+  // The split backward's dV (head dims above 128), where the build has them: a head dim the
+  // build lists runs, unless its backward is not built (ATTNKIT_BWD_MAX_HEAD_DIM below it).
   const std::string info = cuda_build_info();
   const std::string dims = info.substr(std::min(info.find("head dims "), info.size()));
   for (int64_t d : {192, 256}) {
     const Case c{DType::kF16, {1, 2, 1, 97, 130, d, d}, false};
     const CheckResult r = backward_on_gpu("sigmoid", c, seed++, true, {{"beta", -18.0}});
-    const bool built = (dims + ",").find(" " + std::to_string(d) + ",") != std::string::npos;
-    EXPECT_EQ(r.not_covered, !built) << "sigmoid d=" << d << ": " << r.error;
-    if (built) EXPECT_TRUE(r.ok) << "sigmoid d=" << d << ": " << r.error;
+    const bool listed = (dims + ",").find(" " + std::to_string(d) + ",") != std::string::npos;
+    const bool bwd_not_built =
+        r.not_covered && r.error.find("is not built for") != std::string::npos;
+    if (!listed || bwd_not_built) {
+      EXPECT_TRUE(r.not_covered) << "sigmoid d=" << d << " ran in a build without it";
+      continue;
+    }
+    EXPECT_TRUE(r.ok) << "sigmoid d=" << d << ": " << r.error;
   }
   // The fuzzer's case (fp16, !global_window & prefix_lm, causal ALiBi, an elementwise gate), as
   // drawn when it was found; the draw picks from the build's head dims, so a build with others
