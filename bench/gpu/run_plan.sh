@@ -14,8 +14,9 @@
 #    values taken anew after the walk; part 34). First a short call: HEAD_DIMS="64" and
 #    CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh; mbar_wait names a stuck barrier), the
 #    head-dims test (fused_dq on: run 138 hung there) and CudaBackwardLong.Persistent* each under
-#    `timeout 30`, judged by whether they hang and by their per-case failure lines (both tests'
-#    counts of cases fail in a build of one head dim). Then, if neither hangs nor fails a case:
+#    `timeout 30` (all that: run_plan.sh pdebug $OUT, ~150 s with the build), judged by whether
+#    they hang and by their per-case failure lines (both tests' counts of cases fail in a build
+#    of one head dim). Then, if neither hangs nor fails a case:
 #    PAR=1 TESTS='*CudaBackward*' run_plan.sh ab $OUT bwd_persistent train_masked (main and the
 #    patched tree in one call: the default path's cost), and the patched tree's
 #    bench/gpu/bwd_persistent_run.sh for the switch against its own default.
@@ -77,7 +78,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, pdebug, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -99,6 +100,18 @@ build() {
 }
 case $step in
   1) bash scripts/gpu_cuda.sh "$out" --no-bench ;;
+  pdebug)  # step A's first call: the persistent backward's patch, head dim 64, mbar_wait's
+           # timeout on; the head-dims test (fused_dq) and the persistent test under timeout 30
+     x=/tmp/xp && rm -rf $x && mkdir -p $x
+     tar --exclude=./build-gpu -cf - . | tar -x -C $x
+     (cd $x && patch -p1 -s < bench/gpu/ab_bwd_persistent.patch) || exit 1
+     (cd $x && HEAD_DIMS=64 CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT TEST_FILTER='CudaRules.*' \
+        bash scripts/gpu_cuda.sh "$out/p" --lean --no-bench 2>&1 | grep -v "ptxas warn" | tail -2)
+     for t in 'CudaBackwardHeadDims.*' 'CudaBackwardLong.Persistent*'; do
+       echo "== $t"
+       (cd $x && timeout 30 build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter="$t" 2>&1 |
+          grep -E "error|stuck|FAILED|PASSED|Expected|ctas|d=" | head -20; echo "rc ${PIPESTATUS[0]}")
+     done ;;
   ab) sets=${3:?patch sets} only=${4:?bench.py --only}
      # PAR=1: main's build and every tree's build and tests at once (a cold device's two
      # builds in ~1.4 of one's time instead of two).
