@@ -11,7 +11,8 @@
 # build has no CLI: `cmake --build build-gpu --target attnkit_cli` before `attnkit fuzz`.
 # A. The persistent backward again: `git apply bench/gpu/ab_bwd_persistent.patch` (b6ec99e
 #    with run 139's inf mended, K and V first for a CTA's first item, the band consumers' item
-#    values taken anew after the walk; part 34). First a short call: HEAD_DIMS="64" and
+#    values taken anew after the walk, the persistent kernel an instance of its own; part 34).
+#    First a short call: HEAD_DIMS="64" and
 #    CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh; mbar_wait names a stuck barrier), the
 #    head-dims test (fused_dq on: run 138 hung there) and CudaBackwardLong.Persistent* each under
 #    `timeout 30` (all that: run_plan.sh pdebug $OUT, ~150 s with the build), judged by whether
