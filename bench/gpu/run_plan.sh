@@ -101,17 +101,29 @@ build() {
 }
 case $step in
   1) bash scripts/gpu_cuda.sh "$out" --no-bench ;;
-  pdebug)  # step A's first call: the persistent backward's patch, head dim 64, mbar_wait's
-           # timeout on; the head-dims test (fused_dq) and the persistent test under timeout 30
-     x=/tmp/xp && rm -rf $x && mkdir -p $x
-     tar --exclude=./build-gpu -cf - . | tar -x -C $x
-     (cd $x && patch -p1 -s < bench/gpu/ab_bwd_persistent.patch) || exit 1
-     (cd $x && HEAD_DIMS=64 CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT TEST_FILTER='CudaRules.*' \
-        bash scripts/gpu_cuda.sh "$out/p" --lean --no-bench 2>&1 | grep -v "ptxas warn" | tail -2)
-     for t in 'CudaBackwardHeadDims.*' 'CudaBackwardLong.Persistent*'; do
-       echo "== $t"
-       (cd $x && timeout 30 build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter="$t" 2>&1 |
-          grep -E "error|stuck|FAILED|PASSED|Expected|ctas|d=" | head -20; echo "rc ${PIPESTATUS[0]}")
+  pdebug)  # step A's first call: the persistent backward's patch (/tmp/xp) and main (/tmp/xm,
+           # the control), head dim 64, mbar_wait's timeout on (it names a stuck barrier, then
+           # every wait gives up); the head-dims test (fused_dq) and the persistent test, each
+           # under timeout 60
+     for x in /tmp/xp /tmp/xm; do
+       rm -rf $x && mkdir -p $x
+       tar --exclude=./build-gpu -cf - . | tar -x -C $x
+     done
+     (cd /tmp/xp && patch -p1 -s < bench/gpu/ab_bwd_persistent.patch) || exit 1
+     for x in /tmp/xp /tmp/xm; do
+       (cd $x && HEAD_DIMS=64 CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT TEST_FILTER='CudaRules.*' \
+          bash scripts/gpu_cuda.sh "$out/${x#/tmp/}" --lean --no-bench 2>&1 |
+          grep -v "ptxas warn" | tail -2) &
+     done
+     wait
+     for x in /tmp/xp /tmp/xm; do
+       for t in 'CudaBackwardHeadDims.*' 'CudaBackwardLong.Persistent*'; do
+         echo "== $x $t"
+         (cd $x && timeout 60 build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter="$t" \
+            > "$out/${x#/tmp/}_${t%%.*}.log" 2>&1; echo "rc $?")
+         grep -E "stuck|conversion|error|FAILED|PASSED|ctas|d=" "$out/${x#/tmp/}_${t%%.*}.log" |
+           sort | uniq -c | sort -rn | head -25
+       done
      done ;;
   ab) sets=${3:?patch sets} only=${4:?bench.py --only}
      # PAR=1: main's build and every tree's build and tests at once (a cold device's two

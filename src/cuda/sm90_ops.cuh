@@ -20,6 +20,12 @@
 
 namespace attnkit::cuda {
 
+#ifdef ATTNKIT_DEBUG_MBAR_TIMEOUT
+// Set by the first mbar_wait that times out; from then on every wait of the module (this
+// process's) returns at once.
+static __device__ int debug_mbar_abort = 0;
+#endif
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -89,11 +95,16 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 #endif
   do {
 #ifdef ATTNKIT_DEBUG_MBAR_TIMEOUT
-    if (clock64() - t0 > (1ll << 32)) {  // about 2 s
+    // Past about 2 s: named, then every wait of the module gives up, so that the kernel ends
+    // (with wrong values) and the host's synchronization prints what was named (a trap would
+    // lose it).
+    if (*static_cast<volatile int*>(&debug_mbar_abort)) return;
+    if (clock64() - t0 > (1ll << 32)) {
       if (threadIdx.x % 32 == 0)
-        printf("mbar_wait stuck: block %d warp %d bar %% 1024 = %u parity %u\n", blockIdx.x,
-               threadIdx.x / 32, bar % 1024, parity);
-      __trap();
+        printf("mbar_wait stuck: block (%d,%d,%d) warp %d bar %% 1024 = %u parity %u\n",
+               blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x / 32, bar % 1024, parity);
+      atomicExch(&debug_mbar_abort, 1);
+      return;
     }
 #endif
     asm volatile(
