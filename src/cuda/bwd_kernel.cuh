@@ -690,15 +690,8 @@ __global__ void __launch_bounds__(384, 1)
             lo[r] = tile_bound(a, kM);
             hi[r] = j < nk ? tile_bound(z, kM) : -1;
           }
-          allow = 0;
-#pragma unroll
-          for (int c8 = 0; c8 < kM / 8; ++c8)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int r = e / 2, x = c8 * 8 + (e & 1);
-              const bool ok = x >= lo[r] && x <= hi[r];
-              allow |= static_cast<uint32_t>(ok) << (r * 16 + 2 * c8 + (e & 1));
-            }
+          static_assert(kM / 4 == 16, "bit r * 16 + 2 * c8 + (e & 1)");
+          allow = band_run_bits<kM>(lo[0], hi[0]) | band_run_bits<kM>(lo[1], hi[1]) << 16;
         }
       } else {
         const uint8_t entry = entry_of(h, qt);
