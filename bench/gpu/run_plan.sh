@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 36; session 35's runs 134-139, gpu.md part 34: dq by
-# tiles and the read waits dropped; a persistent backward tried and reverted), one call of at
-# most 600 s each:
+# The next device session's runs (session 37; session 36's runs 140-148, gpu.md part 35: the
+# persistent backward measured and dropped, the band's bits as one run adopted), one call of
+# at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
@@ -9,30 +9,17 @@
 # minutes between tries. Issue the next call as soon as one returns: the machine is released
 # ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda takes ~200 s). A --lean
 # build has no CLI: `cmake --build build-gpu --target attnkit_cli` before `attnkit fuzz`.
-# A. The persistent backward again: `git apply bench/gpu/ab_bwd_persistent.patch` (b6ec99e
-#    with run 139's inf mended, K and V first for a CTA's first item, the band consumers' item
-#    values taken anew after the walk, the persistent kernel an instance of its own; part 34).
-#    First a short call: HEAD_DIMS="64" and
-#    CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh; mbar_wait names a stuck barrier), the
-#    head-dims test (fused_dq on: run 138 hung there) and CudaBackwardLong.Persistent* each under
-#    `timeout 30` (all that: run_plan.sh pdebug $OUT, ~150 s with the build), judged by whether
-#    they hang and by their per-case failure lines (both tests' counts of cases fail in a build
-#    of one head dim). Then, if neither hangs nor fails a case:
-#    PAR=1 TESTS='*CudaBackward*' run_plan.sh ab $OUT bwd_persistent train_masked (main and the
-#    patched tree in one call: the default path's cost), and the patched tree's
-#    bench/gpu/bwd_persistent_run.sh for the switch against its own default.
-# B. (~120 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 41206 --seconds 90
-#    (run 136's campaign went on to seed 41205).
+# A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
+# barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
+# B. (~150 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 45232 --seconds 120
+#    (run 144's campaign went on to seed 45231).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16; the bits pass is 31 us now (run 121), so
 #    expect little: run only with time to spare.
-# 2. The dense forward against cuDNN, the baseline with pairs and turns (run 132, H100): d128
-#    0.89 / 0.87 causal at N 1024, 0.97 / 1.00 at 4096; d64 0.90 / 0.83, 0.96 / 0.96.
-# 3. A candidate not in the steps above: ab_band_bits.patch, a band's allowed columns of a row
-#    made as one run of bits (band_run_bits) in the forward's band_mask and the backward's band
-#    bits: the d64 forward's masked-tile block 247 -> 213 instructions (scripts/sass_loop.py;
-#    the rest: 64-bit bounds); ~1% at most on causal N 1024; it needs both passes' tests.
+# 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
+#    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
+#    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
 # 4. With what is left: SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4
 #    $OUT (the backward's list, last run 87-88), or run_plan.sh 7 $OUT '--masked --case
 #    alibi-causal' on the adopted tree.
@@ -53,7 +40,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): bits16 (step C), band_bits (step 3); decided in
+# The patches kept (bench/gpu/*.patch): bits16 (step C); band_bits adopted (3a58dbb), the
+# persistent backward dropped (in git at 63743d6); decided in
 # session 32 (in git at ede138e): and_tree, na_int64 and grid_patch_keys (main's changes
 # adopted), fwd_exp_poly (lost); fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs
 # 116 and 118 (git show 59e992f:bench/gpu/ab_bwd_kv_early.patch); fwd_lean and fwd_item_slot
@@ -79,7 +67,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, pdebug, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -101,30 +89,6 @@ build() {
 }
 case $step in
   1) bash scripts/gpu_cuda.sh "$out" --no-bench ;;
-  pdebug)  # step A's first call: the persistent backward's patch (/tmp/xp) and main (/tmp/xm,
-           # the control), head dim 64, mbar_wait's timeout on (it names a stuck barrier, then
-           # every wait gives up); the head-dims test (fused_dq) and the persistent test, each
-           # under timeout 60
-     for x in /tmp/xp /tmp/xm; do
-       rm -rf $x && mkdir -p $x
-       tar --exclude=./build-gpu -cf - . | tar -x -C $x
-     done
-     (cd /tmp/xp && patch -p1 -s < bench/gpu/ab_bwd_persistent.patch) || exit 1
-     for x in /tmp/xp /tmp/xm; do
-       (cd $x && HEAD_DIMS=64 CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT TEST_FILTER='CudaRules.*' \
-          bash scripts/gpu_cuda.sh "$out/${x#/tmp/}" --lean --no-bench 2>&1 |
-          grep -v "ptxas warn" | tail -2) &
-     done
-     wait
-     for x in /tmp/xp /tmp/xm; do
-       for t in 'CudaBackwardHeadDims.*' 'CudaBackwardLong.Persistent*'; do
-         echo "== $x $t"
-         (cd $x && timeout 60 build-gpu/tests/test_cuda --gtest_brief=1 --gtest_filter="$t" \
-            > "$out/${x#/tmp/}_${t%%.*}.log" 2>&1; echo "rc $?")
-         grep -E "stuck|conversion|error|FAILED|PASSED|ctas|d=" "$out/${x#/tmp/}_${t%%.*}.log" |
-           sort | uniq -c | sort -rn | head -25
-       done
-     done ;;
   ab) sets=${3:?patch sets} only=${4:?bench.py --only}
      # PAR=1: main's build and every tree's build and tests at once (a cold device's two
      # builds in ~1.4 of one's time instead of two).

@@ -1180,11 +1180,6 @@ __global__ void __launch_bounds__(384, 1)
   static_assert(kChunkRows >= 1, "the conversion's staging buffers");
   const int t = tid - 128, per_head = (nq + kChunkRows - 1) / kChunkRows;
   const int chunks = p.group * per_head;
-#ifdef ATTNKIT_DEBUG_MBAR_TIMEOUT
-  if (t == 0)
-    printf("fused_dq conversion: block (%d,%d,%d) nq %d group %d chunks %d of %d rows\n",
-           blockIdx.x, blockIdx.y, blockIdx.z, nq, p.group, chunks, kChunkRows);
-#endif
   auto buf = [&](int c) { return sK + (c & 1) * kChunkRows * kRowBytes; };
   auto chunk_rows = [&](int c) { return min(kChunkRows, nq - (c % per_head) * kChunkRows); };
   auto chunk_q0 = [&](int c) {
