@@ -840,8 +840,6 @@ TEST(TileBits, QuadBitsPickTheThreadsKeys) {
   }
 }
 
-// The CUDA backward tests a score's query column against the sequence's end with
-// cuda::query_bits: bit r * 16 + 2 c8 + e is set iff column c8 * 8 + e is below q_lim.
 // A window side of INT64_MAX means unbounded (stored as Mask::kUnboundedWindow, so that i' - left
 // and i' + right cannot overflow): such windows give causal's and dense's outputs, Nq < Nk and
 // Nq > Nk (the aligned index i' shifts either way).
@@ -907,6 +905,8 @@ TEST(BandFullTiles, AreTheTilesBandFindsFull) {
   }
 }
 
+// The CUDA backward tests a score's query column against the sequence's end with
+// cuda::query_bits: bit r * 16 + 2 c8 + e is set iff column c8 * 8 + e is below q_lim.
 TEST(TileBits, QueryBitsEndWhereTheSequenceDoes) {
   for (int q_lim = -70; q_lim <= 140; ++q_lim) {
     uint32_t expect = 0;
@@ -916,6 +916,26 @@ TEST(TileBits, QueryBitsEndWhereTheSequenceDoes) {
           if (c8 * 8 + e < q_lim) expect |= 1u << (r * 16 + 2 * c8 + e);
     ASSERT_EQ(cuda::query_bits(q_lim), expect) << "q_lim " << q_lim;
   }
+}
+
+// The CUDA kernels' band tests (the forward's band_mask, the backward's band bits) take a
+// thread's row as cuda::band_run_bits: bit 2 c + e is set iff column 8 c + e lies in [lo, hi],
+// for every pair of bounds tile_bound can give (-1 to the tile's width) and both widths.
+template <int kCols>
+void expect_band_run_bits() {
+  for (int lo = -1; lo <= kCols; ++lo)
+    for (int hi = -1; hi <= kCols; ++hi) {
+      uint32_t expect = 0;
+      for (int c = 0; c < kCols / 8; ++c)
+        for (int e = 0; e < 2; ++e)
+          if (8 * c + e >= lo && 8 * c + e <= hi) expect |= 1u << (2 * c + e);
+      ASSERT_EQ(cuda::band_run_bits<kCols>(lo, hi), expect)
+          << "width " << kCols << " lo " << lo << " hi " << hi;
+    }
+}
+TEST(TileBits, BandRunBitsAreTheBandsColumns) {
+  expect_band_run_bits<64>();
+  expect_band_run_bits<128>();
 }
 
 // The CUDA forward's pairs schedule (cuda/fwd_params.h, the default; =0 takes the counter) as its

@@ -186,19 +186,6 @@ __device__ __forceinline__ int tile_bound(int64_t v, int n) {
   return static_cast<int>(imax(imin(v, n), -1));
 }
 
-// A band's allowed columns x = 8 c + (e & 1) of a thread (c < kCols / 8; lo and hi from
-// tile_bound) as the bits k = 2 c + (e & 1) of a word: x rises with k, so they are one run,
-// made in a few instructions where a compare pair a column cost 2 kCols / 4.
-template <int kCols>
-__device__ __forceinline__ uint32_t band_run_bits(int lo, int hi) {
-  constexpr int kBits = kCols / 4;
-  static_assert(kBits <= 32, "one word a row");
-  const int kmin = lo <= 0 ? 0 : 2 * (lo >> 3) + min(lo & 7, 2);
-  const int kmax = hi < 0 ? -1 : min(2 * (hi >> 3) + min(hi & 7, 1), kBits - 1);
-  if (kmin > kmax) return 0u;
-  return static_cast<uint32_t>(((uint64_t{2} << kmax) - 1) & ~((uint64_t{1} << kmin) - 1));
-}
-
 // The fast kernel's masks are bands: key j is allowed for query i iff j < nk and
 // i' - left <= j <= i' + right (i' = i + offset). Masked scores become -inf.
 template <int kN>

@@ -1,6 +1,7 @@
 // A partial tile's element-mask bits (the block table's bit slots: a query row's keys one bit
 // each, 32 to a word) gathered into a thread's fragment order, host and device.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 
@@ -28,6 +29,20 @@ ATTNKIT_HD uint32_t query_bits(int q_lim) {
   if (rem >= 1) low |= 1u << (2 * full);
   if (rem >= 2) low |= 2u << (2 * full);
   return low | (low << 16);
+}
+
+// A band's allowed columns x = 8 c + e of a thread (c < kCols / 8, e = 0, 1; lo and hi the
+// band's bounds relative to the thread's first column, from tile_bound) as the bits 2 c + e of a
+// word: x rises with the bit index, so they are one run, made in a few instructions where a
+// compare pair a column cost 2 kCols / 4.
+template <int kCols>
+ATTNKIT_HD uint32_t band_run_bits(int lo, int hi) {
+  constexpr int kBits = kCols / 4;
+  static_assert(kBits <= 32, "one word a row");
+  const int kmin = lo <= 0 ? 0 : 2 * (lo >> 3) + std::min(lo & 7, 2);
+  const int kmax = hi < 0 ? -1 : std::min(2 * (hi >> 3) + std::min(hi & 7, 1), kBits - 1);
+  if (kmin > kmax) return 0u;
+  return static_cast<uint32_t>(((uint64_t{2} << kmax) - 1) & ~((uint64_t{1} << kmin) - 1));
 }
 
 // Grid tiles (the fast forward's 2-D neighborhood, FwdParams::grid): query tiles are 8 x 16
