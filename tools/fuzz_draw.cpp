@@ -13,6 +13,9 @@
 #include "attnkit/registry.h"
 #include "core/convert.h"
 #include "fuzz.h"
+#ifdef ATTNKIT_WITH_CUDA
+#include "cuda/forward.h"
+#endif
 
 namespace attnkit::tools {
 namespace {
@@ -59,19 +62,13 @@ std::vector<int64_t> divisors(int64_t n) {
   return r;
 }
 
-// The head dims of the CUDA kernels in this build ("...; head dims 64, 128").
+// The head dims d of the CUDA kernels in this build, each once (a draw of 192 may take dv 128).
 std::vector<int64_t> cuda_head_dims() {
-  const std::string info = cuda_build_info();
-  const size_t at = info.find("head dims ");
   std::vector<int64_t> dims;
-  for (size_t i = at == std::string::npos ? info.size() : at + 10; i < info.size();) {
-    char* end = nullptr;
-    const long x = std::strtol(info.c_str() + i, &end, 10);
-    if (end == info.c_str() + i) break;
-    dims.push_back(x);
-    i = end - info.c_str();
-    while (i < info.size() && (info[i] == ',' || info[i] == ' ')) ++i;
-  }
+#ifdef ATTNKIT_WITH_CUDA
+  for (const auto& [d, dv] : cuda::built_head_dims())
+    if (std::find(dims.begin(), dims.end(), d) == dims.end()) dims.push_back(d);
+#endif
   return dims.empty() ? std::vector<int64_t>{64, 128} : dims;
 }
 
