@@ -779,7 +779,9 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 // scratch, and the scratch is converted into fp32 and 16-bit dq: by a kernel of its own (fused
 // off) and by the last CTA of each (batch, kv head) group (ATTNKIT_CUDA_FUSED_DQ: a group's rows
 // up to the bound, here every group: 600 rows of 4 heads, past the default bound, included; kept
-// small for the sanitizers' runs).
+// small for the sanitizers' runs). The scratch is zeroed by the preparation in the first round
+// and by a memset before it in the second (ATTNKIT_CUDA_BWD_MEMSET; the gate takes the general
+// preparation, the others the vectorized one).
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -788,16 +790,16 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
       {DType::kBF16, {1, 4, 1, 600, 300, 64, 64}, true},
   };
   int seed = 671;
-  for (const char* fused : {"0", "65536"}) {
-    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused);
+  for (const auto& [fused, by_memset] : {std::pair{"0", "0"}, {"65536", "1"}}) {
+    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused), zero("ATTNKIT_CUDA_BWD_MEMSET", by_memset);
     for (const Case& c : cases)
-      for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap"})
+      for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap", "gate"})
         for (const bool grads16 : {false, true}) {
           if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
           const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
           EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " nq=" << c.dims.nq
-                            << " 16-bit grads=" << grads16 << " fused bound=" << fused << ": "
-                            << r.error;
+                            << " 16-bit grads=" << grads16 << " fused bound=" << fused
+                            << " memset=" << by_memset << ": " << r.error;
         }
   }
 }

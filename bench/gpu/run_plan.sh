@@ -11,6 +11,12 @@
 # build has no CLI: `cmake --build build-gpu --target attnkit_cli` before `attnkit fuzz`.
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
+# A. (~330 s with the lean build) run_plan.sh zeros $OUT: the backward's fp32 dq scratch
+#    zeroed by cudaMemsetAsync (ATTNKIT_CUDA_BWD_MEMSET=1, off by default) instead of by the
+#    preparation (bwd_prep_vec_kernel ~108 us at 16384 tokens x 16 heads: 128 MiB read, 128 MiB
+#    of zeros, ~2.5 TB/s; part 34). Expect the preparation to ~50 us and a memset of ~45 us:
+#    ~15 us saved a call (1.5-2% of the backward at N 1024 and on sliding). Adopt (the switch on
+#    by default) if the sum of the two drops; the DqTiles test runs the memset round.
 # B. (~150 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 45232 --seconds 120
 #    (run 144's campaign went on to seed 45231).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
@@ -67,7 +73,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, zeros, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -135,6 +141,17 @@ case $step in
            ${PROFILE:-1024 4096}
        fi
      done ;;
+  zeros)  # the scratch's zeros by a memset (ATTNKIT_CUDA_BWD_MEMSET=1) against the
+           # preparation's stores: the tests that run it, then each kernel's time with and without
+     TEST_TIMEOUT=300 TEST_FILTER='CudaBackwardLong.*:*CudaBackward.MatchesOracle/*' \
+       bash scripts/gpu_cuda.sh "$out/z" --lean --no-bench 2>&1 | grep -v "ptxas warn" | tail -3
+     grep -E "FAILED|Failure" "$out/z/test_cuda.log" | head -8
+     export PYTHONPATH=build-gpu/python LD_LIBRARY_PATH=$PWD/.carry/hwy/lib:${LD_LIBRARY_PATH:-}
+     timeout 150 python3 bench/gpu/profile_bwd.py --kernels --ab ATTNKIT_CUDA_BWD_MEMSET=1 \
+       1024 4096 16384 2>&1 | grep -v -i warn
+     timeout 150 python3 bench/gpu/profile_bwd.py --masked --kernels --ab \
+       ATTNKIT_CUDA_BWD_MEMSET=1 --case sliding1024-causal,document-causal,causal 2>&1 |
+       grep -v -i warn ;;
   3) build
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py \
        --only masked,neighborhood,train > "$out/bench.log" 2>&1

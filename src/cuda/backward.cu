@@ -226,7 +226,8 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
       if (p.dgain) atomicAdd(p.dgain + c * p.dgain_s, dy * o1[c] / rms);
     }
   }
-  for (int c = lane; c < p.d; c += 32) p.dq[b * p.dq_sb + h * p.dq_sh + row * p.dq_sn + c] = 0.f;
+  if (p.dq)  // else zeroed before (ATTNKIT_CUDA_BWD_MEMSET)
+    for (int c = lane; c < p.d; c += 32) p.dq[b * p.dq_sb + h * p.dq_sh + row * p.dq_sn + c] = 0.f;
 #pragma unroll
   for (int x = 16; x > 0; x /= 2) dot += __shfl_xor_sync(0xffffffff, dot, x);
   if (lane != 0) return;
@@ -271,9 +272,11 @@ __global__ void bwd_prep_vec_kernel(const __grid_constant__ PrepParams p, int gr
   const T* go = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + row * p.do_sn;
   float dot = dot8<T>(*reinterpret_cast<const uint4*>(go + 8 * j),
                       *reinterpret_cast<const uint4*>(o + 8 * j));
-  float* dq = p.dq + b * p.dq_sb + h * p.dq_sh + row * p.dq_sn;
-  for (int c = 4 * j; c < p.d; c += 4 * g)
-    *reinterpret_cast<float4*>(dq + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (p.dq) {  // else zeroed before (ATTNKIT_CUDA_BWD_MEMSET)
+    float* dq = p.dq + b * p.dq_sb + h * p.dq_sh + row * p.dq_sn;
+    for (int c = 4 * j; c < p.d; c += 4 * g)
+      *reinterpret_cast<float4*>(dq + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   const unsigned mask = g == 32 ? 0xffffffffu : ((1u << g) - 1) << (lane & ~(g - 1));
   for (int x = g / 2; x > 0; x /= 2) dot += __shfl_xor_sync(mask, dot, x);
   if (j != 0) return;
@@ -712,6 +715,13 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
       pp.dgain_s = dg.strides[0];
       e = fill_view(dg, nullptr, stream);
     }
+  }
+  // On trial (ATTNKIT_CUDA_BWD_MEMSET=1): the scratch zeroed whole by the driver's memset
+  // (its spare rows and padding columns too), the preparation only reading O and dO: half its
+  // bytes were the zeros, written at ~2.5 TB/s (gpu.md part 34).
+  if (e == cudaSuccess && env_switch("ATTNKIT_CUDA_BWD_MEMSET", false)) {
+    e = cudaMemsetAsync(bp.dq, 0, dq_bytes, stream);
+    pp.dq = nullptr;
   }
   if (e == cudaSuccess) {
     const dim3 grid(static_cast<unsigned>((bp.stat_stride + 7) / 8), static_cast<unsigned>(p.hq),
