@@ -804,6 +804,30 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   }
 }
 
+// The backward's grid with its first two dims swapped (ATTNKIT_CUDA_BWD_KT_MAJOR, on trial): the
+// band, tabled and general instances, GQA, fused_dq's count of a group's CTAs (its bound past
+// every group here) and the conversion kernel.
+TEST(CudaBackwardLong, KtMajorGridMatchesTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const ScopedEnv major("ATTNKIT_CUDA_BWD_KT_MAJOR", "force");
+  const Case cases[] = {
+      {DType::kBF16, {3, 4, 2, 333, 333, 128, 128}, false},
+      {DType::kF16, {2, 2, 1, 300, 520, 64, 64}, true},
+  };
+  int seed = 691;
+  for (const char* fused : {"0", "65536"}) {
+    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused);
+    for (const Case& c : cases)
+      for (const char* mech : {"dense", "causal", "document", "softcap"}) {
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        const bool grads16 = seed % 2 == 0;
+        const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
+        EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " fused bound=" << fused << ": "
+                          << r.error;
+      }
+  }
+}
+
 // Gradients a few bytes into their buffers: fp32 at 4 bytes (dq's rows are not 16-byte aligned,
 // the conversion from the scratch writes them, nor dk's and dv's pairs 8-byte aligned), 16-bit
 // at 4 and 2 (rows the copy engine cannot store: the threads' pairs, then single elements; run

@@ -16,7 +16,16 @@
 #    preparation (bwd_prep_vec_kernel ~108 us at 16384 tokens x 16 heads: 128 MiB read, 128 MiB
 #    of zeros, ~2.5 TB/s; part 34). Expect the preparation to ~50 us and a memset of ~45 us:
 #    ~15 us saved a call (1.5-2% of the backward at N 1024 and on sliding). Adopt (the switch on
-#    by default) if the sum of the two drops; the DqTiles test runs the memset round.
+#    by default) if the sum of the two drops; the DqTiles test runs the memset round. Its test
+#    list (CudaBackwardLong.*) has KtMajorGridMatchesTheOracle for step A2 too.
+# A2. (~250 s) run_plan.sh ktmajor $OUT: the backward's grid hk x num_k_tiles x batch
+#    (ATTNKIT_CUDA_BWD_KT_MAJOR, off by default): a batch's first key tiles, then its second, ...
+#    so that causal's long first key tiles start first and the short last ones end the launch.
+#    A list-scheduling model of causal's CTAs (132 SMs, a CTA's steps plus 3.3 fixed) puts the
+#    present order 5.6-6.5% above the balanced makespan at N 1024-8192 and this one 0.5-2%
+#    (groups of 16 kv heads): up to ~4-5% of bwd_kernel on causal and ALiBi causal. Risk: L2
+#    (a batch's Q and dO shared by its CTAs; =1 takes it only where they fit in 32 MiB, =force
+#    everywhere): watch dense at N 16384.
 # B. (~150 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 45232 --seconds 120
 #    (run 144's campaign went on to seed 45231).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
@@ -73,7 +82,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, zeros, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, zeros, ktmajor, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -151,6 +160,18 @@ case $step in
        1024 4096 16384 2>&1 | grep -v -i warn
      timeout 150 python3 bench/gpu/profile_bwd.py --masked --kernels --ab \
        ATTNKIT_CUDA_BWD_MEMSET=1 --case sliding1024-causal,document-causal,causal 2>&1 |
+       grep -v -i warn ;;
+  ktmajor)  # (after zeros, whose build it reuses) the backward's grid with a batch's key tiles
+            # in order (ATTNKIT_CUDA_BWD_KT_MAJOR; =1 where a batch's Q and dO fit in 32 MiB)
+     build
+     export PYTHONPATH=build-gpu/python LD_LIBRARY_PATH=$PWD/.carry/hwy/lib:${LD_LIBRARY_PATH:-}
+     for v in force 1; do
+       echo "== ATTNKIT_CUDA_BWD_KT_MAJOR=$v"
+       timeout 150 python3 bench/gpu/profile_bwd.py --kernels --ab ATTNKIT_CUDA_BWD_KT_MAJOR=$v \
+         1024 4096 16384 2>&1 | grep -v -i warn
+     done
+     timeout 150 python3 bench/gpu/profile_bwd.py --masked --kernels --ab \
+       ATTNKIT_CUDA_BWD_KT_MAJOR=force --case causal,alibi-causal,document-causal 2>&1 |
        grep -v -i warn ;;
   3) build
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py \
