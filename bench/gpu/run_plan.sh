@@ -21,7 +21,7 @@
 # A2. (~250 s) run_plan.sh ktmajor $OUT: the backward's grid hk x num_k_tiles x batch
 #    (ATTNKIT_CUDA_BWD_KT_MAJOR, off by default): a batch's first key tiles, then its second, ...
 #    so that causal's long first key tiles start first and the short last ones end the launch.
-#    A list-scheduling model of causal's CTAs (132 SMs, a CTA's steps plus 3.3 fixed) puts the
+#    A list-scheduling model of causal's CTAs (bench/gpu/bwd_schedule_model.py) puts the
 #    present order 5.6-6.5% above the balanced makespan at N 1024-8192 and this one 0.5-2%
 #    (groups of 16 kv heads): up to ~4-5% of bwd_kernel on causal and ALiBi causal. Risk: L2
 #    (a batch's Q and dO shared by its CTAs; =1 takes it only where they fit in 32 MiB, =force
