@@ -779,9 +779,11 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 // scratch, and the scratch is converted into fp32 and 16-bit dq: by a kernel of its own (fused
 // off) and by the last CTA of each (batch, kv head) group (ATTNKIT_CUDA_FUSED_DQ: a group's rows
 // up to the bound, here every group: 600 rows of 4 heads, past the default bound, included; kept
-// small for the sanitizers' runs). The scratch is zeroed by the preparation in the first round
-// and by a memset before it in the second (ATTNKIT_CUDA_BWD_MEMSET; the gate takes the general
-// preparation, the others the vectorized one).
+// small for the sanitizers' runs). The first round runs the defaults; the second the switches on
+// trial as well: the scratch zeroed by a memset before the preparation (ATTNKIT_CUDA_BWD_MEMSET;
+// the gate takes the general preparation, the others the vectorized one) and the grid's first
+// two dims swapped (ATTNKIT_CUDA_BWD_KT_MAJOR: the band and tabled instances, and fused_dq's
+// count of a group's CTAs under it).
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -790,8 +792,11 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
       {DType::kBF16, {1, 4, 1, 600, 300, 64, 64}, true},
   };
   int seed = 671;
-  for (const auto& [fused, by_memset] : {std::pair{"0", "0"}, {"65536", "1"}}) {
-    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused), zero("ATTNKIT_CUDA_BWD_MEMSET", by_memset);
+  for (const bool trial : {false, true}) {
+    const char* fused = trial ? "65536" : "0";
+    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused),
+        zero("ATTNKIT_CUDA_BWD_MEMSET", trial ? "1" : "0"),
+        major("ATTNKIT_CUDA_BWD_KT_MAJOR", trial ? "force" : "0");
     for (const Case& c : cases)
       for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap", "gate"})
         for (const bool grads16 : {false, true}) {
@@ -799,32 +804,8 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
           const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
           EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " nq=" << c.dims.nq
                             << " 16-bit grads=" << grads16 << " fused bound=" << fused
-                            << " memset=" << by_memset << ": " << r.error;
+                            << " switches on trial=" << trial << ": " << r.error;
         }
-  }
-}
-
-// The backward's grid with its first two dims swapped (ATTNKIT_CUDA_BWD_KT_MAJOR, on trial): the
-// band, tabled and general instances, GQA, fused_dq's count of a group's CTAs (its bound past
-// every group here) and the conversion kernel.
-TEST(CudaBackwardLong, KtMajorGridMatchesTheOracle) {
-  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  const ScopedEnv major("ATTNKIT_CUDA_BWD_KT_MAJOR", "force");
-  const Case cases[] = {
-      {DType::kBF16, {3, 4, 2, 333, 333, 128, 128}, false},
-      {DType::kF16, {2, 2, 1, 300, 520, 64, 64}, true},
-  };
-  int seed = 691;
-  for (const char* fused : {"0", "65536"}) {
-    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused);
-    for (const Case& c : cases)
-      for (const char* mech : {"dense", "causal", "document", "softcap"}) {
-        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-        const bool grads16 = seed % 2 == 0;
-        const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
-        EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " fused bound=" << fused << ": "
-                          << r.error;
-      }
   }
 }
 

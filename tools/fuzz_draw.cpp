@@ -10,7 +10,6 @@
 #include <numeric>
 #include <random>
 
-#include "attnkit/registry.h"
 #include "core/convert.h"
 #include "fuzz.h"
 #ifdef ATTNKIT_WITH_CUDA

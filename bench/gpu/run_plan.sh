@@ -16,8 +16,8 @@
 #    preparation (bwd_prep_vec_kernel ~108 us at 16384 tokens x 16 heads: 128 MiB read, 128 MiB
 #    of zeros, ~2.5 TB/s; part 34). Expect the preparation to ~50 us and a memset of ~45 us:
 #    ~15 us saved a call (1.5-2% of the backward at N 1024 and on sliding). Adopt (the switch on
-#    by default) if the sum of the two drops; the DqTiles test runs the memset round. Its test
-#    list (CudaBackwardLong.*) has KtMajorGridMatchesTheOracle for step A2 too.
+#    by default) if the sum of the two drops. DqTilesMatchTheOracle's second round runs both
+#    switches (this one and step A2's), so A's tests cover A2 too.
 # A2. (~250 s) run_plan.sh ktmajor $OUT: the backward's grid hk x num_k_tiles x batch
 #    (ATTNKIT_CUDA_BWD_KT_MAJOR, off by default): a batch's first key tiles, then its second, ...
 #    so that causal's long first key tiles start first and the short last ones end the launch.
