@@ -779,11 +779,11 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 // scratch, and the scratch is converted into fp32 and 16-bit dq: by a kernel of its own (fused
 // off) and by the last CTA of each (batch, kv head) group (ATTNKIT_CUDA_FUSED_DQ: a group's rows
 // up to the bound, here every group: 600 rows of 4 heads, past the default bound, included; kept
-// small for the sanitizers' runs). The first round runs the defaults; the second the switches on
-// trial as well: the scratch zeroed by a memset before the preparation (ATTNKIT_CUDA_BWD_MEMSET;
-// the gate takes the general preparation, the others the vectorized one) and the grid's first
-// two dims swapped (ATTNKIT_CUDA_BWD_KT_MAJOR: the band and tabled instances, and fused_dq's
-// count of a group's CTAs under it).
+// small for the sanitizers' runs). The first round runs the defaults (the scratch zeroed by a
+// memset before the preparation); the second the other paths: the zeros by the preparation
+// (ATTNKIT_CUDA_BWD_MEMSET=0; the gate takes the general preparation, the others the vectorized
+// one) and the grid's first two dims swapped (ATTNKIT_CUDA_BWD_KT_MAJOR, on trial: the band and
+// tabled instances, and fused_dq's count of a group's CTAs under it).
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -792,11 +792,11 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
       {DType::kBF16, {1, 4, 1, 600, 300, 64, 64}, true},
   };
   int seed = 671;
-  for (const bool trial : {false, true}) {
-    const char* fused = trial ? "65536" : "0";
+  for (const bool other : {false, true}) {
+    const char* fused = other ? "65536" : "0";
     const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused),
-        zero("ATTNKIT_CUDA_BWD_MEMSET", trial ? "1" : "0"),
-        major("ATTNKIT_CUDA_BWD_KT_MAJOR", trial ? "force" : "0");
+        zero("ATTNKIT_CUDA_BWD_MEMSET", other ? "0" : "1"),
+        major("ATTNKIT_CUDA_BWD_KT_MAJOR", other ? "force" : "0");
     for (const Case& c : cases)
       for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap", "gate"})
         for (const bool grads16 : {false, true}) {
@@ -804,7 +804,7 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
           const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
           EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " nq=" << c.dims.nq
                             << " 16-bit grads=" << grads16 << " fused bound=" << fused
-                            << " switches on trial=" << trial << ": " << r.error;
+                            << " other paths=" << other << ": " << r.error;
         }
   }
 }

@@ -44,7 +44,7 @@
 # Session 21 (part 20) adopted dq's conversion by each group's last CTA (+3-6% backward at N
 # 1024) and the d64 forward's O by the copy engine (+2-5%); the fused bound at 8192 rows lost.
 # A forward switch read from the environment A/Bs in one build: python3
-# bench/gpu/ab_env_fwd.py VAR=VAL [--d D] [--n N] (run 92). Each backward kernel's own duration
+# bench/gpu/ab_env.py VAR=VAL [--d D] [--n N] (run 92). Each backward kernel's own duration
 # under ncu: ncu --metrics gpu__time_duration.sum python3 bench/gpu/profile_bwd.py --once --d D N.
 # ab SETS ONLY: A/B in one run: main's build (reused where the device kept it) against copies of
 #    the tree, one per patch set (SETS: sets separated by ':', each a comma-separated list of

@@ -226,7 +226,7 @@ __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
       if (p.dgain) atomicAdd(p.dgain + c * p.dgain_s, dy * o1[c] / rms);
     }
   }
-  if (p.dq)  // else zeroed before (ATTNKIT_CUDA_BWD_MEMSET)
+  if (p.dq)  // else zeroed by a memset before (ATTNKIT_CUDA_BWD_MEMSET)
     for (int c = lane; c < p.d; c += 32) p.dq[b * p.dq_sb + h * p.dq_sh + row * p.dq_sn + c] = 0.f;
 #pragma unroll
   for (int x = 16; x > 0; x /= 2) dot += __shfl_xor_sync(0xffffffff, dot, x);
@@ -272,7 +272,7 @@ __global__ void bwd_prep_vec_kernel(const __grid_constant__ PrepParams p, int gr
   const T* go = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + row * p.do_sn;
   float dot = dot8<T>(*reinterpret_cast<const uint4*>(go + 8 * j),
                       *reinterpret_cast<const uint4*>(o + 8 * j));
-  if (p.dq) {  // else zeroed before (ATTNKIT_CUDA_BWD_MEMSET)
+  if (p.dq) {  // else zeroed by a memset before (ATTNKIT_CUDA_BWD_MEMSET)
     float* dq = p.dq + b * p.dq_sb + h * p.dq_sh + row * p.dq_sn;
     for (int c = 4 * j; c < p.d; c += 4 * g)
       *reinterpret_cast<float4*>(dq + c) = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -520,12 +520,16 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   bp.dbias_tma = f.fast_bias && grads.dbias.defined();
   bp.stat_stride = static_cast<int64_t>(f.num_q_tiles) * kM;
   bp.num_k_tiles = static_cast<int>((p.max_nk + kN - 1) / kN);
-  // On trial (BwdParams::kt_major; a grid's second dim holds 65535 at most): =1 where a batch's
-  // Q and dO rows fit in 32 MiB (its CTAs run together and share them through L2), =force
-  // wherever the grid allows.
+  // On trial (BwdParams::kt_major; a grid's second dim holds 65535 at most): =1 where the key
+  // tiles' work is uneven (a band with one side unbounded, as causal, or a block table) and a
+  // batch's Q and dO rows fit in 32 MiB (its CTAs run together and share them through L2),
+  // =force wherever the grid allows.
   if (const char* v = std::getenv("ATTNKIT_CUDA_BWD_KT_MAJOR"); v && bp.num_k_tiles <= 65535) {
     const int64_t batch_bytes = p.hq * p.max_nq * (p.d + p.dv) * 2;
-    bp.kt_major = std::string(v) == "force" || (v[0] == '1' && batch_bytes <= (int64_t{32} << 20));
+    const int64_t unbounded = int64_t{1} << 40;  // band_of's side without a bound
+    const bool uneven = !band_instance || ((left >= unbounded) != (right >= unbounded));
+    bp.kt_major = std::string(v) == "force" ||
+                  (v[0] == '1' && uneven && batch_bytes <= (int64_t{32} << 20));
   }
   bp.dk = g.dk.data;
   bp.dv = g.dv.data;
@@ -723,10 +727,11 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
       e = fill_view(dg, nullptr, stream);
     }
   }
-  // On trial (ATTNKIT_CUDA_BWD_MEMSET=1): the scratch zeroed whole by the driver's memset
-  // (its spare rows and padding columns too), the preparation only reading O and dO: half its
-  // bytes were the zeros, written at ~2.5 TB/s (gpu.md part 34).
-  if (e == cudaSuccess && env_switch("ATTNKIT_CUDA_BWD_MEMSET", false)) {
+  // The scratch zeroed whole by the driver's memset (its spare rows and padding columns too),
+  // the preparation only reading O and dO: the two took 98 us where the preparation's stores
+  // took 110 (d 64: 100 against 130; run 149, gpu.md part 36). ATTNKIT_CUDA_BWD_MEMSET=0 leaves
+  // the zeros to the preparation.
+  if (e == cudaSuccess && env_switch("ATTNKIT_CUDA_BWD_MEMSET", true)) {
     e = cudaMemsetAsync(bp.dq, 0, dq_bytes, stream);
     pp.dq = nullptr;
   }
