@@ -780,10 +780,9 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 // off) and by the last CTA of each (batch, kv head) group (ATTNKIT_CUDA_FUSED_DQ: a group's rows
 // up to the bound, here every group: 600 rows of 4 heads, past the default bound, included; kept
 // small for the sanitizers' runs). The first round runs the defaults (the scratch zeroed by a
-// memset before the preparation); the second the other paths: the zeros by the preparation
+// memset before the preparation); the second the zeros by the preparation
 // (ATTNKIT_CUDA_BWD_MEMSET=0; the gate takes the general preparation, the others the vectorized
-// one) and the grid's first two dims swapped (ATTNKIT_CUDA_BWD_KT_MAJOR, on trial: the band and
-// tabled instances, and fused_dq's count of a group's CTAs under it).
+// one).
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -795,8 +794,7 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   for (const bool other : {false, true}) {
     const char* fused = other ? "65536" : "0";
     const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused),
-        zero("ATTNKIT_CUDA_BWD_MEMSET", other ? "0" : "1"),
-        major("ATTNKIT_CUDA_BWD_KT_MAJOR", other ? "force" : "0");
+        zero("ATTNKIT_CUDA_BWD_MEMSET", other ? "0" : "1");
     for (const Case& c : cases)
       for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap", "gate"})
         for (const bool grads16 : {false, true}) {

@@ -1,33 +1,23 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 37; session 36's runs 140-148, gpu.md part 35: the
-# persistent backward measured and dropped, the band's bits as one run adopted), one call of
-# at most 600 s each:
+# The next device session's runs (session 38; session 37's runs 149-153, gpu.md part 36: the
+# dq scratch's zeros by a memset adopted, the key-tile-major grid and the preparation of 4 rows
+# a group dropped), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
-# device tool's held time, not the command's); a refused start costs ~90 s, so wait several
-# minutes between tries. Issue the next call as soon as one returns: the machine is released
-# ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda takes ~200 s). A --lean
-# build has no CLI: `cmake --build build-gpu --target attnkit_cli` before `attnkit fuzz`.
+# device tool's held time, not the command's); a refused start costs ~45-90 s, and for some
+# minutes after one every call is refused (15 s each): wait as long as the refusal says. Name
+# the kind (nvidia-h100-x1) on every call. Issue the next call as soon as one returns: the
+# machine is released ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda
+# takes ~200 s). A --lean build has no CLI: `cmake --build build-gpu --target attnkit_cli`
+# before `attnkit fuzz`. Switches read from the environment: A/B them in one build with
+# alternating rounds (python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds R] [--masked
+# NAMES]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by up to 5% (run 150).
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. (~330 s with the lean build) run_plan.sh zeros $OUT: the backward's fp32 dq scratch
-#    zeroed by cudaMemsetAsync (ATTNKIT_CUDA_BWD_MEMSET=1, off by default) instead of by the
-#    preparation (bwd_prep_vec_kernel ~108 us at 16384 tokens x 16 heads: 128 MiB read, 128 MiB
-#    of zeros, ~2.5 TB/s; part 34). Expect the preparation to ~50 us and a memset of ~45 us:
-#    ~15 us saved a call (1.5-2% of the backward at N 1024 and on sliding). Adopt (the switch on
-#    by default) if the sum of the two drops. DqTilesMatchTheOracle's second round runs both
-#    switches (this one and step A2's), so A's tests cover A2 too.
-# A2. (~250 s) run_plan.sh ktmajor $OUT: the backward's grid hk x num_k_tiles x batch
-#    (ATTNKIT_CUDA_BWD_KT_MAJOR, off by default): a batch's first key tiles, then its second, ...
-#    so that causal's long first key tiles start first and the short last ones end the launch.
-#    A list-scheduling model of causal's CTAs (bench/gpu/bwd_schedule_model.py) puts the
-#    present order 5.6-6.5% above the balanced makespan at N 1024-8192 and this one 0.5-2%
-#    (groups of 16 kv heads): up to ~4-5% of bwd_kernel on causal and ALiBi causal. Risk: L2
-#    (a batch's Q and dO shared by its CTAs; =1 takes it only where they fit in 32 MiB, =force
-#    everywhere): watch dense at N 16384.
-# B. (~150 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 45232 --seconds 120
-#    (run 144's campaign went on to seed 45231).
+# A. The preparation's reads (gpu.md Next item 0): 64 MiB in 55 us, ~1.2 TB/s (run 149).
+# B. (~150 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 52397 --seconds 120
+#    (run 153's campaign went on to seed 52396).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
 #    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
 #    ab_bits16.patch, a slot's rows in parts of 16; the bits pass is 31 us now (run 121), so
@@ -55,10 +45,10 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): bits16 (step C); band_bits adopted (3a58dbb), the
-# persistent backward dropped (in git at 63743d6); decided in
-# session 32 (in git at ede138e): and_tree, na_int64 and grid_patch_keys (main's changes
-# adopted), fwd_exp_poly (lost); fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs
+# The patches kept (bench/gpu/*.patch): bits16 (step C), prep_rows (lost in run 153);
+# band_bits adopted (3a58dbb), the persistent backward dropped (in git at 63743d6), the
+# key-tile-major grid dropped (in git at 4f02bfb); decided in session 32 (in git at ede138e):
+# and_tree, na_int64 and grid_patch_keys (main's changes adopted), fwd_exp_poly (lost); fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs
 # 116 and 118 (git show 59e992f:bench/gpu/ab_bwd_kv_early.patch); fwd_lean and fwd_item_slot
 # lost in run 114 (git show f0a091d:bench/gpu/ab_fwd_lean.patch).
 # In git history: tma_out_k and tma_out_grid (lost in run 94: git show
@@ -82,7 +72,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, zeros, ktmajor, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -150,29 +140,6 @@ case $step in
            ${PROFILE:-1024 4096}
        fi
      done ;;
-  zeros)  # the scratch's zeros by a memset (ATTNKIT_CUDA_BWD_MEMSET=1) against the
-           # preparation's stores: the tests that run it, then each kernel's time with and without
-     TEST_TIMEOUT=300 TEST_FILTER='CudaBackwardLong.*:*CudaBackward.MatchesOracle/*' \
-       bash scripts/gpu_cuda.sh "$out/z" --lean --no-bench 2>&1 | grep -v "ptxas warn" | tail -3
-     grep -E "FAILED|Failure" "$out/z/test_cuda.log" | head -8
-     export PYTHONPATH=build-gpu/python LD_LIBRARY_PATH=$PWD/.carry/hwy/lib:${LD_LIBRARY_PATH:-}
-     timeout 150 python3 bench/gpu/profile_bwd.py --kernels --ab ATTNKIT_CUDA_BWD_MEMSET=1 \
-       1024 4096 16384 2>&1 | grep -v -i warn
-     timeout 150 python3 bench/gpu/profile_bwd.py --masked --kernels --ab \
-       ATTNKIT_CUDA_BWD_MEMSET=1 --case sliding1024-causal,document-causal,causal 2>&1 |
-       grep -v -i warn ;;
-  ktmajor)  # (after zeros, whose build it reuses) the backward's grid with a batch's key tiles
-            # in order (ATTNKIT_CUDA_BWD_KT_MAJOR; =1 where a batch's Q and dO fit in 32 MiB)
-     build
-     export PYTHONPATH=build-gpu/python LD_LIBRARY_PATH=$PWD/.carry/hwy/lib:${LD_LIBRARY_PATH:-}
-     for v in force 1; do
-       echo "== ATTNKIT_CUDA_BWD_KT_MAJOR=$v"
-       timeout 150 python3 bench/gpu/profile_bwd.py --kernels --ab ATTNKIT_CUDA_BWD_KT_MAJOR=$v \
-         1024 4096 16384 2>&1 | grep -v -i warn
-     done
-     timeout 150 python3 bench/gpu/profile_bwd.py --masked --kernels --ab \
-       ATTNKIT_CUDA_BWD_KT_MAJOR=force --case causal,alibi-causal,document-causal 2>&1 |
-       grep -v -i warn ;;
   3) build
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py \
        --only masked,neighborhood,train > "$out/bench.log" 2>&1

@@ -520,17 +520,6 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   bp.dbias_tma = f.fast_bias && grads.dbias.defined();
   bp.stat_stride = static_cast<int64_t>(f.num_q_tiles) * kM;
   bp.num_k_tiles = static_cast<int>((p.max_nk + kN - 1) / kN);
-  // On trial (BwdParams::kt_major; a grid's second dim holds 65535 at most): =1 where the key
-  // tiles' work is uneven (a band with one side unbounded, as causal, or a block table) and a
-  // batch's Q and dO rows fit in 32 MiB (its CTAs run together and share them through L2),
-  // =force wherever the grid allows.
-  if (const char* v = std::getenv("ATTNKIT_CUDA_BWD_KT_MAJOR"); v && bp.num_k_tiles <= 65535) {
-    const int64_t batch_bytes = p.hq * p.max_nq * (p.d + p.dv) * 2;
-    const int64_t unbounded = int64_t{1} << 40;  // band_of's side without a bound
-    const bool uneven = !band_instance || ((left >= unbounded) != (right >= unbounded));
-    bp.kt_major = std::string(v) == "force" ||
-                  (v[0] == '1' && uneven && batch_bytes <= (int64_t{32} << 20));
-  }
   bp.dk = g.dk.data;
   bp.dv = g.dv.data;
   bp.dk_dtype = g.dk.dtype;

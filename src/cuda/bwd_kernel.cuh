@@ -105,12 +105,6 @@ struct BwdParams {
   int64_t du_sb = 0, du_sh = 0, du_sn = 0, du_sr = 1, dw_sb = 0, dw_sh = 0, dw_sn = 0, dw_sr = 1;
   bool extras = false;  // any of the above (but dbeta, summed with the weights)
   int num_k_tiles = 0;  // of the longest key sequence
-  // The grid's order (ATTNKIT_CUDA_BWD_KT_MAJOR, on trial; the band and tabled instances):
-  // false, a (kv head, batch) pair's key tiles one after another (grid num_k_tiles x hk x
-  // batch); true, a batch's kv heads' first key tiles, then their second, ... (grid hk x
-  // num_k_tiles x batch), so that causal's long first key tiles start first and its short last
-  // ones end the launch.
-  bool kt_major = false;
 };
 
 // Tensor maps of the backward: q, k, v as in the forward (boxes of 64 query rows and BwdShape::kN
@@ -325,11 +319,7 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t range_words = bars + 8 * (6 + 3 * kStages);
   static_assert(8 * (6 + 3 * kStages) + 8 <= 128, "the barriers' bytes");
 
-  // The CTA's key tile, kv head and batch (BwdParams::kt_major: the grid's first two dims
-  // swapped; not in the general instance, whose registers it would crowd).
-  const bool major = !kGeneral && bp.kt_major;
-  const int kt = major ? blockIdx.y : blockIdx.x, hk = major ? blockIdx.x : blockIdx.y;
-  const int b = blockIdx.z;
+  const int kt = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const SeqExtent seq = seq_extent(p, b);
   const int nq = seq.nq, nk = seq.nk;
   const int n0 = kt * kN;
@@ -1243,8 +1233,7 @@ cudaError_t launch_bwd(const BwdParams& p, const BwdMaps& maps, cudaStream_t str
                         : BwdShape<kD, kDV, kGeneral>::kSmemBytes;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid = !kGeneral && p.kt_major ? dim3(p.f.hk, p.num_k_tiles, p.f.batch)
-                                            : dim3(p.num_k_tiles, p.f.hk, p.f.batch);
+  const dim3 grid(p.num_k_tiles, p.f.hk, p.f.batch);
   kernel<<<grid, BwdShape<kD, kDV, kGeneral>::kThreads, smem, stream>>>(p, maps);
   return cudaGetLastError();
 }
