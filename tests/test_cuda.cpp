@@ -779,10 +779,10 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 // scratch, and the scratch is converted into fp32 and 16-bit dq: by a kernel of its own (fused
 // off) and by the last CTA of each (batch, kv head) group (ATTNKIT_CUDA_FUSED_DQ: a group's rows
 // up to the bound, here every group: 600 rows of 4 heads, past the default bound, included; kept
-// small for the sanitizers' runs). The first round runs the defaults (the scratch zeroed by a
-// memset before the preparation); the second the zeros by the preparation
-// (ATTNKIT_CUDA_BWD_MEMSET=0; the gate takes the general preparation, the others the vectorized
-// one).
+// small for the sanitizers' runs). The first round converts by the kernel of its own, the
+// scratch zeroed by a memset before the preparation (the default); the second converts in the
+// kernel, the zeros by the preparation (ATTNKIT_CUDA_BWD_MEMSET=0; the gate takes the general
+// preparation, the others the vectorized one).
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {

@@ -57,6 +57,8 @@ def inputs(b, h, n, d, bwd):
 
 def main():
     var, val = sys.argv[1].split("=", 1)
+    if var in os.environ:
+        sys.exit("ab_env.py: %s is set already; unset it first" % var)
     bwd = "--bwd" in sys.argv
     rounds = numbers("--rounds", [3])[0]
     run = lambda *a: timed(var, val, bwd, rounds, *a)
@@ -69,7 +71,11 @@ def main():
         n, b, h, d = 8192, 2, 16, 128
         q, k, v, go = inputs(b, h, n, d, bwd)
         picked = sys.argv[sys.argv.index("--masked") + 1].split(",")
-        for name, kw, _, _, frac in bench.with_cached(bench.masked_cases(n, h)):
+        cases = list(bench.with_cached(bench.masked_cases(n, h)))
+        unknown = set(picked) - {c[0] for c in cases}
+        if unknown:
+            sys.exit("ab_env.py: no masked case named %s" % ", ".join(sorted(unknown)))
+        for name, kw, _, _, frac in cases:
             if name in picked:
                 flops = 4 * b * h * n * n * d * frac * (2.5 if bwd else 1)
                 run(name, flops, lambda: attnkit.attention(q, k, v, **kw), q, k, v, go)

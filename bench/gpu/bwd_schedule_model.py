@@ -4,8 +4,9 @@ the query tiles of 64 rows from its diagonal on, plus a fixed cost in steps), ta
 order by 132 SMs, one CTA each at a time: each order's makespan against the balanced one
 (the work over 132). Orders: kt fastest (the present grid), a batch's kv heads' tiles kt-major
 and every pair's tiles kt-major. (The second, tried as ATTNKIT_CUDA_BWD_KT_MAJOR in runs
-150-152, gained 1-3% at d128 causal N <= 8192 and lost elsewhere, up to 7% dense: L2 and the
-GPU's own block order, which the model leaves out; dropped, gpu.md part 36.)
+150-152, gained 1-3% at d128 causal N <= 8192 and on document masks, lost at d64 causal and
+up to 7% dense: L2 and the GPU's own block order, which the model leaves out; dropped, gpu.md
+part 36.)
 
 Usage: python3 bench/gpu/bwd_schedule_model.py [--fixed STEPS]"""
 import argparse

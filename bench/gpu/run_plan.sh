@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 38; session 37's runs 149-153, gpu.md part 36: the
+# The next device session's runs (session 38; session 37's runs 149-154, gpu.md part 36: the
 # dq scratch's zeros by a memset adopted, the key-tile-major grid and the preparation of 4 rows
 # a group dropped), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
@@ -15,7 +15,10 @@
 # NAMES]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by up to 5% (run 150).
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. The preparation's reads (gpu.md Next item 0): 64 MiB in 55 us, ~1.2 TB/s (run 149).
+# A. The backward's small kernels are near their rates (part 36: the preparation reads O and
+#    dO at ~2.4 TB/s; 4 rows a group and its LSE loaded early gained nothing); their times by
+#    PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py --kernels --d 128 1024
+#    (stable to +-1 us from run to run). Next: gpu.md Next items 1-2 (the short forward).
 # B. (~150 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 52397 --seconds 120
 #    (run 153's campaign went on to seed 52396).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
@@ -45,12 +48,13 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): bits16 (step C), prep_rows (lost in run 153);
+# The patches kept (bench/gpu/*.patch): bits16 (step C), prep_rows (lost in run 153; on 082e02b);
 # band_bits adopted (3a58dbb), the persistent backward dropped (in git at 63743d6), the
 # key-tile-major grid dropped (in git at 4f02bfb); decided in session 32 (in git at ede138e):
-# and_tree, na_int64 and grid_patch_keys (main's changes adopted), fwd_exp_poly (lost); fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs
-# 116 and 118 (git show 59e992f:bench/gpu/ab_bwd_kv_early.patch); fwd_lean and fwd_item_slot
-# lost in run 114 (git show f0a091d:bench/gpu/ab_fwd_lean.patch).
+# and_tree, na_int64 and grid_patch_keys (main's changes adopted), fwd_exp_poly (lost);
+# fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs 116 and 118 (git show
+# 59e992f:bench/gpu/ab_bwd_kv_early.patch); fwd_lean and fwd_item_slot lost in run 114 (git
+# show f0a091d:bench/gpu/ab_fwd_lean.patch).
 # In git history: tma_out_k and tma_out_grid (lost in run 94: git show
 # 5a9b5ac:bench/gpu/ab_fwd_tma_out_k.patch), turns (c6e0c31), chains, wait_top and lazy (part
 # 17), the backward's lean and uniform ones at e88edb0, early dQ at cd98b26, fused dq at 0cdd834.

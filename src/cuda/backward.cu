@@ -634,7 +634,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   double* dsinks = grads.dsinks.defined()
                        ? reinterpret_cast<double*>(base + copy_bytes + stat_bytes)
                        : nullptr;
-  if (dsinks) e = cudaMemsetAsync(dsinks, 0, sink_bytes, stream);
+  if (e == cudaSuccess && dsinks) e = cudaMemsetAsync(dsinks, 0, sink_bytes, stream);
   if (bp.fused_dq)
     bp.group_done = reinterpret_cast<int*>(base + copy_bytes + stat_bytes + sink_bytes);
   bp.dq = reinterpret_cast<float*>(base + copy_bytes + stat_bytes + sink_bytes + done_bytes);
