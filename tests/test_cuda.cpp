@@ -782,7 +782,8 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 // small for the sanitizers' runs). The first round converts by the kernel of its own, the
 // scratch zeroed by a memset before the preparation (the default); the second converts in the
 // kernel, the zeros by the preparation (ATTNKIT_CUDA_BWD_MEMSET=0; the gate takes the general
-// preparation, the others the vectorized one).
+// preparation, the others the vectorized one), and the band instance launched as the
+// preparation's programmatic dependent (ATTNKIT_CUDA_BWD_PDL=1, on trial).
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -794,7 +795,8 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   for (const bool other : {false, true}) {
     const char* fused = other ? "65536" : "0";
     const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused),
-        zero("ATTNKIT_CUDA_BWD_MEMSET", other ? "0" : "1");
+        zero("ATTNKIT_CUDA_BWD_MEMSET", other ? "0" : "1"),
+        pdl("ATTNKIT_CUDA_BWD_PDL", other ? "1" : "0");
     for (const Case& c : cases)
       for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap", "gate"})
         for (const bool grads16 : {false, true}) {

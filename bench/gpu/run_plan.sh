@@ -15,10 +15,13 @@
 # NAMES]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by up to 5% (run 150).
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. The backward's small kernels are near their rates (part 36: the preparation reads O and
-#    dO at ~2.4 TB/s; 4 rows a group and its LSE loaded early gained nothing); their times by
-#    PYTHONPATH=build-gpu/python python3 bench/gpu/profile_bwd.py --kernels --d 128 1024
-#    (stable to +-1 us from run to run). Next: gpu.md Next items 1-2 (the short forward).
+# A. (~250 s) run_plan.sh pdl $OUT: the band instance of the backward launched as the
+#    preparation's programmatic dependent (ATTNKIT_CUDA_BWD_PDL=1, off by default; compiled
+#    here, not run): its CTAs' barriers and K and V loads overlap the preparation's last wave
+#    and the launch's gap. Expect ~5 us a call (~0.5-1% at N 1024, less beyond). The tests
+#    first (DqTilesMatchTheOracle's second round runs it), then 5 alternating rounds. The
+#    backward's small kernels are near their rates (part 36: the preparation reads O and dO
+#    at ~2.4 TB/s; 4 rows a group and its LSE loaded early gained nothing).
 # B. (~150 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 52397 --seconds 120
 #    (run 153's campaign went on to seed 52396).
 # C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
@@ -76,7 +79,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, pdl, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -144,6 +147,15 @@ case $step in
            ${PROFILE:-1024 4096}
        fi
      done ;;
+  pdl)  # the backward as the preparation's programmatic dependent: tests, then A/B rounds
+     TEST_TIMEOUT=200 TEST_FILTER='CudaBackwardLong.*:*CudaBackward.MatchesOracle/*' \
+       bash scripts/gpu_cuda.sh "$out/p" --lean --no-bench 2>&1 | grep -v "ptxas warn" | tail -2
+     grep -E "FAILED|Failure" "$out/p/test_cuda.log" | head -8
+     export PYTHONPATH=build-gpu/python LD_LIBRARY_PATH=$PWD/.carry/hwy/lib:${LD_LIBRARY_PATH:-}
+     timeout 150 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_BWD_PDL=1 --bwd --rounds 5 \
+       --n 1024 4096 2>&1 | grep -v -i warn
+     timeout 100 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_BWD_PDL=1 --bwd --rounds 5 \
+       --masked causal,sliding1024-causal 2>&1 | grep -v -i warn ;;
   3) build
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py \
        --only masked,neighborhood,train > "$out/bench.log" 2>&1
