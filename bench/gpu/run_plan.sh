@@ -19,7 +19,9 @@
 #    preparation's programmatic dependent (ATTNKIT_CUDA_BWD_PDL=1, off by default; compiled
 #    here, not run): its CTAs' barriers and K and V loads overlap the preparation's last wave
 #    and the launch's gap. Expect ~5 us a call (~0.5-1% at N 1024, less beyond). The tests
-#    first (DqTilesMatchTheOracle's second round runs it), then 5 alternating rounds. The
+#    first (DqTilesMatchTheOracle's second round runs it; every backward test runs the waits,
+#    which return at once without the switch: main's default path since 70f0a09, not yet run
+#    on a GPU), then 5 alternating rounds. The
 #    backward's small kernels are near their rates (part 36: the preparation reads O and dO
 #    at ~2.4 TB/s; 4 rows a group and its LSE loaded early gained nothing).
 # B. (~150 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 52397 --seconds 120
