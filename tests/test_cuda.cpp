@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -792,11 +793,10 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
       {DType::kBF16, {1, 4, 1, 600, 300, 64, 64}, true},
   };
   int seed = 671;
-  for (const bool other : {false, true}) {
-    const char* fused = other ? "65536" : "0";
-    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused),
-        zero("ATTNKIT_CUDA_BWD_MEMSET", other ? "0" : "1"),
-        pdl("ATTNKIT_CUDA_BWD_PDL", other ? "1" : "0");
+  for (const auto& [fused, by_memset, pdl] :
+       {std::tuple{"0", "1", "0"}, std::tuple{"65536", "0", "1"}}) {
+    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused), zero("ATTNKIT_CUDA_BWD_MEMSET", by_memset),
+        dependent("ATTNKIT_CUDA_BWD_PDL", pdl);
     for (const Case& c : cases)
       for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap", "gate"})
         for (const bool grads16 : {false, true}) {
@@ -804,7 +804,7 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
           const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
           EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " nq=" << c.dims.nq
                             << " 16-bit grads=" << grads16 << " fused bound=" << fused
-                            << " other paths=" << other << ": " << r.error;
+                            << " memset=" << by_memset << " pdl=" << pdl << ": " << r.error;
         }
   }
 }

@@ -53,10 +53,11 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): bits16 (step C), prep_rows (lost in run 153; on 082e02b);
-# band_bits adopted (3a58dbb), the persistent backward dropped (in git at 63743d6), the
-# key-tile-major grid dropped (in git at 4f02bfb); decided in session 32 (in git at ede138e):
-# and_tree, na_int64 and grid_patch_keys (main's changes adopted), fwd_exp_poly (lost);
+# The patches kept (bench/gpu/*.patch): bits16 (step C); prep_rows lost in run 153 (git show
+# 72a2af9:bench/gpu/ab_prep_rows.patch); band_bits adopted (3a58dbb), the persistent backward
+# dropped (in git at 63743d6), the key-tile-major grid dropped (in git at 4f02bfb); decided
+# in session 32 (in git at ede138e): and_tree, na_int64 and grid_patch_keys (main's changes
+# adopted), fwd_exp_poly (lost);
 # fwd_grid_bits is on main (8fe1878), bwd_kv_early lost in runs 116 and 118 (git show
 # 59e992f:bench/gpu/ab_bwd_kv_early.patch); fwd_lean and fwd_item_slot lost in run 114 (git
 # show f0a091d:bench/gpu/ab_fwd_lean.patch).
