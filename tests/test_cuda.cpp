@@ -411,12 +411,16 @@ const Case kWalkCases[] = {
 // run on across items, among them items without a key tile (bottom-right causal rows before the
 // first key); the fast kernel under no mask (items of one length dealt round-robin, no counter),
 // under a band, ALiBi and a softcap (in pairs), with the block table (items from the counter), the
-// general one (tiles past shorter packed sequences: the varlen test of test_torch.py).
+// general one (tiles past shorter packed sequences: the varlen test of test_torch.py). The
+// second round launches each kernel as a programmatic dependent of the one before it
+// (ATTNKIT_CUDA_FWD_PDL=1, on trial: after the block table's kernels where there is one).
 TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   int seed = 401;
-  for (const char* ctas : {"5", "1"}) {
-    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
+  for (const auto& [ctas, pdl] : {std::pair{"5", "0"}, std::pair{"1", "1"}}) {
+    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas),
+        dependent("ATTNKIT_CUDA_FWD_PDL", pdl);
+    SCOPED_TRACE(std::string("CTAs ") + ctas + ", pdl " + pdl);
     for (const Case& c : kWalkCases) {
       for (const char* mech :
            {"dense", "causal", "sliding_window", "document", "sink", "alibi", "softcap", "gate"}) {

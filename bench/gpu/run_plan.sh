@@ -151,14 +151,17 @@ case $step in
        fi
      done ;;
   pdl)  # the backward as the preparation's programmatic dependent: tests, then A/B rounds
-     TEST_TIMEOUT=200 TEST_FILTER='CudaBackwardLong.*:*CudaBackward.MatchesOracle/*' \
+     TEST_TIMEOUT=200 \
+       TEST_FILTER='CudaBackwardLong.*:*CudaBackward.MatchesOracle/*:*PersistentWalkMatches*' \
        bash scripts/gpu_cuda.sh "$out/p" --lean --no-bench 2>&1 | grep -v "ptxas warn" | tail -2
      grep -E "FAILED|Failure" "$out/p/test_cuda.log" | head -8
      export PYTHONPATH=build-gpu/python LD_LIBRARY_PATH=$PWD/.carry/hwy/lib:${LD_LIBRARY_PATH:-}
      timeout 150 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_BWD_PDL=1 --bwd --rounds 5 \
        --n 1024 4096 2>&1 | grep -v -i warn
      timeout 100 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_BWD_PDL=1 --bwd --rounds 5 \
-       --masked causal,sliding1024-causal 2>&1 | grep -v -i warn ;;
+       --masked causal,sliding1024-causal 2>&1 | grep -v -i warn
+     timeout 120 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_PDL=1 --rounds 5 --n 1024 4096 \
+       2>&1 | grep -v -i warn ;;
   3) build
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py \
        --only masked,neighborhood,train > "$out/bench.log" 2>&1

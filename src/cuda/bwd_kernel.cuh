@@ -1248,17 +1248,7 @@ cudaError_t launch_bwd(const BwdParams& p, const BwdMaps& maps, cudaStream_t str
     kernel<<<grid, kThreads, smem, stream>>>(p, maps);
     return cudaGetLastError();
   }
-  cudaLaunchAttribute pdl;
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &pdl;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, p, maps);
+  return launch_dependent(kernel, grid, dim3(kThreads), smem, stream, p, maps);
 }
 
 }  // namespace attnkit::cuda
