@@ -411,16 +411,12 @@ const Case kWalkCases[] = {
 // run on across items, among them items without a key tile (bottom-right causal rows before the
 // first key); the fast kernel under no mask (items of one length dealt round-robin, no counter),
 // under a band, ALiBi and a softcap (in pairs), with the block table (items from the counter), the
-// general one (tiles past shorter packed sequences: the varlen test of test_torch.py). The
-// second round launches each kernel as a programmatic dependent of the one before it
-// (ATTNKIT_CUDA_FWD_PDL=1, on trial: after the block table's kernels where there is one).
+// general one (tiles past shorter packed sequences: the varlen test of test_torch.py).
 TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   int seed = 401;
-  for (const auto& [ctas, pdl] : {std::pair{"5", "0"}, std::pair{"1", "1"}}) {
-    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas),
-        dependent("ATTNKIT_CUDA_FWD_PDL", pdl);
-    SCOPED_TRACE(std::string("CTAs ") + ctas + ", pdl " + pdl);
+  for (const char* ctas : {"5", "1"}) {
+    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
     for (const Case& c : kWalkCases) {
       for (const char* mech :
            {"dense", "causal", "sliding_window", "document", "sink", "alibi", "softcap", "gate"}) {
@@ -787,8 +783,7 @@ TEST(CudaBackwardLong, LongSequencesMatchTheOracle) {
 // small for the sanitizers' runs). The first round converts by the kernel of its own, the
 // scratch zeroed by a memset before the preparation (the default); the second converts in the
 // kernel, the zeros by the preparation (ATTNKIT_CUDA_BWD_MEMSET=0; the gate takes the general
-// preparation, the others the vectorized one), and the band instance launched as the
-// preparation's programmatic dependent (ATTNKIT_CUDA_BWD_PDL=1, on trial).
+// preparation, the others the vectorized one).
 TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -797,10 +792,8 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
       {DType::kBF16, {1, 4, 1, 600, 300, 64, 64}, true},
   };
   int seed = 671;
-  for (const auto& [fused, by_memset, pdl] :
-       {std::tuple{"0", "1", "0"}, std::tuple{"65536", "0", "1"}}) {
-    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused), zero("ATTNKIT_CUDA_BWD_MEMSET", by_memset),
-        dependent("ATTNKIT_CUDA_BWD_PDL", pdl);
+  for (const auto& [fused, by_memset] : {std::pair{"0", "1"}, std::pair{"65536", "0"}}) {
+    const ScopedEnv env("ATTNKIT_CUDA_FUSED_DQ", fused), zero("ATTNKIT_CUDA_BWD_MEMSET", by_memset);
     for (const Case& c : cases)
       for (const char* mech : {"dense", "causal", "sliding_window", "document", "softcap", "gate"})
         for (const bool grads16 : {false, true}) {
@@ -808,7 +801,7 @@ TEST(CudaBackwardLong, DqTilesMatchTheOracle) {
           const CheckResult r = backward_on_gpu(mech, c, seed++, grads16);
           EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " nq=" << c.dims.nq
                             << " 16-bit grads=" << grads16 << " fused bound=" << fused
-                            << " memset=" << by_memset << " pdl=" << pdl << ": " << r.error;
+                            << " memset=" << by_memset << ": " << r.error;
         }
   }
 }

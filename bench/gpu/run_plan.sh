@@ -1,40 +1,31 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 38; session 37's runs 149-154, gpu.md part 36: the
-# dq scratch's zeros by a memset adopted, the key-tile-major grid and the preparation of 4 rows
-# a group dropped), one call of at most 600 s each:
+# The next device session's runs (session 39; session 38's runs 155-160, gpu.md part 37:
+# programmatic dependent launches, forward and backward, gained nothing and were dropped; the
+# bits pass in 16-row parts lost; memcheck clean, racecheck only its known handoffs), one call
+# of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
 # device tool's held time, not the command's); a refused start costs ~45-90 s, and for some
-# minutes after one every call is refused (15 s each): wait as long as the refusal says. Name
-# the kind (nvidia-h100-x1) on every call. Issue the next call as soon as one returns: the
-# machine is released ~30 s after a call. Keep each tree's TESTS short (the whole test_cuda
-# takes ~200 s). A --lean build has no CLI: `cmake --build build-gpu --target attnkit_cli`
+# minutes after one every call is refused (15 s each): wait as long as the refusal says; the
+# nvidia-h200 kind may come back on an H100 when nvidia-h100-x1 is refused (session 38). Issue
+# the next call as soon as one returns: the machine is released ~30 s after a call. Keep each
+# tree's TESTS short (the whole test_cuda takes ~200 s). A --lean build has no CLI: `cmake --build build-gpu --target attnkit_cli`
 # before `attnkit fuzz`. Switches read from the environment: A/B them in one build with
 # alternating rounds (python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds R] [--masked
-# NAMES]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by up to 5% (run 150).
+# NAMES]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by up to 5% (run 150),
+# and 5 rounds' medians moved by 1-2% between runs 155 and 157: count a gain only beyond that.
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. (~250 s) run_plan.sh pdl $OUT: the band instance of the backward launched as the
-#    preparation's programmatic dependent (ATTNKIT_CUDA_BWD_PDL=1, off by default; compiled
-#    here, not run): its CTAs' barriers and K and V loads overlap the preparation's last wave
-#    and the launch's gap. Expect ~5 us a call (~0.5-1% at N 1024, less beyond). The tests
-#    first (DqTilesMatchTheOracle's second round runs it; every backward test runs the waits,
-#    which return at once without the switch: main's default path since 70f0a09, not yet run
-#    on a GPU), then 5 alternating rounds. The
-#    backward's small kernels are near their rates (part 36: the preparation reads O and dO
-#    at ~2.4 TB/s; 4 rows a group and its LSE loaded early gained nothing).
-# B. (~150 s, with a CLI build) ./build-gpu/attnkit fuzz --device cuda --seed 52397 --seconds 120
-#    (run 153's campaign went on to seed 52396).
-# C. (~300 s) PAR=1 TESTS='CudaRules*' AGAIN=0 PROFILE='--masked --kernels --case
-#    document-causal,neighborhood13x13' run_plan.sh ab $OUT bits16 neighborhood,train_masked:
-#    ab_bits16.patch, a slot's rows in parts of 16; the bits pass is 31 us now (run 121), so
-#    expect little: run only with time to spare.
+# Nothing is prepared for session 39: main's default path is what runs 151-152 validated (the
+# session-38 code removed). With a new change, its tests and `ab_env.py` rounds first, then
+# step 1 on the adopted tree. Racecheck prints every report now (run 159 printed 100 of 156):
+#   SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4 $OUT (~60 s).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
 # 4. With what is left: SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4
-#    $OUT (the backward's list, last run 87-88), or run_plan.sh 7 $OUT '--masked --case
+#    $OUT (the backward's list, last run 159), or run_plan.sh 7 $OUT '--masked --case
 #    alibi-causal' on the adopted tree.
 # Session 22 (part 21): the uniform warpgroup index adopted (+1-1.5% d128 N >= 4096, softcap
 # +8%); O of the d128 forward by the copy engine lost 4-7% at N >= 4096 (the steady loop grew);
@@ -53,7 +44,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): bits16 (step C); prep_rows lost in run 153 (git show
+# The patches kept (bench/gpu/*.patch): none; bits16 lost in run 160 (git show
+# ffe0624:bench/gpu/ab_bits16.patch), prep_rows lost in run 153 (git show
 # 72a2af9:bench/gpu/ab_prep_rows.patch); band_bits adopted (3a58dbb), the persistent backward
 # dropped (in git at 63743d6), the key-tile-major grid dropped (in git at 4f02bfb); decided
 # in session 32 (in git at ede138e): and_tree, na_int64 and grid_patch_keys (main's changes
@@ -150,18 +142,6 @@ case $step in
            ${PROFILE:-1024 4096}
        fi
      done ;;
-  pdl)  # the backward as the preparation's programmatic dependent: tests, then A/B rounds
-     TEST_TIMEOUT=200 \
-       TEST_FILTER='CudaBackwardLong.*:*CudaBackward.MatchesOracle/*:*PersistentWalkMatches*' \
-       bash scripts/gpu_cuda.sh "$out/p" --lean --no-bench 2>&1 | grep -v "ptxas warn" | tail -2
-     grep -E "FAILED|Failure" "$out/p/test_cuda.log" | head -8
-     export PYTHONPATH=build-gpu/python LD_LIBRARY_PATH=$PWD/.carry/hwy/lib:${LD_LIBRARY_PATH:-}
-     timeout 150 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_BWD_PDL=1 --bwd --rounds 5 \
-       --n 1024 4096 2>&1 | grep -v -i warn
-     timeout 100 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_BWD_PDL=1 --bwd --rounds 5 \
-       --masked causal,sliding1024-causal 2>&1 | grep -v -i warn
-     timeout 120 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_PDL=1 --rounds 5 --n 1024 4096 \
-       2>&1 | grep -v -i warn ;;
   3) build
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py \
        --only masked,neighborhood,train > "$out/bench.log" 2>&1

@@ -159,7 +159,6 @@ __device__ __forceinline__ void store_softmax_stats(const PrepParams& p, const P
 // and the row's share of dsinks (-exp(sink - LSE) D). Rows past the sequence (up to the padded
 // stat_stride) get lse2 = +inf (no weight) and D = 0.
 __global__ void bwd_prep_kernel(const __grid_constant__ PrepParams p) {
-  griddep_launch_dependents();  // (BwdParams::pdl: the backward's CTAs once these are placed)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int i = blockIdx.x * 8 + warp, h = blockIdx.y, b = blockIdx.z;
   if (i >= p.stat_stride) return;
@@ -262,7 +261,6 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 // 40).
 template <typename T>
 __global__ void bwd_prep_vec_kernel(const __grid_constant__ PrepParams p, int group_log2) {
-  griddep_launch_dependents();  // (as in bwd_prep_kernel)
   const int g = 1 << group_log2, j = threadIdx.x & (g - 1), lane = threadIdx.x % 32;
   const int i = blockIdx.x * (256 >> group_log2) + (threadIdx.x >> group_log2);
   const int h = blockIdx.y, b = blockIdx.z;
@@ -522,7 +520,6 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   bp.dbias_tma = f.fast_bias && grads.dbias.defined();
   bp.stat_stride = static_cast<int64_t>(f.num_q_tiles) * kM;
   bp.num_k_tiles = static_cast<int>((p.max_nk + kN - 1) / kN);
-  bp.pdl = band_instance && env_switch("ATTNKIT_CUDA_BWD_PDL", false);  // on trial
   bp.dk = g.dk.data;
   bp.dv = g.dv.data;
   bp.dk_dtype = g.dk.dtype;

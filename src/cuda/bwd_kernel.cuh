@@ -105,11 +105,6 @@ struct BwdParams {
   int64_t du_sb = 0, du_sh = 0, du_sn = 0, du_sr = 1, dw_sb = 0, dw_sh = 0, dw_sn = 0, dw_sr = 1;
   bool extras = false;  // any of the above (but dbeta, summed with the weights)
   int num_k_tiles = 0;  // of the longest key sequence
-  // On trial (ATTNKIT_CUDA_BWD_PDL=1; the band instance): launched as a programmatic dependent
-  // of the kernel before it (the preparation), so that a CTA's barriers and its K and V loads
-  // overlap that kernel's last CTAs; every thread waits for it (griddep_wait) before it reads or
-  // adds to what it wrote (the stats, dq's scratch, group_done).
-  bool pdl = false;
 };
 
 // Tensor maps of the backward: q, k, v as in the forward (boxes of 64 query rows and BwdShape::kN
@@ -329,7 +324,6 @@ __global__ void __launch_bounds__(384, 1)
   const int nq = seq.nq, nk = seq.nk;
   const int n0 = kt * kN;
   if (n0 >= nk) {  // no keys here; with fused_dq, still counted (and perhaps the group's last)
-    griddep_wait();  // (BwdParams::pdl; at once without it)
     if (bp.fused_dq) {
       volatile int* last = reinterpret_cast<volatile int*>(smem_raw);
       if (threadIdx.x == 0) *last = count_group_done(bp, b, hk);
@@ -434,8 +428,6 @@ __global__ void __launch_bounds__(384, 1)
     qt_begin = lo;
     qt_end = max(lo, hi + 1);
   }
-  // BwdParams::pdl: thread 0 issues K and V first.
-  if (tid != 0) griddep_wait();
 
   if (wg == 0) {
     // Producer.
@@ -454,7 +446,6 @@ __global__ void __launch_bounds__(384, 1)
       for (int c = 0; c < kDVp / 64; ++c)
         tma_load_4d(sV + c * kN * 128, &maps.qkv.v, bar_kv, c * 64, k_row, hk * maps.qkv.v_hm,
                     bb * maps.qkv.v_bm);
-      griddep_wait();
       int it = 0;
       for (int h = h_begin; h < h_end; ++h)
         for (int qt = qt_begin; qt < qt_end; ++qt) {
@@ -1243,12 +1234,8 @@ cudaError_t launch_bwd(const BwdParams& p, const BwdMaps& maps, cudaStream_t str
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   const dim3 grid(p.num_k_tiles, p.f.hk, p.f.batch);
-  constexpr int kThreads = BwdShape<kD, kDV, kGeneral>::kThreads;
-  if (!p.pdl || kGeneral || kTabled) {  // (the tables' kernels come before the others)
-    kernel<<<grid, kThreads, smem, stream>>>(p, maps);
-    return cudaGetLastError();
-  }
-  return launch_dependent(kernel, grid, dim3(kThreads), smem, stream, p, maps);
+  kernel<<<grid, BwdShape<kD, kDV, kGeneral>::kThreads, smem, stream>>>(p, maps);
+  return cudaGetLastError();
 }
 
 }  // namespace attnkit::cuda

@@ -132,8 +132,6 @@ Status forward(const core::Problem& p, bool dry_run) {
   f.turns_run_on = f.pingpong && env_switch("ATTNKIT_CUDA_FWD_TURNS", true);
   // O by the copy engine where the fast instance has room (d_v = 64; ATTNKIT_CUDA_TMA_OUT=0: off).
   f.tma_out = fast && !grid && env_switch("ATTNKIT_CUDA_TMA_OUT", true) && encode_out(p, &maps, 64);
-  // On trial: the kernel as a programmatic dependent of the one before it (FwdParams::pdl).
-  f.pdl = env_switch("ATTNKIT_CUDA_FWD_PDL", false);
   // Work items: query tiles of every (b, h), walked by one CTA a multiprocessor (epilogues and
   // the next item's loads overlap). ATTNKIT_CUDA_PERSISTENT_FWD=0 launches one CTA an item, =n
   // n CTAs (for measurements and tests).

@@ -205,20 +205,16 @@ __global__ void __launch_bounds__(384, 1)
       mbar_init(empty_v(st), 8);
     }
     mbar_init_fence();
-    tma_prefetch_map(&maps.q);
-    tma_prefetch_map(&maps.k);
-    tma_prefetch_map(&maps.v);
   }
-  // FwdParams::pdl: the next kernel's CTAs may start as this one's end, and this one's wait
-  // for the kernel before it (both return at once without the launch attribute).
-  griddep_launch_dependents();
   __syncthreads();
-  griddep_wait();
 
   if (wg == 0) {
     // Producer.
     regs_dec<S::kProducerRegs>();
     if (tid == 0) {
+      tma_prefetch_map(&maps.q);
+      tma_prefetch_map(&maps.k);
+      tma_prefetch_map(&maps.v);
       int it = 0;  // the ring's tiles so far
       // Item j goes to slot j % 2 (-1 ends the walk). The first is blockIdx.x (or its first
       // pair's); the next come from the counter (persistent, unequal items), the CTA's pairs
@@ -672,11 +668,8 @@ cudaError_t launch_fwd(const FwdParams& p, const TmaMaps& maps, cudaStream_t str
   if (e != cudaSuccess) return e;
   if (p.num_items == 0) return cudaSuccess;
   const dim3 grid(p.persistent > 0 ? std::min(p.persistent, p.num_items) : p.num_items);
-  if (!p.pdl) {
-    kernel<<<grid, S::kThreads, smem, stream>>>(p, maps);
-    return cudaGetLastError();
-  }
-  return launch_dependent(kernel, grid, dim3(S::kThreads), smem, stream, p, maps);
+  kernel<<<grid, S::kThreads, smem, stream>>>(p, maps);
+  return cudaGetLastError();
 }
 
 }  // namespace attnkit::cuda

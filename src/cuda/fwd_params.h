@@ -99,10 +99,6 @@ struct FwdParams {
   // the inputs' dtype, dv = 64, no varlen), in the instances with room (FwdShape::kTmaOut).
   bool tma_out = false;
   bool raw_output = false;  // out receives O before ReLA's RMS and gain (and no gate)
-  // On trial (ATTNKIT_CUDA_FWD_PDL=1, the fast kernel): launched as a programmatic dependent of
-  // the kernel before it in the stream, so that its CTAs start and set up their barriers while
-  // that one's last CTAs run; every thread waits for it (griddep_wait) before touching memory.
-  bool pdl = false;
 
   // Masks. The fast kernel knows only bands: allowed(i, j) = i' - left <= j <= i' + right
   // (left, right may be "infinite"). The general kernel evaluates the mask tree.
