@@ -10,11 +10,12 @@
 # minutes after one every call is refused (15 s each): wait as long as the refusal says; the
 # nvidia-h200 kind may come back on an H100 when nvidia-h100-x1 is refused (session 38). Issue
 # the next call as soon as one returns: the machine is released ~30 s after a call. Keep each
-# tree's TESTS short (the whole test_cuda takes ~200 s). A --lean build has no CLI:
-# `cmake --build build-gpu --target attnkit_cli` before `attnkit fuzz`. Switches read from the
-# environment: A/B them in one build with alternating rounds (python3 bench/gpu/ab_env.py
-# VAR=VAL [--bwd] [--rounds R] [--masked NAMES]); one measurement a case (profile_bwd.py
-# --ab) moved bwd_kernel by up to 5% (run 150), and 5 rounds' medians moved by 1-2% between runs 155 and 157: count a gain only beyond that.
+# tree's TESTS short (the whole test_cuda takes ~200 s). A --lean build has no CLI: `cmake --build
+# build-gpu --target attnkit_cli` before `attnkit fuzz`. Switches read from the environment: A/B
+# them in one build with alternating rounds (python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds
+# R] [--masked NAMES]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by up to 5%
+# (run 150), and 5 rounds' medians moved by 1-2% between runs 155 and 157: count a gain only beyond
+# that.
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
 # Nothing is prepared for session 39: main's default path is what runs 151-152 validated (the
