@@ -18,11 +18,16 @@
 # that.
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# Nothing is prepared for session 39: main's default path is what runs 151-152 validated (the
-# session-38 code removed). With a new change, its tests and `ab_env.py` rounds first, then
-# step 1 on the adopted tree (the next lever, several sessions: d64 tiles of 192 rows, three
-# consumer warpgroups; gpu.md Next item 2). Racecheck prints every report now (run 159 printed
-# 100 of 156):
+# A. (~300 s) PAR=1 TEST_TIMEOUT=150 run_plan.sh ab $OUT fwd_rows192 dense: the d64 forward's
+#    tiles of 192 rows, three consumer warpgroups (bench/gpu/ab_fwd_rows192.patch, prepared in
+#    session 38, compiled, never run; on in its tree, ATTNKIT_CUDA_FWD_ROWS192=0 there gives 128
+#    rows): the patched tree's tests (CudaFastPath's, Rows192MatchTheOracle among them, and the
+#    forward's oracle tests), then bench.py --only dense with both trees. Predicted: d64 +5-10% at N
+#    >= 4096, N 1024 less or a loss (5 1/3 tiles of 192 a head). The turns' named barriers (a ring
+#    of three) are the new part: a hang there is no mbarrier's (the debug timeout above does not see
+#    it; the tests' timeout ends it). If it gains: step 1 on the patched tree, then main.
+# Main's default path is what runs 151-152 validated (session 38's code removed). Racecheck
+# prints every report now (run 159 printed 100 of 156):
 #   SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4 $OUT (~60 s).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
@@ -47,7 +52,7 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): none; bits16 lost in run 160 (git show
+# The patches kept (bench/gpu/*.patch): fwd_rows192 (step A); bits16 lost in run 160 (git show
 # ffe0624:bench/gpu/ab_bits16.patch), prep_rows lost in run 153 (git show
 # 72a2af9:bench/gpu/ab_prep_rows.patch); band_bits adopted (3a58dbb), the persistent backward
 # dropped (in git at 63743d6), the key-tile-major grid dropped (in git at 4f02bfb); decided
