@@ -64,7 +64,8 @@ sanitize_all="$o/dense:$o/sliding_window:$o/document:$o/sigmoid:$o/gate:CudaFast
 sanitize_all+=":$b/causal:$b/document:$b/sink:$b/gate:CudaBackwardLong.DqTilesMatchTheOracle"
 if [[ " $* " == *" --sanitize "* ]]; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-    compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 100000 build-gpu/tests/test_cuda \
+    compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 100000 \
+      build-gpu/tests/test_cuda \
       --gtest_filter="${SANITIZE_FILTER:-$sanitize_all}${SANITIZE_SKIP:+-$SANITIZE_SKIP}" \
       > "$out/sanitize_$tool.log" 2>&1; echo "compute-sanitizer $tool: rc $?"; tail -2 "$out/sanitize_$tool.log"
   done
