@@ -435,7 +435,8 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
 // softcap (d 128) and a 16-bit bias under causal (the kBias instance) on the fast kernel.
 TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  const ScopedEnv pairs("ATTNKIT_CUDA_FWD_PAIRS", "1");
+  // (the 128-row tiles: Rows192MatchTheOracle walks the 192-row ones in pairs)
+  const ScopedEnv pairs("ATTNKIT_CUDA_FWD_PAIRS", "1"), rows("ATTNKIT_CUDA_FWD_ROWS192", "0");
   const tools::json bias16 = {{"bias_dtype", "input"}};
   int seed = 451;
   for (const char* ctas : {"3", "8", "20", "40"}) {
@@ -449,6 +450,40 @@ TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
   }
 }
 
+// Query tiles of 192 rows, three consumer warpgroups (ATTNKIT_CUDA_FWD_ROWS192=force: every d =
+// dv = 64 call under no mask or a band without mods, not only those forward.cu picks), against
+// the oracle: 333 and 1030 query rows (tiles ending after one or two warpgroups' rows, so whole
+// warpgroups walk rows past the end), bottom-right rows without keys (700 x 333 queries over keys
+// and 333 x 700), GQA, sinks, both dtypes; one CTA an item, the persistent walk (round-robin,
+// pairs under a band, 1 and 5 CTAs), and the turns once an item; the fast instances the switch
+// leaves alone (d 128, a table, ALiBi) too. =force makes a call that should take the 192-row
+// tiles and does not an error.
+TEST(CudaFastPath, Rows192MatchTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 333, 700, 64, 64}, false},
+      {DType::kF16, {1, 6, 3, 1030, 1030, 64, 64}, true},
+      {DType::kBF16, {1, 2, 1, 700, 333, 64, 64}, false},
+      {DType::kBF16, {1, 2, 1, 400, 400, 128, 128}, false},
+  };
+  int seed = 481;
+  for (const auto& [ctas, turns] :
+       {std::pair{"", "1"}, std::pair{"0", "1"}, std::pair{"5", "1"}, std::pair{"1", "0"}}) {
+    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas),
+        once("ATTNKIT_CUDA_FWD_TURNS", turns);
+    SCOPED_TRACE(std::string("CTAs '") + ctas + "', turns run on " + turns);
+    for (const Case& c : cases)
+      for (const char* mech : {"dense", "causal", "sliding_window", "sink", "document", "alibi"}) {
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        // force: an error unless the call takes the 192-row tiles (d 64 under no mask or a band)
+        const bool taken =
+            c.dims.d == 64 && std::string(mech) != "document" && std::string(mech) != "alibi";
+        const ScopedEnv rows("ATTNKIT_CUDA_FWD_ROWS192", taken ? "force" : "1");
+        expect_matches(mech, c, 2.0, seed++);
+      }
+  }
+}
+
 // The orders before runs 120-122 (ATTNKIT_CUDA_FWD_TURNS=0: the consumer warpgroups' turns once
 // an item, the last P V inside them; ATTNKIT_CUDA_FWD_PAIRS=0: a band's items from the counter),
 // kept for measurements; the defaults run in every other test. 1 and 5 CTAs walking items with
@@ -456,7 +491,8 @@ TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
 // grid tiles), the general kernel.
 TEST(CudaFastPath, TurnsOnceAnItemMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-  const ScopedEnv turns("ATTNKIT_CUDA_FWD_TURNS", "0"), pairs("ATTNKIT_CUDA_FWD_PAIRS", "0");
+  const ScopedEnv turns("ATTNKIT_CUDA_FWD_TURNS", "0"), pairs("ATTNKIT_CUDA_FWD_PAIRS", "0"),
+      rows("ATTNKIT_CUDA_FWD_ROWS192", "0");  // (Rows192MatchTheOracle: the 192-row turns)
   const tools::json bias16 = {{"bias_dtype", "input"}};
   int seed = 471;
   for (const char* ctas : {"5", "1"}) {
@@ -488,9 +524,10 @@ TEST(CudaFastPath, OByTheCopyEngineMatchesTheOracle) {
       {DType::kBF16, {3, 2, 1, 64, 64, 64, 64}, true},
   };
   int seed = 901;
-  for (const char* on : {"1", "0"})
+  // (d 64 under a band: 192-row tiles, then 128, by the copy engine; 192 by the threads)
+  for (const auto& [on, rows192] : {std::pair{"1", "1"}, std::pair{"1", "0"}, std::pair{"0", "1"}})
     for (const char* ctas : {"1", "5"}) {
-      const ScopedEnv env("ATTNKIT_CUDA_TMA_OUT", on);
+      const ScopedEnv env("ATTNKIT_CUDA_TMA_OUT", on), rows("ATTNKIT_CUDA_FWD_ROWS192", rows192);
       const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
       for (const Case& c : cases) {
         for (const char* mech :

@@ -3,7 +3,8 @@ dense pass (bf16, N(0, 1) inputs, b = 16384 / n) timed with VAR=VAL and without,
 ROUNDS times, medians of do_bench's medians; forward FLOPs 4 b h n^2 d (half that causal), the
 backward's 2.5x that (timed alone, autograd.grad on one saved forward).
 With --masked NAME[,NAME], bench.py's masked cases of those names instead (N 8192, b 2, h 16,
-d 128; FLOPs counted by their density; "document-causal cached" with a MaskCache).
+d 128 or the first --d; FLOPs counted by their density; "document-causal cached" with a
+MaskCache).
 Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds R]
   [--causal | --dense] [--d D ...] [--n N ...] [--masked NAMES]   (defaults: forward, 3 rounds,
   both masks, d 64 and 128, n 1024 and 4096)
@@ -65,10 +66,10 @@ def main():
     print("%s, %d rounds" % ("backward" if bwd else "forward", rounds))
     print("%-22s %9s %9s %7s  %s" % ("case", "without", var + "=" + val, "ratio",
                                      "each round's ratio"))
-    if "--masked" in sys.argv:  # bench.py's masked cases (N 8192, b 2, h 16, d 128)
+    if "--masked" in sys.argv:  # bench.py's masked cases (N 8192, b 2, h 16, d 128 or --d D)
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench
-        n, b, h, d = 8192, 2, 16, 128
+        n, b, h, d = 8192, 2, 16, numbers("--d", [128])[0]
         q, k, v, go = inputs(b, h, n, d, bwd)
         picked = sys.argv[sys.argv.index("--masked") + 1].split(",")
         cases = list(bench.with_cached(bench.masked_cases(n, h)))

@@ -94,10 +94,14 @@ Status forward(const core::Problem& p, bool dry_run) {
   const int kn = dp <= 128 && dvp <= 128 ? 128 : 64;
   DeviceScope device(p.device_index);  // before the tensor maps: the encoder needs a context
   TmaMaps maps;
-  const char* bad = encode_maps(p, &maps, 128, kn);
-  if (bad)
+  auto encode = [&](int q_tile) -> Status {
+    const char* bad = encode_maps(p, &maps, q_tile, kn);
+    if (!bad) return {};
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
+  };
+  st = encode(128);
+  if (!st.ok()) return st;
   // Plain softmax under a band runs the fast kernel alone; under any other mask, the fast kernel
   // with the block table when every partial tile gets its bits.
   // ALiBi alone is one FMA a score on the fast kernel.
@@ -121,6 +125,32 @@ Status forward(const core::Problem& p, bool dry_run) {
   const bool fast = grid || (plain && (band || GeneralTables::covers(p, 128, kn)));
   // Every flavor but the fast kernel under a band and the grid tiles builds a block table.
   const bool tabled = !(grid || (fast && band));
+  // Query tiles of 192 rows, three consumer warpgroups (FwdParams::rows192), where d = dv = 64
+  // under no mask or a band, no mods. Runs 162-167 (H100, d64 bf16, b = 16384 / N, against 128
+  // rows, alternating rounds): without a mask +4% at N 1024, +9% at 2048, +11% at 3072, +7% at
+  // 4096, +12% at 8192; causal -11% at N 1024 and -6% at 2048 (5 1/3 and 10 2/3 tiles a head),
+  // +7.5% at 3072, +2-3% at 4096, +6% at 8192; a 1024-key sliding window -13% (N 8192). So they
+  // run without a mask, and causal from 3072 query rows on; other bands keep 128 rows.
+  // ATTNKIT_CUDA_FWD_ROWS192=0: never, =1: wherever they can run, =force: that, and an error
+  // where they cannot (for tests and measurements).
+  const int64_t whole = p.max_nq + p.max_nk;
+  const bool unmasked = band && left >= whole && right >= whole;
+  const bool causal = band && left >= whole && right == 0;
+  const bool rows192_can = fast && band && !grid && !f.has_mods && inst.d == 64 && inst.dv == 64;
+  const char* rows192_env = std::getenv("ATTNKIT_CUDA_FWD_ROWS192");
+  const std::string rows192_set = rows192_env ? rows192_env : "";
+  if (!rows192_can && rows192_set == "force")
+    return fail(StatusCode::kInvalidArgument, "ATTNKIT_CUDA_FWD_ROWS192=force: this call does ",
+                "not take 192-row tiles (d = dv = 64, no mask or a band, no mods)");
+  const bool rows192_pays = unmasked || (causal && p.max_nq >= 3072);
+  if (rows192_can && rows192_set != "0" &&
+      (rows192_pays || rows192_set == "1" || rows192_set == "force")) {
+    f = FwdParams{};
+    fill_params(p, 192, &f);
+    f.rows192 = true;
+    st = encode(192);
+    if (!st.ok()) return st;
+  }
   if (tabled) {
     const Status fit = GeneralTables::fits(p, kn);
     if (!fit.ok()) return fit;
@@ -137,8 +167,9 @@ Status forward(const core::Problem& p, bool dry_run) {
   // n CTAs (for measurements and tests).
   const int64_t items = int64_t{f.num_q_tiles} * p.hq * f.batch;
   if (items > std::numeric_limits<int>::max())
-    return fail(StatusCode::kInvalidArgument, "batch * heads * query tiles (of 128 rows, or grid patches) = ",
-                str(items), " query tiles: the CUDA forward takes at most 2^31 - 1");
+    return fail(StatusCode::kInvalidArgument,
+                "batch * heads * query tiles (of 128 or 192 rows, or grid patches) = ", str(items),
+                " query tiles: the CUDA forward takes at most 2^31 - 1");
   // can_run: every rule checked, nothing launched.
   st = tensor_maps_ready(dry_run);
   if (!st.ok() || dry_run) return st;
@@ -162,8 +193,7 @@ Status forward(const core::Problem& p, bool dry_run) {
   // where the CTAs are fewer than the items, again without a counter (pair_first; runs 120, 122,
   // H100: causal +1.5-3%, d64 N 1024 +0.3%, the rest unchanged; ATTNKIT_CUDA_FWD_PAIRS=0 takes
   // the counter, for measurements), on at most as many CTAs as there are pairs.
-  const int64_t whole = p.max_nq + p.max_nk;
-  const bool even = fast && band && left >= whole && right >= whole && !p.varlen;
+  const bool even = fast && unmasked && !p.varlen;
   const bool pairs = !even && fast && band && !p.varlen && sms > 0 && sms < f.num_items &&
                      env_switch("ATTNKIT_CUDA_FWD_PAIRS", true);
   if (pairs) sms = static_cast<int>(std::min<int64_t>(sms, pair_count(int64_t{p.hq} * f.batch,

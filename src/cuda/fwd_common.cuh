@@ -31,10 +31,11 @@ struct TmaMaps {
   int o_hm = 1, o_bm = 1;
 };
 
-// Tiles of a (D, DV) instantiation: 128 query rows (two warpgroups of 64) by kN keys.
-template <int kD, int kDV>
+// Tiles of a (D, DV) instantiation: kRows query rows (a consumer warpgroup's 64 each: 128 or,
+// FwdParams::rows192, 192) by kN keys.
+template <int kD, int kDV, int kRows = 128>
 struct FwdTiles {
-  static constexpr int kM = 128;
+  static constexpr int kM = kRows;
   static constexpr int kDp = (kD + 63) / 64 * 64;  // head dims padded to whole 64-column panels
   static constexpr int kDVp = (kDV + 63) / 64 * 64;
   static constexpr int kN = (kDp <= 128 && kDVp <= 128) ? 128 : 64;  // keys per tile

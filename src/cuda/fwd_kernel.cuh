@@ -1,15 +1,16 @@
 // The CUDA forward kernel (sm_90a), in the FlashAttention-3 arrangement.
 //
-// A CTA of three warpgroups computes a 128-row query tile of one (batch, query head):
+// A CTA of three warpgroups (four with 192 rows) computes a 128-row (or 192-row, kRows) query
+// tile of one (batch, query head):
 // - warpgroup 0 is the producer: one thread issues the bulk tensor copies (TMA) of Q and of the
 //   K and V tiles (and, with kBias, a bias tile) into a ring of shared-memory stages; each copy
 //   completes on its stage's "full" mbarrier, and a stage is refilled once every consumer warp
 //   has arrived on its "empty" mbarrier. It gives most of its registers away (setmaxnreg).
-// - warpgroups 1 and 2 are consumers of 64 rows each. Within a warpgroup, S = Q K^T of tile j is
+// - warpgroups 1 and 2 (and 3) are consumers of 64 rows each. Within a warpgroup, S = Q K^T of tile j is
 //   issued together with O += P V of tile j - 1 (P from registers, V read transposed from the
 //   128B-swizzled tile), so the normalization of tile j runs while the tensor cores work on P V.
-//   Between the two warpgroups, named barriers take turns at issuing (ping-pong) so that one
-//   warpgroup's normalization overlaps the other's matrix multiplies; the turns run on across
+//   Between the consumer warpgroups, named barriers take turns at issuing (ping-pong, a ring)
+//   so that one warpgroup's normalization overlaps the others' matrix multiplies; the turns run on across
 //   items (FwdParams::turns_run_on), so one's rows are stored while the other computes.
 // No CTA-wide barrier is taken after the prologue. A CTA walks work items (FwdWork): one, or
 // with FwdParams::persistent (one CTA a multiprocessor) as many as it takes from a counter, in
@@ -44,10 +45,11 @@
 
 namespace attnkit::cuda {
 
-template <int kD, int kDV>
-struct FwdShape : FwdTiles<kD, kDV> {
-  using Base = FwdTiles<kD, kDV>;
-  static constexpr int kThreads = 384;  // producer + 2 consumer warpgroups
+template <int kD, int kDV, int kRows = 128>
+struct FwdShape : FwdTiles<kD, kDV, kRows> {
+  using Base = FwdTiles<kD, kDV, kRows>;
+  static constexpr int kConsumers = Base::kM / 64;  // consumer warpgroups, 64 rows each
+  static constexpr int kThreads = 128 * (1 + kConsumers);  // and the producer's
   static constexpr int kBarBytes = 256;  // the mbarriers and the schedule's two slots
   static constexpr int kStageBytes = Base::kKBytes + Base::kVBytes;
   static constexpr int kStages =
@@ -58,10 +60,12 @@ struct FwdShape : FwdTiles<kD, kDV> {
       Base::kQBytes + 3 * (kStageBytes + kBiasBytes) + 1024 + kBarBytes <= 227 * 1024 ? 3 : 2;
   // O's rows staged for the copy engine (FwdParams::tma_out) where they fit beside three stages
   // (with bias tiles too): one 64-column panel, 64 rows a consumer warpgroup.
+  // (192 rows have no bias instance: no room kept for its tiles.)
   static constexpr int kOStageBytes = Base::kM * 128;
+  static constexpr int kBiasRoom = Base::kM == 128 ? kBiasBytes : 0;
   static constexpr bool kTmaOut =
       Base::kDVp == 64 &&
-      Base::kQBytes + 3 * (kStageBytes + kBiasBytes) + kOStageBytes + 1024 + kBarBytes <=
+      Base::kQBytes + 3 * (kStageBytes + kBiasRoom) + kOStageBytes + 1024 + kBarBytes <=
           227 * 1024;
   static constexpr int kOBytes = kTmaOut ? kOStageBytes : 0;
   static constexpr int kSmemBytes =
@@ -71,9 +75,10 @@ struct FwdShape : FwdTiles<kD, kDV> {
   static_assert(kBiasSmemBytes <= 227 * 1024, "two stages with bias tiles must fit");
   // The producer's release (168 - 24 a thread, the launch's cap) pays the consumers' rise (240 -
   // 168): setmaxnreg.inc waits for free registers, so a producer at 32 would hang (run 60).
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // Three consumer warpgroups: 128 at launch, 24 and 160.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;  // a thread's at launch: 168
-  static_assert(128 * (kProducerRegs + 2 * kConsumerRegs) <= kThreads * kLaunchRegs,
+  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= kThreads * kLaunchRegs,
                 "setmaxnreg would wait forever");
 };
 
@@ -151,11 +156,14 @@ struct FwdWork {
   }
 };
 
-template <class T, int kD, int kDV, bool kGeneral, bool kBias = false, bool kGrid = false>
-__global__ void __launch_bounds__(384, 1)
+template <class T, int kD, int kDV, bool kGeneral, bool kBias = false, bool kGrid = false,
+          int kRows = 128>
+__global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
     fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMaps maps) {
-  using S = FwdShape<kD, kDV>;
+  using S = FwdShape<kD, kDV, kRows>;
   static_assert(!kGrid || (!kGeneral && !kBias), "grid tiles: the plain fast flavor only");
+  static_assert(kRows == 128 || (!kGeneral && !kBias && !kGrid), "192 rows: the plain fast one");
+  constexpr int kConsumers = S::kConsumers, kWarps = 4 * kConsumers;
   using Work = FwdWork<S::kM, S::kN, kGrid>;
   using Tag = typename ElemTraits<T>::Tag;
   constexpr int kM = S::kM, kN = S::kN, kDp = S::kDp, kDVp = S::kDVp;
@@ -192,17 +200,17 @@ __global__ void __launch_bounds__(384, 1)
   const int tid = threadIdx.x, wg = kGeneral ? tid / 128 : __shfl_sync(0xffffffff, tid / 128, 0);
   if (tid == 0) {
     mbar_init(bar_q, 1);
-    mbar_init(empty_q, 8);  // one arrival per consumer warp
+    mbar_init(empty_q, kWarps);  // one arrival per consumer warp
     for (int y = 0; y < 2; ++y) {
       mbar_init(sched_full(y), 1);
-      mbar_init(sched_empty(y), 8);
+      mbar_init(sched_empty(y), kWarps);
     }
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(full_k(st), 1);
       mbar_init(full_v(st), 1);
-      mbar_init(empty_k(st), 8);  // one arrival per consumer warp
-      mbar_init(empty_v(st), 8);
+      mbar_init(empty_k(st), kWarps);  // one arrival per consumer warp
+      mbar_init(empty_v(st), kWarps);
     }
     mbar_init_fence();
   }
@@ -301,15 +309,17 @@ __global__ void __launch_bounds__(384, 1)
   const int cw = wg - 1, lane = tid % 32, warp = (tid % 128) / 32;
   const int col0 = 2 * (lane % 4);
   const bool pingpong = p.pingpong;
-  const int my_turn = 1 + cw, other_turn = 2 - cw;  // named barrier ids (3, 4: O's buffers)
+  // Named barrier ids: the turns 1 .. kConsumers, then O's buffers.
+  const int my_turn = 1 + cw, other_turn = 1 + (cw + 1) % kConsumers, o_bar = 1 + kConsumers + cw;
   const bool tma_out = S::kTmaOut && !kGeneral && !kGrid && p.tma_out;
   const bool o_leader = tid % 128 == 0;  // issues the warpgroup's tensor stores of O
   // The turns: warpgroup w issues its matrix multiplies once barrier my_turn completes (the
-  // other's arrival) and then arrives on other_turn. Warpgroup 1 lets 0 go first, once a CTA
-  // where the turns run on across items (each item then balances its syncs and arrivals: the
-  // first S and every next tile's, the last P V outside the turns), else once an item.
+  // previous one's arrival) and then arrives on the next one's, other_turn (a ring of two or
+  // three). The last lets 0 go first, once a CTA where the turns run on across items (each item
+  // then balances its syncs and arrivals: the first S and every next tile's, the last P V
+  // outside the turns), else once an item.
   const bool turns_run_on = pingpong && p.turns_run_on;
-  if (turns_run_on && cw == 1) named_arrive(1, 256);
+  if (turns_run_on && cw == kConsumers - 1) named_arrive(1, 256);
   int ring = 0;  // the ring's tiles consumed by earlier items
   for (int j = 0;; ++j) {
     const int y = j & 1;
@@ -558,7 +568,7 @@ __global__ void __launch_bounds__(384, 1)
 
     int t = next_tile(t_begin);
     if (t < t_end) {
-      if (pingpong && !turns_run_on && cw == 1) named_arrive(1, 256);  // 0 goes first
+      if (pingpong && !turns_run_on && cw == kConsumers - 1) named_arrive(1, 256);  // 0 first
       float s[kSRegs];
       uint32_t pa[kN / 16][4];
       float alpha[2];
@@ -617,8 +627,8 @@ __global__ void __launch_bounds__(384, 1)
       for (int r = 0; r < 2; ++r) scale_row<kDVp>(o, r, alpha[r]);
       mbar_wait(full_v(last), phase_of(ring));
       issue_pv(pa, last);
-      // (warpgroup 1 has no turn left in this item)
-      if (pingpong && !turns_run_on && cw == 0) named_arrive(other_turn, 256);
+      // (the last warpgroup has no turn left in this item)
+      if (pingpong && !turns_run_on && cw != kConsumers - 1) named_arrive(other_turn, 256);
       wgmma_wait<0>();
       fence_regs(o);
       fence_regs_u(pa);
@@ -639,10 +649,10 @@ __global__ void __launch_bounds__(384, 1)
     store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l, mul);
     const uint32_t buf = sO + cw * (64 * 128);
     if (o_leader) bulk_wait_read<0>();  // the last item's store has read the buffer
-    named_sync(3 + cw, 128);
+    named_sync(o_bar, 128);
     stage_rows<T, kDVp>(buf, o, mul, warp, lane);
     fence_proxy_async_smem();  // the copy engine reads what stmatrix wrote
-    named_sync(3 + cw, 128);
+    named_sync(o_bar, 128);
     if (o_leader) {
       tma_store_4d(&maps.o, buf, 0, static_cast<int>(seq.q_start) + m0 + cw * 64,
                    h * maps.o_hm, (p.cu_q ? 0 : b) * maps.o_bm);
@@ -663,12 +673,18 @@ cudaError_t launch_fwd(const FwdParams& p, const TmaMaps& maps, cudaStream_t str
   if constexpr (!kGeneral && S::kN == kGridRows * kGridCols)
     if (p.grid.w > 0) kernel = fwd_kernel<T, kD, kDV, false, false, true>;
 #endif
-  const int smem = bias ? S::kBiasSmemBytes : S::kSmemBytes;
+  int smem = bias ? S::kBiasSmemBytes : S::kSmemBytes, threads = S::kThreads;
+  if constexpr (!kGeneral && kD == 64 && kDV == 64)
+    if (p.rows192) {  // three consumer warpgroups (FwdParams::rows192)
+      using S3 = FwdShape<kD, kDV, 192>;
+      kernel = fwd_kernel<T, kD, kDV, false, false, false, 192>;
+      smem = S3::kSmemBytes, threads = S3::kThreads;
+    }
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   if (p.num_items == 0) return cudaSuccess;
   const dim3 grid(p.persistent > 0 ? std::min(p.persistent, p.num_items) : p.num_items);
-  kernel<<<grid, S::kThreads, smem, stream>>>(p, maps);
+  kernel<<<grid, threads, smem, stream>>>(p, maps);
   return cudaGetLastError();
 }
 

@@ -90,7 +90,7 @@ struct FwdParams {
   bool pairs = false;
   float scale = 1.f, scale_log2 = 1.f;  // scale and scale * log2(e)
   bool pingpong = true;  // the fast kernel's consumer warpgroups take turns at issuing
-  // With pingpong: an item's last P V takes no turn, and warpgroup 1 lets warpgroup 0 go first
+  // With pingpong: an item's last P V takes no turn, and the last warpgroup lets 0 go first
   // once a CTA rather than once an item, so that one warpgroup's rows and next item overlap the
   // other's last steps (FlashAttention-3's order); else both store their rows before either
   // issues the next item's first S.
@@ -99,6 +99,10 @@ struct FwdParams {
   // the inputs' dtype, dv = 64, no varlen), in the instances with room (FwdShape::kTmaOut).
   bool tma_out = false;
   bool raw_output = false;  // out receives O before ReLA's RMS and gain (and no gate)
+  // Query tiles of 192 rows, three consumer warpgroups (FlashAttention-3's d64 tile), so that two
+  // warpgroups' matrix multiplies cover each one's normalization: d = dv = 64, the fast kernel
+  // without a mask or causal from 3072 query rows, no score mods (forward.cu says when).
+  bool rows192 = false;
 
   // Masks. The fast kernel knows only bands: allowed(i, j) = i' - left <= j <= i' + right
   // (left, right may be "infinite"). The general kernel evaluates the mask tree.
