@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 39; session 38's runs 155-160, gpu.md part 37:
-# programmatic dependent launches, forward and backward, gained nothing and were dropped; the
-# bits pass in 16-row parts lost; memcheck clean, racecheck only its known handoffs), one call
-# of at most 600 s each:
+# The next device session's runs (session 40; session 39's runs 161-168, gpu.md part 38: the d64
+# forward's 192-row tiles adopted, without a mask and causal from 3072 query rows; racecheck on
+# the backward's list only its two known handoffs, every report printed), one call of at most
+# 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
@@ -10,25 +10,22 @@
 # minutes after one every call is refused (15 s each): wait as long as the refusal says; the
 # nvidia-h200 kind may come back on an H100 when nvidia-h100-x1 is refused (session 38). Issue
 # the next call as soon as one returns: the machine is released ~30 s after a call. Keep each
-# tree's TESTS short (the whole test_cuda takes ~200 s). A --lean build has no CLI: `cmake --build
+# tree's TESTS short (the whole test_cuda takes ~200 s; TEST_TIMEOUT bounds the whole binary,
+# not a test: run 161's 150 s cut a passing list). A --lean build has no CLI: `cmake --build
 # build-gpu --target attnkit_cli` before `attnkit fuzz`. Switches read from the environment: A/B
 # them in one build with alternating rounds (python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds
-# R] [--masked NAMES]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by up to 5%
-# (run 150), and 5 rounds' medians moved by 1-2% between runs 155 and 157: count a gain only beyond
-# that.
+# R] [--masked NAMES] [--d D]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by
+# up to 5% (run 150), and 5 rounds' medians moved by 1-2% between runs 155 and 157 (run 165: the
+# same kernel twice, 0.979): count a gain only beyond that.
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. (~300 s) PAR=1 TEST_TIMEOUT=150 run_plan.sh ab $OUT fwd_rows192 dense: the d64 forward's
-#    tiles of 192 rows, three consumer warpgroups (bench/gpu/ab_fwd_rows192.patch, prepared in
-#    session 38, compiled, never run; on in its tree, ATTNKIT_CUDA_FWD_ROWS192=0 there gives 128
-#    rows): the patched tree's tests (CudaFastPath's, Rows192MatchTheOracle among them, and the
-#    forward's oracle tests), then bench.py --only dense with both trees. Predicted: d64 +5-10% at N
-#    >= 4096, N 1024 less or a loss (5 1/3 tiles of 192 a head). The turns' named barriers (a ring
-#    of three) are the new part: a hang there is no mbarrier's (the debug timeout above does not see
-#    it; the tests' timeout ends it). If it gains: step 1 on the patched tree, then main.
-# Main's default path is what runs 151-152 validated (session 38's code removed). Racecheck
-# prints every report now (run 159 printed 100 of 156):
-#   SANITIZE_TOOLS=racecheck SANITIZE_SKIP='CudaFastPath.*' run_plan.sh 4 $OUT (~60 s).
+# A. (~150 s) The committed rule (9b4e580: causal from 3072 rows; run 163 tested the bound at
+#    4096, the forced test every size): HEAD_DIMS=64 GRID_TILES=OFF TEST_FILTER=
+#    'CudaFastPath.Rows192*:All/CudaOracle.MatchesOracle/causal' bash scripts/gpu_cuda.sh $OUT
+#    --lean --no-bench, then ab_env.py ATTNKIT_CUDA_FWD_ROWS192=0 --causal --d 64 --n 2048 3072.
+# B. The short d64 causal forward (0.83x cuDNN at N 1024, 128 rows; 192 rows lose there on the
+#    partial last tile): 192-row tiles where the head's rows divide, or a last item run by fewer
+#    warpgroups; the 192-row tiles under ALiBi / a bias / a softcap / the table (gpu.md Next 2).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -52,8 +49,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): fwd_rows192 (step A); bits16 lost in run 160 (git show
-# ffe0624:bench/gpu/ab_bits16.patch), prep_rows lost in run 153 (git show
+# The patches kept (bench/gpu/*.patch): none; fwd_rows192 adopted (9b4e580); bits16 lost in
+# run 160 (git show ffe0624:bench/gpu/ab_bits16.patch), prep_rows lost in run 153 (git show
 # 72a2af9:bench/gpu/ab_prep_rows.patch); band_bits adopted (3a58dbb), the persistent backward
 # dropped (in git at 63743d6), the key-tile-major grid dropped (in git at 4f02bfb); decided
 # in session 32 (in git at ede138e): and_tree, na_int64 and grid_patch_keys (main's changes
