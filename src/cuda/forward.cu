@@ -141,7 +141,8 @@ Status forward(const core::Problem& p, bool dry_run) {
   const std::string rows192_set = rows192_env ? rows192_env : "";
   if (!rows192_can && rows192_set == "force")
     return fail(StatusCode::kInvalidArgument, "ATTNKIT_CUDA_FWD_ROWS192=force: this call does ",
-                "not take 192-row tiles (d = dv = 64, no mask or a band, no mods)");
+                "not take 192-row tiles (d = dv = 64, softmax without a gate or mods, no mask or ",
+                "a band)");
   const bool rows192_pays = unmasked || (causal && p.max_nq >= 3072);
   if (rows192_can && rows192_set != "0" &&
       (rows192_pays || rows192_set == "1" || rows192_set == "force")) {

@@ -6,12 +6,13 @@
 //   K and V tiles (and, with kBias, a bias tile) into a ring of shared-memory stages; each copy
 //   completes on its stage's "full" mbarrier, and a stage is refilled once every consumer warp
 //   has arrived on its "empty" mbarrier. It gives most of its registers away (setmaxnreg).
-// - warpgroups 1 and 2 (and 3) are consumers of 64 rows each. Within a warpgroup, S = Q K^T of tile j is
-//   issued together with O += P V of tile j - 1 (P from registers, V read transposed from the
-//   128B-swizzled tile), so the normalization of tile j runs while the tensor cores work on P V.
-//   Between the consumer warpgroups, named barriers take turns at issuing (ping-pong, a ring)
-//   so that one warpgroup's normalization overlaps the others' matrix multiplies; the turns run on across
-//   items (FwdParams::turns_run_on), so one's rows are stored while the other computes.
+// - warpgroups 1 and 2 (and 3, with 192-row tiles) are consumers of 64 rows each. Within a
+//   warpgroup, S = Q K^T of tile j is issued together with O += P V of tile j - 1 (P from
+//   registers, V read transposed from the 128B-swizzled tile), so the normalization of tile j
+//   runs while the tensor cores work on P V. Between the consumer warpgroups, named barriers
+//   take turns at issuing (ping-pong, a ring) so that one warpgroup's normalization overlaps the
+//   others' matrix multiplies; the turns run on across items (FwdParams::turns_run_on), so one's
+//   rows are stored while the other computes.
 // No CTA-wide barrier is taken after the prologue. A CTA walks work items (FwdWork): one, or
 // with FwdParams::persistent (one CTA a multiprocessor) as many as it takes from a counter, in
 // pairs (a band's, pair_first) or round-robin (items of one length); the producer thread
