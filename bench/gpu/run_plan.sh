@@ -19,13 +19,19 @@
 # same kernel twice, 0.979): count a gain only beyond that.
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. (~150 s) The committed rule (9b4e580: causal from 3072 rows; run 163 tested the bound at
-#    4096, the forced test every size): HEAD_DIMS=64 GRID_TILES=OFF TEST_FILTER=
-#    'CudaFastPath.Rows192*:All/CudaOracle.MatchesOracle/causal' bash scripts/gpu_cuda.sh $OUT
-#    --lean --no-bench, then ab_env.py ATTNKIT_CUDA_FWD_ROWS192=0 --causal --d 64 --n 2048 3072.
-# B. The short d64 causal forward (0.83x cuDNN at N 1024, 128 rows; 192 rows lose there on the
-#    partial last tile): 192-row tiles where the head's rows divide, or a last item run by fewer
-#    warpgroups; the 192-row tiles under ALiBi / a bias / a softcap / the table (gpu.md Next 2).
+# A. (~400 s) run_plan.sh align $OUT: bench/gpu/ab_fwd_align_end.patch (prepared in session 39,
+#    compiled, not run): under a band with an upper bound (causal, sliding) the fast kernel's
+#    query tiles end at the sequence's end, so that a partial tile is the first (its rows visit
+#    the fewest keys), not the last (the most). Counted in 128 x 128 steps at d64 causal, 192-row
+#    tiles from row 0 cost 48 (N 1024), 151.5 (2048), 576 (4096) where 128-row ones cost 36, 136,
+#    528; from the end 40.5, 144, 544.5. Predicted with ROWS192=1: N 1024 and 4096 +5-8% against
+#    ALIGN_END=0, 2048 +5%, 3072 (whole tiles) nothing; if 192 rows then win at 1024 and 2048,
+#    drop forward.cu's 3072 bound. The first tile's rows before 0: Q zero-filled by the copy
+#    engine (another sequence's rows under varlen), O clipped by the map or skipped by
+#    store_rows. The step also runs the committed rule's check (runs 163 tested the bound at
+#    4096; the forced test every size): the causal d64 rows of its second A/B.
+# B. The short d64 causal forward beyond that (0.83x cuDNN at N 1024, 128 rows); the 192-row
+#    tiles under ALiBi / a bias / a softcap / the table (gpu.md Next 2).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -49,7 +55,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): none; fwd_rows192 adopted (9b4e580); bits16 lost in
+# The patches kept (bench/gpu/*.patch): fwd_align_end (step align); fwd_rows192 adopted
+# (9b4e580); bits16 lost in
 # run 160 (git show ffe0624:bench/gpu/ab_bits16.patch), prep_rows lost in run 153 (git show
 # 72a2af9:bench/gpu/ab_prep_rows.patch); band_bits adopted (3a58dbb), the persistent backward
 # dropped (in git at 63743d6), the key-tile-major grid dropped (in git at 4f02bfb); decided
@@ -79,7 +86,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, pdl, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, align, pdl, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -147,6 +154,23 @@ case $step in
            ${PROFILE:-1024 4096}
        fi
      done ;;
+  align) # bench/gpu/ab_fwd_align_end.patch in a copy of the tree (/tmp/al): its build, TESTS
+     # (the fast band's), attnkit check and pytest -k cuda (varlen), then its A/Bs in one build.
+     x=/tmp/al; rm -rf $x && mkdir -p $x
+     tar --exclude=./build-gpu -cf - . | tar -x -C $x
+     (cd $x && patch -p1 -s < bench/gpu/ab_fwd_align_end.patch) || exit 1
+     fast='CudaFastPath.Rows192*:CudaFastPath.TurnsOnce*:CudaFastPath.PairsWalk*:'
+     fast+='CudaFastPath.LongSequences*:CudaFastPath.OByTheCopy*:CudaFastPath.Bias16*:'
+     fast+='*CudaOracle.MatchesOracle/causal:*CudaOracle.MatchesOracle/sliding_window'
+     (cd $x && TEST_TIMEOUT=${TEST_TIMEOUT:-300} TEST_FILTER=${TESTS:-$fast} \
+       bash scripts/gpu_cuda.sh "$out/al" --no-bench 2>&1 | grep -v "ptxas warning") || exit 1
+     cd $x && export PYTHONPATH=build-gpu/python
+     ATTNKIT_CUDA_FWD_ROWS192=1 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ALIGN_END=0 --causal \
+       --d 64 --n 1024 2048 4096 8192 --rounds 5
+     python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=1 --causal --d 64 --n 1024 2048 4096 \
+       --rounds 5
+     python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ALIGN_END=0 --masked sliding1024-causal --d 64 \
+       --rounds 5 ;;
   3) build
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py \
        --only masked,neighborhood,train > "$out/bench.log" 2>&1
