@@ -159,8 +159,8 @@ case $step in
      x=/tmp/al; rm -rf $x && mkdir -p $x
      tar --exclude=./build-gpu -cf - . | tar -x -C $x
      (cd $x && patch -p1 -s < bench/gpu/ab_fwd_align_end.patch) || exit 1
-     fast='CudaFastPath.Rows192*:CudaFastPath.TurnsOnce*:CudaFastPath.PairsWalk*:'
-     fast+='CudaFastPath.LongSequences*:CudaFastPath.OByTheCopy*:CudaFastPath.Bias16*:'
+     fast='CudaFastPath.AlignEnd*:CudaFastPath.Rows192*:CudaFastPath.TurnsOnce*:'
+     fast+='CudaFastPath.PairsWalk*:CudaFastPath.LongSequences*:CudaFastPath.OByTheCopy*:'
      fast+='*CudaOracle.MatchesOracle/causal:*CudaOracle.MatchesOracle/sliding_window'
      (cd $x && TEST_TIMEOUT=${TEST_TIMEOUT:-300} TEST_FILTER=${TESTS:-$fast} \
        bash scripts/gpu_cuda.sh "$out/al" --no-bench 2>&1 | grep -v "ptxas warning") || exit 1
