@@ -30,8 +30,13 @@
 #    engine (another sequence's rows under varlen), O clipped by the map or skipped by
 #    store_rows. The step also runs the committed rule's check (runs 163 tested the bound at
 #    4096; the forced test every size): the causal d64 rows of its second A/B.
-# B. The short d64 causal forward beyond that (0.83x cuDNN at N 1024, 128 rows); the 192-row
-#    tiles under ALiBi / a bias / a softcap / the table (gpu.md Next 2).
+# B. (~250 s) run_plan.sh alibi192 $OUT: bench/gpu/ab_fwd_rows192_alibi.patch (prepared in
+#    session 39, compiled, not run): the 192-row tiles under ALiBi alone too (its one FMA a score
+#    is in the 192-row kernel already, a run-time branch): Rows192's force for alibi and
+#    alibi_symmetric, then ALiBi causal at d64 (N 8192) against ROWS192=0. Predicted as causal
+#    (+6% at 8192). The patches apply together (align's first).
+# C. The short d64 causal forward beyond that (0.83x cuDNN at N 1024, 128 rows); 192 rows under
+#    a bias (no room kept for its tiles) or the table (gpu.md Next 2).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -55,7 +60,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): fwd_align_end (step align); fwd_rows192 adopted
+# The patches kept (bench/gpu/*.patch): fwd_align_end (step align), fwd_rows192_alibi (step
+# alibi192); fwd_rows192 adopted
 # (9b4e580); bits16 lost in
 # run 160 (git show ffe0624:bench/gpu/ab_bits16.patch), prep_rows lost in run 153 (git show
 # 72a2af9:bench/gpu/ab_prep_rows.patch); band_bits adopted (3a58dbb), the persistent backward
@@ -86,7 +92,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, align, pdl, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, align, alibi192, pdl, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -154,17 +160,26 @@ case $step in
            ${PROFILE:-1024 4096}
        fi
      done ;;
-  align) # bench/gpu/ab_fwd_align_end.patch in a copy of the tree (/tmp/al): its build, TESTS
-     # (the fast band's), attnkit check and pytest -k cuda (varlen), then its A/Bs in one build.
-     x=/tmp/al; rm -rf $x && mkdir -p $x
+  align | alibi192)
+     # A patch's tree in a copy (/tmp/$step): its build, TESTS (the fast band's), attnkit check and
+     # pytest -k cuda (varlen), then its A/Bs in that one build (ab_env.py).
+     x=/tmp/$step; rm -rf $x && mkdir -p $x
      tar --exclude=./build-gpu -cf - . | tar -x -C $x
-     (cd $x && patch -p1 -s < bench/gpu/ab_fwd_align_end.patch) || exit 1
+     pf=bench/gpu/ab_fwd_align_end.patch
+     [[ $step == alibi192 ]] && pf=bench/gpu/ab_fwd_rows192_alibi.patch
+     (cd $x && patch -p1 -s < $pf) || exit 1
      fast='CudaFastPath.AlignEnd*:CudaFastPath.Rows192*:CudaFastPath.TurnsOnce*:'
      fast+='CudaFastPath.PairsWalk*:CudaFastPath.LongSequences*:CudaFastPath.OByTheCopy*:'
      fast+='*CudaOracle.MatchesOracle/causal:*CudaOracle.MatchesOracle/sliding_window'
+     [[ $step == alibi192 ]] && fast='CudaFastPath.Rows192*:*CudaOracle.MatchesOracle/alibi*'
      (cd $x && TEST_TIMEOUT=${TEST_TIMEOUT:-300} TEST_FILTER=${TESTS:-$fast} \
-       bash scripts/gpu_cuda.sh "$out/al" --no-bench 2>&1 | grep -v "ptxas warning") || exit 1
+       bash scripts/gpu_cuda.sh "$out/$step" --no-bench 2>&1 | grep -v "ptxas warning") || exit 1
      cd $x && export PYTHONPATH=build-gpu/python
+     if [[ $step == alibi192 ]]; then  # ALiBi at d64, causal (N 8192) and not (N 1024, 4096)
+       python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=0 --masked alibi-causal,causal --d 64 \
+         --rounds 5
+       exit
+     fi
      ATTNKIT_CUDA_FWD_ROWS192=1 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ALIGN_END=0 --causal \
        --d 64 --n 1024 2048 4096 8192 --rounds 5
      python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=1 --causal --d 64 --n 1024 2048 4096 \
