@@ -50,6 +50,8 @@ template <int kD, int kDV, int kRows = 128>
 struct FwdShape : FwdTiles<kD, kDV, kRows> {
   using Base = FwdTiles<kD, kDV, kRows>;
   static constexpr int kConsumers = Base::kM / 64;  // consumer warpgroups, 64 rows each
+  // (the registers below and the turns' ring are sized for these two)
+  static_assert(kRows == 128 || kRows == 192, "query tiles of 128 or 192 rows");
   static constexpr int kThreads = 128 * (1 + kConsumers);  // and the producer's
   static constexpr int kBarBytes = 256;  // the mbarriers and the schedule's two slots
   static constexpr int kStageBytes = Base::kKBytes + Base::kVBytes;
