@@ -484,15 +484,45 @@ TEST(CudaFastPath, Rows192MatchTheOracle) {
   }
 }
 
+// Query tiles aligned to the sequence's end (FwdParams::align_end): first tiles with
+// more rows before 0 than a warpgroup's 64 (200 queries: 56 before 0 at 128 rows, 184 at 192),
+// a sequence shorter than a tile (100 queries), keys fewer than queries (bottom-right rows
+// without keys) and more, at 128 and 192 rows (ATTNKIT_CUDA_FWD_ROWS192=0 / force), O stored by
+// the threads and by the copy engine, causal (both alignments) and sliding bands, a sink; then
+// ALiBi and a 16-bit bias under causal (128 rows; the bias tile's rows before 0 zero-filled).
+TEST(CudaFastPath, AlignEndMatchesTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {1, 4, 2, 200, 200, 64, 64}, false},
+      {DType::kF16, {2, 2, 1, 100, 260, 64, 64}, true},
+      {DType::kBF16, {1, 2, 1, 330, 90, 64, 64}, false},
+  };
+  int seed = 611;
+  for (const char* rows : {"0", "force"})
+    for (const char* tma : {"1", "0"}) {
+      const ScopedEnv r("ATTNKIT_CUDA_FWD_ROWS192", rows), o("ATTNKIT_CUDA_TMA_OUT", tma);
+      SCOPED_TRACE(std::string("rows192 ") + rows + ", O by the copy engine " + tma);
+      for (const Case& c : cases)
+        for (const char* mech : {"causal", "causal_top_left", "sliding_window", "sink"})
+          if (!tools::mechanism_spec(mech, c.dims).is_null()) expect_matches(mech, c, 2.0, seed++);
+    }
+  const tools::json bias16 = {{"bias_dtype", "input"}};
+  for (const Case& c : cases) {
+    expect_matches("alibi", c, 2.0, seed++);
+    expect_matches("bias_broadcast", c, 2.0, seed++, bias16);
+  }
+}
+
 // The orders before runs 120-122 (ATTNKIT_CUDA_FWD_TURNS=0: the consumer warpgroups' turns once
-// an item, the last P V inside them; ATTNKIT_CUDA_FWD_PAIRS=0: a band's items from the counter),
-// kept for measurements; the defaults run in every other test. 1 and 5 CTAs walking items with
-// and without key tiles, every fast instance (band, table, ALiBi, softcap, a 16-bit bias, the
-// grid tiles), the general kernel.
+// an item, the last P V inside them; ATTNKIT_CUDA_FWD_PAIRS=0: a band's items from the counter;
+// ATTNKIT_CUDA_FWD_ALIGN_END=0: a band's query tiles from row 0), kept for measurements; the
+// defaults run in every other test. 1 and 5 CTAs walking items with and without key tiles, every
+// fast instance (band, table, ALiBi, softcap, a 16-bit bias, the grid tiles), the general kernel.
 TEST(CudaFastPath, TurnsOnceAnItemMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const ScopedEnv turns("ATTNKIT_CUDA_FWD_TURNS", "0"), pairs("ATTNKIT_CUDA_FWD_PAIRS", "0"),
-      rows("ATTNKIT_CUDA_FWD_ROWS192", "0");  // (Rows192MatchTheOracle: the 192-row turns)
+      rows("ATTNKIT_CUDA_FWD_ROWS192", "0"),  // (Rows192MatchTheOracle: the 192-row turns)
+      align("ATTNKIT_CUDA_FWD_ALIGN_END", "0");
   const tools::json bias16 = {{"bias_dtype", "input"}};
   int seed = 471;
   for (const char* ctas : {"5", "1"}) {

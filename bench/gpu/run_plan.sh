@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 40; session 39's runs 161-168, gpu.md part 38: the d64
-# forward's 192-row tiles adopted, without a mask and causal from 3072 query rows; racecheck on
-# the backward's list only its two known handoffs, every report printed), one call of at most
-# 600 s each:
+# The next device session's runs (session 41; session 40's runs 169-173, gpu.md part 39: a
+# band's query tiles aligned to the sequence's end adopted, 192 rows under ALiBi lost), one call
+# of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
-# device tool's held time, not the command's); a refused start costs ~45-90 s, and for some
+# device tool's held time, not the command's); a refused start costs ~45-120 s, and for some
 # minutes after one every call is refused (15 s each): wait as long as the refusal says; the
 # nvidia-h200 kind may come back on an H100 when nvidia-h100-x1 is refused (session 38). Issue
 # the next call as soon as one returns: the machine is released ~30 s after a call. Keep each
@@ -19,24 +18,15 @@
 # same kernel twice, 0.979): count a gain only beyond that.
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. (~400 s) run_plan.sh align $OUT: bench/gpu/ab_fwd_align_end.patch (prepared in session 39,
-#    compiled, not run): under a band with an upper bound (causal, sliding) the fast kernel's
-#    query tiles end at the sequence's end, so that a partial tile is the first (its rows visit
-#    the fewest keys), not the last (the most). Counted in 128 x 128 steps at d64 causal, 192-row
-#    tiles from row 0 cost 48 (N 1024), 151.5 (2048), 576 (4096) where 128-row ones cost 36, 136,
-#    528; from the end 40.5, 144, 544.5. Predicted with ROWS192=1: N 1024 and 4096 +5-8% against
-#    ALIGN_END=0, 2048 +5%, 3072 (whole tiles) nothing; if 192 rows then win at 1024 and 2048,
-#    drop forward.cu's 3072 bound. The first tile's rows before 0: Q zero-filled by the copy
-#    engine (another sequence's rows under varlen), O clipped by the map or skipped by
-#    store_rows. The step also runs the committed rule's check (runs 163 tested the bound at
-#    4096; the forced test every size): the causal d64 rows of its second A/B.
-# B. (~250 s) run_plan.sh alibi192 $OUT: bench/gpu/ab_fwd_rows192_alibi.patch (prepared in
-#    session 39, compiled, not run): the 192-row tiles under ALiBi alone too (its one FMA a score
-#    is in the 192-row kernel already, a run-time branch): Rows192's force for alibi and
-#    alibi_symmetric, then ALiBi causal at d64 (N 8192) against ROWS192=0. Predicted as causal
-#    (+6% at 8192). The patches apply together (align's first).
-# C. The short d64 causal forward beyond that (0.83x cuDNN at N 1024, 128 rows); 192 rows under
-#    a bias (no room kept for its tiles) or the table (gpu.md Next 2).
+# A. (~450 s with a start) run_plan.sh verify $OUT: the alignment adopted in session 40 (part
+#    39, run 173: the whole test_cuda, check and pytest passed) under memcheck and racecheck on
+#    its tests (the first tile's zero-filled rows, the threads' store before row 0), the fuzzer
+#    (varlen bands: another sequence's rows before 0), then bench.py --only dense,train for
+#    the figures against cuDNN with it (d64 causal at 4096 predicted +5% over run 164's 0.99).
+# B. The short d64 causal forward (0.83x cuDNN at N 1024, 128 rows; 192 aligned rows only +2%
+#    there, run 171); 192 rows under a bias (no room kept for its tiles) or the table (gpu.md
+#    Next 2). Runs 171-173 came on an H200: 192 rows gained nothing causal at N 8192 there
+#    (run 172) against +6% on an H100 (run 164); rerun the rule's A/B on an H100 when one comes.
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -60,9 +50,9 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): fwd_align_end (step align), fwd_rows192_alibi (step
-# alibi192); fwd_rows192 adopted
-# (9b4e580); bits16 lost in
+# The patches kept (bench/gpu/*.patch): none; fwd_align_end adopted (session 40),
+# fwd_rows192_alibi lost in run 172 (git show 5ce0640:bench/gpu/ab_fwd_rows192_alibi.patch),
+# fwd_rows192 adopted (9b4e580); bits16 lost in
 # run 160 (git show ffe0624:bench/gpu/ab_bits16.patch), prep_rows lost in run 153 (git show
 # 72a2af9:bench/gpu/ab_prep_rows.patch); band_bits adopted (3a58dbb), the persistent backward
 # dropped (in git at 63743d6), the key-tile-major grid dropped (in git at 4f02bfb); decided
@@ -92,7 +82,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, align, alibi192, pdl, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, verify, pdl, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -160,33 +150,19 @@ case $step in
            ${PROFILE:-1024 4096}
        fi
      done ;;
-  align | alibi192)
-     # A patch's tree in a copy (/tmp/$step): its build, TESTS (the fast band's), attnkit check and
-     # pytest -k cuda (varlen), then its A/Bs in that one build (ab_env.py).
-     x=/tmp/$step; rm -rf $x && mkdir -p $x
-     tar --exclude=./build-gpu -cf - . | tar -x -C $x
-     pf=bench/gpu/ab_fwd_align_end.patch
-     [[ $step == alibi192 ]] && pf=bench/gpu/ab_fwd_rows192_alibi.patch
-     (cd $x && patch -p1 -s < $pf) || exit 1
-     fast='CudaFastPath.AlignEnd*:CudaFastPath.Rows192*:CudaFastPath.TurnsOnce*:'
-     fast+='CudaFastPath.PairsWalk*:CudaFastPath.LongSequences*:CudaFastPath.OByTheCopy*:'
-     fast+='*CudaOracle.MatchesOracle/causal:*CudaOracle.MatchesOracle/sliding_window'
-     [[ $step == alibi192 ]] && fast='CudaFastPath.Rows192*:*CudaOracle.MatchesOracle/alibi*'
-     (cd $x && TEST_TIMEOUT=${TEST_TIMEOUT:-300} TEST_FILTER=${TESTS:-$fast} \
-       bash scripts/gpu_cuda.sh "$out/$step" --no-bench 2>&1 | grep -v "ptxas warning") || exit 1
-     cd $x && export PYTHONPATH=build-gpu/python
-     if [[ $step == alibi192 ]]; then  # ALiBi at d64, causal (N 8192) and not (N 1024, 4096)
-       python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=0 --masked alibi-causal,causal --d 64 \
-         --rounds 5
-       exit
-     fi
-     ATTNKIT_CUDA_FWD_ROWS192=1 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ALIGN_END=0 --causal \
-       --d 64 --n 1024 2048 4096 8192 --rounds 5
-     python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=1 --causal --d 64 --n 1024 2048 4096 \
-       --rounds 5
-     # (a sliding window keeps 128 rows, and 8192 is whole tiles of 128: 192 rows here)
-     ATTNKIT_CUDA_FWD_ROWS192=1 python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ALIGN_END=0 --masked \
-       sliding1024-causal,causal --d 64 --rounds 5 ;;
+  verify) build
+     cmake --build build-gpu --target attnkit_cli > /dev/null || exit 1
+     f='CudaFastPath.AlignEnd*:All/CudaOracle.MatchesOracle/causal:'
+     f+='All/CudaOracle.MatchesOracle/sliding_window'
+     for t in memcheck racecheck; do
+       timeout 200 compute-sanitizer --tool $t --error-exitcode 9 --print-limit 100 \
+         build-gpu/tests/test_cuda --gtest_filter="$f" > "$out/$t.log" 2>&1
+       echo "$t rc $?"; grep -E "PASSED|FAILED|SUMMARY" "$out/$t.log" | head -4
+     done
+     timeout 90 build-gpu/attnkit fuzz --device cuda --seed "${SEED:-57000}" --seconds 60
+     PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only dense,train \
+       > "$out/bench.log" 2>&1
+     sed -n '/^case /,$p' "$out/bench.log" ;;
   3) build
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py \
        --only masked,neighborhood,train > "$out/bench.log" 2>&1

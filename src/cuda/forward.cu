@@ -152,6 +152,10 @@ Status forward(const core::Problem& p, bool dry_run) {
     st = encode(192);
     if (!st.ok()) return st;
   }
+  // A band with an upper bound runs its query tiles from the sequence's end (FwdParams::
+  // align_end; ATTNKIT_CUDA_FWD_ALIGN_END=0: from row 0, kept for measurements).
+  f.align_end =
+      fast && band && !grid && right < whole && env_switch("ATTNKIT_CUDA_FWD_ALIGN_END", true);
   if (tabled) {
     const Status fit = GeneralTables::fits(p, kn);
     if (!fit.ok()) return fit;

@@ -309,7 +309,7 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
     }
     // muls: the rows' factors go to the caller, which stores O itself (FwdParams::tma_out).
     if (muls) muls[r] = mul;
-    if (i >= seq.nq) continue;
+    if (i < 0 || i >= seq.nq) continue;  // (i < 0: FwdParams::align_end's first tile)
     const int64_t row = seq.q_start + i;
     char* orow = static_cast<char*>(p.out) + (b * p.o_sb + h * p.o_sh + row * p.o_sn) * out_es;
     float gate_h = 1.f;

@@ -108,6 +108,7 @@ struct FwdWork {
     b = bh / p.hq;
     seq = seq_extent(p, b);
     m0 = tile * kM;
+    if (p.align_end) m0 -= (kM - seq.nq % kM) % kM;  // (FwdParams::align_end)
     rows = min(kM, seq.nq - m0);
     if constexpr (kGrid) {  // every tile is a patch (those at the grid's edges partly past it)
       static_assert(kM == kGridRows * kGridCols && kN == kGridRows * kGridCols);
@@ -136,7 +137,8 @@ struct FwdWork {
         t_end = span.y;
       }
     } else {
-      const int64_t lo = m0 + seq.offset - p.band_left;
+      // (rows before 0, FwdParams::align_end's, are never stored: the keys of rows from 0 on)
+      const int64_t lo = max(m0, 0) + seq.offset - p.band_left;
       const int64_t hi = m0 + rows - 1 + seq.offset + p.band_right;
       t_begin = static_cast<int>(imax(lo, 0) / kN);
       if (hi < 0) t_end = 0;
@@ -469,8 +471,8 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
                   s[c * 4 + e] = kNegInf;
           }
         } else {
-          const TileClass c = MaskEval::band(m0 + seq.offset, m0 + rows - 1 + seq.offset, n0,
-                                             n0 + kN - 1, p.band_left, p.band_right);
+          const TileClass c = MaskEval::band(max(m0, 0) + seq.offset, m0 + rows - 1 + seq.offset,
+                                             n0, n0 + kN - 1, p.band_left, p.band_right);
           if (c != TileClass::kFull || n0 + kN > nk)
             band_mask<kN>(s, row_i, n0, col0, nk, seq.offset, p.band_left, p.band_right);
         }
@@ -641,7 +643,10 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
       release(empty_q);
     }
 
-    if (!tma_out) {
+    // (a tensor store may not start before the map's row 0, and under varlen rows before the
+    // sequence's are another's: the threads store the rows from 0 of a warpgroup starting before
+    // it, FwdParams::align_end's first tile)
+    if (!tma_out || m0 + cw * 64 < 0) {
       store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l);
       continue;
     }
