@@ -130,7 +130,9 @@ Status forward(const core::Problem& p, bool dry_run) {
   // rows, alternating rounds): without a mask +4% at N 1024, +9% at 2048, +11% at 3072, +7% at
   // 4096, +12% at 8192; causal -11% at N 1024 and -6% at 2048 (5 1/3 and 10 2/3 tiles a head),
   // +7.5% at 3072, +2-3% at 4096, +6% at 8192; a 1024-key sliding window -13% (N 8192). So they
-  // run without a mask, and causal from 3072 query rows on; other bands keep 128 rows.
+  // run without a mask, and causal from 3072 query rows on; other bands keep 128 rows. With the
+  // tiles aligned to the sequence's end (align_end below), causal 192 rows are +2% at N 1024
+  // and -3% at 2048 (run 171, H200): the bound stays.
   // ATTNKIT_CUDA_FWD_ROWS192=0: never, =1: wherever they can run, =force: that, and an error
   // where they cannot (for tests and measurements).
   const int64_t whole = p.max_nq + p.max_nk;
