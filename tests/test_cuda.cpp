@@ -431,8 +431,9 @@ TEST(CudaFastPath, PersistentWalkMatchesTheOracle) {
 // row and its mirror a CTA, no counter; cuda/fwd_params.h, whose walk CudaSchedule checks on the
 // CPU; PersistentWalkMatchesTheOracle runs it with 1 and 5 CTAs): odd and even query tile
 // counts, bottom-right rows without keys, GQA, 3 CTAs, and 8, 20 and 40, which the host cuts
-// to 700 x 333's 6 pairs, 333 x 700's 16 and 1030's 30 (one CTA a pair); the band's ALiBi,
-// softcap (d 128) and a 16-bit bias under causal (the kBias instance) on the fast kernel.
+// to 700 x 333's 6 pairs, 333 x 700's 16 and 1030's 30 (one CTA a pair); the band's ALiBi and
+// softcap (d 128) on the fast kernel, a 16-bit bias under causal (rows of 700, 333 and 1030
+// keys are not 16-byte multiples: the general kernel; AlignEndMatchesTheOracle walks kBias's).
 TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   // (the 128-row tiles: Rows192MatchTheOracle walks the 192-row ones in pairs)
@@ -453,11 +454,11 @@ TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
 // Query tiles of 192 rows, three consumer warpgroups (ATTNKIT_CUDA_FWD_ROWS192=force: every d =
 // dv = 64 call under no mask or a band without mods, not only those forward.cu picks), against
 // the oracle: 333 and 1030 query rows (tiles ending after one or two warpgroups' rows, so whole
-// warpgroups walk rows past the end), bottom-right rows without keys (700 x 333 queries over keys
-// and 333 x 700), GQA, sinks, both dtypes; one CTA an item, the persistent walk (round-robin,
-// pairs under a band, 1 and 5 CTAs), and the turns once an item; the fast instances the switch
-// leaves alone (d 128, a table, ALiBi) too. =force makes a call that should take the 192-row
-// tiles and does not an error.
+// warpgroups walk rows past the end, or under a band before row 0: FwdParams::align_end),
+// bottom-right rows without keys (700 x 333 queries over keys and 333 x 700), GQA, sinks, both
+// dtypes; one CTA an item, the persistent walk (round-robin, pairs under a band, 1 and 5 CTAs),
+// and the turns once an item; the fast instances the switch leaves alone (d 128, a table,
+// ALiBi) too. =force makes a call that should take the 192-row tiles and does not an error.
 TEST(CudaFastPath, Rows192MatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -489,7 +490,8 @@ TEST(CudaFastPath, Rows192MatchTheOracle) {
 // a sequence shorter than a tile (100 queries), keys fewer than queries (bottom-right rows
 // without keys) and more, at 128 and 192 rows (ATTNKIT_CUDA_FWD_ROWS192=0 / force), O stored by
 // the threads and by the copy engine, causal (both alignments) and sliding bands, a sink; then
-// ALiBi and a 16-bit bias under causal (128 rows; the bias tile's rows before 0 zero-filled).
+// ALiBi and a 16-bit bias under causal (128 rows; the bias tile's rows before 0 zero-filled),
+// the bias instance also walked by 3 CTAs (its stages reused across items).
 TEST(CudaFastPath, AlignEndMatchesTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -511,6 +513,10 @@ TEST(CudaFastPath, AlignEndMatchesTheOracle) {
     expect_matches("alibi", c, 2.0, seed++);
     expect_matches("bias_broadcast", c, 2.0, seed++, bias16);
   }
+  // (1032 keys: bias rows of 16-byte multiples, which its tensor map needs; 6 heads of 9 tiles)
+  const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", "3");
+  expect_matches("bias_broadcast", {DType::kBF16, {1, 6, 3, 1030, 1032, 64, 64}, false}, 2.0,
+                 seed++, bias16);
 }
 
 // The orders before runs 120-122 (ATTNKIT_CUDA_FWD_TURNS=0: the consumer warpgroups' turns once

@@ -18,11 +18,13 @@
 # same kernel twice, 0.979): count a gain only beyond that.
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. (~450 s with a start) run_plan.sh verify $OUT: the alignment adopted in session 40 (part
+# A. (~400 s with a start) run_plan.sh verify $OUT: the alignment adopted in session 40 (part
 #    39, run 173: the whole test_cuda, check and pytest passed) under memcheck and racecheck on
-#    its tests (the first tile's zero-filled rows, the threads' store before row 0), the fuzzer
-#    (varlen bands: another sequence's rows before 0), then bench.py --only dense,train for
-#    the figures against cuDNN with it (d64 causal at 4096 predicted +5% over run 164's 0.99).
+#    its tests (the first tile's zero-filled rows, the threads' store before row 0; the test's
+#    bias walk with 3 CTAs, added after a review, runs here first), then the fuzzer (varlen
+#    bands: another sequence's rows before 0).
+# A2. (~250 s, warm) run_plan.sh bench $OUT [ONLY]: bench.py --only dense,train, the figures
+#    against cuDNN with it (d64 causal at 4096 predicted +5% over run 164's 0.99).
 # B. The short d64 causal forward (0.83x cuDNN at N 1024, 128 rows; 192 aligned rows only +2%
 #    there, run 171); 192 rows under a bias (no room kept for its tiles) or the table (gpu.md
 #    Next 2). Runs 171-173 came on an H200: 192 rows gained nothing causal at N 8192 there
@@ -82,7 +84,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, verify, pdl, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, verify, bench, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -159,8 +161,11 @@ case $step in
          build-gpu/tests/test_cuda --gtest_filter="$f" > "$out/$t.log" 2>&1
        echo "$t rc $?"; grep -E "PASSED|FAILED|SUMMARY" "$out/$t.log" | head -4
      done
-     timeout 90 build-gpu/attnkit fuzz --device cuda --seed "${SEED:-57000}" --seconds 60
-     PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only dense,train \
+     timeout 90 build-gpu/attnkit fuzz --device cuda --seed "${SEED:-57000}" --seconds 60 \
+       > "$out/fuzz.log" 2>&1
+     echo "fuzz rc $?"; tail -3 "$out/fuzz.log" ;;
+  bench) build  # bench.py --only ${3:-dense,train}
+     PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only "${3:-dense,train}" \
        > "$out/bench.log" 2>&1
      sed -n '/^case /,$p' "$out/bench.log" ;;
   3) build
@@ -267,5 +272,5 @@ for r in b2b:
             r["attnkit_fp16"] / best[k], r["cudnn"], r["attnkit_fp16"] / r["cudnn"]))
 PY
      ;;
-  *) echo "step 1, ab, 3, 4, 5, 6, 7 or cutlass" >&2; exit 2 ;;
+  *) echo "step 1, ab, verify, bench, 3, 4, 5, 6, 7, 8, 9 or cutlass" >&2; exit 2 ;;
 esac

@@ -155,7 +155,8 @@ Status forward(const core::Problem& p, bool dry_run) {
     if (!st.ok()) return st;
   }
   // A band with an upper bound runs its query tiles from the sequence's end (FwdParams::
-  // align_end; ATTNKIT_CUDA_FWD_ALIGN_END=0: from row 0, kept for measurements).
+  // align_end; ATTNKIT_CUDA_FWD_ALIGN_END=0: from row 0, kept for measurements). Never with a
+  // block table or the grid tiles: their tables count tiles from row 0 (fast && band: !tabled).
   f.align_end =
       fast && band && !grid && right < whole && env_switch("ATTNKIT_CUDA_FWD_ALIGN_END", true);
   if (tabled) {

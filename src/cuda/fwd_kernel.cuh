@@ -85,9 +85,10 @@ struct FwdShape : FwdTiles<kD, kDV, kRows> {
                 "setmaxnreg would wait forever");
 };
 
-// A work item of the forward: query tile `tile` of (b, h), and the key tiles it visits: those of
-// [t_begin, t_end) that next() does not skip (the band's, or the non-empty ones of the block
-// table, general or fast with a table). Items run x = num_q_tiles - 1 - tile fastest (long rows
+// A work item of the forward: query tile `tile` of (b, h) from row m0 (below 0 for the first
+// tile under FwdParams::align_end), and the key tiles it visits: those of [t_begin, t_end) that
+// next() does not skip (the band's, or the non-empty ones of the block table, general or fast
+// with a table). Items run x = num_q_tiles - 1 - tile fastest (long rows
 // first, and the CTAs at work share their heads' K and V in L2), then h, then b.
 template <int kM, int kN, bool kGrid = false>
 struct FwdWork {
@@ -643,9 +644,9 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
       release(empty_q);
     }
 
-    // (a tensor store may not start before the map's row 0, and under varlen rows before the
-    // sequence's are another's: the threads store the rows from 0 of a warpgroup starting before
-    // it, FwdParams::align_end's first tile)
+    // (a tensor store at a row before the map's 0 is an illegal instruction, run 169: the
+    // threads store the rows from 0 of a warpgroup starting before it, FwdParams::align_end's
+    // first tile; no tensor store under varlen, encode_out)
     if (!tma_out || m0 + cw * 64 < 0) {
       store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l);
       continue;

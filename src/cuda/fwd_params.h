@@ -106,7 +106,7 @@ struct FwdParams {
   bool rows192 = false;
   // The fast kernel's query tiles under a band with an upper bound (causal, sliding) end at the
   // sequence's end, so that a partial tile is the first, whose rows visit the fewest keys, not
-  // the last, whose rows visit the most (run 171: +13% at d64 causal N 1024 in 192-row tiles,
+  // the last, whose rows visit the most (run 171, d64 causal in 192-row tiles: +13% at N 1024,
   // +5% at 4096; ATTNKIT_CUDA_FWD_ALIGN_END=0: off). The first tile's rows before 0 are zeros
   // (the copy engine's fill past the map) or another sequence's (varlen): masked by the band or
   // not, never stored (the threads store a warpgroup's rows that start before 0: a tensor store
