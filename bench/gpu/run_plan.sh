@@ -25,10 +25,14 @@
 #    bands: another sequence's rows before 0).
 # A2. (~250 s, warm) run_plan.sh bench $OUT [ONLY]: bench.py --only dense,train, the figures
 #    against cuDNN with it (d64 causal at 4096 predicted +5% over run 164's 0.99).
+# A3. (~120 s, warm) PYTHONPATH=build-gpu/python python3 bench/gpu/ab_env.py
+#    ATTNKIT_CUDA_FWD_ROWS192=0 --causal --d 64 --n 3072 4096 8192 --rounds 5: the rule's 192
+#    rows against 128 with the alignment (runs 165-166 were before it). Runs 171-173 came on an
+#    H200, where 192 rows gained nothing causal at N 8192 (run 172) against +6% on an H100 (run
+#    164): note the card; on an H100 if one comes.
 # B. The short d64 causal forward (0.83x cuDNN at N 1024, 128 rows; 192 aligned rows only +2%
 #    there, run 171); 192 rows under a bias (no room kept for its tiles) or the table (gpu.md
-#    Next 2). Runs 171-173 came on an H200: 192 rows gained nothing causal at N 8192 there
-#    (run 172) against +6% on an H100 (run 164); rerun the rule's A/B on an H100 when one comes.
+#    Next 2).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
