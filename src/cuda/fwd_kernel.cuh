@@ -88,8 +88,8 @@ struct FwdShape : FwdTiles<kD, kDV, kRows> {
 // A work item of the forward: query tile `tile` of (b, h) from row m0 (below 0 for the first
 // tile under FwdParams::align_end), and the key tiles it visits: those of [t_begin, t_end) that
 // next() does not skip (the band's, or the non-empty ones of the block table, general or fast
-// with a table). Items run x = num_q_tiles - 1 - tile fastest (long rows
-// first, and the CTAs at work share their heads' K and V in L2), then h, then b.
+// with a table). Items run x = num_q_tiles - 1 - tile fastest (long rows first, and the CTAs at
+// work share their heads' K and V in L2), then h, then b.
 template <int kM, int kN, bool kGrid = false>
 struct FwdWork {
   int b = 0, h = 0, tile = 0, m0 = 0, rows = 0, t_begin = 0, t_end = 0;
