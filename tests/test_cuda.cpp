@@ -457,8 +457,9 @@ TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
 // warpgroups walk rows past the end, or under a band before row 0: FwdParams::align_end),
 // bottom-right rows without keys (700 x 333 queries over keys and 333 x 700), GQA, sinks, both
 // dtypes; one CTA an item, the persistent walk (round-robin, pairs under a band, 1 and 5 CTAs),
-// and the turns once an item; the fast instances the switch leaves alone (d 128, a table,
-// ALiBi) too. =force makes a call that should take the 192-row tiles and does not an error.
+// and the turns once an item; ALiBi, causal and not; the fast instances the switch leaves alone
+// (d 128, a table) too. =force makes a call that should take the 192-row tiles and does not an
+// error.
 TEST(CudaFastPath, Rows192MatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
@@ -474,11 +475,11 @@ TEST(CudaFastPath, Rows192MatchTheOracle) {
         once("ATTNKIT_CUDA_FWD_TURNS", turns);
     SCOPED_TRACE(std::string("CTAs '") + ctas + "', turns run on " + turns);
     for (const Case& c : cases)
-      for (const char* mech : {"dense", "causal", "sliding_window", "sink", "document", "alibi"}) {
+      for (const char* mech :
+           {"dense", "causal", "sliding_window", "sink", "document", "alibi", "alibi_symmetric"}) {
         if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
         // force: an error unless the call takes the 192-row tiles (d 64 under no mask or a band)
-        const bool taken =
-            c.dims.d == 64 && std::string(mech) != "document" && std::string(mech) != "alibi";
+        const bool taken = c.dims.d == 64 && std::string(mech) != "document";
         const ScopedEnv rows("ATTNKIT_CUDA_FWD_ROWS192", taken ? "force" : "1");
         expect_matches(mech, c, 2.0, seed++);
       }
@@ -521,14 +522,15 @@ TEST(CudaFastPath, AlignEndMatchesTheOracle) {
 
 // The orders before runs 120-122 (ATTNKIT_CUDA_FWD_TURNS=0: the consumer warpgroups' turns once
 // an item, the last P V inside them; ATTNKIT_CUDA_FWD_PAIRS=0: a band's items from the counter;
-// ATTNKIT_CUDA_FWD_ALIGN_END=0: a band's query tiles from row 0), kept for measurements; the
+// ATTNKIT_CUDA_FWD_ALIGN_END=0: a band's query tiles from row 0; ATTNKIT_CUDA_FWD_TRIM=0: every
+// key tile weighed and multiplied whole), kept for measurements; the
 // defaults run in every other test. 1 and 5 CTAs walking items with and without key tiles, every
 // fast instance (band, table, ALiBi, softcap, a 16-bit bias, the grid tiles), the general kernel.
 TEST(CudaFastPath, TurnsOnceAnItemMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const ScopedEnv turns("ATTNKIT_CUDA_FWD_TURNS", "0"), pairs("ATTNKIT_CUDA_FWD_PAIRS", "0"),
       rows("ATTNKIT_CUDA_FWD_ROWS192", "0"),  // (Rows192MatchTheOracle: the 192-row turns)
-      align("ATTNKIT_CUDA_FWD_ALIGN_END", "0");
+      align("ATTNKIT_CUDA_FWD_ALIGN_END", "0"), trim("ATTNKIT_CUDA_FWD_TRIM", "0");
   const tools::json bias16 = {{"bias_dtype", "input"}};
   int seed = 471;
   for (const char* ctas : {"5", "1"}) {

@@ -6,8 +6,8 @@ With --masked NAME[,NAME], bench.py's masked cases of those names instead (N 819
 d 128 or the first --d; FLOPs counted by their density; "document-causal cached" with a
 MaskCache).
 Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds R]
-  [--causal | --dense] [--d D ...] [--n N ...] [--masked NAMES]   (defaults: forward, 3 rounds,
-  both masks, d 64 and 128, n 1024 and 4096)
+  [--causal | --dense] [--alibi] [--d D ...] [--n N ...] [--masked NAMES]   (defaults: forward,
+  3 rounds, both masks, d 64 and 128, n 1024 and 4096; --alibi: the dense pass with ALiBi)
 """
 import os
 import statistics
@@ -81,6 +81,7 @@ def main():
                 flops = 4 * b * h * n * n * d * frac * (2.5 if bwd else 1)
                 run(name, flops, lambda: attnkit.attention(q, k, v, **kw), q, k, v, go)
         return
+    mods = dict(score_mod=attnkit.score_mods.ALiBi()) if "--alibi" in sys.argv else {}
     masks = [m for m in (False, True)
              if not ("--causal" in sys.argv and not m) and not ("--dense" in sys.argv and m)]
     for d in numbers("--d", [64, 128]):
@@ -90,8 +91,8 @@ def main():
             q, k, v, go = inputs(b, h, n, d, bwd)
             for causal in masks:
                 flops = 4 * b * h * n * n * d / (2 if causal else 1) * (2.5 if bwd else 1)
-                run("d%d n%d%s" % (d, n, " causal" if causal else ""), flops,
-                    lambda: attnkit.attention(q, k, v, causal=causal), q, k, v, go)
+                run("d%d n%d%s%s" % (d, n, " causal" if causal else "", " alibi" if mods else ""),
+                    flops, lambda: attnkit.attention(q, k, v, causal=causal, **mods), q, k, v, go)
             del q, k, v, go
 
 

@@ -126,26 +126,28 @@ Status forward(const core::Problem& p, bool dry_run) {
   // Every flavor but the fast kernel under a band and the grid tiles builds a block table.
   const bool tabled = !(grid || (fast && band));
   // Query tiles of 192 rows, three consumer warpgroups (FwdParams::rows192), where d = dv = 64
-  // under no mask or a band, no mods. Runs 162-167 (H100, d64 bf16, b = 16384 / N, against 128
-  // rows, alternating rounds): without a mask +4% at N 1024, +9% at 2048, +11% at 3072, +7% at
-  // 4096, +12% at 8192; causal -11% at N 1024 and -6% at 2048 (5 1/3 and 10 2/3 tiles a head),
-  // +7.5% at 3072, +2-3% at 4096, +6% at 8192; a 1024-key sliding window -13% (N 8192). So they
-  // run without a mask, and causal from 3072 query rows on; other bands keep 128 rows. With the
-  // tiles aligned to the sequence's end (align_end below), causal 192 rows are +2% at N 1024
-  // and -3% at 2048 (run 171, H200): the bound stays.
+  // under no mask or a band, no mods but ALiBi. Runs 162-167 (H100, d64 bf16, b = 16384 / N,
+  // against 128 rows, alternating rounds): without a mask +4% at N 1024, +9% at 2048, +11% at
+  // 3072, +7% at 4096, +12% at 8192; a 1024-key sliding window -13% (N 8192). Causal, with the
+  // tiles aligned to the sequence's end (align_end below) and trimmed (trim below; run 174,
+  // H200): -18 to -20% at N 256 and 512, -5 to +4% from 768 to 1280, +4 to +15% from 1536 on
+  // (1536, 1792, 2048, 2304, 2560, 3072, 4096, 8192), ALiBi causal +0% at 1024, +13.5% at 1536,
+  // +2.5% at 2048, +6% at 8192; ALiBi without a mask +11% at 1024, +18% at 4096. So they run
+  // without a mask, and causal from 1536 query rows on; other bands keep 128 rows.
   // ATTNKIT_CUDA_FWD_ROWS192=0: never, =1: wherever they can run, =force: that, and an error
   // where they cannot (for tests and measurements).
   const int64_t whole = p.max_nq + p.max_nk;
   const bool unmasked = band && left >= whole && right >= whole;
   const bool causal = band && left >= whole && right == 0;
-  const bool rows192_can = fast && band && !grid && !f.has_mods && inst.d == 64 && inst.dv == 64;
+  const bool rows192_can =
+      fast && band && !grid && (!f.has_mods || alibi) && inst.d == 64 && inst.dv == 64;
   const char* rows192_env = std::getenv("ATTNKIT_CUDA_FWD_ROWS192");
   const std::string rows192_set = rows192_env ? rows192_env : "";
   if (!rows192_can && rows192_set == "force")
     return fail(StatusCode::kInvalidArgument, "ATTNKIT_CUDA_FWD_ROWS192=force: this call does ",
-                "not take 192-row tiles (d = dv = 64, softmax without a gate or mods, no mask or ",
-                "a band)");
-  const bool rows192_pays = unmasked || (causal && p.max_nq >= 3072);
+                "not take 192-row tiles (d = dv = 64, softmax without a gate or mods but ALiBi, ",
+                "no mask or a band)");
+  const bool rows192_pays = unmasked || (causal && p.max_nq >= 1536);
   if (rows192_can && rows192_set != "0" &&
       (rows192_pays || rows192_set == "1" || rows192_set == "force")) {
     f = FwdParams{};
@@ -159,6 +161,9 @@ Status forward(const core::Problem& p, bool dry_run) {
   // block table or the grid tiles: their tables count tiles from row 0 (fast && band: !tabled).
   f.align_end =
       fast && band && !grid && right < whole && env_switch("ATTNKIT_CUDA_FWD_ALIGN_END", true);
+  // A warpgroup's part of a key tile past its rows' reach is not multiplied (FwdParams::trim; run
+  // 174, H200, d64 causal: +2-3.6% at N 1024-4096, the 192-row tiles more; d128 within noise).
+  f.trim = fast && band && !grid && right < whole && env_switch("ATTNKIT_CUDA_FWD_TRIM", true);
   if (tabled) {
     const Status fit = GeneralTables::fits(p, kn);
     if (!fit.ok()) return fit;
