@@ -1,38 +1,36 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 41; session 40's runs 169-173, gpu.md part 39: a
-# band's query tiles aligned to the sequence's end adopted, 192 rows under ALiBi lost), one call
-# of at most 600 s each:
+# The next device session's runs (session 42; session 41's runs 174-181, gpu.md part 40: the
+# trim of a warpgroup's part of a key tile adopted, 192 rows causal from 1536 and under ALiBi),
+# one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
-# device tool's held time, not the command's); a refused start costs ~45-120 s, and for some
-# minutes after one every call is refused (15 s each): wait as long as the refusal says; the
-# nvidia-h200 kind may come back on an H100 when nvidia-h100-x1 is refused (session 38). Issue
-# the next call as soon as one returns: the machine is released ~30 s after a call. Keep each
-# tree's TESTS short (the whole test_cuda takes ~200 s; TEST_TIMEOUT bounds the whole binary,
-# not a test: run 161's 150 s cut a passing list). A --lean build has no CLI: `cmake --build
-# build-gpu --target attnkit_cli` before `attnkit fuzz`. Switches read from the environment: A/B
-# them in one build with alternating rounds (python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds
-# R] [--masked NAMES] [--d D]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by
+# device tool's held time, not the command's); a refused start costs ~90-120 s (session 41: five
+# of them, ~550 s), and for some minutes after one every call is refused (15 s each): wait as
+# long as the refusal says, and send the correctness run first. The nvidia-h200 kind may come
+# back on an H100 when nvidia-h100-x1 is refused (session 38). Issue the next call as soon as
+# one returns: the machine is released ~30 s after a call. Keep each tree's TESTS short (the
+# whole test_cuda takes ~200 s; TEST_TIMEOUT bounds the whole binary, not a test: run 161's
+# 150 s cut a passing list). A --lean build has no CLI: `cmake --build build-gpu --target
+# attnkit_cli` before `attnkit fuzz`. Switches read from the environment: A/B them in one build
+# with alternating rounds (python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds R] [--masked
+# NAMES] [--d D] [--alibi]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by
 # up to 5% (run 150), and 5 rounds' medians moved by 1-2% between runs 155 and 157 (run 165: the
 # same kernel twice, 0.979): count a gain only beyond that.
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. (~400 s with a start) run_plan.sh verify $OUT: the alignment adopted in session 40 (part
-#    39, run 173: the whole test_cuda, check and pytest passed) under memcheck and racecheck on
-#    its tests (the first tile's zero-filled rows, the threads' store before row 0; the test's
-#    bias walk with 3 CTAs, added after a review, runs here first), then the fuzzer (varlen
-#    bands: another sequence's rows before 0).
-# A2. (~250 s, warm) run_plan.sh bench $OUT [ONLY]: bench.py --only dense,train, the figures
-#    against cuDNN with it (d64 causal at 4096 predicted +5% over run 164's 0.99).
-# A3. (~120 s, warm) PYTHONPATH=build-gpu/python python3 bench/gpu/ab_env.py
-#    ATTNKIT_CUDA_FWD_ROWS192=0 --causal --d 64 --n 3072 4096 8192 --rounds 5: the rule's 192
-#    rows against 128 with the alignment (runs 165-166 were before it). Runs 171-173 came on an
-#    H200, where 192 rows gained nothing causal at N 8192 (run 172) against +6% on an H100 (run
-#    164): note the card; on an H100 if one comes.
-# B. The short d64 causal forward (0.83x cuDNN at N 1024, 128 rows; 192 aligned rows only +2%
-#    there, run 171); 192 rows under a bias (no room kept for its tiles) or the table (gpu.md
-#    Next 2).
+# A. (~450 s with a start) TEST_TIMEOUT=330 run_plan.sh 1 $OUT: the whole test_cuda, check and
+#    pytest on the tree as adopted in session 41 (runs 174-175 ran the fast band's tests,
+#    memcheck, racecheck and the fuzzer on the trimmed kernel; the final tree did not run).
+#    Rows192MatchTheOracle now forces ALiBi (alibi, alibi_symmetric) on the trimmed 192-row
+#    kernel: once it passes, drop `!f.has_mods` from forward.cu's rows192_pays (ALiBi at 192
+#    rows by default: +6% causal at N 8192, +11-18% without a mask, runs 179-180).
+# A2. (~120 s, warm) ab_env.py ATTNKIT_CUDA_FWD_TRIM=0 --causal --d 64 128 --n 1024 4096 and
+#    ATTNKIT_CUDA_FWD_ROWS192=0 --causal --d 64 --n 1536 2048 4096 on an H100 if one comes
+#    (every figure of part 40 is an H200's).
+# B. The short d64 causal forward (0.77x cuDNN at N 1024 on the H200, 128 rows; 192 rows +3%
+#    there): S of a trimmed tile is still whole; a peeled last tile with S of its own width
+#    (Wgmma<64>) would avoid the branch that makes ptxas serialize (gpu.md Next 2).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -57,7 +55,8 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
 # The patches kept (bench/gpu/*.patch): none; fwd_align_end adopted (session 40),
-# fwd_rows192_alibi lost in run 172 (git show 5ce0640:bench/gpu/ab_fwd_rows192_alibi.patch),
+# fwd_rows192_alibi lost in run 172, won with the trim in session 41 (runs 179-180; its
+# forward.cu half on main, by default once its tests run),
 # fwd_rows192 adopted (9b4e580); bits16 lost in
 # run 160 (git show ffe0624:bench/gpu/ab_bits16.patch), prep_rows lost in run 153 (git show
 # 72a2af9:bench/gpu/ab_prep_rows.patch); band_bits adopted (3a58dbb), the persistent backward
