@@ -7,7 +7,8 @@ d 128 or the first --d; FLOPs counted by their density; "document-causal cached"
 MaskCache).
 Usage: PYTHONPATH=build-gpu/python python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds R]
   [--causal | --dense] [--alibi] [--d D ...] [--n N ...] [--masked NAMES]   (defaults: forward,
-  3 rounds, both masks, d 64 and 128, n 1024 and 4096; --alibi: the dense pass with ALiBi)
+  3 rounds, both masks, d 64 and 128, n 1024 and 4096; --alibi: ALiBi() on every dense and
+  causal case, not on --masked)
 """
 import os
 import statistics

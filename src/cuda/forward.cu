@@ -129,7 +129,7 @@ Status forward(const core::Problem& p, bool dry_run) {
   // under no mask or a band, no mods but ALiBi. Runs 162-167 (H100, d64 bf16, b = 16384 / N,
   // against 128 rows, alternating rounds): without a mask +4% at N 1024, +9% at 2048, +11% at
   // 3072, +7% at 4096, +12% at 8192; a 1024-key sliding window -13% (N 8192). Causal, with the
-  // tiles aligned to the sequence's end (align_end below) and trimmed (trim below; run 174,
+  // tiles aligned to the sequence's end (align_end below) and trimmed (trim below; runs 176-178,
   // H200): -18 to -20% at N 256 and 512, -5 to +4% from 768 to 1280, +4 to +15% from 1536 on
   // (1536, 1792, 2048, 2304, 2560, 3072, 4096, 8192), ALiBi causal +0% at 1024, +13.5% at 1536,
   // +2.5% at 2048, +6% at 8192; ALiBi without a mask +11% at 1024, +18% at 4096. So they run

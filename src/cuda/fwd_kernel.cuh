@@ -38,6 +38,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 
 #include "cuda/fwd_common.cuh"
 #include "cuda/fwd_mask.cuh"
@@ -354,10 +355,10 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
     // scores are -inf after band_mask (the tile is partial for the CTA's rows), so their weights
     // would be 0.
     constexpr bool kTrim = !kGeneral && !kGrid && !kBias && kN == 128;
-    int wg_end = 1 << 30;  // one past the last key the warpgroup's rows may see
+    int wg_end = INT_MAX;  // one past the last key the warpgroup's rows may see
     if (kTrim && p.trim)
-      wg_end = static_cast<int>(imin(
-          imax(int64_t{m0} + cw * 64 + 64 + seq.offset + p.band_right, 0), int64_t{1} << 30));
+      wg_end = static_cast<int>(
+          imin(imax(int64_t{m0} + cw * 64 + 64 + seq.offset + p.band_right, 0), int64_t{INT_MAX}));
     auto part_of = [&](int t) {
       const int c = wg_end - t * kN;
       return !kTrim || c > kN / 2 ? 2 : c > 0 ? 1 : 0;
