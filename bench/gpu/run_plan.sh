@@ -29,8 +29,9 @@
 #    ATTNKIT_CUDA_FWD_ROWS192=0 --causal --d 64 --n 1536 2048 4096 on an H100 if one comes
 #    (every figure of part 40 is an H200's).
 # B. The short d64 causal forward (0.77x cuDNN at N 1024 on the H200, 128 rows; 192 rows +3%
-#    there): S of a trimmed tile is still whole; a peeled last tile with S of its own width
-#    (Wgmma<64>) would avoid the branch that makes ptxas serialize (gpu.md Next 2).
+#    there): run_plan.sh 5 (ncu beside cuDNN) on the trimmed kernel first, to see where the
+#    gap is now. S of a trimmed tile stays whole: ptxas serializes every wgmma for any branch
+#    around it (part 40; a write-only first k-step did not help), so it is not the lever.
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
