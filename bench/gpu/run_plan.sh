@@ -25,7 +25,14 @@
 #    Rows192MatchTheOracle now forces ALiBi (alibi, alibi_symmetric) on the trimmed 192-row
 #    kernel: once it passes, drop `!f.has_mods` from forward.cu's rows192_pays (ALiBi at 192
 #    rows by default: +6% causal at N 8192, +11-18% without a mask, runs 179-180).
-# A2. (~120 s, warm) ab_env.py ATTNKIT_CUDA_FWD_TRIM=0 --causal --d 64 128 --n 1024 4096 and
+# A2. (~400 s, warm) run_plan.sh ab $OUT fwd_no_trim dense: main against the trim compiled
+#    out (bench/gpu/ab_fwd_no_trim.patch, kTrim = false: SASS as before the trim, 1079
+#    instructions a step against ~1105 on the path of a whole tile). ATTNKIT_CUDA_FWD_TRIM=0
+#    leaves those instructions in, so no run of session 41 measured what they cost where
+#    nothing is trimmed (no mask: d64 1.03x cuDNN at N 16384 on run 176's H200, 1.10x on run
+#    164's H100). If the unmasked forward loses, the trim becomes a template parameter of the
+#    band instances with an upper bound.
+# A3. (~120 s, warm) ab_env.py ATTNKIT_CUDA_FWD_TRIM=0 --causal --d 64 128 --n 1024 4096 and
 #    ATTNKIT_CUDA_FWD_ROWS192=0 --causal --d 64 --n 1536 2048 4096 on an H100 if one comes
 #    (every figure of part 40 is an H200's).
 # B. The short d64 causal forward (0.77x cuDNN at N 1024 on the H200, 128 rows; 192 rows +3%
@@ -57,7 +64,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): none; fwd_align_end adopted (session 40),
+# The patches kept (bench/gpu/*.patch): fwd_no_trim (session 42's A2); fwd_align_end adopted
+# (session 40),
 # fwd_rows192_alibi lost in run 172, won with the trim in session 41 (runs 179-180; its
 # forward.cu half on main, by default once its tests run),
 # fwd_rows192 adopted (9b4e580); bits16 lost in
