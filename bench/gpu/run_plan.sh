@@ -39,7 +39,7 @@
 #    there): run_plan.sh 5 (ncu beside cuDNN) on the trimmed kernel first, to see where the
 #    gap is now. S of a trimmed tile stays whole: ptxas serializes every wgmma for any branch
 #    around it (part 40; a write-only first k-step did not help), so it is not the lever. The
-#    trim's branches add ~28 instructions to every steady step (part 40): a peeled last step
+#    trim's branches add ~26 instructions to every steady step (part 40): a peeled last step
 #    would keep them out of the loop.
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
