@@ -8,7 +8,8 @@ Usage: python3 scripts/sass_loop.py CUBIN_OR_BINARY NAME_PATTERN HGMMAS [--skip 
   --skip A-B: hex addresses, first and last instruction of a block the path does not execute
   (the printed branches give them: a dense row skips the bias, softcap and table blocks).
 cuobjdump comes from the CUDA toolkit or PyPI's nvidia-cuda-cuobjdump (no GPU needed); set
-CUOBJDUMP to its path where it is not on PATH.
+CUOBJDUMP to its path where it is not on PATH. Its -sass needs nvdisasm on PATH too (the toolkit's,
+or PyPI's nvidia-cuda-nvdisasm: both wheels put them in site-packages/nvidia/cu13/bin).
 """
 import collections
 import os

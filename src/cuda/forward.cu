@@ -158,14 +158,16 @@ Status forward(const core::Problem& p, bool dry_run) {
     st = encode(192);
     if (!st.ok()) return st;
   }
-  // A band with an upper bound runs its query tiles from the sequence's end (FwdParams::
-  // align_end; ATTNKIT_CUDA_FWD_ALIGN_END=0: from row 0, kept for measurements). Never with a
-  // block table or the grid tiles: their tables count tiles from row 0 (fast && band: !tabled).
-  f.align_end =
-      fast && band && !grid && right < whole && env_switch("ATTNKIT_CUDA_FWD_ALIGN_END", true);
-  // A warpgroup's part of a key tile past its rows' reach is not multiplied (FwdParams::trim; run
-  // 174, H200, d64 causal: +2-3.6% at N 1024-4096, the 192-row tiles more; d128 within noise).
-  f.trim = fast && band && !grid && right < whole && env_switch("ATTNKIT_CUDA_FWD_TRIM", true);
+  // A band with an upper bound (causal, sliding) on the fast kernel, never with a block table or
+  // the grid tiles (their tables count tiles from row 0; fast && band: !tabled):
+  const bool upper_band = fast && band && !grid && right < whole;
+  // - its query tiles run from the sequence's end (FwdParams::align_end;
+  //   ATTNKIT_CUDA_FWD_ALIGN_END=0: from row 0, kept for measurements);
+  f.align_end = upper_band && env_switch("ATTNKIT_CUDA_FWD_ALIGN_END", true);
+  // - a warpgroup's part of a key tile past its rows' reach is not multiplied (FwdParams::trim;
+  //   run 174, H200, d64 causal: +2-3.6% at N 1024-4096, the 192-row tiles more; d128 within
+  //   noise).
+  f.trim = upper_band && env_switch("ATTNKIT_CUDA_FWD_TRIM", true);
   if (tabled) {
     const Status fit = GeneralTables::fits(p, kn);
     if (!fit.ok()) return fit;

@@ -115,8 +115,8 @@ struct FwdParams {
   // Under a band with an upper bound (causal, sliding), a consumer warpgroup multiplies P V of
   // only the half of a key tile (or none of it) its 64 rows may see, and weighs only that half:
   // the first 64 rows of a causal diagonal tile skip half their P V and exp2 (S stays whole: a
-  // branch around its matrix multiply makes ptxas serialize them all).
-  // ATTNKIT_CUDA_FWD_TRIM=0: off.
+  // branch around its matrix multiply makes ptxas serialize them all). Not in the bias instance
+  // (kBias) or the grid tiles. ATTNKIT_CUDA_FWD_TRIM=0: off.
   bool trim = false;
 
   // Masks. The fast kernel knows only bands: allowed(i, j) = i' - left <= j <= i' + right
