@@ -452,10 +452,9 @@ TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
 }
 
 // Query tiles of 192 rows, three consumer warpgroups (ATTNKIT_CUDA_FWD_ROWS192=force: every d =
-// dv = 64 call under no mask or a band without mods but ALiBi, not only those forward.cu picks;
-// the trimmed key tiles, FwdParams::trim, under causal and sliding bands), against
-// the oracle: 333 and 1030 query rows (tiles ending after one or two warpgroups' rows, so whole
-// warpgroups walk rows past the end, or under a band before row 0: FwdParams::align_end),
+// dv = 64 call under no mask or a band without mods but ALiBi, not only those forward.cu picks),
+// against the oracle: 333 and 1030 query rows (tiles ending after one or two warpgroups' rows,
+// so whole warpgroups walk rows past the end, or under a band before row 0: align_end),
 // bottom-right rows without keys (700 x 333 queries over keys and 333 x 700), GQA, sinks, both
 // dtypes; one CTA an item, the persistent walk (round-robin, pairs under a band, 1 and 5 CTAs),
 // and the turns once an item; ALiBi, causal and not; the fast instances the switch leaves alone
@@ -523,15 +522,14 @@ TEST(CudaFastPath, AlignEndMatchesTheOracle) {
 
 // The orders before runs 120-122 (ATTNKIT_CUDA_FWD_TURNS=0: the consumer warpgroups' turns once
 // an item, the last P V inside them; ATTNKIT_CUDA_FWD_PAIRS=0: a band's items from the counter;
-// ATTNKIT_CUDA_FWD_ALIGN_END=0: a band's query tiles from row 0; ATTNKIT_CUDA_FWD_TRIM=0: every
-// key tile weighed and multiplied whole), kept for measurements; the defaults run in every other
-// test. 1 and 5 CTAs walking items with and without key tiles, every fast instance (band, table,
+// ATTNKIT_CUDA_FWD_ALIGN_END=0: a band's query tiles from row 0), kept for measurements; the
+// defaults run in every other test. 1 and 5 CTAs walking items with and without key tiles, every fast instance (band, table,
 // ALiBi, softcap, a 16-bit bias, the grid tiles), the general kernel.
 TEST(CudaFastPath, TurnsOnceAnItemMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const ScopedEnv turns("ATTNKIT_CUDA_FWD_TURNS", "0"), pairs("ATTNKIT_CUDA_FWD_PAIRS", "0"),
       rows("ATTNKIT_CUDA_FWD_ROWS192", "0"),  // (Rows192MatchTheOracle: the 192-row turns)
-      align("ATTNKIT_CUDA_FWD_ALIGN_END", "0"), trim("ATTNKIT_CUDA_FWD_TRIM", "0");
+      align("ATTNKIT_CUDA_FWD_ALIGN_END", "0");
   const tools::json bias16 = {{"bias_dtype", "input"}};
   int seed = 471;
   for (const char* ctas : {"5", "1"}) {

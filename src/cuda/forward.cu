@@ -129,13 +129,11 @@ Status forward(const core::Problem& p, bool dry_run) {
   // under no mask or a band, no mods but ALiBi. Runs 162-167 (H100, d64 bf16, b = 16384 / N,
   // against 128 rows, alternating rounds): without a mask +4% at N 1024, +9% at 2048, +11% at
   // 3072, +7% at 4096, +12% at 8192; a 1024-key sliding window -13% (N 8192). Causal, with the
-  // tiles aligned to the sequence's end (align_end below) and trimmed (trim below; runs 176-178,
-  // H200): -18 to -20% at N 256 and 512, -5 to +4% from 768 to 1280, +4 to +15% from 1536 on
-  // (1536, 1792, 2048, 2304, 2560, 3072, 4096, 8192), ALiBi causal +0% at 1024, +13.5% at 1536,
-  // +2.5% at 2048, +6% at 8192; ALiBi without a mask +11% at 1024, +18% at 4096. So they run
-  // without a mask, and causal from 1536 query rows on; other bands keep 128 rows. Under ALiBi
-  // only where asked (=1, =force) until the trimmed 192-row kernel has run ALiBi's oracle tests
-  // on a GPU (the device had no time left in session 41; then drop `!f.has_mods` below).
+  // tiles aligned to the sequence's end (align_end below; run 184, H100): +0% at N 1024, +9% at
+  // 1536, -1% at 2048, +8% at 3072, +6% at 4096; ALiBi causal +7% at 1536, +11% at 4096, +7% at
+  // 8192 (runs 176-180, H200, then with a trim since dropped: -18 to -20% at N 256 and 512;
+  // ALiBi without a mask +11% at 1024, +18% at 4096). So they run without a mask, and causal
+  // from 1536 query rows on, ALiBi or not; other bands keep 128 rows.
   // ATTNKIT_CUDA_FWD_ROWS192=0: never, =1: wherever they can run, =force: that, and an error
   // where they cannot (for tests and measurements).
   const int64_t whole = p.max_nq + p.max_nk;
@@ -149,7 +147,7 @@ Status forward(const core::Problem& p, bool dry_run) {
     return fail(StatusCode::kInvalidArgument, "ATTNKIT_CUDA_FWD_ROWS192=force: this call does ",
                 "not take 192-row tiles (d = dv = 64, softmax without a gate or mods but ALiBi, ",
                 "no mask or a band)");
-  const bool rows192_pays = !f.has_mods && (unmasked || (causal && p.max_nq >= 1536));
+  const bool rows192_pays = unmasked || (causal && p.max_nq >= 1536);
   if (rows192_can && rows192_set != "0" &&
       (rows192_pays || rows192_set == "1" || rows192_set == "force")) {
     f = FwdParams{};
@@ -159,15 +157,11 @@ Status forward(const core::Problem& p, bool dry_run) {
     if (!st.ok()) return st;
   }
   // A band with an upper bound (causal, sliding) on the fast kernel, never with a block table or
-  // the grid tiles (their tables count tiles from row 0; fast && band: !tabled):
+  // the grid tiles (their tables count tiles from row 0; fast && band: !tabled): its query tiles
+  // run from the sequence's end (FwdParams::align_end; ATTNKIT_CUDA_FWD_ALIGN_END=0: from row 0,
+  // kept for measurements).
   const bool upper_band = fast && band && !grid && right < whole;
-  // - its query tiles run from the sequence's end (FwdParams::align_end;
-  //   ATTNKIT_CUDA_FWD_ALIGN_END=0: from row 0, kept for measurements);
   f.align_end = upper_band && env_switch("ATTNKIT_CUDA_FWD_ALIGN_END", true);
-  // - a warpgroup's part of a key tile past its rows' reach is not multiplied (FwdParams::trim;
-  //   run 174, H200, d64 causal: +2-3.6% at N 1024-4096, the 192-row tiles more; d128 within
-  //   noise).
-  f.trim = upper_band && env_switch("ATTNKIT_CUDA_FWD_TRIM", true);
   if (tabled) {
     const Status fit = GeneralTables::fits(p, kn);
     if (!fit.ok()) return fit;

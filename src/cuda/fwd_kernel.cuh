@@ -38,7 +38,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <climits>
 
 #include "cuda/fwd_common.cuh"
 #include "cuda/fwd_mask.cuh"
@@ -349,20 +348,6 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
     const uint8_t* const tclass = w.tclass;
     const uint32_t* const tbits = w.tbits;
     auto next_tile = [&](int t) { return w.next(t); };
-    // (FwdParams::trim) The part of key tile t this warpgroup weighs and multiplies by V: 2 all
-    // of it, 1 its first half, 0 none, where the band's upper bound masks the rest for all of
-    // its 64 rows (causal: the last tile, half for the first 64 rows of a diagonal one). Those
-    // scores are -inf after band_mask (the tile is partial for the CTA's rows), so their weights
-    // would be 0.
-    constexpr bool kTrim = !kGeneral && !kGrid && !kBias && kN == 128;
-    int wg_end = INT_MAX;  // one past the last key the warpgroup's rows may see
-    if (kTrim && p.trim)
-      wg_end = static_cast<int>(
-          imin(imax(int64_t{m0} + cw * 64 + 64 + seq.offset + p.band_right, 0), int64_t{INT_MAX}));
-    auto part_of = [&](int t) {
-      const int c = wg_end - t * kN;
-      return !kTrim || c > kN / 2 ? 2 : c > 0 ? 1 : 0;
-    };
     // The thread's two query rows (kGrid: tokens of the patch, row cw * 4 + warp of it, columns
     // lane / 4 and lane / 4 + 8; one past the grid stands for nq, a row nobody stores).
     int row_i[2];
@@ -565,29 +550,6 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
         alpha[0] = alpha[1] = 1.f;
       }
     };
-    // A tile the warpgroup weighs in part: its first half alone (1), or none and O kept as it
-    // is (0).
-    auto normalize_part = [&](float (&s)[kSRegs], float (&alpha)[2], int part) {
-      if (kTrim && part < 2) {
-        alpha[0] = alpha[1] = 1.f;
-        if (part == 1) {
-          auto& sh = reinterpret_cast<float(&)[kSRegs / 2]>(s);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) alpha[r] = softmax_row<kN / 2>(sh, r, to2, m[r], l[r]);
-        }
-        return;
-      }
-      normalize(s, alpha);
-    };
-    auto pack_part = [&](const float (&s)[kSRegs], uint32_t (&a)[kN / 16][4], int part) {
-      if (kTrim && part < 2) {
-        if (part == 1)
-          pack_p<T, kN / 2>(reinterpret_cast<const float(&)[kSRegs / 2]>(s),
-                            reinterpret_cast<uint32_t(&)[kN / 32][4]>(a));
-        return;
-      }
-      pack_p<T, kN>(s, a);
-    };
     auto issue_s = [&](float (&s)[kSRegs], int st) {
       wgmma_fence();
       const uint64_t da0 = smem_desc(sQ + cw * 64 * 128, 16, 1024);
@@ -600,20 +562,13 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
       }
       wgmma_commit();
     };
-    auto issue_pv = [&](uint32_t (&a)[kN / 16][4], int st, int part) {
+    auto issue_pv = [&](uint32_t (&a)[kN / 16][4], int st) {
       fence_regs(o);
+      wgmma_fence();
       const uint64_t db0 = smem_desc(sV(st), kN * 128, 1024);
-      if (part == 2) {
-        wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kN / 16; ++kk)
-          Wgmma<kDVp, Tag>::rs(o, a[kk], desc_add(db0, kk * 16 * 128), 1);
-      } else if (part == 1) {  // the other half's weights are 0
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kN / 32; ++kk)
-          Wgmma<kDVp, Tag>::rs(o, a[kk], desc_add(db0, kk * 16 * 128), 1);
-      }
+      for (int kk = 0; kk < kN / 16; ++kk)
+        Wgmma<kDVp, Tag>::rs(o, a[kk], desc_add(db0, kk * 16 * 128), 1);
       wgmma_commit();
     };
 
@@ -629,7 +584,6 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
       const int st0 = ring % kStages;
       if (pingpong) named_sync(my_turn, 256);
       mbar_wait(full_k(st0), phase_of(ring));
-      int part = part_of(t);
       issue_s(s, st0);
       if (pingpong) named_arrive(other_turn, 256);
       wgmma_wait<0>();
@@ -641,9 +595,9 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
       if constexpr (!kBias) release(empty_k(st0));
       score(s, t, st0);
       if constexpr (kBias) release(empty_k(st0));  // score read the stage's bias tile
-      normalize_part(s, alpha, part);
+      normalize(s, alpha);
       alpha[0] = alpha[1] = 1.f;  // O is still 0
-      pack_part(s, pa, part);
+      pack_p<T, kN>(s, pa);
 
       // Each next tile (the ring's tile `ring`): its S, issued with P V of the tile before; it is
       // normalized while P V runs.
@@ -652,13 +606,11 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
         const int st = ++ring % kStages, prev = (ring - 1) % kStages;
         if (pingpong) named_sync(my_turn, 256);
         mbar_wait(full_k(st), phase_of(ring));
-        const int part_prev = part;
-        part = part_of(t);
         issue_s(s, st);
 #pragma unroll
         for (int r = 0; r < 2; ++r) scale_row<kDVp>(o, r, alpha[r]);
         mbar_wait(full_v(prev), phase_of(ring - 1));
-        issue_pv(pa, prev, part_prev);
+        issue_pv(pa, prev);
         if (pingpong) named_arrive(other_turn, 256);
         wgmma_wait<1>();
         fence_regs(s);
@@ -666,12 +618,12 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
         if constexpr (!kBias) release(empty_k(st));
         score(s, t, st);
         if constexpr (kBias) release(empty_k(st));
-        normalize_part(s, alpha, part);
+        normalize(s, alpha);
         wgmma_wait<0>();
         fence_regs(o);
         fence_regs_u(pa);
         release(empty_v(prev));
-        pack_part(s, pa, part);
+        pack_p<T, kN>(s, pa);
       }
 
       // P V of the last tile.
@@ -680,7 +632,7 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 2; ++r) scale_row<kDVp>(o, r, alpha[r]);
       mbar_wait(full_v(last), phase_of(ring));
-      issue_pv(pa, last, part);
+      issue_pv(pa, last);
       // (the last warpgroup has no turn left in this item)
       if (pingpong && !turns_run_on && cw != kConsumers - 1) named_arrive(other_turn, 256);
       wgmma_wait<0>();

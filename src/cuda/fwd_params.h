@@ -112,12 +112,6 @@ struct FwdParams {
   // not, never stored (the threads store a warpgroup's rows that start before 0: a tensor store
   // there is an illegal instruction, run 169).
   bool align_end = false;
-  // Under a band with an upper bound (causal, sliding), a consumer warpgroup multiplies P V of
-  // only the half of a key tile (or none of it) its 64 rows may see, and weighs only that half:
-  // the first 64 rows of a causal diagonal tile skip half their P V and exp2 (S stays whole: a
-  // branch around its matrix multiply makes ptxas serialize them all). Not in the bias instance
-  // (kBias) or the grid tiles. ATTNKIT_CUDA_FWD_TRIM=0: off.
-  bool trim = false;
 
   // Masks. The fast kernel knows only bands: allowed(i, j) = i' - left <= j <= i' + right
   // (left, right may be "infinite"). The general kernel evaluates the mask tree.
