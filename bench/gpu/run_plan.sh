@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 42; session 41's runs 174-181, gpu.md part 40: the
-# trim of a warpgroup's part of a key tile adopted, 192 rows causal from 1536 and under ALiBi),
+# The next device session's runs (session 43; session 42's runs 182-185, gpu.md part 41: the
+# trim dropped, it cost 2-9% compiled in; ALiBi at 192 rows by default),
 # one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
@@ -16,31 +16,16 @@
 # with alternating rounds (python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds R] [--masked
 # NAMES] [--d D] [--alibi]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by
 # up to 5% (run 150), and 5 rounds' medians moved by 1-2% between runs 155 and 157 (run 165: the
-# same kernel twice, 0.979): count a gain only beyond that.
+# same kernel twice, 0.979): count a gain only beyond that. A switch measures its branch
+# against itself: code added to the steady loop is A/B'd compiled out (`ab`, part 41).
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. (~450 s with a start) TEST_TIMEOUT=330 run_plan.sh 1 $OUT: the whole test_cuda, check and
-#    pytest on the tree as adopted in session 41 (runs 174-175 ran the fast band's tests,
-#    memcheck, racecheck and the fuzzer on the trimmed kernel; the final tree did not run).
-#    Rows192MatchTheOracle now forces ALiBi (alibi, alibi_symmetric) on the trimmed 192-row
-#    kernel: once it passes, drop `!f.has_mods` from forward.cu's rows192_pays (ALiBi at 192
-#    rows by default: +6% causal at N 8192, +11-18% without a mask, runs 179-180).
-# A2. (~400 s, warm) run_plan.sh ab $OUT fwd_no_trim dense: main against the trim compiled
-#    out (bench/gpu/ab_fwd_no_trim.patch, kTrim = false: SASS as before the trim, 1079
-#    instructions a step against ~1105 on the path of a whole tile). ATTNKIT_CUDA_FWD_TRIM=0
-#    leaves those instructions in, so no run of session 41 measured what they cost where
-#    nothing is trimmed (no mask: d64 1.03x cuDNN at N 16384 on run 176's H200, 1.10x on run
-#    164's H100). If the unmasked forward loses, the trim becomes a template parameter of the
-#    band instances with an upper bound.
-# A3. (~120 s, warm) ab_env.py ATTNKIT_CUDA_FWD_TRIM=0 --causal --d 64 128 --n 1024 4096 and
-#    ATTNKIT_CUDA_FWD_ROWS192=0 --causal --d 64 --n 1536 2048 4096 on an H100 if one comes
-#    (every figure of part 40 is an H200's).
-# B. The short d64 causal forward (0.77x cuDNN at N 1024 on the H200, 128 rows; 192 rows +3%
-#    there): run_plan.sh 5 (ncu beside cuDNN) on the trimmed kernel first, to see where the
-#    gap is now. S of a trimmed tile stays whole: ptxas serializes every wgmma for any branch
-#    around it (part 40; a write-only first k-step did not help), so it is not the lever. The
-#    trim's branches add ~26 instructions to every steady step (part 40): a peeled last step
-#    would keep them out of the loop.
+# A. (~450 s with a start) TEST_TIMEOUT=330 run_plan.sh 1 $OUT on session 42's final tree if
+#    run 185 did not run it (gpu_runs182_185.txt says), then run_plan.sh 4 (memcheck) where time
+#    is left: fwd_kernel.cuh is back to its state before ea3477f, tested in sessions 39-40.
+# B. The short d64 causal forward (N 1024: 0.78x cuDNN on run 183's H100, 128 rows):
+#    run_plan.sh 5 (ncu beside cuDNN) to see where the gap is. A trimmed P V only in a peeled
+#    last step (part 41: in the loop it cost 2-9%).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -64,10 +49,11 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): fwd_no_trim (session 42's A2); fwd_align_end adopted
+# The patches kept (bench/gpu/*.patch): fwd_align_end adopted
 # (session 40),
-# fwd_rows192_alibi lost in run 172, won with the trim in session 41 (runs 179-180; its
-# forward.cu half on main, by default once its tests run),
+# fwd_rows192_alibi lost in run 172, won in session 41-42 (runs 179-180, 184; its forward.cu
+# half on main, by default since session 42), fwd_no_trim won in run 183 (the trim dropped; git
+# show c816ded:bench/gpu/ab_fwd_no_trim.patch),
 # fwd_rows192 adopted (9b4e580); bits16 lost in
 # run 160 (git show ffe0624:bench/gpu/ab_bits16.patch), prep_rows lost in run 153 (git show
 # 72a2af9:bench/gpu/ab_prep_rows.patch); band_bits adopted (3a58dbb), the persistent backward
