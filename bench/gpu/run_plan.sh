@@ -20,10 +20,10 @@
 # against itself: code added to the steady loop is A/B'd compiled out (`ab`, part 41).
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# A. (~450 s with a start) TEST_TIMEOUT=330 run_plan.sh 1 $OUT on session 42's final tree if
-#    run 185 did not run it (gpu_runs182_185.txt says), then run_plan.sh 4 (memcheck) where time
-#    is left: fwd_kernel.cuh is back to its state before ea3477f, tested in sessions 39-40.
-# B. The short d64 causal forward (N 1024: 0.78x cuDNN on run 183's H100, 128 rows):
+# A. (~450 s with a start) TEST_TIMEOUT=330 run_plan.sh 1 $OUT: the whole test_cuda, check and
+#    pytest on session 42's final tree (run 185 ran the forward's fast-path tests on it, 8 of
+#    them; fwd_kernel.cuh is as before ea3477f, which passed everything in session 40).
+# B. The short d64 causal forward (N 1024: 0.83x cuDNN on run 186's H100, 128 rows):
 #    run_plan.sh 5 (ncu beside cuDNN) to see where the gap is. A trimmed P V only in a peeled
 #    last step (part 41: in the loop it cost 2-9%).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
