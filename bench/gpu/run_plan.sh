@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 43; session 42's runs 182-185, gpu.md part 41: the
+# The next device session's runs (session 43; session 42's runs 182-186, gpu.md part 41: the
 # trim dropped, it cost 2-9% compiled in; ALiBi at 192 rows by default),
 # one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
@@ -49,11 +49,10 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# The patches kept (bench/gpu/*.patch): fwd_align_end adopted
-# (session 40),
-# fwd_rows192_alibi lost in run 172, won in session 41-42 (runs 179-180, 184; its forward.cu
-# half on main, by default since session 42), fwd_no_trim won in run 183 (the trim dropped; git
-# show c816ded:bench/gpu/ab_fwd_no_trim.patch),
+# No patch is kept in bench/gpu now. Decided: fwd_align_end adopted (session 40),
+# fwd_rows192_alibi lost in run 172, won in sessions 41-42 (runs 179-180, 184; in git at
+# 3a02a3d, its forward.cu half on main, by default since session 42), fwd_no_trim won in run
+# 183 (the trim dropped; git show c816ded:bench/gpu/ab_fwd_no_trim.patch),
 # fwd_rows192 adopted (9b4e580); bits16 lost in
 # run 160 (git show ffe0624:bench/gpu/ab_bits16.patch), prep_rows lost in run 153 (git show
 # 72a2af9:bench/gpu/ab_prep_rows.patch); band_bits adopted (3a58dbb), the persistent backward

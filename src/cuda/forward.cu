@@ -129,11 +129,12 @@ Status forward(const core::Problem& p, bool dry_run) {
   // under no mask or a band, no mods but ALiBi. Runs 162-167 (H100, d64 bf16, b = 16384 / N,
   // against 128 rows, alternating rounds): without a mask +4% at N 1024, +9% at 2048, +11% at
   // 3072, +7% at 4096, +12% at 8192; a 1024-key sliding window -13% (N 8192). Causal, with the
-  // tiles aligned to the sequence's end (align_end below; run 184, H100): +0% at N 1024, +9% at
-  // 1536, -1% at 2048, +8% at 3072, +6% at 4096; ALiBi causal +7% at 1536, +11% at 4096, +7% at
-  // 8192 (runs 176-180, H200, then with a trim since dropped: -18 to -20% at N 256 and 512;
-  // ALiBi without a mask +11% at 1024, +18% at 4096). So they run without a mask, and causal
-  // from 1536 query rows on, ALiBi or not; other bands keep 128 rows.
+  // tiles aligned to the sequence's end (align_end below; runs 184 and 186, H100): +1.6% at N
+  // 1024 (noise), -9% at 1280, +9% at 1536, -1% at 2048, +8% at 3072, +6% at 4096; ALiBi causal
+  // +7% at 1536, +11% at 4096, +7% at 8192. Runs 176-180 (H200, with a trim since dropped):
+  // causal -18 to -20% at N 256 and 512; ALiBi without a mask +11% at 1024, +18% at 4096. So
+  // they run without a mask, and causal from 1536 query rows on, ALiBi or not; other bands keep
+  // 128 rows.
   // ATTNKIT_CUDA_FWD_ROWS192=0: never, =1: wherever they can run, =force: that, and an error
   // where they cannot (for tests and measurements).
   const int64_t whole = p.max_nq + p.max_nk;

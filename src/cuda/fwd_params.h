@@ -101,8 +101,8 @@ struct FwdParams {
   bool raw_output = false;  // out receives O before ReLA's RMS and gain (and no gate)
   // Query tiles of 192 rows, three consumer warpgroups (FlashAttention-3's d64 tile), so that two
   // warpgroups' matrix multiplies cover each one's normalization: d = dv = 64, the fast kernel
-  // with no score mods (ALiBi where asked), by default without a mask or causal from 1536 query
-  // rows (ATTNKIT_CUDA_FWD_ROWS192=1: any band, ALiBi too; forward.cu says when).
+  // with no score mods but ALiBi, by default without a mask or causal from 1536 query rows
+  // (ATTNKIT_CUDA_FWD_ROWS192=1: any band; forward.cu says when).
   bool rows192 = false;
   // The fast kernel's query tiles under a band with an upper bound (causal, sliding) end at the
   // sequence's end, so that a partial tile is the first, whose rows visit the fewest keys, not
