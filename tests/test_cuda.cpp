@@ -523,9 +523,8 @@ TEST(CudaFastPath, AlignEndMatchesTheOracle) {
 // The orders before runs 120-122 (ATTNKIT_CUDA_FWD_TURNS=0: the consumer warpgroups' turns once
 // an item, the last P V inside them; ATTNKIT_CUDA_FWD_PAIRS=0: a band's items from the counter;
 // ATTNKIT_CUDA_FWD_ALIGN_END=0: a band's query tiles from row 0), kept for measurements; the
-// defaults run in every other test. 1 and 5 CTAs walking items with and without key tiles,
-// every fast instance (band, table, ALiBi, softcap, a 16-bit bias, the grid tiles), the general
-// kernel.
+// defaults run in every other test. 1 and 5 CTAs walking items with and without key tiles, every
+// fast instance (band, table, ALiBi, softcap, a 16-bit bias, the grid tiles), the general kernel.
 TEST(CudaFastPath, TurnsOnceAnItemMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const ScopedEnv turns("ATTNKIT_CUDA_FWD_TURNS", "0"), pairs("ATTNKIT_CUDA_FWD_PAIRS", "0"),

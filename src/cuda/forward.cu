@@ -157,12 +157,11 @@ Status forward(const core::Problem& p, bool dry_run) {
     st = encode(192);
     if (!st.ok()) return st;
   }
-  // A band with an upper bound (causal, sliding) on the fast kernel, never with a block table or
-  // the grid tiles (their tables count tiles from row 0; fast && band: !tabled): its query tiles
-  // run from the sequence's end (FwdParams::align_end; ATTNKIT_CUDA_FWD_ALIGN_END=0: from row 0,
-  // kept for measurements).
-  const bool upper_band = fast && band && !grid && right < whole;
-  f.align_end = upper_band && env_switch("ATTNKIT_CUDA_FWD_ALIGN_END", true);
+  // A band with an upper bound runs its query tiles from the sequence's end (FwdParams::
+  // align_end; ATTNKIT_CUDA_FWD_ALIGN_END=0: from row 0, kept for measurements). Never with a
+  // block table or the grid tiles: their tables count tiles from row 0 (fast && band: !tabled).
+  f.align_end =
+      fast && band && !grid && right < whole && env_switch("ATTNKIT_CUDA_FWD_ALIGN_END", true);
   if (tabled) {
     const Status fit = GeneralTables::fits(p, kn);
     if (!fit.ok()) return fit;
