@@ -6,7 +6,7 @@ accumulator register named, so each (N, dtype, operand source) is one generated 
   python3 scripts/gen_wgmma.py > src/cuda/wgmma_ops.cuh
 """
 
-SS_N = [64, 128]                 # S = Q K^T: N = the key tile
+SS_N = [64, 128, 176]            # S = Q K^T: N = the key tile (176: FwdParams::keys176)
 RS_N = [64, 128, 192, 256]       # O += P V: N = head_dim_v padded to 64
 TT_N = [32, 64]                  # backward dQ = dS K: N = half the padded head dim
 TYPES = {"bf16": "bf16", "f16": "f16"}

@@ -920,22 +920,25 @@ TEST(TileBits, QueryBitsEndWhereTheSequenceDoes) {
 
 // The CUDA kernels' band tests (the forward's band_mask, the backward's band bits) take a
 // thread's row as cuda::band_run_bits: bit 2 c + e is set iff column 8 c + e lies in [lo, hi],
-// for every pair of bounds tile_bound can give (-1 to the tile's width) and both widths.
-template <int kCols>
+// for every pair of bounds tile_bound can give (-1 to the tile's width) and every width (176:
+// the forward's wide key tiles, a 64-bit word a row).
+template <int kCols, class W = uint32_t>
 void expect_band_run_bits() {
   for (int lo = -1; lo <= kCols; ++lo)
     for (int hi = -1; hi <= kCols; ++hi) {
-      uint32_t expect = 0;
+      W expect = 0;
       for (int c = 0; c < kCols / 8; ++c)
         for (int e = 0; e < 2; ++e)
-          if (8 * c + e >= lo && 8 * c + e <= hi) expect |= 1u << (2 * c + e);
-      ASSERT_EQ(cuda::band_run_bits<kCols>(lo, hi), expect)
+          if (8 * c + e >= lo && 8 * c + e <= hi) expect |= W{1} << (2 * c + e);
+      ASSERT_EQ((cuda::band_run_bits<kCols, W>(lo, hi)), expect)
           << "width " << kCols << " lo " << lo << " hi " << hi;
     }
 }
 TEST(TileBits, BandRunBitsAreTheBandsColumns) {
   expect_band_run_bits<64>();
   expect_band_run_bits<128>();
+  expect_band_run_bits<128, uint64_t>();
+  expect_band_run_bits<176, uint64_t>();
 }
 
 // The CUDA forward's pairs schedule (cuda/fwd_params.h, the default; =0 takes the counter) as its

@@ -451,6 +451,19 @@ TEST(CudaFastPath, PairsWalkMatchesTheOracle) {
   }
 }
 
+// Runs f under each of the forward's walks a tile-shape test covers: the default, one CTA an
+// item, 5 persistent CTAs, and 1 CTA with the consumer warpgroups' turns once an item.
+template <class F>
+void each_fwd_walk(F f) {
+  for (const auto& [ctas, turns] :
+       {std::pair{"", "1"}, std::pair{"0", "1"}, std::pair{"5", "1"}, std::pair{"1", "0"}}) {
+    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas),
+        once("ATTNKIT_CUDA_FWD_TURNS", turns);
+    SCOPED_TRACE(std::string("CTAs '") + ctas + "', turns run on " + turns);
+    f();
+  }
+}
+
 // Query tiles of 192 rows, three consumer warpgroups (ATTNKIT_CUDA_FWD_ROWS192=force: every d =
 // dv = 64 call under no mask or a band without mods but ALiBi, not only those forward.cu picks),
 // against the oracle: 333 and 1030 query rows (tiles ending after one or two warpgroups' rows,
@@ -469,11 +482,7 @@ TEST(CudaFastPath, Rows192MatchTheOracle) {
       {DType::kBF16, {1, 2, 1, 400, 400, 128, 128}, false},
   };
   int seed = 481;
-  for (const auto& [ctas, turns] :
-       {std::pair{"", "1"}, std::pair{"0", "1"}, std::pair{"5", "1"}, std::pair{"1", "0"}}) {
-    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas),
-        once("ATTNKIT_CUDA_FWD_TURNS", turns);
-    SCOPED_TRACE(std::string("CTAs '") + ctas + "', turns run on " + turns);
+  each_fwd_walk([&] {
     for (const Case& c : cases)
       for (const char* mech :
            {"dense", "causal", "sliding_window", "sink", "document", "alibi", "alibi_symmetric"}) {
@@ -483,7 +492,35 @@ TEST(CudaFastPath, Rows192MatchTheOracle) {
         const ScopedEnv rows("ATTNKIT_CUDA_FWD_ROWS192", taken ? "force" : "1");
         expect_matches(mech, c, 2.0, seed++);
       }
-  }
+  });
+}
+
+// Key tiles of 176 (ATTNKIT_CUDA_FWD_KEYS176=force: every d = dv = 128 call without a mask or
+// mods) against the oracle: keys a multiple of the tile (352), one past it (177), fewer than a
+// tile (90), many tiles with a partial last (1030, 700); GQA, BNHD, both dtypes; one CTA an
+// item, the persistent round-robin walk (1 and 5 CTAs), the turns once an item; the masked and
+// modded calls (a sink, causal here, too) the switch leaves at 128 keys (=1), and d 64.
+TEST(CudaFastPath, Keys176MatchTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 333, 700, 128, 128}, false},
+      {DType::kF16, {1, 6, 3, 1030, 1030, 128, 128}, true},
+      {DType::kBF16, {1, 2, 1, 352, 177, 128, 128}, false},
+      {DType::kF16, {3, 2, 2, 130, 90, 128, 128}, false},
+      {DType::kBF16, {1, 2, 1, 200, 352, 64, 64}, false},
+  };
+  int seed = 501;
+  each_fwd_walk([&] {
+    for (const Case& c : cases)
+      for (const char* mech : {"dense", "sink", "causal", "alibi", "document"}) {
+        if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+        // force: an error unless the call takes the 176-key tiles (d 128, no mask, no mods;
+        // "sink" is causal)
+        const bool taken = c.dims.d == 128 && std::string(mech) == "dense";
+        const ScopedEnv keys("ATTNKIT_CUDA_FWD_KEYS176", taken ? "force" : "1");
+        expect_matches(mech, c, 2.0, seed++);
+      }
+  });
 }
 
 // Query tiles aligned to the sequence's end (FwdParams::align_end): first tiles with

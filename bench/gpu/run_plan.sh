@@ -83,7 +83,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, verify, bench, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, keys176, verify, bench, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -163,6 +163,26 @@ case $step in
      timeout 90 build-gpu/attnkit fuzz --device cuda --seed "${SEED:-57000}" --seconds 60 \
        > "$out/fuzz.log" 2>&1
      echo "fuzz rc $?"; tail -3 "$out/fuzz.log" ;;
+  keys176)  # session 43: the d128 forward's 176-key tiles (FwdParams::keys176): build, their
+     # tests, the spills, the A/B against 128 keys (dense d128, N 1024 / 4096 / 16384), then the
+     # whole test_cuda and bench.py --only dense with them on wherever they can run (=1)
+     TEST_FILTER='CudaFastPath.Keys176*:CudaHeadDims.*:CudaFastPath.LongSeq*:CudaFastPath.Rising*' \
+       TEST_TIMEOUT=240 bash scripts/gpu_cuda.sh "$out" --lean --no-bench > "$out/build.log" 2>&1
+     echo "build and tests: rc $?"
+     grep -E "^\[  (PASSED|FAILED) |Failure" "$out/test_cuda.log" | head -20
+     cuobjdump -sass build-gpu/CMakeFiles/attnkit.dir/cuda_gen/fwd_bf16_128x128.cu.o |
+       awk '/Function :/{f=$3} /LDL|STL/{n[f]++} END{for(k in n) print n[k], "LDL/STL in", k}'
+     PYTHONPATH=build-gpu/python timeout 200 python3 bench/gpu/ab_env.py \
+       ATTNKIT_CUDA_FWD_KEYS176=1 --dense --d 128 --n 1024 4096 16384 --rounds 5 \
+       > "$out/ab_keys176.log" 2>&1
+     tail -5 "$out/ab_keys176.log"
+     export ATTNKIT_CUDA_FWD_KEYS176=1
+     timeout "${TEST_TIMEOUT:-250}" build-gpu/tests/test_cuda > "$out/test_cuda_keys176.log" 2>&1
+     echo "test_cuda, 176-key tiles where they run: rc $?"
+     grep -E "^\[  (PASSED|FAILED) |Failure" "$out/test_cuda_keys176.log" | head -20
+     PYTHONPATH=build-gpu/python OUT="$out" timeout 90 python3 bench/gpu/bench.py --only dense \
+       > "$out/bench.log" 2>&1
+     sed -n '/^case /,$p' "$out/bench.log" ;;
   bench) build  # bench.py --only ${3:-dense,train}
      PYTHONPATH=build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only "${3:-dense,train}" \
        > "$out/bench.log" 2>&1

@@ -94,13 +94,13 @@ Status forward(const core::Problem& p, bool dry_run) {
   const int kn = dp <= 128 && dvp <= 128 ? 128 : 64;
   DeviceScope device(p.device_index);  // before the tensor maps: the encoder needs a context
   TmaMaps maps;
-  auto encode = [&](int q_tile) -> Status {
-    const char* bad = encode_maps(p, &maps, q_tile, kn);
+  auto encode = [&](int q_tile, int k_tile) -> Status {
+    const char* bad = encode_maps(p, &maps, q_tile, k_tile);
     if (!bad) return {};
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   };
-  st = encode(128);
+  st = encode(128, kn);
   if (!st.ok()) return st;
   // Plain softmax under a band runs the fast kernel alone; under any other mask, the fast kernel
   // with the block table when every partial tile gets its bits.
@@ -154,7 +154,25 @@ Status forward(const core::Problem& p, bool dry_run) {
     f = FwdParams{};
     fill_params(p, 192, &f);
     f.rows192 = true;
-    st = encode(192);
+    st = encode(192, kn);
+    if (!st.ok()) return st;
+  }
+  // Key tiles of 176 (FwdParams::keys176) where d = dv = 128 without a mask or score mods. Runs
+  // 191-193 (H200, bf16, b = 16384 / N, against 128 keys, alternating rounds): -1% at N 1024,
+  // +0.3% at 2048, +0.5 and +1.2% at 4096, +1.5 and +1.7% at 8192, +2.3, +1.7 and +2.8% at 16384
+  // (16 of its 17 rounds above 1). So they run from 8192 keys on. ATTNKIT_CUDA_FWD_KEYS176=0:
+  // never, =1: wherever they can run, =force: that, and an error where they cannot.
+  const bool keys176_can =
+      fast && unmasked && !grid && !f.has_mods && inst.d == 128 && inst.dv == 128;
+  const char* keys176_env = std::getenv("ATTNKIT_CUDA_FWD_KEYS176");
+  const std::string keys176_set = keys176_env ? keys176_env : "";
+  if (!keys176_can && keys176_set == "force")
+    return fail(StatusCode::kInvalidArgument, "ATTNKIT_CUDA_FWD_KEYS176=force: this call does ",
+                "not take 176-key tiles (d = dv = 128, softmax without a gate or mods, no mask)");
+  if (keys176_can && keys176_set != "0" &&
+      (p.max_nk >= 8192 || keys176_set == "1" || keys176_set == "force")) {
+    f.keys176 = true;
+    st = encode(128, 176);
     if (!st.ok()) return st;
   }
   // A band with an upper bound runs its query tiles from the sequence's end (FwdParams::

@@ -32,13 +32,15 @@ struct TmaMaps {
 };
 
 // Tiles of a (D, DV) instantiation: kRows query rows (a consumer warpgroup's 64 each: 128 or,
-// FwdParams::rows192, 192) by kN keys.
-template <int kD, int kDV, int kRows = 128>
+// FwdParams::rows192, 192) by kN keys (kKeys, or by default 128 where both head dims are at most
+// 128, else 64; 176: FwdParams::keys176).
+template <int kD, int kDV, int kRows = 128, int kKeys = 0>
 struct FwdTiles {
   static constexpr int kM = kRows;
   static constexpr int kDp = (kD + 63) / 64 * 64;  // head dims padded to whole 64-column panels
   static constexpr int kDVp = (kDV + 63) / 64 * 64;
-  static constexpr int kN = (kDp <= 128 && kDVp <= 128) ? 128 : 64;  // keys per tile
+  static constexpr int kN = kKeys ? kKeys : (kDp <= 128 && kDVp <= 128) ? 128 : 64;
+  static_assert(kN % 16 == 0 && kN * 128 % 1024 == 0, "whole k-steps and swizzle atoms");
   static constexpr int kQBytes = kM * kDp * 2;
   static constexpr int kKBytes = kN * kDp * 2;
   static constexpr int kVBytes = kN * kDVp * 2;
@@ -205,13 +207,23 @@ __device__ __forceinline__ void band_mask(float (&s)[kN / 2], const int (&row_i)
   }
   // A score then costs a bit test and a select.
   constexpr int kBits = kN / 4;
-  const uint64_t allow = band_run_bits<kN>(lo[0], hi[0]) |
-                         uint64_t{band_run_bits<kN>(lo[1], hi[1])} << kBits;
+  if constexpr (kBits <= 32) {  // both rows in one word
+    const uint64_t allow = band_run_bits<kN>(lo[0], hi[0]) |
+                           uint64_t{band_run_bits<kN>(lo[1], hi[1])} << kBits;
 #pragma unroll
-  for (int c = 0; c < kN / 8; ++c)
+    for (int c = 0; c < kN / 8; ++c)
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      if (!((allow >> ((e / 2) * kBits + 2 * c + (e & 1))) & 1)) s[c * 4 + e] = -INFINITY;
+      for (int e = 0; e < 4; ++e)
+        if (!((allow >> ((e / 2) * kBits + 2 * c + (e & 1))) & 1)) s[c * 4 + e] = -INFINITY;
+  } else {  // wider key tiles (FwdParams::keys176): a word a row
+    const uint64_t allow[2] = {band_run_bits<kN, uint64_t>(lo[0], hi[0]),
+                               band_run_bits<kN, uint64_t>(lo[1], hi[1])};
+#pragma unroll
+    for (int c = 0; c < kN / 8; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (!((allow[e / 2] >> (2 * c + (e & 1))) & 1)) s[c * 4 + e] = -INFINITY;
+  }
 }
 
 // The 2-D neighborhood on grid tiles (tile_bits.h): the thread's queries are (qr, qc) and (qr,

@@ -46,9 +46,9 @@
 
 namespace attnkit::cuda {
 
-template <int kD, int kDV, int kRows = 128>
-struct FwdShape : FwdTiles<kD, kDV, kRows> {
-  using Base = FwdTiles<kD, kDV, kRows>;
+template <int kD, int kDV, int kRows = 128, int kKeys = 0>
+struct FwdShape : FwdTiles<kD, kDV, kRows, kKeys> {
+  using Base = FwdTiles<kD, kDV, kRows, kKeys>;
   static constexpr int kConsumers = Base::kM / 64;  // consumer warpgroups, 64 rows each
   // (the registers below and the turns' ring are sized for these two)
   static_assert(kRows == 128 || kRows == 192, "query tiles of 128 or 192 rows");
@@ -75,7 +75,8 @@ struct FwdShape : FwdTiles<kD, kDV, kRows> {
       Base::kQBytes + kStages * kStageBytes + kOBytes + 1024 + kBarBytes;
   static constexpr int kBiasSmemBytes =
       Base::kQBytes + kBiasStages * (kStageBytes + kBiasBytes) + kOBytes + 1024 + kBarBytes;
-  static_assert(kBiasSmemBytes <= 227 * 1024, "two stages with bias tiles must fit");
+  static_assert(kKeys != 0 || kBiasSmemBytes <= 227 * 1024, "two stages with bias tiles must fit");
+  static_assert(kSmemBytes <= 227 * 1024 && kStages >= 2, "two stages must fit");
   // The producer's release (168 - 24 a thread, the launch's cap) pays the consumers' rise (240 -
   // 168): setmaxnreg.inc waits for free registers, so a producer at 32 would hang (run 60).
   // Three consumer warpgroups: 128 at launch, 24 and 160.
@@ -163,12 +164,14 @@ struct FwdWork {
 };
 
 template <class T, int kD, int kDV, bool kGeneral, bool kBias = false, bool kGrid = false,
-          int kRows = 128>
+          int kRows = 128, int kKeys = 0>
 __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
     fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ TmaMaps maps) {
-  using S = FwdShape<kD, kDV, kRows>;
+  using S = FwdShape<kD, kDV, kRows, kKeys>;
   static_assert(!kGrid || (!kGeneral && !kBias), "grid tiles: the plain fast flavor only");
   static_assert(kRows == 128 || (!kGeneral && !kBias && !kGrid), "192 rows: the plain fast one");
+  static_assert(kKeys == 0 || (!kGeneral && !kBias && !kGrid && kRows == 128),
+                "wide key tiles: the plain fast one");
   constexpr int kConsumers = S::kConsumers, kWarps = 4 * kConsumers;
   using Work = FwdWork<S::kM, S::kN, kGrid>;
   using Tag = typename ElemTraits<T>::Tag;
@@ -688,6 +691,11 @@ cudaError_t launch_fwd(const FwdParams& p, const TmaMaps& maps, cudaStream_t str
       using S3 = FwdShape<kD, kDV, 192>;
       kernel = fwd_kernel<T, kD, kDV, false, false, false, 192>;
       smem = S3::kSmemBytes, threads = S3::kThreads;
+    }
+  if constexpr (!kGeneral && kD == 128 && kDV == 128)
+    if (p.keys176) {  // key tiles of 176 (FwdParams::keys176), two stages
+      kernel = fwd_kernel<T, kD, kDV, false, false, false, 128, 176>;
+      smem = FwdShape<kD, kDV, 128, 176>::kSmemBytes;
     }
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;

@@ -104,6 +104,11 @@ struct FwdParams {
   // with no score mods but ALiBi, by default without a mask or causal from 1536 query rows
   // (ATTNKIT_CUDA_FWD_ROWS192=1: any band; forward.cu says when).
   bool rows192 = false;
+  // Key tiles of 176 instead of 128 (FlashAttention-3's d128 tile without a mask): each tile's
+  // fixed costs (O's rescale, the turns, the waits) over 1.375x the keys, in two stages; d = dv =
+  // 128, the fast kernel with no mask and no score mods, by default from 8192 keys on
+  // (ATTNKIT_CUDA_FWD_KEYS176; forward.cu says when).
+  bool keys176 = false;
   // The fast kernel's query tiles under a band with an upper bound (causal, sliding) end at the
   // sequence's end, so that a partial tile is the first, whose rows visit the fewest keys, not
   // the last, whose rows visit the most (run 171, d64 causal in 192-row tiles: +13% at N 1024,

@@ -33,16 +33,16 @@ ATTNKIT_HD uint32_t query_bits(int q_lim) {
 
 // A band's allowed columns x = 8 c + e of a thread (c < kCols / 8, e = 0, 1; lo and hi the
 // band's bounds relative to the thread's first column, from tile_bound) as the bits 2 c + e of a
-// word: x rises with the bit index, so they are one run, made in a few instructions where a
-// compare pair a column cost 2 kCols / 4.
-template <int kCols>
-ATTNKIT_HD uint32_t band_run_bits(int lo, int hi) {
+// word W: x rises with the bit index, so they are one run, made in a few instructions where a
+// compare pair a column cost 2 kCols / 4. (kmax = 63: 2 << 63 wraps to 0, and 0 - 1 is every bit.)
+template <int kCols, class W = uint32_t>
+ATTNKIT_HD W band_run_bits(int lo, int hi) {
   constexpr int kBits = kCols / 4;
-  static_assert(kBits <= 32, "one word a row");
+  static_assert(kBits <= 8 * static_cast<int>(sizeof(W)), "one word a row");
   const int kmin = lo <= 0 ? 0 : 2 * (lo >> 3) + std::min(lo & 7, 2);
   const int kmax = hi < 0 ? -1 : std::min(2 * (hi >> 3) + std::min(hi & 7, 1), kBits - 1);
   if (kmin > kmax) return 0u;
-  return static_cast<uint32_t>(((uint64_t{2} << kmax) - 1) & ~((uint64_t{1} << kmin) - 1));
+  return static_cast<W>(((uint64_t{2} << kmax) - 1) & ~((uint64_t{1} << kmin) - 1));
 }
 
 // Grid tiles (the fast forward's 2-D neighborhood, FwdParams::grid): query tiles are 8 x 16
