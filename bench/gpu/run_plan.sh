@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 43; session 42's runs 182-186, gpu.md part 41: the
-# trim dropped, it cost 2-9% compiled in; ALiBi at 192 rows by default),
+# The next device session's runs (session 44; session 43's runs 187-195, gpu.md part 42: d128's
+# 176-key tiles from 8192 keys, the mbarrier suspend hint dropped),
 # one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
@@ -21,11 +21,16 @@
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
 # A. (~450 s with a start) TEST_TIMEOUT=330 run_plan.sh 1 $OUT: the whole test_cuda, check and
-#    pytest on session 42's final tree (run 185 ran the forward's fast-path tests on it, 8 of
-#    them; fwd_kernel.cuh is as before ea3477f, which passed everything in session 40).
-# B. The short d64 causal forward (N 1024: 0.83x cuDNN on run 186's H100, 128 rows):
-#    run_plan.sh 5 (ncu beside cuDNN) to see where the gap is. A trimmed P V only in a peeled
-#    last step (part 41: in the loop it cost 2-9%).
+#    pytest on session 43's final tree (runs 191-193 ran all three with the 176-key tiles forced
+#    on where they run; each_fwd_walk, the tests' shared walk loop, is new). Then, warm, the
+#    176-key tiles on an H100 (only H200 figures so far): python3 bench/gpu/ab_env.py
+#    ATTNKIT_CUDA_FWD_KEYS176=0 --dense --d 128 --n 4096 8192 16384 --rounds 5.
+# B. The short forward (N 1024: d64 causal 0.82-0.83x cuDNN): an item's own code is ~1.3 steady
+#    tiles' worth (run 190) and the turns make the other warpgroup wait for an item's first S
+#    while this one stores its rows; ping-pong buys only +3% there (bench.py's no-ping-pong
+#    column). Try the turns released at an item's end (the next item's first S outside the
+#    turns, as its last P V already is) with `ab` (compiled out), and CUTLASS at N 4096 (d128
+#    0.97x cuDNN now, run 194).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -49,7 +54,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# No patch is kept in bench/gpu now. Decided: fwd_align_end adopted (session 40),
+# No patch is kept in bench/gpu now. Decided: mbar_hint lost in run 195 (git show
+# HINT_COMMIT:bench/gpu/ab_mbar_hint.patch), fwd_align_end adopted (session 40),
 # fwd_rows192_alibi lost in run 172, won in sessions 41-42 (runs 179-180, 184; in git at
 # 3a02a3d, its forward.cu half on main, by default since session 42), fwd_no_trim won in run
 # 183 (the trim dropped; git show c816ded:bench/gpu/ab_fwd_no_trim.patch),
@@ -83,7 +89,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, keys176, verify, bench, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, hint, keys176, verify, bench, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -163,6 +169,21 @@ case $step in
      timeout 90 build-gpu/attnkit fuzz --device cuda --seed "${SEED:-57000}" --seconds 60 \
        > "$out/fuzz.log" 2>&1
      echo "fuzz rc $?"; tail -3 "$out/fuzz.log" ;;
+  hint)  # session 43: try_wait's suspend hint (ab_mbar_hint.patch: run 190's producer spun
+     # ~650 times an item on empty_q / empty_k / empty_v, ~8% of the instructions) in two d64-only
+     # builds at once, then profile_fwd.py's rates alternating (main, hinted; 2 rounds)
+     x=/tmp/xh; rm -rf $x && mkdir -p $x && tar --exclude=./build-gpu -cf - . | tar -x -C $x
+     (cd $x && patch -p1 -s < bench/gpu/ab_mbar_hint.patch) || exit 1
+     for t in . $x; do
+       (cd $t && HEAD_DIMS=64 BWD_MAX_HEAD_DIM=64 GRID_TILES=OFF TEST_FILTER='CudaRules.AValid*' \
+         bash scripts/gpu_cuda.sh "$out/b${t//\//_}" --lean --no-bench > "$out/build${t//\//_}.log" 2>&1) &
+     done
+     wait
+     grep -h "build:" "$out"/build*.log
+     for r in 1 2; do for t in . $x; do for c in "1024 64 1" "4096 64 0"; do
+       echo "round $r tree $t: $(PYTHONPATH=$t/build-gpu/python python3 bench/gpu/profile_fwd.py \
+         $c --rate | tr '\n' ' ')"
+     done; done; done | tee "$out/hint.log" ;;
   keys176)  # session 43: the d128 forward's 176-key tiles (FwdParams::keys176): build, their
      # tests, the spills, the A/B against 128 keys (dense d128, N 1024 / 4096 / 16384), then the
      # whole test_cuda and bench.py --only dense with them on wherever they can run (=1)
