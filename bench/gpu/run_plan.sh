@@ -55,7 +55,7 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
 # No patch is kept in bench/gpu now. Decided: mbar_hint lost in run 195 (git show
-# HINT_COMMIT:bench/gpu/ab_mbar_hint.patch), fwd_align_end adopted (session 40),
+# f11eac3:bench/gpu/ab_mbar_hint.patch), fwd_align_end adopted (session 40),
 # fwd_rows192_alibi lost in run 172, won in sessions 41-42 (runs 179-180, 184; in git at
 # 3a02a3d, its forward.cu half on main, by default since session 42), fwd_no_trim won in run
 # 183 (the trim dropped; git show c816ded:bench/gpu/ab_fwd_no_trim.patch),
