@@ -171,7 +171,8 @@ case $step in
      echo "fuzz rc $?"; tail -3 "$out/fuzz.log" ;;
   hint)  # session 43: try_wait's suspend hint (ab_mbar_hint.patch: run 190's producer spun
      # ~650 times an item on empty_q / empty_k / empty_v, ~8% of the instructions) in two d64-only
-     # builds at once, then profile_fwd.py's rates alternating (main, hinted; 2 rounds)
+     # builds at once, then profile_fwd.py's rates alternating (main, hinted; 2 rounds); lost in
+     # run 195: to run it again, first git show f11eac3:bench/gpu/ab_mbar_hint.patch > that path
      x=/tmp/xh; rm -rf $x && mkdir -p $x && tar --exclude=./build-gpu -cf - . | tar -x -C $x
      (cd $x && patch -p1 -s < bench/gpu/ab_mbar_hint.patch) || exit 1
      for t in . $x; do
