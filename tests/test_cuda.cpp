@@ -497,30 +497,40 @@ TEST(CudaFastPath, Rows192MatchTheOracle) {
 
 // Key tiles of 176 (ATTNKIT_CUDA_FWD_KEYS176=force: every d = dv = 128 call without a mask or
 // mods) against the oracle: keys a multiple of the tile (352), one past it (177), fewer than a
-// tile (90), many tiles with a partial last (1030, 700); GQA, BNHD, both dtypes; one CTA an
-// item, the persistent round-robin walk (1 and 5 CTAs), the turns once an item; the masked and
-// modded calls (a sink, causal here, too) the switch leaves at 128 keys (=1), and d 64.
+// tile (90), many tiles with a partial last (1030, 700); GQA, BNHD, both dtypes, a sink without
+// a mask; one CTA an item, the persistent round-robin walk (1 and 5 CTAs), the turns once an
+// item; the masked and modded calls the switch leaves at 128 keys (=1: "sink" is causal), and
+// d 64; then the default's choice from 8192 keys on (8200: a partial last tile).
 TEST(CudaFastPath, Keys176MatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {
       {DType::kBF16, {2, 4, 2, 333, 700, 128, 128}, false},
       {DType::kF16, {1, 6, 3, 1030, 1030, 128, 128}, true},
       {DType::kBF16, {1, 2, 1, 352, 177, 128, 128}, false},
+      {DType::kBF16, {1, 2, 1, 333, 352, 128, 128}, false},
       {DType::kF16, {3, 2, 2, 130, 90, 128, 128}, false},
       {DType::kBF16, {1, 2, 1, 200, 352, 64, 64}, false},
   };
   int seed = 501;
   each_fwd_walk([&] {
-    for (const Case& c : cases)
+    for (const Case& c : cases) {
       for (const char* mech : {"dense", "sink", "causal", "alibi", "document"}) {
         if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-        // force: an error unless the call takes the 176-key tiles (d 128, no mask, no mods;
-        // "sink" is causal)
+        // force: an error unless the call takes the 176-key tiles (d 128, no mask, no mods)
         const bool taken = c.dims.d == 128 && std::string(mech) == "dense";
         const ScopedEnv keys("ATTNKIT_CUDA_FWD_KEYS176", taken ? "force" : "1");
         expect_matches(mech, c, 2.0, seed++);
       }
+      if (c.dims.d != 128) continue;
+      const ScopedEnv keys("ATTNKIT_CUDA_FWD_KEYS176", "force");
+      expect_matches("sink", c, 2.0, seed++, {{"mask", "none"}});
+    }
   });
+  const Case longer = {DType::kBF16, {1, 2, 1, 70, 8200, 128, 128}, false};
+  for (const char* keys : {"", "force"}) {
+    const ScopedEnv k("ATTNKIT_CUDA_FWD_KEYS176", keys);
+    expect_matches("dense", longer, 2.0, seed++);
+  }
 }
 
 // Query tiles aligned to the sequence's end (FwdParams::align_end): first tiles with

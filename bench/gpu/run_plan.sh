@@ -21,8 +21,9 @@
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
 # A. (~450 s with a start) TEST_TIMEOUT=330 run_plan.sh 1 $OUT: the whole test_cuda, check and
-#    pytest on session 43's final tree (runs 191-193 ran all three with the 176-key tiles forced
-#    on where they run; each_fwd_walk, the tests' shared walk loop, is new). Then, warm, the
+#    pytest on session 43's final tree (runs 191-193 ran all three with `=1` exported; new since:
+#    each_fwd_walk, Keys176's 352-key, unmasked-sink and 8200-key cases, the 176-key instance
+#    without the table's branch, launch_fwd's refusal of it with a table). Then, warm, the
 #    176-key tiles on an H100 (only H200 figures so far): python3 bench/gpu/ab_env.py
 #    ATTNKIT_CUDA_FWD_KEYS176=0 --dense --d 128 --n 4096 8192 16384 --rounds 5.
 # B. The short forward (N 1024: d64 causal 0.82-0.83x cuDNN): an item's own code is ~1.3 steady
@@ -177,7 +178,8 @@ case $step in
      (cd $x && patch -p1 -s < bench/gpu/ab_mbar_hint.patch) || exit 1
      for t in . $x; do
        (cd $t && HEAD_DIMS=64 BWD_MAX_HEAD_DIM=64 GRID_TILES=OFF TEST_FILTER='CudaRules.AValid*' \
-         bash scripts/gpu_cuda.sh "$out/b${t//\//_}" --lean --no-bench > "$out/build${t//\//_}.log" 2>&1) &
+         bash scripts/gpu_cuda.sh "$out/b${t//\//_}" --lean --no-bench \
+         > "$out/build${t//\//_}.log" 2>&1) &
      done
      wait
      grep -h "build:" "$out"/build*.log

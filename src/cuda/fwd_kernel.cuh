@@ -464,15 +464,17 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
           const int2 kp = w.patch(t, p.grid);
           grid_mask<kN>(s, p, w.pr0 + cw * 4 + warp, w.pc0 + lane / 4, kp.x, kp.y, col0);
         } else if (tabled) {
-          const uint8_t entry = tclass[t];
-          if (entry >= kTileBits) {  // every partial tile has its bits here (see forward.cu)
-            const uint64_t allow = fwd_tile_bits<kM, kN>(tbits, entry, row_i, m0, col0);
+          if constexpr (kKeys == 0) {  // (the wide key tiles run without a table: forward.cu)
+            const uint8_t entry = tclass[t];
+            if (entry >= kTileBits) {  // every partial tile has its bits here (see forward.cu)
+              const uint64_t allow = fwd_tile_bits<kM, kN>(tbits, entry, row_i, m0, col0);
 #pragma unroll
-            for (int c = 0; c < kN / 8; ++c)
+              for (int c = 0; c < kN / 8; ++c)
 #pragma unroll
-              for (int e = 0; e < 4; ++e)
-                if (!((allow >> ((e / 2) * (kN / 4) + 2 * c + (e & 1))) & 1))
-                  s[c * 4 + e] = kNegInf;
+                for (int e = 0; e < 4; ++e)
+                  if (!((allow >> ((e / 2) * (kN / 4) + 2 * c + (e & 1))) & 1))
+                    s[c * 4 + e] = kNegInf;
+            }
           }
         } else {
           const TileClass c = MaskEval::band(max(m0, 0) + seq.offset, m0 + rows - 1 + seq.offset,
@@ -694,6 +696,7 @@ cudaError_t launch_fwd(const FwdParams& p, const TmaMaps& maps, cudaStream_t str
     }
   if constexpr (!kGeneral && kD == 128 && kDV == 128)
     if (p.keys176) {  // key tiles of 176 (FwdParams::keys176), two stages
+      if (bias || p.grid.w > 0 || p.tile_class) return cudaErrorInvalidValue;  // (not there)
       kernel = fwd_kernel<T, kD, kDV, false, false, false, 128, 176>;
       smem = FwdShape<kD, kDV, 128, 176>::kSmemBytes;
     }

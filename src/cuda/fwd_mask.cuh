@@ -101,6 +101,7 @@ template <int kM, int kN>
 __device__ __forceinline__ uint64_t fwd_tile_bits(const uint32_t* slots, uint8_t entry,
                                                   const int (&row_i)[2], int m0, int col0) {
   constexpr int kBitsPerRow = kN / 4, kWords = kN / 32;
+  static_assert(kN % 32 == 0 && 2 * kBitsPerRow <= 64, "a tile's bits: whole words, 64 a thread");
   uint64_t allow = 0;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
