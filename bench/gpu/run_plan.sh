@@ -27,11 +27,12 @@
 #    176-key tiles on an H100 (only H200 figures so far): python3 bench/gpu/ab_env.py
 #    ATTNKIT_CUDA_FWD_KEYS176=0 --dense --d 128 --n 4096 8192 16384 --rounds 5.
 # B. The short forward (N 1024: d64 causal 0.82-0.83x cuDNN): an item's own code is ~1.3 steady
-#    tiles' worth (run 190) and the turns make the other warpgroup wait for an item's first S
-#    while this one stores its rows; ping-pong buys only +3% there (bench.py's no-ping-pong
-#    column). Try the turns released at an item's end (the next item's first S outside the
-#    turns, as its last P V already is) with `ab` (compiled out), and CUTLASS at N 4096 (d128
-#    0.97x cuDNN now, run 194).
+#    tiles' worth (run 190); both consumer warpgroups reach an item's end within half a tile of
+#    each other, so the tensor pipe likely idles through both epilogues and the next first S;
+#    ping-pong buys only +3% there (bench.py's no-ping-pong column). Measure the tensor pipe's
+#    active cycles on fwd_kernel at N 1024 against 16384 (step 9's metrics) before designing
+#    (the pipeline across items lost in part 15); any patch A/B'd compiled out (`ab`). Then
+#    CUTLASS at N 4096 (d128 0.97x cuDNN now, run 194).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
