@@ -57,7 +57,8 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
 # No patch is kept in bench/gpu now. Decided: mbar_hint lost in run 195 (git show
-# f11eac3:bench/gpu/ab_mbar_hint.patch), fwd_align_end adopted (session 40),
+# f11eac3:bench/gpu/ab_mbar_hint.patch; its step `hint` in run_plan.sh there),
+# fwd_align_end adopted (session 40),
 # fwd_rows192_alibi lost in run 172, won in sessions 41-42 (runs 179-180, 184; in git at
 # 3a02a3d, its forward.cu half on main, by default since session 42), fwd_no_trim won in run
 # 183 (the trim dropped; git show c816ded:bench/gpu/ab_fwd_no_trim.patch),
@@ -91,7 +92,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, hint, keys176, verify, bench, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, keys176, verify, bench, 3, 4, 5, 6, 7, 8, 9 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -171,23 +172,6 @@ case $step in
      timeout 90 build-gpu/attnkit fuzz --device cuda --seed "${SEED:-57000}" --seconds 60 \
        > "$out/fuzz.log" 2>&1
      echo "fuzz rc $?"; tail -3 "$out/fuzz.log" ;;
-  hint)  # session 43: try_wait's suspend hint (ab_mbar_hint.patch: run 190's producer spun
-     # ~650 times an item on empty_q / empty_k / empty_v, ~8% of the instructions) in two d64-only
-     # builds at once, then profile_fwd.py's rates alternating (main, hinted; 2 rounds); lost in
-     # run 195: to run it again, first git show f11eac3:bench/gpu/ab_mbar_hint.patch > that path
-     x=/tmp/xh; rm -rf $x && mkdir -p $x && tar --exclude=./build-gpu -cf - . | tar -x -C $x
-     (cd $x && patch -p1 -s < bench/gpu/ab_mbar_hint.patch) || exit 1
-     for t in . $x; do
-       (cd $t && HEAD_DIMS=64 BWD_MAX_HEAD_DIM=64 GRID_TILES=OFF TEST_FILTER='CudaRules.AValid*' \
-         bash scripts/gpu_cuda.sh "$out/b${t//\//_}" --lean --no-bench \
-         > "$out/build${t//\//_}.log" 2>&1) &
-     done
-     wait
-     grep -h "build:" "$out"/build*.log
-     for r in 1 2; do for t in . $x; do for c in "1024 64 1" "4096 64 0"; do
-       echo "round $r tree $t: $(PYTHONPATH=$t/build-gpu/python python3 bench/gpu/profile_fwd.py \
-         $c --rate | tr '\n' ' ')"
-     done; done; done | tee "$out/hint.log" ;;
   keys176)  # session 43: the d128 forward's 176-key tiles (FwdParams::keys176): build, their
      # tests, the spills, the A/B against 128 keys (dense d128, N 1024 / 4096 / 16384), then the
      # whole test_cuda and bench.py --only dense with them on wherever they can run (=1)

@@ -172,7 +172,7 @@ Status forward(const core::Problem& p, bool dry_run) {
   if (keys176_can && keys176_set != "0" &&
       (p.max_nk >= 8192 || keys176_set == "1" || keys176_set == "force")) {
     f.keys176 = true;
-    st = encode(128, 176);
+    st = encode(128, kWideKeys);
     if (!st.ok()) return st;
   }
   // A band with an upper bound runs its query tiles from the sequence's end (FwdParams::

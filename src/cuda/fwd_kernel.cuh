@@ -76,7 +76,7 @@ struct FwdShape : FwdTiles<kD, kDV, kRows, kKeys> {
   static constexpr int kBiasSmemBytes =
       Base::kQBytes + kBiasStages * (kStageBytes + kBiasBytes) + kOBytes + 1024 + kBarBytes;
   static_assert(kKeys != 0 || kBiasSmemBytes <= 227 * 1024, "two stages with bias tiles must fit");
-  static_assert(kSmemBytes <= 227 * 1024 && kStages >= 2, "two stages must fit");
+  static_assert(kSmemBytes <= 227 * 1024, "the stages must fit");
   // The producer's release (168 - 24 a thread, the launch's cap) pays the consumers' rise (240 -
   // 168): setmaxnreg.inc waits for free registers, so a producer at 32 would hang (run 60).
   // Three consumer warpgroups: 128 at launch, 24 and 160.
@@ -697,8 +697,8 @@ cudaError_t launch_fwd(const FwdParams& p, const TmaMaps& maps, cudaStream_t str
   if constexpr (!kGeneral && kD == 128 && kDV == 128)
     if (p.keys176) {  // key tiles of 176 (FwdParams::keys176), two stages
       if (bias || p.grid.w > 0 || p.tile_class) return cudaErrorInvalidValue;  // (not there)
-      kernel = fwd_kernel<T, kD, kDV, false, false, false, 128, 176>;
-      smem = FwdShape<kD, kDV, 128, 176>::kSmemBytes;
+      kernel = fwd_kernel<T, kD, kDV, false, false, false, 128, kWideKeys>;
+      smem = FwdShape<kD, kDV, 128, kWideKeys>::kSmemBytes;
     }
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;

@@ -14,6 +14,7 @@ inline constexpr int kMaxMaskNodes = MaskEval::kMaxFlatNodes;  // the flat evalu
 inline constexpr int kMaxMaskGlobals = 64;
 inline constexpr int kMaxMaskSegments = 4;
 inline constexpr int kMaxBlockMaps = 4;
+inline constexpr int kWideKeys = 176;  // FwdParams::keys176's key tiles
 
 // A segment-id pair of a document-like mask node: batch element b reads q + b * q_sb.
 struct SegmentTemplate {
