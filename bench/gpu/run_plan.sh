@@ -92,7 +92,7 @@
 # tree restores older timestamps and ninja keeps stale objects (run 46).
 # Results: docs/perf/gpu.md (part 21).
 set -uo pipefail
-step=${1:?step 1, ab, keys176, verify, bench, 3, 4, 5, 6, 7, 8, 9 or cutlass}
+step=${1:?step 1, ab, keys176, verify, bench, 3, 4, 5, 6, 7, 8, 9, 10 or cutlass}
 out=${2:?output directory}
 # source_samples SECONDS KERNEL CSV TREE SCRIPT ARGS...: ncu's per-instruction counters and stall
 # samples (SASS, csv) of KERNEL's third launch in `python3 SCRIPT ARGS` with TREE's package, into
@@ -247,6 +247,20 @@ case $step in
      done
      # the fixed cost of a CTA (backward) and an item (forward), in steps' worth
      PYTHONPATH=build-gpu/python timeout 120 python3 bench/gpu/fixed_cost.py ;;
+  10) build  # the forward's tensor pipe: active cycles against elapsed, attnkit's fwd_kernel
+     # beside cuDNN's, at N 1024 and 16384 (d64 causal, d128 not): the short forward's idle share
+     for c in "1024 64 1" "16384 64 1" "1024 128 0" "16384 128 0"; do
+       m="regex:sm__pipe_.*tensor.*cycles_active.avg.pct_of_peak_sustained_(active|elapsed)"
+       for kr in fwd_kernel sdpa; do
+         f="$out/ncu_pipe_${kr}_${c// /_}.txt"
+         timeout 100 ncu --kernel-name "regex:$kr" --launch-skip 2 --launch-count 1 \
+           --section SpeedOfLight --section ComputeWorkloadAnalysis \
+           --metrics "$m" \
+           env PYTHONPATH=build-gpu/python python3 bench/gpu/profile_fwd.py $c > "$f" 2>&1
+         echo "== $kr N/d/causal $c"
+         grep -i -E "Duration|tensor|SM Busy|Executed Ipc A" "$f" | cut -c1-110
+       done
+     done ;;
   8) build  # each backward kernel's time (preparation, bwd_kernel, dq's conversion), dense at
      # N 1024 and 4096, then the masked cases beside Flex, each pass alone
      PYTHONPATH=build-gpu/python timeout 200 python3 bench/gpu/profile_bwd.py --kernels 1024 4096
@@ -300,5 +314,5 @@ for r in b2b:
             r["attnkit_fp16"] / best[k], r["cudnn"], r["attnkit_fp16"] / r["cudnn"]))
 PY
      ;;
-  *) echo "step 1, ab, verify, bench, 3, 4, 5, 6, 7, 8, 9 or cutlass" >&2; exit 2 ;;
+  *) echo "step 1, ab, keys176, verify, bench, 3, 4, 5, 6, 7, 8, 9, 10 or cutlass" >&2; exit 2 ;;
 esac
