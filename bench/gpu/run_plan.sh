@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 44; session 43's runs 187-195, gpu.md part 42: d128's
+# The next device session's runs (session 45; session 44 ran none: ten refused starts and a
+# machine taken back mid-call, gpu.md part 43; session 43's runs 187-195, part 42: d128's
 # 176-key tiles from 8192 keys, the mbarrier suspend hint dropped),
 # one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
@@ -20,6 +21,8 @@
 # against itself: code added to the steady loop is A/B'd compiled out (`ab`, part 41).
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
+# With little device time (refusals cost 90 s each), first the shortest useful call: a --lean
+# build and TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' (~250 s).
 # A. (~450 s with a start) TEST_TIMEOUT=330 run_plan.sh 1 $OUT: the whole test_cuda, check and
 #    pytest on session 43's final tree (runs 191-193 ran all three with `=1` exported; new since:
 #    each_fwd_walk, Keys176's 352-key, unmasked-sink and 8200-key cases, the 176-key instance
@@ -30,7 +33,7 @@
 #    tiles' worth (run 190); both consumer warpgroups reach an item's end within half a tile of
 #    each other, so the tensor pipe likely idles through both epilogues and the next first S;
 #    ping-pong buys only +3% there (bench.py's no-ping-pong column). Measure the tensor pipe's
-#    active cycles on fwd_kernel at N 1024 against 16384 (step 9's metrics) before designing
+#    active cycles on fwd_kernel at N 1024 against 16384 (step 10, ~250 s) before designing
 #    (the pipeline across items lost in part 15); any patch A/B'd compiled out (`ab`). Then
 #    CUTLASS at N 4096 (d128 0.97x cuDNN now, run 194).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
@@ -81,7 +84,7 @@
 # 5: ncu on the N 1024 forward beside cuDNN's: warp states and stall reasons (d 64 / 128, causal
 #    and not), then the instruction mix by pipe (gpu.md part 15: 1.5x cuDNN's instructions).
 # 7 [ARGS], 8, 9: the backward's stall samples, its kernels' times, its tensor pipe's share
-#    (see their lines below).
+#    (see their lines below). 10: the forward's tensor pipe beside cuDNN's (N 1024 and 16384).
 # 6 [D]: ncu's per-instruction counts and stall samples (SASS, source page, csv, gzipped) of the
 #    forward at head dim D (default 128) and N 1024, causal and not: which instructions of the
 #    steady loop run, how often, and what they wait for.
