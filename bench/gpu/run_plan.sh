@@ -21,8 +21,9 @@
 # against itself: code added to the steady loop is A/B'd compiled out (`ab`, part 41).
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# With little device time (refusals cost 90 s each), first the shortest useful call: a --lean
-# build and TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' (~250 s).
+# With little device time (refusals cost ~90-120 s each), first the shortest useful call (~250 s):
+# TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=150 \
+#   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
 # A. (~450 s with a start) TEST_TIMEOUT=330 run_plan.sh 1 $OUT: the whole test_cuda, check and
 #    pytest on session 43's final tree (runs 191-193 ran all three with `=1` exported; new since:
 #    each_fwd_walk, Keys176's 352-key, unmasked-sink and 8200-key cases, the 176-key instance
@@ -33,7 +34,7 @@
 #    tiles' worth (run 190); both consumer warpgroups reach an item's end within half a tile of
 #    each other, so the tensor pipe likely idles through both epilogues and the next first S;
 #    ping-pong buys only +3% there (bench.py's no-ping-pong column). Measure the tensor pipe's
-#    active cycles on fwd_kernel at N 1024 against 16384 (step 10, ~250 s) before designing
+#    active cycles on fwd_kernel at N 1024 against 16384 (step 10, ~200 s) before designing
 #    (the pipeline across items lost in part 15); any patch A/B'd compiled out (`ab`). Then
 #    CUTLASS at N 4096 (d128 0.97x cuDNN now, run 194).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
@@ -93,7 +94,7 @@
 #    it here first (bash scripts/cutlass_fmha.sh: .carry/cutlass_fmha/fmha, ~5 min of nvcc).
 # A step that applies a patch on the device builds in a fresh directory: the next copy of the
 # tree restores older timestamps and ninja keeps stale objects (run 46).
-# Results: docs/perf/gpu.md (part 21).
+# Results: docs/perf/gpu.md (its parts in order; part 43 the latest).
 set -uo pipefail
 step=${1:?step 1, ab, keys176, verify, bench, 3, 4, 5, 6, 7, 8, 9, 10 or cutlass}
 out=${2:?output directory}
@@ -252,15 +253,15 @@ case $step in
      PYTHONPATH=build-gpu/python timeout 120 python3 bench/gpu/fixed_cost.py ;;
   10) build  # the forward's tensor pipe: active cycles against elapsed, attnkit's fwd_kernel
      # beside cuDNN's, at N 1024 and 16384 (d64 causal, d128 not): the short forward's idle share
+     m="regex:sm__pipe_.*tensor.*cycles_active.avg.pct_of_peak_sustained_(active|elapsed)"
      for c in "1024 64 1" "16384 64 1" "1024 128 0" "16384 128 0"; do
-       m="regex:sm__pipe_.*tensor.*cycles_active.avg.pct_of_peak_sustained_(active|elapsed)"
        for kr in fwd_kernel sdpa; do
          f="$out/ncu_pipe_${kr}_${c// /_}.txt"
-         timeout 100 ncu --kernel-name "regex:$kr" --launch-skip 2 --launch-count 1 \
+         timeout 60 ncu --kernel-name "regex:$kr" --launch-skip 2 --launch-count 1 \
            --section SpeedOfLight --section ComputeWorkloadAnalysis \
            --metrics "$m" \
            env PYTHONPATH=build-gpu/python python3 bench/gpu/profile_fwd.py $c > "$f" 2>&1
-         echo "== $kr N/d/causal $c"
+         echo "== $kr N/d/causal $c: rc $?"
          grep -i -E "Duration|tensor|SM Busy|Executed Ipc A" "$f" | cut -c1-110
        done
      done ;;
