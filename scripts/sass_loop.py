@@ -70,8 +70,9 @@ def main():
     path = [t for a, t in body if not any(lo <= a <= hi for lo, hi in skips)]
     mix = collections.Counter(opcode(t) for t in path)
     math = sum(n for k, n in mix.items() if k.startswith(MATH))
+    uniform = sum(n for k, n in mix.items() if k.startswith("U") or k in ("S2UR", "R2UR"))
     print(f"path: {len(path)} instructions, {math} of softmax arithmetic and HGMMA, "
-          f"{len(path) - math} other")
+          f"{len(path) - math} other, {uniform} on the uniform datapath")
     print("  " + ", ".join(f"{k} {n}" for k, n in mix.most_common(24)))
 
 
