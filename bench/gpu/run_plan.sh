@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 45; session 44 ran none: ten refused starts and a
-# machine taken back mid-call, gpu.md part 43; session 43's runs 187-195, part 42: d128's
-# 176-key tiles from 8192 keys, the mbarrier suspend hint dropped),
-# one call of at most 600 s each:
+# The next device session's runs (session 46; session 45's runs 196-202, gpu.md part 44: the
+# short forward's tensor pipe beside cuDNN's, the rows stored under the next item's first S
+# adopted), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
 # device tool's held time, not the command's); a refused start costs ~90-120 s (session 41: five
-# of them, ~550 s), and for some minutes after one every call is refused (15 s each): wait as
-# long as the refusal says, and send the correctness run first. The nvidia-h200 kind may come
-# back on an H100 when nvidia-h100-x1 is refused (session 38). Issue the next call as soon as
-# one returns: the machine is released ~30 s after a call. Keep each tree's TESTS short (the
-# whole test_cuda takes ~200 s; TEST_TIMEOUT bounds the whole binary, not a test: run 161's
-# 150 s cut a passing list). A --lean build has no CLI: `cmake --build build-gpu --target
-# attnkit_cli` before `attnkit fuzz`. Switches read from the environment: A/B them in one build
+# of them, ~550 s; session 44: ten), and for some minutes after one every call is refused (15 s
+# each): wait as long as the refusal says, and send the correctness run first. The nvidia-h200
+# kind may come back on an H100 when nvidia-h100-x1 is refused (session 38). Issue the next call
+# as soon as one returns: the machine is released ~30 s after a call. Keep each tree's TESTS
+# short (the whole test_cuda takes ~200 s; TEST_TIMEOUT bounds the whole binary, not a test: run
+# 161's 150 s cut a passing list, and run 196's). `ab` with many files under $OUT brings back
+# only some (run 200 lost its test logs; `ab` prints each tree's summary since). A --lean
+# build has no CLI: `cmake --build build-gpu --target attnkit_cli` before `attnkit fuzz`.
+# Switches read from the environment: A/B them in one build
 # with alternating rounds (python3 bench/gpu/ab_env.py VAR=VAL [--bwd] [--rounds R] [--masked
 # NAMES] [--d D] [--alibi]); one measurement a case (profile_bwd.py --ab) moved bwd_kernel by
 # up to 5% (run 150), and 5 rounds' medians moved by 1-2% between runs 155 and 157 (run 165: the
@@ -21,22 +22,17 @@
 # against itself: code added to the steady loop is A/B'd compiled out (`ab`, part 41).
 # A hang's diagnosis: CUDA_FLAGS=-DATTNKIT_DEBUG_MBAR_TIMEOUT (gpu_cuda.sh): mbar_wait names a
 # barrier stuck for ~2 s, then every wait gives up so that the kernel ends and the name prints.
-# With little device time (refusals cost ~90-120 s each), first the shortest useful call (~250 s):
-# TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=150 \
+# With little device time, first the shortest useful call (~300 s):
+# TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
-# A. (~450 s with a start) TEST_TIMEOUT=330 run_plan.sh 1 $OUT: the whole test_cuda, check and
-#    pytest on session 43's final tree (runs 191-193 ran all three with `=1` exported; new since:
-#    each_fwd_walk, Keys176's 352-key, unmasked-sink and 8200-key cases, the 176-key instance
-#    without the table's branch, launch_fwd's refusal of it with a table). Then, warm, the
-#    176-key tiles on an H100 (only H200 figures so far): python3 bench/gpu/ab_env.py
-#    ATTNKIT_CUDA_FWD_KEYS176=0 --dense --d 128 --n 4096 8192 16384 --rounds 5.
-# B. The short forward (N 1024: d64 causal 0.82-0.83x cuDNN): an item's own code is ~1.3 steady
-#    tiles' worth (run 190); both consumer warpgroups reach an item's end within half a tile of
-#    each other, so the tensor pipe likely idles through both epilogues and the next first S;
-#    ping-pong buys only +3% there (bench.py's no-ping-pong column). Measure the tensor pipe's
-#    active cycles on fwd_kernel at N 1024 against 16384 (step 10, ~200 s) before designing
-#    (the pipeline across items lost in part 15); any patch A/B'd compiled out (`ab`). Then
-#    CUTLASS at N 4096 (d128 0.97x cuDNN now, run 194).
+# A. `PAR=1 run_plan.sh ab $OUT fwd_early_store dense` (~430 s with a start): the late store
+#    reversed against main, for d128 N 16384 (runs 200-202: -1.3 to -1.7% with it, within two
+#    runs' spread; +2.3 / +4.7% at d128 N 1024). Keep main if N 16384 is within 1%.
+# B. The short forward's first tile (part 44): a d128 item idles the pipe ~6 us (cuDNN ~2.3 us,
+#    run 198); the rows' store now runs under the first S, and the warpgroup's first
+#    normalization still has only the other's first S beside it. `run_plan.sh 6 $OUT 128`
+#    (ncu's samples on the adopted tree) before designing; any patch A/B'd compiled out (`ab`).
+#    Then CUTLASS at N 4096 (d128 0.87x, run 199).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -60,7 +56,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# No patch is kept in bench/gpu now. Decided: mbar_hint lost in run 195 (git show
+# bench/gpu keeps ab_fwd_early_store.patch (the late store reversed, step A). Decided:
+# fwd_late_store adopted (run 200; the patch is that one reversed), mbar_hint lost in run 195 (git show
 # f11eac3:bench/gpu/ab_mbar_hint.patch; its step `hint` in run_plan.sh there),
 # fwd_align_end adopted (session 40),
 # fwd_rows192_alibi lost in run 172, won in sessions 41-42 (runs 179-180, 184; in git at
@@ -94,7 +91,7 @@
 #    it here first (bash scripts/cutlass_fmha.sh: .carry/cutlass_fmha/fmha, ~5 min of nvcc).
 # A step that applies a patch on the device builds in a fresh directory: the next copy of the
 # tree restores older timestamps and ninja keeps stale objects (run 46).
-# Results: docs/perf/gpu.md (its parts in order; part 43 the latest).
+# Results: docs/perf/gpu.md (its parts in order; part 44 the latest).
 set -uo pipefail
 step=${1:?step 1, ab, keys176, verify, bench, 3, 4, 5, 6, 7, 8, 9, 10 or cutlass}
 out=${2:?output directory}
@@ -134,7 +131,9 @@ case $step in
        echo "== tree $x: $set"
        tree_run() {
          (cd $x && TEST_TIMEOUT=${TEST_TIMEOUT:-300} TEST_FILTER=$filter \
-           bash scripts/gpu_cuda.sh "$out/x$i" --lean --no-bench)
+           bash scripts/gpu_cuda.sh "$out/x$i" --lean --no-bench) || return 1
+         # (the summary here: $out's logs may not all come back, run 200)
+         echo "tree $x: $(grep -E '^\[  PASSED' "$out/x$i/test_cuda.log")"
        }
        if [[ ${PAR:-0} == 1 ]]; then tree_run & pids+=($!); else tree_run || exit 1; fi
        trees+=($x)

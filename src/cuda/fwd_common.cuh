@@ -300,9 +300,11 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
     const float lsum = quad_sum(l[r]);
     float stat = 0.f, mul = 1.f;
     if (softmax || norm == NormalizerKind::kKernel) {  // the kernel: a softmax over p log f(s)
-      mul = lsum > 0.f ? 1.f / lsum : 0.f;
+      // (no branch here: the fast flavor stores under the next item's first S, and a divergent
+      // path there serializes its matrix multiplies; a row's sum is 0 or at least 1)
+      mul = lsum > 0.f ? __fdividef(1.f, lsum) : 0.f;
       const float mnat = kGeneral ? m[r] : m[r] * p.scale;
-      stat = lsum > 0.f ? mnat + logf(lsum) : -INFINITY;
+      stat = lsum > 0.f ? mnat + __logf(lsum) : -INFINITY;
     } else if (norm == NormalizerKind::kSigmoid) {
       mul = 1.f / kSigmoidWeightScale;  // the weights' scale in P V
     } else if (norm == NormalizerKind::kReLA) {
@@ -321,11 +323,11 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
     }
     // muls: the rows' factors go to the caller, which stores O itself (FwdParams::tma_out).
     if (muls) muls[r] = mul;
-    if (i < 0 || i >= seq.nq) continue;  // (i < 0: FwdParams::align_end's first tile)
-    const int64_t row = seq.q_start + i;
+    const bool live = i >= 0 && i < seq.nq;  // (i < 0: FwdParams::align_end's first tile)
+    const int64_t row = seq.q_start + (live ? i : 0);
     char* orow = static_cast<char*>(p.out) + (b * p.o_sb + h * p.o_sh + row * p.o_sn) * out_es;
     float gate_h = 1.f;
-    if (kGeneral && p.gate == GateKind::kPerHead)
+    if (kGeneral && live && p.gate == GateKind::kPerHead)
       gate_h = fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, b * p.g_sb + h * p.g_sh + row * p.g_sn));
     // The row's columns: kOut 1 = bf16 or 2 = fp16 with every column of kDVp in the output, or
     // -1 = the dtype and the width read per column pair (the general flavor: one copy of its
@@ -336,7 +338,8 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
 #pragma unroll
       for (int c = 0; c < kDVp / 8; ++c) {
         const int col = c * 8 + col0;
-        if (kOut < 0 && col >= p.dv) continue;
+        const bool ok = live && (kOut > 0 || col < p.dv);  // (a predicate, not a branch)
+        if (kGeneral && !ok) continue;
         float x0 = o[c * 4 + 2 * r] * mul, x1 = o[c * 4 + 2 * r + 1] * mul;
         if constexpr (kGeneral) {
           if (norm == NormalizerKind::kReLA && !p.raw_output) {
@@ -353,12 +356,12 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
         }
         const DType dt = kOut == 1 ? DType::kBF16 : kOut == 2 ? DType::kF16 : p.out_dtype;
         if (dt == DType::kF32) {
-          *reinterpret_cast<float2*>(orow + col * 4) = make_float2(x0, x1);
+          if (ok) *reinterpret_cast<float2*>(orow + col * 4) = make_float2(x0, x1);
         } else {
           const uint32_t v = dt == DType::kBF16 ? ElemTraits<__nv_bfloat16>::pack(x0, x1)
                                                 : ElemTraits<__half>::pack(x0, x1);
           // From the thread's first pair at a constant offset (one address a row).
-          reinterpret_cast<uint32_t*>(orow + col0 * 2)[c * 4] = v;
+          if (ok) reinterpret_cast<uint32_t*>(orow + col0 * 2)[c * 4] = v;
         }
       }
     };
@@ -373,7 +376,7 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
         put(std::integral_constant<int, -1>{});
       }
     }
-    if (p.row_stat && lane_leads) p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn] = stat;
+    if (p.row_stat && lane_leads && live) p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn] = stat;
   }
 }
 

@@ -18,8 +18,10 @@
 // pairs (a band's, pair_first) or round-robin (items of one length); the producer thread
 // hands each to the consumer warps through two shared slots. The ring runs on
 // across items, and the producer loads the next item's Q once both consumer warpgroups have
-// their last S of the current one (empty_q), so the next item's first tiles arrive while the
-// consumers store the current one's rows. Where a stage of O fits beside the ring (d_v = 64:
+// their last S of the current one (empty_q). A consumer warpgroup of the fast flavor issues the
+// next item's first S before it stores the current one's rows, so that the multiply runs under
+// the store (whose code has no thread-divergent branch: one there makes ptxas serialize the
+// multiplies; the general flavor stores first). Where a stage of O fits beside the ring (d_v = 64:
 // FwdShape::kTmaOut), each consumer warpgroup writes its 64 rows of O there by stmatrix and one
 // thread stores them by the copy engine (FwdParams::tma_out); else the threads store O's pairs.
 //
@@ -103,6 +105,7 @@ struct FwdWork {
   int pr0 = 0, pc0 = 0, kr0 = 0, kc0 = 0, kcols = 1;
   float inv_kcols = 1.f;
 
+  FwdWork() = default;  // no item (the walk's end): no key tile, not live
   __device__ __forceinline__ FwdWork(const FwdParams& p, int item, bool general) {
     const int bh = item / p.num_q_tiles;
     tile = p.num_q_tiles - 1 - (item - bh * p.num_q_tiles);
@@ -330,6 +333,65 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
   const bool turns_run_on = pingpong && p.turns_run_on;
   if (turns_run_on && cw == kConsumers - 1) named_arrive(1, 256);
   int ring = 0;  // the ring's tiles consumed by earlier items
+  auto release = [&](uint32_t bar) {
+    if (lane == 0) mbar_arrive(bar);
+  };
+  // The rows of an item: O, and each row's max and sum.
+  float o[kORegs], m[2], l[2];
+  auto zero_o = [&] {
+#pragma unroll
+    for (int x = 0; x < kORegs; ++x) o[x] = 0.f;
+  };
+  // An item's rows are stored under the next item's first S (the walk's end stores the last):
+  // what the store needs of the item it stores.
+  struct Done {
+    int b = 0, h = 0, m0 = 0, row_i[2] = {0, 0};
+    SeqExtent seq;
+  } done;
+  bool pending = false;
+  const NormalizerKind norm =
+      kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink : NormalizerKind::kSoftmax);
+  auto issue_s = [&](float (&s)[kSRegs], int st) {
+    wgmma_fence();
+    const uint64_t da0 = smem_desc(sQ + cw * 64 * 128, 16, 1024);
+    const uint64_t db0 = smem_desc(sK(st), 16, 1024);
+#pragma unroll
+    for (int kk = 0; kk < kDp / 16; ++kk) {
+      const uint64_t da = desc_add(da0, (kk / 4) * (kM * 128) + (kk % 4) * 32);
+      const uint64_t db = desc_add(db0, (kk / 4) * (kN * 128) + (kk % 4) * 32);
+      Wgmma<kN, Tag>::ss(s, da, db, kk > 0);
+    }
+    wgmma_commit();
+  };
+  auto store_done = [&] {
+    if (!pending) return;
+    // (a tensor store at a row before the map's 0 is an illegal instruction, run 169: the
+    // threads store the rows from 0 of a warpgroup starting before it, FwdParams::align_end's
+    // first tile; no tensor store under varlen, encode_out)
+    if (!tma_out || done.m0 + cw * 64 < 0) {
+      store_rows<kGeneral, kDVp>(p, norm, done.b, done.h, done.seq, done.row_i, col0,
+                                 lane % 4 == 0, o, m, l);
+    } else {
+      // O through shared memory: the warpgroup's 64 rows of 128 bytes, 16-byte chunks
+      // swizzled by row % 8 (the tensor map's 128-byte swizzle), four 8 x 8 matrices an
+      // stmatrix, then one tensor store (rows past the query count are clipped by the map's
+      // extent).
+      float mul[2];
+      store_rows<kGeneral, kDVp>(p, norm, done.b, done.h, done.seq, done.row_i, col0,
+                                 lane % 4 == 0, o, m, l, mul);
+      const uint32_t buf = sO + cw * (64 * 128);
+      if (o_leader) bulk_wait_read<0>();  // the last item's store has read the buffer
+      named_sync(o_bar, 128);
+      stage_rows<T, kDVp>(buf, o, mul, warp, lane);
+      fence_proxy_async_smem();  // the copy engine reads what stmatrix wrote
+      named_sync(o_bar, 128);
+      if (o_leader) {
+        tma_store_4d(&maps.o, buf, 0, static_cast<int>(done.seq.q_start) + done.m0 + cw * 64,
+                     done.h * maps.o_hm, (p.cu_q ? 0 : done.b) * maps.o_bm);
+        bulk_commit();
+      }
+    }
+  };
   for (int j = 0;; ++j) {
     const int y = j & 1;
     mbar_wait(sched_full(y), (j >> 1) & 1);
@@ -337,13 +399,30 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
     asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(item) : "r"(sSched + 4 * y) : "memory");
     __syncwarp();
     if (lane == 0) mbar_arrive(sched_empty(y));
-    if (item < 0) break;
-    const Work w(p, item, kGeneral);
+    const Work w = item >= 0 ? Work(p, item, kGeneral) : Work();
     ring %= 2 * kStages;
-    auto release = [&](uint32_t bar) {
-      if (lane == 0) mbar_arrive(bar);
-    };
-    mbar_wait(bar_q, j & 1);
+    // The item's first S, issued before the last item's rows are stored: its matrix multiply
+    // runs under the store.
+    float s[kSRegs];
+    int t = w.next(w.t_begin);
+    if (item >= 0) mbar_wait(bar_q, j & 1);
+    const int st0 = ring % kStages;
+    if constexpr (kGeneral) store_done();  // (its store branches: before the multiply)
+    // The condition through lane 0, as the warpgroup index: a branch ptxas takes as
+    // warp-uniform (the SASS has no serialization without it either; kept as measured, run 200).
+    if (__shfl_sync(0xffffffff, t < w.t_end ? 1 : 0, 0)) {
+      if (pingpong && !turns_run_on && cw == kConsumers - 1) named_arrive(1, 256);  // 0 first
+      if (pingpong) named_sync(my_turn, 256);
+      mbar_wait(full_k(st0), phase_of(ring));
+      issue_s(s, st0);
+      if (pingpong) named_arrive(other_turn, 256);
+      if constexpr (!kGeneral) store_done();
+      wgmma_wait<0>();  // (issued and waited for under one condition: else ptxas serializes)
+      fence_regs(s);
+    } else if (!kGeneral) {
+      store_done();
+    }
+    if (item < 0) break;
     const int b = w.b, h = w.h, m0 = w.m0, rows = w.rows, t_begin = w.t_begin, t_end = w.t_end;
     const SeqExtent& seq = w.seq;
     const int nq = seq.nq, nk = seq.nk;
@@ -365,20 +444,18 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
 
     // Normalizer state per row. The fast flavor keeps the running max of raw dot products (the
     // scale folds into the exponent), the general one of the modified scores.
-    const NormalizerKind norm =
-        kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink : NormalizerKind::kSoftmax);
+    done.b = b, done.h = h, done.m0 = m0, done.seq = seq;
+    done.row_i[0] = row_i[0], done.row_i[1] = row_i[1];
+    pending = true;
     const bool softmax = norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink;
     const float to2 = kGeneral ? static_cast<float>(kLog2e) : p.scale_log2;
-    float m[2], l[2] = {0.f, 0.f};
+    l[0] = l[1] = 0.f;
     {
       const float sink = p.sinks ? p.sinks[h * p.sinks_s] : kNegInf;
       // No sink: -inf as it is (-inf / scale took the division's slow path, a call an item).
       m[0] = m[1] = kGeneral || !p.sinks ? sink : sink / p.scale;
       if (p.sinks) l[0] = l[1] = 0.25f;  // exp(sink - sink), split over the quad's 4 partial sums
     }
-    float o[kORegs];
-#pragma unroll
-    for (int x = 0; x < kORegs; ++x) o[x] = 0.f;
 
     // The general flavor's run-time policies of this (b, h).
     MaskState ms;
@@ -555,18 +632,6 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
         alpha[0] = alpha[1] = 1.f;
       }
     };
-    auto issue_s = [&](float (&s)[kSRegs], int st) {
-      wgmma_fence();
-      const uint64_t da0 = smem_desc(sQ + cw * 64 * 128, 16, 1024);
-      const uint64_t db0 = smem_desc(sK(st), 16, 1024);
-#pragma unroll
-      for (int kk = 0; kk < kDp / 16; ++kk) {
-        const uint64_t da = desc_add(da0, (kk / 4) * (kM * 128) + (kk % 4) * 32);
-        const uint64_t db = desc_add(db0, (kk / 4) * (kN * 128) + (kk % 4) * 32);
-        Wgmma<kN, Tag>::ss(s, da, db, kk > 0);
-      }
-      wgmma_commit();
-    };
     auto issue_pv = [&](uint32_t (&a)[kN / 16][4], int st) {
       fence_regs(o);
       wgmma_fence();
@@ -577,22 +642,13 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
       wgmma_commit();
     };
 
-    int t = next_tile(t_begin);
     if (t < t_end) {
-      if (pingpong && !turns_run_on && cw == kConsumers - 1) named_arrive(1, 256);  // 0 first
-      float s[kSRegs];
       uint32_t pa[kN / 16][4];
       float alpha[2];
 
-      // The first tile: S alone (the loop below is not entered with a condition on the first
-      // iteration: ptxas then serializes the asynchronous matrix multiplies).
-      const int st0 = ring % kStages;
-      if (pingpong) named_sync(my_turn, 256);
-      mbar_wait(full_k(st0), phase_of(ring));
-      issue_s(s, st0);
-      if (pingpong) named_arrive(other_turn, 256);
-      wgmma_wait<0>();
-      fence_regs(s);
+      // The first tile: S alone, issued above (the loop below is not entered with a condition
+      // on the first iteration: ptxas then serializes the asynchronous matrix multiplies).
+      zero_o();  // (after the wait: an accumulator written under a wgmma serializes them)
       // Q's buffer is released once the item's last S is done, so that the next item's Q
       // loads while this one's last normalization, P V and rows run.
       int t_next = next_tile(t + 1);
@@ -646,31 +702,8 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
       release(empty_v(last));
       ++ring;
     } else {
+      zero_o();
       release(empty_q);
-    }
-
-    // (a tensor store at a row before the map's 0 is an illegal instruction, run 169: the
-    // threads store the rows from 0 of a warpgroup starting before it, FwdParams::align_end's
-    // first tile; no tensor store under varlen, encode_out)
-    if (!tma_out || m0 + cw * 64 < 0) {
-      store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l);
-      continue;
-    }
-    // O through shared memory: the warpgroup's 64 rows of 128 bytes, 16-byte chunks swizzled by
-    // row % 8 (the tensor map's 128-byte swizzle), four 8 x 8 matrices an stmatrix, then one
-    // tensor store (rows past the query count are clipped by the map's extent).
-    float mul[2];
-    store_rows<kGeneral, kDVp>(p, norm, b, h, seq, row_i, col0, lane % 4 == 0, o, m, l, mul);
-    const uint32_t buf = sO + cw * (64 * 128);
-    if (o_leader) bulk_wait_read<0>();  // the last item's store has read the buffer
-    named_sync(o_bar, 128);
-    stage_rows<T, kDVp>(buf, o, mul, warp, lane);
-    fence_proxy_async_smem();  // the copy engine reads what stmatrix wrote
-    named_sync(o_bar, 128);
-    if (o_leader) {
-      tma_store_4d(&maps.o, buf, 0, static_cast<int>(seq.q_start) + m0 + cw * 64,
-                   h * maps.o_hm, (p.cu_q ? 0 : b) * maps.o_bm);
-      bulk_commit();
     }
   }
   if (tma_out && o_leader) bulk_wait<0>();  // the CTA's last stores are done
