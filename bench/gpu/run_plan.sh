@@ -25,9 +25,14 @@
 # With little device time, first the shortest useful call (~300 s):
 # TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
-# A. `PAR=1 run_plan.sh ab $OUT fwd_early_store dense` (~430 s with a start): the late store
-#    reversed against main, for d128 N 16384 (runs 200-202: -1.3 to -1.7% with it, within two
-#    runs' spread; +2.3 / +4.7% at d128 N 1024). Keep main if N 16384 is within 1%.
+# A. `PAR=1 NCU=1 run_plan.sh ab $OUT fwd_early_store:fwd_store_packed dense` (~550 s with a
+#    start): the late store reversed, for d128 N 16384 (runs 200-202: -1.3 to -1.7% with it,
+#    within two runs' spread; +2.3 / +4.7% at d128 N 1024), and the rows packed at the item's
+#    end so that all of their stores run under the next first S (part 44: ptxas waits for the
+#    S before reading O; the packed registers spill at 176 keys and at d64's 192 rows). Keep
+#    main if N 16384 is within 1%; adopt packed if N 1024 gains beyond the spread and N >= 4096
+#    does not lose. Then `TEST_TIMEOUT=400 run_plan.sh 1` on the tree kept (session 45's mend,
+#    the general flavor's store at an item's end again, has not run on a GPU).
 # B. The short forward's first tile (part 44): a d128 item idles the pipe ~6 us (cuDNN ~2.3 us,
 #    run 198); the rows' store now runs under the first S, and the warpgroup's first
 #    normalization still has only the other's first S beside it. `run_plan.sh 6 $OUT 128`
@@ -56,7 +61,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# bench/gpu keeps ab_fwd_early_store.patch (the late store reversed, step A). Decided:
+# bench/gpu keeps ab_fwd_early_store.patch (the late store reversed) and
+# ab_fwd_store_packed.patch (the rows packed before the next first S), step A. Decided:
 # fwd_late_store adopted (run 200; the patch is that one reversed), mbar_hint lost in run 195 (git show
 # f11eac3:bench/gpu/ab_mbar_hint.patch; its step `hint` in run_plan.sh there),
 # fwd_align_end adopted (session 40),
@@ -131,9 +137,7 @@ case $step in
        echo "== tree $x: $set"
        tree_run() {
          (cd $x && TEST_TIMEOUT=${TEST_TIMEOUT:-300} TEST_FILTER=$filter \
-           bash scripts/gpu_cuda.sh "$out/x$i" --lean --no-bench) || return 1
-         # (the summary here: $out's logs may not all come back, run 200)
-         echo "tree $x: $(grep -E '^\[  PASSED' "$out/x$i/test_cuda.log")"
+           bash scripts/gpu_cuda.sh "$out/x$i" --lean --no-bench)
        }
        if [[ ${PAR:-0} == 1 ]]; then tree_run & pids+=($!); else tree_run || exit 1; fi
        trees+=($x)
@@ -146,6 +150,9 @@ case $step in
      [[ ${AGAIN:-1} == 1 ]] && trees+=(.)
      for tree in "${trees[@]}"; do
        echo "== $only, tree $tree"
+       # (each tree's test summary again beside its bench: $out's logs may not all come back and
+       # the output's tail is what returns, run 200)
+       [[ $tree != . ]] && grep -h -E '^\[  (PASSED|FAILED)' "$out/x${tree#/tmp/x}/test_cuda.log"
        log="$out/bench_${tree//\//_}.log"
        [[ -e $log ]] && log="${log%.log}_again.log"
        PYTHONPATH=$tree/build-gpu/python OUT="$out" python3 bench/gpu/bench.py --only "$only" \

@@ -300,8 +300,9 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
     const float lsum = quad_sum(l[r]);
     float stat = 0.f, mul = 1.f;
     if (softmax || norm == NormalizerKind::kKernel) {  // the kernel: a softmax over p log f(s)
-      // (no branch here: the fast flavor stores under the next item's first S, and a divergent
-      // path there serializes its matrix multiplies; a row's sum is 0 or at least 1)
+      // (no branch here: the fast flavor stores under the next item's first S, and a branch
+      // there serializes its matrix multiplies. A row's sum is 0, or about 1 or more and below
+      // 2^126, where __fdividef is within 2 ulp; __logf is within 3 ulp)
       mul = lsum > 0.f ? __fdividef(1.f, lsum) : 0.f;
       const float mnat = kGeneral ? m[r] : m[r] * p.scale;
       stat = lsum > 0.f ? mnat + __logf(lsum) : -INFINITY;

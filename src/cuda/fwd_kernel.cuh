@@ -20,8 +20,9 @@
 // across items, and the producer loads the next item's Q once both consumer warpgroups have
 // their last S of the current one (empty_q). A consumer warpgroup of the fast flavor issues the
 // next item's first S before it stores the current one's rows, so that the multiply runs under
-// the store (whose code has no thread-divergent branch: one there makes ptxas serialize the
-// multiplies; the general flavor stores first). Where a stage of O fits beside the ring (d_v = 64:
+// the store: a branch ptxas cannot predicate there serializes the multiplies, so store_rows has
+// none; ptxas still waits for the multiply before the store reads O's registers (C7517), after
+// the rows' factors. The general flavor stores at an item's end. Where a stage of O fits beside the ring (d_v = 64:
 // FwdShape::kTmaOut), each consumer warpgroup writes its 64 rows of O there by stmatrix and one
 // thread stores them by the copy engine (FwdParams::tma_out); else the threads store O's pairs.
 //
@@ -105,7 +106,7 @@ struct FwdWork {
   int pr0 = 0, pc0 = 0, kr0 = 0, kc0 = 0, kcols = 1;
   float inv_kcols = 1.f;
 
-  FwdWork() = default;  // no item (the walk's end): no key tile, not live
+  FwdWork() = default;  // no item (the walk's end): no key tile
   __device__ __forceinline__ FwdWork(const FwdParams& p, int item, bool general) {
     const int bh = item / p.num_q_tiles;
     tile = p.num_q_tiles - 1 - (item - bh * p.num_q_tiles);
@@ -365,6 +366,7 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
   };
   auto store_done = [&] {
     if (!pending) return;
+    pending = false;
     // (a tensor store at a row before the map's 0 is an illegal instruction, run 169: the
     // threads store the rows from 0 of a warpgroup starting before it, FwdParams::align_end's
     // first tile; no tensor store under varlen, encode_out)
@@ -393,6 +395,7 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
     }
   };
   for (int j = 0;; ++j) {
+    if constexpr (kGeneral) store_done();  // (at the item's end: its store branches)
     const int y = j & 1;
     mbar_wait(sched_full(y), (j >> 1) & 1);
     int item;
@@ -407,7 +410,6 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
     int t = w.next(w.t_begin);
     if (item >= 0) mbar_wait(bar_q, j & 1);
     const int st0 = ring % kStages;
-    if constexpr (kGeneral) store_done();  // (its store branches: before the multiply)
     // The condition through lane 0, as the warpgroup index: a branch ptxas takes as
     // warp-uniform (the SASS has no serialization without it either; kept as measured, run 200).
     if (__shfl_sync(0xffffffff, t < w.t_end ? 1 : 0, 0)) {
@@ -650,7 +652,7 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
       // on the first iteration: ptxas then serializes the asynchronous matrix multiplies).
       zero_o();  // (after the wait: an accumulator written under a wgmma serializes them)
       // Q's buffer is released once the item's last S is done, so that the next item's Q
-      // loads while this one's last normalization, P V and rows run.
+      // loads while this one's last normalization and P V run.
       int t_next = next_tile(t + 1);
       if (t_next >= t_end) release(empty_q);
       if constexpr (!kBias) release(empty_k(st0));
