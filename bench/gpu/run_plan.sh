@@ -27,9 +27,9 @@
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
 # A. `PAR=1 NCU=1 run_plan.sh ab $OUT fwd_early_store:fwd_store_packed dense` (~550 s with a
 #    start): the late store reversed, for d128 N 16384 (runs 200-202: -1.3 to -1.7% with it,
-#    within two runs' spread; +2.3 / +4.7% at d128 N 1024), and the rows packed at the item's
-#    end so that all of their stores run under the next first S (part 44: ptxas waits for the
-#    S before reading O; the packed registers spill at 176 keys and at d64's 192 rows). Keep
+#    within two runs' spread; +2.3 / +4.7% at d128 N 1024), and the rows packed before the next
+#    first S so that all of their stores run under it (part 44: ptxas waits for the S before
+#    reading O; 176 keys and 192 rows store at once, held they spill in the loop). Keep
 #    main if N 16384 is within 1%; adopt packed if N 1024 gains beyond the spread and N >= 4096
 #    does not lose. Then `TEST_TIMEOUT=400 run_plan.sh 1` on the tree kept (session 45's mend,
 #    the general flavor's store at an item's end again, has not run on a GPU).
