@@ -25,8 +25,8 @@
 # With little device time, first the shortest useful call (~300 s):
 # TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
-# A. `PAR=1 NCU=1 run_plan.sh ab $OUT fwd_early_store:fwd_store_packed dense` (~550 s with a
-#    start): the late store reversed, for d128 N 16384 (runs 200-202: -1.3 to -1.7% with it,
+# A. `PAR=1 run_plan.sh ab $OUT fwd_early_store:fwd_store_packed dense` (~500 s and a start;
+#    no NCU=1: run 200 took 434 s for one set with it): the late store reversed, for d128 N 16384 (runs 200-202: -1.3 to -1.7% with it,
 #    within two runs' spread; +2.3 / +4.7% at d128 N 1024), and the rows packed before the next
 #    first S so that all of their stores run under it (part 44: ptxas waits for the S before
 #    reading O; 176 keys and 192 rows store at once, held they spill in the loop). Keep
