@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A kernel's steady loop in its SASS: the innermost loop with exactly HGMMAS tensor-core
-instructions, its size, its forward branches (the blocks a step may skip) and the instruction
-mix of the path that skips the given address ranges.
+instructions, its size, its local-memory accesses (spills; the kernel's too), its forward
+branches (the blocks a step may skip) and the instruction mix of the path that skips the given
+address ranges.
 
 Usage: python3 scripts/sass_loop.py CUBIN_OR_BINARY NAME_PATTERN HGMMAS [--skip A-B ...]
   NAME_PATTERN: a substring of the mangled kernel name (the first function that has it);
@@ -59,7 +60,9 @@ def main():
     if best is None:
         sys.exit(f"no loop with {want} HGMMA")
     body = ins[best[0]:best[1] + 1]
-    print(f"loop {body[0][0]:#x}-{body[-1][0]:#x}: {len(body)} instructions")
+    local = lambda part: sum(opcode(t).startswith(("LDL", "STL")) for _, t in part)
+    print(f"loop {body[0][0]:#x}-{body[-1][0]:#x}: {len(body)} instructions, "
+          f"{local(body)} LDL/STL (the kernel's: {local(ins)})")
     index = {a: i for i, (a, _) in enumerate(body)}
     for i, (a, t) in enumerate(body[:-1]):
         m = re.search(r"BRA.*?0x([0-9a-f]+)", t)

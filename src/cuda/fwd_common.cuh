@@ -377,7 +377,8 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
         put(std::integral_constant<int, -1>{});
       }
     }
-    if (p.row_stat && lane_leads && live) p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn] = stat;
+    if (p.row_stat && lane_leads && live)
+      p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn] = stat;
   }
 }
 

@@ -22,9 +22,10 @@
 // next item's first S before it stores the current one's rows, so that the multiply runs under
 // the store: a branch ptxas cannot predicate there serializes the multiplies, so store_rows has
 // none; ptxas still waits for the multiply before the store reads O's registers (C7517), after
-// the rows' factors. The general flavor stores at an item's end. Where a stage of O fits beside the ring (d_v = 64:
-// FwdShape::kTmaOut), each consumer warpgroup writes its 64 rows of O there by stmatrix and one
-// thread stores them by the copy engine (FwdParams::tma_out); else the threads store O's pairs.
+// the rows' factors. The general flavor stores at an item's end. Where a stage of O fits beside
+// the ring (d_v = 64: FwdShape::kTmaOut), each consumer warpgroup writes its 64 rows of O there
+// by stmatrix and one thread stores them by the copy engine (FwdParams::tma_out); else the
+// threads store O's pairs.
 //
 // Two flavors per (dtype, head dims):
 // - kGeneral = false: plain softmax (or with a sink); the scale folds into the exponent. The
