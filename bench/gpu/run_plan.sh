@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 46; session 45's runs 196-202, gpu.md part 44: the
-# short forward's tensor pipe beside cuDNN's, the rows stored under the next item's first S
-# adopted), one call of at most 600 s each:
+# The next device session's runs (session 47; session 46's runs 203-205, gpu.md part 45: the
+# late store kept, the packed rows lost; the last P V under the next first S prepared),
+# one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
@@ -25,19 +25,17 @@
 # With little device time, first the shortest useful call (~300 s):
 # TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
-# A. `PAR=1 run_plan.sh ab $OUT fwd_early_store:fwd_store_packed dense` (~500 s and a start;
-#    no NCU=1: run 200 took 434 s for one set with it): the late store reversed, for d128 N 16384 (runs 200-202: -1.3 to -1.7% with it,
-#    within two runs' spread; +2.3 / +4.7% at d128 N 1024), and the rows packed before the next
-#    first S so that all of their stores run under it (part 44: ptxas waits for the S before
-#    reading O; 176 keys and 192 rows store at once, held they spill in the loop). Keep
-#    main if N 16384 is within 1%; adopt packed if N 1024 gains beyond the spread and N >= 4096
-#    does not lose. Then `TEST_TIMEOUT=400 run_plan.sh 1` on the tree kept (session 45's mend,
-#    the general flavor's store at an item's end again, has not run on a GPU).
-# B. The short forward's first tile (part 44): a d128 item idles the pipe ~6 us (cuDNN ~2.3 us,
-#    run 198); the rows' store now runs under the first S, and the warpgroup's first
-#    normalization still has only the other's first S beside it. `run_plan.sh 6 $OUT 128`
-#    (ncu's samples on the adopted tree) before designing; any patch A/B'd compiled out (`ab`).
-#    Then CUTLASS at N 4096 (d128 0.87x, run 199).
+# A. `PAR=1 run_plan.sh ab $OUT fwd_carry_pv dense` (~400 s and a start; `NCU=1` fits with one
+#    set: run 200 took 434 s): an item's last P V waited for under the next item's first S, the
+#    rows stored under it with no injected wait (part 45; the 128 x 128 fast instances). Adopt
+#    it if d128 / d64 N 1024 gain beyond the spread (1-2%) and N 4096 does not lose; then
+#    `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on it (the empty items' zeros are selected in the
+#    store now, every flavor: the whole test_cuda, check and pytest).
+# B. d128 N 16384 loses ~2% with the late store (runs 200-204), not in its 176-key store (run
+#    204): A/B in that instance what else 72f9ddb changed, one at a time (the store's predicated
+#    code with __fdividef / __logf; O, m, l across items; the first S under __shfl_sync).
+# C. `run_plan.sh 6 $OUT 128` (ncu's samples on the adopted tree), then CUTLASS at N 4096 (d128
+#    0.87x, run 199).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -62,9 +60,11 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
 # bench/gpu keeps ab_fwd_early_store.patch (the late store reversed) and
-# ab_fwd_store_packed.patch (the rows packed before the next first S), step A. Decided:
-# fwd_late_store adopted (run 200; the patch is that one reversed), mbar_hint lost in run 195 (git show
-# f11eac3:bench/gpu/ab_mbar_hint.patch; its step `hint` in run_plan.sh there),
+# ab_fwd_carry_pv.patch (step A). Decided: fwd_store_packed and fwd_wide_at_once lost in runs
+# 203-204 (git show 1518708:bench/gpu/ab_fwd_store_packed.patch; the second in git at the
+# commit recording part 45), fwd_late_store adopted (run 200; the patch is that one
+# reversed), mbar_hint lost in run 195 (git show f11eac3:bench/gpu/ab_mbar_hint.patch; its step
+# `hint` in run_plan.sh there),
 # fwd_align_end adopted (session 40),
 # fwd_rows192_alibi lost in run 172, won in sessions 41-42 (runs 179-180, 184; in git at
 # 3a02a3d, its forward.cu half on main, by default since session 42), fwd_no_trim won in run
