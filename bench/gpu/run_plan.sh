@@ -25,15 +25,19 @@
 # With little device time, first the shortest useful call (~300 s):
 # TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
-# A. `PAR=1 run_plan.sh ab $OUT fwd_carry_pv dense` (~400 s and a start; `NCU=1` fits with one
-#    set: run 200 took 434 s): an item's last P V waited for under the next item's first S, the
-#    rows stored under it with no injected wait (part 45; the 128 x 128 fast instances). Adopt
-#    it if d128 / d64 N 1024 gain beyond the spread (1-2%) and N 4096 does not lose; then
-#    `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on it (the empty items' zeros are selected in the
-#    store now, every flavor: the whole test_cuda, check and pytest).
-# B. d128 N 16384 loses ~2% with the late store (runs 200-204), not in its 176-key store (run
-#    204): A/B in that instance what else 72f9ddb changed, one at a time (the store's predicated
-#    code with __fdividef / __logf; O, m, l across items; the first S under __shfl_sync).
+# A. `PAR=1 run_plan.sh ab $OUT fwd_carry_pv:fwd_v_first dense` (~450 s and a start, as run
+#    203): (1) an item's last P V waited for under the next item's first S, the rows stored
+#    under it with no injected wait (part 45; the 128 x 128 fast instances); (2) the tile
+#    before's V waited for before the S, so that ptxas keeps O's scaling among the S's HGMMAs
+#    (part 45: in main's 176-key loop it sits after that wait; d128 N 16384 ~2% behind 86d321c
+#    in runs 200-204). Adopt (1) if d128 / d64 N 1024 gain beyond the spread (1-2%) and N 4096
+#    does not lose; (2) if d128 N 16384 gains and nothing loses. If both win, the two together
+#    (`ab $OUT fwd_carry_pv,fwd_v_first dense`) before committing them. Then
+#    `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on the tree adopted ((1) selects an empty item's
+#    zeros in the store now, every flavor: the whole test_cuda, check and pytest).
+# B. If (2) does not recover d128 N 16384: A/B in the 176-key instance what else 72f9ddb
+#    changed, one at a time (the store's predicated code with __fdividef / __logf; O, m, l
+#    across items; the first S under __shfl_sync).
 # C. `run_plan.sh 6 $OUT 128` (ncu's samples on the adopted tree), then CUTLASS at N 4096 (d128
 #    0.87x, run 199).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
@@ -59,12 +63,12 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# bench/gpu keeps ab_fwd_early_store.patch (the late store reversed) and
-# ab_fwd_carry_pv.patch (step A). Decided: fwd_store_packed and fwd_wide_at_once lost in runs
-# 203-204 (git show 1518708:bench/gpu/ab_fwd_store_packed.patch; the second in git at the
-# commit recording part 45), fwd_late_store adopted (run 200; the patch is that one
-# reversed), mbar_hint lost in run 195 (git show f11eac3:bench/gpu/ab_mbar_hint.patch; its step
-# `hint` in run_plan.sh there),
+# bench/gpu keeps ab_fwd_early_store.patch (the late store reversed), ab_fwd_carry_pv.patch
+# and ab_fwd_v_first.patch (step A). Decided: fwd_store_packed and fwd_wide_at_once lost in runs
+# 203-204 (git show 1518708:bench/gpu/ab_fwd_store_packed.patch, git show
+# 26c9554:bench/gpu/ab_fwd_wide_at_once.patch), fwd_late_store adopted (run 200; the patch
+# is that one reversed), mbar_hint lost in run 195 (git show
+# f11eac3:bench/gpu/ab_mbar_hint.patch; its step `hint` in run_plan.sh there),
 # fwd_align_end adopted (session 40),
 # fwd_rows192_alibi lost in run 172, won in sessions 41-42 (runs 179-180, 184; in git at
 # 3a02a3d, its forward.cu half on main, by default since session 42), fwd_no_trim won in run
