@@ -34,7 +34,9 @@
 #    does not lose; (2) if d128 N 16384 gains and nothing loses. If both win, the two together
 #    (`ab $OUT fwd_carry_pv,fwd_v_first dense`) before committing them. Then
 #    `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on the tree adopted ((1) selects an empty item's
-#    zeros in the store now, every flavor: the whole test_cuda, check and pytest).
+#    zeros in the store now, every flavor: the whole test_cuda, check and pytest), and (1)'s
+#    bias, grid and tabled instances (more spills around the store, part 45): `AGAIN=0 PAR=1
+#    run_plan.sh ab $OUT fwd_carry_pv masked,neighborhood,bias`.
 # B. If (2) does not recover d128 N 16384: A/B in the 176-key instance what else 72f9ddb
 #    changed, one at a time (the store's predicated code with __fdividef / __logf; O, m, l
 #    across items; the first S under __shfl_sync).
