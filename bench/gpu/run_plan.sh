@@ -29,13 +29,14 @@
 #    203): (1) an item's last P V waited for under the next item's first S, the rows stored
 #    under it with no injected wait (part 45; the 128 x 128 fast instances); (2) the tile
 #    before's V waited for before the S, so that ptxas keeps O's scaling among the S's HGMMAs
-#    (part 45: in main's 176-key loop it sits after that wait; d128 N 16384 ~2% behind 86d321c
-#    in runs 200-204). Adopt (1) if d128 / d64 N 1024 gain beyond the spread (1-2%) and N 4096
-#    does not lose; (2) if d128 N 16384 gains and nothing loses. If both win, the two together
+#    (part 45: in main's 176-key loop it sits after that wait; d128 N 16384 behind 86d321c by
+#    1.4% and 3.1% in runs 200 and 203). Adopt (1) if d128 / d64 N 1024 gain beyond the
+#    spread (1-2%) and N 4096 does not lose; (2) if d128 N 16384 gains and nothing loses. If
+#    both win, the two together
 #    (`ab $OUT fwd_carry_pv,fwd_v_first dense`) before committing them. Then
 #    `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on the tree adopted ((1) selects an empty item's
 #    zeros in the store now, every flavor: the whole test_cuda, check and pytest), and (1)'s
-#    bias, grid and tabled instances (more spills around the store, part 45): `AGAIN=0 PAR=1
+#    masked, grid and bias instances (more spills around the store, part 45): `AGAIN=0 PAR=1
 #    run_plan.sh ab $OUT fwd_carry_pv masked,neighborhood,bias`.
 # B. If (2) does not recover d128 N 16384: A/B in the 176-key instance what else 72f9ddb
 #    changed, one at a time (the store's predicated code with __fdividef / __logf; O, m, l
@@ -61,7 +62,7 @@
 #    patches applied in order: paths, or NAME for bench/gpu/ab_NAME.patch), each built fresh
 #    and its forward and backward tests run; then bench.py --only ONLY with every tree (and
 #    bench/gpu/profile_bwd.py $PROFILE, default 1024 4096, where ONLY has train), and main once
-#    more last (the drift). A set costs ~190 s (build, 77 tests, a dense
+#    more last (the drift). A set costs ~190 s (build, 89 tests, a dense
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
