@@ -567,23 +567,11 @@ __global__ void __launch_bounds__(384, 1)
 
   auto issue_sdp = [&](float (&s)[kSRegs], float (&dp)[kSRegs], int st) {
     wgmma_fence();
-    const uint64_t dk0 = smem_desc(sK + kw * 64 * 128, 16, 1024);
-    const uint64_t dq0 = smem_desc(sQ(st), 16, 1024);
-#pragma unroll
-    for (int kk = 0; kk < kDp / 16; ++kk) {
-      const uint64_t da = desc_add(dk0, (kk / 4) * (kN * 128) + (kk % 4) * 32);
-      const uint64_t db = desc_add(dq0, (kk / 4) * (kM * 128) + (kk % 4) * 32);
-      Wgmma<kM, Tag>::ss(s, da, db, kk > 0);
-    }
+    wgmma_ss_panels<kM, Tag, kDp, kN, kM>(s, smem_desc(sK + kw * 64 * 128, 16, 1024),
+                                          smem_desc(sQ(st), 16, 1024));
     wgmma_commit();  // S^T, then dP^T: the fast flavor computes P^T while dP^T runs
-    const uint64_t dv0 = smem_desc(sV + kw * 64 * 128, 16, 1024);
-    const uint64_t do0 = smem_desc(sO(st), 16, 1024);
-#pragma unroll
-    for (int kk = 0; kk < kDVp / 16; ++kk) {
-      const uint64_t da = desc_add(dv0, (kk / 4) * (kN * 128) + (kk % 4) * 32);
-      const uint64_t db = desc_add(do0, (kk / 4) * (kM * 128) + (kk % 4) * 32);
-      Wgmma<kM, Tag>::ss(dp, da, db, kk > 0);
-    }
+    wgmma_ss_panels<kM, Tag, kDVp, kN, kM>(dp, smem_desc(sV + kw * 64 * 128, 16, 1024),
+                                           smem_desc(sO(st), 16, 1024));
     wgmma_commit();
   };
 

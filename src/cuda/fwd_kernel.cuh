@@ -355,14 +355,8 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
       kGeneral ? p.norm : (p.sinks ? NormalizerKind::kSoftmaxSink : NormalizerKind::kSoftmax);
   auto issue_s = [&](float (&s)[kSRegs], int st) {
     wgmma_fence();
-    const uint64_t da0 = smem_desc(sQ + cw * 64 * 128, 16, 1024);
-    const uint64_t db0 = smem_desc(sK(st), 16, 1024);
-#pragma unroll
-    for (int kk = 0; kk < kDp / 16; ++kk) {
-      const uint64_t da = desc_add(da0, (kk / 4) * (kM * 128) + (kk % 4) * 32);
-      const uint64_t db = desc_add(db0, (kk / 4) * (kN * 128) + (kk % 4) * 32);
-      Wgmma<kN, Tag>::ss(s, da, db, kk > 0);
-    }
+    wgmma_ss_panels<kN, Tag, kDp, kM, kN>(s, smem_desc(sQ + cw * 64 * 128, 16, 1024),
+                                          smem_desc(sK(st), 16, 1024));
     wgmma_commit();
   };
   auto store_done = [&] {

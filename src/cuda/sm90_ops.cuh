@@ -46,6 +46,17 @@ __device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t bytes) {
   return (desc & 0xFFFFFFFF00000000ull) | lo;
 }
 
+// D (+)= A B^T over kK columns, A and B K-major in the 128B-swizzled layout: 64-column panels
+// (128 bytes a row) of kRowsA rows (A, from descriptor a0) and kRowsB rows (B, from b0). The
+// first k-step overwrites D. Issue between wgmma_fence() and wgmma_commit().
+template <int kN, class Tag, int kK, int kRowsA, int kRowsB>
+__device__ __forceinline__ void wgmma_ss_panels(float (&d)[kN / 2], uint64_t a0, uint64_t b0) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk)
+    Wgmma<kN, Tag>::ss(d, desc_add(a0, (kk / 4) * (kRowsA * 128) + (kk % 4) * 32),
+                       desc_add(b0, (kk / 4) * (kRowsB * 128) + (kk % 4) * 32), kk > 0);
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
