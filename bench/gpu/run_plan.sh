@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 47; session 46's runs 203-205, gpu.md part 45: the
-# late store kept, the packed rows lost; the last P V under the next first S prepared),
+# The next device session's runs (session 48; session 47's runs 206-209, gpu.md part 46: the
+# carried P V and V first lost; both rows' factors before the stores at or above main),
 # one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
@@ -25,24 +25,19 @@
 # With little device time, first the shortest useful call (~300 s):
 # TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
-# A. `PAR=1 run_plan.sh ab $OUT fwd_carry_pv:fwd_v_first dense` (~450 s and a start, as run
-#    203): (1) an item's last P V waited for under the next item's first S, the rows stored
-#    under it with no injected wait (part 45; the 128 x 128 fast instances); (2) the tile
-#    before's V waited for before the S, so that ptxas keeps O's scaling among the S's HGMMAs
-#    (part 45: in main's 176-key loop it sits after that wait; d128 N 16384 behind 86d321c by
-#    1.4% and 3.1% in runs 200 and 203). Adopt (1) if d128 / d64 N 1024 gain beyond the
-#    spread (1-2%) and N 4096 does not lose; (2) if d128 N 16384 gains and nothing loses. If
-#    both win, the two together
-#    (`ab $OUT fwd_carry_pv,fwd_v_first dense`) before committing them. Then
-#    `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on the tree adopted ((1) selects an empty item's
-#    zeros in the store now, every flavor: the whole test_cuda, check and pytest), and (1)'s
-#    masked, grid and bias instances (more spills around the store, part 45): `AGAIN=0 PAR=1
-#    run_plan.sh ab $OUT fwd_carry_pv masked,neighborhood,bias`.
-# B. If (2) does not recover d128 N 16384: A/B in the 176-key instance what else 72f9ddb
-#    changed, one at a time (the store's predicated code with __fdividef / __logf; O, m, l
-#    across items; the first S under __shfl_sync).
-# C. `run_plan.sh 6 $OUT 128` (ncu's samples on the adopted tree), then CUTLASS at N 4096 (d128
-#    0.87x, run 199).
+# A. `PAR=1 run_plan.sh ab $OUT fwd_store_order dense` with the default TESTS (the
+#    patched tree's forward and backward against the oracle; ~430 s and a start, as run 209):
+#    store_rows with both rows' factors, statistics and addresses first, every product next,
+#    then the 32 STGs back to back (part 46: run 208's ncu put 4% of the d128 N 1024 samples on
+#    writes waiting for queued stores; run 209 +1.2% there, 11 of 12 cases at or above main).
+#    Adopt it (git apply, commit) if it again stays at or above main's mean in the dense cases;
+#    then `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on main (the whole test_cuda, check and pytest:
+#    its general flavor's store moved too), and `run_plan.sh 6 $OUT 128` to see what is left of
+#    the store's samples (11.3% in run 208).
+# B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%): A/B in
+#    the 176-key instance what else 72f9ddb changed, one at a time (the store's predicated code
+#    with __fdividef / __logf; O, m, l across items; the first S under __shfl_sync).
+# C. CUTLASS at N 4096 (`run_plan.sh cutlass`; d128 0.87x, run 199).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -66,9 +61,11 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# bench/gpu keeps ab_fwd_early_store.patch (the late store reversed), ab_fwd_carry_pv.patch
-# and ab_fwd_v_first.patch (step A). Decided: fwd_store_packed and fwd_wide_at_once lost in runs
-# 203-204 (git show 1518708:bench/gpu/ab_fwd_store_packed.patch, git show
+# bench/gpu keeps ab_fwd_early_store.patch (the late store reversed) and
+# ab_fwd_store_order.patch (step A). Decided: fwd_carry_pv and fwd_v_first lost in run 207 (git
+# show 4b5a194:bench/gpu/ab_fwd_carry_pv.patch, 4b5a194:bench/gpu/ab_fwd_v_first.patch);
+# fwd_store_packed and fwd_wide_at_once lost in runs 203-204 (git show
+# 1518708:bench/gpu/ab_fwd_store_packed.patch, git show
 # 26c9554:bench/gpu/ab_fwd_wide_at_once.patch), fwd_late_store adopted (run 200; the patch
 # is that one reversed), mbar_hint lost in run 195 (git show
 # f11eac3:bench/gpu/ab_mbar_hint.patch; its step `hint` in run_plan.sh there),
@@ -143,7 +140,7 @@ case $step in
        filter=${TESTS:-'*CudaOracle*:CudaFastPath*:CudaHeadDims*:*CudaBackward.MatchesOracle/*'}
        echo "== tree $x: $set"
        tree_run() {
-         (cd $x && TEST_TIMEOUT=${TEST_TIMEOUT:-300} TEST_FILTER=$filter \
+         (cd $x && TEST_TIMEOUT=${TEST_TIMEOUT:-400} TEST_FILTER=$filter \
            bash scripts/gpu_cuda.sh "$out/x$i" --lean --no-bench)
        }
        if [[ ${PAR:-0} == 1 ]]; then tree_run & pids+=($!); else tree_run || exit 1; fi
