@@ -624,6 +624,39 @@ TEST(CudaFastPath, OByTheCopyEngineMatchesTheOracle) {
     }
 }
 
+// O's rows 16 bytes a lane where out's rows are 16-byte aligned (the fast flavor's 16-bit rows
+// of full width, FwdParams::out_rows16), and a column pair a lane where out starts 4 bytes in
+// (d_v = 64 then without the copy engine), in both flavors (sigmoid: the general one), against
+// the oracle: rows past the query count, BNHD, GQA, 1 or 5 CTAs.
+TEST(CudaFastPath, OutputRowsOfAnyAlignmentMatchTheOracle) {
+  if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  const Case cases[] = {
+      {DType::kBF16, {2, 4, 2, 333, 300, 128, 128}, false},
+      {DType::kF16, {1, 3, 3, 200, 129, 128, 128}, true},
+      {DType::kBF16, {1, 2, 1, 130, 257, 64, 64}, true},
+  };
+  int seed = 941;
+  for (const char* ctas : {"1", "5"}) {
+    const ScopedEnv persistent("ATTNKIT_CUDA_PERSISTENT_FWD", ctas);
+    for (const Case& c : cases)
+      for (int offset : {0, 4})
+        for (const char* mech : {"dense", "causal", "sink", "sigmoid"}) {
+          CheckOptions opt;
+          opt.dtype = c.dtype;
+          opt.dims = c.dims;
+          opt.bnhd = c.bnhd;
+          opt.input_scale = 2.0;
+          opt.seed = seed++;
+          opt.device = Device::kCUDA;
+          opt.out_offset = offset;
+          if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
+          const CheckResult r = tools::check_mechanism(mech, opt);
+          EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " offset=" << offset << " ctas=" << ctas
+                            << ": " << r.error;
+        }
+  }
+}
+
 // A 16-bit bias of the inputs' dtype with key counts the copy engine can address (rows of a
 // multiple of 16 bytes) runs the fast kernels, its tiles loaded by TMA: per (b, h) and
 // broadcast, with no mask, causal and a block map (block table), across stage wrap-arounds and

@@ -186,7 +186,8 @@ CheckResult check_forward(Instance& inst, const CheckOptions& opt) {
     dm.mirror_spec(spec);
     const TensorView q = dm.to_device(inst.q.view), k = dm.to_device(inst.k.view),
                      v = dm.to_device(inst.v.view);
-    const TensorView out = dm.to_device(fast.out.view), rs = dm.to_device(fast.row_stat.view);
+    const TensorView out = dm.to_device(fast.out.view, opt.out_offset),
+                     rs = dm.to_device(fast.row_stat.view);
     const AttentionStats host_stats = stats_of(fast);
     AttentionStats dev_stats = host_stats;
     dev_stats.row_max = dm.to_device(host_stats.row_max);

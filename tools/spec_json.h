@@ -121,6 +121,7 @@ struct CheckOptions {
   bool extras = true;    // check_backward: also the gradients of the spec's tensors (dbias, ...)
   int grads_offset = 0;  // check_backward on CUDA: dq, dk, dv start this many bytes into their
                          // buffers (rows not 16-byte aligned: the kernels' unaligned paths)
+  int out_offset = 0;    // the forward on CUDA: out starts this many bytes into its buffer
   json with;  // keys merged into the mechanism's spec (e.g. a score mod on a mask's mechanism)
 };
 double tolerance_for(DType t);

@@ -25,15 +25,18 @@
 # With little device time, first the shortest useful call (~300 s):
 # TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
-# A. `PAR=1 run_plan.sh ab $OUT fwd_store_order dense` with the default TESTS (the
-#    patched tree's forward and backward against the oracle; ~430 s and a start, as run 209):
-#    store_rows with both rows' factors, statistics and addresses first, every product next,
+# A. `PAR=1 run_plan.sh ab $OUT fwd_store_order:fwd_store_order,fwd_store_vec16 dense` with the
+#    default TESTS (each tree's forward and backward against the oracle, the new
+#    OutputRowsOfAnyAlignmentMatchTheOracle included; ~450 s and a start, as run 207):
+#    (1) store_rows with both rows' factors, statistics and addresses first, every product next,
 #    then the 32 STGs back to back (part 46: run 208's ncu put 4% of the d128 N 1024 samples on
-#    writes waiting for queued stores; run 209 +1.2% there, 11 of 12 cases at or above main).
-#    Adopt it (git apply, commit) if it again stays at or above main's mean in the dense cases;
-#    then `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on main (the whole test_cuda, check and pytest:
-#    its general flavor's store moved too), and `run_plan.sh 6 $OUT 128` to see what is left of
-#    the store's samples (11.3% in run 208).
+#    writes waiting for queued stores; run 209 +1.2% there, 11 of 12 cases at or above main);
+#    (2) on top of it, the quad's 4 x 4 transpose and 16-byte stores (8 STG.E.128 a thread
+#    instead of 32 STG.E; part 46). Adopt (1) if it again stays at or above main's mean in the
+#    dense cases, and (2) if it gains beyond the spread over (1) at N 1024 and loses nowhere
+#    (git apply, commit); then `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on main (the whole
+#    test_cuda, check and pytest: the general flavor's store moved too), and
+#    `run_plan.sh 6 $OUT 128` to see what is left of the store's samples (11.3% in run 208).
 # B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%): A/B in
 #    the 176-key instance what else 72f9ddb changed, one at a time (the store's predicated code
 #    with __fdividef / __logf; O, m, l across items; the first S under __shfl_sync).
@@ -61,8 +64,9 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# bench/gpu keeps ab_fwd_early_store.patch (the late store reversed) and
-# ab_fwd_store_order.patch (step A). Decided: fwd_carry_pv and fwd_v_first lost in run 207 (git
+# bench/gpu keeps ab_fwd_early_store.patch (the late store reversed),
+# ab_fwd_store_order.patch and ab_fwd_store_vec16.patch (step A; the second applies after the
+# first). Decided: fwd_carry_pv and fwd_v_first lost in run 207 (git
 # show 4b5a194:bench/gpu/ab_fwd_carry_pv.patch, 4b5a194:bench/gpu/ab_fwd_v_first.patch);
 # fwd_store_packed and fwd_wide_at_once lost in runs 203-204 (git show
 # 1518708:bench/gpu/ab_fwd_store_packed.patch, git show
