@@ -61,11 +61,13 @@ class ScopedEnv {
 // mod the same mask runs through the general kernels.
 const tools::json kGeneralMod = {{"score_mod", {{"relative_buckets", "clipped"}, {"max", 8}}}};
 
-// One mechanism on one shape on the GPU against the oracle.
+// One mechanism on one shape on the GPU against the oracle (out starting out_offset bytes into
+// its buffer).
 void expect_matches(const std::string& mech, const Case& c, double scale, uint64_t seed,
-                    const tools::json& with = {}) {
+                    const tools::json& with = {}, int out_offset = 0) {
   CheckOptions opt;
   opt.with = with;
+  opt.out_offset = out_offset;
   opt.dtype = c.dtype;
   opt.dims = c.dims;
   opt.bnhd = c.bnhd;
@@ -75,7 +77,7 @@ void expect_matches(const std::string& mech, const Case& c, double scale, uint64
   const CheckResult r = tools::check_mechanism(mech, opt);
   EXPECT_TRUE(r.ok) << mech << " " << r.dtype << " nq=" << c.dims.nq << " nk=" << c.dims.nk
                     << " d=" << c.dims.d << " bnhd=" << c.bnhd << " scale=" << scale
-                    << " with=" << with.dump() << ": " << r.error;
+                    << " with=" << with.dump() << " out_offset=" << out_offset << ": " << r.error;
 }
 
 // The backward of one mechanism on one shape on the GPU (after the GPU forward) against the
@@ -641,18 +643,8 @@ TEST(CudaFastPath, OutputRowsOfAnyAlignmentMatchTheOracle) {
     for (const Case& c : cases)
       for (int offset : {0, 4})
         for (const char* mech : {"dense", "causal", "sink", "sigmoid"}) {
-          CheckOptions opt;
-          opt.dtype = c.dtype;
-          opt.dims = c.dims;
-          opt.bnhd = c.bnhd;
-          opt.input_scale = 2.0;
-          opt.seed = seed++;
-          opt.device = Device::kCUDA;
-          opt.out_offset = offset;
           if (tools::mechanism_spec(mech, c.dims).is_null()) continue;
-          const CheckResult r = tools::check_mechanism(mech, opt);
-          EXPECT_TRUE(r.ok) << mech << " d=" << c.dims.d << " offset=" << offset << " ctas=" << ctas
-                            << ": " << r.error;
+          expect_matches(mech, c, 2.0, seed++, {}, offset);
         }
   }
 }
