@@ -502,11 +502,14 @@ class Drawer {
       o.input_dtype_grads = dice_.chance(0.3);
       // Rows not 16-byte aligned; 16-bit ones at 2 bytes also without aligned pairs.
       if (dice_.chance(0.1)) o.grads_offset = o.input_dtype_grads && dice_.chance(0.5) ? 2 : 4;
+      // out not 16-byte aligned (8 bytes: whole element pairs of any output dtype).
+      if (dice_.chance(0.1)) o.out_offset = 8;
     }
     o.f64_grads = !o.input_dtype_grads && dice_.chance(0.2) && !cuda_;  // CUDA: fp32 or 16-bit
     say("threads=" + std::to_string(o.threads) + (o.deterministic ? " deterministic" : "") +
         (o.input_dtype_grads ? " 16-bit_grads" : "") + (o.f64_grads ? " f64_grads" : "") +
-        (o.grads_offset ? " grads_offset=" + std::to_string(o.grads_offset) : ""));
+        (o.grads_offset ? " grads_offset=" + std::to_string(o.grads_offset) : "") +
+        (o.out_offset ? " out_offset=" + std::to_string(o.out_offset) : ""));
   }
 
   Dice dice_, side_dice_;

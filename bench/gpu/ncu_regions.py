@@ -2,8 +2,11 @@
 (`ncu --section SourceCounters --page source --print-source sass --csv`, one launch of
 fwd_kernel): the share of the samples in the prologue and first tile of an item, the steady loop
 (the instructions run most often; per tile too), the last P V and the rows' store (epilogue), and
-the producer warp, then the instructions with the most samples.
-Usage: python3 bench/gpu/ncu_regions.py FILE.csv[.gz] [TOP]"""
+the producer warp, then the instructions with the most samples. With --exec N[,M...]: also the
+share and stall reasons of the instructions executed exactly N (or M...) times (the forward's
+rows stored under the next item's first S run once a consumer warp and item, less each CTA's
+first item: 15328 and 30656 at d128 N 1024 in run 208).
+Usage: python3 bench/gpu/ncu_regions.py FILE.csv[.gz] [TOP] [--exec N[,M...]]"""
 import collections
 import csv
 import gzip
@@ -31,8 +34,14 @@ def num(x):
 
 
 def main():
-    header, rows = load(sys.argv[1])
-    top = int(sys.argv[2]) if len(sys.argv) > 2 else 12
+    args = sys.argv[1:]
+    execs_asked = set()
+    if "--exec" in args:
+        at = args.index("--exec")
+        execs_asked = {float(x) for x in args[at + 1].split(",")}
+        del args[at:at + 2]
+    header, rows = load(args[0])
+    top = int(args[1]) if len(args) > 1 else 12
     samples = [num(r["Warp Stall Sampling (All Samples)"]) for r in rows]
     execs = [num(r["Instructions Executed"]) for r in rows]
     total = sum(samples)
@@ -52,7 +61,7 @@ def main():
         return 100.0 * sum(samples[a:b]) / total
 
     print("%s: %d instructions, %d samples, %.1f steady tiles an item" % (
-        sys.argv[1].split("/")[-1], len(rows), total, tiles))
+        args[0].split("/")[-1], len(rows), total, tiles))
     print("prologue + first tile %.1f%% | steady loop %.1f%% (%.1f%% a tile) | epilogue %.1f%% | "
           "producer %.1f%%" % (share(0, lo), share(lo, hi + 1), share(lo, hi + 1) / tiles,
                                share(hi + 1, pstart), share(pstart, len(rows))))
@@ -63,6 +72,16 @@ def main():
             reasons[h[6:]] += num(r[h])
     print("reasons: " + ", ".join("%s %.1f%%" % (k, 100.0 * v / total)
                                   for k, v in reasons.most_common(6)))
+    if execs_asked:
+        picked = [i for i, e in enumerate(execs) if e in execs_asked]
+        by = collections.Counter()
+        for i in picked:
+            for h in stalls:
+                by[h[6:]] += num(rows[i][h])
+        print("executed %s times: %d instructions, %.1f%% of the samples; %s" % (
+            "/".join("%d" % e for e in sorted(execs_asked)), len(picked),
+            100.0 * sum(samples[i] for i in picked) / total,
+            ", ".join("%s %.1f%%" % (k, 100.0 * v / total) for k, v in by.most_common(6))))
     order = sorted(range(len(rows)), key=lambda i: -samples[i])[:top]
     for i in order:
         where = ("prologue" if i < lo else "steady" if i <= hi else
