@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 48; session 47's runs 206-209, gpu.md part 46: the
-# carried P V and V first lost; both rows' factors before the stores at or above main),
+# The next device session's runs (session 49; session 48's runs 210-215, gpu.md part 47: both
+# store patches adopted, d128 N 1024 +8.5%),
 # one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
@@ -25,22 +25,14 @@
 # With little device time, first the shortest useful call (~300 s):
 # TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
-# A. `PAR=1 run_plan.sh ab $OUT fwd_store_order:fwd_store_order,fwd_store_vec16 dense` with the
-#    default TESTS (each tree's forward and backward against the oracle, the new
-#    OutputRowsOfAnyAlignmentMatchTheOracle included; ~450 s and a start, as run 207):
-#    (1) store_rows with both rows' factors, statistics and addresses first, every product next,
-#    then the 32 STGs back to back (part 46: run 208's ncu put 4% of the d128 N 1024 samples on
-#    writes waiting for queued stores; run 209 +1.2% there, 11 of 12 cases at or above main);
-#    (2) on top of it, the quad's 4 x 4 transpose and 16-byte stores (8 STG.E.128 a thread
-#    instead of 32 STG.E; part 46). Adopt (1) if it again stays at or above main's mean in the
-#    dense cases, and (2) if it gains beyond the spread over (1) at N 1024 and loses nowhere
-#    (git apply, commit); then `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on main (the whole
-#    test_cuda, check and pytest: the general flavor's store moved too), and
-#    `run_plan.sh 6 $OUT 128` to see what is left of the store's samples (11.3% in run 208).
-# B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%): A/B in
+# A. (session 48, runs 210-215, part 47) both store patches adopted: d128 N 1024 +8.5%, causal
+#    +7.8%; the whole test_cuda, check and pytest passed on the adopted tree (run 211).
+# B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%; main
+#    621-642 since run 210, 86d321c's 629 / 636 in run 200: likely closed): A/B in
 #    the 176-key instance what else 72f9ddb changed, one at a time (the store's predicated code
 #    with __fdividef / __logf; O, m, l across items; the first S under __shfl_sync).
-# C. CUTLASS at N 4096 (`run_plan.sh cutlass`; d128 0.87x, run 199).
+# C. CUTLASS at N 4096 (`run_plan.sh cutlass`; d128 0.87x in run 199, 0.94x in run 213 with the
+#    example itself 6% slower than in run 199).
 # 2. The dense forward against cuDNN (run 147, H100, the band's bits as one run since): d128
 #    0.90 / 0.87-0.88 causal at N 1024, 0.95-0.99 / 1.01-1.02 at 4096; d64 0.90-0.92 /
 #    0.83-0.85, 0.96-0.97 / 0.95 (gpu.md Next item 2 lists what is left to try).
@@ -64,9 +56,11 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# bench/gpu keeps ab_fwd_early_store.patch (the late store reversed),
-# ab_fwd_store_order.patch and ab_fwd_store_vec16.patch (step A; the second applies after the
-# first). Decided: fwd_carry_pv and fwd_v_first lost in run 207 (git
+# bench/gpu keeps no patch (ab_fwd_early_store.patch, the late store reversed, no longer applied
+# after run 210: git show f9bcdde:bench/gpu/ab_fwd_early_store.patch). Decided:
+# fwd_store_order and fwd_store_vec16 adopted in run 210 (git show
+# f9bcdde:bench/gpu/ab_fwd_store_order.patch, f9bcdde:bench/gpu/ab_fwd_store_vec16.patch);
+# fwd_carry_pv and fwd_v_first lost in run 207 (git
 # show 4b5a194:bench/gpu/ab_fwd_carry_pv.patch, 4b5a194:bench/gpu/ab_fwd_v_first.patch);
 # fwd_store_packed and fwd_wide_at_once lost in runs 203-204 (git show
 # 1518708:bench/gpu/ab_fwd_store_packed.patch, git show

@@ -119,6 +119,24 @@ __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffff, x, 1);
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
+// A 4 x 4 transpose of 32-bit words within a quad: word j of lane q (= lane % 4) becomes word q
+// of lane j. Two rounds (lanes q ^ 1, then q ^ 2), each sending the two words whose index
+// differs from q in that round's bit; every lane takes part (no branch).
+__device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int q) {
+  const bool odd = q & 1, hi = q & 2;
+#pragma unroll
+  for (int j = 0; j < 4; j += 2) {
+    const uint32_t got = __shfl_xor_sync(0xffffffff, odd ? w[j] : w[j + 1], 1);
+    w[j] = odd ? got : w[j];
+    w[j + 1] = odd ? w[j + 1] : got;
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const uint32_t got = __shfl_xor_sync(0xffffffff, hi ? w[j] : w[j + 2], 2);
+    w[j] = hi ? got : w[j];
+    w[j + 2] = hi ? w[j + 2] : got;
+  }
+}
 
 // One row (r of the thread's two) of an online normalization: its running max m moves to
 // m_new = max(m, the row's scores); each score x becomes weight(x, m_new); the row sum l is
@@ -285,7 +303,12 @@ __device__ __forceinline__ SeqExtent seq_extent(const FwdParams& p, int b) {
 // Epilogue of a thread's two rows: normalize O by the row sum (or RMS for ReLA), write the row
 // statistic (LSE for the softmax family and the normalized kernel), apply the output gate,
 // store. kGeneral = false knows only the softmax family (m is then the max of raw dot products)
-// and no gate.
+// and no gate. Both rows' factors and statistics come first; the fast flavor's 16-bit rows of
+// full width then take every product, then the stores of O: a register a store reads stays busy
+// until the store has left (the long scoreboard), so arithmetic after a store that writes such a
+// register waits for the stores before it (ncu, run 208: 4% of the d128 forward's samples at N
+// 1024 were such waits between one row's stores and the next row's). The other rows multiply
+// and store pair by pair.
 template <bool kGeneral, int kDVp>
 __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind norm, int b, int h,
                                            const SeqExtent& seq, const int (&row_i)[2],
@@ -294,20 +317,25 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
                                            float* muls = nullptr) {
   const bool softmax = norm == NormalizerKind::kSoftmax || norm == NormalizerKind::kSoftmaxSink;
   const int64_t out_es = p.out_dtype == DType::kF32 ? 4 : 2;
+  float mul[2], gate_h[2];
+  bool live[2];
+  int64_t row[2];
+  char* orow[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = row_i[r];
     const float lsum = quad_sum(l[r]);
-    float stat = 0.f, mul = 1.f;
+    float stat = 0.f;
+    mul[r] = 1.f;
     if (softmax || norm == NormalizerKind::kKernel) {  // the kernel: a softmax over p log f(s)
       // (no branch here: the fast flavor stores under the next item's first S, and a branch
       // there serializes its matrix multiplies. A row's sum is 0, or about 1 or more and below
       // 2^126, where __fdividef is within 2 ulp; __logf is within 3 ulp)
-      mul = lsum > 0.f ? __fdividef(1.f, lsum) : 0.f;
+      mul[r] = lsum > 0.f ? __fdividef(1.f, lsum) : 0.f;
       const float mnat = kGeneral ? m[r] : m[r] * p.scale;
       stat = lsum > 0.f ? mnat + __logf(lsum) : -INFINITY;
     } else if (norm == NormalizerKind::kSigmoid) {
-      mul = 1.f / kSigmoidWeightScale;  // the weights' scale in P V
+      mul[r] = 1.f / kSigmoidWeightScale;  // the weights' scale in P V
     } else if (norm == NormalizerKind::kReLA) {
       float ss = 0.f;
 #pragma unroll
@@ -319,66 +347,96 @@ __device__ __forceinline__ void store_rows(const FwdParams& p, NormalizerKind no
           ss += col < p.dv ? x * x : 0.f;
         }
       const float rms = sqrtf(quad_sum(ss) / p.dv + p.rela_eps);
-      mul = p.raw_output ? 1.f : 1.f / rms;
+      mul[r] = p.raw_output ? 1.f : 1.f / rms;
       stat = rms;
     }
     // muls: the rows' factors go to the caller, which stores O itself (FwdParams::tma_out).
-    if (muls) muls[r] = mul;
-    const bool live = i >= 0 && i < seq.nq;  // (i < 0: FwdParams::align_end's first tile)
-    const int64_t row = seq.q_start + (live ? i : 0);
-    char* orow = static_cast<char*>(p.out) + (b * p.o_sb + h * p.o_sh + row * p.o_sn) * out_es;
-    float gate_h = 1.f;
-    if (kGeneral && live && p.gate == GateKind::kPerHead)
-      gate_h = fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, b * p.g_sb + h * p.g_sh + row * p.g_sn));
-    // The row's columns: kOut 1 = bf16 or 2 = fp16 with every column of kDVp in the output, or
-    // -1 = the dtype and the width read per column pair (the general flavor: one copy of its
-    // gate code). The fast flavor's 16-bit rows of full width take the first (those tests cost
-    // it three branches and both conversions a pair).
-    auto put = [&](auto out) {
-      constexpr int kOut = decltype(out)::value;
+    if (muls) muls[r] = mul[r];
+    live[r] = i >= 0 && i < seq.nq;  // (i < 0: FwdParams::align_end's first tile)
+    row[r] = seq.q_start + (live[r] ? i : 0);
+    orow[r] = static_cast<char*>(p.out) + (b * p.o_sb + h * p.o_sh + row[r] * p.o_sn) * out_es;
+    gate_h[r] = 1.f;
+    if (kGeneral && live[r] && p.gate == GateKind::kPerHead)
+      gate_h[r] = fast_sigmoid(
+          load_any(p.gate_ptr, p.gate_dtype, b * p.g_sb + h * p.g_sh + row[r] * p.g_sn));
+    if (p.row_stat && lane_leads && live[r])
+      p.row_stat[b * p.st_sb + h * p.st_sh + row[r] * p.st_sn] = stat;
+  }
+  // The rows' columns: kOut 1 = bf16 or 2 = fp16 with every column of kDVp in the output and
+  // rows aligned to 16 bytes (packed, transposed, then stored), or -1 = the dtype and the width
+  // read per column pair (the general flavor: one copy of its gate code). The fast flavor's
+  // 16-bit rows of full width take the first (those tests cost it three branches and both
+  // conversions a pair).
+  auto put = [&](auto out) {
+    constexpr int kOut = decltype(out)::value;
+    if constexpr (kOut > 0) {
+      // Lane q of a quad holds column pair q of each 16-byte chunk of its rows; a transpose of
+      // each four chunks' words in the quad gives lane q chunk 4 g + q whole, stored in one
+      // 16-byte store (FwdParams::out_rows16): a quad writes 64 contiguous bytes of a row a
+      // store, against 16 with a word a lane, and a thread 8 stores of d_v = 128, not 32.
+      using E = ElemTraits<std::conditional_t<kOut == 1, __nv_bfloat16, __half>>;
+      static_assert(kDVp % 32 == 0, "whole groups of four chunks");
+      uint32_t v[2][kDVp / 32][4];
 #pragma unroll
-      for (int c = 0; c < kDVp / 8; ++c) {
-        const int col = c * 8 + col0;
-        const bool ok = live && (kOut > 0 || col < p.dv);  // (a predicate, not a branch)
-        if (kGeneral && !ok) continue;
-        float x0 = o[c * 4 + 2 * r] * mul, x1 = o[c * 4 + 2 * r + 1] * mul;
-        if constexpr (kGeneral) {
-          if (norm == NormalizerKind::kReLA && !p.raw_output) {
-            x0 *= p.gain[col * p.gain_s];
-            x1 *= p.gain[(col + 1) * p.gain_s];
-          }
-          if (p.gate == GateKind::kElementwise) {
-            const int64_t g = b * p.g_sb + h * p.g_sh + row * p.g_sn + col;
-            x0 *= fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g));
-            x1 *= fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g + 1));
-          }
-          x0 *= gate_h;
-          x1 *= gate_h;
-        }
-        const DType dt = kOut == 1 ? DType::kBF16 : kOut == 2 ? DType::kF16 : p.out_dtype;
-        if (dt == DType::kF32) {
-          if (ok) *reinterpret_cast<float2*>(orow + col * 4) = make_float2(x0, x1);
-        } else {
-          const uint32_t v = dt == DType::kBF16 ? ElemTraits<__nv_bfloat16>::pack(x0, x1)
-                                                : ElemTraits<__half>::pack(x0, x1);
-          // From the thread's first pair at a constant offset (one address a row).
-          if (ok) reinterpret_cast<uint32_t*>(orow + col0 * 2)[c * 4] = v;
-        }
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int c = 0; c < kDVp / 8; ++c)
+          v[r][c / 4][c % 4] = E::pack(o[c * 4 + 2 * r] * mul[r], o[c * 4 + 2 * r + 1] * mul[r]);
+      const int q = col0 / 2;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int g = 0; g < kDVp / 32; ++g) quad_transpose(v[r][g], q);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        uint4* chunk = reinterpret_cast<uint4*>(orow[r]) + q;  // (one address a row)
+#pragma unroll
+        for (int g = 0; g < kDVp / 32; ++g)
+          if (live[r]) chunk[4 * g] = make_uint4(v[r][g][0], v[r][g][1], v[r][g][2], v[r][g][3]);
       }
-    };
-    if (!muls) {
-      if constexpr (kGeneral) {
-        put(std::integral_constant<int, -1>{});
-      } else if (p.dv == kDVp && p.out_dtype == DType::kBF16) {
-        put(std::integral_constant<int, 1>{});
-      } else if (p.dv == kDVp && p.out_dtype == DType::kF16) {
-        put(std::integral_constant<int, 2>{});
-      } else {
-        put(std::integral_constant<int, -1>{});
-      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int c = 0; c < kDVp / 8; ++c) {
+          const int col = c * 8 + col0;
+          const bool ok = live[r] && col < p.dv;
+          if (kGeneral && !ok) continue;
+          float x0 = o[c * 4 + 2 * r] * mul[r], x1 = o[c * 4 + 2 * r + 1] * mul[r];
+          if constexpr (kGeneral) {
+            if (norm == NormalizerKind::kReLA && !p.raw_output) {
+              x0 *= p.gain[col * p.gain_s];
+              x1 *= p.gain[(col + 1) * p.gain_s];
+            }
+            if (p.gate == GateKind::kElementwise) {
+              const int64_t g = b * p.g_sb + h * p.g_sh + row[r] * p.g_sn + col;
+              x0 *= fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g));
+              x1 *= fast_sigmoid(load_any(p.gate_ptr, p.gate_dtype, g + 1));
+            }
+            x0 *= gate_h[r];
+            x1 *= gate_h[r];
+          }
+          if (p.out_dtype == DType::kF32) {
+            if (ok) *reinterpret_cast<float2*>(orow[r] + col * 4) = make_float2(x0, x1);
+          } else {
+            const uint32_t v = p.out_dtype == DType::kBF16
+                                   ? ElemTraits<__nv_bfloat16>::pack(x0, x1)
+                                   : ElemTraits<__half>::pack(x0, x1);
+            if (ok) reinterpret_cast<uint32_t*>(orow[r] + col0 * 2)[c * 4] = v;
+          }
+        }
     }
-    if (p.row_stat && lane_leads && live)
-      p.row_stat[b * p.st_sb + h * p.st_sh + row * p.st_sn] = stat;
+  };
+  if (!muls) {
+    if constexpr (kGeneral) {
+      put(std::integral_constant<int, -1>{});
+    } else if (p.dv == kDVp && p.out_rows16 && p.out_dtype == DType::kBF16) {
+      put(std::integral_constant<int, 1>{});
+    } else if (p.dv == kDVp && p.out_rows16 && p.out_dtype == DType::kF16) {
+      put(std::integral_constant<int, 2>{});
+    } else {
+      put(std::integral_constant<int, -1>{});
+    }
   }
 }
 

@@ -25,7 +25,7 @@
 // the rows' factors. The general flavor stores at an item's end. Where a stage of O fits beside
 // the ring (d_v = 64: FwdShape::kTmaOut), each consumer warpgroup writes its 64 rows of O there
 // by stmatrix and one thread stores them by the copy engine (FwdParams::tma_out); else the
-// threads store O's pairs.
+// threads store O (16 bytes a lane where out's rows allow: store_rows, FwdParams::out_rows16).
 //
 // Two flavors per (dtype, head dims):
 // - kGeneral = false: plain softmax (or with a sink); the scale folds into the exponent. The

@@ -73,6 +73,9 @@ struct FwdParams {
   int64_t q_sb = 0, q_sh = 0, q_sn = 0, k_sb = 0, k_sh = 0, k_sn = 0;
   int64_t v_sb = 0, v_sh = 0, v_sn = 0, o_sb = 0, o_sh = 0, o_sn = 0;
   DType out_dtype = DType::kBF16;
+  // out's base and batch, head and row strides in multiples of 16 bytes: the fast flavor stores
+  // its 16-bit rows of full width 16 bytes a lane (store_rows), else a column pair a lane.
+  bool out_rows16 = false;
   float* row_stat = nullptr;
   int64_t st_sb = 0, st_sh = 0, st_sn = 0;
 

@@ -368,6 +368,9 @@ void fill_params(const core::Problem& p, int q_tile, FwdParams* out) {
   f.v_sb = p.v.sb, f.v_sh = p.v.sh, f.v_sn = p.v.sn;
   f.o_sb = p.out.sb, f.o_sh = p.out.sh, f.o_sn = p.out.sn;
   f.out_dtype = p.out.dtype;
+  const int64_t o16 = 16 / dtype_size(p.out.dtype);  // elements in 16 bytes
+  f.out_rows16 =
+      aligned(p.out.data, 16) && p.out.sb % o16 == 0 && p.out.sh % o16 == 0 && p.out.sn % o16 == 0;
   f.row_stat = p.row_stat.data;
   f.st_sb = p.row_stat.sb, f.st_sh = p.row_stat.sh, f.st_sn = p.row_stat.sn;
   f.batch = static_cast<int>(p.batch);
