@@ -8,7 +8,8 @@ Usage: python3 bench/gpu/bench.py [--quick] [--train] [--only PART,...] (--train
 backward; --only: the parts named, of dense, masked, neighborhood, bias, train (train_dense,
 train_masked, train_bias), train_dense, train_masked, train_bias, wide (head dims 192 and 256);
 attnkit importable: PYTHONPATH=build/python);
-writes $OUT/gpu_bench.json. FLOPs count allowed pairs only (4 * pairs * d).
+writes $OUT/gpu_bench.json. FLOPs count allowed pairs only (4 * pairs * d). BENCH_NS="N ...": the
+dense part's sequence lengths (default 1024 4096 16384).
 """
 import contextlib
 import json
@@ -24,6 +25,7 @@ from triton.testing import do_bench
 import attnkit
 
 QUICK = "--quick" in sys.argv
+BENCH_NS = [int(x) for x in os.environ.get("BENCH_NS", "").split()]
 OUT = os.environ.get("OUT", "/tmp")
 dev = "cuda"
 rows = []
@@ -79,7 +81,7 @@ def peer_rate(flops, fn):
 
 def dense(configs=((128, 16), (64, 32)), ns=None):
     for d, h in configs:
-        for n in ns or ([4096] if QUICK else [1024, 4096, 16384]):
+        for n in ns or BENCH_NS or ([4096] if QUICK else [1024, 4096, 16384]):
             b = max(1, 16384 // n)
             q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
             for causal in (False, True):
