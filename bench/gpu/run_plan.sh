@@ -29,7 +29,7 @@
 #    +7.8%; the whole test_cuda, check and pytest passed on the adopted tree (run 211), memcheck
 #    clean on the alignment test (run 216).
 # P. `BENCH_NS="1152 2048 8192" PAR=1 run_plan.sh ab $OUT fwd_pairs_odd dense` (default TESTS):
-#    the pairs schedule with an odd count's middles last (ab_fwd_pairs_odd.patch, part 47; its
+#    the pairs schedule with two heads' middles a pair (ab_fwd_pairs_odd.patch, part 47; its
 #    host test CudaSchedule.* runs in test_block_mask, not test_cuda). Odd counts there: d128
 #    causal N 1152 (9 tiles of 128), d64 causal N 2048 and 8192 (11 and 43 of 192); the rest
 #    are controls (even counts walk as before). Then on the patched tree (warm, its build kept
