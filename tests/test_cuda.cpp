@@ -627,10 +627,10 @@ TEST(CudaFastPath, OByTheCopyEngineMatchesTheOracle) {
 }
 
 // out starting 0 or 4 bytes into its buffer (rows 16-byte aligned or only 4-byte aligned: a
-// store wider than a column pair may serve the first only; bench/gpu/ab_fwd_store_vec16.patch's
-// does), in both flavors (sigmoid: the general one), against the oracle: rows past the query
-// count, BNHD, GQA, 1 or 5 CTAs. The copy engine's O is off (at d_v = 64 it would store most
-// rows; OByTheCopyEngineMatchesTheOracle tests it).
+// store wider than a column pair may serve the first only, as store_rows's 16-byte path does,
+// FwdParams::out_rows16), in both flavors (sigmoid: the general one), against the oracle: rows
+// past the query count, BNHD, GQA, 1 or 5 CTAs. The copy engine's O is off (at d_v = 64 it
+// would store most rows; OByTheCopyEngineMatchesTheOracle tests it).
 TEST(CudaFastPath, OutputRowsOfAnyAlignmentMatchTheOracle) {
   if (!tools::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
   const Case cases[] = {

@@ -28,15 +28,24 @@
 # A. (session 48, runs 210-218, part 47) both store patches adopted: d128 N 1024 +8.5%, causal
 #    +7.8%; the whole test_cuda, check and pytest passed on the adopted tree (run 211), memcheck
 #    clean on the alignment test (run 216).
-# P. `BENCH_NS="1152 2048 8192" PAR=1 run_plan.sh ab $OUT fwd_pairs_odd dense` (default TESTS):
-#    the pairs schedule with two heads' middles a pair (ab_fwd_pairs_odd.patch, part 47; its
-#    host test CudaSchedule.* runs in test_block_mask, not test_cuda). Odd counts there: d128
-#    causal N 1152 (9 tiles of 128), d64 causal N 2048 and 8192 (11 and 43 of 192); the rest
-#    are controls (even counts walk as before). Then on the patched tree (warm, its build kept
-#    in /tmp/x1): PYTHONPATH=/tmp/x1/build-gpu/python python3 bench/gpu/ab_env.py
-#    ATTNKIT_CUDA_FWD_ROWS192=1 --d 64 --causal --n 768 896 1024 1280 --rounds 5: with the
-#    middles balanced, 192 rows may pay under causal from 768 rows on (runs 216-218: +2-3% at
-#    768 and 1024, their counts even); if so, lower rows192's causal start in forward.cu.
+# P. `BENCH_NS="896 1152 2048" PAR=1 run_plan.sh ab $OUT fwd_pairs_odd:fwd_pairs_last dense`
+#    (default TESTS: CudaFastPath.PairsWalkMatchesTheOracle walks odd and even counts; the host
+#    test CudaSchedule.* runs in test_block_mask, in CI): the pairs schedule at odd tile counts
+#    (part 47), two heads' middles a pair (ab_fwd_pairs_odd.patch) or every middle last
+#    (ab_fwd_pairs_last.patch: finer units at the tail, but each middle reads its head's keys
+#    again from memory). The walks' model (longest CTA's key tiles, 132 CTAs; main / odd /
+#    last): causal d128 N 896 (7 tiles) 72 / 64 / 64, d64 N 896 144 / 128 / 128, d128 N 1152
+#    (9) 85 / 80 / 80, d64 N 1152 155 / 160 / 155 (odd's pairs are all of one size), d64 N
+#    2048 (11 tiles of 192) 144 / 132 / 132; not causal and even counts are controls. Adopt
+#    the better one if it gains where the model says and holds the controls. Then on that
+#    tree (warm, its build in /tmp/xN): PYTHONPATH=/tmp/xN/build-gpu/python python3
+#    bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=1 --d 64 --causal --n 768 896 1024 1280
+#    --rounds 5: with the counts balanced, 192 rows may pay under causal from 768 rows on
+#    (runs 216-218: +2-3% at 768 and 1024, their counts even); if so, lower rows192's causal
+#    start in forward.cu (d64 causal N 1024 is at 0.82x cuDNN).
+# W. The store's 16-byte path at the wide head dims (compiled only, part 47):
+#    HEAD_DIMS="64;96;128;192;256;192x128" TEST_FILTER='CudaHeadDims.*:CudaFastPath.Output*' \
+#      bash scripts/gpu_cuda.sh $OUT --lean --only wide   (against run 46's `--only wide`)
 # B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%; main
 #    621-642 since run 210, 86d321c's 629 / 636 in run 200: likely closed): A/B in
 #    the 176-key instance what else 72f9ddb changed, one at a time (the store's predicated code
@@ -66,9 +75,9 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# bench/gpu keeps ab_fwd_pairs_odd.patch (step P; ab_fwd_early_store.patch, the late store
-# reversed, no longer applied after run 210: git show f9bcdde:bench/gpu/ab_fwd_early_store.patch).
-# Decided:
+# bench/gpu keeps ab_fwd_pairs_odd.patch and ab_fwd_pairs_last.patch (step P). Decided:
+# ab_fwd_early_store.patch (the late store reversed) no longer applies after run 210 (git show
+# f9bcdde:bench/gpu/ab_fwd_early_store.patch);
 # fwd_store_order and fwd_store_vec16 adopted in run 210 (git show
 # f9bcdde:bench/gpu/ab_fwd_store_order.patch, f9bcdde:bench/gpu/ab_fwd_store_vec16.patch);
 # fwd_carry_pv and fwd_v_first lost in run 207 (git
