@@ -539,7 +539,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
   // dO as the kernels read it: grad_out itself, or a gated / converted copy.
   const bool rela = spec.normalizer.kind == NormalizerKind::kReLA;
   const bool copy = spec.gate_kind != GateKind::kNone || g.grad_out.dtype != p.q.dtype || rela ||
-                    !check_rows(g.grad_out, "grad_out", 8).ok();
+                    !rows_aligned(g.grad_out, 8);
   core::RowOperand dout = g.grad_out;
   const int64_t copy_sn = (p.dv + 7) / 8 * 8;
   if (copy) {

@@ -80,10 +80,15 @@ __global__ void fill_view_kernel(void* base, DType t, const float* src, int64_t 
 
 }  // namespace
 
+bool rows_aligned(const core::RowOperand& r, int elems) {
+  return aligned(r.data, elems * dtype_size(r.dtype)) && r.sb % elems == 0 && r.sh % elems == 0 &&
+         r.sn % elems == 0;
+}
+
 // q, k, v rows are copied 16 bytes at a time: 16-byte aligned base and row strides.
 Status check_rows(const core::RowOperand& r, const char* name, int elems) {
   const int es = dtype_size(r.dtype);
-  if (!aligned(r.data, elems * es) || r.sb % elems || r.sh % elems || r.sn % elems)
+  if (!rows_aligned(r, elems))
     return fail(StatusCode::kInvalidArgument, name, ": the CUDA kernels need a ",
                 str(elems * es), "-byte aligned pointer and batch, head and row strides that are ",
                 "multiples of ", str(elems), " elements (sb ", str(r.sb), ", sh ", str(r.sh),
@@ -368,9 +373,7 @@ void fill_params(const core::Problem& p, int q_tile, FwdParams* out) {
   f.v_sb = p.v.sb, f.v_sh = p.v.sh, f.v_sn = p.v.sn;
   f.o_sb = p.out.sb, f.o_sh = p.out.sh, f.o_sn = p.out.sn;
   f.out_dtype = p.out.dtype;
-  const int64_t o16 = 16 / dtype_size(p.out.dtype);  // elements in 16 bytes
-  f.out_rows16 =
-      aligned(p.out.data, 16) && p.out.sb % o16 == 0 && p.out.sh % o16 == 0 && p.out.sn % o16 == 0;
+  f.out_rows16 = rows_aligned(p.out, 16 / dtype_size(p.out.dtype));
   f.row_stat = p.row_stat.data;
   f.st_sb = p.row_stat.sb, f.st_sh = p.row_stat.sh, f.st_sn = p.row_stat.sn;
   f.batch = static_cast<int>(p.batch);

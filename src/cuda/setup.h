@@ -25,7 +25,9 @@ inline std::string str(int64_t x) { return std::to_string(x); }
 // dims are checked against each pass's instantiations.
 Status check_common(const core::Problem& p);
 
-// Row operand alignment for the copy engine: `elems`-element aligned base and strides.
+// Row operand alignment for the copy engine and the kernels' wide accesses: `elems`-element
+// aligned base and batch, head and row strides (rows_aligned), or the error naming the rule.
+bool rows_aligned(const core::RowOperand& r, int elems);
 Status check_rows(const core::RowOperand& r, const char* name, int elems);
 
 // The band [i' - left, i' + right] of masks the fast kernels handle, or false.
