@@ -942,28 +942,43 @@ TEST(TileBits, BandRunBitsAreTheBandsColumns) {
 }
 
 // The CUDA forward's pairs schedule (cuda/fwd_params.h, the default; =0 takes the counter) as its
-// producer walks it (pair_first, then pair_next): every item given once, and each CTA's items in
-// pairs whose causal key tiles (tiles - x for item x) sum to tiles + 1, an odd count's middle tile
-// alone.
+// producer walks it (pair_first, then pair_next): every item given once, each CTA's items in
+// pairs whose causal key tiles (tiles - x for item x) sum to tiles + 1, an odd count's middles
+// two heads' (a last head's alone), and the CTAs' key tiles within a pair's of each other (with
+// a middle alone in each head's pairs, 7 tiles on 132 CTAs gave a quarter of them middles only).
 TEST(CudaSchedule, PairsGiveEveryItemOnceInBalancedPairs) {
-  for (int tiles = 1; tiles <= 9; ++tiles)
-    for (int64_t heads : {1, 2, 3, 7, 64})
+  for (int tiles = 1; tiles <= 11; ++tiles)
+    for (int64_t heads : {1, 2, 3, 7, 64, 256, 257})
       for (int ctas : {1, 2, 3, 5, 132, 1000}) {
         const int64_t items = heads * tiles;
         const int launched =
             static_cast<int>(std::min<int64_t>(ctas, cuda::pair_count(heads, tiles)));
+        const int hs = static_cast<int>(heads);
         std::vector<int> given(items, 0);
+        int64_t most = 0, least = items * tiles;
         for (int c = 0; c < launched; ++c) {
           std::vector<int64_t> walk;
-          for (int64_t item = cuda::pair_first(c, tiles); item < items;
-               item = cuda::pair_next(item, launched, tiles)) {
+          int64_t work = 0;
+          int64_t item = cuda::pair_first(c, tiles, hs);
+          for (; item < items; item = cuda::pair_next(item, launched, tiles, hs)) {
             ASSERT_GE(item, 0);
             ++given[item];
             walk.push_back(item);
+            work += tiles - item % tiles;
           }
+          EXPECT_EQ(item, items) << "a walk's end";
+          most = std::max(most, work), least = std::min(least, work);
           for (size_t i = 0; i < walk.size(); ++i) {
             const int x = static_cast<int>(walk[i] % tiles);
-            if (2 * x + 1 == tiles) continue;  // the middle, alone
+            const int64_t head = walk[i] / tiles;
+            if (2 * x + 1 == tiles) {  // a middle: then the next head's, or a last head's alone
+              ASSERT_EQ(head % 2, 0) << "an odd head's middle first";
+              if (head + 1 == heads) continue;
+              ASSERT_LT(i + 1, walk.size()) << "two middles cut short";
+              EXPECT_EQ(walk[i + 1], walk[i] + tiles) << "a middle without the next head's";
+              ++i;
+              continue;
+            }
             ASSERT_LT(i + 1, walk.size()) << "a pair cut short";
             EXPECT_EQ(walk[i + 1] / tiles, walk[i] / tiles) << "a pair across heads";
             EXPECT_EQ(tiles - x + tiles - walk[i + 1] % tiles, tiles + 1) << "an unbalanced pair";
@@ -973,6 +988,8 @@ TEST(CudaSchedule, PairsGiveEveryItemOnceInBalancedPairs) {
         for (int64_t i = 0; i < items; ++i)
           ASSERT_EQ(given[i], 1) << "item " << i << " of " << heads << " x " << tiles << ", "
                                  << launched << " CTAs";
+        EXPECT_LE(most - least, tiles + 1)
+            << heads << " x " << tiles << ", " << launched << " CTAs";
       }
   // The 32-bit bounds (items < 2^31, CTAs < 2^20): each CTA's last pair ends the walk.
   const int ctas = (1 << 20) - 1;
@@ -981,16 +998,25 @@ TEST(CudaSchedule, PairsGiveEveryItemOnceInBalancedPairs) {
                                      {(1 << 30) - 1, 2},
                                      {(int64_t{1} << 31) - 1, 1}}) {
     const int64_t items = heads * tiles, pairs = cuda::pair_count(heads, tiles);
+    const int hs = static_cast<int>(heads);
+    const int64_t half = tiles / 2;
     for (int c : {0, ctas / 2, ctas - 1}) {
       const int64_t u = c + (pairs - 1 - c) / ctas * ctas;  // the CTA's last pair
-      int64_t item = cuda::pair_item(static_cast<uint32_t>(u), static_cast<uint32_t>(tiles));
-      const int64_t x = item % tiles, head = item / tiles;
-      EXPECT_EQ(item, u / ((tiles + 1) / 2) * tiles + u % ((tiles + 1) / 2));
-      item = cuda::pair_next(item, ctas, tiles);
+      int64_t item = cuda::pair_item(static_cast<uint32_t>(u), static_cast<uint32_t>(tiles),
+                                     static_cast<uint32_t>(heads));
+      const int64_t h = u / tiles * 2, r = u % tiles, x = item % tiles, head = item / tiles;
+      EXPECT_EQ(item, r < half         ? h * tiles + r
+                      : h + 1 == heads ? h * tiles + half
+                      : r < 2 * half   ? (h + 1) * tiles + r - half
+                                       : h * tiles + half);
+      item = cuda::pair_next(item, ctas, tiles, hs);
       if (2 * x + 1 != tiles) {  // its mirror, then the end
         EXPECT_EQ(item, head * tiles + tiles - 1 - x);
         EXPECT_LT(item, items);
-        item = cuda::pair_next(item, ctas, tiles);
+        item = cuda::pair_next(item, ctas, tiles, hs);
+      } else if (head + 1 < heads) {  // the next head's middle, then the end
+        EXPECT_EQ(item, (head + 1) * tiles + half);
+        item = cuda::pair_next(item, ctas, tiles, hs);
       }
       EXPECT_GE(item, items) << heads << " x " << tiles << ", CTA " << c;
     }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 49; session 48's runs 210-218, gpu.md part 47: both
-# store patches adopted, d128 N 1024 +8.5%; the pairs' odd middles found),
+# The next device session's runs (session 50; session 49's runs 219-225, gpu.md part 48: two
+# heads' middles a pair adopted, +7 to +13% causal at odd tile counts; 192 rows causal from 768),
 # one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
@@ -25,27 +25,18 @@
 # With little device time, first the shortest useful call (~300 s):
 # TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
-# A. (session 48, runs 210-218, part 47) both store patches adopted: d128 N 1024 +8.5%, causal
-#    +7.8%; the whole test_cuda, check and pytest passed on the adopted tree (run 211), memcheck
-#    clean on the alignment test (run 216).
-# P. `BENCH_NS="896 1152 2048" PAR=1 run_plan.sh ab $OUT fwd_pairs_odd:fwd_pairs_last dense`
-#    (default TESTS: CudaFastPath.PairsWalkMatchesTheOracle walks odd and even counts; the host
-#    test CudaSchedule.* runs in test_block_mask, in CI): the pairs schedule at odd tile counts
-#    (part 47), two heads' middles a pair (ab_fwd_pairs_odd.patch) or every middle last
-#    (ab_fwd_pairs_last.patch: finer units at the tail, but each middle reads its head's keys
-#    again from memory). The walks' model (longest CTA's key tiles, 132 CTAs; main / odd /
-#    last): causal d128 N 896 (7 tiles) 72 / 64 / 64, d64 N 896 144 / 128 / 128, d128 N 1152
-#    (9) 85 / 80 / 80, d64 N 1152 155 / 160 / 155 (odd's pairs are all of one size), d64 N
-#    2048 (11 tiles of 192) 144 / 132 / 132; not causal and even counts are controls. Adopt
-#    the better one if it gains where the model says and holds the controls. Then on that
-#    tree (warm, its build in /tmp/xN): PYTHONPATH=/tmp/xN/build-gpu/python python3
-#    bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=1 --d 64 --causal --n 768 896 1024 1280
-#    --rounds 5: with the counts balanced, 192 rows may pay under causal from 768 rows on
-#    (runs 216-218: +2-3% at 768 and 1024, their counts even); if so, lower rows192's causal
-#    start in forward.cu (d64 causal N 1024 is at 0.82x cuDNN).
-# W. The store's 16-byte path at the wide head dims (compiled only, part 47):
-#    HEAD_DIMS="64;96;128;192;256;192x128" TEST_FILTER='CudaHeadDims.*:CudaFastPath.Output*' \
-#      bash scripts/gpu_cuda.sh $OUT --lean --only wide   (against run 46's `--only wide`)
+# A. (session 49, runs 219-225, part 48) ab_fwd_pairs_odd.patch adopted (run 219: d128 causal N
+#    896 +12.3%, 1152 +6.7%, d64 causal 896 +12.9%, 2048 +7.2%, 1152 -2.7%; controls within 1%;
+#    ab_fwd_pairs_last.patch +8.1 / +0.8 / +11.9 / +9.2 / -0.2%: dropped, in git at 986e178);
+#    192 rows causal from 768 rows (runs 220-221: +2.3 to +7.6% at 768-1280, -5 to -16% at
+#    256-640). All 17 CudaFastPath tests passed on the adopted tree (runs 223-225), the wide
+#    dims' oracle test and bench ran (run 222, step W done).
+# 1. First: `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on main (the whole test_cuda, check and pytest
+#    after the adoption: run 223 ran only the fast path; its oracle cases ran on run 219's tree).
+# N. d64 N 1024 not causal (0.94x cuDNN): its last 192-row tile has 64 live rows; gpu.md Next
+#    item 2 models a warpgroup past the rows' end passing its turns without GEMMs (+5.6-11%),
+#    with such items spread by a rotation by the round (not dealt last, not by the counter).
+#    d64 causal N 768-1280 0.81-0.87x (run 224): ncu beside cuDNN (run_plan.sh 6 $OUT 64).
 # B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%; main
 #    621-642 since run 210, 86d321c's 629 / 636 in run 200: likely closed): A/B in
 #    the 176-key instance what else 72f9ddb changed, one at a time (the store's predicated code
@@ -75,7 +66,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# bench/gpu keeps ab_fwd_pairs_odd.patch and ab_fwd_pairs_last.patch (step P). Decided:
+# Decided: fwd_pairs_odd adopted in run 219, fwd_pairs_last lost there (git show
+# 986e178:bench/gpu/ab_fwd_pairs_last.patch);
 # ab_fwd_early_store.patch (the late store reversed) no longer applies after run 210 (git show
 # f9bcdde:bench/gpu/ab_fwd_early_store.patch);
 # fwd_store_order and fwd_store_vec16 adopted in run 210 (git show

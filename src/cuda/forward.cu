@@ -132,9 +132,11 @@ Status forward(const core::Problem& p, bool dry_run) {
   // tiles aligned to the sequence's end (align_end below; runs 184 and 186, H100): +1.6% at N
   // 1024 (noise), -9% at 1280, +9% at 1536, -1% at 2048, +8% at 3072, +6% at 4096; ALiBi causal
   // +7% at 1536, +11% at 4096, +7% at 8192. Runs 176-180 (H200, with a trim since dropped):
-  // causal -18 to -20% at N 256 and 512; ALiBi without a mask +11% at 1024, +18% at 4096. So
-  // they run without a mask, and causal from 1536 query rows on, ALiBi or not; other bands keep
-  // 128 rows.
+  // causal -18 to -20% at N 256 and 512; ALiBi without a mask +11% at 1024, +18% at 4096. With
+  // two heads' middles a pair (pair_item; runs 220-221, H100, d64 causal): +2.8% at N 768,
+  // +7.6% at 896, +2.3% at 1024, +6.0% at 1152, +3.6% at 1280, but -16% at 256, 0% at 384, -6%
+  // at 512, -5% at 640. So they run without a mask, and causal from 768 query rows on, ALiBi
+  // or not; other bands keep 128 rows.
   // ATTNKIT_CUDA_FWD_ROWS192=0: never, =1: wherever they can run, =force: that, and an error
   // where they cannot (for tests and measurements).
   const int64_t whole = p.max_nq + p.max_nk;
@@ -148,7 +150,7 @@ Status forward(const core::Problem& p, bool dry_run) {
     return fail(StatusCode::kInvalidArgument, "ATTNKIT_CUDA_FWD_ROWS192=force: this call does ",
                 "not take 192-row tiles (d = dv = 64, softmax without a gate or mods but ALiBi, ",
                 "no mask or a band)");
-  const bool rows192_pays = unmasked || (causal && p.max_nq >= 1536);
+  const bool rows192_pays = unmasked || (causal && p.max_nq >= 768);
   if (rows192_can && rows192_set != "0" &&
       (rows192_pays || rows192_set == "1" || rows192_set == "force")) {
     f = FwdParams{};

@@ -244,10 +244,11 @@ __global__ void __launch_bounds__(FwdShape<kD, kDV, kRows>::kThreads, 1)
       // length; or one item a CTA), claimed once the last one's tiles are issued; tiles past
       // their sequence (varlen) are passed over here.
       auto claim = [&](int64_t item) -> int64_t {
-        if (p.pairs) return pair_next(item, gridDim.x, p.num_q_tiles);
+        if (p.pairs) return pair_next(item, gridDim.x, p.num_q_tiles, p.batch * p.hq);
         return (p.sched ? atomicAdd(p.sched, 1) : item) + static_cast<int64_t>(gridDim.x);
       };
-      int64_t item = p.pairs ? pair_first(blockIdx.x, p.num_q_tiles) : blockIdx.x;
+      int64_t item =
+          p.pairs ? pair_first(blockIdx.x, p.num_q_tiles, p.batch * p.hq) : blockIdx.x;
       for (int j = 0;; ++j) {
         if (j > 0) item = claim(item);
         while (item < p.num_items && !Work(p, static_cast<int>(item), kGeneral).live())

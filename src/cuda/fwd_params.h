@@ -35,33 +35,52 @@ struct BlockMapTemplate {
 constexpr bool fast_softcap(int d) { return d > 64; }
 
 // The pairs schedule of a band's items (FwdParams::pairs): CTA `cta` of `ctas` walks pairs cta,
-// cta + ctas, ...; pair u is item x = u % half of head u / half and its mirror tiles - 1 - x
-// (half = ceil(tiles / 2); item x of a head is its query tile tiles - 1 - x): a long row with a
-// short one, so that under a causal band every pair visits as many key tiles (tiles + 1 where nq
-// = nk and the key tiles are as long as the query tiles; an odd count's middle tile is a pair
-// alone). pair_first gives a CTA's first item, pair_next the one after `item`; past the last
-// pair both give an item >= heads * tiles, which ends the walk. In 32-bit arithmetic from the item
-// alone (a 64-bit division's subroutine and a count of the CTA's items raised the fast
-// kernel's spills 4 -> 84 bytes): with items < 2^31 and CTAs < 2^20, every value < 2^32.
-ATTNKIT_HD uint32_t pair_half(uint32_t tiles) { return (tiles + 1) / 2; }
-ATTNKIT_HD int64_t pair_item(uint32_t u, uint32_t tiles) {
-  const uint32_t half = pair_half(tiles), bh = u / half;
-  return int64_t{bh * tiles + (u - bh * half)};
+// cta + ctas, ...; a pair is item x of a head and its mirror tiles - 1 - x (item x of a head is
+// its query tile tiles - 1 - x): a long row with a short one, so that under a causal band every
+// pair visits as many key tiles (tiles + 1 where nq = nk and the key tiles are as long as the
+// query tiles). An odd count's middle tiles, half that work each, pair across two heads. Heads
+// 2 b and 2 b + 1 give pairs b * tiles + r (tiles = 2 half + tiles % 2, half = tiles / 2 pairs a
+// head): r < half head 2 b's item r, then head 2 b + 1's, then the two middles (a last head
+// alone: its pairs, then its middle alone). (Dealt with each head's pairs, a middle alone was every
+// (half + 1)-th pair, so that where half + 1 divided ctas a CTA walked only middles or none: at 7
+// tiles on 132 CTAs a quarter of them walked half as much; run 218: 192-row tiles -7.7% at 7 tiles
+// a head.) The pairs of two heads stay together, as their keys do in the L2. pair_first gives a
+// CTA's first item, pair_next the one after `item`; past the last pair both give heads * tiles,
+// which ends the walk. In 32-bit arithmetic from the item alone (a 64-bit division's subroutine and
+// a count of the CTA's items raised the fast kernel's spills 4 -> 84 bytes): with items < 2^31 and
+// CTAs < 2^20, every value < 2^32.
+ATTNKIT_HD int64_t pair_item(uint32_t u, uint32_t tiles, uint32_t heads) {
+  const uint32_t half = tiles / 2, odd = tiles % 2;
+  const uint32_t b = u / tiles, r = u - b * tiles, h = 2 * b;
+  const int64_t end = int64_t{heads} * tiles;
+  if (h >= heads) return end;
+  if (r < half) return int64_t{h * tiles + r};
+  if (h + 1 == heads) return odd && r == half ? int64_t{h * tiles + half} : end;
+  if (r < 2 * half) return int64_t{(h + 1) * tiles + (r - half)};
+  return int64_t{h * tiles + half};  // the middles: head h's, then h + 1's
 }
-ATTNKIT_HD int64_t pair_first(int cta, int tiles) {
-  return pair_item(static_cast<uint32_t>(cta), static_cast<uint32_t>(tiles));
+ATTNKIT_HD int64_t pair_first(int cta, int tiles, int heads) {
+  return pair_item(static_cast<uint32_t>(cta), static_cast<uint32_t>(tiles),
+                   static_cast<uint32_t>(heads));
 }
-ATTNKIT_HD int64_t pair_next(int64_t item, int ctas, int tiles) {
-  const uint32_t t = static_cast<uint32_t>(tiles), half = pair_half(t);
-  const uint32_t bh = static_cast<uint32_t>(item) / t, x = static_cast<uint32_t>(item) - bh * t;
-  if (2 * x + 1 < t) return int64_t{bh * t + t - 1 - x};  // a pair's first: its mirror
-  const uint32_t q = 2 * x + 1 == t ? x : t - 1 - x;      // the middle, or a pair's second
-  return pair_item(bh * half + q + static_cast<uint32_t>(ctas), t);
+ATTNKIT_HD int64_t pair_next(int64_t item, int ctas, int tiles, int heads) {
+  const uint32_t t = static_cast<uint32_t>(tiles), hs = static_cast<uint32_t>(heads);
+  const uint32_t h = static_cast<uint32_t>(item) / t, x = static_cast<uint32_t>(item) - h * t;
+  const uint32_t half = t / 2;
+  if (2 * x + 1 < t) return int64_t{h * t + t - 1 - x};  // a pair's first: its mirror
+  uint32_t r;                                            // this pair's place among its heads'
+  if (2 * x + 1 == t) {                                  // a middle
+    if (h % 2 == 0 && h + 1 < hs) return int64_t{(h + 1) * t + half};  // the next head's
+    r = h % 2 == 0 ? half : 2 * half;  // a last head's alone, or the second of two
+  } else {
+    r = (h % 2) * half + (t - 1 - x);  // a pair's second: the pair of its mirror
+  }
+  return pair_item((h / 2) * t + r + static_cast<uint32_t>(ctas), t, hs);
 }
 
-// The pairs a band's items make (pair_item), heads * ceil(tiles / 2).
+// The pairs a band's items make (pair_item).
 inline int64_t pair_count(int64_t heads, int tiles) {
-  return heads * pair_half(static_cast<uint32_t>(tiles));
+  return heads / 2 * tiles + heads % 2 * ((tiles + 1) / 2);
 }
 
 struct FwdParams {
@@ -105,7 +124,7 @@ struct FwdParams {
   bool raw_output = false;  // out receives O before ReLA's RMS and gain (and no gate)
   // Query tiles of 192 rows, three consumer warpgroups (FlashAttention-3's d64 tile), so that two
   // warpgroups' matrix multiplies cover each one's normalization: d = dv = 64, the fast kernel
-  // with no score mods but ALiBi, by default without a mask or causal from 1536 query rows
+  // with no score mods but ALiBi, by default without a mask or causal from 768 query rows
   // (ATTNKIT_CUDA_FWD_ROWS192=1: any band; forward.cu says when).
   bool rows192 = false;
   // Key tiles of 176 instead of 128 (FlashAttention-3's d128 tile without a mask): each tile's
