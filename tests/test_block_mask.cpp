@@ -994,7 +994,7 @@ TEST(CudaSchedule, PairsGiveEveryItemOnceInBalancedPairs) {
   // The 32-bit bounds (items < 2^31, CTAs < 2^20): each CTA's last pair ends the walk.
   const int ctas = (1 << 20) - 1;
   for (const auto& [heads, tiles] : {std::pair<int64_t, int>{1, (1 << 30) + 1},
-                                     {2, 1 << 30},
+                                     {2, (1 << 30) - 1},
                                      {(1 << 30) - 1, 2},
                                      {(int64_t{1} << 31) - 1, 1}}) {
     const int64_t items = heads * tiles, pairs = cuda::pair_count(heads, tiles);

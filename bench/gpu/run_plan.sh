@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The next device session's runs (session 50; session 49's runs 219-225, gpu.md part 48: two
-# heads' middles a pair adopted, +7 to +13% causal at odd tile counts; 192 rows causal from 768),
+# heads' middles a pair adopted, +7 to +13% causal at odd tile counts, d64 N 1152 -2.7%; 192
+# rows causal from 768),
 # one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
@@ -26,13 +27,16 @@
 # TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
 # A. (session 49, runs 219-225, part 48) ab_fwd_pairs_odd.patch adopted (run 219: d128 causal N
-#    896 +12.3%, 1152 +6.7%, d64 causal 896 +12.9%, 2048 +7.2%, 1152 -2.7%; controls within 1%;
+#    896 +12.3%, 1152 +6.7%, d64 causal 896 +12.9%, 2048 +7.2%, 1152 -2.7%; controls within 1.1%;
 #    ab_fwd_pairs_last.patch +8.1 / +0.8 / +11.9 / +9.2 / -0.2%: dropped, in git at 986e178);
-#    192 rows causal from 768 rows (runs 220-221: +2.3 to +7.6% at 768-1280, -5 to -16% at
-#    256-640). All 17 CudaFastPath tests passed on the adopted tree (runs 223-225), the wide
-#    dims' oracle test and bench ran (run 222, step W done).
+#    192 rows causal from 768 rows (runs 220-221: +2.3 to +7.6% at 768-1280; -16% at 256, 0
+#    at 384, -6 / -5% at 512 / 640). All 17 CudaFastPath tests passed on the adopted tree (runs
+#    223-225), the wide dims' oracle test and bench ran (run 222, step W done).
 # 1. First: `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on main (the whole test_cuda, check and pytest
 #    after the adoption: run 223 ran only the fast path; its oracle cases ran on run 219's tree).
+#    Then, warm, ALiBi causal at the new 768-row start (untimed below 1536):
+#    PYTHONPATH=build-gpu/python python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=0 --d 64
+#    --causal --alibi --n 768 1024 1280 --rounds 5 (a ratio above 1 would say 128 rows pay there).
 # N. d64 N 1024 not causal (0.94x cuDNN): its last 192-row tile has 64 live rows; gpu.md Next
 #    item 2 models a warpgroup past the rows' end passing its turns without GEMMs (+5.6-11%),
 #    with such items spread by a rotation by the round (not dealt last, not by the counter).

@@ -136,7 +136,7 @@ Status forward(const core::Problem& p, bool dry_run) {
   // two heads' middles a pair (pair_item; runs 220-221, H100, d64 causal): +2.8% at N 768,
   // +7.6% at 896, +2.3% at 1024, +6.0% at 1152, +3.6% at 1280, but -16% at 256, 0% at 384, -6%
   // at 512, -5% at 640. So they run without a mask, and causal from 768 query rows on, ALiBi
-  // or not; other bands keep 128 rows.
+  // or not (ALiBi causal not timed below 1536); other bands keep 128 rows.
   // ATTNKIT_CUDA_FWD_ROWS192=0: never, =1: wherever they can run, =force: that, and an error
   // where they cannot (for tests and measurements).
   const int64_t whole = p.max_nq + p.max_nk;
