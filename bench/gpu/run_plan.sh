@@ -37,9 +37,13 @@
 #    Then, warm, ALiBi causal at the new 768-row start (untimed below 1536):
 #    PYTHONPATH=build-gpu/python python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=0 --d 64
 #    --causal --alibi --n 768 1024 1280 --rounds 5 (a ratio above 1 would say 128 rows pay there).
-# N. d64 N 1024 not causal (0.94x cuDNN): its last 192-row tile has 64 live rows; gpu.md Next
-#    item 2 models a warpgroup past the rows' end passing its turns without GEMMs (+5.6-11%),
-#    with such items spread by a rotation by the round (not dealt last, not by the counter).
+# N. d64 N 1024 not causal (0.94x cuDNN): its last 192-row tile has 64 live rows. Prepared
+#    (part 49): ab_fwd_idle_wg.patch, idle warpgroups past the rows' end (no GEMMs, no store)
+#    and the round-robin walk rotated where the model says it pays:
+#    BENCH_NS="896 1024 1280 2048" PAR=1 run_plan.sh ab $OUT fwd_idle_wg dense
+#    (model: d64 not causal +6.5 / +5.9 / +3.1 / +3.1%; causal and d128 are controls). Then,
+#    on its tree, ab_env.py ATTNKIT_CUDA_FWD_ROTATE=0 --d 64 --dense --n 1024 2048 (the
+#    rotation's own share) and =1 --n 896 1280 (where the model declines it).
 #    d64 causal N 768-1280 0.81-0.87x (run 224): ncu beside cuDNN (run_plan.sh 6 $OUT 64).
 # B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%; main
 #    621-642 since run 210, 86d321c's 629 / 636 in run 200: likely closed): A/B in
@@ -70,7 +74,7 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# Decided: fwd_pairs_odd adopted in run 219, fwd_pairs_last lost there (git show
+# bench/gpu keeps ab_fwd_idle_wg.patch (step N). Decided: fwd_pairs_odd adopted in run 219, fwd_pairs_last lost there (git show
 # 986e178:bench/gpu/ab_fwd_pairs_last.patch);
 # ab_fwd_early_store.patch (the late store reversed) no longer applies after run 210 (git show
 # f9bcdde:bench/gpu/ab_fwd_early_store.patch);
