@@ -41,7 +41,7 @@
 #    (part 49): ab_fwd_idle_wg.patch, idle warpgroups past the rows' end (no GEMMs, no store)
 #    and the round-robin walk rotated where the model says it pays:
 #    BENCH_NS="896 1024 1280 2048" PAR=1 run_plan.sh ab $OUT fwd_idle_wg dense
-#    (model: d64 not causal +6.5 / +5.9 / +3.1 / +3.1%; causal and d128 are controls). Then,
+#    (model: d64 not causal +6.5 / +5.9 / +5.0 / +3.1%; causal and d128 are controls). Then,
 #    on its tree, ab_env.py ATTNKIT_CUDA_FWD_ROTATE=0 --d 64 --dense --n 1024 2048 (the
 #    rotation's own share) and =1 --n 896 1280 (where the model declines it).
 #    d64 causal N 768-1280 0.81-0.87x (run 224): ncu beside cuDNN (run_plan.sh 6 $OUT 64).
