@@ -1191,6 +1191,36 @@ TEST(CudaRules, AValidCallPasses) {
   EXPECT_TRUE(s.ok()) << s.message();
 }
 
+// The tile switches read from the environment (cuda::env_choice): exactly "force" makes a call
+// that cannot take the tiles an error naming the switch; "0", "1", unset and any other value
+// ("Force", "2") do not; a call that can take them passes under "force".
+TEST(CudaRules, TileSwitchesNameTheirForce) {
+  const auto q128 = device_view(DType::kBF16, {2, 4, 100, 128});
+  const auto q64 = device_view(DType::kBF16, {2, 4, 100, 64});
+  AttentionSpec causal;
+  causal.mask = Mask::causal();
+  for (const char* var : {"ATTNKIT_CUDA_FWD_ROWS192", "ATTNKIT_CUDA_FWD_KEYS176"}) {
+    for (const char* value : {"", "0", "1", "Force", "2", "force"}) {
+      const ScopedEnv env(var, value);
+      const Status s = can_run(q128, q128, q128, causal, q128);  // neither tile takes it
+      if (std::string(value) == "force") {
+        ASSERT_FALSE(s.ok()) << var;
+        EXPECT_NE(s.message().find(std::string(var) + "=force"), std::string::npos) << s.message();
+      } else {
+        EXPECT_TRUE(s.ok()) << var << "=" << value << ": " << s.message();
+      }
+    }
+  }
+  {
+    const ScopedEnv rows("ATTNKIT_CUDA_FWD_ROWS192", "force");
+    const Status s = can_run(q64, q64, q64, causal, q64);
+    EXPECT_TRUE(s.ok()) << s.message();
+  }
+  const ScopedEnv keys("ATTNKIT_CUDA_FWD_KEYS176", "force");
+  const Status s = can_run(q128, q128, q128, AttentionSpec{}, q128);
+  EXPECT_TRUE(s.ok()) << s.message();
+}
+
 // An fp32 gradient 2 bytes into its buffer: refused by the element rule (the CUDA fuzz's
 // --invalid campaign found the backward's stores faulting on it); 16-bit ones there run.
 TEST(CudaRules, GradientsOfMisalignedElementsAreRefused) {

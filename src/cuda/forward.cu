@@ -118,10 +118,10 @@ Status forward(const core::Problem& p, bool dry_run) {
   // windows' reach): no block table.
   // ATTNKIT_CUDA_GRID=0 sends it through the block table instead, =force takes grid tiles even
   // where a grid narrower than a patch leaves them mostly empty (both for measurements).
-  const char* grid_env = std::getenv("ATTNKIT_CUDA_GRID");
-  const bool grid_force = grid_env && std::string(grid_env) == "force";
+  const EnvChoice grid_env = env_choice("ATTNKIT_CUDA_GRID");
+  const bool grid_force = grid_env == EnvChoice::kForce;
   const bool grid = plain && !f.has_mods && kn == kGridRows * kGridCols && !band &&
-                    env_switch("ATTNKIT_CUDA_GRID", true) && grid_tiles(p, grid_force, &f, &maps);
+                    grid_env != EnvChoice::kOff && grid_tiles(p, grid_force, &f, &maps);
   const bool fast = grid || (plain && (band || GeneralTables::covers(p, 128, kn)));
   // Every flavor but the fast kernel under a band and the grid tiles builds a block table.
   const bool tabled = !(grid || (fast && band));
@@ -144,15 +144,14 @@ Status forward(const core::Problem& p, bool dry_run) {
   const bool causal = band && left >= whole && right == 0;
   const bool rows192_can =
       fast && band && !grid && (!f.has_mods || alibi) && inst.d == 64 && inst.dv == 64;
-  const char* rows192_env = std::getenv("ATTNKIT_CUDA_FWD_ROWS192");
-  const std::string rows192_set = rows192_env ? rows192_env : "";
-  if (!rows192_can && rows192_set == "force")
+  const EnvChoice rows192_set = env_choice("ATTNKIT_CUDA_FWD_ROWS192");
+  if (!rows192_can && rows192_set == EnvChoice::kForce)
     return fail(StatusCode::kInvalidArgument, "ATTNKIT_CUDA_FWD_ROWS192=force: this call does ",
                 "not take 192-row tiles (d = dv = 64, softmax without a gate or mods but ALiBi, ",
                 "no mask or a band)");
   const bool rows192_pays = unmasked || (causal && p.max_nq >= 768);
-  if (rows192_can && rows192_set != "0" &&
-      (rows192_pays || rows192_set == "1" || rows192_set == "force")) {
+  if (rows192_can && rows192_set != EnvChoice::kOff &&
+      (rows192_pays || rows192_set != EnvChoice::kRule)) {
     f = FwdParams{};
     fill_params(p, 192, &f);
     f.rows192 = true;
@@ -166,13 +165,12 @@ Status forward(const core::Problem& p, bool dry_run) {
   // never, =1: wherever they can run, =force: that, and an error where they cannot.
   const bool keys176_can =
       fast && unmasked && !grid && !f.has_mods && inst.d == 128 && inst.dv == 128;
-  const char* keys176_env = std::getenv("ATTNKIT_CUDA_FWD_KEYS176");
-  const std::string keys176_set = keys176_env ? keys176_env : "";
-  if (!keys176_can && keys176_set == "force")
+  const EnvChoice keys176_set = env_choice("ATTNKIT_CUDA_FWD_KEYS176");
+  if (!keys176_can && keys176_set == EnvChoice::kForce)
     return fail(StatusCode::kInvalidArgument, "ATTNKIT_CUDA_FWD_KEYS176=force: this call does ",
                 "not take 176-key tiles (d = dv = 128, softmax without a gate or mods, no mask)");
-  if (keys176_can && keys176_set != "0" &&
-      (p.max_nk >= 8192 || keys176_set == "1" || keys176_set == "force")) {
+  if (keys176_can && keys176_set != EnvChoice::kOff &&
+      (p.max_nk >= 8192 || keys176_set != EnvChoice::kRule)) {
     f.keys176 = true;
     st = encode(128, kWideKeys);
     if (!st.ok()) return st;

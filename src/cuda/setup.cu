@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <string_view>
 
 #include "core/mask_cache.h"
 #include "cuda/fwd_mask.cuh"
@@ -205,6 +206,15 @@ bool env_switch(const char* name, bool on_by_default) {
   const char* v = std::getenv(name);
   if (!v) return on_by_default;
   return on_by_default ? v[0] != '0' : v[0] == '1';
+}
+
+EnvChoice env_choice(const char* name) {
+  const char* v = std::getenv(name);
+  const std::string_view s = v ? v : "";
+  return s == "0" ? EnvChoice::kOff
+         : s == "1" ? EnvChoice::kOn
+         : s == "force" ? EnvChoice::kForce
+                        : EnvChoice::kRule;
 }
 
 // A tensor map of a row operand as (column, row, head, batch) with boxes of 64 columns x

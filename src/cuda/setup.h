@@ -65,6 +65,11 @@ Status tensor_maps_ready(bool dry_run);
 // A switch read from the environment at each call (for measurements): `name` set to "0" turns
 // a default-on switch off, set to "1" turns a default-off one on.
 bool env_switch(const char* name, bool on_by_default);
+// A choice read from the environment at each call (for measurements and tests): `name` set to
+// "0" is kOff (never), "1" kOn (wherever it can run), "force" kForce (that, and an error where it
+// cannot); unset or any other value, kRule (the library's own rule decides).
+enum class EnvChoice { kRule, kOff, kOn, kForce };
+EnvChoice env_choice(const char* name);
 
 // A 2-D neighborhood (dilation 1, self-attention over the whole grid, no varlen) on the fast
 // kernel's grid tiles: sets f->grid and f->num_q_tiles (the query patches, those at the last
