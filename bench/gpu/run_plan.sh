@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next device session's runs (session 51; session 50 had no device: part 50 prepared the
-# tail patch; session 49's runs 219-225, gpu.md part 48: two heads' middles a pair adopted, +7
-# to +13% causal at odd tile counts, d64 N 1152 -2.7%; 192 rows causal from 768),
+# tail and split patches; session 49's runs 219-225, gpu.md part 48: two heads' middles a pair
+# adopted, +7 to +13% causal at odd tile counts, d64 N 1152 -2.7%; 192 rows causal from 768),
 # one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
@@ -37,17 +37,20 @@
 #    Then, warm, ALiBi causal at the new 768-row start (untimed below 1536):
 #    PYTHONPATH=build-gpu/python python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=0 --d 64
 #    --causal --alibi --n 768 1024 1280 --rounds 5 (a ratio above 1 would say 128 rows pay there).
-# N. d64 N 1024 not causal (0.94x cuDNN): its last 192-row tile has 64 live rows. Prepared
-#    (part 49): ab_fwd_idle_wg.patch, idle warpgroups past the rows' end (no GEMMs, no store)
-#    and the round-robin walk rotated where the model says it pays; and on top of it (part 50)
-#    ab_fwd_wg_tail.patch, each warpgroup's last key tiles that the band masks whole for its
-#    rows passed (d64 causal), the band mask classified by the warpgroup's rows:
-#    BENCH_NS="896 1024 1280 2048" PAR=1 run_plan.sh ab $OUT fwd_idle_wg:fwd_idle_wg,fwd_wg_tail \
-#      dense
-#    (model: idle d64 not causal +6.5 / +5.9 / +5.0 / +3.1%; tail d64 causal +5.2 / +5.1 / +4.3
-#    / +3.1% over idle; d128 is a control for both). Adopt each that gains. Then,
-#    on its tree, ab_env.py ATTNKIT_CUDA_FWD_ROTATE=0 --d 64 --dense --n 1024 2048 (the
-#    rotation's own share) and =1 --n 896 1280 (where the model declines it).
+# N. d64 N 1024 (0.94x cuDNN, causal 0.84x). Prepared, applied in order: ab_fwd_idle_wg.patch
+#    (part 49: idle warpgroups past the rows' end, no GEMMs, no store; the round-robin walk
+#    rotated where the model says it pays), ab_fwd_wg_tail.patch (part 50: each warpgroup's last
+#    key tiles that the band masks whole for its rows passed; the mask classified by the
+#    warpgroup's rows) and ab_fwd_split_last.patch (part 50: the last two 192-row tiles as two of
+#    128 where the last holds <= 64 rows, d64 not causal):
+#    BENCH_NS="896 1024 1280 2048" PAR=1 run_plan.sh ab $OUT \
+#      fwd_idle_wg,fwd_wg_tail:fwd_idle_wg,fwd_wg_tail,fwd_split_last dense
+#    (model over main: d64 not causal N 896 +6.5%, 1024 +5.9% (+12.5% split), 1280 +5.0%, 2048
+#    +3.1%; d64 causal +5.2 / +5.1 / +4.3 / +3.1% from the tail; d128 a control). Then, warm, on
+#    the second tree (/tmp/x2/build-gpu/python), each switch against its own build:
+#    ab_env.py ATTNKIT_CUDA_FWD_TAIL=0 --d 64 --causal --n 768 1024 1280 2048,
+#    ATTNKIT_CUDA_FWD_SPLIT_LAST=0 --d 64 --dense --n 1024 4096, ATTNKIT_CUDA_FWD_ROTATE=0 --d 64
+#    --dense --n 1024 2048 (ratios above 1: the switch's part pays). Adopt what gains.
 #    d64 causal N 768-1280 0.81-0.87x (run 224): ncu beside cuDNN (run_plan.sh 6 $OUT 64).
 # B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%; main
 #    621-642 since run 210, 86d321c's 629 / 636 in run 200: likely closed): A/B in
@@ -78,7 +81,8 @@
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s).
-# bench/gpu keeps ab_fwd_idle_wg.patch and ab_fwd_wg_tail.patch (after it; step N). Decided:
+# bench/gpu keeps ab_fwd_idle_wg.patch, ab_fwd_wg_tail.patch and ab_fwd_split_last.patch (in
+# that order; step N). Decided:
 # fwd_pairs_odd adopted in run 219, fwd_pairs_last lost there (git show
 # 986e178:bench/gpu/ab_fwd_pairs_last.patch);
 # ab_fwd_early_store.patch (the late store reversed) no longer applies after run 210 (git show
