@@ -43,14 +43,15 @@
 #    key tiles that the band masks whole for its rows passed; the mask classified by the
 #    warpgroup's rows) and ab_fwd_split_last.patch (part 50: the last two 192-row tiles as two of
 #    128 where the last holds <= 64 rows, d64 not causal):
+#    AB_ENV='ATTNKIT_CUDA_FWD_TAIL=0 --d 64 --causal --n 1024 1280;
+#    ATTNKIT_CUDA_FWD_SPLIT_LAST=0 --d 64 --dense --n 1024 4096' \
 #    BENCH_NS="896 1024 1280 2048" PAR=1 run_plan.sh ab $OUT \
 #      fwd_idle_wg,fwd_wg_tail:fwd_idle_wg,fwd_wg_tail,fwd_split_last dense
 #    (model over main: d64 not causal N 896 +6.5%, 1024 +5.9% (+12.5% split), 1280 +5.0%, 2048
-#    +3.1%; d64 causal +5.2 / +5.1 / +4.3 / +3.1% from the tail; d128 a control). Then, warm, on
-#    the second tree (/tmp/x2/build-gpu/python), each switch against its own build:
-#    ab_env.py ATTNKIT_CUDA_FWD_TAIL=0 --d 64 --causal --n 768 1024 1280 2048,
-#    ATTNKIT_CUDA_FWD_SPLIT_LAST=0 --d 64 --dense --n 1024 4096, ATTNKIT_CUDA_FWD_ROTATE=0 --d 64
-#    --dense --n 1024 2048 (ratios above 1: the switch's part pays). Adopt what gains.
+#    +3.1%; d64 causal +5.2 / +5.1 / +4.3 / +3.1% from the tail; d128 a control; AB_ENV's
+#    switches on the second tree against itself: ratios above 1 say the part pays). Then, if
+#    the machine is still warm: PYTHONPATH=/tmp/x2/build-gpu/python ab_env.py
+#    ATTNKIT_CUDA_FWD_ROTATE=0 --d 64 --dense --n 1024 2048. Adopt what gains.
 #    d64 causal N 768-1280 0.81-0.87x (run 224): ncu beside cuDNN (run_plan.sh 6 $OUT 64).
 # B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%; main
 #    621-642 since run 210, 86d321c's 629 / 636 in run 200: likely closed): A/B in
@@ -80,7 +81,8 @@
 #    more last (the drift). A set costs ~190 s (build, 89 tests, a dense
 #    bench), ~25 s more with NCU=1: two sets a call. TESTS sets the patched trees' gtest filter,
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
-#    cold builds in 114 s).
+#    cold builds in 114 s); AB_ENV runs ab_env.py A/Bs (';'-separated argument lists) on the
+#    last patched tree after the benches.
 # bench/gpu keeps ab_fwd_idle_wg.patch, ab_fwd_wg_tail.patch and ab_fwd_split_last.patch (in
 # that order; step N). Decided:
 # fwd_pairs_odd adopted in run 219, fwd_pairs_last lost there (git show
@@ -200,6 +202,17 @@ case $step in
          PYTHONPATH=$tree/build-gpu/python timeout 150 python3 bench/gpu/profile_bwd.py \
            ${PROFILE:-1024 4096}
        fi
+     done
+     # AB_ENV: ab_env.py's arguments, A/Bs separated by ';', on the last patched tree's build
+     # (its switches against itself, in the same call as the benches).
+     last=${trees[${#trees[@]} - 1]}
+     [[ $last == . && ${#trees[@]} -gt 2 ]] && last=${trees[${#trees[@]} - 2]}
+     IFS=';' read -ra abs <<< "${AB_ENV:-}"
+     for a in "${abs[@]}"; do
+       [[ -z ${a// /} ]] && continue
+       echo "== ab_env $a (tree $last)"
+       # shellcheck disable=SC2086
+       PYTHONPATH=$last/build-gpu/python timeout 120 python3 bench/gpu/ab_env.py $a
      done ;;
   verify) build
      cmake --build build-gpu --target attnkit_cli > /dev/null || exit 1
