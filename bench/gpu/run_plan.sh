@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The next device session's runs (session 51; session 50 had no device: part 50 prepared the
-# tail and split patches; session 49's runs 219-225, gpu.md part 48: two heads' middles a pair
-# adopted, +7 to +13% causal at odd tile counts, d64 N 1152 -2.7%; 192 rows causal from 768),
-# one call of at most 600 s each:
+# The next device session's runs (session 52; session 51's runs 226-231, gpu.md part 51: main's
+# whole test_cuda, check and pytest pass; the idle patch's d128 loss traced to a second copy of the
+# store in its per-item code, mended; split dropped), one call of at most 600 s each:
 #   bash bench/gpu/run_plan.sh STEP OUT_DIR [ARGS]
 # Every call carries [".carry"] (bash scripts/gpu_carry.sh; for `cutlass` also
 # bash scripts/cutlass_fmha.sh). A call that must start a machine costs ~90-180 s more (the
@@ -26,33 +25,22 @@
 # With little device time, first the shortest useful call (~300 s):
 # TEST_FILTER='CudaFastPath.*:CudaRules.*:All/CudaOracle.*:CudaHeadDims.*' TEST_TIMEOUT=280 \
 #   bash scripts/gpu_cuda.sh $OUT --lean --no-bench
-# A. (session 49, runs 219-225, part 48) ab_fwd_pairs_odd.patch adopted (run 219: d128 causal N
-#    896 +12.3%, 1152 +6.7%, d64 causal 896 +12.9%, 2048 +7.2%, 1152 -2.7%; controls within 1.1%;
-#    ab_fwd_pairs_last.patch +8.1 / +0.8 / +11.9 / +9.2 / -0.2%: dropped, in git at 986e178);
-#    192 rows causal from 768 rows (runs 220-221: +2.3 to +7.6% at 768-1280; -16% at 256, 0
-#    at 384, -6 / -5% at 512 / 640). All 17 CudaFastPath tests passed on the adopted tree (runs
-#    223-225), the wide dims' oracle test and bench ran (run 222, step W done).
-# 1. First: `TEST_TIMEOUT=400 run_plan.sh 1 $OUT` on main (the whole test_cuda, check and pytest
-#    after the adoption: run 223 ran only the fast path; its oracle cases ran on run 219's tree).
-#    Then, warm, ALiBi causal at the new 768-row start (untimed below 1536):
-#    PYTHONPATH=build-gpu/python python3 bench/gpu/ab_env.py ATTNKIT_CUDA_FWD_ROWS192=0 --d 64
-#    --causal --alibi --n 768 1024 1280 --rounds 5 (a ratio above 1 would say 128 rows pay there).
-# N. d64 N 1024 (0.94x cuDNN, causal 0.84x). Prepared, applied in order: ab_fwd_idle_wg.patch
-#    (part 49: idle warpgroups past the rows' end, no GEMMs, no store; the round-robin walk
-#    rotated where the model says it pays), ab_fwd_wg_tail.patch (part 50: each warpgroup's last
-#    key tiles that the band masks whole for its rows passed; the mask classified by the
-#    warpgroup's rows) and ab_fwd_split_last.patch (part 50: the last two 192-row tiles as two of
-#    128 where the last holds <= 64 rows, d64 not causal):
-#    AB_ENV='ATTNKIT_CUDA_FWD_TAIL=0 --d 64 --causal --n 1024 1280;
-#    ATTNKIT_CUDA_FWD_SPLIT_LAST=0 --d 64 --dense --n 1024 4096' \
+# A. (session 51, runs 226-231, part 51) step 1 on main passed (112 + 356 + 34). Run 226, with
+#    the old idle patch (a third store_done() site: ptxas copied the whole store, +1400 SASS
+#    instructions an instance): d64 +0.6 to +3.6% (N 1024 +3.1%, causal 2048 +3.6%), causal 896 /
+#    1024 -1.4 / -1.1%, d128 -1 to -4%; tail within the tree +1.4 / +2.9 / +2.6% at causal 1024 /
+#    1280 / 2048, -3.2% at 768; rotation +1.9% at N 1024; split nothing (dropped, git b391c0a).
+#    ROWS192 for ALiBi causal from 768 confirmed (0.976 / 1.002 / 0.983 with it off).
+# N. The idle patch mended (its idle first tile calls the store at the empty branch's site; SASS
+#    as main's but 120-320 instructions an instance), alone and with the tail:
+#    AB_ENV='ATTNKIT_CUDA_FWD_TAIL=0 --d 64 --causal --n 768 1024 1280 2048;
+#    ATTNKIT_CUDA_FWD_ROTATE=0 --d 64 --dense --n 1024 2048' \
 #    BENCH_NS="896 1024 1280 2048" PAR=1 run_plan.sh ab $OUT \
-#      fwd_idle_wg,fwd_wg_tail:fwd_idle_wg,fwd_wg_tail,fwd_split_last dense
-#    (model over main: d64 not causal N 896 +6.5%, 1024 +5.9% (+12.5% split), 1280 +5.0%, 2048
-#    +3.1%; d64 causal +5.2 / +5.1 / +4.3 / +3.1% from the tail; d128 a control; AB_ENV's
-#    switches on the second tree against itself: ratios above 1 say the part pays). Then, if
-#    the machine is still warm: PYTHONPATH=/tmp/x2/build-gpu/python ab_env.py
-#    ATTNKIT_CUDA_FWD_ROTATE=0 --d 64 --dense --n 1024 2048. Adopt what gains.
-#    d64 causal N 768-1280 0.81-0.87x (run 224): ncu beside cuDNN (run_plan.sh 6 $OUT 64).
+#      fwd_idle_wg:fwd_idle_wg,fwd_wg_tail dense
+#    (d128 the control: it should now match main within 1%; d64 N 1024 +3%; the tail's 768 loss
+#    decides whether it starts at 5 tiles). Adopt what gains; then, on the adopted tree,
+#    `run_plan.sh 1` (the whole test_cuda) and racecheck (step 4).
+#    d64 causal N 768-1280 0.82-0.88x (run 226): the per-item code is 19% of the samples (run 229).
 # B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%; main
 #    621-642 since run 210, 86d321c's 629 / 636 in run 200: likely closed): A/B in
 #    the 176-key instance what else 72f9ddb changed, one at a time (the store's predicated code
