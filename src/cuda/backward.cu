@@ -455,8 +455,7 @@ Status backward_supports(const core::Problem& p, const core::GradOperands& g,
 
 Status backward(const core::Problem& p, const core::GradOperands& g, const AttentionGrads& grads,
                 bool deterministic, bool dry_run) {
-  Status st = backward_supports(p, g, grads, deterministic);
-  if (!st.ok()) return st;
+  if (Status st = backward_supports(p, g, grads, deterministic); !st.ok()) return st;
   if (p.max_nq == 0 || p.max_nk == 0) return dry_run ? Status{} : zero_grads(p, grads);
   const AttentionSpec& spec = *p.spec;
   const Instance& inst = *find_instance(p.q.dtype, p.d, p.dv);
@@ -562,8 +561,7 @@ Status backward(const core::Problem& p, const core::GradOperands& g, const Atten
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   // can_run_backward: every rule checked, nothing launched.
-  st = tensor_maps_ready(dry_run);
-  if (!st.ok() || dry_run) return st;
+  if (Status st = tensor_maps_ready(dry_run); !st.ok() || dry_run) return st;
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   // Packed rows past the last sequence (cu_seqlens may end before the tensors do) are in no
   // sequence: their gradients are zero, which the kernels (the sequences' rows only) leave

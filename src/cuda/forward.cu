@@ -79,8 +79,7 @@ Status forward_supports(const core::Problem& p) {
 }
 
 Status forward(const core::Problem& p, bool dry_run) {
-  Status st = forward_supports(p);
-  if (!st.ok()) return st;
+  if (Status st = forward_supports(p); !st.ok()) return st;
   const AttentionSpec& spec = *p.spec;
   const Instance& inst = *find_instance(p.q.dtype, p.d, p.dv);
   FwdParams f;
@@ -100,8 +99,7 @@ Status forward(const core::Problem& p, bool dry_run) {
     return fail(StatusCode::kInvalidArgument, bad, ": the copy engine (TMA) cannot address it ",
                 "(strides must be multiples of 16 bytes below 2^40 bytes, rows below 2^31)");
   };
-  st = encode(128, kn);
-  if (!st.ok()) return st;
+  if (Status st = encode(128, kn); !st.ok()) return st;
   // Plain softmax under a band runs the fast kernel alone; under any other mask, the fast kernel
   // with the block table when every partial tile gets its bits.
   // ALiBi alone is one FMA a score on the fast kernel.
@@ -155,8 +153,7 @@ Status forward(const core::Problem& p, bool dry_run) {
     f = FwdParams{};
     fill_params(p, 192, &f);
     f.rows192 = true;
-    st = encode(192, kn);
-    if (!st.ok()) return st;
+    if (Status st = encode(192, kn); !st.ok()) return st;
   }
   // Key tiles of 176 (FwdParams::keys176) where d = dv = 128 without a mask or score mods. Runs
   // 191-193 (H200, bf16, b = 16384 / N, against 128 keys, alternating rounds): -1% at N 1024,
@@ -172,8 +169,7 @@ Status forward(const core::Problem& p, bool dry_run) {
   if (keys176_can && keys176_set != EnvChoice::kOff &&
       (p.max_nk >= 8192 || keys176_set != EnvChoice::kRule)) {
     f.keys176 = true;
-    st = encode(128, kWideKeys);
-    if (!st.ok()) return st;
+    if (Status st = encode(128, kWideKeys); !st.ok()) return st;
   }
   // A band with an upper bound runs its query tiles from the sequence's end (FwdParams::
   // align_end; ATTNKIT_CUDA_FWD_ALIGN_END=0: from row 0, kept for measurements). Never with a
@@ -200,8 +196,7 @@ Status forward(const core::Problem& p, bool dry_run) {
                 "batch * heads * query tiles (of 128 or 192 rows, or grid patches) = ", str(items),
                 " query tiles: the CUDA forward takes at most 2^31 - 1");
   // can_run: every rule checked, nothing launched.
-  st = tensor_maps_ready(dry_run);
-  if (!st.ok() || dry_run) return st;
+  if (Status st = tensor_maps_ready(dry_run); !st.ok() || dry_run) return st;
   f.num_items = static_cast<int>(items);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   cudaError_t e = cudaSuccess;
