@@ -38,7 +38,9 @@
 #    BENCH_NS="896 1024 1280 2048" PAR=1 run_plan.sh ab $OUT \
 #      fwd_idle_wg:fwd_idle_wg,fwd_wg_tail dense
 #    (d128 the control: it should now match main within 1%; d64 N 1024 +3%; the tail's 768 loss
-#    decides whether it starts at 5 tiles). Adopt what gains; then, on the adopted tree,
+#    decides whether it starts at 5 tiles; if d128 still trails main by more than 1%, compare
+#    ncu's samples by region next: run_plan.sh 6 $OUT 128 on main, then the same source_samples
+#    with /tmp/x1 as the tree, while warm). Adopt what gains; then, on the adopted tree,
 #    `run_plan.sh 1` (the whole test_cuda) and racecheck (step 4).
 #    d64 causal N 768-1280 0.82-0.88x (run 226): the per-item code is 19% of the samples (run 229).
 # B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%; main
