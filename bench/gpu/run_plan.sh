@@ -28,11 +28,12 @@
 # A. (session 51, runs 226-231, part 51) step 1 on main passed (112 + 356 + 34). Run 226, with
 #    the old idle patch (a third store_done() site: ptxas copied the whole store, +1400 SASS
 #    instructions an instance): d64 +0.6 to +3.6% (N 1024 +3.1%, causal 2048 +3.6%), causal 896 /
-#    1024 -1.4 / -1.1%, d128 -1 to -4%; tail within the tree +1.4 / +2.9 / +2.6% at causal 1024 /
+#    1024 -1.4 / -1.1%, d128 up to -3.8%; tail within the tree +1.4 / +2.9 / +2.6% at causal 1024 /
 #    1280 / 2048, -3.2% at 768; rotation +1.9% at N 1024; split nothing (dropped, git b391c0a).
 #    ROWS192 for ALiBi causal from 768 confirmed (0.976 / 1.002 / 0.983 with it off).
 # N. The idle patch mended (its idle first tile calls the store at the empty branch's site; SASS
-#    as main's but 120-320 instructions an instance), alone and with the tail:
+#    as main's but 120-320 instructions an instance), alone and with the tail (its first passed
+#    turn now handed on before its last P V's wait, part 51):
 #    AB_ENV='ATTNKIT_CUDA_FWD_TAIL=0 --d 64 --causal --n 768 1024 1280 2048;
 #    ATTNKIT_CUDA_FWD_ROTATE=0 --d 64 --dense --n 1024 2048' \
 #    BENCH_NS="896 1024 1280 2048" PAR=1 run_plan.sh ab $OUT \
@@ -73,8 +74,9 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s); AB_ENV runs ab_env.py A/Bs (';'-separated argument lists) on the
 #    last patched tree after the benches.
-# bench/gpu keeps ab_fwd_idle_wg.patch, ab_fwd_wg_tail.patch and ab_fwd_split_last.patch (in
-# that order; step N). Decided:
+# bench/gpu keeps ab_fwd_idle_wg.patch and ab_fwd_wg_tail.patch (in that order; step N).
+# Decided: fwd_split_last gained nothing in run 226 (git show
+# b391c0a:bench/gpu/ab_fwd_split_last.patch);
 # fwd_pairs_odd adopted in run 219, fwd_pairs_last lost there (git show
 # 986e178:bench/gpu/ab_fwd_pairs_last.patch);
 # ab_fwd_early_store.patch (the late store reversed) no longer applies after run 210 (git show

@@ -5,7 +5,8 @@
                                           # last key tiles passed (ab_fwd_wg_tail.patch)
   python3 bench/gpu/walk_model.py split   # d64 without a mask: the longest CTA of the
                                           # round-robin walk, idle (ab_fwd_idle_wg.patch) and
-                                          # split_last (ab_fwd_split_last.patch)
+                                          # split_last (ab_fwd_split_last.patch; measured
+                                          # nothing in run 226, dropped: git b391c0a)
 
 Units: a full tile of three live warpgroups costs 3 GEMM-times; one or two live warpgroups cost 2
 (a warpgroup alone no longer hides its normalization under the others' products, part 49); an
