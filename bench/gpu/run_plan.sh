@@ -44,6 +44,14 @@
 #    with /tmp/x1 as the tree, while warm). Adopt what gains; then, on the adopted tree,
 #    `run_plan.sh 1` (the whole test_cuda) and racecheck (step 4).
 #    d64 causal N 768-1280 0.82-0.88x (run 226): the per-item code is 19% of the samples (run 229).
+# S. ab_fwd_stages4.patch (part 51; applies alone or after the two above): d64's ring of 4 stages
+#    (3 before; d128 unchanged) and the producer's first K of an item before its Q
+#    (ATTNKIT_CUDA_FWD_K_FIRST=0 off; Q waits for the consumers' last S of the item before):
+#    AB_ENV='ATTNKIT_CUDA_FWD_K_FIRST=0 --rounds 5' BENCH_NS="1024 2048 4096" PAR=1 \
+#      run_plan.sh ab $OUT fwd_stages4 dense
+#    (the tree against main: d128 K_FIRST's share alone, d64 both; AB_ENV: K_FIRST's own, d64 and
+#    d128, N 1024 and 4096, both masks. run 229: the steady loop's top stall, 5.4% of the
+#    samples, is the wait for K, full_k).
 # B. The d128 N 16384 gap to 86d321c (runs 200, 203; main's own benches there drift ~2%; main
 #    621-642 since run 210, 86d321c's 629 / 636 in run 200: likely closed): A/B in
 #    the 176-key instance what else 72f9ddb changed, one at a time (the store's predicated code
@@ -74,7 +82,8 @@
 #    AGAIN=0 skips main's second bench; PAR=1 builds main and every tree at once (run 76: two
 #    cold builds in 114 s); AB_ENV runs ab_env.py A/Bs (';'-separated argument lists) on the
 #    last patched tree after the benches.
-# bench/gpu keeps ab_fwd_idle_wg.patch and ab_fwd_wg_tail.patch (in that order; step N).
+# bench/gpu keeps ab_fwd_idle_wg.patch and ab_fwd_wg_tail.patch (in that order; step N), and
+# ab_fwd_stages4.patch (step S).
 # Decided: fwd_split_last gained nothing in run 226 (git show
 # b391c0a:bench/gpu/ab_fwd_split_last.patch);
 # fwd_pairs_odd adopted in run 219, fwd_pairs_last lost there (git show
