@@ -13,7 +13,7 @@ Units: a full tile of three live warpgroups costs 3 GEMM-times; one or two live 
 idle or passed warpgroup costs nothing. `tail` adds an item's own code, 1.3 full tiles (part 42's
 samples), and sums the items of a head (the pairs schedule balances the CTAs); `split` takes the
 longest CTA of bench.py's shapes (32 heads, batch 16384 / N, 132 CTAs), rotated where that is
-shorter (rotated_slot in src/cuda/fwd_params.h).
+shorter (rotated_slot, which ab_fwd_idle_wg.patch adds to src/cuda/fwd_params.h).
 """
 import sys
 
